@@ -1,0 +1,24 @@
+//! Storage engines: where records live and how a batch of them commits.
+//!
+//! A backend stores small records (at most a few KiB, see
+//! [`INLINE_MAX`](crate::codec::INLINE_MAX)) under byte-string keys and commits a
+//! batch of them atomically and durably. Everything above this line (cells, value
+//! files, the record format) is the same for every engine.
+
+mod memory;
+mod sled;
+
+pub(crate) use self::{memory::Memory, sled::Sled};
+use crate::Result;
+
+/// Every record in a backend, sorted by key.
+pub(crate) type Records = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
+
+pub(crate) trait Backend: Send + Sync {
+    /// Reads every record.
+    fn read_all(&self) -> Result<Records>;
+
+    /// Writes every record of `batch` in one atomic step, and returns only once
+    /// that step survives power loss.
+    fn commit(&self, batch: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()>;
+}

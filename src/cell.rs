@@ -1,0 +1,336 @@
+//! [`StateCell`]: a named, lock-protected value that a [`Store`](crate::Store) can save.
+
+use std::{
+    fmt,
+    ops::{Deref, DerefMut},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use once_cell::sync::OnceCell;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{codec::DEFAULT_SCHEMA, values::ValueWriter};
+
+/// The bounds every cell's type must meet: it is encoded and decoded by serde, and
+/// shared between threads through a `static`.
+///
+/// Implemented for every type that meets them; there is nothing to implement by hand.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be the type of a state cell",
+    label = "a cell's type must be `Serialize + DeserializeOwned + Send + Sync + 'static`",
+    note = "derive `serde::Serialize` and `serde::Deserialize` for it, and avoid `Rc`, `Cell` and borrowed fields"
+)]
+pub trait Value: Serialize + DeserializeOwned + Send + Sync + 'static {}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Value for T {}
+
+/// A named global value that a [`Store`](crate::Store) loads, saves and reloads.
+///
+/// Usually declared with [`defstate!`](crate::defstate), which also registers it for
+/// [`open`](crate::open).
+/// The value is created from its initializer on first use, unless a store loads a
+/// saved value first, in which case the initializer never runs.
+///
+/// Access mirrors [`RwLock`](std::sync::RwLock): [`read`](Self::read) and
+/// [`write`](Self::write) return guards, and [`get`](Self::get), [`set`](Self::set),
+/// [`replace`](Self::replace), [`update`](Self::update) and [`with`](Self::with)
+/// take the lock for one call.
+/// Every write access marks the cell as changed, so the next save writes it.
+///
+/// # Example
+/// ```
+/// use instastate::StateCell;
+///
+/// static HITS: StateCell<u64> = StateCell::new("docs::HITS", || 0);
+///
+/// HITS.update(|hits| *hits += 1);
+/// assert_eq!(HITS.get(), 1);
+/// assert_eq!(HITS.name(), "docs::HITS");
+/// ```
+pub struct StateCell<T> {
+    name: &'static str,
+    origin: &'static str,
+    init: fn() -> T,
+    value: OnceCell<RwLock<T>>,
+    // Bumped under the write lock on every write access; a store compares it with
+    // the value it last saved to know whether the cell changed since.
+    seq: AtomicU64,
+}
+
+impl<T> StateCell<T> {
+    /// Creates a cell stored under `name`, whose value starts as `init()`.
+    ///
+    /// The cell is not registered for [`open`](crate::open); list it in a
+    /// [`StoreBuilder`](crate::StoreBuilder) instead, or declare it with
+    /// [`defstate!`](crate::defstate).
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::StateCell;
+    /// static NAMES: StateCell<Vec<String>> = StateCell::new("app::NAMES", Vec::new);
+    /// assert!(NAMES.read().is_empty());
+    /// ```
+    #[must_use]
+    pub const fn new(name: &'static str, init: fn() -> T) -> StateCell<T> {
+        StateCell::with_origin(name, name, init)
+    }
+
+    pub(crate) const fn with_origin(
+        name: &'static str,
+        origin: &'static str,
+        init: fn() -> T,
+    ) -> StateCell<T> {
+        StateCell { name, origin, init, value: OnceCell::new(), seq: AtomicU64::new(0) }
+    }
+
+    /// The name the cell's value is stored under.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::StateCell;
+    /// static LEVEL: StateCell<u8> = StateCell::new("game::LEVEL", || 1);
+    /// assert_eq!(LEVEL.name(), "game::LEVEL");
+    /// ```
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Locks the cell for reading, blocking while a writer holds it.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::StateCell;
+    /// static TAGS: StateCell<Vec<&'static str>> = StateCell::new("docs::TAGS", || vec!["a"]);
+    /// assert_eq!(TAGS.read().len(), 1);
+    /// ```
+    pub fn read(&self) -> Ref<'_, T> {
+        Ref(self.lock().read())
+    }
+
+    /// Locks the cell for writing and marks it changed, blocking while anyone else holds it.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::StateCell;
+    /// static TAGS: StateCell<Vec<&'static str>> = StateCell::new("docs::TAGS", Vec::new);
+    /// TAGS.write().push("new");
+    /// assert_eq!(*TAGS.read(), ["new"]);
+    /// ```
+    pub fn write(&self) -> RefMut<'_, T> {
+        let guard = self.lock().write();
+        // Relaxed is enough: the write lock orders this with the save's read of `seq`,
+        // which happens under the read lock.
+        self.seq.fetch_add(1, Ordering::Relaxed);
+        RefMut(guard)
+    }
+
+    /// Returns a clone of the value.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::StateCell;
+    /// static NAME: StateCell<String> = StateCell::new("docs::NAME", || "abc".into());
+    /// assert_eq!(NAME.get(), "abc");
+    /// ```
+    #[must_use]
+    pub fn get(&self) -> T
+    where
+        T: Clone,
+    {
+        self.read().clone()
+    }
+
+    /// Replaces the value.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::StateCell;
+    /// static LIMIT: StateCell<u32> = StateCell::new("docs::LIMIT", || 10);
+    /// LIMIT.set(20);
+    /// assert_eq!(LIMIT.get(), 20);
+    /// ```
+    pub fn set(&self, value: T) {
+        drop(self.replace(value));
+    }
+
+    /// Replaces the value and returns the old one.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::StateCell;
+    /// static LIMIT: StateCell<u32> = StateCell::new("docs::LIMIT", || 10);
+    /// assert_eq!(LIMIT.replace(20), 10);
+    /// ```
+    pub fn replace(&self, value: T) -> T {
+        std::mem::replace(&mut *self.write(), value)
+    }
+
+    /// Changes the value in place under the write lock, returning what `f` returns.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::StateCell;
+    /// static COUNT: StateCell<u64> = StateCell::new("docs::COUNT", || 1);
+    /// let now = COUNT.update(|count| {
+    ///     *count += 1;
+    ///     *count
+    /// });
+    /// assert_eq!(now, 2);
+    /// ```
+    pub fn update<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        f(&mut self.write())
+    }
+
+    /// Calls `f` with the value under the read lock.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::StateCell;
+    /// static WORDS: StateCell<Vec<String>> = StateCell::new("docs::WORDS", Vec::new);
+    /// assert_eq!(WORDS.with(Vec::len), 0);
+    /// ```
+    pub fn with<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        f(&self.read())
+    }
+
+    fn lock(&self) -> &RwLock<T> {
+        self.value.get_or_init(|| RwLock::new((self.init)()))
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for StateCell<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut it = f.debug_struct("StateCell");
+        it.field("name", &self.name);
+        match self.value.get().map(RwLock::try_read) {
+            Some(Some(value)) => it.field("value", &&*value),
+            Some(None) => it.field("value", &format_args!("<locked>")),
+            None => it.field("value", &format_args!("<not yet initialized>")),
+        };
+        it.finish_non_exhaustive()
+    }
+}
+
+/// A read guard of a [`StateCell`], returned by [`StateCell::read`].
+#[must_use = "the cell stays locked until the guard is dropped"]
+pub struct Ref<'a, T>(RwLockReadGuard<'a, T>);
+
+impl<T> Deref for Ref<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Ref<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// A write guard of a [`StateCell`], returned by [`StateCell::write`].
+#[must_use = "the cell stays locked until the guard is dropped"]
+pub struct RefMut<'a, T>(RwLockWriteGuard<'a, T>);
+
+impl<T> Deref for RefMut<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> DerefMut for RefMut<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for RefMut<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// A decoded value waiting to be put into its cell; calling it does so and returns
+/// the cell's new change counter.
+pub(crate) type Install<'a> = Box<dyn FnOnce() -> u64 + Send + 'a>;
+
+/// What a store needs of a cell, without knowing its type.
+pub(crate) trait ErasedCell: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Where the cell was declared, for error messages.
+    fn origin(&self) -> &'static str;
+    fn type_name(&self) -> &'static str;
+    fn schema(&self) -> u32;
+    /// Encodes the value into `out` unless it is unchanged since change counter
+    /// `saved`; returns the counter of what it encoded.
+    fn encode_if_changed(
+        &self,
+        saved: Option<u64>,
+        out: &mut ValueWriter<'_>,
+    ) -> Result<Option<u64>, postcard::Error>;
+    fn decode(&self, bytes: &[u8]) -> Result<Install<'_>, postcard::Error>;
+}
+
+impl<T: Value> ErasedCell for StateCell<T> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn origin(&self) -> &'static str {
+        self.origin
+    }
+
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+
+    fn schema(&self) -> u32 {
+        DEFAULT_SCHEMA
+    }
+
+    fn encode_if_changed(
+        &self,
+        saved: Option<u64>,
+        out: &mut ValueWriter<'_>,
+    ) -> Result<Option<u64>, postcard::Error> {
+        let guard = self.lock().read();
+        let seq = self.seq.load(Ordering::Relaxed);
+        if saved == Some(seq) {
+            return Ok(None);
+        }
+        postcard::to_io(&*guard, out)?;
+        Ok(Some(seq))
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<Install<'_>, postcard::Error> {
+        let (value, rest): (T, &[u8]) = postcard::take_from_bytes(bytes)?;
+        if !rest.is_empty() {
+            // Trailing bytes mean the bytes were written for another type that
+            // happens to share a prefix with this one: refuse rather than misdecode.
+            return Err(postcard::Error::DeserializeBadEncoding);
+        }
+        Ok(Box::new(move || self.install(value)))
+    }
+}
+
+impl<T> StateCell<T> {
+    fn install(&self, value: T) -> u64 {
+        let value = match self.value.set(RwLock::new(value)) {
+            Ok(()) => return self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            Err(lock) => lock.into_inner(),
+        };
+        let mut guard = self.lock().write();
+        let old = std::mem::replace(&mut *guard, value);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        drop(guard);
+        // Large values are dropped after the lock is released, so readers wait
+        // only for the swap.
+        drop(old);
+        seq
+    }
+}

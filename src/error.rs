@@ -1,0 +1,207 @@
+//! The one public error type.
+
+use std::{fmt, io, path::PathBuf};
+
+/// A specialized [`Result`](std::result::Result) whose error defaults to [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in instastate.
+///
+/// Every variant names what was wrong: the cell, the path or the version.
+/// None of them is returned after stored data was changed: a failed `open`,
+/// `reload_all` or `save_all` leaves what is on disk as it was.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another [`Store`](crate::Store), in this process or another, has the directory open.
+    #[error("store directory `{}` is locked by another open store (in this or another process)", path.display())]
+    Locked {
+        /// The store directory.
+        path: PathBuf,
+    },
+    /// Two cells of one store have the same name, so they would share a record.
+    #[error(
+        "cells `{first}` and `{second}` are both named `{name}`; give one a `#[name = \"...\"]`"
+    )]
+    DuplicateName {
+        /// The name both cells have.
+        name: String,
+        /// Where the first cell was declared.
+        first: String,
+        /// Where the second cell was declared.
+        second: String,
+    },
+    /// A saved value was written for another type than the cell's current one.
+    #[error(
+        "cell `{cell}` holds a saved `{stored_type}` (schema v{stored_schema}), but the cell's type is `{expected_type}` (schema v{expected_schema})"
+    )]
+    TypeMismatch {
+        /// The cell's name.
+        cell: String,
+        /// The type name recorded when the value was saved.
+        stored_type: String,
+        /// The schema version recorded when the value was saved.
+        stored_schema: u32,
+        /// The cell's current type.
+        expected_type: String,
+        /// The cell's current schema version.
+        expected_schema: u32,
+    },
+    /// A saved value's bytes do not decode as the cell's type.
+    #[error("cell `{cell}`: saved `{stored_type}` could not be decoded as `{expected_type}`")]
+    Decode {
+        /// The cell's name.
+        cell: String,
+        /// The type name recorded when the value was saved.
+        stored_type: String,
+        /// The cell's current type.
+        expected_type: String,
+        /// What the decoder reported.
+        #[source]
+        source: CodecError,
+    },
+    /// A cell's value could not be encoded, so nothing was saved.
+    #[error("cell `{cell}` of type `{type_name}` could not be encoded")]
+    Encode {
+        /// The cell's name.
+        cell: String,
+        /// The cell's type.
+        type_name: String,
+        /// What the encoder reported.
+        #[source]
+        source: CodecError,
+    },
+    /// A stored record or value file is damaged.
+    #[error("cell `{cell}`: stored data at `{}` is corrupt: {reason}", path.display())]
+    Corrupt {
+        /// The cell's name, or the store key when no cell claims it.
+        cell: String,
+        /// The file that holds the damaged bytes.
+        path: PathBuf,
+        /// What is wrong with them.
+        reason: String,
+    },
+    /// The store was written by another version of the on-disk format.
+    #[error("store `{}` was written by format v{found}, this build reads v{expected}", path.display())]
+    FormatVersion {
+        /// The store directory.
+        path: PathBuf,
+        /// The version found on disk.
+        found: u32,
+        /// The version this build reads and writes.
+        expected: u32,
+    },
+    /// [`reload_all`](crate::reload_all) was asked to revert a cell that has no saved value.
+    #[error("cell `{cell}` has never been saved, so it has no saved value to revert to")]
+    NeverSaved {
+        /// The cell's name.
+        cell: String,
+    },
+    /// Several cells failed at once; each error names its cell.
+    #[error("{} cells failed: {}", .0.len(), List(.0))]
+    Several(Vec<Error>),
+    /// A previous save failed part-way; this store refuses further saves until reopened.
+    #[error("a previous save to `{}` failed; reopen the store", path.display())]
+    Poisoned {
+        /// The store directory, or `:memory:` for an in-memory store.
+        path: PathBuf,
+    },
+    /// The global free functions were called while no store was opened with [`open`](crate::open).
+    #[error("no store is open; call `instastate::open` first")]
+    NotOpen,
+    /// [`open`](crate::open) was called while the global store is still open.
+    #[error("the global store is already open at `{}`; drop its `Store` first", path.display())]
+    AlreadyOpen {
+        /// The open store's directory.
+        path: PathBuf,
+    },
+    /// `save_all` or `reload_all` was called inside [`atomically`](crate::atomically),
+    /// which would wait for itself forever.
+    #[error("`{operation}` cannot run inside `instastate::atomically`")]
+    InsideAtomically {
+        /// The operation that was refused.
+        operation: &'static str,
+    },
+    /// A file-system operation on the store failed.
+    #[error("i/o failure on `{}`", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The storage engine failed.
+    #[error("storage engine failure in `{}`", path.display())]
+    Storage {
+        /// The store directory.
+        path: PathBuf,
+        /// The engine's error, kept opaque so the engine can change.
+        #[source]
+        source: StorageError,
+    },
+}
+
+impl Error {
+    /// Folds a list of per-cell errors into one: the error itself when there is one.
+    pub(crate) fn from_list(mut errors: Vec<Error>) -> Option<Error> {
+        match errors.len() {
+            0 => None,
+            1 => errors.pop(),
+            _ => Some(Error::Several(errors)),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+}
+
+/// An error from the value encoding.
+///
+/// Opaque, like [`StorageError`], so that the encoding library is not part of the public API.
+#[derive(Debug)]
+pub struct CodecError(pub(crate) postcard::Error);
+
+impl fmt::Display for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+/// An error from the storage engine.
+///
+/// Opaque on purpose: the engine behind a [`Store`](crate::Store) is not part of
+/// the public API, so its error types are not either.
+/// Its [`source`](std::error::Error::source) chain still carries the engine's own error.
+#[derive(Debug)]
+pub struct StorageError(pub(crate) Box<dyn std::error::Error + Send + Sync>);
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+struct List<'a>(&'a [Error]);
+
+impl fmt::Display for List<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (idx, error) in self.0.iter().enumerate() {
+            if idx > 0 {
+                f.write_str("; ")?;
+            }
+            fmt::Display::fmt(error, f)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,178 @@
+//! Keep your program's state in plain memory, and never lose it.
+//!
+//! instastate gives global values — *cells* — that live in memory like any
+//! `static`, and saves them to an embedded database in one atomic, durable and
+//! consistent step whenever you ask. On the next run they come back.
+//!
+//! ```
+//! use instastate::defstate;
+//!
+//! defstate!(COUNTER: u64 = 150);
+//! defstate!(pub GREETING: String = String::from("abc"));
+//!
+//! fn main() -> instastate::Result<()> {
+//! #   let dir = tempfile::tempdir().unwrap();
+//! #   let db = dir.path().join("db");
+//!     let _store = instastate::open(db)?;      // loads every saved cell
+//!     assert_eq!(*COUNTER.read(), 150);        // the default, or the saved value
+//!     *COUNTER.write() = 1000;
+//!     instastate::save_all()?;                 // one atomic, durable, consistent snapshot
+//!     *COUNTER.write() = 7;
+//!     instastate::reload_all()?;               // revert every cell to the last save
+//!     assert_eq!(COUNTER.get(), 1000);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Run it again and `COUNTER` starts at 1000.
+//!
+//! # Cells
+//!
+//! [`defstate!`] declares a `static` [`StateCell`] and registers it before `main`
+//! (registration does no I/O and cannot fail). A cell's type must be
+//! `Serialize + DeserializeOwned + Send + Sync + 'static` (the [`Value`] trait).
+//! The initializer runs lazily, at most once, and not at all when a saved value is
+//! loaded first. Cells are read and written through a [`parking_lot`]-style
+//! `RwLock`: [`read`](StateCell::read), [`write`](StateCell::write),
+//! [`get`](StateCell::get), [`set`](StateCell::set), [`replace`](StateCell::replace),
+//! [`update`](StateCell::update), [`with`](StateCell::with).
+//!
+//! A cell is stored under its *name*, by default its module path and identifier
+//! (`my_app::settings::THEME`). **Moving or renaming the static changes its name**,
+//! and the old saved value is then an orphan (kept on disk, listed by
+//! [`Store::orphans`], no longer loaded). Pin the name to keep it stable:
+//!
+//! ```
+//! instastate::defstate! {
+//!     /// The colour theme; its name survives refactoring.
+//!     #[name = "theme"]
+//!     pub THEME: String = "dark".to_owned();
+//! }
+//! assert_eq!(THEME.name(), "theme");
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **Atomic.** [`save_all`] writes every changed cell in one batch of the storage
+//!   engine. A crash at any instant — process killed, machine powered off — leaves
+//!   the previous save or the new one, never a mix. Large values go to value files
+//!   that are written and fsynced *before* the batch that points at them.
+//! - **Durable.** When `save_all` returns `Ok`, the save survives power loss: the
+//!   engine's log is fsynced (sled's own flush only uses `sync_file_range`, which
+//!   is not enough), and so is every new file and the directory holding it. This
+//!   costs one or two fsyncs per save (about 0.1–0.5 ms on an SSD), whatever the
+//!   number of cells.
+//! - **Consistent.** Changes made inside one [`atomically`] call are in every save
+//!   whole or not at all, so invariants across cells hold in every snapshot. A save
+//!   holds `atomically` blocks back only while it encodes the changed cells, not
+//!   while it writes them.
+//! - **Incremental.** A save writes only the cells written to since the last save
+//!   (every [`write`](StateCell::write) access counts), plus cells never saved. One
+//!   small change beside a large state costs one small write, not the whole state.
+//! - **Checked.** Every record carries the format version, the value's type name and
+//!   schema version, and a CRC-32; value files carry their length and CRC-32 in the
+//!   record. A value saved as another type is refused with
+//!   [`Error::TypeMismatch`] instead of being misread, and damaged data is reported
+//!   as [`Error::Corrupt`]. Failed loads change no cell and nothing on disk.
+//! - **Poisoning.** If a save fails with an I/O error, the store refuses further
+//!   saves ([`Error::Poisoned`]) until it is reopened; cells keep their values, and
+//!   the disk keeps the last good save.
+//! - **Exclusive.** A store directory is locked while open; a second open, in this
+//!   process or another, fails at once with [`Error::Locked`].
+//!
+//! What is not promised: changes made since the last save are lost when the process
+//! dies (save more often, or wait for the journaled mode), and a store is for one
+//! process at a time.
+//!
+//! # Recipes
+//!
+//! **Tests and libraries** should not use the global store: a [`StoreBuilder`] opens
+//! a store over just the cells you list, on disk or in memory, so tests running in
+//! parallel in one binary never share cells or files.
+//!
+//! ```
+//! use instastate::{StateCell, Store};
+//!
+//! static BALANCE: StateCell<i64> = StateCell::new("test::BALANCE", || 0);
+//!
+//! # fn main() -> instastate::Result<()> {
+//! let store = Store::builder().cell(&BALANCE).in_memory()?;
+//! BALANCE.set(10);
+//! store.save_all()?;
+//! BALANCE.set(-5);
+//! store.reload_all()?;
+//! assert_eq!(BALANCE.get(), 10);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! **Invariants across cells**: change them inside [`atomically`].
+//!
+//! # F.A.Q.
+//!
+//! **Why does `defstate!` not compile in my `#![forbid(unsafe_code)]` crate?**
+//! Registration before `main` uses the [`ctor`](https://docs.rs/ctor) crate, whose
+//! expansion contains an `unsafe` link section attribute, and `forbid` cannot be
+//! overridden (E0453). Use `#![deny(unsafe_code)]`, or build cells with
+//! [`StateCell::new`] and list them in a [`StoreBuilder`].
+//!
+//! **What happens to a cell that was never saved?** It keeps its initial value on
+//! open, is written by the next [`save_all`], and makes [`reload_all`] fail with
+//! [`Error::NeverSaved`] until then.
+//!
+//! **Can I change a cell's type?** Not silently: a saved value of another type is
+//! refused at open. Keep the old name for the old type, or pin a new
+//! `#[name = "..."]`, whose saved value starts fresh.
+//!
+//! # Feature flags
+//!
+//! None yet.
+//!
+//! # MSRV
+//!
+//! The minimum supported Rust version is the one CI builds with, 1.95; raising it is
+//! not a breaking change.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod atomically;
+mod backend;
+mod cell;
+mod codec;
+mod error;
+mod registry;
+mod store;
+mod values;
+
+pub use instastate_macros::defstate;
+
+pub use crate::{
+    atomically::atomically,
+    cell::{Ref, RefMut, StateCell, Value},
+    error::{CodecError, Error, Result, StorageError},
+    store::{Store, StoreBuilder, open, reload_all, save_all},
+};
+
+// Not public API. Used by generated code.
+#[doc(hidden)]
+pub mod __private {
+    pub use ctor;
+
+    use crate::{StateCell, Value};
+
+    /// Creates the cell `defstate!` declares; `origin` is where it was declared.
+    #[must_use]
+    pub const fn new_cell<T>(
+        name: &'static str,
+        origin: &'static str,
+        init: fn() -> T,
+    ) -> StateCell<T> {
+        StateCell::with_origin(name, origin, init)
+    }
+
+    /// Registers a cell for `instastate::open`; runs before `main`.
+    pub fn register<T: Value>(cell: &'static StateCell<T>) {
+        crate::registry::register(cell);
+    }
+}
