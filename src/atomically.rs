@@ -38,10 +38,12 @@ thread_local! {
 /// assert_eq!(A.get() + B.get(), 100);
 /// ```
 pub fn atomically<R>(f: impl FnOnce() -> R) -> R {
-    // Recursive, so that a nested call does not queue behind a waiting save that
-    // itself waits for the outer call.
-    let _shared = GATE.read_recursive();
-    DEPTH.with(|depth| depth.set(depth.get() + 1));
+    let depth = DEPTH.with(Cell::get);
+    // An outermost call queues behind a waiting save, so that a stream of
+    // overlapping blocks cannot starve saves. A nested call must not: its thread
+    // already holds the gate, and the waiting save waits for it.
+    let _shared = if depth == 0 { GATE.read() } else { GATE.read_recursive() };
+    DEPTH.with(|it| it.set(depth + 1));
     let _depth = DepthGuard;
     f()
 }
