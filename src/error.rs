@@ -26,9 +26,9 @@ pub enum Error {
     DuplicateName {
         /// The name both cells have.
         name: String,
-        /// Where the first cell was declared.
+        /// Where the first cell was declared, and its type.
         first: String,
-        /// Where the second cell was declared.
+        /// Where the second cell was declared, and its type.
         second: String,
     },
     /// A saved value was written for another type than the cell's current one.

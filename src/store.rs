@@ -7,6 +7,8 @@ use std::{
     fs::{self, File, TryLockError},
     path::{Path, PathBuf},
     sync::{Arc, Weak},
+    thread,
+    time::{Duration, Instant},
 };
 
 use parking_lot::Mutex;
@@ -26,6 +28,8 @@ const LOCK_FILE: &str = "LOCK";
 const ENGINE_DIR: &str = "sled";
 const VALUES_DIR: &str = "values";
 const MEMORY_LABEL: &str = ":memory:";
+// How long a held directory lock is retried before the store counts as open elsewhere.
+const LOCK_WAIT: Duration = Duration::from_millis(250);
 
 /// An open store: a directory (or memory) holding the saved values of a set of cells.
 ///
@@ -622,8 +626,8 @@ fn check_names(cells: Vec<&'static dyn ErasedCell>) -> Result<Vec<&'static dyn E
             Some(it) => {
                 return Err(Error::DuplicateName {
                     name: cell.name().to_owned(),
-                    first: it.origin().to_owned(),
-                    second: cell.origin().to_owned(),
+                    first: format!("{}: {}", it.origin(), it.type_name()),
+                    second: format!("{}: {}", cell.origin(), cell.type_name()),
                 });
             }
             None => unique.push(cell),
@@ -655,10 +659,20 @@ fn lock(dir: &Path) -> Result<File> {
         .truncate(false)
         .open(&path)
         .map_err(Error::io(&path))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf() }),
-        Err(TryLockError::Error(source)) => Err(Error::Io { path, source }),
+    // The lock belongs to the open file, and a child process forked by any thread
+    // shares our open files until it runs `exec`: for a moment after a store is
+    // dropped, such a child can still hold its lock. A short wait tells that apart
+    // from a store that is really open elsewhere, which is still reported at once.
+    let started = Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) if started.elapsed() < LOCK_WAIT => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(TryLockError::WouldBlock) => return Err(Error::Locked { path: dir.to_path_buf() }),
+            Err(TryLockError::Error(source)) => return Err(Error::Io { path, source }),
+        }
     }
 }
 

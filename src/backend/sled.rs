@@ -3,17 +3,23 @@
 //! sled 0.34 needs three things added to be durable (see `ARCHITECTURE.md`):
 //! - its `flush` uses `sync_file_range`, which neither flushes the disk cache nor
 //!   file metadata, so every commit also fsyncs the log file;
-//! - it renames new snapshot files without fsyncing their directory, so every commit
-//!   also fsyncs the directory;
+//! - it creates and renames snapshot files without fsyncing their directory, so a
+//!   commit also fsyncs the directory whenever its entries changed;
 //! - it writes nodes larger than 128 KiB to `blobs/` without fsync; our records are
 //!   kept small enough that this never happens, and should it happen anyway those
 //!   files are fsynced too.
 
 use std::{
+    ffi::OsString,
     fs::{self, File},
     io,
+    os::unix::fs::DirEntryExt,
     path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use super::{Backend, Records};
 use crate::{Error, Result, error::StorageError, values::sync_dir};
@@ -22,42 +28,97 @@ use crate::{Error, Result, error::StorageError, values::sync_dir};
 // default of 1 GiB lets its memory grow far beyond what the data needs.
 const CACHE_CAPACITY: u64 = 8 * 1024 * 1024;
 
+// How long to wait for a lock that sled has not yet released after a close.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
 pub(crate) struct Sled {
     db: sled::Db,
     dir: PathBuf,
     // sled gives no way to fsync its log, so we keep our own handle to it.
     log: File,
+    // The entries of the engine's directories when they were last fsynced. A
+    // directory fsync costs a disk cache flush, and is needed only when sled
+    // created, renamed or deleted a file, which it rarely does.
+    synced: Mutex<Synced>,
 }
+
+#[derive(Default)]
+struct Synced {
+    engine: Listing,
+    blobs: Listing,
+}
+
+// Names and inode numbers, sorted: a renamed or replaced file changes it.
+type Listing = Vec<(OsString, u64)>;
 
 impl Sled {
     // clippy.toml forbids opening sled anywhere else; this is the one place.
     #[allow(clippy::disallowed_methods)]
     pub(crate) fn open(dir: &Path) -> Result<Sled> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_CAPACITY)
             // Saves flush explicitly; a background flush would only add writes.
-            .flush_every_ms(None)
-            .open()
-            .map_err(storage(dir))?;
+            .flush_every_ms(None);
+        // sled closes its file through deferred (epoch-based) reclamation, so for a
+        // moment after a `Db` is dropped its lock is still held. The store's own lock
+        // file already keeps other stores out, so a sled lock seen here is almost
+        // always that leftover: wait a bounded time for it to go.
+        let started = Instant::now();
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(err))
+                    if err.to_string().contains("could not acquire lock")
+                        && started.elapsed() < LOCK_WAIT =>
+                {
+                    thread::sleep(Duration::from_millis(2));
+                }
+                res => break res.map_err(storage(dir))?,
+            }
+        };
         let log_path = dir.join("db");
         let log = File::open(&log_path).map_err(Error::io(log_path))?;
-        let sled = Sled { db, dir: dir.to_path_buf(), log };
+        let sled = Sled { db, dir: dir.to_path_buf(), log, synced: Mutex::default() };
         sled.sync_files().map_err(Error::io(dir))?;
         Ok(sled)
     }
 
     fn sync_files(&self) -> io::Result<()> {
-        self.log.sync_all()?;
-        let blobs = self.dir.join("blobs");
-        if blobs.exists() {
-            for entry in fs::read_dir(&blobs)? {
-                File::open(entry?.path())?.sync_all()?;
+        let mut synced = self.synced.lock();
+        // Blob files should never appear (see the module docs); if sled wrote some
+        // anyway, they are made durable before the log that points at them.
+        let blobs_dir = self.dir.join("blobs");
+        let blobs = listing(&blobs_dir)?;
+        if blobs != synced.blobs {
+            for (name, _) in blobs.iter().filter(|it| !synced.blobs.contains(it)) {
+                File::open(blobs_dir.join(name))?.sync_all()?;
             }
-            sync_dir(&blobs)?;
+            sync_dir(&blobs_dir)?;
+            synced.blobs = blobs;
         }
-        sync_dir(&self.dir)
+        self.log.sync_all()?;
+        let engine = listing(&self.dir)?;
+        if engine != synced.engine {
+            sync_dir(&self.dir)?;
+            synced.engine = engine;
+        }
+        Ok(())
     }
+}
+
+fn listing(dir: &Path) -> io::Result<Listing> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Listing::new()),
+        Err(err) => return Err(err),
+    };
+    let mut listing = Listing::new();
+    for entry in entries {
+        let entry = entry?;
+        listing.push((entry.file_name(), entry.ino()));
+    }
+    listing.sort_unstable();
+    Ok(listing)
 }
 
 impl Backend for Sled {
