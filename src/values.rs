@@ -198,8 +198,10 @@ impl<'a> ValueWriter<'a> {
     }
 }
 
-impl Write for ValueWriter<'_> {
-    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+impl ValueWriter<'_> {
+    #[cold]
+    #[inline(never)]
+    fn write_and_spill(&mut self, bytes: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(bytes);
         if let Some(dir) = self.dir
             && CHUNK <= self.buf.len()
@@ -210,6 +212,24 @@ impl Write for ValueWriter<'_> {
             return Err(kind.into());
         }
         Ok(bytes.len())
+    }
+}
+
+impl Write for ValueWriter<'_> {
+    // postcard writes values a byte or a field at a time, so this fast path must
+    // inline into the encoder: a call per byte made large saves 3x slower.
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        if self.buf.len() + bytes.len() < CHUNK || self.dir.is_none() {
+            self.buf.extend_from_slice(bytes);
+            return Ok(bytes.len());
+        }
+        self.write_and_spill(bytes)
+    }
+
+    #[inline]
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.write(bytes).map(drop)
     }
 
     fn flush(&mut self) -> io::Result<()> {
