@@ -23,6 +23,9 @@ use crate::{codec::DEFAULT_SCHEMA, values::ValueWriter};
 )]
 pub trait Value: Serialize + DeserializeOwned + Send + Sync + 'static {}
 
+// `do_not_recommend` makes rustc report a type that is not a `Value` with the
+// message above, once, instead of one error per missing bound.
+#[diagnostic::do_not_recommend]
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Value for T {}
 
 /// A named global value that a [`Store`](crate::Store) loads, saves and reloads.

@@ -1,8 +1,8 @@
 //! What `defstate!` becomes.
 
-use proc_macro2::TokenStream;
-use quote::{quote, quote_spanned};
-use syn::spanned::Spanned;
+use proc_macro2::{Ident, Span, TokenStream, TokenTree};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
+use syn::Type;
 
 use crate::{
     parse::{Decl, Decls},
@@ -27,24 +27,81 @@ fn expand_one(decl: &Decl) -> TokenStream {
     // `cfg` attributes must also remove the registration, or it would name a
     // `static` that does not exist.
     let cfgs = attrs.rest.iter().filter(|attr| attr.path().is_ident("cfg"));
-    // Spanned at the type, so that a type that cannot be a cell is reported there.
-    let register = quote_spanned! {ty.span()=>
-        #krate::__private::register::<#ty>(&#ident)
+    // Problems with the type are reported at the type: the tokens around it take
+    // its first and last tokens' spans, which rustc joins into the type's span.
+    let (first, last) = edge_spans(ty);
+    let cell_krate = respan(krate.clone(), first);
+    // Every `static` must be `Sync`; a cell's type that is not is reported here.
+    let cell_ty = {
+        let open = quote_spanned!(first=> <);
+        let close = quote_spanned!(last=> >);
+        quote!(#cell_krate::StateCell #open #ty #close)
+    };
+    // The generated function is in scope where the cell's identifier is used: it
+    // must not shadow it.
+    let ctor_fn = unlike(ident, "__instastate_register");
+    // A type that is not an `instastate::Value` is reported here, at the type, with
+    // `Value`'s own message.
+    let checked = {
+        let open = quote_spanned!(first=> <);
+        let close = quote_spanned!(last=> >);
+        quote!(#krate::__private::register::#open #ty #close)
     };
     let errors = errors.map(|err| err.to_compile_error());
     quote! {
         #errors
         #(#rest)*
-        #vis static #ident: #krate::StateCell<#ty> =
-            #krate::__private::new_cell(#name, #origin, || #init);
+        #vis static #ident: #cell_ty = #krate::__private::new_cell(#name, #origin, || #init);
         #(#cfgs)*
         const _: () = {
             #krate::__private::ctor::declarative::ctor! {
                 #[ctor(unsafe)]
-                fn register() {
-                    #register
+                // A deprecated cell is registered without a warning.
+                #[allow(deprecated)]
+                fn #ctor_fn() {
+                    #checked(&#ident);
                 }
             }
         };
     }
+}
+
+/// `name`, with `_` appended until it differs from `ident`.
+fn unlike(ident: &Ident, name: &str) -> Ident {
+    let mut name = name.to_owned();
+    while ident == &name {
+        name.push('_');
+    }
+    format_ident!("{name}")
+}
+
+/// The spans of the first and last tokens of `ty`.
+fn edge_spans(ty: &Type) -> (Span, Span) {
+    let mut tokens = ty.to_token_stream().into_iter();
+    let edge = |tree: TokenTree, open: bool| match tree {
+        TokenTree::Group(group) if open => group.span_open(),
+        TokenTree::Group(group) => group.span_close(),
+        tree => tree.span(),
+    };
+    let first = tokens.next().map_or_else(Span::call_site, |tree| edge(tree, true));
+    let last = tokens.last().map_or(first, |tree| edge(tree, false));
+    (first, last)
+}
+
+/// `tokens` with every span set to `span`.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tree| {
+            if let TokenTree::Group(group) = &tree {
+                let mut inner =
+                    proc_macro2::Group::new(group.delimiter(), respan(group.stream(), span));
+                inner.set_span(span);
+                tree = TokenTree::Group(inner);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
 }

@@ -4,6 +4,8 @@
 //! decl := attribute* visibility "static"? ("mut")? IDENT ":" TYPE "=" EXPR
 //! ```
 
+use proc_macro2::Span;
+use quote::ToTokens;
 use syn::{
     Attribute, Expr, Ident, Token, Type, Visibility,
     parse::{Parse, ParseStream},
@@ -31,7 +33,10 @@ impl Parse for Decls {
             input.parse::<Token![;]>()?;
         }
         if decls.is_empty() {
-            return Err(input.error("expected a cell declaration such as `COUNTER: u64 = 0`"));
+            return Err(syn::Error::new(
+                Span::call_site(),
+                "expected at least one cell declaration, such as `COUNTER: u64 = 0`",
+            ));
         }
         Ok(Decls(decls))
     }
@@ -43,11 +48,40 @@ impl Parse for Decl {
         let vis = input.parse()?;
         input.parse::<Option<Token![static]>>()?;
         let mutability = input.parse()?;
-        let ident = input.parse()?;
+        let ident: Ident = input.parse()?;
+        if !input.peek(Token![:]) {
+            return Err(missing(
+                input,
+                &ident,
+                format!(
+                    "expected `:` and the cell's type after `{ident}`, as in `{ident}: u64 = 0`; a cell's type is never inferred"
+                ),
+            ));
+        }
         input.parse::<Token![:]>()?;
-        let ty = input.parse()?;
+        let ty: Type = input.parse()?;
+        if !input.peek(Token![=]) {
+            return Err(missing(
+                input,
+                &ty,
+                format!(
+                    "expected `=` and the initial value after the cell's type, as in `{ident}: u64 = 0`"
+                ),
+            ));
+        }
         input.parse::<Token![=]>()?;
         let init = input.parse()?;
         Ok(Decl { attrs, vis, mutability, ident, ty, init })
+    }
+}
+
+/// The error for a missing part of a declaration: at the token that stands where the
+/// part should be, or at `before` (what came before the part) when nothing or only
+/// the `;` ending the declaration does.
+fn missing(input: ParseStream<'_>, before: &dyn ToTokens, message: String) -> syn::Error {
+    if input.is_empty() || input.peek(Token![;]) {
+        syn::Error::new_spanned(before, message)
+    } else {
+        input.error(message)
     }
 }

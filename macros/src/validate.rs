@@ -40,6 +40,12 @@ pub(crate) fn validate(decl: &Decl) -> (Attrs, Option<syn::Error>) {
             }
         } else if attr.path().is_ident("instastate") {
             match crate_path(attr) {
+                Ok(_) if attrs.krate.is_some() => {
+                    push(syn::Error::new_spanned(
+                        attr,
+                        "a cell can have only one `#[instastate(crate = ...)]`",
+                    ));
+                }
                 Ok(path) => attrs.krate = Some(path),
                 Err(err) => push(err),
             }
@@ -68,6 +74,9 @@ fn crate_path(attr: &Attribute) -> syn::Result<Path> {
     let mut krate = None;
     attr.parse_nested_meta(|meta| {
         if meta.path.is_ident("crate") {
+            if krate.is_some() {
+                return Err(meta.error("`crate` is given twice"));
+            }
             krate = Some(meta.value()?.parse::<Path>()?);
             Ok(())
         } else {

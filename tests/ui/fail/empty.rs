@@ -1,0 +1,5 @@
+use instastate::defstate;
+
+defstate!();
+
+fn main() {}

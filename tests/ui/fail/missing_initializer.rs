@@ -1,0 +1,5 @@
+use instastate::defstate;
+
+defstate!(X: u64);
+
+fn main() {}

@@ -1,0 +1,5 @@
+use instastate::defstate;
+
+defstate!(X = 1);
+
+fn main() {}
