@@ -1,0 +1,228 @@
+//! Saving, reloading and reopening: the everyday contract.
+
+use std::{collections::BTreeMap, fs};
+
+use instastate::{Error, StateCell, Store};
+
+use crate::TestResult;
+
+#[test]
+fn saved_values_come_back_after_reopen() -> TestResult {
+    static COUNT: StateCell<u64> = StateCell::new("save_reload::reopen::COUNT", || 150);
+    static NAME: StateCell<String> = StateCell::new("save_reload::reopen::NAME", String::new);
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&COUNT).cell(&NAME).open(dir.path())?;
+        assert_eq!(COUNT.get(), 150, "a never-saved cell keeps its initial value");
+        COUNT.set(1000);
+        NAME.set("saved".into());
+        store.save_all()?;
+        COUNT.set(7);
+        NAME.set("not saved".into());
+    }
+    let _store = Store::builder().cell(&COUNT).cell(&NAME).open(dir.path())?;
+    assert_eq!(COUNT.get(), 1000);
+    assert_eq!(NAME.get(), "saved");
+    Ok(())
+}
+
+#[test]
+fn reload_reverts_every_cell_to_the_last_save() -> TestResult {
+    static A: StateCell<Vec<u32>> = StateCell::new("save_reload::revert::A", Vec::new);
+    static B: StateCell<Option<String>> = StateCell::new("save_reload::revert::B", || None);
+    let store = Store::builder().cell(&A).cell(&B).in_memory()?;
+    A.set(vec![1, 2, 3]);
+    B.set(Some("b".into()));
+    store.save_all()?;
+    A.write().push(4);
+    B.set(None);
+    store.reload_all()?;
+    assert_eq!(A.get(), [1, 2, 3]);
+    assert_eq!(B.get().as_deref(), Some("b"));
+    Ok(())
+}
+
+#[test]
+fn reload_with_a_never_saved_cell_fails_and_changes_nothing() -> TestResult {
+    static SAVED: StateCell<u8> = StateCell::new("save_reload::strict::SAVED", || 1);
+    static LATE: StateCell<u8> = StateCell::new("save_reload::strict::LATE", || 2);
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&SAVED).open(dir.path())?;
+        store.save_all()?;
+    }
+    let store = Store::builder().cell(&SAVED).cell(&LATE).open(dir.path())?;
+    SAVED.set(10);
+    LATE.set(20);
+    let err = store.reload_all().err().ok_or("reload of a never-saved cell succeeded")?;
+    assert!(
+        matches!(&err, Error::NeverSaved { cell } if cell == "save_reload::strict::LATE"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("save_reload::strict::LATE"), "{err}");
+    assert_eq!((SAVED.get(), LATE.get()), (10, 20), "a failed reload changed a cell");
+    store.save_all()?;
+    store.reload_all()?;
+    assert_eq!((SAVED.get(), LATE.get()), (10, 20));
+    Ok(())
+}
+
+#[test]
+fn a_save_writes_only_what_changed() -> TestResult {
+    static BIG: StateCell<Vec<u64>> = StateCell::new("save_reload::incremental::BIG", Vec::new);
+    static SMALL: StateCell<u64> = StateCell::new("save_reload::incremental::SMALL", || 0);
+    let dir = tempfile::tempdir()?;
+    let values = dir.path().join("values");
+    let value_files = || -> TestResult<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&values)? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    };
+    let store = Store::builder().cell(&BIG).cell(&SMALL).open(dir.path())?;
+    BIG.set((0..100_000).collect());
+    store.save_all()?;
+    let first = value_files()?;
+    assert_eq!(first.len(), 1, "the large value has a value file of its own: {first:?}");
+
+    SMALL.set(5);
+    store.save_all()?;
+    assert_eq!(value_files()?, first, "an unchanged large cell was written again");
+
+    BIG.write().push(1);
+    store.save_all()?;
+    let second = value_files()?;
+    assert_eq!(second.len(), 1, "the replaced value file was not deleted: {second:?}");
+    assert_ne!(second, first, "a changed large cell was not written");
+    drop(store);
+
+    BIG.set(Vec::new());
+    let _store = Store::builder().cell(&BIG).cell(&SMALL).open(dir.path())?;
+    assert_eq!(BIG.read().len(), 100_001);
+    assert_eq!(SMALL.get(), 5);
+    Ok(())
+}
+
+#[test]
+fn a_save_with_nothing_changed_writes_nothing() -> TestResult {
+    static VALUE: StateCell<u64> = StateCell::new("save_reload::idle::VALUE", || 3);
+    let dir = tempfile::tempdir()?;
+    let store = Store::builder().cell(&VALUE).open(dir.path())?;
+    store.save_all()?;
+    let log = dir.path().join("sled").join("db");
+    let before = fs::metadata(&log)?.modified()?;
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    store.save_all()?;
+    let _read = VALUE.get();
+    store.save_all()?;
+    assert_eq!(fs::metadata(&log)?.modified()?, before, "an idle save touched the log");
+    Ok(())
+}
+
+#[test]
+fn orphaned_values_are_kept_and_listed() -> TestResult {
+    static OLD: StateCell<String> = StateCell::new("save_reload::orphans::OLD", String::new);
+    static BIG_OLD: StateCell<Vec<u8>> = StateCell::new("save_reload::orphans::BIG", Vec::new);
+    static NEW: StateCell<String> = StateCell::new("save_reload::orphans::NEW", String::new);
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&OLD).cell(&BIG_OLD).open(dir.path())?;
+        OLD.set("keep me".into());
+        BIG_OLD.set(vec![9; 64 * 1024]);
+        store.save_all()?;
+    }
+    {
+        let store = Store::builder().cell(&NEW).open(dir.path())?;
+        assert_eq!(store.orphans(), ["save_reload::orphans::BIG", "save_reload::orphans::OLD"]);
+        store.save_all()?;
+    }
+    OLD.set(String::new());
+    BIG_OLD.set(Vec::new());
+    let store = Store::builder().cell(&OLD).cell(&BIG_OLD).cell(&NEW).open(dir.path())?;
+    assert!(store.orphans().is_empty());
+    assert_eq!(OLD.get(), "keep me", "an orphan's value was lost");
+    assert_eq!(BIG_OLD.read().len(), 64 * 1024, "an orphan's value file was deleted");
+    Ok(())
+}
+
+#[test]
+fn two_cells_with_one_name_are_refused_naming_both() -> TestResult {
+    static FIRST: StateCell<u32> = StateCell::new("save_reload::same", || 1);
+    static SECOND: StateCell<String> = StateCell::new("save_reload::same", String::new);
+    let err = Store::builder().cell(&FIRST).cell(&SECOND).in_memory().err().ok_or("accepted")?;
+    let Error::DuplicateName { name, first, second } = &err else { panic!("{err:?}") };
+    assert_eq!(name, "save_reload::same");
+    assert!(first.contains("u32") && second.contains("String"), "{err}");
+    // The same cell listed twice is one cell, not a duplicate.
+    let store = Store::builder().cell(&FIRST).cell(&FIRST).in_memory()?;
+    store.save_all()?;
+    Ok(())
+}
+
+#[test]
+fn save_and_reload_inside_atomically_are_refused() -> TestResult {
+    static CELL: StateCell<u8> = StateCell::new("save_reload::nested::CELL", || 0);
+    let store = Store::builder().cell(&CELL).in_memory()?;
+    let (saved, reloaded) = instastate::atomically(|| (store.save_all(), store.reload_all()));
+    assert!(matches!(saved, Err(Error::InsideAtomically { operation: "save_all" })), "{saved:?}");
+    assert!(
+        matches!(reloaded, Err(Error::InsideAtomically { operation: "reload_all" })),
+        "{reloaded:?}"
+    );
+    store.save_all()?;
+    Ok(())
+}
+
+#[test]
+fn many_kinds_of_values_round_trip() -> TestResult {
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    enum Shape {
+        Circle { radius: f64 },
+        Polygon(Vec<(i32, i32)>),
+        Nothing,
+    }
+    static MAP: StateCell<BTreeMap<String, Shape>> =
+        StateCell::new("save_reload::kinds::MAP", BTreeMap::new);
+    static TEXT: StateCell<String> = StateCell::new("save_reload::kinds::TEXT", String::new);
+    static NEGATIVE: StateCell<i128> = StateCell::new("save_reload::kinds::NEGATIVE", || 0);
+    let dir = tempfile::tempdir()?;
+    let map = BTreeMap::from([
+        ("c".to_owned(), Shape::Circle { radius: 1.5 }),
+        ("p".to_owned(), Shape::Polygon(vec![(0, 0), (-1, 5)])),
+        ("n".to_owned(), Shape::Nothing),
+    ]);
+    {
+        let store = Store::builder().cell(&MAP).cell(&TEXT).cell(&NEGATIVE).open(dir.path())?;
+        MAP.set(map.clone());
+        TEXT.set("ünïcødé ✓".repeat(1000));
+        NEGATIVE.set(i128::MIN);
+        store.save_all()?;
+    }
+    MAP.set(BTreeMap::new());
+    TEXT.set(String::new());
+    NEGATIVE.set(0);
+    let _store = Store::builder().cell(&MAP).cell(&TEXT).cell(&NEGATIVE).open(dir.path())?;
+    assert_eq!(MAP.get(), map);
+    assert_eq!(TEXT.get(), "ünïcødé ✓".repeat(1000));
+    assert_eq!(NEGATIVE.get(), i128::MIN);
+    Ok(())
+}
+
+#[test]
+fn stores_in_memory_are_independent_of_each_other() -> TestResult {
+    static ONE: StateCell<u8> = StateCell::new("save_reload::independent::ONE", || 0);
+    static TWO: StateCell<u8> = StateCell::new("save_reload::independent::TWO", || 0);
+    let first = Store::builder().cell(&ONE).in_memory()?;
+    let second = Store::builder().cell(&TWO).in_memory()?;
+    ONE.set(1);
+    TWO.set(2);
+    first.save_all()?;
+    second.save_all()?;
+    ONE.set(10);
+    TWO.set(20);
+    first.reload_all()?;
+    assert_eq!((ONE.get(), TWO.get()), (1, 20), "reloading one store touched the other's cell");
+    Ok(())
+}
