@@ -1,1 +1,680 @@
-fn main() {}
+//! instastate against raw baselines over the same bytes.
+//!
+//! Every row runs its own operation and a hand-written baseline over the same bytes
+//! in one process, interleaved (ours, raw, raw, ours, ours, raw, ...: each round
+//! alternates which side goes first) so that drift hits both, and reports the ratio
+//! of their medians (ours / baseline; lower is better). Row (b) also reports the
+//! peak RSS during our save (`VmHWM`, reset through `/proc/self/clear_refs`) as a
+//! multiple of the state's encoded size.
+//!
+//! Run with `cargo bench --bench cells`. Unknown arguments (cargo passes `--bench`)
+//! are ignored.
+
+use std::{
+    collections::BTreeMap,
+    error::Error,
+    fs::{self, File},
+    hint::black_box,
+    io::{BufWriter, Write},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use instastate::{StateCell, Store};
+use serde::{Deserialize, Serialize};
+
+type Res<T = ()> = Result<T, Box<dyn Error>>;
+
+/// Runs of the rows timing a few fsyncs, (a) and (c): their times are bimodal (an
+/// fsync that needs an ext4 journal commit costs milliseconds, one that does not
+/// a fraction of one), so they take many runs for a stable median.
+const FSYNC_RUNS: u32 = 101;
+/// Untimed rounds before rows (a) and (c).
+const WARM_UP: u32 = 3;
+/// Runs of row (e).
+const READ_RUNS: u32 = 31;
+/// Runs of the 100 MiB rows, (b) and (d), each after one warm-up.
+const LARGE_RUNS: u32 = 7;
+/// Reads per run of row (e).
+const READS: u32 = 2_000_000;
+/// Bytes per value of the large maps.
+const VALUE_LEN: usize = 1024;
+/// Entries per large cell: 25 MiB of values each, 100 MiB in all.
+const ENTRIES: u64 = 25 * 1024;
+const MIB: f64 = 1024.0 * 1024.0;
+
+// ----------------------------------------------------------------------------
+// Row (a): 16 small cells of mixed types.
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct Settings {
+    volume: u8,
+    theme: String,
+    ratio: f32,
+    enabled: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+enum Mode {
+    Idle,
+    Running(u32),
+    Paused { since: i64 },
+}
+
+static S_U64: StateCell<u64> = StateCell::new("bench::S_U64", || 0);
+static S_STRING: StateCell<String> = StateCell::new("bench::S_STRING", String::new);
+static S_IDS: StateCell<Vec<u32>> = StateCell::new("bench::S_IDS", Vec::new);
+static S_SETTINGS: StateCell<Settings> = StateCell::new("bench::S_SETTINGS", || Settings {
+    volume: 7,
+    theme: "dark".to_owned(),
+    ratio: 1.5,
+    enabled: true,
+});
+static S_OPTION: StateCell<Option<String>> = StateCell::new("bench::S_OPTION", || None);
+static S_BOOL: StateCell<bool> = StateCell::new("bench::S_BOOL", || false);
+static S_F64: StateCell<f64> = StateCell::new("bench::S_F64", || 0.0);
+static S_MAP: StateCell<BTreeMap<String, u32>> = StateCell::new("bench::S_MAP", BTreeMap::new);
+static S_I32: StateCell<i32> = StateCell::new("bench::S_I32", || 0);
+static S_PAIR: StateCell<(u16, u16)> = StateCell::new("bench::S_PAIR", || (0, 0));
+static S_NAMES: StateCell<Vec<String>> = StateCell::new("bench::S_NAMES", Vec::new);
+static S_U128: StateCell<u128> = StateCell::new("bench::S_U128", || 0);
+static S_OPT_U64: StateCell<Option<u64>> = StateCell::new("bench::S_OPT_U64", || None);
+static S_DIGEST: StateCell<[u8; 16]> = StateCell::new("bench::S_DIGEST", || [0; 16]);
+static S_POINTS: StateCell<Vec<(u32, f32)>> = StateCell::new("bench::S_POINTS", Vec::new);
+static S_MODE: StateCell<Mode> = StateCell::new("bench::S_MODE", || Mode::Idle);
+
+fn small_store(dir: &Path) -> Res<Store> {
+    Ok(Store::builder()
+        .cell(&S_U64)
+        .cell(&S_STRING)
+        .cell(&S_IDS)
+        .cell(&S_SETTINGS)
+        .cell(&S_OPTION)
+        .cell(&S_BOOL)
+        .cell(&S_F64)
+        .cell(&S_MAP)
+        .cell(&S_I32)
+        .cell(&S_PAIR)
+        .cell(&S_NAMES)
+        .cell(&S_U128)
+        .cell(&S_OPT_U64)
+        .cell(&S_DIGEST)
+        .cell(&S_POINTS)
+        .cell(&S_MODE)
+        .open(dir)?)
+}
+
+/// Writes to all 16 small cells, so that the next save writes every one.
+fn touch_small(round: u32) {
+    S_U64.set(u64::from(round) * 3);
+    S_STRING.set(format!("user name number {round}"));
+    S_IDS.set((round..round + 32).collect());
+    S_SETTINGS.update(|it| {
+        it.volume = it.volume.wrapping_add(1);
+        it.ratio += 0.25;
+        it.enabled = !it.enabled;
+    });
+    S_OPTION.set(Some(format!("last file {round}.txt")));
+    S_BOOL.update(|it| *it = !*it);
+    S_F64.set(f64::from(round) * 0.5);
+    S_MAP.update(|map| {
+        for key in 0..8u32 {
+            map.insert(format!("key-{key}"), round + key);
+        }
+    });
+    S_I32.set(-i32::try_from(round).unwrap_or(i32::MAX));
+    S_PAIR.update(|pair| pair.0 = pair.0.wrapping_add(1));
+    S_NAMES.set(vec!["alpha".into(), "beta".into(), format!("gamma {round}"), "delta".into()]);
+    S_U128.update(|it| *it = it.wrapping_add(u128::MAX / 3));
+    S_OPT_U64.set(Some(u64::from(round)));
+    S_DIGEST.update(|it| it.rotate_left(1));
+    S_POINTS.set((0..16u32).map(|i| (i + round, 0.5)).collect());
+    S_MODE.set(match round % 3 {
+        0 => Mode::Idle,
+        1 => Mode::Running(round),
+        _ => Mode::Paused { since: i64::from(round) },
+    });
+}
+
+/// The raw encoding of the 16 small values: one postcard buffer.
+fn encode_small() -> Res<Vec<u8>> {
+    let buf = Vec::with_capacity(1024);
+    let buf = postcard::to_extend(&*S_U64.read(), buf)?;
+    let buf = postcard::to_extend(&*S_STRING.read(), buf)?;
+    let buf = postcard::to_extend(&*S_IDS.read(), buf)?;
+    let buf = postcard::to_extend(&*S_SETTINGS.read(), buf)?;
+    let buf = postcard::to_extend(&*S_OPTION.read(), buf)?;
+    let buf = postcard::to_extend(&*S_BOOL.read(), buf)?;
+    let buf = postcard::to_extend(&*S_F64.read(), buf)?;
+    let buf = postcard::to_extend(&*S_MAP.read(), buf)?;
+    let buf = postcard::to_extend(&*S_I32.read(), buf)?;
+    let buf = postcard::to_extend(&*S_PAIR.read(), buf)?;
+    let buf = postcard::to_extend(&*S_NAMES.read(), buf)?;
+    let buf = postcard::to_extend(&*S_U128.read(), buf)?;
+    let buf = postcard::to_extend(&*S_OPT_U64.read(), buf)?;
+    let buf = postcard::to_extend(&*S_DIGEST.read(), buf)?;
+    let buf = postcard::to_extend(&*S_POINTS.read(), buf)?;
+    let buf = postcard::to_extend(&*S_MODE.read(), buf)?;
+    Ok(buf)
+}
+
+/// The raw small save: encode, write a temp file, fsync, rename, fsync the directory.
+fn raw_small_save(dir: &Path) -> Res {
+    let bytes = encode_small()?;
+    let tmp = dir.join("small.tmp");
+    let mut file = File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, dir.join("small.bin"))?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------
+// Rows (b), (c), (d): 100 MiB in 4 large cells, plus one small cell beside them.
+
+type Big = BTreeMap<u64, Vec<u8>>;
+type Snapshot = (Big, Big, Big, Big);
+
+static BIG0: StateCell<Big> = StateCell::new("bench::BIG0", BTreeMap::new);
+static BIG1: StateCell<Big> = StateCell::new("bench::BIG1", BTreeMap::new);
+static BIG2: StateCell<Big> = StateCell::new("bench::BIG2", BTreeMap::new);
+static BIG3: StateCell<Big> = StateCell::new("bench::BIG3", BTreeMap::new);
+static BIGS: [&StateCell<Big>; 4] = [&BIG0, &BIG1, &BIG2, &BIG3];
+static TICK: StateCell<u64> = StateCell::new("bench::TICK", || 0);
+
+fn big_builder() -> instastate::StoreBuilder {
+    BIGS.iter().fold(Store::builder(), |builder, cell| builder.cell(*cell))
+}
+
+/// Fills each large cell with `ENTRIES` pseudo-random 1 KiB values.
+fn fill_big() {
+    let mut rng = 0x9E37_79B9_7F4A_7C15_u64;
+    for (n, cell) in (0u64..).zip(BIGS) {
+        let map: Big = (0..ENTRIES)
+            .map(|i| {
+                let mut value = Vec::with_capacity(VALUE_LEN);
+                while value.len() < VALUE_LEN {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    value.extend_from_slice(&rng.to_le_bytes());
+                }
+                (n << 32 | i, value)
+            })
+            .collect();
+        cell.set(map);
+    }
+}
+
+/// Changes one entry of every large cell, so that the next save writes all four.
+fn touch_big(round: u32) {
+    let key = u64::from(round) % ENTRIES;
+    for (n, cell) in (0u64..).zip(BIGS) {
+        cell.update(|map| {
+            if let Some(byte) = map.get_mut(&(n << 32 | key)).and_then(|value| value.first_mut()) {
+                *byte = byte.wrapping_add(1);
+            }
+        });
+    }
+}
+
+/// The raw large save: postcard straight into a buffered temp file, fsync, rename,
+/// fsync the directory.
+fn raw_big_save(dir: &Path) -> Res {
+    let tmp = dir.join("snapshot.tmp");
+    let writer = BufWriter::new(File::create(&tmp)?);
+    let guards = (BIG0.read(), BIG1.read(), BIG2.read(), BIG3.read());
+    let writer = postcard::to_io(&(&*guards.0, &*guards.1, &*guards.2, &*guards.3), writer)?;
+    drop(guards);
+    let file = writer.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, snapshot_path(dir))?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn snapshot_path(dir: &Path) -> PathBuf {
+    dir.join("snapshot.bin")
+}
+
+/// The raw small write beside a large state: one insert in a plain sled database,
+/// flushed, with its log fsynced.
+struct RawSled {
+    db: sled::Db,
+    log: File,
+}
+
+impl RawSled {
+    // The crate forbids opening sled outside its backend; this baseline must.
+    #[allow(clippy::disallowed_methods)]
+    fn open(dir: &Path) -> Res<RawSled> {
+        // No background flusher, as in instastate's own sled configuration.
+        let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
+        let log = File::open(dir.join("db"))?;
+        Ok(RawSled { db, log })
+    }
+
+    fn put(&self, value: u64) -> Res {
+        self.db.insert(b"cell/bench::TICK", postcard::to_stdvec(&value)?)?;
+        self.db.flush()?;
+        self.log.sync_all()?;
+        Ok(())
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Row (e): a read of a cell against a read of a plain lock.
+
+static HOT: StateCell<u64> = StateCell::new("bench::HOT", || 7);
+static PLAIN: parking_lot::RwLock<u64> = parking_lot::RwLock::new(7);
+
+fn read_cell_loop() -> Duration {
+    let start = Instant::now();
+    let mut sum = 0u64;
+    for _ in 0..READS {
+        sum = sum.wrapping_add(*black_box(&HOT).read());
+    }
+    black_box(sum);
+    start.elapsed()
+}
+
+fn read_plain_loop() -> Duration {
+    let start = Instant::now();
+    let mut sum = 0u64;
+    for _ in 0..READS {
+        sum = sum.wrapping_add(*black_box(&PLAIN).read());
+    }
+    black_box(sum);
+    start.elapsed()
+}
+
+// ----------------------------------------------------------------------------
+// Measurement helpers.
+
+fn timed(f: impl FnOnce() -> Res) -> Res<f64> {
+    let start = Instant::now();
+    f()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn percentile(samples: &[f64], pct: usize) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let idx = (sorted.len().saturating_sub(1) * pct + 50) / 100;
+    sorted.get(idx).copied().unwrap_or(f64::NAN)
+}
+
+/// Formats seconds with a readable unit.
+fn fmt_secs(secs: f64) -> String {
+    if secs < 1e-6 {
+        format!("{:.2} ns", secs * 1e9)
+    } else if secs < 1e-3 {
+        format!("{:.1} µs", secs * 1e6)
+    } else if secs < 1.0 {
+        format!("{:.2} ms", secs * 1e3)
+    } else {
+        format!("{secs:.3} s")
+    }
+}
+
+struct Row {
+    name: &'static str,
+    /// Per-run seconds (per operation for row (e)).
+    ours: Vec<f64>,
+    base: Vec<f64>,
+    target: f64,
+}
+
+impl Row {
+    fn new(name: &'static str, target: f64) -> Row {
+        Row { name, ours: Vec::new(), base: Vec::new(), target }
+    }
+
+    fn ratio(&self) -> f64 {
+        median(&self.ours) / median(&self.base)
+    }
+}
+
+/// A field of `/proc/self/status` in KiB, such as `VmRSS` or `VmHWM`.
+fn status_kib(field: &str) -> Option<u64> {
+    proc_kib("/proc/self/status", field)
+}
+
+/// A `Field:   123 kB` line of a `/proc` file, in KiB.
+fn proc_kib(file: &str, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(file).ok()?;
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Resets the peak RSS (`VmHWM`) to the current RSS.
+fn reset_peak_rss() -> Res {
+    Ok(fs::write("/proc/self/clear_refs", "5")?)
+}
+
+fn kib_to_bytes(kib: u64) -> f64 {
+    // Exact for any RSS below 2^53 bytes.
+    f64::from(u32::try_from(kib).unwrap_or(u32::MAX)) * 1024.0
+}
+
+fn len_f64(bytes: u64) -> f64 {
+    let (high, low) = (bytes >> 32, bytes & 0xFFFF_FFFF);
+    f64::from(u32::try_from(high).unwrap_or(u32::MAX)) * 4_294_967_296.0
+        + f64::from(u32::try_from(low).unwrap_or(u32::MAX))
+}
+
+#[derive(Default)]
+struct Memory {
+    before: Vec<f64>,
+    peak: Vec<f64>,
+    base_peak: Vec<f64>,
+    payload: f64,
+}
+
+// ----------------------------------------------------------------------------
+// The rows.
+
+/// Runs one round of both sides, alternating which goes first so that neither
+/// always pays for what the other left behind (dirty pages, a pending journal commit).
+fn interleave(
+    round: u32,
+    ours: impl FnOnce() -> Res<f64>,
+    base: impl FnOnce() -> Res<f64>,
+) -> Res<(f64, f64)> {
+    if round.is_multiple_of(2) {
+        let ours = ours()?;
+        Ok((ours, base()?))
+    } else {
+        let base = base()?;
+        Ok((ours()?, base))
+    }
+}
+
+impl Row {
+    fn push(&mut self, (ours, base): (f64, f64)) {
+        self.ours.push(ours);
+        self.base.push(base);
+    }
+}
+
+fn row_read() -> Res<Row> {
+    let mut row = Row::new("(e) `read()` of a `StateCell<u64>` vs `parking_lot::RwLock<u64>`", 1.1);
+    let per_op = f64::from(READS);
+    // Warm up both (and initialise the cell).
+    read_cell_loop();
+    read_plain_loop();
+    for round in 0..READ_RUNS {
+        row.push(interleave(
+            round,
+            || Ok(read_cell_loop().as_secs_f64() / per_op),
+            || Ok(read_plain_loop().as_secs_f64() / per_op),
+        )?);
+    }
+    Ok(row)
+}
+
+fn row_small(root: &Path) -> Res<Row> {
+    let mut row = Row::new("(a) save 16 small mixed cells vs temp file + fsync + rename", 1.0);
+    let ours_dir = tempfile::tempdir_in(root)?;
+    let raw_dir = tempfile::tempdir_in(root)?;
+    let store = small_store(ours_dir.path())?;
+    // Warm-up rounds for both (the first save creates every record).
+    for round in 0..WARM_UP {
+        touch_small(round);
+        store.save_all()?;
+        raw_small_save(raw_dir.path())?;
+    }
+    for round in WARM_UP..WARM_UP + FSYNC_RUNS {
+        touch_small(round);
+        row.push(interleave(
+            round,
+            || timed(|| Ok(store.save_all()?)),
+            || timed(|| raw_small_save(raw_dir.path())),
+        )?);
+    }
+    Ok(row)
+}
+
+fn row_big_save(store: &Store, raw_dir: &Path, memory: &mut Memory) -> Res<Row> {
+    let mut row = Row::new("(b) save 100 MiB in 4 changed cells vs postcard snapshot file", 1.5);
+    for round in 1..=LARGE_RUNS {
+        touch_big(round);
+        let ours = || {
+            let before = status_kib("VmRSS").ok_or("no VmRSS")?;
+            reset_peak_rss()?;
+            let secs = timed(|| Ok(store.save_all()?))?;
+            let peak = status_kib("VmHWM").ok_or("no VmHWM")?;
+            memory.before.push(kib_to_bytes(before));
+            memory.peak.push(kib_to_bytes(peak));
+            Ok(secs)
+        };
+        let mut base_peak = 0.0;
+        let base = || {
+            reset_peak_rss()?;
+            let secs = timed(|| raw_big_save(raw_dir))?;
+            base_peak = kib_to_bytes(status_kib("VmHWM").ok_or("no VmHWM")?);
+            Ok(secs)
+        };
+        row.push(interleave(round, ours, base)?);
+        memory.base_peak.push(base_peak);
+    }
+    Ok(row)
+}
+
+fn row_small_beside_big(store: &Store, raw: &RawSled) -> Res<Row> {
+    let mut row = Row::new(
+        "(c) save 1 small cell beside 100 MiB unchanged vs sled insert + flush + fsync",
+        2.0,
+    );
+    for round in 0..WARM_UP {
+        TICK.set(u64::from(round));
+        store.save_all()?;
+        raw.put(u64::from(round))?;
+    }
+    for round in WARM_UP..WARM_UP + FSYNC_RUNS {
+        TICK.set(u64::from(round));
+        row.push(interleave(
+            round,
+            || timed(|| Ok(store.save_all()?)),
+            || timed(|| raw.put(u64::from(round))),
+        )?);
+    }
+    Ok(row)
+}
+
+/// Empties the large cells, outside any timing, so that no timed load pays for
+/// dropping the old 100 MiB.
+fn empty_big() {
+    for cell in BIGS {
+        cell.set(BTreeMap::new());
+    }
+}
+
+fn row_load(ours_dir: &Path, raw_dir: &Path) -> Res<Row> {
+    let mut row =
+        Row::new("(d) open + load 100 MiB in 4 cells vs `fs::read` + `postcard::from_bytes`", 1.5);
+    let raw_load = || -> Res<Snapshot> {
+        let bytes = fs::read(snapshot_path(raw_dir))?;
+        Ok(postcard::from_bytes(&bytes)?)
+    };
+    // Warm-up, which also checks that both sides load the same state.
+    let expected: Vec<usize> = BIGS.iter().map(|cell| cell.read().len()).collect();
+    empty_big();
+    drop(big_builder().open(ours_dir)?);
+    let loaded: Vec<usize> = BIGS.iter().map(|cell| cell.read().len()).collect();
+    if loaded != expected {
+        return Err(format!("open loaded {loaded:?} entries, expected {expected:?}").into());
+    }
+    let snapshot = raw_load()?;
+    let same = *BIG0.read() == snapshot.0
+        && *BIG1.read() == snapshot.1
+        && *BIG2.read() == snapshot.2
+        && *BIG3.read() == snapshot.3;
+    drop(snapshot);
+    if !same {
+        return Err("the raw snapshot and the loaded cells differ".into());
+    }
+    for round in 0..LARGE_RUNS {
+        let ours = || {
+            empty_big();
+            let mut store = None;
+            let secs = timed(|| {
+                store = Some(big_builder().open(ours_dir)?);
+                Ok(())
+            })?;
+            drop(store);
+            Ok(secs)
+        };
+        let base = || {
+            let mut snapshot = None;
+            let secs = timed(|| {
+                snapshot = Some(raw_load()?);
+                Ok(())
+            })?;
+            drop(snapshot);
+            Ok(secs)
+        };
+        row.push(interleave(round, ours, base)?);
+    }
+    Ok(row)
+}
+
+fn machine(root: &Path) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|model| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |it| it.trim().to_owned());
+    let mem_gib =
+        proc_kib("/proc/meminfo", "MemTotal").map_or(0.0, |kib| kib_to_bytes(kib) / MIB / 1024.0);
+    let fs_type = mount_of(root).unwrap_or_else(|| "unknown".to_owned());
+    format!(
+        "nproc {cpus}, {model}, {mem_gib:.1} GiB RAM, Linux {kernel}; temp dirs under {} ({fs_type})",
+        root.display()
+    )
+}
+
+/// The file system type and device of the mount holding `path`.
+fn mount_of(path: &Path) -> Option<String> {
+    let path = fs::canonicalize(path).ok()?;
+    let mounts = fs::read_to_string("/proc/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (device, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
+            path.starts_with(point).then(|| (point.len(), format!("{kind} on {device}")))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, desc)| desc)
+}
+
+fn print_table(rows: &[Row], memory: &Memory) {
+    println!("| row | ours (median) | baseline (median) | ratio | target | met? |");
+    println!("|---|---|---|---|---|---|");
+    for row in rows {
+        let ratio = row.ratio();
+        println!(
+            "| {} | {} | {} | {ratio:.2} | <= {:.1} | {} |",
+            row.name,
+            fmt_secs(median(&row.ours)),
+            fmt_secs(median(&row.base)),
+            row.target,
+            if ratio <= row.target { "yes" } else { "NO" },
+        );
+    }
+    let peak = median(&memory.peak) / memory.payload;
+    let worst = memory.peak.iter().copied().fold(0.0, f64::max) / memory.payload;
+    println!(
+        "| (b) peak RSS during our save / state payload ({:.1} MiB) | {peak:.2}x (worst {worst:.2}x) | {:.2}x during the raw save | | <= 1.5x | {} |",
+        memory.payload / MIB,
+        median(&memory.base_peak) / memory.payload,
+        if worst <= 1.5 { "yes" } else { "NO" },
+    );
+    println!();
+    println!(
+        "RSS just before our 100 MiB save: {:.1} MiB ({:.2}x the payload); peak during it: {:.1} MiB (+{:.1} MiB).",
+        median(&memory.before) / MIB,
+        median(&memory.before) / memory.payload,
+        median(&memory.peak) / MIB,
+        (median(&memory.peak) - median(&memory.before)) / MIB,
+    );
+    println!();
+    println!("Spread (p10 / p90, ours ; baseline):");
+    for row in rows {
+        println!(
+            "- {}: {} / {} ; {} / {}",
+            row.name.split(' ').next().unwrap_or_default(),
+            fmt_secs(percentile(&row.ours, 10)),
+            fmt_secs(percentile(&row.ours, 90)),
+            fmt_secs(percentile(&row.base, 10)),
+            fmt_secs(percentile(&row.base, 90)),
+        );
+    }
+}
+
+fn main() -> Res {
+    // Arguments (cargo passes `--bench`) are ignored.
+    let started = Instant::now();
+    let root = std::env::temp_dir();
+    println!("# instastate benchmarks: ours vs raw baseline, medians, interleaved runs");
+    println!();
+    println!("Machine: {}", machine(&root));
+    println!(
+        "Runs (interleaved, alternating which side goes first): {FSYNC_RUNS} for rows (a) and \
+         (c) after {WARM_UP} warm-ups; {LARGE_RUNS} for rows (b) and (d) after one warm-up; \
+         {READ_RUNS} for row (e), of {READS} reads each (time per read)."
+    );
+    println!();
+
+    let mut rows = Vec::new();
+    rows.push(row_small(&root)?);
+    eprintln!("(a) done at {:.1} s", started.elapsed().as_secs_f64());
+
+    let ours_dir = tempfile::tempdir_in(&root)?;
+    let raw_dir = tempfile::tempdir_in(&root)?;
+    let sled_dir = tempfile::tempdir_in(&root)?;
+    let mut memory = Memory::default();
+    {
+        let store = big_builder().cell(&TICK).open(ours_dir.path())?;
+        fill_big();
+        eprintln!("state built at {:.1} s", started.elapsed().as_secs_f64());
+        // Warm-up: the first save of each side creates the files.
+        store.save_all()?;
+        raw_big_save(raw_dir.path())?;
+        memory.payload = len_f64(fs::metadata(snapshot_path(raw_dir.path()))?.len());
+        rows.push(row_big_save(&store, raw_dir.path(), &mut memory)?);
+        eprintln!("(b) done at {:.1} s", started.elapsed().as_secs_f64());
+        let raw = RawSled::open(sled_dir.path())?;
+        rows.push(row_small_beside_big(&store, &raw)?);
+        eprintln!("(c) done at {:.1} s", started.elapsed().as_secs_f64());
+    }
+    rows.push(row_load(ours_dir.path(), raw_dir.path())?);
+    eprintln!("(d) done at {:.1} s", started.elapsed().as_secs_f64());
+    empty_big();
+    rows.push(row_read()?);
+    eprintln!("(e) done at {:.1} s", started.elapsed().as_secs_f64());
+
+    print_table(&rows, &memory);
+    println!();
+    println!("Total bench time: {:.1} s.", started.elapsed().as_secs_f64());
+    Ok(())
+}
