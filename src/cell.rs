@@ -16,6 +16,22 @@ use crate::{codec::DEFAULT_SCHEMA, values::ValueWriter};
 /// shared between threads through a `static`.
 ///
 /// Implemented for every type that meets them; there is nothing to implement by hand.
+///
+/// # Example
+/// ```
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Settings {
+///     theme: String,
+/// }
+/// fn assert_value<T: instastate::Value>() {}
+/// assert_value::<Settings>();
+/// ```
+///
+/// Types that are not `Sync`, or not serializable, are not:
+/// ```compile_fail
+/// fn assert_value<T: instastate::Value>() {}
+/// assert_value::<std::rc::Rc<u32>>();
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be the type of a state cell",
     label = "a cell's type must be `Serialize + DeserializeOwned + Send + Sync + 'static`",
@@ -217,6 +233,14 @@ impl<T: fmt::Debug> fmt::Debug for StateCell<T> {
 }
 
 /// A read guard of a [`StateCell`], returned by [`StateCell::read`].
+///
+/// # Example
+/// ```
+/// # use instastate::StateCell;
+/// static LIST: StateCell<Vec<u8>> = StateCell::new("docs::ref::LIST", || vec![1, 2]);
+/// let list = LIST.read();
+/// assert_eq!(list.len(), 2);
+/// ```
 #[must_use = "the cell stays locked until the guard is dropped"]
 pub struct Ref<'a, T>(RwLockReadGuard<'a, T>);
 
@@ -235,6 +259,15 @@ impl<T: fmt::Debug> fmt::Debug for Ref<'_, T> {
 }
 
 /// A write guard of a [`StateCell`], returned by [`StateCell::write`].
+///
+/// # Example
+/// ```
+/// # use instastate::StateCell;
+/// static LIST: StateCell<Vec<u8>> = StateCell::new("docs::refmut::LIST", Vec::new);
+/// let mut list = LIST.write();
+/// list.push(3);
+/// assert_eq!(*list, [3]);
+/// ```
 #[must_use = "the cell stays locked until the guard is dropped"]
 pub struct RefMut<'a, T>(RwLockWriteGuard<'a, T>);
 

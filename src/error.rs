@@ -3,6 +3,15 @@
 use std::{fmt, io, path::PathBuf};
 
 /// A specialized [`Result`](std::result::Result) whose error defaults to [`Error`].
+///
+/// # Example
+/// ```
+/// fn start(dir: &std::path::Path) -> instastate::Result<instastate::Store> {
+///     instastate::Store::builder().open(dir)
+/// }
+/// # let dir = tempfile::tempdir().unwrap();
+/// # start(dir.path()).unwrap();
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in instastate.
@@ -10,6 +19,22 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Every variant names what was wrong: the cell, the path or the version.
 /// None of them is returned after stored data was changed: a failed `open`,
 /// `reload_all` or `save_all` leaves what is on disk as it was.
+///
+/// # Example
+/// ```
+/// use instastate::{Error, Store};
+///
+/// # fn main() -> instastate::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let first = Store::builder().open(dir.path())?;
+/// match Store::builder().open(dir.path()) {
+///     Err(Error::Locked { path }) => assert_eq!(path, dir.path()),
+///     other => panic!("expected a locked store, got {other:?}"),
+/// }
+/// # drop(first);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -161,6 +186,27 @@ impl Error {
 /// An error from the value encoding.
 ///
 /// Opaque, like [`StorageError`], so that the encoding library is not part of the public API.
+///
+/// # Example
+/// ```
+/// use instastate::{Error, StateCell, Store};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Never;
+/// impl serde::Serialize for Never {
+///     fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+///         Err(serde::ser::Error::custom("refuses to be saved"))
+///     }
+/// }
+/// static CELL: StateCell<Never> = StateCell::new("docs::codec::CELL", || Never);
+///
+/// # fn main() -> instastate::Result<()> {
+/// let store = Store::builder().cell(&CELL).in_memory()?;
+/// let Err(Error::Encode { source, .. }) = store.save_all() else { panic!("saved") };
+/// println!("encoding failed: {source}");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct CodecError(pub(crate) postcard::Error);
 
@@ -177,6 +223,19 @@ impl std::error::Error for CodecError {}
 /// Opaque on purpose: the engine behind a [`Store`](crate::Store) is not part of
 /// the public API, so its error types are not either.
 /// Its [`source`](std::error::Error::source) chain still carries the engine's own error.
+///
+/// # Example
+/// ```
+/// use instastate::Error;
+///
+/// fn explain(err: &Error) -> String {
+///     match err {
+///         Error::Storage { path, source } => format!("engine failed in {}: {source}", path.display()),
+///         other => other.to_string(),
+///     }
+/// }
+/// assert_eq!(explain(&Error::NotOpen), "no store is open; call `instastate::open` first");
+/// ```
 #[derive(Debug)]
 pub struct StorageError(pub(crate) Box<dyn std::error::Error + Send + Sync>);
 

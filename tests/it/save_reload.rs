@@ -226,3 +226,25 @@ fn stores_in_memory_are_independent_of_each_other() -> TestResult {
     assert_eq!((ONE.get(), TWO.get()), (1, 20), "reloading one store touched the other's cell");
     Ok(())
 }
+
+#[test]
+fn a_loaded_cell_never_runs_its_initializer() -> TestResult {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    fn init() -> String {
+        RUNS.fetch_add(1, Ordering::Relaxed);
+        "initial".to_owned()
+    }
+    static WRITER: StateCell<String> = StateCell::new("save_reload::lazy", String::new);
+    static LAZY: StateCell<String> = StateCell::new("save_reload::lazy", init);
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&WRITER).open(dir.path())?;
+        WRITER.set("saved".into());
+        store.save_all()?;
+    }
+    let _store = Store::builder().cell(&LAZY).open(dir.path())?;
+    assert_eq!(LAZY.get(), "saved");
+    assert_eq!(RUNS.load(Ordering::Relaxed), 0, "the initializer ran although a value was loaded");
+    Ok(())
+}
