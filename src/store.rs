@@ -2,7 +2,8 @@
 //! [`open`], [`save_all`] and [`reload_all`].
 
 use std::{
-    collections::BTreeSet,
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
     fs::{self, File, TryLockError},
     path::{Path, PathBuf},
@@ -403,7 +404,9 @@ impl Store {
             .filter(|name| !claimed.contains(name))
             .map(str::to_owned)
             .collect();
-        inner.remove_unreferenced_files(&records)?;
+        // Leftover files are harmless, and the cells are already loaded: a failed
+        // cleanup must not fail the open. The next open tries again.
+        let _ = inner.remove_unreferenced_files(&records);
         Ok(Store { inner: Arc::new(Inner { state: Mutex::new(state), ..inner }) })
     }
 }
@@ -545,8 +548,8 @@ impl Inner {
                 expected_schema: cell.schema(),
             });
         }
-        let (value_bytes, file) = match record.body {
-            Body::Inline(bytes) => (bytes.to_vec(), None),
+        let (value_bytes, file): (Cow<'_, [u8]>, _) = match record.body {
+            Body::Inline(bytes) => (Cow::Borrowed(bytes), None),
             Body::File { id, len, crc } => {
                 let Some(values) = &self.values else {
                     return Err(corrupt(self.label.clone(), "points at a value file".into()));
@@ -562,7 +565,7 @@ impl Inner {
                         corrupt(path.clone(), "value file checksum does not match".into())
                     }
                 })?;
-                (bytes, Some(id))
+                (Cow::Owned(bytes), Some(id))
             }
         };
         let install = cell.decode(&value_bytes).map_err(|source| Error::Decode {
@@ -619,18 +622,23 @@ impl Inner {
 }
 
 fn check_names(cells: Vec<&'static dyn ErasedCell>) -> Result<Vec<&'static dyn ErasedCell>> {
-    let mut unique: Vec<&'static dyn ErasedCell> = Vec::with_capacity(cells.len());
+    let mut by_name: BTreeMap<&str, &'static dyn ErasedCell> = BTreeMap::new();
+    let mut unique = Vec::with_capacity(cells.len());
     for cell in cells {
-        match unique.iter().find(|it| it.name() == cell.name()) {
-            Some(it) if std::ptr::addr_eq(*it, cell) => {}
-            Some(it) => {
+        match by_name.entry(cell.name()) {
+            Entry::Occupied(it) if std::ptr::addr_eq(*it.get(), cell) => {}
+            Entry::Occupied(it) => {
+                let first = *it.get();
                 return Err(Error::DuplicateName {
                     name: cell.name().to_owned(),
-                    first: format!("{}: {}", it.origin(), it.type_name()),
+                    first: format!("{}: {}", first.origin(), first.type_name()),
                     second: format!("{}: {}", cell.origin(), cell.type_name()),
                 });
             }
-            None => unique.push(cell),
+            Entry::Vacant(it) => {
+                it.insert(cell);
+                unique.push(cell);
+            }
         }
     }
     Ok(unique)

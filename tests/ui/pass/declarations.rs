@@ -47,12 +47,7 @@ fn main() {
     assert_eq!(TRAILING.name(), concat!(module_path!(), "::TRAILING"));
     assert_eq!(FORWARDED.name(), concat!(module_path!(), "::FORWARDED"));
 
-    assert_eq!(COUNTER.get(), 150);
-    assert_eq!(GREETING.get(), "abc");
-    assert_eq!(THEME.get(), "dark");
-    assert_eq!(lowercase.get(), [1, 2, 3]);
-    assert_eq!(SINGLE.get(), (7, true));
-    assert_eq!(TRAILING.get(), None);
+    assert_initial_values();
     assert_eq!(FORWARDED.get(), ["a"]);
 
     // Every declaration above is registered for `open`, and only those.
@@ -65,6 +60,10 @@ fn main() {
     SINGLE.set((0, false));
     TRAILING.set(Some(-1));
     store.reload_all().unwrap();
+    assert_initial_values();
+}
+
+fn assert_initial_values() {
     assert_eq!(COUNTER.get(), 150);
     assert_eq!(GREETING.get(), "abc");
     assert_eq!(THEME.get(), "dark");
