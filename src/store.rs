@@ -137,12 +137,40 @@ struct Decoded<'a> {
 
 impl StoreBuilder {
     /// Adds `cell` to the store; adding one cell twice adds it once.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static SEEN: StateCell<Vec<String>> = StateCell::new("docs::cell::SEEN", Vec::new);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&SEEN).cell(&SEEN).in_memory()?;
+    /// store.save_all()?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn cell<T: Value>(mut self, cell: &'static StateCell<T>) -> StoreBuilder {
         self.cells.push(cell);
         self
     }
 
     /// Adds every cell declared with [`defstate!`](crate::defstate) in the program.
+    ///
+    /// This is what [`open`] uses; it is here for a store of all cells that is not
+    /// the global one, such as an in-memory store in a test.
+    ///
+    /// # Example
+    /// ```
+    /// instastate::defstate!(MODE: String = "edit".to_owned());
+    ///
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = instastate::Store::builder().registered_cells().in_memory()?;
+    /// store.save_all()?;
+    /// MODE.set("view".to_owned());
+    /// store.reload_all()?;
+    /// assert_eq!(MODE.get(), "edit");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn registered_cells(mut self) -> StoreBuilder {
         self.cells.extend(registry::registered());
         self

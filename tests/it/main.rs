@@ -4,6 +4,7 @@
 //! memory), so tests never share state. Only `global` uses the global store.
 
 mod bad_input;
+mod compat;
 mod concurrency;
 mod global;
 mod model;
