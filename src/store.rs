@@ -338,7 +338,9 @@ impl Store {
             return Ok(());
         }
         if let Err(err) = inner.commit(&staged, state.generation + 1) {
-            inner.discard(&staged);
+            // The new files stay: the engine may have taken the batch before failing
+            // and may still make it durable, and its records point at them. The next
+            // open deletes whichever files end up unreferenced.
             state.poisoned = true;
             return Err(err);
         }
@@ -524,7 +526,7 @@ impl Inner {
         self.backend.commit(batch)
     }
 
-    /// Deletes the value files of a save that did not commit.
+    /// Deletes the value files of a save that failed before its commit began.
     fn discard(&self, staged: &[Staged]) {
         let Some(values) = &self.values else { return };
         for Staged { encoded, .. } in staged {
