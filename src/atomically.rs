@@ -24,7 +24,9 @@ thread_local! {
 ///
 /// Do not enter `atomically` while holding a cell's guard from
 /// [`read`](crate::StateCell::read) or [`write`](crate::StateCell::write): a save
-/// waiting for that cell would then wait for you, and you for it.
+/// waiting for that cell would then wait for you, and you for it. For the same
+/// reason, do not wait inside `atomically` for another thread that enters
+/// `atomically` or saves.
 ///
 /// # Example
 /// ```

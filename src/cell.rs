@@ -334,7 +334,9 @@ impl<T: Value> ErasedCell for StateCell<T> {
         saved: Option<u64>,
         out: &mut ValueWriter<'_>,
     ) -> Result<Option<u64>, postcard::Error> {
-        let guard = self.lock().read();
+        // Recursive: a thread that calls `save_all` while holding a read guard of
+        // this cell must not queue behind a writer that waits for that guard.
+        let guard = self.lock().read_recursive();
         let seq = self.seq.load(Ordering::Relaxed);
         if saved == Some(seq) {
             return Ok(None);
@@ -356,8 +358,12 @@ impl<T: Value> ErasedCell for StateCell<T> {
 
 impl<T> StateCell<T> {
     fn install(&self, value: T) -> u64 {
+        // Counted before the value is published: a write that lands right after
+        // publication must move the counter past the one returned, or it would
+        // never be saved.
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let value = match self.value.set(RwLock::new(value)) {
-            Ok(()) => return self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            Ok(()) => return seq,
             Err(lock) => lock.into_inner(),
         };
         let mut guard = self.lock().write();

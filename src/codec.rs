@@ -125,9 +125,7 @@ impl Record<'_> {
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&self.format.to_be_bytes());
         out.extend_from_slice(&u32_bytes(self.schema));
-        // Type names come from `std::any::type_name`; one longer than 64 KiB is
-        // cut rather than refused, since it only serves to report mismatches.
-        let type_name = truncate_to_char_boundary(self.type_name, usize::from(u16::MAX));
+        let type_name = stored_type_name(self.type_name);
         out.extend_from_slice(&u16::try_from(type_name.len()).unwrap_or(u16::MAX).to_be_bytes());
         out.extend_from_slice(type_name.as_bytes());
         match self.body {
@@ -200,6 +198,12 @@ impl<'a> Cursor<'a> {
         self.0 = rest;
         Ok(head)
     }
+}
+
+/// A type name as records store it: cut to fit its 16-bit length field.
+/// Loads compare the cell's type name in this form too, so a cut name still matches.
+pub(crate) fn stored_type_name(type_name: &str) -> &str {
+    truncate_to_char_boundary(type_name, usize::from(u16::MAX))
 }
 
 fn truncate_to_char_boundary(s: &str, max: usize) -> &str {

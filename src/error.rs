@@ -17,8 +17,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong in instastate.
 ///
 /// Every variant names what was wrong: the cell, the path or the version.
-/// None of them is returned after stored data was changed: a failed `open`,
-/// `reload_all` or `save_all` leaves what is on disk as it was.
+/// A failed `open` or `reload_all` changes no cell and no stored value; a failed
+/// `save_all` changes no cell, and leaves the last save or the failed one whole on
+/// disk (see [`Error::Poisoned`]).
 ///
 /// # Example
 /// ```
@@ -40,6 +41,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// Another [`Store`](crate::Store), in this process or another, has the directory open.
     #[error("store directory `{}` is locked by another open store (in this or another process)", path.display())]
+    #[non_exhaustive]
     Locked {
         /// The store directory.
         path: PathBuf,
@@ -48,6 +50,7 @@ pub enum Error {
     #[error(
         "cells `{first}` and `{second}` are both named `{name}`; give one a `#[name = \"...\"]`"
     )]
+    #[non_exhaustive]
     DuplicateName {
         /// The name both cells have.
         name: String,
@@ -60,6 +63,7 @@ pub enum Error {
     #[error(
         "cell `{cell}` holds a saved `{stored_type}` (schema v{stored_schema}), but the cell's type is `{expected_type}` (schema v{expected_schema})"
     )]
+    #[non_exhaustive]
     TypeMismatch {
         /// The cell's name.
         cell: String,
@@ -74,6 +78,7 @@ pub enum Error {
     },
     /// A saved value's bytes do not decode as the cell's type.
     #[error("cell `{cell}`: saved `{stored_type}` could not be decoded as `{expected_type}`")]
+    #[non_exhaustive]
     Decode {
         /// The cell's name.
         cell: String,
@@ -87,6 +92,7 @@ pub enum Error {
     },
     /// A cell's value could not be encoded, so nothing was saved.
     #[error("cell `{cell}` of type `{type_name}` could not be encoded")]
+    #[non_exhaustive]
     Encode {
         /// The cell's name.
         cell: String,
@@ -98,6 +104,7 @@ pub enum Error {
     },
     /// A stored record or value file is damaged.
     #[error("cell `{cell}`: stored data at `{}` is corrupt: {reason}", path.display())]
+    #[non_exhaustive]
     Corrupt {
         /// The cell's name, or the store key when no cell claims it.
         cell: String,
@@ -108,6 +115,7 @@ pub enum Error {
     },
     /// The store was written by another version of the on-disk format.
     #[error("store `{}` was written by format v{found}, this build reads v{expected}", path.display())]
+    #[non_exhaustive]
     FormatVersion {
         /// The store directory.
         path: PathBuf,
@@ -118,6 +126,7 @@ pub enum Error {
     },
     /// [`reload_all`](crate::reload_all) was asked to revert a cell that has no saved value.
     #[error("cell `{cell}` has never been saved, so it has no saved value to revert to")]
+    #[non_exhaustive]
     NeverSaved {
         /// The cell's name.
         cell: String,
@@ -125,8 +134,10 @@ pub enum Error {
     /// Several cells failed at once; each error names its cell.
     #[error("{} cells failed: {}", .0.len(), List(.0))]
     Several(Vec<Error>),
-    /// A previous save failed part-way; this store refuses further saves until reopened.
+    /// A previous save failed part-way; this store refuses further saves and reloads
+    /// until reopened, which loads whichever of the two saves the disk holds.
     #[error("a previous save to `{}` failed; reopen the store", path.display())]
+    #[non_exhaustive]
     Poisoned {
         /// The store directory, or `:memory:` for an in-memory store.
         path: PathBuf,
@@ -136,6 +147,7 @@ pub enum Error {
     NotOpen,
     /// [`open`](crate::open) was called while the global store is still open.
     #[error("the global store is already open at `{}`; drop its `Store` first", path.display())]
+    #[non_exhaustive]
     AlreadyOpen {
         /// The open store's directory.
         path: PathBuf,
@@ -143,12 +155,14 @@ pub enum Error {
     /// `save_all` or `reload_all` was called inside [`atomically`](crate::atomically),
     /// which would wait for itself forever.
     #[error("`{operation}` cannot run inside `instastate::atomically`")]
+    #[non_exhaustive]
     InsideAtomically {
         /// The operation that was refused.
         operation: &'static str,
     },
     /// A file-system operation on the store failed.
     #[error("i/o failure on `{}`", path.display())]
+    #[non_exhaustive]
     Io {
         /// The file or directory involved.
         path: PathBuf,
@@ -158,6 +172,7 @@ pub enum Error {
     },
     /// The storage engine failed.
     #[error("storage engine failure in `{}`", path.display())]
+    #[non_exhaustive]
     Storage {
         /// The store directory.
         path: PathBuf,
@@ -230,7 +245,7 @@ impl std::error::Error for CodecError {}
 ///
 /// fn explain(err: &Error) -> String {
 ///     match err {
-///         Error::Storage { path, source } => format!("engine failed in {}: {source}", path.display()),
+///         Error::Storage { path, source, .. } => format!("engine failed in {}: {source}", path.display()),
 ///         other => other.to_string(),
 ///     }
 /// }

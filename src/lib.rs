@@ -59,9 +59,9 @@
 //!   that are written and fsynced *before* the batch that points at them.
 //! - **Durable.** When `save_all` returns `Ok`, the save survives power loss: the
 //!   engine's log is fsynced (sled's own flush only uses `sync_file_range`, which
-//!   is not enough), and so is every new file and the directory holding it. This
-//!   costs one or two fsyncs per save (about 0.1–0.5 ms on an SSD), whatever the
-//!   number of cells.
+//!   is not enough), and so is every new file and the directory holding it. A save
+//!   of small cells costs one fsync of the log (about 0.1–0.5 ms on an SSD), however
+//!   many cells it writes; each large value written adds its own file's fsync.
 //! - **Consistent.** Changes made inside one [`atomically`] call are in every save
 //!   whole or not at all, so invariants across cells hold in every snapshot. A save
 //!   holds `atomically` blocks back only while it encodes the changed cells, not
@@ -73,10 +73,11 @@
 //!   schema version, and a CRC-32; value files carry their length and CRC-32 in the
 //!   record. A value saved as another type is refused with
 //!   [`Error::TypeMismatch`] instead of being misread, and damaged data is reported
-//!   as [`Error::Corrupt`]. Failed loads change no cell and nothing on disk.
+//!   as [`Error::Corrupt`]. A failed load changes no cell and no stored value.
 //! - **Poisoning.** If a save fails with an I/O error, the store refuses further
-//!   saves ([`Error::Poisoned`]) until it is reopened; cells keep their values, and
-//!   the disk keeps the last good save.
+//!   saves and reloads ([`Error::Poisoned`]) until it is reopened. Cells keep their
+//!   values; the disk holds the last good save or the failed one, whole, never a mix
+//!   (the engine may have taken the batch before the failure).
 //! - **Exclusive.** A store directory is locked while open; a second open, in this
 //!   process or another, fails at once with [`Error::Locked`].
 //!
@@ -123,6 +124,19 @@
 //! **Can I change a cell's type?** Not silently: a saved value of another type is
 //! refused at open. Keep the old name for the old type, or pin a new
 //! `#[name = "..."]`, whose saved value starts fresh.
+//!
+//! **What counts as "another type"?** The type's name as
+//! [`std::any::type_name`] spells it, including its module path. Moving a type to
+//! another module changes it, and the standard library does not promise that the
+//! spelling stays the same across compiler versions (in practice it has, for the
+//! standard types). Such a change makes the open fail with [`Error::TypeMismatch`],
+//! and nothing is lost: the old program still reads the store.
+//!
+//! **What must I not do while holding a cell's guard?** Open or reload a store with
+//! that cell (they need its write lock), save while holding its *write* guard, or
+//! enter [`atomically`]. Inside `atomically`, do not wait for another thread that
+//! itself enters `atomically` or saves: a save waiting for your block holds that
+//! thread back.
 //!
 //! # Feature flags
 //!

@@ -5,7 +5,8 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
-    fs::{self, File, TryLockError},
+    fs::{File, TryLockError},
+    io,
     path::{Path, PathBuf},
     sync::{Arc, Weak},
     thread,
@@ -63,6 +64,7 @@ const LOCK_WAIT: Duration = Duration::from_millis(250);
 /// # }
 /// ```
 #[derive(Clone)]
+#[must_use = "the store closes when its last handle is dropped"]
 pub struct Store {
     inner: Arc<Inner>,
 }
@@ -180,7 +182,7 @@ impl StoreBuilder {
     /// that has a saved value there; cells without one keep their value.
     ///
     /// Loading is all or nothing: if any cell's saved value cannot be loaded, no cell
-    /// changes and nothing on disk changes.
+    /// changes and no stored value changes (the engine may still tidy its own files).
     ///
     /// # Errors
     /// - [`Error::Locked`] when another store, in this or another process, has `path` open;
@@ -204,7 +206,7 @@ impl StoreBuilder {
     pub fn open(self, path: impl AsRef<Path>) -> Result<Store> {
         let path = path.as_ref();
         let cells = check_names(self.cells)?;
-        fs::create_dir_all(path).map_err(Error::io(path))?;
+        values::create_dir_durably(path).map_err(Error::io(path))?;
         let lock = lock(path)?;
         let backend = Sled::open(&path.join(ENGINE_DIR))?;
         let values_path = path.join(VALUES_DIR);
@@ -293,7 +295,7 @@ impl Store {
     ///   while it encodes (not while it writes to disk).
     ///
     /// A save with nothing changed does no I/O. After an I/O failure the store is
-    /// poisoned: this and every later save fail with [`Error::Poisoned`] until the
+    /// poisoned: every later save or reload fails with [`Error::Poisoned`] until the
     /// store is reopened. Cells are never changed by a save, successful or not.
     ///
     /// Do not call it while holding a cell's [`write`](StateCell::write) guard on
@@ -337,14 +339,14 @@ impl Store {
         if staged.is_empty() {
             return Ok(());
         }
-        if let Err(err) = inner.commit(&staged, state.generation + 1) {
+        if let Err(err) = inner.commit(&staged, state.generation.wrapping_add(1)) {
             // The new files stay: the engine may have taken the batch before failing
             // and may still make it durable, and its records point at them. The next
             // open deletes whichever files end up unreferenced.
             state.poisoned = true;
             return Err(err);
         }
-        state.generation += 1;
+        state.generation = state.generation.wrapping_add(1);
         for Staged { cell_idx, seq, encoded } in staged {
             let file = match encoded {
                 Encoded::Inline(_) => None,
@@ -372,7 +374,11 @@ impl Store {
     /// - [`Error::TypeMismatch`], [`Error::Decode`] or [`Error::Corrupt`] for a value
     ///   that cannot be loaded ([`Error::Several`] lists them when there are more);
     /// - [`Error::Io`] or [`Error::Storage`] when reading fails;
+    /// - [`Error::Poisoned`] after a failed save;
     /// - [`Error::InsideAtomically`] when called inside [`atomically`](crate::atomically).
+    ///
+    /// Do not call it while holding a guard of one of the store's cells: it needs
+    /// their write locks.
     ///
     /// # Example
     /// ```
@@ -391,6 +397,10 @@ impl Store {
         ensure_outside("reload_all")?;
         let inner = &*self.inner;
         let mut state = inner.state.lock();
+        // The engine of a poisoned store may hold records it never made durable.
+        if state.poisoned {
+            return Err(Error::Poisoned { path: inner.label.clone() });
+        }
         let records = inner.backend.read_all()?;
         let decoded = inner.decode_all(&records, Missing::Fail)?;
         Inner::install(&mut state, decoded);
@@ -420,10 +430,7 @@ impl Store {
         let decoded = inner.decode_all(&records, Missing::Skip)?;
         let mut state = State {
             saved: vec![None; inner.cells.len()],
-            generation: records
-                .get(codec::GENERATION_KEY)
-                .and_then(|bytes| codec::read_u64(bytes))
-                .unwrap_or(0),
+            generation: generation(&inner.label, &records)?,
             ..State::default()
         };
         Inner::install(&mut state, decoded);
@@ -569,7 +576,9 @@ impl Inner {
         };
         let record = Record::decode(bytes)
             .map_err(|fault| corrupt(self.engine_path(), fault.to_string()))?;
-        if record.type_name != cell.type_name() || record.schema != cell.schema() {
+        if record.type_name != codec::stored_type_name(cell.type_name())
+            || record.schema != cell.schema()
+        {
             return Err(Error::TypeMismatch {
                 cell: cell.name().to_owned(),
                 stored_type: record.type_name.to_owned(),
@@ -586,6 +595,9 @@ impl Inner {
                 };
                 let path = values.file_path(id);
                 let bytes = values.read(id, len, crc).map_err(|fault| match fault {
+                    ReadFault::Io(source) if source.kind() == io::ErrorKind::NotFound => {
+                        corrupt(path.clone(), "its value file is missing".into())
+                    }
                     ReadFault::Io(source) => Error::Io { path: path.clone(), source },
                     ReadFault::Length { expected, found } => corrupt(
                         path.clone(),
@@ -686,6 +698,15 @@ fn check_format(label: &Path, records: &Records) -> Result<()> {
             reason: format!("format version is {} bytes long, not 4", bytes.len()),
         }),
     }
+}
+
+fn generation(label: &Path, records: &Records) -> Result<u64> {
+    let Some(bytes) = records.get(codec::GENERATION_KEY) else { return Ok(0) };
+    codec::read_u64(bytes).ok_or_else(|| Error::Corrupt {
+        cell: String::from_utf8_lossy(codec::GENERATION_KEY).into_owned(),
+        path: label.join(ENGINE_DIR),
+        reason: format!("generation is {} bytes long, not 8", bytes.len()),
+    })
 }
 
 fn lock(dir: &Path) -> Result<File> {

@@ -39,9 +39,12 @@ pub(crate) enum ReadFault {
 impl ValueDir {
     /// Opens `path`, creating it if needed, and picks ids above every file in it.
     pub(crate) fn open(path: PathBuf) -> io::Result<ValueDir> {
-        fs::create_dir_all(&path)?;
+        create_dir_durably(&path)?;
         let max_id = list_ids(&path)?.last().copied().unwrap_or(0);
-        Ok(ValueDir { path, next_id: AtomicU64::new(max_id + 1) })
+        let next_id = max_id.checked_add(1).ok_or_else(|| {
+            io::Error::other(format!("value file id {max_id:016x} leaves no id for new files"))
+        })?;
+        Ok(ValueDir { path, next_id: AtomicU64::new(next_id) })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -93,6 +96,27 @@ impl ValueDir {
         let file = File::options().write(true).create_new(true).open(self.file_path(id))?;
         Ok((id, file))
     }
+}
+
+/// Creates `path` and any missing parents, and makes their creation durable.
+pub(crate) fn create_dir_durably(path: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut dir = path;
+    while !dir.exists() {
+        missing.push(dir);
+        match dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
+            _ => break,
+        }
+    }
+    fs::create_dir_all(path)?;
+    // A new directory is durable once its parent is fsynced.
+    for created in missing {
+        if let Some(parent) = created.parent().filter(|it| !it.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
 }
 
 /// fsyncs a directory, making the creation, removal and renaming of its entries durable.

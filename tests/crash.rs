@@ -714,7 +714,7 @@ fn locked() -> TestResult {
             };
             let elapsed = started.elapsed();
             match result {
-                Err(instastate::Error::Locked { path }) if path == db => {}
+                Err(instastate::Error::Locked { path, .. }) if path == db => {}
                 Err(err) => {
                     return Err(format!(
                         "{attempt} failed with {err:?}, not Locked `{}`",

@@ -15,6 +15,7 @@ use std::{
     io,
     os::unix::fs::DirEntryExt,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -32,7 +33,10 @@ const CACHE_CAPACITY: u64 = 8 * 1024 * 1024;
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Sled {
-    db: sled::Db,
+    // `None` only while being dropped.
+    db: Option<sled::Db>,
+    // Set when a commit failed: sled may then panic when dropped.
+    failed: AtomicBool,
     dir: PathBuf,
     // sled gives no way to fsync its log, so we keep our own handle to it.
     log: File,
@@ -78,9 +82,22 @@ impl Sled {
         };
         let log_path = dir.join("db");
         let log = File::open(&log_path).map_err(Error::io(log_path))?;
-        let sled = Sled { db, dir: dir.to_path_buf(), log, synced: Mutex::default() };
+        let sled = Sled {
+            db: Some(db),
+            failed: AtomicBool::new(false),
+            dir: dir.to_path_buf(),
+            log,
+            synced: Mutex::default(),
+        };
         sled.sync_files().map_err(Error::io(dir))?;
         Ok(sled)
+    }
+
+    fn db(&self) -> Result<&sled::Db> {
+        self.db.as_ref().ok_or_else(|| Error::Storage {
+            path: self.dir.clone(),
+            source: StorageError("the engine is closed".into()),
+        })
     }
 
     fn sync_files(&self) -> io::Result<()> {
@@ -124,7 +141,7 @@ fn listing(dir: &Path) -> io::Result<Listing> {
 impl Backend for Sled {
     fn read_all(&self) -> Result<Records> {
         let mut records = Records::new();
-        for entry in self.db.iter() {
+        for entry in self.db()?.iter() {
             let (key, value) = entry.map_err(storage(&self.dir))?;
             records.insert(key.to_vec(), value.to_vec());
         }
@@ -132,13 +149,38 @@ impl Backend for Sled {
     }
 
     fn commit(&self, batch: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        let db = self.db()?;
         let mut sled_batch = sled::Batch::default();
         for (key, value) in batch {
             sled_batch.insert(key, value);
         }
-        self.db.apply_batch(sled_batch).map_err(storage(&self.dir))?;
-        self.db.flush().map_err(storage(&self.dir))?;
-        self.sync_files().map_err(Error::io(&self.dir))
+        let res = db
+            .apply_batch(sled_batch)
+            .and_then(|()| db.flush())
+            .map_err(storage(&self.dir))
+            .and_then(|_| self.sync_files().map_err(Error::io(&self.dir)));
+        if res.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl Drop for Sled {
+    fn drop(&mut self) {
+        let Some(db) = self.db.take() else { return };
+        if !self.failed.load(Ordering::Relaxed) {
+            return;
+        }
+        // sled's drop flushes and fsyncs its log, and unwraps the result: on a disk
+        // that just failed a commit it may panic. A panic during another panic
+        // aborts the process, so then the engine is leaked instead (its lock is held
+        // until the process exits); otherwise the panic is contained here.
+        if thread::panicking() {
+            std::mem::forget(db);
+            return;
+        }
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(db)));
     }
 }
 

@@ -131,7 +131,7 @@ fn damaged_value_files_are_reported_and_left_alone() -> TestResult {
         fs::write(&file, &damaged)?;
         let err =
             Store::builder().cell(&BIG).open(dir.path()).err().ok_or("damage went unnoticed")?;
-        let Error::Corrupt { cell, path, reason: why } = &err else { panic!("{err:?}") };
+        let Error::Corrupt { cell, path, reason: why, .. } = &err else { panic!("{err:?}") };
         assert_eq!((cell.as_str(), path), (BIG.name(), &file));
         assert!(why.contains(reason), "{err}");
         assert_eq!(fs::read(&file)?, damaged, "a failed open changed the value file");
@@ -143,7 +143,9 @@ fn damaged_value_files_are_reported_and_left_alone() -> TestResult {
         .open(dir.path())
         .err()
         .ok_or("a missing file went unnoticed")?;
-    assert!(matches!(&err, Error::Io { path, .. } if *path == file), "{err:?}");
+    let Error::Corrupt { cell, path, reason, .. } = &err else { panic!("{err:?}") };
+    assert_eq!((cell.as_str(), path), (BIG.name(), &file));
+    assert!(reason.contains("missing"), "{err}");
 
     fs::write(&file, &good)?;
     BIG.set(Vec::new());
@@ -239,7 +241,7 @@ fn a_locked_directory_is_refused_naming_it() -> TestResult {
     let dir = tempfile::tempdir()?;
     let first = Store::builder().open(dir.path())?;
     let err = Store::builder().open(dir.path()).err().ok_or("opened a locked store")?;
-    assert!(matches!(&err, Error::Locked { path } if path == dir.path()), "{err:?}");
+    assert!(matches!(&err, Error::Locked { path, .. } if path == dir.path()), "{err:?}");
     assert!(err.to_string().contains(&*dir.path().to_string_lossy()), "{err}");
     drop(first);
     let _again = Store::builder().open(dir.path())?;
@@ -276,9 +278,11 @@ fn a_failed_save_poisons_the_store_and_keeps_the_last_good_save() -> TestResult 
         let err = store.save_all().err().ok_or("saved into an unwritable directory")?;
         assert!(matches!(&err, Error::Io { path, .. } if path.starts_with(&values)), "{err:?}");
         let err = store.save_all().err().ok_or("a poisoned store saved")?;
-        assert!(matches!(&err, Error::Poisoned { path } if path == dir.path()), "{err:?}");
+        assert!(matches!(&err, Error::Poisoned { path, .. } if path == dir.path()), "{err:?}");
     }
     let err = store.save_all().err().ok_or("a poisoned store saved once writable again")?;
+    assert!(matches!(err, Error::Poisoned { .. }), "{err:?}");
+    let err = store.reload_all().err().ok_or("a poisoned store reloaded")?;
     assert!(matches!(err, Error::Poisoned { .. }), "{err:?}");
     assert_eq!((BIG.read().first(), SMALL.get()), (Some(&2), 2), "a failed save changed the cells");
     drop(store);
@@ -309,5 +313,39 @@ fn a_value_that_cannot_be_encoded_fails_the_save_without_poisoning() -> TestResu
     assert!(matches!(&err, Error::Encode { cell, .. } if cell == PICKY.name()), "{err:?}");
     PICKY.set(Picky(true));
     store.save_all()?;
+    Ok(())
+}
+
+#[test]
+fn a_malformed_generation_or_stray_file_id_is_an_error_not_a_panic() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    put_raw(dir.path(), "meta/generation", &[1, 2, 3])?;
+    let err = Store::builder().open(dir.path()).err().ok_or("a 3-byte generation was accepted")?;
+    assert!(
+        matches!(&err, Error::Corrupt { reason, .. } if reason.contains("generation")),
+        "{err:?}"
+    );
+
+    let dir = tempfile::tempdir()?;
+    fs::create_dir_all(dir.path().join("values"))?;
+    fs::write(dir.path().join("values").join("ffffffffffffffff.val"), b"")?;
+    let err =
+        Store::builder().open(dir.path()).err().ok_or("an exhausted id space was accepted")?;
+    assert!(matches!(&err, Error::Io { .. }), "{err:?}");
+    Ok(())
+}
+
+#[test]
+fn a_new_store_in_new_parent_directories_opens() -> TestResult {
+    static CELL: StateCell<u8> = StateCell::new("bad_input::parents::CELL", || 7);
+    let dir = tempfile::tempdir()?;
+    let nested = dir.path().join("a").join("b").join("store");
+    {
+        let store = Store::builder().cell(&CELL).open(&nested)?;
+        store.save_all()?;
+    }
+    CELL.set(0);
+    let _store = Store::builder().cell(&CELL).open(&nested)?;
+    assert_eq!(CELL.get(), 7);
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Stores written by released format versions still load.
 //!
 //! `tests/fixtures/v1` was written by format v1: `fixture::NUMBER` saved twice
-//! (0xfeed_beef, then 42), a `String`, a `Vec<u32>` large enough for a value file,
+//! (`0xfeed_beef`, then 42), a `String`, a `Vec<u32>` large enough for a value file,
 //! and `fixture::RETIRED`, which no cell claims here.
 
 use std::{fs, path::Path};

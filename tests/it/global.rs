@@ -27,7 +27,10 @@ fn the_global_store_loads_saves_reloads_and_closes() -> TestResult {
     {
         let store = instastate::open(dir.path())?;
         let again = instastate::open(dir.path()).err().ok_or("opened the global store twice")?;
-        assert!(matches!(&again, Error::AlreadyOpen { path } if path == dir.path()), "{again:?}");
+        assert!(
+            matches!(&again, Error::AlreadyOpen { path, .. } if path == dir.path()),
+            "{again:?}"
+        );
         assert_eq!(*COUNTER.read(), 150);
         assert_eq!(GREETING.get(), "abc");
         *COUNTER.write() = 1000;

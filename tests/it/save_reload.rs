@@ -56,7 +56,7 @@ fn reload_with_a_never_saved_cell_fails_and_changes_nothing() -> TestResult {
     LATE.set(20);
     let err = store.reload_all().err().ok_or("reload of a never-saved cell succeeded")?;
     assert!(
-        matches!(&err, Error::NeverSaved { cell } if cell == "save_reload::strict::LATE"),
+        matches!(&err, Error::NeverSaved { cell, .. } if cell == "save_reload::strict::LATE"),
         "{err:?}"
     );
     assert!(err.to_string().contains("save_reload::strict::LATE"), "{err}");
@@ -152,7 +152,7 @@ fn two_cells_with_one_name_are_refused_naming_both() -> TestResult {
     static FIRST: StateCell<u32> = StateCell::new("save_reload::same", || 1);
     static SECOND: StateCell<String> = StateCell::new("save_reload::same", String::new);
     let err = Store::builder().cell(&FIRST).cell(&SECOND).in_memory().err().ok_or("accepted")?;
-    let Error::DuplicateName { name, first, second } = &err else { panic!("{err:?}") };
+    let Error::DuplicateName { name, first, second, .. } = &err else { panic!("{err:?}") };
     assert_eq!(name, "save_reload::same");
     assert!(first.contains("u32") && second.contains("String"), "{err}");
     // The same cell listed twice is one cell, not a duplicate.
@@ -166,9 +166,12 @@ fn save_and_reload_inside_atomically_are_refused() -> TestResult {
     static CELL: StateCell<u8> = StateCell::new("save_reload::nested::CELL", || 0);
     let store = Store::builder().cell(&CELL).in_memory()?;
     let (saved, reloaded) = instastate::atomically(|| (store.save_all(), store.reload_all()));
-    assert!(matches!(saved, Err(Error::InsideAtomically { operation: "save_all" })), "{saved:?}");
     assert!(
-        matches!(reloaded, Err(Error::InsideAtomically { operation: "reload_all" })),
+        matches!(saved, Err(Error::InsideAtomically { operation: "save_all", .. })),
+        "{saved:?}"
+    );
+    assert!(
+        matches!(reloaded, Err(Error::InsideAtomically { operation: "reload_all", .. })),
         "{reloaded:?}"
     );
     store.save_all()?;
@@ -246,5 +249,25 @@ fn a_loaded_cell_never_runs_its_initializer() -> TestResult {
     let _store = Store::builder().cell(&LAZY).open(dir.path())?;
     assert_eq!(LAZY.get(), "saved");
     assert_eq!(RUNS.load(Ordering::Relaxed), 0, "the initializer ran although a value was loaded");
+    Ok(())
+}
+
+#[test]
+fn a_save_may_run_while_its_thread_holds_a_read_guard() -> TestResult {
+    static CELL: StateCell<u64> = StateCell::new("save_reload::guard::CELL", || 1);
+    let store = Store::builder().cell(&CELL).in_memory()?;
+    std::thread::scope(|scope| -> TestResult {
+        let guard = CELL.read();
+        // A writer queues for the lock; the save must not queue behind it.
+        let writer = scope.spawn(|| CELL.set(2));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        store.save_all()?;
+        assert_eq!(*guard, 1);
+        drop(guard);
+        writer.join().map_err(|_| "writer panicked")?;
+        Ok(())
+    })?;
+    store.reload_all()?;
+    assert_eq!(CELL.get(), 1, "the save did not take the value seen under the guard");
     Ok(())
 }
