@@ -29,7 +29,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// # let dir = tempfile::tempdir().unwrap();
 /// let first = Store::builder().open(dir.path())?;
 /// match Store::builder().open(dir.path()) {
-///     Err(Error::Locked { path }) => assert_eq!(path, dir.path()),
+///     Err(Error::Locked { path, .. }) => assert_eq!(path, dir.path()),
 ///     other => panic!("expected a locked store, got {other:?}"),
 /// }
 /// # drop(first);

@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeSet,
     fs::{self, File},
-    io::{self, Write},
+    io::{self, Read, Write},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -57,11 +57,15 @@ impl ValueDir {
 
     /// Reads value file `id` and checks it against its record's length and checksum.
     pub(crate) fn read(&self, id: u64, len: u64, crc: u32) -> Result<Vec<u8>, ReadFault> {
-        let bytes = fs::read(self.file_path(id)).map_err(ReadFault::Io)?;
-        let found = bytes.len() as u64;
+        let mut file = File::open(self.file_path(id)).map_err(ReadFault::Io)?;
+        // The length is checked before reading, so a damaged record cannot make us
+        // read a huge file into memory for nothing.
+        let found = file.metadata().map_err(ReadFault::Io)?.len();
         if found != len {
             return Err(ReadFault::Length { expected: len, found });
         }
+        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        file.read_to_end(&mut bytes).map_err(ReadFault::Io)?;
         if codec::checksum(&bytes) != crc {
             return Err(ReadFault::Checksum);
         }

@@ -18,15 +18,21 @@ fn expand_one(decl: &Decl) -> TokenStream {
     let Decl { vis, ident, ty, init, .. } = decl;
     let krate = attrs.krate.as_ref().map_or_else(|| quote!(::instastate), |path| quote!(#path));
     let ident_str = ident.to_string();
-    let origin = quote!(::core::concat!(::core::module_path!(), "::", #ident_str));
-    let name = match &attrs.name {
-        Some(lit) => quote!(#lit),
-        None => origin.clone(),
+    let name = attrs.name.as_ref().map_or_else(
+        || quote!(::core::concat!(::core::module_path!(), "::", #ident_str)),
+        |lit| quote!(#lit),
+    );
+    // Where the cell was declared, for errors that must tell two cells apart.
+    let origin = quote! {
+        ::core::concat!(
+            ::core::module_path!(), "::", #ident_str,
+            " (", ::core::file!(), ":", ::core::line!(), ")"
+        )
     };
     let rest = &attrs.rest;
     // `cfg` attributes must also remove the registration, or it would name a
     // `static` that does not exist.
-    let cfgs = attrs.rest.iter().filter(|attr| attr.path().is_ident("cfg"));
+    let cfgs = &attrs.cfgs;
     // Problems with the type are reported at the type: the tokens around it take
     // its first and last tokens' spans, which rustc joins into the type's span.
     let (first, last) = edge_spans(ty);
@@ -37,9 +43,9 @@ fn expand_one(decl: &Decl) -> TokenStream {
         let close = quote_spanned!(last=> >);
         quote!(#cell_krate::StateCell #open #ty #close)
     };
-    // The generated function is in scope where the cell's identifier is used: it
-    // must not shadow it.
-    let ctor_fn = unlike(ident, "__instastate_register");
+    // The helper names the cell's identifier, so it must not shadow it; and it sits
+    // outside the `ctor!` expansion, whose own items could shadow the identifier.
+    let register_fn = unlike(ident, "__instastate_register");
     // A type that is not an `instastate::Value` is reported here, at the type, with
     // `Value`'s own message.
     let checked = {
@@ -54,12 +60,15 @@ fn expand_one(decl: &Decl) -> TokenStream {
         #vis static #ident: #cell_ty = #krate::__private::new_cell(#name, #origin, || #init);
         #(#cfgs)*
         const _: () = {
+            // A deprecated cell is registered without a warning.
+            #[allow(deprecated)]
+            fn #register_fn() {
+                #checked(&#ident);
+            }
             #krate::__private::ctor::declarative::ctor! {
                 #[ctor(unsafe)]
-                // A deprecated cell is registered without a warning.
-                #[allow(deprecated)]
-                fn #ctor_fn() {
-                    #checked(&#ident);
+                fn __instastate_ctor() {
+                    #register_fn();
                 }
             }
         };

@@ -1,6 +1,9 @@
 //! Checks a declaration and sorts its attributes into ours and the user's.
 
-use syn::{Attribute, Expr, ExprLit, Lit, LitStr, Meta, Path, spanned::Spanned};
+use syn::{
+    Attribute, Expr, ExprLit, Lit, LitStr, Meta, Path, Token, punctuated::Punctuated,
+    spanned::Spanned,
+};
 
 use crate::parse::Decl;
 
@@ -12,6 +15,9 @@ pub(crate) struct Attrs {
     pub(crate) krate: Option<Path>,
     /// Every other attribute, passed through to the `static`.
     pub(crate) rest: Vec<Attribute>,
+    /// The attributes that decide whether the `static` exists (`cfg`, and
+    /// `cfg_attr` holding only `cfg`): the registration gets them too.
+    pub(crate) cfgs: Vec<Attribute>,
 }
 
 /// Sorts `decl`'s attributes; every problem found is in the error, and the
@@ -28,7 +34,7 @@ pub(crate) fn validate(decl: &Decl) -> (Attrs, Option<syn::Error>) {
             "state cells cannot be `static mut`: a cell locks itself, so declare it without `mut`",
         ));
     }
-    let mut attrs = Attrs { name: None, krate: None, rest: Vec::new() };
+    let mut attrs = Attrs { name: None, krate: None, rest: Vec::new(), cfgs: Vec::new() };
     for attr in &decl.attrs {
         if attr.path().is_ident("name") {
             match name_value(attr) {
@@ -50,10 +56,43 @@ pub(crate) fn validate(decl: &Decl) -> (Attrs, Option<syn::Error>) {
                 Err(err) => push(err),
             }
         } else {
+            match existence(attr) {
+                Ok(true) => attrs.cfgs.push(attr.clone()),
+                Ok(false) => {}
+                // Left off the `static` too, which would only repeat the error.
+                Err(err) => {
+                    push(err);
+                    continue;
+                }
+            }
             attrs.rest.push(attr.clone());
         }
     }
     (attrs, errors)
+}
+
+/// Whether `attr` decides whether the item exists: `cfg(...)`, or a `cfg_attr`
+/// that applies only `cfg`s. Our own attributes inside `cfg_attr` are refused,
+/// since the macro cannot see whether they apply.
+fn existence(attr: &Attribute) -> syn::Result<bool> {
+    if attr.path().is_ident("cfg") {
+        return Ok(true);
+    }
+    if !attr.path().is_ident("cfg_attr") {
+        return Ok(false);
+    }
+    let metas = attr.parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated)?;
+    let applied: Vec<&Meta> = metas.iter().skip(1).collect();
+    if let Some(ours) = applied
+        .iter()
+        .find(|meta| meta.path().is_ident("name") || meta.path().is_ident("instastate"))
+    {
+        return Err(syn::Error::new_spanned(
+            ours,
+            "`#[name]` and `#[instastate]` cannot be inside `cfg_attr`; declare the cell twice under `#[cfg]` instead",
+        ));
+    }
+    Ok(!applied.is_empty() && applied.iter().all(|meta| meta.path().is_ident("cfg")))
 }
 
 fn name_value(attr: &Attribute) -> syn::Result<LitStr> {
