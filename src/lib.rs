@@ -155,6 +155,7 @@ mod backend;
 mod cell;
 mod codec;
 mod error;
+mod fs;
 mod registry;
 mod store;
 mod values;

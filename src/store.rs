@@ -9,8 +9,7 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::{Arc, Weak},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use parking_lot::Mutex;
@@ -22,8 +21,8 @@ use crate::{
     cell::{ErasedCell, Install, Value},
     codec::{self, Body, FORMAT_VERSION, Record},
     error::CodecError,
-    registry,
-    values::{self, Encoded, ReadFault, ValueDir, ValueWriter},
+    fs, registry,
+    values::{Encoded, ReadFault, ValueDir, ValueWriter},
 };
 
 const LOCK_FILE: &str = "LOCK";
@@ -206,13 +205,11 @@ impl StoreBuilder {
     pub fn open(self, path: impl AsRef<Path>) -> Result<Store> {
         let path = path.as_ref();
         let cells = check_names(self.cells)?;
-        values::create_dir_durably(path).map_err(Error::io(path))?;
+        fs::create_dir_durably(path).map_err(Error::io(path))?;
         let lock = lock(path)?;
         let backend = Sled::open(&path.join(ENGINE_DIR))?;
         let values_path = path.join(VALUES_DIR);
         let values = ValueDir::open(values_path.clone()).map_err(Error::io(values_path))?;
-        // Makes the creation of the engine and value directories durable.
-        values::sync_dir(path).map_err(Error::io(path))?;
         Store::load(Inner {
             label: path.to_path_buf(),
             backend: Box::new(backend),
@@ -687,26 +684,40 @@ fn check_names(cells: Vec<&'static dyn ErasedCell>) -> Result<Vec<&'static dyn E
 }
 
 fn check_format(label: &Path, records: &Records) -> Result<()> {
-    let Some(bytes) = records.get(codec::FORMAT_KEY) else { return Ok(()) };
     let expected = u32::from(FORMAT_VERSION);
-    match codec::read_u32(bytes) {
-        Some(found) if found == expected => Ok(()),
-        Some(found) => Err(Error::FormatVersion { path: label.to_path_buf(), found, expected }),
-        None => Err(Error::Corrupt {
-            cell: String::from_utf8_lossy(codec::FORMAT_KEY).into_owned(),
-            path: label.join(ENGINE_DIR),
-            reason: format!("format version is {} bytes long, not 4", bytes.len()),
-        }),
+    match meta(label, records, codec::FORMAT_KEY, codec::read_u32)? {
+        Some(found) if found != expected => {
+            Err(Error::FormatVersion { path: label.to_path_buf(), found, expected })
+        }
+        _ => Ok(()),
     }
 }
 
 fn generation(label: &Path, records: &Records) -> Result<u64> {
-    let Some(bytes) = records.get(codec::GENERATION_KEY) else { return Ok(0) };
-    codec::read_u64(bytes).ok_or_else(|| Error::Corrupt {
-        cell: String::from_utf8_lossy(codec::GENERATION_KEY).into_owned(),
-        path: label.join(ENGINE_DIR),
-        reason: format!("generation is {} bytes long, not 8", bytes.len()),
-    })
+    Ok(meta(label, records, codec::GENERATION_KEY, codec::read_u64)?.unwrap_or(0))
+}
+
+/// Reads the fixed-width number stored under meta `key`, if there is one.
+fn meta<T>(
+    label: &Path,
+    records: &Records,
+    key: &[u8],
+    read: fn(&[u8]) -> Option<T>,
+) -> Result<Option<T>> {
+    let Some(bytes) = records.get(key) else { return Ok(None) };
+    let value = read(bytes).ok_or_else(|| {
+        let key = String::from_utf8_lossy(key).into_owned();
+        Error::Corrupt {
+            reason: format!(
+                "{key} is {} bytes long, not {}",
+                bytes.len(),
+                std::mem::size_of::<T>()
+            ),
+            cell: key,
+            path: label.join(ENGINE_DIR),
+        }
+    })?;
+    Ok(Some(value))
 }
 
 fn lock(dir: &Path) -> Result<File> {
@@ -722,16 +733,15 @@ fn lock(dir: &Path) -> Result<File> {
     // shares our open files until it runs `exec`: for a moment after a store is
     // dropped, such a child can still hold its lock. A short wait tells that apart
     // from a store that is really open elsewhere, which is still reported at once.
-    let started = Instant::now();
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(file),
-            Err(TryLockError::WouldBlock) if started.elapsed() < LOCK_WAIT => {
-                thread::sleep(Duration::from_millis(5));
-            }
-            Err(TryLockError::WouldBlock) => return Err(Error::Locked { path: dir.to_path_buf() }),
-            Err(TryLockError::Error(source)) => return Err(Error::Io { path, source }),
-        }
+    let res = fs::retry_while_held(
+        LOCK_WAIT,
+        || file.try_lock(),
+        |err| matches!(err, TryLockError::WouldBlock),
+    );
+    match res {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf() }),
+        Err(TryLockError::Error(source)) => Err(Error::Io { path, source }),
     }
 }
 

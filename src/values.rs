@@ -14,7 +14,10 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use crate::codec::{self, INLINE_MAX};
+use crate::{
+    codec::{self, INLINE_MAX},
+    fs::{create_dir_durably, sync_dir},
+};
 
 const EXTENSION: &str = "val";
 // Spilled values are written in chunks of this size, which also bounds the memory a
@@ -100,32 +103,6 @@ impl ValueDir {
         let file = File::options().write(true).create_new(true).open(self.file_path(id))?;
         Ok((id, file))
     }
-}
-
-/// Creates `path` and any missing parents, and makes their creation durable.
-pub(crate) fn create_dir_durably(path: &Path) -> io::Result<()> {
-    let mut missing = Vec::new();
-    let mut dir = path;
-    while !dir.exists() {
-        missing.push(dir);
-        match dir.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
-            _ => break,
-        }
-    }
-    fs::create_dir_all(path)?;
-    // A new directory is durable once its parent is fsynced.
-    for created in missing {
-        if let Some(parent) = created.parent().filter(|it| !it.as_os_str().is_empty()) {
-            sync_dir(parent)?;
-        }
-    }
-    Ok(())
-}
-
-/// fsyncs a directory, making the creation, removal and renaming of its entries durable.
-pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
-    File::open(path)?.sync_all()
 }
 
 fn list_ids(path: &Path) -> io::Result<Vec<u64>> {

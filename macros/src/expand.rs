@@ -37,22 +37,19 @@ fn expand_one(decl: &Decl) -> TokenStream {
     // its first and last tokens' spans, which rustc joins into the type's span.
     let (first, last) = edge_spans(ty);
     let cell_krate = respan(krate.clone(), first);
-    // Every `static` must be `Sync`; a cell's type that is not is reported here.
-    let cell_ty = {
+    let spanned_ty = {
         let open = quote_spanned!(first=> <);
         let close = quote_spanned!(last=> >);
-        quote!(#cell_krate::StateCell #open #ty #close)
+        quote!(#open #ty #close)
     };
+    // Every `static` must be `Sync`; a cell's type that is not is reported here.
+    let cell_ty = quote!(#cell_krate::StateCell #spanned_ty);
     // The helper names the cell's identifier, so it must not shadow it; and it sits
     // outside the `ctor!` expansion, whose own items could shadow the identifier.
     let register_fn = unlike(ident, "__instastate_register");
     // A type that is not an `instastate::Value` is reported here, at the type, with
     // `Value`'s own message.
-    let checked = {
-        let open = quote_spanned!(first=> <);
-        let close = quote_spanned!(last=> >);
-        quote!(#krate::__private::register::#open #ty #close)
-    };
+    let checked = quote!(#krate::__private::register::#spanned_ty);
     let errors = errors.map(|err| err.to_compile_error());
     quote! {
         #errors

@@ -17,13 +17,17 @@ use std::{
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use parking_lot::Mutex;
 
 use super::{Backend, Records};
-use crate::{Error, Result, error::StorageError, values::sync_dir};
+use crate::{
+    Error, Result,
+    error::StorageError,
+    fs::{create_dir_durably, retry_while_held, sync_dir},
+};
 
 // Our records are small and read once at open, so a small cache is plenty; sled's
 // default of 1 GiB lets its memory grow far beyond what the data needs.
@@ -64,22 +68,16 @@ impl Sled {
             .cache_capacity(CACHE_CAPACITY)
             // Saves flush explicitly; a background flush would only add writes.
             .flush_every_ms(None);
+        // sled creates its directory without making that durable.
+        create_dir_durably(dir).map_err(Error::io(dir))?;
         // sled closes its file through deferred (epoch-based) reclamation, so for a
         // moment after a `Db` is dropped its lock is still held. The store's own lock
         // file already keeps other stores out, so a sled lock seen here is almost
         // always that leftover: wait a bounded time for it to go.
-        let started = Instant::now();
-        let db = loop {
-            match config.open() {
-                Err(sled::Error::Io(err))
-                    if err.to_string().contains("could not acquire lock")
-                        && started.elapsed() < LOCK_WAIT =>
-                {
-                    thread::sleep(Duration::from_millis(2));
-                }
-                res => break res.map_err(storage(dir))?,
-            }
-        };
+        let db = retry_while_held(LOCK_WAIT, || config.open(), |err| {
+            matches!(err, sled::Error::Io(err) if err.to_string().contains("could not acquire lock"))
+        })
+        .map_err(storage(dir))?;
         let log_path = dir.join("db");
         let log = File::open(&log_path).map_err(Error::io(log_path))?;
         let sled = Sled {

@@ -1,0 +1,55 @@
+//! File-system helpers shared by the store, the value files and the backends.
+
+use std::{
+    fs::{self, File},
+    io,
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+/// fsyncs a directory, making the creation, removal and renaming of its entries durable.
+pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+/// Creates `path` and any missing parents, and makes their creation durable.
+pub(crate) fn create_dir_durably(path: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut dir = path;
+    while !dir.exists() {
+        missing.push(dir);
+        match dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
+            _ => break,
+        }
+    }
+    fs::create_dir_all(path)?;
+    // A new directory is durable once its parent is fsynced.
+    for created in missing {
+        if let Some(parent) = created.parent().filter(|it| !it.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Calls `attempt` until it succeeds, fails with an error that `held` does not
+/// accept, or `limit` has passed; returns its last result.
+///
+/// For locks that a closed store still holds for a moment (see the callers).
+pub(crate) fn retry_while_held<T, E>(
+    limit: Duration,
+    mut attempt: impl FnMut() -> Result<T, E>,
+    held: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let started = Instant::now();
+    loop {
+        match attempt() {
+            Err(err) if held(&err) && started.elapsed() < limit => {
+                thread::sleep(Duration::from_millis(2));
+            }
+            res => return res,
+        }
+    }
+}
