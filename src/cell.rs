@@ -10,7 +10,10 @@ use once_cell::sync::OnceCell;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{codec::DEFAULT_SCHEMA, values::ValueWriter};
+use crate::{
+    schema::{CellOptions, DecodeFault},
+    values::ValueWriter,
+};
 
 /// The bounds every cell's type must meet: it is encoded and decoded by serde, and
 /// shared between threads through a `static`.
@@ -67,10 +70,11 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Value for T {}
 /// assert_eq!(HITS.get(), 1);
 /// assert_eq!(HITS.name(), "docs::HITS");
 /// ```
-pub struct StateCell<T> {
+pub struct StateCell<T: 'static> {
     name: &'static str,
     origin: &'static str,
     init: fn() -> T,
+    options: CellOptions<T>,
     value: OnceCell<RwLock<T>>,
     // Bumped under the write lock on every write access; a store compares it with
     // the value it last saved to know whether the cell changed since.
@@ -92,15 +96,39 @@ impl<T> StateCell<T> {
     /// ```
     #[must_use]
     pub const fn new(name: &'static str, init: fn() -> T) -> StateCell<T> {
-        StateCell::with_origin(name, name, init)
+        StateCell::with_origin(name, name, init, CellOptions::new())
+    }
+
+    /// A cell like [`new`](Self::new)'s, with a schema version, migrations from
+    /// older versions or aliases: see [`CellOptions`].
+    ///
+    /// # Example
+    /// ```
+    /// use instastate::{CellOptions, StateCell};
+    ///
+    /// static LIMIT: StateCell<u32> = StateCell::with_options(
+    ///     "docs::LIMIT",
+    ///     || 10,
+    ///     CellOptions::new().aliases(&["docs::old::LIMIT"]),
+    /// );
+    /// assert_eq!(LIMIT.get(), 10);
+    /// ```
+    #[must_use]
+    pub const fn with_options(
+        name: &'static str,
+        init: fn() -> T,
+        options: CellOptions<T>,
+    ) -> StateCell<T> {
+        StateCell::with_origin(name, name, init, options)
     }
 
     pub(crate) const fn with_origin(
         name: &'static str,
         origin: &'static str,
         init: fn() -> T,
+        options: CellOptions<T>,
     ) -> StateCell<T> {
-        StateCell { name, origin, init, value: OnceCell::new(), seq: AtomicU64::new(0) }
+        StateCell { name, origin, init, options, value: OnceCell::new(), seq: AtomicU64::new(0) }
     }
 
     /// The name the cell's value is stored under.
@@ -302,14 +330,19 @@ pub(crate) trait ErasedCell: Send + Sync {
     fn origin(&self) -> &'static str;
     fn type_name(&self) -> &'static str;
     fn schema(&self) -> u32;
+    fn aliases(&self) -> &'static [&'static str];
+    /// The cell's change counter: it differs from the one a save returned exactly
+    /// when the cell was written since.
+    fn seq(&self) -> u64;
     /// Encodes the value into `out` unless it is unchanged since change counter
-    /// `saved`; returns the counter of what it encoded.
+    /// `saved` (`None` always encodes); returns the counter of what it encoded.
     fn encode_if_changed(
         &self,
         saved: Option<u64>,
         out: &mut ValueWriter<'_>,
     ) -> Result<Option<u64>, postcard::Error>;
-    fn decode(&self, bytes: &[u8]) -> Result<Install<'_>, postcard::Error>;
+    /// Decodes a value saved with schema version `schema`, migrating it if older.
+    fn decode(&self, bytes: &[u8], schema: u32) -> Result<Install<'_>, DecodeFault>;
 }
 
 impl<T: Value> ErasedCell for StateCell<T> {
@@ -326,7 +359,15 @@ impl<T: Value> ErasedCell for StateCell<T> {
     }
 
     fn schema(&self) -> u32 {
-        DEFAULT_SCHEMA
+        self.options.version
+    }
+
+    fn aliases(&self) -> &'static [&'static str] {
+        self.options.aliases
+    }
+
+    fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
     }
 
     fn encode_if_changed(
@@ -345,15 +386,35 @@ impl<T: Value> ErasedCell for StateCell<T> {
         Ok(Some(seq))
     }
 
-    fn decode(&self, bytes: &[u8]) -> Result<Install<'_>, postcard::Error> {
-        let (value, rest): (T, &[u8]) = postcard::take_from_bytes(bytes)?;
-        if !rest.is_empty() {
-            // Trailing bytes mean the bytes were written for another type that
-            // happens to share a prefix with this one: refuse rather than misdecode.
-            return Err(postcard::Error::DeserializeBadEncoding);
-        }
+    fn decode(&self, bytes: &[u8], schema: u32) -> Result<Install<'_>, DecodeFault> {
+        let current = self.options.version;
+        let value = match schema.cmp(&current) {
+            std::cmp::Ordering::Equal => decode_exact::<T>(bytes).map_err(DecodeFault::Codec)?,
+            std::cmp::Ordering::Greater => return Err(DecodeFault::Newer),
+            std::cmp::Ordering::Less => {
+                let migrations = self.options.migrations.iter();
+                let migration = migrations.into_iter().find(|it| it.version() == schema);
+                migration
+                    .ok_or(DecodeFault::NoMigration)?
+                    .migrate(bytes)
+                    .map_err(DecodeFault::Codec)?
+            }
+        };
         Ok(Box::new(move || self.install(value)))
     }
+}
+
+/// Decodes `bytes` as exactly one `T`.
+pub(crate) fn decode_exact<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, postcard::Error> {
+    let (value, rest): (T, &[u8]) = postcard::take_from_bytes(bytes)?;
+    if !rest.is_empty() {
+        // Trailing bytes mean the bytes were written for another type that happens
+        // to share a prefix with this one: refuse rather than misdecode.
+        return Err(postcard::Error::DeserializeBadEncoding);
+    }
+    Ok(value)
 }
 
 impl<T> StateCell<T> {

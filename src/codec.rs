@@ -6,20 +6,36 @@
 //! A record is:
 //!
 //! ```text
-//! magic "IS" | format u16 | schema u32 | type_len u16 | type_name | kind u8 | body | crc32 u32
+//! magic "IS" | format u16 | schema u32 | [generation u64 | saved_at_ms u64]  (format 2 only)
+//!            | type_len u16 | type_name | kind u8 | body | crc32 u32
 //! body, kind 0 (inline): len u32 | bytes
 //! body, kind 1 (file):   file_id u64 | len u64 | crc32 u32 of the file's bytes
 //! ```
 //!
-//! All integers are big-endian, and the final checksum covers every byte before it.
+//! A history manifest (key `hist/<generation u64>`) lists what one save changed, with
+//! the record each changed key held before it (its pre-image):
+//!
+//! ```text
+//! magic "IH" | format u16 | generation u64 | saved_at_ms u64 | count u32
+//!            | count × (name_len u16 | name | has_pre u8 | [pre_len u32 | pre bytes]) | crc32 u32
+//! ```
+//!
+//! The list of cells the last saving program had (key `meta/claimed`):
+//!
+//! ```text
+//! magic "IC" | count u32 | count × (name_len u16 | name) | crc32 u32
+//! ```
+//!
+//! All integers are big-endian, and each final checksum covers every byte before it.
+//! In an encrypted store, records (and pre-images) are sealed as a whole; see `crypt.rs`.
 
 use std::fmt;
 
-/// The record format this build writes and reads.
-pub(crate) const FORMAT_VERSION: u16 = 1;
-
-/// The schema version written for every cell until cells can declare their own.
-pub(crate) const DEFAULT_SCHEMA: u32 = 1;
+/// The record and store format this build writes; it also reads format 1.
+pub(crate) const FORMAT_VERSION: u16 = 2;
+/// The first format, written by instastate 0.1's first release: no history, and
+/// records without generation and time.
+pub(crate) const FORMAT_V1: u16 = 1;
 
 /// Values whose encoding is longer than this are written to a value file of their own.
 ///
@@ -30,6 +46,8 @@ pub(crate) const DEFAULT_SCHEMA: u32 = 1;
 pub(crate) const INLINE_MAX: usize = 4 * 1024;
 
 const MAGIC: [u8; 2] = *b"IS";
+const MANIFEST_MAGIC: [u8; 2] = *b"IH";
+const CLAIMED_MAGIC: [u8; 2] = *b"IC";
 const KIND_INLINE: u8 = 0;
 const KIND_FILE: u8 = 1;
 
@@ -39,6 +57,21 @@ pub(crate) const CELL_PREFIX: &[u8] = b"cell/";
 pub(crate) const FORMAT_KEY: &[u8] = b"meta/format";
 /// The key of the number of the last completed save (a `u64`).
 pub(crate) const GENERATION_KEY: &[u8] = b"meta/generation";
+/// The key of the names of the cells of the program that saved last.
+pub(crate) const CLAIMED_KEY: &[u8] = b"meta/claimed";
+/// The key of the sealed check value of an encrypted store.
+pub(crate) const KEYCHECK_KEY: &[u8] = b"meta/keycheck";
+/// The prefix of every history manifest's key; the generation follows it.
+pub(crate) const HISTORY_PREFIX: &[u8] = b"hist/";
+
+pub(crate) fn history_key(generation: u64) -> Vec<u8> {
+    [HISTORY_PREFIX, &u64_bytes(generation)].concat()
+}
+
+/// Returns the generation of a history manifest's key, or `None` for other keys.
+pub(crate) fn history_generation(key: &[u8]) -> Option<u64> {
+    key.strip_prefix(HISTORY_PREFIX).and_then(read_u64)
+}
 
 pub(crate) fn cell_key(name: &str) -> Vec<u8> {
     [CELL_PREFIX, name.as_bytes()].concat()
@@ -83,8 +116,18 @@ pub(crate) enum Body<'a> {
 pub(crate) struct Record<'a> {
     pub(crate) format: u16,
     pub(crate) schema: u32,
+    /// The save that wrote the record and when (milliseconds since the Unix epoch);
+    /// `None` in format 1 records.
+    pub(crate) saved: Option<Saved>,
     pub(crate) type_name: &'a str,
     pub(crate) body: Body<'a>,
+}
+
+/// The save that wrote a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Saved {
+    pub(crate) generation: u64,
+    pub(crate) at_ms: u64,
 }
 
 /// Why a record could not be decoded.
@@ -105,9 +148,10 @@ impl fmt::Display for RecordFault {
             RecordFault::Truncated => f.write_str("record is truncated"),
             RecordFault::Checksum => f.write_str("record checksum does not match"),
             RecordFault::Magic => f.write_str("record does not start with the instastate magic"),
-            RecordFault::Format(found) => {
-                write!(f, "record format v{found} is unknown (this build reads v{FORMAT_VERSION})")
-            }
+            RecordFault::Format(found) => write!(
+                f,
+                "record format v{found} is unknown (this build reads v{FORMAT_V1} and v{FORMAT_VERSION})"
+            ),
             RecordFault::Kind(kind) => write!(f, "record body kind {kind} is unknown"),
             RecordFault::TypeName => f.write_str("record type name is not UTF-8"),
             RecordFault::TrailingBytes => f.write_str("record has bytes after its body"),
@@ -125,6 +169,11 @@ impl Record<'_> {
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&self.format.to_be_bytes());
         out.extend_from_slice(&u32_bytes(self.schema));
+        if self.format != FORMAT_V1 {
+            let saved = self.saved.unwrap_or(Saved { generation: 0, at_ms: 0 });
+            out.extend_from_slice(&u64_bytes(saved.generation));
+            out.extend_from_slice(&u64_bytes(saved.at_ms));
+        }
         let type_name = stored_type_name(self.type_name);
         out.extend_from_slice(&u16::try_from(type_name.len()).unwrap_or(u16::MAX).to_be_bytes());
         out.extend_from_slice(type_name.as_bytes());
@@ -148,19 +197,20 @@ impl Record<'_> {
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Record<'_>, RecordFault> {
-        let (content, crc) = bytes.split_last_chunk::<4>().ok_or(RecordFault::Truncated)?;
-        if checksum(content) != u32::from_be_bytes(*crc) {
-            return Err(RecordFault::Checksum);
-        }
-        let mut cursor = Cursor(content);
-        if cursor.take::<2>()? != MAGIC {
-            return Err(RecordFault::Magic);
-        }
+        let mut cursor = Cursor::checked(bytes, MAGIC)?;
         let format = u16::from_be_bytes(cursor.take()?);
-        if format != FORMAT_VERSION {
+        if format != FORMAT_VERSION && format != FORMAT_V1 {
             return Err(RecordFault::Format(format));
         }
         let schema = u32::from_be_bytes(cursor.take()?);
+        let saved = if format == FORMAT_V1 {
+            None
+        } else {
+            Some(Saved {
+                generation: u64::from_be_bytes(cursor.take()?),
+                at_ms: u64::from_be_bytes(cursor.take()?),
+            })
+        };
         let type_len = u16::from_be_bytes(cursor.take()?);
         let type_name = std::str::from_utf8(cursor.take_slice(usize::from(type_len))?)
             .map_err(|_| RecordFault::TypeName)?;
@@ -177,16 +227,148 @@ impl Record<'_> {
             },
             [kind] => return Err(RecordFault::Kind(kind)),
         };
-        if !cursor.0.is_empty() {
-            return Err(RecordFault::TrailingBytes);
-        }
-        Ok(Record { format, schema, type_name, body })
+        cursor.finish()?;
+        Ok(Record { format, schema, saved, type_name, body })
     }
+
+    /// How many bytes the value takes, wherever it is.
+    pub(crate) fn value_len(&self) -> u64 {
+        match self.body {
+            Body::Inline(bytes) => bytes.len() as u64,
+            Body::File { len, .. } => len,
+        }
+    }
+
+    /// The value file the record points at, if any.
+    pub(crate) fn file(&self) -> Option<u64> {
+        match self.body {
+            Body::Inline(_) => None,
+            Body::File { id, .. } => Some(id),
+        }
+    }
+}
+
+/// One save's entry in the history: which keys it changed, and what they held before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Manifest {
+    pub(crate) generation: u64,
+    pub(crate) at_ms: u64,
+    /// Per changed key: the cell name and its stored record before the save, if any.
+    pub(crate) entries: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Manifest {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MANIFEST_MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+        out.extend_from_slice(&u64_bytes(self.generation));
+        out.extend_from_slice(&u64_bytes(self.at_ms));
+        out.extend_from_slice(&u32_bytes(u32::try_from(self.entries.len()).unwrap_or(u32::MAX)));
+        for (name, pre) in &self.entries {
+            put_name(&mut out, name);
+            match pre {
+                None => out.push(0),
+                Some(bytes) => {
+                    out.push(1);
+                    // Records are at most a few KiB.
+                    out.extend_from_slice(&u32_bytes(
+                        u32::try_from(bytes.len()).unwrap_or(u32::MAX),
+                    ));
+                    out.extend_from_slice(bytes);
+                }
+            }
+        }
+        let crc = checksum(&out);
+        out.extend_from_slice(&u32_bytes(crc));
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Manifest, RecordFault> {
+        let mut cursor = Cursor::checked(bytes, MANIFEST_MAGIC)?;
+        let format = u16::from_be_bytes(cursor.take()?);
+        if format != FORMAT_VERSION {
+            return Err(RecordFault::Format(format));
+        }
+        let generation = u64::from_be_bytes(cursor.take()?);
+        let at_ms = u64::from_be_bytes(cursor.take()?);
+        let count = u32::from_be_bytes(cursor.take()?);
+        let mut entries = Vec::new();
+        for _ in 0..count {
+            let name = cursor.take_name()?;
+            let pre = match cursor.take::<1>()? {
+                [0] => None,
+                [1] => {
+                    let len = u32::from_be_bytes(cursor.take()?);
+                    let len = usize::try_from(len).map_err(|_| RecordFault::Truncated)?;
+                    Some(cursor.take_slice(len)?.to_vec())
+                }
+                [kind] => return Err(RecordFault::Kind(kind)),
+            };
+            entries.push((name, pre));
+        }
+        cursor.finish()?;
+        Ok(Manifest { generation, at_ms, entries })
+    }
+}
+
+/// Encodes the list of cell names stored under [`CLAIMED_KEY`].
+pub(crate) fn encode_claimed<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&CLAIMED_MAGIC);
+    out.extend_from_slice(&u32_bytes(u32::try_from(names.len()).unwrap_or(u32::MAX)));
+    for name in names {
+        put_name(&mut out, name);
+    }
+    let crc = checksum(&out);
+    out.extend_from_slice(&u32_bytes(crc));
+    out
+}
+
+pub(crate) fn decode_claimed(bytes: &[u8]) -> Result<Vec<String>, RecordFault> {
+    let mut cursor = Cursor::checked(bytes, CLAIMED_MAGIC)?;
+    let count = u32::from_be_bytes(cursor.take()?);
+    let mut names = Vec::new();
+    for _ in 0..count {
+        names.push(cursor.take_name()?);
+    }
+    cursor.finish()?;
+    Ok(names)
+}
+
+fn put_name(out: &mut Vec<u8>, name: &str) {
+    // Cell names are `'static` identifiers in source code, far below 64 KiB.
+    let name = truncate_to_char_boundary(name, usize::from(u16::MAX));
+    out.extend_from_slice(&u16::try_from(name.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(name.as_bytes());
 }
 
 struct Cursor<'a>(&'a [u8]);
 
 impl<'a> Cursor<'a> {
+    /// A cursor over `bytes` without its checksum, once the checksum and `magic` match.
+    fn checked(bytes: &'a [u8], magic: [u8; 2]) -> Result<Cursor<'a>, RecordFault> {
+        let (content, crc) = bytes.split_last_chunk::<4>().ok_or(RecordFault::Truncated)?;
+        if checksum(content) != u32::from_be_bytes(*crc) {
+            return Err(RecordFault::Checksum);
+        }
+        let mut cursor = Cursor(content);
+        if cursor.take::<2>()? != magic {
+            return Err(RecordFault::Magic);
+        }
+        Ok(cursor)
+    }
+
+    fn finish(self) -> Result<(), RecordFault> {
+        if self.0.is_empty() { Ok(()) } else { Err(RecordFault::TrailingBytes) }
+    }
+
+    fn take_name(&mut self) -> Result<String, RecordFault> {
+        let len = u16::from_be_bytes(self.take()?);
+        let name = self.take_slice(usize::from(len))?;
+        String::from_utf8(name.to_vec()).map_err(|_| RecordFault::TypeName)
+    }
+
     fn take<const N: usize>(&mut self) -> Result<[u8; N], RecordFault> {
         let (head, rest) = self.0.split_first_chunk::<N>().ok_or(RecordFault::Truncated)?;
         self.0 = rest;
@@ -219,7 +401,13 @@ mod tests {
     use super::*;
 
     fn sample(body: Body<'_>) -> Record<'_> {
-        Record { format: FORMAT_VERSION, schema: 3, type_name: "alloc::string::String", body }
+        Record {
+            format: FORMAT_VERSION,
+            schema: 3,
+            saved: Some(Saved { generation: 9, at_ms: 1_700_000_000_000 }),
+            type_name: "alloc::string::String",
+            body,
+        }
     }
 
     #[test]
@@ -262,6 +450,34 @@ mod tests {
         let mut record = sample(Body::Inline(b""));
         record.format = 9;
         assert_eq!(Record::decode(&record.encode()), Err(RecordFault::Format(9)));
+    }
+
+    #[test]
+    fn format_1_records_still_decode() {
+        let record = Record { format: FORMAT_V1, saved: None, ..sample(Body::Inline(b"v1")) };
+        assert_eq!(Record::decode(&record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn manifests_round_trip_and_detect_damage() {
+        let manifest = Manifest {
+            generation: 12,
+            at_ms: 34,
+            entries: vec![("a".into(), None), ("b".into(), Some(b"record".to_vec()))],
+        };
+        let bytes = manifest.encode();
+        assert_eq!(Manifest::decode(&bytes), Ok(manifest));
+        for len in 0..bytes.len() {
+            assert!(Manifest::decode(bytes.get(..len).unwrap_or_default()).is_err());
+        }
+    }
+
+    #[test]
+    fn claimed_lists_round_trip() {
+        let bytes = encode_claimed(["x", "y::Z"].into_iter());
+        assert_eq!(decode_claimed(&bytes), Ok(vec!["x".to_owned(), "y::Z".to_owned()]));
+        assert_eq!(history_generation(&history_key(77)), Some(77));
+        assert!(history_key(255) < history_key(256));
     }
 
     #[test]

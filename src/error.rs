@@ -76,6 +76,22 @@ pub enum Error {
         /// The cell's current schema version.
         expected_schema: u32,
     },
+    /// A saved value has a schema version the cell cannot read: a newer one, or an
+    /// older one without a [`Migration`](crate::Migration). The value is left as it is.
+    #[error(
+        "cell `{cell}`: saved value has schema v{found}, {}",
+        if found > current { format!("newer than this program's v{current}; it was saved by a newer version of the program") }
+        else { format!("and the cell (now v{current}) has no migration from v{found}") }
+    )]
+    #[non_exhaustive]
+    SchemaVersion {
+        /// The cell's name.
+        cell: String,
+        /// The schema version recorded when the value was saved.
+        found: u32,
+        /// The cell's current schema version.
+        current: u32,
+    },
     /// A saved value's bytes do not decode as the cell's type.
     #[error("cell `{cell}`: saved `{stored_type}` could not be decoded as `{expected_type}`")]
     #[non_exhaustive]
@@ -113,6 +129,16 @@ pub enum Error {
         /// What is wrong with them.
         reason: String,
     },
+    /// A file given to [`Store::import_from`](crate::Store::import_from) is not a
+    /// sound export file; nothing was imported.
+    #[error("cannot import `{}`: {reason}", path.display())]
+    #[non_exhaustive]
+    BadExport {
+        /// The export file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The store was written by another version of the on-disk format.
     #[error("store `{}` was written by format v{found}, this build reads v{expected}", path.display())]
     #[non_exhaustive]
@@ -140,6 +166,59 @@ pub enum Error {
     #[non_exhaustive]
     Poisoned {
         /// The store directory, or `:memory:` for an in-memory store.
+        path: PathBuf,
+    },
+    /// [`Store::revert_to`](crate::Store::revert_to) was asked for a generation the
+    /// store's history does not hold.
+    #[error(
+        "store `{}` has no generation {generation} in its history (it holds {})",
+        path.display(),
+        match (oldest, newest) { (Some(oldest), Some(newest)) => format!("{oldest} to {newest}"), _ => "none".to_owned() }
+    )]
+    #[non_exhaustive]
+    UnknownGeneration {
+        /// The store directory, or `:memory:`.
+        path: PathBuf,
+        /// The generation asked for.
+        generation: u64,
+        /// The oldest generation kept, if any.
+        oldest: Option<u64>,
+        /// The newest generation kept, if any.
+        newest: Option<u64>,
+    },
+    /// A save made in the background by [`autosave`](crate::autosave) failed; the
+    /// next explicit call on the store returns its error instead of doing its work.
+    #[error("a background save of `{}` failed", path.display())]
+    #[non_exhaustive]
+    Background {
+        /// The store directory, or `:memory:`.
+        path: PathBuf,
+        /// The background save's error.
+        #[source]
+        source: Box<Error>,
+    },
+    /// [`autosave`](crate::autosave) was started on a store that already has it running.
+    #[error("store `{}` already saves in the background", path.display())]
+    #[non_exhaustive]
+    AutosaveRunning {
+        /// The store directory, or `:memory:`.
+        path: PathBuf,
+    },
+    /// The store is encrypted and no key was given, or a key was given for a store
+    /// that is not encrypted.
+    #[error("{}", if *encrypted { format!("store `{}` is encrypted; open it with its key", path.display()) } else { format!("store `{}` is not encrypted, but a key was given", path.display()) })]
+    #[non_exhaustive]
+    Encryption {
+        /// The store directory.
+        path: PathBuf,
+        /// Whether the store on disk is encrypted.
+        encrypted: bool,
+    },
+    /// The key does not open this encrypted store.
+    #[error("wrong key for encrypted store `{}`", path.display())]
+    #[non_exhaustive]
+    WrongKey {
+        /// The store directory.
         path: PathBuf,
     },
     /// The global free functions were called while no store was opened with [`open`](crate::open).

@@ -150,23 +150,32 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admin;
 mod atomically;
+mod autosave;
 mod backend;
 mod cell;
 mod codec;
+mod crypt;
 mod error;
 mod fs;
 mod registry;
+mod schema;
 mod store;
 mod values;
 
 pub use instastate_macros::defstate;
 
+#[cfg(feature = "encryption")]
+pub use crate::crypt::EncryptionKey;
 pub use crate::{
+    admin::{Problem, StoredCell},
     atomically::atomically,
+    autosave::{Autosave, autosave},
     cell::{Ref, RefMut, StateCell, Value},
     error::{CodecError, Error, Result, StorageError},
-    store::{Store, StoreBuilder, open, reload_all, save_all},
+    schema::{CellOptions, Migrate, Migration},
+    store::{Generation, Store, StoreBuilder, history, open, reload_all, revert_to, save_all},
 };
 
 // Not public API. Used by generated code.
@@ -174,7 +183,7 @@ pub use crate::{
 pub mod __private {
     pub use ctor;
 
-    use crate::{StateCell, Value};
+    use crate::{CellOptions, StateCell, Value};
 
     /// Creates the cell `defstate!` declares; `origin` is where it was declared.
     #[must_use]
@@ -182,8 +191,9 @@ pub mod __private {
         name: &'static str,
         origin: &'static str,
         init: fn() -> T,
+        options: CellOptions<T>,
     ) -> StateCell<T> {
-        StateCell::with_origin(name, origin, init)
+        StateCell::with_origin(name, origin, init, options)
     }
 
     /// Registers a cell for `instastate::open`; runs before `main`.

@@ -3,13 +3,13 @@
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, VecDeque, btree_map::Entry},
     fmt,
     fs::{File, TryLockError},
     io,
     path::{Path, PathBuf},
     sync::{Arc, Weak},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use parking_lot::Mutex;
@@ -17,18 +17,23 @@ use parking_lot::Mutex;
 use crate::{
     Error, Result, StateCell,
     atomically::{ensure_outside, exclusive},
-    backend::{Backend, Memory, Records, Sled},
+    autosave::Background,
+    backend::{Backend, Batch, Memory, Records, Sled},
     cell::{ErasedCell, Install, Value},
-    codec::{self, Body, FORMAT_VERSION, Record},
+    codec::{self, Body, FORMAT_V1, FORMAT_VERSION, Record},
+    crypt::{KEYCHECK_PLAIN, SealFault, Sealer},
     error::CodecError,
     fs, registry,
-    values::{Encoded, ReadFault, ValueDir, ValueWriter},
+    schema::DecodeFault,
+    values::{Encoded, ReadFault, Spilled, ValueDir, ValueWriter},
 };
 
 const LOCK_FILE: &str = "LOCK";
-const ENGINE_DIR: &str = "sled";
-const VALUES_DIR: &str = "values";
+pub(crate) const ENGINE_DIR: &str = "sled";
+pub(crate) const VALUES_DIR: &str = "values";
 const MEMORY_LABEL: &str = ":memory:";
+// How many saves the history keeps unless the builder says otherwise.
+const DEFAULT_HISTORY: usize = 10;
 // How long a held directory lock is retried before the store counts as open elsewhere.
 const LOCK_WAIT: Duration = Duration::from_millis(250);
 
@@ -65,7 +70,7 @@ const LOCK_WAIT: Duration = Duration::from_millis(250);
 #[derive(Clone)]
 #[must_use = "the store closes when its last handle is dropped"]
 pub struct Store {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// Chooses the cells of a [`Store`] and where it keeps them.
@@ -87,39 +92,73 @@ pub struct Store {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Default)]
 #[must_use]
 pub struct StoreBuilder {
     cells: Vec<&'static dyn ErasedCell>,
+    keep: usize,
+    #[cfg(feature = "encryption")]
+    key: Option<crate::EncryptionKey>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     // The store directory, or `:memory:`; names the store in errors.
-    label: PathBuf,
-    backend: Box<dyn Backend>,
-    values: Option<ValueDir>,
-    cells: Vec<&'static dyn ErasedCell>,
+    pub(crate) label: PathBuf,
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) values: Option<ValueDir>,
+    pub(crate) sealer: Sealer,
+    pub(crate) cells: Vec<&'static dyn ErasedCell>,
+    // How many saves the history keeps (at least 1).
+    keep: usize,
     // Held for the whole of a save, reload or load, which therefore never overlap.
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
+    pub(crate) background: Background,
     // Held open for its lock, which the OS releases when the store is dropped.
     _lock: Option<File>,
 }
 
 #[derive(Default)]
-struct State {
-    // Per cell, by index into `Inner::cells`: what the store holds for it.
-    saved: Vec<Option<Saved>>,
-    generation: u64,
-    poisoned: bool,
-    orphans: Vec<String>,
+pub(crate) struct State {
+    // Per cell, by index into `Inner::cells`: the change counter its stored value
+    // was taken at, or `None` when the next save must write it.
+    saved: Vec<Option<u64>>,
+    // Per cell: the other name (an alias) its stored value was loaded from, whose
+    // record the next save of the cell deletes.
+    renamed: Vec<Option<String>>,
+    // Every stored cell record, by name, exactly as stored.
+    pub(crate) current: BTreeMap<String, Vec<u8>>,
+    // The saves the history holds, oldest first.
+    pub(crate) history: VecDeque<Kept>,
+    // The cell names stored under `meta/claimed`.
+    pub(crate) claimed: Option<Vec<String>>,
+    pub(crate) generation: u64,
+    // The time the next generation is stamped with, set just before it is made.
+    pub(crate) now_ms: u64,
+    pub(crate) poisoned: bool,
+    pub(crate) orphans: Vec<String>,
 }
 
-#[derive(Clone, Copy)]
-struct Saved {
-    // The cell's change counter when the stored value was taken from it (or put into it).
-    seq: u64,
-    // The value file the stored record points at, if any.
-    file: Option<u64>,
+/// Stored cell records by name.
+pub(crate) type Named = BTreeMap<String, Vec<u8>>;
+
+/// A save the history holds.
+pub(crate) struct Kept {
+    pub(crate) generation: u64,
+    pub(crate) at_ms: u64,
+    pub(crate) changed: Vec<String>,
+    // The value files its pre-images point at, deleted when it is pruned.
+    pub(crate) files: Vec<u64>,
+}
+
+/// One save in a store's history: see [`Store::history`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Generation {
+    /// The save's number; each save numbers one more than the one before.
+    pub number: u64,
+    /// When the save was made.
+    pub saved_at: SystemTime,
+    /// The names of the cells the save wrote.
+    pub changed: Vec<String>,
 }
 
 /// A cell's value, encoded by a save and waiting for the commit.
@@ -129,11 +168,25 @@ struct Staged {
     encoded: Encoded,
 }
 
-/// A saved value, decoded by a load and waiting to be installed.
-struct Decoded<'a> {
+/// A saved value, decoded and waiting to be installed.
+pub(crate) struct Decoded<'a> {
     cell_idx: usize,
     install: Install<'a>,
-    file: Option<u64>,
+    // The name the value was stored under: the cell's, or one of its aliases.
+    key: String,
+    // Whether the value was migrated from an older schema version.
+    migrated: bool,
+}
+
+impl Default for StoreBuilder {
+    fn default() -> StoreBuilder {
+        StoreBuilder {
+            cells: Vec::new(),
+            keep: DEFAULT_HISTORY,
+            #[cfg(feature = "encryption")]
+            key: None,
+        }
+    }
 }
 
 impl StoreBuilder {
@@ -177,6 +230,49 @@ impl StoreBuilder {
         self
     }
 
+    /// Sets how many saves the history keeps for [`Store::revert_to`]: the last
+    /// `saves` of them, at least 1 (the last save). The default is 10.
+    ///
+    /// Saves are incremental, so a kept save costs only the cells it changed: their
+    /// values from before the save, which revert needs. Older saves are pruned as
+    /// new ones are made.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static STEP: StateCell<u32> = StateCell::new("docs::keep::STEP", || 0);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&STEP).keep_history(3).in_memory()?;
+    /// for step in 1..=5 {
+    ///     STEP.set(step);
+    ///     store.save_all()?;
+    /// }
+    /// let kept: Vec<u64> = store.history().iter().map(|save| save.number).collect();
+    /// assert_eq!(kept, [3, 4, 5]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn keep_history(mut self, saves: usize) -> StoreBuilder {
+        self.keep = saves.max(1);
+        self
+    }
+
+    /// Encrypts the store with `key` (feature `encryption`): every record and
+    /// value file is sealed with XChaCha20-Poly1305 and a fresh random nonce.
+    ///
+    /// A new store becomes encrypted at open. An encrypted store opens only with its
+    /// key ([`Error::WrongKey`] otherwise, [`Error::Encryption`] without one), and a
+    /// tampered record or file fails to load with [`Error::Corrupt`]. Cell names,
+    /// sizes and save times are not encrypted.
+    ///
+    /// # Example
+    /// See [`EncryptionKey`](crate::EncryptionKey).
+    #[cfg(feature = "encryption")]
+    pub fn encryption_key(mut self, key: crate::EncryptionKey) -> StoreBuilder {
+        self.key = Some(key);
+        self
+    }
+
     /// Opens (creating if needed) the store in directory `path` and loads every cell
     /// that has a saved value there; cells without one keep their value.
     ///
@@ -204,6 +300,7 @@ impl StoreBuilder {
     /// ```
     pub fn open(self, path: impl AsRef<Path>) -> Result<Store> {
         let path = path.as_ref();
+        let sealer = self.sealer();
         let cells = check_names(self.cells)?;
         fs::create_dir_durably(path).map_err(Error::io(path))?;
         let lock = lock(path)?;
@@ -214,8 +311,11 @@ impl StoreBuilder {
             label: path.to_path_buf(),
             backend: Box::new(backend),
             values: Some(values),
+            sealer,
             cells,
+            keep: self.keep,
             state: Mutex::default(),
+            background: Background::default(),
             _lock: Some(lock),
         })
     }
@@ -237,15 +337,26 @@ impl StoreBuilder {
     /// # }
     /// ```
     pub fn in_memory(self) -> Result<Store> {
+        let sealer = self.sealer();
         let cells = check_names(self.cells)?;
         Store::load(Inner {
             label: PathBuf::from(MEMORY_LABEL),
             backend: Box::new(Memory::default()),
             values: None,
+            sealer,
             cells,
+            keep: self.keep,
             state: Mutex::default(),
+            background: Background::default(),
             _lock: None,
         })
+    }
+
+    fn sealer(&self) -> Sealer {
+        #[cfg(feature = "encryption")]
+        return Sealer::new(self.key.as_ref());
+        #[cfg(not(feature = "encryption"))]
+        Sealer::default()
     }
 }
 
@@ -318,45 +429,8 @@ impl Store {
     /// ```
     pub fn save_all(&self) -> Result<()> {
         ensure_outside("save_all")?;
-        let inner = &*self.inner;
-        let mut state = inner.state.lock();
-        if state.poisoned {
-            return Err(Error::Poisoned { path: inner.label.clone() });
-        }
-        let mut staged = Vec::new();
-        let encoded = {
-            let _exclusive = exclusive();
-            inner.encode_changed(&state, &mut staged)
-        };
-        if let Err(err) = encoded {
-            inner.discard(&staged);
-            state.poisoned = matches!(err, Error::Io { .. });
-            return Err(err);
-        }
-        if staged.is_empty() {
-            return Ok(());
-        }
-        if let Err(err) = inner.commit(&staged, state.generation.wrapping_add(1)) {
-            // The new files stay: the engine may have taken the batch before failing
-            // and may still make it durable, and its records point at them. The next
-            // open deletes whichever files end up unreferenced.
-            state.poisoned = true;
-            return Err(err);
-        }
-        state.generation = state.generation.wrapping_add(1);
-        for Staged { cell_idx, seq, encoded } in staged {
-            let file = match encoded {
-                Encoded::Inline(_) => None,
-                Encoded::File(spilled) => Some(spilled.id),
-            };
-            let Some(slot) = state.saved.get_mut(cell_idx) else { continue };
-            let replaced = slot.replace(Saved { seq, file }).and_then(|saved| saved.file);
-            if let (Some(old), Some(values)) = (replaced, &inner.values) {
-                // A file that cannot be deleted now is unreferenced, and goes at the next open.
-                let _ = values.remove(old);
-            }
-        }
-        Ok(())
+        self.inner.take_background_error()?;
+        self.inner.save()
     }
 
     /// Reverts every cell to its last saved value, all or nothing.
@@ -393,15 +467,117 @@ impl Store {
     pub fn reload_all(&self) -> Result<()> {
         ensure_outside("reload_all")?;
         let inner = &*self.inner;
+        inner.take_background_error()?;
         let mut state = inner.state.lock();
-        // The engine of a poisoned store may hold records it never made durable.
-        if state.poisoned {
-            return Err(Error::Poisoned { path: inner.label.clone() });
-        }
-        let records = inner.backend.read_all()?;
-        let decoded = inner.decode_all(&records, Missing::Fail)?;
-        Inner::install(&mut state, decoded);
-        Ok(())
+        inner.check_poisoned(&state)?;
+        let target = state.current.clone();
+        inner.restore(&mut state, &target)
+    }
+
+    /// Reverts every cell to its value in save number `generation`, all or nothing:
+    /// the REPL's undo.
+    ///
+    /// Like [`reload_all`](Self::reload_all), which is `revert_to` the last save, it
+    /// changes the cells and not the store: the next save writes the reverted values
+    /// as a new save, and until then `reload_all` still returns to the last one.
+    /// [`history`](Self::history) lists the generations it accepts.
+    ///
+    /// # Errors
+    /// - [`Error::UnknownGeneration`] when the history does not hold `generation`;
+    /// - [`Error::NeverSaved`] when a cell had no saved value yet in that save;
+    /// - every error of [`reload_all`](Self::reload_all).
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static DOC: StateCell<String> = StateCell::new("docs::revert::DOC", String::new);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&DOC).in_memory()?;
+    /// DOC.set("draft".into());
+    /// store.save_all()?;
+    /// let draft = store.generation();
+    /// DOC.set("final".into());
+    /// store.save_all()?;
+    ///
+    /// store.revert_to(draft)?;
+    /// assert_eq!(DOC.get(), "draft");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn revert_to(&self, generation: u64) -> Result<()> {
+        ensure_outside("revert_to")?;
+        let inner = &*self.inner;
+        inner.take_background_error()?;
+        let mut state = inner.state.lock();
+        inner.check_poisoned(&state)?;
+        let target = inner.records_at(&state, generation)?;
+        inner.restore(&mut state, &target)
+    }
+
+    /// The saves the history holds, oldest first, each with its time and the cells
+    /// it wrote. A store written before history existed starts one at its next save.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static N: StateCell<u8> = StateCell::new("docs::history::N", || 0);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&N).in_memory()?;
+    /// store.save_all()?;
+    /// let last = store.history().pop().expect("one save");
+    /// assert_eq!((last.number, last.changed), (1, vec!["docs::history::N".to_owned()]));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn history(&self) -> Vec<Generation> {
+        let state = self.inner.state.lock();
+        state
+            .history
+            .iter()
+            .map(|kept| Generation {
+                number: kept.generation,
+                saved_at: time_of(kept.at_ms),
+                changed: kept.changed.clone(),
+            })
+            .collect()
+    }
+
+    /// The number of the last completed save; 0 before the first.
+    ///
+    /// # Example
+    /// ```
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = instastate::Store::builder().in_memory()?;
+    /// assert_eq!(store.generation(), 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.inner.state.lock().generation
+    }
+
+    /// Whether a cell changed since the last save (or was never saved), so that
+    /// [`save_all`](Self::save_all) would write something.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static FLAG: StateCell<bool> = StateCell::new("docs::dirty::FLAG", || false);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&FLAG).in_memory()?;
+    /// assert!(store.has_unsaved_changes());
+    /// store.save_all()?;
+    /// assert!(!store.has_unsaved_changes());
+    /// FLAG.set(true);
+    /// assert!(store.has_unsaved_changes());
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn has_unsaved_changes(&self) -> bool {
+        self.inner.is_dirty()
     }
 
     /// The names of saved values that no cell of this store claims, found at open:
@@ -424,24 +600,47 @@ impl Store {
         ensure_outside("open")?;
         let records = inner.backend.read_all()?;
         check_format(&inner.label, &records)?;
-        let decoded = inner.decode_all(&records, Missing::Skip)?;
+        inner.check_key(&records)?;
         let mut state = State {
             saved: vec![None; inner.cells.len()],
+            renamed: vec![None; inner.cells.len()],
             generation: generation(&inner.label, &records)?,
             ..State::default()
         };
-        Inner::install(&mut state, decoded);
-        let claimed: BTreeSet<&str> = inner.cells.iter().map(|cell| cell.name()).collect();
-        state.orphans = records
-            .keys()
-            .filter_map(|key| codec::cell_name(key))
-            .filter(|name| !claimed.contains(name))
-            .map(str::to_owned)
-            .collect();
+        for (key, bytes) in &records {
+            if let Some(name) = codec::cell_name(key) {
+                state.current.insert(name.to_owned(), bytes.clone());
+            } else if let Some(generation) = codec::history_generation(key) {
+                state.history.push_back(inner.kept(generation, bytes)?);
+            }
+        }
+        if let Some(bytes) = records.get(codec::CLAIMED_KEY) {
+            let claimed = codec::decode_claimed(bytes).map_err(|fault| Error::Corrupt {
+                cell: String::from_utf8_lossy(codec::CLAIMED_KEY).into_owned(),
+                path: inner.engine_path(),
+                reason: fault.to_string(),
+            })?;
+            state.claimed = Some(claimed);
+        }
+        let decoded = inner.decode_all(&state.current, Missing::Skip)?;
+        let mut used: BTreeSet<String> =
+            inner.cells.iter().map(|it| it.name().to_owned()).collect();
+        used.extend(decoded.iter().map(|it| it.key.clone()));
+        state.orphans =
+            state.current.keys().filter(|name| !used.contains(*name)).cloned().collect();
+        inner.install(&mut state, decoded, None);
         // Leftover files are harmless, and the cells are already loaded: a failed
         // cleanup must not fail the open. The next open tries again.
-        let _ = inner.remove_unreferenced_files(&records);
-        Ok(Store { inner: Arc::new(Inner { state: Mutex::new(state), ..inner }) })
+        let _ = inner.remove_unreferenced_files(&state);
+        if inner.sealer.is_on() && !records.contains_key(codec::KEYCHECK_KEY) {
+            // A new encrypted store: sealing the check value now makes the store
+            // refuse to open without the key from the start.
+            let check = inner.sealer.seal(codec::KEYCHECK_KEY, KEYCHECK_PLAIN.to_vec());
+            inner.backend.commit(vec![(codec::KEYCHECK_KEY.to_vec(), Some(check))])?;
+        }
+        let mut inner = inner;
+        *inner.state.get_mut() = state;
+        Ok(Store { inner: Arc::new(inner) })
     }
 }
 
@@ -457,29 +656,188 @@ impl fmt::Debug for Store {
 impl fmt::Debug for StoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.cells.iter().map(|cell| cell.name()).collect();
-        f.debug_struct("StoreBuilder").field("cells", &names).finish()
+        f.debug_struct("StoreBuilder")
+            .field("cells", &names)
+            .field("keep_history", &self.keep)
+            .finish_non_exhaustive()
     }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Missing {
+pub(crate) enum Missing {
     Skip,
     Fail,
 }
 
 impl Inner {
+    pub(crate) fn check_poisoned(&self, state: &State) -> Result<()> {
+        // The engine of a poisoned store may hold records it never made durable.
+        if state.poisoned {
+            return Err(Error::Poisoned { path: self.label.clone() });
+        }
+        Ok(())
+    }
+
+    /// Whether a save would write something.
+    pub(crate) fn is_dirty(&self) -> bool {
+        let state = self.state.lock();
+        self.cells.iter().zip(&state.saved).any(|(cell, saved)| *saved != Some(cell.seq()))
+    }
+
+    /// Saves every changed cell as one new generation; see [`Store::save_all`].
+    pub(crate) fn save(&self) -> Result<()> {
+        let mut state = self.state.lock();
+        self.check_poisoned(&state)?;
+        let mut staged = Vec::new();
+        let encoded = {
+            let _exclusive = exclusive();
+            self.encode_changed(&state, &mut staged)
+        };
+        if let Err(err) = encoded {
+            self.discard(&staged);
+            state.poisoned = matches!(err, Error::Io { .. });
+            return Err(err);
+        }
+        if staged.is_empty() {
+            return Ok(());
+        }
+        state.now_ms = now_ms();
+        let mut writes = Vec::new();
+        for Staged { cell_idx, encoded, .. } in &staged {
+            let Some(cell) = self.cells.get(*cell_idx) else { continue };
+            writes.push((cell.name().to_owned(), Some(self.record(*cell, encoded, &state))));
+            if let Some(alias) = state.renamed.get(*cell_idx).cloned().flatten() {
+                writes.push((alias, None));
+            }
+        }
+        let spilled: Vec<&Spilled> = staged.iter().filter_map(|it| it.encoded.spilled()).collect();
+        self.commit_generation(&mut state, writes, &spilled)?;
+        for Staged { cell_idx, seq, .. } in staged {
+            if let Some(slot) = state.saved.get_mut(cell_idx) {
+                *slot = Some(seq);
+            }
+            if let Some(slot) = state.renamed.get_mut(cell_idx) {
+                *slot = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sealed record of `cell`'s value `encoded`, for the next generation.
+    pub(crate) fn record(
+        &self,
+        cell: &dyn ErasedCell,
+        encoded: &Encoded,
+        state: &State,
+    ) -> Vec<u8> {
+        self.seal_record(cell.name(), cell.schema(), cell.type_name(), encoded, state)
+    }
+
+    pub(crate) fn seal_record(
+        &self,
+        name: &str,
+        schema: u32,
+        type_name: &str,
+        encoded: &Encoded,
+        state: &State,
+    ) -> Vec<u8> {
+        let body = match encoded {
+            Encoded::Inline(bytes) => Body::Inline(bytes),
+            Encoded::File(spilled) => {
+                Body::File { id: spilled.id, len: spilled.len, crc: spilled.crc }
+            }
+        };
+        let record = Record {
+            format: FORMAT_VERSION,
+            schema,
+            saved: Some(codec::Saved {
+                generation: state.generation.wrapping_add(1),
+                at_ms: state.now_ms,
+            }),
+            type_name,
+            body,
+        };
+        let key = codec::cell_key(name);
+        self.sealer.seal(&key, record.encode())
+    }
+
+    /// Commits `writes` (a new record, or a deletion, per cell name) as the next
+    /// generation, with its history manifest, after making `spilled` durable; prunes
+    /// the history to its length. Poisons the store if the commit fails.
+    pub(crate) fn commit_generation(
+        &self,
+        state: &mut State,
+        writes: Vec<(String, Option<Vec<u8>>)>,
+        spilled: &[&Spilled],
+    ) -> Result<()> {
+        let generation = state.generation.wrapping_add(1);
+        let at_ms = state.now_ms;
+        let mut batch = Batch::new();
+        let mut entries = Vec::new();
+        let mut files = Vec::new();
+        for (name, bytes) in &writes {
+            let pre = state.current.get(name).cloned();
+            files.extend(pre.as_deref().and_then(|pre| self.file_of(name, pre)));
+            entries.push((name.clone(), pre));
+            batch.push((codec::cell_key(name), bytes.clone()));
+        }
+        let manifest = codec::Manifest { generation, at_ms, entries };
+        batch.push((codec::history_key(generation), Some(manifest.encode())));
+        let pruned = (state.history.len() + 1).saturating_sub(self.keep);
+        for kept in state.history.iter().take(pruned) {
+            batch.push((codec::history_key(kept.generation), None));
+        }
+        let format = codec::u32_bytes(FORMAT_VERSION.into()).to_vec();
+        batch.push((codec::FORMAT_KEY.to_vec(), Some(format)));
+        batch.push((codec::GENERATION_KEY.to_vec(), Some(codec::u64_bytes(generation).to_vec())));
+        // A store opened without cells (by a tool) keeps the program's list.
+        let claimed: Option<Vec<String>> = (!self.cells.is_empty())
+            .then(|| self.cells.iter().map(|cell| cell.name().to_owned()).collect());
+        if let Some(claimed) = &claimed
+            && state.claimed.as_ref() != Some(claimed)
+        {
+            let bytes = codec::encode_claimed(claimed.iter().map(String::as_str));
+            batch.push((codec::CLAIMED_KEY.to_vec(), Some(bytes)));
+        }
+        if let Err(err) = self.commit(spilled, batch) {
+            // The new files stay: the engine may have taken the batch before failing
+            // and may still make it durable, and its records point at them. The next
+            // open deletes whichever files end up unreferenced.
+            state.poisoned = true;
+            return Err(err);
+        }
+        state.generation = generation;
+        if claimed.is_some() {
+            state.claimed = claimed;
+        }
+        for (name, bytes) in writes {
+            match bytes {
+                Some(bytes) => state.current.insert(name, bytes),
+                None => state.current.remove(&name),
+            };
+        }
+        let changed = manifest.entries.into_iter().map(|(name, _)| name).collect();
+        state.history.push_back(Kept { generation, at_ms, changed, files });
+        for kept in state.history.drain(..pruned) {
+            for id in kept.files {
+                self.remove_file(id);
+            }
+        }
+        Ok(())
+    }
+
     fn encode_changed(&self, state: &State, staged: &mut Vec<Staged>) -> Result<()> {
         for (cell_idx, cell) in self.cells.iter().enumerate() {
-            let saved = state.saved.get(cell_idx).copied().flatten().map(|saved| saved.seq);
-            let mut writer = ValueWriter::new(self.values.as_ref());
+            let saved = state.saved.get(cell_idx).copied().flatten();
+            let sealer = self.sealer.file_sealer(&codec::cell_key(cell.name()));
+            let mut writer = ValueWriter::new(self.values.as_ref(), sealer);
             let res = cell.encode_if_changed(saved, &mut writer);
             let seq = match res {
                 Ok(Some(seq)) => seq,
                 Ok(None) => continue,
                 Err(source) => {
-                    let created = writer.file_id();
-                    if let (Some(id), Some(values)) = (created, &self.values) {
-                        let _ = values.remove(id);
+                    if let Some(id) = writer.file_id() {
+                        self.remove_file(id);
                     }
                     return Err(match writer.take_error() {
                         Some(source) => Error::Io { path: self.values_path(), source },
@@ -497,61 +855,92 @@ impl Inner {
         Ok(())
     }
 
-    fn commit(&self, staged: &[Staged], generation: u64) -> Result<()> {
-        let mut spilled_any = false;
-        for Staged { encoded, .. } in staged {
-            if let Encoded::File(spilled) = encoded {
-                spilled.sync().map_err(Error::io(self.values_path()))?;
-                spilled_any = true;
-            }
+    fn commit(&self, spilled: &[&Spilled], batch: Batch) -> Result<()> {
+        for file in spilled {
+            file.sync().map_err(Error::io(self.values_path()))?;
         }
-        if let (true, Some(values)) = (spilled_any, &self.values) {
+        if let (false, Some(values)) = (spilled.is_empty(), &self.values) {
             values.sync().map_err(Error::io(values.path()))?;
         }
-        let mut batch = Vec::with_capacity(staged.len() + 2);
-        for Staged { cell_idx, encoded, .. } in staged {
-            let Some(cell) = self.cells.get(*cell_idx) else { continue };
-            let body = match encoded {
-                Encoded::Inline(bytes) => Body::Inline(bytes),
-                Encoded::File(spilled) => {
-                    Body::File { id: spilled.id, len: spilled.len, crc: spilled.crc }
-                }
-            };
-            let record = Record {
-                format: FORMAT_VERSION,
-                schema: cell.schema(),
-                type_name: cell.type_name(),
-                body,
-            };
-            batch.push((codec::cell_key(cell.name()), record.encode()));
-        }
-        batch.push((codec::FORMAT_KEY.to_vec(), codec::u32_bytes(FORMAT_VERSION.into()).to_vec()));
-        batch.push((codec::GENERATION_KEY.to_vec(), codec::u64_bytes(generation).to_vec()));
         self.backend.commit(batch)
     }
 
     /// Deletes the value files of a save that failed before its commit began.
     fn discard(&self, staged: &[Staged]) {
-        let Some(values) = &self.values else { return };
         for Staged { encoded, .. } in staged {
-            if let Encoded::File(spilled) = encoded {
-                let _ = values.remove(spilled.id);
+            if let Some(spilled) = encoded.spilled() {
+                self.remove_file(spilled.id);
             }
         }
     }
 
-    fn decode_all(&self, records: &Records, missing: Missing) -> Result<Vec<Decoded<'static>>> {
+    /// Deletes a value file no record points at any more. A file that cannot be
+    /// deleted now is unreferenced, and goes at the next open.
+    pub(crate) fn remove_file(&self, id: u64) {
+        if let Some(values) = &self.values {
+            let _ = values.remove(id);
+        }
+    }
+
+    /// The cell records as they were at save `generation`, by name.
+    fn records_at(&self, state: &State, generation: u64) -> Result<BTreeMap<String, Vec<u8>>> {
+        let held = state.history.iter().any(|kept| kept.generation == generation);
+        if !held {
+            return Err(Error::UnknownGeneration {
+                path: self.label.clone(),
+                generation,
+                oldest: state.history.front().map(|kept| kept.generation),
+                newest: state.history.back().map(|kept| kept.generation),
+            });
+        }
+        let mut target = state.current.clone();
+        // Undo the later saves, newest first, by putting back their pre-images.
+        for kept in state.history.iter().rev().take_while(|kept| kept.generation > generation) {
+            let key = codec::history_key(kept.generation);
+            let bytes = self.backend.get(&key)?.ok_or_else(|| Error::Corrupt {
+                cell: String::from_utf8_lossy(&key).into_owned(),
+                path: self.engine_path(),
+                reason: "history entry is missing".into(),
+            })?;
+            let manifest = self.manifest(kept.generation, &bytes)?;
+            for (name, pre) in manifest.entries {
+                match pre {
+                    Some(pre) => target.insert(name, pre),
+                    None => target.remove(&name),
+                };
+            }
+        }
+        Ok(target)
+    }
+
+    /// Decodes every cell's value in `target` and installs them all, or none.
+    fn restore(&self, state: &mut State, target: &BTreeMap<String, Vec<u8>>) -> Result<()> {
+        let decoded = self.decode_all(target, Missing::Fail)?;
+        let current = state.current.clone();
+        self.install(state, decoded, Some((target, &current)));
+        Ok(())
+    }
+
+    pub(crate) fn decode_all(
+        &self,
+        records: &BTreeMap<String, Vec<u8>>,
+        missing: Missing,
+    ) -> Result<Vec<Decoded<'static>>> {
         let mut decoded = Vec::with_capacity(self.cells.len());
         let mut errors = Vec::new();
         for (cell_idx, cell) in self.cells.iter().enumerate() {
-            let Some(bytes) = records.get(&codec::cell_key(cell.name())) else {
+            let names = std::iter::once(cell.name()).chain(cell.aliases().iter().copied());
+            let found = names.into_iter().find_map(|name| Some((name, records.get(name)?)));
+            let Some((key, bytes)) = found else {
                 if missing == Missing::Fail {
                     errors.push(Error::NeverSaved { cell: cell.name().to_owned() });
                 }
                 continue;
             };
-            match self.decode(*cell, bytes) {
-                Ok((install, file)) => decoded.push(Decoded { cell_idx, install, file }),
+            match self.decode(*cell, key, bytes) {
+                Ok((install, migrated)) => {
+                    decoded.push(Decoded { cell_idx, install, key: key.to_owned(), migrated });
+                }
                 Err(err) => errors.push(err),
             }
         }
@@ -561,20 +950,28 @@ impl Inner {
         }
     }
 
+    /// Decodes the record `bytes` stored under name `key` as a value of `cell`;
+    /// also says whether the value was migrated.
     fn decode(
         &self,
         cell: &'static dyn ErasedCell,
+        key: &str,
         bytes: &[u8],
-    ) -> Result<(Install<'static>, Option<u64>)> {
+    ) -> Result<(Install<'static>, bool)> {
         let corrupt = |path: PathBuf, reason: String| Error::Corrupt {
             cell: cell.name().to_owned(),
             path,
             reason,
         };
-        let record = Record::decode(bytes)
+        let aad = codec::cell_key(key);
+        let plain = self
+            .sealer
+            .open(&aad, bytes)
+            .map_err(|fault| corrupt(self.engine_path(), format!("record: {fault}")))?;
+        let record = Record::decode(&plain)
             .map_err(|fault| corrupt(self.engine_path(), fault.to_string()))?;
-        if record.type_name != codec::stored_type_name(cell.type_name())
-            || record.schema != cell.schema()
+        if record.schema == cell.schema()
+            && record.type_name != codec::stored_type_name(cell.type_name())
         {
             return Err(Error::TypeMismatch {
                 cell: cell.name().to_owned(),
@@ -584,69 +981,163 @@ impl Inner {
                 expected_schema: cell.schema(),
             });
         }
-        let (value_bytes, file): (Cow<'_, [u8]>, _) = match record.body {
-            Body::Inline(bytes) => (Cow::Borrowed(bytes), None),
+        let value_bytes: Cow<'_, [u8]> = match record.body {
+            Body::Inline(bytes) => Cow::Borrowed(bytes),
             Body::File { id, len, crc } => {
-                let Some(values) = &self.values else {
-                    return Err(corrupt(self.label.clone(), "points at a value file".into()));
-                };
-                let path = values.file_path(id);
-                let bytes = values.read(id, len, crc).map_err(|fault| match fault {
-                    ReadFault::Io(source) if source.kind() == io::ErrorKind::NotFound => {
-                        corrupt(path.clone(), "its value file is missing".into())
-                    }
-                    ReadFault::Io(source) => Error::Io { path: path.clone(), source },
-                    ReadFault::Length { expected, found } => corrupt(
-                        path.clone(),
-                        format!("value file holds {found} bytes, its record says {expected}"),
-                    ),
-                    ReadFault::Checksum => {
-                        corrupt(path.clone(), "value file checksum does not match".into())
-                    }
-                })?;
-                (Cow::Owned(bytes), Some(id))
+                Cow::Owned(self.read_file(cell.name(), key, id, len, crc)?)
             }
         };
-        let install = cell.decode(&value_bytes).map_err(|source| Error::Decode {
-            cell: cell.name().to_owned(),
-            stored_type: record.type_name.to_owned(),
-            expected_type: cell.type_name().to_owned(),
-            source: CodecError(source),
+        let install = cell.decode(&value_bytes, record.schema).map_err(|fault| match fault {
+            DecodeFault::Codec(source) => Error::Decode {
+                cell: cell.name().to_owned(),
+                stored_type: record.type_name.to_owned(),
+                expected_type: cell.type_name().to_owned(),
+                source: CodecError(source),
+            },
+            DecodeFault::Newer | DecodeFault::NoMigration => Error::SchemaVersion {
+                cell: cell.name().to_owned(),
+                found: record.schema,
+                current: cell.schema(),
+            },
         })?;
-        Ok((install, file))
+        Ok((install, record.schema != cell.schema()))
     }
 
-    fn install(state: &mut State, decoded: Vec<Decoded<'_>>) {
-        let _exclusive = exclusive();
-        for Decoded { cell_idx, install, file } in decoded {
-            let seq = install();
-            if let Some(slot) = state.saved.get_mut(cell_idx) {
-                *slot = Some(Saved { seq, file });
+    /// Reads and opens value file `id` of the record stored under `key`; `cell` names
+    /// the claimant in errors.
+    pub(crate) fn read_file(
+        &self,
+        cell: &str,
+        key: &str,
+        id: u64,
+        len: u64,
+        crc: u32,
+    ) -> Result<Vec<u8>> {
+        let corrupt =
+            |path: PathBuf, reason: String| Error::Corrupt { cell: cell.to_owned(), path, reason };
+        let Some(values) = &self.values else {
+            return Err(corrupt(self.label.clone(), "points at a value file".into()));
+        };
+        let path = values.file_path(id);
+        let bytes = values.read(id, len, crc).map_err(|fault| match fault {
+            ReadFault::Io(source) if source.kind() == io::ErrorKind::NotFound => {
+                corrupt(path.clone(), "its value file is missing".into())
             }
+            ReadFault::Io(source) => Error::Io { path: path.clone(), source },
+            ReadFault::Length { expected, found } => corrupt(
+                path.clone(),
+                format!("value file holds {found} bytes, its record says {expected}"),
+            ),
+            ReadFault::Checksum => {
+                corrupt(path.clone(), "value file checksum does not match".into())
+            }
+        })?;
+        self.sealer
+            .open_file(&codec::cell_key(key), bytes)
+            .map_err(|fault| corrupt(path.clone(), format!("value file: {fault}")))
+    }
+
+    /// Installs decoded values. After a load (`compare` is `None`) a cell is clean
+    /// unless its value was migrated or found under an alias; after a revert, it is
+    /// clean only if its value is the one the store holds (`compare` gives the
+    /// target and current records).
+    pub(crate) fn install(
+        &self,
+        state: &mut State,
+        decoded: Vec<Decoded<'_>>,
+        compare: Option<(&Named, &Named)>,
+    ) {
+        let _exclusive = exclusive();
+        for Decoded { cell_idx, install, key, migrated } in decoded {
+            let seq = install();
+            let Some(cell) = self.cells.get(cell_idx) else { continue };
+            let same = match compare {
+                None => true,
+                Some((target, current)) => target.get(&key) == current.get(cell.name()),
+            };
+            let renamed = key != cell.name();
+            if let Some(slot) = state.saved.get_mut(cell_idx) {
+                *slot = (same && !migrated && !renamed).then_some(seq);
+            }
+            if let Some(slot) = state.renamed.get_mut(cell_idx) {
+                *slot = renamed.then_some(key);
+            }
+        }
+    }
+
+    /// The value file a stored record points at, if it can be read and does.
+    pub(crate) fn file_of(&self, name: &str, bytes: &[u8]) -> Option<u64> {
+        let plain = self.sealer.open(&codec::cell_key(name), bytes).ok()?;
+        Record::decode(&plain).ok()?.file()
+    }
+
+    /// What the history keeps of the manifest of save `generation`.
+    fn kept(&self, generation: u64, bytes: &[u8]) -> Result<Kept> {
+        let manifest = self.manifest(generation, bytes)?;
+        let files = manifest
+            .entries
+            .iter()
+            .filter_map(|(name, pre)| self.file_of(name, pre.as_deref()?))
+            .collect();
+        let changed = manifest.entries.into_iter().map(|(name, _)| name).collect();
+        Ok(Kept { generation, at_ms: manifest.at_ms, changed, files })
+    }
+
+    pub(crate) fn manifest(&self, generation: u64, bytes: &[u8]) -> Result<codec::Manifest> {
+        let key = codec::history_key(generation);
+        let manifest = codec::Manifest::decode(bytes).map_err(|fault| Error::Corrupt {
+            cell: format!("hist/{generation}"),
+            path: self.engine_path(),
+            reason: fault.to_string(),
+        })?;
+        if manifest.generation != generation {
+            return Err(Error::Corrupt {
+                cell: String::from_utf8_lossy(&key).into_owned(),
+                path: self.engine_path(),
+                reason: format!("history entry is for generation {}", manifest.generation),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Refuses a key the store was not sealed with, a missing key for a sealed
+    /// store, and a key for a store whose records are not sealed.
+    fn check_key(&self, records: &Records) -> Result<()> {
+        let path = self.label.clone();
+        match records.get(codec::KEYCHECK_KEY) {
+            Some(check) => match self.sealer.open(codec::KEYCHECK_KEY, check) {
+                Ok(plain) if *plain == *KEYCHECK_PLAIN => Ok(()),
+                Err(SealFault::NoKey) => Err(Error::Encryption { path, encrypted: true }),
+                _ => Err(Error::WrongKey { path }),
+            },
+            None if self.sealer.is_on()
+                && records.keys().any(|key| codec::cell_name(key).is_some()) =>
+            {
+                Err(Error::Encryption { path, encrypted: false })
+            }
+            None => Ok(()),
         }
     }
 
     /// Deletes value files that no record points at: leftovers of interrupted saves.
-    fn remove_unreferenced_files(&self, records: &Records) -> Result<()> {
+    pub(crate) fn remove_unreferenced_files(&self, state: &State) -> Result<()> {
         let Some(values) = &self.values else { return Ok(()) };
         let mut keep = BTreeSet::new();
-        for (key, bytes) in records {
-            if codec::cell_name(key).is_none() {
-                continue;
+        for (name, bytes) in &state.current {
+            let plain = self.sealer.open(&codec::cell_key(name), bytes);
+            match plain.as_deref().map(Record::decode) {
+                Ok(Ok(record)) => keep.extend(record.file()),
+                // An unreadable record might point at any file: keep them all.
+                _ => return Ok(()),
             }
-            match Record::decode(bytes) {
-                Ok(Record { body: Body::File { id, .. }, .. }) => {
-                    keep.insert(id);
-                }
-                Ok(_) => {}
-                // An unreadable orphan record might point at any file: keep them all.
-                Err(_) => return Ok(()),
-            }
+        }
+        for kept in &state.history {
+            keep.extend(kept.files.iter().copied());
         }
         values.remove_all_but(&keep).map_err(Error::io(values.path()))
     }
 
-    fn engine_path(&self) -> PathBuf {
+    pub(crate) fn engine_path(&self) -> PathBuf {
         match &self.values {
             Some(_) => self.label.join(ENGINE_DIR),
             None => self.label.clone(),
@@ -658,6 +1149,16 @@ impl Inner {
             .as_ref()
             .map_or_else(|| self.label.clone(), |values| values.path().to_path_buf())
     }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> u64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(crate) fn time_of(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 fn check_names(cells: Vec<&'static dyn ErasedCell>) -> Result<Vec<&'static dyn ErasedCell>> {
@@ -686,7 +1187,7 @@ fn check_names(cells: Vec<&'static dyn ErasedCell>) -> Result<Vec<&'static dyn E
 fn check_format(label: &Path, records: &Records) -> Result<()> {
     let expected = u32::from(FORMAT_VERSION);
     match meta(label, records, codec::FORMAT_KEY, codec::read_u32)? {
-        Some(found) if found != expected => {
+        Some(found) if found != expected && found != u32::from(FORMAT_V1) => {
             Err(Error::FormatVersion { path: label.to_path_buf(), found, expected })
         }
         _ => Ok(()),
@@ -808,7 +1309,35 @@ pub fn reload_all() -> Result<()> {
     global()?.reload_all()
 }
 
-fn global() -> Result<Store> {
+/// Reverts every cell of the global store opened by [`open`] to save number
+/// `generation`: see [`Store::revert_to`].
+///
+/// # Errors
+/// [`Error::NotOpen`] when no global store is open, and every error of [`Store::revert_to`].
+///
+/// # Example
+/// ```
+/// assert!(matches!(instastate::revert_to(1), Err(instastate::Error::NotOpen)));
+/// ```
+pub fn revert_to(generation: u64) -> Result<()> {
+    global()?.revert_to(generation)
+}
+
+/// The saves the history of the global store opened by [`open`] holds: see
+/// [`Store::history`].
+///
+/// # Errors
+/// [`Error::NotOpen`] when no global store is open.
+///
+/// # Example
+/// ```
+/// assert!(matches!(instastate::history(), Err(instastate::Error::NotOpen)));
+/// ```
+pub fn history() -> Result<Vec<Generation>> {
+    Ok(global()?.history())
+}
+
+pub(crate) fn global() -> Result<Store> {
     let inner = GLOBAL.lock().upgrade().ok_or(Error::NotOpen)?;
     Ok(Store { inner })
 }

@@ -16,6 +16,7 @@ use std::{
 
 use crate::{
     codec::{self, INLINE_MAX},
+    crypt::FileSealer,
     fs::{create_dir_durably, sync_dir},
 };
 
@@ -126,6 +127,15 @@ pub(crate) enum Encoded {
     File(Spilled),
 }
 
+impl Encoded {
+    pub(crate) fn spilled(&self) -> Option<&Spilled> {
+        match self {
+            Encoded::Inline(_) => None,
+            Encoded::File(spilled) => Some(spilled),
+        }
+    }
+}
+
 /// A value file written but not yet fsynced.
 #[derive(Debug)]
 pub(crate) struct Spilled {
@@ -149,19 +159,22 @@ pub(crate) struct ValueWriter<'a> {
     file: Option<(u64, File)>,
     hasher: crc32fast::Hasher,
     len: u64,
+    // Seals the file's chunks in an encrypted store.
+    sealer: Option<FileSealer>,
     // postcard turns every I/O error into `SerializeBufferFull`, so the real one is
     // kept here and reported instead.
     error: Option<io::Error>,
 }
 
 impl<'a> ValueWriter<'a> {
-    pub(crate) fn new(dir: Option<&'a ValueDir>) -> ValueWriter<'a> {
+    pub(crate) fn new(dir: Option<&'a ValueDir>, sealer: Option<FileSealer>) -> ValueWriter<'a> {
         ValueWriter {
             dir,
             buf: Vec::new(),
             file: None,
             hasher: crc32fast::Hasher::new(),
             len: 0,
+            sealer,
             error: None,
         }
     }
@@ -185,19 +198,36 @@ impl<'a> ValueWriter<'a> {
         if self.file.is_none() && self.buf.len() <= INLINE_MAX {
             return Ok(Encoded::Inline(self.buf));
         }
-        self.spill(dir)?;
+        self.spill(dir, true)?;
         let (id, file) = self.file.take().ok_or_else(|| io::Error::other("value file vanished"))?;
         Ok(Encoded::File(Spilled { id, len: self.len, crc: self.hasher.finalize(), file }))
     }
 
-    fn spill(&mut self, dir: &ValueDir) -> io::Result<()> {
-        let file = match &mut self.file {
-            Some((_, file)) => file,
-            None => &mut self.file.insert(dir.create()?).1,
+    /// Writes the buffer to the value file, creating it first if needed; `last` for
+    /// the final write.
+    fn spill(&mut self, dir: &ValueDir, last: bool) -> io::Result<()> {
+        if self.file.is_none() {
+            let created = dir.create()?;
+            let file = &mut self.file.insert(created).1;
+            if let Some(sealer) = &self.sealer {
+                let header = sealer.header();
+                file.write_all(&header)?;
+                self.hasher.update(&header);
+                self.len += header.len() as u64;
+            }
+        }
+        let Some((_, file)) = &mut self.file else { return Ok(()) };
+        let sealed;
+        let bytes = match &mut self.sealer {
+            Some(chunks) => {
+                sealed = chunks.chunk(&self.buf, last)?;
+                &sealed
+            }
+            None => &self.buf,
         };
-        file.write_all(&self.buf)?;
-        self.hasher.update(&self.buf);
-        self.len += self.buf.len() as u64;
+        file.write_all(bytes)?;
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
         self.buf.clear();
         Ok(())
     }
@@ -210,7 +240,7 @@ impl ValueWriter<'_> {
         self.buf.extend_from_slice(bytes);
         if let Some(dir) = self.dir
             && CHUNK <= self.buf.len()
-            && let Err(err) = self.spill(dir)
+            && let Err(err) = self.spill(dir, false)
         {
             let kind = err.kind();
             self.error = Some(err);
@@ -262,11 +292,11 @@ mod tests {
     fn small_values_stay_inline_and_large_ones_spill() -> io::Result<()> {
         let tmp = tempfile::tempdir()?;
         let dir = ValueDir::open(tmp.path().join("values"))?;
-        let mut small = ValueWriter::new(Some(&dir));
+        let mut small = ValueWriter::new(Some(&dir), None);
         write_all(&mut small, INLINE_MAX);
         assert!(matches!(small.finish()?, Encoded::Inline(bytes) if bytes.len() == INLINE_MAX));
 
-        let mut large = ValueWriter::new(Some(&dir));
+        let mut large = ValueWriter::new(Some(&dir), None);
         write_all(&mut large, 3 * CHUNK + 5);
         let Encoded::File(spilled) = large.finish()? else { panic!("a large value stayed inline") };
         spilled.sync()?;
@@ -285,7 +315,7 @@ mod tests {
 
     #[test]
     fn without_a_dir_everything_stays_inline() -> io::Result<()> {
-        let mut writer = ValueWriter::new(None);
+        let mut writer = ValueWriter::new(None, None);
         write_all(&mut writer, 2 * CHUNK);
         assert!(matches!(writer.finish()?, Encoded::Inline(bytes) if bytes.len() == 2 * CHUNK));
         Ok(())

@@ -255,6 +255,9 @@ fn small_value(idx: usize, generation: u64) -> u64 {
     generation * STRIDE + idx as u64
 }
 
+/// How many saves the crash test's store keeps in its history.
+const CRASH_HISTORY: usize = 3;
+
 fn crash_store(dir: &Path) -> instastate::Result<Store> {
     let mut builder = Store::builder();
     for cell in &SMALL {
@@ -263,7 +266,7 @@ fn crash_store(dir: &Path) -> instastate::Result<Store> {
     for cell in &LARGE {
         builder = builder.cell(cell);
     }
-    builder.open(dir)
+    builder.keep_history(CRASH_HISTORY).open(dir)
 }
 
 /// Sets every cell to generation `generation`, in one `atomically` block.
@@ -534,6 +537,7 @@ fn kill_round(db: &Path, generation: u64, from_spawn: bool, delay: Duration) -> 
     let store = crash_store(db).map_err(|err| format!("the store does not open: {err}"))?;
     let found = snapshot_generation()?;
     let files = value_files(db)?;
+    check_history(&store, found)?;
     drop(store);
 
     let acked = reported.last_saved.unwrap_or(generation);
@@ -550,14 +554,46 @@ fn kill_round(db: &Path, generation: u64, from_spawn: bool, delay: Duration) -> 
         )
         .into());
     }
-    if files > LARGE.len() {
+    // Each kept save holds the earlier value of every cell it wrote.
+    if files > LARGE.len() * (CRASH_HISTORY + 1) {
         return Err(format!(
-            "{files} value files after open, but only {} cells can have one",
-            LARGE.len()
+            "{files} value files after open, but only {} cells can have one, in {} kept saves",
+            LARGE.len(),
+            CRASH_HISTORY
         )
         .into());
     }
     Ok(Round { reported, found })
+}
+
+/// Checks that the history survived the kill: it ends at the save the store holds,
+/// keeps no more than it should, and reverts to every save it lists, whole.
+/// Cell generation `g` is store generation `g + 1`: the first save wrote generation 0.
+fn check_history(store: &Store, found: u64) -> TestResult {
+    let history = store.history();
+    let newest = history.last().map(|saved| saved.number);
+    if newest != Some(found + 1) {
+        return Err(
+            format!("history ends at save {newest:?}, the store holds save {}", found + 1).into()
+        );
+    }
+    if history.len() > CRASH_HISTORY {
+        return Err(
+            format!("history holds {} saves, more than {CRASH_HISTORY}", history.len()).into()
+        );
+    }
+    for saved in &history {
+        store
+            .revert_to(saved.number)
+            .map_err(|err| format!("revert to {}: {err}", saved.number))?;
+        let at = snapshot_generation()
+            .map_err(|err| format!("after revert to {}: {err}", saved.number))?;
+        if at + 1 != saved.number {
+            return Err(format!("revert to save {} gave generation {at}", saved.number).into());
+        }
+    }
+    store.reload_all()?;
+    Ok(())
 }
 
 /// A child process whose stdout the parent receives line by line, and whose stderr

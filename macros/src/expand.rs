@@ -54,7 +54,7 @@ fn expand_one(decl: &Decl) -> TokenStream {
     quote! {
         #errors
         #(#rest)*
-        #vis static #ident: #cell_ty = #krate::__private::new_cell(#name, #origin, || #init);
+        #vis static #ident: #cell_ty = #krate::__private::new_cell(#name, #origin, || #init, #krate::CellOptions::new());
         #(#cfgs)*
         const _: () = {
             // A deprecated cell is registered without a warning.

@@ -2,7 +2,7 @@
 
 use parking_lot::Mutex;
 
-use super::{Backend, Records};
+use super::{Backend, Batch, Records};
 use crate::Result;
 
 #[derive(Debug, Default)]
@@ -15,8 +15,22 @@ impl Backend for Memory {
         Ok(self.records.lock().clone())
     }
 
-    fn commit(&self, batch: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
-        self.records.lock().extend(batch);
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.records.lock().get(key).cloned())
+    }
+
+    fn commit(&self, batch: Batch) -> Result<()> {
+        let mut records = self.records.lock();
+        for (key, value) in batch {
+            match value {
+                Some(value) => records.insert(key, value),
+                None => records.remove(&key),
+            };
+        }
+        Ok(())
+    }
+
+    fn compact(&self) -> Result<()> {
         Ok(())
     }
 }

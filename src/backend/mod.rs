@@ -14,11 +14,20 @@ use crate::Result;
 /// Every record in a backend, sorted by key.
 pub(crate) type Records = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
 
+/// Records to write (`Some`) or delete (`None`), by key.
+pub(crate) type Batch = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 pub(crate) trait Backend: Send + Sync {
     /// Reads every record.
     fn read_all(&self) -> Result<Records>;
 
-    /// Writes every record of `batch` in one atomic step, and returns only once
-    /// that step survives power loss.
-    fn commit(&self, batch: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()>;
+    /// Reads one record.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Applies every write and delete of `batch` in one atomic step, and returns
+    /// only once that step survives power loss.
+    fn commit(&self, batch: Batch) -> Result<()>;
+
+    /// Rewrites the engine's files to hold only the live records, atomically.
+    fn compact(&self) -> Result<()>;
 }

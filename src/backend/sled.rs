@@ -8,6 +8,9 @@
 //! - it writes nodes larger than 128 KiB to `blobs/` without fsync; our records are
 //!   kept small enough that this never happens, and should it happen anyway those
 //!   files are fsynced too.
+//!
+//! Compaction writes the live records into a fresh engine in `sled.new`, then swaps
+//! the directories; `open` finishes or discards a swap that a crash interrupted.
 
 use std::{
     ffi::OsString,
@@ -20,9 +23,9 @@ use std::{
     time::Duration,
 };
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
-use super::{Backend, Records};
+use super::{Backend, Batch, Records};
 use crate::{
     Error, Result,
     error::StorageError,
@@ -37,17 +40,21 @@ const CACHE_CAPACITY: u64 = 8 * 1024 * 1024;
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Sled {
-    // `None` only while being dropped.
-    db: Option<sled::Db>,
+    // `None` only while being dropped, or after a compaction failed to reopen.
+    engine: RwLock<Option<Engine>>,
     // Set when a commit failed: sled may then panic when dropped.
     failed: AtomicBool,
     dir: PathBuf,
-    // sled gives no way to fsync its log, so we keep our own handle to it.
-    log: File,
     // The entries of the engine's directories when they were last fsynced. A
     // directory fsync costs a disk cache flush, and is needed only when sled
     // created, renamed or deleted a file, which it rarely does.
     synced: Mutex<Synced>,
+}
+
+struct Engine {
+    db: sled::Db,
+    // sled gives no way to fsync its log, so we keep our own handle to it.
+    log: File,
 }
 
 #[derive(Default)]
@@ -60,9 +67,54 @@ struct Synced {
 type Listing = Vec<(OsString, u64)>;
 
 impl Sled {
+    pub(crate) fn open(dir: &Path) -> Result<Sled> {
+        finish_swap(dir).map_err(Error::io(dir))?;
+        let engine = Engine::open(dir)?;
+        let sled = Sled {
+            engine: RwLock::new(Some(engine)),
+            failed: AtomicBool::new(false),
+            dir: dir.to_path_buf(),
+            synced: Mutex::default(),
+        };
+        sled.sync_files(sled.engine.read().as_ref()).map_err(Error::io(dir))?;
+        Ok(sled)
+    }
+
+    fn closed(&self) -> Error {
+        Error::Storage {
+            path: self.dir.clone(),
+            source: StorageError("the engine is closed".into()),
+        }
+    }
+
+    fn sync_files(&self, engine: Option<&Engine>) -> io::Result<()> {
+        let Some(engine) = engine else { return Ok(()) };
+        let mut synced = self.synced.lock();
+        // Blob files should never appear (see the module docs); if sled wrote some
+        // anyway, they are made durable before the log that points at them.
+        let blobs_dir = self.dir.join("blobs");
+        let blobs = listing(&blobs_dir)?;
+        if blobs != synced.blobs {
+            for (name, _) in blobs.iter().filter(|it| !synced.blobs.contains(it)) {
+                File::open(blobs_dir.join(name))?.sync_all()?;
+            }
+            sync_dir(&blobs_dir)?;
+            synced.blobs = blobs;
+        }
+        engine.log.sync_all()?;
+        let listed = listing(&self.dir)?;
+        if listed != synced.engine {
+            sync_dir(&self.dir)?;
+            synced.engine = listed;
+        }
+        Ok(())
+    }
+}
+
+impl Engine {
     // clippy.toml forbids opening sled anywhere else; this is the one place.
     #[allow(clippy::disallowed_methods)]
-    pub(crate) fn open(dir: &Path) -> Result<Sled> {
+    fn open(dir: &Path) -> Result<Engine> {
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_CAPACITY)
@@ -80,45 +132,39 @@ impl Sled {
         .map_err(storage(dir))?;
         let log_path = dir.join("db");
         let log = File::open(&log_path).map_err(Error::io(log_path))?;
-        let sled = Sled {
-            db: Some(db),
-            failed: AtomicBool::new(false),
-            dir: dir.to_path_buf(),
-            log,
-            synced: Mutex::default(),
-        };
-        sled.sync_files().map_err(Error::io(dir))?;
-        Ok(sled)
+        Ok(Engine { db, log })
     }
+}
 
-    fn db(&self) -> Result<&sled::Db> {
-        self.db.as_ref().ok_or_else(|| Error::Storage {
-            path: self.dir.clone(),
-            source: StorageError("the engine is closed".into()),
-        })
-    }
+/// The directory a compaction builds the new engine in.
+fn new_dir(dir: &Path) -> PathBuf {
+    dir.with_extension("new")
+}
 
-    fn sync_files(&self) -> io::Result<()> {
-        let mut synced = self.synced.lock();
-        // Blob files should never appear (see the module docs); if sled wrote some
-        // anyway, they are made durable before the log that points at them.
-        let blobs_dir = self.dir.join("blobs");
-        let blobs = listing(&blobs_dir)?;
-        if blobs != synced.blobs {
-            for (name, _) in blobs.iter().filter(|it| !synced.blobs.contains(it)) {
-                File::open(blobs_dir.join(name))?.sync_all()?;
-            }
-            sync_dir(&blobs_dir)?;
-            synced.blobs = blobs;
+/// The directory the old engine moves to while a compaction swaps them.
+fn old_dir(dir: &Path) -> PathBuf {
+    dir.with_extension("old")
+}
+
+/// Completes or discards a compaction that a crash interrupted. The new engine's
+/// directory is complete and durable before the old one is moved away, so a
+/// missing engine directory means the new one is ready.
+fn finish_swap(dir: &Path) -> io::Result<()> {
+    let (new, old) = (new_dir(dir), old_dir(dir));
+    if new.exists() {
+        if dir.exists() {
+            fs::remove_dir_all(&new)?;
+        } else {
+            fs::rename(&new, dir)?;
         }
-        self.log.sync_all()?;
-        let engine = listing(&self.dir)?;
-        if engine != synced.engine {
-            sync_dir(&self.dir)?;
-            synced.engine = engine;
-        }
-        Ok(())
     }
+    if old.exists() {
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        fs::remove_dir_all(&old)?;
+    }
+    Ok(())
 }
 
 fn listing(dir: &Path) -> io::Result<Listing> {
@@ -138,35 +184,82 @@ fn listing(dir: &Path) -> io::Result<Listing> {
 
 impl Backend for Sled {
     fn read_all(&self) -> Result<Records> {
+        let engine = self.engine.read();
+        let db = &engine.as_ref().ok_or_else(|| self.closed())?.db;
         let mut records = Records::new();
-        for entry in self.db()?.iter() {
+        for entry in db.iter() {
             let (key, value) = entry.map_err(storage(&self.dir))?;
             records.insert(key.to_vec(), value.to_vec());
         }
         Ok(records)
     }
 
-    fn commit(&self, batch: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
-        let db = self.db()?;
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let engine = self.engine.read();
+        let db = &engine.as_ref().ok_or_else(|| self.closed())?.db;
+        Ok(db.get(key).map_err(storage(&self.dir))?.map(|value| value.to_vec()))
+    }
+
+    fn commit(&self, batch: Batch) -> Result<()> {
+        let engine = self.engine.read();
+        let db = &engine.as_ref().ok_or_else(|| self.closed())?.db;
         let mut sled_batch = sled::Batch::default();
         for (key, value) in batch {
-            sled_batch.insert(key, value);
+            match value {
+                Some(value) => sled_batch.insert(key, value),
+                None => sled_batch.remove(key),
+            }
         }
         let res = db
             .apply_batch(sled_batch)
             .and_then(|()| db.flush())
             .map_err(storage(&self.dir))
-            .and_then(|_| self.sync_files().map_err(Error::io(&self.dir)));
+            .and_then(|_| self.sync_files(engine.as_ref()).map_err(Error::io(&self.dir)));
         if res.is_err() {
             self.failed.store(true, Ordering::Relaxed);
         }
         res
     }
+
+    fn compact(&self) -> Result<()> {
+        let mut engine = self.engine.write();
+        let records = {
+            let db = &engine.as_ref().ok_or_else(|| self.closed())?.db;
+            let mut batch = sled::Batch::default();
+            for entry in db.iter() {
+                let (key, value) = entry.map_err(storage(&self.dir))?;
+                batch.insert(key, value);
+            }
+            batch
+        };
+        let new = new_dir(&self.dir);
+        if new.exists() {
+            fs::remove_dir_all(&new).map_err(Error::io(&new))?;
+        }
+        {
+            let fresh = Engine::open(&new)?;
+            fresh.db.apply_batch(records).and_then(|()| fresh.db.flush()).map_err(storage(&new))?;
+            fresh.log.sync_all().map_err(Error::io(&new))?;
+            sync_dir(&new).map_err(Error::io(&new))?;
+        }
+        // The old engine is closed (sled flushes it on drop) before its directory moves.
+        *engine = None;
+        let old = old_dir(&self.dir);
+        let parent = self.dir.parent().unwrap_or(Path::new("."));
+        fs::rename(&self.dir, &old)
+            .and_then(|()| fs::rename(&new, &self.dir))
+            .and_then(|()| sync_dir(parent))
+            .map_err(Error::io(&self.dir))?;
+        fs::remove_dir_all(&old).map_err(Error::io(&old))?;
+        *self.synced.lock() = Synced::default();
+        *engine = Some(Engine::open(&self.dir)?);
+        self.sync_files(engine.as_ref()).map_err(Error::io(&self.dir))
+    }
 }
 
 impl Drop for Sled {
     fn drop(&mut self) {
-        let Some(db) = self.db.take() else { return };
+        let Some(Engine { db, .. }) = self.engine.get_mut().take() else { return };
         if !self.failed.load(Ordering::Relaxed) {
             return;
         }

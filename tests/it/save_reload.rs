@@ -81,7 +81,7 @@ fn a_save_writes_only_what_changed() -> TestResult {
         names.sort();
         Ok(names)
     };
-    let store = Store::builder().cell(&BIG).cell(&SMALL).open(dir.path())?;
+    let store = Store::builder().cell(&BIG).cell(&SMALL).keep_history(1).open(dir.path())?;
     BIG.set((0..100_000).collect());
     store.save_all()?;
     let first = value_files()?;
@@ -94,8 +94,17 @@ fn a_save_writes_only_what_changed() -> TestResult {
     BIG.write().push(1);
     store.save_all()?;
     let second = value_files()?;
-    assert_eq!(second.len(), 1, "the replaced value file was not deleted: {second:?}");
-    assert_ne!(second, first, "a changed large cell was not written");
+    assert_eq!(second.len(), 2, "the kept save holds the replaced value: {second:?}");
+    assert!(second.contains(&first[0]), "a changed large cell was not written");
+
+    // The next save prunes the save that replaced it, and with it the old file.
+    SMALL.set(6);
+    store.save_all()?;
+    let third = value_files()?;
+    assert_eq!(third.len(), 1, "the pruned value file was not deleted: {third:?}");
+    assert_ne!(third, first, "the new value file was deleted instead of the old one");
+    SMALL.set(5);
+    store.save_all()?;
     drop(store);
 
     BIG.set(Vec::new());

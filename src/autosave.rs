@@ -1,0 +1,339 @@
+//! Saving in the background: [`Store::autosave`] and the guard that stops it.
+//!
+//! One thread per autosaving store wakes every period and saves if a cell changed.
+//! Whoever stops it (the guard, [`Store::close`], or the store's last handle
+//! going away) makes the final save. Background errors go to a hook and wait to be
+//! returned by the next explicit call.
+
+use std::{
+    sync::{Arc, Weak},
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::{Error, Result, Store, atomically::ensure_outside, store::Inner};
+
+type Hook = Arc<dyn Fn(&Error) + Send + Sync>;
+
+/// A store's background-saving state.
+#[derive(Default)]
+pub(crate) struct Background {
+    // The first error of a background save that no explicit call has returned yet.
+    pending: Mutex<Option<Error>>,
+    hook: Mutex<Option<Hook>>,
+    // The running autosave, if any.
+    running: Mutex<Option<Arc<Control>>>,
+}
+
+struct Control {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Control {
+    /// Stops the thread and waits for it, unless called from it.
+    fn stop(&self) {
+        *self.stopped.lock() = true;
+        self.wake.notify_all();
+        let handle = self.thread.lock().take();
+        if let Some(handle) = handle
+            && handle.thread().id() != thread::current().id()
+        {
+            // The thread catches nothing, so it ends either way; a panic in it has
+            // already been reported by the panic hook.
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Saves a store in the background while it lives; see [`Store::autosave`].
+///
+/// Dropping it stops the thread and makes a final save, whose error goes to the
+/// store's error hook; [`stop`](Self::stop) does the same and returns the error.
+/// Do not drop it while holding a cell's guard: the final save would wait for that
+/// cell forever.
+#[must_use = "autosave stops, after a final save, when the guard is dropped"]
+pub struct Autosave {
+    store: Weak<Inner>,
+    control: Arc<Control>,
+    finished: bool,
+}
+
+impl Autosave {
+    /// Stops saving in the background and makes a final save.
+    ///
+    /// # Errors
+    /// A background save's error that no call has returned yet
+    /// ([`Error::Background`]), or the final save's error. Nothing is saved if the
+    /// store was closed in the meantime.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use instastate::{StateCell, Store};
+    /// static DRAFT: StateCell<String> = StateCell::new("docs::stop::DRAFT", String::new);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&DRAFT).in_memory()?;
+    /// let autosave = store.autosave(Duration::from_secs(60))?;
+    /// DRAFT.set("typed".into());
+    /// autosave.stop()?;
+    /// assert!(!store.has_unsaved_changes());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn stop(mut self) -> Result<()> {
+        self.finished = true;
+        self.finish()
+    }
+
+    fn finish(&self) -> Result<()> {
+        self.control.stop();
+        let Some(inner) = self.store.upgrade() else { return Ok(()) };
+        if !inner.background.release(&self.control) {
+            // `Store::close` stopped it already, and made the final save.
+            return Ok(());
+        }
+        inner.take_background_error()?;
+        inner.save()
+    }
+}
+
+impl Drop for Autosave {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Err(err) = self.finish()
+            && let Some(inner) = self.store.upgrade()
+        {
+            inner.background.report(&inner, err);
+        }
+    }
+}
+
+impl std::fmt::Debug for Autosave {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = self.store.upgrade().map(|inner| inner.label.clone());
+        f.debug_struct("Autosave").field("store", &path).finish_non_exhaustive()
+    }
+}
+
+impl Background {
+    /// Forgets `control` as the running autosave; returns whether it was.
+    fn release(&self, control: &Arc<Control>) -> bool {
+        let mut running = self.running.lock();
+        if running.as_ref().is_some_and(|it| Arc::ptr_eq(it, control)) {
+            *running = None;
+            return true;
+        }
+        false
+    }
+
+    /// Hands a background error to the hook, and keeps it for the next explicit call.
+    fn report(&self, inner: &Inner, err: Error) {
+        let hook = self.hook.lock().clone();
+        match hook {
+            Some(hook) => hook(&err),
+            None => eprintln!("instastate: {}", Chain(&err)),
+        }
+        let mut pending = self.pending.lock();
+        if pending.is_none() {
+            *pending = Some(Error::Background { path: inner.label.clone(), source: Box::new(err) });
+        }
+    }
+}
+
+impl Inner {
+    /// Returns the pending background error, if any, and forgets it.
+    pub(crate) fn take_background_error(&self) -> Result<()> {
+        match self.background.pending.lock().take() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle went away while autosave ran: that is a shutdown too.
+        let Some(control) = self.background.running.get_mut().take() else { return };
+        control.stop();
+        if let Err(err) = self.save() {
+            self.background.report(self, err);
+        }
+    }
+}
+
+impl Store {
+    /// Starts saving this store in the background: every `period`, one thread
+    /// saves if (and only if) a cell changed since the last save.
+    ///
+    /// Stopping it makes a final save: dropping the returned guard (also when
+    /// `main` returns or panics with the guard alive), [`Autosave::stop`],
+    /// [`close`](Self::close), or dropping the store's last handle.
+    /// A failed background save is handed to the
+    /// [error hook](Self::on_background_error) and returned, as
+    /// [`Error::Background`], by the next explicit call ([`save_all`](Self::save_all),
+    /// [`reload_all`](Self::reload_all), [`revert_to`](Self::revert_to) or
+    /// [`close`](Self::close)) instead of doing its work. A save that poisons the
+    /// store also ends the thread.
+    ///
+    /// # Errors
+    /// [`Error::AutosaveRunning`] when this store already autosaves.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use instastate::{StateCell, Store};
+    /// static COUNT: StateCell<u64> = StateCell::new("docs::autosave::COUNT", || 0);
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let store = Store::builder().cell(&COUNT).open(dir.path())?;
+    /// let _autosave = store.autosave(Duration::from_millis(500))?;
+    /// COUNT.update(|count| *count += 1);
+    /// // ... saved within half a second, and again when `_autosave` is dropped.
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn autosave(&self, period: Duration) -> Result<Autosave> {
+        let inner = &self.inner;
+        let mut running = inner.background.running.lock();
+        if running.is_some() {
+            return Err(Error::AutosaveRunning { path: inner.label.clone() });
+        }
+        let control = Arc::new(Control {
+            stopped: Mutex::new(false),
+            wake: Condvar::new(),
+            thread: Mutex::new(None),
+        });
+        let store = Arc::downgrade(inner);
+        let handle = {
+            let (store, control) = (store.clone(), Arc::clone(&control));
+            thread::Builder::new()
+                .name("instastate-autosave".into())
+                .spawn(move || run(&store, &control, period))
+                .map_err(Error::io(inner.label.clone()))?
+        };
+        *control.thread.lock() = Some(handle);
+        *running = Some(Arc::clone(&control));
+        Ok(Autosave { store, control, finished: false })
+    }
+
+    /// Sets the function that background saves report their errors to; by default
+    /// they are printed to standard error. The error is also returned by the next
+    /// explicit call, so the hook is for logging, not for recovery.
+    ///
+    /// # Example
+    /// ```
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = instastate::Store::builder().in_memory()?;
+    /// store.on_background_error(|err| eprintln!("autosave failed: {err}"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_background_error(&self, hook: impl Fn(&Error) + Send + Sync + 'static) {
+        *self.inner.background.hook.lock() = Some(Arc::new(hook));
+    }
+
+    /// Shuts the store down cleanly: stops [`autosave`](Self::autosave) if it runs,
+    /// saves what changed, and drops this handle (the store closes when its last
+    /// handle is gone).
+    ///
+    /// # Errors
+    /// A background save's error that no call has returned yet
+    /// ([`Error::Background`]; the final save is still made), and every error of
+    /// [`save_all`](Self::save_all).
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static LOG: StateCell<Vec<String>> = StateCell::new("docs::close::LOG", Vec::new);
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let store = Store::builder().cell(&LOG).open(dir.path())?;
+    /// LOG.update(|log| log.push("bye".into()));
+    /// store.close()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn close(self) -> Result<()> {
+        ensure_outside("close")?;
+        let inner = &self.inner;
+        let control = inner.background.running.lock().take();
+        if let Some(control) = control {
+            control.stop();
+        }
+        let pending = inner.take_background_error();
+        let saved = inner.save();
+        pending.and(saved)
+    }
+}
+
+/// The autosave thread.
+fn run(store: &Weak<Inner>, control: &Control, period: Duration) {
+    loop {
+        {
+            let deadline = Instant::now() + period;
+            let mut stopped = control.stopped.lock();
+            while !*stopped && !control.wake.wait_until(&mut stopped, deadline).timed_out() {}
+            if *stopped {
+                return;
+            }
+        }
+        let Some(inner) = store.upgrade() else { return };
+        if !inner.is_dirty() {
+            continue;
+        }
+        if let Err(err) = inner.save() {
+            let poisoned = inner.state.lock().poisoned;
+            inner.background.report(&inner, err);
+            if poisoned {
+                return;
+            }
+        }
+    }
+}
+
+/// Starts saving the global store opened by [`open`](crate::open) in the
+/// background: see [`Store::autosave`].
+///
+/// # Errors
+/// [`Error::NotOpen`] when no global store is open, and every error of
+/// [`Store::autosave`].
+///
+/// # Example
+/// ```
+/// # use std::time::Duration;
+/// instastate::defstate!(TICKS: u64 = 0);
+///
+/// # fn main() -> instastate::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let store = instastate::open(dir.path())?;
+/// let autosave = instastate::autosave(Duration::from_secs(5))?;
+/// TICKS.update(|ticks| *ticks += 1);
+/// autosave.stop()?; // or let it drop at the end of `main`
+/// # drop(store);
+/// # Ok(())
+/// # }
+/// ```
+pub fn autosave(period: Duration) -> Result<Autosave> {
+    crate::store::global()?.autosave(period)
+}
+
+/// An error with its sources, on one line.
+struct Chain<'a>(&'a Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}
