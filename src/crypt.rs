@@ -317,3 +317,87 @@ mod imp {
         }
     }
 }
+
+#[cfg(all(test, feature = "encryption"))]
+mod tests {
+    use super::*;
+
+    fn sealer(byte: u8) -> Sealer {
+        Sealer::new(Some(&EncryptionKey::from_bytes([byte; 32])))
+    }
+
+    #[test]
+    fn records_round_trip_with_a_fresh_nonce_each_time() {
+        let sealer = sealer(1);
+        let first = sealer.seal(b"cell/a", b"plain record".to_vec());
+        let second = sealer.seal(b"cell/a", b"plain record".to_vec());
+        assert_ne!(first, second, "two seals of one record must differ");
+        assert_eq!(sealer.open(b"cell/a", &first).as_deref(), Ok(&b"plain record"[..]));
+    }
+
+    #[test]
+    fn every_bit_flip_truncation_and_wrong_context_fails_to_open() {
+        let sealer = sealer(1);
+        let sealed = sealer.seal(b"cell/a", b"plain record".to_vec());
+        for bit in 0..sealed.len() * 8 {
+            let mut flipped = sealed.clone();
+            if let Some(byte) = flipped.get_mut(bit / 8) {
+                *byte ^= 1 << (bit % 8);
+            }
+            assert!(sealer.open(b"cell/a", &flipped).is_err(), "bit {bit} flipped unnoticed");
+        }
+        for len in 0..sealed.len() {
+            let cut = sealed.get(..len).unwrap_or_default();
+            assert!(sealer.open(b"cell/a", cut).is_err(), "cut to {len} bytes unnoticed");
+        }
+        assert_eq!(sealer.open(b"cell/b", &sealed), Err(SealFault::Auth), "moved record");
+        assert_eq!(self::sealer(2).open(b"cell/a", &sealed), Err(SealFault::Auth), "wrong key");
+        assert_eq!(Sealer::default().open(b"cell/a", &sealed), Err(SealFault::NoKey));
+        assert_eq!(sealer.open(b"cell/a", b"IS plain"), Err(SealFault::NotSealed));
+    }
+
+    fn sealed_file(sealer: &Sealer, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut file = sealer.file_sealer(b"cell/big").expect("a key is set");
+        let mut out = file.header();
+        for (idx, chunk) in chunks.iter().enumerate() {
+            let last = idx + 1 == chunks.len();
+            out.extend(file.chunk(chunk, last).expect("sealing to memory"));
+        }
+        out
+    }
+
+    #[test]
+    fn value_files_round_trip_and_detect_truncation_reordering_and_flips() {
+        let sealer = sealer(3);
+        let chunks: [&[u8]; 3] = [b"first chunk", b"second chunk", b"last"];
+        let file = sealed_file(&sealer, &chunks);
+        assert_eq!(sealer.open_file(b"cell/big", file.clone()), Ok(chunks.concat()));
+        assert_eq!(sealer.open_file(b"cell/other", file.clone()), Err(SealFault::Auth));
+
+        // Dropping the last chunk leaves a file whose final chunk is not marked last.
+        let without_last = sealed_file(&sealer, &chunks[..2]);
+        let cut = file.get(..file.len() - (4 + 4 + 16)).unwrap_or_default().to_vec();
+        assert!(sealer.open_file(b"cell/big", cut).is_err(), "a dropped last chunk went unnoticed");
+        assert!(sealer.open_file(b"cell/big", without_last).is_ok());
+
+        for bit in (0..file.len() * 8).step_by(7) {
+            let mut flipped = file.clone();
+            if let Some(byte) = flipped.get_mut(bit / 8) {
+                *byte ^= 1 << (bit % 8);
+            }
+            assert!(sealer.open_file(b"cell/big", flipped).is_err(), "bit {bit} flipped unnoticed");
+        }
+
+        // Swapping two equal-length chunks fails: their nonces count positions.
+        let same: [&[u8]; 3] = [b"aaaa", b"bbbb", b"cccc"];
+        let file = sealed_file(&sealer, &same);
+        let header = 3 + 19;
+        let chunk = 4 + 4 + 16;
+        let mut swapped = file.get(..header).unwrap_or_default().to_vec();
+        swapped.extend_from_slice(file.get(header + chunk..header + 2 * chunk).unwrap_or_default());
+        swapped.extend_from_slice(file.get(header..header + chunk).unwrap_or_default());
+        swapped.extend_from_slice(file.get(header + 2 * chunk..).unwrap_or_default());
+        assert_eq!(swapped.len(), file.len());
+        assert_eq!(sealer.open_file(b"cell/big", swapped), Err(SealFault::Auth));
+    }
+}

@@ -258,8 +258,15 @@ fn small_value(idx: usize, generation: u64) -> u64 {
 /// How many saves the crash test's store keeps in its history.
 const CRASH_HISTORY: usize = 3;
 
+/// A store directory whose name ends with this is encrypted.
+const SEALED_SUFFIX: &str = "-sealed";
+
 fn crash_store(dir: &Path) -> instastate::Result<Store> {
     let mut builder = Store::builder();
+    #[cfg(feature = "encryption")]
+    if dir.to_string_lossy().ends_with(SEALED_SUFFIX) {
+        builder = builder.encryption_key(instastate::EncryptionKey::from_bytes([0x42; 32]));
+    }
     for cell in &SMALL {
         builder = builder.cell(cell);
     }
@@ -435,47 +442,57 @@ fn crash() -> TestResult {
     let mut rng = XorShift::new(seed);
 
     let dir = tempfile::tempdir()?;
-    let db = dir.path().join("db");
-    {
-        let store = crash_store(&db)?;
+    // Kills alternate between a plain store and, with the `encryption` feature, an
+    // encrypted one; each store continues from its own generation.
+    let mut dbs: Vec<(PathBuf, u64)> = vec![(dir.path().join("db"), 0)];
+    if cfg!(feature = "encryption") {
+        dbs.push((dir.path().join(format!("db{SEALED_SUFFIX}")), 0));
+    }
+    for (db, _) in &dbs {
+        let store = crash_store(db)?;
         set_generation(0);
         store.save_all()?;
     }
 
     let started = Instant::now();
     let mut stats = KillStats::default();
-    let mut generation = 0;
     while stats.kills < KILL_TARGET && started.elapsed() < KILL_BUDGET {
+        let which = usize::try_from(stats.kills).unwrap_or(0) % dbs.len();
+        let Some((db, generation)) = dbs.get_mut(which) else { break };
+        let (db, generation): (&Path, &mut u64) = (db, generation);
         // One kill in five may land while the writer is still opening the store; the
         // others wait for the writer to open it first, so that they land among saves.
         let from_spawn = rng.below(5) == 0;
         let delay = Duration::from_millis(2 + rng.below(149));
-        let round = kill_round(&db, generation, from_spawn, delay).map_err(|err| {
+        let round = kill_round(db, *generation, from_spawn, delay).map_err(|err| {
             format!(
-                "kill #{} (seed {seed}, from generation {generation}, {} delay {delay:?}): {err}",
+                "kill #{} (seed {seed}, {}, from generation {generation}, {} delay {delay:?}): {err}",
                 stats.kills + 1,
+                db.display(),
                 if from_spawn { "spawn +" } else { "open +" },
             )
         })?;
         stats.kills += 1;
         stats.before_open += u32::from(round.reported.opened.is_none());
         stats.with_ack += u32::from(round.reported.saves > 0);
-        stats.advanced += u32::from(round.found > generation);
+        stats.advanced += u32::from(round.found > *generation);
         stats.newer_than_ack +=
-            u32::from(round.found > round.reported.last_saved.unwrap_or(generation));
+            u32::from(round.found > round.reported.last_saved.unwrap_or(*generation));
         stats.total_acks += round.reported.saves;
         stats.opens += u32::from(round.reported.opened.is_some());
         stats.open_time += round.reported.open_time;
         stats.save_time += round.reported.save_time;
-        generation = round.found;
-        stats.max_generation = generation;
+        *generation = round.found;
+        stats.max_generation = stats.max_generation.max(round.found);
     }
     println!(
-        "    {} kills in {:.1} s: {} before the writer opened the store, {} after at least one \
+        "    {} kills in {:.1} s, alternating over {} store(s) (plain{}): {} before the writer opened the store, {} after at least one \
          acknowledged save ({} acknowledged in all), {} with the generation advanced, {} with the \
          reopened generation newer than the last acknowledged one; reached generation {}",
         stats.kills,
         started.elapsed().as_secs_f64(),
+        dbs.len(),
+        if dbs.len() > 1 { ", encrypted" } else { "" },
         stats.before_open,
         stats.with_ack,
         stats.total_acks,

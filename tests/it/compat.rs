@@ -15,7 +15,7 @@ static TEXT: StateCell<String> = StateCell::new("fixture::TEXT", String::new);
 static BIG: StateCell<Vec<u32>> = StateCell::new("fixture::BIG", Vec::new);
 
 /// Copies a fixture, since opening a store writes to it.
-fn copy_dir(from: &Path, to: &Path) -> TestResult {
+pub(crate) fn copy_dir(from: &Path, to: &Path) -> TestResult {
     fs::create_dir_all(to)?;
     for entry in fs::read_dir(from)? {
         let entry = entry?;

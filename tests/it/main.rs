@@ -3,12 +3,16 @@
 //! Every test uses its own cells and its own store (on disk in a temp dir, or in
 //! memory), so tests never share state. Only `global` uses the global store.
 
+mod backup;
 mod bad_input;
 mod compat;
 mod concurrency;
+mod crypt;
 mod global;
+mod history;
 mod model;
 mod save_reload;
+mod schema;
 mod ui;
 
 use std::{path::Path, process::Command};
