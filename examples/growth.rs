@@ -71,7 +71,7 @@ fn dir_size(path: &Path) -> std::io::Result<u64> {
 }
 
 fn kib(bytes: u64) -> String {
-    format!("{:.1} KiB", bytes as f64 / 1024.0)
+    format!("{}.{} KiB", bytes / 1024, bytes % 1024 * 10 / 1024)
 }
 
 fn round(duration: Duration) -> Duration {

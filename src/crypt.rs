@@ -113,7 +113,7 @@ pub(crate) struct Sealer {
 }
 
 // Without the feature, the methods do not need `self`; with it, they do.
-#[cfg_attr(not(feature = "encryption"), allow(clippy::unused_self))]
+#[cfg_attr(not(feature = "encryption"), allow(clippy::unused_self, clippy::unnecessary_wraps))]
 impl Sealer {
     #[cfg(feature = "encryption")]
     pub(crate) fn new(key: Option<&EncryptionKey>) -> Sealer {
@@ -337,23 +337,23 @@ mod tests {
 
     #[test]
     fn every_bit_flip_truncation_and_wrong_context_fails_to_open() {
-        let sealer = sealer(1);
-        let sealed = sealer.seal(b"cell/a", b"plain record".to_vec());
+        let keyed = sealer(1);
+        let sealed = keyed.seal(b"cell/a", b"plain record".to_vec());
         for bit in 0..sealed.len() * 8 {
             let mut flipped = sealed.clone();
             if let Some(byte) = flipped.get_mut(bit / 8) {
                 *byte ^= 1 << (bit % 8);
             }
-            assert!(sealer.open(b"cell/a", &flipped).is_err(), "bit {bit} flipped unnoticed");
+            assert!(keyed.open(b"cell/a", &flipped).is_err(), "bit {bit} flipped unnoticed");
         }
         for len in 0..sealed.len() {
             let cut = sealed.get(..len).unwrap_or_default();
-            assert!(sealer.open(b"cell/a", cut).is_err(), "cut to {len} bytes unnoticed");
+            assert!(keyed.open(b"cell/a", cut).is_err(), "cut to {len} bytes unnoticed");
         }
-        assert_eq!(sealer.open(b"cell/b", &sealed), Err(SealFault::Auth), "moved record");
-        assert_eq!(self::sealer(2).open(b"cell/a", &sealed), Err(SealFault::Auth), "wrong key");
+        assert_eq!(keyed.open(b"cell/b", &sealed), Err(SealFault::Auth), "moved record");
+        assert_eq!(sealer(2).open(b"cell/a", &sealed), Err(SealFault::Auth), "wrong key");
         assert_eq!(Sealer::default().open(b"cell/a", &sealed), Err(SealFault::NoKey));
-        assert_eq!(sealer.open(b"cell/a", b"IS plain"), Err(SealFault::NotSealed));
+        assert_eq!(keyed.open(b"cell/a", b"IS plain"), Err(SealFault::NotSealed));
     }
 
     fn sealed_file(sealer: &Sealer, chunks: &[&[u8]]) -> Vec<u8> {

@@ -352,6 +352,7 @@ impl StoreBuilder {
         })
     }
 
+    #[cfg_attr(not(feature = "encryption"), allow(clippy::unused_self))]
     fn sealer(&self) -> Sealer {
         #[cfg(feature = "encryption")]
         return Sealer::new(self.key.as_ref());

@@ -21,7 +21,7 @@ fn a_backup_taken_during_concurrent_writes_and_saves_reopens_consistent() -> Tes
     ];
     static BIG: StateCell<Vec<u64>> = StateCell::new("backup::live::BIG", Vec::new);
     fn builder() -> instastate::StoreBuilder {
-        CELLS.iter().fold(Store::builder().cell(&BIG), |builder, cell| builder.cell(cell))
+        CELLS.iter().fold(Store::builder().cell(&BIG), instastate::StoreBuilder::cell)
     }
     fn consistent() -> Result<u64, String> {
         let first = CELLS.first().map_or(0, StateCell::get);
