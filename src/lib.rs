@@ -178,6 +178,12 @@ pub use crate::{
     store::{Generation, Store, StoreBuilder, history, open, reload_all, revert_to, save_all},
 };
 
+// The README's examples are compiled and run as doctests (with every feature on,
+// as the README's test command has it).
+#[cfg(all(doctest, feature = "encryption"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 // Not public API. Used by generated code.
 #[doc(hidden)]
 pub mod __private {
