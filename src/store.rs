@@ -377,6 +377,25 @@ impl Store {
         StoreBuilder::default()
     }
 
+    /// Whether directory `path` holds a store, so that a tool can refuse to open
+    /// (and so create) one where there is none.
+    ///
+    /// # Example
+    /// ```
+    /// use instastate::Store;
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// assert!(!Store::exists(dir.path()));
+    /// drop(Store::builder().open(dir.path())?);
+    /// assert!(Store::exists(dir.path()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn exists(path: impl AsRef<Path>) -> bool {
+        path.as_ref().join(ENGINE_DIR).is_dir()
+    }
+
     /// The store's directory, or `None` for an in-memory store.
     ///
     /// # Example

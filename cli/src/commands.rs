@@ -1,0 +1,284 @@
+//! One function per command; each writes its report to `out`.
+
+use std::{
+    fs,
+    io::{self, Write},
+    path::Path,
+    process::ExitCode,
+};
+
+use instastate::{EncryptionKey, Error, Store};
+
+use crate::{Chain, Failure, StoreArgs, format, key};
+
+/// `list`: a table of every stored value, then counts.
+pub(crate) fn list(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    let store = open(args)?;
+    let stored = store.stored_cells();
+    if stored.is_empty() {
+        writeln!(out, "store {} holds no values", args.dir.display())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<[String; 7]> = stored
+        .iter()
+        .map(|cell| {
+            let mut marks = Vec::new();
+            if !cell.claimed {
+                marks.push("orphan".to_owned());
+            }
+            if let Some(damage) = &cell.damage {
+                marks.push(format!("damaged: {damage}"));
+            }
+            let type_name =
+                if cell.damage.is_some() { "?".to_owned() } else { cell.type_name.clone() };
+            let schema =
+                if cell.damage.is_some() { "?".to_owned() } else { cell.schema.to_string() };
+            [
+                cell.name.clone(),
+                type_name,
+                schema,
+                format::size(cell.size),
+                cell.generation.map_or_else(|| "-".to_owned(), |it| it.to_string()),
+                cell.saved_at.map_or_else(|| "-".to_owned(), format::time),
+                marks.join(", "),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "TYPE", "SCHEMA", "SIZE", "SAVE", "SAVED AT (UTC)", "NOTE"];
+    format::table(out, header, &rows)?;
+    let n_orphans = stored.iter().filter(|cell| !cell.claimed).count();
+    let n_damaged = stored.iter().filter(|cell| cell.damage.is_some()).count();
+    writeln!(
+        out,
+        "\n{} at save {}; {}, {n_damaged} damaged",
+        plural(stored.len(), "value"),
+        store.generation(),
+        plural(n_orphans, "orphan"),
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `history`: a table of the saves the history keeps.
+pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    let store = open(args)?;
+    let history = store.history();
+    if history.is_empty() {
+        writeln!(out, "store {} keeps no saves in its history", args.dir.display())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<[String; 3]> = history
+        .iter()
+        .map(|save| {
+            let changed =
+                if save.changed.is_empty() { "-".to_owned() } else { save.changed.join(", ") };
+            [save.number.to_string(), format::time(save.saved_at), changed]
+        })
+        .collect();
+    format::table(out, ["SAVE", "SAVED AT (UTC)", "CELLS CHANGED"], &rows)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `verify`: every problem, or that the store is sound; exit status 1 for problems.
+pub(crate) fn verify(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    let store = match open(args) {
+        Ok(store) => store,
+        Err(Failure::Store(err)) if is_damage(&err) => {
+            writeln!(out, "cannot open the store: {}", Chain(&err))?;
+            writeln!(out, "store {} is NOT sound", args.dir.display())?;
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(failure) => return Err(failure),
+    };
+    let problems = store.verify()?;
+    if problems.is_empty() {
+        let n_values = store.stored_cells().len();
+        writeln!(
+            out,
+            "store {} is sound: {} at save {}",
+            args.dir.display(),
+            plural(n_values, "value"),
+            store.generation()
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for problem in &problems {
+        writeln!(out, "{problem}")?;
+    }
+    let found = plural(problems.len(), "problem");
+    writeln!(out, "store {} is NOT sound: {found}", args.dir.display())?;
+    Ok(ExitCode::FAILURE)
+}
+
+/// `export`: writes the export file.
+pub(crate) fn export(
+    args: &StoreArgs,
+    file: &Path,
+    out: &mut impl Write,
+) -> Result<ExitCode, Failure> {
+    let store = open(args)?;
+    store.export_to(file)?;
+    let n_values = store.stored_cells().len();
+    writeln!(
+        out,
+        "exported {} from save {} of {} to {}",
+        plural(n_values, "value"),
+        store.generation(),
+        args.dir.display(),
+        file.display()
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `import`: stores an export file as one new save, in a new store with `create`.
+pub(crate) fn import(
+    args: &StoreArgs,
+    file: &Path,
+    create: bool,
+    out: &mut impl Write,
+) -> Result<ExitCode, Failure> {
+    let is_new = create && !args.dir.exists();
+    if create && !is_new {
+        return Err(Failure::Message(format!(
+            "--create makes a new store, and `{}` already exists; \
+             leave --create out to import into the store there",
+            args.dir.display()
+        )));
+    }
+    if !is_new && let Err(message) = check_is_store(&args.dir) {
+        return Err(Failure::Message(format!(
+            "{message}\n  to restore into a new store, give `import --create` a directory \
+             that does not exist yet; or run the program once so that it creates its store"
+        )));
+    }
+    let store = open_unchecked(args)?;
+    if let Err(err) = store.import_from(file) {
+        if is_new {
+            drop(store);
+            // The directory did not exist before, so all of it is ours to remove.
+            let _ = fs::remove_dir_all(&args.dir);
+        }
+        return Err(err.into());
+    }
+    let written = store.history().last().map_or(0, |save| save.changed.len());
+    writeln!(
+        out,
+        "imported {} into {} {} as save {}",
+        file.display(),
+        if is_new { "the new store" } else { "store" },
+        args.dir.display(),
+        store.generation()
+    )?;
+    writeln!(out, "{} written", plural(written, "value"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `prune-orphans`: deletes the orphans and names them.
+pub(crate) fn prune_orphans(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    let store = open(args)?;
+    let removed = store.prune_orphans()?;
+    if removed.is_empty() {
+        writeln!(out, "store {} has no orphans", args.dir.display())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "removed {} from {} as save {}:",
+        plural(removed.len(), "orphan"),
+        args.dir.display(),
+        store.generation()
+    )?;
+    for name in &removed {
+        writeln!(out, "  {name}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `compact`: compacts the store and measures it before and after.
+pub(crate) fn compact(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    check_is_store(&args.dir).map_err(Failure::Message)?;
+    let before = dir_size(&args.dir)?;
+    let store = open(args)?;
+    store.compact()?;
+    // Dropping the store lets the engine finish writing before the files are measured.
+    drop(store);
+    let after = dir_size(&args.dir)?;
+    writeln!(
+        out,
+        "compacted {}: {} before, {} after",
+        args.dir.display(),
+        format::size(before),
+        format::size(after)
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the existing store `args` names, refusing to create one.
+fn open(args: &StoreArgs) -> Result<Store, Failure> {
+    check_is_store(&args.dir).map_err(Failure::Message)?;
+    open_unchecked(args)
+}
+
+/// Opens the store `args` names, creating it if there is none.
+fn open_unchecked(args: &StoreArgs) -> Result<Store, Failure> {
+    // A tool's save (import, prune) must not prune the history the program keeps,
+    // whose length the tool cannot know; the program's next save prunes it.
+    let mut builder = Store::builder().keep_history(usize::MAX);
+    if let Some(path) = &args.key_file {
+        let contents = fs::read(path).map_err(|err| {
+            Failure::Message(format!("cannot read key file {}: {err}", path.display()))
+        })?;
+        let bytes = key::parse(&contents)
+            .map_err(|reason| Failure::Message(format!("key file {}: {reason}", path.display())))?;
+        builder = builder.encryption_key(EncryptionKey::from_bytes(bytes));
+    }
+    Ok(builder.open(&args.dir)?)
+}
+
+/// Fails, saying why, unless `dir` holds a store, so that opening it does not create one.
+fn check_is_store(dir: &Path) -> Result<(), String> {
+    let problem = if !dir.exists() {
+        "the directory does not exist"
+    } else if !dir.is_dir() {
+        "it is not a directory"
+    } else if !Store::exists(dir) {
+        "the directory holds no instastate store"
+    } else {
+        return Ok(());
+    };
+    Err(format!("no store at {}: {problem}; this tool never creates a store", dir.display()))
+}
+
+/// Whether `err`, from opening a store, means the store is damaged.
+fn is_damage(err: &Error) -> bool {
+    // `Storage` is the engine failing to read its own files, which verify cannot
+    // tell apart from damage; the other variants name damaged records.
+    matches!(
+        err,
+        Error::Corrupt { .. } | Error::Several(_) | Error::Decode { .. } | Error::Storage { .. }
+    )
+}
+
+/// The total size of the files under `dir`, not following symbolic links.
+fn dir_size(dir: &Path) -> Result<u64, Failure> {
+    let cannot_measure = |path: &Path, err: io::Error| {
+        Failure::Message(format!("cannot measure {}: {err}", path.display()))
+    };
+    let mut total = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = fs::symlink_metadata(&path).map_err(|err| cannot_measure(&path, err))?;
+        if meta.is_dir() {
+            for entry in fs::read_dir(&path).map_err(|err| cannot_measure(&path, err))? {
+                pending.push(entry.map_err(|err| cannot_measure(&path, err))?.path());
+            }
+        } else {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
+/// `n` and `noun`, plural unless `n` is 1: `1 value`, `3 values`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+}

@@ -1,0 +1,174 @@
+//! `instastate`: inspect and look after the store directory of a program that uses
+//! the instastate library, while that program is stopped.
+//!
+//! Every command opens the store without cells, so every saved value is visible,
+//! and refuses to create a store where there is none. Exit codes: 0 success, 1 the
+//! store is not sound (`verify` only), 2 any other failure.
+
+#![forbid(unsafe_code)]
+
+mod commands;
+mod format;
+mod key;
+
+use std::{fmt, io, path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use instastate::Error;
+
+/// Inspect and look after an instastate store directory
+///
+/// The program that uses the store must be stopped first: a store is open in one
+/// process at a time. This tool never creates a store by accident: given a directory
+/// that does not exist or holds no store, it refuses. Only `import --create` makes a
+/// new store, and only in a directory that does not exist yet.
+#[derive(Debug, Parser)]
+#[command(name = "instastate", version, propagate_version = true)]
+#[command(
+    after_help = "Exit status: 0 success, 1 the store is not sound (verify), 2 any other failure."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List every stored value: name, type, schema, size, save number and time
+    ///
+    /// Values no cell of the program claims (cells renamed, moved or deleted) are
+    /// marked `orphan`; values whose record cannot be read are marked `damaged`.
+    /// Times are in UTC.
+    List(StoreArgs),
+    /// Show the saves the store's history keeps, with the cells each one changed
+    History(StoreArgs),
+    /// Check every record and value file; exit status 1 when something is wrong
+    ///
+    /// Prints each problem found, or that the store is sound. A store too damaged
+    /// to open is reported as not sound too.
+    Verify(StoreArgs),
+    /// Write the store's last save to one portable file
+    ///
+    /// The file holds every stored value, orphans included, with its name, type and
+    /// schema version. An encrypted store's export stays encrypted.
+    Export {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The export file to write (replaced if it exists)
+        file: PathBuf,
+    },
+    /// Store the values of an export file as one new save of the store
+    ///
+    /// All or nothing: a damaged file or a failed write changes nothing.
+    /// Like any command, import refuses a directory that holds no store; to restore
+    /// an export into a new store, give a directory that does not exist yet and
+    /// --create, or run the program once so that it creates its store.
+    Import {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The export file, written by `instastate export` or `Store::export_to`
+        file: PathBuf,
+        /// Create the store first; only for a directory that does not exist yet
+        #[arg(long)]
+        create: bool,
+    },
+    /// Delete the stored values that no cell of the program claims
+    ///
+    /// The claimants are the cells of the program that saved last. The deletion is
+    /// one new save, which the program can undo with `Store::revert_to` while its
+    /// history holds it.
+    PruneOrphans(StoreArgs),
+    /// Rewrite the store's files to hold only live data; prints the size before and after
+    Compact(StoreArgs),
+}
+
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// The store directory: the path the program opens
+    #[arg(value_name = "STORE")]
+    dir: PathBuf,
+    /// The key of an encrypted store: a file holding 32 raw bytes or 64 hex digits
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+}
+
+/// Why a command failed; every failure exits with status 2.
+#[derive(Debug)]
+enum Failure {
+    /// A message of our own.
+    Message(String),
+    /// An error from the store, shown with its causes.
+    Store(Error),
+    /// Writing to standard output failed.
+    Output(io::Error),
+}
+
+/// An error and its chain of causes, one per line.
+struct Chain<'a>(&'a dyn std::error::Error);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        // A reader that went away, as `instastate list | head` does, is not a failure.
+        Err(Failure::Output(err)) if err.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("{failure}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode, Failure> {
+    let out = &mut io::stdout().lock();
+    match command {
+        Command::List(args) => commands::list(&args, out),
+        Command::History(args) => commands::history(&args, out),
+        Command::Verify(args) => commands::verify(&args, out),
+        Command::Export { store, file } => commands::export(&store, &file, out),
+        Command::Import { store, file, create } => commands::import(&store, &file, create, out),
+        Command::PruneOrphans(args) => commands::prune_orphans(&args, out),
+        Command::Compact(args) => commands::compact(&args, out),
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("error: ")?;
+        match self {
+            Failure::Message(message) => f.write_str(message),
+            Failure::Store(Error::Locked { path, .. }) => write!(
+                f,
+                "store {} is in use by a running program; stop it first, \
+                 or use its backup_to (`Store::backup_to`) to copy the store and inspect the copy",
+                path.display()
+            ),
+            Failure::Store(err) => write!(f, "{}", Chain(err)),
+            Failure::Output(err) => write!(f, "cannot write to standard output: {err}"),
+        }
+    }
+}
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, "\n  caused by: {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(err: Error) -> Failure {
+        Failure::Store(err)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(err: io::Error) -> Failure {
+        Failure::Output(err)
+    }
+}
