@@ -2,11 +2,11 @@
 
 use proc_macro2::{Ident, Span, TokenStream, TokenTree};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
-use syn::Type;
+use syn::{Type, spanned::Spanned};
 
 use crate::{
     parse::{Decl, Decls},
-    validate::validate,
+    validate::{Attrs, Migration, validate},
 };
 
 pub(crate) fn expand(Decls(decls): Decls) -> TokenStream {
@@ -50,11 +50,12 @@ fn expand_one(decl: &Decl) -> TokenStream {
     // A type that is not an `instastate::Value` is reported here, at the type, with
     // `Value`'s own message.
     let checked = quote!(#krate::__private::register::#spanned_ty);
+    let options = options(&krate, ty, &attrs);
     let errors = errors.map(|err| err.to_compile_error());
     quote! {
         #errors
         #(#rest)*
-        #vis static #ident: #cell_ty = #krate::__private::new_cell(#name, #origin, || #init, #krate::CellOptions::new());
+        #vis static #ident: #cell_ty = #krate::__private::new_cell(#name, #origin, || #init, #options);
         #(#cfgs)*
         const _: () = {
             // A deprecated cell is registered without a warning.
@@ -69,6 +70,44 @@ fn expand_one(decl: &Decl) -> TokenStream {
                 }
             }
         };
+    }
+}
+
+/// The cell's `CellOptions`, with only the parts its attributes give.
+fn options(krate: &TokenStream, ty: &Type, attrs: &Attrs) -> TokenStream {
+    let mut options = quote!(#krate::CellOptions::new());
+    if let Some(version) = &attrs.version {
+        let number = version.number;
+        let number = quote_spanned!(version.lit.span()=> #number);
+        options = quote!(#options.version(#number));
+    }
+    if !attrs.migrations.is_empty() {
+        let migrations = attrs.migrations.iter().map(|it| migration(krate, ty, it));
+        // In a `static`'s initializer these temporaries live for `'static`.
+        options = quote!(#options.migrations(&[#(#migrations),*]));
+    }
+    if !attrs.aliases.is_empty() {
+        let aliases = &attrs.aliases;
+        options = quote!(#options.aliases(&[#(#aliases),*]));
+    }
+    options
+}
+
+/// A migration, as a `&dyn Migrate<T>`. Naming the cell's type makes a function of
+/// the wrong type a type mismatch, and every token of the expression has the
+/// function's span, so rustc reports that and an old type that is not
+/// `DeserializeOwned` at the function.
+fn migration(
+    krate: &TokenStream,
+    ty: &Type,
+    Migration { from, function }: &Migration,
+) -> TokenStream {
+    let span = function.span();
+    let krate = respan(krate.clone(), span);
+    let ty = respan(ty.to_token_stream(), span);
+    let number = from.number;
+    quote_spanned! {span=>
+        &#krate::Migration::<_, #ty>::new(#number, #function)
     }
 }
 
