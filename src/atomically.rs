@@ -64,6 +64,11 @@ pub(crate) fn exclusive() -> RwLockWriteGuard<'static, ()> {
 }
 
 /// Refuses `operation` on a thread inside `atomically`, where it would deadlock.
+/// Whether this thread is inside an `atomically` block, where saves cannot run.
+pub(crate) fn inside() -> bool {
+    DEPTH.with(Cell::get) > 0
+}
+
 pub(crate) fn ensure_outside(operation: &'static str) -> Result<()> {
     if DEPTH.with(Cell::get) == 0 { Ok(()) } else { Err(Error::InsideAtomically { operation }) }
 }

@@ -13,7 +13,11 @@ use std::{
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::{Error, Result, Store, atomically::ensure_outside, store::Inner};
+use crate::{
+    Error, Result, Store,
+    atomically::{ensure_outside, inside},
+    store::Inner,
+};
 
 type Hook = Arc<dyn Fn(&Error) + Send + Sync>;
 
@@ -28,24 +32,46 @@ pub(crate) struct Background {
 }
 
 struct Control {
-    stopped: Mutex<bool>,
+    phase: Mutex<Phase>,
     wake: Condvar,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    // Stopped by someone who makes the final save.
+    Stopped,
+    // Stopped by someone who cannot save (inside `atomically`): the thread makes
+    // the final save itself, once the block has ended.
+    FinalSave,
+}
+
 impl Control {
-    /// Stops the thread and waits for it, unless called from it.
+    /// Stops the thread and waits for it, unless called from it: then the handle
+    /// stays for whoever stops it next (the guard), who must wait for the final
+    /// save this thread is making.
     fn stop(&self) {
-        *self.stopped.lock() = true;
-        self.wake.notify_all();
-        let handle = self.thread.lock().take();
-        if let Some(handle) = handle
-            && handle.thread().id() != thread::current().id()
-        {
+        self.signal(Phase::Stopped);
+        let mut slot = self.thread.lock();
+        if slot.as_ref().is_some_and(|handle| handle.thread().id() == thread::current().id()) {
+            return;
+        }
+        let handle = slot.take();
+        drop(slot);
+        if let Some(handle) = handle {
             // The thread catches nothing, so it ends either way; a panic in it has
             // already been reported by the panic hook.
             let _ = handle.join();
         }
+    }
+
+    fn signal(&self, phase: Phase) {
+        let mut state = self.phase.lock();
+        if *state == Phase::Running {
+            *state = phase;
+        }
+        self.wake.notify_all();
     }
 }
 
@@ -65,10 +91,15 @@ pub struct Autosave {
 impl Autosave {
     /// Stops saving in the background and makes a final save.
     ///
+    /// Inside [`atomically`](crate::atomically), where a save would wait for the
+    /// block forever, it returns [`Error::InsideAtomically`] and leaves the final save
+    /// to the background thread, which makes it once the block has ended (dropping
+    /// the guard there does the same).
+    ///
     /// # Errors
     /// A background save's error that no call has returned yet
-    /// ([`Error::Background`]), or the final save's error. Nothing is saved if the
-    /// store was closed in the meantime.
+    /// ([`Error::Background`]; the final save is still made), or the final save's
+    /// error. Nothing is saved if the store was closed in the meantime.
     ///
     /// # Example
     /// ```
@@ -86,18 +117,23 @@ impl Autosave {
     /// ```
     pub fn stop(mut self) -> Result<()> {
         self.finished = true;
-        self.finish()
+        if inside() {
+            // The save would wait for the block this call runs in.
+            self.control.signal(Phase::FinalSave);
+            return ensure_outside("Autosave::stop");
+        }
+        let Some(inner) = self.release() else { return Ok(()) };
+        let pending = inner.take_background_error();
+        let saved = inner.save();
+        pending.and(saved)
     }
 
-    fn finish(&self) -> Result<()> {
+    /// Stops the thread and returns the store, unless it is gone or someone else
+    /// (`Store::close`) stopped it and made the final save.
+    fn release(&self) -> Option<Arc<Inner>> {
         self.control.stop();
-        let Some(inner) = self.store.upgrade() else { return Ok(()) };
-        if !inner.background.release(&self.control) {
-            // `Store::close` stopped it already, and made the final save.
-            return Ok(());
-        }
-        inner.take_background_error()?;
-        inner.save()
+        let inner = self.store.upgrade()?;
+        inner.background.release(&self.control).then_some(inner)
     }
 }
 
@@ -106,9 +142,14 @@ impl Drop for Autosave {
         if self.finished {
             return;
         }
-        if let Err(err) = self.finish()
-            && let Some(inner) = self.store.upgrade()
-        {
+        if inside() {
+            // The thread makes the final save once the block has ended.
+            self.control.signal(Phase::FinalSave);
+            return;
+        }
+        let Some(inner) = self.release() else { return };
+        // A pending error stays pending for the next explicit call; the hook has seen it.
+        if let Err(err) = inner.save() {
             inner.background.report(&inner, err);
         }
     }
@@ -132,16 +173,21 @@ impl Background {
         false
     }
 
-    /// Hands a background error to the hook, and keeps it for the next explicit call.
+    /// Keeps a background error for the next explicit call, then hands it to the
+    /// hook (in that order, so that a call the hook makes sees it too).
     fn report(&self, inner: &Inner, err: Error) {
+        let err = Arc::new(err);
+        {
+            let mut pending = self.pending.lock();
+            if pending.is_none() {
+                *pending =
+                    Some(Error::Background { path: inner.label.clone(), source: Arc::clone(&err) });
+            }
+        }
         let hook = self.hook.lock().clone();
         match hook {
             Some(hook) => hook(&err),
             None => eprintln!("instastate: {}", Chain(&err)),
-        }
-        let mut pending = self.pending.lock();
-        if pending.is_none() {
-            *pending = Some(Error::Background { path: inner.label.clone(), source: Box::new(err) });
         }
     }
 }
@@ -161,7 +207,14 @@ impl Drop for Inner {
         // The last handle went away while autosave ran: that is a shutdown too.
         let Some(control) = self.background.running.get_mut().take() else { return };
         control.stop();
-        if let Err(err) = self.save() {
+        let res = if inside() {
+            // The save would wait for the block this drop runs in, and the store
+            // will be gone when the block ends.
+            ensure_outside("the final save of a store dropped inside `atomically`")
+        } else {
+            self.save()
+        };
+        if let Err(err) = res {
             self.background.report(self, err);
         }
     }
@@ -205,7 +258,7 @@ impl Store {
             return Err(Error::AutosaveRunning { path: inner.label.clone() });
         }
         let control = Arc::new(Control {
-            stopped: Mutex::new(false),
+            phase: Mutex::new(Phase::Running),
             wake: Condvar::new(),
             thread: Mutex::new(None),
         });
@@ -273,26 +326,39 @@ impl Store {
 }
 
 /// The autosave thread.
-fn run(store: &Weak<Inner>, control: &Control, period: Duration) {
+fn run(store: &Weak<Inner>, control: &Arc<Control>, period: Duration) {
     loop {
-        {
+        let stop = {
             let deadline = Instant::now() + period;
-            let mut stopped = control.stopped.lock();
-            while !*stopped && !control.wake.wait_until(&mut stopped, deadline).timed_out() {}
-            if *stopped {
-                return;
-            }
+            let mut stop = control.phase.lock();
+            while *stop == Phase::Running
+                && !control.wake.wait_until(&mut stop, deadline).timed_out()
+            {}
+            *stop
+        };
+        if stop == Phase::Stopped {
+            return;
         }
         let Some(inner) = store.upgrade() else { return };
+        if stop == Phase::FinalSave {
+            inner.background.release(control);
+        }
         if !inner.is_dirty() {
+            if stop == Phase::FinalSave {
+                return;
+            }
             continue;
         }
-        if let Err(err) = inner.save() {
+        let res = inner.save();
+        if let Err(err) = res {
             let poisoned = inner.state.lock().poisoned;
             inner.background.report(&inner, err);
             if poisoned {
                 return;
             }
+        }
+        if stop == Phase::FinalSave {
+            return;
         }
     }
 }

@@ -193,9 +193,9 @@ pub enum Error {
     Background {
         /// The store directory, or `:memory:`.
         path: PathBuf,
-        /// The background save's error.
+        /// The background save's error (shared with the error hook, which saw it first).
         #[source]
-        source: Box<Error>,
+        source: std::sync::Arc<Error>,
     },
     /// [`autosave`](crate::autosave) was started on a store that already has it running.
     #[error("store `{}` already saves in the background", path.display())]

@@ -37,6 +37,8 @@ fn a_backup_taken_during_concurrent_writes_and_saves_reopens_consistent() -> Tes
     }
     let dir = tempfile::tempdir()?;
     let store = builder().open(dir.path().join("live"))?;
+    BIG.set(vec![0; 6_000]);
+    store.save_all()?;
     let stop = AtomicBool::new(false);
     let backups = thread::scope(|scope| -> TestResult<Vec<std::path::PathBuf>> {
         scope.spawn(|| {
