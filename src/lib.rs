@@ -40,7 +40,8 @@
 //! A cell is stored under its *name*, by default its module path and identifier
 //! (`my_app::settings::THEME`). **Moving or renaming the static changes its name**,
 //! and the old saved value is then an orphan (kept on disk, listed by
-//! [`Store::orphans`], no longer loaded). Pin the name to keep it stable:
+//! [`Store::orphans`], no longer loaded) unless the cell lists the old name as an
+//! alias (`#[alias = "old::NAME"]`). Pin the name to keep it stable:
 //!
 //! ```
 //! instastate::defstate! {
@@ -80,10 +81,16 @@
 //!   (the engine may have taken the batch before the failure).
 //! - **Exclusive.** A store directory is locked while open; a second open, in this
 //!   process or another, fails at once with [`Error::Locked`].
+//! - **History.** The last saves (10 unless [`StoreBuilder::keep_history`] says
+//!   otherwise) are kept, each costing only the earlier values of the cells it
+//!   wrote; [`Store::revert_to`] restores any of them, all or nothing.
+//! - **Sealed** (feature `encryption`). With `StoreBuilder::encryption_key`,
+//!   every record and value file is authenticated and encrypted; a wrong key or a
+//!   tampered byte is an error, never garbage.
 //!
 //! What is not promised: changes made since the last save are lost when the process
-//! dies (save more often, or wait for the journaled mode), and a store is for one
-//! process at a time.
+//! dies ([`autosave`] narrows that window; a journal would close it), and a store is
+//! for one process at a time.
 //!
 //! # Recipes
 //!
@@ -109,6 +116,37 @@
 //!
 //! **Invariants across cells**: change them inside [`atomically`].
 //!
+//! **Saving without thinking about it**: keep the guard of [`autosave`] alive in
+//! `main`. It saves in the background when something changed, and once more when
+//! it is dropped, also when `main` returns early or panics.
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use instastate::{StateCell, Store};
+//! static SCORE: StateCell<u32> = StateCell::new("docs::recipe::SCORE", || 0);
+//! # fn main() -> instastate::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let store = Store::builder().cell(&SCORE).open(dir.path())?;
+//! let _autosave = store.autosave(Duration::from_secs(1))?;
+//! SCORE.set(10);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! **Undo in a REPL or editor**: [`Store::history`] lists the kept saves and
+//! [`Store::revert_to`] goes back to one; [`Store::reload_all`] drops the changes
+//! since the last save. `examples/repl.rs` is a whole session.
+//!
+//! **Changing a cell's type**: bump its schema version and give a migration from
+//! the old type (`#[version = 2]`, `#[migrate(1 => from_v1)]`, or [`CellOptions`]).
+//! postcard, the value encoding, is not self-describing, so adding a field needs a
+//! version bump too; its migration fills the field in (`examples/evolve.rs`).
+//!
+//! **Backups**: [`Store::backup_to`] copies the last save to a new directory while
+//! the program runs; [`Store::export_to`] and [`Store::import_from`] move a
+//! snapshot through one portable file. The `instastate` command-line tool (in
+//! `cli/`) lists, verifies, exports, imports and compacts a stopped program's store.
+//!
 //! # F.A.Q.
 //!
 //! **Why does `defstate!` not compile in my `#![forbid(unsafe_code)]` crate?**
@@ -122,15 +160,18 @@
 //! [`Error::NeverSaved`] until then.
 //!
 //! **Can I change a cell's type?** Not silently: a saved value of another type is
-//! refused at open. Keep the old name for the old type, or pin a new
-//! `#[name = "..."]`, whose saved value starts fresh.
+//! refused at open. Bump the cell's schema version and add a migration from the old
+//! type; a value saved by a newer version is refused with [`Error::SchemaVersion`]
+//! and left as it is.
 //!
 //! **What counts as "another type"?** The type's name as
 //! [`std::any::type_name`] spells it, including its module path. Moving a type to
 //! another module changes it, and the standard library does not promise that the
 //! spelling stays the same across compiler versions (in practice it has, for the
 //! standard types). Such a change makes the open fail with [`Error::TypeMismatch`],
-//! and nothing is lost: the old program still reads the store.
+//! and nothing is lost: the old program still reads the store. To move a type, bump
+//! the schema version with the identity function as the migration: a migration
+//! trusts the version number, not the type name.
 //!
 //! **What must I not do while holding a cell's guard?** Open or reload a store with
 //! that cell (they need its write lock), save while holding its *write* guard, or
@@ -140,7 +181,8 @@
 //!
 //! # Feature flags
 //!
-//! None yet.
+//! - `encryption` (off by default): `StoreBuilder::encryption_key` and
+//!   `EncryptionKey`, through the RustCrypto `chacha20poly1305` crate.
 //!
 //! # MSRV
 //!
