@@ -158,9 +158,10 @@ impl Store {
                     problem(location, reason);
                 }
             } else if let Some(generation) = codec::history_generation(key) {
-                match inner.manifest(generation, bytes) {
+                let location = codec::history_label(generation);
+                match inner.read_manifest(generation, |key| Ok(records.get(key).cloned())) {
                     Err(err) => problem(location, err.to_string()),
-                    Ok(manifest) => {
+                    Ok((manifest, _)) => {
                         for (name, pre) in manifest.entries {
                             let Some(pre) = pre else { continue };
                             if let Err(reason) = inner.check_record(&name, &pre) {
@@ -168,6 +169,11 @@ impl Store {
                             }
                         }
                     }
+                }
+            } else if let Some((generation, chunk)) = codec::history_chunk(key) {
+                if !records.contains_key(&codec::history_key(generation)) {
+                    let location = format!("{} chunk {chunk}", codec::history_label(generation));
+                    problem(location, "belongs to no history entry".into());
                 }
             } else if key == codec::FORMAT_KEY {
                 if codec::read_u32(bytes).is_none() {
@@ -227,33 +233,23 @@ impl Store {
                 return Err(Error::Io { path: path.to_path_buf(), source });
             }
         }
-        create_dir_durably(path).map_err(Error::io(path))?;
-        let records = inner.backend.read_all()?;
-        let values_path = path.join(VALUES_DIR);
-        let values = ValueDir::open(values_path.clone()).map_err(Error::io(&values_path))?;
-        let mut batch = Batch::new();
-        for (key, bytes) in records {
-            let name = codec::cell_name(&key).map(str::to_owned);
-            let files = match (name, codec::history_generation(&key)) {
-                (Some(name), _) => inner.file_of(&name, &bytes).into_iter().collect(),
-                (None, Some(generation)) => {
-                    let manifest = inner.manifest(generation, &bytes)?;
-                    let pres = manifest.entries.iter();
-                    pres.filter_map(|(name, pre)| inner.file_of(name, pre.as_deref()?)).collect()
-                }
-                (None, None) => Vec::new(),
-            };
-            for id in files {
-                copy_durably(inner, id, &values.file_path(id))?;
-            }
-            batch.push((key, Some(bytes)));
-        }
-        sync_dir(&values_path).map_err(Error::io(&values_path))?;
-        let engine = Sled::open(&path.join(ENGINE_DIR))?;
-        engine.commit(batch)?;
-        drop(engine);
+        // Built beside `path` and renamed into place when complete, so that a crash
+        // never leaves a partial backup that opens as a store.
+        let parent = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        create_dir_durably(parent).map_err(Error::io(parent))?;
+        let temp = tempfile::Builder::new()
+            .prefix(".instastate-backup-")
+            .tempdir_in(parent)
+            .map_err(Error::io(parent))?;
+        inner.copy_to(&state, temp.path())?;
+        sync_dir(temp.path()).map_err(Error::io(temp.path()))?;
         drop(state);
-        sync_dir(path).map_err(Error::io(path))
+        let built = temp.keep();
+        fs::rename(&built, path).map_err(Error::io(path))?;
+        sync_dir(parent).map_err(Error::io(parent))
     }
 
     /// Writes the store's last save to one portable file at `path`: every stored
@@ -353,6 +349,7 @@ impl Store {
         let spilled: Vec<&Spilled> = encoded.iter().filter_map(Encoded::spilled).collect();
         inner.commit_generation(&mut state, writes, &spilled)?;
         inner.install(&mut state, decoded, None);
+        inner.refresh_orphans(&mut state);
         Ok(())
     }
 
@@ -385,7 +382,7 @@ impl Store {
         state.now_ms = now_ms();
         let writes = orphans.iter().map(|name| (name.clone(), None)).collect();
         inner.commit_generation(&mut state, writes, &[])?;
-        state.orphans.retain(|name| !orphans.contains(name));
+        inner.refresh_orphans(&mut state);
         Ok(orphans)
     }
 
@@ -415,6 +412,30 @@ impl Store {
 }
 
 impl Inner {
+    /// Copies the store's records and the value files they and the history point
+    /// at into a new store in `dir`, durably.
+    fn copy_to(&self, state: &State, dir: &Path) -> Result<()> {
+        let records = self.backend.read_all()?;
+        let values_path = dir.join(VALUES_DIR);
+        let values = ValueDir::open(values_path.clone()).map_err(Error::io(&values_path))?;
+        let mut files: Vec<u64> =
+            state.current.iter().filter_map(|(name, bytes)| self.file_of(name, bytes)).collect();
+        files.extend(state.history.iter().flat_map(|kept| kept.files.iter().copied()));
+        if !state.damaged_history.is_empty()
+            && let Some(source) = &self.values
+        {
+            // Damaged manifests might point at any file: copy them all.
+            files = source.ids().map_err(Error::io(source.path()))?;
+        }
+        for id in files {
+            copy_durably(self, id, &values.file_path(id))?;
+        }
+        sync_dir(&values_path).map_err(Error::io(&values_path))?;
+        let batch: Batch = records.into_iter().map(|(key, bytes)| (key, Some(bytes))).collect();
+        let engine = Sled::open(&dir.join(ENGINE_DIR))?;
+        engine.commit(batch)
+    }
+
     /// Writes the export of the last save, `state`, to `file`; `path` names it in errors.
     fn write_export(&self, file: &File, state: &State, path: &Path) -> Result<()> {
         let mut out = Checksummed::new(BufWriter::new(file));
@@ -428,6 +449,12 @@ impl Inner {
         header.extend_from_slice(&count.to_be_bytes());
         out.write_all(&header).map_err(Error::io(path))?;
         for (name, bytes) in &state.current {
+            // A damaged value must not travel: it would only fail at import.
+            self.check_record(name, bytes).map_err(|reason| Error::Corrupt {
+                cell: name.clone(),
+                path: self.engine_path(),
+                reason,
+            })?;
             // The record and its value file go in exactly as stored.
             let file = self.stored_file(name, bytes)?;
             put_bytes16(&mut out, name.as_bytes())

@@ -1,8 +1,8 @@
 //! [`atomically`]: multi-cell updates that no save splits.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
-use parking_lot::{RwLock, RwLockWriteGuard};
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::{Error, Result};
 
@@ -12,6 +12,7 @@ static GATE: RwLock<()> = RwLock::new(());
 
 thread_local! {
     static DEPTH: Cell<u32> = const { Cell::new(0) };
+    static DEFERRED: RefCell<Vec<Box<dyn FnOnce()>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` so that no save or reload sees only part of what it changes.
@@ -44,18 +45,36 @@ pub fn atomically<R>(f: impl FnOnce() -> R) -> R {
     // An outermost call queues behind a waiting save, so that a stream of
     // overlapping blocks cannot starve saves. A nested call must not: its thread
     // already holds the gate, and the waiting save waits for it.
-    let _shared = if depth == 0 { GATE.read() } else { GATE.read_recursive() };
+    let shared = if depth == 0 { GATE.read() } else { GATE.read_recursive() };
     DEPTH.with(|it| it.set(depth + 1));
-    let _depth = DepthGuard;
+    let _exit = Exit { gate: Some(shared), outermost: depth == 0 };
     f()
 }
 
-struct DepthGuard;
+/// Leaves an `atomically` block, also when it unwinds: releases the gate, then,
+/// for the outermost block, runs what was deferred to its end.
+struct Exit {
+    gate: Option<RwLockReadGuard<'static, ()>>,
+    outermost: bool,
+}
 
-impl Drop for DepthGuard {
+impl Drop for Exit {
     fn drop(&mut self) {
         DEPTH.with(|depth| depth.set(depth.get().saturating_sub(1)));
+        drop(self.gate.take());
+        if self.outermost {
+            let deferred = DEFERRED.with(|it| std::mem::take(&mut *it.borrow_mut()));
+            for run in deferred {
+                run();
+            }
+        }
     }
+}
+
+/// Runs `f` on this thread when its outermost `atomically` block has ended: for
+/// work that needs a save, which cannot run inside the block.
+pub(crate) fn defer(f: impl FnOnce() + 'static) {
+    DEFERRED.with(|it| it.borrow_mut().push(Box::new(f)));
 }
 
 /// Excludes every `atomically` block until dropped.

@@ -15,7 +15,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::{
     Error, Result, Store,
-    atomically::{ensure_outside, inside},
+    atomically::{defer, ensure_outside, inside},
     store::Inner,
 };
 
@@ -42,9 +42,6 @@ enum Phase {
     Running,
     // Stopped by someone who makes the final save.
     Stopped,
-    // Stopped by someone who cannot save (inside `atomically`): the thread makes
-    // the final save itself, once the block has ended.
-    FinalSave,
 }
 
 impl Control {
@@ -92,9 +89,9 @@ impl Autosave {
     /// Stops saving in the background and makes a final save.
     ///
     /// Inside [`atomically`](crate::atomically), where a save would wait for the
-    /// block forever, it returns [`Error::InsideAtomically`] and leaves the final save
-    /// to the background thread, which makes it once the block has ended (dropping
-    /// the guard there does the same).
+    /// block forever, it returns [`Error::InsideAtomically`], and the final save is
+    /// made on this thread as soon as the outermost block ends (dropping the guard
+    /// there does the same).
     ///
     /// # Errors
     /// A background save's error that no call has returned yet
@@ -119,21 +116,31 @@ impl Autosave {
         self.finished = true;
         if inside() {
             // The save would wait for the block this call runs in.
-            self.control.signal(Phase::FinalSave);
+            let (store, control) = (self.store.clone(), Arc::clone(&self.control));
+            defer(move || final_save(&store, &control));
             return ensure_outside("Autosave::stop");
         }
-        let Some(inner) = self.release() else { return Ok(()) };
+        let Some(inner) = release(&self.store, &self.control) else { return Ok(()) };
         let pending = inner.take_background_error();
         let saved = inner.save();
         pending.and(saved)
     }
+}
 
-    /// Stops the thread and returns the store, unless it is gone or someone else
-    /// (`Store::close`) stopped it and made the final save.
-    fn release(&self) -> Option<Arc<Inner>> {
-        self.control.stop();
-        let inner = self.store.upgrade()?;
-        inner.background.release(&self.control).then_some(inner)
+/// Stops the thread and returns the store, unless it is gone or someone else
+/// (`Store::close`) stopped it and made the final save.
+fn release(store: &Weak<Inner>, control: &Arc<Control>) -> Option<Arc<Inner>> {
+    control.stop();
+    let inner = store.upgrade()?;
+    inner.background.release(control).then_some(inner)
+}
+
+/// Stops the thread and makes the final save, reporting its error.
+fn final_save(store: &Weak<Inner>, control: &Arc<Control>) {
+    let Some(inner) = release(store, control) else { return };
+    // A pending error stays pending for the next explicit call; the hook has seen it.
+    if let Err(err) = inner.save() {
+        inner.background.report(&inner, err);
     }
 }
 
@@ -143,15 +150,13 @@ impl Drop for Autosave {
             return;
         }
         if inside() {
-            // The thread makes the final save once the block has ended.
-            self.control.signal(Phase::FinalSave);
+            // The save would wait for the block this drop runs in: it is made on
+            // this thread as soon as the outermost block ends.
+            let (store, control) = (self.store.clone(), Arc::clone(&self.control));
+            defer(move || final_save(&store, &control));
             return;
         }
-        let Some(inner) = self.release() else { return };
-        // A pending error stays pending for the next explicit call; the hook has seen it.
-        if let Err(err) = inner.save() {
-            inner.background.report(&inner, err);
-        }
+        final_save(&self.store, &self.control);
     }
 }
 
@@ -340,13 +345,7 @@ fn run(store: &Weak<Inner>, control: &Arc<Control>, period: Duration) {
             return;
         }
         let Some(inner) = store.upgrade() else { return };
-        if stop == Phase::FinalSave {
-            inner.background.release(control);
-        }
         if !inner.is_dirty() {
-            if stop == Phase::FinalSave {
-                return;
-            }
             continue;
         }
         let res = inner.save();
@@ -354,11 +353,11 @@ fn run(store: &Weak<Inner>, control: &Arc<Control>, period: Duration) {
             let poisoned = inner.state.lock().poisoned;
             inner.background.report(&inner, err);
             if poisoned {
+                // Every later save would fail too; a new autosave may be started
+                // once the store is reopened.
+                inner.background.release(control);
                 return;
             }
-        }
-        if stop == Phase::FinalSave {
-            return;
         }
     }
 }

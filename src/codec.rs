@@ -68,6 +68,52 @@ pub(crate) fn history_key(generation: u64) -> Vec<u8> {
     [HISTORY_PREFIX, &u64_bytes(generation)].concat()
 }
 
+/// A manifest longer than this is split over several keys. Like inline records
+/// (see [`INLINE_MAX`]), chunks must stay small enough that no sled leaf, which
+/// holds up to 16 of them, reaches the size at which sled moves it to a blob file.
+pub(crate) const MANIFEST_CHUNK: usize = INLINE_MAX;
+
+/// The key of chunk `chunk` (from 1) of the manifest of save `generation`.
+pub(crate) fn history_chunk_key(generation: u64, chunk: u32) -> Vec<u8> {
+    [HISTORY_PREFIX, &u64_bytes(generation), b"/", &u32_bytes(chunk)].concat()
+}
+
+/// Returns the generation and chunk number of a manifest chunk's key.
+pub(crate) fn history_chunk(key: &[u8]) -> Option<(u64, u32)> {
+    let rest = key.strip_prefix(HISTORY_PREFIX)?;
+    let (generation, rest) = rest.split_first_chunk::<8>()?;
+    let chunk = read_u32(rest.strip_prefix(b"/")?)?;
+    Some((u64::from_be_bytes(*generation), chunk))
+}
+
+/// The label of the manifest of save `generation` in messages.
+pub(crate) fn history_label(generation: u64) -> String {
+    format!("hist/{generation}")
+}
+
+/// Splits an encoded manifest into the values of its keys: `hist/<generation>`
+/// holds the number of chunks (a `u32`) and the first chunk, and
+/// [`history_chunk_key`] `n` holds chunk `n`.
+pub(crate) fn split_manifest(generation: u64, bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let chunks: Vec<&[u8]> = bytes.chunks(MANIFEST_CHUNK).collect();
+    let count = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(chunks.len());
+    for (idx, chunk) in chunks.into_iter().enumerate() {
+        match u32::try_from(idx) {
+            Ok(0) => out.push((history_key(generation), [&u32_bytes(count)[..], chunk].concat())),
+            Ok(n) => out.push((history_chunk_key(generation, n), chunk.to_vec())),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// The chunk count and first chunk stored under `hist/<generation>`.
+pub(crate) fn manifest_head(bytes: &[u8]) -> Option<(u32, &[u8])> {
+    let (count, first) = bytes.split_first_chunk::<4>()?;
+    Some((u32::from_be_bytes(*count), first))
+}
+
 /// Returns the generation of a history manifest's key, or `None` for other keys.
 pub(crate) fn history_generation(key: &[u8]) -> Option<u64> {
     key.strip_prefix(HISTORY_PREFIX).and_then(read_u64)
@@ -477,6 +523,13 @@ mod tests {
         let bytes = encode_claimed(["x", "y::Z"].into_iter());
         assert_eq!(decode_claimed(&bytes), Ok(vec!["x".to_owned(), "y::Z".to_owned()]));
         assert_eq!(history_generation(&history_key(77)), Some(77));
+        assert_eq!(history_generation(&history_chunk_key(77, 2)), None);
+        assert_eq!(history_chunk(&history_chunk_key(77, 2)), Some((77, 2)));
+        let long = vec![7u8; 2 * MANIFEST_CHUNK + 5];
+        let parts = split_manifest(9, &long);
+        assert_eq!(parts.len(), 3);
+        let head = parts.first().and_then(|(_, first)| manifest_head(first));
+        assert_eq!(head.map(|(count, first)| (count, first.len())), Some((3, MANIFEST_CHUNK)));
         assert!(history_key(255) < history_key(256));
     }
 

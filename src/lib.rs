@@ -182,7 +182,7 @@
 //! # Feature flags
 //!
 //! - `encryption` (off by default): `StoreBuilder::encryption_key` and
-//!   `EncryptionKey`, through the RustCrypto `chacha20poly1305` crate.
+//!   `EncryptionKey`, through the `chacha20poly1305` crate of the `RustCrypto` project.
 //!
 //! # MSRV
 //!

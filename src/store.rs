@@ -130,6 +130,9 @@ pub(crate) struct State {
     pub(crate) history: VecDeque<Kept>,
     // The cell names stored under `meta/claimed`.
     pub(crate) claimed: Option<Vec<String>>,
+    // Manifests found damaged at open, and the older ones after them: not in the
+    // history, and deleted by the next save. The files they point at are unknown.
+    pub(crate) damaged_history: Vec<u64>,
     pub(crate) generation: u64,
     // The time the next generation is stamped with, set just before it is made.
     pub(crate) now_ms: u64,
@@ -147,6 +150,8 @@ pub(crate) struct Kept {
     pub(crate) changed: Vec<String>,
     // The value files its pre-images point at, deleted when it is pruned.
     pub(crate) files: Vec<u64>,
+    // How many keys its manifest is split over.
+    pub(crate) chunks: u32,
 }
 
 /// One save in a store's history: see [`Store::history`].
@@ -393,7 +398,10 @@ impl Store {
     /// ```
     #[must_use]
     pub fn exists(path: impl AsRef<Path>) -> bool {
-        path.as_ref().join(ENGINE_DIR).is_dir()
+        // An engine directory mid-swap (an interrupted compaction) counts too:
+        // opening the store completes the swap.
+        let path = path.as_ref();
+        path.join(ENGINE_DIR).is_dir() || path.join(ENGINE_DIR).with_extension("new").is_dir()
     }
 
     /// The store's directory, or `None` for an in-memory store.
@@ -627,11 +635,22 @@ impl Store {
             generation: generation(&inner.label, &records)?,
             ..State::default()
         };
+        let mut generations = Vec::new();
         for (key, bytes) in &records {
             if let Some(name) = codec::cell_name(key) {
                 state.current.insert(name.to_owned(), bytes.clone());
             } else if let Some(generation) = codec::history_generation(key) {
-                state.history.push_back(inner.kept(generation, bytes)?);
+                generations.push(generation);
+            }
+        }
+        // Newest first: a damaged manifest ends the history there. The current
+        // values do not depend on it, so it must not stop the store from opening;
+        // `verify` reports it, and the next save deletes it with the older ones.
+        for generation in generations.into_iter().rev() {
+            let read = inner.read_manifest(generation, |key| Ok(records.get(key).cloned()));
+            match read.and_then(|(manifest, chunks)| inner.kept(manifest, chunks)) {
+                Ok(kept) if state.damaged_history.is_empty() => state.history.push_front(kept),
+                _ => state.damaged_history.push(generation),
             }
         }
         if let Some(bytes) = records.get(codec::CLAIMED_KEY) {
@@ -643,12 +662,8 @@ impl Store {
             state.claimed = Some(claimed);
         }
         let decoded = inner.decode_all(&state.current, Missing::Skip)?;
-        let mut used: BTreeSet<String> =
-            inner.cells.iter().map(|it| it.name().to_owned()).collect();
-        used.extend(decoded.iter().map(|it| it.key.clone()));
-        state.orphans =
-            state.current.keys().filter(|name| !used.contains(*name)).cloned().collect();
         inner.install(&mut state, decoded, None);
+        inner.refresh_orphans(&mut state);
         // Leftover files are harmless, and the cells are already loaded: a failed
         // cleanup must not fail the open. The next open tries again.
         let _ = inner.remove_unreferenced_files(&state);
@@ -802,20 +817,39 @@ impl Inner {
             batch.push((codec::cell_key(name), bytes.clone()));
         }
         let manifest = codec::Manifest { generation, at_ms, entries };
-        batch.push((codec::history_key(generation), Some(manifest.encode())));
+        let parts = codec::split_manifest(generation, &manifest.encode());
+        let chunks = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+        batch.extend(parts.into_iter().map(|(key, bytes)| (key, Some(bytes))));
         let pruned = (state.history.len() + 1).saturating_sub(self.keep);
         for kept in state.history.iter().take(pruned) {
             batch.push((codec::history_key(kept.generation), None));
+            for chunk in 1..kept.chunks {
+                batch.push((codec::history_chunk_key(kept.generation, chunk), None));
+            }
+        }
+        // A damaged manifest's chunk count may be wrong too: its chunk keys are
+        // left behind, and `verify` reports them.
+        for damaged in &state.damaged_history {
+            batch.push((codec::history_key(*damaged), None));
         }
         let format = codec::u32_bytes(FORMAT_VERSION.into()).to_vec();
         batch.push((codec::FORMAT_KEY.to_vec(), Some(format)));
         batch.push((codec::GENERATION_KEY.to_vec(), Some(codec::u64_bytes(generation).to_vec())));
         // A store opened without cells (by a tool) keeps the program's list.
-        let claimed: Option<Vec<String>> = (!self.cells.is_empty())
-            .then(|| self.cells.iter().map(|cell| cell.name().to_owned()).collect());
-        if let Some(claimed) = &claimed
-            && state.claimed.as_ref() != Some(claimed)
-        {
+        // The names some program's cells claimed: a store over a subset of the cells
+        // (or none, as the tool opens it) adds its own and keeps the others, so the
+        // tool never takes a live value for an orphan. A name leaves the list when
+        // its value is deleted.
+        let mut names: BTreeSet<String> = state.claimed.iter().flatten().cloned().collect();
+        names.extend(self.cells.iter().map(|cell| cell.name().to_owned()));
+        for (name, bytes) in &writes {
+            if bytes.is_none() && !self.cells.iter().any(|cell| cell.name() == name) {
+                names.remove(name);
+            }
+        }
+        let claimed: Vec<String> = names.into_iter().collect();
+        let claimed_changed = state.claimed.as_ref() != Some(&claimed);
+        if claimed_changed {
             let bytes = codec::encode_claimed(claimed.iter().map(String::as_str));
             batch.push((codec::CLAIMED_KEY.to_vec(), Some(bytes)));
         }
@@ -827,8 +861,8 @@ impl Inner {
             return Err(err);
         }
         state.generation = generation;
-        if claimed.is_some() {
-            state.claimed = claimed;
+        if claimed_changed {
+            state.claimed = Some(claimed);
         }
         for (name, bytes) in writes {
             match bytes {
@@ -836,8 +870,9 @@ impl Inner {
                 None => state.current.remove(&name),
             };
         }
+        state.damaged_history.clear();
         let changed = manifest.entries.into_iter().map(|(name, _)| name).collect();
-        state.history.push_back(Kept { generation, at_ms, changed, files });
+        state.history.push_back(Kept { generation, at_ms, changed, files, chunks });
         for kept in state.history.drain(..pruned) {
             for id in kept.files {
                 self.remove_file(id);
@@ -916,13 +951,7 @@ impl Inner {
         let mut target = state.current.clone();
         // Undo the later saves, newest first, by putting back their pre-images.
         for kept in state.history.iter().rev().take_while(|kept| kept.generation > generation) {
-            let key = codec::history_key(kept.generation);
-            let bytes = self.backend.get(&key)?.ok_or_else(|| Error::Corrupt {
-                cell: String::from_utf8_lossy(&key).into_owned(),
-                path: self.engine_path(),
-                reason: "history entry is missing".into(),
-            })?;
-            let manifest = self.manifest(kept.generation, &bytes)?;
+            let (manifest, _) = self.read_manifest(kept.generation, |key| self.backend.get(key))?;
             for (name, pre) in manifest.entries {
                 match pre {
                     Some(pre) => target.insert(name, pre),
@@ -1085,39 +1114,78 @@ impl Inner {
         }
     }
 
+    /// Lists the stored names that no cell claims, by its name or (for a value
+    /// loaded under an alias and not yet saved again) that alias.
+    pub(crate) fn refresh_orphans(&self, state: &mut State) {
+        let mut used: BTreeSet<&str> = self.cells.iter().map(|cell| cell.name()).collect();
+        used.extend(state.renamed.iter().flatten().map(String::as_str));
+        let orphans = state.current.keys().filter(|name| !used.contains(name.as_str()));
+        state.orphans = orphans.cloned().collect();
+    }
+
     /// The value file a stored record points at, if it can be read and does.
     pub(crate) fn file_of(&self, name: &str, bytes: &[u8]) -> Option<u64> {
         let plain = self.sealer.open(&codec::cell_key(name), bytes).ok()?;
         Record::decode(&plain).ok()?.file()
     }
 
-    /// What the history keeps of the manifest of save `generation`.
-    fn kept(&self, generation: u64, bytes: &[u8]) -> Result<Kept> {
-        let manifest = self.manifest(generation, bytes)?;
-        let files = manifest
-            .entries
-            .iter()
-            .filter_map(|(name, pre)| self.file_of(name, pre.as_deref()?))
-            .collect();
+    /// What the history keeps of a manifest split over `chunks` keys. Fails if a
+    /// pre-image cannot be read, since its value file would then be unknown.
+    fn kept(&self, manifest: codec::Manifest, chunks: u32) -> Result<Kept> {
+        let mut files = Vec::new();
+        for (name, pre) in &manifest.entries {
+            let Some(pre) = pre else { continue };
+            let plain = self.sealer.open(&codec::cell_key(name), pre);
+            let record = plain.as_deref().map(Record::decode);
+            match record {
+                Ok(Ok(record)) => files.extend(record.file()),
+                _ => {
+                    return Err(Error::Corrupt {
+                        cell: name.clone(),
+                        path: self.engine_path(),
+                        reason: format!(
+                            "its earlier value in {} cannot be read",
+                            codec::history_label(manifest.generation)
+                        ),
+                    });
+                }
+            }
+        }
         let changed = manifest.entries.into_iter().map(|(name, _)| name).collect();
-        Ok(Kept { generation, at_ms: manifest.at_ms, changed, files })
+        Ok(Kept { generation: manifest.generation, at_ms: manifest.at_ms, changed, files, chunks })
     }
 
-    pub(crate) fn manifest(&self, generation: u64, bytes: &[u8]) -> Result<codec::Manifest> {
-        let key = codec::history_key(generation);
-        let manifest = codec::Manifest::decode(bytes).map_err(|fault| Error::Corrupt {
-            cell: format!("hist/{generation}"),
+    /// Reads the manifest of save `generation` and its chunk count, through `get`
+    /// (the records read at open, or the engine).
+    pub(crate) fn read_manifest(
+        &self,
+        generation: u64,
+        get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>,
+    ) -> Result<(codec::Manifest, u32)> {
+        let corrupt = |reason: String| Error::Corrupt {
+            cell: codec::history_label(generation),
             path: self.engine_path(),
-            reason: fault.to_string(),
-        })?;
-        if manifest.generation != generation {
-            return Err(Error::Corrupt {
-                cell: String::from_utf8_lossy(&key).into_owned(),
-                path: self.engine_path(),
-                reason: format!("history entry is for generation {}", manifest.generation),
-            });
+            reason,
+        };
+        let head = get(&codec::history_key(generation))?
+            .ok_or_else(|| corrupt("history entry is missing".into()))?;
+        let (chunks, first) = codec::manifest_head(&head)
+            .ok_or_else(|| corrupt("history entry is truncated".into()))?;
+        let mut bytes = first.to_vec();
+        for chunk in 1..chunks {
+            let part = get(&codec::history_chunk_key(generation, chunk))?
+                .ok_or_else(|| corrupt(format!("chunk {chunk} of {chunks} is missing")))?;
+            bytes.extend_from_slice(&part);
         }
-        Ok(manifest)
+        let manifest =
+            codec::Manifest::decode(&bytes).map_err(|fault| corrupt(fault.to_string()))?;
+        if manifest.generation != generation {
+            return Err(corrupt(format!(
+                "history entry is for generation {}",
+                manifest.generation
+            )));
+        }
+        Ok((manifest, chunks))
     }
 
     /// Refuses a key the store was not sealed with, a missing key for a sealed
@@ -1142,6 +1210,10 @@ impl Inner {
     /// Deletes value files that no record points at: leftovers of interrupted saves.
     pub(crate) fn remove_unreferenced_files(&self, state: &State) -> Result<()> {
         let Some(values) = &self.values else { return Ok(()) };
+        if !state.damaged_history.is_empty() {
+            // A damaged manifest might point at any file: keep them all.
+            return Ok(());
+        }
         let mut keep = BTreeSet::new();
         for (name, bytes) in &state.current {
             let plain = self.sealer.open(&codec::cell_key(name), bytes);
@@ -1199,6 +1271,24 @@ fn check_names(cells: Vec<&'static dyn ErasedCell>) -> Result<Vec<&'static dyn E
                 it.insert(cell);
                 unique.push(cell);
             }
+        }
+    }
+    // An alias is a name too: two cells claiming one stored value would overwrite
+    // (or, through the rename at the next save, delete) each other's saves.
+    let mut aliases: BTreeMap<&str, &'static dyn ErasedCell> = BTreeMap::new();
+    for &cell in &unique {
+        for &alias in cell.aliases() {
+            let first = by_name.get(alias).filter(|it| !std::ptr::addr_eq(**it, cell));
+            let first =
+                first.or_else(|| aliases.get(alias).filter(|it| !std::ptr::addr_eq(**it, cell)));
+            if let Some(first) = first {
+                return Err(Error::DuplicateName {
+                    name: alias.to_owned(),
+                    first: format!("{}: {}", first.origin(), first.type_name()),
+                    second: format!("{}: {} (as an alias)", cell.origin(), cell.type_name()),
+                });
+            }
+            aliases.insert(alias, cell);
         }
     }
     Ok(unique)

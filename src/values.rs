@@ -81,6 +81,11 @@ impl ValueDir {
         sync_dir(&self.path)
     }
 
+    /// The ids of every value file, sorted.
+    pub(crate) fn ids(&self) -> io::Result<Vec<u64>> {
+        list_ids(&self.path)
+    }
+
     /// Deletes value file `id`; a file already gone is not an error.
     pub(crate) fn remove(&self, id: u64) -> io::Result<()> {
         match fs::remove_file(self.file_path(id)) {

@@ -136,6 +136,15 @@ impl Engine {
     }
 }
 
+/// fsyncs every blob file of the engine in `dir`, and their directory.
+fn sync_blobs(dir: &Path) -> io::Result<()> {
+    let blobs = dir.join("blobs");
+    for (name, _) in listing(&blobs)? {
+        File::open(blobs.join(name))?.sync_all()?;
+    }
+    if blobs.exists() { sync_dir(&blobs) } else { Ok(()) }
+}
+
 /// The directory a compaction builds the new engine in.
 fn new_dir(dir: &Path) -> PathBuf {
     dir.with_extension("new")
@@ -240,6 +249,7 @@ impl Backend for Sled {
             let fresh = Engine::open(&new)?;
             fresh.db.apply_batch(records).and_then(|()| fresh.db.flush()).map_err(storage(&new))?;
             fresh.log.sync_all().map_err(Error::io(&new))?;
+            sync_blobs(&new).map_err(Error::io(&new))?;
             sync_dir(&new).map_err(Error::io(&new))?;
         }
         // The old engine is closed (sled flushes it on drop) before its directory moves.
@@ -250,7 +260,8 @@ impl Backend for Sled {
             .and_then(|()| fs::rename(&new, &self.dir))
             .and_then(|()| sync_dir(parent))
             .map_err(Error::io(&self.dir))?;
-        fs::remove_dir_all(&old).map_err(Error::io(&old))?;
+        // The swap is done; an old engine left behind is deleted at the next open.
+        let _ = fs::remove_dir_all(&old);
         *self.synced.lock() = Synced::default();
         *engine = Some(Engine::open(&self.dir)?);
         self.sync_files(engine.as_ref()).map_err(Error::io(&self.dir))

@@ -221,3 +221,50 @@ fn compaction_keeps_every_value_and_an_interrupted_one_is_finished_or_undone() -
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> TestResult {
     crate::compat::copy_dir(from, to)
 }
+
+#[test]
+fn a_store_opened_over_fewer_cells_keeps_the_others_claimed() -> TestResult {
+    static A: StateCell<u8> = StateCell::new("backup::subset::A", || 1);
+    static B: StateCell<u8> = StateCell::new("backup::subset::B", || 2);
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&A).cell(&B).open(dir.path())?;
+        store.save_all()?;
+    }
+    {
+        let store = Store::builder().cell(&A).open(dir.path())?;
+        A.set(3);
+        store.save_all()?;
+    }
+    // A tool opens the store without cells: B is someone's, not an orphan.
+    let tool = Store::builder().open(dir.path())?;
+    assert!(tool.prune_orphans()?.is_empty());
+    assert!(tool.stored_cells().iter().all(|cell| cell.claimed));
+    Ok(())
+}
+
+#[test]
+fn export_refuses_a_damaged_value_and_a_half_compacted_store_still_exists() -> TestResult {
+    static BIG: StateCell<Vec<u64>> = StateCell::new("backup::damaged_export::BIG", Vec::new);
+    let dir = tempfile::tempdir()?;
+    let store = Store::builder().cell(&BIG).open(dir.path().join("store"))?;
+    BIG.set((0..10_000).collect());
+    store.save_all()?;
+    let file =
+        fs::read_dir(dir.path().join("store/values"))?.next().ok_or("no value file")??.path();
+    let mut bytes = fs::read(&file)?;
+    if let Some(byte) = bytes.get_mut(100) {
+        *byte ^= 1;
+    }
+    fs::write(&file, bytes)?;
+    let err = store.export_to(dir.path().join("out.export")).err();
+    assert!(matches!(err, Some(Error::Corrupt { .. })), "{err:?}");
+    assert!(!dir.path().join("out.export").exists());
+    drop(store);
+
+    // Between the two renames of a compaction there is only `sled.new`.
+    let root = dir.path().join("store");
+    fs::rename(root.join("sled"), root.join("sled.new"))?;
+    assert!(Store::exists(&root));
+    Ok(())
+}

@@ -16,7 +16,7 @@ use crate::{Immutable, TestResult};
 /// while, as the backend itself does.
 // clippy.toml keeps `sled::open` in the backend module; these tests bypass it deliberately.
 #[allow(clippy::disallowed_methods)]
-fn engine(dir: &Path) -> TestResult<sled::Db> {
+pub(crate) fn engine(dir: &Path) -> TestResult<sled::Db> {
     let started = std::time::Instant::now();
     loop {
         match sled::open(dir.join("sled")) {
@@ -347,5 +347,67 @@ fn a_new_store_in_new_parent_directories_opens() -> TestResult {
     CELL.set(0);
     let _store = Store::builder().cell(&CELL).open(&nested)?;
     assert_eq!(CELL.get(), 7);
+    Ok(())
+}
+
+#[test]
+fn an_alias_that_names_another_cell_is_refused() -> TestResult {
+    static A: StateCell<u8> = StateCell::new("bad::alias::A", || 1);
+    static B: StateCell<u8> = StateCell::with_options(
+        "bad::alias::B",
+        || 2,
+        instastate::CellOptions::new().aliases(&["bad::alias::A"]),
+    );
+    static C: StateCell<u8> = StateCell::with_options(
+        "bad::alias::C",
+        || 3,
+        instastate::CellOptions::new().aliases(&["bad::alias::A"]),
+    );
+    let err = Store::builder().cell(&A).cell(&B).in_memory().err().ok_or("accepted")?;
+    assert!(
+        matches!(&err, Error::DuplicateName { name, .. } if name == "bad::alias::A"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("as an alias"), "{err}");
+    let err = Store::builder().cell(&B).cell(&C).in_memory().err().ok_or("accepted")?;
+    assert!(matches!(err, Error::DuplicateName { .. }), "{err:?}");
+    drop(Store::builder().cell(&B).in_memory()?);
+    Ok(())
+}
+
+#[test]
+fn a_damaged_old_history_entry_shortens_the_history_but_the_store_opens() -> TestResult {
+    static N: StateCell<u64> = StateCell::new("bad::history::N", || 0);
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&N).open(dir.path())?;
+        for n in 1..=4 {
+            N.set(n);
+            store.save_all()?;
+        }
+    }
+    {
+        let db = engine(dir.path())?;
+        let key = [&b"hist/"[..], &2u64.to_be_bytes()].concat();
+        let mut bytes = db.get(&key)?.ok_or("no manifest for save 2")?.to_vec();
+        let last = bytes.last_mut().ok_or("empty manifest")?;
+        *last ^= 1;
+        db.insert(key, bytes)?;
+        db.flush()?;
+    }
+    N.set(0);
+    let store = Store::builder().cell(&N).open(dir.path())?;
+    assert_eq!(N.get(), 4, "the current value does not depend on the history");
+    let kept: Vec<u64> = store.history().iter().map(|saved| saved.number).collect();
+    assert_eq!(kept, [3, 4], "the history ends at the damaged entry");
+    let problems = store.verify()?;
+    assert!(
+        problems.iter().any(|it| it.location == "hist/2" && it.reason.contains("checksum")),
+        "{problems:?}"
+    );
+    // The next save deletes the damaged entry (and the older one, which it hid).
+    N.set(5);
+    store.save_all()?;
+    assert!(store.verify()?.is_empty(), "{:?}", store.verify()?);
     Ok(())
 }

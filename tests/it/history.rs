@@ -195,3 +195,32 @@ pub(crate) fn dir_size(path: &Path) -> std::io::Result<u64> {
     }
     Ok(total)
 }
+
+/// An array of cells named `history::wide::0`, `history::wide::1`, ...
+macro_rules! wide_cells {
+    ($($n:literal)*) => { [$(StateCell::new(concat!("history::wide::", $n), Vec::new)),*] };
+}
+
+#[test]
+fn large_saves_keep_every_engine_value_small_enough_for_the_log() -> TestResult {
+    // 40 values just under the inline limit: one save's history entry holds 160 KiB
+    // of earlier values. As one engine value, sled would put it in a blob file,
+    // which it never fsyncs; split into chunks, everything stays in the log.
+    static CELLS: [StateCell<Vec<u8>>; 40] = wide_cells!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39);
+    let dir = tempfile::tempdir()?;
+    let store =
+        CELLS.iter().fold(Store::builder(), instastate::StoreBuilder::cell).open(dir.path())?;
+    for round in 0..3u8 {
+        for cell in &CELLS {
+            cell.set(vec![round; 4_000]);
+        }
+        store.save_all()?;
+    }
+    store.compact()?;
+    let blobs = fs::read_dir(dir.path().join("sled").join("blobs"))?.count();
+    assert_eq!(blobs, 0, "sled wrote {blobs} blob files");
+    store.revert_to(1)?;
+    assert!(CELLS.iter().all(|cell| cell.with(|it| it == &vec![0; 4_000])));
+    assert!(store.verify()?.is_empty());
+    Ok(())
+}
