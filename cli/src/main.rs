@@ -72,11 +72,13 @@ enum Command {
         #[arg(long)]
         create: bool,
     },
-    /// Delete the stored values that no cell of the program claims
+    /// Delete the stored values that no program's cell claims
     ///
-    /// The claimants are the cells of the program that saved last. The deletion is
-    /// one new save, which the program can undo with `Store::revert_to` while its
-    /// history holds it.
+    /// The claimants are the cells of every program that saved the store, until a
+    /// program deletes a value itself (`Store::prune_orphans`); so this finds values
+    /// such as those imported under names no program has. The deletion is one new
+    /// save, which the program can undo with `Store::revert_to` while its history
+    /// holds it.
     PruneOrphans(StoreArgs),
     /// Rewrite the store's files to hold only live data; prints the size before and after
     Compact(StoreArgs),

@@ -298,22 +298,35 @@ fn a_failed_import_with_create_leaves_no_store() -> TestResult {
 fn prune_orphans_removes_values_no_cell_claims() -> TestResult {
     static KEPT: StateCell<u32> = StateCell::new("cli::prune::KEPT", || 1);
     static GONE: StateCell<String> = StateCell::new("cli::prune::GONE", || "old".into());
+    static OTHER: StateCell<u32> = StateCell::new("cli::prune::OTHER", || 3);
     let dir = tempfile::tempdir()?;
+    let elsewhere = tempfile::tempdir()?;
+    let file = elsewhere.path().join("gone.export");
     {
-        let store = Store::builder().cell(&KEPT).cell(&GONE).open(dir.path())?;
+        let store = Store::builder().cell(&GONE).open(elsewhere.path().join("store"))?;
+        store.save_all()?;
+        store.export_to(&file)?;
+    }
+    {
+        let store = Store::builder().cell(&KEPT).cell(&OTHER).open(dir.path())?;
         store.save_all()?;
     }
     {
-        // The next version of the program has no GONE.
+        // A later version of the program has no OTHER: a store over fewer cells
+        // keeps the names of the others claimed, so the tool leaves OTHER alone.
         let store = Store::builder().cell(&KEPT).open(dir.path())?;
         KEPT.set(2);
         store.save_all()?;
+        // A value imported under a name no program has is an orphan.
+        store.import_from(&file)?;
     }
     let run = check("list", dir.path(), &[])?;
     let gone = run.stdout.lines().find(|line| line.starts_with("cli::prune::GONE"));
     assert!(gone.is_some_and(|line| line.ends_with("orphan")), "{run:?}");
-    let kept = run.stdout.lines().find(|line| line.starts_with("cli::prune::KEPT"));
-    assert!(kept.is_some_and(|line| !line.contains("orphan")), "{run:?}");
+    for name in ["cli::prune::KEPT", "cli::prune::OTHER"] {
+        let line = run.stdout.lines().find(|line| line.starts_with(name));
+        assert!(line.is_some_and(|line| !line.contains("orphan")), "{name}: {run:?}");
+    }
     assert!(run.stdout.contains("1 orphan,"), "{run:?}");
 
     let run = check("prune-orphans", dir.path(), &[])?;
