@@ -20,6 +20,11 @@
 //! to open. Each record seals on its own and every save writes new files, so there
 //! is no cipher state that a crash could leave half-written.
 //!
+//! What this does not protect: each record is authenticated on its own, so someone
+//! who can write the store can replace a record with an older sealed record of the
+//! same key (the history holds some) or delete records; metadata (`meta/*`, the
+//! history's framing, cell names) is checksummed, not authenticated.
+//!
 //! Without the feature, [`Sealer`] does nothing but recognise sealed data, so that an
 //! encrypted store is refused with a clear error rather than misread.
 

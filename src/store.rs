@@ -268,7 +268,9 @@ impl StoreBuilder {
     /// A new store becomes encrypted at open. An encrypted store opens only with its
     /// key ([`Error::WrongKey`] otherwise, [`Error::Encryption`] without one), and a
     /// tampered record or file fails to load with [`Error::Corrupt`]. Cell names,
-    /// sizes and save times are not encrypted.
+    /// sizes and save times are not encrypted. Records are authenticated one by one:
+    /// someone who can write the store can still replace a record with an older
+    /// sealed one of the same cell, or delete it.
     ///
     /// # Example
     /// See [`EncryptionKey`](crate::EncryptionKey).
