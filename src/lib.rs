@@ -82,8 +82,9 @@
 //! - **Exclusive.** A store directory is locked while open; a second open, in this
 //!   process or another, fails at once with [`Error::Locked`].
 //! - **History.** The last saves (10 unless [`StoreBuilder::keep_history`] says
-//!   otherwise) are kept, each costing only the earlier values of the cells it
-//!   wrote; [`Store::revert_to`] restores any of them, all or nothing.
+//!   otherwise, within 64 MiB of earlier values: [`StoreBuilder::history_bytes`])
+//!   are kept, each costing only the earlier values of the cells it wrote;
+//!   [`Store::revert_to`] restores any of them, all or nothing.
 //! - **Sealed** (feature `encryption`). With `StoreBuilder::encryption_key`,
 //!   every record and value file is authenticated and encrypted; a wrong key or a
 //!   tampered byte is an error, never garbage.

@@ -34,6 +34,8 @@ pub(crate) const VALUES_DIR: &str = "values";
 const MEMORY_LABEL: &str = ":memory:";
 // How many saves the history keeps unless the builder says otherwise.
 const DEFAULT_HISTORY: usize = 10;
+// How many bytes of earlier values the history keeps unless the builder says otherwise.
+const DEFAULT_HISTORY_BYTES: u64 = 64 * 1024 * 1024;
 // How long a held directory lock is retried before the store counts as open elsewhere.
 const LOCK_WAIT: Duration = Duration::from_millis(250);
 
@@ -96,6 +98,7 @@ pub struct Store {
 pub struct StoreBuilder {
     cells: Vec<&'static dyn ErasedCell>,
     keep: usize,
+    keep_bytes: u64,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
 }
@@ -109,6 +112,8 @@ pub(crate) struct Inner {
     pub(crate) cells: Vec<&'static dyn ErasedCell>,
     // How many saves the history keeps (at least 1).
     keep: usize,
+    // How many bytes of earlier values the history keeps beyond the last save.
+    keep_bytes: u64,
     // Held for the whole of a save, reload or load, which therefore never overlap.
     pub(crate) state: Mutex<State>,
     pub(crate) background: Background,
@@ -152,6 +157,8 @@ pub(crate) struct Kept {
     pub(crate) files: Vec<u64>,
     // How many keys its manifest is split over.
     pub(crate) chunks: u32,
+    // The size of the earlier values it holds.
+    pub(crate) bytes: u64,
 }
 
 /// One save in a store's history: see [`Store::history`].
@@ -188,6 +195,7 @@ impl Default for StoreBuilder {
         StoreBuilder {
             cells: Vec::new(),
             keep: DEFAULT_HISTORY,
+            keep_bytes: DEFAULT_HISTORY_BYTES,
             #[cfg(feature = "encryption")]
             key: None,
         }
@@ -262,6 +270,32 @@ impl StoreBuilder {
         self
     }
 
+    /// Sets how many bytes of earlier values the history may hold besides the last
+    /// save's: older saves are pruned until the rest fit (the last save is always
+    /// kept). The default is 64 MiB, so that a large state does not keep ten old
+    /// copies of itself; `u64::MAX` lets [`keep_history`](Self::keep_history) alone
+    /// decide.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static BLOB: StateCell<Vec<u8>> = StateCell::new("docs::budget::BLOB", Vec::new);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&BLOB).history_bytes(10_000).in_memory()?;
+    /// for byte in 0..5 {
+    ///     BLOB.set(vec![byte; 4_000]); // each save keeps 4 KB of earlier value
+    ///     store.save_all()?;
+    /// }
+    /// let kept: Vec<u64> = store.history().iter().map(|save| save.number).collect();
+    /// assert_eq!(kept, [3, 4, 5]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn history_bytes(mut self, bytes: u64) -> StoreBuilder {
+        self.keep_bytes = bytes;
+        self
+    }
+
     /// Encrypts the store with `key` (feature `encryption`): every record and
     /// value file is sealed with XChaCha20-Poly1305 and a fresh random nonce.
     ///
@@ -321,6 +355,7 @@ impl StoreBuilder {
             sealer,
             cells,
             keep: self.keep,
+            keep_bytes: self.keep_bytes,
             state: Mutex::default(),
             background: Background::default(),
             _lock: Some(lock),
@@ -353,6 +388,7 @@ impl StoreBuilder {
             sealer,
             cells,
             keep: self.keep,
+            keep_bytes: self.keep_bytes,
             state: Mutex::default(),
             background: Background::default(),
             _lock: None,
@@ -696,6 +732,7 @@ impl fmt::Debug for StoreBuilder {
         f.debug_struct("StoreBuilder")
             .field("cells", &names)
             .field("keep_history", &self.keep)
+            .field("history_bytes", &self.keep_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -812,9 +849,13 @@ impl Inner {
         let mut batch = Batch::new();
         let mut entries = Vec::new();
         let mut files = Vec::new();
+        let mut held = 0;
         for (name, bytes) in &writes {
             let pre = state.current.get(name).cloned();
-            files.extend(pre.as_deref().and_then(|pre| self.file_of(name, pre)));
+            if let Some(record) = pre.as_deref().and_then(|pre| self.summary(name, pre)) {
+                files.extend(record.0);
+                held += record.1;
+            }
             entries.push((name.clone(), pre));
             batch.push((codec::cell_key(name), bytes.clone()));
         }
@@ -822,7 +863,7 @@ impl Inner {
         let parts = codec::split_manifest(generation, &manifest.encode());
         let chunks = u32::try_from(parts.len()).unwrap_or(u32::MAX);
         batch.extend(parts.into_iter().map(|(key, bytes)| (key, Some(bytes))));
-        let pruned = (state.history.len() + 1).saturating_sub(self.keep);
+        let pruned = self.to_prune(state, held);
         for kept in state.history.iter().take(pruned) {
             batch.push((codec::history_key(kept.generation), None));
             for chunk in 1..kept.chunks {
@@ -874,7 +915,7 @@ impl Inner {
         }
         state.damaged_history.clear();
         let changed = manifest.entries.into_iter().map(|(name, _)| name).collect();
-        state.history.push_back(Kept { generation, at_ms, changed, files, chunks });
+        state.history.push_back(Kept { generation, at_ms, changed, files, chunks, bytes: held });
         for kept in state.history.drain(..pruned) {
             for id in kept.files {
                 self.remove_file(id);
@@ -1127,20 +1168,47 @@ impl Inner {
 
     /// The value file a stored record points at, if it can be read and does.
     pub(crate) fn file_of(&self, name: &str, bytes: &[u8]) -> Option<u64> {
+        self.summary(name, bytes)?.0
+    }
+
+    /// The value file a stored record points at and the size of its value.
+    fn summary(&self, name: &str, bytes: &[u8]) -> Option<(Option<u64>, u64)> {
         let plain = self.sealer.open(&codec::cell_key(name), bytes).ok()?;
-        Record::decode(&plain).ok()?.file()
+        let record = Record::decode(&plain).ok()?;
+        Some((record.file(), record.value_len()))
+    }
+
+    /// How many of the oldest kept saves to prune when a save whose earlier values
+    /// take `held` bytes joins the history: the history keeps at most `keep` saves,
+    /// and beyond the newest, at most `keep_bytes` of earlier values.
+    fn to_prune(&self, state: &State, held: u64) -> usize {
+        let by_count = (state.history.len() + 1).saturating_sub(self.keep);
+        let mut bytes = held + state.history.iter().map(|kept| kept.bytes).sum::<u64>();
+        let mut pruned = 0;
+        for kept in &state.history {
+            if pruned >= by_count && bytes.saturating_sub(held) <= self.keep_bytes {
+                break;
+            }
+            bytes -= kept.bytes;
+            pruned += 1;
+        }
+        pruned
     }
 
     /// What the history keeps of a manifest split over `chunks` keys. Fails if a
     /// pre-image cannot be read, since its value file would then be unknown.
     fn kept(&self, manifest: codec::Manifest, chunks: u32) -> Result<Kept> {
         let mut files = Vec::new();
+        let mut bytes = 0;
         for (name, pre) in &manifest.entries {
             let Some(pre) = pre else { continue };
             let plain = self.sealer.open(&codec::cell_key(name), pre);
             let record = plain.as_deref().map(Record::decode);
             match record {
-                Ok(Ok(record)) => files.extend(record.file()),
+                Ok(Ok(record)) => {
+                    files.extend(record.file());
+                    bytes += record.value_len();
+                }
                 _ => {
                     return Err(Error::Corrupt {
                         cell: name.clone(),
@@ -1154,7 +1222,14 @@ impl Inner {
             }
         }
         let changed = manifest.entries.into_iter().map(|(name, _)| name).collect();
-        Ok(Kept { generation: manifest.generation, at_ms: manifest.at_ms, changed, files, chunks })
+        Ok(Kept {
+            generation: manifest.generation,
+            at_ms: manifest.at_ms,
+            changed,
+            files,
+            chunks,
+            bytes,
+        })
     }
 
     /// Reads the manifest of save `generation` and its chunk count, through `get`

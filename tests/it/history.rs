@@ -224,3 +224,28 @@ fn large_saves_keep_every_engine_value_small_enough_for_the_log() -> TestResult 
     assert!(store.verify()?.is_empty());
     Ok(())
 }
+
+#[test]
+fn the_byte_budget_prunes_saves_that_hold_large_earlier_values() -> TestResult {
+    static LARGE: StateCell<Vec<u8>> = StateCell::new("history::budget::LARGE", Vec::new);
+    static SMALL: StateCell<u32> = StateCell::new("history::budget::SMALL", || 0);
+    let dir = tempfile::tempdir()?;
+    let store =
+        Store::builder().cell(&LARGE).cell(&SMALL).history_bytes(250_000).open(dir.path())?;
+    for round in 1..=10u8 {
+        LARGE.set(vec![round; 100_000]);
+        store.save_all()?;
+        // Small saves cost next to nothing and stay within the budget.
+        SMALL.set(u32::from(round));
+        store.save_all()?;
+    }
+    let kept: Vec<u64> = store.history().iter().map(|saved| saved.number).collect();
+    // Odd saves wrote LARGE, keeping its earlier 100,000 bytes; besides the newest
+    // save's, two of them fit in 250,000 bytes (saves 17 and 19), a third does not.
+    assert_eq!(kept, [16, 17, 18, 19, 20], "{kept:?}");
+    let files = fs::read_dir(dir.path().join("values"))?.count();
+    assert_eq!(files, 3, "the current value and the two kept earlier ones");
+    store.revert_to(16)?;
+    assert_eq!((LARGE.read().first().copied(), SMALL.get()), (Some(8), 8));
+    Ok(())
+}
