@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     fs::{self, File},
-    io::{self, BufReader, BufWriter, Read, Write},
+    io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write},
     path::Path,
     time::SystemTime,
 };
@@ -348,7 +348,7 @@ impl Store {
         };
         let spilled: Vec<&Spilled> = encoded.iter().filter_map(Encoded::spilled).collect();
         inner.commit_generation(&mut state, writes, &spilled)?;
-        inner.install(&mut state, decoded, None);
+        inner.install(&mut state, decoded);
         inner.refresh_orphans(&mut state);
         Ok(())
     }
@@ -418,15 +418,12 @@ impl Inner {
         let records = self.backend.read_all()?;
         let values_path = dir.join(VALUES_DIR);
         let values = ValueDir::open(values_path.clone()).map_err(Error::io(&values_path))?;
-        let mut files: Vec<u64> =
-            state.current.iter().filter_map(|(name, bytes)| self.file_of(name, bytes)).collect();
-        files.extend(state.history.iter().flat_map(|kept| kept.files.iter().copied()));
-        if !state.damaged_history.is_empty()
-            && let Some(source) = &self.values
-        {
-            // Damaged manifests might point at any file: copy them all.
-            files = source.ids().map_err(Error::io(source.path()))?;
-        }
+        let files = match (self.referenced_files(state), &self.values) {
+            (Some(files), _) => files.into_iter().collect(),
+            // Unreadable data might point at any file: copy them all.
+            (None, Some(source)) => source.ids().map_err(Error::io(source.path()))?,
+            (None, None) => Vec::new(),
+        };
         for id in files {
             copy_durably(self, id, &values.file_path(id))?;
         }
@@ -449,14 +446,13 @@ impl Inner {
         header.extend_from_slice(&count.to_be_bytes());
         out.write_all(&header).map_err(Error::io(path))?;
         for (name, bytes) in &state.current {
-            // A damaged value must not travel: it would only fail at import.
-            self.check_record(name, bytes).map_err(|reason| Error::Corrupt {
+            // The record and its value file go in exactly as stored, once checked:
+            // a damaged value must not travel, it would only fail at import.
+            let file = self.checked_file(name, bytes).map_err(|reason| Error::Corrupt {
                 cell: name.clone(),
                 path: self.engine_path(),
                 reason,
             })?;
-            // The record and its value file go in exactly as stored.
-            let file = self.stored_file(name, bytes)?;
             put_bytes16(&mut out, name.as_bytes())
                 .and_then(|()| put_bytes64(&mut out, bytes))
                 .and_then(|()| put_bytes64(&mut out, file.as_deref().unwrap_or_default()))
@@ -478,21 +474,25 @@ impl Inner {
 
     /// Checks one stored record and the value file it points at.
     fn check_record(&self, name: &str, bytes: &[u8]) -> std::result::Result<(), String> {
-        let plain = self.sealer.open(&codec::cell_key(name), bytes).map_err(|it| it.to_string())?;
-        let record = Record::decode(&plain).map_err(|fault| fault.to_string())?;
-        if let Body::File { id, len, crc } = record.body {
-            self.read_file(name, name, id, len, crc).map_err(|err| err.to_string())?;
-        }
-        Ok(())
+        self.checked_file(name, bytes).map(drop)
     }
 
-    /// The bytes of the value file a stored record points at, as stored.
-    fn stored_file(&self, name: &str, bytes: &[u8]) -> Result<Option<Vec<u8>>> {
-        let (Some(id), Some(values)) = (self.file_of(name, bytes), &self.values) else {
-            return Ok(None);
-        };
-        let path = values.file_path(id);
-        fs::read(&path).map(Some).map_err(Error::io(path))
+    /// Checks one stored record and the value file it points at, and returns that
+    /// file's bytes as stored.
+    fn checked_file(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> std::result::Result<Option<Vec<u8>>, String> {
+        let plain = self.sealer.open(&codec::cell_key(name), bytes).map_err(|it| it.to_string())?;
+        let record = Record::decode(&plain).map_err(|fault| fault.to_string())?;
+        let Body::File { id, len, crc } = record.body else { return Ok(None) };
+        let stored = self.read_stored(name, id, len, crc).map_err(|err| err.to_string())?;
+        if self.sealer.is_on() {
+            // Authenticated, and thrown away: the file travels sealed.
+            self.open_value(name, name, id, stored.clone()).map_err(|err| err.to_string())?;
+        }
+        Ok(Some(stored))
     }
 
     /// Turns export entries into new records (writing value files as needed, into
@@ -531,8 +531,7 @@ impl Inner {
                     return Err(corrupt(format!("value of `{name}` is missing")));
                 }
             };
-            let file_sealer = self.sealer.file_sealer(&codec::cell_key(&name));
-            let mut out = ValueWriter::new(self.values.as_ref(), file_sealer);
+            let mut out = ValueWriter::new(self.values.as_ref(), &self.sealer, &name);
             let res = out.write_all(&value).and_then(|()| out.finish());
             let new = res.map_err(Error::io(self.label.clone()))?;
             let bytes = self.seal_record(&name, record.schema, record.type_name, &new, state);
@@ -555,14 +554,22 @@ struct ExportEntry {
 fn read_export(path: &Path, sealed: bool) -> Result<Vec<ExportEntry>> {
     let bad =
         |reason: &str| Error::BadExport { path: path.to_path_buf(), reason: reason.to_owned() };
-    // The checksum is checked over the whole file before anything is parsed.
+    let file = File::open(path).map_err(Error::io(path))?;
+    let len = file.metadata().map_err(Error::io(path))?.len();
+    let mut reader = BufReader::new(file);
+    // The magic, then the checksum over the whole file, before anything is parsed.
     {
-        let file = File::open(path).map_err(Error::io(path))?;
-        let len = file.metadata().map_err(Error::io(path))?.len();
-        let body_len = len.checked_sub(4).ok_or_else(|| bad("file is too short"))?;
-        let mut reader = BufReader::new(file);
+        let mut magic = [0; EXPORT_MAGIC.len()];
+        let body_len = len.saturating_sub(4);
+        if body_len < magic.len() as u64
+            || reader.read_exact(&mut magic).is_err()
+            || &magic != EXPORT_MAGIC
+        {
+            return Err(bad("not an instastate export file"));
+        }
         let mut hasher = crc32fast::Hasher::new();
-        let mut left = body_len;
+        hasher.update(&magic);
+        let mut left = body_len - magic.len() as u64;
         let mut buf = vec![0; 64 * 1024];
         while left > 0 {
             let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
@@ -573,19 +580,12 @@ fn read_export(path: &Path, sealed: bool) -> Result<Vec<ExportEntry>> {
         }
         let mut crc = [0; 4];
         reader.read_exact(&mut crc).map_err(Error::io(path))?;
-        let mut magic = [0; 17];
-        let mut head = BufReader::new(File::open(path).map_err(Error::io(path))?);
-        if head.read_exact(&mut magic).is_err() || &magic != EXPORT_MAGIC {
-            return Err(bad("not an instastate export file"));
-        }
         if hasher.finalize() != u32::from_be_bytes(crc) {
             return Err(bad("checksum does not match: the file is damaged or incomplete"));
         }
     }
-    let mut reader = BufReader::new(File::open(path).map_err(Error::io(path))?);
     let truncated = |_: io::Error| bad("file ends in the middle of an entry");
-    let mut skip = [0; 17];
-    reader.read_exact(&mut skip).map_err(truncated)?;
+    reader.seek(SeekFrom::Start(EXPORT_MAGIC.len() as u64)).map_err(Error::io(path))?;
     let version = u16::from_be_bytes(take(&mut reader).map_err(truncated)?);
     if version != EXPORT_VERSION {
         return Err(bad(&format!(

@@ -32,16 +32,9 @@ pub(crate) struct Background {
 }
 
 struct Control {
-    phase: Mutex<Phase>,
+    stopped: Mutex<bool>,
     wake: Condvar,
     thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Running,
-    // Stopped by someone who makes the final save.
-    Stopped,
 }
 
 impl Control {
@@ -49,7 +42,8 @@ impl Control {
     /// stays for whoever stops it next (the guard), who must wait for the final
     /// save this thread is making.
     fn stop(&self) {
-        self.signal(Phase::Stopped);
+        *self.stopped.lock() = true;
+        self.wake.notify_all();
         let mut slot = self.thread.lock();
         if slot.as_ref().is_some_and(|handle| handle.thread().id() == thread::current().id()) {
             return;
@@ -61,14 +55,6 @@ impl Control {
             // already been reported by the panic hook.
             let _ = handle.join();
         }
-    }
-
-    fn signal(&self, phase: Phase) {
-        let mut state = self.phase.lock();
-        if *state == Phase::Running {
-            *state = phase;
-        }
-        self.wake.notify_all();
     }
 }
 
@@ -263,7 +249,7 @@ impl Store {
             return Err(Error::AutosaveRunning { path: inner.label.clone() });
         }
         let control = Arc::new(Control {
-            phase: Mutex::new(Phase::Running),
+            stopped: Mutex::new(false),
             wake: Condvar::new(),
             thread: Mutex::new(None),
         });
@@ -333,16 +319,13 @@ impl Store {
 /// The autosave thread.
 fn run(store: &Weak<Inner>, control: &Arc<Control>, period: Duration) {
     loop {
-        let stop = {
+        {
             let deadline = Instant::now() + period;
-            let mut stop = control.phase.lock();
-            while *stop == Phase::Running
-                && !control.wake.wait_until(&mut stop, deadline).timed_out()
-            {}
-            *stop
-        };
-        if stop == Phase::Stopped {
-            return;
+            let mut stopped = control.stopped.lock();
+            while !*stopped && !control.wake.wait_until(&mut stopped, deadline).timed_out() {}
+            if *stopped {
+                return;
+            }
         }
         let Some(inner) = store.upgrade() else { return };
         if !inner.is_dirty() {

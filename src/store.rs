@@ -186,8 +186,9 @@ pub(crate) struct Decoded<'a> {
     install: Install<'a>,
     // The name the value was stored under: the cell's, or one of its aliases.
     key: String,
-    // Whether the value was migrated from an older schema version.
-    migrated: bool,
+    // Whether the store must write the value again: it was migrated from an older
+    // schema version, or (after a revert) it is not the value the store holds.
+    stale: bool,
 }
 
 impl Default for StoreBuilder {
@@ -436,10 +437,7 @@ impl Store {
     /// ```
     #[must_use]
     pub fn exists(path: impl AsRef<Path>) -> bool {
-        // An engine directory mid-swap (an interrupted compaction) counts too:
-        // opening the store completes the swap.
-        let path = path.as_ref();
-        path.join(ENGINE_DIR).is_dir() || path.join(ENGINE_DIR).with_extension("new").is_dir()
+        Sled::exists(&path.as_ref().join(ENGINE_DIR))
     }
 
     /// The store's directory, or `None` for an in-memory store.
@@ -536,8 +534,7 @@ impl Store {
         inner.take_background_error()?;
         let mut state = inner.state.lock();
         inner.check_poisoned(&state)?;
-        let target = state.current.clone();
-        inner.restore(&mut state, &target)
+        inner.restore(&mut state, None)
     }
 
     /// Reverts every cell to its value in save number `generation`, all or nothing:
@@ -577,7 +574,7 @@ impl Store {
         let mut state = inner.state.lock();
         inner.check_poisoned(&state)?;
         let target = inner.records_at(&state, generation)?;
-        inner.restore(&mut state, &target)
+        inner.restore(&mut state, Some(&target))
     }
 
     /// The saves the history holds, oldest first, each with its time and the cells
@@ -700,7 +697,7 @@ impl Store {
             state.claimed = Some(claimed);
         }
         let decoded = inner.decode_all(&state.current, Missing::Skip)?;
-        inner.install(&mut state, decoded, None);
+        inner.install(&mut state, decoded);
         inner.refresh_orphans(&mut state);
         // Leftover files are harmless, and the cells are already loaded: a failed
         // cleanup must not fail the open. The next open tries again.
@@ -927,8 +924,7 @@ impl Inner {
     fn encode_changed(&self, state: &State, staged: &mut Vec<Staged>) -> Result<()> {
         for (cell_idx, cell) in self.cells.iter().enumerate() {
             let saved = state.saved.get(cell_idx).copied().flatten();
-            let sealer = self.sealer.file_sealer(&codec::cell_key(cell.name()));
-            let mut writer = ValueWriter::new(self.values.as_ref(), sealer);
+            let mut writer = ValueWriter::new(self.values.as_ref(), &self.sealer, cell.name());
             let res = cell.encode_if_changed(saved, &mut writer);
             let seq = match res {
                 Ok(Some(seq)) => seq,
@@ -1005,11 +1001,17 @@ impl Inner {
         Ok(target)
     }
 
-    /// Decodes every cell's value in `target` and installs them all, or none.
-    fn restore(&self, state: &mut State, target: &BTreeMap<String, Vec<u8>>) -> Result<()> {
-        let decoded = self.decode_all(target, Missing::Fail)?;
-        let current = state.current.clone();
-        self.install(state, decoded, Some((target, &current)));
+    /// Decodes every cell's value in `target` (the stored records if `None`) and
+    /// installs them all, or none.
+    fn restore(&self, state: &mut State, target: Option<&Named>) -> Result<()> {
+        let mut decoded = self.decode_all(target.unwrap_or(&state.current), Missing::Fail)?;
+        if let Some(target) = target {
+            for it in &mut decoded {
+                let name = self.cells.get(it.cell_idx).map(|cell| cell.name());
+                it.stale |= target.get(&it.key) != name.and_then(|name| state.current.get(name));
+            }
+        }
+        self.install(state, decoded);
         Ok(())
     }
 
@@ -1031,7 +1033,8 @@ impl Inner {
             };
             match self.decode(*cell, key, bytes) {
                 Ok((install, migrated)) => {
-                    decoded.push(Decoded { cell_idx, install, key: key.to_owned(), migrated });
+                    let key = key.to_owned();
+                    decoded.push(Decoded { cell_idx, install, key, stale: migrated });
                 }
                 Err(err) => errors.push(err),
             }
@@ -1105,13 +1108,36 @@ impl Inner {
         len: u64,
         crc: u32,
     ) -> Result<Vec<u8>> {
+        let stored = self.read_stored(cell, id, len, crc)?;
+        self.open_value(cell, key, id, stored)
+    }
+
+    /// Opens (in an encrypted store, decrypts and authenticates) the bytes of value
+    /// file `id` of the record stored under `key`.
+    pub(crate) fn open_value(
+        &self,
+        cell: &str,
+        key: &str,
+        id: u64,
+        stored: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        self.sealer.open_file(&codec::cell_key(key), stored).map_err(|fault| Error::Corrupt {
+            cell: cell.to_owned(),
+            path: self.values_path().join(format!("{id:016x}.val")),
+            reason: format!("value file: {fault}"),
+        })
+    }
+
+    /// Reads value file `id` as stored, once its length and checksum match the
+    /// record's; `cell` names the claimant in errors.
+    pub(crate) fn read_stored(&self, cell: &str, id: u64, len: u64, crc: u32) -> Result<Vec<u8>> {
         let corrupt =
             |path: PathBuf, reason: String| Error::Corrupt { cell: cell.to_owned(), path, reason };
         let Some(values) = &self.values else {
             return Err(corrupt(self.label.clone(), "points at a value file".into()));
         };
         let path = values.file_path(id);
-        let bytes = values.read(id, len, crc).map_err(|fault| match fault {
+        values.read(id, len, crc).map_err(|fault| match fault {
             ReadFault::Io(source) if source.kind() == io::ErrorKind::NotFound => {
                 corrupt(path.clone(), "its value file is missing".into())
             }
@@ -1123,33 +1149,20 @@ impl Inner {
             ReadFault::Checksum => {
                 corrupt(path.clone(), "value file checksum does not match".into())
             }
-        })?;
-        self.sealer
-            .open_file(&codec::cell_key(key), bytes)
-            .map_err(|fault| corrupt(path.clone(), format!("value file: {fault}")))
+        })
     }
 
-    /// Installs decoded values. After a load (`compare` is `None`) a cell is clean
-    /// unless its value was migrated or found under an alias; after a revert, it is
-    /// clean only if its value is the one the store holds (`compare` gives the
-    /// target and current records).
-    pub(crate) fn install(
-        &self,
-        state: &mut State,
-        decoded: Vec<Decoded<'_>>,
-        compare: Option<(&Named, &Named)>,
-    ) {
+    /// Installs decoded values. A cell comes out clean (its stored value is the one
+    /// installed) unless the value is stale or was found under an alias, which the
+    /// next save then writes under the cell's own name.
+    pub(crate) fn install(&self, state: &mut State, decoded: Vec<Decoded<'_>>) {
         let _exclusive = exclusive();
-        for Decoded { cell_idx, install, key, migrated } in decoded {
+        for Decoded { cell_idx, install, key, stale } in decoded {
             let seq = install();
             let Some(cell) = self.cells.get(cell_idx) else { continue };
-            let same = match compare {
-                None => true,
-                Some((target, current)) => target.get(&key) == current.get(cell.name()),
-            };
             let renamed = key != cell.name();
             if let Some(slot) = state.saved.get_mut(cell_idx) {
-                *slot = (same && !migrated && !renamed).then_some(seq);
+                *slot = (!stale && !renamed).then_some(seq);
             }
             if let Some(slot) = state.renamed.get_mut(cell_idx) {
                 *slot = renamed.then_some(key);
@@ -1164,11 +1177,6 @@ impl Inner {
         used.extend(state.renamed.iter().flatten().map(String::as_str));
         let orphans = state.current.keys().filter(|name| !used.contains(name.as_str()));
         state.orphans = orphans.cloned().collect();
-    }
-
-    /// The value file a stored record points at, if it can be read and does.
-    pub(crate) fn file_of(&self, name: &str, bytes: &[u8]) -> Option<u64> {
-        self.summary(name, bytes)?.0
     }
 
     /// The value file a stored record points at and the size of its value.
@@ -1202,24 +1210,16 @@ impl Inner {
         let mut bytes = 0;
         for (name, pre) in &manifest.entries {
             let Some(pre) = pre else { continue };
-            let plain = self.sealer.open(&codec::cell_key(name), pre);
-            let record = plain.as_deref().map(Record::decode);
-            match record {
-                Ok(Ok(record)) => {
-                    files.extend(record.file());
-                    bytes += record.value_len();
-                }
-                _ => {
-                    return Err(Error::Corrupt {
-                        cell: name.clone(),
-                        path: self.engine_path(),
-                        reason: format!(
-                            "its earlier value in {} cannot be read",
-                            codec::history_label(manifest.generation)
-                        ),
-                    });
-                }
-            }
+            let (file, len) = self.summary(name, pre).ok_or_else(|| Error::Corrupt {
+                cell: name.clone(),
+                path: self.engine_path(),
+                reason: format!(
+                    "its earlier value in {} cannot be read",
+                    codec::history_label(manifest.generation)
+                ),
+            })?;
+            files.extend(file);
+            bytes += len;
         }
         let changed = manifest.entries.into_iter().map(|(name, _)| name).collect();
         Ok(Kept {
@@ -1287,23 +1287,24 @@ impl Inner {
     /// Deletes value files that no record points at: leftovers of interrupted saves.
     pub(crate) fn remove_unreferenced_files(&self, state: &State) -> Result<()> {
         let Some(values) = &self.values else { return Ok(()) };
+        let Some(keep) = self.referenced_files(state) else { return Ok(()) };
+        values.remove_all_but(&keep).map_err(Error::io(values.path()))
+    }
+
+    /// The value files the stored records and the kept history point at, or `None`
+    /// when an unreadable record or a damaged manifest might point at any file.
+    pub(crate) fn referenced_files(&self, state: &State) -> Option<BTreeSet<u64>> {
         if !state.damaged_history.is_empty() {
-            // A damaged manifest might point at any file: keep them all.
-            return Ok(());
+            return None;
         }
-        let mut keep = BTreeSet::new();
+        let mut files = BTreeSet::new();
         for (name, bytes) in &state.current {
-            let plain = self.sealer.open(&codec::cell_key(name), bytes);
-            match plain.as_deref().map(Record::decode) {
-                Ok(Ok(record)) => keep.extend(record.file()),
-                // An unreadable record might point at any file: keep them all.
-                _ => return Ok(()),
-            }
+            files.extend(self.summary(name, bytes)?.0);
         }
         for kept in &state.history {
-            keep.extend(kept.files.iter().copied());
+            files.extend(kept.files.iter().copied());
         }
-        values.remove_all_but(&keep).map_err(Error::io(values.path()))
+        Some(files)
     }
 
     pub(crate) fn engine_path(&self) -> PathBuf {

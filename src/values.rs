@@ -16,7 +16,7 @@ use std::{
 
 use crate::{
     codec::{self, INLINE_MAX},
-    crypt::FileSealer,
+    crypt::{FileSealer, Sealer},
     fs::{create_dir_durably, sync_dir},
 };
 
@@ -164,15 +164,24 @@ pub(crate) struct ValueWriter<'a> {
     file: Option<(u64, File)>,
     hasher: crc32fast::Hasher,
     len: u64,
-    // Seals the file's chunks in an encrypted store.
-    sealer: Option<FileSealer>,
+    // Seal the file's chunks in an encrypted store; the cell's name is the
+    // associated data. Made when the file is, so unspilled values cost nothing.
+    sealer: &'a Sealer,
+    name: &'a str,
+    chunks: Option<FileSealer>,
     // postcard turns every I/O error into `SerializeBufferFull`, so the real one is
     // kept here and reported instead.
     error: Option<io::Error>,
 }
 
 impl<'a> ValueWriter<'a> {
-    pub(crate) fn new(dir: Option<&'a ValueDir>, sealer: Option<FileSealer>) -> ValueWriter<'a> {
+    /// A writer for the value of the cell named `name`, which spills into `dir`
+    /// (if any), sealed by `sealer`.
+    pub(crate) fn new(
+        dir: Option<&'a ValueDir>,
+        sealer: &'a Sealer,
+        name: &'a str,
+    ) -> ValueWriter<'a> {
         ValueWriter {
             dir,
             buf: Vec::new(),
@@ -180,6 +189,8 @@ impl<'a> ValueWriter<'a> {
             hasher: crc32fast::Hasher::new(),
             len: 0,
             sealer,
+            name,
+            chunks: None,
             error: None,
         }
     }
@@ -214,8 +225,9 @@ impl<'a> ValueWriter<'a> {
         if self.file.is_none() {
             let created = dir.create()?;
             let file = &mut self.file.insert(created).1;
-            if let Some(sealer) = &self.sealer {
-                let header = sealer.header();
+            self.chunks = self.sealer.file_sealer(&codec::cell_key(self.name));
+            if let Some(chunks) = &self.chunks {
+                let header = chunks.header();
                 file.write_all(&header)?;
                 self.hasher.update(&header);
                 self.len += header.len() as u64;
@@ -223,7 +235,7 @@ impl<'a> ValueWriter<'a> {
         }
         let Some((_, file)) = &mut self.file else { return Ok(()) };
         let sealed;
-        let bytes = match &mut self.sealer {
+        let bytes = match &mut self.chunks {
             Some(chunks) => {
                 sealed = chunks.chunk(&self.buf, last)?;
                 &sealed
@@ -295,13 +307,14 @@ mod tests {
 
     #[test]
     fn small_values_stay_inline_and_large_ones_spill() -> io::Result<()> {
+        let plain = Sealer::default();
         let tmp = tempfile::tempdir()?;
         let dir = ValueDir::open(tmp.path().join("values"))?;
-        let mut small = ValueWriter::new(Some(&dir), None);
+        let mut small = ValueWriter::new(Some(&dir), &plain, "test");
         write_all(&mut small, INLINE_MAX);
         assert!(matches!(small.finish()?, Encoded::Inline(bytes) if bytes.len() == INLINE_MAX));
 
-        let mut large = ValueWriter::new(Some(&dir), None);
+        let mut large = ValueWriter::new(Some(&dir), &plain, "test");
         write_all(&mut large, 3 * CHUNK + 5);
         let Encoded::File(spilled) = large.finish()? else { panic!("a large value stayed inline") };
         spilled.sync()?;
@@ -320,7 +333,8 @@ mod tests {
 
     #[test]
     fn without_a_dir_everything_stays_inline() -> io::Result<()> {
-        let mut writer = ValueWriter::new(None, None);
+        let plain = Sealer::default();
+        let mut writer = ValueWriter::new(None, &plain, "test");
         write_all(&mut writer, 2 * CHUNK);
         assert!(matches!(writer.finish()?, Encoded::Inline(bytes) if bytes.len() == 2 * CHUNK));
         Ok(())

@@ -80,6 +80,12 @@ impl Sled {
         Ok(sled)
     }
 
+    /// Whether `dir` holds an engine, or one mid-swap (an interrupted compaction,
+    /// which `open` completes).
+    pub(crate) fn exists(dir: &Path) -> bool {
+        dir.is_dir() || new_dir(dir).is_dir()
+    }
+
     fn closed(&self) -> Error {
         Error::Storage {
             path: self.dir.clone(),
