@@ -162,7 +162,8 @@ pub enum Error {
     Several(Vec<Error>),
     /// A previous save failed part-way; this store refuses further saves and reloads
     /// until reopened, which loads whichever of the two saves the disk holds.
-    #[error("a previous save to `{}` failed; reopen the store", path.display())]
+    /// A journal is poisoned the same way by a failed write or a panicking event.
+    #[error("a previous write to `{}` failed; reopen it", path.display())]
     #[non_exhaustive]
     Poisoned {
         /// The store directory, or `:memory:` for an in-memory store.
@@ -220,6 +221,111 @@ pub enum Error {
     WrongKey {
         /// The store directory.
         path: PathBuf,
+    },
+    /// A journal file has damage that is not a torn last write: a bad frame with sound
+    /// data after it, a missing stretch of events, or a damaged header. Nothing was
+    /// changed; [`Recovery::Salvage`](crate::prevalence::Recovery::Salvage) keeps the
+    /// events before the damage and moves the rest aside.
+    #[error(
+        "journal `{}` is damaged at byte {offset}: {reason}; nothing was changed (open with `Recovery::Salvage` to keep the events before the damage)",
+        path.display()
+    )]
+    #[non_exhaustive]
+    JournalCorrupt {
+        /// The damaged file.
+        path: PathBuf,
+        /// The byte offset of the damage in that file.
+        offset: u64,
+        /// What is wrong there.
+        reason: String,
+    },
+    /// A journal or snapshot was written for another state or event type, or another
+    /// schema version, than the one it is opened with. Nothing was changed.
+    #[error("`{}` holds {stored}, but was opened for {expected}", path.display())]
+    #[non_exhaustive]
+    JournalType {
+        /// The journal file or snapshot.
+        path: PathBuf,
+        /// The state type, event type and schema version it was written for.
+        stored: String,
+        /// The types and schema version it was opened with.
+        expected: String,
+    },
+    /// A journaled event or a snapshot does not decode as its type, although the
+    /// type's name matches: the type changed without a schema version bump.
+    #[error("`{}`: {what} does not decode as `{type_name}`", path.display())]
+    #[non_exhaustive]
+    JournalDecode {
+        /// The journal file or snapshot.
+        path: PathBuf,
+        /// Which event, or the snapshot.
+        what: String,
+        /// The type it should decode as.
+        type_name: String,
+        /// What the decoder reported.
+        #[source]
+        source: CodecError,
+    },
+    /// An event could not be encoded for the journal; it was neither journaled nor applied.
+    #[error("an event of type `{type_name}` for `{}` could not be encoded", path.display())]
+    #[non_exhaustive]
+    EventEncode {
+        /// The journal directory, or `:memory:`.
+        path: PathBuf,
+        /// The event type.
+        type_name: String,
+        /// What the encoder reported.
+        #[source]
+        source: CodecError,
+    },
+    /// The replay check found that replaying the journal gave another state than the
+    /// one the digest was taken of: the system function is not deterministic.
+    #[error(
+        "replaying `{}` diverged at event {event}: the state's digest was {stored:#018x} when the event was handled and is {replayed:#018x} on replay",
+        path.display()
+    )]
+    #[non_exhaustive]
+    ReplayDiverged {
+        /// The journal directory.
+        path: PathBuf,
+        /// The first event after which the states differ.
+        event: u64,
+        /// The digest journaled when the event was handled.
+        stored: u64,
+        /// The digest after replaying it.
+        replayed: u64,
+    },
+    /// The system function panicked while replaying an event that it had not panicked
+    /// on when the event was handled: it is not deterministic.
+    #[error("the system function panicked replaying event {event} of `{}`", path.display())]
+    #[non_exhaustive]
+    ReplayPanicked {
+        /// The journal directory.
+        path: PathBuf,
+        /// The event it panicked on.
+        event: u64,
+    },
+    /// Writing or syncing the journal failed, so the events of that write were not
+    /// applied. The journal now refuses further events ([`Error::Poisoned`]); the
+    /// events may or may not be on disk, and reopening shows which.
+    #[error("writing the journal `{}` failed; the event was not applied", path.display())]
+    #[non_exhaustive]
+    JournalWrite {
+        /// The journal file.
+        path: PathBuf,
+        /// The operating system's error, shared by every caller of the failed write.
+        #[source]
+        source: std::sync::Arc<io::Error>,
+    },
+    /// [`StateCell::handle`](crate::StateCell::handle) was called on a cell that is not
+    /// journaled, or that is not open in a store.
+    #[error(
+        "cell `{cell}` is not journaled in an open store: declare it `#[journaled]` and open its store"
+    )]
+    #[non_exhaustive]
+    NotJournaled {
+        /// The cell's name.
+        cell: String,
     },
     /// The global free functions were called while no store was opened with [`open`](crate::open).
     #[error("no store is open; call `instastate::open` first")]

@@ -202,6 +202,8 @@ mod codec;
 mod crypt;
 mod error;
 mod fs;
+mod journal;
+pub mod prevalence;
 mod registry;
 mod schema;
 mod store;
@@ -217,6 +219,7 @@ pub use crate::{
     autosave::{Autosave, autosave},
     cell::{Ref, RefMut, StateCell, Value},
     error::{CodecError, Error, Result, StorageError},
+    prevalence::{Prevayler, Timestamp},
     schema::{CellOptions, Migrate, Migration},
     store::{Generation, Store, StoreBuilder, history, open, reload_all, revert_to, save_all},
 };

@@ -5,7 +5,7 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, VecDeque, btree_map::Entry},
     fmt,
-    fs::{File, TryLockError},
+    fs::File,
     io,
     path::{Path, PathBuf},
     sync::{Arc, Weak},
@@ -36,8 +36,6 @@ const MEMORY_LABEL: &str = ":memory:";
 const DEFAULT_HISTORY: usize = 10;
 // How many bytes of earlier values the history keeps unless the builder says otherwise.
 const DEFAULT_HISTORY_BYTES: u64 = 64 * 1024 * 1024;
-// How long a held directory lock is retried before the store counts as open elsewhere.
-const LOCK_WAIT: Duration = Duration::from_millis(250);
 
 /// An open store: a directory (or memory) holding the saved values of a set of cells.
 ///
@@ -345,7 +343,7 @@ impl StoreBuilder {
         let sealer = self.sealer();
         let cells = check_names(self.cells)?;
         fs::create_dir_durably(path).map_err(Error::io(path))?;
-        let lock = lock(path)?;
+        let lock = fs::lock_dir(path, LOCK_FILE)?;
         let backend = Sled::open(&path.join(ENGINE_DIR))?;
         let values_path = path.join(VALUES_DIR);
         let values = ValueDir::open(values_path.clone()).map_err(Error::io(values_path))?;
@@ -1407,31 +1405,6 @@ fn meta<T>(
         }
     })?;
     Ok(Some(value))
-}
-
-fn lock(dir: &Path) -> Result<File> {
-    let path = dir.join(LOCK_FILE);
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(Error::io(&path))?;
-    // The lock belongs to the open file, and a child process forked by any thread
-    // shares our open files until it runs `exec`: for a moment after a store is
-    // dropped, such a child can still hold its lock. A short wait tells that apart
-    // from a store that is really open elsewhere, which is still reported at once.
-    let res = fs::retry_while_held(
-        LOCK_WAIT,
-        || file.try_lock(),
-        |err| matches!(err, TryLockError::WouldBlock),
-    );
-    match res {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf() }),
-        Err(TryLockError::Error(source)) => Err(Error::Io { path, source }),
-    }
 }
 
 // The store `open` installed; weak, so that dropping the last `Store` closes it.

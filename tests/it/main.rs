@@ -11,6 +11,7 @@ mod crypt;
 mod global;
 mod history;
 mod model;
+mod prevalence;
 mod save_reload;
 mod schema;
 mod ui;

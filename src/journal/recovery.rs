@@ -1,0 +1,494 @@
+//! Reading a journal directory back: every file's header, every frame, torn tails
+//! and damage, then the replay of the sound events.
+
+use std::{
+    borrow::Cow,
+    collections::BTreeMap,
+    fs::{self, File},
+    io::Write,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use super::{
+    Identity, PART_SUFFIX, Recovery, Replayed, Timestamp, event_aad,
+    format::{self, Extra, FileKind, Frame, Header, Read},
+    key_check,
+};
+use crate::{Error, Result, crypt::Sealer, fs as dirs};
+
+/// What opening a journal found and did.
+///
+/// # Example
+/// ```
+/// use instastate::Prevayler;
+///
+/// # fn main() -> instastate::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let counter = Prevayler::open(dir.path(), 0u64, |n: &mut u64, by: u64, _| *n += by)?;
+/// counter.handle(2)?;
+/// drop(counter);
+/// let counter = Prevayler::open(dir.path(), 0u64, |n: &mut u64, by: u64, _| *n += by)?;
+/// assert_eq!(counter.recovered().replayed(), 1);
+/// assert_eq!(counter.recovered().torn_bytes(), 0);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub(crate) snapshot: Option<u64>,
+    pub(crate) unsound_snapshots: Vec<PathBuf>,
+    pub(crate) replayed: u64,
+    pub(crate) voided: u64,
+    pub(crate) torn_bytes: u64,
+    pub(crate) salvaged: Option<PathBuf>,
+}
+
+impl Recovered {
+    /// The number of events the snapshot that was loaded covers; `None` when the
+    /// state was rebuilt from its initial value.
+    #[must_use]
+    pub fn snapshot(&self) -> Option<u64> {
+        self.snapshot
+    }
+
+    /// Newer snapshots that were damaged and passed over, newest first.
+    #[must_use]
+    pub fn unsound_snapshots(&self) -> &[PathBuf] {
+        &self.unsound_snapshots
+    }
+
+    /// How many journaled events were replayed after the snapshot.
+    #[must_use]
+    pub fn replayed(&self) -> u64 {
+        self.replayed
+    }
+
+    /// How many journaled events were skipped because their system function panicked
+    /// (or they were queued behind one that did).
+    #[must_use]
+    pub fn voided(&self) -> u64 {
+        self.voided
+    }
+
+    /// The bytes of a torn last write that were cut off the journal: a crash in the
+    /// middle of an append, of events that had not been acknowledged.
+    #[must_use]
+    pub fn torn_bytes(&self) -> u64 {
+        self.torn_bytes
+    }
+
+    /// Where [`Recovery::Salvage`] moved the damaged journal files, if it had to.
+    #[must_use]
+    pub fn salvaged(&self) -> Option<&Path> {
+        self.salvaged.as_deref()
+    }
+}
+
+/// Where the journal ends.
+#[derive(Debug, Default)]
+pub(crate) struct Tail {
+    /// The number after the last sound event.
+    pub(crate) next: u64,
+    /// The last timestamp journaled.
+    pub(crate) clock: u64,
+    /// The last journal file, and the number after its last event.
+    pub(crate) file: Option<(PathBuf, u64)>,
+}
+
+/// A sound event frame found in a file.
+struct Found {
+    file: usize,
+    seq: u64,
+    at: u64,
+    /// Where the event's bytes start and end in the file.
+    start: usize,
+    end: usize,
+}
+
+/// Everything the frames of the journal files say.
+#[derive(Default)]
+struct Frames {
+    found: Vec<Found>,
+    voids: Vec<(u64, u64)>,
+    checks: BTreeMap<u64, u64>,
+}
+
+/// How a file's frames end.
+enum Ending {
+    Clean,
+    Torn(usize),
+    Damaged(usize, String),
+}
+
+/// Reads the journal in `dir`, replays its events numbered `from` or later, and
+/// cuts a torn tail. Changes nothing on disk before everything read back soundly,
+/// except what [`Recovery::Salvage`] moves aside.
+pub(crate) fn recover(
+    dir: &Path,
+    identity: &Identity,
+    sealer: &Sealer,
+    recovery: Recovery,
+    from: u64,
+    replay: &mut dyn FnMut(Replayed<'_>) -> Result<Option<u64>>,
+) -> Result<(Recovered, Tail)> {
+    remove_parts(dir)?;
+    let mut files = journal_files(dir)?;
+    let mut contents = Vec::with_capacity(files.len());
+    for (_, path) in &files {
+        contents.push(fs::read(path).map_err(Error::io(path))?);
+    }
+    let mut report = Recovered::default();
+    let mut frames = Frames::default();
+    let mut torn = None;
+    let mut expected: Option<u64> = None;
+    let mut file_idx = 0;
+    while let (Some((first, path)), Some(bytes)) = (files.get(file_idx), contents.get(file_idx)) {
+        let last_file = file_idx + 1 == files.len();
+        let ending = match check_header(bytes, *first, path, identity, sealer)? {
+            Err(reason) => Ending::Damaged(0, reason),
+            Ok(_)
+                if expected
+                    .is_some_and(|next| next != *first && !(next < *first && *first <= from)) =>
+            {
+                let next = expected.unwrap_or_default();
+                Ending::Damaged(
+                    0,
+                    format!(
+                        "the file starts at event {first}, but the journal before it ends before event {next}"
+                    ),
+                )
+            }
+            Ok(header_len) => {
+                let mut next = *first;
+                let ending =
+                    scan_frames(bytes, header_len, file_idx, &mut next, &mut frames, last_file);
+                expected = Some(next);
+                ending
+            }
+        };
+        match ending {
+            Ending::Clean => {}
+            Ending::Torn(offset) => torn = Some((file_idx, offset)),
+            Ending::Damaged(offset, reason) => match recovery {
+                Recovery::Strict => {
+                    return Err(Error::JournalCorrupt {
+                        path: path.clone(),
+                        offset: offset as u64,
+                        reason,
+                    });
+                }
+                Recovery::Salvage => {
+                    frames.found.retain(|it| {
+                        it.file < file_idx || (it.file == file_idx && it.end <= offset)
+                    });
+                    let keep = bytes.get(..offset).unwrap_or_default().to_vec();
+                    report.salvaged =
+                        Some(salvage(dir, files.get(file_idx..).unwrap_or_default(), &keep)?);
+                    files.truncate(file_idx + 1);
+                    contents.truncate(file_idx);
+                    if offset == 0 {
+                        // Not even the header was sound: nothing of the file is kept.
+                        let (_, path) = files.remove(file_idx);
+                        fs::remove_file(&path).map_err(Error::io(&path))?;
+                        dirs::sync_dir(dir).map_err(Error::io(dir))?;
+                    } else {
+                        contents.push(keep);
+                    }
+                    break;
+                }
+            },
+        }
+        file_idx += 1;
+    }
+    replay_found(dir, &files, &contents, &frames, sealer, from, &mut report, replay)?;
+
+    if let Some((file, offset)) = torn
+        && let (Some((_, path)), Some(bytes)) = (files.get(file), contents.get(file))
+    {
+        report.torn_bytes = (bytes.len() - offset) as u64;
+        let handle = File::options().write(true).open(path).map_err(Error::io(path))?;
+        handle.set_len(offset as u64).map_err(Error::io(path))?;
+        handle.sync_all().map_err(Error::io(path))?;
+    }
+    let last = frames.found.last();
+    let tail = Tail {
+        next: last.map_or(0, |it| it.seq + 1),
+        clock: last.map_or(0, |it| it.at),
+        file: files.last().map(|(first, path)| {
+            let last_idx = files.len() - 1;
+            let next = last.filter(|it| it.file == last_idx).map_or(*first, |it| it.seq + 1);
+            (path.clone(), next)
+        }),
+    };
+    Ok((report, tail))
+}
+
+/// Checks a journal file's header: `Ok(Ok(length))` when sound, `Ok(Err(reason))`
+/// when damaged, and an error when it was written for other types, another format
+/// version or another key.
+fn check_header(
+    bytes: &[u8],
+    first: u64,
+    path: &Path,
+    identity: &Identity,
+    sealer: &Sealer,
+) -> Result<std::result::Result<usize, String>> {
+    let (header, len) = match Header::decode(bytes, false) {
+        Ok(it) => it,
+        Err(reason) => return Ok(Err(format!("the file's header is damaged: {reason}"))),
+    };
+    if header.version != format::FORMAT_VERSION {
+        return Err(Error::FormatVersion {
+            path: path.to_path_buf(),
+            found: header.version,
+            expected: format::FORMAT_VERSION,
+        });
+    }
+    check_identity(&header, path, identity)?;
+    check_sealed(&header, path, sealer)?;
+    if header.events != first {
+        return Ok(Err(format!(
+            "the header says the file starts at event {}, its name says {first}",
+            header.events
+        )));
+    }
+    Ok(Ok(len))
+}
+
+/// Refuses a header written for other types or another schema version.
+pub(crate) fn check_identity(header: &Header, path: &Path, identity: &Identity) -> Result<()> {
+    if header.state_type == identity.state_type
+        && header.event_type == identity.event_type
+        && header.schema == identity.schema
+    {
+        return Ok(());
+    }
+    Err(Error::JournalType {
+        path: path.to_path_buf(),
+        stored: Identity::describe(&header.state_type, &header.event_type, header.schema),
+        expected: Identity::describe(identity.state_type, identity.event_type, identity.schema),
+    })
+}
+
+/// Refuses a sealed file without a key or with the wrong one, and a plain file with a key.
+pub(crate) fn check_sealed(header: &Header, path: &Path, sealer: &Sealer) -> Result<()> {
+    let dir = path.parent().unwrap_or(path).to_path_buf();
+    if header.sealed != sealer.is_on() {
+        return Err(Error::Encryption { path: dir, encrypted: header.sealed });
+    }
+    if let Extra::KeyCheck(check) = &header.extra
+        && header.sealed
+        && !sealer
+            .open(b"instastate journal key check", check)
+            .is_ok_and(|it| *it == *super::KEYCHECK_PLAIN)
+    {
+        return Err(Error::WrongKey { path: dir });
+    }
+    Ok(())
+}
+
+/// Reads the frames of one file after its header; `next` is the number its next
+/// event must have, and is advanced past every event found.
+fn scan_frames(
+    bytes: &[u8],
+    header_len: usize,
+    file: usize,
+    next: &mut u64,
+    frames: &mut Frames,
+    last_file: bool,
+) -> Ending {
+    let mut offset = header_len;
+    loop {
+        match format::read_frame(bytes.get(offset..).unwrap_or_default()) {
+            Read::End => return Ending::Clean,
+            Read::Frame(frame, len) => {
+                match frame {
+                    Frame::Event { seq, .. } if seq != *next => {
+                        return Ending::Damaged(
+                            offset,
+                            format!("event {seq} stands where event {next} belongs"),
+                        );
+                    }
+                    Frame::Event { seq, at, .. } => {
+                        let start = offset + format::FRAME_HEAD + format::EVENT_HEAD;
+                        frames.found.push(Found { file, seq, at, start, end: offset + len });
+                        *next += 1;
+                    }
+                    Frame::Void { first, last } => frames.voids.push((first, last)),
+                    Frame::Check { seq, digest } => {
+                        frames.checks.insert(seq, digest);
+                    }
+                }
+                offset += len;
+            }
+            Read::Bad(reason) if last_file && !sound_after(bytes, offset) => {
+                let _ = reason;
+                return Ending::Torn(offset);
+            }
+            Read::Bad(reason) => return Ending::Damaged(offset, reason.to_owned()),
+        }
+    }
+}
+
+/// Replays the sound, unvoided events numbered `from` or later, checking digests.
+#[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
+fn replay_found(
+    dir: &Path,
+    files: &[(u64, PathBuf)],
+    contents: &[Vec<u8>],
+    frames: &Frames,
+    sealer: &Sealer,
+    from: u64,
+    report: &mut Recovered,
+    replay: &mut dyn FnMut(Replayed<'_>) -> Result<Option<u64>>,
+) -> Result<()> {
+    let wanted = frames.found.partition_point(|it| it.seq < from);
+    if let Some(first) = frames.found.get(wanted)
+        && first.seq > from
+    {
+        let path = files.get(first.file).map(|(_, path)| path.clone()).unwrap_or_default();
+        return Err(Error::JournalCorrupt {
+            path,
+            offset: 0,
+            reason: format!(
+                "events {from} to {} are missing: neither a snapshot nor the journal holds them",
+                first.seq - 1
+            ),
+        });
+    }
+    for it in frames.found.get(wanted..).unwrap_or_default() {
+        if frames.voids.iter().any(|&(first, last)| (first..=last).contains(&it.seq)) {
+            report.voided += 1;
+            continue;
+        }
+        let (Some((_, path)), Some(bytes)) = (files.get(it.file), contents.get(it.file)) else {
+            continue;
+        };
+        let stored = bytes.get(it.start..it.end).unwrap_or_default();
+        let plain = open_event(sealer, it.seq, stored).map_err(|reason| Error::JournalCorrupt {
+            path: path.clone(),
+            offset: (it.start - format::FRAME_HEAD - format::EVENT_HEAD) as u64,
+            reason,
+        })?;
+        let digest = replay(Replayed { seq: it.seq, at: Timestamp(it.at), bytes: &plain })?;
+        if let (Some(replayed), Some(&stored)) = (digest, frames.checks.get(&it.seq))
+            && replayed != stored
+        {
+            return Err(Error::ReplayDiverged {
+                path: dir.to_path_buf(),
+                event: it.seq,
+                stored,
+                replayed,
+            });
+        }
+        report.replayed += 1;
+    }
+    Ok(())
+}
+
+/// Whether a sound frame starts anywhere in `bytes` after `offset`: if so, the bad
+/// bytes at `offset` are damage, not a torn last write.
+fn sound_after(bytes: &[u8], offset: usize) -> bool {
+    (offset + 1..bytes.len()).any(|start| {
+        matches!(format::read_frame(bytes.get(start..).unwrap_or_default()), Read::Frame(..))
+    })
+}
+
+fn open_event<'a>(
+    sealer: &Sealer,
+    seq: u64,
+    stored: &'a [u8],
+) -> std::result::Result<Cow<'a, [u8]>, String> {
+    if !sealer.is_on() {
+        return Ok(Cow::Borrowed(stored));
+    }
+    sealer
+        .open(&event_aad(seq), stored)
+        .map_err(|fault| format!("event {seq} cannot be opened: {fault}"))
+}
+
+/// Moves `files` into a new `salvaged-<time>` directory and writes `keep` back in
+/// place of the first of them.
+fn salvage(dir: &Path, files: &[(u64, PathBuf)], keep: &[u8]) -> Result<PathBuf> {
+    let millis = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |it| it.as_millis());
+    let aside = dir.join(format!("salvaged-{millis}"));
+    dirs::create_dir_durably(&aside).map_err(Error::io(&aside))?;
+    for (_, path) in files {
+        let Some(name) = path.file_name() else { continue };
+        let target = aside.join(name);
+        fs::rename(path, &target).map_err(Error::io(path))?;
+    }
+    dirs::sync_dir(&aside).map_err(Error::io(&aside))?;
+    if let Some((_, path)) = files.first() {
+        write_durably(dir, path, keep)?;
+    }
+    dirs::sync_dir(dir).map_err(Error::io(dir))?;
+    Ok(aside)
+}
+
+/// Writes `bytes` to `path` through a temporary file, so that `path` holds either
+/// its old contents or all of `bytes`; the rename is made durable.
+pub(crate) fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut part = path.as_os_str().to_owned();
+    part.push(PART_SUFFIX);
+    let part = PathBuf::from(part);
+    let mut file = File::create(&part).map_err(Error::io(&part))?;
+    file.write_all(bytes).map_err(Error::io(&part))?;
+    file.sync_all().map_err(Error::io(&part))?;
+    drop(file);
+    fs::rename(&part, path).map_err(Error::io(path))?;
+    dirs::sync_dir(dir).map_err(Error::io(dir))
+}
+
+/// Creates the journal file whose first event is `first`, durably, open for appending.
+pub(crate) fn create_journal_file(
+    dir: &Path,
+    identity: &Identity,
+    sealer: &Sealer,
+    first: u64,
+) -> Result<(File, PathBuf)> {
+    let path = dir.join(format::journal_name(first));
+    let header =
+        Header::new(identity, sealer.is_on(), first, 0, Extra::KeyCheck(key_check(sealer)));
+    write_durably(dir, &path, &header.encode())?;
+    let file = File::options().append(true).open(&path).map_err(Error::io(&path))?;
+    Ok((file, path))
+}
+
+/// The journal files in `dir`, by first event number.
+pub(crate) fn journal_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    list(dir, FileKind::Journal)
+}
+
+/// The snapshot files in `dir`, by the number of events they cover.
+pub(crate) fn snapshot_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    list(dir, FileKind::Snapshot)
+}
+
+fn list(dir: &Path, kind: FileKind) -> Result<Vec<(u64, PathBuf)>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(Error::io(dir))? {
+        let entry = entry.map_err(Error::io(dir))?;
+        let name = entry.file_name();
+        if let Some((found, n)) = name.to_str().and_then(format::parse_name)
+            && found == kind
+        {
+            files.push((n, entry.path()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Removes the temporary files a crash left behind.
+fn remove_parts(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(Error::io(dir))? {
+        let entry = entry.map_err(Error::io(dir))?;
+        if entry.file_name().to_str().is_some_and(|name| name.ends_with(PART_SUFFIX)) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(Error::io(&path))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Snapshot files: the whole state after a number of events, written atomically
+//! and durably, read back newest sound one first.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use super::{
+    Identity,
+    format::{self, Extra, Header},
+    recovery::{self, check_identity, check_sealed},
+};
+use crate::{Error, Result, crypt::Sealer, fs as dirs};
+
+/// A sound snapshot read back: what it covers and its (opened) encoded state.
+pub(crate) struct LoadedSnapshot {
+    pub(crate) path: PathBuf,
+    /// The number of events it covers: the next event's number.
+    pub(crate) events: u64,
+    /// The last timestamp given out before it.
+    pub(crate) at: u64,
+    pub(crate) body: Vec<u8>,
+}
+
+fn aad(events: u64) -> Vec<u8> {
+    let mut aad = b"instastate snapshot ".to_vec();
+    aad.extend_from_slice(&events.to_le_bytes());
+    aad
+}
+
+/// Writes the snapshot of the encoded state `body` covering `events` events, durably:
+/// a temporary file, fsynced, renamed into place, and the directory fsynced.
+pub(crate) fn write(
+    dir: &Path,
+    identity: &Identity,
+    sealer: &Sealer,
+    events: u64,
+    at: u64,
+    body: Vec<u8>,
+) -> Result<PathBuf> {
+    let stored = if sealer.is_on() { sealer.seal(&aad(events), body) } else { body };
+    let extra = Extra::Body { len: stored.len() as u64, crc: crc32fast::hash(&stored) };
+    let mut bytes = Header::new(identity, sealer.is_on(), events, at, extra).encode();
+    bytes.extend_from_slice(&stored);
+    let path = dir.join(format::snapshot_name(events));
+    recovery::write_durably(dir, &path, &bytes)?;
+    Ok(path)
+}
+
+/// Reads the newest sound snapshot in `dir`; the damaged ones passed over are
+/// pushed to `unsound`. Type, version and key mismatches are errors, not damage.
+pub(crate) fn load_newest(
+    dir: &Path,
+    identity: &Identity,
+    sealer: &Sealer,
+    unsound: &mut Vec<PathBuf>,
+) -> Result<Option<LoadedSnapshot>> {
+    for (events, path) in recovery::snapshot_files(dir)?.into_iter().rev() {
+        let bytes = fs::read(&path).map_err(Error::io(&path))?;
+        let Ok((header, len)) = Header::decode(&bytes, true) else {
+            unsound.push(path);
+            continue;
+        };
+        if header.version != format::FORMAT_VERSION {
+            return Err(Error::FormatVersion {
+                path,
+                found: header.version,
+                expected: format::FORMAT_VERSION,
+            });
+        }
+        check_identity(&header, &path, identity)?;
+        check_sealed_snapshot(&header, &path, sealer)?;
+        let stored = bytes.get(len..).unwrap_or_default();
+        let sound_body = matches!(header.extra, Extra::Body { len, crc } if len == stored.len() as u64 && crc == crc32fast::hash(stored));
+        if !sound_body || header.events != events {
+            unsound.push(path);
+            continue;
+        }
+        let body = if sealer.is_on() {
+            let Ok(plain) = sealer.open(&aad(events), stored) else {
+                unsound.push(path);
+                continue;
+            };
+            plain.into_owned()
+        } else {
+            stored.to_vec()
+        };
+        return Ok(Some(LoadedSnapshot { path, events, at: header.at, body }));
+    }
+    Ok(None)
+}
+
+fn check_sealed_snapshot(header: &Header, path: &Path, sealer: &Sealer) -> Result<()> {
+    // A snapshot has no key check of its own: the journal's header checks the key,
+    // and a snapshot that does not open under it counts as damaged.
+    if header.sealed != sealer.is_on() {
+        return check_sealed(header, path, sealer);
+    }
+    Ok(())
+}
+
+/// Deletes all but the newest `keep` snapshots (at least one); returns the number of
+/// events the oldest one kept covers.
+pub(crate) fn retain(dir: &Path, keep: usize) -> Result<Option<u64>> {
+    let files = recovery::snapshot_files(dir)?;
+    let cut = files.len().saturating_sub(keep.max(1));
+    let (old, kept) = files.split_at(cut);
+    for (_, path) in old {
+        fs::remove_file(path).map_err(Error::io(path))?;
+    }
+    if !old.is_empty() {
+        dirs::sync_dir(dir).map_err(Error::io(dir))?;
+    }
+    Ok(kept.first().map(|(events, _)| *events))
+}

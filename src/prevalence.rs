@@ -1,0 +1,638 @@
+//! Prevalence: a whole system state in memory, changed only by events that are
+//! journaled before they are applied (Prevayler's model).
+//!
+//! [`Prevayler`] keeps one state `S` and a journal of events `E` in a directory.
+//! [`handle`](Prevayler::handle) gives the event a number and a [`Timestamp`],
+//! writes it to the journal, makes it durable (per [`Durability`]), and only then
+//! runs the system function `fn(&mut S, E, Timestamp) -> R` and returns its result.
+//! Opening the directory again loads the newest sound snapshot and replays the
+//! journal after it, giving exactly the state of every acknowledged event.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use instastate::{Prevayler, Timestamp};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! struct Bank { balances: BTreeMap<String, i64> }
+//!
+//! #[derive(Serialize, Deserialize)]
+//! enum Command { Deposit { who: String, amount: i64 } }
+//!
+//! fn apply(bank: &mut Bank, command: Command, _at: Timestamp) -> Result<i64, String> {
+//!     match command {
+//!         Command::Deposit { amount, .. } if amount <= 0 => Err(format!("cannot deposit {amount}")),
+//!         Command::Deposit { who, amount } => {
+//!             let balance = bank.balances.entry(who).or_default();
+//!             *balance += amount;
+//!             Ok(*balance)
+//!         }
+//!     }
+//! }
+//!
+//! # fn main() -> instastate::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let bank = Prevayler::open(dir.path(), Bank::default(), apply)?;
+//! let balance = bank.handle(Command::Deposit { who: "alice".into(), amount: 100 })?;
+//! assert_eq!(balance, Ok(100));
+//! let total: i64 = bank.read(|bank| bank.balances.values().sum());
+//! assert_eq!(total, 100);
+//! bank.snapshot()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Semantics
+//!
+//! - **Journal first.** An event is written to the journal before the system
+//!   function sees it, and in the default [`Durability::Sync`] (and
+//!   [`Durability::GroupCommit`]) it is `fdatasync`ed first too: no caller ever
+//!   receives a result for an event that is not durable.
+//! - **Rejected events.** The system function returns any `R`, often a `Result`.
+//!   An event it rejects is still in the journal (it was written before the function
+//!   ran) and is rejected again on replay, which runs the same function on the same
+//!   state with the same timestamp. So a function must **decide before it changes
+//!   anything**: whatever it changed before returning an error is changed again on
+//!   replay (consistently, but probably not what was meant). Unlike prevayler-clj,
+//!   which applies first and journals only events that succeed, this never lets
+//!   memory run ahead of the journal.
+//! - **Determinism.** Replay must reproduce the state: the function may use only the
+//!   state, the event and the timestamp (no clock, no randomness, no I/O, no
+//!   iteration order of a `HashMap` with a random seed). [`PrevaylerBuilder::replay_check`]
+//!   checks this.
+//! - **Failures.** If writing the journal fails, the events of that write are not
+//!   applied, their callers get [`Error::JournalWrite`], and every later call gets
+//!   [`Error::Poisoned`]: the state never holds an event the journal might not.
+//!   Reopen the directory to go on.
+//! - **Panics.** If the system function panics, the panic reaches the caller of
+//!   `handle`, the event (and any written after it but not applied) is voided in the
+//!   journal, and later calls get [`Error::Poisoned`]. Reopening gives the state
+//!   without the voided events.
+//! - **Snapshots** ([`Prevayler::snapshot`], or automatically by
+//!   [`PrevaylerBuilder::snapshot_every`] and [`PrevaylerBuilder::snapshot_every_bytes`])
+//!   hold `handle` back only while the state is encoded in memory (under a read
+//!   lock, so `read` goes on). The file is written to a temporary name, fsynced and
+//!   renamed, and only after that are older snapshots and the journal files they
+//!   alone needed deleted. [`PrevaylerBuilder::keep_snapshots`] (default 2) sets how
+//!   many are kept; the journal is kept back to the oldest, so a damaged newest
+//!   snapshot falls back to the one before it.
+//! - **The journal** is a series of files of checksummed frames. A torn last write
+//!   (a crash mid-append) is cut off on open and reported in [`Prevayler::recovered`];
+//!   damage anywhere else is [`Error::JournalCorrupt`] naming the file and byte
+//!   offset, and nothing is changed unless [`Recovery::Salvage`] is asked for.
+//! - **Exclusive.** The directory is locked while open; a second open, in this
+//!   process or another, fails with [`Error::Locked`].
+//! - **Types.** The journal and snapshots record the state's and event's type names
+//!   and a schema version (1); opening with other types fails with
+//!   [`Error::JournalType`] and changes nothing.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Serialize, de::DeserializeOwned};
+
+pub use crate::journal::{Durability, Recovered, Recovery, Timestamp};
+use crate::{
+    Error, Result,
+    crypt::Sealer,
+    error::CodecError,
+    fs as dirs,
+    journal::{self, Config, Identity, Job, Journal, Replayed},
+};
+
+/// The schema version journals and snapshots are written with.
+const SCHEMA: u32 = 1;
+/// Snapshots kept unless [`PrevaylerBuilder::keep_snapshots`] says otherwise.
+const DEFAULT_KEEP: usize = 2;
+
+type SystemFn<S, E, R> = dyn Fn(&mut S, E, Timestamp) -> R + Send + Sync;
+type Hook = Arc<dyn Fn(&Error) + Send + Sync>;
+
+/// A state that changes only through journaled events; see the [module docs](self).
+///
+/// `S` is the state, `E` the event type and `R` what the system function returns.
+/// `Prevayler` is `Send + Sync`: share it between threads by reference or in an `Arc`.
+/// Dropping it makes every handled event durable (errors go to the
+/// [error hook](PrevaylerBuilder::on_background_error)); [`close`](Prevayler::close)
+/// does the same and returns the error.
+pub struct Prevayler<S: 'static, E: 'static, R: 'static = ()> {
+    core: Arc<Core<S, E, R>>,
+}
+
+struct Core<S: 'static, E: 'static, R: 'static> {
+    state: RwLock<Slot<S>>,
+    apply: Box<SystemFn<S, E, R>>,
+    digest: Option<fn(&S) -> u64>,
+    journal: Arc<Journal>,
+    recovered: Recovered,
+    policy: Policy,
+    /// Held while a snapshot is written, so that one is written at a time.
+    snapshotting: Mutex<()>,
+    /// Whether an automatic snapshot is under way.
+    automatic: AtomicBool,
+    /// The events and framed bytes at the last snapshot (or at open).
+    last_events: AtomicU64,
+    last_bytes: AtomicU64,
+    hook: Hook,
+}
+
+/// The state, and the number of events applied to it.
+struct Slot<S> {
+    value: S,
+    applied: u64,
+    at: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    every_events: Option<u64>,
+    every_bytes: Option<u64>,
+    keep: usize,
+}
+
+/// Options for opening a [`Prevayler`]: `Prevayler::builder()`.
+///
+/// # Example
+/// ```
+/// use instastate::{Prevayler, prevalence::Durability};
+///
+/// # fn main() -> instastate::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let log = Prevayler::builder()
+///     .durability(Durability::GroupCommit)
+///     .snapshot_every(10_000)
+///     .keep_snapshots(3)
+///     .replay_check(|lines: &Vec<String>| lines.len() as u64)
+///     .open(dir.path(), Vec::new(), |lines: &mut Vec<String>, line: String, _| lines.push(line))?;
+/// log.handle("hello".to_owned())?;
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct PrevaylerBuilder<S> {
+    durability: Durability,
+    recovery: Recovery,
+    policy: Policy,
+    digest: Option<fn(&S) -> u64>,
+    hook: Option<Hook>,
+    #[cfg(feature = "encryption")]
+    key: Option<crate::EncryptionKey>,
+}
+
+impl Prevayler<(), (), ()> {
+    /// Options for opening a `Prevayler`; see [`PrevaylerBuilder`].
+    pub fn builder<S>() -> PrevaylerBuilder<S> {
+        PrevaylerBuilder::new()
+    }
+}
+
+impl<S> Default for PrevaylerBuilder<S> {
+    fn default() -> Self {
+        PrevaylerBuilder::new()
+    }
+}
+
+impl<S> PrevaylerBuilder<S> {
+    /// The default options: [`Durability::Sync`], [`Recovery::Strict`], no
+    /// automatic snapshots, two snapshots kept, no replay check.
+    pub fn new() -> PrevaylerBuilder<S> {
+        PrevaylerBuilder {
+            durability: Durability::default(),
+            recovery: Recovery::default(),
+            policy: Policy { every_events: None, every_bytes: None, keep: DEFAULT_KEEP },
+            digest: None,
+            hook: None,
+            #[cfg(feature = "encryption")]
+            key: None,
+        }
+    }
+
+    /// When a handled event is durable; [`Durability::Sync`] by default.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// What to do about damage in the journal; [`Recovery::Strict`] by default.
+    pub fn recovery(mut self, recovery: Recovery) -> Self {
+        self.recovery = recovery;
+        self
+    }
+
+    /// Takes a snapshot in the background once `events` events were journaled since
+    /// the last one.
+    pub fn snapshot_every(mut self, events: u64) -> Self {
+        self.policy.every_events = Some(events.max(1));
+        self
+    }
+
+    /// Takes a snapshot in the background once the journal grew by `bytes` since the
+    /// last one.
+    pub fn snapshot_every_bytes(mut self, bytes: u64) -> Self {
+        self.policy.every_bytes = Some(bytes.max(1));
+        self
+    }
+
+    /// How many snapshots to keep, at least one; 2 by default. The journal is kept
+    /// back to the oldest of them.
+    pub fn keep_snapshots(mut self, snapshots: usize) -> Self {
+        self.policy.keep = snapshots.max(1);
+        self
+    }
+
+    /// Turns on the replay check: after every event, `digest` of the state is
+    /// journaled, and replay compares it, failing with [`Error::ReplayDiverged`] at
+    /// the first event whose replay gives another digest.
+    ///
+    /// The digest should be cheap and cover what matters (a count, a sum, a hash of
+    /// the fields); it runs once per event, with the state locked.
+    pub fn replay_check(mut self, digest: fn(&S) -> u64) -> Self {
+        self.digest = Some(digest);
+        self
+    }
+
+    /// Where errors of background work go: automatic snapshots and the timer of
+    /// [`Durability::Periodic`] (whose failure also poisons the journal). By default
+    /// they are printed to standard error.
+    pub fn on_background_error(mut self, hook: impl Fn(&Error) + Send + Sync + 'static) -> Self {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Encrypts the journal and snapshots with `key` (XChaCha20-Poly1305, as
+    /// [`StoreBuilder::encryption_key`](crate::StoreBuilder::encryption_key)); a
+    /// directory written with a key can only be opened with it.
+    #[cfg(feature = "encryption")]
+    pub fn encryption_key(mut self, key: crate::EncryptionKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    #[cfg(feature = "encryption")]
+    fn sealer(&self) -> Sealer {
+        Sealer::new(self.key.as_ref())
+    }
+
+    #[cfg(not(feature = "encryption"))]
+    #[allow(clippy::unused_self)] // With the feature, the key is in `self`.
+    fn sealer(&self) -> Sealer {
+        Sealer::default()
+    }
+
+    /// Opens (or creates) the prevalent system in directory `dir`: loads the newest
+    /// sound snapshot, or starts from `initial`, and replays the journal after it
+    /// through `apply`.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] if the directory is open elsewhere; [`Error::JournalType`]
+    /// if it was written for other types; [`Error::JournalCorrupt`] for damage other
+    /// than a torn last write; [`Error::JournalDecode`] if an event or the snapshot
+    /// does not decode; [`Error::ReplayDiverged`] or [`Error::ReplayPanicked`] if
+    /// replay is not deterministic; [`Error::Io`] for the file system's errors.
+    pub fn open<E, R>(
+        self,
+        dir: impl AsRef<Path>,
+        initial: S,
+        apply: impl Fn(&mut S, E, Timestamp) -> R + Send + Sync + 'static,
+    ) -> Result<Prevayler<S, E, R>>
+    where
+        S: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Serialize + DeserializeOwned + Send + 'static,
+        R: Send + 'static,
+    {
+        let dir = dir.as_ref();
+        dirs::create_dir_durably(dir).map_err(Error::io(dir))?;
+        let lock = dirs::lock_dir(dir, journal::LOCK_FILE)?;
+        let identity = identity::<S, E>();
+        let sealer = self.sealer();
+        let mut unsound = Vec::new();
+        let snapshot = journal::load_snapshot(dir, &identity, &sealer, &mut unsound)?;
+        let (mut slot, covered) = match snapshot {
+            Some(loaded) => {
+                let value =
+                    postcard::from_bytes(&loaded.body).map_err(|source| Error::JournalDecode {
+                        path: loaded.path.clone(),
+                        what: "the snapshot".to_owned(),
+                        type_name: identity.state_type.to_owned(),
+                        source: CodecError(source),
+                    })?;
+                (Slot { value, applied: loaded.events, at: loaded.at }, Some(loaded.events))
+            }
+            None => (Slot { value: initial, applied: 0, at: 0 }, None),
+        };
+        let config = Config {
+            dir: Some(dir.to_path_buf()),
+            identity,
+            durability: self.durability,
+            recovery: self.recovery,
+            sealer,
+        };
+        let digest = self.digest;
+        let (journal, mut recovered) =
+            Journal::open(config, Some(lock), slot.applied, slot.at, &mut |event| {
+                replay(dir, &mut slot, &apply, digest, event)
+            })?;
+        recovered.snapshot = covered;
+        recovered.unsound_snapshots = unsound;
+        Ok(self.finish(slot, Box::new(apply), journal, recovered))
+    }
+
+    /// A prevalent system without a directory, for tests: events are encoded (so an
+    /// event that could not be journaled fails here too) and applied, nothing is
+    /// written, and snapshots do nothing.
+    pub fn transient<E, R>(
+        self,
+        initial: S,
+        apply: impl Fn(&mut S, E, Timestamp) -> R + Send + Sync + 'static,
+    ) -> Prevayler<S, E, R>
+    where
+        S: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Serialize + DeserializeOwned + Send + 'static,
+        R: Send + 'static,
+    {
+        let journal = Journal::transient(identity::<S, E>());
+        self.finish(
+            Slot { value: initial, applied: 0, at: 0 },
+            Box::new(apply),
+            journal,
+            Recovered::default(),
+        )
+    }
+
+    fn finish<E, R>(
+        self,
+        slot: Slot<S>,
+        apply: Box<SystemFn<S, E, R>>,
+        journal: Journal,
+        recovered: Recovered,
+    ) -> Prevayler<S, E, R> {
+        let hook =
+            self.hook.unwrap_or_else(|| Arc::new(|err: &Error| eprintln!("instastate: {err}")));
+        let journal = Arc::new(journal);
+        let timer_hook = Arc::clone(&hook);
+        Journal::start_timer(&journal, move |err| timer_hook(err));
+        let framed = journal.framed();
+        let applied = slot.applied;
+        Prevayler {
+            core: Arc::new(Core {
+                state: RwLock::new(slot),
+                apply,
+                digest: self.digest,
+                journal,
+                recovered,
+                policy: self.policy,
+                snapshotting: Mutex::new(()),
+                automatic: AtomicBool::new(false),
+                last_events: AtomicU64::new(applied),
+                last_bytes: AtomicU64::new(framed),
+                hook,
+            }),
+        }
+    }
+}
+
+fn identity<S, E>() -> Identity {
+    Identity {
+        state_type: crate::codec::stored_type_name(std::any::type_name::<S>()),
+        event_type: crate::codec::stored_type_name(std::any::type_name::<E>()),
+        schema: SCHEMA,
+    }
+}
+
+/// Applies one replayed event to the state being recovered.
+fn replay<S, E: DeserializeOwned, R>(
+    dir: &Path,
+    slot: &mut Slot<S>,
+    apply: &(impl Fn(&mut S, E, Timestamp) -> R + ?Sized),
+    digest: Option<fn(&S) -> u64>,
+    event: Replayed<'_>,
+) -> Result<Option<u64>> {
+    let decoded: E = postcard::from_bytes(event.bytes).map_err(|source| Error::JournalDecode {
+        path: dir.to_path_buf(),
+        what: format!("event {}", event.seq),
+        type_name: std::any::type_name::<E>().to_owned(),
+        source: CodecError(source),
+    })?;
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = apply(&mut slot.value, decoded, event.at);
+    }));
+    if ran.is_err() {
+        return Err(Error::ReplayPanicked { path: dir.to_path_buf(), event: event.seq });
+    }
+    slot.applied = event.seq + 1;
+    slot.at = event.at.as_micros();
+    Ok(digest.map(|digest| digest(&slot.value)))
+}
+
+/// The job of one handled event: apply it to the state.
+struct Apply<S: 'static, E: 'static, R: 'static> {
+    core: Arc<Core<S, E, R>>,
+    event: E,
+}
+
+impl<S, E, R> Job for Apply<S, E, R>
+where
+    S: Send + Sync + 'static,
+    E: Send + 'static,
+    R: Send + 'static,
+{
+    type Output = R;
+
+    fn run(self, seq: u64, at: Timestamp) -> (R, Option<u64>) {
+        let mut slot = self.core.state.write();
+        let output = (self.core.apply)(&mut slot.value, self.event, at);
+        slot.applied = seq + 1;
+        slot.at = at.as_micros();
+        (output, self.core.digest.map(|digest| digest(&slot.value)))
+    }
+}
+
+impl<S, E, R> Prevayler<S, E, R>
+where
+    S: Serialize + DeserializeOwned + Send + Sync + 'static,
+    E: Serialize + DeserializeOwned + Send + 'static,
+    R: Send + 'static,
+{
+    /// Opens (or creates) the prevalent system in `dir` with the default options;
+    /// see [`PrevaylerBuilder::open`].
+    ///
+    /// # Errors
+    /// As [`PrevaylerBuilder::open`].
+    pub fn open(
+        dir: impl AsRef<Path>,
+        initial: S,
+        apply: impl Fn(&mut S, E, Timestamp) -> R + Send + Sync + 'static,
+    ) -> Result<Self> {
+        PrevaylerBuilder::new().open(dir, initial, apply)
+    }
+
+    /// Journals `event`, makes it durable as the [`Durability`] asks, applies it,
+    /// and returns what the system function returned.
+    ///
+    /// # Errors
+    /// [`Error::EventEncode`] if the event cannot be encoded (nothing was journaled);
+    /// [`Error::JournalWrite`] if writing the journal failed (the event was not
+    /// applied); [`Error::Poisoned`] after such a failure or a panic.
+    ///
+    /// # Panics
+    /// If the system function panics; see the [module docs](self).
+    pub fn handle(&self, event: E) -> Result<R> {
+        let bytes = postcard::to_allocvec(&event).map_err(|source| Error::EventEncode {
+            path: self.core.journal.label(),
+            type_name: std::any::type_name::<E>().to_owned(),
+            source: CodecError(source),
+        })?;
+        let output =
+            self.core.journal.commit(bytes, Apply { core: Arc::clone(&self.core), event })?;
+        self.snapshot_if_due();
+        Ok(output)
+    }
+
+    /// Runs `f` on the state, under a read lock, and returns its result.
+    ///
+    /// Readers run side by side; `handle` waits for them only while it applies.
+    pub fn read<T>(&self, f: impl FnOnce(&S) -> T) -> T {
+        f(&self.core.state.read().value)
+    }
+
+    /// Writes a snapshot of the state now, and returns the number of events it covers.
+    ///
+    /// `handle` is held back only while the state is encoded; then the journal is
+    /// synced, the snapshot written and made durable, and only then are older
+    /// snapshots (beyond [`PrevaylerBuilder::keep_snapshots`]) and the journal files
+    /// no kept snapshot needs deleted. Does nothing in a transient system.
+    ///
+    /// # Errors
+    /// [`Error::Encode`]-like [`Error::EventEncode`] if the state cannot be encoded,
+    /// [`Error::Io`] for the file system's errors (the journal is untouched then),
+    /// [`Error::Poisoned`] after a failed journal write.
+    pub fn snapshot(&self) -> Result<u64> {
+        self.core.snapshot()
+    }
+
+    /// Writes and `fdatasync`s every event handled so far: for [`Durability::Periodic`]
+    /// and [`Durability::Unsynced`]; in the other modes they are durable already.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the write fails (which poisons the journal), or
+    /// [`Error::Poisoned`].
+    pub fn sync(&self) -> Result<()> {
+        self.core.journal.sync()
+    }
+
+    /// The number of events journaled so far, which is also the number the next one gets.
+    #[must_use]
+    pub fn events(&self) -> u64 {
+        self.core.journal.next()
+    }
+
+    /// The directory, or `None` for a transient system.
+    #[must_use]
+    pub fn path(&self) -> Option<&Path> {
+        self.core.journal.dir()
+    }
+
+    /// What opening found: the snapshot used, the events replayed, a torn tail cut.
+    #[must_use]
+    pub fn recovered(&self) -> &Recovered {
+        &self.core.recovered
+    }
+
+    /// Makes every handled event durable and closes the journal; the directory is
+    /// unlocked once the last handle (including a running automatic snapshot) is gone.
+    ///
+    /// # Errors
+    /// As [`sync`](Self::sync).
+    pub fn close(self) -> Result<()> {
+        self.core.journal.close()
+    }
+
+    fn snapshot_if_due(&self) {
+        let core = &self.core;
+        let policy = core.policy;
+        if policy.every_events.is_none() && policy.every_bytes.is_none() {
+            return;
+        }
+        let events = core.journal.next().saturating_sub(core.last_events.load(Ordering::Relaxed));
+        let bytes = core.journal.framed().saturating_sub(core.last_bytes.load(Ordering::Relaxed));
+        let due = policy.every_events.is_some_and(|every| events >= every)
+            || policy.every_bytes.is_some_and(|every| bytes >= every);
+        if !due || core.journal.dir().is_none() || core.automatic.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let background = Arc::clone(core);
+        let spawned =
+            thread::Builder::new().name("instastate-snapshot".to_owned()).spawn(move || {
+                if let Err(err) = background.snapshot() {
+                    (background.hook)(&err);
+                }
+                background.automatic.store(false, Ordering::Release);
+            });
+        if let Err(source) = spawned {
+            core.automatic.store(false, Ordering::Release);
+            (core.hook)(&Error::Io { path: core.journal.label(), source });
+        }
+    }
+}
+
+impl<S, E, R> Core<S, E, R>
+where
+    S: Serialize + Send + Sync + 'static,
+{
+    fn snapshot(&self) -> Result<u64> {
+        let Some(dir) = self.journal.dir() else { return Ok(self.state.read().applied) };
+        let _one = self.snapshotting.lock();
+        // Mark first: the counters may only move on once this snapshot covers them.
+        let framed = self.journal.framed();
+        let (body, events, at) = {
+            let slot = self.state.read();
+            let body = postcard::to_allocvec(&slot.value).map_err(|source| Error::EventEncode {
+                path: dir.to_path_buf(),
+                type_name: std::any::type_name::<S>().to_owned(),
+                source: CodecError(source),
+            })?;
+            (body, slot.applied, slot.at)
+        };
+        // Later events go to a new file, so that the files before it can be retired.
+        self.journal.rotate();
+        self.journal.sync()?;
+        journal::write_snapshot(
+            dir,
+            self.journal.identity(),
+            self.journal.sealer(),
+            events,
+            at,
+            body,
+        )?;
+        self.last_events.store(events, Ordering::Relaxed);
+        self.last_bytes.store(framed, Ordering::Relaxed);
+        if let Some(oldest) = journal::retain_snapshots(dir, self.policy.keep)? {
+            self.journal.retire(oldest)?;
+        }
+        Ok(events)
+    }
+}
+
+impl<S, E, R> Drop for Core<S, E, R> {
+    fn drop(&mut self) {
+        if let Err(err) = self.journal.close() {
+            (self.hook)(&err);
+        }
+    }
+}
+
+impl<S, E, R> std::fmt::Debug for Prevayler<S, E, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prevayler")
+            .field("path", &self.core.journal.label())
+            .field("events", &self.core.journal.next())
+            .finish_non_exhaustive()
+    }
+}
