@@ -196,16 +196,20 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle went away while autosave ran: that is a shutdown too.
-        let Some(control) = self.background.running.get_mut().take() else { return };
-        control.stop();
-        let res = if inside() {
-            // The save would wait for the block this drop runs in, and the store
-            // will be gone when the block ends.
-            ensure_outside("the final save of a store dropped inside `atomically`")
-        } else {
-            self.save()
-        };
-        if let Err(err) = res {
+        if let Some(control) = self.background.running.get_mut().take() {
+            control.stop();
+            let res = if inside() {
+                // The save would wait for the block this drop runs in, and the store
+                // will be gone when the block ends.
+                ensure_outside("the final save of a store dropped inside `atomically`")
+            } else {
+                self.save()
+            };
+            if let Err(err) = res {
+                self.background.report(self, err);
+            }
+        }
+        if let Err(err) = self.close_journals() {
             self.background.report(self, err);
         }
     }

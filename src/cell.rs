@@ -11,6 +11,7 @@ use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
+    journaled::JournaledCell,
     schema::{CellOptions, DecodeFault},
     values::ValueWriter,
 };
@@ -73,9 +74,11 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Value for T {}
 pub struct StateCell<T: 'static> {
     name: &'static str,
     origin: &'static str,
-    init: fn() -> T,
-    options: CellOptions<T>,
+    pub(crate) init: fn() -> T,
+    pub(crate) options: CellOptions<T>,
     value: OnceCell<RwLock<T>>,
+    // The journal a store attached, if the cell is journaled and open.
+    pub(crate) journal: crate::journaled::Slot,
     // Bumped under the write lock on every write access; a store compares it with
     // the value it last saved to know whether the cell changed since.
     seq: AtomicU64,
@@ -128,7 +131,15 @@ impl<T> StateCell<T> {
         init: fn() -> T,
         options: CellOptions<T>,
     ) -> StateCell<T> {
-        StateCell { name, origin, init, options, value: OnceCell::new(), seq: AtomicU64::new(0) }
+        StateCell {
+            name,
+            origin,
+            init,
+            options,
+            value: OnceCell::new(),
+            journal: parking_lot::const_rwlock(None),
+            seq: AtomicU64::new(0),
+        }
     }
 
     /// The name the cell's value is stored under.
@@ -343,6 +354,8 @@ pub(crate) trait ErasedCell: Send + Sync {
     ) -> Result<Option<u64>, postcard::Error>;
     /// Decodes a value saved with schema version `schema`, migrating it if older.
     fn decode(&self, bytes: &[u8], schema: u32) -> Result<Install<'_>, DecodeFault>;
+    /// The cell as a journaled cell, if it is one.
+    fn journaled(&'static self) -> Option<&'static dyn JournaledCell>;
 }
 
 impl<T: Value> ErasedCell for StateCell<T> {
@@ -402,6 +415,10 @@ impl<T: Value> ErasedCell for StateCell<T> {
         };
         Ok(Box::new(move || self.install(value)))
     }
+
+    fn journaled(&'static self) -> Option<&'static dyn JournaledCell> {
+        self.options.journal.is_some().then_some(self as &'static dyn JournaledCell)
+    }
 }
 
 /// Decodes `bytes` as exactly one `T`.
@@ -418,7 +435,7 @@ pub(crate) fn decode_exact<T: serde::de::DeserializeOwned>(
 }
 
 impl<T> StateCell<T> {
-    fn install(&self, value: T) -> u64 {
+    pub(crate) fn install(&self, value: T) -> u64 {
         // Counted before the value is published: a write that lands right after
         // publication must move the counter past the one returned, or it would
         // never be saved.

@@ -111,7 +111,7 @@ impl std::fmt::Debug for EncryptionKey {
 }
 
 /// Seals and opens records and value files, or passes them through.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct Sealer {
     #[cfg(feature = "encryption")]
     cipher: Option<imp::Cipher>,

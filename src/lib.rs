@@ -203,6 +203,7 @@ mod crypt;
 mod error;
 mod fs;
 mod journal;
+mod journaled;
 pub mod prevalence;
 mod registry;
 mod schema;
@@ -219,6 +220,7 @@ pub use crate::{
     autosave::{Autosave, autosave},
     cell::{Ref, RefMut, StateCell, Value},
     error::{CodecError, Error, Result, StorageError},
+    journaled::Prevalent,
     prevalence::{Prevayler, Timestamp},
     schema::{CellOptions, Migrate, Migration},
     store::{Generation, Store, StoreBuilder, history, open, reload_all, revert_to, save_all},

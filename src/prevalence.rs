@@ -45,7 +45,7 @@
 //! # Semantics
 //!
 //! - **Journal first.** An event is written to the journal before the system
-//!   function sees it, and in the default [`Durability::Sync`] (and
+//!   function sees it, and in the default [`Durability::SyncEach`] (and
 //!   [`Durability::GroupCommit`]) it is `fdatasync`ed first too: no caller ever
 //!   receives a result for an event that is not durable.
 //! - **Rejected events.** The system function returns any `R`, often a `Result`.
@@ -98,13 +98,16 @@ use std::{
 use parking_lot::{Mutex, RwLock};
 use serde::{Serialize, de::DeserializeOwned};
 
-pub use crate::journal::{Durability, Recovered, Recovery, Timestamp};
 use crate::{
     Error, Result,
     crypt::Sealer,
     error::CodecError,
     fs as dirs,
     journal::{self, Config, Identity, Job, Journal, Replayed},
+};
+pub use crate::{
+    journal::{Durability, Recovered, Recovery, Timestamp},
+    journaled::Prevalent,
 };
 
 /// The schema version journals and snapshots are written with.
@@ -200,7 +203,7 @@ impl<S> Default for PrevaylerBuilder<S> {
 }
 
 impl<S> PrevaylerBuilder<S> {
-    /// The default options: [`Durability::Sync`], [`Recovery::Strict`], no
+    /// The default options: [`Durability::SyncEach`], [`Recovery::Strict`], no
     /// automatic snapshots, two snapshots kept, no replay check.
     pub fn new() -> PrevaylerBuilder<S> {
         PrevaylerBuilder {
@@ -214,7 +217,7 @@ impl<S> PrevaylerBuilder<S> {
         }
     }
 
-    /// When a handled event is durable; [`Durability::Sync`] by default.
+    /// When a handled event is durable; [`Durability::SyncEach`] by default.
     pub fn durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
         self
@@ -310,38 +313,19 @@ impl<S> PrevaylerBuilder<S> {
         let dir = dir.as_ref();
         dirs::create_dir_durably(dir).map_err(Error::io(dir))?;
         let lock = dirs::lock_dir(dir, journal::LOCK_FILE)?;
-        let identity = identity::<S, E>();
-        let sealer = self.sealer();
-        let mut unsound = Vec::new();
-        let snapshot = journal::load_snapshot(dir, &identity, &sealer, &mut unsound)?;
-        let (mut slot, covered) = match snapshot {
-            Some(loaded) => {
-                let value =
-                    postcard::from_bytes(&loaded.body).map_err(|source| Error::JournalDecode {
-                        path: loaded.path.clone(),
-                        what: "the snapshot".to_owned(),
-                        type_name: identity.state_type.to_owned(),
-                        source: CodecError(source),
-                    })?;
-                (Slot { value, applied: loaded.events, at: loaded.at }, Some(loaded.events))
-            }
-            None => (Slot { value: initial, applied: 0, at: 0 }, None),
-        };
         let config = Config {
             dir: Some(dir.to_path_buf()),
-            identity,
+            identity: identity::<S, E>(),
             durability: self.durability,
             recovery: self.recovery,
-            sealer,
+            sealer: self.sealer(),
         };
         let digest = self.digest;
-        let (journal, mut recovered) =
-            Journal::open(config, Some(lock), slot.applied, slot.at, &mut |event| {
-                replay(dir, &mut slot, &apply, digest, event)
-            })?;
-        recovered.snapshot = covered;
-        recovered.unsound_snapshots = unsound;
-        Ok(self.finish(slot, Box::new(apply), journal, recovered))
+        let opened = journal::open_state(config, Some(lock), || initial, &mut |state, event| {
+            replay(dir, state, &apply, digest, event)
+        })?;
+        let slot = Slot { value: opened.state, applied: opened.applied, at: opened.at };
+        Ok(self.finish(slot, Box::new(apply), opened.journal, opened.recovered))
     }
 
     /// A prevalent system without a directory, for tests: events are encoded (so an
@@ -409,26 +393,16 @@ fn identity<S, E>() -> Identity {
 /// Applies one replayed event to the state being recovered.
 fn replay<S, E: DeserializeOwned, R>(
     dir: &Path,
-    slot: &mut Slot<S>,
+    state: &mut S,
     apply: &(impl Fn(&mut S, E, Timestamp) -> R + ?Sized),
     digest: Option<fn(&S) -> u64>,
     event: Replayed<'_>,
 ) -> Result<Option<u64>> {
-    let decoded: E = postcard::from_bytes(event.bytes).map_err(|source| Error::JournalDecode {
-        path: dir.to_path_buf(),
-        what: format!("event {}", event.seq),
-        type_name: std::any::type_name::<E>().to_owned(),
-        source: CodecError(source),
+    let decoded: E = journal::decode_event(dir, &event)?;
+    journal::replay_caught(dir, event.seq, || {
+        let _ = apply(state, decoded, event.at);
     })?;
-    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = apply(&mut slot.value, decoded, event.at);
-    }));
-    if ran.is_err() {
-        return Err(Error::ReplayPanicked { path: dir.to_path_buf(), event: event.seq });
-    }
-    slot.applied = event.seq + 1;
-    slot.at = event.at.as_micros();
-    Ok(digest.map(|digest| digest(&slot.value)))
+    Ok(digest.map(|digest| digest(state)))
 }
 
 /// The job of one handled event: apply it to the state.
@@ -587,35 +561,24 @@ where
     S: Serialize + Send + Sync + 'static,
 {
     fn snapshot(&self) -> Result<u64> {
-        let Some(dir) = self.journal.dir() else { return Ok(self.state.read().applied) };
         let _one = self.snapshotting.lock();
-        // Mark first: the counters may only move on once this snapshot covers them.
+        // Read first: the counters may only move on once this snapshot covers them.
         let framed = self.journal.framed();
         let (body, events, at) = {
             let slot = self.state.read();
+            if self.journal.dir().is_none() {
+                return Ok(slot.applied);
+            }
             let body = postcard::to_allocvec(&slot.value).map_err(|source| Error::EventEncode {
-                path: dir.to_path_buf(),
+                path: self.journal.label(),
                 type_name: std::any::type_name::<S>().to_owned(),
                 source: CodecError(source),
             })?;
             (body, slot.applied, slot.at)
         };
-        // Later events go to a new file, so that the files before it can be retired.
-        self.journal.rotate();
-        self.journal.sync()?;
-        journal::write_snapshot(
-            dir,
-            self.journal.identity(),
-            self.journal.sealer(),
-            events,
-            at,
-            body,
-        )?;
+        self.journal.snapshot(body, events, at, self.policy.keep)?;
         self.last_events.store(events, Ordering::Relaxed);
         self.last_bytes.store(framed, Ordering::Relaxed);
-        if let Some(oldest) = journal::retain_snapshots(dir, self.policy.keep)? {
-            self.journal.retire(oldest)?;
-        }
         Ok(events)
     }
 }

@@ -5,6 +5,8 @@ use std::{any::type_name, fmt};
 
 use serde::de::DeserializeOwned;
 
+use crate::journaled::{Hooks, Prevalent};
+
 /// How a cell reads values saved by older versions of the program.
 ///
 /// - **version**: the schema version of the cell's type, 1 unless set. Bump it
@@ -43,13 +45,14 @@ pub struct CellOptions<T: 'static> {
     pub(crate) version: u32,
     pub(crate) migrations: &'static [&'static dyn Migrate<T>],
     pub(crate) aliases: &'static [&'static str],
+    pub(crate) journal: Option<Hooks<T>>,
 }
 
 impl<T> CellOptions<T> {
     /// Version 1, no migrations, no aliases: what a cell has by default.
     #[must_use]
     pub const fn new() -> CellOptions<T> {
-        CellOptions { version: 1, migrations: &[], aliases: &[] }
+        CellOptions { version: 1, migrations: &[], aliases: &[], journal: None }
     }
 
     /// Sets the schema version of the cell's type.
@@ -76,6 +79,21 @@ impl<T> CellOptions<T> {
     pub const fn aliases(self, aliases: &'static [&'static str]) -> CellOptions<T> {
         CellOptions { aliases, ..self }
     }
+
+    /// Makes the cell journaled: changed by [`StateCell::handle`](crate::StateCell::handle),
+    /// every event journaled before it is applied, and kept in a journal directory of
+    /// its own in the store (see [`Prevalent`]). `defstate!` sets it with `#[journaled]`.
+    ///
+    /// The schema version is part of the journal's type check: a journal written
+    /// with another version is refused with [`Error::JournalType`](crate::Error::JournalType)
+    /// (migrations apply to saved records, not to journals).
+    #[must_use]
+    pub const fn journaled(self) -> CellOptions<T>
+    where
+        T: Prevalent,
+    {
+        CellOptions { journal: Some(Hooks::new()), ..self }
+    }
 }
 
 impl<T> Clone for CellOptions<T> {
@@ -99,6 +117,7 @@ impl<T> fmt::Debug for CellOptions<T> {
             .field("version", &self.version)
             .field("migrations_from", &from)
             .field("aliases", &self.aliases)
+            .field("journaled", &self.journal.is_some())
             .finish()
     }
 }

@@ -23,7 +23,10 @@ use crate::{
     codec::{self, Body, FORMAT_V1, FORMAT_VERSION, Record},
     crypt::{KEYCHECK_PLAIN, SealFault, Sealer},
     error::CodecError,
-    fs, registry,
+    fs,
+    journal::Durability,
+    journaled::{self, JournaledCell},
+    registry,
     schema::DecodeFault,
     values::{Encoded, ReadFault, Spilled, ValueDir, ValueWriter},
 };
@@ -97,6 +100,7 @@ pub struct StoreBuilder {
     cells: Vec<&'static dyn ErasedCell>,
     keep: usize,
     keep_bytes: u64,
+    journal_durability: Durability,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
 }
@@ -108,6 +112,9 @@ pub(crate) struct Inner {
     pub(crate) values: Option<ValueDir>,
     pub(crate) sealer: Sealer,
     pub(crate) cells: Vec<&'static dyn ErasedCell>,
+    // The journaled cells, which are kept in journals of their own, not in `cells`.
+    pub(crate) journaled: Vec<&'static dyn JournaledCell>,
+    journal_durability: Durability,
     // How many saves the history keeps (at least 1).
     keep: usize,
     // How many bytes of earlier values the history keeps beyond the last save.
@@ -195,6 +202,7 @@ impl Default for StoreBuilder {
             cells: Vec::new(),
             keep: DEFAULT_HISTORY,
             keep_bytes: DEFAULT_HISTORY_BYTES,
+            journal_durability: Durability::SyncEach,
             #[cfg(feature = "encryption")]
             key: None,
         }
@@ -216,6 +224,22 @@ impl StoreBuilder {
     /// ```
     pub fn cell<T: Value>(mut self, cell: &'static StateCell<T>) -> StoreBuilder {
         self.cells.push(cell);
+        self
+    }
+
+    /// When an event handled by a journaled cell ([`StateCell::handle`]) is durable;
+    /// [`Durability::SyncEach`] by default, as for a [`Prevayler`](crate::Prevayler).
+    ///
+    /// # Example
+    /// ```
+    /// use instastate::{Store, prevalence::Durability};
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().journal_durability(Durability::GroupCommit).in_memory()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn journal_durability(mut self, durability: Durability) -> StoreBuilder {
+        self.journal_durability = durability;
         self
     }
 
@@ -347,12 +371,15 @@ impl StoreBuilder {
         let backend = Sled::open(&path.join(ENGINE_DIR))?;
         let values_path = path.join(VALUES_DIR);
         let values = ValueDir::open(values_path.clone()).map_err(Error::io(values_path))?;
+        let (cells, journaled) = split_journaled(cells);
         Store::load(Inner {
             label: path.to_path_buf(),
             backend: Box::new(backend),
             values: Some(values),
             sealer,
             cells,
+            journaled,
+            journal_durability: self.journal_durability,
             keep: self.keep,
             keep_bytes: self.keep_bytes,
             state: Mutex::default(),
@@ -380,12 +407,15 @@ impl StoreBuilder {
     pub fn in_memory(self) -> Result<Store> {
         let sealer = self.sealer();
         let cells = check_names(self.cells)?;
+        let (cells, journaled) = split_journaled(cells);
         Store::load(Inner {
             label: PathBuf::from(MEMORY_LABEL),
             backend: Box::new(Memory::default()),
             values: None,
             sealer,
             cells,
+            journaled,
+            journal_durability: self.journal_durability,
             keep: self.keep,
             keep_bytes: self.keep_bytes,
             state: Mutex::default(),
@@ -695,7 +725,11 @@ impl Store {
             state.claimed = Some(claimed);
         }
         let decoded = inner.decode_all(&state.current, Missing::Skip)?;
+        let journals = inner.open_journals()?;
         inner.install(&mut state, decoded);
+        for attach in journals {
+            attach();
+        }
         inner.refresh_orphans(&mut state);
         // Leftover files are harmless, and the cells are already loaded: a failed
         // cleanup must not fail the open. The next open tries again.
@@ -753,8 +787,39 @@ impl Inner {
         self.cells.iter().zip(&state.saved).any(|(cell, saved)| *saved != Some(cell.seq()))
     }
 
-    /// Saves every changed cell as one new generation; see [`Store::save_all`].
+    /// Saves every changed cell as one new generation, then snapshots the journaled
+    /// cells that handled events since their last snapshot; see [`Store::save_all`].
     pub(crate) fn save(&self) -> Result<()> {
+        self.save_records()?;
+        let errors =
+            self.journaled.iter().filter_map(|cell| cell.snapshot_journal().err()).collect();
+        Error::from_list(errors).map_or(Ok(()), Err)
+    }
+
+    /// Opens the journals of the journaled cells; the returned functions install
+    /// their values, after every journal opened.
+    fn open_journals(&self) -> Result<Vec<Box<dyn FnOnce() + Send>>> {
+        let mut opened = Vec::with_capacity(self.journaled.len());
+        let mut errors = Vec::new();
+        for cell in &self.journaled {
+            let dir =
+                self.values.as_ref().map(|_| journaled::journal_dir(&self.label, cell.name()));
+            match cell.open_journal(dir, self.journal_durability, self.sealer.clone()) {
+                Ok(attach) => opened.push(attach),
+                Err(err) => errors.push(err),
+            }
+        }
+        Error::from_list(errors).map_or(Ok(opened), Err)
+    }
+
+    /// Closes the journals of the journaled cells: every handled event is synced,
+    /// and `handle` fails until the store is opened again.
+    pub(crate) fn close_journals(&self) -> Result<()> {
+        let errors = self.journaled.iter().filter_map(|cell| cell.close_journal().err()).collect();
+        Error::from_list(errors).map_or(Ok(()), Err)
+    }
+
+    fn save_records(&self) -> Result<()> {
         let mut state = self.state.lock();
         self.check_poisoned(&state)?;
         let mut staged = Vec::new();
@@ -1327,6 +1392,21 @@ pub(crate) fn now_ms() -> u64 {
 
 pub(crate) fn time_of(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Splits the journaled cells off the others.
+fn split_journaled(
+    cells: Vec<&'static dyn ErasedCell>,
+) -> (Vec<&'static dyn ErasedCell>, Vec<&'static dyn JournaledCell>) {
+    let mut journaled = Vec::new();
+    let mut others = Vec::with_capacity(cells.len());
+    for cell in cells {
+        match cell.journaled() {
+            Some(cell) => journaled.push(cell),
+            None => others.push(cell),
+        }
+    }
+    (others, journaled)
 }
 
 fn check_names(cells: Vec<&'static dyn ErasedCell>) -> Result<Vec<&'static dyn ErasedCell>> {

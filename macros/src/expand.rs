@@ -90,6 +90,10 @@ fn options(krate: &TokenStream, ty: &Type, attrs: &Attrs) -> TokenStream {
         let aliases = &attrs.aliases;
         options = quote!(#options.aliases(&[#(#aliases),*]));
     }
+    if let Some(journaled) = &attrs.journaled {
+        // Spanned at the attribute: a type that is not `Prevalent` is reported there.
+        options = quote_spanned!(journaled.span()=> #options.journaled());
+    }
     options
 }
 

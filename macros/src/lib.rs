@@ -38,6 +38,9 @@ use proc_macro::TokenStream;
 ///   nothing is saved under the current name; the value is saved under the current
 ///   name at the next save.
 ///   Repeat it for several older names.
+/// - `#[journaled]`: the cell's type implements `instastate::Prevalent`, and the cell
+///   changes through `CELL.handle(event)`, every event journaled before it is
+///   applied; its store keeps it in a journal of its own.
 /// - `#[instastate(crate = path)]`: where the `instastate` crate is, for crates that
 ///   re-export it.
 ///

@@ -10,7 +10,7 @@ use syn::{
 use crate::parse::Decl;
 
 /// The attributes `defstate!` reads; every other one is passed through.
-const OURS: [&str; 5] = ["name", "version", "migrate", "alias", "instastate"];
+const OURS: [&str; 6] = ["name", "version", "migrate", "alias", "journaled", "instastate"];
 
 /// A declaration's attributes, sorted.
 pub(crate) struct Attrs {
@@ -22,6 +22,8 @@ pub(crate) struct Attrs {
     pub(crate) migrations: Vec<Migration>,
     /// Every `#[alias = "..."]` that passed the checks, in order.
     pub(crate) aliases: Vec<LitStr>,
+    /// `#[journaled]`, if given.
+    pub(crate) journaled: Option<Attribute>,
     /// `#[instastate(crate = path)]`, if given.
     pub(crate) krate: Option<Path>,
     /// Every other attribute, passed through to the `static`.
@@ -88,6 +90,7 @@ pub(crate) fn validate(decl: &Decl) -> (Attrs, Option<syn::Error>) {
         version: None,
         migrations: Vec::new(),
         aliases: Vec::new(),
+        journaled: None,
         krate: None,
         rest: Vec::new(),
         cfgs: Vec::new(),
@@ -115,6 +118,15 @@ pub(crate) fn validate(decl: &Decl) -> (Attrs, Option<syn::Error>) {
             const USAGE: &str =
                 "expected `#[alias = \"...\"]` with a non-empty string, an older name of the cell";
             non_empty_str(attr, USAGE).map(|lit| aliases.push(lit))
+        } else if path.is_ident("journaled") {
+            let parsed = match &attr.meta {
+                Meta::Path(_) => Ok(attr.clone()),
+                other => Err(syn::Error::new_spanned(
+                    other,
+                    "expected `#[journaled]`, without arguments",
+                )),
+            };
+            set_once(&mut attrs.journaled, parsed, attr, "a cell can have only one `#[journaled]`")
         } else if path.is_ident("instastate") {
             let message = "a cell can have only one `#[instastate(crate = ...)]`";
             set_once(&mut attrs.krate, crate_path(attr), attr, message)

@@ -46,11 +46,9 @@ use std::{
 };
 
 use parking_lot::{Condvar, Mutex};
+use serde::de::DeserializeOwned;
 
 pub use self::recovery::Recovered;
-pub(crate) use self::snapshot::{
-    load_newest as load_snapshot, retain as retain_snapshots, write as write_snapshot,
-};
 use crate::{
     Error, Result,
     crypt::{KEYCHECK_PLAIN, Sealer},
@@ -66,7 +64,7 @@ pub(crate) const PART_SUFFIX: &str = ".part";
 
 /// When a handled event is durable.
 ///
-/// The default is [`Durability::Sync`]. Whatever the mode, an event is written to
+/// The default is [`Durability::SyncEach`]. Whatever the mode, an event is written to
 /// the journal before its system function runs, and events run in journal order.
 ///
 /// # Example
@@ -92,10 +90,10 @@ pub enum Durability {
     ///
     /// [`handle`]: crate::Prevayler::handle
     #[default]
-    Sync,
+    SyncEach,
     /// Every event is written and `fdatasync`ed before [`handle`] returns, and
     /// callers on other threads share one `fdatasync`: under concurrency, many
-    /// times the throughput of [`Durability::Sync`], with the same promise.
+    /// times the throughput of [`Durability::SyncEach`], with the same promise.
     ///
     /// [`handle`]: crate::Prevayler::handle
     GroupCommit,
@@ -230,6 +228,59 @@ pub(crate) struct Replayed<'a> {
     pub(crate) seq: u64,
     pub(crate) at: Timestamp,
     pub(crate) bytes: &'a [u8],
+}
+
+/// A state read back from a snapshot and the journal after it.
+pub(crate) struct Opened<S> {
+    pub(crate) state: S,
+    /// The events applied to it: the next event's number.
+    pub(crate) applied: u64,
+    /// The last timestamp applied to it.
+    pub(crate) at: u64,
+    pub(crate) journal: Journal,
+    pub(crate) recovered: Recovered,
+}
+
+/// Opens the journal in `config.dir` (which the caller created and locked, holding
+/// `lock`): loads the newest sound snapshot, or `initial()`, and replays the journal
+/// after it through `apply`, which returns the state's digest when checking replay.
+///
+/// This is the one recovery path of both front doors.
+pub(crate) fn open_state<S: DeserializeOwned>(
+    config: Config,
+    lock: Option<File>,
+    initial: impl FnOnce() -> S,
+    apply: &mut dyn FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
+) -> Result<Opened<S>> {
+    let mut unsound = Vec::new();
+    let snapshot = match &config.dir {
+        Some(dir) => snapshot::load_newest(dir, &config.identity, &config.sealer, &mut unsound)?,
+        None => None,
+    };
+    let (mut state, covered, at) = match snapshot {
+        Some(loaded) => {
+            let state =
+                crate::cell::decode_exact(&loaded.body).map_err(|source| Error::JournalDecode {
+                    path: loaded.path.clone(),
+                    what: "the snapshot".to_owned(),
+                    type_name: config.identity.state_type.to_owned(),
+                    source: crate::error::CodecError(source),
+                })?;
+            (state, Some(loaded.events), loaded.at)
+        }
+        None => (initial(), None, 0),
+    };
+    let mut applied = covered.unwrap_or(0);
+    let mut last_at = at;
+    let (journal, mut recovered) = Journal::open(config, lock, applied, at, &mut |event| {
+        let digest = apply(&mut state, event)?;
+        applied = event.seq + 1;
+        last_at = event.at.as_micros();
+        Ok(digest)
+    })?;
+    recovered.snapshot = covered;
+    recovered.unsound_snapshots = unsound;
+    Ok(Opened { state, applied, at: last_at, journal, recovered })
 }
 
 /// The journal writer; see the module docs.
@@ -386,14 +437,6 @@ impl Journal {
         self.dir.as_deref()
     }
 
-    pub(crate) fn identity(&self) -> &Identity {
-        &self.identity
-    }
-
-    pub(crate) fn sealer(&self) -> &Sealer {
-        &self.sealer
-    }
-
     /// The number the next event will get: the events journaled so far.
     pub(crate) fn next(&self) -> u64 {
         self.queue.lock().next
@@ -450,11 +493,11 @@ impl Journal {
         let mut queue = self.queue.lock();
         let (seq, at) = self.frame(&mut queue, event)?;
         let must_write = match self.durability {
-            Durability::Sync => true,
+            Durability::SyncEach => true,
             _ => queue.buf.len() >= BUFFER_LIMIT,
         };
         if must_write && self.dir.is_some() {
-            let sync = self.durability == Durability::Sync;
+            let sync = self.durability == Durability::SyncEach;
             let (bytes, first) = (mem::take(&mut queue.buf), queue.buf_first.take());
             if let Err(err) = self.io.lock().write(self, &bytes, first, sync) {
                 queue.poisoned = true;
@@ -601,13 +644,23 @@ impl Journal {
         res.map_err(write_failed)
     }
 
-    /// Makes the next write start a new journal file.
-    pub(crate) fn rotate(&self) {
+    /// Writes the snapshot of `body`, the encoded state after `events` events (the
+    /// last stamped `at`): later events go to a new journal file, the journal is
+    /// synced, the snapshot written durably, and only then are snapshots beyond the
+    /// newest `keep` and the journal files that no kept snapshot needs deleted.
+    pub(crate) fn snapshot(&self, body: Vec<u8>, events: u64, at: u64, keep: usize) -> Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
         self.rotate.store(true, Ordering::Relaxed);
+        self.sync()?;
+        snapshot::write(dir, &self.identity, &self.sealer, events, at, body)?;
+        if let Some(oldest) = snapshot::retain(dir, keep)? {
+            self.retire(oldest)?;
+        }
+        Ok(())
     }
 
     /// Deletes the journal files holding only events numbered below `below`.
-    pub(crate) fn retire(&self, below: u64) -> Result<()> {
+    fn retire(&self, below: u64) -> Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
         let files = recovery::journal_files(dir)?;
         let mut removed = false;
@@ -766,6 +819,24 @@ pub(crate) fn key_check(sealer: &Sealer) -> Vec<u8> {
     } else {
         Vec::new()
     }
+}
+
+/// Decodes a replayed event as exactly one `E`.
+pub(crate) fn decode_event<E: DeserializeOwned>(dir: &Path, event: &Replayed<'_>) -> Result<E> {
+    crate::cell::decode_exact(event.bytes).map_err(|source| Error::JournalDecode {
+        path: dir.to_path_buf(),
+        what: format!("event {}", event.seq),
+        type_name: std::any::type_name::<E>().to_owned(),
+        source: crate::error::CodecError(source),
+    })
+}
+
+/// Runs a replayed event's system function; a panic there is
+/// [`Error::ReplayPanicked`]: the event did not panic when it was handled, or it
+/// would have been voided.
+pub(crate) fn replay_caught(dir: &Path, seq: u64, run: impl FnOnce()) -> Result<()> {
+    panic::catch_unwind(AssertUnwindSafe(run))
+        .map_err(|_| Error::ReplayPanicked { path: dir.to_path_buf(), event: seq })
 }
 
 /// The error of a failed journal write, shareable by every caller it failed.

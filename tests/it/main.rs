@@ -10,6 +10,7 @@ mod concurrency;
 mod crypt;
 mod global;
 mod history;
+mod journaled;
 mod model;
 mod prevalence;
 mod save_reload;

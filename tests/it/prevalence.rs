@@ -131,7 +131,7 @@ fn rejected_events_are_journaled_and_rejected_again_on_replay() -> TestResult {
 #[test]
 fn every_durability_mode_keeps_what_it_promises_across_a_clean_close() -> TestResult {
     for durability in [
-        Durability::Sync,
+        Durability::SyncEach,
         Durability::GroupCommit,
         Durability::Periodic(std::time::Duration::from_millis(5)),
         Durability::Unsynced,
@@ -444,7 +444,7 @@ fn a_panicking_event_is_voided_and_the_rest_survives() -> TestResult {
         numbers.push(n);
         assert!(n != 13, "unlucky");
     }
-    for durability in [Durability::Sync, Durability::GroupCommit, Durability::Unsynced] {
+    for durability in [Durability::SyncEach, Durability::GroupCommit, Durability::Unsynced] {
         let dir = tempfile::tempdir()?;
         {
             let system =

@@ -1,0 +1,273 @@
+//! The second front door of prevalence: a named cell whose type is a prevalent
+//! system, changed by [`StateCell::handle`] through the same journal engine as
+//! [`Prevayler`](crate::Prevayler).
+//!
+//! A journaled cell is declared with `#[journaled]` in [`defstate!`](crate::defstate)
+//! (or [`CellOptions::journaled`]) and its type implements [`Prevalent`]. Its
+//! store keeps it in a journal directory of its own, `journals/<name>/` inside the
+//! store, instead of in the store's records: every handled event is journaled
+//! before it is applied, [`Store::save_all`](crate::Store::save_all) writes a
+//! snapshot of the cell (shortening its journal) rather than a record, and opening
+//! the store loads that snapshot and replays the journal after it.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{
+    Error, Result, StateCell, Value,
+    codec::stored_type_name,
+    crypt::Sealer,
+    error::CodecError,
+    fs as dirs,
+    journal::{self, Config, Durability, Identity, Job, Recovery, Replayed, Timestamp},
+};
+
+/// Snapshots of a journaled cell kept beside its journal.
+const KEEP_SNAPSHOTS: usize = 2;
+/// The directory of the store holding the journaled cells' directories.
+pub(crate) const JOURNALS_DIR: &str = "journals";
+
+/// A type whose values change only through events: the system function of
+/// prevalence, as a trait, for journaled cells (and usable as the function of a
+/// [`Prevayler`](crate::Prevayler): `Prevayler::open(dir, Bank::default(), Bank::apply)`).
+///
+/// The same rules hold as for a `Prevayler`: `apply` must be deterministic, and
+/// should decide before it changes anything, because an event it rejects is
+/// journaled and replayed too (see the [`prevalence`](crate::prevalence) docs).
+///
+/// # Example
+/// ```
+/// use instastate::{Prevalent, Timestamp, defstate};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Default, Serialize, Deserialize)]
+/// pub struct Counter { total: u64 }
+///
+/// impl Prevalent for Counter {
+///     type Event = u64;
+///     type Output = u64;
+///     fn apply(&mut self, by: u64, _at: Timestamp) -> u64 {
+///         self.total += by;
+///         self.total
+///     }
+/// }
+///
+/// defstate! {
+///     #[journaled]
+///     COUNTER: Counter = Counter::default();
+/// }
+///
+/// # fn main() -> instastate::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let store = instastate::Store::builder().cell(&COUNTER).open(dir.path())?;
+/// assert_eq!(COUNTER.handle(5)?, 5); // durable before it returns
+/// # Ok(())
+/// # }
+/// ```
+pub trait Prevalent: Value {
+    /// What changes the value.
+    type Event: Serialize + DeserializeOwned + Send + 'static;
+    /// What [`StateCell::handle`] returns: often a `Result`.
+    type Output: Send + 'static;
+
+    /// Applies `event`, handled at time `at`, to the value.
+    fn apply(&mut self, event: Self::Event, at: Timestamp) -> Self::Output;
+}
+
+/// What a store needs to journal a cell of type `T`, captured where `T: Prevalent`
+/// is known.
+pub(crate) struct Hooks<T> {
+    event_type: fn() -> &'static str,
+    replay: fn(&Path, &mut T, Replayed<'_>) -> Result<()>,
+}
+
+impl<T> Clone for Hooks<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Hooks<T> {}
+
+impl<T: Prevalent> Hooks<T> {
+    pub(crate) const fn new() -> Hooks<T> {
+        Hooks { event_type: event_type::<T>, replay: replay_event::<T> }
+    }
+}
+
+fn event_type<T: Prevalent>() -> &'static str {
+    stored_type_name(std::any::type_name::<T::Event>())
+}
+
+fn replay_event<T: Prevalent>(dir: &Path, value: &mut T, event: Replayed<'_>) -> Result<()> {
+    let decoded: T::Event = journal::decode_event(dir, &event)?;
+    journal::replay_caught(dir, event.seq, || {
+        let _ = value.apply(decoded, event.at);
+    })
+}
+
+/// A journaled cell's open journal, and how far its value has got.
+pub(crate) struct Attached {
+    journal: journal::Journal,
+    /// Events applied to the value, and the last one's timestamp.
+    applied: AtomicU64,
+    at: AtomicU64,
+    /// Events applied when the last snapshot was written.
+    snapshotted: AtomicU64,
+}
+
+/// What a store does with its journaled cells, without knowing their types.
+pub(crate) trait JournaledCell: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Reads the cell's snapshot and journal in `dir` (`None`: a transient journal)
+    /// into a new value; the returned function installs it and attaches the journal.
+    fn open_journal(
+        &'static self,
+        dir: Option<PathBuf>,
+        durability: Durability,
+        sealer: Sealer,
+    ) -> Result<Box<dyn FnOnce() + Send>>;
+    /// Writes a snapshot if events were handled since the last one.
+    fn snapshot_journal(&self) -> Result<()>;
+    /// Syncs and detaches the journal: `handle` fails from now on.
+    fn close_journal(&self) -> Result<()>;
+}
+
+impl<T: Value> JournaledCell for StateCell<T> {
+    fn name(&self) -> &'static str {
+        StateCell::name(self)
+    }
+
+    fn open_journal(
+        &'static self,
+        dir: Option<PathBuf>,
+        durability: Durability,
+        sealer: Sealer,
+    ) -> Result<Box<dyn FnOnce() + Send>> {
+        let Some(hooks) = self.options.journal else { return Ok(Box::new(|| {})) };
+        let identity = Identity {
+            state_type: stored_type_name(std::any::type_name::<T>()),
+            event_type: (hooks.event_type)(),
+            schema: self.options.version,
+        };
+        if let Some(dir) = &dir {
+            dirs::create_dir_durably(dir).map_err(Error::io(dir))?;
+        }
+        let label = dir.clone().unwrap_or_default();
+        let config = Config { dir, identity, durability, recovery: Recovery::Strict, sealer };
+        let opened = journal::open_state(config, None, self.init, &mut |value, event| {
+            (hooks.replay)(&label, value, event)?;
+            Ok(None)
+        })?;
+        let attached = Arc::new(Attached {
+            journal: opened.journal,
+            applied: AtomicU64::new(opened.applied),
+            at: AtomicU64::new(opened.at),
+            snapshotted: AtomicU64::new(opened.recovered.snapshot().unwrap_or(0)),
+        });
+        let value = opened.state;
+        Ok(Box::new(move || {
+            self.install(value);
+            *self.journal.write() = Some(attached);
+        }))
+    }
+
+    fn snapshot_journal(&self) -> Result<()> {
+        let Some(attached) = self.journal.read().clone() else { return Ok(()) };
+        let (body, events, at) = {
+            let value = self.read();
+            let events = attached.applied.load(Ordering::Acquire);
+            if events == attached.snapshotted.load(Ordering::Relaxed)
+                || attached.journal.dir().is_none()
+            {
+                return Ok(());
+            }
+            let body = postcard::to_allocvec(&*value).map_err(|source| Error::Encode {
+                cell: self.name().to_owned(),
+                type_name: std::any::type_name::<T>().to_owned(),
+                source: CodecError(source),
+            })?;
+            (body, events, attached.at.load(Ordering::Acquire))
+        };
+        attached.journal.snapshot(body, events, at, KEEP_SNAPSHOTS)?;
+        attached.snapshotted.store(events, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn close_journal(&self) -> Result<()> {
+        let Some(attached) = self.journal.write().take() else { return Ok(()) };
+        attached.journal.close()
+    }
+}
+
+impl<T: Prevalent> StateCell<T> {
+    /// Journals `event`, makes it durable as the store's journal
+    /// [`Durability`](crate::prevalence::Durability) asks ([`Sync`](Durability::SyncEach)
+    /// unless [`StoreBuilder::journal_durability`](crate::StoreBuilder::journal_durability)
+    /// says otherwise), applies it with [`Prevalent::apply`] under the cell's write
+    /// lock, and returns what that returned.
+    ///
+    /// # Errors
+    /// [`Error::NotJournaled`] unless the cell is declared `#[journaled]` and open in
+    /// a store; [`Error::EventEncode`], [`Error::JournalWrite`] and
+    /// [`Error::Poisoned`] as for [`Prevayler::handle`](crate::Prevayler::handle).
+    ///
+    /// # Panics
+    /// If [`Prevalent::apply`] panics: the event is voided and the journal refuses
+    /// later events until the store is reopened.
+    pub fn handle(&'static self, event: T::Event) -> Result<T::Output> {
+        let not_journaled = || Error::NotJournaled { cell: self.name().to_owned() };
+        let attached = self.journal.read().clone().ok_or_else(not_journaled)?;
+        let bytes = postcard::to_allocvec(&event).map_err(|source| Error::EventEncode {
+            path: attached.journal.label(),
+            type_name: std::any::type_name::<T::Event>().to_owned(),
+            source: CodecError(source),
+        })?;
+        let job = CellApply { cell: self, attached: Arc::clone(&attached), event };
+        attached.journal.commit(bytes, job)
+    }
+}
+
+/// The job of one event handled by a cell: apply it under the cell's write lock.
+struct CellApply<T: Prevalent> {
+    cell: &'static StateCell<T>,
+    attached: Arc<Attached>,
+    event: T::Event,
+}
+
+impl<T: Prevalent> Job for CellApply<T> {
+    type Output = T::Output;
+
+    fn run(self, seq: u64, at: Timestamp) -> (T::Output, Option<u64>) {
+        let mut value = self.cell.write();
+        let output = Prevalent::apply(&mut *value, self.event, at);
+        self.attached.applied.store(seq + 1, Ordering::Release);
+        self.attached.at.store(at.as_micros(), Ordering::Release);
+        (output, None)
+    }
+}
+
+/// Where the store in `store_dir` keeps the journal of the cell named `name`:
+/// the name with every byte but ASCII letters, digits, `_` and `-` escaped as `%XX`.
+pub(crate) fn journal_dir(store_dir: &Path, name: &str) -> PathBuf {
+    let mut escaped = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            escaped.push(char::from(byte));
+        } else {
+            let _ = write!(escaped, "%{byte:02X}");
+        }
+    }
+    store_dir.join(JOURNALS_DIR).join(escaped)
+}
+
+/// Where a cell keeps its attached journal.
+pub(crate) type Slot = parking_lot::RwLock<Option<Arc<Attached>>>;

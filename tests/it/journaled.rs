@@ -1,0 +1,185 @@
+//! The second front door: journaled cells, changed by `CELL.handle(event)` through
+//! the same journal engine as `Prevayler`.
+
+use std::fs;
+
+use instastate::{
+    CellOptions, Error, Prevalent, StateCell, Store, Timestamp, prevalence::Durability,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::TestResult;
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Ledger {
+    entries: Vec<(i64, u64)>,
+    total: i64,
+}
+
+impl Prevalent for Ledger {
+    type Event = i64;
+    type Output = Result<i64, String>;
+
+    fn apply(&mut self, amount: i64, at: Timestamp) -> Result<i64, String> {
+        if self.total + amount < 0 {
+            return Err(format!("{amount} would overdraw {}", self.total));
+        }
+        self.entries.push((amount, at.as_micros()));
+        self.total += amount;
+        Ok(self.total)
+    }
+}
+
+// Not `defstate!`: that would register it for the global store of `global.rs`.
+// The macro's `#[journaled]` is shown by the doctest of `Prevalent`.
+static REOPEN: StateCell<Ledger> = StateCell::with_options(
+    "it::journaled::REOPEN",
+    Ledger::default,
+    CellOptions::new().journaled(),
+);
+
+#[test]
+fn handled_events_survive_without_any_save() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let _store = Store::builder().cell(&REOPEN).open(dir.path())?;
+        assert_eq!(REOPEN.handle(10)?, Ok(10));
+        assert_eq!(REOPEN.handle(-30)?, Err("-30 would overdraw 10".to_owned()));
+        assert_eq!(REOPEN.handle(5)?, Ok(15));
+    }
+    assert!(
+        matches!(REOPEN.handle(1), Err(Error::NotJournaled { .. })),
+        "a closed store detaches the journal"
+    );
+    REOPEN.set(Ledger::default());
+    let _store = Store::builder().cell(&REOPEN).open(dir.path())?;
+    assert_eq!(REOPEN.with(|it| it.total), 15);
+    assert_eq!(REOPEN.with(|it| it.entries.len()), 2);
+    assert!(dir.path().join("journals/it%3A%3Ajournaled%3A%3AREOPEN").is_dir());
+    Ok(())
+}
+
+#[test]
+fn save_all_snapshots_journaled_cells_and_reload_all_leaves_them_alone() -> TestResult {
+    static LEDGER: StateCell<Ledger> = StateCell::with_options(
+        "it::journaled::SAVED",
+        Ledger::default,
+        CellOptions::new().journaled(),
+    );
+    static PLAIN: StateCell<u32> = StateCell::new("it::journaled::PLAIN", || 0);
+    let dir = tempfile::tempdir()?;
+    let journal_dir = dir.path().join("journals/it%3A%3Ajournaled%3A%3ASAVED");
+    {
+        let store = Store::builder().cell(&LEDGER).cell(&PLAIN).open(dir.path())?;
+        for amount in 1..=5 {
+            LEDGER.handle(amount)??;
+        }
+        PLAIN.set(1);
+        store.save_all()?;
+        assert!(journal_dir.join("snapshot-00000000000000000005.snap").is_file());
+        LEDGER.handle(100)??;
+        PLAIN.set(2);
+        // Undo reverts the plain cell; the journaled one holds only durable events,
+        // so there is nothing to revert.
+        store.reload_all()?;
+        assert_eq!((PLAIN.get(), LEDGER.with(|it| it.total)), (1, 115));
+        store.save_all()?;
+    }
+    let names: Vec<String> = fs::read_dir(&journal_dir)?
+        .map(|it| Ok(it?.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    assert!(names.iter().any(|it| it == "snapshot-00000000000000000006.snap"), "{names:?}");
+    LEDGER.set(Ledger::default());
+    let _store = Store::builder().cell(&LEDGER).cell(&PLAIN).open(dir.path())?;
+    assert_eq!(LEDGER.with(|it| it.total), 115);
+    assert_eq!(LEDGER.with(|it| it.entries.len()), 6);
+    Ok(())
+}
+
+#[test]
+fn a_journaled_cell_outside_an_open_store_refuses_events() {
+    static LONELY: StateCell<Ledger> = StateCell::with_options(
+        "it::journaled::LONELY",
+        Ledger::default,
+        CellOptions::new().journaled(),
+    );
+    let Err(err) = LONELY.handle(1) else { panic!("an event was handled without a journal") };
+    assert!(matches!(err, Error::NotJournaled { .. }));
+    assert!(err.to_string().contains("it::journaled::LONELY"), "{err}");
+}
+
+#[test]
+fn in_memory_stores_journal_nothing_and_group_commit_serves_many_threads() -> TestResult {
+    static MEMORY: StateCell<Ledger> = StateCell::with_options(
+        "it::journaled::MEMORY",
+        Ledger::default,
+        CellOptions::new().journaled(),
+    );
+    static GROUPED: StateCell<Ledger> = StateCell::with_options(
+        "it::journaled::GROUPED",
+        Ledger::default,
+        CellOptions::new().journaled(),
+    );
+    {
+        let _store = Store::builder().cell(&MEMORY).in_memory()?;
+        assert_eq!(MEMORY.handle(3)?, Ok(3));
+    }
+    let dir = tempfile::tempdir()?;
+    {
+        let _store = Store::builder()
+            .cell(&GROUPED)
+            .journal_durability(Durability::GroupCommit)
+            .open(dir.path())?;
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..25 {
+                        GROUPED.handle(1).expect("journaled").expect("accepted");
+                    }
+                });
+            }
+        });
+    }
+    GROUPED.set(Ledger::default());
+    let _store = Store::builder().cell(&GROUPED).open(dir.path())?;
+    assert_eq!(GROUPED.with(|it| it.total), 200);
+    Ok(())
+}
+
+#[test]
+fn a_journal_written_for_another_event_type_is_refused_at_open() -> TestResult {
+    #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+    struct Words(Vec<String>);
+    impl Prevalent for Words {
+        type Event = String;
+        type Output = ();
+        fn apply(&mut self, word: String, _: Timestamp) {
+            self.0.push(word);
+        }
+    }
+    static BEFORE: StateCell<Ledger> = StateCell::with_options(
+        "it::journaled::RETYPED",
+        Ledger::default,
+        CellOptions::new().journaled(),
+    );
+    static AFTER: StateCell<Words> = StateCell::with_options(
+        "it::journaled::RETYPED",
+        Words::default,
+        CellOptions::new().journaled(),
+    );
+    let dir = tempfile::tempdir()?;
+    {
+        let _store = Store::builder().cell(&BEFORE).open(dir.path())?;
+        BEFORE.handle(7)??;
+    }
+    let err = Store::builder()
+        .cell(&AFTER)
+        .open(dir.path())
+        .err()
+        .ok_or("a journal of `i64` events opened for `String`")?;
+    assert!(matches!(err, Error::JournalType { .. }), "{err}");
+    assert!(AFTER.read().0.is_empty(), "a failed open changes no cell");
+    let _store = Store::builder().cell(&BEFORE).open(dir.path())?;
+    assert_eq!(BEFORE.with(|it| it.total), 7);
+    Ok(())
+}
