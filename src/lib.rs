@@ -89,9 +89,18 @@
 //!   every record and value file is authenticated and encrypted; a wrong key or a
 //!   tampered byte is an error, never garbage.
 //!
-//! What is not promised: changes made since the last save are lost when the process
-//! dies ([`autosave`] narrows that window; a journal would close it), and a store is
-//! for one process at a time.
+//! What is not promised: changes made to a plain cell since the last save are lost
+//! when the process dies ([`autosave`] narrows that window; a journal, below, closes
+//! it), and a store is for one process at a time.
+//!
+//! # Prevalence
+//!
+//! When nothing may be lost between saves, change the state only through events,
+//! each journaled before it is applied: [`Prevayler`] keeps a whole system state and
+//! its journal in a directory, and a `#[journaled]` cell whose type implements
+//! [`Prevalent`] does the same inside its store through [`StateCell::handle`]. Both
+//! run on one journal engine; the [`prevalence`] module has the details: durability
+//! modes, group commit, snapshots, torn tails and damage, the replay check.
 //!
 //! # Recipes
 //!

@@ -191,6 +191,24 @@ impl Timestamp {
     }
 }
 
+// A timestamp is often kept in the state; it encodes as its microseconds.
+impl serde::Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_u64(self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        u64::deserialize(deserializer).map(Timestamp)
+    }
+}
+
 /// What a journal's files are written for; checked strictly on open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Identity {
@@ -678,7 +696,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Stops the timer thread, if any, and syncs.
+    /// Stops the timer thread, if any, and syncs. A poisoned journal has nothing
+    /// left to sync (its callers got the error already).
     pub(crate) fn close(&self) -> Result<()> {
         if let Some(timer) = self.timer.lock().take() {
             *timer.stop.0.lock() = true;
@@ -686,6 +705,9 @@ impl Journal {
             if timer.thread.thread().id() != thread::current().id() {
                 let _ = timer.thread.join();
             }
+        }
+        if self.queue.lock().poisoned {
+            return Ok(());
         }
         self.sync()
     }

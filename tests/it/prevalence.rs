@@ -512,3 +512,34 @@ fn file_names(dir: &Path) -> TestResult<Vec<String>> {
     names.sort();
     Ok(names)
 }
+
+#[cfg(feature = "encryption")]
+#[test]
+fn an_encrypted_journal_needs_its_key_and_shows_no_plaintext() -> TestResult {
+    use instastate::EncryptionKey;
+    let dir = tempfile::tempdir()?;
+    let open = |key: Option<[u8; 32]>| {
+        let builder = Prevayler::builder();
+        let builder = match key {
+            Some(key) => builder.encryption_key(EncryptionKey::from_bytes(key)),
+            None => builder,
+        };
+        builder.open(dir.path(), Bank::default(), apply)
+    };
+    {
+        let bank = open(Some([7; 32]))?;
+        bank.handle(deposit("secret-account-name", 1))?.map_err(|err| format!("{err:?}"))?;
+        bank.snapshot()?;
+        bank.handle(deposit("secret-account-name", 2))?.map_err(|err| format!("{err:?}"))?;
+    }
+    for name in file_names(dir.path())? {
+        let bytes = fs::read(dir.path().join(&name))?;
+        assert!(!bytes.windows(14).any(|it| it == b"secret-account"), "{name} holds plaintext");
+    }
+    assert!(matches!(open(None), Err(Error::Encryption { encrypted: true, .. })));
+    assert!(matches!(open(Some([8; 32])), Err(Error::WrongKey { .. })));
+    let bank = open(Some([7; 32]))?;
+    assert_eq!(bank.read(|bank| bank.balances.get("secret-account-name").copied()), Some(3));
+    assert_eq!(bank.recovered().snapshot(), Some(1));
+    Ok(())
+}
