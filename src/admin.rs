@@ -17,6 +17,7 @@ use crate::{
     backend::{Backend, Batch, Sled},
     codec::{self, Body, Record},
     fs::{create_dir_durably, sync_dir},
+    journaled,
     store::{ENGINE_DIR, Inner, Missing, State, VALUES_DIR, now_ms, time_of},
     values::{Encoded, Spilled, ValueDir, ValueWriter},
 };
@@ -199,7 +200,9 @@ impl Store {
     /// Writes a consistent copy of the store, as of its last save, to the new
     /// directory `path`, while the program keeps running: cells stay usable, and
     /// only saves wait for the copy. The copy is a store of its own (with the same
-    /// key, if encrypted), durable when this returns.
+    /// key, if encrypted), durable when this returns. Journaled cells are copied as
+    /// they are now, every handled event included (a snapshot of each); exports
+    /// ([`export_to`](Self::export_to)) hold only the plain cells.
     ///
     /// # Errors
     /// [`Error::Io`] when `path` exists and is not an empty directory, or when
@@ -245,6 +248,9 @@ impl Store {
             .tempdir_in(parent)
             .map_err(Error::io(parent))?;
         inner.copy_to(&state, temp.path())?;
+        for cell in &inner.journaled {
+            cell.backup_into(&journaled::journal_dir(temp.path(), cell.name()))?;
+        }
         sync_dir(temp.path()).map_err(Error::io(temp.path()))?;
         drop(state);
         let built = temp.keep();

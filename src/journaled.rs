@@ -137,6 +137,9 @@ pub(crate) trait JournaledCell: Send + Sync {
     ) -> Result<Box<dyn FnOnce() + Send>>;
     /// Writes a snapshot if events were handled since the last one.
     fn snapshot_journal(&self) -> Result<()>;
+    /// Writes the cell's current value into `dir` as a journal of its own: a
+    /// snapshot and an empty journal file after it.
+    fn backup_into(&self, dir: &Path) -> Result<()>;
     /// Syncs and detaches the journal: `handle` fails from now on.
     fn close_journal(&self) -> Result<()>;
 }
@@ -182,29 +185,48 @@ impl<T: Value> JournaledCell for StateCell<T> {
 
     fn snapshot_journal(&self) -> Result<()> {
         let Some(attached) = self.journal.read().clone() else { return Ok(()) };
-        let (body, events, at) = {
-            let value = self.read();
-            let events = attached.applied.load(Ordering::Acquire);
-            if events == attached.snapshotted.load(Ordering::Relaxed)
-                || attached.journal.dir().is_none()
-            {
-                return Ok(());
-            }
-            let body = postcard::to_allocvec(&*value).map_err(|source| Error::Encode {
-                cell: self.name().to_owned(),
-                type_name: std::any::type_name::<T>().to_owned(),
-                source: CodecError(source),
-            })?;
-            (body, events, attached.at.load(Ordering::Acquire))
+        let unchanged = |events| events == attached.snapshotted.load(Ordering::Relaxed);
+        let Some((body, events, at)) = self.encode_applied(&attached, unchanged)? else {
+            return Ok(());
         };
         attached.journal.snapshot(body, events, at, KEEP_SNAPSHOTS)?;
         attached.snapshotted.store(events, Ordering::Relaxed);
         Ok(())
     }
 
+    fn backup_into(&self, dir: &Path) -> Result<()> {
+        let Some(attached) = self.journal.read().clone() else { return Ok(()) };
+        let Some((body, events, at)) = self.encode_applied(&attached, |_| false)? else {
+            return Ok(());
+        };
+        attached.journal.copy_to(dir, body, events, at)
+    }
+
     fn close_journal(&self) -> Result<()> {
         let Some(attached) = self.journal.write().take() else { return Ok(()) };
         attached.journal.close()
+    }
+}
+
+impl<T: Value> StateCell<T> {
+    /// Encodes the value and how many events it holds, under its read lock, unless
+    /// `skip` says so for that number or the journal is transient.
+    fn encode_applied(
+        &self,
+        attached: &Attached,
+        skip: impl FnOnce(u64) -> bool,
+    ) -> Result<Option<(Vec<u8>, u64, u64)>> {
+        let value = self.read();
+        let events = attached.applied.load(Ordering::Acquire);
+        if attached.journal.dir().is_none() || skip(events) {
+            return Ok(None);
+        }
+        let body = postcard::to_allocvec(&*value).map_err(|source| Error::Encode {
+            cell: self.name().to_owned(),
+            type_name: std::any::type_name::<T>().to_owned(),
+            source: CodecError(source),
+        })?;
+        Ok(Some((body, events, attached.at.load(Ordering::Acquire))))
     }
 }
 

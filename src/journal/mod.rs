@@ -677,6 +677,15 @@ impl Journal {
         Ok(())
     }
 
+    /// Writes a copy of this journal into the new directory `dir`: the snapshot of
+    /// `body` (the encoded state after `events` events, the last stamped `at`) and
+    /// an empty journal file after it, whose header carries the types and key check.
+    pub(crate) fn copy_to(&self, dir: &Path, body: Vec<u8>, events: u64, at: u64) -> Result<()> {
+        dirs::create_dir_durably(dir).map_err(Error::io(dir))?;
+        snapshot::write(dir, &self.identity, &self.sealer, events, at, body)?;
+        recovery::create_journal_file(dir, &self.identity, &self.sealer, events).map(drop)
+    }
+
     /// Deletes the journal files holding only events numbered below `below`.
     fn retire(&self, below: u64) -> Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };

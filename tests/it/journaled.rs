@@ -183,3 +183,26 @@ fn a_journal_written_for_another_event_type_is_refused_at_open() -> TestResult {
     assert_eq!(BEFORE.with(|it| it.total), 7);
     Ok(())
 }
+
+#[test]
+fn a_backup_holds_journaled_cells_with_every_handled_event() -> TestResult {
+    static BACKED: StateCell<Ledger> = StateCell::with_options(
+        "it::journaled::BACKED",
+        Ledger::default,
+        CellOptions::new().journaled(),
+    );
+    let dir = tempfile::tempdir()?;
+    let copy = dir.path().join("copy");
+    {
+        let store = Store::builder().cell(&BACKED).open(dir.path().join("live"))?;
+        BACKED.handle(4)??;
+        BACKED.handle(6)??;
+        store.backup_to(&copy)?;
+        BACKED.handle(100)??;
+    }
+    BACKED.set(Ledger::default());
+    let _store = Store::builder().cell(&BACKED).open(&copy)?;
+    assert_eq!(BACKED.with(|it| it.total), 10);
+    assert_eq!(BACKED.handle(1)?, Ok(11), "the copy's journal goes on from its snapshot");
+    Ok(())
+}
