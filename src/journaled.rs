@@ -242,6 +242,14 @@ impl<T: Prevalent> StateCell<T> {
     /// a store; [`Error::EventEncode`], [`Error::JournalWrite`] and
     /// [`Error::Poisoned`] as for [`Prevayler::handle`](crate::Prevayler::handle).
     ///
+    /// Do not call it while holding a guard of the cell: applying the event needs
+    /// its write lock.
+    ///
+    /// A journaled cell should change only through `handle`. A direct
+    /// [`write`](StateCell::write) is not journaled: it is lost when the process dies
+    /// unless a snapshot ([`Store::save_all`](crate::Store::save_all)) caught it,
+    /// and events journaled after it are replayed onto a value without it.
+    ///
     /// # Panics
     /// If [`Prevalent::apply`] panics: the event is voided and the journal refuses
     /// later events until the store is reopened.
