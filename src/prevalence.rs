@@ -458,10 +458,12 @@ where
     /// # Panics
     /// If the system function panics; see the [module docs](self).
     pub fn handle(&self, event: E) -> Result<R> {
-        let bytes = postcard::to_allocvec(&event).map_err(|source| Error::EventEncode {
-            path: self.core.journal.label(),
-            type_name: std::any::type_name::<E>().to_owned(),
-            source: CodecError(source),
+        let bytes = postcard::to_extend(&event, Vec::with_capacity(64)).map_err(|source| {
+            Error::EventEncode {
+                path: self.core.journal.label(),
+                type_name: std::any::type_name::<E>().to_owned(),
+                source: CodecError(source),
+            }
         })?;
         let output =
             self.core.journal.commit(bytes, Apply { core: Arc::clone(&self.core), event })?;

@@ -128,6 +128,14 @@ pub(crate) fn read_frame(bytes: &[u8]) -> Read<'_> {
     }
 }
 
+/// Parses the frame at the start of `bytes` without checking its checksum: for
+/// frames that [`read_frame`] already found sound.
+pub(crate) fn parse_frame(bytes: &[u8]) -> Option<(Frame<'_>, usize)> {
+    let len = le_u32(bytes, 0)? as usize;
+    let end = FRAME_HEAD.checked_add(len)?;
+    Some((decode_payload(bytes.get(FRAME_HEAD..end)?)?, end))
+}
+
 fn decode_payload(payload: &[u8]) -> Option<Frame<'_>> {
     let (&[version, kind], body) = payload.split_first_chunk::<2>()?;
     if version != FRAME_VERSION {

@@ -268,7 +268,7 @@ pub(crate) fn open_state<S: DeserializeOwned>(
     config: Config,
     lock: Option<File>,
     initial: impl FnOnce() -> S,
-    apply: &mut dyn FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
+    apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<Opened<S>> {
     let mut unsound = Vec::new();
     let snapshot = match &config.dir {
@@ -355,7 +355,7 @@ impl Journal {
         lock: Option<File>,
         from: u64,
         at: u64,
-        replay: &mut dyn FnMut(Replayed<'_>) -> Result<Option<u64>>,
+        replay: &mut impl FnMut(Replayed<'_>) -> Result<Option<u64>>,
     ) -> Result<(Journal, Recovered)> {
         let Config { dir, identity, durability, recovery, sealer } = config;
         let (recovered, tail) = match &dir {
@@ -853,6 +853,7 @@ pub(crate) fn key_check(sealer: &Sealer) -> Vec<u8> {
 }
 
 /// Decodes a replayed event as exactly one `E`.
+#[inline]
 pub(crate) fn decode_event<E: DeserializeOwned>(dir: &Path, event: &Replayed<'_>) -> Result<E> {
     crate::cell::decode_exact(event.bytes).map_err(|source| Error::JournalDecode {
         path: dir.to_path_buf(),

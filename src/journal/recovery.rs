@@ -96,22 +96,18 @@ pub(crate) struct Tail {
     pub(crate) file: Option<(PathBuf, u64)>,
 }
 
-/// A sound event frame found in a file.
-struct Found {
-    file: usize,
-    seq: u64,
-    at: u64,
-    /// Where the event's bytes start and end in the file.
-    start: usize,
-    end: usize,
-}
-
-/// Everything the frames of the journal files say.
+/// Everything the frames of the journal files say, but the events themselves:
+/// those are read again, from the sound spans, as they are replayed.
 #[derive(Default)]
 struct Frames {
-    found: Vec<Found>,
+    /// Per file: where its sound frames start and end.
+    spans: Vec<(usize, usize)>,
     voids: Vec<(u64, u64)>,
     checks: BTreeMap<u64, u64>,
+    /// The first event numbered `from` or later, and its file.
+    first_wanted: Option<(usize, u64)>,
+    /// The last event: its file, number and timestamp.
+    last: Option<(usize, u64, u64)>,
 }
 
 /// How a file's frames end.
@@ -130,7 +126,7 @@ pub(crate) fn recover(
     sealer: &Sealer,
     recovery: Recovery,
     from: u64,
-    replay: &mut dyn FnMut(Replayed<'_>) -> Result<Option<u64>>,
+    replay: &mut impl FnMut(Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<(Recovered, Tail)> {
     remove_parts(dir)?;
     let mut files = journal_files(dir)?;
@@ -161,8 +157,8 @@ pub(crate) fn recover(
             }
             Ok(header_len) => {
                 let mut next = *first;
-                let ending =
-                    scan_frames(bytes, header_len, file_idx, &mut next, &mut frames, last_file);
+                let scan = Scan { bytes, file: file_idx, last_file, from };
+                let ending = scan.frames(header_len, &mut next, &mut frames);
                 expected = Some(next);
                 ending
             }
@@ -179,9 +175,6 @@ pub(crate) fn recover(
                     });
                 }
                 Recovery::Salvage => {
-                    frames.found.retain(|it| {
-                        it.file < file_idx || (it.file == file_idx && it.end <= offset)
-                    });
                     let keep = bytes.get(..offset).unwrap_or_default().to_vec();
                     report.salvaged =
                         Some(salvage(dir, files.get(file_idx..).unwrap_or_default(), &keep)?);
@@ -211,13 +204,13 @@ pub(crate) fn recover(
         handle.set_len(offset as u64).map_err(Error::io(path))?;
         handle.sync_all().map_err(Error::io(path))?;
     }
-    let last = frames.found.last();
+    let last = frames.last;
     let tail = Tail {
-        next: last.map_or(0, |it| it.seq + 1),
-        clock: last.map_or(0, |it| it.at),
+        next: last.map_or(0, |(_, seq, _)| seq + 1),
+        clock: last.map_or(0, |(_, _, at)| at),
         file: files.last().map(|(first, path)| {
             let last_idx = files.len() - 1;
-            let next = last.filter(|it| it.file == last_idx).map_or(*first, |it| it.seq + 1);
+            let next = last.filter(|it| it.0 == last_idx).map_or(*first, |(_, seq, _)| seq + 1);
             (path.clone(), next)
         }),
     };
@@ -288,50 +281,56 @@ pub(crate) fn check_sealed(header: &Header, path: &Path, sealer: &Sealer) -> Res
     Ok(())
 }
 
-/// Reads the frames of one file after its header; `next` is the number its next
-/// event must have, and is advanced past every event found.
-fn scan_frames(
-    bytes: &[u8],
-    header_len: usize,
+/// One journal file being scanned.
+struct Scan<'a> {
+    bytes: &'a [u8],
     file: usize,
-    next: &mut u64,
-    frames: &mut Frames,
     last_file: bool,
-) -> Ending {
-    let mut offset = header_len;
-    loop {
-        match format::read_frame(bytes.get(offset..).unwrap_or_default()) {
-            Read::End => return Ending::Clean,
-            Read::Frame(frame, len) => {
-                match frame {
-                    Frame::Event { seq, .. } if seq != *next => {
-                        return Ending::Damaged(
-                            offset,
-                            format!("event {seq} stands where event {next} belongs"),
-                        );
+    from: u64,
+}
+
+impl Scan<'_> {
+    /// Checks the frames after the header (`start`); `next` is the number the next
+    /// event must have, and is advanced past every event found. Records the file's
+    /// sound span in `frames`.
+    fn frames(&self, start: usize, next: &mut u64, frames: &mut Frames) -> Ending {
+        let mut offset = start;
+        let ending = loop {
+            match format::read_frame(self.bytes.get(offset..).unwrap_or_default()) {
+                Read::End => break Ending::Clean,
+                Read::Frame(frame, len) => {
+                    match frame {
+                        Frame::Event { seq, .. } if seq != *next => {
+                            let reason = format!("event {seq} stands where event {next} belongs");
+                            break Ending::Damaged(offset, reason);
+                        }
+                        Frame::Event { seq, at, .. } => {
+                            if seq >= self.from && frames.first_wanted.is_none() {
+                                frames.first_wanted = Some((self.file, seq));
+                            }
+                            frames.last = Some((self.file, seq, at));
+                            *next += 1;
+                        }
+                        Frame::Void { first, last } => frames.voids.push((first, last)),
+                        Frame::Check { seq, digest } => {
+                            frames.checks.insert(seq, digest);
+                        }
                     }
-                    Frame::Event { seq, at, .. } => {
-                        let start = offset + format::FRAME_HEAD + format::EVENT_HEAD;
-                        frames.found.push(Found { file, seq, at, start, end: offset + len });
-                        *next += 1;
-                    }
-                    Frame::Void { first, last } => frames.voids.push((first, last)),
-                    Frame::Check { seq, digest } => {
-                        frames.checks.insert(seq, digest);
-                    }
+                    offset += len;
                 }
-                offset += len;
+                Read::Bad(_) if self.last_file && !sound_after(self.bytes, offset) => {
+                    break Ending::Torn(offset);
+                }
+                Read::Bad(reason) => break Ending::Damaged(offset, reason.to_owned()),
             }
-            Read::Bad(reason) if last_file && !sound_after(bytes, offset) => {
-                let _ = reason;
-                return Ending::Torn(offset);
-            }
-            Read::Bad(reason) => return Ending::Damaged(offset, reason.to_owned()),
-        }
+        };
+        frames.spans.push((start, offset));
+        ending
     }
 }
 
 /// Replays the sound, unvoided events numbered `from` or later, checking digests.
+/// The spans were checked by [`Scan::frames`], so their frames are only parsed here.
 #[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
 fn replay_found(
     dir: &Path,
@@ -341,48 +340,47 @@ fn replay_found(
     sealer: &Sealer,
     from: u64,
     report: &mut Recovered,
-    replay: &mut dyn FnMut(Replayed<'_>) -> Result<Option<u64>>,
+    replay: &mut impl FnMut(Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<()> {
-    let wanted = frames.found.partition_point(|it| it.seq < from);
-    if let Some(first) = frames.found.get(wanted)
-        && first.seq > from
+    if let Some((file, first)) = frames.first_wanted
+        && first > from
     {
-        let path = files.get(first.file).map(|(_, path)| path.clone()).unwrap_or_default();
+        let path = files.get(file).map(|(_, path)| path.clone()).unwrap_or_default();
         return Err(Error::JournalCorrupt {
             path,
             offset: 0,
             reason: format!(
                 "events {from} to {} are missing: neither a snapshot nor the journal holds them",
-                first.seq - 1
+                first - 1
             ),
         });
     }
-    for it in frames.found.get(wanted..).unwrap_or_default() {
-        if frames.voids.iter().any(|&(first, last)| (first..=last).contains(&it.seq)) {
-            report.voided += 1;
-            continue;
+    let files = files.iter().zip(contents).zip(&frames.spans);
+    for (((_, path), bytes), &(start, end)) in files {
+        let mut offset = start;
+        while let Some((frame, len)) = bytes.get(offset..end).and_then(format::parse_frame) {
+            let at_offset = offset;
+            offset += len;
+            let Frame::Event { seq, at, bytes: stored } = frame else { continue };
+            if seq < from {
+                continue;
+            }
+            if frames.voids.iter().any(|&(first, last)| (first..=last).contains(&seq)) {
+                report.voided += 1;
+                continue;
+            }
+            let plain = open_event(sealer, seq, stored).map_err(|reason| {
+                Error::JournalCorrupt { path: path.clone(), offset: at_offset as u64, reason }
+            })?;
+            let digest = replay(Replayed { seq, at: Timestamp(at), bytes: &plain })?;
+            if let (Some(replayed), Some(&stored)) = (digest, frames.checks.get(&seq))
+                && replayed != stored
+            {
+                let path = dir.to_path_buf();
+                return Err(Error::ReplayDiverged { path, event: seq, stored, replayed });
+            }
+            report.replayed += 1;
         }
-        let (Some((_, path)), Some(bytes)) = (files.get(it.file), contents.get(it.file)) else {
-            continue;
-        };
-        let stored = bytes.get(it.start..it.end).unwrap_or_default();
-        let plain = open_event(sealer, it.seq, stored).map_err(|reason| Error::JournalCorrupt {
-            path: path.clone(),
-            offset: (it.start - format::FRAME_HEAD - format::EVENT_HEAD) as u64,
-            reason,
-        })?;
-        let digest = replay(Replayed { seq: it.seq, at: Timestamp(it.at), bytes: &plain })?;
-        if let (Some(replayed), Some(&stored)) = (digest, frames.checks.get(&it.seq))
-            && replayed != stored
-        {
-            return Err(Error::ReplayDiverged {
-                path: dir.to_path_buf(),
-                event: it.seq,
-                stored,
-                replayed,
-            });
-        }
-        report.replayed += 1;
     }
     Ok(())
 }
