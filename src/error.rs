@@ -163,7 +163,7 @@ pub enum Error {
     /// A previous save failed part-way; this store refuses further saves and reloads
     /// until reopened, which loads whichever of the two saves the disk holds.
     /// A journal is poisoned the same way by a failed write or a panicking event.
-    #[error("a previous write to `{}` failed; reopen it", path.display())]
+    #[error("`{}` refuses changes after a failed write or a panicking event; reopen it", path.display())]
     #[non_exhaustive]
     Poisoned {
         /// The store directory, or `:memory:` for an in-memory store.
@@ -324,6 +324,13 @@ pub enum Error {
     )]
     #[non_exhaustive]
     NotJournaled {
+        /// The cell's name.
+        cell: String,
+    },
+    /// A journaled cell was opened in a second store while still open in another.
+    #[error("journaled cell `{cell}` is open in another store; close that store first")]
+    #[non_exhaustive]
+    CellInUse {
         /// The cell's name.
         cell: String,
     },

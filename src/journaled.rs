@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -23,11 +23,12 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     Error, Result, StateCell, Value,
+    cell::ErasedCell,
     codec::stored_type_name,
     crypt::Sealer,
     error::CodecError,
     fs as dirs,
-    journal::{self, Config, Durability, Identity, Job, Recovery, Replayed, Timestamp},
+    journal::{self, Config, Durability, Identity, Job, Recovery, Replayed, Taint, Timestamp},
 };
 
 /// Snapshots of a journaled cell kept beside its journal.
@@ -116,11 +117,13 @@ fn replay_event<T: Prevalent>(dir: &Path, value: &mut T, event: Replayed<'_>) ->
 
 /// A journaled cell's open journal, and how far its value has got.
 pub(crate) struct Attached {
-    journal: journal::Journal,
+    journal: Arc<journal::Journal>,
+    /// Set when `apply` panicked: the value may be half-changed.
+    tainted: AtomicBool,
     /// Events applied to the value, and the last one's timestamp.
     applied: AtomicU64,
     at: AtomicU64,
-    /// Events applied when the last snapshot was written.
+    /// The cell's change counter when the last snapshot was written.
     snapshotted: AtomicU64,
 }
 
@@ -132,10 +135,12 @@ pub(crate) trait JournaledCell: Send + Sync {
     fn open_journal(
         &'static self,
         dir: Option<PathBuf>,
-        durability: Durability,
+        options: JournalOptions,
         sealer: Sealer,
     ) -> Result<Box<dyn FnOnce() + Send>>;
-    /// Writes a snapshot if events were handled since the last one.
+    /// Whether the value changed since the last snapshot.
+    fn is_dirty(&self) -> bool;
+    /// Writes a snapshot if the value changed since the last one.
     fn snapshot_journal(&self) -> Result<()>;
     /// Writes the cell's current value into `dir` as a journal of its own: a
     /// snapshot and an empty journal file after it.
@@ -152,10 +157,13 @@ impl<T: Value> JournaledCell for StateCell<T> {
     fn open_journal(
         &'static self,
         dir: Option<PathBuf>,
-        durability: Durability,
+        options: JournalOptions,
         sealer: Sealer,
     ) -> Result<Box<dyn FnOnce() + Send>> {
         let Some(hooks) = self.options.journal else { return Ok(Box::new(|| {})) };
+        if self.journal.read().is_some() {
+            return Err(Error::CellInUse { cell: self.name().to_owned() });
+        }
         let identity = Identity {
             state_type: stored_type_name(std::any::type_name::<T>()),
             event_type: (hooks.event_type)(),
@@ -165,41 +173,57 @@ impl<T: Value> JournaledCell for StateCell<T> {
             dirs::create_dir_durably(dir).map_err(Error::io(dir))?;
         }
         let label = dir.clone().unwrap_or_default();
-        let config = Config { dir, identity, durability, recovery: Recovery::Strict, sealer };
-        let opened = journal::open_state(config, None, self.init, &mut |value, event| {
-            (hooks.replay)(&label, value, event)?;
-            Ok(None)
-        })?;
+        let JournalOptions { durability, recovery } = options;
+        let config = Config { dir, identity, durability, recovery, sealer };
+        let opened =
+            journal::open_state(config, None, || Ok((self.init)()), &mut |value, event| {
+                (hooks.replay)(&label, value, event)?;
+                Ok(None)
+            })?;
+        let journal = Arc::new(opened.journal);
+        journal::Journal::start_timer(&journal, |err| eprintln!("instastate: {err}"));
         let attached = Arc::new(Attached {
-            journal: opened.journal,
+            journal,
+            tainted: AtomicBool::new(false),
             applied: AtomicU64::new(opened.applied),
             at: AtomicU64::new(opened.at),
-            snapshotted: AtomicU64::new(opened.recovered.snapshot().unwrap_or(0)),
+            snapshotted: AtomicU64::new(NEVER),
         });
+        // The value is its snapshot's unless events were replayed after it.
+        let fresh = opened.recovered.replayed() == 0 && opened.recovered.snapshot().is_some();
         let value = opened.state;
         Ok(Box::new(move || {
-            self.install(value);
+            let seq = self.install(value);
+            if fresh {
+                attached.snapshotted.store(seq, Ordering::Relaxed);
+            }
             *self.journal.write() = Some(attached);
         }))
     }
 
+    fn is_dirty(&self) -> bool {
+        let Some(attached) = self.journal.read().clone() else { return false };
+        attached.journal.dir().is_some()
+            && attached.snapshotted.load(Ordering::Relaxed) != ErasedCell::seq(self)
+    }
+
     fn snapshot_journal(&self) -> Result<()> {
         let Some(attached) = self.journal.read().clone() else { return Ok(()) };
-        let unchanged = |events| events == attached.snapshotted.load(Ordering::Relaxed);
-        let Some((body, events, at)) = self.encode_applied(&attached, unchanged)? else {
+        let Some(encoded) = self.encode_applied(&attached, Unchanged::Skip)? else {
             return Ok(());
         };
+        let Encoded { body, events, at, seq } = encoded;
         attached.journal.snapshot(body, events, at, KEEP_SNAPSHOTS)?;
-        attached.snapshotted.store(events, Ordering::Relaxed);
+        attached.snapshotted.store(seq, Ordering::Relaxed);
         Ok(())
     }
 
     fn backup_into(&self, dir: &Path) -> Result<()> {
         let Some(attached) = self.journal.read().clone() else { return Ok(()) };
-        let Some((body, events, at)) = self.encode_applied(&attached, |_| false)? else {
+        let Some(encoded) = self.encode_applied(&attached, Unchanged::Write)? else {
             return Ok(());
         };
-        attached.journal.copy_to(dir, body, events, at)
+        attached.journal.copy_to(dir, encoded.body, encoded.events, encoded.at)
     }
 
     fn close_journal(&self) -> Result<()> {
@@ -208,17 +232,43 @@ impl<T: Value> JournaledCell for StateCell<T> {
     }
 }
 
+/// Whether to encode a journaled cell's value that is unchanged since its last snapshot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unchanged {
+    Skip,
+    Write,
+}
+
+/// A journaled cell's value, encoded, with the events it holds, the last one's
+/// timestamp and the cell's change counter.
+struct Encoded {
+    body: Vec<u8>,
+    events: u64,
+    at: u64,
+    seq: u64,
+}
+
+/// No change counter: a snapshot is due.
+const NEVER: u64 = u64::MAX;
+
+/// How a store opens its journaled cells' journals.
+#[derive(Clone, Copy)]
+pub(crate) struct JournalOptions {
+    pub(crate) durability: Durability,
+    pub(crate) recovery: Recovery,
+}
+
 impl<T: Value> StateCell<T> {
-    /// Encodes the value and how many events it holds, under its read lock, unless
-    /// `skip` says so for that number or the journal is transient.
-    fn encode_applied(
-        &self,
-        attached: &Attached,
-        skip: impl FnOnce(u64) -> bool,
-    ) -> Result<Option<(Vec<u8>, u64, u64)>> {
+    /// Encodes the value and how far it has got, under its read lock; nothing for a
+    /// transient journal, or when `unchanged` says to skip an unchanged value.
+    fn encode_applied(&self, attached: &Attached, unchanged: Unchanged) -> Result<Option<Encoded>> {
         let value = self.read();
-        let events = attached.applied.load(Ordering::Acquire);
-        if attached.journal.dir().is_none() || skip(events) {
+        if attached.tainted.load(Ordering::SeqCst) {
+            return Err(Error::Poisoned { path: attached.journal.label() });
+        }
+        let seq = ErasedCell::seq(self);
+        let same = seq == attached.snapshotted.load(Ordering::Relaxed);
+        if attached.journal.dir().is_none() || (same && unchanged == Unchanged::Skip) {
             return Ok(None);
         }
         let body = postcard::to_allocvec(&*value).map_err(|source| Error::Encode {
@@ -226,7 +276,8 @@ impl<T: Value> StateCell<T> {
             type_name: std::any::type_name::<T>().to_owned(),
             source: CodecError(source),
         })?;
-        Ok(Some((body, events, attached.at.load(Ordering::Acquire))))
+        let events = attached.applied.load(Ordering::Acquire);
+        Ok(Some(Encoded { body, events, at: attached.at.load(Ordering::Acquire), seq }))
     }
 }
 
@@ -280,6 +331,7 @@ impl<T: Prevalent> Job for CellApply<T> {
 
     fn run(self, seq: u64, at: Timestamp) -> (T::Output, Option<u64>) {
         let mut value = self.cell.write();
+        let _taint = Taint(&self.attached.tainted);
         let output = Prevalent::apply(&mut *value, self.event, at);
         self.attached.applied.store(seq + 1, Ordering::Release);
         self.attached.at.store(at.as_micros(), Ordering::Release);

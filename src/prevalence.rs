@@ -62,12 +62,18 @@
 //!   checks this.
 //! - **Failures.** If writing the journal fails, the events of that write are not
 //!   applied, their callers get [`Error::JournalWrite`], and every later call gets
-//!   [`Error::Poisoned`]: the state never holds an event the journal might not.
-//!   Reopen the directory to go on.
+//!   [`Error::Poisoned`]: in the durable modes the state never holds an event the
+//!   journal might not. (The failed write may still have reached the disk; reopening
+//!   shows whether it did.) In [`Durability::Periodic`] and [`Durability::Unsynced`]
+//!   events are applied before they are written, so a failed write or a crash loses
+//!   the buffered ones. Reopen the directory to go on.
 //! - **Panics.** If the system function panics, the panic reaches the caller of
 //!   `handle`, the event (and any written after it but not applied) is voided in the
-//!   journal, and later calls get [`Error::Poisoned`]. Reopening gives the state
-//!   without the voided events.
+//!   journal, and later calls get [`Error::Poisoned`]; so do snapshots, which never
+//!   write a half-changed state. Reopening gives the state without the voided events.
+//!   If the process dies before the void is written (or is built with
+//!   `panic = "abort"`), replay panics on that event ([`Error::ReplayPanicked`]);
+//!   [`Recovery::Salvage`] then skips it, replays again without it and voids it.
 //! - **Snapshots** ([`Prevayler::snapshot`], or automatically by
 //!   [`PrevaylerBuilder::snapshot_every`] and [`PrevaylerBuilder::snapshot_every_bytes`])
 //!   hold `handle` back only while the state is encoded in memory (under a read
@@ -103,7 +109,7 @@ use crate::{
     crypt::Sealer,
     error::CodecError,
     fs as dirs,
-    journal::{self, Config, Identity, Job, Journal, Replayed},
+    journal::{self, Config, Identity, Job, Journal, Replayed, Taint},
 };
 pub use crate::{
     journal::{Durability, Recovered, Recovery, Timestamp},
@@ -138,6 +144,8 @@ struct Core<S: 'static, E: 'static, R: 'static> {
     policy: Policy,
     /// Held while a snapshot is written, so that one is written at a time.
     snapshotting: Mutex<()>,
+    /// Set when the system function panicked: the state may be half-changed.
+    tainted: AtomicBool,
     /// Whether an automatic snapshot is under way.
     automatic: AtomicBool,
     /// The events and framed bytes at the last snapshot (or at open).
@@ -321,7 +329,32 @@ impl<S> PrevaylerBuilder<S> {
             sealer: self.sealer(),
         };
         let digest = self.digest;
-        let opened = journal::open_state(config, Some(lock), || initial, &mut |state, event| {
+        // Salvage may replay more than once (see `open_state`), each time from the
+        // initial state: keep it encoded for the second time.
+        let spare = match self.recovery {
+            Recovery::Salvage => {
+                Some(postcard::to_allocvec(&initial).map_err(|source| Error::EventEncode {
+                    path: dir.to_path_buf(),
+                    type_name: std::any::type_name::<S>().to_owned(),
+                    source: CodecError(source),
+                })?)
+            }
+            _ => None,
+        };
+        let mut initial = Some(initial);
+        let initial = move || match (initial.take(), &spare) {
+            (Some(initial), _) => Ok(initial),
+            (None, Some(spare)) => {
+                crate::cell::decode_exact(spare).map_err(|source| Error::JournalDecode {
+                    path: dir.to_path_buf(),
+                    what: "the initial state".to_owned(),
+                    type_name: std::any::type_name::<S>().to_owned(),
+                    source: CodecError(source),
+                })
+            }
+            (None, None) => Err(Error::ReplayPanicked { path: dir.to_path_buf(), event: 0 }),
+        };
+        let opened = journal::open_state(config, Some(lock), initial, &mut |state, event| {
             replay(dir, state, &apply, digest, event)
         })?;
         let slot = Slot { value: opened.state, applied: opened.applied, at: opened.at };
@@ -373,6 +406,7 @@ impl<S> PrevaylerBuilder<S> {
                 recovered,
                 policy: self.policy,
                 snapshotting: Mutex::new(()),
+                tainted: AtomicBool::new(false),
                 automatic: AtomicBool::new(false),
                 last_events: AtomicU64::new(applied),
                 last_bytes: AtomicU64::new(framed),
@@ -421,6 +455,7 @@ where
 
     fn run(self, seq: u64, at: Timestamp) -> (R, Option<u64>) {
         let mut slot = self.core.state.write();
+        let _taint = Taint(&self.core.tainted);
         let output = (self.core.apply)(&mut slot.value, self.event, at);
         slot.applied = seq + 1;
         slot.at = at.as_micros();
@@ -486,9 +521,11 @@ where
     /// no kept snapshot needs deleted. Does nothing in a transient system.
     ///
     /// # Errors
-    /// [`Error::Encode`]-like [`Error::EventEncode`] if the state cannot be encoded,
-    /// [`Error::Io`] for the file system's errors (the journal is untouched then),
-    /// [`Error::Poisoned`] after a failed journal write.
+    /// [`Error::EventEncode`] (naming the state's type) if the state cannot be
+    /// encoded; [`Error::JournalWrite`] if syncing the journal first fails (which
+    /// poisons it); [`Error::Io`] if writing the snapshot fails (the journal is whole
+    /// then, and no older snapshot was deleted); [`Error::Poisoned`] after a failed
+    /// journal write or a panicking event.
     pub fn snapshot(&self) -> Result<u64> {
         self.core.snapshot()
     }
@@ -497,7 +534,7 @@ where
     /// and [`Durability::Unsynced`]; in the other modes they are durable already.
     ///
     /// # Errors
-    /// [`Error::Io`] if the write fails (which poisons the journal), or
+    /// [`Error::JournalWrite`] if the write fails (which poisons the journal), or
     /// [`Error::Poisoned`].
     pub fn sync(&self) -> Result<()> {
         self.core.journal.sync()
@@ -568,6 +605,9 @@ where
         let framed = self.journal.framed();
         let (body, events, at) = {
             let slot = self.state.read();
+            if self.tainted.load(Ordering::SeqCst) {
+                return Err(Error::Poisoned { path: self.journal.label() });
+            }
             if self.journal.dir().is_none() {
                 return Ok(slot.applied);
             }

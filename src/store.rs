@@ -24,8 +24,8 @@ use crate::{
     crypt::{KEYCHECK_PLAIN, SealFault, Sealer},
     error::CodecError,
     fs,
-    journal::Durability,
-    journaled::{self, JournaledCell},
+    journal::{Durability, Recovery},
+    journaled::{self, JournalOptions, JournaledCell},
     registry,
     schema::DecodeFault,
     values::{Encoded, ReadFault, Spilled, ValueDir, ValueWriter},
@@ -100,7 +100,7 @@ pub struct StoreBuilder {
     cells: Vec<&'static dyn ErasedCell>,
     keep: usize,
     keep_bytes: u64,
-    journal_durability: Durability,
+    journal: JournalOptions,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
 }
@@ -114,7 +114,9 @@ pub(crate) struct Inner {
     pub(crate) cells: Vec<&'static dyn ErasedCell>,
     // The journaled cells, which are kept in journals of their own, not in `cells`.
     pub(crate) journaled: Vec<&'static dyn JournaledCell>,
-    journal_durability: Durability,
+    journal: JournalOptions,
+    // Whether this store attached the journaled cells' journals (a failed open did not).
+    journals_attached: bool,
     // How many saves the history keeps (at least 1).
     keep: usize,
     // How many bytes of earlier values the history keeps beyond the last save.
@@ -202,7 +204,10 @@ impl Default for StoreBuilder {
             cells: Vec::new(),
             keep: DEFAULT_HISTORY,
             keep_bytes: DEFAULT_HISTORY_BYTES,
-            journal_durability: Durability::SyncEach,
+            journal: JournalOptions {
+                durability: Durability::SyncEach,
+                recovery: Recovery::Strict,
+            },
             #[cfg(feature = "encryption")]
             key: None,
         }
@@ -239,7 +244,14 @@ impl StoreBuilder {
     /// # }
     /// ```
     pub fn journal_durability(mut self, durability: Durability) -> StoreBuilder {
-        self.journal_durability = durability;
+        self.journal.durability = durability;
+        self
+    }
+
+    /// What to do about damage in a journaled cell's journal; [`Recovery::Strict`]
+    /// by default, as for a [`Prevayler`](crate::Prevayler).
+    pub fn journal_recovery(mut self, recovery: Recovery) -> StoreBuilder {
+        self.journal.recovery = recovery;
         self
     }
 
@@ -379,7 +391,8 @@ impl StoreBuilder {
             sealer,
             cells,
             journaled,
-            journal_durability: self.journal_durability,
+            journal: self.journal,
+            journals_attached: false,
             keep: self.keep,
             keep_bytes: self.keep_bytes,
             state: Mutex::default(),
@@ -415,7 +428,8 @@ impl StoreBuilder {
             sealer,
             cells,
             journaled,
-            journal_durability: self.journal_durability,
+            journal: self.journal,
+            journals_attached: false,
             keep: self.keep,
             keep_bytes: self.keep_bytes,
             state: Mutex::default(),
@@ -687,7 +701,7 @@ impl Store {
         self.inner.state.lock().orphans.clone()
     }
 
-    fn load(inner: Inner) -> Result<Store> {
+    fn load(mut inner: Inner) -> Result<Store> {
         ensure_outside("open")?;
         let records = inner.backend.read_all()?;
         check_format(&inner.label, &records)?;
@@ -730,6 +744,8 @@ impl Store {
         for attach in journals {
             attach();
         }
+        // From here on, dropping `inner` (also when the open fails) detaches them.
+        inner.journals_attached = true;
         inner.refresh_orphans(&mut state);
         // Leftover files are harmless, and the cells are already loaded: a failed
         // cleanup must not fail the open. The next open tries again.
@@ -740,7 +756,6 @@ impl Store {
             let check = inner.sealer.seal(codec::KEYCHECK_KEY, KEYCHECK_PLAIN.to_vec());
             inner.backend.commit(vec![(codec::KEYCHECK_KEY.to_vec(), Some(check))])?;
         }
-        let mut inner = inner;
         *inner.state.get_mut() = state;
         Ok(Store { inner: Arc::new(inner) })
     }
@@ -785,6 +800,7 @@ impl Inner {
     pub(crate) fn is_dirty(&self) -> bool {
         let state = self.state.lock();
         self.cells.iter().zip(&state.saved).any(|(cell, saved)| *saved != Some(cell.seq()))
+            || self.journaled.iter().any(|cell| cell.is_dirty())
     }
 
     /// Saves every changed cell as one new generation, then snapshots the journaled
@@ -804,7 +820,7 @@ impl Inner {
         for cell in &self.journaled {
             let dir =
                 self.values.as_ref().map(|_| journaled::journal_dir(&self.label, cell.name()));
-            match cell.open_journal(dir, self.journal_durability, self.sealer.clone()) {
+            match cell.open_journal(dir, self.journal, self.sealer.clone()) {
                 Ok(attach) => opened.push(attach),
                 Err(err) => errors.push(err),
             }
@@ -815,6 +831,9 @@ impl Inner {
     /// Closes the journals of the journaled cells: every handled event is synced,
     /// and `handle` fails until the store is opened again.
     pub(crate) fn close_journals(&self) -> Result<()> {
+        if !self.journals_attached {
+            return Ok(());
+        }
         let errors = self.journaled.iter().filter_map(|cell| cell.close_journal().err()).collect();
         Error::from_list(errors).map_or(Ok(()), Err)
     }

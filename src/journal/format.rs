@@ -3,7 +3,7 @@
 //! A journal file is a header and then frames:
 //!
 //! ```text
-//! header: magic "INSTAJNL" | version u32 | sealed u8 | first event u64
+//! header: magic "INSTAJNL" | version u32 | sealed u8 | first event u64 | 0 u64
 //!         | state type (u16 length, bytes) | event type (u16 length, bytes) | schema u32
 //!         | key check (u32 length, sealed bytes; empty when not sealed) | crc32 of all before
 //! frame:  length u32 | crc32 u32 of the payload | payload

@@ -103,9 +103,9 @@ pub enum Durability {
     ///
     /// [`sync`]: crate::Prevayler::sync
     Periodic(Duration),
-    /// Events are buffered and written when the buffer fills (and by [`sync`],
-    /// snapshots and closing), never `fdatasync`ed except by [`sync`]. A crash loses
-    /// the events since the last of those. For bulk loads and tests.
+    /// Events are buffered and written when the buffer fills, and written and
+    /// `fdatasync`ed only by [`sync`], snapshots and closing. A crash loses the events
+    /// since the last of those. For bulk loads and tests.
     ///
     /// [`sync`]: crate::Prevayler::sync
     Unsynced,
@@ -263,42 +263,73 @@ pub(crate) struct Opened<S> {
 /// `lock`): loads the newest sound snapshot, or `initial()`, and replays the journal
 /// after it through `apply`, which returns the state's digest when checking replay.
 ///
+/// With [`Recovery::Salvage`], an event whose system function panics on replay (it
+/// was journaled, and the process died before its void frame was written, or it was
+/// built with `panic = "abort"`) is skipped: replay starts again without it, and a
+/// void frame for it is written once the journal is open.
+///
 /// This is the one recovery path of both front doors.
 pub(crate) fn open_state<S: DeserializeOwned>(
     config: Config,
     lock: Option<File>,
-    initial: impl FnOnce() -> S,
+    mut initial: impl FnMut() -> Result<S>,
     apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<Opened<S>> {
-    let mut unsound = Vec::new();
-    let snapshot = match &config.dir {
-        Some(dir) => snapshot::load_newest(dir, &config.identity, &config.sealer, &mut unsound)?,
-        None => None,
-    };
-    let (mut state, covered, at) = match snapshot {
-        Some(loaded) => {
-            let state =
-                crate::cell::decode_exact(&loaded.body).map_err(|source| Error::JournalDecode {
-                    path: loaded.path.clone(),
-                    what: "the snapshot".to_owned(),
-                    type_name: config.identity.state_type.to_owned(),
-                    source: crate::error::CodecError(source),
+    let Config { dir, identity, durability, recovery, sealer } = config;
+    let mut skipped = Vec::new();
+    loop {
+        let mut unsound = Vec::new();
+        let snapshot = match &dir {
+            Some(dir) => snapshot::load_newest(dir, &identity, &sealer, &mut unsound)?,
+            None => None,
+        };
+        let (mut state, covered, at) = match snapshot {
+            Some(loaded) => {
+                let state = crate::cell::decode_exact(&loaded.body).map_err(|source| {
+                    Error::JournalDecode {
+                        path: loaded.path.clone(),
+                        what: "the snapshot".to_owned(),
+                        type_name: identity.state_type.to_owned(),
+                        source: crate::error::CodecError(source),
+                    }
                 })?;
-            (state, Some(loaded.events), loaded.at)
+                (state, Some(loaded.events), loaded.at)
+            }
+            None => (initial()?, None, 0),
+        };
+        let from = covered.unwrap_or(0);
+        let (mut applied, mut last_at) = (from, at);
+        let recovered = match &dir {
+            Some(dir) => {
+                let scope =
+                    recovery::Scope { identity: &identity, sealer: &sealer, recovery, from };
+                recovery::recover(dir, &scope, &skipped, &mut |event| {
+                    let digest = apply(&mut state, event)?;
+                    applied = event.seq + 1;
+                    last_at = event.at.as_micros();
+                    Ok(digest)
+                })
+            }
+            None => Ok((Recovered::default(), recovery::Tail::default())),
+        };
+        let (mut recovered, tail) = match recovered {
+            Err(Error::ReplayPanicked { event, .. })
+                if recovery == Recovery::Salvage && !skipped.contains(&event) =>
+            {
+                skipped.push(event);
+                continue;
+            }
+            res => res?,
+        };
+        let journal = Journal::resume(dir, identity, durability, sealer, lock, &tail, from, at)?;
+        if !skipped.is_empty() {
+            journal.void_events(&skipped)?;
         }
-        None => (initial(), None, 0),
-    };
-    let mut applied = covered.unwrap_or(0);
-    let mut last_at = at;
-    let (journal, mut recovered) = Journal::open(config, lock, applied, at, &mut |event| {
-        let digest = apply(&mut state, event)?;
-        applied = event.seq + 1;
-        last_at = event.at.as_micros();
-        Ok(digest)
-    })?;
-    recovered.snapshot = covered;
-    recovered.unsound_snapshots = unsound;
-    Ok(Opened { state, applied, at: last_at, journal, recovered })
+        recovered.snapshot = covered;
+        recovered.unsound_snapshots = unsound;
+        recovered.skipped = skipped;
+        return Ok(Opened { state, applied, at: last_at, journal, recovered });
+    }
 }
 
 /// The journal writer; see the module docs.
@@ -337,6 +368,9 @@ struct Io {
     path: PathBuf,
     /// Bytes written to `file` and not yet synced.
     unsynced: bool,
+    /// A write or sync failed: nothing more may be written. Kept here, under the
+    /// lock every write takes, so that no writer can slip in after a failure.
+    failed: bool,
 }
 
 struct Timer {
@@ -345,23 +379,20 @@ struct Timer {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal, replays every sound event numbered `from` or
-    /// later through `replay`, and returns the journal ready to append after them.
-    ///
-    /// `at` is the last timestamp already given out (a snapshot's), so that the clock
-    /// never goes back. `lock` is the directory's lock, taken by the caller.
-    pub(crate) fn open(
-        config: Config,
+    /// The journal after recovery found its `tail`: ready to append the event
+    /// numbered `from` or the one after the tail, whichever is later, with timestamps
+    /// from `at` on.
+    #[allow(clippy::too_many_arguments)] // One call site, in `open_state`.
+    fn resume(
+        dir: Option<PathBuf>,
+        identity: Identity,
+        durability: Durability,
+        sealer: Sealer,
         lock: Option<File>,
+        tail: &recovery::Tail,
         from: u64,
         at: u64,
-        replay: &mut impl FnMut(Replayed<'_>) -> Result<Option<u64>>,
-    ) -> Result<(Journal, Recovered)> {
-        let Config { dir, identity, durability, recovery, sealer } = config;
-        let (recovered, tail) = match &dir {
-            Some(dir) => recovery::recover(dir, &identity, &sealer, recovery, from, replay)?,
-            None => (Recovered::default(), recovery::Tail::default()),
-        };
+    ) -> Result<Journal> {
         let next = tail.next.max(from);
         let clock = tail.clock.max(at);
         // Append to the last file only when it ends exactly where the next event goes;
@@ -372,9 +403,9 @@ impl Journal {
             }
             _ => None,
         };
-        let path = tail.file.map(|(path, _)| path).unwrap_or_default();
+        let path = tail.file.as_ref().map(|(path, _)| path.clone()).unwrap_or_default();
         let rotate = file.is_none();
-        let journal = Journal {
+        Ok(Journal {
             identity,
             durability: if dir.is_some() { durability } else { Durability::Unsynced },
             sealer,
@@ -387,14 +418,26 @@ impl Journal {
                 leading: false,
                 poisoned: false,
             }),
-            io: Mutex::new(Io { file, path, unsynced: false }),
+            io: Mutex::new(Io { file, path, unsynced: false, failed: false }),
             rotate: AtomicBool::new(rotate),
             framed: AtomicU64::new(0),
             timer: Mutex::new(None),
             _lock: lock,
             dir,
-        };
-        Ok((journal, recovered))
+        })
+    }
+
+    /// Durably voids `events`, which panicked on replay.
+    fn void_events(&self, events: &[u64]) -> Result<()> {
+        let mut queue = self.queue.lock();
+        for &seq in events {
+            format::put_void(&mut queue.buf, seq, seq);
+        }
+        // A journal without a current file starts one named after the next event.
+        let next = queue.next;
+        queue.buf_first.get_or_insert(next);
+        drop(queue);
+        self.sync()
     }
 
     /// A journal that writes nothing, for transient systems: events are numbered,
@@ -414,7 +457,7 @@ impl Journal {
                 leading: false,
                 poisoned: false,
             }),
-            io: Mutex::new(Io { file: None, path: PathBuf::new(), unsynced: false }),
+            io: Mutex::new(Io { file: None, path: PathBuf::new(), unsynced: false, failed: false }),
             rotate: AtomicBool::new(false),
             framed: AtomicU64::new(0),
             timer: Mutex::new(None),
@@ -432,12 +475,23 @@ impl Journal {
         let spawned =
             thread::Builder::new().name("instastate-journal-sync".to_owned()).spawn(move || {
                 let (stopped, wake) = &*signal;
-                let mut guard = stopped.lock();
-                while !*guard {
-                    wake.wait_for(&mut guard, period);
+                loop {
+                    {
+                        // Not held while syncing: the sync may drop the last handle
+                        // of the journal, whose `close` takes this lock.
+                        let mut guard = stopped.lock();
+                        if !*guard {
+                            wake.wait_for(&mut guard, period);
+                        }
+                        if *guard {
+                            return;
+                        }
+                    }
                     let Some(journal) = weak.upgrade() else { return };
                     if let Err(err) = journal.sync() {
+                        // The journal is poisoned now: report it once, and stop.
                         on_error(&err);
+                        return;
                     }
                 }
             });
@@ -593,12 +647,9 @@ impl Journal {
                 entry.fail(Error::Poisoned { path: self.label() });
             }
         } else if let Err(err) = io.write(self, &bytes, first, true) {
-            let (path, source) = match write_failed(err) {
-                Error::JournalWrite { path, source } => (path, source),
-                other => (self.label(), Arc::new(std::io::Error::other(other.to_string()))),
-            };
+            let err = write_failed(err);
             for entry in batch {
-                entry.fail(Error::JournalWrite { path: path.clone(), source: Arc::clone(&source) });
+                entry.fail(self.share(&err));
             }
             after = After::Poison;
         } else {
@@ -638,6 +689,16 @@ impl Journal {
         match queue.pending.first() {
             Some(next) => next.lead(),
             None => queue.leading = false,
+        }
+    }
+
+    /// The error of a failed write, for one of the callers it failed.
+    fn share(&self, err: &Error) -> Error {
+        match err {
+            Error::JournalWrite { path, source } => {
+                Error::JournalWrite { path: path.clone(), source: Arc::clone(source) }
+            }
+            _ => Error::Poisoned { path: self.label() },
         }
     }
 
@@ -722,10 +783,34 @@ impl Journal {
     }
 }
 
+// A last sync for the buffered modes, whatever dropped the journal; errors were
+// either reported by the owner's own `close` or cannot be reported any more.
+impl Drop for Journal {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
 impl Io {
     /// Writes `bytes` to the current file (starting a new one first when asked and
     /// `first` says which event it starts with), and syncs when `sync` says so.
+    /// After a failure, refuses every later write with [`Error::Poisoned`].
     fn write(
+        &mut self,
+        journal: &Journal,
+        bytes: &[u8],
+        first: Option<u64>,
+        sync: bool,
+    ) -> Result<()> {
+        if self.failed {
+            return Err(Error::Poisoned { path: journal.label() });
+        }
+        let res = self.write_unchecked(journal, bytes, first, sync);
+        self.failed = res.is_err();
+        res
+    }
+
+    fn write_unchecked(
         &mut self,
         journal: &Journal,
         bytes: &[u8],
@@ -834,6 +919,19 @@ fn run_caught<J: Job>(
     at: Timestamp,
 ) -> Result<(J::Output, Option<u64>), Box<dyn Any + Send>> {
     panic::catch_unwind(AssertUnwindSafe(|| job.run(seq, at)))
+}
+
+/// Marks its flag when dropped while the thread panics. A job holds one, made after
+/// it took the state's write lock, so that the flag is set before the lock is
+/// released: snapshots and backups check it and refuse a half-changed state.
+pub(crate) struct Taint<'a>(pub(crate) &'a AtomicBool);
+
+impl Drop for Taint<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 /// The associated data a sealed event is bound to: its number.

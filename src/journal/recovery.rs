@@ -42,6 +42,7 @@ pub struct Recovered {
     pub(crate) voided: u64,
     pub(crate) torn_bytes: u64,
     pub(crate) salvaged: Option<PathBuf>,
+    pub(crate) skipped: Vec<u64>,
 }
 
 impl Recovered {
@@ -78,6 +79,13 @@ impl Recovered {
         self.torn_bytes
     }
 
+    /// The events that [`Recovery::Salvage`] skipped because their system function
+    /// panicked on replay; they are voided in the journal now.
+    #[must_use]
+    pub fn skipped(&self) -> &[u64] {
+        &self.skipped
+    }
+
     /// Where [`Recovery::Salvage`] moved the damaged journal files, if it had to.
     #[must_use]
     pub fn salvaged(&self) -> Option<&Path> {
@@ -94,6 +102,16 @@ pub(crate) struct Tail {
     pub(crate) clock: u64,
     /// The last journal file, and the number after its last event.
     pub(crate) file: Option<(PathBuf, u64)>,
+}
+
+/// What to recover: the journal's types, its key, what to do about damage, and the
+/// first event wanted (the ones before it are in the snapshot).
+#[derive(Clone, Copy)]
+pub(crate) struct Scope<'a> {
+    pub(crate) identity: &'a Identity,
+    pub(crate) sealer: &'a Sealer,
+    pub(crate) recovery: Recovery,
+    pub(crate) from: u64,
 }
 
 /// Everything the frames of the journal files say, but the events themselves:
@@ -122,14 +140,18 @@ enum Ending {
 /// except what [`Recovery::Salvage`] moves aside.
 pub(crate) fn recover(
     dir: &Path,
-    identity: &Identity,
-    sealer: &Sealer,
-    recovery: Recovery,
-    from: u64,
+    scope: &Scope<'_>,
+    skipped: &[u64],
     replay: &mut impl FnMut(Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<(Recovered, Tail)> {
+    let Scope { identity, sealer, recovery, from } = *scope;
     remove_parts(dir)?;
     let mut files = journal_files(dir)?;
+    // Files whose events a snapshot holds all of are not read: damage there does
+    // not matter. (They are deleted when a newer snapshot retires them.)
+    let covered =
+        files.windows(2).take_while(|pair| matches!(pair, [_, (next, _)] if *next <= from)).count();
+    files.drain(..covered);
     let mut contents = Vec::with_capacity(files.len());
     for (_, path) in &files {
         contents.push(fs::read(path).map_err(Error::io(path))?);
@@ -194,7 +216,11 @@ pub(crate) fn recover(
         }
         file_idx += 1;
     }
-    replay_found(dir, &files, &contents, &frames, sealer, from, &mut report, replay)?;
+    let voided = |seq| {
+        skipped.contains(&seq)
+            || frames.voids.iter().any(|&(first, last)| (first..=last).contains(&seq))
+    };
+    replay_found(dir, &files, &contents, &frames, sealer, from, &voided, &mut report, replay)?;
 
     if let Some((file, offset)) = torn
         && let (Some((_, path)), Some(bytes)) = (files.get(file), contents.get(file))
@@ -339,6 +365,7 @@ fn replay_found(
     frames: &Frames,
     sealer: &Sealer,
     from: u64,
+    voided: &dyn Fn(u64) -> bool,
     report: &mut Recovered,
     replay: &mut impl FnMut(Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<()> {
@@ -365,7 +392,7 @@ fn replay_found(
             if seq < from {
                 continue;
             }
-            if frames.voids.iter().any(|&(first, last)| (first..=last).contains(&seq)) {
+            if voided(seq) {
                 report.voided += 1;
                 continue;
             }

@@ -206,3 +206,107 @@ fn a_backup_holds_journaled_cells_with_every_handled_event() -> TestResult {
     assert_eq!(BACKED.handle(1)?, Ok(11), "the copy's journal goes on from its snapshot");
     Ok(())
 }
+
+#[test]
+fn a_journaled_cell_cannot_be_open_in_two_stores() -> TestResult {
+    static SHARED: StateCell<Ledger> = StateCell::with_options(
+        "it::journaled::SHARED",
+        Ledger::default,
+        CellOptions::new().journaled(),
+    );
+    let (first, second) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let store = Store::builder()
+        .cell(&SHARED)
+        .journal_durability(Durability::Unsynced)
+        .open(first.path())?;
+    SHARED.handle(7)??;
+    let err = Store::builder()
+        .cell(&SHARED)
+        .open(second.path())
+        .err()
+        .ok_or("a second store took the cell")?;
+    assert!(matches!(err, Error::CellInUse { .. }), "{err}");
+    assert_eq!(SHARED.handle(1)?, Ok(8), "the first store still has it");
+    drop(store);
+    SHARED.set(Ledger::default());
+    let _store = Store::builder().cell(&SHARED).open(first.path())?;
+    assert_eq!(SHARED.with(|it| it.total), 8, "closing synced the buffered events");
+    Ok(())
+}
+
+#[test]
+fn save_all_keeps_a_direct_write_to_a_journaled_cell() -> TestResult {
+    static DIRECT: StateCell<Ledger> = StateCell::with_options(
+        "it::journaled::DIRECT",
+        Ledger::default,
+        CellOptions::new().journaled(),
+    );
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&DIRECT).open(dir.path())?;
+        DIRECT.handle(1)??;
+        store.save_all()?;
+        DIRECT.update(|it| it.total = 500);
+        assert!(store.has_unsaved_changes(), "a direct write makes the store dirty");
+        store.save_all()?;
+    }
+    DIRECT.set(Ledger::default());
+    let _store = Store::builder().cell(&DIRECT).open(dir.path())?;
+    assert_eq!(DIRECT.with(|it| it.total), 500);
+    Ok(())
+}
+
+#[test]
+fn periodic_journals_of_cells_are_written_by_their_timer() -> TestResult {
+    static TIMED: StateCell<Ledger> = StateCell::with_options(
+        "it::journaled::TIMED",
+        Ledger::default,
+        CellOptions::new().journaled(),
+    );
+    let dir = tempfile::tempdir()?;
+    let journal =
+        dir.path().join("journals/it%3A%3Ajournaled%3A%3ATIMED/journal-00000000000000000000.log");
+    let _store = Store::builder()
+        .cell(&TIMED)
+        .journal_durability(Durability::Periodic(std::time::Duration::from_millis(10)))
+        .open(dir.path())?;
+    for _ in 0..10 {
+        TIMED.handle(1)??;
+    }
+    // A header of about 70 bytes, then 27 bytes per event.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !journal.is_file() || fs::metadata(&journal)?.len() < 300 {
+        assert!(std::time::Instant::now() < deadline, "the timer never wrote the journal");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_backup_refuses_a_cell_whose_event_panicked_half_way() -> TestResult {
+    #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+    struct Fragile(Vec<u8>);
+    impl Prevalent for Fragile {
+        type Event = u8;
+        type Output = ();
+        fn apply(&mut self, n: u8, _: Timestamp) {
+            self.0.push(n);
+            assert!(n != 0, "zero");
+        }
+    }
+    static FRAGILE: StateCell<Fragile> = StateCell::with_options(
+        "it::journaled::FRAGILE",
+        Fragile::default,
+        CellOptions::new().journaled(),
+    );
+    let dir = tempfile::tempdir()?;
+    let store = Store::builder().cell(&FRAGILE).open(dir.path().join("live"))?;
+    FRAGILE.handle(1)?;
+    assert!(std::panic::catch_unwind(|| FRAGILE.handle(0)).is_err());
+    let err = store
+        .backup_to(dir.path().join("copy"))
+        .err()
+        .ok_or("a half-applied value was backed up")?;
+    assert!(matches!(err, Error::Poisoned { .. }), "{err}");
+    Ok(())
+}

@@ -543,3 +543,87 @@ fn an_encrypted_journal_needs_its_key_and_shows_no_plaintext() -> TestResult {
     assert_eq!(bank.recovered().snapshot(), Some(1));
     Ok(())
 }
+
+#[test]
+fn salvage_skips_an_event_that_panics_on_replay_and_voids_it() -> TestResult {
+    // An event that did not panic when handled, but panics on replay: what a process
+    // killed between journaling an event and voiding it (or built with
+    // `panic = "abort"`) leaves behind.
+    static ARMED: AtomicU64 = AtomicU64::new(0);
+    fn touchy(numbers: &mut Vec<u64>, n: u64, _: Timestamp) {
+        assert!(!(n == 13 && ARMED.load(Ordering::SeqCst) == 1), "unlucky on replay");
+        numbers.push(n);
+    }
+    let dir = tempfile::tempdir()?;
+    {
+        let system = Prevayler::open(dir.path(), Vec::new(), touchy)?;
+        for n in [1, 13, 2] {
+            system.handle(n)?;
+        }
+    }
+    ARMED.store(1, Ordering::SeqCst);
+    let strict = Prevayler::open(dir.path(), Vec::new(), touchy);
+    assert!(matches!(strict, Err(Error::ReplayPanicked { event: 1, .. })), "{strict:?}");
+    {
+        let system =
+            Prevayler::builder().recovery(Recovery::Salvage).open(dir.path(), vec![0], touchy)?;
+        assert_eq!(system.read(Clone::clone), [0, 1, 2], "starts again from the initial state");
+        assert_eq!(system.recovered().skipped(), [1]);
+        system.handle(3)?;
+    }
+    let system = Prevayler::open(dir.path(), Vec::new(), touchy)?;
+    assert_eq!(system.read(Clone::clone), [1, 2, 3], "the skipped event is voided for good");
+    assert_eq!(system.recovered().voided(), 1);
+    Ok(())
+}
+
+#[test]
+fn damage_in_journal_files_a_snapshot_covers_does_not_matter() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let numbers = Prevayler::builder().keep_snapshots(2).open(
+            dir.path(),
+            Vec::new(),
+            |v: &mut Vec<u64>, n: u64, _| v.push(n),
+        )?;
+        for n in 0..30 {
+            numbers.handle(n)?;
+            if n == 9 || n == 19 {
+                numbers.snapshot()?;
+            }
+        }
+    }
+    let covered = dir.path().join("journal-00000000000000000010.log");
+    let mut bytes = fs::read(&covered)?;
+    let middle = bytes.len() / 2;
+    if let Some(byte) = bytes.get_mut(middle) {
+        *byte ^= 0x55;
+    }
+    fs::write(&covered, bytes)?;
+    let numbers = Prevayler::open(dir.path(), Vec::new(), |v: &mut Vec<u64>, n: u64, _| v.push(n))?;
+    assert_eq!(numbers.read(Clone::clone), (0..30).collect::<Vec<u64>>());
+    assert_eq!(numbers.recovered().snapshot(), Some(20));
+    Ok(())
+}
+
+#[test]
+fn a_half_applied_state_is_never_snapshotted() -> TestResult {
+    fn half(numbers: &mut Vec<u64>, n: u64, _: Timestamp) {
+        numbers.push(n);
+        assert!(n != 7, "half done");
+        numbers.push(n);
+    }
+    for durability in [Durability::SyncEach, Durability::GroupCommit] {
+        let dir = tempfile::tempdir()?;
+        let system =
+            Prevayler::builder().durability(durability).open(dir.path(), Vec::new(), half)?;
+        system.handle(1)?;
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| system.handle(7)));
+        assert!(panicked.is_err());
+        assert!(matches!(system.snapshot(), Err(Error::Poisoned { .. })), "{durability:?}");
+        drop(system);
+        let system = Prevayler::open(dir.path(), Vec::new(), half)?;
+        assert_eq!(system.read(Clone::clone), [1, 1], "{durability:?}");
+    }
+    Ok(())
+}
