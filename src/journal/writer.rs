@@ -1,0 +1,630 @@
+//! The writer: numbering, timestamps, framing, the durability modes, group commit,
+//! poisoning and voiding, snapshots and the retirement of old journal files. See
+//! the [module docs](super) for how an event goes through it.
+
+use std::{
+    any::Any,
+    fs::{self, File},
+    io::Write,
+    mem,
+    panic::{self, AssertUnwindSafe},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::{Durability, Identity, Job, Timestamp, event_aad, format, recovery, snapshot};
+use crate::{Error, Result, crypt::Sealer, fs as dirs};
+
+/// Frames buffered by the unsynced modes before they are written.
+const BUFFER_LIMIT: usize = 256 * 1024;
+
+/// The journal writer; see the module docs.
+pub(crate) struct Journal {
+    dir: Option<PathBuf>,
+    identity: Identity,
+    durability: Durability,
+    sealer: Sealer,
+    queue: Mutex<Queue>,
+    io: Mutex<Io>,
+    /// Set by a snapshot: the next write starts a new file.
+    rotate: AtomicBool,
+    /// Bytes framed since the journal opened.
+    framed: AtomicU64,
+    timer: Mutex<Option<Timer>>,
+    _lock: Option<File>,
+}
+
+struct Queue {
+    /// The number of the next event.
+    next: u64,
+    /// The last timestamp given out, in microseconds.
+    clock: u64,
+    /// Frames not yet written.
+    buf: Vec<u8>,
+    /// The number of the first event framed in `buf`, if any.
+    buf_first: Option<u64>,
+    /// Group commit: events queued for the next leader.
+    pending: Vec<Box<dyn Pending>>,
+    leading: bool,
+    poisoned: bool,
+}
+
+struct Io {
+    file: Option<File>,
+    path: PathBuf,
+    /// Bytes written to `file` and not yet synced.
+    unsynced: bool,
+    /// A write or sync failed: nothing more may be written. Kept here, under the
+    /// lock every write takes, so that no writer can slip in after a failure.
+    failed: bool,
+}
+
+struct Timer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Journal {
+    /// The journal after recovery found its `tail`: ready to append the event
+    /// numbered `from` or the one after the tail, whichever is later, with timestamps
+    /// from `at` on.
+    #[allow(clippy::too_many_arguments)] // One call site, in `open_state`.
+    pub(super) fn resume(
+        dir: Option<PathBuf>,
+        identity: Identity,
+        durability: Durability,
+        sealer: Sealer,
+        lock: Option<File>,
+        tail: &recovery::Tail,
+        from: u64,
+        at: u64,
+    ) -> Result<Journal> {
+        let next = tail.next.max(from);
+        let clock = tail.clock.max(at);
+        // Append to the last file only when it ends exactly where the next event goes;
+        // otherwise (no file yet, or a snapshot ahead of it) the next write starts one.
+        let file = match (&dir, &tail.file) {
+            (Some(_), Some((path, last_next))) if *last_next == next => {
+                Some(File::options().append(true).open(path).map_err(Error::io(path))?)
+            }
+            _ => None,
+        };
+        let path = tail.file.as_ref().map(|(path, _)| path.clone()).unwrap_or_default();
+        let rotate = file.is_none();
+        Ok(Journal {
+            identity,
+            durability: if dir.is_some() { durability } else { Durability::Unsynced },
+            sealer,
+            queue: Mutex::new(Queue {
+                next,
+                clock,
+                buf: Vec::new(),
+                buf_first: None,
+                pending: Vec::new(),
+                leading: false,
+                poisoned: false,
+            }),
+            io: Mutex::new(Io { file, path, unsynced: false, failed: false }),
+            rotate: AtomicBool::new(rotate),
+            framed: AtomicU64::new(0),
+            timer: Mutex::new(None),
+            _lock: lock,
+            dir,
+        })
+    }
+
+    /// Durably voids `events`, which panicked on replay.
+    pub(super) fn void_events(&self, events: &[u64]) -> Result<()> {
+        let mut queue = self.queue.lock();
+        for &seq in events {
+            format::put_void(&mut queue.buf, seq, seq);
+        }
+        // A journal without a current file starts one named after the next event.
+        let next = queue.next;
+        queue.buf_first.get_or_insert(next);
+        drop(queue);
+        self.sync()
+    }
+
+    /// A journal that writes nothing, for transient systems: events are numbered,
+    /// stamped and applied in order, and that is all.
+    pub(crate) fn transient(identity: Identity) -> Journal {
+        Journal {
+            dir: None,
+            identity,
+            durability: Durability::Unsynced,
+            sealer: Sealer::default(),
+            queue: Mutex::new(Queue {
+                next: 0,
+                clock: 0,
+                buf: Vec::new(),
+                buf_first: None,
+                pending: Vec::new(),
+                leading: false,
+                poisoned: false,
+            }),
+            io: Mutex::new(Io { file: None, path: PathBuf::new(), unsynced: false, failed: false }),
+            rotate: AtomicBool::new(false),
+            framed: AtomicU64::new(0),
+            timer: Mutex::new(None),
+            _lock: None,
+        }
+    }
+
+    /// Starts the timer of [`Durability::Periodic`]; `journal` is the only handle
+    /// the timer keeps, weakly.
+    pub(crate) fn start_timer(journal: &Arc<Journal>, on_error: impl Fn(&Error) + Send + 'static) {
+        let Durability::Periodic(period) = journal.durability else { return };
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let weak = Arc::downgrade(journal);
+        let signal = Arc::clone(&stop);
+        let spawned =
+            thread::Builder::new().name("instastate-journal-sync".to_owned()).spawn(move || {
+                let (stopped, wake) = &*signal;
+                loop {
+                    {
+                        // Not held while syncing: the sync may drop the last handle
+                        // of the journal, whose `close` takes this lock.
+                        let mut guard = stopped.lock();
+                        if !*guard {
+                            wake.wait_for(&mut guard, period);
+                        }
+                        if *guard {
+                            return;
+                        }
+                    }
+                    let Some(journal) = weak.upgrade() else { return };
+                    if let Err(err) = journal.sync() {
+                        // The journal is poisoned now: report it once, and stop.
+                        on_error(&err);
+                        return;
+                    }
+                }
+            });
+        if let Ok(thread) = spawned {
+            *journal.timer.lock() = Some(Timer { stop, thread });
+        }
+    }
+
+    /// The journal's directory, or `:memory:`.
+    pub(crate) fn label(&self) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| PathBuf::from(":memory:"))
+    }
+
+    pub(crate) fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The number the next event will get: the events journaled so far.
+    pub(crate) fn next(&self) -> u64 {
+        self.queue.lock().next
+    }
+
+    /// Bytes framed since the journal opened.
+    pub(crate) fn framed(&self) -> u64 {
+        self.framed.load(Ordering::Relaxed)
+    }
+
+    /// Seals an encoded event, as the journal stores it.
+    fn seal_event(&self, seq: u64, plain: Vec<u8>) -> Vec<u8> {
+        if self.sealer.is_on() { self.sealer.seal(&event_aad(seq), plain) } else { plain }
+    }
+
+    /// Journals the encoded `event`, makes it durable as the mode asks, then runs
+    /// `job` and returns its output.
+    pub(crate) fn commit<J: Job>(&self, event: Vec<u8>, job: J) -> Result<J::Output> {
+        if event.len() > (format::MAX_PAYLOAD as usize).saturating_sub(format::EVENT_HEAD + 64) {
+            return Err(Error::JournalWrite {
+                path: self.label(),
+                source: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("an encoded event of {} bytes is over the 1 GiB limit", event.len()),
+                )),
+            });
+        }
+        match self.durability {
+            Durability::GroupCommit => self.commit_grouped(event, job),
+            _ => self.commit_direct(event, job),
+        }
+    }
+
+    /// Takes the next event number and timestamp and frames the event into `buf`.
+    fn frame(&self, queue: &mut Queue, event: Vec<u8>) -> Result<(u64, Timestamp)> {
+        if queue.poisoned {
+            return Err(Error::Poisoned { path: self.label() });
+        }
+        let seq = queue.next;
+        queue.clock = queue.clock.max(now_micros());
+        let at = queue.clock;
+        queue.next += 1;
+        if self.dir.is_some() {
+            let stored = self.seal_event(seq, event);
+            let before = queue.buf.len();
+            format::put_event(&mut queue.buf, seq, at, &stored);
+            self.framed.fetch_add((queue.buf.len() - before) as u64, Ordering::Relaxed);
+            queue.buf_first.get_or_insert(seq);
+        }
+        Ok((seq, Timestamp(at)))
+    }
+
+    fn commit_direct<J: Job>(&self, event: Vec<u8>, job: J) -> Result<J::Output> {
+        let mut queue = self.queue.lock();
+        let (seq, at) = self.frame(&mut queue, event)?;
+        let must_write = match self.durability {
+            Durability::SyncEach => true,
+            _ => queue.buf.len() >= BUFFER_LIMIT,
+        };
+        if must_write && self.dir.is_some() {
+            let sync = self.durability == Durability::SyncEach;
+            let (bytes, first) = (mem::take(&mut queue.buf), queue.buf_first.take());
+            if let Err(err) = self.io.lock().write(self, &bytes, first, sync) {
+                queue.poisoned = true;
+                return Err(write_failed(err));
+            }
+        }
+        match run_caught(job, seq, at) {
+            Ok((output, digest)) => {
+                if let (Some(digest), true) = (digest, self.dir.is_some()) {
+                    format::put_check(&mut queue.buf, seq, digest);
+                }
+                Ok(output)
+            }
+            Err(payload) => {
+                self.void(&mut queue, seq);
+                drop(queue);
+                panic::resume_unwind(payload)
+            }
+        }
+    }
+
+    /// After job `first` panicked: voids it and every event framed after it (none
+    /// applied) durably, as far as that goes, and refuses later events.
+    fn void(&self, queue: &mut Queue, first: u64) {
+        let last = queue.next.saturating_sub(1).max(first);
+        queue.poisoned = true;
+        if self.dir.is_none() {
+            return;
+        }
+        let mut bytes = mem::take(&mut queue.buf);
+        let buf_first = queue.buf_first.take();
+        format::put_void(&mut bytes, first, last);
+        // If this fails, the panicking event is replayed on the next open and panics
+        // again there, which is reported as `ReplayPanicked`.
+        let _ = self.io.lock().write(self, &bytes, buf_first, true);
+    }
+
+    fn commit_grouped<J: Job>(&self, event: Vec<u8>, job: J) -> Result<J::Output> {
+        let (tx, rx) = mpsc::channel();
+        let mut lead = {
+            let mut queue = self.queue.lock();
+            let (seq, at) = self.frame(&mut queue, event)?;
+            queue.pending.push(Box::new(Queued { job: Some(job), tx, seq, at }));
+            !mem::replace(&mut queue.leading, true)
+        };
+        loop {
+            if lead {
+                self.lead();
+            }
+            match rx.recv() {
+                Ok(Signal::Lead) => lead = true,
+                Ok(Signal::Done(output)) => return Ok(output),
+                Ok(Signal::Failed(err)) => return Err(err),
+                Ok(Signal::Panicked(payload)) => panic::resume_unwind(payload),
+                // The leader went away without answering: only possible if it was
+                // unwinding from a panic outside any job.
+                Err(mpsc::RecvError) => return Err(Error::Poisoned { path: self.label() }),
+            }
+        }
+    }
+
+    /// Writes and syncs everything queued, runs the jobs in order, and hands the lead on.
+    fn lead(&self) {
+        let mut queue = self.queue.lock();
+        let batch = mem::take(&mut queue.pending);
+        let bytes = mem::take(&mut queue.buf);
+        let first = queue.buf_first.take();
+        let poisoned = queue.poisoned;
+        let mut io = self.io.lock();
+        drop(queue);
+        let mut checks = Vec::new();
+        let mut after = After::Fine;
+        if poisoned {
+            for entry in batch {
+                entry.fail(Error::Poisoned { path: self.label() });
+            }
+        } else if let Err(err) = io.write(self, &bytes, first, true) {
+            let err = write_failed(err);
+            for entry in batch {
+                entry.fail(self.share(&err));
+            }
+            after = After::Poison;
+        } else {
+            let mut entries = batch.into_iter();
+            for entry in entries.by_ref() {
+                let seq = entry.seq();
+                match entry.run() {
+                    Ran::Done(Some(digest)) => format::put_check(&mut checks, seq, digest),
+                    Ran::Done(None) => {}
+                    Ran::Panicked => {
+                        after = After::Void(seq);
+                        break;
+                    }
+                }
+            }
+            for entry in entries {
+                entry.fail(Error::Poisoned { path: self.label() });
+            }
+        }
+        drop(io);
+        let mut queue = self.queue.lock();
+        match after {
+            After::Fine => {}
+            After::Poison => queue.poisoned = true,
+            After::Void(first) => self.void(&mut queue, first),
+        }
+        if queue.poisoned {
+            for entry in mem::take(&mut queue.pending) {
+                entry.fail(Error::Poisoned { path: self.label() });
+            }
+            queue.buf.clear();
+            queue.buf_first = None;
+            queue.leading = false;
+            return;
+        }
+        queue.buf.splice(0..0, checks);
+        match queue.pending.first() {
+            Some(next) => next.lead(),
+            None => queue.leading = false,
+        }
+    }
+
+    /// The error of a failed write, for one of the callers it failed.
+    fn share(&self, err: &Error) -> Error {
+        match err {
+            Error::JournalWrite { path, source } => {
+                Error::JournalWrite { path: path.clone(), source: Arc::clone(source) }
+            }
+            _ => Error::Poisoned { path: self.label() },
+        }
+    }
+
+    /// Writes and `fdatasync`s everything handled so far.
+    pub(crate) fn sync(&self) -> Result<()> {
+        let mut queue = self.queue.lock();
+        if queue.poisoned {
+            return Err(Error::Poisoned { path: self.label() });
+        }
+        if self.dir.is_none() {
+            return Ok(());
+        }
+        let bytes = mem::take(&mut queue.buf);
+        let first = queue.buf_first.take();
+        let mut io = self.io.lock();
+        drop(queue);
+        let res = io.write(self, &bytes, first, true);
+        if res.is_err() {
+            drop(io);
+            self.queue.lock().poisoned = true;
+        }
+        res.map_err(write_failed)
+    }
+
+    /// Writes the snapshot of `body`, the encoded state after `events` events (the
+    /// last stamped `at`): later events go to a new journal file, the journal is
+    /// synced, the snapshot written durably, and only then are snapshots beyond the
+    /// newest `keep` and the journal files that no kept snapshot needs deleted.
+    pub(crate) fn snapshot(&self, body: Vec<u8>, events: u64, at: u64, keep: usize) -> Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        self.rotate.store(true, Ordering::Relaxed);
+        self.sync()?;
+        snapshot::write(dir, &self.identity, &self.sealer, events, at, body)?;
+        if let Some(oldest) = snapshot::retain(dir, keep)? {
+            self.retire(oldest)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a copy of this journal into the new directory `dir`: the snapshot of
+    /// `body` (the encoded state after `events` events, the last stamped `at`) and
+    /// an empty journal file after it, whose header carries the types and key check.
+    pub(crate) fn copy_to(&self, dir: &Path, body: Vec<u8>, events: u64, at: u64) -> Result<()> {
+        dirs::create_dir_durably(dir).map_err(Error::io(dir))?;
+        snapshot::write(dir, &self.identity, &self.sealer, events, at, body)?;
+        recovery::create_journal_file(dir, &self.identity, &self.sealer, events).map(drop)
+    }
+
+    /// Deletes the journal files holding only events numbered below `below`.
+    fn retire(&self, below: u64) -> Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let files = recovery::journal_files(dir)?;
+        let mut removed = false;
+        for pair in files.windows(2) {
+            if let [(_, path), (next_first, _)] = pair
+                && *next_first <= below
+            {
+                fs::remove_file(path).map_err(Error::io(path))?;
+                removed = true;
+            }
+        }
+        if removed {
+            dirs::sync_dir(dir).map_err(Error::io(dir))?;
+        }
+        Ok(())
+    }
+
+    /// Stops the timer thread, if any, and syncs. A poisoned journal has nothing
+    /// left to sync (its callers got the error already).
+    pub(crate) fn close(&self) -> Result<()> {
+        if let Some(timer) = self.timer.lock().take() {
+            *timer.stop.0.lock() = true;
+            timer.stop.1.notify_all();
+            if timer.thread.thread().id() != thread::current().id() {
+                let _ = timer.thread.join();
+            }
+        }
+        if self.queue.lock().poisoned {
+            return Ok(());
+        }
+        self.sync()
+    }
+}
+
+// A last sync for the buffered modes, whatever dropped the journal; errors were
+// either reported by the owner's own `close` or cannot be reported any more.
+impl Drop for Journal {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+impl Io {
+    /// Writes `bytes` to the current file (starting a new one first when asked and
+    /// `first` says which event it starts with), and syncs when `sync` says so.
+    /// After a failure, refuses every later write with [`Error::Poisoned`].
+    fn write(
+        &mut self,
+        journal: &Journal,
+        bytes: &[u8],
+        first: Option<u64>,
+        sync: bool,
+    ) -> Result<()> {
+        if self.failed {
+            return Err(Error::Poisoned { path: journal.label() });
+        }
+        let res = self.write_unchecked(journal, bytes, first, sync);
+        self.failed = res.is_err();
+        res
+    }
+
+    fn write_unchecked(
+        &mut self,
+        journal: &Journal,
+        bytes: &[u8],
+        first: Option<u64>,
+        sync: bool,
+    ) -> Result<()> {
+        let Some(dir) = &journal.dir else { return Ok(()) };
+        if let Some(first) = first
+            && journal.rotate.swap(false, Ordering::Relaxed)
+        {
+            if let Some(file) = &self.file
+                && self.unsynced
+            {
+                file.sync_data().map_err(Error::io(&self.path))?;
+                self.unsynced = false;
+            }
+            let (file, path) =
+                recovery::create_journal_file(dir, &journal.identity, &journal.sealer, first)?;
+            self.file = Some(file);
+            self.path = path;
+        }
+        let Some(file) = &mut self.file else {
+            // Nothing was ever written, and `bytes` hold no event: only check frames
+            // of events whose file is gone. Nothing to do.
+            return Ok(());
+        };
+        if !bytes.is_empty() {
+            file.write_all(bytes).map_err(Error::io(&self.path))?;
+            self.unsynced = true;
+        }
+        if sync && self.unsynced {
+            file.sync_data().map_err(Error::io(&self.path))?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+}
+
+/// An event queued for group commit, with the channel back to its caller.
+trait Pending: Send {
+    fn seq(&self) -> u64;
+    fn run(self: Box<Self>) -> Ran;
+    fn fail(self: Box<Self>, err: Error);
+    fn lead(&self);
+}
+
+enum Ran {
+    Done(Option<u64>),
+    Panicked,
+}
+
+/// What a leader must do once its batch is through.
+enum After {
+    Fine,
+    /// The write failed: refuse later events.
+    Poison,
+    /// Job `.0` panicked: void it and every later event, and refuse later events.
+    Void(u64),
+}
+
+enum Signal<T> {
+    Lead,
+    Done(T),
+    Failed(Error),
+    Panicked(Box<dyn Any + Send>),
+}
+
+struct Queued<J: Job> {
+    job: Option<J>,
+    tx: mpsc::Sender<Signal<J::Output>>,
+    seq: u64,
+    at: Timestamp,
+}
+
+impl<J: Job> Pending for Queued<J> {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn run(mut self: Box<Self>) -> Ran {
+        let Some(job) = self.job.take() else { return Ran::Done(None) };
+        match run_caught(job, self.seq, self.at) {
+            Ok((output, digest)) => {
+                let _ = self.tx.send(Signal::Done(output));
+                Ran::Done(digest)
+            }
+            Err(payload) => {
+                let _ = self.tx.send(Signal::Panicked(payload));
+                Ran::Panicked
+            }
+        }
+    }
+
+    fn fail(self: Box<Self>, err: Error) {
+        let _ = self.tx.send(Signal::Failed(err));
+    }
+
+    fn lead(&self) {
+        let _ = self.tx.send(Signal::Lead);
+    }
+}
+
+fn run_caught<J: Job>(
+    job: J,
+    seq: u64,
+    at: Timestamp,
+) -> Result<(J::Output, Option<u64>), Box<dyn Any + Send>> {
+    panic::catch_unwind(AssertUnwindSafe(|| job.run(seq, at)))
+}
+
+/// The error of a failed journal write, shareable by every caller it failed.
+fn write_failed(err: Error) -> Error {
+    match err {
+        Error::Io { path, source } => Error::JournalWrite { path, source: Arc::new(source) },
+        other => other,
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |it| u64::try_from(it.as_micros()).unwrap_or(u64::MAX))
+}
