@@ -16,21 +16,22 @@
 //! Set `INSTASTATE_CRASH_SEED` to replay the random kill delays of a failed run (where
 //! the kills land still depends on timing).
 
+mod common;
+
 use std::{
     env,
-    error::Error,
     fmt::Write as _,
-    io::{self, BufRead, BufReader, Read, Write},
+    io::{self, Write},
     path::{Path, PathBuf},
-    process::{self, Child, Command, ExitCode, ExitStatus, Stdio},
-    sync::mpsc::{self, Receiver, RecvTimeoutError},
-    thread::{self, JoinHandle},
+    process::{self, Command, ExitCode, ExitStatus, Stdio},
+    thread::{self},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use instastate::{StateCell, Store, defstate};
 
-type TestResult<T = ()> = Result<T, Box<dyn Error + Send + Sync>>;
+use crate::common::{TestResult, Watched, XorShift};
+
 type Test = (&'static str, fn() -> TestResult);
 
 /// Selects the child role; unset in the parent.
@@ -532,7 +533,7 @@ struct Round {
 /// Starts a writer on `db` (which holds `generation`), kills it after `delay`, and
 /// checks what the store holds then.
 fn kill_round(db: &Path, generation: u64, from_spawn: bool, delay: Duration) -> TestResult<Round> {
-    let mut writer = Watched::spawn(ROLE_CRASH_WRITER, db)?;
+    let mut writer = Watched::spawn(child_command(ROLE_CRASH_WRITER, db)?, READY_TIMEOUT)?;
     let mut reported = Reported::default();
     let killed = (|| {
         if !from_spawn {
@@ -613,125 +614,6 @@ fn check_history(store: &Store, found: u64) -> TestResult {
     Ok(())
 }
 
-/// A child process whose stdout the parent receives line by line, and whose stderr
-/// it collects; killed when dropped.
-struct Watched {
-    child: Child,
-    lines: Receiver<String>,
-    stdout_reader: Option<JoinHandle<TestResult>>,
-    stderr_reader: Option<JoinHandle<String>>,
-}
-
-impl Watched {
-    fn spawn(role: &str, dir: &Path) -> TestResult<Watched> {
-        let mut child =
-            child_command(role, dir)?.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-        let stdout = child.stdout.take().ok_or("child stdout is not piped")?;
-        let mut stderr = child.stderr.take().ok_or("child stderr is not piped")?;
-        let (sender, lines) = mpsc::channel();
-        let stdout_reader = thread::spawn(move || -> TestResult {
-            let mut stdout = BufReader::new(stdout);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if stdout.read_line(&mut line)? == 0 {
-                    return Ok(());
-                }
-                // A line cut short by the kill is not a report.
-                let Some(whole) = line.strip_suffix('\n') else { return Ok(()) };
-                if sender.send(whole.to_owned()).is_err() {
-                    return Ok(());
-                }
-            }
-        });
-        let stderr_reader = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
-        Ok(Watched {
-            child,
-            lines,
-            stdout_reader: Some(stdout_reader),
-            stderr_reader: Some(stderr_reader),
-        })
-    }
-
-    /// Waits for the next whole line the child prints.
-    fn next_line(&self) -> TestResult<String> {
-        match self.lines.recv_timeout(READY_TIMEOUT) {
-            Ok(line) => Ok(line),
-            Err(RecvTimeoutError::Timeout) => {
-                Err(format!("the child printed nothing for {READY_TIMEOUT:?}").into())
-            }
-            Err(RecvTimeoutError::Disconnected) => Err("the child closed its stdout".into()),
-        }
-    }
-
-    /// Kills the child, which must still be running, with `SIGKILL`.
-    fn kill(&mut self) -> TestResult {
-        if let Some(status) = self.child.try_wait()? {
-            return Err(format!("the child exited before it was killed: {status}").into());
-        }
-        // On Unix, `Child::kill` sends SIGKILL.
-        self.child.kill()?;
-        let status = self.child.wait()?;
-        if status.success() {
-            return Err(format!("the killed child exited with {status}").into());
-        }
-        Ok(())
-    }
-
-    /// Makes sure the child is dead, then returns the lines it printed that were not
-    /// received yet, and everything it wrote to stderr.
-    fn finish(&mut self) -> (TestResult<Vec<String>>, String) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let stderr = match self.stderr_reader.take().map(JoinHandle::join) {
-            Some(Ok(stderr)) => stderr,
-            Some(Err(_)) => "<stderr reader panicked>".to_owned(),
-            None => String::new(),
-        };
-        let read = match self.stdout_reader.take().map(JoinHandle::join) {
-            Some(Ok(read)) => read,
-            Some(Err(_)) => Err("stdout reader panicked".into()),
-            None => Ok(()),
-        };
-        (read.map(|()| self.lines.try_iter().collect()), stderr)
-    }
-}
-
-impl Drop for Watched {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// xorshift64*: plenty for picking kill times.
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> XorShift {
-        // splitmix64's finalizer, so that close seeds (the clock's) start far apart.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        XorShift((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        (self.next() >> 32) % bound
-    }
-}
-
 // ---------------------------------------------------------------------------------
 // crash::locked
 // ---------------------------------------------------------------------------------
@@ -753,7 +635,7 @@ const LOCKED_LIMIT: Duration = Duration::from_secs(2);
 fn locked() -> TestResult {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("db");
-    let mut holder = Watched::spawn(ROLE_HOLD, &db)?;
+    let mut holder = Watched::spawn(child_command(ROLE_HOLD, &db)?, READY_TIMEOUT)?;
     let held = (|| -> TestResult {
         let line = holder.next_line()?;
         if line != "ready" {

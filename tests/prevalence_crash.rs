@@ -22,21 +22,21 @@
 //! Set `INSTASTATE_PREVALENCE_CRASH_SEED` to replay the random kill delays and modes
 //! of a failed run (where the kills land still depends on timing).
 
+mod common;
+
 use std::{
     collections::{BTreeMap, VecDeque, hash_map::DefaultHasher},
     env,
-    error::Error,
     fmt::Write as _,
     hash::{Hash, Hasher},
-    io::{self, BufRead, BufReader, Read, Write},
+    io::{self, Write},
     path::{Path, PathBuf},
-    process::{self, Child, Command, ExitCode, Stdio},
+    process::{self, Command, ExitCode, Stdio},
     sync::{
         Mutex,
         atomic::{AtomicBool, Ordering},
-        mpsc::{self, Receiver, RecvTimeoutError},
     },
-    thread::{self, JoinHandle},
+    thread::{self},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -46,7 +46,8 @@ use instastate::{
 };
 use serde::{Deserialize, Serialize};
 
-type TestResult<T = ()> = Result<T, Box<dyn Error + Send + Sync>>;
+use crate::common::{TestResult, Watched, XorShift};
+
 type Test = (&'static str, fn() -> TestResult);
 
 /// Selects the child role; unset in the parent.
@@ -876,7 +877,7 @@ fn kill_round(
     before: &Ledger,
     not_before: u64,
 ) -> TestResult<Round> {
-    let mut child = Watched::spawn(ROLE_HANDLER, db, mode)?;
+    let mut child = Watched::spawn(handler_command(db, mode)?, LINE_TIMEOUT)?;
     let mut reported = Reported::default();
     let killed = (|| {
         if !from_spawn {
@@ -990,132 +991,18 @@ impl Files {
     }
 }
 
+/// The command that starts a handler child on `db` in `mode`.
+fn handler_command(db: &Path, mode: Mode) -> TestResult<Command> {
+    let mut command = Command::new(env::current_exe()?);
+    command
+        .env(ROLE_VAR, ROLE_HANDLER)
+        .env(DIR_VAR, db)
+        .env(MODE_VAR, mode.name())
+        .stdin(Stdio::null());
+    Ok(command)
+}
+
 /// Whether the file `name` starts with `prefix` and has extension `extension`.
 fn is_file_of(name: &str, prefix: &str, extension: &str) -> bool {
     name.starts_with(prefix) && Path::new(name).extension().is_some_and(|ext| ext == extension)
-}
-
-/// A child process whose stdout the parent receives line by line, and whose stderr
-/// it collects; killed when dropped.
-struct Watched {
-    child: Child,
-    lines: Receiver<String>,
-    stdout_reader: Option<JoinHandle<TestResult>>,
-    stderr_reader: Option<JoinHandle<String>>,
-}
-
-impl Watched {
-    fn spawn(role: &str, dir: &Path, mode: Mode) -> TestResult<Watched> {
-        let mut child = Command::new(env::current_exe()?)
-            .env(ROLE_VAR, role)
-            .env(DIR_VAR, dir)
-            .env(MODE_VAR, mode.name())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("child stdout is not piped")?;
-        let mut stderr = child.stderr.take().ok_or("child stderr is not piped")?;
-        let (sender, lines) = mpsc::channel();
-        let stdout_reader = thread::spawn(move || -> TestResult {
-            let mut stdout = BufReader::new(stdout);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if stdout.read_line(&mut line)? == 0 {
-                    return Ok(());
-                }
-                // A line cut short by the kill is not a report.
-                let Some(whole) = line.strip_suffix('\n') else { return Ok(()) };
-                if sender.send(whole.to_owned()).is_err() {
-                    return Ok(());
-                }
-            }
-        });
-        let stderr_reader = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
-        Ok(Watched {
-            child,
-            lines,
-            stdout_reader: Some(stdout_reader),
-            stderr_reader: Some(stderr_reader),
-        })
-    }
-
-    /// Waits for the next whole line the child prints.
-    fn next_line(&self) -> TestResult<String> {
-        match self.lines.recv_timeout(LINE_TIMEOUT) {
-            Ok(line) => Ok(line),
-            Err(RecvTimeoutError::Timeout) => {
-                Err(format!("the child printed nothing for {LINE_TIMEOUT:?}").into())
-            }
-            Err(RecvTimeoutError::Disconnected) => Err("the child closed its stdout".into()),
-        }
-    }
-
-    /// Kills the child, which must still be running, with `SIGKILL`.
-    fn kill(&mut self) -> TestResult {
-        if let Some(status) = self.child.try_wait()? {
-            return Err(format!("the child exited before it was killed: {status}").into());
-        }
-        // On Unix, `Child::kill` sends SIGKILL.
-        self.child.kill()?;
-        let status = self.child.wait()?;
-        if status.success() {
-            return Err(format!("the killed child exited with {status}").into());
-        }
-        Ok(())
-    }
-
-    /// Makes sure the child is dead, then returns the lines it printed that were not
-    /// received yet, and everything it wrote to stderr.
-    fn finish(&mut self) -> (TestResult<Vec<String>>, String) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let stderr = match self.stderr_reader.take().map(JoinHandle::join) {
-            Some(Ok(stderr)) => stderr,
-            Some(Err(_)) => "<stderr reader panicked>".to_owned(),
-            None => String::new(),
-        };
-        let read = match self.stdout_reader.take().map(JoinHandle::join) {
-            Some(Ok(read)) => read,
-            Some(Err(_)) => Err("stdout reader panicked".into()),
-            None => Ok(()),
-        };
-        (read.map(|()| self.lines.try_iter().collect()), stderr)
-    }
-}
-
-impl Drop for Watched {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// xorshift64*: plenty for picking kill times.
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> XorShift {
-        // splitmix64's finalizer, so that close seeds (the clock's) start far apart.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        XorShift((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        (self.next() >> 32) % bound
-    }
 }
