@@ -352,6 +352,7 @@ impl<S> PrevaylerBuilder<S> {
                     source: CodecError(source),
                 })
             }
+            // Only `Salvage` replays twice, and it kept the spare.
             (None, None) => Err(Error::ReplayPanicked { path: dir.to_path_buf(), event: 0 }),
         };
         let opened = journal::open_state(config, Some(lock), initial, &mut |state, event| {
