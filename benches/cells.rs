@@ -10,9 +10,10 @@
 //! Run with `cargo bench --bench cells`. Unknown arguments (cargo passes `--bench`)
 //! are ignored.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
-    error::Error,
     fs::{self, File},
     hint::black_box,
     io::{BufWriter, Write},
@@ -23,7 +24,7 @@ use std::{
 use instastate::{StateCell, Store};
 use serde::{Deserialize, Serialize};
 
-type Res<T = ()> = Result<T, Box<dyn Error>>;
+use crate::common::{Res, interleave, median, mount_of, percentile};
 
 /// Runs of the rows timing a few fsyncs, (a) and (c): their times are bimodal (an
 /// fsync that needs an ext4 journal commit costs milliseconds, one that does not
@@ -300,19 +301,6 @@ fn timed(f: impl FnOnce() -> Res) -> Res<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn median(samples: &[f64]) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn percentile(samples: &[f64], pct: usize) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let idx = (sorted.len().saturating_sub(1) * pct + 50) / 100;
-    sorted.get(idx).copied().unwrap_or(f64::NAN)
-}
-
 /// Formats seconds with a readable unit.
 fn fmt_secs(secs: f64) -> String {
     if secs < 1e-6 {
@@ -384,22 +372,6 @@ struct Memory {
 
 // ----------------------------------------------------------------------------
 // The rows.
-
-/// Runs one round of both sides, alternating which goes first so that neither
-/// always pays for what the other left behind (dirty pages, a pending journal commit).
-fn interleave(
-    round: u32,
-    ours: impl FnOnce() -> Res<f64>,
-    base: impl FnOnce() -> Res<f64>,
-) -> Res<(f64, f64)> {
-    if round.is_multiple_of(2) {
-        let ours = ours()?;
-        Ok((ours, base()?))
-    } else {
-        let base = base()?;
-        Ok((ours()?, base))
-    }
-}
 
 impl Row {
     fn push(&mut self, (ours, base): (f64, f64)) {
@@ -570,21 +542,6 @@ fn machine(root: &Path) -> String {
         "nproc {cpus}, {model}, {mem_gib:.1} GiB RAM, Linux {kernel}; temp dirs under {} ({fs_type})",
         root.display()
     )
-}
-
-/// The file system type and device of the mount holding `path`.
-fn mount_of(path: &Path) -> Option<String> {
-    let path = fs::canonicalize(path).ok()?;
-    let mounts = fs::read_to_string("/proc/mounts").ok()?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (device, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
-            path.starts_with(point).then(|| (point.len(), format!("{kind} on {device}")))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map(|(_, desc)| desc)
 }
 
 fn print_table(rows: &[Row], memory: &Memory) {

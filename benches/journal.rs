@@ -29,8 +29,9 @@
 //! are ignored. Temp dirs are made under cargo's target tmp dir, which must be on a
 //! real disk: an fsync on tmpfs is free, and the durable rows would mean nothing.
 
+mod common;
+
 use std::{
-    error::Error,
     fs::{self, File, OpenOptions},
     io::{BufWriter, Write},
     path::{Path, PathBuf},
@@ -42,7 +43,7 @@ use std::{
 use instastate::{Prevayler, Timestamp, prevalence::Durability};
 use serde::{Deserialize, Serialize};
 
-type Res<T = ()> = Result<T, Box<dyn Error + Send + Sync>>;
+use crate::common::{Res, interleave, median, mount_of, percentile};
 
 /// Events per round of row (1), one `fdatasync` each.
 const SYNC_EVENTS: u64 = 1_000;
@@ -415,19 +416,6 @@ fn write_their_journal(dir: &Path, events: u64) -> Res {
 // ----------------------------------------------------------------------------
 // Measurement helpers.
 
-fn median(samples: &[f64]) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn percentile(samples: &[f64], pct: usize) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let idx = (sorted.len().saturating_sub(1) * pct + 50) / 100;
-    sorted.get(idx).copied().unwrap_or(f64::NAN)
-}
-
 /// Exact for any count below 2^53.
 fn count_f64(n: u64) -> f64 {
     let (high, low) = (n >> 32, n & 0xFFFF_FFFF);
@@ -519,21 +507,6 @@ impl Row {
             }
             Target::None => ("(none)".to_owned(), None),
         }
-    }
-}
-
-/// Runs one round of both sides, alternating which goes first.
-fn interleave(
-    round: u32,
-    ours: impl FnOnce() -> Res<f64>,
-    base: impl FnOnce() -> Res<f64>,
-) -> Res<(f64, f64)> {
-    if round.is_multiple_of(2) {
-        let ours = ours()?;
-        Ok((ours, base()?))
-    } else {
-        let base = base()?;
-        Ok((ours()?, base))
     }
 }
 
@@ -875,21 +848,6 @@ fn machine(root: &Path) -> String {
         .map_or_else(|_| "unknown".to_owned(), |it| it.trim().to_owned());
     let fs_type = mount_of(root).unwrap_or_else(|| "unknown".to_owned());
     format!("nproc {cpus}, {model}, Linux {kernel}; temp dirs under {} ({fs_type})", root.display())
-}
-
-/// The file system type and device of the mount holding `path`.
-fn mount_of(path: &Path) -> Option<String> {
-    let path = fs::canonicalize(path).ok()?;
-    let mounts = fs::read_to_string("/proc/mounts").ok()?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (device, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
-            path.starts_with(point).then(|| (point.len(), format!("{kind} on {device}")))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map(|(_, desc)| desc)
 }
 
 fn main() -> Res {

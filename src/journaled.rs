@@ -307,13 +307,7 @@ impl<T: Prevalent> StateCell<T> {
     pub fn handle(&'static self, event: T::Event) -> Result<T::Output> {
         let not_journaled = || Error::NotJournaled { cell: self.name().to_owned() };
         let attached = self.journal.read().clone().ok_or_else(not_journaled)?;
-        let bytes = postcard::to_extend(&event, Vec::with_capacity(64)).map_err(|source| {
-            Error::EventEncode {
-                path: attached.journal.label(),
-                type_name: std::any::type_name::<T::Event>().to_owned(),
-                source: CodecError(source),
-            }
-        })?;
+        let bytes = journal::encode(&event, || attached.journal.label())?;
         let job = CellApply { cell: self, attached: Arc::clone(&attached), event };
         attached.journal.commit(bytes, job)
     }

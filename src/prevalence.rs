@@ -107,7 +107,6 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::{
     Error, Result,
     crypt::Sealer,
-    error::CodecError,
     fs as dirs,
     journal::{self, Config, Identity, Job, Journal, Replayed, Taint},
 };
@@ -332,26 +331,13 @@ impl<S> PrevaylerBuilder<S> {
         // Salvage may replay more than once (see `open_state`), each time from the
         // initial state: keep it encoded for the second time.
         let spare = match self.recovery {
-            Recovery::Salvage => {
-                Some(postcard::to_allocvec(&initial).map_err(|source| Error::EventEncode {
-                    path: dir.to_path_buf(),
-                    type_name: std::any::type_name::<S>().to_owned(),
-                    source: CodecError(source),
-                })?)
-            }
+            Recovery::Salvage => Some(journal::encode(&initial, || dir.to_path_buf())?),
             _ => None,
         };
         let mut initial = Some(initial);
         let initial = move || match (initial.take(), &spare) {
             (Some(initial), _) => Ok(initial),
-            (None, Some(spare)) => {
-                crate::cell::decode_exact(spare).map_err(|source| Error::JournalDecode {
-                    path: dir.to_path_buf(),
-                    what: "the initial state".to_owned(),
-                    type_name: std::any::type_name::<S>().to_owned(),
-                    source: CodecError(source),
-                })
-            }
+            (None, Some(spare)) => journal::decode(spare, dir, || "the initial state".to_owned()),
             // Only `Salvage` replays twice, and it kept the spare.
             (None, None) => Err(Error::ReplayPanicked { path: dir.to_path_buf(), event: 0 }),
         };
@@ -494,13 +480,7 @@ where
     /// # Panics
     /// If the system function panics; see the [module docs](self).
     pub fn handle(&self, event: E) -> Result<R> {
-        let bytes = postcard::to_extend(&event, Vec::with_capacity(64)).map_err(|source| {
-            Error::EventEncode {
-                path: self.core.journal.label(),
-                type_name: std::any::type_name::<E>().to_owned(),
-                source: CodecError(source),
-            }
-        })?;
+        let bytes = journal::encode(&event, || self.core.journal.label())?;
         let output =
             self.core.journal.commit(bytes, Apply { core: Arc::clone(&self.core), event })?;
         self.snapshot_if_due();
@@ -612,11 +592,7 @@ where
             if self.journal.dir().is_none() {
                 return Ok(slot.applied);
             }
-            let body = postcard::to_allocvec(&slot.value).map_err(|source| Error::EventEncode {
-                path: self.journal.label(),
-                type_name: std::any::type_name::<S>().to_owned(),
-                source: CodecError(source),
-            })?;
+            let body = journal::encode(&slot.value, || self.journal.label())?;
             (body, slot.applied, slot.at)
         };
         self.journal.snapshot(body, events, at, self.policy.keep)?;

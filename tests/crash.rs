@@ -30,9 +30,7 @@ use std::{
 
 use instastate::{StateCell, Store, defstate};
 
-use crate::common::{TestResult, Watched, XorShift};
-
-type Test = (&'static str, fn() -> TestResult);
+use crate::common::{Test, TestResult, Watched, XorShift};
 
 /// Selects the child role; unset in the parent.
 const ROLE_VAR: &str = "INSTASTATE_CRASH_ROLE";
@@ -58,34 +56,7 @@ fn main() -> ExitCode {
     }
     let tests: [Test; 3] =
         [("crash::restart", restart), ("crash::crash", crash), ("crash::locked", locked)];
-    if env::args().any(|arg| arg == "--list") {
-        for (name, _) in tests {
-            println!("{name}: test");
-        }
-        return ExitCode::SUCCESS;
-    }
-    println!("\nrunning {} tests", tests.len());
-    let started = Instant::now();
-    let (mut passed, mut failed) = (0_u32, 0_u32);
-    for (name, test) in tests {
-        let test_started = Instant::now();
-        match test() {
-            Ok(()) => {
-                passed += 1;
-                println!("    took {:.1} s", test_started.elapsed().as_secs_f64());
-                println!("test {name} ... ok");
-            }
-            Err(err) => {
-                failed += 1;
-                println!("    took {:.1} s", test_started.elapsed().as_secs_f64());
-                println!("test {name} ... FAILED");
-                println!("---- {name} ----\n{err}");
-            }
-        }
-    }
-    println!("finished in {:.1} s", started.elapsed().as_secs_f64());
-    println!("{passed} passed, {failed} failed");
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    common::run(&tests)
 }
 
 fn child_main(role: &str) -> ExitCode {

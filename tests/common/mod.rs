@@ -3,16 +3,52 @@
 //! as `mod common;`.
 
 use std::{
+    env,
     error::Error,
     io::{BufRead, BufReader, Read},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitCode, Stdio},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// What the tests return: any error fails the test with its message.
 pub(crate) type TestResult<T = ()> = Result<T, Box<dyn Error + Send + Sync>>;
+/// A test of a `harness = false` binary: its name and its function.
+pub(crate) type Test = (&'static str, fn() -> TestResult);
+
+/// Runs `tests` one after another, reporting like libtest; `--list` lists them.
+/// The exit code says whether all passed.
+pub(crate) fn run(tests: &[Test]) -> ExitCode {
+    if env::args().any(|arg| arg == "--list") {
+        for (name, _) in tests {
+            println!("{name}: test");
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!("\nrunning {} tests", tests.len());
+    let started = Instant::now();
+    let (mut passed, mut failed) = (0_u32, 0_u32);
+    for &(name, test) in tests {
+        let test_started = Instant::now();
+        match test() {
+            Ok(()) => {
+                passed += 1;
+                println!("    took {:.1} s", test_started.elapsed().as_secs_f64());
+                println!("test {name} ... ok");
+            }
+            Err(err) => {
+                failed += 1;
+                println!("    took {:.1} s", test_started.elapsed().as_secs_f64());
+                println!("test {name} ... FAILED");
+                println!("---- {name} ----\n{err}");
+            }
+        }
+    }
+    println!("finished in {:.1} s", started.elapsed().as_secs_f64());
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
 
 /// A child process whose stdout the parent receives line by line, and whose stderr
 /// it collects; killed when dropped.
