@@ -3,7 +3,6 @@
 //! layer over these.
 
 use std::{
-    collections::BTreeMap,
     fmt,
     fs::{self, File},
     io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write},
@@ -14,12 +13,9 @@ use std::{
 use crate::{
     Error, Result, Store,
     atomically::ensure_outside,
-    backend::{Backend, Batch, Sled},
-    codec::{self, Body, Record},
+    codec::{self, Record},
     fs::{create_dir_durably, sync_dir},
-    journaled,
-    store::{ENGINE_DIR, Inner, Missing, State, VALUES_DIR, now_ms, time_of},
-    values::{Encoded, Spilled, ValueDir, ValueWriter},
+    store::{Imported, LastSave, now_ms, time_of},
 };
 
 /// What an export file starts with.
@@ -85,16 +81,14 @@ impl Store {
     /// ```
     #[must_use]
     pub fn stored_cells(&self) -> Vec<StoredCell> {
-        let inner = &*self.inner;
-        let state = inner.state.lock();
-        let orphans = inner.orphan_names(&state);
-        state
-            .current
+        let saved = self.inner.last_save();
+        let orphans = saved.orphans();
+        saved
+            .records()
             .iter()
             .map(|(name, bytes)| {
                 let claimed = !orphans.contains(name);
-                let plain = inner.sealer.open(&codec::cell_key(name), bytes);
-                let record = plain.map_err(|fault| fault.to_string()).and_then(|plain| {
+                let record = saved.open_record(name, bytes).and_then(|plain| {
                     let record = Record::decode(&plain).map_err(|fault| fault.to_string())?;
                     Ok((
                         record.type_name.to_owned(),
@@ -145,9 +139,8 @@ impl Store {
     /// # }
     /// ```
     pub fn verify(&self) -> Result<Vec<Problem>> {
-        let inner = &*self.inner;
-        let _state = inner.state.lock();
-        let records = inner.backend.read_all()?;
+        let saved = self.inner.last_save();
+        let records = saved.engine_records()?;
         let mut problems = Vec::new();
         let mut problem = |location: String, reason: String| {
             problems.push(Problem { location, reason });
@@ -155,17 +148,17 @@ impl Store {
         for (key, bytes) in &records {
             let location = String::from_utf8_lossy(key).into_owned();
             if let Some(name) = codec::cell_name(key) {
-                if let Err(reason) = inner.check_record(name, bytes) {
+                if let Err(reason) = saved.checked_file(name, bytes) {
                     problem(location, reason);
                 }
             } else if let Some(generation) = codec::history_generation(key) {
                 let location = codec::history_label(generation);
-                match inner.read_manifest(generation, |key| Ok(records.get(key).cloned())) {
+                match saved.manifest(generation, &records) {
                     Err(err) => problem(location, err.to_string()),
-                    Ok((manifest, _)) => {
+                    Ok(manifest) => {
                         for (name, pre) in manifest.entries {
                             let Some(pre) = pre else { continue };
-                            if let Err(reason) = inner.check_record(&name, &pre) {
+                            if let Err(reason) = saved.checked_file(&name, &pre) {
                                 problem(format!("{location} (earlier value of {name})"), reason);
                             }
                         }
@@ -226,9 +219,8 @@ impl Store {
     /// ```
     pub fn backup_to(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let inner = &*self.inner;
-        let state = inner.state.lock();
-        inner.check_poisoned(&state)?;
+        let saved = self.inner.last_save();
+        saved.check_poisoned()?;
         if path.exists() {
             let empty = fs::read_dir(path).map_err(Error::io(path))?.next().is_none();
             if !empty {
@@ -247,12 +239,9 @@ impl Store {
             .prefix(".instastate-backup-")
             .tempdir_in(parent)
             .map_err(Error::io(parent))?;
-        inner.copy_to(&state, temp.path())?;
-        for cell in &inner.journaled {
-            cell.backup_into(&journaled::journal_dir(temp.path(), cell.name()))?;
-        }
+        saved.copy_to(temp.path())?;
         sync_dir(temp.path()).map_err(Error::io(temp.path()))?;
-        drop(state);
+        drop(saved);
         let built = temp.keep();
         fs::rename(&built, path).map_err(Error::io(path))?;
         sync_dir(parent).map_err(Error::io(parent))
@@ -286,14 +275,13 @@ impl Store {
     /// ```
     pub fn export_to(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let inner = &*self.inner;
-        let state = inner.state.lock();
+        let saved = self.inner.last_save();
         let parent = match path.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => Path::new("."),
         };
         let temp = tempfile::NamedTempFile::new_in(parent).map_err(Error::io(parent))?;
-        inner.write_export(temp.as_file(), &state, path)?;
+        write_export(&saved, temp.as_file(), path)?;
         temp.as_file().sync_all().map_err(Error::io(path))?;
         temp.persist(path)
             .map_err(|err| Error::Io { path: path.to_path_buf(), source: err.error })?;
@@ -321,42 +309,9 @@ impl Store {
     pub fn import_from(&self, path: impl AsRef<Path>) -> Result<()> {
         ensure_outside("import_from")?;
         let path = path.as_ref();
-        let entries = read_export(path, self.inner.sealer.is_on())?;
-        let inner = &*self.inner;
-        inner.take_background_error()?;
-        let mut state = inner.state.lock();
-        inner.check_poisoned(&state)?;
-        state.now_ms = now_ms();
-        let mut encoded = Vec::new();
-        let res = inner.stage_import(&state, path, entries, &mut encoded);
-        let (writes, target) = match res {
-            Ok(it) => it,
-            Err(err) => {
-                for it in &encoded {
-                    if let Some(spilled) = it.spilled() {
-                        inner.remove_file(spilled.id);
-                    }
-                }
-                return Err(err);
-            }
-        };
-        let decoded = inner.decode_all(&target, Missing::Skip);
-        let decoded = match decoded {
-            Ok(decoded) => decoded,
-            Err(err) => {
-                for it in &encoded {
-                    if let Some(spilled) = it.spilled() {
-                        inner.remove_file(spilled.id);
-                    }
-                }
-                return Err(err);
-            }
-        };
-        let spilled: Vec<&Spilled> = encoded.iter().filter_map(Encoded::spilled).collect();
-        inner.commit_generation(&mut state, writes, &spilled)?;
-        inner.install(&mut state, decoded);
-        inner.refresh_orphans(&mut state);
-        Ok(())
+        let entries = read_export(path, self.inner.is_sealed())?;
+        self.inner.take_background_error()?;
+        self.inner.last_save().import(path, entries)
     }
 
     /// Deletes the stored values that no cell claims (see [`orphans`](Self::orphans)),
@@ -378,18 +333,7 @@ impl Store {
     /// ```
     pub fn prune_orphans(&self) -> Result<Vec<String>> {
         ensure_outside("prune_orphans")?;
-        let inner = &*self.inner;
-        let mut state = inner.state.lock();
-        inner.check_poisoned(&state)?;
-        let orphans = inner.orphan_names(&state);
-        if orphans.is_empty() {
-            return Ok(orphans);
-        }
-        state.now_ms = now_ms();
-        let writes = orphans.iter().map(|name| (name.clone(), None)).collect();
-        inner.commit_generation(&mut state, writes, &[])?;
-        inner.refresh_orphans(&mut state);
-        Ok(orphans)
+        self.inner.last_save().prune_orphans()
     }
 
     /// Rewrites the storage engine's files to hold only live data, and deletes value
@@ -409,155 +353,42 @@ impl Store {
     /// # }
     /// ```
     pub fn compact(&self) -> Result<()> {
-        let inner = &*self.inner;
-        let state = inner.state.lock();
-        inner.check_poisoned(&state)?;
-        inner.backend.compact()?;
-        inner.remove_unreferenced_files(&state)
+        self.inner.last_save().compact()
     }
 }
 
-impl Inner {
-    /// Copies the store's records and the value files they and the history point
-    /// at into a new store in `dir`, durably.
-    fn copy_to(&self, state: &State, dir: &Path) -> Result<()> {
-        let records = self.backend.read_all()?;
-        let values_path = dir.join(VALUES_DIR);
-        let values = ValueDir::open(values_path.clone()).map_err(Error::io(&values_path))?;
-        let files = match (self.referenced_files(state), &self.values) {
-            (Some(files), _) => files.into_iter().collect(),
-            // Unreadable data might point at any file: copy them all.
-            (None, Some(source)) => source.ids().map_err(Error::io(source.path()))?,
-            (None, None) => Vec::new(),
-        };
-        for id in files {
-            copy_durably(self, id, &values.file_path(id))?;
-        }
-        sync_dir(&values_path).map_err(Error::io(&values_path))?;
-        let batch: Batch = records.into_iter().map(|(key, bytes)| (key, Some(bytes))).collect();
-        let engine = Sled::open(&dir.join(ENGINE_DIR))?;
-        engine.commit(batch)
+/// Writes the export of the last save, `saved`, to `file`; `path` names it in errors.
+fn write_export(saved: &LastSave<'_>, file: &File, path: &Path) -> Result<()> {
+    let mut out = Checksummed::new(BufWriter::new(file));
+    let mut header = Vec::new();
+    header.extend_from_slice(EXPORT_MAGIC);
+    header.extend_from_slice(&EXPORT_VERSION.to_be_bytes());
+    header.push(u8::from(saved.is_sealed()));
+    header.extend_from_slice(&saved.generation().to_be_bytes());
+    header.extend_from_slice(&now_ms().to_be_bytes());
+    let count = u32::try_from(saved.records().len()).unwrap_or(u32::MAX);
+    header.extend_from_slice(&count.to_be_bytes());
+    out.write_all(&header).map_err(Error::io(path))?;
+    for (name, bytes) in saved.records() {
+        // The record and its value file go in exactly as stored, once checked:
+        // a damaged value must not travel, it would only fail at import.
+        let file = saved.checked_file(name, bytes).map_err(|reason| Error::Corrupt {
+            cell: name.clone(),
+            path: saved.engine_path(),
+            reason,
+        })?;
+        put_bytes16(&mut out, name.as_bytes())
+            .and_then(|()| put_bytes64(&mut out, bytes))
+            .and_then(|()| put_bytes64(&mut out, file.as_deref().unwrap_or_default()))
+            .map_err(Error::io(path))?;
     }
-
-    /// Writes the export of the last save, `state`, to `file`; `path` names it in errors.
-    fn write_export(&self, file: &File, state: &State, path: &Path) -> Result<()> {
-        let mut out = Checksummed::new(BufWriter::new(file));
-        let mut header = Vec::new();
-        header.extend_from_slice(EXPORT_MAGIC);
-        header.extend_from_slice(&EXPORT_VERSION.to_be_bytes());
-        header.push(u8::from(self.sealer.is_on()));
-        header.extend_from_slice(&state.generation.to_be_bytes());
-        header.extend_from_slice(&now_ms().to_be_bytes());
-        let count = u32::try_from(state.current.len()).unwrap_or(u32::MAX);
-        header.extend_from_slice(&count.to_be_bytes());
-        out.write_all(&header).map_err(Error::io(path))?;
-        for (name, bytes) in &state.current {
-            // The record and its value file go in exactly as stored, once checked:
-            // a damaged value must not travel, it would only fail at import.
-            let file = self.checked_file(name, bytes).map_err(|reason| Error::Corrupt {
-                cell: name.clone(),
-                path: self.engine_path(),
-                reason,
-            })?;
-            put_bytes16(&mut out, name.as_bytes())
-                .and_then(|()| put_bytes64(&mut out, bytes))
-                .and_then(|()| put_bytes64(&mut out, file.as_deref().unwrap_or_default()))
-                .map_err(Error::io(path))?;
-        }
-        let Checksummed { inner: mut writer, hasher } = out;
-        writer.write_all(&hasher.finalize().to_be_bytes()).map_err(Error::io(path))?;
-        writer.flush().map_err(Error::io(path))
-    }
-
-    /// The stored names no cell claims.
-    pub(crate) fn orphan_names(&self, state: &State) -> Vec<String> {
-        if !self.cells.is_empty() {
-            return state.orphans.clone();
-        }
-        let Some(claimed) = &state.claimed else { return Vec::new() };
-        state.current.keys().filter(|name| !claimed.contains(name)).cloned().collect()
-    }
-
-    /// Checks one stored record and the value file it points at.
-    fn check_record(&self, name: &str, bytes: &[u8]) -> std::result::Result<(), String> {
-        self.checked_file(name, bytes).map(drop)
-    }
-
-    /// Checks one stored record and the value file it points at, and returns that
-    /// file's bytes as stored.
-    fn checked_file(
-        &self,
-        name: &str,
-        bytes: &[u8],
-    ) -> std::result::Result<Option<Vec<u8>>, String> {
-        let plain = self.sealer.open(&codec::cell_key(name), bytes).map_err(|it| it.to_string())?;
-        let record = Record::decode(&plain).map_err(|fault| fault.to_string())?;
-        let Body::File { id, len, crc } = record.body else { return Ok(None) };
-        let stored = self.read_stored(name, id, len, crc).map_err(|err| err.to_string())?;
-        if self.sealer.is_on() {
-            // Authenticated, and thrown away: the file travels sealed.
-            self.open_value(name, name, id, stored.clone()).map_err(|err| err.to_string())?;
-        }
-        Ok(Some(stored))
-    }
-
-    /// Turns export entries into new records (writing value files as needed, into
-    /// `encoded`), and returns the writes and the resulting records by name.
-    #[allow(clippy::type_complexity)]
-    fn stage_import(
-        &self,
-        state: &State,
-        path: &Path,
-        entries: Vec<ExportEntry>,
-        encoded: &mut Vec<Encoded>,
-    ) -> Result<(Vec<(String, Option<Vec<u8>>)>, BTreeMap<String, Vec<u8>>)> {
-        let mut writes = Vec::new();
-        let mut target = BTreeMap::new();
-        for ExportEntry { name, record, file } in entries {
-            let corrupt = |reason: String| Error::BadExport { path: path.to_path_buf(), reason };
-            let plain = self
-                .sealer
-                .open(&codec::cell_key(&name), &record)
-                .map_err(|fault| corrupt(format!("record of `{name}`: {fault}")))?;
-            let record = Record::decode(&plain)
-                .map_err(|fault| corrupt(format!("record of `{name}`: {fault}")))?;
-            let value = match (record.body, file) {
-                (Body::Inline(bytes), _) => bytes.to_vec(),
-                (Body::File { len, crc, .. }, Some(file)) => {
-                    if file.len() as u64 != len || codec::checksum(&file) != crc {
-                        return Err(corrupt(format!(
-                            "value of `{name}` does not match its record"
-                        )));
-                    }
-                    self.sealer
-                        .open_file(&codec::cell_key(&name), file)
-                        .map_err(|fault| corrupt(format!("value of `{name}`: {fault}")))?
-                }
-                (Body::File { .. }, None) => {
-                    return Err(corrupt(format!("value of `{name}` is missing")));
-                }
-            };
-            let mut out = ValueWriter::new(self.values.as_ref(), &self.sealer, &name);
-            let res = out.write_all(&value).and_then(|()| out.finish());
-            let new = res.map_err(Error::io(self.label.clone()))?;
-            let bytes = self.seal_record(&name, record.schema, record.type_name, &new, state);
-            encoded.push(new);
-            target.insert(name.clone(), bytes.clone());
-            writes.push((name, Some(bytes)));
-        }
-        Ok((writes, target))
-    }
-}
-
-/// One value of an export file.
-struct ExportEntry {
-    name: String,
-    record: Vec<u8>,
-    file: Option<Vec<u8>>,
+    let Checksummed { inner: mut writer, hasher } = out;
+    writer.write_all(&hasher.finalize().to_be_bytes()).map_err(Error::io(path))?;
+    writer.flush().map_err(Error::io(path))
 }
 
 /// Reads and checks a whole export file.
-fn read_export(path: &Path, sealed: bool) -> Result<Vec<ExportEntry>> {
+fn read_export(path: &Path, sealed: bool) -> Result<Vec<Imported>> {
     let bad =
         |reason: &str| Error::BadExport { path: path.to_path_buf(), reason: reason.to_owned() };
     let file = File::open(path).map_err(Error::io(path))?;
@@ -612,7 +443,7 @@ fn read_export(path: &Path, sealed: bool) -> Result<Vec<ExportEntry>> {
         let record = take_bytes64(&mut reader).map_err(truncated)?;
         let file = take_bytes64(&mut reader).map_err(truncated)?;
         let file = (!file.is_empty()).then_some(file);
-        entries.push(ExportEntry { name, record, file });
+        entries.push(Imported { name, record, file });
     }
     Ok(entries)
 }
@@ -674,12 +505,4 @@ impl<W: Write> Write for Checksummed<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
-}
-
-/// Copies value file `id` of `inner` to `to`, and fsyncs the copy.
-fn copy_durably(inner: &Inner, id: u64, to: &Path) -> Result<()> {
-    let Some(values) = &inner.values else { return Ok(()) };
-    let from = values.file_path(id);
-    fs::copy(&from, to).map_err(Error::io(&from))?;
-    File::open(to).and_then(|file| file.sync_all()).map_err(Error::io(to))
 }

@@ -6,6 +6,7 @@
 //! returned by the next explicit call.
 
 use std::{
+    path::Path,
     sync::{Arc, Weak},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -16,7 +17,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::{
     Error, Result, Store,
     atomically::{defer, ensure_outside, inside},
-    store::Inner,
+    store::{Inner, global},
 };
 
 type Hook = Arc<dyn Fn(&Error) + Send + Sync>;
@@ -118,7 +119,7 @@ impl Autosave {
 fn release(store: &Weak<Inner>, control: &Arc<Control>) -> Option<Arc<Inner>> {
     control.stop();
     let inner = store.upgrade()?;
-    inner.background.release(control).then_some(inner)
+    inner.background().release(control).then_some(inner)
 }
 
 /// Stops the thread and makes the final save, reporting its error.
@@ -126,7 +127,7 @@ fn final_save(store: &Weak<Inner>, control: &Arc<Control>) {
     let Some(inner) = release(store, control) else { return };
     // A pending error stays pending for the next explicit call; the hook has seen it.
     if let Err(err) = inner.save() {
-        inner.background.report(&inner, err);
+        inner.background().report(inner.label(), err);
     }
 }
 
@@ -148,12 +149,29 @@ impl Drop for Autosave {
 
 impl std::fmt::Debug for Autosave {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let path = self.store.upgrade().map(|inner| inner.label.clone());
+        let path = self.store.upgrade().map(|inner| inner.label().to_path_buf());
         f.debug_struct("Autosave").field("store", &path).finish_non_exhaustive()
     }
 }
 
 impl Background {
+    /// Stops the running autosave, if any, and waits for its thread; returns
+    /// whether one was running. Whoever calls it makes the final save.
+    pub(crate) fn stop(&self) -> bool {
+        let control = self.running.lock().take();
+        let Some(control) = control else { return false };
+        control.stop();
+        true
+    }
+
+    /// Returns the pending background error, if any, and forgets it.
+    pub(crate) fn take_pending(&self) -> Result<()> {
+        match self.pending.lock().take() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
     /// Forgets `control` as the running autosave; returns whether it was.
     fn release(&self, control: &Arc<Control>) -> bool {
         let mut running = self.running.lock();
@@ -166,51 +184,19 @@ impl Background {
 
     /// Keeps a background error for the next explicit call, then hands it to the
     /// hook (in that order, so that a call the hook makes sees it too).
-    fn report(&self, inner: &Inner, err: Error) {
+    pub(crate) fn report(&self, label: &Path, err: Error) {
         let err = Arc::new(err);
         {
             let mut pending = self.pending.lock();
             if pending.is_none() {
                 *pending =
-                    Some(Error::Background { path: inner.label.clone(), source: Arc::clone(&err) });
+                    Some(Error::Background { path: label.to_path_buf(), source: Arc::clone(&err) });
             }
         }
         let hook = self.hook.lock().clone();
         match hook {
             Some(hook) => hook(&err),
             None => eprintln!("instastate: {}", Chain(&err)),
-        }
-    }
-}
-
-impl Inner {
-    /// Returns the pending background error, if any, and forgets it.
-    pub(crate) fn take_background_error(&self) -> Result<()> {
-        match self.background.pending.lock().take() {
-            Some(err) => Err(err),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The last handle went away while autosave ran: that is a shutdown too.
-        if let Some(control) = self.background.running.get_mut().take() {
-            control.stop();
-            let res = if inside() {
-                // The save would wait for the block this drop runs in, and the store
-                // will be gone when the block ends.
-                ensure_outside("the final save of a store dropped inside `atomically`")
-            } else {
-                self.save()
-            };
-            if let Err(err) = res {
-                self.background.report(self, err);
-            }
-        }
-        if let Err(err) = self.close_journals() {
-            self.background.report(self, err);
         }
     }
 }
@@ -248,9 +234,9 @@ impl Store {
     /// ```
     pub fn autosave(&self, period: Duration) -> Result<Autosave> {
         let inner = &self.inner;
-        let mut running = inner.background.running.lock();
+        let mut running = inner.background().running.lock();
         if running.is_some() {
-            return Err(Error::AutosaveRunning { path: inner.label.clone() });
+            return Err(Error::AutosaveRunning { path: inner.label().to_path_buf() });
         }
         let control = Arc::new(Control {
             stopped: Mutex::new(false),
@@ -263,7 +249,7 @@ impl Store {
             thread::Builder::new()
                 .name("instastate-autosave".into())
                 .spawn(move || run(&store, &control, period))
-                .map_err(Error::io(inner.label.clone()))?
+                .map_err(Error::io(inner.label()))?
         };
         *control.thread.lock() = Some(handle);
         *running = Some(Arc::clone(&control));
@@ -283,40 +269,7 @@ impl Store {
     /// # }
     /// ```
     pub fn on_background_error(&self, hook: impl Fn(&Error) + Send + Sync + 'static) {
-        *self.inner.background.hook.lock() = Some(Arc::new(hook));
-    }
-
-    /// Shuts the store down cleanly: stops [`autosave`](Self::autosave) if it runs,
-    /// saves what changed, and drops this handle (the store closes when its last
-    /// handle is gone).
-    ///
-    /// # Errors
-    /// A background save's error that no call has returned yet
-    /// ([`Error::Background`]; the final save is still made), and every error of
-    /// [`save_all`](Self::save_all).
-    ///
-    /// # Example
-    /// ```
-    /// # use instastate::{StateCell, Store};
-    /// static LOG: StateCell<Vec<String>> = StateCell::new("docs::close::LOG", Vec::new);
-    /// # fn main() -> instastate::Result<()> {
-    /// # let dir = tempfile::tempdir().unwrap();
-    /// let store = Store::builder().cell(&LOG).open(dir.path())?;
-    /// LOG.update(|log| log.push("bye".into()));
-    /// store.close()?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn close(self) -> Result<()> {
-        ensure_outside("close")?;
-        let inner = &self.inner;
-        let control = inner.background.running.lock().take();
-        if let Some(control) = control {
-            control.stop();
-        }
-        let pending = inner.take_background_error();
-        let saved = inner.save();
-        pending.and(saved)
+        *self.inner.background().hook.lock() = Some(Arc::new(hook));
     }
 }
 
@@ -337,12 +290,12 @@ fn run(store: &Weak<Inner>, control: &Arc<Control>, period: Duration) {
         }
         let res = inner.save();
         if let Err(err) = res {
-            let poisoned = inner.state.lock().poisoned;
-            inner.background.report(&inner, err);
+            let poisoned = inner.is_poisoned();
+            inner.background().report(inner.label(), err);
             if poisoned {
                 // Every later save would fail too; a new autosave may be started
                 // once the store is reopened.
-                inner.background.release(control);
+                inner.background().release(control);
                 return;
             }
         }
@@ -372,7 +325,7 @@ fn run(store: &Weak<Inner>, control: &Arc<Control>, period: Duration) {
 /// # }
 /// ```
 pub fn autosave(period: Duration) -> Result<Autosave> {
-    crate::store::global()?.autosave(period)
+    global()?.autosave(period)
 }
 
 /// An error with its sources, on one line.

@@ -11,7 +11,7 @@ use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    journaled::JournaledCell,
+    codec::decode_exact,
     schema::{CellOptions, DecodeFault},
     values::ValueWriter,
 };
@@ -77,8 +77,6 @@ pub struct StateCell<T: 'static> {
     pub(crate) init: fn() -> T,
     pub(crate) options: CellOptions<T>,
     value: OnceCell<RwLock<T>>,
-    // The journal a store attached, if the cell is journaled and open.
-    pub(crate) journal: crate::journaled::Slot,
     // Bumped under the write lock on every write access; a store compares it with
     // the value it last saved to know whether the cell changed since.
     seq: AtomicU64,
@@ -131,15 +129,7 @@ impl<T> StateCell<T> {
         init: fn() -> T,
         options: CellOptions<T>,
     ) -> StateCell<T> {
-        StateCell {
-            name,
-            origin,
-            init,
-            options,
-            value: OnceCell::new(),
-            journal: parking_lot::const_rwlock(None),
-            seq: AtomicU64::new(0),
-        }
+        StateCell { name, origin, init, options, value: OnceCell::new(), seq: AtomicU64::new(0) }
     }
 
     /// The name the cell's value is stored under.
@@ -354,8 +344,6 @@ pub(crate) trait ErasedCell: Send + Sync {
     ) -> Result<Option<u64>, postcard::Error>;
     /// Decodes a value saved with schema version `schema`, migrating it if older.
     fn decode(&self, bytes: &[u8], schema: u32) -> Result<Install<'_>, DecodeFault>;
-    /// The cell as a journaled cell, if it is one.
-    fn journaled(&'static self) -> Option<&'static dyn JournaledCell>;
 }
 
 impl<T: Value> ErasedCell for StateCell<T> {
@@ -415,23 +403,6 @@ impl<T: Value> ErasedCell for StateCell<T> {
         };
         Ok(Box::new(move || self.install(value)))
     }
-
-    fn journaled(&'static self) -> Option<&'static dyn JournaledCell> {
-        self.options.journal.is_some().then_some(self as &'static dyn JournaledCell)
-    }
-}
-
-/// Decodes `bytes` as exactly one `T`.
-pub(crate) fn decode_exact<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-) -> Result<T, postcard::Error> {
-    let (value, rest): (T, &[u8]) = postcard::take_from_bytes(bytes)?;
-    if !rest.is_empty() {
-        // Trailing bytes mean the bytes were written for another type that happens
-        // to share a prefix with this one: refuse rather than misdecode.
-        return Err(postcard::Error::DeserializeBadEncoding);
-    }
-    Ok(value)
 }
 
 impl<T> StateCell<T> {

@@ -148,6 +148,19 @@ pub(crate) fn checksum(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
 }
 
+/// Decodes postcard `bytes` as exactly one `T`.
+pub(crate) fn decode_exact<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, postcard::Error> {
+    let (value, rest): (T, &[u8]) = postcard::take_from_bytes(bytes)?;
+    if !rest.is_empty() {
+        // Trailing bytes mean the bytes were written for another type that happens
+        // to share a prefix with this one: refuse rather than misdecode.
+        return Err(postcard::Error::DeserializeBadEncoding);
+    }
+    Ok(value)
+}
+
 /// Where a record's value bytes are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Body<'a> {

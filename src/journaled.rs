@@ -11,6 +11,7 @@
 //! the store loads that snapshot and replays the journal after it.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
     sync::{
@@ -21,14 +22,17 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 
+use parking_lot::RwLock;
+
 use crate::{
-    Error, Result, StateCell, Value,
+    CellOptions, Error, Result, StateCell, Value,
     cell::ErasedCell,
     codec::stored_type_name,
     crypt::Sealer,
     error::CodecError,
     fs as dirs,
     journal::{self, Config, Durability, Identity, Job, Recovery, Replayed, Taint, Timestamp},
+    schema::JournalHooks,
 };
 
 /// Snapshots of a journaled cell kept beside its journal.
@@ -83,24 +87,18 @@ pub trait Prevalent: Value {
     fn apply(&mut self, event: Self::Event, at: Timestamp) -> Self::Output;
 }
 
-/// What a store needs to journal a cell of type `T`, captured where `T: Prevalent`
-/// is known.
-pub(crate) struct Hooks<T> {
-    event_type: fn() -> &'static str,
-    replay: fn(&Path, &mut T, Replayed<'_>) -> Result<()>,
-}
-
-impl<T> Clone for Hooks<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<T> Copy for Hooks<T> {}
-
-impl<T: Prevalent> Hooks<T> {
-    pub(crate) const fn new() -> Hooks<T> {
-        Hooks { event_type: event_type::<T>, replay: replay_event::<T> }
+impl<T: Prevalent> CellOptions<T> {
+    /// Makes the cell journaled: changed by [`StateCell::handle`], every event
+    /// journaled before it is applied, and kept in a journal directory of its own in
+    /// the store (see [`Prevalent`]). `defstate!` sets it with `#[journaled]`.
+    ///
+    /// The schema version is part of the journal's type check: a journal written
+    /// with another version is refused with [`Error::JournalType`]
+    /// (migrations apply to saved records, not to journals).
+    #[must_use]
+    pub const fn journaled(self) -> CellOptions<T> {
+        let hooks = JournalHooks { event_type: event_type::<T>, replay: replay_event::<T> };
+        CellOptions { journal: Some(hooks), ..self }
     }
 }
 
@@ -113,6 +111,27 @@ fn replay_event<T: Prevalent>(dir: &Path, value: &mut T, event: Replayed<'_>) ->
     journal::replay_caught(dir, event.seq, || {
         let _ = value.apply(decoded, event.at);
     })
+}
+
+/// The journals attached to open journaled cells, by the cell's address: kept
+/// here rather than in the cell, so that a plain cell carries no journal machinery.
+static ATTACHED: RwLock<BTreeMap<usize, Arc<Attached>>> = RwLock::new(BTreeMap::new());
+
+/// The key of `cell` in [`ATTACHED`].
+fn address<T>(cell: &StateCell<T>) -> usize {
+    std::ptr::from_ref(cell).addr()
+}
+
+/// The journal attached to `cell`, if it is open in a store.
+fn attached<T>(cell: &StateCell<T>) -> Option<Arc<Attached>> {
+    ATTACHED.read().get(&address(cell)).cloned()
+}
+
+/// `cell` as a journaled cell, if its options make it one.
+pub(crate) fn as_journaled<T: Value>(
+    cell: &'static StateCell<T>,
+) -> Option<&'static dyn JournaledCell> {
+    cell.options.journal.is_some().then_some(cell as &'static dyn JournaledCell)
 }
 
 /// A journaled cell's open journal, and how far its value has got.
@@ -161,7 +180,7 @@ impl<T: Value> JournaledCell for StateCell<T> {
         sealer: Sealer,
     ) -> Result<Box<dyn FnOnce() + Send>> {
         let Some(hooks) = self.options.journal else { return Ok(Box::new(|| {})) };
-        if self.journal.read().is_some() {
+        if attached(self).is_some() {
             return Err(Error::CellInUse { cell: self.name().to_owned() });
         }
         let identity = Identity {
@@ -197,18 +216,18 @@ impl<T: Value> JournaledCell for StateCell<T> {
             if fresh {
                 attached.snapshotted.store(seq, Ordering::Relaxed);
             }
-            *self.journal.write() = Some(attached);
+            ATTACHED.write().insert(address(self), attached);
         }))
     }
 
     fn is_dirty(&self) -> bool {
-        let Some(attached) = self.journal.read().clone() else { return false };
+        let Some(attached) = attached(self) else { return false };
         attached.journal.dir().is_some()
             && attached.snapshotted.load(Ordering::Relaxed) != ErasedCell::seq(self)
     }
 
     fn snapshot_journal(&self) -> Result<()> {
-        let Some(attached) = self.journal.read().clone() else { return Ok(()) };
+        let Some(attached) = attached(self) else { return Ok(()) };
         let Some(encoded) = self.encode_applied(&attached, Unchanged::Skip)? else {
             return Ok(());
         };
@@ -219,7 +238,7 @@ impl<T: Value> JournaledCell for StateCell<T> {
     }
 
     fn backup_into(&self, dir: &Path) -> Result<()> {
-        let Some(attached) = self.journal.read().clone() else { return Ok(()) };
+        let Some(attached) = attached(self) else { return Ok(()) };
         let Some(encoded) = self.encode_applied(&attached, Unchanged::Write)? else {
             return Ok(());
         };
@@ -227,7 +246,7 @@ impl<T: Value> JournaledCell for StateCell<T> {
     }
 
     fn close_journal(&self) -> Result<()> {
-        let Some(attached) = self.journal.write().take() else { return Ok(()) };
+        let Some(attached) = ATTACHED.write().remove(&address(self)) else { return Ok(()) };
         attached.journal.close()
     }
 }
@@ -306,7 +325,7 @@ impl<T: Prevalent> StateCell<T> {
     /// later events until the store is reopened.
     pub fn handle(&'static self, event: T::Event) -> Result<T::Output> {
         let not_journaled = || Error::NotJournaled { cell: self.name().to_owned() };
-        let attached = self.journal.read().clone().ok_or_else(not_journaled)?;
+        let attached = attached(self).ok_or_else(not_journaled)?;
         let bytes = journal::encode(&event, || attached.journal.label())?;
         let job = CellApply { cell: self, attached: Arc::clone(&attached), event };
         attached.journal.commit(bytes, job)
@@ -346,6 +365,3 @@ pub(crate) fn journal_dir(store_dir: &Path, name: &str) -> PathBuf {
     }
     store_dir.join(JOURNALS_DIR).join(escaped)
 }
-
-/// Where a cell keeps its attached journal.
-pub(crate) type Slot = parking_lot::RwLock<Option<Arc<Attached>>>;

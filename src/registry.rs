@@ -6,16 +6,16 @@
 
 use parking_lot::Mutex;
 
-use crate::cell::ErasedCell;
+use crate::{StateCell, Value, store::Member};
 
 // A mutex rather than an intrusive lock-free list (as inventory has): it needs no
 // `unsafe`, and before `main` nothing contends for it.
-static CELLS: Mutex<Vec<&'static dyn ErasedCell>> = Mutex::new(Vec::new());
+static CELLS: Mutex<Vec<Member>> = Mutex::new(Vec::new());
 
-pub(crate) fn register(cell: &'static dyn ErasedCell) {
-    CELLS.lock().push(cell);
+pub(crate) fn register<T: Value>(cell: &'static StateCell<T>) {
+    CELLS.lock().push(Member::of(cell));
 }
 
-pub(crate) fn registered() -> Vec<&'static dyn ErasedCell> {
+pub(crate) fn registered() -> Vec<Member> {
     CELLS.lock().clone()
 }

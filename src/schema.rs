@@ -1,11 +1,11 @@
 //! Schema versions, migrations and aliases: how a cell's stored value survives
 //! changes to the cell's type and name.
 
-use std::{any::type_name, fmt};
+use std::{any::type_name, fmt, path::Path};
 
 use serde::de::DeserializeOwned;
 
-use crate::journaled::{Hooks, Prevalent};
+use crate::{Result, journal::Replayed};
 
 /// How a cell reads values saved by older versions of the program.
 ///
@@ -45,8 +45,27 @@ pub struct CellOptions<T: 'static> {
     pub(crate) version: u32,
     pub(crate) migrations: &'static [&'static dyn Migrate<T>],
     pub(crate) aliases: &'static [&'static str],
-    pub(crate) journal: Option<Hooks<T>>,
+    // Set by `CellOptions::journaled` (in `journaled.rs`), where `T: Prevalent` is known.
+    pub(crate) journal: Option<JournalHooks<T>>,
 }
+
+/// What a store needs to journal a cell of type `T`, captured by
+/// [`CellOptions::journaled`] where `T: Prevalent` is known: plain function
+/// pointers, so that a cell's options name no journal machinery.
+pub(crate) struct JournalHooks<T> {
+    /// The stored name of the cell's event type.
+    pub(crate) event_type: fn() -> &'static str,
+    /// Decodes one journaled event and applies it to the value.
+    pub(crate) replay: fn(&Path, &mut T, Replayed<'_>) -> Result<()>,
+}
+
+impl<T> Clone for JournalHooks<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for JournalHooks<T> {}
 
 impl<T> CellOptions<T> {
     /// Version 1, no migrations, no aliases: what a cell has by default.
@@ -78,21 +97,6 @@ impl<T> CellOptions<T> {
     #[must_use]
     pub const fn aliases(self, aliases: &'static [&'static str]) -> CellOptions<T> {
         CellOptions { aliases, ..self }
-    }
-
-    /// Makes the cell journaled: changed by [`StateCell::handle`](crate::StateCell::handle),
-    /// every event journaled before it is applied, and kept in a journal directory of
-    /// its own in the store (see [`Prevalent`]). `defstate!` sets it with `#[journaled]`.
-    ///
-    /// The schema version is part of the journal's type check: a journal written
-    /// with another version is refused with [`Error::JournalType`](crate::Error::JournalType)
-    /// (migrations apply to saved records, not to journals).
-    #[must_use]
-    pub const fn journaled(self) -> CellOptions<T>
-    where
-        T: Prevalent,
-    {
-        CellOptions { journal: Some(Hooks::new()), ..self }
     }
 }
 
@@ -181,7 +185,7 @@ impl<Old: DeserializeOwned, T> Migrate<T> for Migration<Old, T> {
     }
 
     fn migrate(&self, bytes: &[u8]) -> Result<T, postcard::Error> {
-        crate::cell::decode_exact::<Old>(bytes).map(self.migrate)
+        crate::codec::decode_exact::<Old>(bytes).map(self.migrate)
     }
 }
 

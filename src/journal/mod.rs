@@ -370,7 +370,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
     path: &Path,
     what: impl FnOnce() -> String,
 ) -> Result<T> {
-    crate::cell::decode_exact(bytes).map_err(|source| Error::JournalDecode {
+    crate::codec::decode_exact(bytes).map_err(|source| Error::JournalDecode {
         path: path.to_path_buf(),
         what: what(),
         type_name: std::any::type_name::<T>().to_owned(),

@@ -1,0 +1,387 @@
+//! [`StoreBuilder`]: which cells a store holds, its options, and where it lives.
+
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use parking_lot::Mutex;
+
+use super::{
+    DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, ENGINE_DIR, Inner, LOCK_FILE, MEMORY_LABEL, VALUES_DIR,
+};
+use crate::{
+    Error, Result, StateCell, Store,
+    autosave::Background,
+    backend::{Memory, Sled},
+    cell::{ErasedCell, Value},
+    crypt::Sealer,
+    fs,
+    journal::{Durability, Recovery},
+    journaled::{self, JournalOptions, JournaledCell},
+    registry,
+    values::ValueDir,
+};
+
+/// Chooses the cells of a [`Store`] and where it keeps them.
+///
+/// # Example
+/// ```
+/// use instastate::{StateCell, Store};
+///
+/// static A: StateCell<u8> = StateCell::new("docs::builder::A", || 1);
+/// static B: StateCell<String> = StateCell::new("docs::builder::B", String::new);
+///
+/// # fn main() -> instastate::Result<()> {
+/// let store = Store::builder().cell(&A).cell(&B).in_memory()?;
+/// A.set(2);
+/// store.save_all()?;
+/// A.set(3);
+/// store.reload_all()?;
+/// assert_eq!(A.get(), 2);
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct StoreBuilder {
+    cells: Vec<Member>,
+    keep: usize,
+    keep_bytes: u64,
+    journal: JournalOptions,
+    #[cfg(feature = "encryption")]
+    key: Option<crate::EncryptionKey>,
+}
+
+/// A cell as a store takes it: erased, and seen as a journaled cell if it is one.
+/// Made where the cell's type is known ([`StoreBuilder::cell`] and the registry).
+#[derive(Clone, Copy)]
+pub(crate) struct Member {
+    cell: &'static dyn ErasedCell,
+    journaled: Option<&'static dyn JournaledCell>,
+}
+
+impl Member {
+    pub(crate) fn of<T: Value>(cell: &'static StateCell<T>) -> Member {
+        Member { cell, journaled: journaled::as_journaled(cell) }
+    }
+}
+
+impl Default for StoreBuilder {
+    fn default() -> StoreBuilder {
+        StoreBuilder {
+            cells: Vec::new(),
+            keep: DEFAULT_HISTORY,
+            keep_bytes: DEFAULT_HISTORY_BYTES,
+            journal: JournalOptions {
+                durability: Durability::SyncEach,
+                recovery: Recovery::Strict,
+            },
+            #[cfg(feature = "encryption")]
+            key: None,
+        }
+    }
+}
+
+impl StoreBuilder {
+    /// Adds `cell` to the store; adding one cell twice adds it once.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static SEEN: StateCell<Vec<String>> = StateCell::new("docs::cell::SEEN", Vec::new);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&SEEN).cell(&SEEN).in_memory()?;
+    /// store.save_all()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn cell<T: Value>(mut self, cell: &'static StateCell<T>) -> StoreBuilder {
+        self.cells.push(Member::of(cell));
+        self
+    }
+
+    /// When an event handled by a journaled cell ([`StateCell::handle`]) is durable;
+    /// [`Durability::SyncEach`] by default, as for a [`Prevayler`](crate::Prevayler).
+    ///
+    /// # Example
+    /// ```
+    /// use instastate::{Store, prevalence::Durability};
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().journal_durability(Durability::GroupCommit).in_memory()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn journal_durability(mut self, durability: Durability) -> StoreBuilder {
+        self.journal.durability = durability;
+        self
+    }
+
+    /// What to do about damage in a journaled cell's journal; [`Recovery::Strict`]
+    /// by default, as for a [`Prevayler`](crate::Prevayler).
+    pub fn journal_recovery(mut self, recovery: Recovery) -> StoreBuilder {
+        self.journal.recovery = recovery;
+        self
+    }
+
+    /// Adds every cell declared with [`defstate!`](crate::defstate) in the program.
+    ///
+    /// This is what [`open`] uses; it is here for a store of all cells that is not
+    /// the global one, such as an in-memory store in a test.
+    ///
+    /// # Example
+    /// ```
+    /// instastate::defstate!(MODE: String = "edit".to_owned());
+    ///
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = instastate::Store::builder().registered_cells().in_memory()?;
+    /// store.save_all()?;
+    /// MODE.set("view".to_owned());
+    /// store.reload_all()?;
+    /// assert_eq!(MODE.get(), "edit");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn registered_cells(mut self) -> StoreBuilder {
+        self.cells.extend(registry::registered());
+        self
+    }
+
+    /// Sets how many saves the history keeps for [`Store::revert_to`]: the last
+    /// `saves` of them, at least 1 (the last save). The default is 10.
+    ///
+    /// Saves are incremental, so a kept save costs only the cells it changed: their
+    /// values from before the save, which revert needs. Older saves are pruned as
+    /// new ones are made.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static STEP: StateCell<u32> = StateCell::new("docs::keep::STEP", || 0);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&STEP).keep_history(3).in_memory()?;
+    /// for step in 1..=5 {
+    ///     STEP.set(step);
+    ///     store.save_all()?;
+    /// }
+    /// let kept: Vec<u64> = store.history().iter().map(|save| save.number).collect();
+    /// assert_eq!(kept, [3, 4, 5]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn keep_history(mut self, saves: usize) -> StoreBuilder {
+        self.keep = saves.max(1);
+        self
+    }
+
+    /// Sets how many bytes of earlier values the history may hold besides the last
+    /// save's: older saves are pruned until the rest fit (the last save is always
+    /// kept). The default is 64 MiB, so that a large state does not keep ten old
+    /// copies of itself; `u64::MAX` lets [`keep_history`](Self::keep_history) alone
+    /// decide.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static BLOB: StateCell<Vec<u8>> = StateCell::new("docs::budget::BLOB", Vec::new);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&BLOB).history_bytes(10_000).in_memory()?;
+    /// for byte in 0..5 {
+    ///     BLOB.set(vec![byte; 4_000]); // each save keeps 4 KB of earlier value
+    ///     store.save_all()?;
+    /// }
+    /// let kept: Vec<u64> = store.history().iter().map(|save| save.number).collect();
+    /// assert_eq!(kept, [3, 4, 5]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn history_bytes(mut self, bytes: u64) -> StoreBuilder {
+        self.keep_bytes = bytes;
+        self
+    }
+
+    /// Encrypts the store with `key` (feature `encryption`): every record and
+    /// value file is sealed with XChaCha20-Poly1305 and a fresh random nonce.
+    ///
+    /// A new store becomes encrypted at open. An encrypted store opens only with its
+    /// key ([`Error::WrongKey`] otherwise, [`Error::Encryption`] without one), and a
+    /// tampered record or file fails to load with [`Error::Corrupt`]. Cell names,
+    /// sizes and save times are not encrypted. Records are authenticated one by one:
+    /// someone who can write the store can still replace a record with an older
+    /// sealed one of the same cell, or delete it.
+    ///
+    /// # Example
+    /// See [`EncryptionKey`](crate::EncryptionKey).
+    #[cfg(feature = "encryption")]
+    pub fn encryption_key(mut self, key: crate::EncryptionKey) -> StoreBuilder {
+        self.key = Some(key);
+        self
+    }
+
+    /// Opens (creating if needed) the store in directory `path` and loads every cell
+    /// that has a saved value there; cells without one keep their value.
+    ///
+    /// Loading is all or nothing: if any cell's saved value cannot be loaded, no cell
+    /// changes and no stored value changes (the engine may still tidy its own files).
+    ///
+    /// # Errors
+    /// - [`Error::Locked`] when another store, in this or another process, has `path` open;
+    /// - [`Error::DuplicateName`] when two of the cells share a name;
+    /// - [`Error::TypeMismatch`], [`Error::Decode`] or [`Error::Corrupt`] when a
+    ///   cell's saved value cannot be loaded ([`Error::Several`] when more than one cannot);
+    /// - [`Error::FormatVersion`] when the store was written by another format;
+    /// - [`Error::Io`] or [`Error::Storage`] when the file system or engine fails.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static LAST: StateCell<Option<String>> = StateCell::new("docs::open::LAST", || None);
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let store = Store::builder().cell(&LAST).open(dir.path().join("state"))?;
+    /// assert_eq!(store.path(), Some(dir.path().join("state").as_path()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn open(self, path: impl AsRef<Path>) -> Result<Store> {
+        let path = path.as_ref();
+        let sealer = self.sealer();
+        let cells = check_names(self.cells)?;
+        fs::create_dir_durably(path).map_err(Error::io(path))?;
+        let lock = fs::lock_dir(path, LOCK_FILE)?;
+        let backend = Sled::open(&path.join(ENGINE_DIR))?;
+        let values_path = path.join(VALUES_DIR);
+        let values = ValueDir::open(values_path.clone()).map_err(Error::io(values_path))?;
+        let (cells, journaled) = split_journaled(cells);
+        Store::load(Inner {
+            label: path.to_path_buf(),
+            backend: Box::new(backend),
+            values: Some(values),
+            sealer,
+            cells,
+            journaled,
+            journal: self.journal,
+            journals_attached: false,
+            keep: self.keep,
+            keep_bytes: self.keep_bytes,
+            state: Mutex::default(),
+            background: Background::default(),
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens a store that keeps its saved values in memory, for tests and for
+    /// programs that want [`reload_all`](Store::reload_all) without a disk.
+    ///
+    /// # Errors
+    /// [`Error::DuplicateName`] when two of the cells share a name.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static DRAFT: StateCell<String> = StateCell::new("docs::mem::DRAFT", String::new);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&DRAFT).in_memory()?;
+    /// assert_eq!(store.path(), None);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn in_memory(self) -> Result<Store> {
+        let sealer = self.sealer();
+        let cells = check_names(self.cells)?;
+        let (cells, journaled) = split_journaled(cells);
+        Store::load(Inner {
+            label: PathBuf::from(MEMORY_LABEL),
+            backend: Box::new(Memory::default()),
+            values: None,
+            sealer,
+            cells,
+            journaled,
+            journal: self.journal,
+            journals_attached: false,
+            keep: self.keep,
+            keep_bytes: self.keep_bytes,
+            state: Mutex::default(),
+            background: Background::default(),
+            _lock: None,
+        })
+    }
+
+    #[cfg_attr(not(feature = "encryption"), allow(clippy::unused_self))]
+    fn sealer(&self) -> Sealer {
+        #[cfg(feature = "encryption")]
+        return Sealer::new(self.key.as_ref());
+        #[cfg(not(feature = "encryption"))]
+        Sealer::default()
+    }
+}
+
+impl fmt::Debug for StoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.cells.iter().map(|member| member.cell.name()).collect();
+        f.debug_struct("StoreBuilder")
+            .field("cells", &names)
+            .field("keep_history", &self.keep)
+            .field("history_bytes", &self.keep_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Splits the journaled cells off the others.
+fn split_journaled(
+    members: Vec<Member>,
+) -> (Vec<&'static dyn ErasedCell>, Vec<&'static dyn JournaledCell>) {
+    let mut journaled = Vec::new();
+    let mut others = Vec::with_capacity(members.len());
+    for member in members {
+        match member.journaled {
+            Some(cell) => journaled.push(cell),
+            None => others.push(member.cell),
+        }
+    }
+    (others, journaled)
+}
+
+/// Drops cells listed twice, and refuses two cells that claim one name (their own,
+/// or an alias).
+fn check_names(members: Vec<Member>) -> Result<Vec<Member>> {
+    let mut by_name: BTreeMap<&str, &'static dyn ErasedCell> = BTreeMap::new();
+    let mut unique = Vec::with_capacity(members.len());
+    for member in members {
+        let cell = member.cell;
+        match by_name.entry(cell.name()) {
+            Entry::Occupied(it) if std::ptr::addr_eq(*it.get(), cell) => {}
+            Entry::Occupied(it) => {
+                let first = *it.get();
+                return Err(Error::DuplicateName {
+                    name: cell.name().to_owned(),
+                    first: format!("{}: {}", first.origin(), first.type_name()),
+                    second: format!("{}: {}", cell.origin(), cell.type_name()),
+                });
+            }
+            Entry::Vacant(it) => {
+                it.insert(cell);
+                unique.push(member);
+            }
+        }
+    }
+    // An alias is a name too: two cells claiming one stored value would overwrite
+    // (or, through the rename at the next save, delete) each other's saves.
+    let mut aliases: BTreeMap<&str, &'static dyn ErasedCell> = BTreeMap::new();
+    for cell in unique.iter().map(|member| member.cell) {
+        for &alias in cell.aliases() {
+            let first = by_name.get(alias).filter(|it| !std::ptr::addr_eq(**it, cell));
+            let first =
+                first.or_else(|| aliases.get(alias).filter(|it| !std::ptr::addr_eq(**it, cell)));
+            if let Some(first) = first {
+                return Err(Error::DuplicateName {
+                    name: alias.to_owned(),
+                    first: format!("{}: {}", first.origin(), first.type_name()),
+                    second: format!("{}: {} (as an alias)", cell.origin(), cell.type_name()),
+                });
+            }
+            aliases.insert(alias, cell);
+        }
+    }
+    Ok(unique)
+}

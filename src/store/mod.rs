@@ -1,0 +1,312 @@
+//! The named-cells front door: [`Store`] loads, saves and reloads a set of cells.
+//!
+//! Split by concept: `builder` (choosing the cells and options), `open` (recovery:
+//! reading, checking and installing what is stored), `commit` (a save: one
+//! generation, atomically and durably), `history` (kept saves and `revert_to`),
+//! `records` (decoding stored records into values), `close` (shutting a store down)
+//! and `global` (the store behind [`open`], [`save_all`] and [`reload_all`]).
+
+mod builder;
+mod close;
+mod commit;
+mod global;
+mod history;
+mod open;
+mod records;
+mod view;
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fmt,
+    fs::File,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use parking_lot::Mutex;
+
+use self::history::Kept;
+pub(crate) use self::{
+    builder::Member,
+    global::global,
+    view::{Imported, LastSave},
+};
+pub use self::{
+    builder::StoreBuilder,
+    global::{history, open, reload_all, revert_to, save_all},
+    history::Generation,
+};
+use crate::{
+    Error, Result,
+    autosave::Background,
+    backend::{Backend, Sled},
+    cell::ErasedCell,
+    crypt::Sealer,
+    journaled::{JournalOptions, JournaledCell},
+    values::ValueDir,
+};
+
+const LOCK_FILE: &str = "LOCK";
+const ENGINE_DIR: &str = "sled";
+const VALUES_DIR: &str = "values";
+const MEMORY_LABEL: &str = ":memory:";
+
+// How many saves the history keeps unless the builder says otherwise.
+const DEFAULT_HISTORY: usize = 10;
+
+// How many bytes of earlier values the history keeps unless the builder says otherwise.
+const DEFAULT_HISTORY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// An open store: a directory (or memory) holding the saved values of a set of cells.
+///
+/// [`open`] opens the global store for every cell declared with
+/// [`defstate!`](crate::defstate), which the free functions [`save_all`] and
+/// [`reload_all`] use. A [`StoreBuilder`] opens stores over a chosen set of cells,
+/// on disk or in memory, which is what tests and libraries want: two such stores
+/// never touch each other's cells or files.
+///
+/// A `Store` is a cheap handle: clones share one open store, which closes (and
+/// unlocks its directory) when the last clone is dropped.
+///
+/// # Example
+/// ```
+/// use instastate::{StateCell, Store};
+///
+/// static SCORE: StateCell<u32> = StateCell::new("docs::store::SCORE", || 0);
+///
+/// # fn main() -> instastate::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// {
+///     let store = Store::builder().cell(&SCORE).open(dir.path())?;
+///     SCORE.set(42);
+///     store.save_all()?;
+/// }
+/// SCORE.set(0);
+/// let _store = Store::builder().cell(&SCORE).open(dir.path())?;
+/// assert_eq!(SCORE.get(), 42);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+#[must_use = "the store closes when its last handle is dropped"]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// An open store, shared by its handles. Its fields are the store module's own;
+/// the rest of the crate goes through its methods (and [`LastSave`]).
+pub(crate) struct Inner {
+    // The store directory, or `:memory:`; names the store in errors.
+    label: PathBuf,
+    backend: Box<dyn Backend>,
+    values: Option<ValueDir>,
+    sealer: Sealer,
+    cells: Vec<&'static dyn ErasedCell>,
+    // The journaled cells, which are kept in journals of their own, not in `cells`.
+    journaled: Vec<&'static dyn JournaledCell>,
+    journal: JournalOptions,
+    // Whether this store attached the journaled cells' journals (a failed open did not).
+    journals_attached: bool,
+    // How many saves the history keeps (at least 1).
+    keep: usize,
+    // How many bytes of earlier values the history keeps beyond the last save.
+    keep_bytes: u64,
+    // Held for the whole of a save, reload or load, which therefore never overlap.
+    state: Mutex<State>,
+    background: Background,
+    // Held open for its lock, which the OS releases when the store is dropped.
+    _lock: Option<File>,
+}
+
+/// What a store knows of what it holds; behind [`Inner::state`].
+#[derive(Default)]
+struct State {
+    // Per cell, by index into `Inner::cells`: the change counter its stored value
+    // was taken at, or `None` when the next save must write it.
+    saved: Vec<Option<u64>>,
+    // Per cell: the other name (an alias) its stored value was loaded from, whose
+    // record the next save of the cell deletes.
+    renamed: Vec<Option<String>>,
+    // Every stored cell record, by name, exactly as stored.
+    current: BTreeMap<String, Vec<u8>>,
+    // The saves the history holds, oldest first.
+    history: VecDeque<Kept>,
+    // The cell names stored under `meta/claimed`.
+    claimed: Option<Vec<String>>,
+    // Manifests found damaged at open, and the older ones after them: not in the
+    // history, and deleted by the next save. The files they point at are unknown.
+    damaged_history: Vec<u64>,
+    generation: u64,
+    // The time the next generation is stamped with, set just before it is made.
+    now_ms: u64,
+    poisoned: bool,
+    orphans: Vec<String>,
+}
+
+impl Store {
+    /// Starts choosing the cells of a new store.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// # static A: StateCell<u8> = StateCell::new("docs::new::A", || 1);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&A).in_memory()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder() -> StoreBuilder {
+        StoreBuilder::default()
+    }
+
+    /// Whether directory `path` holds a store, so that a tool can refuse to open
+    /// (and so create) one where there is none.
+    ///
+    /// # Example
+    /// ```
+    /// use instastate::Store;
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// assert!(!Store::exists(dir.path()));
+    /// drop(Store::builder().open(dir.path())?);
+    /// assert!(Store::exists(dir.path()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn exists(path: impl AsRef<Path>) -> bool {
+        Sled::exists(&path.as_ref().join(ENGINE_DIR))
+    }
+
+    /// The store's directory, or `None` for an in-memory store.
+    ///
+    /// # Example
+    /// ```
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = instastate::Store::builder().in_memory()?;
+    /// assert!(store.path().is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.values.as_ref().map(|_| self.inner.label.as_path())
+    }
+
+    /// The number of the last completed save; 0 before the first.
+    ///
+    /// # Example
+    /// ```
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = instastate::Store::builder().in_memory()?;
+    /// assert_eq!(store.generation(), 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.inner.state.lock().generation
+    }
+
+    /// Whether a cell changed since the last save (or was never saved), so that
+    /// [`save_all`](Self::save_all) would write something.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static FLAG: StateCell<bool> = StateCell::new("docs::dirty::FLAG", || false);
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&FLAG).in_memory()?;
+    /// assert!(store.has_unsaved_changes());
+    /// store.save_all()?;
+    /// assert!(!store.has_unsaved_changes());
+    /// FLAG.set(true);
+    /// assert!(store.has_unsaved_changes());
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn has_unsaved_changes(&self) -> bool {
+        self.inner.is_dirty()
+    }
+
+    /// The names of saved values that no cell of this store claims, found at open:
+    /// cells that were renamed, moved or deleted. Their data is kept.
+    ///
+    /// # Example
+    /// ```
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = instastate::Store::builder().in_memory()?;
+    /// assert!(store.orphans().is_empty());
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn orphans(&self) -> Vec<String> {
+        self.inner.state.lock().orphans.clone()
+    }
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.label)
+            .field("cells", &self.inner.cells.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    /// The store directory, or `:memory:`: what errors name.
+    pub(crate) fn label(&self) -> &Path {
+        &self.label
+    }
+
+    /// The store's background-saving state, which `autosave` runs.
+    pub(crate) fn background(&self) -> &Background {
+        &self.background
+    }
+
+    /// Whether a failed save poisoned the store.
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.state.lock().poisoned
+    }
+
+    /// Returns the pending background error, if any, and forgets it.
+    pub(crate) fn take_background_error(&self) -> Result<()> {
+        self.background.take_pending()
+    }
+
+    fn check_poisoned(&self, state: &State) -> Result<()> {
+        // The engine of a poisoned store may hold records it never made durable.
+        if state.poisoned {
+            return Err(Error::Poisoned { path: self.label.clone() });
+        }
+        Ok(())
+    }
+
+    fn engine_path(&self) -> PathBuf {
+        match &self.values {
+            Some(_) => self.label.join(ENGINE_DIR),
+            None => self.label.clone(),
+        }
+    }
+
+    fn values_path(&self) -> PathBuf {
+        self.values
+            .as_ref()
+            .map_or_else(|| self.label.clone(), |values| values.path().to_path_buf())
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> u64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The time `ms` milliseconds after the Unix epoch.
+pub(crate) fn time_of(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}

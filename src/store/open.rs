@@ -1,0 +1,172 @@
+//! Opening a store: reading every record, checking it, and installing the cells'
+//! values, all or nothing.
+
+use super::{ENGINE_DIR, Inner, State};
+use crate::{
+    Error, Result, Store,
+    atomically::ensure_outside,
+    backend::Records,
+    codec::{self, FORMAT_V1, FORMAT_VERSION},
+    crypt::{KEYCHECK_PLAIN, SealFault},
+    journaled,
+    store::records::Missing,
+};
+use std::{collections::BTreeSet, path::Path, sync::Arc};
+
+impl Store {
+    pub(super) fn load(mut inner: Inner) -> Result<Store> {
+        ensure_outside("open")?;
+        let records = inner.backend.read_all()?;
+        check_format(&inner.label, &records)?;
+        inner.check_key(&records)?;
+        let mut state = State {
+            saved: vec![None; inner.cells.len()],
+            renamed: vec![None; inner.cells.len()],
+            generation: generation(&inner.label, &records)?,
+            ..State::default()
+        };
+        let mut generations = Vec::new();
+        for (key, bytes) in &records {
+            if let Some(name) = codec::cell_name(key) {
+                state.current.insert(name.to_owned(), bytes.clone());
+            } else if let Some(generation) = codec::history_generation(key) {
+                generations.push(generation);
+            }
+        }
+        // Newest first: a damaged manifest ends the history there. The current
+        // values do not depend on it, so it must not stop the store from opening;
+        // `verify` reports it, and the next save deletes it with the older ones.
+        for generation in generations.into_iter().rev() {
+            let read = inner.read_manifest(generation, |key| Ok(records.get(key).cloned()));
+            match read.and_then(|(manifest, chunks)| inner.kept(manifest, chunks)) {
+                Ok(kept) if state.damaged_history.is_empty() => state.history.push_front(kept),
+                _ => state.damaged_history.push(generation),
+            }
+        }
+        if let Some(bytes) = records.get(codec::CLAIMED_KEY) {
+            let claimed = codec::decode_claimed(bytes).map_err(|fault| Error::Corrupt {
+                cell: String::from_utf8_lossy(codec::CLAIMED_KEY).into_owned(),
+                path: inner.engine_path(),
+                reason: fault.to_string(),
+            })?;
+            state.claimed = Some(claimed);
+        }
+        let decoded = inner.decode_all(&state.current, Missing::Skip)?;
+        let journals = inner.open_journals()?;
+        inner.install(&mut state, decoded);
+        for attach in journals {
+            attach();
+        }
+        // From here on, dropping `inner` (also when the open fails) detaches them.
+        inner.journals_attached = true;
+        inner.refresh_orphans(&mut state);
+        // Leftover files are harmless, and the cells are already loaded: a failed
+        // cleanup must not fail the open. The next open tries again.
+        let _ = inner.remove_unreferenced_files(&state);
+        if inner.sealer.is_on() && !records.contains_key(codec::KEYCHECK_KEY) {
+            // A new encrypted store: sealing the check value now makes the store
+            // refuse to open without the key from the start.
+            let check = inner.sealer.seal(codec::KEYCHECK_KEY, KEYCHECK_PLAIN.to_vec());
+            inner.backend.commit(vec![(codec::KEYCHECK_KEY.to_vec(), Some(check))])?;
+        }
+        *inner.state.get_mut() = state;
+        Ok(Store { inner: Arc::new(inner) })
+    }
+}
+
+impl Inner {
+    /// Opens the journals of the journaled cells; the returned functions install
+    /// their values, after every journal opened.
+    fn open_journals(&self) -> Result<Vec<Box<dyn FnOnce() + Send>>> {
+        let mut opened = Vec::with_capacity(self.journaled.len());
+        let mut errors = Vec::new();
+        for cell in &self.journaled {
+            let dir =
+                self.values.as_ref().map(|_| journaled::journal_dir(&self.label, cell.name()));
+            match cell.open_journal(dir, self.journal, self.sealer.clone()) {
+                Ok(attach) => opened.push(attach),
+                Err(err) => errors.push(err),
+            }
+        }
+        Error::from_list(errors).map_or(Ok(opened), Err)
+    }
+
+    /// Refuses a key the store was not sealed with, a missing key for a sealed
+    /// store, and a key for a store whose records are not sealed.
+    fn check_key(&self, records: &Records) -> Result<()> {
+        let path = self.label.clone();
+        match records.get(codec::KEYCHECK_KEY) {
+            Some(check) => match self.sealer.open(codec::KEYCHECK_KEY, check) {
+                Ok(plain) if *plain == *KEYCHECK_PLAIN => Ok(()),
+                Err(SealFault::NoKey) => Err(Error::Encryption { path, encrypted: true }),
+                _ => Err(Error::WrongKey { path }),
+            },
+            None if self.sealer.is_on()
+                && records.keys().any(|key| codec::cell_name(key).is_some()) =>
+            {
+                Err(Error::Encryption { path, encrypted: false })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes value files that no record points at: leftovers of interrupted saves.
+    pub(super) fn remove_unreferenced_files(&self, state: &State) -> Result<()> {
+        let Some(values) = &self.values else { return Ok(()) };
+        let Some(keep) = self.referenced_files(state) else { return Ok(()) };
+        values.remove_all_but(&keep).map_err(Error::io(values.path()))
+    }
+
+    /// The value files the stored records and the kept history point at, or `None`
+    /// when an unreadable record or a damaged manifest might point at any file.
+    pub(super) fn referenced_files(&self, state: &State) -> Option<BTreeSet<u64>> {
+        if !state.damaged_history.is_empty() {
+            return None;
+        }
+        let mut files = BTreeSet::new();
+        for (name, bytes) in &state.current {
+            files.extend(self.summary(name, bytes)?.0);
+        }
+        for kept in &state.history {
+            files.extend(kept.files.iter().copied());
+        }
+        Some(files)
+    }
+}
+
+fn check_format(label: &Path, records: &Records) -> Result<()> {
+    let expected = u32::from(FORMAT_VERSION);
+    match meta(label, records, codec::FORMAT_KEY, codec::read_u32)? {
+        Some(found) if found != expected && found != u32::from(FORMAT_V1) => {
+            Err(Error::FormatVersion { path: label.to_path_buf(), found, expected })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn generation(label: &Path, records: &Records) -> Result<u64> {
+    Ok(meta(label, records, codec::GENERATION_KEY, codec::read_u64)?.unwrap_or(0))
+}
+
+/// Reads the fixed-width number stored under meta `key`, if there is one.
+fn meta<T>(
+    label: &Path,
+    records: &Records,
+    key: &[u8],
+    read: fn(&[u8]) -> Option<T>,
+) -> Result<Option<T>> {
+    let Some(bytes) = records.get(key) else { return Ok(None) };
+    let value = read(bytes).ok_or_else(|| {
+        let key = String::from_utf8_lossy(key).into_owned();
+        Error::Corrupt {
+            reason: format!(
+                "{key} is {} bytes long, not {}",
+                bytes.len(),
+                std::mem::size_of::<T>()
+            ),
+            cell: key,
+            path: label.join(ENGINE_DIR),
+        }
+    })?;
+    Ok(Some(value))
+}

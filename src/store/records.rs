@@ -1,0 +1,269 @@
+//! Stored records turned back into values: decoding, checking and installing them,
+//! and [`Store::reload_all`].
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet},
+    io,
+    path::PathBuf,
+};
+
+use super::{Inner, State};
+use crate::{
+    Error, Result, Store,
+    atomically::{ensure_outside, exclusive},
+    cell::{ErasedCell, Install},
+    codec::{self, Body, Record},
+    error::CodecError,
+    schema::DecodeFault,
+    values::ReadFault,
+};
+
+/// Stored cell records by name.
+pub(super) type Named = BTreeMap<String, Vec<u8>>;
+
+/// A saved value, decoded and waiting to be installed.
+pub(super) struct Decoded<'a> {
+    cell_idx: usize,
+    install: Install<'a>,
+    // The name the value was stored under: the cell's, or one of its aliases.
+    key: String,
+    // Whether the store must write the value again: it was migrated from an older
+    // schema version, or (after a revert) it is not the value the store holds.
+    stale: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Missing {
+    Skip,
+    Fail,
+}
+
+impl Store {
+    /// Reverts every cell to its last saved value, all or nothing.
+    ///
+    /// Every saved value is read and decoded before any cell changes; if one cannot
+    /// be, or a cell was never saved, no cell changes. The reload is consistent in
+    /// the same way as [`save_all`](Self::save_all): no
+    /// [`atomically`](crate::atomically) block sees it half done.
+    ///
+    /// # Errors
+    /// - [`Error::NeverSaved`] for a cell without a saved value;
+    /// - [`Error::TypeMismatch`], [`Error::Decode`] or [`Error::Corrupt`] for a value
+    ///   that cannot be loaded ([`Error::Several`] lists them when there are more);
+    /// - [`Error::Io`] or [`Error::Storage`] when reading fails;
+    /// - [`Error::Poisoned`] after a failed save;
+    /// - [`Error::InsideAtomically`] when called inside [`atomically`](crate::atomically).
+    ///
+    /// Do not call it while holding a guard of one of the store's cells: it needs
+    /// their write locks.
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{StateCell, Store};
+    /// static TEXT: StateCell<String> = StateCell::new("docs::reload::TEXT", || "saved".into());
+    /// # fn main() -> instastate::Result<()> {
+    /// let store = Store::builder().cell(&TEXT).in_memory()?;
+    /// store.save_all()?;
+    /// TEXT.set("edited".into());
+    /// store.reload_all()?;
+    /// assert_eq!(TEXT.get(), "saved");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reload_all(&self) -> Result<()> {
+        ensure_outside("reload_all")?;
+        let inner = &*self.inner;
+        inner.take_background_error()?;
+        let mut state = inner.state.lock();
+        inner.check_poisoned(&state)?;
+        inner.restore(&mut state, None)
+    }
+}
+
+impl Inner {
+    /// Decodes every cell's value in `target` (the stored records if `None`) and
+    /// installs them all, or none.
+    pub(super) fn restore(&self, state: &mut State, target: Option<&Named>) -> Result<()> {
+        let mut decoded = self.decode_all(target.unwrap_or(&state.current), Missing::Fail)?;
+        if let Some(target) = target {
+            for it in &mut decoded {
+                let name = self.cells.get(it.cell_idx).map(|cell| cell.name());
+                it.stale |= target.get(&it.key) != name.and_then(|name| state.current.get(name));
+            }
+        }
+        self.install(state, decoded);
+        Ok(())
+    }
+
+    pub(super) fn decode_all(
+        &self,
+        records: &BTreeMap<String, Vec<u8>>,
+        missing: Missing,
+    ) -> Result<Vec<Decoded<'static>>> {
+        let mut decoded = Vec::with_capacity(self.cells.len());
+        let mut errors = Vec::new();
+        for (cell_idx, cell) in self.cells.iter().enumerate() {
+            let names = std::iter::once(cell.name()).chain(cell.aliases().iter().copied());
+            let found = names.into_iter().find_map(|name| Some((name, records.get(name)?)));
+            let Some((key, bytes)) = found else {
+                if missing == Missing::Fail {
+                    errors.push(Error::NeverSaved { cell: cell.name().to_owned() });
+                }
+                continue;
+            };
+            match self.decode(*cell, key, bytes) {
+                Ok((install, migrated)) => {
+                    let key = key.to_owned();
+                    decoded.push(Decoded { cell_idx, install, key, stale: migrated });
+                }
+                Err(err) => errors.push(err),
+            }
+        }
+        match Error::from_list(errors) {
+            Some(err) => Err(err),
+            None => Ok(decoded),
+        }
+    }
+
+    /// Decodes the record `bytes` stored under name `key` as a value of `cell`;
+    /// also says whether the value was migrated.
+    fn decode(
+        &self,
+        cell: &'static dyn ErasedCell,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<(Install<'static>, bool)> {
+        let corrupt = |path: PathBuf, reason: String| Error::Corrupt {
+            cell: cell.name().to_owned(),
+            path,
+            reason,
+        };
+        let aad = codec::cell_key(key);
+        let plain = self
+            .sealer
+            .open(&aad, bytes)
+            .map_err(|fault| corrupt(self.engine_path(), format!("record: {fault}")))?;
+        let record = Record::decode(&plain)
+            .map_err(|fault| corrupt(self.engine_path(), fault.to_string()))?;
+        if record.schema == cell.schema()
+            && record.type_name != codec::stored_type_name(cell.type_name())
+        {
+            return Err(Error::TypeMismatch {
+                cell: cell.name().to_owned(),
+                stored_type: record.type_name.to_owned(),
+                stored_schema: record.schema,
+                expected_type: cell.type_name().to_owned(),
+                expected_schema: cell.schema(),
+            });
+        }
+        let value_bytes: Cow<'_, [u8]> = match record.body {
+            Body::Inline(bytes) => Cow::Borrowed(bytes),
+            Body::File { id, len, crc } => {
+                Cow::Owned(self.read_file(cell.name(), key, id, len, crc)?)
+            }
+        };
+        let install = cell.decode(&value_bytes, record.schema).map_err(|fault| match fault {
+            DecodeFault::Codec(source) => Error::Decode {
+                cell: cell.name().to_owned(),
+                stored_type: record.type_name.to_owned(),
+                expected_type: cell.type_name().to_owned(),
+                source: CodecError(source),
+            },
+            DecodeFault::Newer | DecodeFault::NoMigration => Error::SchemaVersion {
+                cell: cell.name().to_owned(),
+                found: record.schema,
+                current: cell.schema(),
+            },
+        })?;
+        Ok((install, record.schema != cell.schema()))
+    }
+
+    /// Reads and opens value file `id` of the record stored under `key`; `cell` names
+    /// the claimant in errors.
+    pub(super) fn read_file(
+        &self,
+        cell: &str,
+        key: &str,
+        id: u64,
+        len: u64,
+        crc: u32,
+    ) -> Result<Vec<u8>> {
+        let stored = self.read_stored(cell, id, len, crc)?;
+        self.open_value(cell, key, id, stored)
+    }
+
+    /// Opens (in an encrypted store, decrypts and authenticates) the bytes of value
+    /// file `id` of the record stored under `key`.
+    pub(super) fn open_value(
+        &self,
+        cell: &str,
+        key: &str,
+        id: u64,
+        stored: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        self.sealer.open_file(&codec::cell_key(key), stored).map_err(|fault| Error::Corrupt {
+            cell: cell.to_owned(),
+            path: self.values_path().join(format!("{id:016x}.val")),
+            reason: format!("value file: {fault}"),
+        })
+    }
+
+    /// Reads value file `id` as stored, once its length and checksum match the
+    /// record's; `cell` names the claimant in errors.
+    pub(super) fn read_stored(&self, cell: &str, id: u64, len: u64, crc: u32) -> Result<Vec<u8>> {
+        let corrupt =
+            |path: PathBuf, reason: String| Error::Corrupt { cell: cell.to_owned(), path, reason };
+        let Some(values) = &self.values else {
+            return Err(corrupt(self.label.clone(), "points at a value file".into()));
+        };
+        let path = values.file_path(id);
+        values.read(id, len, crc).map_err(|fault| match fault {
+            ReadFault::Io(source) if source.kind() == io::ErrorKind::NotFound => {
+                corrupt(path.clone(), "its value file is missing".into())
+            }
+            ReadFault::Io(source) => Error::Io { path: path.clone(), source },
+            ReadFault::Length { expected, found } => corrupt(
+                path.clone(),
+                format!("value file holds {found} bytes, its record says {expected}"),
+            ),
+            ReadFault::Checksum => {
+                corrupt(path.clone(), "value file checksum does not match".into())
+            }
+        })
+    }
+
+    /// Installs decoded values. A cell comes out clean (its stored value is the one
+    /// installed) unless the value is stale or was found under an alias, which the
+    /// next save then writes under the cell's own name.
+    pub(super) fn install(&self, state: &mut State, decoded: Vec<Decoded<'_>>) {
+        let _exclusive = exclusive();
+        for Decoded { cell_idx, install, key, stale } in decoded {
+            let seq = install();
+            let Some(cell) = self.cells.get(cell_idx) else { continue };
+            let renamed = key != cell.name();
+            if let Some(slot) = state.saved.get_mut(cell_idx) {
+                *slot = (!stale && !renamed).then_some(seq);
+            }
+            if let Some(slot) = state.renamed.get_mut(cell_idx) {
+                *slot = renamed.then_some(key);
+            }
+        }
+    }
+
+    /// Lists the stored names that no cell claims, by its name or (for a value
+    /// loaded under an alias and not yet saved again) that alias.
+    pub(super) fn refresh_orphans(&self, state: &mut State) {
+        let mut used: BTreeSet<&str> = self.cells.iter().map(|cell| cell.name()).collect();
+        used.extend(state.renamed.iter().flatten().map(String::as_str));
+        let orphans = state.current.keys().filter(|name| !used.contains(name.as_str()));
+        state.orphans = orphans.cloned().collect();
+    }
+
+    /// The value file a stored record points at and the size of its value.
+    pub(super) fn summary(&self, name: &str, bytes: &[u8]) -> Option<(Option<u64>, u64)> {
+        let plain = self.sealer.open(&codec::cell_key(name), bytes).ok()?;
+        let record = Record::decode(&plain).ok()?;
+        Some((record.file(), record.value_len()))
+    }
+}
