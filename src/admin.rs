@@ -4,7 +4,6 @@
 
 use std::{
     fmt,
-    fs::{self, File},
     io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write},
     path::Path,
     time::SystemTime,
@@ -14,7 +13,7 @@ use crate::{
     Error, Result, Store,
     atomically::ensure_outside,
     codec::{self, Record},
-    fs::{create_dir_durably, sync_dir},
+    io::{IoFile, Open, parent_of},
     store::{Imported, LastSave, now_ms, time_of},
 };
 
@@ -219,10 +218,11 @@ impl Store {
     /// ```
     pub fn backup_to(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        let io = self.inner.io();
         let saved = self.inner.last_save();
         saved.check_poisoned()?;
         if path.exists() {
-            let empty = fs::read_dir(path).map_err(Error::io(path))?.next().is_none();
+            let empty = io.read_dir(path).map_err(Error::io(path))?.is_empty();
             if !empty {
                 let source = io::Error::new(io::ErrorKind::AlreadyExists, "not an empty directory");
                 return Err(Error::Io { path: path.to_path_buf(), source });
@@ -230,21 +230,18 @@ impl Store {
         }
         // Built beside `path` and renamed into place when complete, so that a crash
         // never leaves a partial backup that opens as a store.
-        let parent = match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
-        };
-        create_dir_durably(parent).map_err(Error::io(parent))?;
+        let parent = parent_of(path);
+        io.create_dir_durably(parent).map_err(Error::io(parent))?;
         let temp = tempfile::Builder::new()
             .prefix(".instastate-backup-")
             .tempdir_in(parent)
             .map_err(Error::io(parent))?;
         saved.copy_to(temp.path())?;
-        sync_dir(temp.path()).map_err(Error::io(temp.path()))?;
+        io.sync_dir(temp.path()).map_err(Error::io(temp.path()))?;
         drop(saved);
         let built = temp.keep();
-        fs::rename(&built, path).map_err(Error::io(path))?;
-        sync_dir(parent).map_err(Error::io(parent))
+        io.rename(&built, path).map_err(Error::io(path))?;
+        io.sync_dir(parent).map_err(Error::io(parent))
     }
 
     /// Writes the store's last save to one portable file at `path`: every stored
@@ -275,17 +272,21 @@ impl Store {
     /// ```
     pub fn export_to(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        let io = self.inner.io();
         let saved = self.inner.last_save();
-        let parent = match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
-        };
-        let temp = tempfile::NamedTempFile::new_in(parent).map_err(Error::io(parent))?;
-        write_export(&saved, temp.as_file(), path)?;
+        let parent = parent_of(path);
+        // A temporary file beside `path`, deleted if anything fails before the rename.
+        let mut temp = tempfile::Builder::new()
+            .prefix(".instastate-export-")
+            .make_in(parent, |temp| io.open(temp, Open::CreateNew))
+            .map_err(Error::io(parent))?;
+        write_export(&saved, temp.as_file_mut(), path)?;
         temp.as_file().sync_all().map_err(Error::io(path))?;
-        temp.persist(path)
-            .map_err(|err| Error::Io { path: path.to_path_buf(), source: err.error })?;
-        sync_dir(parent).map_err(Error::io(parent))
+        let (_, temp) = temp.into_parts();
+        io.rename(&temp, path).map_err(Error::io(path))?;
+        // Renamed: there is nothing left to delete.
+        let _ = temp.keep();
+        io.sync_dir(parent).map_err(Error::io(parent))
     }
 
     /// Reads an export file written by [`export_to`](Self::export_to) and stores its
@@ -309,7 +310,7 @@ impl Store {
     pub fn import_from(&self, path: impl AsRef<Path>) -> Result<()> {
         ensure_outside("import_from")?;
         let path = path.as_ref();
-        let entries = read_export(path, self.inner.is_sealed())?;
+        let entries = read_export(self.inner.io(), path, self.inner.is_sealed())?;
         self.inner.take_background_error()?;
         self.inner.last_save().import(path, entries)
     }
@@ -358,7 +359,7 @@ impl Store {
 }
 
 /// Writes the export of the last save, `saved`, to `file`; `path` names it in errors.
-fn write_export(saved: &LastSave<'_>, file: &File, path: &Path) -> Result<()> {
+fn write_export(saved: &LastSave<'_>, file: &mut IoFile, path: &Path) -> Result<()> {
     let mut out = Checksummed::new(BufWriter::new(file));
     let mut header = Vec::new();
     header.extend_from_slice(EXPORT_MAGIC);
@@ -388,11 +389,11 @@ fn write_export(saved: &LastSave<'_>, file: &File, path: &Path) -> Result<()> {
 }
 
 /// Reads and checks a whole export file.
-fn read_export(path: &Path, sealed: bool) -> Result<Vec<Imported>> {
+fn read_export(io: &crate::io::Io, path: &Path, sealed: bool) -> Result<Vec<Imported>> {
     let bad =
         |reason: &str| Error::BadExport { path: path.to_path_buf(), reason: reason.to_owned() };
-    let file = File::open(path).map_err(Error::io(path))?;
-    let len = file.metadata().map_err(Error::io(path))?.len();
+    let file = io.open(path, Open::Read).map_err(Error::io(path))?;
+    let len = file.len().map_err(Error::io(path))?;
     let mut reader = BufReader::new(file);
     // The magic, then the checksum over the whole file, before anything is parsed.
     {

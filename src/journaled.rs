@@ -30,7 +30,7 @@ use crate::{
     codec::stored_type_name,
     crypt::Sealer,
     error::CodecError,
-    fs as dirs,
+    io::Io,
     journal::{self, Config, Durability, Identity, Job, Recovery, Replayed, Taint, Timestamp},
     schema::JournalHooks,
 };
@@ -156,6 +156,7 @@ pub(crate) trait JournaledCell: Send + Sync {
         dir: Option<PathBuf>,
         options: JournalOptions,
         sealer: Sealer,
+        io: &Io,
     ) -> Result<Box<dyn FnOnce() + Send>>;
     /// Whether the value changed since the last snapshot.
     fn is_dirty(&self) -> bool;
@@ -178,6 +179,7 @@ impl<T: Value> JournaledCell for StateCell<T> {
         dir: Option<PathBuf>,
         options: JournalOptions,
         sealer: Sealer,
+        io: &Io,
     ) -> Result<Box<dyn FnOnce() + Send>> {
         let Some(hooks) = self.options.journal else { return Ok(Box::new(|| {})) };
         if attached(self).is_some() {
@@ -189,11 +191,11 @@ impl<T: Value> JournaledCell for StateCell<T> {
             schema: self.options.version,
         };
         if let Some(dir) = &dir {
-            dirs::create_dir_durably(dir).map_err(Error::io(dir))?;
+            io.create_dir_durably(dir).map_err(Error::io(dir))?;
         }
         let label = dir.clone().unwrap_or_default();
         let JournalOptions { durability, recovery } = options;
-        let config = Config { dir, identity, durability, recovery, sealer };
+        let config = Config { dir, identity, durability, recovery, sealer, io: io.clone() };
         let opened =
             journal::open_state(config, None, || Ok((self.init)()), &mut |value, event| {
                 (hooks.replay)(&label, value, event)?;

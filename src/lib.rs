@@ -210,7 +210,7 @@ mod cell;
 mod codec;
 mod crypt;
 mod error;
-mod fs;
+mod io;
 mod journal;
 mod journaled;
 pub mod prevalence;

@@ -107,7 +107,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::{
     Error, Result,
     crypt::Sealer,
-    fs as dirs,
+    io::Io,
     journal::{self, Config, Identity, Job, Journal, Replayed, Taint},
 };
 pub use crate::{
@@ -192,6 +192,7 @@ pub struct PrevaylerBuilder<S> {
     policy: Policy,
     digest: Option<fn(&S) -> u64>,
     hook: Option<Hook>,
+    io: Io,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
 }
@@ -219,6 +220,7 @@ impl<S> PrevaylerBuilder<S> {
             policy: Policy { every_events: None, every_bytes: None, keep: DEFAULT_KEEP },
             digest: None,
             hook: None,
+            io: Io::default(),
             #[cfg(feature = "encryption")]
             key: None,
         }
@@ -285,6 +287,13 @@ impl<S> PrevaylerBuilder<S> {
         self
     }
 
+    /// Runs the journal's file operations through `io` (a simulator, in tests).
+    #[cfg(test)]
+    pub(crate) fn io(mut self, io: Io) -> Self {
+        self.io = io;
+        self
+    }
+
     #[cfg(feature = "encryption")]
     fn sealer(&self) -> Sealer {
         Sealer::new(self.key.as_ref())
@@ -318,14 +327,16 @@ impl<S> PrevaylerBuilder<S> {
         R: Send + 'static,
     {
         let dir = dir.as_ref();
-        dirs::create_dir_durably(dir).map_err(Error::io(dir))?;
-        let lock = dirs::lock_dir(dir, journal::LOCK_FILE)?;
+        let io = self.io.clone();
+        io.create_dir_durably(dir).map_err(Error::io(dir))?;
+        let lock = io.lock_dir(dir, journal::LOCK_FILE)?;
         let config = Config {
             dir: Some(dir.to_path_buf()),
             identity: identity::<S, E>(),
             durability: self.durability,
             recovery: self.recovery,
             sealer: self.sealer(),
+            io,
         };
         let digest = self.digest;
         // Salvage may replay more than once (see `open_state`), each time from the

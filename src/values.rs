@@ -8,7 +8,6 @@
 
 use std::{
     collections::BTreeSet,
-    fs::{self, File},
     io::{self, Read, Write},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
@@ -17,7 +16,7 @@ use std::{
 use crate::{
     codec::{self, INLINE_MAX},
     crypt::{FileSealer, Sealer},
-    fs::{create_dir_durably, sync_dir},
+    io::{Io, IoFile, Open},
 };
 
 const EXTENSION: &str = "val";
@@ -30,6 +29,7 @@ const CHUNK: usize = 256 * 1024;
 pub(crate) struct ValueDir {
     path: PathBuf,
     next_id: AtomicU64,
+    io: Io,
 }
 
 /// Why a value file could not be read back.
@@ -42,13 +42,15 @@ pub(crate) enum ReadFault {
 
 impl ValueDir {
     /// Opens `path`, creating it if needed, and picks ids above every file in it.
-    pub(crate) fn open(path: PathBuf) -> io::Result<ValueDir> {
-        create_dir_durably(&path)?;
-        let max_id = list_ids(&path)?.last().copied().unwrap_or(0);
+    /// Opens the value directory `path`, creating it if missing; its creation is
+    /// durable once the caller syncs the directory holding it.
+    pub(crate) fn open(io: &Io, path: PathBuf) -> io::Result<ValueDir> {
+        io.create_dir(&path)?;
+        let max_id = list_ids(io, &path)?.last().copied().unwrap_or(0);
         let next_id = max_id.checked_add(1).ok_or_else(|| {
             io::Error::other(format!("value file id {max_id:016x} leaves no id for new files"))
         })?;
-        Ok(ValueDir { path, next_id: AtomicU64::new(next_id) })
+        Ok(ValueDir { path, next_id: AtomicU64::new(next_id), io: io.clone() })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -61,10 +63,10 @@ impl ValueDir {
 
     /// Reads value file `id` and checks it against its record's length and checksum.
     pub(crate) fn read(&self, id: u64, len: u64, crc: u32) -> Result<Vec<u8>, ReadFault> {
-        let mut file = File::open(self.file_path(id)).map_err(ReadFault::Io)?;
+        let mut file = self.io.open(&self.file_path(id), Open::Read).map_err(ReadFault::Io)?;
         // The length is checked before reading, so a damaged record cannot make us
         // read a huge file into memory for nothing.
-        let found = file.metadata().map_err(ReadFault::Io)?.len();
+        let found = file.len().map_err(ReadFault::Io)?;
         if found != len {
             return Err(ReadFault::Length { expected: len, found });
         }
@@ -78,17 +80,17 @@ impl ValueDir {
 
     /// Makes the creation and removal of value files durable.
     pub(crate) fn sync(&self) -> io::Result<()> {
-        sync_dir(&self.path)
+        self.io.sync_dir(&self.path)
     }
 
     /// The ids of every value file, sorted.
     pub(crate) fn ids(&self) -> io::Result<Vec<u64>> {
-        list_ids(&self.path)
+        list_ids(&self.io, &self.path)
     }
 
     /// Deletes value file `id`; a file already gone is not an error.
     pub(crate) fn remove(&self, id: u64) -> io::Result<()> {
-        match fs::remove_file(self.file_path(id)) {
+        match self.io.remove_file(&self.file_path(id)) {
             Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
             _ => Ok(()),
         }
@@ -96,7 +98,7 @@ impl ValueDir {
 
     /// Deletes every value file whose id is not in `keep`.
     pub(crate) fn remove_all_but(&self, keep: &BTreeSet<u64>) -> io::Result<()> {
-        for id in list_ids(&self.path)? {
+        for id in self.ids()? {
             if !keep.contains(&id) {
                 self.remove(id)?;
             }
@@ -104,17 +106,17 @@ impl ValueDir {
         Ok(())
     }
 
-    fn create(&self) -> io::Result<(u64, File)> {
+    fn create(&self) -> io::Result<(u64, IoFile)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let file = File::options().write(true).create_new(true).open(self.file_path(id))?;
+        let file = self.io.open(&self.file_path(id), Open::CreateNew)?;
         Ok((id, file))
     }
 }
 
-fn list_ids(path: &Path) -> io::Result<Vec<u64>> {
+fn list_ids(io: &Io, path: &Path) -> io::Result<Vec<u64>> {
     let mut ids = Vec::new();
-    for entry in fs::read_dir(path)? {
-        let name = entry?.file_name();
+    for entry in io.read_dir(path)? {
+        let name = entry.name;
         let id = name
             .to_str()
             .and_then(|name| name.strip_suffix(EXTENSION)?.strip_suffix('.'))
@@ -147,7 +149,7 @@ pub(crate) struct Spilled {
     pub(crate) id: u64,
     pub(crate) len: u64,
     pub(crate) crc: u32,
-    file: File,
+    file: IoFile,
 }
 
 impl Spilled {
@@ -161,7 +163,7 @@ impl Spilled {
 pub(crate) struct ValueWriter<'a> {
     dir: Option<&'a ValueDir>,
     buf: Vec<u8>,
-    file: Option<(u64, File)>,
+    file: Option<(u64, IoFile)>,
     hasher: crc32fast::Hasher,
     len: u64,
     // Seal the file's chunks in an encrypted store; the cell's name is the
@@ -309,7 +311,7 @@ mod tests {
     fn small_values_stay_inline_and_large_ones_spill() -> io::Result<()> {
         let plain = Sealer::default();
         let tmp = tempfile::tempdir()?;
-        let dir = ValueDir::open(tmp.path().join("values"))?;
+        let dir = ValueDir::open(&Io::default(), tmp.path().join("values"))?;
         let mut small = ValueWriter::new(Some(&dir), &plain, "test");
         write_all(&mut small, INLINE_MAX);
         assert!(matches!(small.finish()?, Encoded::Inline(bytes) if bytes.len() == INLINE_MAX));
@@ -343,15 +345,15 @@ mod tests {
     #[test]
     fn ids_continue_after_existing_files_and_unreferenced_ones_go() -> io::Result<()> {
         let tmp = tempfile::tempdir()?;
-        let dir = ValueDir::open(tmp.path().to_path_buf())?;
+        let dir = ValueDir::open(&Io::default(), tmp.path().to_path_buf())?;
         let (first, _) = dir.create()?;
         let (second, _) = dir.create()?;
-        fs::write(tmp.path().join("unrelated.txt"), b"kept")?;
-        let reopened = ValueDir::open(tmp.path().to_path_buf())?;
+        std::fs::write(tmp.path().join("unrelated.txt"), b"kept")?;
+        let reopened = ValueDir::open(&Io::default(), tmp.path().to_path_buf())?;
         let (third, _) = reopened.create()?;
         assert!(first < second && second < third);
         reopened.remove_all_but(&BTreeSet::from([second]))?;
-        assert_eq!(list_ids(tmp.path())?, [second]);
+        assert_eq!(list_ids(&Io::default(), tmp.path())?, [second]);
         assert!(tmp.path().join("unrelated.txt").exists());
         Ok(())
     }

@@ -14,9 +14,7 @@
 
 use std::{
     ffi::OsString,
-    fs::{self, File},
     io,
-    os::unix::fs::DirEntryExt,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     thread,
@@ -29,7 +27,7 @@ use super::{Backend, Batch, Records};
 use crate::{
     Error, Result,
     error::StorageError,
-    fs::{create_dir_durably, retry_while_held, sync_dir},
+    io::{Io, IoFile, Open, parent_of, retry_while_held},
 };
 
 // Our records are small and read once at open, so a small cache is plenty; sled's
@@ -45,6 +43,7 @@ pub(crate) struct Sled {
     // Set when a commit failed: sled may then panic when dropped.
     failed: AtomicBool,
     dir: PathBuf,
+    io: Io,
     // The entries of the engine's directories when they were last fsynced. A
     // directory fsync costs a disk cache flush, and is needed only when sled
     // created, renamed or deleted a file, which it rarely does.
@@ -54,7 +53,7 @@ pub(crate) struct Sled {
 struct Engine {
     db: sled::Db,
     // sled gives no way to fsync its log, so we keep our own handle to it.
-    log: File,
+    log: IoFile,
 }
 
 #[derive(Default)]
@@ -67,13 +66,14 @@ struct Synced {
 type Listing = Vec<(OsString, u64)>;
 
 impl Sled {
-    pub(crate) fn open(dir: &Path) -> Result<Sled> {
-        finish_swap(dir).map_err(Error::io(dir))?;
-        let engine = Engine::open(dir)?;
+    pub(crate) fn open(io: &Io, dir: &Path) -> Result<Sled> {
+        finish_swap(io, dir).map_err(Error::io(dir))?;
+        let engine = Engine::open(io, dir)?;
         let sled = Sled {
             engine: RwLock::new(Some(engine)),
             failed: AtomicBool::new(false),
             dir: dir.to_path_buf(),
+            io: io.clone(),
             synced: Mutex::default(),
         };
         sled.sync_files(sled.engine.read().as_ref()).map_err(Error::io(dir))?;
@@ -99,18 +99,18 @@ impl Sled {
         // Blob files should never appear (see the module docs); if sled wrote some
         // anyway, they are made durable before the log that points at them.
         let blobs_dir = self.dir.join("blobs");
-        let blobs = listing(&blobs_dir)?;
+        let blobs = listing(&self.io, &blobs_dir)?;
         if blobs != synced.blobs {
             for (name, _) in blobs.iter().filter(|it| !synced.blobs.contains(it)) {
-                File::open(blobs_dir.join(name))?.sync_all()?;
+                self.io.open(&blobs_dir.join(name), Open::Read)?.sync_all()?;
             }
-            sync_dir(&blobs_dir)?;
+            self.io.sync_dir(&blobs_dir)?;
             synced.blobs = blobs;
         }
         engine.log.sync_all()?;
-        let listed = listing(&self.dir)?;
+        let listed = listing(&self.io, &self.dir)?;
         if listed != synced.engine {
-            sync_dir(&self.dir)?;
+            self.io.sync_dir(&self.dir)?;
             synced.engine = listed;
         }
         Ok(())
@@ -120,14 +120,14 @@ impl Sled {
 impl Engine {
     // clippy.toml forbids opening sled anywhere else; this is the one place.
     #[allow(clippy::disallowed_methods)]
-    fn open(dir: &Path) -> Result<Engine> {
+    fn open(io: &Io, dir: &Path) -> Result<Engine> {
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_CAPACITY)
             // Saves flush explicitly; a background flush would only add writes.
             .flush_every_ms(None);
-        // sled creates its directory without making that durable.
-        create_dir_durably(dir).map_err(Error::io(dir))?;
+        // The creation is made durable by the caller, with the directory holding it.
+        io.create_dir(dir).map_err(Error::io(dir))?;
         // sled closes its file through deferred (epoch-based) reclamation, so for a
         // moment after a `Db` is dropped its lock is still held. The store's own lock
         // file already keeps other stores out, so a sled lock seen here is almost
@@ -137,18 +137,18 @@ impl Engine {
         })
         .map_err(storage(dir))?;
         let log_path = dir.join("db");
-        let log = File::open(&log_path).map_err(Error::io(log_path))?;
+        let log = io.open(&log_path, Open::Read).map_err(Error::io(log_path))?;
         Ok(Engine { db, log })
     }
 }
 
 /// fsyncs every blob file of the engine in `dir`, and their directory.
-fn sync_blobs(dir: &Path) -> io::Result<()> {
+fn sync_blobs(io: &Io, dir: &Path) -> io::Result<()> {
     let blobs = dir.join("blobs");
-    for (name, _) in listing(&blobs)? {
-        File::open(blobs.join(name))?.sync_all()?;
+    for (name, _) in listing(io, &blobs)? {
+        io.open(&blobs.join(name), Open::Read)?.sync_all()?;
     }
-    if blobs.exists() { sync_dir(&blobs) } else { Ok(()) }
+    if blobs.exists() { io.sync_dir(&blobs) } else { Ok(()) }
 }
 
 /// The directory a compaction builds the new engine in.
@@ -164,37 +164,25 @@ fn old_dir(dir: &Path) -> PathBuf {
 /// Completes or discards a compaction that a crash interrupted. The new engine's
 /// directory is complete and durable before the old one is moved away, so a
 /// missing engine directory means the new one is ready.
-fn finish_swap(dir: &Path) -> io::Result<()> {
+fn finish_swap(io: &Io, dir: &Path) -> io::Result<()> {
     let (new, old) = (new_dir(dir), old_dir(dir));
     if new.exists() {
         if dir.exists() {
-            fs::remove_dir_all(&new)?;
+            io.remove_dir_all(&new)?;
         } else {
-            fs::rename(&new, dir)?;
+            io.rename(&new, dir)?;
         }
     }
     if old.exists() {
-        if let Some(parent) = dir.parent() {
-            sync_dir(parent)?;
-        }
-        fs::remove_dir_all(&old)?;
+        io.sync_dir(parent_of(dir))?;
+        io.remove_dir_all(&old)?;
     }
     Ok(())
 }
 
-fn listing(dir: &Path) -> io::Result<Listing> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Listing::new()),
-        Err(err) => return Err(err),
-    };
-    let mut listing = Listing::new();
-    for entry in entries {
-        let entry = entry?;
-        listing.push((entry.file_name(), entry.ino()));
-    }
-    listing.sort_unstable();
-    Ok(listing)
+fn listing(io: &Io, dir: &Path) -> io::Result<Listing> {
+    let listed = io.read_dir(dir)?;
+    Ok(listed.into_iter().map(|entry| (entry.name, entry.ino)).collect())
 }
 
 impl Backend for Sled {
@@ -247,29 +235,29 @@ impl Backend for Sled {
             }
             batch
         };
+        let io = &self.io;
         let new = new_dir(&self.dir);
         if new.exists() {
-            fs::remove_dir_all(&new).map_err(Error::io(&new))?;
+            io.remove_dir_all(&new).map_err(Error::io(&new))?;
         }
         {
-            let fresh = Engine::open(&new)?;
+            let fresh = Engine::open(io, &new)?;
             fresh.db.apply_batch(records).and_then(|()| fresh.db.flush()).map_err(storage(&new))?;
             fresh.log.sync_all().map_err(Error::io(&new))?;
-            sync_blobs(&new).map_err(Error::io(&new))?;
-            sync_dir(&new).map_err(Error::io(&new))?;
+            sync_blobs(io, &new).map_err(Error::io(&new))?;
+            io.sync_dir(&new).map_err(Error::io(&new))?;
         }
         // The old engine is closed (sled flushes it on drop) before its directory moves.
         *engine = None;
         let old = old_dir(&self.dir);
-        let parent = self.dir.parent().unwrap_or(Path::new("."));
-        fs::rename(&self.dir, &old)
-            .and_then(|()| fs::rename(&new, &self.dir))
-            .and_then(|()| sync_dir(parent))
+        io.rename(&self.dir, &old)
+            .and_then(|()| io.rename(&new, &self.dir))
+            .and_then(|()| io.sync_dir(parent_of(&self.dir)))
             .map_err(Error::io(&self.dir))?;
         // The swap is done; an old engine left behind is deleted at the next open.
-        let _ = fs::remove_dir_all(&old);
+        let _ = io.remove_dir_all(&old);
         *self.synced.lock() = Synced::default();
-        *engine = Some(Engine::open(&self.dir)?);
+        *engine = Some(Engine::open(io, &self.dir)?);
         self.sync_files(engine.as_ref()).map_err(Error::io(&self.dir))
     }
 }

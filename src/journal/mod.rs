@@ -33,7 +33,6 @@ mod snapshot;
 mod writer;
 
 use std::{
-    fs::File,
     panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
@@ -49,12 +48,11 @@ use crate::{
     Error, Result,
     crypt::{KEYCHECK_PLAIN, Sealer},
     error::CodecError,
+    io::{Io, IoFile},
 };
 
 /// The journal directory's lock file.
 pub(crate) const LOCK_FILE: &str = "instastate.lock";
-/// Temporary files end in this; any found at open are left-overs of a crash.
-pub(crate) const PART_SUFFIX: &str = ".part";
 
 /// When a handled event is durable.
 ///
@@ -225,6 +223,7 @@ pub(crate) struct Config {
     pub(crate) durability: Durability,
     pub(crate) recovery: Recovery,
     pub(crate) sealer: Sealer,
+    pub(crate) io: Io,
 }
 
 /// An event's work once it is in the journal: apply it and return its result, and
@@ -265,16 +264,16 @@ pub(crate) struct Opened<S> {
 /// This is the one recovery path of both front doors.
 pub(crate) fn open_state<S: DeserializeOwned>(
     config: Config,
-    lock: Option<File>,
+    lock: Option<IoFile>,
     mut initial: impl FnMut() -> Result<S>,
     apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<Opened<S>> {
-    let Config { dir, identity, durability, recovery, sealer } = config;
+    let Config { dir, identity, durability, recovery, sealer, io } = config;
     let mut skipped = Vec::new();
     loop {
         let mut unsound = Vec::new();
         let snapshot = match &dir {
-            Some(dir) => snapshot::load_newest(dir, &identity, &sealer, &mut unsound)?,
+            Some(dir) => snapshot::load_newest(&io, dir, &identity, &sealer, &mut unsound)?,
             None => None,
         };
         let (mut state, covered, at) = match snapshot {
@@ -288,8 +287,13 @@ pub(crate) fn open_state<S: DeserializeOwned>(
         let (mut applied, mut last_at) = (from, at);
         let recovered = match &dir {
             Some(dir) => {
-                let scope =
-                    recovery::Scope { identity: &identity, sealer: &sealer, recovery, from };
+                let scope = recovery::Scope {
+                    io: &io,
+                    identity: &identity,
+                    sealer: &sealer,
+                    recovery,
+                    from,
+                };
                 recovery::recover(dir, &scope, &skipped, &mut |event| {
                     let digest = apply(&mut state, event)?;
                     applied = event.seq + 1;
@@ -308,7 +312,8 @@ pub(crate) fn open_state<S: DeserializeOwned>(
             }
             res => res?,
         };
-        let journal = Journal::resume(dir, identity, durability, sealer, lock, &tail, from, at)?;
+        let journal =
+            Journal::resume(dir, identity, durability, sealer, io, lock, &tail, from, at)?;
         if !skipped.is_empty() {
             journal.void_events(&skipped)?;
         }

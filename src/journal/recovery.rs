@@ -4,18 +4,20 @@
 use std::{
     borrow::Cow,
     collections::BTreeMap,
-    fs::{self, File},
-    io::Write,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use super::{
-    Identity, PART_SUFFIX, Recovery, Replayed, Timestamp, event_aad,
+    Identity, Recovery, Replayed, Timestamp, event_aad,
     format::{self, Extra, FileKind, Frame, Header, Read},
     key_check,
 };
-use crate::{Error, Result, crypt::Sealer, fs as dirs};
+use crate::{
+    Error, Result,
+    crypt::Sealer,
+    io::{Io, IoFile, Open, PART_SUFFIX},
+};
 
 /// What opening a journal found and did.
 ///
@@ -108,6 +110,7 @@ pub(crate) struct Tail {
 /// first event wanted (the ones before it are in the snapshot).
 #[derive(Clone, Copy)]
 pub(crate) struct Scope<'a> {
+    pub(crate) io: &'a Io,
     pub(crate) identity: &'a Identity,
     pub(crate) sealer: &'a Sealer,
     pub(crate) recovery: Recovery,
@@ -144,9 +147,9 @@ pub(crate) fn recover(
     skipped: &[u64],
     replay: &mut impl FnMut(Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<(Recovered, Tail)> {
-    let Scope { identity, sealer, recovery, from } = *scope;
-    remove_parts(dir)?;
-    let mut files = journal_files(dir)?;
+    let Scope { io, identity, sealer, recovery, from } = *scope;
+    remove_parts(io, dir)?;
+    let mut files = journal_files(io, dir)?;
     // Files whose events a snapshot holds all of are not read: damage there does
     // not matter. (They are deleted when a newer snapshot retires them.)
     let covered =
@@ -154,7 +157,7 @@ pub(crate) fn recover(
     files.drain(..covered);
     let mut contents = Vec::with_capacity(files.len());
     for (_, path) in &files {
-        contents.push(fs::read(path).map_err(Error::io(path))?);
+        contents.push(io.read(path).map_err(Error::io(path))?);
     }
     let mut report = Recovered::default();
     let mut frames = Frames::default();
@@ -199,14 +202,14 @@ pub(crate) fn recover(
                 Recovery::Salvage => {
                     let keep = bytes.get(..offset).unwrap_or_default().to_vec();
                     report.salvaged =
-                        Some(salvage(dir, files.get(file_idx..).unwrap_or_default(), &keep)?);
+                        Some(salvage(io, dir, files.get(file_idx..).unwrap_or_default(), &keep)?);
                     files.truncate(file_idx + 1);
                     contents.truncate(file_idx);
                     if offset == 0 {
                         // Not even the header was sound: nothing of the file is kept.
                         let (_, path) = files.remove(file_idx);
-                        fs::remove_file(&path).map_err(Error::io(&path))?;
-                        dirs::sync_dir(dir).map_err(Error::io(dir))?;
+                        io.remove_file(&path).map_err(Error::io(&path))?;
+                        io.sync_dir(dir).map_err(Error::io(dir))?;
                     } else {
                         contents.push(keep);
                     }
@@ -226,7 +229,7 @@ pub(crate) fn recover(
         && let (Some((_, path)), Some(bytes)) = (files.get(file), contents.get(file))
     {
         report.torn_bytes = (bytes.len() - offset) as u64;
-        let handle = File::options().write(true).open(path).map_err(Error::io(path))?;
+        let handle = io.open(path, Open::Write).map_err(Error::io(path))?;
         handle.set_len(offset as u64).map_err(Error::io(path))?;
         handle.sync_all().map_err(Error::io(path))?;
     }
@@ -435,71 +438,56 @@ fn open_event<'a>(
 
 /// Moves `files` into a new `salvaged-<time>` directory and writes `keep` back in
 /// place of the first of them.
-fn salvage(dir: &Path, files: &[(u64, PathBuf)], keep: &[u8]) -> Result<PathBuf> {
+fn salvage(io: &Io, dir: &Path, files: &[(u64, PathBuf)], keep: &[u8]) -> Result<PathBuf> {
     let millis = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |it| it.as_millis());
     let aside = dir.join(format!("salvaged-{millis}"));
-    dirs::create_dir_durably(&aside).map_err(Error::io(&aside))?;
+    io.create_dir_durably(&aside).map_err(Error::io(&aside))?;
     for (_, path) in files {
         let Some(name) = path.file_name() else { continue };
         let target = aside.join(name);
-        fs::rename(path, &target).map_err(Error::io(path))?;
+        io.rename(path, &target).map_err(Error::io(path))?;
     }
-    dirs::sync_dir(&aside).map_err(Error::io(&aside))?;
+    io.sync_dir(&aside).map_err(Error::io(&aside))?;
     if let Some((_, path)) = files.first() {
-        write_durably(dir, path, keep)?;
+        io.write_durably(path, keep).map_err(Error::io(path))?;
     }
-    dirs::sync_dir(dir).map_err(Error::io(dir))?;
+    io.sync_dir(dir).map_err(Error::io(dir))?;
     Ok(aside)
-}
-
-/// Writes `bytes` to `path` through a temporary file, so that `path` holds either
-/// its old contents or all of `bytes`; the rename is made durable.
-pub(crate) fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut part = path.as_os_str().to_owned();
-    part.push(PART_SUFFIX);
-    let part = PathBuf::from(part);
-    let mut file = File::create(&part).map_err(Error::io(&part))?;
-    file.write_all(bytes).map_err(Error::io(&part))?;
-    file.sync_all().map_err(Error::io(&part))?;
-    drop(file);
-    fs::rename(&part, path).map_err(Error::io(path))?;
-    dirs::sync_dir(dir).map_err(Error::io(dir))
 }
 
 /// Creates the journal file whose first event is `first`, durably, open for appending.
 pub(crate) fn create_journal_file(
+    io: &Io,
     dir: &Path,
     identity: &Identity,
     sealer: &Sealer,
     first: u64,
-) -> Result<(File, PathBuf)> {
+) -> Result<(IoFile, PathBuf)> {
     let path = dir.join(format::journal_name(first));
     let header =
         Header::new(identity, sealer.is_on(), first, 0, Extra::KeyCheck(key_check(sealer)));
-    write_durably(dir, &path, &header.encode())?;
-    let file = File::options().append(true).open(&path).map_err(Error::io(&path))?;
+    io.write_durably(&path, &header.encode()).map_err(Error::io(&path))?;
+    let file = io.open(&path, Open::Append).map_err(Error::io(&path))?;
     Ok((file, path))
 }
 
 /// The journal files in `dir`, by first event number.
-pub(crate) fn journal_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    list(dir, FileKind::Journal)
+pub(crate) fn journal_files(io: &Io, dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    list(io, dir, FileKind::Journal)
 }
 
 /// The snapshot files in `dir`, by the number of events they cover.
-pub(crate) fn snapshot_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    list(dir, FileKind::Snapshot)
+pub(crate) fn snapshot_files(io: &Io, dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    list(io, dir, FileKind::Snapshot)
 }
 
-fn list(dir: &Path, kind: FileKind) -> Result<Vec<(u64, PathBuf)>> {
+fn list(io: &Io, dir: &Path, kind: FileKind) -> Result<Vec<(u64, PathBuf)>> {
     let mut files = Vec::new();
-    for entry in fs::read_dir(dir).map_err(Error::io(dir))? {
-        let entry = entry.map_err(Error::io(dir))?;
-        let name = entry.file_name();
-        if let Some((found, n)) = name.to_str().and_then(format::parse_name)
+    for entry in io.read_dir(dir).map_err(Error::io(dir))? {
+        if let Some((found, n)) = entry.name.to_str().and_then(format::parse_name)
             && found == kind
         {
-            files.push((n, entry.path()));
+            files.push((n, dir.join(&entry.name)));
         }
     }
     files.sort();
@@ -507,12 +495,11 @@ fn list(dir: &Path, kind: FileKind) -> Result<Vec<(u64, PathBuf)>> {
 }
 
 /// Removes the temporary files a crash left behind.
-fn remove_parts(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir).map_err(Error::io(dir))? {
-        let entry = entry.map_err(Error::io(dir))?;
-        if entry.file_name().to_str().is_some_and(|name| name.ends_with(PART_SUFFIX)) {
-            let path = entry.path();
-            fs::remove_file(&path).map_err(Error::io(&path))?;
+fn remove_parts(io: &Io, dir: &Path) -> Result<()> {
+    for entry in io.read_dir(dir).map_err(Error::io(dir))? {
+        if entry.name.to_str().is_some_and(|name| name.ends_with(PART_SUFFIX)) {
+            let path = dir.join(&entry.name);
+            io.remove_file(&path).map_err(Error::io(&path))?;
         }
     }
     Ok(())

@@ -1,17 +1,14 @@
 //! Snapshot files: the whole state after a number of events, written atomically
 //! and durably, read back newest sound one first.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use super::{
     Identity,
     format::{self, Extra, Header},
     recovery::{self, check_identity, check_sealed},
 };
-use crate::{Error, Result, crypt::Sealer, fs as dirs};
+use crate::{Error, Result, crypt::Sealer, io::Io};
 
 /// A sound snapshot read back: what it covers and its (opened) encoded state.
 pub(crate) struct LoadedSnapshot {
@@ -29,9 +26,11 @@ fn aad(events: u64) -> Vec<u8> {
     aad
 }
 
-/// Writes the snapshot of the encoded state `body` covering `events` events, durably:
-/// a temporary file, fsynced, renamed into place, and the directory fsynced.
+/// Writes the snapshot of the encoded state `body` covering `events` events: a
+/// temporary file, fsynced and renamed into place. The rename is durable once the
+/// caller syncs the directory.
 pub(crate) fn write(
+    io: &Io,
     dir: &Path,
     identity: &Identity,
     sealer: &Sealer,
@@ -44,20 +43,21 @@ pub(crate) fn write(
     let mut bytes = Header::new(identity, sealer.is_on(), events, at, extra).encode();
     bytes.extend_from_slice(&stored);
     let path = dir.join(format::snapshot_name(events));
-    recovery::write_durably(dir, &path, &bytes)?;
+    io.write_renamed(&path, &bytes).map_err(Error::io(&path))?;
     Ok(path)
 }
 
 /// Reads the newest sound snapshot in `dir`; the damaged ones passed over are
 /// pushed to `unsound`. Type, version and key mismatches are errors, not damage.
 pub(crate) fn load_newest(
+    io: &Io,
     dir: &Path,
     identity: &Identity,
     sealer: &Sealer,
     unsound: &mut Vec<PathBuf>,
 ) -> Result<Option<LoadedSnapshot>> {
-    for (events, path) in recovery::snapshot_files(dir)?.into_iter().rev() {
-        let bytes = fs::read(&path).map_err(Error::io(&path))?;
+    for (events, path) in recovery::snapshot_files(io, dir)?.into_iter().rev() {
+        let bytes = io.read(&path).map_err(Error::io(&path))?;
         let Ok((header, len)) = Header::decode(&bytes, true) else {
             unsound.push(path);
             continue;
@@ -102,15 +102,14 @@ fn check_sealed_snapshot(header: &Header, path: &Path, sealer: &Sealer) -> Resul
 
 /// Deletes all but the newest `keep` snapshots (at least one); returns the number of
 /// events the oldest one kept covers.
-pub(crate) fn retain(dir: &Path, keep: usize) -> Result<Option<u64>> {
-    let files = recovery::snapshot_files(dir)?;
+pub(crate) fn retain(io: &Io, dir: &Path, keep: usize) -> Result<Option<u64>> {
+    let files = recovery::snapshot_files(io, dir)?;
     let cut = files.len().saturating_sub(keep.max(1));
     let (old, kept) = files.split_at(cut);
+    // Not made durable: a deleted snapshot that comes back after a crash is harmless
+    // (it is older than the one kept), and the next sync of the directory covers it.
     for (_, path) in old {
-        fs::remove_file(path).map_err(Error::io(path))?;
-    }
-    if !old.is_empty() {
-        dirs::sync_dir(dir).map_err(Error::io(dir))?;
+        io.remove_file(path).map_err(Error::io(path))?;
     }
     Ok(kept.first().map(|(events, _)| *events))
 }

@@ -4,14 +4,13 @@
 
 use std::{
     any::Any,
-    fs::{self, File},
     io::Write,
     mem,
     panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         mpsc,
     },
     thread,
@@ -21,7 +20,11 @@ use std::{
 use parking_lot::{Condvar, Mutex};
 
 use super::{Durability, Identity, Job, Timestamp, event_aad, format, recovery, snapshot};
-use crate::{Error, Result, crypt::Sealer, fs as dirs};
+use crate::{
+    Error, Result,
+    crypt::Sealer,
+    io::{Io, IoFile, Open},
+};
 
 /// Frames buffered by the unsynced modes before they are written.
 const BUFFER_LIMIT: usize = 256 * 1024;
@@ -33,13 +36,12 @@ pub(crate) struct Journal {
     durability: Durability,
     sealer: Sealer,
     queue: Mutex<Queue>,
-    io: Mutex<Io>,
-    /// Set by a snapshot: the next write starts a new file.
-    rotate: AtomicBool,
+    output: Mutex<Output>,
     /// Bytes framed since the journal opened.
     framed: AtomicU64,
     timer: Mutex<Option<Timer>>,
-    _lock: Option<File>,
+    io: Io,
+    _lock: Option<IoFile>,
 }
 
 struct Queue {
@@ -49,16 +51,15 @@ struct Queue {
     clock: u64,
     /// Frames not yet written.
     buf: Vec<u8>,
-    /// The number of the first event framed in `buf`, if any.
-    buf_first: Option<u64>,
     /// Group commit: events queued for the next leader.
     pending: Vec<Box<dyn Pending>>,
     leading: bool,
     poisoned: bool,
 }
 
-struct Io {
-    file: Option<File>,
+/// The journal file being written, under the lock every write takes.
+struct Output {
+    file: Option<IoFile>,
     path: PathBuf,
     /// Bytes written to `file` and not yet synced.
     unsynced: bool,
@@ -82,7 +83,8 @@ impl Journal {
         identity: Identity,
         durability: Durability,
         sealer: Sealer,
-        lock: Option<File>,
+        io: Io,
+        lock: Option<IoFile>,
         tail: &recovery::Tail,
         from: u64,
         at: u64,
@@ -90,15 +92,19 @@ impl Journal {
         let next = tail.next.max(from);
         let clock = tail.clock.max(at);
         // Append to the last file only when it ends exactly where the next event goes;
-        // otherwise (no file yet, or a snapshot ahead of it) the next write starts one.
-        let file = match (&dir, &tail.file) {
+        // otherwise (no file yet, or a snapshot ahead of it) start one now, so that a
+        // journal always has a file to hold its next event.
+        let (file, path) = match (&dir, &tail.file) {
             (Some(_), Some((path, last_next))) if *last_next == next => {
-                Some(File::options().append(true).open(path).map_err(Error::io(path))?)
+                (Some(io.open(path, Open::Append).map_err(Error::io(path))?), path.clone())
             }
-            _ => None,
+            (Some(dir), _) => {
+                let (file, path) =
+                    recovery::create_journal_file(&io, dir, &identity, &sealer, next)?;
+                (Some(file), path)
+            }
+            (None, _) => (None, PathBuf::new()),
         };
-        let path = tail.file.as_ref().map(|(path, _)| path.clone()).unwrap_or_default();
-        let rotate = file.is_none();
         Ok(Journal {
             identity,
             durability: if dir.is_some() { durability } else { Durability::Unsynced },
@@ -107,15 +113,14 @@ impl Journal {
                 next,
                 clock,
                 buf: Vec::new(),
-                buf_first: None,
                 pending: Vec::new(),
                 leading: false,
                 poisoned: false,
             }),
-            io: Mutex::new(Io { file, path, unsynced: false, failed: false }),
-            rotate: AtomicBool::new(rotate),
+            output: Mutex::new(Output { file, path, unsynced: false, failed: false }),
             framed: AtomicU64::new(0),
             timer: Mutex::new(None),
+            io,
             _lock: lock,
             dir,
         })
@@ -127,9 +132,6 @@ impl Journal {
         for &seq in events {
             format::put_void(&mut queue.buf, seq, seq);
         }
-        // A journal without a current file starts one named after the next event.
-        let next = queue.next;
-        queue.buf_first.get_or_insert(next);
         drop(queue);
         self.sync()
     }
@@ -146,15 +148,19 @@ impl Journal {
                 next: 0,
                 clock: 0,
                 buf: Vec::new(),
-                buf_first: None,
                 pending: Vec::new(),
                 leading: false,
                 poisoned: false,
             }),
-            io: Mutex::new(Io { file: None, path: PathBuf::new(), unsynced: false, failed: false }),
-            rotate: AtomicBool::new(false),
+            output: Mutex::new(Output {
+                file: None,
+                path: PathBuf::new(),
+                unsynced: false,
+                failed: false,
+            }),
             framed: AtomicU64::new(0),
             timer: Mutex::new(None),
+            io: Io::default(),
             _lock: None,
         }
     }
@@ -250,7 +256,6 @@ impl Journal {
             let before = queue.buf.len();
             format::put_event(&mut queue.buf, seq, at, &stored);
             self.framed.fetch_add((queue.buf.len() - before) as u64, Ordering::Relaxed);
-            queue.buf_first.get_or_insert(seq);
         }
         Ok((seq, Timestamp(at)))
     }
@@ -264,8 +269,8 @@ impl Journal {
         };
         if must_write && self.dir.is_some() {
             let sync = self.durability == Durability::SyncEach;
-            let (bytes, first) = (mem::take(&mut queue.buf), queue.buf_first.take());
-            if let Err(err) = self.io.lock().write(self, &bytes, first, sync) {
+            let bytes = mem::take(&mut queue.buf);
+            if let Err(err) = self.output.lock().write(self, &bytes, sync) {
                 queue.poisoned = true;
                 return Err(write_failed(err));
             }
@@ -294,11 +299,10 @@ impl Journal {
             return;
         }
         let mut bytes = mem::take(&mut queue.buf);
-        let buf_first = queue.buf_first.take();
         format::put_void(&mut bytes, first, last);
         // If this fails, the panicking event is replayed on the next open and panics
         // again there, which is reported as `ReplayPanicked`.
-        let _ = self.io.lock().write(self, &bytes, buf_first, true);
+        let _ = self.output.lock().write(self, &bytes, true);
     }
 
     fn commit_grouped<J: Job>(&self, event: Vec<u8>, job: J) -> Result<J::Output> {
@@ -330,9 +334,8 @@ impl Journal {
         let mut queue = self.queue.lock();
         let batch = mem::take(&mut queue.pending);
         let bytes = mem::take(&mut queue.buf);
-        let first = queue.buf_first.take();
         let poisoned = queue.poisoned;
-        let mut io = self.io.lock();
+        let mut output = self.output.lock();
         drop(queue);
         let mut checks = Vec::new();
         let mut after = After::Fine;
@@ -340,7 +343,7 @@ impl Journal {
             for entry in batch {
                 entry.fail(Error::Poisoned { path: self.label() });
             }
-        } else if let Err(err) = io.write(self, &bytes, first, true) {
+        } else if let Err(err) = output.write(self, &bytes, true) {
             let err = write_failed(err);
             for entry in batch {
                 entry.fail(self.share(&err));
@@ -363,7 +366,7 @@ impl Journal {
                 entry.fail(Error::Poisoned { path: self.label() });
             }
         }
-        drop(io);
+        drop(output);
         let mut queue = self.queue.lock();
         match after {
             After::Fine => {}
@@ -375,7 +378,6 @@ impl Journal {
                 entry.fail(Error::Poisoned { path: self.label() });
             }
             queue.buf.clear();
-            queue.buf_first = None;
             queue.leading = false;
             return;
         }
@@ -406,27 +408,46 @@ impl Journal {
             return Ok(());
         }
         let bytes = mem::take(&mut queue.buf);
-        let first = queue.buf_first.take();
-        let mut io = self.io.lock();
+        let mut output = self.output.lock();
         drop(queue);
-        let res = io.write(self, &bytes, first, true);
+        let res = output.write(self, &bytes, true);
         if res.is_err() {
-            drop(io);
+            drop(output);
             self.queue.lock().poisoned = true;
         }
         res.map_err(write_failed)
     }
 
+    /// Writes and syncs everything handled so far, then starts a new journal file for
+    /// the events to come, so that a snapshot covering the events so far lets the
+    /// old files go.
+    fn rotate(&self) -> Result<()> {
+        let mut queue = self.queue.lock();
+        if queue.poisoned {
+            return Err(Error::Poisoned { path: self.label() });
+        }
+        let bytes = mem::take(&mut queue.buf);
+        let mut output = self.output.lock();
+        // The queue stays locked: no event may be numbered while the file changes.
+        let res = output.write(self, &bytes, true).and_then(|()| output.start(self, queue.next));
+        if res.is_err() {
+            queue.poisoned = true;
+        }
+        res.map_err(write_failed)
+    }
+
     /// Writes the snapshot of `body`, the encoded state after `events` events (the
-    /// last stamped `at`): later events go to a new journal file, the journal is
-    /// synced, the snapshot written durably, and only then are snapshots beyond the
-    /// newest `keep` and the journal files that no kept snapshot needs deleted.
+    /// last stamped `at`), then syncs the journal and starts a new journal file for
+    /// later events (whose creation makes the snapshot durable too), and only then
+    /// deletes the snapshots beyond the newest `keep` and the journal files that no
+    /// kept snapshot needs.
     pub(crate) fn snapshot(&self, body: Vec<u8>, events: u64, at: u64, keep: usize) -> Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
-        self.rotate.store(true, Ordering::Relaxed);
-        self.sync()?;
-        snapshot::write(dir, &self.identity, &self.sealer, events, at, body)?;
-        if let Some(oldest) = snapshot::retain(dir, keep)? {
+        // The snapshot's rename is made durable by the sync of the directory that
+        // starting the next journal file makes, before anything is deleted.
+        snapshot::write(&self.io, dir, &self.identity, &self.sealer, events, at, body)?;
+        self.rotate()?;
+        if let Some(oldest) = snapshot::retain(&self.io, dir, keep)? {
             self.retire(oldest)?;
         }
         Ok(())
@@ -436,26 +457,25 @@ impl Journal {
     /// `body` (the encoded state after `events` events, the last stamped `at`) and
     /// an empty journal file after it, whose header carries the types and key check.
     pub(crate) fn copy_to(&self, dir: &Path, body: Vec<u8>, events: u64, at: u64) -> Result<()> {
-        dirs::create_dir_durably(dir).map_err(Error::io(dir))?;
-        snapshot::write(dir, &self.identity, &self.sealer, events, at, body)?;
-        recovery::create_journal_file(dir, &self.identity, &self.sealer, events).map(drop)
+        self.io.create_dir_durably(dir).map_err(Error::io(dir))?;
+        snapshot::write(&self.io, dir, &self.identity, &self.sealer, events, at, body)?;
+        // Creating the journal file syncs the directory, which holds the snapshot too.
+        recovery::create_journal_file(&self.io, dir, &self.identity, &self.sealer, events).map(drop)
     }
 
     /// Deletes the journal files holding only events numbered below `below`.
     fn retire(&self, below: u64) -> Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
-        let files = recovery::journal_files(dir)?;
-        let mut removed = false;
+        let files = recovery::journal_files(&self.io, dir)?;
+        // Not made durable: a deleted journal file that comes back after a crash is
+        // harmless (recovery skips the files a snapshot covers), and the next sync
+        // of the directory covers it.
         for pair in files.windows(2) {
             if let [(_, path), (next_first, _)] = pair
                 && *next_first <= below
             {
-                fs::remove_file(path).map_err(Error::io(path))?;
-                removed = true;
+                self.io.remove_file(path).map_err(Error::io(path))?;
             }
-        }
-        if removed {
-            dirs::sync_dir(dir).map_err(Error::io(dir))?;
         }
         Ok(())
     }
@@ -485,52 +505,21 @@ impl Drop for Journal {
     }
 }
 
-impl Io {
-    /// Writes `bytes` to the current file (starting a new one first when asked and
-    /// `first` says which event it starts with), and syncs when `sync` says so.
+impl Output {
+    /// Writes `bytes` to the current file, and syncs when `sync` says so.
     /// After a failure, refuses every later write with [`Error::Poisoned`].
-    fn write(
-        &mut self,
-        journal: &Journal,
-        bytes: &[u8],
-        first: Option<u64>,
-        sync: bool,
-    ) -> Result<()> {
+    fn write(&mut self, journal: &Journal, bytes: &[u8], sync: bool) -> Result<()> {
         if self.failed {
             return Err(Error::Poisoned { path: journal.label() });
         }
-        let res = self.write_unchecked(journal, bytes, first, sync);
+        let res = self.write_unchecked(bytes, sync);
         self.failed = res.is_err();
         res
     }
 
-    fn write_unchecked(
-        &mut self,
-        journal: &Journal,
-        bytes: &[u8],
-        first: Option<u64>,
-        sync: bool,
-    ) -> Result<()> {
-        let Some(dir) = &journal.dir else { return Ok(()) };
-        if let Some(first) = first
-            && journal.rotate.swap(false, Ordering::Relaxed)
-        {
-            if let Some(file) = &self.file
-                && self.unsynced
-            {
-                file.sync_data().map_err(Error::io(&self.path))?;
-                self.unsynced = false;
-            }
-            let (file, path) =
-                recovery::create_journal_file(dir, &journal.identity, &journal.sealer, first)?;
-            self.file = Some(file);
-            self.path = path;
-        }
-        let Some(file) = &mut self.file else {
-            // Nothing was ever written, and `bytes` hold no event: only check frames
-            // of events whose file is gone. Nothing to do.
-            return Ok(());
-        };
+    fn write_unchecked(&mut self, bytes: &[u8], sync: bool) -> Result<()> {
+        // Only a transient journal has no file, and it writes nothing.
+        let Some(file) = &mut self.file else { return Ok(()) };
         if !bytes.is_empty() {
             file.write_all(bytes).map_err(Error::io(&self.path))?;
             self.unsynced = true;
@@ -540,6 +529,35 @@ impl Io {
             self.unsynced = false;
         }
         Ok(())
+    }
+
+    /// Starts the journal file whose first event is `first`, durably, once the
+    /// current one is synced.
+    fn start(&mut self, journal: &Journal, first: u64) -> Result<()> {
+        if self.failed {
+            return Err(Error::Poisoned { path: journal.label() });
+        }
+        let Some(dir) = &journal.dir else { return Ok(()) };
+        let res = self.write_unchecked(&[], true).and_then(|()| {
+            recovery::create_journal_file(
+                &journal.io,
+                dir,
+                &journal.identity,
+                &journal.sealer,
+                first,
+            )
+        });
+        match res {
+            Ok((file, path)) => {
+                self.file = Some(file);
+                self.path = path;
+                Ok(())
+            }
+            Err(err) => {
+                self.failed = true;
+                Err(err)
+            }
+        }
     }
 }
 

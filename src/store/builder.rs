@@ -17,7 +17,7 @@ use crate::{
     backend::{Memory, Sled},
     cell::{ErasedCell, Value},
     crypt::Sealer,
-    fs,
+    io::Io,
     journal::{Durability, Recovery},
     journaled::{self, JournalOptions, JournaledCell},
     registry,
@@ -49,6 +49,7 @@ pub struct StoreBuilder {
     keep: usize,
     keep_bytes: u64,
     journal: JournalOptions,
+    io: Io,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
 }
@@ -77,6 +78,7 @@ impl Default for StoreBuilder {
                 durability: Durability::SyncEach,
                 recovery: Recovery::Strict,
             },
+            io: Io::default(),
             #[cfg(feature = "encryption")]
             key: None,
         }
@@ -247,11 +249,17 @@ impl StoreBuilder {
         let path = path.as_ref();
         let sealer = self.sealer();
         let cells = check_names(self.cells)?;
-        fs::create_dir_durably(path).map_err(Error::io(path))?;
-        let lock = fs::lock_dir(path, LOCK_FILE)?;
-        let backend = Sled::open(&path.join(ENGINE_DIR))?;
-        let values_path = path.join(VALUES_DIR);
-        let values = ValueDir::open(values_path.clone()).map_err(Error::io(values_path))?;
+        let io = self.io;
+        io.create_dir_durably(path).map_err(Error::io(path))?;
+        let lock = io.lock_dir(path, LOCK_FILE)?;
+        let (engine_path, values_path) = (path.join(ENGINE_DIR), path.join(VALUES_DIR));
+        let new = !engine_path.is_dir() || !values_path.is_dir();
+        let backend = Sled::open(&io, &engine_path)?;
+        let values = ValueDir::open(&io, values_path.clone()).map_err(Error::io(values_path))?;
+        if new {
+            // One sync of the store directory makes both new directories durable.
+            io.sync_dir(path).map_err(Error::io(path))?;
+        }
         let (cells, journaled) = split_journaled(cells);
         Store::load(Inner {
             label: path.to_path_buf(),
@@ -266,6 +274,7 @@ impl StoreBuilder {
             keep_bytes: self.keep_bytes,
             state: Mutex::default(),
             background: Background::default(),
+            io,
             _lock: Some(lock),
         })
     }
@@ -303,8 +312,16 @@ impl StoreBuilder {
             keep_bytes: self.keep_bytes,
             state: Mutex::default(),
             background: Background::default(),
+            io: self.io,
             _lock: None,
         })
+    }
+
+    /// Runs the store's file operations through `io` (a simulator, in tests).
+    #[cfg(test)]
+    pub(crate) fn io(mut self, io: Io) -> StoreBuilder {
+        self.io = io;
+        self
     }
 
     #[cfg_attr(not(feature = "encryption"), allow(clippy::unused_self))]

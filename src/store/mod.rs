@@ -18,7 +18,6 @@ mod view;
 use std::{
     collections::{BTreeMap, VecDeque},
     fmt,
-    fs::File,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -43,6 +42,7 @@ use crate::{
     backend::{Backend, Sled},
     cell::ErasedCell,
     crypt::Sealer,
+    io::{Io, IoFile},
     journaled::{JournalOptions, JournaledCell},
     values::ValueDir,
 };
@@ -115,8 +115,9 @@ pub(crate) struct Inner {
     // Held for the whole of a save, reload or load, which therefore never overlap.
     state: Mutex<State>,
     background: Background,
+    io: Io,
     // Held open for its lock, which the OS releases when the store is dropped.
-    _lock: Option<File>,
+    _lock: Option<IoFile>,
 }
 
 /// What a store knows of what it holds; behind [`Inner::state`].
@@ -261,6 +262,11 @@ impl Inner {
     /// The store directory, or `:memory:`: what errors name.
     pub(crate) fn label(&self) -> &Path {
         &self.label
+    }
+
+    /// The file system the store works through.
+    pub(crate) fn io(&self) -> &Io {
+        &self.io
     }
 
     /// The store's background-saving state, which `autosave` runs.

@@ -83,7 +83,7 @@ impl Inner {
         for cell in &self.journaled {
             let dir =
                 self.values.as_ref().map(|_| journaled::journal_dir(&self.label, cell.name()));
-            match cell.open_journal(dir, self.journal, self.sealer.clone()) {
+            match cell.open_journal(dir, self.journal, self.sealer.clone(), &self.io) {
                 Ok(attach) => opened.push(attach),
                 Err(err) => errors.push(err),
             }

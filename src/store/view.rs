@@ -6,7 +6,6 @@
 use std::{
     borrow::Cow,
     collections::BTreeMap,
-    fs::{self, File},
     io::Write,
     path::{Path, PathBuf},
 };
@@ -18,7 +17,6 @@ use crate::{
     Error, Result,
     backend::{Backend, Batch, Records, Sled},
     codec::{self, Body, Manifest, Record},
-    fs::sync_dir,
     journaled,
     values::{Encoded, Spilled, ValueDir, ValueWriter},
 };
@@ -130,9 +128,10 @@ impl LastSave<'_> {
     /// journaled cell as it is now.
     pub(crate) fn copy_to(&self, dir: &Path) -> Result<()> {
         let inner = self.inner;
+        let io = &inner.io;
         let records = inner.backend.read_all()?;
         let values_path = dir.join(VALUES_DIR);
-        let values = ValueDir::open(values_path.clone()).map_err(Error::io(&values_path))?;
+        let values = ValueDir::open(io, values_path.clone()).map_err(Error::io(&values_path))?;
         let files = match (inner.referenced_files(&self.state), &inner.values) {
             (Some(files), _) => files.into_iter().collect(),
             // Unreadable data might point at any file: copy them all.
@@ -141,12 +140,13 @@ impl LastSave<'_> {
         };
         if let Some(source) = &inner.values {
             for id in files {
-                copy_durably(&source.file_path(id), &values.file_path(id))?;
+                let from = source.file_path(id);
+                io.copy_durably(&from, &values.file_path(id)).map_err(Error::io(from))?;
             }
         }
-        sync_dir(&values_path).map_err(Error::io(&values_path))?;
+        io.sync_dir(&values_path).map_err(Error::io(&values_path))?;
         let batch: Batch = records.into_iter().map(|(key, bytes)| (key, Some(bytes))).collect();
-        let engine = Sled::open(&dir.join(ENGINE_DIR))?;
+        let engine = Sled::open(io, &dir.join(ENGINE_DIR))?;
         engine.commit(batch)?;
         for cell in &inner.journaled {
             cell.backup_into(&journaled::journal_dir(dir, cell.name()))?;
@@ -253,10 +253,4 @@ impl Inner {
         }
         Ok((writes, target))
     }
-}
-
-/// Copies the file `from` to `to`, and fsyncs the copy.
-fn copy_durably(from: &Path, to: &Path) -> Result<()> {
-    fs::copy(from, to).map_err(Error::io(from))?;
-    File::open(to).and_then(|file| file.sync_all()).map_err(Error::io(to))
 }

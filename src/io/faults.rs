@@ -1,0 +1,382 @@
+//! The durability claims, tested through the simulator: a power loss at every call
+//! of a workload loses nothing acknowledged; every sync of ours is needed (skip it,
+//! and some power loss after it loses acknowledged data or leaves a directory that
+//! does not open); and a failure of any call is a typed error, poisons what it must,
+//! and leaves a directory that opens with the last acknowledged data.
+//!
+//! Each test declares its own cells (statics inside the test function), so that
+//! tests running in parallel share nothing.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use super::{
+    Io, Op,
+    sim::{Fault, Sim},
+};
+use crate::{Error, Prevayler, StateCell, Store, prevalence::Durability};
+
+type TestResult<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// How many ways of reordering unsynced changes a search for harm tries at each
+/// point of power loss.
+const SEEDS: u64 = 6;
+
+/// A directory for one run: the store or journal under `root`, which the simulator
+/// models, and `out`, where a power loss puts what survives.
+struct Run {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    out: PathBuf,
+    sim: Arc<Sim>,
+}
+
+impl Run {
+    fn new() -> TestResult<Run> {
+        let tmp = tempfile::tempdir()?;
+        let root = tmp.path().join("root");
+        std::fs::create_dir(&root)?;
+        let sim = Sim::new(&root)?;
+        let out = tmp.path().join("out");
+        Ok(Run { root, out, sim, _tmp: tmp })
+    }
+
+    fn io(&self) -> Io {
+        Io::simulated(Arc::clone(&self.sim))
+    }
+
+    /// What survives the power loss: the one that came during the workload, or one
+    /// just after it ended.
+    fn survivor(&self, name: &str) -> TestResult<PathBuf> {
+        if !self.sim.crashed() {
+            self.sim.power_loss(&self.out)?;
+        }
+        Ok(self.out.join(name))
+    }
+}
+
+/// What is wrong with a directory after a run, if anything: the harm a missing sync
+/// would do.
+type Harm = Option<String>;
+
+// ---------------------------------------------------------------------------------
+// The store
+// ---------------------------------------------------------------------------------
+
+/// The store workload: three saves of a small cell and a large one (a value file),
+/// each save `n` writing `n` into both. Returns the last save acknowledged.
+fn save_three(
+    io: Io,
+    dir: &Path,
+    small: &'static StateCell<u64>,
+    large: &'static StateCell<Vec<u64>>,
+) -> u64 {
+    let Ok(store) = Store::builder().cell(small).cell(large).io(io).open(dir) else { return 0 };
+    let mut acked = 0;
+    for n in 1..=3 {
+        small.set(n);
+        large.set(vec![n; 2_000]);
+        if store.save_all().is_err() {
+            break;
+        }
+        acked = n;
+    }
+    acked
+}
+
+/// Opens the store in `dir` for real and checks that it holds one whole save, no
+/// older than `acked`.
+fn check_store(
+    dir: &Path,
+    acked: u64,
+    small: &'static StateCell<u64>,
+    large: &'static StateCell<Vec<u64>>,
+) -> Harm {
+    small.set(0);
+    large.set(Vec::new());
+    let store = match Store::builder().cell(small).cell(large).open(dir) {
+        Ok(store) => store,
+        Err(err) => return Some(format!("the store does not open: {err}")),
+    };
+    let n = small.get();
+    let whole = if n == 0 { large.read().is_empty() } else { *large.read() == vec![n; 2_000] };
+    drop(store);
+    if !whole {
+        return Some(format!("the cells hold a mix of saves (small is {n})"));
+    }
+    (n < acked).then(|| format!("save {acked} was acknowledged, the store holds save {n}"))
+}
+
+#[test]
+fn a_power_loss_at_any_call_of_a_save_loses_nothing_acknowledged() -> TestResult {
+    static SMALL: StateCell<u64> = StateCell::new("faults::power::SMALL", || 0);
+    static LARGE: StateCell<Vec<u64>> = StateCell::new("faults::power::LARGE", Vec::new);
+    let calls = {
+        let run = Run::new()?;
+        save_three(run.io(), &run.root.join("store"), &SMALL, &LARGE);
+        run.sim.calls()
+    };
+    assert!(calls > 20, "the workload made only {calls} calls");
+    for call in 1..=calls + 1 {
+        let run = Run::new()?;
+        run.sim.seed(call);
+        run.sim.crash_at(call, &run.out);
+        let acked = save_three(run.io(), &run.root.join("store"), &SMALL, &LARGE);
+        if let Some(harm) = check_store(&run.survivor("store")?, acked, &SMALL, &LARGE) {
+            return Err(format!("power loss at call {call} of {calls}: {harm}").into());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_sync_of_a_save_is_needed() -> TestResult {
+    static SMALL: StateCell<u64> = StateCell::new("faults::needed::SMALL", || 0);
+    static LARGE: StateCell<Vec<u64>> = StateCell::new("faults::needed::LARGE", Vec::new);
+    let (syncs, calls) = {
+        let run = Run::new()?;
+        save_three(run.io(), &run.root.join("store"), &SMALL, &LARGE);
+        (run.sim.syncs(), run.sim.calls())
+    };
+    let mut unneeded = Vec::new();
+    for sync in 1..=syncs {
+        // Where this sync is, and whether it is one of ours (the engine's own files
+        // are taken as they are on disk, so skipping their sync shows nothing).
+        let (path, from) = {
+            let run = Run::new()?;
+            run.sim.skip_sync(sync);
+            save_three(run.io(), &run.root.join("store"), &SMALL, &LARGE);
+            let Some((call, path)) = run.sim.skipped() else { continue };
+            (path, call)
+        };
+        if path.components().any(|it| it.as_os_str() == "sled") {
+            continue;
+        }
+        let mut harmed = false;
+        'search: for call in from + 1..=calls + 1 {
+            for seed in 0..SEEDS {
+                let run = Run::new()?;
+                run.sim.skip_sync(sync);
+                run.sim.seed(call * SEEDS + seed);
+                run.sim.crash_at(call, &run.out);
+                let acked = save_three(run.io(), &run.root.join("store"), &SMALL, &LARGE);
+                if check_store(&run.survivor("store")?, acked, &SMALL, &LARGE).is_some() {
+                    harmed = true;
+                    break 'search;
+                }
+            }
+        }
+        if !harmed {
+            unneeded.push(path);
+        }
+    }
+    assert!(unneeded.is_empty(), "skipping these syncs harmed nothing: {unneeded:?}");
+    Ok(())
+}
+
+#[test]
+fn a_failed_call_of_a_save_is_a_typed_error_that_poisons_and_loses_nothing() -> TestResult {
+    static SMALL: StateCell<u64> = StateCell::new("faults::fail::SMALL", || 0);
+    static LARGE: StateCell<Vec<u64>> = StateCell::new("faults::fail::LARGE", Vec::new);
+    let calls = {
+        let run = Run::new()?;
+        save_three(run.io(), &run.root.join("store"), &SMALL, &LARGE);
+        run.sim.calls()
+    };
+    for nth in 1..=calls {
+        for no_space in [false, true] {
+            let run = Run::new()?;
+            run.sim.fail(Fault { nth, ops: Vec::new(), no_space, sticky: false });
+            let dir = run.root.join("store");
+            let mut acked = 0;
+            if let Ok(store) = Store::builder().cell(&SMALL).cell(&LARGE).io(run.io()).open(&dir) {
+                for n in 1..=3 {
+                    SMALL.set(n);
+                    LARGE.set(vec![n; 2_000]);
+                    match store.save_all() {
+                        Ok(()) => acked = n,
+                        Err(err) => {
+                            // A failed save poisons the store: no later save may go on
+                            // as if the failed one had not happened.
+                            let again = store.save_all();
+                            if !matches!(again, Err(Error::Poisoned { .. })) {
+                                return Err(format!(
+                                    "call {nth} failed a save ({err}), and the next save gave {again:?}"
+                                )
+                                .into());
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            if run.sim.fired().is_empty() {
+                continue;
+            }
+            if let Some(harm) = check_store(&dir, acked, &SMALL, &LARGE) {
+                return Err(format!("failing call {nth} ({:?}): {harm}", run.sim.fired()).into());
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// The journal
+// ---------------------------------------------------------------------------------
+
+/// The system function of the journal workloads: a running sum.
+fn add(total: &mut u64, n: u64, _: crate::Timestamp) -> u64 {
+    *total += n;
+    *total
+}
+
+/// Handles events 1, 2, ... 12 with a snapshot after the 4th and the 8th, keeping
+/// one (so that the second retires the first and the journal before it); returns
+/// how many were acknowledged.
+fn handle_twelve(io: Io, dir: &Path, durability: Durability) -> u64 {
+    let builder = Prevayler::builder().durability(durability).keep_snapshots(1).io(io);
+    let Ok(sum) = builder.open(dir, 0u64, add) else { return 0 };
+    let mut acked = 0;
+    for n in 1..=12 {
+        if sum.handle(n).is_err() {
+            break;
+        }
+        acked = n;
+        if n % 4 == 0 && sum.snapshot().is_err() {
+            break;
+        }
+    }
+    acked
+}
+
+/// Opens the journal in `dir` for real and checks that it holds the first `n`
+/// events for some `n` no smaller than `acked`.
+fn check_sum(dir: &Path, acked: u64) -> Harm {
+    let sum = match Prevayler::open(dir, 0u64, add) {
+        Ok(sum) => sum,
+        Err(err) => return Some(format!("the journal does not open: {err}")),
+    };
+    let (total, events) = (sum.read(|total| *total), sum.events());
+    if total != events * (events + 1) / 2 {
+        return Some(format!("{events} events give a sum of {total}"));
+    }
+    (events < acked).then(|| format!("{acked} events were acknowledged, {events} came back"))
+}
+
+#[test]
+fn a_power_loss_at_any_call_of_a_journal_loses_no_acknowledged_event() -> TestResult {
+    for durability in [Durability::SyncEach, Durability::GroupCommit] {
+        let calls = {
+            let run = Run::new()?;
+            handle_twelve(run.io(), &run.root.join("journal"), durability);
+            run.sim.calls()
+        };
+        for call in 1..=calls + 1 {
+            let run = Run::new()?;
+            run.sim.seed(call);
+            run.sim.crash_at(call, &run.out);
+            let acked = handle_twelve(run.io(), &run.root.join("journal"), durability);
+            if let Some(harm) = check_sum(&run.survivor("journal")?, acked) {
+                return Err(format!("{durability:?}, power loss at call {call}: {harm}").into());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_sync_of_a_journal_is_needed() -> TestResult {
+    let (syncs, calls) = {
+        let run = Run::new()?;
+        handle_twelve(run.io(), &run.root.join("journal"), Durability::SyncEach);
+        (run.sim.syncs(), run.sim.calls())
+    };
+    let mut unneeded = Vec::new();
+    for sync in 1..=syncs {
+        let (path, from) = {
+            let run = Run::new()?;
+            run.sim.skip_sync(sync);
+            handle_twelve(run.io(), &run.root.join("journal"), Durability::SyncEach);
+            let Some((call, path)) = run.sim.skipped() else { continue };
+            (path, call)
+        };
+        let mut harmed = false;
+        'search: for call in from + 1..=calls + 1 {
+            for seed in 0..SEEDS {
+                let run = Run::new()?;
+                run.sim.skip_sync(sync);
+                run.sim.seed(call * SEEDS + seed);
+                run.sim.crash_at(call, &run.out);
+                let acked =
+                    handle_twelve(run.io(), &run.root.join("journal"), Durability::SyncEach);
+                if check_sum(&run.survivor("journal")?, acked).is_some() {
+                    harmed = true;
+                    break 'search;
+                }
+            }
+        }
+        if !harmed {
+            unneeded.push((sync, path));
+        }
+    }
+    assert!(unneeded.is_empty(), "skipping these syncs harmed nothing: {unneeded:?}");
+    Ok(())
+}
+
+#[test]
+fn a_failed_journal_call_poisons_the_journal_and_loses_nothing() -> TestResult {
+    let calls = {
+        let run = Run::new()?;
+        handle_twelve(run.io(), &run.root.join("journal"), Durability::SyncEach);
+        run.sim.calls()
+    };
+    for nth in 1..=calls {
+        let run = Run::new()?;
+        run.sim.fail(Fault { nth, ops: Vec::new(), no_space: false, sticky: false });
+        let dir = run.root.join("journal");
+        let mut acked = 0;
+        let builder = Prevayler::builder().keep_snapshots(1).io(run.io());
+        if let Ok(sum) = builder.open(&dir, 0u64, add) {
+            for n in 1..=12 {
+                match sum.handle(n) {
+                    Ok(_) => acked = n,
+                    Err(err) => {
+                        let again = sum.handle(n);
+                        if !matches!(again, Err(Error::Poisoned { .. })) {
+                            return Err(format!(
+                                "call {nth} failed event {n} ({err}); the next one gave {again:?}"
+                            )
+                            .into());
+                        }
+                        break;
+                    }
+                }
+                // A failed snapshot leaves the journal whole and usable.
+                if n % 4 == 0 {
+                    let _ = sum.snapshot();
+                }
+            }
+        }
+        if run.sim.fired().is_empty() {
+            continue;
+        }
+        if let Some(harm) = check_sum(&dir, acked) {
+            return Err(format!("failing call {nth} ({:?}): {harm}", run.sim.fired()).into());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_simulator_counts_the_calls_it_fails() -> TestResult {
+    let run = Run::new()?;
+    run.sim.fail(Fault { nth: 1, ops: vec![Op::Sync], no_space: false, sticky: true });
+    let res = Prevayler::builder().io(run.io()).open(run.root.join("journal"), 0u64, add);
+    assert!(res.is_err(), "a journal opened on a disk whose every sync fails");
+    assert!(!run.sim.fired().is_empty());
+    Ok(())
+}
+

@@ -1,0 +1,420 @@
+//! The one place our file I/O goes through.
+//!
+//! Every file operation of the store, the value files, the journal and the tool
+//! support code is a method of [`Io`] or of the [`IoFile`] it opens: creating,
+//! writing, syncing, renaming, removing, listing and reading. In the library
+//! these are the plain `std::fs` calls. In this crate's own tests an `Io` can carry
+//! a simulator (`sim.rs`) that fails the Nth call with a chosen error, and that
+//! models what a power loss keeps: file contents as of their last sync, and
+//! directory entries as of their directory's last sync (redb's crash-simulating
+//! backend, applied to a tree of files).
+//!
+//! sled's own file operations bypass this layer; they are tested under an
+//! `LD_PRELOAD` fault shim instead (`tests/fault_shim.rs`).
+
+#[cfg(test)]
+mod faults;
+#[cfg(test)]
+pub(crate) mod sim;
+
+use std::{
+    ffi::OsString,
+    fs::{self, File, TryLockError},
+    io::{self, Read, Seek, SeekFrom, Write},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{Error, Result};
+
+/// Temporary files end in this; any found at open are left-overs of a crash.
+pub(crate) const PART_SUFFIX: &str = ".part";
+
+// How long a held directory lock is retried before the directory counts as open elsewhere.
+const LOCK_WAIT: Duration = Duration::from_millis(250);
+
+/// What a call does, for the simulator: which calls a fault may hit, and what a
+/// power loss undoes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum Op {
+    /// Opening a file, creating it or not.
+    Open,
+    Read,
+    Write,
+    /// `fsync` or `fdatasync` of a file, or `fsync` of a directory.
+    Sync,
+    Truncate,
+    Rename,
+    Remove,
+    CreateDir,
+    List,
+}
+
+/// How to open a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Open {
+    /// An existing file, for reading (and for syncing, as the engine's log is).
+    Read,
+    /// An existing file, for appending.
+    Append,
+    /// An existing file, for writing in place.
+    Write,
+    /// A new file, which must not exist yet.
+    CreateNew,
+    /// A new file, replacing whatever the path held.
+    Create,
+    /// The file, created empty if it does not exist, for reading and writing.
+    ReadWriteCreate,
+}
+
+/// One entry of a directory.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Entry {
+    pub(crate) name: OsString,
+    /// The inode number: a renamed or replaced file changes it.
+    pub(crate) ino: u64,
+    pub(crate) is_dir: bool,
+}
+
+/// The file system, as this crate uses it; cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct Io {
+    #[cfg(test)]
+    sim: Option<std::sync::Arc<sim::Sim>>,
+}
+
+impl std::fmt::Debug for Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Io")
+    }
+}
+
+/// A file opened through [`Io`].
+#[derive(Debug)]
+pub(crate) struct IoFile {
+    file: File,
+    path: PathBuf,
+    // How the file was opened: the simulator takes a read handle's sync as the
+    // engine's, whose contents it does not model.
+    #[cfg_attr(not(test), allow(dead_code))]
+    how: Open,
+    io: Io,
+}
+
+impl Io {
+    /// An `Io` whose calls `sim` watches, fails and models.
+    #[cfg(test)]
+    pub(crate) fn simulated(sim: std::sync::Arc<sim::Sim>) -> Io {
+        Io { sim: Some(sim) }
+    }
+
+    /// Lets the simulator fail the call, or refuse it after a simulated power loss.
+    #[allow(clippy::unused_self, clippy::unnecessary_wraps)] // Without tests there is no simulator.
+    fn check(&self, op: Op, path: &Path) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(sim) = &self.sim {
+            return sim.check(op, path);
+        }
+        let _ = (op, path);
+        Ok(())
+    }
+
+    /// Tells the simulator that a call succeeded, so that it can track durability.
+    #[allow(clippy::unused_self)] // Without tests there is no simulator.
+    fn done(&self, op: Op, path: &Path) {
+        #[cfg(test)]
+        if let Some(sim) = &self.sim {
+            sim.done(op, path);
+        }
+        let _ = (op, path);
+    }
+
+    /// Opens the file at `path` as `how` says.
+    pub(crate) fn open(&self, path: &Path, how: Open) -> io::Result<IoFile> {
+        self.check(Op::Open, path)?;
+        #[cfg(test)]
+        if let Some(sim) = &self.sim {
+            sim.before_open(path, how);
+        }
+        let mut options = File::options();
+        match how {
+            Open::Read => options.read(true),
+            Open::Append => options.append(true),
+            Open::Write => options.write(true),
+            Open::CreateNew => options.write(true).create_new(true),
+            Open::Create => options.write(true).create(true).truncate(true),
+            Open::ReadWriteCreate => options.read(true).write(true).create(true).truncate(false),
+        };
+        let file = options.open(path)?;
+        #[cfg(test)]
+        if let Some(sim) = &self.sim {
+            sim.opened(path, how, &file);
+        }
+        Ok(IoFile { file, path: path.to_path_buf(), how, io: self.clone() })
+    }
+
+    /// Reads the whole file at `path`.
+    pub(crate) fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        self.check(Op::Read, path)?;
+        fs::read(path)
+    }
+
+    /// The entries of directory `path`, sorted by name.
+    pub(crate) fn read_dir(&self, path: &Path) -> io::Result<Vec<Entry>> {
+        self.check(Op::List, path)?;
+        list(path)
+    }
+
+    pub(crate) fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.check(Op::Rename, from)?;
+        #[cfg(test)]
+        if let Some(sim) = &self.sim {
+            sim.before_rename(to);
+        }
+        fs::rename(from, to)?;
+        self.done(Op::Rename, from);
+        Ok(())
+    }
+
+    /// Removes the file at `path`.
+    pub(crate) fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.check(Op::Remove, path)?;
+        fs::remove_file(path)?;
+        self.done(Op::Remove, path);
+        Ok(())
+    }
+
+    /// Removes the directory at `path` and everything in it.
+    pub(crate) fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.check(Op::Remove, path)?;
+        fs::remove_dir_all(path)?;
+        self.done(Op::Remove, path);
+        Ok(())
+    }
+
+    /// fsyncs a directory, making the creation, removal and renaming of its entries durable.
+    pub(crate) fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.check(Op::Sync, path)?;
+        File::open(path)?.sync_all()?;
+        self.done(Op::Sync, path);
+        Ok(())
+    }
+
+    /// Creates directory `path` unless it exists; returns whether it did. The
+    /// creation is durable once the caller syncs the parent directory.
+    pub(crate) fn create_dir(&self, path: &Path) -> io::Result<bool> {
+        if path.is_dir() {
+            return Ok(false);
+        }
+        self.check(Op::CreateDir, path)?;
+        match fs::create_dir(path) {
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(err) => Err(err),
+            Ok(()) => {
+                self.done(Op::CreateDir, path);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Creates `path` and any missing parents, and makes their creation durable.
+    pub(crate) fn create_dir_durably(&self, path: &Path) -> io::Result<()> {
+        let mut missing = Vec::new();
+        let mut dir = path;
+        while !dir.exists() {
+            missing.push(dir);
+            match dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
+                _ => break,
+            }
+        }
+        for created in missing.iter().rev() {
+            self.check(Op::CreateDir, created)?;
+            match fs::create_dir(created) {
+                Err(err) if err.kind() != io::ErrorKind::AlreadyExists => return Err(err),
+                _ => self.done(Op::CreateDir, created),
+            }
+        }
+        // A new directory is durable once its parent is fsynced.
+        for created in missing {
+            if let Some(parent) = created.parent().filter(|it| !it.as_os_str().is_empty()) {
+                self.sync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` to `path` through a temporary file, so that `path` holds either
+    /// its old contents or all of `bytes`; the rename is made durable.
+    pub(crate) fn write_durably(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        self.write_renamed(path, bytes)?;
+        self.sync_dir(parent_of(path))
+    }
+
+    /// Writes `bytes` to `path` through a temporary file, synced, so that `path`
+    /// holds either its old contents or all of `bytes`. The rename is durable only
+    /// once the caller syncs the directory.
+    pub(crate) fn write_renamed(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let mut part = path.as_os_str().to_owned();
+        part.push(PART_SUFFIX);
+        let part = PathBuf::from(part);
+        let mut file = self.open(&part, Open::Create)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        self.rename(&part, path)
+    }
+
+    /// Copies the file `from` to the new file `to`, and fsyncs the copy.
+    pub(crate) fn copy_durably(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut source = self.open(from, Open::Read)?;
+        let mut target = self.open(to, Open::CreateNew)?;
+        let mut buf = vec![0; 256 * 1024];
+        loop {
+            let n = source.read(&mut buf)?;
+            let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else { break };
+            target.write_all(chunk)?;
+        }
+        target.sync_all()
+    }
+
+    /// Locks directory `dir` through its file `name` for as long as the returned
+    /// file is open.
+    ///
+    /// Fails with [`Error::Locked`] when another open handle, in this process or
+    /// another, holds the lock.
+    pub(crate) fn lock_dir(&self, dir: &Path, name: &str) -> Result<IoFile> {
+        let path = dir.join(name);
+        let file = self.open(&path, Open::ReadWriteCreate).map_err(Error::io(&path))?;
+        // The lock belongs to the open file, and a child process forked by any thread
+        // shares our open files until it runs `exec`: for a moment after a store is
+        // dropped, such a child can still hold its lock. A short wait tells that apart
+        // from a store that is really open elsewhere, which is still reported at once.
+        let res = retry_while_held(
+            LOCK_WAIT,
+            || file.file.try_lock(),
+            |err| matches!(err, TryLockError::WouldBlock),
+        );
+        match res {
+            Ok(()) => Ok(file),
+            Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf() }),
+            Err(TryLockError::Error(source)) => Err(Error::Io { path, source }),
+        }
+    }
+}
+
+impl IoFile {
+    /// `fsync`: the file's data and metadata.
+    pub(crate) fn sync_all(&self) -> io::Result<()> {
+        self.io.check(Op::Sync, &self.path)?;
+        self.file.sync_all()?;
+        self.synced();
+        Ok(())
+    }
+
+    /// `fdatasync`: the file's data, and the metadata needed to read it back.
+    pub(crate) fn sync_data(&self) -> io::Result<()> {
+        self.io.check(Op::Sync, &self.path)?;
+        self.file.sync_data()?;
+        self.synced();
+        Ok(())
+    }
+
+    #[cfg_attr(not(test), allow(clippy::unused_self))] // Without tests there is no simulator.
+    fn synced(&self) {
+        #[cfg(test)]
+        if let Some(sim) = &self.io.sim {
+            sim.synced(&self.path, self.how, &self.file);
+        }
+    }
+
+    /// Cuts the file to `len` bytes (the cut is durable only once synced).
+    pub(crate) fn set_len(&self, len: u64) -> io::Result<()> {
+        self.io.check(Op::Truncate, &self.path)?;
+        self.file.set_len(len)
+    }
+
+    /// The file's length.
+    pub(crate) fn len(&self) -> io::Result<u64> {
+        self.io.check(Op::Read, &self.path)?;
+        Ok(self.file.metadata()?.len())
+    }
+}
+
+impl Write for IoFile {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.io.check(Op::Write, &self.path)?;
+        self.file.write(bytes)
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        // One check per call, as `write_all` is one call in the code above this layer.
+        self.io.check(Op::Write, &self.path)?;
+        self.file.write_all(bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for IoFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.io.check(Op::Read, &self.path)?;
+        self.file.read(buf)
+    }
+}
+
+impl Seek for IoFile {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.file.seek(to)
+    }
+}
+
+/// The directory holding `path`, `.` for a bare name.
+pub(crate) fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+/// The entries of directory `path`, sorted by name; no directory is no entries.
+fn list(path: &Path) -> io::Result<Vec<Entry>> {
+    let entries = match fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err),
+    };
+    let mut listed = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        listed.push(Entry { name: entry.file_name(), ino: meta.ino(), is_dir: meta.is_dir() });
+    }
+    listed.sort_unstable();
+    Ok(listed)
+}
+
+/// Calls `attempt` until it succeeds, fails with an error that `held` does not
+/// accept, or `limit` has passed; returns its last result.
+///
+/// For locks that a closed store still holds for a moment (see the callers).
+pub(crate) fn retry_while_held<T, E>(
+    limit: Duration,
+    mut attempt: impl FnMut() -> std::result::Result<T, E>,
+    held: impl Fn(&E) -> bool,
+) -> std::result::Result<T, E> {
+    let started = Instant::now();
+    loop {
+        match attempt() {
+            Err(err) if held(&err) && started.elapsed() < limit => {
+                thread::sleep(Duration::from_millis(2));
+            }
+            res => return res,
+        }
+    }
+}
