@@ -33,4 +33,8 @@ impl Backend for Memory {
     fn compact(&self) -> Result<()> {
         Ok(())
     }
+
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
 }

@@ -30,4 +30,8 @@ pub(crate) trait Backend: Send + Sync {
 
     /// Rewrites the engine's files to hold only the live records, atomically.
     fn compact(&self) -> Result<()>;
+
+    /// Makes everything committed durable and lets the engine's files go; later
+    /// calls of any method fail (this one does nothing).
+    fn close(&self) -> Result<()>;
 }

@@ -11,14 +11,33 @@
 //!
 //! Compaction writes the live records into a fresh engine in `sled.new`, then swaps
 //! the directories; `open` finishes or discards a swap that a crash interrupted.
+//!
+//! Three more traps of sled 0.34, found by failing its system calls in child
+//! processes (`tests/fault_shim.rs`), are worked around here:
+//! - every open writes a snapshot to `snap.<lsn>.generating` and renames it; an
+//!   interrupted write leaves the partial file, which the next open takes for the
+//!   newest snapshot and refuses as corrupt. A `.generating` file is never
+//!   complete (sled fsyncs before it renames), so `open` deletes it first;
+//! - when a background write of its log fails, sled records the error without
+//!   waking the threads that wait in `flush`, which can then wait forever. A second
+//!   call to `flush` finds the error and wakes them, so while a flush waits, a
+//!   watchdog keeps calling it ([`flush`]);
+//! - dropping an engine flushes and fsyncs its log and unwraps the result: after a
+//!   failed fsync it panics. Closing is done by [`Sled::close`], which contains the
+//!   panic and reports it as an error; during a panic's unwinding the engine is
+//!   leaked instead, since a second panic would abort the process.
 
 use std::{
     ffi::OsString,
     io,
+    panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use parking_lot::{Mutex, RwLock};
@@ -38,10 +57,8 @@ const CACHE_CAPACITY: u64 = 8 * 1024 * 1024;
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Sled {
-    // `None` only while being dropped, or after a compaction failed to reopen.
+    // `None` once closed, or after a compaction failed to reopen.
     engine: RwLock<Option<Engine>>,
-    // Set when a commit failed: sled may then panic when dropped.
-    failed: AtomicBool,
     dir: PathBuf,
     io: Io,
     // The entries of the engine's directories when they were last fsynced. A
@@ -54,6 +71,22 @@ struct Engine {
     db: sled::Db,
     // sled gives no way to fsync its log, so we keep our own handle to it.
     log: IoFile,
+    // Wakes the flushes that sled leaves waiting (see the module docs).
+    watchdog: Watchdog,
+}
+
+/// A thread that calls `flush` again while a flush has been waiting too long.
+struct Watchdog {
+    shared: Arc<Watch>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+struct Watch {
+    // When the flush under way started, in microseconds since `epoch`; 0: none.
+    started: AtomicU64,
+    epoch: Instant,
+    stop: Mutex<bool>,
+    wake: parking_lot::Condvar,
 }
 
 #[derive(Default)]
@@ -71,12 +104,20 @@ impl Sled {
         let engine = Engine::open(io, dir)?;
         let sled = Sled {
             engine: RwLock::new(Some(engine)),
-            failed: AtomicBool::new(false),
             dir: dir.to_path_buf(),
             io: io.clone(),
             synced: Mutex::default(),
         };
-        sled.sync_files(sled.engine.read().as_ref()).map_err(Error::io(dir))?;
+        // sled writes its `conf` file once, when it creates the engine, and never
+        // syncs it.
+        let conf = dir.join("conf");
+        let synced = io.open(&conf, Open::Read).and_then(|conf| conf.sync_all());
+        let synced = synced.and_then(|()| sled.sync_files(sled.engine.read().as_ref()));
+        if let Err(err) = synced {
+            // Whatever closing reports, the open failed for this reason.
+            let _ = Backend::close(&sled);
+            return Err(Error::io(dir)(err));
+        }
         Ok(sled)
     }
 
@@ -121,6 +162,7 @@ impl Engine {
     // clippy.toml forbids opening sled anywhere else; this is the one place.
     #[allow(clippy::disallowed_methods)]
     fn open(io: &Io, dir: &Path) -> Result<Engine> {
+        remove_generating(io, dir).map_err(Error::io(dir))?;
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_CAPACITY)
@@ -137,9 +179,144 @@ impl Engine {
         })
         .map_err(storage(dir))?;
         let log_path = dir.join("db");
-        let log = io.open(&log_path, Open::Read).map_err(Error::io(log_path))?;
-        Ok(Engine { db, log })
+        let log = match io.open(&log_path, Open::Read) {
+            Ok(log) => log,
+            Err(err) => {
+                let _ = close_db(db, dir);
+                return Err(Error::io(log_path)(err));
+            }
+        };
+        let watchdog = Watchdog::start(&db);
+        Ok(Engine { db, log, watchdog })
     }
+
+    /// Flushes sled and fsyncs its log: everything applied so far is durable.
+    fn flush(&self, dir: &Path) -> Result<()> {
+        self.watchdog.flush(&self.db).map_err(storage(dir))?;
+        self.log.sync_all().map_err(Error::io(dir.join("db")))
+    }
+
+    /// Makes everything durable and lets sled go; see [`Sled::close`].
+    fn close(self, dir: &Path) -> Result<()> {
+        let Engine { db, log, watchdog } = self;
+        let flushed = watchdog.flush(&db).map_err(storage(dir));
+        let synced = flushed.and_then(|_| log.sync_all().map_err(Error::io(dir.join("db"))));
+        watchdog.stop();
+        let closed = close_db(db, dir);
+        synced.and(closed)
+    }
+}
+
+impl Watchdog {
+    /// How long a flush may wait before the watchdog calls flush again.
+    const PATIENCE: Duration = Duration::from_millis(50);
+
+    fn start(db: &sled::Db) -> Watchdog {
+        let shared = Arc::new(Watch {
+            started: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stop: Mutex::new(false),
+            wake: parking_lot::Condvar::new(),
+        });
+        let (watch, db) = (Arc::clone(&shared), db.clone());
+        let spawned = thread::Builder::new()
+            .name("instastate-sled-watchdog".to_owned())
+            .spawn(move || watch.run(&db));
+        // Without the thread a stuck flush stays stuck, as it would with sled alone.
+        Watchdog { shared, thread: spawned.ok() }
+    }
+
+    /// `db.flush()`, watched.
+    fn flush(&self, db: &sled::Db) -> sled::Result<usize> {
+        let now = self.shared.now().max(1);
+        self.shared.started.store(now, Ordering::Release);
+        let res = db.flush();
+        self.shared.started.store(0, Ordering::Release);
+        res
+    }
+
+    fn stop(mut self) {
+        *self.shared.stop.lock() = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            // The watchdog never waits in a flush itself (its calls run on threads
+            // of their own), so it ends promptly.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Watch {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn run(&self, db: &sled::Db) {
+        let patience = u64::try_from(Watchdog::PATIENCE.as_micros()).unwrap_or(u64::MAX);
+        let mut stop = self.stop.lock();
+        let mut poked: u32 = 0;
+        while !*stop {
+            self.wake.wait_for(&mut stop, Watchdog::PATIENCE);
+            let started = self.started.load(Ordering::Acquire);
+            if *stop || started == 0 || self.now().saturating_sub(started) < patience {
+                poked = 0;
+                continue;
+            }
+            // Back off: a flush that is slow rather than stuck gets a call now and
+            // then, not one every tick. Each call runs on a thread of its own, since
+            // it may wait as long as the flush it wakes.
+            poked += 1;
+            if poked.is_power_of_two() {
+                let db = db.clone();
+                let _ = thread::Builder::new()
+                    .name("instastate-sled-flush".to_owned())
+                    .spawn(move || drop(db.flush()));
+            }
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        *self.shared.stop.lock() = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Lets `db` go. sled's drop flushes and fsyncs its log and unwraps the result: on a
+/// failed disk it panics, which is contained here and reported; during a panic's
+/// unwinding, where a second panic would abort, the engine is leaked instead (its
+/// lock is then held until the process exits).
+fn close_db(db: sled::Db, dir: &Path) -> Result<()> {
+    if thread::panicking() {
+        std::mem::forget(db);
+        return Ok(());
+    }
+    panic::catch_unwind(AssertUnwindSafe(|| drop(db))).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Error::Storage {
+            path: dir.to_path_buf(),
+            source: StorageError(format!("the engine failed while closing: {message}").into()),
+        }
+    })
+}
+
+/// Deletes the snapshot files that an interrupted open left half-written.
+fn remove_generating(io: &Io, dir: &Path) -> io::Result<()> {
+    for entry in io.read_dir(dir)? {
+        let name = entry.name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            io.remove_file(&dir.join(&entry.name))?;
+        }
+    }
+    Ok(())
 }
 
 /// fsyncs every blob file of the engine in `dir`, and their directory.
@@ -213,15 +390,10 @@ impl Backend for Sled {
                 None => sled_batch.remove(key),
             }
         }
-        let res = db
-            .apply_batch(sled_batch)
-            .and_then(|()| db.flush())
-            .map_err(storage(&self.dir))
-            .and_then(|_| self.sync_files(engine.as_ref()).map_err(Error::io(&self.dir)));
-        if res.is_err() {
-            self.failed.store(true, Ordering::Relaxed);
-        }
-        res
+        db.apply_batch(sled_batch).map_err(storage(&self.dir))?;
+        let flushed = engine.as_ref().ok_or_else(|| self.closed())?.watchdog.flush(db);
+        flushed.map_err(storage(&self.dir))?;
+        self.sync_files(engine.as_ref()).map_err(Error::io(&self.dir))
     }
 
     fn compact(&self) -> Result<()> {
@@ -242,13 +414,17 @@ impl Backend for Sled {
         }
         {
             let fresh = Engine::open(io, &new)?;
-            fresh.db.apply_batch(records).and_then(|()| fresh.db.flush()).map_err(storage(&new))?;
-            fresh.log.sync_all().map_err(Error::io(&new))?;
+            let filled = fresh.db.apply_batch(records).map_err(storage(&new));
+            let filled = filled.and_then(|()| fresh.flush(&new));
+            let closed = fresh.close(&new);
+            filled.and(closed)?;
             sync_blobs(io, &new).map_err(Error::io(&new))?;
             io.sync_dir(&new).map_err(Error::io(&new))?;
         }
-        // The old engine is closed (sled flushes it on drop) before its directory moves.
-        *engine = None;
+        // The old engine is closed before its directory moves.
+        if let Some(old) = engine.take() {
+            old.close(&self.dir)?;
+        }
         let old = old_dir(&self.dir);
         io.rename(&self.dir, &old)
             .and_then(|()| io.rename(&new, &self.dir))
@@ -260,23 +436,21 @@ impl Backend for Sled {
         *engine = Some(Engine::open(io, &self.dir)?);
         self.sync_files(engine.as_ref()).map_err(Error::io(&self.dir))
     }
+
+    /// Flushes the engine, fsyncs its log, and lets sled go, containing the panic
+    /// that sled's drop raises on a failed disk.
+    fn close(&self) -> Result<()> {
+        let Some(engine) = self.engine.write().take() else { return Ok(()) };
+        engine.close(&self.dir)
+    }
 }
 
 impl Drop for Sled {
     fn drop(&mut self) {
-        let Some(Engine { db, .. }) = self.engine.get_mut().take() else { return };
-        if !self.failed.load(Ordering::Relaxed) {
-            return;
+        // Closing reports its errors; here nobody is left to hear them.
+        if let Some(engine) = self.engine.get_mut().take() {
+            let _ = engine.close(&self.dir);
         }
-        // sled's drop flushes and fsyncs its log, and unwraps the result: on a disk
-        // that just failed a commit it may panic. A panic during another panic
-        // aborts the process, so then the engine is leaked instead (its lock is held
-        // until the process exits); otherwise the panic is contained here.
-        if thread::panicking() {
-            std::mem::forget(db);
-            return;
-        }
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(db)));
     }
 }
 

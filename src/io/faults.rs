@@ -379,4 +379,3 @@ fn the_simulator_counts_the_calls_it_fails() -> TestResult {
     assert!(!run.sim.fired().is_empty());
     Ok(())
 }
-

@@ -69,5 +69,8 @@ impl Drop for Inner {
         if let Err(err) = self.close_journals() {
             self.background.report(&self.label, err);
         }
+        if let Err(err) = self.backend.close() {
+            self.background.report(&self.label, err);
+        }
     }
 }

@@ -147,7 +147,8 @@ impl LastSave<'_> {
         io.sync_dir(&values_path).map_err(Error::io(&values_path))?;
         let batch: Batch = records.into_iter().map(|(key, bytes)| (key, Some(bytes))).collect();
         let engine = Sled::open(io, &dir.join(ENGINE_DIR))?;
-        engine.commit(batch)?;
+        let committed = engine.commit(batch);
+        committed.and(engine.close())?;
         for cell in &inner.journaled {
             cell.backup_into(&journaled::journal_dir(dir, cell.name()))?;
         }

@@ -1,12 +1,12 @@
-//! What the SIGKILL tests share: a watched child process and a small random
-//! number generator. Included by `tests/crash.rs` and `tests/prevalence_crash.rs`
-//! as `mod common;`.
+//! What the child-process tests share: a watched child process and a small random
+//! number generator. Included by `tests/crash.rs`, `tests/prevalence_crash.rs` and
+//! `tests/fault_shim.rs` as `mod common;`.
 
 use std::{
     env,
     error::Error,
     io::{BufRead, BufReader, Read},
-    process::{Child, Command, ExitCode, Stdio},
+    process::{Child, Command, ExitCode, ExitStatus, Stdio},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -109,9 +109,14 @@ impl Watched {
         }
     }
 
+    /// The child's exit status if it has exited, without waiting.
+    pub(crate) fn exited(&mut self) -> TestResult<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// Kills the child, which must still be running, with `SIGKILL`.
     pub(crate) fn kill(&mut self) -> TestResult {
-        if let Some(status) = self.child.try_wait()? {
+        if let Some(status) = self.exited()? {
             return Err(format!("the child exited before it was killed: {status}").into());
         }
         // On Unix, `Child::kill` sends SIGKILL.

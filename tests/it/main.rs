@@ -15,6 +15,7 @@ mod model;
 mod prevalence;
 mod save_reload;
 mod schema;
+mod trust;
 mod ui;
 
 use std::{path::Path, process::Command};
