@@ -26,13 +26,28 @@
 //! magic "IC" | count u32 | count × (name_len u16 | name) | crc32 u32
 //! ```
 //!
+//! The witness file (`witness`, beside the engine) holds two slots, at offsets 0 and
+//! 512, each of which records one acknowledged save; a save writes the slot of its
+//! generation's parity, so a torn write leaves the other:
+//!
+//! ```text
+//! magic "IW" | version u8 | 0 u8 | generation u64 | records u64 | digest u64 | crc32 u32
+//! ```
+//!
+//! `records` counts the cell records the save left, and `digest` is the XOR of
+//! [`record_hash`] over them: together they tell whether the engine holds exactly
+//! what that save left.
+//!
 //! All integers are big-endian, and each final checksum covers every byte before it.
 //! In an encrypted store, records (and pre-images) are sealed as a whole; see `crypt.rs`.
 
 use std::fmt;
 
-/// The record and store format this build writes; it also reads format 1.
+/// The record format this build writes; it also reads format 1.
 pub(crate) const FORMAT_VERSION: u16 = 2;
+/// The store format this build writes (`meta/format`): 3 is format 2 with a witness
+/// file. It reads formats 1 and 2 too, and gives them a witness.
+pub(crate) const STORE_FORMAT: u32 = 3;
 /// The first format, written by instastate 0.1's first release: no history, and
 /// records without generation and time.
 pub(crate) const FORMAT_V1: u16 = 1;
@@ -453,6 +468,75 @@ fn truncate_to_char_boundary(s: &str, max: usize) -> &str {
         end -= 1;
     }
     s.get(..end).unwrap_or_default()
+}
+
+/// The hash of one stored record, `key` holding `bytes`, for the witness's digest.
+pub(crate) fn record_hash(key: &[u8], bytes: &[u8]) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&u64_bytes(key.len() as u64));
+    hasher.update(key);
+    hasher.update(bytes);
+    hasher.digest()
+}
+
+/// The cell records of a store, summed up: how many, and the XOR of their hashes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Digest {
+    pub(crate) records: u64,
+    pub(crate) xor: u64,
+}
+
+impl Digest {
+    /// Adds (or, again, removes) the record of cell `name` holding `bytes`.
+    pub(crate) fn toggle(&mut self, name: &str, bytes: &[u8], add: bool) {
+        self.xor ^= record_hash(&cell_key(name), bytes);
+        self.records =
+            if add { self.records.wrapping_add(1) } else { self.records.wrapping_sub(1) };
+    }
+}
+
+/// One slot of the witness file: the last acknowledged save, as far as it knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Witness {
+    pub(crate) generation: u64,
+    pub(crate) digest: Digest,
+}
+
+const WITNESS_MAGIC: [u8; 2] = *b"IW";
+const WITNESS_VERSION: u8 = 1;
+/// The length of one witness slot.
+pub(crate) const WITNESS_LEN: usize = 32;
+/// Where each of the two slots of the witness file starts.
+pub(crate) const WITNESS_SLOTS: [u64; 2] = [0, 512];
+
+impl Witness {
+    pub(crate) fn encode(&self) -> [u8; WITNESS_LEN] {
+        let mut out = Vec::with_capacity(WITNESS_LEN);
+        out.extend_from_slice(&WITNESS_MAGIC);
+        out.extend_from_slice(&[WITNESS_VERSION, 0]);
+        out.extend_from_slice(&u64_bytes(self.generation));
+        out.extend_from_slice(&u64_bytes(self.digest.records));
+        out.extend_from_slice(&u64_bytes(self.digest.xor));
+        out.extend_from_slice(&u32_bytes(checksum(&out)));
+        let mut slot = [0; WITNESS_LEN];
+        for (to, from) in slot.iter_mut().zip(out) {
+            *to = from;
+        }
+        slot
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Witness, RecordFault> {
+        let mut cursor = Cursor::checked(bytes, WITNESS_MAGIC)?;
+        match cursor.take::<2>()? {
+            [WITNESS_VERSION, 0] => {}
+            [version, _] => return Err(RecordFault::Format(u16::from(version))),
+        }
+        let generation = u64::from_be_bytes(cursor.take()?);
+        let records = u64::from_be_bytes(cursor.take()?);
+        let xor = u64::from_be_bytes(cursor.take()?);
+        cursor.finish()?;
+        Ok(Witness { generation, digest: Digest { records, xor } })
+    }
 }
 
 #[cfg(test)]

@@ -154,6 +154,12 @@ fn every_sync_of_a_save_is_needed() -> TestResult {
         if path.components().any(|it| it.as_os_str() == "sled") {
             continue;
         }
+        // The witness's sync after a save guards against the engine losing a save
+        // it had made durable (damage, which the corruption sweep covers), not
+        // against a power loss: the witness may lag one save behind.
+        if path.file_name().is_some_and(|name| name == "witness") {
+            continue;
+        }
         let mut harmed = false;
         'search: for call in from + 1..=calls + 1 {
             for seed in 0..SEEDS {
@@ -245,7 +251,7 @@ fn handle_twelve(io: Io, dir: &Path, durability: Durability) -> u64 {
             break;
         }
         acked = n;
-        if n % 4 == 0 && sum.snapshot().is_err() {
+        if n.is_multiple_of(4) && sum.snapshot().is_err() {
             break;
         }
     }
@@ -355,7 +361,7 @@ fn a_failed_journal_call_poisons_the_journal_and_loses_nothing() -> TestResult {
                     }
                 }
                 // A failed snapshot leaves the journal whole and usable.
-                if n % 4 == 0 {
+                if n.is_multiple_of(4) {
                     let _ = sum.snapshot();
                 }
             }

@@ -21,7 +21,7 @@ use std::{
     ffi::OsString,
     fs::{self, File, TryLockError},
     io::{self, Read, Seek, SeekFrom, Write},
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
@@ -62,6 +62,8 @@ pub(crate) enum Open {
     Append,
     /// An existing file, for writing in place.
     Write,
+    /// An existing file, for reading and writing in place.
+    ReadWrite,
     /// A new file, which must not exist yet.
     CreateNew,
     /// A new file, replacing whatever the path held.
@@ -144,6 +146,7 @@ impl Io {
             Open::Read => options.read(true),
             Open::Append => options.append(true),
             Open::Write => options.write(true),
+            Open::ReadWrite => options.read(true).write(true),
             Open::CreateNew => options.write(true).create_new(true),
             Open::Create => options.write(true).create(true).truncate(true),
             Open::ReadWriteCreate => options.read(true).write(true).create(true).truncate(false),
@@ -335,6 +338,21 @@ impl IoFile {
     pub(crate) fn set_len(&self, len: u64) -> io::Result<()> {
         self.io.check(Op::Truncate, &self.path)?;
         self.file.set_len(len)
+    }
+
+    /// Writes all of `bytes` at `offset`, without moving the file's cursor.
+    pub(crate) fn write_all_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.io.check(Op::Write, &self.path)?;
+        self.file.write_all_at(bytes, offset)
+    }
+
+    /// Reads the whole file, without moving the file's cursor.
+    pub(crate) fn read_all(&self) -> io::Result<Vec<u8>> {
+        self.io.check(Op::Read, &self.path)?;
+        let len = usize::try_from(self.file.metadata()?.len()).map_err(io::Error::other)?;
+        let mut bytes = vec![0; len];
+        self.file.read_exact_at(&mut bytes, 0)?;
+        Ok(bytes)
     }
 
     /// The file's length.

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 
 use super::{
     DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, ENGINE_DIR, Inner, LOCK_FILE, MEMORY_LABEL, VALUES_DIR,
+    witness::Older,
 };
 use crate::{
     Error, Result, StateCell, Store,
@@ -49,6 +50,7 @@ pub struct StoreBuilder {
     keep: usize,
     keep_bytes: u64,
     journal: JournalOptions,
+    older: Older,
     io: Io,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
@@ -78,6 +80,7 @@ impl Default for StoreBuilder {
                 durability: Durability::SyncEach,
                 recovery: Recovery::Strict,
             },
+            older: Older::Refuse,
             io: Io::default(),
             #[cfg(feature = "encryption")]
             key: None,
@@ -202,6 +205,31 @@ impl StoreBuilder {
         self
     }
 
+    /// Opens a store that holds an older save than its witness says was
+    /// acknowledged, and goes on from there: the saves after it are lost.
+    ///
+    /// Without it, opening such a store fails with [`Error::Corrupt`] naming the lost
+    /// saves, and changes nothing: a flipped bit in the engine's log, or a zeroed page,
+    /// can make the engine open at the save before without an error of its own, and
+    /// instastate refuses to let a store be silently older than what it acknowledged.
+    /// Take a copy of the directory first (the lost saves are gone from it once the
+    /// next save is made).
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::Store;
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// // Only after `Error::Corrupt` said that saves were lost:
+    /// let store = Store::builder().accept_older_save().open(dir.path())?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn accept_older_save(mut self) -> StoreBuilder {
+        self.older = Older::Accept;
+        self
+    }
+
     /// Encrypts the store with `key` (feature `encryption`): every record and
     /// value file is sealed with XChaCha20-Poly1305 and a fresh random nonce.
     ///
@@ -253,30 +281,32 @@ impl StoreBuilder {
         io.create_dir_durably(path).map_err(Error::io(path))?;
         let lock = io.lock_dir(path, LOCK_FILE)?;
         let (engine_path, values_path) = (path.join(ENGINE_DIR), path.join(VALUES_DIR));
-        let new = !engine_path.is_dir() || !values_path.is_dir();
+        // Made durable by one sync of the store directory, once the open is done.
+        let created = !engine_path.is_dir() || !values_path.is_dir();
         let backend = Sled::open(&io, &engine_path)?;
         let values = ValueDir::open(&io, values_path.clone()).map_err(Error::io(values_path))?;
-        if new {
-            // One sync of the store directory makes both new directories durable.
-            io.sync_dir(path).map_err(Error::io(path))?;
-        }
         let (cells, journaled) = split_journaled(cells);
-        Store::load(Inner {
-            label: path.to_path_buf(),
-            backend: Box::new(backend),
-            values: Some(values),
-            sealer,
-            cells,
-            journaled,
-            journal: self.journal,
-            journals_attached: false,
-            keep: self.keep,
-            keep_bytes: self.keep_bytes,
-            state: Mutex::default(),
-            background: Background::default(),
-            io,
-            _lock: Some(lock),
-        })
+        Store::load(
+            self.older,
+            Inner {
+                label: path.to_path_buf(),
+                backend: Box::new(backend),
+                values: Some(values),
+                sealer,
+                cells,
+                journaled,
+                journal: self.journal,
+                journals_attached: false,
+                keep: self.keep,
+                keep_bytes: self.keep_bytes,
+                witness: None,
+                created,
+                state: Mutex::default(),
+                background: Background::default(),
+                io,
+                _lock: Some(lock),
+            },
+        )
     }
 
     /// Opens a store that keeps its saved values in memory, for tests and for
@@ -299,22 +329,27 @@ impl StoreBuilder {
         let sealer = self.sealer();
         let cells = check_names(self.cells)?;
         let (cells, journaled) = split_journaled(cells);
-        Store::load(Inner {
-            label: PathBuf::from(MEMORY_LABEL),
-            backend: Box::new(Memory::default()),
-            values: None,
-            sealer,
-            cells,
-            journaled,
-            journal: self.journal,
-            journals_attached: false,
-            keep: self.keep,
-            keep_bytes: self.keep_bytes,
-            state: Mutex::default(),
-            background: Background::default(),
-            io: self.io,
-            _lock: None,
-        })
+        Store::load(
+            self.older,
+            Inner {
+                label: PathBuf::from(MEMORY_LABEL),
+                backend: Box::new(Memory::default()),
+                values: None,
+                sealer,
+                cells,
+                journaled,
+                journal: self.journal,
+                journals_attached: false,
+                keep: self.keep,
+                keep_bytes: self.keep_bytes,
+                witness: None,
+                created: false,
+                state: Mutex::default(),
+                background: Background::default(),
+                io: self.io,
+                _lock: None,
+            },
+        )
     }
 
     /// Runs the store's file operations through `io` (a simulator, in tests).

@@ -9,7 +9,7 @@ use crate::{
     atomically::{ensure_outside, exclusive},
     backend::Batch,
     cell::ErasedCell,
-    codec::{self, Body, FORMAT_VERSION, Record},
+    codec::{self, Body, FORMAT_VERSION, Record, STORE_FORMAT, Witness},
     error::CodecError,
     values::{Encoded, Spilled, ValueWriter},
 };
@@ -173,11 +173,18 @@ impl Inner {
         let mut entries = Vec::new();
         let mut files = Vec::new();
         let mut held = 0;
+        let mut digest = state.digest;
         for (name, bytes) in &writes {
             let pre = state.current.get(name).cloned();
             if let Some(record) = pre.as_deref().and_then(|pre| self.summary(name, pre)) {
                 files.extend(record.0);
                 held += record.1;
+            }
+            if let Some(pre) = &pre {
+                digest.toggle(name, pre, false);
+            }
+            if let Some(bytes) = bytes {
+                digest.toggle(name, bytes, true);
             }
             entries.push((name.clone(), pre));
             batch.push((codec::cell_key(name), bytes.clone()));
@@ -198,7 +205,7 @@ impl Inner {
         for damaged in &state.damaged_history {
             batch.push((codec::history_key(*damaged), None));
         }
-        let format = codec::u32_bytes(FORMAT_VERSION.into()).to_vec();
+        let format = codec::u32_bytes(STORE_FORMAT).to_vec();
         batch.push((codec::FORMAT_KEY.to_vec(), Some(format)));
         batch.push((codec::GENERATION_KEY.to_vec(), Some(codec::u64_bytes(generation).to_vec())));
         // A store opened without cells (by a tool) keeps the program's list.
@@ -227,6 +234,7 @@ impl Inner {
             return Err(err);
         }
         state.generation = generation;
+        state.digest = digest;
         if claimed_changed {
             state.claimed = Some(claimed);
         }
@@ -239,7 +247,17 @@ impl Inner {
         state.damaged_history.clear();
         let changed = manifest.entries.into_iter().map(|(name, _)| name).collect();
         state.history.push_back(Kept { generation, at_ms, changed, files, chunks, bytes: held });
-        for kept in state.history.drain(..pruned) {
+        let pruned: Vec<Kept> = state.history.drain(..pruned).collect();
+        // The save is durable; the witness now records it. If that fails, the witness
+        // stays one save behind, which the next open accepts (the engine's history
+        // leads back to it), but no later save may go on.
+        if let Some(witness) = &self.witness
+            && let Err(err) = witness.record(&Witness { generation, digest })
+        {
+            state.poisoned = true;
+            return Err(err);
+        }
+        for kept in pruned {
             for id in kept.files {
                 self.remove_file(id);
             }

@@ -14,6 +14,7 @@ mod history;
 mod open;
 mod records;
 mod view;
+mod witness;
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -25,7 +26,6 @@ use std::{
 
 use parking_lot::Mutex;
 
-use self::history::Kept;
 pub(crate) use self::{
     builder::Member,
     global::global,
@@ -36,11 +36,13 @@ pub use self::{
     global::{history, open, reload_all, revert_to, save_all},
     history::Generation,
 };
+use self::{history::Kept, witness::WitnessFile};
 use crate::{
     Error, Result,
     autosave::Background,
     backend::{Backend, Sled},
     cell::ErasedCell,
+    codec::Digest,
     crypt::Sealer,
     io::{Io, IoFile},
     journaled::{JournalOptions, JournaledCell},
@@ -112,6 +114,11 @@ pub(crate) struct Inner {
     keep: usize,
     // How many bytes of earlier values the history keeps beyond the last save.
     keep_bytes: u64,
+    // The witness of the last acknowledged save; `None` in memory.
+    witness: Option<WitnessFile>,
+    // Whether opening created entries in the store directory (the engine's and value
+    // files' directories) that a sync of it must make durable.
+    created: bool,
     // Held for the whole of a save, reload or load, which therefore never overlap.
     state: Mutex<State>,
     background: Background,
@@ -133,6 +140,8 @@ struct State {
     current: BTreeMap<String, Vec<u8>>,
     // The saves the history holds, oldest first.
     history: VecDeque<Kept>,
+    // The count and hash of the cell records, which the witness records.
+    digest: Digest,
     // The cell names stored under `meta/claimed`.
     claimed: Option<Vec<String>>,
     // Manifests found damaged at open, and the older ones after them: not in the

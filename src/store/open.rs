@@ -1,23 +1,27 @@
 //! Opening a store: reading every record, checking it, and installing the cells'
 //! values, all or nothing.
 
-use super::{ENGINE_DIR, Inner, State};
+use std::{collections::BTreeSet, path::Path, sync::Arc};
+
+use super::{
+    ENGINE_DIR, Inner, State,
+    records::Missing,
+    witness::{self, Held, Older, WitnessFile},
+};
 use crate::{
     Error, Result, Store,
     atomically::ensure_outside,
     backend::Records,
-    codec::{self, FORMAT_V1, FORMAT_VERSION},
+    codec::{self, STORE_FORMAT},
     crypt::{KEYCHECK_PLAIN, SealFault},
     journaled,
-    store::records::Missing,
 };
-use std::{collections::BTreeSet, path::Path, sync::Arc};
 
 impl Store {
-    pub(super) fn load(mut inner: Inner) -> Result<Store> {
+    pub(super) fn load(older: Older, mut inner: Inner) -> Result<Store> {
         ensure_outside("open")?;
         let records = inner.backend.read_all()?;
-        check_format(&inner.label, &records)?;
+        let format = check_format(&inner.label, &records)?;
         inner.check_key(&records)?;
         let mut state = State {
             saved: vec![None; inner.cells.len()],
@@ -51,7 +55,28 @@ impl Store {
             })?;
             state.claimed = Some(claimed);
         }
+        // Damaged records are named first; a store whose records are all sound but
+        // not those of its last acknowledged save is the witness's to refuse.
         let decoded = inner.decode_all(&state.current, Missing::Skip)?;
+        state.digest = witness::digest_of(&state.current);
+        if inner.values.is_some() {
+            let read = inner.read_manifest(state.generation, |key| Ok(records.get(key).cloned()));
+            let last = read.ok().map(|(manifest, _)| manifest);
+            let held = Held {
+                format,
+                generation: state.generation,
+                digest: state.digest,
+                last: last.as_ref(),
+                current: &state.current,
+            };
+            let checked = WitnessFile::check(&inner.io, &inner.label, &held, older)?;
+            let (witness, created) = checked.finish(&inner.io)?;
+            inner.witness = Some(witness);
+            if created || inner.created {
+                // One sync for every entry the open made: engine, values, witness.
+                inner.io.sync_dir(&inner.label).map_err(Error::io(&inner.label))?;
+            }
+        }
         let journals = inner.open_journals()?;
         inner.install(&mut state, decoded);
         for attach in journals {
@@ -134,13 +159,14 @@ impl Inner {
     }
 }
 
-fn check_format(label: &Path, records: &Records) -> Result<()> {
-    let expected = u32::from(FORMAT_VERSION);
-    match meta(label, records, codec::FORMAT_KEY, codec::read_u32)? {
-        Some(found) if found != expected && found != u32::from(FORMAT_V1) => {
-            Err(Error::FormatVersion { path: label.to_path_buf(), found, expected })
+/// The store's format (`meta/format`), refusing one newer than this build's.
+fn check_format(label: &Path, records: &Records) -> Result<Option<u32>> {
+    let found = meta(label, records, codec::FORMAT_KEY, codec::read_u32)?;
+    match found {
+        Some(found) if found == 0 || STORE_FORMAT < found => {
+            Err(Error::FormatVersion { path: label.to_path_buf(), found, expected: STORE_FORMAT })
         }
-        _ => Ok(()),
+        _ => Ok(found),
     }
 }
 

@@ -12,11 +12,15 @@ use std::{
 
 use parking_lot::MutexGuard;
 
-use super::{ENGINE_DIR, Inner, State, VALUES_DIR, now_ms, records::Missing};
+use super::{
+    ENGINE_DIR, Inner, State, VALUES_DIR, now_ms,
+    records::Missing,
+    witness::{WITNESS_FILE, WitnessFile},
+};
 use crate::{
     Error, Result,
     backend::{Backend, Batch, Records, Sled},
-    codec::{self, Body, Manifest, Record},
+    codec::{self, Body, Manifest, Record, Witness},
     journaled,
     values::{Encoded, Spilled, ValueDir, ValueWriter},
 };
@@ -149,6 +153,8 @@ impl LastSave<'_> {
         let engine = Sled::open(io, &dir.join(ENGINE_DIR))?;
         let committed = engine.commit(batch);
         committed.and(engine.close())?;
+        let now = Witness { generation: self.state.generation, digest: self.state.digest };
+        WitnessFile::create(io, dir.join(WITNESS_FILE), now)?;
         for cell in &inner.journaled {
             cell.backup_into(&journaled::journal_dir(dir, cell.name()))?;
         }

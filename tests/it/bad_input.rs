@@ -232,7 +232,7 @@ fn a_store_from_another_format_version_is_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
     put_raw(dir.path(), "meta/format", &99u32.to_be_bytes())?;
     let err = Store::builder().open(dir.path()).err().ok_or("future format accepted")?;
-    assert!(matches!(err, Error::FormatVersion { found: 99, expected: 2, .. }), "{err:?}");
+    assert!(matches!(err, Error::FormatVersion { found: 99, expected: 3, .. }), "{err:?}");
     Ok(())
 }
 

@@ -24,3 +24,119 @@ fn an_interrupted_engine_snapshot_does_not_make_the_store_unopenable() -> TestRe
     assert_eq!(KEPT.get(), "saved");
     Ok(())
 }
+
+/// Copies the directory tree `from` to `to`.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_store_whose_engine_lost_its_last_save_is_refused_until_the_loss_is_accepted() -> TestResult {
+    static DRAFT: StateCell<u32> = StateCell::new("trust::rollback::DRAFT", || 0);
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("store");
+    {
+        let store = Store::builder().cell(&DRAFT).open(&dir)?;
+        for draft in 1..=2 {
+            DRAFT.set(draft);
+            store.save_all()?;
+        }
+    }
+    // The engine as it was after save 2...
+    copy_tree(&dir.join("sled"), &tmp.path().join("sled-at-2"))?;
+    {
+        let store = Store::builder().cell(&DRAFT).open(&dir)?;
+        DRAFT.set(3);
+        store.save_all()?;
+    }
+    // ... comes back, as a damaged log would make it: save 3 is gone.
+    fs::remove_dir_all(dir.join("sled"))?;
+    copy_tree(&tmp.path().join("sled-at-2"), &dir.join("sled"))?;
+    DRAFT.set(0);
+    let err = Store::builder().cell(&DRAFT).open(&dir).err().ok_or("a lost save went unnoticed")?;
+    let instastate::Error::Corrupt { reason, .. } = &err else {
+        return Err(format!("wrong error: {err:?}").into());
+    };
+    assert!(reason.contains("save 3"), "{err}");
+    assert_eq!(DRAFT.get(), 0, "a refused open changes no cell");
+    // Refused again: the refusal changed nothing on disk.
+    assert!(Store::builder().cell(&DRAFT).open(&dir).is_err());
+    {
+        let store = Store::builder().cell(&DRAFT).accept_older_save().open(&dir)?;
+        assert_eq!((DRAFT.get(), store.generation()), (2, 2));
+        DRAFT.set(4);
+        store.save_all()?;
+    }
+    let store = Store::builder().cell(&DRAFT).open(&dir)?;
+    assert_eq!((DRAFT.get(), store.generation()), (4, 3));
+    Ok(())
+}
+
+#[test]
+fn a_store_whose_engine_holds_other_records_than_its_last_save_left_is_refused() -> TestResult {
+    static NOTE: StateCell<String> = StateCell::new("trust::digest::NOTE", String::new);
+    let tmp = tempfile::tempdir()?;
+    let (ours, theirs) = (tmp.path().join("ours"), tmp.path().join("theirs"));
+    for (dir, note) in [(&ours, "ours"), (&theirs, "theirs")] {
+        let store = Store::builder().cell(&NOTE).open(dir)?;
+        NOTE.set(note.into());
+        store.save_all()?;
+    }
+    // Same generation, other records.
+    fs::remove_dir_all(ours.join("sled"))?;
+    copy_tree(&theirs.join("sled"), &ours.join("sled"))?;
+    let err =
+        Store::builder().cell(&NOTE).open(&ours).err().ok_or("other records went unnoticed")?;
+    assert!(matches!(err, instastate::Error::Corrupt { .. }), "{err:?}");
+    Ok(())
+}
+
+#[test]
+fn a_crash_between_the_commit_and_the_witness_loses_nothing_and_refuses_nothing() -> TestResult {
+    static COUNT: StateCell<u32> = StateCell::new("trust::lagging::COUNT", || 0);
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("store");
+    {
+        let store = Store::builder().cell(&COUNT).open(&dir)?;
+        COUNT.set(1);
+        store.save_all()?;
+    }
+    let witness = fs::read(dir.join("witness"))?;
+    {
+        let store = Store::builder().cell(&COUNT).open(&dir)?;
+        COUNT.set(2);
+        store.save_all()?;
+    }
+    // The witness as it was before save 2 was recorded in it.
+    fs::write(dir.join("witness"), witness)?;
+    let store = Store::builder().cell(&COUNT).open(&dir)?;
+    assert_eq!((COUNT.get(), store.generation()), (2, 2));
+    Ok(())
+}
+
+#[test]
+fn a_missing_witness_is_refused_until_accepted() -> TestResult {
+    static FLAG: StateCell<bool> = StateCell::new("trust::witness::FLAG", || false);
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&FLAG).open(dir.path())?;
+        FLAG.set(true);
+        store.save_all()?;
+    }
+    fs::remove_file(dir.path().join("witness"))?;
+    let res = Store::builder().cell(&FLAG).open(dir.path());
+    assert!(matches!(res, Err(instastate::Error::Corrupt { .. })), "{res:?}");
+    drop(Store::builder().cell(&FLAG).accept_older_save().open(dir.path())?);
+    drop(Store::builder().cell(&FLAG).open(dir.path())?);
+    Ok(())
+}
