@@ -7,8 +7,13 @@
 //! peak RSS during our save (`VmHWM`, reset through `/proc/self/clear_refs`) as a
 //! multiple of the state's encoded size.
 //!
-//! Run with `cargo bench --bench cells`. Unknown arguments (cargo passes `--bench`)
-//! are ignored.
+//! Row (f) has no raw baseline: it sets our save of one changed cell among 100,000
+//! beside the same save among 16, so its ratio is how a save's cost grows with the
+//! cells it does not write.
+//!
+//! Run with `cargo bench --bench cells` for every row, or name rows to run only
+//! those: `cargo bench --bench cells -- f`, `cargo bench --bench cells -- b d`.
+//! Other arguments (cargo passes `--bench`) are ignored.
 
 mod common;
 
@@ -17,6 +22,7 @@ use std::{
     fs::{self, File},
     hint::black_box,
     io::{BufWriter, Write},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -43,6 +49,12 @@ const VALUE_LEN: usize = 1024;
 /// Entries per large cell: 25 MiB of values each, 100 MiB in all.
 const ENTRIES: u64 = 25 * 1024;
 const MIB: f64 = 1024.0 * 1024.0;
+/// Cells of row (f)'s large store, the scale the issue measured.
+const MANY: usize = 100_000;
+/// Cells of row (f)'s small store, as many as row (a) saves.
+const FEW: usize = 16;
+/// The rows a benchmark run can name.
+const ROWS: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
 
 // ----------------------------------------------------------------------------
 // Row (a): 16 small cells of mixed types.
@@ -293,6 +305,68 @@ fn read_plain_loop() -> Duration {
 }
 
 // ----------------------------------------------------------------------------
+// Row (f): one changed cell among 100,000 against one among 16.
+
+/// `n_cells` new `u64` cells named `bench::{prefix}::{cell_idx}`. A store takes
+/// `&'static` cells and these are made at run time, so they (and their names) are
+/// leaked; the bench holds them until it exits anyway.
+fn leak_cells(prefix: &str, n_cells: usize) -> Vec<&'static StateCell<u64>> {
+    (0..n_cells)
+        .map(|cell_idx| {
+            let name: &'static str = format!("bench::{prefix}::{cell_idx:06}").leak();
+            let cell: &'static StateCell<u64> = Box::leak(Box::new(StateCell::new(name, || 0)));
+            cell
+        })
+        .collect()
+}
+
+fn cells_store(dir: &Path, cells: &[&'static StateCell<u64>]) -> Res<Store> {
+    Ok(cells.iter().fold(Store::builder(), |builder, cell| builder.cell(*cell)).open(dir)?)
+}
+
+/// Changes one cell of `cells`, a different one each round: a prime stride moves
+/// the change across the whole key range rather than along its first few keys.
+fn touch_one(cells: &[&'static StateCell<u64>], round: u32) {
+    let round = usize::try_from(round).unwrap_or(0);
+    let cell_idx = round.wrapping_mul(7_919) % cells.len().max(1);
+    if let Some(cell) = cells.get(cell_idx) {
+        cell.update(|it| *it += 1);
+    }
+}
+
+/// The bytes of the files under `path`: their lengths, and the blocks they take on
+/// disk (sled's files can be sparse).
+fn dir_size(path: &Path) -> Res<(u64, u64)> {
+    let (mut len, mut allocated) = (0, 0);
+    for entry in fs::read_dir(path)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            let (dir_len, dir_allocated) = dir_size(&entry.path())?;
+            len += dir_len;
+            allocated += dir_allocated;
+        } else {
+            len += meta.len();
+            allocated += meta.blocks() * 512;
+        }
+    }
+    Ok((len, allocated))
+}
+
+/// What row (f) measures once, outside its ratio.
+struct Scale {
+    /// Seconds to build and open the new store of `MANY` cells.
+    open: f64,
+    /// Seconds of its first save, which writes every cell.
+    first_save: f64,
+    /// Its directory's size after that save, and after the timed runs.
+    after_first: (u64, u64),
+    after_runs: (u64, u64),
+    /// Seconds per save among `FEW` cells before the large store existed.
+    few_alone: Vec<f64>,
+}
+
+// ----------------------------------------------------------------------------
 // Measurement helpers.
 
 fn timed(f: impl FnOnce() -> Res) -> Res<f64> {
@@ -522,6 +596,52 @@ fn row_load(ours_dir: &Path, raw_dir: &Path) -> Res<Row> {
     Ok(row)
 }
 
+fn row_many(root: &Path) -> Res<(Row, Scale)> {
+    let mut row = Row::new("(f) save 1 changed `u64` cell among 100,000 vs among 16", 2.0);
+    let few = leak_cells("few", FEW);
+    let few_dir = tempfile::tempdir_in(root)?;
+    let few_store = cells_store(few_dir.path(), &few)?;
+    few_store.save_all()?;
+    // Beside the large store, the small store's saves slow down: the large one's
+    // saves leave the allocator's heap fragmented, and every allocation after them
+    // pays. So the ratio's baseline is not the small save a program without the
+    // large store sees; this reference, taken before the large store exists, shows
+    // how far apart the two are.
+    let mut few_alone = Vec::new();
+    for round in 0..WARM_UP + FSYNC_RUNS {
+        touch_one(&few, round);
+        let secs = timed(|| Ok(few_store.save_all()?))?;
+        if WARM_UP <= round {
+            few_alone.push(secs);
+        }
+    }
+    let many = leak_cells("many", MANY);
+    let many_dir = tempfile::tempdir_in(root)?;
+    let start = Instant::now();
+    let many_store = cells_store(many_dir.path(), &many)?;
+    let open = start.elapsed().as_secs_f64();
+    let first_save = timed(|| Ok(many_store.save_all()?))?;
+    let after_first = dir_size(many_dir.path())?;
+    for round in 0..WARM_UP {
+        touch_one(&many, round);
+        touch_one(&few, round);
+        many_store.save_all()?;
+        few_store.save_all()?;
+    }
+    for round in WARM_UP..WARM_UP + FSYNC_RUNS {
+        touch_one(&many, round);
+        touch_one(&few, round);
+        row.push(interleave(
+            round,
+            || timed(|| Ok(many_store.save_all()?)),
+            || timed(|| Ok(few_store.save_all()?)),
+        )?);
+    }
+    drop(many_store);
+    let after_runs = dir_size(many_dir.path())?;
+    Ok((row, Scale { open, first_save, after_first, after_runs, few_alone }))
+}
+
 fn machine(root: &Path) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let model = fs::read_to_string("/proc/cpuinfo")
@@ -544,7 +664,7 @@ fn machine(root: &Path) -> String {
     )
 }
 
-fn print_table(rows: &[Row], memory: &Memory) {
+fn print_table(rows: &[Row], memory: &Memory, scale: Option<&Scale>) {
     println!("| row | ours (median) | baseline (median) | ratio | target | met? |");
     println!("|---|---|---|---|---|---|");
     for row in rows {
@@ -558,6 +678,49 @@ fn print_table(rows: &[Row], memory: &Memory) {
             if ratio <= row.target { "yes" } else { "NO" },
         );
     }
+    if !memory.peak.is_empty() {
+        print_memory(memory);
+    }
+    if let Some(scale) = scale {
+        println!();
+        println!(
+            "(f) ours is the save among {MANY} cells, the baseline the save among {FEW}. The \
+             store of {MANY} cells: open {}, first save (every cell) {}; directory after it \
+             {:.1} MiB ({:.1} MiB on disk), after the timed saves {:.1} MiB ({:.1} MiB on disk).",
+            fmt_secs(scale.open),
+            fmt_secs(scale.first_save),
+            len_f64(scale.after_first.0) / MIB,
+            len_f64(scale.after_first.1) / MIB,
+            len_f64(scale.after_runs.0) / MIB,
+            len_f64(scale.after_runs.1) / MIB,
+        );
+        let alone = median(&scale.few_alone);
+        let among_many = rows.iter().find(|row| row.name.starts_with("(f)")).map(|row| &row.ours);
+        println!(
+            "(f) the save among {FEW} alone, before the large store existed: {} (p10 {}, p90 \
+             {}); the save among {MANY} against it: {:.2}.",
+            fmt_secs(alone),
+            fmt_secs(percentile(&scale.few_alone, 10)),
+            fmt_secs(percentile(&scale.few_alone, 90)),
+            among_many.map_or(f64::NAN, |ours| median(ours) / alone),
+        );
+    }
+    println!();
+    println!("Spread (p10 / p90, ours ; baseline):");
+    for row in rows {
+        println!(
+            "- {}: {} / {} ; {} / {}",
+            row.name.split(' ').next().unwrap_or_default(),
+            fmt_secs(percentile(&row.ours, 10)),
+            fmt_secs(percentile(&row.ours, 90)),
+            fmt_secs(percentile(&row.base, 10)),
+            fmt_secs(percentile(&row.base, 90)),
+        );
+    }
+}
+
+/// The memory lines of row (b).
+fn print_memory(memory: &Memory) {
     let peak = median(&memory.peak) / memory.payload;
     let worst = memory.peak.iter().copied().fold(0.0, f64::max) / memory.payload;
     println!(
@@ -574,22 +737,13 @@ fn print_table(rows: &[Row], memory: &Memory) {
         median(&memory.peak) / MIB,
         (median(&memory.peak) - median(&memory.before)) / MIB,
     );
-    println!();
-    println!("Spread (p10 / p90, ours ; baseline):");
-    for row in rows {
-        println!(
-            "- {}: {} / {} ; {} / {}",
-            row.name.split(' ').next().unwrap_or_default(),
-            fmt_secs(percentile(&row.ours, 10)),
-            fmt_secs(percentile(&row.ours, 90)),
-            fmt_secs(percentile(&row.base, 10)),
-            fmt_secs(percentile(&row.base, 90)),
-        );
-    }
 }
 
 fn main() -> Res {
-    // Arguments (cargo passes `--bench`) are ignored.
+    // Arguments naming rows select them; others (cargo passes `--bench`) are ignored.
+    let named: Vec<String> =
+        std::env::args().skip(1).filter(|arg| ROWS.contains(&arg.as_str())).collect();
+    let runs = |row: &str| named.is_empty() || named.iter().any(|it| it == row);
     let started = Instant::now();
     let root = std::env::temp_dir();
     println!("# instastate benchmarks: ours vs raw baseline, medians, interleaved runs");
@@ -598,39 +752,61 @@ fn main() -> Res {
     println!(
         "Runs (interleaved, alternating which side goes first): {FSYNC_RUNS} for rows (a) and \
          (c) after {WARM_UP} warm-ups; {LARGE_RUNS} for rows (b) and (d) after one warm-up; \
-         {READ_RUNS} for row (e), of {READS} reads each (time per read)."
+         {READ_RUNS} for row (e), of {READS} reads each (time per read); {FSYNC_RUNS} for row \
+         (f) after the first save of both stores and {WARM_UP} warm-ups (and before them, \
+         {FSYNC_RUNS} of the small store alone)."
     );
     println!();
 
     let mut rows = Vec::new();
-    rows.push(row_small(&root)?);
-    eprintln!("(a) done at {:.1} s", started.elapsed().as_secs_f64());
-
-    let ours_dir = tempfile::tempdir_in(&root)?;
-    let raw_dir = tempfile::tempdir_in(&root)?;
-    let sled_dir = tempfile::tempdir_in(&root)?;
-    let mut memory = Memory::default();
-    {
-        let store = big_builder().cell(&TICK).open(ours_dir.path())?;
-        fill_big();
-        eprintln!("state built at {:.1} s", started.elapsed().as_secs_f64());
-        // Warm-up: the first save of each side creates the files.
-        store.save_all()?;
-        raw_big_save(raw_dir.path())?;
-        memory.payload = len_f64(fs::metadata(snapshot_path(raw_dir.path()))?.len());
-        rows.push(row_big_save(&store, raw_dir.path(), &mut memory)?);
-        eprintln!("(b) done at {:.1} s", started.elapsed().as_secs_f64());
-        let raw = RawSled::open(sled_dir.path())?;
-        rows.push(row_small_beside_big(&store, &raw)?);
-        eprintln!("(c) done at {:.1} s", started.elapsed().as_secs_f64());
+    if runs("a") {
+        rows.push(row_small(&root)?);
+        eprintln!("(a) done at {:.1} s", started.elapsed().as_secs_f64());
     }
-    rows.push(row_load(ours_dir.path(), raw_dir.path())?);
-    eprintln!("(d) done at {:.1} s", started.elapsed().as_secs_f64());
-    empty_big();
-    rows.push(row_read()?);
-    eprintln!("(e) done at {:.1} s", started.elapsed().as_secs_f64());
 
-    print_table(&rows, &memory);
+    let mut memory = Memory::default();
+    if runs("b") || runs("c") || runs("d") {
+        let ours_dir = tempfile::tempdir_in(&root)?;
+        let raw_dir = tempfile::tempdir_in(&root)?;
+        let sled_dir = tempfile::tempdir_in(&root)?;
+        {
+            let store = big_builder().cell(&TICK).open(ours_dir.path())?;
+            fill_big();
+            eprintln!("state built at {:.1} s", started.elapsed().as_secs_f64());
+            // Warm-up: the first save of each side creates the files (which row (d)
+            // loads, whether or not (b) and (c) run).
+            store.save_all()?;
+            raw_big_save(raw_dir.path())?;
+            memory.payload = len_f64(fs::metadata(snapshot_path(raw_dir.path()))?.len());
+            if runs("b") {
+                rows.push(row_big_save(&store, raw_dir.path(), &mut memory)?);
+                eprintln!("(b) done at {:.1} s", started.elapsed().as_secs_f64());
+            }
+            if runs("c") {
+                let raw = RawSled::open(sled_dir.path())?;
+                rows.push(row_small_beside_big(&store, &raw)?);
+                eprintln!("(c) done at {:.1} s", started.elapsed().as_secs_f64());
+            }
+        }
+        if runs("d") {
+            rows.push(row_load(ours_dir.path(), raw_dir.path())?);
+            eprintln!("(d) done at {:.1} s", started.elapsed().as_secs_f64());
+        }
+        empty_big();
+    }
+    if runs("e") {
+        rows.push(row_read()?);
+        eprintln!("(e) done at {:.1} s", started.elapsed().as_secs_f64());
+    }
+    let mut scale = None;
+    if runs("f") {
+        let (row, measured) = row_many(&root)?;
+        rows.push(row);
+        scale = Some(measured);
+        eprintln!("(f) done at {:.1} s", started.elapsed().as_secs_f64());
+    }
+
+    print_table(&rows, &memory, scale.as_ref());
     println!();
     println!("Total bench time: {:.1} s.", started.elapsed().as_secs_f64());
     Ok(())
