@@ -180,6 +180,10 @@ impl Store {
                 if let Err(fault) = codec::decode_claimed(bytes) {
                     problem(location, fault.to_string());
                 }
+            } else if codec::claim_name(key).is_some() {
+                if !bytes.is_empty() {
+                    problem(location, format!("a claim holds {} bytes, not none", bytes.len()));
+                }
             } else if key == codec::KEYCHECK_KEY {
                 // Checked at open: the store would not be open otherwise.
             } else {

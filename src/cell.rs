@@ -1,13 +1,14 @@
 //! [`StateCell`]: a named, lock-protected value that a [`Store`](crate::Store) can save.
 
 use std::{
+    collections::{BTreeSet, HashMap},
     fmt,
     ops::{Deref, DerefMut},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use once_cell::sync::OnceCell;
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
@@ -80,6 +81,38 @@ pub struct StateCell<T: 'static> {
     // Bumped under the write lock on every write access; a store compares it with
     // the value it last saved to know whether the cell changed since.
     seq: AtomicU64,
+    // Whether the cell's address is in `CHANGED`: set by the first write after a
+    // store took it from there.
+    queued: AtomicBool,
+}
+
+/// The cells written since a store last took them, by address: a save looks at
+/// these, not at every cell, so that its cost follows what changed.
+static CHANGED: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+
+/// Takes, from the cells written since they were last taken, those of `mine` (cell
+/// addresses to indexes into `cells`), and returns their indexes.
+pub(crate) fn take_changed(
+    mine: &HashMap<usize, usize>,
+    cells: &[&'static dyn ErasedCell],
+) -> Vec<usize> {
+    let mut changed = CHANGED.lock();
+    let taken: Vec<usize> =
+        changed.iter().filter_map(|address| mine.get(address).copied()).collect();
+    for &cell_idx in &taken {
+        if let Some(cell) = cells.get(cell_idx) {
+            changed.remove(&cell.address());
+            // Under the lock: a write that finds the flag still set has bumped the
+            // counter already, and the save that took the cell sees its value.
+            cell.unqueue();
+        }
+    }
+    taken
+}
+
+/// Whether any cell of `mine` was written since a store last took it.
+pub(crate) fn any_changed(mine: &HashMap<usize, usize>) -> bool {
+    CHANGED.lock().iter().any(|address| mine.contains_key(address))
 }
 
 impl<T> StateCell<T> {
@@ -129,7 +162,15 @@ impl<T> StateCell<T> {
         init: fn() -> T,
         options: CellOptions<T>,
     ) -> StateCell<T> {
-        StateCell { name, origin, init, options, value: OnceCell::new(), seq: AtomicU64::new(0) }
+        StateCell {
+            name,
+            origin,
+            init,
+            options,
+            value: OnceCell::new(),
+            seq: AtomicU64::new(0),
+            queued: AtomicBool::new(false),
+        }
     }
 
     /// The name the cell's value is stored under.
@@ -171,6 +212,9 @@ impl<T> StateCell<T> {
         // Relaxed is enough: the write lock orders this with the save's read of `seq`,
         // which happens under the read lock.
         self.seq.fetch_add(1, Ordering::Relaxed);
+        if !self.queued.swap(true, Ordering::Relaxed) {
+            CHANGED.lock().insert(std::ptr::from_ref(self).addr());
+        }
         RefMut(guard)
     }
 
@@ -335,6 +379,10 @@ pub(crate) trait ErasedCell: Send + Sync {
     /// The cell's change counter: it differs from the one a save returned exactly
     /// when the cell was written since.
     fn seq(&self) -> u64;
+    /// The cell's address, its key in the set of changed cells.
+    fn address(&self) -> usize;
+    /// Lets the next write put the cell in the set of changed cells again.
+    fn unqueue(&self);
     /// Encodes the value into `out` unless it is unchanged since change counter
     /// `saved` (`None` always encodes); returns the counter of what it encoded.
     fn encode_if_changed(
@@ -369,6 +417,14 @@ impl<T: Value> ErasedCell for StateCell<T> {
 
     fn seq(&self) -> u64 {
         self.seq.load(Ordering::Relaxed)
+    }
+
+    fn address(&self) -> usize {
+        std::ptr::from_ref(self).addr()
+    }
+
+    fn unqueue(&self) {
+        self.queued.store(false, Ordering::Relaxed);
     }
 
     fn encode_if_changed(

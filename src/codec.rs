@@ -72,8 +72,11 @@ pub(crate) const CELL_PREFIX: &[u8] = b"cell/";
 pub(crate) const FORMAT_KEY: &[u8] = b"meta/format";
 /// The key of the number of the last completed save (a `u64`).
 pub(crate) const GENERATION_KEY: &[u8] = b"meta/generation";
-/// The key of the names of the cells of the program that saved last.
+/// The key of the names of the cells of the programs that saved, as one list: what
+/// stores kept before each claimed name had a key of its own ([`claim_key`]).
 pub(crate) const CLAIMED_KEY: &[u8] = b"meta/claimed";
+/// The prefix of the key that marks a name as claimed by some program's cell.
+pub(crate) const CLAIM_PREFIX: &[u8] = b"claim/";
 /// The key of the sealed check value of an encrypted store.
 pub(crate) const KEYCHECK_KEY: &[u8] = b"meta/keycheck";
 /// The prefix of every history manifest's key; the generation follows it.
@@ -132,6 +135,16 @@ pub(crate) fn manifest_head(bytes: &[u8]) -> Option<(u32, &[u8])> {
 /// Returns the generation of a history manifest's key, or `None` for other keys.
 pub(crate) fn history_generation(key: &[u8]) -> Option<u64> {
     key.strip_prefix(HISTORY_PREFIX).and_then(read_u64)
+}
+
+/// The key that marks cell name `name` as claimed; its value is empty.
+pub(crate) fn claim_key(name: &str) -> Vec<u8> {
+    [CLAIM_PREFIX, name.as_bytes()].concat()
+}
+
+/// Returns the cell name a claim key marks, or `None` for other keys.
+pub(crate) fn claim_name(key: &[u8]) -> Option<&str> {
+    key.strip_prefix(CLAIM_PREFIX).and_then(|name| std::str::from_utf8(name).ok())
 }
 
 pub(crate) fn cell_key(name: &str) -> Vec<u8> {
@@ -387,6 +400,7 @@ impl Manifest {
 }
 
 /// Encodes the list of cell names stored under [`CLAIMED_KEY`].
+#[cfg(test)]
 pub(crate) fn encode_claimed<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&CLAIMED_MAGIC);

@@ -46,7 +46,7 @@ use super::{Backend, Batch, Records};
 use crate::{
     Error, Result,
     error::StorageError,
-    io::{Io, IoFile, Open, parent_of, retry_while_held},
+    io::{Io, IoFile, Open, Stamp, parent_of, retry_while_held},
 };
 
 // Our records are small and read once at open, so a small cache is plenty; sled's
@@ -91,7 +91,10 @@ struct Watch {
 
 #[derive(Default)]
 struct Synced {
-    engine: Listing,
+    // The engine's directory as it was when last synced.
+    engine: Option<Stamp>,
+    // The blob directory's, and its entries.
+    blobs_stamp: Option<Stamp>,
     blobs: Listing,
 }
 
@@ -139,20 +142,26 @@ impl Sled {
         let mut synced = self.synced.lock();
         // Blob files should never appear (see the module docs); if sled wrote some
         // anyway, they are made durable before the log that points at them.
+        // A directory is looked at (`stat`, which is cheap) before it is listed
+        // (which, on a large heap, is not): its stamp changes whenever an entry does.
         let blobs_dir = self.dir.join("blobs");
-        let blobs = listing(&self.io, &blobs_dir)?;
-        if blobs != synced.blobs {
+        let blobs_stamp = self.io.stamp(&blobs_dir)?;
+        if blobs_stamp != synced.blobs_stamp {
+            let blobs = listing(&self.io, &blobs_dir)?;
             for (name, _) in blobs.iter().filter(|it| !synced.blobs.contains(it)) {
                 self.io.open(&blobs_dir.join(name), Open::Read)?.sync_all()?;
             }
-            self.io.sync_dir(&blobs_dir)?;
+            if blobs_stamp.is_some() {
+                self.io.sync_dir(&blobs_dir)?;
+            }
             synced.blobs = blobs;
+            synced.blobs_stamp = blobs_stamp;
         }
         engine.log.sync_all()?;
-        let listed = listing(&self.io, &self.dir)?;
-        if listed != synced.engine {
+        let stamp = self.io.stamp(&self.dir)?;
+        if stamp != synced.engine {
             self.io.sync_dir(&self.dir)?;
-            synced.engine = listed;
+            synced.engine = stamp;
         }
         Ok(())
     }

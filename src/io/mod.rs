@@ -81,6 +81,16 @@ pub(crate) struct Entry {
     pub(crate) is_dir: bool,
 }
 
+/// What `stat` says of a file or directory that changes whenever it does: for a
+/// directory, whenever an entry is created, renamed or removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    ino: u64,
+    ctime: (i64, i64),
+    mtime: (i64, i64),
+    size: u64,
+}
+
 /// The file system, as this crate uses it; cheap to clone.
 #[derive(Clone, Default)]
 pub(crate) struct Io {
@@ -169,6 +179,21 @@ impl Io {
     pub(crate) fn read_dir(&self, path: &Path) -> io::Result<Vec<Entry>> {
         self.check(Op::List, path)?;
         list(path)
+    }
+
+    /// The stamp of `path`, or `None` if there is nothing there.
+    pub(crate) fn stamp(&self, path: &Path) -> io::Result<Option<Stamp>> {
+        self.check(Op::List, path)?;
+        match fs::metadata(path) {
+            Ok(meta) => Ok(Some(Stamp {
+                ino: meta.ino(),
+                ctime: (meta.ctime(), meta.ctime_nsec()),
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+                size: meta.size(),
+            })),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
     }
 
     pub(crate) fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {

@@ -15,10 +15,10 @@ use super::{
 use crate::{
     Error, Result, StateCell, Store,
     autosave::Background,
-    backend::{Memory, Sled},
+    backend::{Backend, Memory, Sled},
     cell::{ErasedCell, Value},
     crypt::Sealer,
-    io::Io,
+    io::{Io, IoFile},
     journal::{Durability, Recovery},
     journaled::{self, JournalOptions, JournaledCell},
     registry,
@@ -54,6 +54,16 @@ pub struct StoreBuilder {
     io: Io,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
+}
+
+/// Where a store's records and files live.
+struct Place {
+    label: PathBuf,
+    backend: Box<dyn Backend>,
+    values: Option<ValueDir>,
+    lock: Option<IoFile>,
+    // Whether opening created directories that a sync of the store's must make durable.
+    created: bool,
 }
 
 /// A cell as a store takes it: erased, and seen as a journaled cell if it is one.
@@ -273,11 +283,10 @@ impl StoreBuilder {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn open(self, path: impl AsRef<Path>) -> Result<Store> {
+    pub fn open(mut self, path: impl AsRef<Path>) -> Result<Store> {
         let path = path.as_ref();
-        let sealer = self.sealer();
-        let cells = check_names(self.cells)?;
-        let io = self.io;
+        let cells = check_names(std::mem::take(&mut self.cells))?;
+        let io = self.io.clone();
         io.create_dir_durably(path).map_err(Error::io(path))?;
         let lock = io.lock_dir(path, LOCK_FILE)?;
         let (engine_path, values_path) = (path.join(ENGINE_DIR), path.join(VALUES_DIR));
@@ -285,28 +294,14 @@ impl StoreBuilder {
         let created = !engine_path.is_dir() || !values_path.is_dir();
         let backend = Sled::open(&io, &engine_path)?;
         let values = ValueDir::open(&io, values_path.clone()).map_err(Error::io(values_path))?;
-        let (cells, journaled) = split_journaled(cells);
-        Store::load(
-            self.older,
-            Inner {
-                label: path.to_path_buf(),
-                backend: Box::new(backend),
-                values: Some(values),
-                sealer,
-                cells,
-                journaled,
-                journal: self.journal,
-                journals_attached: false,
-                keep: self.keep,
-                keep_bytes: self.keep_bytes,
-                witness: None,
-                created,
-                state: Mutex::default(),
-                background: Background::default(),
-                io,
-                _lock: Some(lock),
-            },
-        )
+        let place = Place {
+            label: path.to_path_buf(),
+            backend: Box::new(backend),
+            values: Some(values),
+            lock: Some(lock),
+            created,
+        };
+        self.load(cells, place)
     }
 
     /// Opens a store that keeps its saved values in memory, for tests and for
@@ -325,31 +320,44 @@ impl StoreBuilder {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn in_memory(self) -> Result<Store> {
+    pub fn in_memory(mut self) -> Result<Store> {
+        let cells = check_names(std::mem::take(&mut self.cells))?;
+        let place = Place {
+            label: PathBuf::from(MEMORY_LABEL),
+            backend: Box::new(Memory::default()),
+            values: None,
+            lock: None,
+            created: false,
+        };
+        self.load(cells, place)
+    }
+
+    /// Opens the store of `cells` in `place`, and loads the cells' values.
+    fn load(self, cells: Vec<Member>, place: Place) -> Result<Store> {
         let sealer = self.sealer();
-        let cells = check_names(self.cells)?;
         let (cells, journaled) = split_journaled(cells);
-        Store::load(
-            self.older,
-            Inner {
-                label: PathBuf::from(MEMORY_LABEL),
-                backend: Box::new(Memory::default()),
-                values: None,
-                sealer,
-                cells,
-                journaled,
-                journal: self.journal,
-                journals_attached: false,
-                keep: self.keep,
-                keep_bytes: self.keep_bytes,
-                witness: None,
-                created: false,
-                state: Mutex::default(),
-                background: Background::default(),
-                io: self.io,
-                _lock: None,
-            },
-        )
+        let Place { label, backend, values, lock, created } = place;
+        let inner = Inner {
+            label,
+            backend,
+            values,
+            sealer,
+            names: cells.iter().map(|cell| cell.name()).collect(),
+            by_address: cells.iter().enumerate().map(|(idx, cell)| (cell.address(), idx)).collect(),
+            cells,
+            journaled,
+            journal: self.journal,
+            journals_attached: false,
+            keep: self.keep,
+            keep_bytes: self.keep_bytes,
+            witness: None,
+            created,
+            state: Mutex::default(),
+            background: Background::default(),
+            io: self.io,
+            _lock: lock,
+        };
+        Store::load(self.older, inner)
     }
 
     /// Runs the store's file operations through `io` (a simulator, in tests).

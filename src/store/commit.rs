@@ -1,13 +1,12 @@
 //! A save: the changed cells encoded, then committed as one generation, atomically
 //! and durably.
 
-use std::collections::BTreeSet;
-
 use super::{Inner, State, history::Kept, now_ms};
 use crate::{
     Error, Result, Store,
     atomically::{ensure_outside, exclusive},
     backend::Batch,
+    cell,
     cell::ErasedCell,
     codec::{self, Body, FORMAT_VERSION, Record, STORE_FORMAT, Witness},
     error::CodecError,
@@ -69,7 +68,8 @@ impl Inner {
     /// Whether a save would write something.
     pub(crate) fn is_dirty(&self) -> bool {
         let state = self.state.lock();
-        self.cells.iter().zip(&state.saved).any(|(cell, saved)| *saved != Some(cell.seq()))
+        !state.pending.is_empty()
+            || cell::any_changed(&self.by_address)
             || self.journaled.iter().any(|cell| cell.is_dirty())
     }
 
@@ -88,6 +88,9 @@ impl Inner {
         let mut staged = Vec::new();
         let encoded = {
             let _exclusive = exclusive();
+            // Taken under the gate: no `atomically` block is half done.
+            let taken = cell::take_changed(&self.by_address, &self.cells);
+            state.pending.extend(taken);
             self.encode_changed(&state, &mut staged)
         };
         if let Err(err) = encoded {
@@ -96,6 +99,7 @@ impl Inner {
             return Err(err);
         }
         if staged.is_empty() {
+            state.pending.clear();
             return Ok(());
         }
         state.now_ms = now_ms();
@@ -109,6 +113,7 @@ impl Inner {
         }
         let spilled: Vec<&Spilled> = staged.iter().filter_map(|it| it.encoded.spilled()).collect();
         self.commit_generation(&mut state, writes, &spilled)?;
+        state.pending.clear();
         for Staged { cell_idx, seq, .. } in staged {
             if let Some(slot) = state.saved.get_mut(cell_idx) {
                 *slot = Some(seq);
@@ -208,24 +213,7 @@ impl Inner {
         let format = codec::u32_bytes(STORE_FORMAT).to_vec();
         batch.push((codec::FORMAT_KEY.to_vec(), Some(format)));
         batch.push((codec::GENERATION_KEY.to_vec(), Some(codec::u64_bytes(generation).to_vec())));
-        // A store opened without cells (by a tool) keeps the program's list.
-        // The names some program's cells claimed: a store over a subset of the cells
-        // (or none, as the tool opens it) adds its own and keeps the others, so the
-        // tool never takes a live value for an orphan. A name leaves the list when
-        // its value is deleted.
-        let mut names: BTreeSet<String> = state.claimed.iter().flatten().cloned().collect();
-        names.extend(self.cells.iter().map(|cell| cell.name().to_owned()));
-        for (name, bytes) in &writes {
-            if bytes.is_none() && !self.cells.iter().any(|cell| cell.name() == name) {
-                names.remove(name);
-            }
-        }
-        let claimed: Vec<String> = names.into_iter().collect();
-        let claimed_changed = state.claimed.as_ref() != Some(&claimed);
-        if claimed_changed {
-            let bytes = codec::encode_claimed(claimed.iter().map(String::as_str));
-            batch.push((codec::CLAIMED_KEY.to_vec(), Some(bytes)));
-        }
+        let claims = state.claims.stage(&writes, &self.names, &mut batch);
         if let Err(err) = self.commit(spilled, batch) {
             // The new files stay: the engine may have taken the batch before failing
             // and may still make it durable, and its records point at them. The next
@@ -235,9 +223,7 @@ impl Inner {
         }
         state.generation = generation;
         state.digest = digest;
-        if claimed_changed {
-            state.claimed = Some(claimed);
-        }
+        state.claims.apply(claims);
         for (name, bytes) in writes {
             match bytes {
                 Some(bytes) => state.current.insert(name, bytes),
@@ -266,7 +252,8 @@ impl Inner {
     }
 
     fn encode_changed(&self, state: &State, staged: &mut Vec<Staged>) -> Result<()> {
-        for (cell_idx, cell) in self.cells.iter().enumerate() {
+        for &cell_idx in &state.pending {
+            let Some(&cell) = self.cells.get(cell_idx) else { continue };
             let saved = state.saved.get(cell_idx).copied().flatten();
             let mut writer = ValueWriter::new(self.values.as_ref(), &self.sealer, cell.name());
             let res = cell.encode_if_changed(saved, &mut writer);

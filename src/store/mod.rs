@@ -7,6 +7,7 @@
 //! and `global` (the store behind [`open`], [`save_all`] and [`reload_all`]).
 
 mod builder;
+mod claims;
 mod close;
 mod commit;
 mod global;
@@ -17,7 +18,7 @@ mod view;
 mod witness;
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -36,7 +37,7 @@ pub use self::{
     global::{history, open, reload_all, revert_to, save_all},
     history::Generation,
 };
-use self::{history::Kept, witness::WitnessFile};
+use self::{claims::Claims, history::Kept, witness::WitnessFile};
 use crate::{
     Error, Result,
     autosave::Background,
@@ -105,6 +106,10 @@ pub(crate) struct Inner {
     values: Option<ValueDir>,
     sealer: Sealer,
     cells: Vec<&'static dyn ErasedCell>,
+    // The names of `cells`.
+    names: HashSet<&'static str>,
+    // The index of each cell of `cells`, by its address.
+    by_address: HashMap<usize, usize>,
     // The journaled cells, which are kept in journals of their own, not in `cells`.
     journaled: Vec<&'static dyn JournaledCell>,
     journal: JournalOptions,
@@ -136,14 +141,18 @@ struct State {
     // Per cell: the other name (an alias) its stored value was loaded from, whose
     // record the next save of the cell deletes.
     renamed: Vec<Option<String>>,
+    // The cells the next save must look at, by index: those never saved or whose
+    // stored value is stale, and those taken from the changed cells by a save that
+    // failed. Cells written since are in the changed cells of `cell.rs`.
+    pending: BTreeSet<usize>,
     // Every stored cell record, by name, exactly as stored.
     current: BTreeMap<String, Vec<u8>>,
     // The saves the history holds, oldest first.
     history: VecDeque<Kept>,
     // The count and hash of the cell records, which the witness records.
     digest: Digest,
-    // The cell names stored under `meta/claimed`.
-    claimed: Option<Vec<String>>,
+    // The stored names some program's cells claim.
+    claims: Claims,
     // Manifests found damaged at open, and the older ones after them: not in the
     // history, and deleted by the next save. The files they point at are unknown.
     damaged_history: Vec<u64>,

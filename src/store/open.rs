@@ -5,6 +5,7 @@ use std::{collections::BTreeSet, path::Path, sync::Arc};
 
 use super::{
     ENGINE_DIR, Inner, State,
+    claims::Claims,
     records::Missing,
     witness::{self, Held, Older, WitnessFile},
 };
@@ -26,6 +27,8 @@ impl Store {
         let mut state = State {
             saved: vec![None; inner.cells.len()],
             renamed: vec![None; inner.cells.len()],
+            // Every cell until loaded: one without a stored value is never saved.
+            pending: (0..inner.cells.len()).collect(),
             generation: generation(&inner.label, &records)?,
             ..State::default()
         };
@@ -47,14 +50,8 @@ impl Store {
                 _ => state.damaged_history.push(generation),
             }
         }
-        if let Some(bytes) = records.get(codec::CLAIMED_KEY) {
-            let claimed = codec::decode_claimed(bytes).map_err(|fault| Error::Corrupt {
-                cell: String::from_utf8_lossy(codec::CLAIMED_KEY).into_owned(),
-                path: inner.engine_path(),
-                reason: fault.to_string(),
-            })?;
-            state.claimed = Some(claimed);
-        }
+        let names = inner.cells.iter().map(|cell| cell.name());
+        state.claims = Claims::read(&records, names, &inner.engine_path())?;
         // Damaged records are named first; a store whose records are all sound but
         // not those of its last acknowledged save is the witness's to refuse.
         let decoded = inner.decode_all(&state.current, Missing::Skip)?;
@@ -78,7 +75,10 @@ impl Store {
             }
         }
         let journals = inner.open_journals()?;
+        state.pending.clear();
         inner.install(&mut state, decoded);
+        let unsaved = state.saved.iter().enumerate().filter(|(_, saved)| saved.is_none());
+        state.pending.extend(unsaved.map(|(cell_idx, _)| cell_idx));
         for attach in journals {
             attach();
         }

@@ -245,6 +245,11 @@ impl Inner {
             if let Some(slot) = state.saved.get_mut(cell_idx) {
                 *slot = (!stale && !renamed).then_some(seq);
             }
+            if stale || renamed {
+                state.pending.insert(cell_idx);
+            } else {
+                state.pending.remove(&cell_idx);
+            }
             if let Some(slot) = state.renamed.get_mut(cell_idx) {
                 *slot = renamed.then_some(key);
             }

@@ -83,8 +83,9 @@ impl LastSave<'_> {
         if !self.inner.cells.is_empty() {
             return self.state.orphans.clone();
         }
-        let Some(claimed) = &self.state.claimed else { return Vec::new() };
-        self.state.current.keys().filter(|name| !claimed.contains(name)).cloned().collect()
+        let claims = &self.state.claims;
+        let orphans = self.state.current.keys().filter(|name| claims.claims(name) == Some(false));
+        orphans.cloned().collect()
     }
 
     /// The plain bytes of the record `bytes` stored for cell `name` (unsealed in an

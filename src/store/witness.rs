@@ -135,7 +135,8 @@ impl WitnessFile {
 
     /// Records the acknowledged save `witness`, durably, in the slot of its parity.
     pub(super) fn record(&self, witness: &Witness) -> Result<()> {
-        let slot = if witness.generation.is_multiple_of(2) { WITNESS_SLOTS[0] } else { WITNESS_SLOTS[1] };
+        let slot =
+            if witness.generation.is_multiple_of(2) { WITNESS_SLOTS[0] } else { WITNESS_SLOTS[1] };
         self.write_slot(witness, slot)
             .and_then(|()| self.file.sync_data())
             .map_err(Error::io(&self.path))

@@ -140,3 +140,54 @@ fn a_missing_witness_is_refused_until_accepted() -> TestResult {
     drop(Store::builder().cell(&FLAG).open(dir.path())?);
     Ok(())
 }
+
+#[test]
+fn claims_of_many_cells_stay_small_keys_and_the_legacy_list_turns_into_them() -> TestResult {
+    static KEPT: StateCell<u8> = StateCell::new("trust::claims::KEPT", || 1);
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&KEPT).open(dir.path())?;
+        store.save_all()?;
+    }
+    // What a store of format 2 held: one list of the names some program claimed,
+    // among them one whose value is stored under no cell of this test.
+    {
+        let db = crate::bad_input::engine(dir.path())?;
+        let mut list = b"IC".to_vec();
+        list.extend_from_slice(&2u32.to_be_bytes());
+        for name in ["trust::claims::KEPT", "trust::claims::ELSEWHERE"] {
+            list.extend_from_slice(&u16::try_from(name.len())?.to_be_bytes());
+            list.extend_from_slice(name.as_bytes());
+        }
+        let crc = crc32fast::hash(&list);
+        list.extend_from_slice(&crc.to_be_bytes());
+        db.insert("meta/claimed", list)?;
+        db.remove("claim/trust::claims::KEPT")?;
+        db.flush()?;
+    }
+    // The witness does not cover the claims: the store opens as it is.
+    let tool = Store::builder().open(dir.path())?;
+    assert!(tool.stored_cells().iter().all(|cell| cell.claimed));
+    drop(tool);
+    // Many cells: every claim is a key of its own, so no engine value grows with them.
+    let many: Vec<&'static StateCell<u8>> = (0..6_000)
+        .map(|n| {
+            let name: &'static str = format!("trust::claims::MANY{n}").leak();
+            &*Box::leak(Box::new(StateCell::new(name, || 0)))
+        })
+        .collect();
+    let store = many.iter().fold(Store::builder().cell(&KEPT), |it, cell| it.cell(*cell));
+    let store = store.open(dir.path())?;
+    store.save_all()?;
+    drop(store);
+    let blobs = dir.path().join("sled/blobs");
+    let n_blobs = if blobs.exists() { fs::read_dir(&blobs)?.count() } else { 0 };
+    assert_eq!(n_blobs, 0, "an engine value grew past what sled keeps in its log");
+    // The tool still sees every name some program claimed, the legacy ones too.
+    let tool = Store::builder().open(dir.path())?;
+    let stored = tool.stored_cells();
+    assert_eq!(stored.len(), 6_001);
+    assert!(stored.iter().all(|cell| cell.claimed));
+    assert!(tool.verify()?.is_empty());
+    Ok(())
+}
