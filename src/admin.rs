@@ -266,6 +266,7 @@ impl Store {
     /// let store = Store::builder().cell(&LEVEL).in_memory()?;
     /// store.save_all()?;
     /// store.export_to(dir.path().join("state.export"))?;
+    /// drop(store); // a cell is in one open store at a time
     ///
     /// LEVEL.set(9);
     /// let other = Store::builder().cell(&LEVEL).in_memory()?;

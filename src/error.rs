@@ -39,6 +39,19 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The directory given to open a store or a journal cannot be one: the path is
+    /// empty, names a file, or a directory that holds the other kind, or other files.
+    /// Nothing was changed.
+    #[error("cannot open `{}` as {kind}: {reason}", path.display())]
+    #[non_exhaustive]
+    WrongDirectory {
+        /// The path given.
+        path: PathBuf,
+        /// What it was to be opened as.
+        kind: &'static str,
+        /// Why it cannot be.
+        reason: String,
+    },
     /// Another [`Store`](crate::Store), in this process or another, has the directory open.
     #[error("store directory `{}` is locked by another open store (in this or another process)", path.display())]
     #[non_exhaustive]
@@ -240,8 +253,13 @@ pub enum Error {
         reason: String,
     },
     /// A journal or snapshot was written for another state or event type, or another
-    /// schema version, than the one it is opened with. Nothing was changed.
-    #[error("`{}` holds {stored}, but was opened for {expected}", path.display())]
+    /// schema version, than the one it is opened with, or for types of the same names
+    /// whose structure has changed since. Nothing was changed.
+    #[error(
+        "`{}` holds {stored}, but was opened for {expected}{}",
+        path.display(),
+        Changes(changes)
+    )]
     #[non_exhaustive]
     JournalType {
         /// The journal file or snapshot.
@@ -250,6 +268,8 @@ pub enum Error {
         stored: String,
         /// The types and schema version it was opened with.
         expected: String,
+        /// What changed in the types' structure, when the names and version match.
+        changes: Vec<String>,
     },
     /// A journaled event or a snapshot does not decode as its type, although the
     /// type's name matches: the type changed without a schema version bump.
@@ -327,8 +347,9 @@ pub enum Error {
         /// The cell's name.
         cell: String,
     },
-    /// A journaled cell was opened in a second store while still open in another.
-    #[error("journaled cell `{cell}` is open in another store; close that store first")]
+    /// A cell was opened in a second store while still open in another: two stores
+    /// would save, reload and revert it behind each other's backs.
+    #[error("cell `{cell}` is open in another store; close that store first")]
     #[non_exhaustive]
     CellInUse {
         /// The cell's name.
@@ -455,6 +476,22 @@ impl fmt::Display for StorageError {
 impl std::error::Error for StorageError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.0.source()
+    }
+}
+
+/// What changed in a type's structure, and what to do about it; nothing when
+/// nothing is listed.
+struct Changes<'a>(&'a [String]);
+
+impl fmt::Display for Changes<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        write!(f, ": the types' structure changed ({})", self.0.join("; "))?;
+        f.write_str(
+            "; reading it with the new structure would misread it, so it must be opened with the types it was written for",
+        )
     }
 }
 

@@ -32,7 +32,9 @@ use crate::{
     error::CodecError,
     io::Io,
     journal::{self, Config, Durability, Identity, Job, Recovery, Replayed, Taint, Timestamp},
+    lockfile::{DirLock, Kind},
     schema::JournalHooks,
+    shape::Shape,
 };
 
 /// Snapshots of a journaled cell kept beside its journal.
@@ -97,7 +99,11 @@ impl<T: Prevalent> CellOptions<T> {
     /// (migrations apply to saved records, not to journals).
     #[must_use]
     pub const fn journaled(self) -> CellOptions<T> {
-        let hooks = JournalHooks { event_type: event_type::<T>, replay: replay_event::<T> };
+        let hooks = JournalHooks {
+            event_type: event_type::<T>,
+            event_shape: Shape::of::<T::Event>,
+            replay: replay_event::<T>,
+        };
         CellOptions { journal: Some(hooks), ..self }
     }
 }
@@ -189,15 +195,17 @@ impl<T: Value> JournaledCell for StateCell<T> {
             state_type: stored_type_name(std::any::type_name::<T>()),
             event_type: (hooks.event_type)(),
             schema: self.options.version,
+            state_shape: Shape::of::<T>(),
+            event_shape: (hooks.event_shape)(),
         };
-        if let Some(dir) = &dir {
-            io.create_dir_durably(dir).map_err(Error::io(dir))?;
-        }
+        // The store's lock covers the journal too; its own lock keeps a `Prevayler`
+        // out of it, and records how it was closed.
+        let lock = dir.as_ref().map(|dir| DirLock::acquire(io, dir, Kind::Journal)).transpose()?;
         let label = dir.clone().unwrap_or_default();
         let JournalOptions { durability, recovery } = options;
         let config = Config { dir, identity, durability, recovery, sealer, io: io.clone() };
         let opened =
-            journal::open_state(config, None, || Ok((self.init)()), &mut |value, event| {
+            journal::open_state(config, lock, || Ok((self.init)()), &mut |value, event| {
                 (hooks.replay)(&label, value, event)?;
                 Ok(None)
             })?;

@@ -213,6 +213,7 @@ mod error;
 mod io;
 mod journal;
 mod journaled;
+mod lockfile;
 pub mod prevalence;
 mod registry;
 mod schema;

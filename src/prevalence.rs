@@ -109,6 +109,8 @@ use crate::{
     crypt::Sealer,
     io::Io,
     journal::{self, Config, Identity, Job, Journal, Replayed, Taint},
+    lockfile::{DirLock, Kind},
+    shape::Shape,
 };
 pub use crate::{
     journal::{Durability, Recovered, Recovery, Timestamp},
@@ -328,8 +330,7 @@ impl<S> PrevaylerBuilder<S> {
     {
         let dir = dir.as_ref();
         let io = self.io.clone();
-        io.create_dir_durably(dir).map_err(Error::io(dir))?;
-        let lock = io.lock_dir(dir, journal::LOCK_FILE)?;
+        let lock = DirLock::acquire(&io, dir, Kind::Journal)?;
         let config = Config {
             dir: Some(dir.to_path_buf()),
             identity: identity::<S, E>(),
@@ -414,11 +415,13 @@ impl<S> PrevaylerBuilder<S> {
     }
 }
 
-fn identity<S, E>() -> Identity {
+fn identity<S: DeserializeOwned, E: DeserializeOwned>() -> Identity {
     Identity {
         state_type: crate::codec::stored_type_name(std::any::type_name::<S>()),
         event_type: crate::codec::stored_type_name(std::any::type_name::<E>()),
         schema: SCHEMA,
+        state_shape: Shape::of::<S>(),
+        event_shape: Shape::of::<E>(),
     }
 }
 

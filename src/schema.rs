@@ -55,6 +55,8 @@ pub struct CellOptions<T: 'static> {
 pub(crate) struct JournalHooks<T> {
     /// The stored name of the cell's event type.
     pub(crate) event_type: fn() -> &'static str,
+    /// The structure of the cell's event type, if it can be traced.
+    pub(crate) event_shape: fn() -> Option<crate::shape::Shape>,
     /// Decodes one journaled event and applies it to the value.
     pub(crate) replay: fn(&Path, &mut T, Replayed<'_>) -> Result<()>,
 }

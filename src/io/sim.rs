@@ -131,6 +131,28 @@ impl Sim {
         self.state.lock().seed = seed;
     }
 
+    /// Makes everything durable, as the kernel's writeback does when time passes:
+    /// every file's contents and every directory's entries as they are now.
+    pub(crate) fn writeback(&self) -> io::Result<()> {
+        let mut state = self.state.lock();
+        let model = &mut state.model;
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let listing = model.listing(&dir)?;
+            for (name, key, is_dir) in &listing {
+                let path = dir.join(name);
+                if *is_dir {
+                    dirs.push(path);
+                } else if model.durable.contains_key(key) {
+                    model.durable.insert(*key, fs::read(path)?);
+                }
+            }
+            let key = model.key(ino(&dir)?);
+            model.listings.insert(key, listing);
+        }
+        Ok(())
+    }
+
     /// Loses the power now, keeping the durable state in `out`.
     pub(crate) fn power_loss(&self, out: &Path) -> io::Result<()> {
         let mut state = self.state.lock();
@@ -323,6 +345,9 @@ impl Sim {
                         let kept = usize::try_from(random.below(extra + 1)).unwrap_or(0);
                         now.get(..durable.len() + kept).unwrap_or_default().to_vec()
                     }
+                    // Written in place since its last sync: the write may have
+                    // reached the disk, or not.
+                    (Some(_), Some(now)) if !strict && random.coin() => now,
                     (Some(durable), _) => durable.clone(),
                     (None, Some(now)) => now,
                     // A file that is gone and was never written through the layer.

@@ -5,30 +5,38 @@
 //! ```text
 //! header: magic "INSTAJNL" | version u32 | sealed u8 | first event u64 | 0 u64
 //!         | state type (u16 length, bytes) | event type (u16 length, bytes) | schema u32
-//!         | key check (u32 length, sealed bytes; empty when not sealed) | crc32 of all before
+//!         | key check (u32 length, sealed bytes; empty when not sealed)
+//!         | state shape (u32 length, bytes) | event shape (u32 length, bytes)   (version 2 only)
+//!         | crc32 of all before
 //! frame:  length u32 | crc32 u32 of the payload | payload
 //! payload: version u8 | kind u8 | body
 //!   kind 0, an event:  event number u64 | timestamp µs u64 | encoded event (sealed when the journal is)
 //!   kind 1, a void:    first u64 | last u64   (events first..=last were not applied: see `Journal`)
 //!   kind 2, a check:   event number u64 | digest u64 of the state after that event
+//!   kind 3, a link:    next u64 | 0 u64   (the journal goes on in the file whose first event is next;
+//!                      version 2 only)
 //! ```
 //!
 //! A snapshot file is
 //!
 //! ```text
 //! magic "INSTASNP" | version u32 | sealed u8 | events covered u64 | last timestamp µs u64
-//!         | state type | event type | schema u32 | body length u64 | body crc32 | crc32 of all before
+//!         | state type | event type | schema u32 | body length u64 | body crc32
+//!         | state shape | event shape (version 2 only) | crc32 of all before
 //! body: encoded state (sealed when the journal is)
 //! ```
 //!
-//! All integers are little-endian.
+//! A shape is the structure of a type as serde sees it (`shape.rs`); an empty one is
+//! a type that could not be traced. All integers are little-endian.
 
 use crate::journal::Identity;
 
 pub(crate) const JOURNAL_MAGIC: [u8; 8] = *b"INSTAJNL";
 pub(crate) const SNAPSHOT_MAGIC: [u8; 8] = *b"INSTASNP";
-/// The version of the journal and snapshot formats this build writes and reads.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// The version of the journal and snapshot formats this build writes; it reads 1 too.
+pub(crate) const FORMAT_VERSION: u32 = 2;
+/// The first version: no shapes in headers, no link frames.
+pub(crate) const FORMAT_V1: u32 = 1;
 /// The version byte every frame's payload starts with.
 const FRAME_VERSION: u8 = 1;
 /// Length and checksum in front of every payload.
@@ -39,6 +47,7 @@ pub(crate) const MAX_PAYLOAD: u32 = 1 << 30;
 const KIND_EVENT: u8 = 0;
 const KIND_VOID: u8 = 1;
 const KIND_CHECK: u8 = 2;
+const KIND_LINK: u8 = 3;
 /// Version, kind, event number and timestamp in front of an event's bytes.
 pub(crate) const EVENT_HEAD: usize = 2 + 8 + 8;
 
@@ -48,48 +57,43 @@ pub(crate) enum Frame<'a> {
     Event { seq: u64, at: u64, bytes: &'a [u8] },
     Void { first: u64, last: u64 },
     Check { seq: u64, digest: u64 },
+    Link { next: u64 },
 }
 
 /// Appends a framed event: `bytes` are the encoded (and possibly sealed) event.
 pub(crate) fn put_event(out: &mut Vec<u8>, seq: u64, at: u64, bytes: &[u8]) {
-    put_frame(out, |out| {
-        out.extend_from_slice(&[FRAME_VERSION, KIND_EVENT]);
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&at.to_le_bytes());
-        out.extend_from_slice(bytes);
-    });
+    put_frame(out, &[&[FRAME_VERSION, KIND_EVENT], &seq.to_le_bytes(), &at.to_le_bytes(), bytes]);
 }
 
 pub(crate) fn put_void(out: &mut Vec<u8>, first: u64, last: u64) {
-    put_frame(out, |out| {
-        out.extend_from_slice(&[FRAME_VERSION, KIND_VOID]);
-        out.extend_from_slice(&first.to_le_bytes());
-        out.extend_from_slice(&last.to_le_bytes());
-    });
+    put_frame(out, &[&[FRAME_VERSION, KIND_VOID], &first.to_le_bytes(), &last.to_le_bytes()]);
 }
 
 pub(crate) fn put_check(out: &mut Vec<u8>, seq: u64, digest: u64) {
-    put_frame(out, |out| {
-        out.extend_from_slice(&[FRAME_VERSION, KIND_CHECK]);
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&digest.to_le_bytes());
-    });
+    put_frame(out, &[&[FRAME_VERSION, KIND_CHECK], &seq.to_le_bytes(), &digest.to_le_bytes()]);
 }
 
-fn put_frame(out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) {
-    let start = out.len();
-    out.extend_from_slice(&[0; FRAME_HEAD]);
-    payload(out);
-    let body = out.get(start + FRAME_HEAD..).unwrap_or_default();
-    // Lengths beyond `MAX_PAYLOAD` are refused before they get here (see `Journal`).
-    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
-    let crc = crc32fast::hash(body);
-    let mut head = [0; FRAME_HEAD];
-    let (len_bytes, crc_bytes) = head.split_at_mut(4);
-    len_bytes.copy_from_slice(&len.to_le_bytes());
-    crc_bytes.copy_from_slice(&crc.to_le_bytes());
-    if let Some(slot) = out.get_mut(start..start + FRAME_HEAD) {
-        slot.copy_from_slice(&head);
+pub(crate) fn put_link(out: &mut Vec<u8>, next: u64) {
+    put_frame(out, &[&[FRAME_VERSION, KIND_LINK], &next.to_le_bytes(), &0u64.to_le_bytes()]);
+}
+
+/// Appends a frame whose payload is `parts`, one after the other: its length and
+/// checksum are computed first and written ahead of it, so that no frame can go
+/// out without its head.
+fn put_frame(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|part| part.len()).sum();
+    // `Journal::commit` refuses an event that would not fit before it gets a number,
+    // and voids, checks and links are 18 bytes: every payload fits its length field.
+    #[allow(clippy::expect_used)]
+    let len = u32::try_from(len).expect("a frame's payload is at most MAX_PAYLOAD bytes");
+    let mut crc = crc32fast::Hasher::new();
+    for part in parts {
+        crc.update(part);
+    }
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    for part in parts {
+        out.extend_from_slice(part);
     }
 }
 
@@ -128,6 +132,34 @@ pub(crate) fn read_frame(bytes: &[u8]) -> Read<'_> {
     }
 }
 
+/// Whether the bad bytes from `offset` to the end of a journal file look like a
+/// write that a crash cut short: a frame whose end is missing (unless the bytes that
+/// are there hold a whole payload under a damaged length field), or zeros where the
+/// file grew but its data never reached the disk (from the frame's start, or from a
+/// page boundary inside it, to the end of the file). A complete frame whose checksum
+/// fails is damage: a cut write does not make one.
+///
+/// A frame whose payload really ends in a page or more of zeros, and that is
+/// damaged before them, is taken for a cut write.
+pub(crate) fn looks_torn(bytes: &[u8], offset: usize) -> bool {
+    const PAGE: usize = 4096;
+    let Some(rest) = bytes.get(offset..) else { return true };
+    let written = rest.iter().rposition(|byte| *byte != 0).map_or(offset, |at| offset + at + 1);
+    if written == offset {
+        return true;
+    }
+    let (Some(len), Some(crc)) = (le_u32(rest, 0), le_u32(rest, 4)) else { return true };
+    if len > MAX_PAYLOAD {
+        return false;
+    }
+    let end = offset + FRAME_HEAD + len as usize;
+    if bytes.len() < end {
+        let present = bytes.get(offset + FRAME_HEAD..).unwrap_or_default();
+        return crc32fast::hash(present) != crc;
+    }
+    written.next_multiple_of(PAGE) < end
+}
+
 /// Parses the frame at the start of `bytes` without checking its checksum: for
 /// frames that [`read_frame`] already found sound.
 pub(crate) fn parse_frame(bytes: &[u8]) -> Option<(Frame<'_>, usize)> {
@@ -149,6 +181,7 @@ fn decode_payload(payload: &[u8]) -> Option<Frame<'_>> {
             Some(Frame::Void { first, last: second })
         }
         KIND_CHECK if body.len() == 16 => Some(Frame::Check { seq: first, digest: second }),
+        KIND_LINK if body.len() == 16 && second == 0 => Some(Frame::Link { next: first }),
         _ => None,
     }
 }
@@ -167,12 +200,25 @@ pub(crate) struct Header {
     pub(crate) schema: u32,
     /// A journal's sealed key check, or a snapshot's body length and checksum.
     pub(crate) extra: Extra,
+    /// The encoded shapes of the state and event types (`shape.rs`); empty for a
+    /// type that could not be traced, and in version 1.
+    pub(crate) state_shape: Vec<u8>,
+    pub(crate) event_shape: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Extra {
     KeyCheck(Vec<u8>),
     Body { len: u64, crc: u32 },
+}
+
+/// Why a header could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HeaderFault {
+    /// The bytes are damaged, as the reason says.
+    Damaged(String),
+    /// A sound header of a format version this build does not read.
+    Version(u32),
 }
 
 impl Header {
@@ -183,6 +229,9 @@ impl Header {
         at: u64,
         extra: Extra,
     ) -> Header {
+        let shape = |shape: &Option<crate::shape::Shape>| {
+            shape.as_ref().map(crate::shape::Shape::encode).unwrap_or_default()
+        };
         Header {
             version: FORMAT_VERSION,
             sealed,
@@ -192,6 +241,8 @@ impl Header {
             event_type: identity.event_type.to_owned(),
             schema: identity.schema,
             extra,
+            state_shape: shape(&identity.state_shape),
+            event_shape: shape(&identity.event_shape),
         }
     }
 
@@ -204,21 +255,24 @@ impl Header {
         out.extend_from_slice(&self.events.to_le_bytes());
         out.extend_from_slice(&self.at.to_le_bytes());
         for name in [&self.state_type, &self.event_type] {
+            // Type names are stored cut to fit (`codec::stored_type_name`), and
+            // compared in that form.
+            let name = crate::codec::stored_type_name(name);
             let len = u16::try_from(name.len()).unwrap_or(u16::MAX);
             out.extend_from_slice(&len.to_le_bytes());
-            out.extend_from_slice(name.as_bytes().get(..usize::from(len)).unwrap_or_default());
+            out.extend_from_slice(name.as_bytes());
         }
         out.extend_from_slice(&self.schema.to_le_bytes());
         match &self.extra {
-            Extra::KeyCheck(check) => {
-                let len = u32::try_from(check.len()).unwrap_or(u32::MAX);
-                out.extend_from_slice(&len.to_le_bytes());
-                out.extend_from_slice(check);
-            }
+            Extra::KeyCheck(check) => put_bytes32(&mut out, check),
             Extra::Body { len, crc } => {
                 out.extend_from_slice(&len.to_le_bytes());
                 out.extend_from_slice(&crc.to_le_bytes());
             }
+        }
+        if self.version != FORMAT_V1 {
+            put_bytes32(&mut out, &self.state_shape);
+            put_bytes32(&mut out, &self.event_shape);
         }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -227,29 +281,41 @@ impl Header {
 
     /// Decodes the header at the start of `bytes`, and returns it with its length.
     ///
-    /// A header of another format version decodes as far as the version, so that the
-    /// caller can name it.
-    pub(crate) fn decode(bytes: &[u8], snapshot: bool) -> Result<(Header, usize), &'static str> {
+    /// A header whose version this build does not read is [`HeaderFault::Version`]
+    /// only if its checksum holds under one of the layouts it knows; otherwise the
+    /// version field itself is taken for damage.
+    pub(crate) fn decode(bytes: &[u8], snapshot: bool) -> Result<(Header, usize), HeaderFault> {
         let magic = if snapshot { SNAPSHOT_MAGIC } else { JOURNAL_MAGIC };
-        let mut reader = Reader { bytes, at: 0 };
-        if reader.take(8).ok_or("the file is shorter than its header")? != magic {
-            return Err("the file does not start with the right magic bytes");
+        let damaged = |reason: &str| HeaderFault::Damaged(reason.to_owned());
+        match bytes.get(..8) {
+            None => return Err(damaged("the file is shorter than its header")),
+            Some(found) if found != magic => {
+                return Err(damaged("the file does not start with the right magic bytes"));
+            }
+            Some(_) => {}
         }
-        let version = reader.u32().ok_or("the header is cut short")?;
-        if version != FORMAT_VERSION {
-            let header = Header {
-                version,
-                sealed: false,
-                events: 0,
-                at: 0,
-                state_type: String::new(),
-                event_type: String::new(),
-                schema: 0,
-                extra: Extra::KeyCheck(Vec::new()),
-            };
-            return Ok((header, reader.at));
+        let version = le_u32(bytes, 8).ok_or_else(|| damaged("the header is cut short"))?;
+        if version == FORMAT_VERSION || version == FORMAT_V1 {
+            return Header::parse(bytes, snapshot, version).map_err(damaged);
         }
+        // A sound header of another version, or a damaged version field?
+        let sound = [FORMAT_VERSION, FORMAT_V1]
+            .into_iter()
+            .any(|layout| Header::parse(bytes, snapshot, layout).is_ok());
+        if sound {
+            return Err(HeaderFault::Version(version));
+        }
+        Err(HeaderFault::Damaged(format!(
+            "the header is damaged (its version field reads {version}, and its checksum does not hold)"
+        )))
+    }
+
+    /// Parses the header in `bytes` with the layout of version `layout`, whatever its
+    /// version field says, and checks its checksum.
+    fn parse(bytes: &[u8], snapshot: bool, layout: u32) -> Result<(Header, usize), &'static str> {
         let short = "the header is cut short";
+        let mut reader = Reader { bytes, at: 8 };
+        let version = reader.u32().ok_or(short)?;
         let sealed = match reader.take(1).ok_or(short)? {
             [0] => false,
             [1] => true,
@@ -263,17 +329,41 @@ impl Header {
         let extra = if snapshot {
             Extra::Body { len: reader.u64().ok_or(short)?, crc: reader.u32().ok_or(short)? }
         } else {
-            let len = reader.u32().ok_or(short)? as usize;
-            Extra::KeyCheck(reader.take(len).ok_or(short)?.to_vec())
+            Extra::KeyCheck(reader.bytes32().ok_or(short)?.to_vec())
+        };
+        let (state_shape, event_shape) = if layout == FORMAT_V1 {
+            (Vec::new(), Vec::new())
+        } else {
+            (reader.bytes32().ok_or(short)?.to_vec(), reader.bytes32().ok_or(short)?.to_vec())
         };
         let end = reader.at;
         let stored = reader.u32().ok_or(short)?;
         if crc32fast::hash(bytes.get(..end).unwrap_or_default()) != stored {
             return Err("the header's checksum does not match");
         }
-        let header = Header { version, sealed, events, at, state_type, event_type, schema, extra };
+        let header = Header {
+            version,
+            sealed,
+            events,
+            at,
+            state_type,
+            event_type,
+            schema,
+            extra,
+            state_shape,
+            event_shape,
+        };
         Ok((header, reader.at))
     }
+}
+
+/// Appends `bytes` with their length as a `u32`.
+fn put_bytes32(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Key checks are tens of bytes, and shapes a few KiB.
+    #[allow(clippy::expect_used)]
+    let len = u32::try_from(bytes.len()).expect("a header field is far below 4 GiB");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
 }
 
 struct Reader<'a> {
@@ -294,6 +384,11 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn bytes32(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.u32()?).ok()?;
+        self.take(len)
     }
 
     fn name(&mut self) -> Option<String> {
@@ -381,13 +476,40 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_names_parse() {
-        let identity = Identity { state_type: "S", event_type: "E", schema: 1 };
+        let identity = Identity {
+            state_type: "S",
+            event_type: "E",
+            schema: 1,
+            state_shape: crate::shape::Shape::of::<(u8, String)>(),
+            event_shape: None,
+        };
         for extra in [Extra::KeyCheck(vec![1, 2, 3]), Extra::Body { len: 5, crc: 6 }] {
             let snapshot = matches!(extra, Extra::Body { .. });
             let header = Header::new(&identity, true, 42, 7, extra);
+            assert!(!header.state_shape.is_empty() && header.event_shape.is_empty());
             let bytes = header.encode();
-            assert_eq!(Header::decode(&bytes, snapshot), Ok((header, bytes.len())));
+            assert_eq!(Header::decode(&bytes, snapshot), Ok((header.clone(), bytes.len())));
             assert!(Header::decode(&bytes, !snapshot).is_err());
+            // A version 1 header (no shapes) still reads.
+            let old = Header { version: FORMAT_V1, ..header };
+            let old_bytes = old.encode();
+            let decoded = Header::decode(&old_bytes, snapshot).map(|(it, _)| it.state_shape);
+            assert_eq!(decoded, Ok(Vec::new()));
+            // Damage in the version field is damage; a sound header of a newer
+            // version is that version.
+            for at in 8..12 {
+                let mut flipped = bytes.clone();
+                if let Some(byte) = flipped.get_mut(at) {
+                    *byte ^= 0x40;
+                }
+                let res = Header::decode(&flipped, snapshot);
+                assert!(matches!(res, Err(HeaderFault::Damaged(_))), "{res:?}");
+            }
+            let newer = Header {
+                version: 9,
+                ..Header::new(&identity, false, 1, 0, Extra::KeyCheck(Vec::new()))
+            };
+            assert_eq!(Header::decode(&newer.encode(), false), Err(HeaderFault::Version(9)));
         }
         assert_eq!(parse_name(&journal_name(5)), Some((FileKind::Journal, 5)));
         assert_eq!(parse_name(&snapshot_name(6)), Some((FileKind::Snapshot, 6)));

@@ -27,7 +27,7 @@
 //! [`Prevayler`]: crate::Prevayler
 //! [`StateCell::handle`]: crate::StateCell::handle
 
-mod format;
+pub(crate) mod format;
 mod recovery;
 mod snapshot;
 mod writer;
@@ -48,11 +48,10 @@ use crate::{
     Error, Result,
     crypt::{KEYCHECK_PLAIN, Sealer},
     error::CodecError,
-    io::{Io, IoFile},
+    io::Io,
+    lockfile::DirLock,
+    shape::Shape,
 };
-
-/// The journal directory's lock file.
-pub(crate) const LOCK_FILE: &str = "instastate.lock";
 
 /// When a handled event is durable.
 ///
@@ -202,11 +201,14 @@ impl<'de> serde::Deserialize<'de> for Timestamp {
 }
 
 /// What a journal's files are written for; checked strictly on open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Identity {
     pub(crate) state_type: &'static str,
     pub(crate) event_type: &'static str,
     pub(crate) schema: u32,
+    /// The structure of the state and event types, when they can be traced.
+    pub(crate) state_shape: Option<Shape>,
+    pub(crate) event_shape: Option<Shape>,
 }
 
 impl Identity {
@@ -264,11 +266,13 @@ pub(crate) struct Opened<S> {
 /// This is the one recovery path of both front doors.
 pub(crate) fn open_state<S: DeserializeOwned>(
     config: Config,
-    lock: Option<IoFile>,
+    lock: Option<DirLock>,
     mut initial: impl FnMut() -> Result<S>,
     apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<Opened<S>> {
     let Config { dir, identity, durability, recovery, sealer, io } = config;
+    let clean = lock.as_ref().and_then(DirLock::clean_end);
+    let set_up = lock.as_ref().is_some_and(DirLock::was_set_up);
     let mut skipped = Vec::new();
     loop {
         let mut unsound = Vec::new();
@@ -293,6 +297,8 @@ pub(crate) fn open_state<S: DeserializeOwned>(
                     sealer: &sealer,
                     recovery,
                     from,
+                    clean,
+                    expected: set_up || covered.is_some(),
                 };
                 recovery::recover(dir, &scope, &skipped, &mut |event| {
                     let digest = apply(&mut state, event)?;

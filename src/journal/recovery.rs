@@ -10,13 +10,15 @@ use std::{
 
 use super::{
     Identity, Recovery, Replayed, Timestamp, event_aad,
-    format::{self, Extra, FileKind, Frame, Header, Read},
+    format::{self, Extra, FileKind, Frame, Header, HeaderFault, Read},
     key_check,
 };
 use crate::{
     Error, Result,
     crypt::Sealer,
     io::{Io, IoFile, Open, PART_SUFFIX},
+    lockfile::End,
+    shape::Shape,
 };
 
 /// What opening a journal found and did.
@@ -102,8 +104,8 @@ pub(crate) struct Tail {
     pub(crate) next: u64,
     /// The last timestamp journaled.
     pub(crate) clock: u64,
-    /// The last journal file, and the number after its last event.
-    pub(crate) file: Option<(PathBuf, u64)>,
+    /// The last journal file, the number after its last event, and its first.
+    pub(crate) file: Option<(PathBuf, u64, u64)>,
 }
 
 /// What to recover: the journal's types, its key, what to do about damage, and the
@@ -115,6 +117,12 @@ pub(crate) struct Scope<'a> {
     pub(crate) sealer: &'a Sealer,
     pub(crate) recovery: Recovery,
     pub(crate) from: u64,
+    /// Where the journal ended when it was closed cleanly, if it was: then no write
+    /// can have been torn, and a bad end is damage.
+    pub(crate) clean: Option<End>,
+    /// Whether the directory was set up as a journal, or holds a snapshot: then it
+    /// must have a journal file.
+    pub(crate) expected: bool,
 }
 
 /// Everything the frames of the journal files say, but the events themselves:
@@ -129,6 +137,9 @@ struct Frames {
     first_wanted: Option<(usize, u64)>,
     /// The last event: its file, number and timestamp.
     last: Option<(usize, u64, u64)>,
+    /// A link frame in the last file (its offset, and the file it names): the
+    /// journal went on in a file that is missing.
+    dangling: Option<(usize, u64)>,
 }
 
 /// How a file's frames end.
@@ -147,9 +158,13 @@ pub(crate) fn recover(
     skipped: &[u64],
     replay: &mut impl FnMut(Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<(Recovered, Tail)> {
-    let Scope { io, identity, sealer, recovery, from } = *scope;
+    let Scope { io, identity, sealer, recovery, from, clean, expected } = *scope;
     remove_parts(io, dir)?;
     let mut files = journal_files(io, dir)?;
+    let strict = recovery == Recovery::Strict;
+    if strict {
+        check_files(io, dir, &files, clean, expected)?;
+    }
     // Files whose events a snapshot holds all of are not read: damage there does
     // not matter. (They are deleted when a newer snapshot retires them.)
     let covered =
@@ -182,7 +197,7 @@ pub(crate) fn recover(
             }
             Ok(header_len) => {
                 let mut next = *first;
-                let scan = Scan { bytes, file: file_idx, last_file, from };
+                let scan = Scan { bytes, file: file_idx, last_file, from, clean: clean.is_some() };
                 let ending = scan.frames(header_len, &mut next, &mut frames);
                 expected = Some(next);
                 ending
@@ -219,6 +234,11 @@ pub(crate) fn recover(
         }
         file_idx += 1;
     }
+    if strict && let (Some((offset, next)), Some((_, path))) = (frames.dangling, files.last()) {
+        let missing = format::journal_name(next);
+        let reason = format!("the journal goes on in {missing}, which is missing");
+        return Err(Error::JournalCorrupt { path: path.clone(), offset: offset as u64, reason });
+    }
     let voided = |seq| {
         skipped.contains(&seq)
             || frames.voids.iter().any(|&(first, last)| (first..=last).contains(&seq))
@@ -229,9 +249,7 @@ pub(crate) fn recover(
         && let (Some((_, path)), Some(bytes)) = (files.get(file), contents.get(file))
     {
         report.torn_bytes = (bytes.len() - offset) as u64;
-        let handle = io.open(path, Open::Write).map_err(Error::io(path))?;
-        handle.set_len(offset as u64).map_err(Error::io(path))?;
-        handle.sync_all().map_err(Error::io(path))?;
+        cut(io, path, offset as u64)?;
     }
     let last = frames.last;
     let tail = Tail {
@@ -240,10 +258,16 @@ pub(crate) fn recover(
         file: files.last().map(|(first, path)| {
             let last_idx = files.len() - 1;
             let next = last.filter(|it| it.0 == last_idx).map_or(*first, |(_, seq, _)| seq + 1);
-            (path.clone(), next)
+            (path.clone(), next, *first)
         }),
     };
     Ok((report, tail))
+}
+
+/// Cuts the file at `path` to `len` bytes, durably.
+fn cut(io: &Io, path: &Path, len: u64) -> Result<()> {
+    let handle = io.open(path, Open::Write).map_err(Error::io(path))?;
+    handle.set_len(len).and_then(|()| handle.sync_all()).map_err(Error::io(path))
 }
 
 /// Checks a journal file's header: `Ok(Ok(length))` when sound, `Ok(Err(reason))`
@@ -258,15 +282,17 @@ fn check_header(
 ) -> Result<std::result::Result<usize, String>> {
     let (header, len) = match Header::decode(bytes, false) {
         Ok(it) => it,
-        Err(reason) => return Ok(Err(format!("the file's header is damaged: {reason}"))),
+        Err(HeaderFault::Damaged(reason)) => {
+            return Ok(Err(format!("the file's header is damaged: {reason}")));
+        }
+        Err(HeaderFault::Version(found)) => {
+            return Err(Error::FormatVersion {
+                path: path.to_path_buf(),
+                found,
+                expected: format::FORMAT_VERSION,
+            });
+        }
     };
-    if header.version != format::FORMAT_VERSION {
-        return Err(Error::FormatVersion {
-            path: path.to_path_buf(),
-            found: header.version,
-            expected: format::FORMAT_VERSION,
-        });
-    }
     check_identity(&header, path, identity)?;
     check_sealed(&header, path, sealer)?;
     if header.events != first {
@@ -278,19 +304,86 @@ fn check_header(
     Ok(Ok(len))
 }
 
-/// Refuses a header written for other types or another schema version.
+/// Refuses a header written for other types or another schema version, or for
+/// types of the same names whose structure changed.
 pub(crate) fn check_identity(header: &Header, path: &Path, identity: &Identity) -> Result<()> {
-    if header.state_type == identity.state_type
-        && header.event_type == identity.event_type
-        && header.schema == identity.schema
-    {
-        return Ok(());
-    }
-    Err(Error::JournalType {
+    let mismatch = |changes: Vec<String>| Error::JournalType {
         path: path.to_path_buf(),
         stored: Identity::describe(&header.state_type, &header.event_type, header.schema),
         expected: Identity::describe(identity.state_type, identity.event_type, identity.schema),
-    })
+        changes,
+    };
+    if header.state_type != identity.state_type
+        || header.event_type != identity.event_type
+        || header.schema != identity.schema
+    {
+        return Err(mismatch(Vec::new()));
+    }
+    let mut changes = Vec::new();
+    for (what, stored, current) in [
+        ("the state", &header.state_shape, &identity.state_shape),
+        ("the event", &header.event_shape, &identity.event_shape),
+    ] {
+        // A type that could not be traced (now or then) is checked by name alone.
+        let (false, Some(current)) = (stored.is_empty(), current) else { continue };
+        match Shape::decode(stored) {
+            Ok(stored) => changes.extend(
+                Shape::differences(&stored, current).into_iter().map(|it| format!("{what}: {it}")),
+            ),
+            Err(fault) => {
+                changes.push(format!("{what}: the recorded structure is unreadable ({fault})"));
+            }
+        }
+    }
+    if changes.is_empty() { Ok(()) } else { Err(mismatch(changes)) }
+}
+
+/// Refuses a journal whose files are gone (`expected` says there were some), or no
+/// longer end where a clean close left them.
+fn check_files(
+    io: &Io,
+    dir: &Path,
+    files: &[(u64, PathBuf)],
+    clean: Option<End>,
+    expected: bool,
+) -> Result<()> {
+    if expected && files.is_empty() {
+        return Err(Error::JournalCorrupt {
+            path: dir.to_path_buf(),
+            offset: 0,
+            reason: "the directory held a journal, and no journal file is left in it".into(),
+        });
+    }
+    let Some(end) = clean else { return Ok(()) };
+    let expected = format::journal_name(end.first);
+    let Some((first, path)) = files.last() else {
+        return Err(Error::JournalCorrupt {
+            path: dir.join(&expected),
+            offset: 0,
+            reason: format!("the journal was closed cleanly in {expected}, which is missing"),
+        });
+    };
+    if *first != end.first {
+        return Err(Error::JournalCorrupt {
+            path: path.clone(),
+            offset: 0,
+            reason: format!(
+                "the journal was closed cleanly in {expected}, but its last file is this one"
+            ),
+        });
+    }
+    let len = io.open(path, Open::Read).and_then(|file| file.len()).map_err(Error::io(path))?;
+    if len != end.len {
+        return Err(Error::JournalCorrupt {
+            path: path.clone(),
+            offset: len.min(end.len),
+            reason: format!(
+                "the journal was closed cleanly at byte {} of this file, which now holds {len} bytes",
+                end.len
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Refuses a sealed file without a key or with the wrong one, and a plain file with a key.
@@ -316,6 +409,8 @@ struct Scan<'a> {
     file: usize,
     last_file: bool,
     from: u64,
+    /// The journal was closed cleanly: nothing at its end can be torn.
+    clean: bool,
 }
 
 impl Scan<'_> {
@@ -344,10 +439,21 @@ impl Scan<'_> {
                         Frame::Check { seq, digest } => {
                             frames.checks.insert(seq, digest);
                         }
+                        // In a file before the last, the next file's number is
+                        // checked against it anyway.
+                        Frame::Link { next } if self.last_file => {
+                            frames.dangling = Some((offset, next));
+                        }
+                        Frame::Link { .. } => {}
                     }
                     offset += len;
                 }
-                Read::Bad(_) if self.last_file && !sound_after(self.bytes, offset) => {
+                Read::Bad(_)
+                    if self.last_file
+                        && !self.clean
+                        && !sound_after(self.bytes, offset)
+                        && format::looks_torn(self.bytes, offset) =>
+                {
                     break Ending::Torn(offset);
                 }
                 Read::Bad(reason) => break Ending::Damaged(offset, reason.to_owned()),

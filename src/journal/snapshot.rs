@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::{
     Identity,
-    format::{self, Extra, Header},
+    format::{self, Extra, Header, HeaderFault},
     recovery::{self, check_identity, check_sealed},
 };
 use crate::{Error, Result, crypt::Sealer, io::Io};
@@ -58,17 +58,18 @@ pub(crate) fn load_newest(
 ) -> Result<Option<LoadedSnapshot>> {
     for (events, path) in recovery::snapshot_files(io, dir)?.into_iter().rev() {
         let bytes = io.read(&path).map_err(Error::io(&path))?;
-        let Ok((header, len)) = Header::decode(&bytes, true) else {
-            unsound.push(path);
-            continue;
+        let (header, len) = match Header::decode(&bytes, true) {
+            Ok(it) => it,
+            // A damaged snapshot, its version field included, is passed over: the
+            // one before it and the journal after it hold the same events.
+            Err(HeaderFault::Damaged(_)) => {
+                unsound.push(path);
+                continue;
+            }
+            Err(HeaderFault::Version(found)) => {
+                return Err(Error::FormatVersion { path, found, expected: format::FORMAT_VERSION });
+            }
         };
-        if header.version != format::FORMAT_VERSION {
-            return Err(Error::FormatVersion {
-                path,
-                found: header.version,
-                expected: format::FORMAT_VERSION,
-            });
-        }
         check_identity(&header, &path, identity)?;
         check_sealed_snapshot(&header, &path, sealer)?;
         let stored = bytes.get(len..).unwrap_or_default();

@@ -24,6 +24,7 @@ use crate::{
     Error, Result,
     crypt::Sealer,
     io::{Io, IoFile, Open},
+    lockfile::{DirLock, End},
 };
 
 /// Frames buffered by the unsynced modes before they are written.
@@ -41,7 +42,6 @@ pub(crate) struct Journal {
     framed: AtomicU64,
     timer: Mutex<Option<Timer>>,
     io: Io,
-    _lock: Option<IoFile>,
 }
 
 struct Queue {
@@ -61,6 +61,16 @@ struct Queue {
 struct Output {
     file: Option<IoFile>,
     path: PathBuf,
+    /// The first event number of the file, and its length.
+    first: u64,
+    len: u64,
+    /// The directory's lock, which records whether the journal was closed cleanly;
+    /// under this lock, so that no write slips in between a clean close's mark and
+    /// the end it records.
+    lock: Option<DirLock>,
+    /// The lock file says the journal was closed cleanly: the next write must first
+    /// say that it is open again.
+    closed: bool,
     /// Bytes written to `file` and not yet synced.
     unsynced: bool,
     /// A write or sync failed: nothing more may be written. Kept here, under the
@@ -84,7 +94,7 @@ impl Journal {
         durability: Durability,
         sealer: Sealer,
         io: Io,
-        lock: Option<IoFile>,
+        mut lock: Option<DirLock>,
         tail: &recovery::Tail,
         from: u64,
         at: u64,
@@ -94,17 +104,27 @@ impl Journal {
         // Append to the last file only when it ends exactly where the next event goes;
         // otherwise (no file yet, or a snapshot ahead of it) start one now, so that a
         // journal always has a file to hold its next event.
-        let (file, path) = match (&dir, &tail.file) {
-            (Some(_), Some((path, last_next))) if *last_next == next => {
-                (Some(io.open(path, Open::Append).map_err(Error::io(path))?), path.clone())
+        let (file, path, first) = match (&dir, &tail.file) {
+            (Some(_), Some((path, last_next, first))) if *last_next == next => {
+                (Some(io.open(path, Open::Append).map_err(Error::io(path))?), path.clone(), *first)
             }
-            (Some(dir), _) => {
+            (Some(dir), last) => {
                 let (file, path) =
                     recovery::create_journal_file(&io, dir, &identity, &sealer, next)?;
-                (Some(file), path)
+                // The journal goes on in the new file: say so at the end of the last.
+                if let Some((last, _, _)) = last {
+                    append_link(&io, last, next)?;
+                }
+                (Some(file), path, next)
             }
-            (None, _) => (None, PathBuf::new()),
+            (None, _) => (None, PathBuf::new(), 0),
         };
+        let len = file_len(file.as_ref(), &path)?;
+        // From here on a crash may tear the last write: the lock file must not say
+        // that the journal was closed cleanly.
+        if let Some(lock) = &mut lock {
+            lock.mark_open()?;
+        }
         Ok(Journal {
             identity,
             durability: if dir.is_some() { durability } else { Durability::Unsynced },
@@ -117,11 +137,19 @@ impl Journal {
                 leading: false,
                 poisoned: false,
             }),
-            output: Mutex::new(Output { file, path, unsynced: false, failed: false }),
+            output: Mutex::new(Output {
+                file,
+                path,
+                first,
+                len,
+                lock,
+                closed: false,
+                unsynced: false,
+                failed: false,
+            }),
             framed: AtomicU64::new(0),
             timer: Mutex::new(None),
             io,
-            _lock: lock,
             dir,
         })
     }
@@ -155,13 +183,16 @@ impl Journal {
             output: Mutex::new(Output {
                 file: None,
                 path: PathBuf::new(),
+                first: 0,
+                len: 0,
+                lock: None,
+                closed: false,
                 unsynced: false,
                 failed: false,
             }),
             framed: AtomicU64::new(0),
             timer: Mutex::new(None),
             io: Io::default(),
-            _lock: None,
         }
     }
 
@@ -493,7 +524,18 @@ impl Journal {
         if self.queue.lock().poisoned {
             return Ok(());
         }
-        self.sync()
+        self.sync()?;
+        // Everything is synced: the journal ends here, and nothing after is torn.
+        let mut output = self.output.lock();
+        if output.failed || output.file.is_none() {
+            return Ok(());
+        }
+        let end = End { first: output.first, len: output.len };
+        if let Some(lock) = &mut output.lock {
+            lock.mark_closed(end)?;
+            output.closed = true;
+        }
+        Ok(())
     }
 }
 
@@ -517,11 +559,27 @@ impl Output {
         res
     }
 
+    /// After a clean close, says that the journal is open again, before it changes
+    /// (a snapshot still running may write after the close).
+    fn reopen(&mut self) -> Result<()> {
+        if self.closed {
+            if let Some(lock) = &mut self.lock {
+                lock.mark_open()?;
+            }
+            self.closed = false;
+        }
+        Ok(())
+    }
+
     fn write_unchecked(&mut self, bytes: &[u8], sync: bool) -> Result<()> {
+        if !bytes.is_empty() {
+            self.reopen()?;
+        }
         // Only a transient journal has no file, and it writes nothing.
         let Some(file) = &mut self.file else { return Ok(()) };
         if !bytes.is_empty() {
             file.write_all(bytes).map_err(Error::io(&self.path))?;
+            self.len += bytes.len() as u64;
             self.unsynced = true;
         }
         if sync && self.unsynced {
@@ -538,7 +596,7 @@ impl Output {
             return Err(Error::Poisoned { path: journal.label() });
         }
         let Some(dir) = &journal.dir else { return Ok(()) };
-        let res = self.write_unchecked(&[], true).and_then(|()| {
+        let res = self.reopen().and_then(|()| self.write_unchecked(&[], true)).and_then(|()| {
             recovery::create_journal_file(
                 &journal.io,
                 dir,
@@ -547,10 +605,23 @@ impl Output {
                 first,
             )
         });
+        // Once the new file is durable, the last one says that the journal goes on
+        // in it, so that deleting the new file is found out. Not synced: the link
+        // guards against damage, not against a power loss, which loses nothing
+        // here if it takes the link.
+        let res = res.and_then(|created| {
+            let mut link = Vec::new();
+            format::put_link(&mut link, first);
+            self.write_unchecked(&link, false).map(|()| created)
+        });
         match res {
             Ok((file, path)) => {
+                self.len = file_len(Some(&file), &path)?;
                 self.file = Some(file);
                 self.path = path;
+                self.first = first;
+                // The new file holds nothing unsynced (the old one's link may).
+                self.unsynced = false;
                 Ok(())
             }
             Err(err) => {
@@ -631,6 +702,20 @@ fn run_caught<J: Job>(
     at: Timestamp,
 ) -> Result<(J::Output, Option<u64>), Box<dyn Any + Send>> {
     panic::catch_unwind(AssertUnwindSafe(|| job.run(seq, at)))
+}
+
+/// Appends a link to the journal file whose first event is `next` at the end of the
+/// file at `path` (not synced, as at a snapshot: see `Output::start`).
+fn append_link(io: &Io, path: &std::path::Path, next: u64) -> Result<()> {
+    let mut link = Vec::new();
+    format::put_link(&mut link, next);
+    let mut file = io.open(path, Open::Append).map_err(Error::io(path))?;
+    file.write_all(&link).map_err(Error::io(path))
+}
+
+/// The length of the journal file `file` at `path`.
+fn file_len(file: Option<&IoFile>, path: &std::path::Path) -> Result<u64> {
+    file.map_or(Ok(0), |file| file.len().map_err(Error::io(path)))
 }
 
 /// The error of a failed journal write, shareable by every caller it failed.

@@ -1,7 +1,7 @@
 //! [`StoreBuilder`]: which cells a store holds, its options, and where it lives.
 
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
     path::{Path, PathBuf},
 };
@@ -9,7 +9,7 @@ use std::{
 use parking_lot::Mutex;
 
 use super::{
-    DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, ENGINE_DIR, Inner, LOCK_FILE, MEMORY_LABEL, VALUES_DIR,
+    DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, ENGINE_DIR, Inner, MEMORY_LABEL, VALUES_DIR,
     witness::Older,
 };
 use crate::{
@@ -18,9 +18,10 @@ use crate::{
     backend::{Backend, Memory, Sled},
     cell::{ErasedCell, Value},
     crypt::Sealer,
-    io::{Io, IoFile},
+    io::Io,
     journal::{Durability, Recovery},
     journaled::{self, JournalOptions, JournaledCell},
+    lockfile::{DirLock, Kind},
     registry,
     values::ValueDir,
 };
@@ -61,9 +62,41 @@ struct Place {
     label: PathBuf,
     backend: Box<dyn Backend>,
     values: Option<ValueDir>,
-    lock: Option<IoFile>,
+    lock: Option<DirLock>,
     // Whether opening created directories that a sync of the store's must make durable.
     created: bool,
+}
+
+/// The cells open in some store, by address: a cell is in one open store at a time,
+/// or two stores would save, reload and revert it behind each other's backs.
+static OPEN_CELLS: parking_lot::Mutex<BTreeSet<usize>> = parking_lot::Mutex::new(BTreeSet::new());
+
+/// A store's hold on its cells, let go when the store closes.
+pub(super) struct Held(Vec<usize>);
+
+impl Held {
+    /// Holds `cells`, unless one of them is open in another store.
+    ///
+    /// # Errors
+    /// [`Error::CellInUse`] naming the first cell held elsewhere.
+    fn take(cells: &[Member]) -> Result<Held> {
+        let mut open = OPEN_CELLS.lock();
+        if let Some(member) = cells.iter().find(|member| open.contains(&member.cell.address())) {
+            return Err(Error::CellInUse { cell: member.cell.name().to_owned() });
+        }
+        let held: Vec<usize> = cells.iter().map(|member| member.cell.address()).collect();
+        open.extend(held.iter().copied());
+        Ok(Held(held))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut open = OPEN_CELLS.lock();
+        for address in &self.0 {
+            open.remove(address);
+        }
+    }
 }
 
 /// A cell as a store takes it: erased, and seen as a journaled cell if it is one.
@@ -286,9 +319,10 @@ impl StoreBuilder {
     pub fn open(mut self, path: impl AsRef<Path>) -> Result<Store> {
         let path = path.as_ref();
         let cells = check_names(std::mem::take(&mut self.cells))?;
+        let held = Held::take(&cells)?;
         let io = self.io.clone();
-        io.create_dir_durably(path).map_err(Error::io(path))?;
-        let lock = io.lock_dir(path, LOCK_FILE)?;
+        let mut lock = DirLock::acquire(&io, path, Kind::Store)?;
+        lock.note_kind();
         let (engine_path, values_path) = (path.join(ENGINE_DIR), path.join(VALUES_DIR));
         // Made durable by one sync of the store directory, once the open is done.
         let created = !engine_path.is_dir() || !values_path.is_dir();
@@ -301,7 +335,7 @@ impl StoreBuilder {
             lock: Some(lock),
             created,
         };
-        self.load(cells, place)
+        self.load(cells, held, place)
     }
 
     /// Opens a store that keeps its saved values in memory, for tests and for
@@ -322,6 +356,7 @@ impl StoreBuilder {
     /// ```
     pub fn in_memory(mut self) -> Result<Store> {
         let cells = check_names(std::mem::take(&mut self.cells))?;
+        let held = Held::take(&cells)?;
         let place = Place {
             label: PathBuf::from(MEMORY_LABEL),
             backend: Box::new(Memory::default()),
@@ -329,11 +364,12 @@ impl StoreBuilder {
             lock: None,
             created: false,
         };
-        self.load(cells, place)
+        self.load(cells, held, place)
     }
 
-    /// Opens the store of `cells` in `place`, and loads the cells' values.
-    fn load(self, cells: Vec<Member>, place: Place) -> Result<Store> {
+    /// Opens the store of `cells` (which `held` holds) in `place`, and loads the
+    /// cells' values.
+    fn load(self, cells: Vec<Member>, held: Held, place: Place) -> Result<Store> {
         let sealer = self.sealer();
         let (cells, journaled) = split_journaled(cells);
         let Place { label, backend, values, lock, created } = place;
@@ -355,6 +391,7 @@ impl StoreBuilder {
             state: Mutex::default(),
             background: Background::default(),
             io: self.io,
+            _held: held,
             _lock: lock,
         };
         Store::load(self.older, inner)

@@ -45,12 +45,12 @@ use crate::{
     cell::ErasedCell,
     codec::Digest,
     crypt::Sealer,
-    io::{Io, IoFile},
+    io::Io,
     journaled::{JournalOptions, JournaledCell},
+    lockfile::DirLock,
     values::ValueDir,
 };
 
-const LOCK_FILE: &str = "LOCK";
 const ENGINE_DIR: &str = "sled";
 const VALUES_DIR: &str = "values";
 const MEMORY_LABEL: &str = ":memory:";
@@ -128,8 +128,10 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     background: Background,
     io: Io,
-    // Held open for its lock, which the OS releases when the store is dropped.
-    _lock: Option<IoFile>,
+    // This store's hold on its cells, let go when it closes.
+    _held: builder::Held,
+    // The directory's lock, which the OS releases when the store is dropped.
+    _lock: Option<DirLock>,
 }
 
 /// What a store knows of what it holds; behind [`Inner::state`].

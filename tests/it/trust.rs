@@ -191,3 +191,301 @@ fn claims_of_many_cells_stay_small_keys_and_the_legacy_list_turns_into_them() ->
     assert!(tool.verify()?.is_empty());
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------
+// Journals
+// ---------------------------------------------------------------------------------
+
+fn add(total: &mut u64, n: u64, _: instastate::Timestamp) -> u64 {
+    *total += n;
+    *total
+}
+
+/// The journal files of the directory `dir`, in order.
+fn journal_files(dir: &std::path::Path) -> TestResult<Vec<std::path::PathBuf>> {
+    let mut files: Vec<_> = fs::read_dir(dir)?
+        .map(|entry| entry.map(|entry| entry.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|path| path.extension().is_some_and(|it| it == "log"));
+    files.sort();
+    Ok(files)
+}
+
+/// Forgets that the journal in `dir` was closed cleanly, as a process that died
+/// with it open would have left it.
+fn as_if_crashed(dir: &std::path::Path) -> TestResult {
+    fs::remove_file(dir.join("instastate.lock"))?;
+    Ok(())
+}
+
+fn is_corrupt(res: &instastate::Result<instastate::Prevayler<u64, u64, u64>>) -> bool {
+    matches!(res, Err(instastate::Error::JournalCorrupt { .. }))
+}
+
+#[test]
+fn a_deleted_newest_journal_file_is_found_out_after_a_clean_close_or_a_crash() -> TestResult {
+    for crash in [false, true] {
+        let dir = tempfile::tempdir()?;
+        {
+            let sum = instastate::Prevayler::open(dir.path(), 0u64, add)?;
+            for n in 1..=7 {
+                sum.handle(n)?;
+                if n == 3 || n == 5 {
+                    sum.snapshot()?;
+                }
+            }
+        }
+        let files = journal_files(dir.path())?;
+        assert!(files.len() >= 2, "{files:?}");
+        if crash {
+            as_if_crashed(dir.path())?;
+        }
+        fs::remove_file(files.last().ok_or("no journal file")?)?;
+        let res = instastate::Prevayler::open(dir.path(), 0u64, add);
+        assert!(is_corrupt(&res), "crash {crash}: {res:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_journal_whose_every_file_is_gone_is_found_out() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let sum = instastate::Prevayler::open(dir.path(), 0u64, add)?;
+        sum.handle(5)?;
+    }
+    for file in journal_files(dir.path())? {
+        fs::remove_file(file)?;
+    }
+    let res = instastate::Prevayler::open(dir.path(), 0u64, add);
+    assert!(is_corrupt(&res), "{res:?}");
+    Ok(())
+}
+
+#[test]
+fn damage_to_the_last_event_is_damage_not_a_torn_write() -> TestResult {
+    // A flipped byte in the last frame, after a clean close or a crash; and the file
+    // cut by a byte after a clean close (after a crash that is a torn write).
+    for (crash, cut) in [(false, false), (true, false), (false, true)] {
+        let dir = tempfile::tempdir()?;
+        {
+            let sum = instastate::Prevayler::open(dir.path(), 0u64, add)?;
+            for n in 1..=3 {
+                sum.handle(n)?;
+            }
+        }
+        let last = journal_files(dir.path())?.pop().ok_or("no journal file")?;
+        let mut bytes = fs::read(&last)?;
+        if cut {
+            bytes.pop();
+        } else {
+            let end = bytes.len() - 2;
+            *bytes.get_mut(end).ok_or("empty journal")? ^= 0x01;
+        }
+        fs::write(&last, bytes)?;
+        if crash {
+            as_if_crashed(dir.path())?;
+        }
+        let res = instastate::Prevayler::open(dir.path(), 0u64, add);
+        assert!(is_corrupt(&res), "crash {crash}, cut {cut}: {res:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_damaged_version_field_is_damage_and_a_damaged_snapshot_falls_back() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let sum = instastate::Prevayler::open(dir.path(), 0u64, add)?;
+        for n in 1..=6 {
+            sum.handle(n)?;
+            if n % 3 == 0 {
+                sum.snapshot()?;
+            }
+        }
+    }
+    let mut snapshots: Vec<_> = fs::read_dir(dir.path())?
+        .map(|entry| entry.map(|entry| entry.path()))
+        .collect::<Result<_, _>>()?;
+    snapshots.retain(|path| path.extension().is_some_and(|it| it == "snap"));
+    snapshots.sort();
+    let newest = snapshots.last().ok_or("no snapshot")?;
+    for at in 8..12 {
+        let mut bytes = fs::read(newest)?;
+        *bytes.get_mut(at).ok_or("short snapshot")? ^= 0xfe;
+        let copy = tempfile::tempdir()?;
+        for entry in fs::read_dir(dir.path())? {
+            let entry = entry?;
+            fs::copy(entry.path(), copy.path().join(entry.file_name()))?;
+        }
+        fs::write(copy.path().join(newest.file_name().ok_or("no name")?), bytes)?;
+        for recovery in
+            [instastate::prevalence::Recovery::Strict, instastate::prevalence::Recovery::Salvage]
+        {
+            let sum =
+                instastate::Prevayler::builder().recovery(recovery).open(copy.path(), 0u64, add)?;
+            assert_eq!(sum.read(|total| *total), 21, "byte {at}, {recovery:?}");
+            assert_eq!(sum.recovered().unsound_snapshots().len(), 1);
+        }
+    }
+    // The same damage in a journal file's header is damage, not another format.
+    let last = journal_files(dir.path())?.pop().ok_or("no journal file")?;
+    let mut bytes = fs::read(&last)?;
+    *bytes.get_mut(9).ok_or("short journal")? ^= 0xfe;
+    fs::write(&last, bytes)?;
+    let res = instastate::Prevayler::open(dir.path(), 0u64, add);
+    assert!(is_corrupt(&res), "{res:?}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Exclusivity
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn one_lock_keeps_a_store_and_a_journal_out_of_each_others_directory() -> TestResult {
+    let (store_dir, journal_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    {
+        let store = Store::builder().open(store_dir.path())?;
+        // Open, it is refused to a journal, and locked against another store.
+        let res = instastate::Prevayler::open(store_dir.path(), 0u64, add);
+        assert!(matches!(res, Err(instastate::Error::WrongDirectory { .. })), "{res:?}");
+        let res = Store::builder().open(store_dir.path());
+        assert!(matches!(res, Err(instastate::Error::Locked { .. })), "{res:?}");
+        drop(store);
+    }
+    let res = instastate::Prevayler::open(store_dir.path(), 0u64, add);
+    assert!(matches!(res, Err(instastate::Error::WrongDirectory { .. })), "{res:?}");
+    {
+        let sum = instastate::Prevayler::open(journal_dir.path(), 0u64, add)?;
+        sum.handle(1)?;
+        let res = Store::builder().open(journal_dir.path());
+        assert!(matches!(res, Err(instastate::Error::WrongDirectory { .. })), "{res:?}");
+        let res = instastate::Prevayler::open(journal_dir.path(), 0u64, add);
+        assert!(matches!(res, Err(instastate::Error::Locked { .. })), "{res:?}");
+    }
+    let res = Store::builder().open(journal_dir.path());
+    assert!(matches!(res, Err(instastate::Error::WrongDirectory { .. })), "{res:?}");
+    Ok(())
+}
+
+#[test]
+fn the_empty_path_a_file_and_a_directory_of_other_files_are_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("notes.txt");
+    fs::write(&file, b"mine")?;
+    let wrong = |res: instastate::Result<Store>| {
+        matches!(res, Err(instastate::Error::WrongDirectory { .. }))
+    };
+    assert!(wrong(Store::builder().open("")));
+    assert!(wrong(Store::builder().open(&file)));
+    // A directory holding something else does not quietly become a store, and is
+    // left as it was.
+    assert!(wrong(Store::builder().open(dir.path())));
+    let left: Vec<_> = fs::read_dir(dir.path())?.collect::<Result<_, _>>()?;
+    assert_eq!(left.len(), 1, "a refused open changed the directory: {left:?}");
+    let res = instastate::Prevayler::open(dir.path(), 0u64, add);
+    assert!(matches!(res, Err(instastate::Error::WrongDirectory { .. })), "{res:?}");
+    // An empty directory becomes one.
+    let empty = tempfile::tempdir()?;
+    drop(Store::builder().open(empty.path())?);
+    Ok(())
+}
+
+#[test]
+fn a_cell_is_open_in_one_store_at_a_time() -> TestResult {
+    static SHARED: StateCell<u32> = StateCell::new("trust::in_use::SHARED", || 0);
+    let first = Store::builder().cell(&SHARED).in_memory()?;
+    let dir = tempfile::tempdir()?;
+    let res = Store::builder().cell(&SHARED).open(dir.path());
+    assert!(
+        matches!(res, Err(instastate::Error::CellInUse { ref cell, .. }) if cell == SHARED.name())
+    );
+    // The refused open left the directory unlocked and made no store there.
+    assert!(!Store::exists(dir.path()));
+    drop(first);
+    drop(Store::builder().cell(&SHARED).open(dir.path())?);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Types whose structure changed under the same name
+// ---------------------------------------------------------------------------------
+
+mod before {
+    #[derive(serde::Serialize, serde::Deserialize, Default)]
+    pub(crate) struct S {
+        pub(crate) offset: i32,
+    }
+}
+
+mod after {
+    #[derive(serde::Serialize, serde::Deserialize, Default)]
+    pub(crate) struct S {
+        pub(crate) offset: u32,
+    }
+}
+
+/// Renames the state type of the journal file or snapshot `bytes` (whose layout
+/// ARCHITECTURE.md gives) from `from` to `to`, and mends its header's checksum: what
+/// the file would hold had the program's type kept its name and changed its fields.
+fn rename_state_type(bytes: &[u8], snapshot: bool, to: &str) -> TestResult<Vec<u8>> {
+    let take = |at: usize, n: usize| bytes.get(at..at + n).ok_or("short header");
+    let u16_at = |at: usize| -> TestResult<usize> {
+        Ok(usize::from(u16::from_le_bytes(take(at, 2)?.try_into()?)))
+    };
+    let u32_at = |at: usize| -> TestResult<usize> {
+        Ok(usize::try_from(u32::from_le_bytes(take(at, 4)?.try_into()?))?)
+    };
+    let name_at = 8 + 4 + 1 + 8 + 8;
+    let state_len = u16_at(name_at)?;
+    let after_state = name_at + 2 + state_len;
+    let event_len = u16_at(after_state)?;
+    let mut at = after_state + 2 + event_len + 4;
+    at += if snapshot { 8 + 4 } else { 4 + u32_at(at)? };
+    at += 4 + u32_at(at)?;
+    at += 4 + u32_at(at)?;
+    let mut out = take(0, name_at)?.to_vec();
+    out.extend_from_slice(&u16::try_from(to.len())?.to_le_bytes());
+    out.extend_from_slice(to.as_bytes());
+    out.extend_from_slice(take(after_state, at - after_state)?);
+    out.extend_from_slice(&crc32fast::hash(&out).to_le_bytes());
+    out.extend_from_slice(bytes.get(at + 4..).ok_or("short file")?);
+    Ok(out)
+}
+
+#[test]
+fn a_journal_of_a_type_whose_fields_changed_under_the_same_name_is_refused() -> TestResult {
+    let apply = |state: &mut before::S, by: i32, _: instastate::Timestamp| state.offset += by;
+    let dir = tempfile::tempdir()?;
+    {
+        let journal = instastate::Prevayler::open(dir.path(), before::S::default(), apply)?;
+        journal.handle(-1)?;
+        journal.snapshot()?;
+        journal.handle(-1)?;
+    }
+    for entry in fs::read_dir(dir.path())? {
+        let path = entry?.path();
+        let snapshot = path.extension().is_some_and(|it| it == "snap");
+        if snapshot || path.extension().is_some_and(|it| it == "log") {
+            let renamed =
+                rename_state_type(&fs::read(&path)?, snapshot, std::any::type_name::<after::S>())?;
+            fs::write(&path, renamed)?;
+        }
+    }
+    let apply = |state: &mut after::S, by: i32, _: instastate::Timestamp| {
+        state.offset = state.offset.wrapping_add_signed(by);
+    };
+    let err = instastate::Prevayler::open(dir.path(), after::S::default(), apply)
+        .err()
+        .ok_or("a changed field went unnoticed")?;
+    let instastate::Error::JournalType { changes, .. } = &err else {
+        return Err(format!("wrong error: {err:?}").into());
+    };
+    assert!(
+        changes.iter().any(|it| it.contains("offset") && it.contains("i32") && it.contains("u32")),
+        "{err}"
+    );
+    assert!(err.to_string().contains("offset"), "{err}");
+    Ok(())
+}
