@@ -198,6 +198,13 @@ impl<T> StateCell<T> {
         Ref(self.lock().read())
     }
 
+    /// Locks the cell for reading even while a writer waits, for a store's own reads:
+    /// a thread that saves while holding a read guard must not queue behind a writer
+    /// that waits for that guard.
+    pub(crate) fn read_recursive(&self) -> Ref<'_, T> {
+        Ref(self.lock().read_recursive())
+    }
+
     /// Locks the cell for writing and marks it changed, blocking while anyone else holds it.
     ///
     /// # Example

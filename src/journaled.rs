@@ -291,7 +291,9 @@ impl<T: Value> StateCell<T> {
     /// Encodes the value and how far it has got, under its read lock; nothing for a
     /// transient journal, or when `unchanged` says to skip an unchanged value.
     fn encode_applied(&self, attached: &Attached, unchanged: Unchanged) -> Result<Option<Encoded>> {
-        let value = self.read();
+        // Recursive: a thread that saves while holding a read guard of this cell
+        // must not queue behind a writer that waits for that guard.
+        let value = self.read_recursive();
         if attached.tainted.load(Ordering::SeqCst) {
             return Err(Error::Poisoned { path: attached.journal.label() });
         }

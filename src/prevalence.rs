@@ -599,7 +599,9 @@ where
         // Read first: the counters may only move on once this snapshot covers them.
         let framed = self.journal.framed();
         let (body, events, at) = {
-            let slot = self.state.read();
+            // Recursive: a snapshot taken inside `read` must not queue behind a writer
+            // that waits for that very read.
+            let slot = self.state.read_recursive();
             if self.tainted.load(Ordering::SeqCst) {
                 return Err(Error::Poisoned { path: self.journal.label() });
             }

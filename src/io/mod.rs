@@ -109,10 +109,6 @@ impl std::fmt::Debug for Io {
 pub(crate) struct IoFile {
     file: File,
     path: PathBuf,
-    // How the file was opened: the simulator takes a read handle's sync as the
-    // engine's, whose contents it does not model.
-    #[cfg_attr(not(test), allow(dead_code))]
-    how: Open,
     io: Io,
 }
 
@@ -166,7 +162,7 @@ impl Io {
         if let Some(sim) = &self.sim {
             sim.opened(path, how, &file);
         }
-        Ok(IoFile { file, path: path.to_path_buf(), how, io: self.clone() })
+        Ok(IoFile { file, path: path.to_path_buf(), io: self.clone() })
     }
 
     /// Reads the whole file at `path`.
@@ -286,13 +282,20 @@ impl Io {
     /// holds either its old contents or all of `bytes`. The rename is durable only
     /// once the caller syncs the directory.
     pub(crate) fn write_renamed(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let mut part = path.as_os_str().to_owned();
-        part.push(PART_SUFFIX);
-        let part = PathBuf::from(part);
+        let part = part_of(path);
         let mut file = self.open(&part, Open::Create)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
+        self.rename(&part, path)
+    }
+
+    /// Writes `bytes` to `path` through a temporary file, renamed into place, syncing
+    /// nothing: after a crash `path` holds its old contents, or `bytes` whole, or a
+    /// part of them, which the caller's own checks must tell.
+    pub(crate) fn write_unsynced(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let part = part_of(path);
+        self.open(&part, Open::Create)?.write_all(bytes)?;
         self.rename(&part, path)
     }
 
@@ -355,7 +358,7 @@ impl IoFile {
     fn synced(&self) {
         #[cfg(test)]
         if let Some(sim) = &self.io.sim {
-            sim.synced(&self.path, self.how, &self.file);
+            sim.synced(&self.path, &self.file);
         }
     }
 
@@ -415,6 +418,13 @@ impl Seek for IoFile {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         self.file.seek(to)
     }
+}
+
+/// The temporary file `path` is written to before it is renamed into place.
+fn part_of(path: &Path) -> PathBuf {
+    let mut part = path.as_os_str().to_owned();
+    part.push(PART_SUFFIX);
+    PathBuf::from(part)
 }
 
 /// The directory holding `path`, `.` for a bare name.

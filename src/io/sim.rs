@@ -266,18 +266,21 @@ impl Sim {
         }
     }
 
-    pub(super) fn synced(&self, path: &Path, how: Open, file: &File) {
+    pub(super) fn synced(&self, path: &Path, file: &File) {
         let mut state = self.state.lock();
-        if state.skipped(path) || how == Open::Read {
-            // A read handle is the engine's log: its contents are the engine's, and
-            // are taken as they are on disk.
+        if state.skipped(path) {
             return;
         }
         let Ok(meta) = file.metadata() else { return };
+        let key = state.model.key(meta.ino());
+        // A file never written through the layer (the engine's log, synced through
+        // a read handle) is the engine's: taken as it is on disk.
+        if !state.model.durable.contains_key(&key) {
+            return;
+        }
         // Read through the descriptor, which may be write-only and whose path may
         // have changed since it was opened.
         if let Ok(bytes) = fs::read(format!("/proc/self/fd/{}", file.as_raw_fd())) {
-            let key = state.model.key(meta.ino());
             state.model.durable.insert(key, bytes);
         }
     }

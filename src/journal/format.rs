@@ -48,6 +48,9 @@ const KIND_EVENT: u8 = 0;
 const KIND_VOID: u8 = 1;
 const KIND_CHECK: u8 = 2;
 const KIND_LINK: u8 = 3;
+/// The length of a framed link: the only frame left unsynced at the end of a
+/// journal file that is not the last (see `Output::start`).
+pub(crate) const LINK_LEN: usize = FRAME_HEAD + 2 + 8 + 8;
 /// Version, kind, event number and timestamp in front of an event's bytes.
 pub(crate) const EVENT_HEAD: usize = 2 + 8 + 8;
 

@@ -456,6 +456,16 @@ impl Scan<'_> {
                 {
                     break Ending::Torn(offset);
                 }
+                // A file before the last ends with a link to the next, not synced: a
+                // crash may tear it. Nothing else is lost with it (the next file says
+                // where the journal goes on), so it is left as it is.
+                Read::Bad(_)
+                    if !self.last_file
+                        && self.bytes.len() - offset <= format::LINK_LEN
+                        && format::looks_torn(self.bytes, offset) =>
+                {
+                    break Ending::Clean;
+                }
                 Read::Bad(reason) => break Ending::Damaged(offset, reason.to_owned()),
             }
         };

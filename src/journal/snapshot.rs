@@ -27,8 +27,8 @@ fn aad(events: u64) -> Vec<u8> {
 }
 
 /// Writes the snapshot of the encoded state `body` covering `events` events: a
-/// temporary file, fsynced and renamed into place. The rename is durable once the
-/// caller syncs the directory.
+/// temporary file, renamed into place. Neither is synced: the caller syncs the
+/// snapshot and its directory once something relies on it.
 pub(crate) fn write(
     io: &Io,
     dir: &Path,
@@ -43,7 +43,7 @@ pub(crate) fn write(
     let mut bytes = Header::new(identity, sealer.is_on(), events, at, extra).encode();
     bytes.extend_from_slice(&stored);
     let path = dir.join(format::snapshot_name(events));
-    io.write_renamed(&path, &bytes).map_err(Error::io(&path))?;
+    io.write_unsynced(&path, &bytes).map_err(Error::io(&path))?;
     Ok(path)
 }
 
@@ -101,16 +101,18 @@ fn check_sealed_snapshot(header: &Header, path: &Path, sealer: &Sealer) -> Resul
     Ok(())
 }
 
-/// Deletes all but the newest `keep` snapshots (at least one); returns the number of
-/// events the oldest one kept covers.
-pub(crate) fn retain(io: &Io, dir: &Path, keep: usize) -> Result<Option<u64>> {
-    let files = recovery::snapshot_files(io, dir)?;
+/// What keeping the newest snapshots leaves: the oldest kept one (the number of
+/// events it covers, and its path), and the older ones, which can go.
+pub(crate) struct Retained {
+    pub(crate) oldest: (u64, PathBuf),
+    pub(crate) old: Vec<PathBuf>,
+}
+
+/// Keeps the newest `keep` snapshots (at least one); `None` when there is none.
+pub(crate) fn retained(io: &Io, dir: &Path, keep: usize) -> Result<Option<Retained>> {
+    let mut files = recovery::snapshot_files(io, dir)?;
     let cut = files.len().saturating_sub(keep.max(1));
-    let (old, kept) = files.split_at(cut);
-    // Not made durable: a deleted snapshot that comes back after a crash is harmless
-    // (it is older than the one kept), and the next sync of the directory covers it.
-    for (_, path) in old {
-        io.remove_file(path).map_err(Error::io(path))?;
-    }
-    Ok(kept.first().map(|(events, _)| *events))
+    let kept = files.split_off(cut);
+    let old = files.into_iter().map(|(_, path)| path).collect();
+    Ok(kept.into_iter().next().map(|oldest| Retained { oldest, old }))
 }

@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread,
@@ -41,6 +41,10 @@ pub(crate) struct Journal {
     /// Bytes framed since the journal opened.
     framed: AtomicU64,
     timer: Mutex<Option<Timer>>,
+    /// Held by a snapshot from its write to its deletions.
+    snapshotting: Mutex<()>,
+    /// Set by a snapshot: the next write of an event starts a new journal file.
+    rotate: AtomicBool,
     io: Io,
 }
 
@@ -51,6 +55,9 @@ struct Queue {
     clock: u64,
     /// Frames not yet written.
     buf: Vec<u8>,
+    /// The number of the first event framed in `buf`, if any: a write that starts a
+    /// new journal file names it after that event.
+    buf_first: Option<u64>,
     /// Group commit: events queued for the next leader.
     pending: Vec<Box<dyn Pending>>,
     leading: bool,
@@ -133,6 +140,7 @@ impl Journal {
                 next,
                 clock,
                 buf: Vec::new(),
+                buf_first: None,
                 pending: Vec::new(),
                 leading: false,
                 poisoned: false,
@@ -149,6 +157,8 @@ impl Journal {
             }),
             framed: AtomicU64::new(0),
             timer: Mutex::new(None),
+            snapshotting: Mutex::new(()),
+            rotate: AtomicBool::new(false),
             io,
             dir,
         })
@@ -176,6 +186,7 @@ impl Journal {
                 next: 0,
                 clock: 0,
                 buf: Vec::new(),
+                buf_first: None,
                 pending: Vec::new(),
                 leading: false,
                 poisoned: false,
@@ -192,6 +203,8 @@ impl Journal {
             }),
             framed: AtomicU64::new(0),
             timer: Mutex::new(None),
+            snapshotting: Mutex::new(()),
+            rotate: AtomicBool::new(false),
             io: Io::default(),
         }
     }
@@ -287,6 +300,7 @@ impl Journal {
             let before = queue.buf.len();
             format::put_event(&mut queue.buf, seq, at, &stored);
             self.framed.fetch_add((queue.buf.len() - before) as u64, Ordering::Relaxed);
+            queue.buf_first.get_or_insert(seq);
         }
         Ok((seq, Timestamp(at)))
     }
@@ -300,8 +314,8 @@ impl Journal {
         };
         if must_write && self.dir.is_some() {
             let sync = self.durability == Durability::SyncEach;
-            let bytes = mem::take(&mut queue.buf);
-            if let Err(err) = self.output.lock().write(self, &bytes, sync) {
+            let (bytes, first) = (mem::take(&mut queue.buf), queue.buf_first.take());
+            if let Err(err) = self.output.lock().write(self, &bytes, first, sync) {
                 queue.poisoned = true;
                 return Err(write_failed(err));
             }
@@ -330,10 +344,11 @@ impl Journal {
             return;
         }
         let mut bytes = mem::take(&mut queue.buf);
+        let buf_first = queue.buf_first.take();
         format::put_void(&mut bytes, first, last);
         // If this fails, the panicking event is replayed on the next open and panics
         // again there, which is reported as `ReplayPanicked`.
-        let _ = self.output.lock().write(self, &bytes, true);
+        let _ = self.output.lock().write(self, &bytes, buf_first, true);
     }
 
     fn commit_grouped<J: Job>(&self, event: Vec<u8>, job: J) -> Result<J::Output> {
@@ -365,6 +380,7 @@ impl Journal {
         let mut queue = self.queue.lock();
         let batch = mem::take(&mut queue.pending);
         let bytes = mem::take(&mut queue.buf);
+        let first = queue.buf_first.take();
         let poisoned = queue.poisoned;
         let mut output = self.output.lock();
         drop(queue);
@@ -374,7 +390,7 @@ impl Journal {
             for entry in batch {
                 entry.fail(Error::Poisoned { path: self.label() });
             }
-        } else if let Err(err) = output.write(self, &bytes, true) {
+        } else if let Err(err) = output.write(self, &bytes, first, true) {
             let err = write_failed(err);
             for entry in batch {
                 entry.fail(self.share(&err));
@@ -409,6 +425,7 @@ impl Journal {
                 entry.fail(Error::Poisoned { path: self.label() });
             }
             queue.buf.clear();
+            queue.buf_first = None;
             queue.leading = false;
             return;
         }
@@ -439,9 +456,10 @@ impl Journal {
             return Ok(());
         }
         let bytes = mem::take(&mut queue.buf);
+        let first = queue.buf_first.take();
         let mut output = self.output.lock();
         drop(queue);
-        let res = output.write(self, &bytes, true);
+        let res = output.write(self, &bytes, first, true);
         if res.is_err() {
             drop(output);
             self.queue.lock().poisoned = true;
@@ -449,37 +467,43 @@ impl Journal {
         res.map_err(write_failed)
     }
 
-    /// Writes and syncs everything handled so far, then starts a new journal file for
-    /// the events to come, so that a snapshot covering the events so far lets the
-    /// old files go.
-    fn rotate(&self) -> Result<()> {
-        let mut queue = self.queue.lock();
-        if queue.poisoned {
-            return Err(Error::Poisoned { path: self.label() });
-        }
-        let bytes = mem::take(&mut queue.buf);
-        let mut output = self.output.lock();
-        // The queue stays locked: no event may be numbered while the file changes.
-        let res = output.write(self, &bytes, true).and_then(|()| output.start(self, queue.next));
-        if res.is_err() {
-            queue.poisoned = true;
-        }
-        res.map_err(write_failed)
-    }
-
     /// Writes the snapshot of `body`, the encoded state after `events` events (the
-    /// last stamped `at`), then syncs the journal and starts a new journal file for
-    /// later events (whose creation makes the snapshot durable too), and only then
-    /// deletes the snapshots beyond the newest `keep` and the journal files that no
-    /// kept snapshot needs.
+    /// last stamped `at`), has the next write start a new journal file, and deletes
+    /// the snapshots beyond the newest `keep` and the journal files that no kept
+    /// snapshot needs, once the oldest kept snapshot is durable.
+    ///
+    /// It waits for no event: neither for the journal's queue nor for its file, which
+    /// an event whose job waits for the state's lock may hold. So a snapshot can be
+    /// taken by a thread that holds a read guard of the state, while another handles
+    /// an event.
     pub(crate) fn snapshot(&self, body: Vec<u8>, events: u64, at: u64, keep: usize) -> Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
-        // The snapshot's rename is made durable by the sync of the directory that
-        // starting the next journal file makes, before anything is deleted.
+        // One at a time: two would write the same temporary file.
+        let _one = self.snapshotting.lock();
         snapshot::write(&self.io, dir, &self.identity, &self.sealer, events, at, body)?;
-        self.rotate()?;
-        if let Some(oldest) = snapshot::retain(&self.io, dir, keep)? {
-            self.retire(oldest)?;
+        self.rotate.store(true, Ordering::Relaxed);
+        let Some(snapshot::Retained { oldest, old }) = snapshot::retained(&self.io, dir, keep)?
+        else {
+            return Ok(());
+        };
+        let retired = self.retired(oldest.0)?;
+        if old.is_empty() && retired.is_empty() {
+            return Ok(());
+        }
+        // What is deleted holds no event that the oldest kept snapshot does not: it
+        // must be durable first. (A snapshot nothing relies on yet need not be; one
+        // lost to a crash is passed over.)
+        let (_, oldest_path) = &oldest;
+        self.io
+            .open(oldest_path, Open::Read)
+            .and_then(|file| file.sync_all())
+            .and_then(|()| self.io.sync_dir(dir))
+            .map_err(Error::io(oldest_path))?;
+        // Not made durable: a deleted snapshot or journal file that comes back after a
+        // crash is harmless (recovery passes over what a snapshot covers), and the
+        // next sync of the directory covers it.
+        for path in old.iter().chain(&retired) {
+            self.io.remove_file(path).map_err(Error::io(path))?;
         }
         Ok(())
     }
@@ -489,26 +513,23 @@ impl Journal {
     /// an empty journal file after it, whose header carries the types and key check.
     pub(crate) fn copy_to(&self, dir: &Path, body: Vec<u8>, events: u64, at: u64) -> Result<()> {
         self.io.create_dir_durably(dir).map_err(Error::io(dir))?;
-        snapshot::write(&self.io, dir, &self.identity, &self.sealer, events, at, body)?;
+        let path = snapshot::write(&self.io, dir, &self.identity, &self.sealer, events, at, body)?;
+        let synced = self.io.open(&path, Open::Read).and_then(|file| file.sync_all());
+        synced.map_err(Error::io(&path))?;
         // Creating the journal file syncs the directory, which holds the snapshot too.
         recovery::create_journal_file(&self.io, dir, &self.identity, &self.sealer, events).map(drop)
     }
 
-    /// Deletes the journal files holding only events numbered below `below`.
-    fn retire(&self, below: u64) -> Result<()> {
-        let Some(dir) = &self.dir else { return Ok(()) };
+    /// The journal files holding only events numbered below `below`: those whose
+    /// successor starts at `below` or before.
+    fn retired(&self, below: u64) -> Result<Vec<PathBuf>> {
+        let Some(dir) = &self.dir else { return Ok(Vec::new()) };
         let files = recovery::journal_files(&self.io, dir)?;
-        // Not made durable: a deleted journal file that comes back after a crash is
-        // harmless (recovery skips the files a snapshot covers), and the next sync
-        // of the directory covers it.
-        for pair in files.windows(2) {
-            if let [(_, path), (next_first, _)] = pair
-                && *next_first <= below
-            {
-                self.io.remove_file(path).map_err(Error::io(path))?;
-            }
-        }
-        Ok(())
+        let retired = files.windows(2).filter_map(|pair| match pair {
+            [(_, path), (next_first, _)] if *next_first <= below => Some(path.clone()),
+            _ => None,
+        });
+        Ok(retired.collect())
     }
 
     /// Stops the timer thread, if any, and syncs. A poisoned journal has nothing
@@ -548,11 +569,24 @@ impl Drop for Journal {
 }
 
 impl Output {
-    /// Writes `bytes` to the current file, and syncs when `sync` says so.
-    /// After a failure, refuses every later write with [`Error::Poisoned`].
-    fn write(&mut self, journal: &Journal, bytes: &[u8], sync: bool) -> Result<()> {
+    /// Writes `bytes`, whose first event is numbered `first`, to the current file
+    /// (first starting a new one if a snapshot asked for it and the bytes hold an
+    /// event), and syncs when `sync` says so. After a failure, refuses every later
+    /// write with [`Error::Poisoned`].
+    fn write(
+        &mut self,
+        journal: &Journal,
+        bytes: &[u8],
+        first: Option<u64>,
+        sync: bool,
+    ) -> Result<()> {
         if self.failed {
             return Err(Error::Poisoned { path: journal.label() });
+        }
+        if let Some(first) = first
+            && journal.rotate.swap(false, Ordering::Relaxed)
+        {
+            self.start(journal, first)?;
         }
         let res = self.write_unchecked(bytes, sync);
         self.failed = res.is_err();

@@ -489,3 +489,93 @@ fn a_journal_of_a_type_whose_fields_changed_under_the_same_name_is_refused() -> 
     assert!(err.to_string().contains("offset"), "{err}");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------
+// Saving a journaled cell from any thread at any time
+// ---------------------------------------------------------------------------------
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Tally(u64);
+
+impl instastate::Prevalent for Tally {
+    type Event = u64;
+    type Output = u64;
+    fn apply(&mut self, by: u64, _: instastate::Timestamp) -> u64 {
+        self.0 += by;
+        self.0
+    }
+}
+
+#[test]
+fn concurrent_saves_of_a_journaled_cell_all_succeed() -> TestResult {
+    static TALLY: StateCell<Tally> = StateCell::with_options(
+        "trust::concurrent::TALLY",
+        Tally::default,
+        instastate::CellOptions::new().journaled(),
+    );
+    let dir = tempfile::tempdir()?;
+    let store = Store::builder().cell(&TALLY).open(dir.path())?;
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                for _ in 0..100 {
+                    if let Err(err) = TALLY.handle(1) {
+                        failures
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(err.to_string());
+                    }
+                }
+            });
+            scope.spawn(|| {
+                for _ in 0..40 {
+                    if let Err(err) = store.save_all() {
+                        failures
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(err.to_string());
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), failures.first());
+    drop(store);
+    TALLY.set(Tally::default());
+    let _store = Store::builder().cell(&TALLY).open(dir.path())?;
+    assert_eq!(TALLY.with(|it| it.0), 200);
+    Ok(())
+}
+
+#[test]
+fn saving_while_holding_a_journaled_cells_read_guard_does_not_deadlock() -> TestResult {
+    static HELD: StateCell<Tally> = StateCell::with_options(
+        "trust::guard::HELD",
+        Tally::default,
+        instastate::CellOptions::new().journaled(),
+    );
+    let dir = tempfile::tempdir()?;
+    let store = Store::builder().cell(&HELD).open(dir.path())?;
+    HELD.handle(1)?;
+    let (done, finished) = std::sync::mpsc::channel();
+    // Not scoped: if it deadlocks, the test fails and the stuck thread is left.
+    std::thread::spawn(move || {
+        let guard = HELD.read();
+        // A writer queues behind the guard; a non-recursive read by this thread would
+        // queue behind the writer, which waits for this thread's guard.
+        let writer = std::thread::spawn(|| HELD.handle(1).map(drop).map_err(|err| err.to_string()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let saved = store.save_all().map_err(|err| err.to_string());
+        drop(guard);
+        let handled = writer.join().map_err(|_| "the writer panicked".to_owned()).and_then(|it| it);
+        let _ = done.send(saved.and(handled));
+    });
+    let res = finished
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .map_err(|_| "save_all deadlocked on a read guard its own thread holds")?;
+    res?;
+    assert_eq!(HELD.with(|it| it.0), 2);
+    Ok(())
+}
