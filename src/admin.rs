@@ -180,6 +180,23 @@ impl Store {
                 if let Err(fault) = codec::decode_claimed(bytes) {
                     problem(location, fault.to_string());
                 }
+            } else if let Some(crc) = codec::shape_crc(key) {
+                let location = format!("shape/{crc:08x}");
+                let joined = codec::join_value(key, |key| Ok::<_, ()>(records.get(key).cloned()));
+                let shape = joined.ok().flatten().map(|bytes| crate::shape::Shape::decode(&bytes));
+                let reason = match shape {
+                    Some(Ok(shape)) if shape.checksum() == crc => None,
+                    Some(Ok(_)) => Some("the structure's checksum does not match its key".into()),
+                    Some(Err(fault)) => Some(format!("the structure cannot be read: {fault}")),
+                    None => Some("a chunk of the structure is missing".into()),
+                };
+                if let Some(reason) = reason {
+                    problem(location, reason);
+                }
+            } else if let Some((crc, chunk)) = codec::shape_chunk(key) {
+                if !records.contains_key(&codec::shape_key(crc)) {
+                    problem(format!("shape/{crc:08x}/{chunk}"), "belongs to no structure".into());
+                }
             } else if codec::claim_name(key).is_some() {
                 if !bytes.is_empty() {
                     problem(location, format!("a claim holds {} bytes, not none", bytes.len()));

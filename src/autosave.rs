@@ -196,7 +196,8 @@ impl Background {
         let hook = self.hook.lock().clone();
         match hook {
             Some(hook) => hook(&err),
-            None => eprintln!("instastate: {}", Chain(&err)),
+            // The error's message carries its causes.
+            None => eprintln!("instastate: {err}"),
         }
     }
 }
@@ -326,19 +327,4 @@ fn run(store: &Weak<Inner>, control: &Arc<Control>, period: Duration) {
 /// ```
 pub fn autosave(period: Duration) -> Result<Autosave> {
     global()?.autosave(period)
-}
-
-/// An error with its sources, on one line.
-struct Chain<'a>(&'a Error);
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = std::error::Error::source(self.0);
-        while let Some(err) = source {
-            write!(f, ": {err}")?;
-            source = err.source();
-        }
-        Ok(())
-    }
 }

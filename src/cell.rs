@@ -1,10 +1,14 @@
 //! [`StateCell`]: a named, lock-protected value that a [`Store`](crate::Store) can save.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    any::TypeId,
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     ops::{Deref, DerefMut},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
 };
 
 use once_cell::sync::OnceCell;
@@ -14,6 +18,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::{
     codec::decode_exact,
     schema::{CellOptions, DecodeFault},
+    shape::Shape,
     values::ValueWriter,
 };
 
@@ -108,6 +113,21 @@ pub(crate) fn take_changed(
         }
     }
     taken
+}
+
+/// The structure of each type of cell traced so far; `None` for a type that cannot
+/// be traced. Once per type, not per cell: tracing takes a millisecond or so.
+static SHAPES: Mutex<BTreeMap<TypeId, Option<Arc<Shape>>>> = Mutex::new(BTreeMap::new());
+
+/// The structure of `T`, traced once per process.
+fn shape_of<T: Value>() -> Option<Arc<Shape>> {
+    let id = TypeId::of::<T>();
+    if let Some(known) = SHAPES.lock().get(&id) {
+        return known.clone();
+    }
+    // Traced without the lock: tracing runs the type's own `Deserialize`.
+    let traced = Shape::of::<T>().map(Arc::new);
+    SHAPES.lock().entry(id).or_insert(traced).clone()
 }
 
 /// Whether any cell of `mine` was written since a store last took it.
@@ -397,6 +417,8 @@ pub(crate) trait ErasedCell: Send + Sync {
         saved: Option<u64>,
         out: &mut ValueWriter<'_>,
     ) -> Result<Option<u64>, postcard::Error>;
+    /// The structure of the cell's type, if it can be traced.
+    fn shape(&self) -> Option<Arc<Shape>>;
     /// Decodes a value saved with schema version `schema`, migrating it if older.
     fn decode(&self, bytes: &[u8], schema: u32) -> Result<Install<'_>, DecodeFault>;
 }
@@ -432,6 +454,10 @@ impl<T: Value> ErasedCell for StateCell<T> {
 
     fn unqueue(&self) {
         self.queued.store(false, Ordering::Relaxed);
+    }
+
+    fn shape(&self) -> Option<Arc<Shape>> {
+        shape_of::<T>()
     }
 
     fn encode_if_changed(

@@ -6,11 +6,15 @@
 //! A record is:
 //!
 //! ```text
-//! magic "IS" | format u16 | schema u32 | [generation u64 | saved_at_ms u64]  (format 2 only)
-//!            | type_len u16 | type_name | kind u8 | body | crc32 u32
+//! magic "IS" | format u16 | schema u32 | [generation u64 | saved_at_ms u64]  (formats 2 and 3)
+//!            | type_len u16 | type_name | [shape u32]  (format 3) | kind u8 | body | crc32 u32
 //! body, kind 0 (inline): len u32 | bytes
 //! body, kind 1 (file):   file_id u64 | len u64 | crc32 u32 of the file's bytes
 //! ```
+//!
+//! `shape` is the CRC-32 of the encoded structure of the value's type (`shape.rs`),
+//! 0 when the type could not be traced; the structure itself is stored once under
+//! `shape/<crc32 u32>` (split over `shape/<crc32>/<n u32>` past 4 KiB, as manifests).
 //!
 //! A history manifest (key `hist/<generation u64>`) lists what one save changed, with
 //! the record each changed key held before it (its pre-image):
@@ -43,8 +47,10 @@
 
 use std::fmt;
 
-/// The record format this build writes; it also reads format 1.
-pub(crate) const FORMAT_VERSION: u16 = 2;
+/// The record format this build writes; it also reads formats 1 and 2.
+pub(crate) const FORMAT_VERSION: u16 = 3;
+/// Records with a generation and a save time, and no shape.
+pub(crate) const FORMAT_V2: u16 = 2;
 /// The store format this build writes (`meta/format`): 3 is format 2 with a witness
 /// file. It reads formats 1 and 2 too, and gives them a witness.
 pub(crate) const STORE_FORMAT: u32 = 3;
@@ -61,6 +67,8 @@ pub(crate) const FORMAT_V1: u16 = 1;
 pub(crate) const INLINE_MAX: usize = 4 * 1024;
 
 const MAGIC: [u8; 2] = *b"IS";
+/// The format of history manifests.
+const MANIFEST_FORMAT: u16 = 2;
 const MANIFEST_MAGIC: [u8; 2] = *b"IH";
 const CLAIMED_MAGIC: [u8; 2] = *b"IC";
 const KIND_INLINE: u8 = 0;
@@ -79,6 +87,11 @@ pub(crate) const CLAIMED_KEY: &[u8] = b"meta/claimed";
 pub(crate) const CLAIM_PREFIX: &[u8] = b"claim/";
 /// The key of the sealed check value of an encrypted store.
 pub(crate) const KEYCHECK_KEY: &[u8] = b"meta/keycheck";
+/// The prefix of the keys of the types' structures; a CRC-32 follows it.
+pub(crate) const SHAPE_PREFIX: &[u8] = b"shape/";
+/// The longest cell name, in bytes: keys stay small, and a journaled cell's
+/// directory name (escaped, three bytes for one at worst) short enough.
+pub(crate) const MAX_NAME: usize = 1024;
 /// The prefix of every history manifest's key; the generation follows it.
 pub(crate) const HISTORY_PREFIX: &[u8] = b"hist/";
 
@@ -93,7 +106,30 @@ pub(crate) const MANIFEST_CHUNK: usize = INLINE_MAX;
 
 /// The key of chunk `chunk` (from 1) of the manifest of save `generation`.
 pub(crate) fn history_chunk_key(generation: u64, chunk: u32) -> Vec<u8> {
-    [HISTORY_PREFIX, &u64_bytes(generation), b"/", &u32_bytes(chunk)].concat()
+    chunk_key(&history_key(generation), chunk)
+}
+
+/// The key of chunk `chunk` (from 1) of a value split over keys from `key`.
+fn chunk_key(key: &[u8], chunk: u32) -> Vec<u8> {
+    [key, b"/", &u32_bytes(chunk)].concat()
+}
+
+/// The key of the stored structure whose CRC-32 is `crc`.
+pub(crate) fn shape_key(crc: u32) -> Vec<u8> {
+    [SHAPE_PREFIX, &u32_bytes(crc)].concat()
+}
+
+/// Returns the CRC-32 a shape's key names, or `None` for other keys (a shape
+/// chunk's key among them).
+pub(crate) fn shape_crc(key: &[u8]) -> Option<u32> {
+    key.strip_prefix(SHAPE_PREFIX).and_then(read_u32)
+}
+
+/// Returns the CRC-32 and chunk number of a shape chunk's key.
+pub(crate) fn shape_chunk(key: &[u8]) -> Option<(u32, u32)> {
+    let rest = key.strip_prefix(SHAPE_PREFIX)?;
+    let (crc, rest) = rest.split_first_chunk::<4>()?;
+    Some((u32::from_be_bytes(*crc), read_u32(rest.strip_prefix(b"/")?)?))
 }
 
 /// Returns the generation and chunk number of a manifest chunk's key.
@@ -109,21 +145,43 @@ pub(crate) fn history_label(generation: u64) -> String {
     format!("hist/{generation}")
 }
 
-/// Splits an encoded manifest into the values of its keys: `hist/<generation>`
-/// holds the number of chunks (a `u32`) and the first chunk, and
-/// [`history_chunk_key`] `n` holds chunk `n`.
+/// Splits an encoded manifest into the values of its keys: see [`split_value`].
 pub(crate) fn split_manifest(generation: u64, bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    split_value(&history_key(generation), bytes)
+}
+
+/// Splits `bytes` over keys small enough for the engine's log: `key` holds the
+/// number of chunks (a `u32`) and the first chunk, and `key/<n u32>` chunk `n`.
+pub(crate) fn split_value(key: &[u8], bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     let chunks: Vec<&[u8]> = bytes.chunks(MANIFEST_CHUNK).collect();
-    let count = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+    // A value of 4 GiB chunks would be 16 PiB: the count fits.
+    #[allow(clippy::expect_used)]
+    let count = u32::try_from(chunks.len().max(1)).expect("a value's chunks fit a u32");
     let mut out = Vec::with_capacity(chunks.len());
-    for (idx, chunk) in chunks.into_iter().enumerate() {
-        match u32::try_from(idx) {
-            Ok(0) => out.push((history_key(generation), [&u32_bytes(count)[..], chunk].concat())),
-            Ok(n) => out.push((history_chunk_key(generation, n), chunk.to_vec())),
-            Err(_) => break,
-        }
+    out.push((
+        key.to_vec(),
+        [&u32_bytes(count)[..], chunks.first().copied().unwrap_or_default()].concat(),
+    ));
+    for (n, chunk) in (1..count).zip(chunks.iter().skip(1)) {
+        out.push((chunk_key(key, n), chunk.to_vec()));
     }
     out
+}
+
+/// Joins a value split by [`split_value`], reading its keys through `get`; `None`
+/// when a chunk is missing or the head is cut short.
+pub(crate) fn join_value<E>(
+    key: &[u8],
+    mut get: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, E>,
+) -> Result<Option<Vec<u8>>, E> {
+    let Some(head) = get(key)? else { return Ok(None) };
+    let Some((chunks, first)) = manifest_head(&head) else { return Ok(None) };
+    let mut bytes = first.to_vec();
+    for chunk in 1..chunks {
+        let Some(part) = get(&chunk_key(key, chunk))? else { return Ok(None) };
+        bytes.extend_from_slice(&part);
+    }
+    Ok(Some(bytes))
 }
 
 /// The chunk count and first chunk stored under `hist/<generation>`.
@@ -207,7 +265,47 @@ pub(crate) struct Record<'a> {
     /// `None` in format 1 records.
     pub(crate) saved: Option<Saved>,
     pub(crate) type_name: &'a str,
+    /// The CRC-32 of the structure of the value's type: `None` in formats 1 and 2,
+    /// and `Some(0)` for a type that could not be traced.
+    pub(crate) shape: Option<u32>,
     pub(crate) body: Body<'a>,
+}
+
+/// A cell name too long for a key, or one that holds a byte no name may hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BadName {
+    /// The name, cut to its first 80 characters.
+    pub(crate) name: String,
+    pub(crate) reason: String,
+}
+
+impl BadName {
+    fn new(name: &str, reason: String) -> BadName {
+        BadName { name: name.chars().take(80).collect(), reason }
+    }
+}
+
+impl fmt::Display for BadName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// Refuses a cell name that no key may hold: empty, longer than [`MAX_NAME`], or
+/// holding a NUL or another control character.
+pub(crate) fn check_name(name: &str) -> Result<(), BadName> {
+    if name.is_empty() {
+        return Err(BadName::new(name, "the name is empty".into()));
+    }
+    if MAX_NAME < name.len() {
+        let reason =
+            format!("the name is {} bytes long, and at most {MAX_NAME} are allowed", name.len());
+        return Err(BadName::new(name, reason));
+    }
+    if let Some(at) = name.char_indices().find_map(|(at, ch)| ch.is_control().then_some(at)) {
+        return Err(BadName::new(name, format!("the name holds a control character at byte {at}")));
+    }
+    Ok(())
 }
 
 /// The save that wrote a record.
@@ -237,7 +335,7 @@ impl fmt::Display for RecordFault {
             RecordFault::Magic => f.write_str("record does not start with the instastate magic"),
             RecordFault::Format(found) => write!(
                 f,
-                "record format v{found} is unknown (this build reads v{FORMAT_V1} and v{FORMAT_VERSION})"
+                "record format v{found} is unknown (this build reads v{FORMAT_V1} to v{FORMAT_VERSION})"
             ),
             RecordFault::Kind(kind) => write!(f, "record body kind {kind} is unknown"),
             RecordFault::TypeName => f.write_str("record type name is not UTF-8"),
@@ -247,6 +345,9 @@ impl fmt::Display for RecordFault {
 }
 
 impl Record<'_> {
+    /// The record's bytes. Its inline body is at most [`INLINE_MAX`] bytes (larger
+    /// values go to value files), and its type name is stored cut to fit
+    /// ([`stored_type_name`]).
     pub(crate) fn encode(&self) -> Vec<u8> {
         let inline_len = match self.body {
             Body::Inline(bytes) => bytes.len(),
@@ -264,11 +365,17 @@ impl Record<'_> {
         let type_name = stored_type_name(self.type_name);
         out.extend_from_slice(&u16::try_from(type_name.len()).unwrap_or(u16::MAX).to_be_bytes());
         out.extend_from_slice(type_name.as_bytes());
+        if self.format == FORMAT_VERSION {
+            out.extend_from_slice(&u32_bytes(self.shape.unwrap_or(0)));
+        }
         match self.body {
             Body::Inline(bytes) => {
                 out.push(KIND_INLINE);
-                // Inline bodies are at most `INLINE_MAX` bytes, far below `u32::MAX`.
-                out.extend_from_slice(&u32_bytes(u32::try_from(bytes.len()).unwrap_or(u32::MAX)));
+                // Inline bodies are at most `INLINE_MAX` bytes (a `ValueWriter` spills
+                // anything longer to a value file), far below `u32::MAX`.
+                #[allow(clippy::expect_used)]
+                let len = u32::try_from(bytes.len()).expect("an inline body is at most 4 KiB");
+                out.extend_from_slice(&u32_bytes(len));
                 out.extend_from_slice(bytes);
             }
             Body::File { id, len, crc } => {
@@ -286,7 +393,7 @@ impl Record<'_> {
     pub(crate) fn decode(bytes: &[u8]) -> Result<Record<'_>, RecordFault> {
         let mut cursor = Cursor::checked(bytes, MAGIC)?;
         let format = u16::from_be_bytes(cursor.take()?);
-        if format != FORMAT_VERSION && format != FORMAT_V1 {
+        if ![FORMAT_V1, FORMAT_V2, FORMAT_VERSION].contains(&format) {
             return Err(RecordFault::Format(format));
         }
         let schema = u32::from_be_bytes(cursor.take()?);
@@ -301,6 +408,8 @@ impl Record<'_> {
         let type_len = u16::from_be_bytes(cursor.take()?);
         let type_name = std::str::from_utf8(cursor.take_slice(usize::from(type_len))?)
             .map_err(|_| RecordFault::TypeName)?;
+        let shape =
+            if format == FORMAT_VERSION { Some(u32::from_be_bytes(cursor.take()?)) } else { None };
         let body = match cursor.take::<1>()? {
             [KIND_INLINE] => {
                 let len = u32::from_be_bytes(cursor.take()?);
@@ -315,7 +424,7 @@ impl Record<'_> {
             [kind] => return Err(RecordFault::Kind(kind)),
         };
         cursor.finish()?;
-        Ok(Record { format, schema, saved, type_name, body })
+        Ok(Record { format, schema, saved, type_name, shape, body })
     }
 
     /// How many bytes the value takes, wherever it is.
@@ -345,36 +454,36 @@ pub(crate) struct Manifest {
 }
 
 impl Manifest {
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    /// The manifest's bytes; a name too long for its length field is refused (one
+    /// written by an older version of the program, which did not check names).
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, BadName> {
         let mut out = Vec::new();
         out.extend_from_slice(&MANIFEST_MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+        out.extend_from_slice(&MANIFEST_FORMAT.to_be_bytes());
         out.extend_from_slice(&u64_bytes(self.generation));
         out.extend_from_slice(&u64_bytes(self.at_ms));
-        out.extend_from_slice(&u32_bytes(u32::try_from(self.entries.len()).unwrap_or(u32::MAX)));
+        put_count(&mut out, self.entries.len());
         for (name, pre) in &self.entries {
-            put_name(&mut out, name);
+            put_name(&mut out, name)?;
             match pre {
                 None => out.push(0),
                 Some(bytes) => {
                     out.push(1);
-                    // Records are at most a few KiB.
-                    out.extend_from_slice(&u32_bytes(
-                        u32::try_from(bytes.len()).unwrap_or(u32::MAX),
-                    ));
+                    // A record is at most a few KiB: its inline body at most 4 KiB.
+                    put_count(&mut out, bytes.len());
                     out.extend_from_slice(bytes);
                 }
             }
         }
         let crc = checksum(&out);
         out.extend_from_slice(&u32_bytes(crc));
-        out
+        Ok(out)
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Manifest, RecordFault> {
         let mut cursor = Cursor::checked(bytes, MANIFEST_MAGIC)?;
         let format = u16::from_be_bytes(cursor.take()?);
-        if format != FORMAT_VERSION {
+        if format != MANIFEST_FORMAT {
             return Err(RecordFault::Format(format));
         }
         let generation = u64::from_be_bytes(cursor.take()?);
@@ -399,18 +508,21 @@ impl Manifest {
     }
 }
 
-/// Encodes the list of cell names stored under [`CLAIMED_KEY`].
+/// Encodes the list of cell names stored under [`CLAIMED_KEY`], as stores kept it
+/// before each claim had a key of its own.
 #[cfg(test)]
-pub(crate) fn encode_claimed<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> Vec<u8> {
+pub(crate) fn encode_claimed<'a>(
+    names: impl ExactSizeIterator<Item = &'a str>,
+) -> Result<Vec<u8>, BadName> {
     let mut out = Vec::new();
     out.extend_from_slice(&CLAIMED_MAGIC);
-    out.extend_from_slice(&u32_bytes(u32::try_from(names.len()).unwrap_or(u32::MAX)));
+    put_count(&mut out, names.len());
     for name in names {
-        put_name(&mut out, name);
+        put_name(&mut out, name)?;
     }
     let crc = checksum(&out);
     out.extend_from_slice(&u32_bytes(crc));
-    out
+    Ok(out)
 }
 
 pub(crate) fn decode_claimed(bytes: &[u8]) -> Result<Vec<String>, RecordFault> {
@@ -424,11 +536,22 @@ pub(crate) fn decode_claimed(bytes: &[u8]) -> Result<Vec<String>, RecordFault> {
     Ok(names)
 }
 
-fn put_name(out: &mut Vec<u8>, name: &str) {
-    // Cell names are `'static` identifiers in source code, far below 64 KiB.
-    let name = truncate_to_char_boundary(name, usize::from(u16::MAX));
-    out.extend_from_slice(&u16::try_from(name.len()).unwrap_or(u16::MAX).to_be_bytes());
+/// Appends `name` with its length as a `u16`; a longer name is refused, never cut.
+fn put_name(out: &mut Vec<u8>, name: &str) -> Result<(), BadName> {
+    let len = u16::try_from(name.len()).map_err(|_| {
+        BadName::new(name, format!("the name is {} bytes long, past what a key holds", name.len()))
+    })?;
+    out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(name.as_bytes());
+    Ok(())
+}
+
+/// Appends a count or length as a `u32`.
+fn put_count(out: &mut Vec<u8>, count: usize) {
+    // Counts of cells and lengths of records: far below 4 Gi.
+    #[allow(clippy::expect_used)]
+    let count = u32::try_from(count).expect("a count of cells or a record's length fits a u32");
+    out.extend_from_slice(&u32_bytes(count));
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -563,6 +686,7 @@ mod tests {
             schema: 3,
             saved: Some(Saved { generation: 9, at_ms: 1_700_000_000_000 }),
             type_name: "alloc::string::String",
+            shape: Some(0xabcd_1234),
             body,
         }
     }
@@ -611,7 +735,10 @@ mod tests {
 
     #[test]
     fn format_1_records_still_decode() {
-        let record = Record { format: FORMAT_V1, saved: None, ..sample(Body::Inline(b"v1")) };
+        let record =
+            Record { format: FORMAT_V1, saved: None, shape: None, ..sample(Body::Inline(b"v1")) };
+        assert_eq!(Record::decode(&record.encode()), Ok(record));
+        let record = Record { format: FORMAT_V2, shape: None, ..sample(Body::Inline(b"v2")) };
         assert_eq!(Record::decode(&record.encode()), Ok(record));
     }
 
@@ -622,16 +749,39 @@ mod tests {
             at_ms: 34,
             entries: vec![("a".into(), None), ("b".into(), Some(b"record".to_vec()))],
         };
-        let bytes = manifest.encode();
+        let bytes = manifest.encode().expect("short names");
         assert_eq!(Manifest::decode(&bytes), Ok(manifest));
         for len in 0..bytes.len() {
             assert!(Manifest::decode(bytes.get(..len).unwrap_or_default()).is_err());
+        }
+        // A name too long for its length field is refused, never cut.
+        let long = Manifest { generation: 1, at_ms: 0, entries: vec![("x".repeat(70_000), None)] };
+        assert!(long.encode().is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("app::COUNTER").is_ok());
+        assert!(check_name(&"é".repeat(512)).is_ok());
+        for bad in ["", "a\0b", "line\nbreak", &"x".repeat(MAX_NAME + 1)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn split_values_join_back() {
+        for len in [0, 1, MANIFEST_CHUNK, MANIFEST_CHUNK + 1, 3 * MANIFEST_CHUNK + 7] {
+            let bytes: Vec<u8> = (0..len).map(|it| u8::try_from(it % 251).unwrap_or(0)).collect();
+            let parts: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+                split_value(b"shape/abcd", &bytes).into_iter().collect();
+            let joined = join_value(b"shape/abcd", |key| Ok::<_, ()>(parts.get(key).cloned()));
+            assert_eq!(joined, Ok(Some(bytes)), "{len}");
         }
     }
 
     #[test]
     fn claimed_lists_round_trip() {
-        let bytes = encode_claimed(["x", "y::Z"].into_iter());
+        let bytes = encode_claimed(["x", "y::Z"].into_iter()).expect("short names");
         assert_eq!(decode_claimed(&bytes), Ok(vec!["x".to_owned(), "y::Z".to_owned()]));
         assert_eq!(history_generation(&history_key(77)), Some(77));
         assert_eq!(history_generation(&history_chunk_key(77, 2)), None);

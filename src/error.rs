@@ -72,9 +72,12 @@ pub enum Error {
         /// Where the second cell was declared, and its type.
         second: String,
     },
-    /// A saved value was written for another type than the cell's current one.
+    /// A saved value was written for another type than the cell's current one: one
+    /// of another name, or of the same name and schema version whose structure has
+    /// changed since (a field's type, say), which would misread it.
     #[error(
-        "cell `{cell}` holds a saved `{stored_type}` (schema v{stored_schema}), but the cell's type is `{expected_type}` (schema v{expected_schema})"
+        "cell `{cell}` holds a saved `{stored_type}` (schema v{stored_schema}), but the cell's type is `{expected_type}` (schema v{expected_schema}){}",
+        Migrate { changes, stored_schema: *stored_schema }
     )]
     #[non_exhaustive]
     TypeMismatch {
@@ -88,6 +91,18 @@ pub enum Error {
         expected_type: String,
         /// The cell's current schema version.
         expected_schema: u32,
+        /// What changed in the type's structure, when the names and versions match.
+        changes: Vec<String>,
+    },
+    /// A cell's name cannot be a stored name: it is empty, longer than 1024 bytes,
+    /// or holds a NUL or another control character. Nothing was opened.
+    #[error("cell name `{name}` cannot be stored: {reason}")]
+    #[non_exhaustive]
+    InvalidName {
+        /// The name, cut to its first 80 characters if it is longer.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
     },
     /// A saved value has a schema version the cell cannot read: a newer one, or an
     /// older one without a [`Migration`](crate::Migration). The value is left as it is.
@@ -106,7 +121,9 @@ pub enum Error {
         current: u32,
     },
     /// A saved value's bytes do not decode as the cell's type.
-    #[error("cell `{cell}`: saved `{stored_type}` could not be decoded as `{expected_type}`")]
+    #[error(
+        "cell `{cell}`: saved `{stored_type}` could not be decoded as `{expected_type}`: {source}; if the type changed, bump the cell's schema version and add a migration from the old type"
+    )]
     #[non_exhaustive]
     Decode {
         /// The cell's name.
@@ -120,7 +137,7 @@ pub enum Error {
         source: CodecError,
     },
     /// A cell's value could not be encoded, so nothing was saved.
-    #[error("cell `{cell}` of type `{type_name}` could not be encoded")]
+    #[error("cell `{cell}` of type `{type_name}` could not be encoded: {source}")]
     #[non_exhaustive]
     Encode {
         /// The cell's name.
@@ -202,7 +219,7 @@ pub enum Error {
     },
     /// A save made in the background by [`autosave`](crate::autosave) failed; the
     /// next explicit call on the store returns its error instead of doing its work.
-    #[error("a background save of `{}` failed", path.display())]
+    #[error("a background save of `{}` failed: {source}", path.display())]
     #[non_exhaustive]
     Background {
         /// The store directory, or `:memory:`.
@@ -273,7 +290,10 @@ pub enum Error {
     },
     /// A journaled event or a snapshot does not decode as its type, although the
     /// type's name matches: the type changed without a schema version bump.
-    #[error("`{}`: {what} does not decode as `{type_name}`", path.display())]
+    #[error(
+        "`{}`: {what} does not decode as `{type_name}`: {source}; the type changed without its schema version",
+        path.display()
+    )]
     #[non_exhaustive]
     JournalDecode {
         /// The journal file or snapshot.
@@ -287,7 +307,7 @@ pub enum Error {
         source: CodecError,
     },
     /// An event could not be encoded for the journal; it was neither journaled nor applied.
-    #[error("an event of type `{type_name}` for `{}` could not be encoded", path.display())]
+    #[error("an event of type `{type_name}` for `{}` could not be encoded: {source}", path.display())]
     #[non_exhaustive]
     EventEncode {
         /// The journal directory, or `:memory:`.
@@ -328,7 +348,7 @@ pub enum Error {
     /// Writing or syncing the journal failed, so the events of that write were not
     /// applied. The journal now refuses further events ([`Error::Poisoned`]); the
     /// events may or may not be on disk, and reopening shows which.
-    #[error("writing the journal `{}` failed; the event was not applied", path.display())]
+    #[error("writing the journal `{}` failed ({source}); the event was not applied", path.display())]
     #[non_exhaustive]
     JournalWrite {
         /// The journal file.
@@ -374,7 +394,7 @@ pub enum Error {
         operation: &'static str,
     },
     /// A file-system operation on the store failed.
-    #[error("i/o failure on `{}`", path.display())]
+    #[error("i/o failure on `{}`: {source}", path.display())]
     #[non_exhaustive]
     Io {
         /// The file or directory involved.
@@ -384,7 +404,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The storage engine failed.
-    #[error("storage engine failure in `{}`", path.display())]
+    #[error("storage engine failure in `{}`: {source}", path.display())]
     #[non_exhaustive]
     Storage {
         /// The store directory.
@@ -476,6 +496,29 @@ impl fmt::Display for StorageError {
 impl std::error::Error for StorageError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.0.source()
+    }
+}
+
+/// What changed in a cell type's structure, and how to migrate; nothing when
+/// nothing is listed.
+struct Migrate<'a> {
+    changes: &'a [String],
+    stored_schema: u32,
+}
+
+impl fmt::Display for Migrate<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.changes.is_empty() {
+            return f.write_str(
+                "; to change a cell's type, bump its schema version and add a migration from the old type",
+            );
+        }
+        let (old, new) = (self.stored_schema, self.stored_schema.saturating_add(1));
+        write!(
+            f,
+            ", whose structure changed ({}); reading it as the new structure would misread it: keep the old type, and bump the cell's schema version with a migration from it (`#[version = {new}]` and `#[migrate({old} => from_v{old})]`, or `CellOptions::version` and `Migration::new`)",
+            self.changes.join("; ")
+        )
     }
 }
 

@@ -153,10 +153,16 @@ impl fmt::Display for Failure {
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut said = self.0.to_string();
+        f.write_str(&said)?;
         let mut source = self.0.source();
         while let Some(cause) = source {
-            write!(f, "\n  caused by: {cause}")?;
+            // instastate's messages carry their causes already: say each one once.
+            let text = cause.to_string();
+            if !said.contains(&text) {
+                write!(f, "\n  caused by: {text}")?;
+                said.push_str(&text);
+            }
             source = cause.source();
         }
         Ok(())

@@ -17,6 +17,7 @@ use crate::{
     autosave::Background,
     backend::{Backend, Memory, Sled},
     cell::{ErasedCell, Value},
+    codec,
     crypt::Sealer,
     io::Io,
     journal::{Durability, Recovery},
@@ -446,6 +447,10 @@ fn check_names(members: Vec<Member>) -> Result<Vec<Member>> {
     let mut unique = Vec::with_capacity(members.len());
     for member in members {
         let cell = member.cell;
+        for name in std::iter::once(cell.name()).chain(cell.aliases().iter().copied()) {
+            codec::check_name(name)
+                .map_err(|fault| Error::InvalidName { name: fault.name, reason: fault.reason })?;
+        }
         match by_name.entry(cell.name()) {
             Entry::Occupied(it) if std::ptr::addr_eq(*it.get(), cell) => {}
             Entry::Occupied(it) => {

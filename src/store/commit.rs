@@ -1,6 +1,8 @@
 //! A save: the changed cells encoded, then committed as one generation, atomically
 //! and durably.
 
+use std::sync::Arc;
+
 use super::{Inner, State, history::Kept, now_ms};
 use crate::{
     Error, Result, Store,
@@ -10,6 +12,7 @@ use crate::{
     cell::ErasedCell,
     codec::{self, Body, FORMAT_VERSION, Record, STORE_FORMAT, Witness},
     error::CodecError,
+    shape::Shape,
     values::{Encoded, Spilled, ValueWriter},
 };
 
@@ -104,15 +107,25 @@ impl Inner {
         }
         state.now_ms = now_ms();
         let mut writes = Vec::new();
+        let mut shapes: Vec<Arc<Shape>> = Vec::new();
         for Staged { cell_idx, encoded, .. } in &staged {
             let Some(cell) = self.cells.get(*cell_idx) else { continue };
-            writes.push((cell.name().to_owned(), Some(self.record(*cell, encoded, &state))));
+            let shape = cell.shape();
+            let crc = shape.as_ref().map_or(0, |shape| shape.checksum());
+            writes.push((cell.name().to_owned(), Some(self.record(*cell, crc, encoded, &state))));
             if let Some(alias) = state.renamed.get(*cell_idx).cloned().flatten() {
                 writes.push((alias, None));
             }
+            if let Some(shape) = shape
+                && crc != 0
+                && !state.shapes.contains(&crc)
+                && !shapes.iter().any(|it| it.checksum() == crc)
+            {
+                shapes.push(shape);
+            }
         }
         let spilled: Vec<&Spilled> = staged.iter().filter_map(|it| it.encoded.spilled()).collect();
-        self.commit_generation(&mut state, writes, &spilled)?;
+        self.commit_generation(&mut state, writes, &shapes, &spilled)?;
         state.pending.clear();
         for Staged { cell_idx, seq, .. } in staged {
             if let Some(slot) = state.saved.get_mut(cell_idx) {
@@ -125,14 +138,16 @@ impl Inner {
         Ok(())
     }
 
-    /// The sealed record of `cell`'s value `encoded`, for the next generation.
-    pub(super) fn record(
+    /// The sealed record of `cell`'s value `encoded`, whose type's structure has the
+    /// checksum `shape`, for the next generation.
+    fn record(
         &self,
         cell: &dyn ErasedCell,
+        shape: u32,
         encoded: &Encoded,
         state: &State,
     ) -> Vec<u8> {
-        self.seal_record(cell.name(), cell.schema(), cell.type_name(), encoded, state)
+        self.seal_record(cell.name(), cell.schema(), cell.type_name(), shape, encoded, state)
     }
 
     pub(super) fn seal_record(
@@ -140,6 +155,7 @@ impl Inner {
         name: &str,
         schema: u32,
         type_name: &str,
+        shape: u32,
         encoded: &Encoded,
         state: &State,
     ) -> Vec<u8> {
@@ -157,6 +173,7 @@ impl Inner {
                 at_ms: state.now_ms,
             }),
             type_name,
+            shape: Some(shape),
             body,
         };
         let key = codec::cell_key(name);
@@ -170,6 +187,7 @@ impl Inner {
         &self,
         state: &mut State,
         writes: Vec<(String, Option<Vec<u8>>)>,
+        shapes: &[Arc<Shape>],
         spilled: &[&Spilled],
     ) -> Result<()> {
         let generation = state.generation.wrapping_add(1);
@@ -195,7 +213,10 @@ impl Inner {
             batch.push((codec::cell_key(name), bytes.clone()));
         }
         let manifest = codec::Manifest { generation, at_ms, entries };
-        let parts = codec::split_manifest(generation, &manifest.encode());
+        let encoded = manifest
+            .encode()
+            .map_err(|fault| Error::InvalidName { name: fault.name, reason: fault.reason })?;
+        let parts = codec::split_manifest(generation, &encoded);
         let chunks = u32::try_from(parts.len()).unwrap_or(u32::MAX);
         batch.extend(parts.into_iter().map(|(key, bytes)| (key, Some(bytes))));
         let pruned = self.to_prune(state, held);
@@ -214,6 +235,15 @@ impl Inner {
         batch.push((codec::FORMAT_KEY.to_vec(), Some(format)));
         batch.push((codec::GENERATION_KEY.to_vec(), Some(codec::u64_bytes(generation).to_vec())));
         let claims = state.claims.stage(&writes, &self.names, &mut batch);
+        // The structures of the types of the values written, each stored once.
+        for shape in shapes {
+            let key = codec::shape_key(shape.checksum());
+            batch.extend(
+                codec::split_value(&key, &shape.encode())
+                    .into_iter()
+                    .map(|(key, bytes)| (key, Some(bytes))),
+            );
+        }
         if let Err(err) = self.commit(spilled, batch) {
             // The new files stay: the engine may have taken the batch before failing
             // and may still make it durable, and its records point at them. The next
@@ -224,6 +254,7 @@ impl Inner {
         state.generation = generation;
         state.digest = digest;
         state.claims.apply(claims);
+        state.shapes.extend(shapes.iter().map(|shape| shape.checksum()));
         for (name, bytes) in writes {
             match bytes {
                 Some(bytes) => state.current.insert(name, bytes),

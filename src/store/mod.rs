@@ -155,6 +155,8 @@ struct State {
     digest: Digest,
     // The stored names some program's cells claim.
     claims: Claims,
+    // The checksums of the types' structures the store holds.
+    shapes: BTreeSet<u32>,
     // Manifests found damaged at open, and the older ones after them: not in the
     // history, and deleted by the next save. The files they point at are unknown.
     damaged_history: Vec<u64>,

@@ -38,6 +38,8 @@ impl Store {
                 state.current.insert(name.to_owned(), bytes.clone());
             } else if let Some(generation) = codec::history_generation(key) {
                 generations.push(generation);
+            } else if let Some(crc) = codec::shape_crc(key) {
+                state.shapes.insert(crc);
             }
         }
         // Newest first: a damaged manifest ends the history there. The current

@@ -16,6 +16,7 @@ use crate::{
     codec::{self, Body, Record},
     error::CodecError,
     schema::DecodeFault,
+    shape::Shape,
     values::ReadFault,
 };
 
@@ -146,16 +147,22 @@ impl Inner {
             .map_err(|fault| corrupt(self.engine_path(), format!("record: {fault}")))?;
         let record = Record::decode(&plain)
             .map_err(|fault| corrupt(self.engine_path(), fault.to_string()))?;
-        if record.schema == cell.schema()
-            && record.type_name != codec::stored_type_name(cell.type_name())
-        {
-            return Err(Error::TypeMismatch {
-                cell: cell.name().to_owned(),
-                stored_type: record.type_name.to_owned(),
-                stored_schema: record.schema,
-                expected_type: cell.type_name().to_owned(),
-                expected_schema: cell.schema(),
-            });
+        let mismatch = |changes: Vec<String>| Error::TypeMismatch {
+            cell: cell.name().to_owned(),
+            stored_type: record.type_name.to_owned(),
+            stored_schema: record.schema,
+            expected_type: cell.type_name().to_owned(),
+            expected_schema: cell.schema(),
+            changes,
+        };
+        if record.schema == cell.schema() {
+            if record.type_name != codec::stored_type_name(cell.type_name()) {
+                return Err(mismatch(Vec::new()));
+            }
+            let changes = self.shape_changes(record.shape, cell)?;
+            if !changes.is_empty() {
+                return Err(mismatch(changes));
+            }
         }
         let value_bytes: Cow<'_, [u8]> = match record.body {
             Body::Inline(bytes) => Cow::Borrowed(bytes),
@@ -177,6 +184,32 @@ impl Inner {
             },
         })?;
         Ok((install, record.schema != cell.schema()))
+    }
+
+    /// What changed in the structure of `cell`'s type since a record whose type's
+    /// structure had the checksum `stored` was saved; nothing when it did not change,
+    /// or when either structure is unknown (a record of an older format, or a type
+    /// that cannot be traced), which leaves the type's name to tell.
+    fn shape_changes(&self, stored: Option<u32>, cell: &dyn ErasedCell) -> Result<Vec<String>> {
+        let (Some(stored), Some(current)) = (stored.filter(|crc| *crc != 0), cell.shape()) else {
+            return Ok(Vec::new());
+        };
+        if stored == current.checksum() {
+            return Ok(Vec::new());
+        }
+        let key = codec::shape_key(stored);
+        let bytes = codec::join_value(&key, |key| self.backend.get(key))?;
+        let Some(old) = bytes.and_then(|bytes| Shape::decode(&bytes).ok()) else {
+            return Ok(vec![format!(
+                "its structure is not the one the value was saved with ({current}), whose record this store does not hold"
+            )]);
+        };
+        let changes = Shape::differences(&old, &current);
+        if changes.is_empty() {
+            // Same structure under another checksum: an older encoding of shapes.
+            return Ok(Vec::new());
+        }
+        Ok(changes)
     }
 
     /// Reads and opens value file `id` of the record stored under `key`; `cell` names

@@ -172,7 +172,7 @@ impl LastSave<'_> {
         let (inner, state) = (self.inner, &mut *self.state);
         state.now_ms = now_ms();
         let writes = orphans.iter().map(|name| (name.clone(), None)).collect();
-        inner.commit_generation(state, writes, &[])?;
+        inner.commit_generation(state, writes, &[], &[])?;
         inner.refresh_orphans(state);
         Ok(orphans)
     }
@@ -205,7 +205,7 @@ impl LastSave<'_> {
             }
         };
         let spilled: Vec<&Spilled> = encoded.iter().filter_map(Encoded::spilled).collect();
-        inner.commit_generation(state, writes, &spilled)?;
+        inner.commit_generation(state, writes, &[], &spilled)?;
         inner.install(state, decoded);
         inner.refresh_orphans(state);
         Ok(())
@@ -229,6 +229,7 @@ impl Inner {
         let mut target = BTreeMap::new();
         for Imported { name, record, file } in entries {
             let corrupt = |reason: String| Error::BadExport { path: path.to_path_buf(), reason };
+            codec::check_name(&name).map_err(|fault| corrupt(format!("a cell name: {fault}")))?;
             let plain = self
                 .sealer
                 .open(&codec::cell_key(&name), &record)
@@ -254,7 +255,11 @@ impl Inner {
             let mut out = ValueWriter::new(self.values.as_ref(), &self.sealer, &name);
             let res = out.write_all(&value).and_then(|()| out.finish());
             let new = res.map_err(Error::io(self.label.clone()))?;
-            let bytes = self.seal_record(&name, record.schema, record.type_name, &new, state);
+            // The structure's checksum travels with the record; a store that does
+            // not hold the structure itself still tells a changed type by it.
+            let shape = record.shape.unwrap_or(0);
+            let bytes =
+                self.seal_record(&name, record.schema, record.type_name, shape, &new, state);
             encoded.push(new);
             target.insert(name.clone(), bytes.clone());
             writes.push((name, Some(bytes)));

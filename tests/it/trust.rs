@@ -579,3 +579,61 @@ fn saving_while_holding_a_journaled_cells_read_guard_does_not_deadlock() -> Test
     assert_eq!(HELD.with(|it| it.0), 2);
     Ok(())
 }
+
+/// Renames the type of the record `bytes` (an unsealed record of format 3, whose
+/// layout ARCHITECTURE.md gives) to `to`, and mends its checksum.
+fn rename_record_type(bytes: &[u8], to: &str) -> TestResult<Vec<u8>> {
+    let at = 2 + 2 + 4 + 8 + 8;
+    let len = usize::from(u16::from_be_bytes(bytes.get(at..at + 2).ok_or("short")?.try_into()?));
+    let mut out = bytes.get(..at).ok_or("short")?.to_vec();
+    out.extend_from_slice(&u16::try_from(to.len())?.to_be_bytes());
+    out.extend_from_slice(to.as_bytes());
+    out.extend_from_slice(bytes.get(at + 2 + len..bytes.len() - 4).ok_or("short")?);
+    out.extend_from_slice(&crc32fast::hash(&out).to_be_bytes());
+    Ok(out)
+}
+
+#[test]
+fn a_cell_whose_type_changed_its_fields_under_the_same_name_is_refused() -> TestResult {
+    static BEFORE: StateCell<before::S> = StateCell::new("trust::shape::S", before::S::default);
+    static AFTER: StateCell<after::S> = StateCell::new("trust::shape::S", after::S::default);
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&BEFORE).open(dir.path())?;
+        BEFORE.set(before::S { offset: -1 });
+        store.save_all()?;
+    }
+    // What the store holds once the program keeps the type's name and changes its
+    // field from `i32` to `u32`: the same record, under the new type's name.
+    {
+        let db = crate::bad_input::engine(dir.path())?;
+        let key = "cell/trust::shape::S";
+        let record = db.get(key)?.ok_or("no record")?;
+        db.insert(key, rename_record_type(&record, std::any::type_name::<after::S>())?)?;
+        db.flush()?;
+    }
+    let err = Store::builder().cell(&AFTER).open(dir.path()).err().ok_or("misread as 1")?;
+    let instastate::Error::TypeMismatch { changes, .. } = &err else {
+        return Err(format!("wrong error: {err:?}").into());
+    };
+    assert!(changes.iter().any(|it| it.contains("offset") && it.contains("i32")), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("migrat") && message.contains("version"), "{message}");
+    assert_eq!(AFTER.read().offset, 0, "a refused open changes no cell");
+    Ok(())
+}
+
+#[test]
+fn unreasonable_cell_names_are_refused_at_open() {
+    static EMPTY: StateCell<u8> = StateCell::new("", || 0);
+    static NUL: StateCell<u8> = StateCell::new("trust\0names::NUL", || 0);
+    let long: &'static StateCell<u8> =
+        Box::leak(Box::new(StateCell::new("x".repeat(70_000).leak(), || 0)));
+    for res in [
+        Store::builder().cell(&EMPTY).in_memory(),
+        Store::builder().cell(&NUL).in_memory(),
+        Store::builder().cell(long).in_memory(),
+    ] {
+        assert!(matches!(res, Err(instastate::Error::InvalidName { .. })), "{res:?}");
+    }
+}
