@@ -35,6 +35,8 @@ pub(crate) const SEALED_MAGIC: [u8; 2] = *b"IE";
 const FILE_MAGIC: [u8; 2] = *b"IF";
 #[cfg(feature = "encryption")]
 const VERSION: u8 = 1;
+/// The plain bytes sealed in each chunk of a stream (`Sealer::seal_stream`).
+const STREAM_CHUNK: usize = 256 * 1024;
 /// What the key check record seals.
 pub(crate) const KEYCHECK_PLAIN: &[u8] = b"instastate key check v1";
 
@@ -160,6 +162,22 @@ impl Sealer {
         if sealed { Err(SealFault::NoKey) } else { Ok(Cow::Borrowed(stored)) }
     }
 
+    /// Seals `plain`, of any length, in chunks (the STREAM construction of value
+    /// files), for `aad`; returns it as it is without a key. Opened by
+    /// [`open_file`](Self::open_file).
+    pub(crate) fn seal_stream(&self, aad: &[u8], plain: Vec<u8>) -> std::io::Result<Vec<u8>> {
+        let Some(mut chunks) = self.file_sealer(aad) else { return Ok(plain) };
+        let mut out = chunks.header();
+        let mut parts = plain.chunks(STREAM_CHUNK).peekable();
+        if parts.peek().is_none() {
+            out.extend(chunks.chunk(&[], true)?);
+        }
+        while let Some(part) = parts.next() {
+            out.extend(chunks.chunk(part, parts.peek().is_none())?);
+        }
+        Ok(out)
+    }
+
     /// Starts sealing a value file stored for `aad`; `None` without a key.
     pub(crate) fn file_sealer(&self, aad: &[u8]) -> Option<FileSealer> {
         #[cfg(feature = "encryption")]
@@ -243,9 +261,15 @@ mod imp {
             out.extend_from_slice(&SEALED_MAGIC);
             out.push(VERSION);
             out.extend_from_slice(&nonce);
-            // Encryption into a `Vec` fails only when the message exceeds the
-            // cipher's limit of 256 GiB, far beyond a record's size.
-            let sealed = self.aead.encrypt(&nonce, Payload { msg: plain, aad }).unwrap_or_default();
+            // Encryption into a `Vec` fails only past the cipher's limit of 256 GiB.
+            // What is sealed here is bounded far below it: records (a few KiB), key
+            // checks, and events (at most 1 GiB, refused before they are numbered).
+            // Snapshots, which have no bound, are sealed in chunks (`seal_stream`).
+            #[allow(clippy::expect_used)]
+            let sealed = self
+                .aead
+                .encrypt(&nonce, Payload { msg: plain, aad })
+                .expect("a record, key check or event is far below 256 GiB");
             out.extend_from_slice(&sealed);
             out
         }
@@ -369,6 +393,17 @@ mod tests {
             out.extend(file.chunk(chunk, last).expect("sealing to memory"));
         }
         out
+    }
+
+    #[test]
+    fn streams_of_any_length_round_trip() {
+        let sealer = sealer(4);
+        for len in [0, 1, STREAM_CHUNK, STREAM_CHUNK + 1, 2 * STREAM_CHUNK + 3] {
+            let plain: Vec<u8> = (0..len).map(|it| u8::try_from(it % 253).unwrap_or(0)).collect();
+            let stream = sealer.seal_stream(b"snap", plain.clone()).expect("sealing in memory");
+            assert_eq!(sealer.open_file(b"snap", stream.clone()), Ok(plain), "{len}");
+            assert!(sealer.open_file(b"other", stream).is_err());
+        }
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //! magic "INSTASNP" | version u32 | sealed u8 | events covered u64 | last timestamp µs u64
 //!         | state type | event type | schema u32 | body length u64 | body crc32
 //!         | state shape | event shape (version 2 only) | crc32 of all before
-//! body: encoded state (sealed when the journal is)
+//! body: encoded state (sealed when the journal is: whole in version 1, in chunks as
+//!       value files are in version 2)
 //! ```
 //!
 //! A shape is the structure of a type as serde sees it (`shape.rs`); an empty one is

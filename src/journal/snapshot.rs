@@ -38,11 +38,12 @@ pub(crate) fn write(
     at: u64,
     body: Vec<u8>,
 ) -> Result<PathBuf> {
-    let stored = if sealer.is_on() { sealer.seal(&aad(events), body) } else { body };
+    let path = dir.join(format::snapshot_name(events));
+    // Sealed in chunks: a state has no size bound, and a single seal one of 256 GiB.
+    let stored = sealer.seal_stream(&aad(events), body).map_err(Error::io(&path))?;
     let extra = Extra::Body { len: stored.len() as u64, crc: crc32fast::hash(&stored) };
     let mut bytes = Header::new(identity, sealer.is_on(), events, at, extra).encode();
     bytes.extend_from_slice(&stored);
-    let path = dir.join(format::snapshot_name(events));
     io.write_unsynced(&path, &bytes).map_err(Error::io(&path))?;
     Ok(path)
 }
@@ -78,14 +79,21 @@ pub(crate) fn load_newest(
             unsound.push(path);
             continue;
         }
-        let body = if sealer.is_on() {
+        let body = if !sealer.is_on() {
+            stored.to_vec()
+        } else if header.version == format::FORMAT_V1 {
+            // Version 1 sealed a snapshot whole.
             let Ok(plain) = sealer.open(&aad(events), stored) else {
                 unsound.push(path);
                 continue;
             };
             plain.into_owned()
         } else {
-            stored.to_vec()
+            let Ok(plain) = sealer.open_file(&aad(events), stored.to_vec()) else {
+                unsound.push(path);
+                continue;
+            };
+            plain
         };
         return Ok(Some(LoadedSnapshot { path, events, at: header.at, body }));
     }
