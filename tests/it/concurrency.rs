@@ -1,8 +1,9 @@
 //! Saves racing with writers: `atomically` blocks are never split by a snapshot.
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
     thread,
+    time::{Duration, Instant},
 };
 
 use instastate::{StateCell, Store, atomically};
@@ -17,7 +18,7 @@ static ACCOUNTS: [StateCell<i64>; 4] = [
     StateCell::new("concurrency::C", || 0),
     StateCell::new("concurrency::D", || 0),
 ];
-// The same names, read back in a second store after each round.
+// The same names, read back in a second store after the writers stop.
 static CHECK: [StateCell<i64>; 4] = [
     StateCell::new("concurrency::A", || i64::MIN),
     StateCell::new("concurrency::B", || i64::MIN),
@@ -32,7 +33,8 @@ fn open(
     count: &'static StateCell<u64>,
     dir: &std::path::Path,
 ) -> instastate::Result<Store> {
-    let mut builder = Store::builder().cell(count);
+    // Every save stays in the history, so that each one can be read back.
+    let mut builder = Store::builder().keep_history(usize::MAX).history_bytes(u64::MAX).cell(count);
     for cell in cells {
         builder = builder.cell(cell);
     }
@@ -47,10 +49,31 @@ fn next(state: &mut u64) -> u64 {
     *state
 }
 
+/// One save made while the writers ran: the generation it made, and the transfer
+/// count seen just before and just after it.
+struct Save {
+    generation: u64,
+    before: u64,
+    after: u64,
+}
+
+/// Waits until the writers have made a transfer beyond `count`, so that the next
+/// save has something to write.
+fn wait_for_transfer_beyond(count: u64) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TRANSFERS.get() <= count {
+        if Instant::now() > deadline {
+            return Err(format!("the writers made no transfer beyond {count} in 10 s").into());
+        }
+        thread::yield_now();
+    }
+    Ok(())
+}
+
 #[test]
 fn every_snapshot_keeps_an_invariant_across_cells() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let saves = AtomicU64::new(0);
+    let mut saves: Vec<Save> = Vec::new();
     for round in 0..8u64 {
         let store = open(&ACCOUNTS, &TRANSFERS, dir.path())?;
         let stop = AtomicBool::new(false);
@@ -76,27 +99,55 @@ fn every_snapshot_keeps_an_invariant_across_cells() -> TestResult {
                     }
                 });
             }
-            for _ in 0..25 {
-                store.save_all()?;
-                saves.fetch_add(1, Ordering::Relaxed);
-                thread::yield_now();
-            }
+            // The writers are stopped even when a save fails, or the scope would wait
+            // for them forever.
+            let res = (|| -> TestResult {
+                for _ in 0..25 {
+                    // Every save then has a transfer to write, so it makes a generation.
+                    wait_for_transfer_beyond(saves.last().map_or(0, |save| save.after))?;
+                    let before = TRANSFERS.get();
+                    store.save_all()?;
+                    let after = TRANSFERS.get();
+                    saves.push(Save { generation: store.generation(), before, after });
+                }
+                Ok(())
+            })();
             stop.store(true, Ordering::Relaxed);
-            Ok(())
+            res
         })?;
-        drop(store);
+    }
 
-        let check = open(&CHECK, &CHECK_TRANSFERS, dir.path())?;
+    // Read every save back from disk, through cells the writers never touched.
+    let check = open(&CHECK, &CHECK_TRANSFERS, dir.path())?;
+    let kept: Vec<u64> = check.history().iter().map(|kept| kept.number).collect();
+    let made: Vec<u64> = saves.iter().map(|save| save.generation).collect();
+    assert_eq!(kept, made, "the history does not hold exactly one generation per save");
+    for (save_idx, save) in saves.iter().enumerate() {
+        check.revert_to(save.generation)?;
         let balances: Vec<i64> = CHECK.iter().map(StateCell::get).collect();
+        let transfers = CHECK_TRANSFERS.get();
         assert_eq!(
             balances.iter().sum::<i64>(),
             TOTAL,
-            "round {round}: snapshot split a transfer: {balances:?}"
+            "save {save_idx} (generation {}) split a transfer: {balances:?}",
+            save.generation
         );
-        assert!(CHECK_TRANSFERS.get() > 0 || round > 0, "round {round}: no transfer was saved");
-        drop(check);
+        assert!(
+            (save.before..=save.after).contains(&transfers),
+            "save {save_idx} (generation {}) holds {transfers} transfers, \
+             outside the {}..={} seen around it",
+            save.generation,
+            save.before,
+            save.after
+        );
     }
-    assert_eq!(saves.load(Ordering::Relaxed), 200);
+    // The invariant means something only if transfers ran during the saves.
+    let overlapped = saves.iter().filter(|save| save.after > save.before).count();
+    assert!(
+        overlapped >= saves.len() / 4,
+        "transfers ran during only {overlapped} of {} saves",
+        saves.len()
+    );
     Ok(())
 }
 
