@@ -389,7 +389,10 @@ fn write_export(saved: &LastSave<'_>, file: &mut IoFile, path: &Path) -> Result<
     header.push(u8::from(saved.is_sealed()));
     header.extend_from_slice(&saved.generation().to_be_bytes());
     header.extend_from_slice(&now_ms().to_be_bytes());
-    let count = u32::try_from(saved.records().len()).unwrap_or(u32::MAX);
+    let count = u32::try_from(saved.records().len()).map_err(|_| {
+        let reason = "an export file holds at most 4,294,967,295 values";
+        Error::io(path)(io::Error::new(io::ErrorKind::FileTooLarge, reason))
+    })?;
     header.extend_from_slice(&count.to_be_bytes());
     out.write_all(&header).map_err(Error::io(path))?;
     for (name, bytes) in saved.records() {

@@ -280,7 +280,7 @@ pub(crate) struct BadName {
 }
 
 impl BadName {
-    fn new(name: &str, reason: String) -> BadName {
+    pub(crate) fn new(name: &str, reason: String) -> BadName {
         BadName { name: name.chars().take(80).collect(), reason }
     }
 }

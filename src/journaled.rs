@@ -27,7 +27,7 @@ use parking_lot::RwLock;
 use crate::{
     CellOptions, Error, Result, StateCell, Value,
     cell::ErasedCell,
-    codec::stored_type_name,
+    codec::{BadName, stored_type_name},
     crypt::Sealer,
     error::CodecError,
     io::Io,
@@ -367,13 +367,41 @@ impl<T: Prevalent> Job for CellApply<T> {
 /// Where the store in `store_dir` keeps the journal of the cell named `name`:
 /// the name with every byte but ASCII letters, digits, `_` and `-` escaped as `%XX`.
 pub(crate) fn journal_dir(store_dir: &Path, name: &str) -> PathBuf {
-    let mut escaped = String::with_capacity(name.len());
+    let mut escaped = String::with_capacity(escaped_len(name));
     for byte in name.bytes() {
-        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+        if is_kept(byte) {
             escaped.push(char::from(byte));
         } else {
             let _ = write!(escaped, "%{byte:02X}");
         }
     }
     store_dir.join(JOURNALS_DIR).join(escaped)
+}
+
+/// The most bytes a file name may have (`NAME_MAX` of Linux and the BSDs).
+const MAX_FILE_NAME: usize = 255;
+
+/// Refuses a journaled cell's name whose journal directory's name, escaped, would be
+/// longer than a file name may be: the journal could not be created, or worse, be
+/// cut by a file system that truncates names.
+pub(crate) fn check_dir_name(name: &str) -> std::result::Result<(), BadName> {
+    let len = escaped_len(name);
+    if MAX_FILE_NAME < len {
+        let reason = format!(
+            "a journaled cell's journal directory is named after it, escaped, and that is \
+             {len} bytes long, over the {MAX_FILE_NAME} a file name may have"
+        );
+        return Err(BadName::new(name, reason));
+    }
+    Ok(())
+}
+
+/// The length of `name` escaped as [`journal_dir`] escapes it.
+fn escaped_len(name: &str) -> usize {
+    name.bytes().map(|byte| if is_kept(byte) { 1 } else { 3 }).sum()
+}
+
+/// Whether a byte of a cell name stands as it is in its journal directory's name.
+fn is_kept(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-'
 }

@@ -21,7 +21,7 @@ use std::{
     ffi::OsString,
     fs::{self, File, TryLockError},
     io::{self, Read, Seek, SeekFrom, Write},
-    os::unix::fs::{FileExt, MetadataExt},
+    os::unix::fs::{DirEntryExt, FileExt, MetadataExt},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
@@ -445,8 +445,15 @@ fn list(path: &Path) -> io::Result<Vec<Entry>> {
     let mut listed = Vec::new();
     for entry in entries {
         let entry = entry?;
-        let meta = entry.metadata()?;
-        listed.push(Entry { name: entry.file_name(), ino: meta.ino(), is_dir: meta.is_dir() });
+        // The type and inode number come with the entry; a `stat` of it would fail
+        // for an entry deleted or renamed since the listing (a journal's temporary
+        // file, as its snapshot or next file is made), which is simply not there.
+        let is_dir = match entry.file_type() {
+            Ok(kind) => kind.is_dir(),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err),
+        };
+        listed.push(Entry { name: entry.file_name(), ino: entry.ino(), is_dir });
     }
     listed.sort_unstable();
     Ok(listed)

@@ -447,9 +447,13 @@ fn check_names(members: Vec<Member>) -> Result<Vec<Member>> {
     let mut unique = Vec::with_capacity(members.len());
     for member in members {
         let cell = member.cell;
+        let invalid =
+            |fault: codec::BadName| Error::InvalidName { name: fault.name, reason: fault.reason };
         for name in std::iter::once(cell.name()).chain(cell.aliases().iter().copied()) {
-            codec::check_name(name)
-                .map_err(|fault| Error::InvalidName { name: fault.name, reason: fault.reason })?;
+            codec::check_name(name).map_err(invalid)?;
+        }
+        if member.journaled.is_some() {
+            journaled::check_dir_name(cell.name()).map_err(invalid)?;
         }
         match by_name.entry(cell.name()) {
             Entry::Occupied(it) if std::ptr::addr_eq(*it.get(), cell) => {}

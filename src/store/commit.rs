@@ -217,7 +217,9 @@ impl Inner {
             .encode()
             .map_err(|fault| Error::InvalidName { name: fault.name, reason: fault.reason })?;
         let parts = codec::split_manifest(generation, &encoded);
-        let chunks = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+        // `split_value` numbers its chunks with a `u32`: their count fits one.
+        #[allow(clippy::expect_used)]
+        let chunks = u32::try_from(parts.len()).expect("a manifest's chunks fit a u32");
         batch.extend(parts.into_iter().map(|(key, bytes)| (key, Some(bytes))));
         let pruned = self.to_prune(state, held);
         for kept in state.history.iter().take(pruned) {

@@ -637,3 +637,21 @@ fn unreasonable_cell_names_are_refused_at_open() {
         assert!(matches!(res, Err(instastate::Error::InvalidName { .. })), "{res:?}");
     }
 }
+
+#[test]
+fn a_journaled_cell_whose_journal_directory_name_would_be_too_long_is_refused() -> TestResult {
+    // 104 bytes as a plain name, 292 escaped: no file system takes that as a file name.
+    static DOTTED: StateCell<Tally> = StateCell::with_options(
+        "trust::names::..........................................................................................",
+        Tally::default,
+        instastate::CellOptions::new().journaled(),
+    );
+    let dir = tempfile::tempdir()?;
+    let res = Store::builder().cell(&DOTTED).open(dir.path());
+    let Err(instastate::Error::InvalidName { reason, .. }) = &res else {
+        return Err(format!("expected InvalidName, got {res:?}").into());
+    };
+    assert!(reason.contains("journal directory") && reason.contains("255"), "{reason}");
+    assert!(!dir.path().join("journals").exists(), "a refused open made a journal directory");
+    Ok(())
+}
