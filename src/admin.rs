@@ -14,6 +14,7 @@ use crate::{
     atomically::ensure_outside,
     codec::{self, Record},
     io::{IoFile, Open, parent_of},
+    journaled,
     store::{Imported, LastSave, now_ms, time_of},
 };
 
@@ -123,8 +124,10 @@ impl Store {
     }
 
     /// Checks every header and checksum in the store: the records, the value files
-    /// they point at (also those of the history), the history and the metadata.
-    /// An empty list means the store is sound.
+    /// they point at (also those of the history), the history and the metadata, and
+    /// the journals of journaled cells that this store has not opened (as when it is
+    /// opened without cells), as opening them would. An empty list means the store is
+    /// sound.
     ///
     /// # Errors
     /// [`Error::Storage`] when the engine cannot be read at all.
@@ -205,6 +208,25 @@ impl Store {
                 // Checked at open: the store would not be open otherwise.
             } else {
                 problem(location, "is not a key instastate writes".into());
+            }
+        }
+        for (dir, inspected) in saved.inspect_journals()? {
+            let name = dir.file_name().and_then(|it| it.to_str()).unwrap_or_default();
+            let location = match journaled::cell_name_of(name) {
+                Some(cell) => format!("journal of cell {cell} ({})", dir.display()),
+                None => format!("{} (no cell's journal has this name)", dir.display()),
+            };
+            match inspected {
+                Err(err) => problem(location, err.to_string()),
+                Ok(report) => {
+                    for path in report.unsound_snapshots {
+                        let reason = format!(
+                            "snapshot {} is damaged; opening passes over it",
+                            path.display()
+                        );
+                        problem(location.clone(), reason);
+                    }
+                }
             }
         }
         Ok(problems)

@@ -378,6 +378,30 @@ pub(crate) fn journal_dir(store_dir: &Path, name: &str) -> PathBuf {
     store_dir.join(JOURNALS_DIR).join(escaped)
 }
 
+/// The name of the cell whose journal directory is named `escaped`, as
+/// [`journal_dir`] names it; `None` for a name it does not make.
+pub(crate) fn cell_name_of(escaped: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(escaped.len());
+    let mut rest = escaped.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            let byte = u8::from_str_radix(hex, 16).ok()?;
+            if is_kept(byte) || hex.bytes().any(|it| it.is_ascii_lowercase()) {
+                return None;
+            }
+            bytes.push(byte);
+            rest = tail.get(2..)?;
+        } else if is_kept(byte) {
+            bytes.push(byte);
+            rest = tail;
+        } else {
+            return None;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 /// The most bytes a file name may have (`NAME_MAX` of Linux and the BSDs).
 const MAX_FILE_NAME: usize = 255;
 
@@ -404,4 +428,25 @@ fn escaped_len(name: &str) -> usize {
 /// Whether a byte of a cell name stands as it is in its journal directory's name.
 fn is_kept(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_directory_names_map_back_to_their_cells_names() {
+        for name in ["app::COUNTER", "a b%c", "ünïcode::名前", "-_09azAZ", "::"] {
+            let dir = journal_dir(Path::new("store"), name);
+            let escaped = dir.file_name().and_then(|it| it.to_str()).unwrap_or_default();
+            assert_eq!(cell_name_of(escaped).as_deref(), Some(name), "{escaped}");
+            assert!(check_dir_name(name).is_ok());
+        }
+        // Only names that `journal_dir` makes: no stray `%`, no lowercase or needless escape.
+        for escaped in ["a%", "a%4", "a%zz", "a%3a", "%41", "a.b", "a%FF"] {
+            assert_eq!(cell_name_of(escaped), None, "{escaped}");
+        }
+        assert!(check_dir_name(&".".repeat(85)).is_ok());
+        assert!(check_dir_name(&".".repeat(86)).is_err());
+    }
 }

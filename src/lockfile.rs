@@ -168,6 +168,59 @@ impl DirLock {
     }
 }
 
+/// A look at a directory, under a shared lock: nothing is created or written.
+#[derive(Debug)]
+pub(crate) struct Look {
+    _file: Option<IoFile>,
+    found: Option<Mark>,
+}
+
+impl Look {
+    /// Takes a shared lock on directory `dir` to look at it as `kind`, refusing the
+    /// empty path, a missing directory, a file, a directory of the other kind or of
+    /// none of ours, and a directory open to be changed.
+    ///
+    /// # Errors
+    /// [`Error::WrongDirectory`], [`Error::Locked`], or [`Error::Io`].
+    pub(crate) fn take(io: &Io, dir: &Path, kind: Kind) -> Result<Look> {
+        let wrong = |reason: String| Error::WrongDirectory {
+            path: dir.to_path_buf(),
+            kind: kind.describe(),
+            reason,
+        };
+        if dir.as_os_str().is_empty() {
+            return Err(wrong("the path is empty (use \".\" for the working directory)".into()));
+        }
+        if !dir.is_dir() {
+            let reason = if dir.exists() { "it is not a directory" } else { "it does not exist" };
+            return Err(wrong(reason.into()));
+        }
+        let file = io.lock_dir_shared(dir, LOCK_FILE)?;
+        let bytes = match &file {
+            Some(file) => file.read_all().map_err(Error::io(dir.join(LOCK_FILE)))?,
+            None => Vec::new(),
+        };
+        let found = decode(&bytes);
+        let seen = classify(io, dir)?;
+        check_kind(&seen, found, kind).map_err(wrong)?;
+        if found.is_none() && seen.kind.is_none() {
+            let ours = if kind == Kind::Store { "store" } else { "journal" };
+            return Err(wrong(format!("it holds no instastate {ours}")));
+        }
+        Ok(Look { _file: file, found })
+    }
+
+    /// Whether the directory was set up as its kind (its lock file says so).
+    pub(crate) fn was_set_up(&self) -> bool {
+        self.found.is_some()
+    }
+
+    /// Where the journal ended, if it was closed cleanly.
+    pub(crate) fn clean_end(&self) -> Option<End> {
+        self.found.and_then(|mark| mark.end)
+    }
+}
+
 /// Why a directory whose entries say `seen` and whose lock file says `found` cannot
 /// be opened as `kind`, if it cannot.
 fn check_kind(seen: &Seen, found: Option<Mark>, kind: Kind) -> std::result::Result<(), String> {

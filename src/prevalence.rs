@@ -113,7 +113,7 @@ use crate::{
     shape::Shape,
 };
 pub use crate::{
-    journal::{Durability, Recovered, Recovery, Timestamp},
+    journal::{Durability, JournalReport, Recovered, Recovery, Timestamp},
     journaled::Prevalent,
 };
 
@@ -305,6 +305,38 @@ impl<S> PrevaylerBuilder<S> {
     #[allow(clippy::unused_self)] // With the feature, the key is in `self`.
     fn sealer(&self) -> Sealer {
         Sealer::default()
+    }
+
+    /// Checks the journal in directory `dir` as opening it would, without its types
+    /// and without changing anything: every header, frame and checksum from the
+    /// newest sound snapshot on, the numbering of the events, the links between the
+    /// journal files, the end a clean close recorded, and with the key (set on this
+    /// builder) every sealed event. It takes a shared lock, so the directory must not
+    /// be open; the builder's other settings and its state type play no part.
+    ///
+    /// # Errors
+    /// What opening would fail with for the journal's bytes: [`Error::JournalCorrupt`],
+    /// [`Error::FormatVersion`], [`Error::Encryption`] or [`Error::WrongKey`]; and
+    /// [`Error::WrongDirectory`] when `dir` holds no journal, [`Error::Locked`] when
+    /// it is open, [`Error::Io`] for the file system's errors.
+    ///
+    /// # Example
+    /// ```
+    /// use instastate::Prevayler;
+    ///
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let counter = Prevayler::open(dir.path(), 0u64, |n: &mut u64, by: u64, _| *n += by)?;
+    /// counter.handle(2)?;
+    /// counter.close()?;
+    /// let report = Prevayler::builder::<u64>().inspect(dir.path())?;
+    /// assert_eq!((report.events, report.state_type.as_str()), (1, "u64"));
+    /// assert!(report.closed_cleanly);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn inspect(&self, dir: impl AsRef<Path>) -> Result<JournalReport> {
+        journal::inspect(&self.io, dir.as_ref(), &self.sealer())
     }
 
     /// Opens (or creates) the prevalent system in directory `dir`: loads the newest

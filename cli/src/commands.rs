@@ -7,12 +7,38 @@ use std::{
     process::ExitCode,
 };
 
-use instastate::{EncryptionKey, Error, Store};
+use instastate::{EncryptionKey, Error, Prevayler, Store, prevalence::JournalReport};
 
 use crate::{Chain, Failure, StoreArgs, format, key};
 
-/// `list`: a table of every stored value, then counts.
+/// `list`: a table of every stored value, then counts; for a journal, its summary.
 pub(crate) fn list(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    if let Some(inspected) = inspect_journal(args)? {
+        let report = inspected?;
+        let snapshot = report.snapshot.map_or_else(|| "-".to_owned(), |it| it.to_string());
+        let mut notes = Vec::new();
+        if report.encrypted {
+            notes.push("encrypted".to_owned());
+        }
+        if report.torn_bytes > 0 {
+            notes.push(format!("torn last write of {}", format::size(report.torn_bytes)));
+        }
+        if !report.unsound_snapshots.is_empty() {
+            notes.push(format!("{} damaged", plural(report.unsound_snapshots.len(), "snapshot")));
+        }
+        let row = [
+            report.state_type,
+            report.event_type,
+            report.schema.to_string(),
+            report.events.to_string(),
+            snapshot,
+            notes.join(", "),
+        ];
+        let header = ["STATE", "EVENT", "SCHEMA", "EVENTS", "SNAPSHOT AT", "NOTE"];
+        writeln!(out, "journal {} (a Prevayler directory)", args.dir.display())?;
+        format::table(out, header, &[row])?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let store = open(args)?;
     let stored = store.stored_cells();
     if stored.is_empty() {
@@ -58,8 +84,23 @@ pub(crate) fn list(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, F
     Ok(ExitCode::SUCCESS)
 }
 
-/// `history`: a table of the saves the history keeps.
+/// `history`: a table of the saves the history keeps; for a journal, how far its
+/// events and snapshot reach.
 pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    if let Some(inspected) = inspect_journal(args)? {
+        let report = inspected?;
+        let snapshot = report.snapshot.map_or_else(
+            || "no snapshot; every event is replayed".to_owned(),
+            |it| format!("its newest sound snapshot holds the first {}", plural_u64(it, "event")),
+        );
+        writeln!(
+            out,
+            "journal {} holds {}; {snapshot}",
+            args.dir.display(),
+            plural_u64(report.events, "event")
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let store = open(args)?;
     let history = store.history();
     if history.is_empty() {
@@ -80,6 +121,9 @@ pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode
 
 /// `verify`: every problem, or that the store is sound; exit status 1 for problems.
 pub(crate) fn verify(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    if let Some(inspected) = inspect_journal(args)? {
+        return verify_journal(args, inspected, out);
+    }
     let store = match open(args) {
         Ok(store) => store,
         Err(Failure::Store(err)) if is_damage(&err) => {
@@ -107,6 +151,66 @@ pub(crate) fn verify(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode,
     let found = plural(problems.len(), "problem");
     writeln!(out, "store {} is NOT sound: {found}", args.dir.display())?;
     Ok(ExitCode::FAILURE)
+}
+
+/// `verify` of a journal: what inspecting it found.
+fn verify_journal(
+    args: &StoreArgs,
+    inspected: Result<JournalReport, Error>,
+    out: &mut impl Write,
+) -> Result<ExitCode, Failure> {
+    let dir = args.dir.display();
+    let report = match inspected {
+        Ok(report) => report,
+        Err(err) if is_damage(&err) => {
+            writeln!(out, "cannot open the journal: {}", Chain(&err))?;
+            writeln!(out, "journal {dir} is NOT sound")?;
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(err) => return Err(err.into()),
+    };
+    if report.torn_bytes > 0 {
+        writeln!(
+            out,
+            "note: the last write was torn by a crash ({}, of no acknowledged event); \
+             opening the journal cuts it off",
+            format::size(report.torn_bytes)
+        )?;
+    }
+    if !report.unsound_snapshots.is_empty() {
+        for path in &report.unsound_snapshots {
+            writeln!(out, "{}: the snapshot is damaged; opening passes over it", path.display())?;
+        }
+        let found = plural(report.unsound_snapshots.len(), "problem");
+        writeln!(out, "journal {dir} is NOT sound: {found}")?;
+        return Ok(ExitCode::FAILURE);
+    }
+    writeln!(
+        out,
+        "journal {dir} is sound: {} of `{}` on a state `{}` (schema v{})",
+        plural_u64(report.events, "event"),
+        report.event_type,
+        report.state_type,
+        report.schema
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What inspecting the journal in `args.dir` found, if the directory holds a journal
+/// (a `Prevayler`'s) rather than a store; `None` otherwise.
+fn inspect_journal(args: &StoreArgs) -> Result<Option<Result<JournalReport, Error>>, Failure> {
+    if !args.dir.is_dir() || Store::exists(&args.dir) {
+        return Ok(None);
+    }
+    let mut builder = Prevayler::builder::<()>();
+    if let Some(key) = read_key(args)? {
+        builder = builder.encryption_key(key);
+    }
+    match builder.inspect(&args.dir) {
+        // Neither a store nor a journal: `open` says so.
+        Err(Error::WrongDirectory { .. }) => Ok(None),
+        inspected => Ok(Some(inspected)),
+    }
 }
 
 /// `export`: writes the export file.
@@ -223,15 +327,21 @@ fn open_unchecked(args: &StoreArgs) -> Result<Store, Failure> {
     // A tool's save (import, prune) must not prune the history the program keeps,
     // whose length the tool cannot know; the program's next save prunes it.
     let mut builder = Store::builder().keep_history(usize::MAX);
-    if let Some(path) = &args.key_file {
-        let contents = fs::read(path).map_err(|err| {
-            Failure::Message(format!("cannot read key file {}: {err}", path.display()))
-        })?;
-        let bytes = key::parse(&contents)
-            .map_err(|reason| Failure::Message(format!("key file {}: {reason}", path.display())))?;
-        builder = builder.encryption_key(EncryptionKey::from_bytes(bytes));
+    if let Some(key) = read_key(args)? {
+        builder = builder.encryption_key(key);
     }
     Ok(builder.open(&args.dir)?)
+}
+
+/// The key in the key file `args` names, if it names one.
+fn read_key(args: &StoreArgs) -> Result<Option<EncryptionKey>, Failure> {
+    let Some(path) = &args.key_file else { return Ok(None) };
+    let contents = fs::read(path).map_err(|err| {
+        Failure::Message(format!("cannot read key file {}: {err}", path.display()))
+    })?;
+    let bytes = key::parse(&contents)
+        .map_err(|reason| Failure::Message(format!("key file {}: {reason}", path.display())))?;
+    Ok(Some(EncryptionKey::from_bytes(bytes)))
 }
 
 /// Fails, saying why, unless `dir` holds a store, so that opening it does not create one.
@@ -254,7 +364,11 @@ fn is_damage(err: &Error) -> bool {
     // tell apart from damage; the other variants name damaged records.
     matches!(
         err,
-        Error::Corrupt { .. } | Error::Several(_) | Error::Decode { .. } | Error::Storage { .. }
+        Error::Corrupt { .. }
+            | Error::Several(_)
+            | Error::Decode { .. }
+            | Error::Storage { .. }
+            | Error::JournalCorrupt { .. }
     )
 }
 
@@ -280,5 +394,9 @@ fn dir_size(dir: &Path) -> Result<u64, Failure> {
 
 /// `n` and `noun`, plural unless `n` is 1: `1 value`, `3 values`.
 fn plural(n: usize, noun: &str) -> String {
+    plural_u64(n as u64, noun)
+}
+
+fn plural_u64(n: u64, noun: &str) -> String {
     if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
 }

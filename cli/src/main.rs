@@ -2,7 +2,9 @@
 //! the instastate library, while that program is stopped.
 //!
 //! Every command opens the store without cells, so every saved value is visible,
-//! and refuses to create a store where there is none. Exit codes: 0 success, 1 the
+//! and refuses to create a store where there is none. `list`, `history` and
+//! `verify` also take a `Prevayler`'s journal directory, which they inspect without
+//! changing it. Exit codes: 0 success, 1 the
 //! store is not sound (`verify` only), 2 any other failure.
 
 #![forbid(unsafe_code)]
@@ -45,7 +47,9 @@ enum Command {
     /// Check every record and value file; exit status 1 when something is wrong
     ///
     /// Prints each problem found, or that the store is sound. A store too damaged
-    /// to open is reported as not sound too.
+    /// to open is reported as not sound too. The journals of the store's journaled
+    /// cells are checked as opening them would; so is a Prevayler directory given in
+    /// place of a store, without changing it.
     Verify(StoreArgs),
     /// Write the store's last save to one portable file
     ///

@@ -517,3 +517,103 @@ fn verify_of_a_store_too_damaged_to_open_exits_1() -> TestResult {
     assert!(run.stderr.starts_with("error: "), "{run:?}");
     Ok(())
 }
+
+fn add(total: &mut u64, by: u64, _: instastate::Timestamp) -> u64 {
+    *total += by;
+    *total
+}
+
+/// The journal files of the journal in `dir`, in order.
+fn journal_files(dir: &Path) -> TestResult<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .map(|entry| entry.map(|entry| entry.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|path| path.extension().is_some_and(|it| it == "log"));
+    files.sort();
+    Ok(files)
+}
+
+/// Flips a byte 12 bytes before the end of `path`: inside its last event.
+fn flip_near_end(path: &Path) -> TestResult {
+    let mut bytes = fs::read(path)?;
+    let at = bytes.len().checked_sub(12).ok_or("file too short")?;
+    if let Some(byte) = bytes.get_mut(at) {
+        *byte ^= 0x40;
+    }
+    fs::write(path, bytes)?;
+    Ok(())
+}
+
+#[test]
+fn list_history_and_verify_understand_a_prevayler_directory() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let counter = instastate::Prevayler::open(dir.path(), 0u64, add)?;
+    for by in 1..=5 {
+        counter.handle(by)?;
+    }
+    counter.snapshot()?;
+    counter.handle(6)?;
+    counter.close()?;
+
+    let run = check("verify", dir.path(), &[])?;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("is sound: 6 events"), "{}", run.stdout);
+    let run = check("list", dir.path(), &[])?;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("u64") && run.stdout.contains(" 6 "), "{}", run.stdout);
+    let run = check("history", dir.path(), &[])?;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("holds 6 events") && run.stdout.contains("first 5"), "{run:?}");
+
+    // The last acknowledged event damaged: opening refuses it, and so does verify.
+    let journal = journal_files(dir.path())?.pop().ok_or("no journal file")?;
+    flip_near_end(&journal)?;
+    let damaged = fs::read(&journal)?;
+    let run = check("verify", dir.path(), &[])?;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stdout.contains("NOT sound"), "{}", run.stdout);
+    assert_eq!(fs::read(&journal)?, damaged, "verify changed the journal");
+    let opened = instastate::Prevayler::open(dir.path(), 0u64, add).map(drop);
+    assert!(matches!(opened, Err(instastate::Error::JournalCorrupt { .. })), "{opened:?}");
+    Ok(())
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Tally(u64);
+
+impl instastate::Prevalent for Tally {
+    type Event = u64;
+    type Output = ();
+    fn apply(&mut self, by: u64, _: instastate::Timestamp) {
+        self.0 += by;
+    }
+}
+
+#[test]
+fn verify_checks_the_journals_of_journaled_cells() -> TestResult {
+    static TALLY: StateCell<Tally> = StateCell::with_options(
+        "cli::journaled::TALLY",
+        Tally::default,
+        instastate::CellOptions::new().journaled(),
+    );
+    let dir = tempfile::tempdir()?;
+    {
+        let _store = Store::builder().cell(&TALLY).open(dir.path())?;
+        for by in 1..=4 {
+            TALLY.handle(by)?;
+        }
+    }
+    let run = check("verify", dir.path(), &[])?;
+    assert_eq!(run.code, Some(0), "{run:?}");
+
+    let journals = dir.path().join("journals");
+    let cell_dir = fs::read_dir(&journals)?.next().ok_or("no journal directory")??.path();
+    let journal = journal_files(&cell_dir)?.pop().ok_or("no journal file")?;
+    flip_near_end(&journal)?;
+    let run = check("verify", dir.path(), &[])?;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stdout.contains("cli::journaled::TALLY"), "{}", run.stdout);
+    let opened = Store::builder().cell(&TALLY).open(dir.path()).map(drop);
+    assert!(matches!(opened, Err(instastate::Error::JournalCorrupt { .. })), "{opened:?}");
+    Ok(())
+}

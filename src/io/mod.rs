@@ -337,6 +337,33 @@ impl Io {
     }
 }
 
+impl Io {
+    /// Takes a shared lock on directory `dir` through its existing lock file `name`,
+    /// for as long as the returned file is open: others may look too, and nobody
+    /// can open the directory to change it meanwhile. `None` when there is no lock
+    /// file (nothing is created: a look changes nothing).
+    ///
+    /// Fails with [`Error::Locked`] when an open store or journal holds the lock.
+    pub(crate) fn lock_dir_shared(&self, dir: &Path, name: &str) -> Result<Option<IoFile>> {
+        let path = dir.join(name);
+        let file = match self.open(&path, Open::Read) {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(Error::Io { path, source }),
+        };
+        let res = retry_while_held(
+            LOCK_WAIT,
+            || file.file.try_lock_shared(),
+            |err| matches!(err, TryLockError::WouldBlock),
+        );
+        match res {
+            Ok(()) => Ok(Some(file)),
+            Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf() }),
+            Err(TryLockError::Error(source)) => Err(Error::Io { path, source }),
+        }
+    }
+}
+
 impl IoFile {
     /// `fsync`: the file's data and metadata.
     pub(crate) fn sync_all(&self) -> io::Result<()> {

@@ -2,7 +2,8 @@
 //! journaled cells ([`StateCell::handle`]).
 //!
 //! Split like fjall's journal: `format` (the bytes), `writer`, `recovery` (reading a
-//! directory back, torn tails and damage), `snapshot` (snapshot files), and this
+//! directory back, torn tails and damage), `snapshot` (snapshot files), `inspect`
+//! (the same checks without the types, changing nothing), and this
 //! module: the public types and `open_state`, the one recovery path. The writer
 //! assigns every event its number and timestamp, appends it to the journal, makes it
 //! as durable as the [`Durability`] asks, and only then runs the event's job (which
@@ -28,6 +29,7 @@
 //! [`StateCell::handle`]: crate::StateCell::handle
 
 pub(crate) mod format;
+mod inspect;
 mod recovery;
 mod snapshot;
 mod writer;
@@ -42,8 +44,9 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 
-pub use self::recovery::Recovered;
+pub(crate) use self::inspect::inspect;
 pub(crate) use self::writer::Journal;
+pub use self::{inspect::JournalReport, recovery::Recovered};
 use crate::{
     Error, Result,
     crypt::{KEYCHECK_PLAIN, Sealer},
@@ -277,7 +280,7 @@ pub(crate) fn open_state<S: DeserializeOwned>(
     loop {
         let mut unsound = Vec::new();
         let snapshot = match &dir {
-            Some(dir) => snapshot::load_newest(&io, dir, &identity, &sealer, &mut unsound)?,
+            Some(dir) => snapshot::load_newest(&io, dir, Some(&identity), &sealer, &mut unsound)?,
             None => None,
         };
         let (mut state, covered, at) = match snapshot {
@@ -293,12 +296,13 @@ pub(crate) fn open_state<S: DeserializeOwned>(
             Some(dir) => {
                 let scope = recovery::Scope {
                     io: &io,
-                    identity: &identity,
+                    identity: Some(&identity),
                     sealer: &sealer,
                     recovery,
                     from,
                     clean,
                     expected: set_up || covered.is_some(),
+                    read_only: false,
                 };
                 recovery::recover(dir, &scope, &skipped, &mut |event| {
                     let digest = apply(&mut state, event)?;

@@ -113,7 +113,9 @@ pub(crate) struct Tail {
 #[derive(Clone, Copy)]
 pub(crate) struct Scope<'a> {
     pub(crate) io: &'a Io,
-    pub(crate) identity: &'a Identity,
+    /// The types the journal must have been written for; `None` when inspecting a
+    /// journal without knowing them.
+    pub(crate) identity: Option<&'a Identity>,
     pub(crate) sealer: &'a Sealer,
     pub(crate) recovery: Recovery,
     pub(crate) from: u64,
@@ -123,6 +125,8 @@ pub(crate) struct Scope<'a> {
     /// Whether the directory was set up as a journal, or holds a snapshot: then it
     /// must have a journal file.
     pub(crate) expected: bool,
+    /// Only look: leave temporary files and a torn tail where they are.
+    pub(crate) read_only: bool,
 }
 
 /// Everything the frames of the journal files say, but the events themselves:
@@ -158,8 +162,8 @@ pub(crate) fn recover(
     skipped: &[u64],
     replay: &mut impl FnMut(Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<(Recovered, Tail)> {
-    let Scope { io, identity, sealer, recovery, from, clean, expected } = *scope;
-    remove_parts(io, dir)?;
+    let Scope { io, identity, sealer, recovery, from, clean, expected, read_only } = *scope;
+    remove_parts(io, dir, read_only)?;
     let mut files = journal_files(io, dir)?;
     let strict = recovery == Recovery::Strict;
     if strict {
@@ -249,7 +253,7 @@ pub(crate) fn recover(
         && let (Some((_, path)), Some(bytes)) = (files.get(file), contents.get(file))
     {
         report.torn_bytes = (bytes.len() - offset) as u64;
-        cut(io, path, offset as u64)?;
+        cut(io, path, offset as u64, read_only)?;
     }
     let last = frames.last;
     let tail = Tail {
@@ -264,8 +268,11 @@ pub(crate) fn recover(
     Ok((report, tail))
 }
 
-/// Cuts the file at `path` to `len` bytes, durably.
-fn cut(io: &Io, path: &Path, len: u64) -> Result<()> {
+/// Cuts the file at `path` to `len` bytes, durably; nothing when only looking.
+fn cut(io: &Io, path: &Path, len: u64, read_only: bool) -> Result<()> {
+    if read_only {
+        return Ok(());
+    }
     let handle = io.open(path, Open::Write).map_err(Error::io(path))?;
     handle.set_len(len).and_then(|()| handle.sync_all()).map_err(Error::io(path))
 }
@@ -277,7 +284,7 @@ fn check_header(
     bytes: &[u8],
     first: u64,
     path: &Path,
-    identity: &Identity,
+    identity: Option<&Identity>,
     sealer: &Sealer,
 ) -> Result<std::result::Result<usize, String>> {
     let (header, len) = match Header::decode(bytes, false) {
@@ -293,7 +300,9 @@ fn check_header(
             });
         }
     };
-    check_identity(&header, path, identity)?;
+    if let Some(identity) = identity {
+        check_identity(&header, path, identity)?;
+    }
     check_sealed(&header, path, sealer)?;
     if header.events != first {
         return Ok(Err(format!(
@@ -610,8 +619,11 @@ fn list(io: &Io, dir: &Path, kind: FileKind) -> Result<Vec<(u64, PathBuf)>> {
     Ok(files)
 }
 
-/// Removes the temporary files a crash left behind.
-fn remove_parts(io: &Io, dir: &Path) -> Result<()> {
+/// Removes the temporary files a crash left behind; nothing when only looking.
+fn remove_parts(io: &Io, dir: &Path, read_only: bool) -> Result<()> {
+    if read_only {
+        return Ok(());
+    }
     for entry in io.read_dir(dir).map_err(Error::io(dir))? {
         if entry.name.to_str().is_some_and(|name| name.ends_with(PART_SUFFIX)) {
             let path = dir.join(&entry.name);

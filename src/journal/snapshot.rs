@@ -49,11 +49,12 @@ pub(crate) fn write(
 }
 
 /// Reads the newest sound snapshot in `dir`; the damaged ones passed over are
-/// pushed to `unsound`. Type, version and key mismatches are errors, not damage.
+/// pushed to `unsound`. Type (unless `identity` is `None`), version and key
+/// mismatches are errors, not damage.
 pub(crate) fn load_newest(
     io: &Io,
     dir: &Path,
-    identity: &Identity,
+    identity: Option<&Identity>,
     sealer: &Sealer,
     unsound: &mut Vec<PathBuf>,
 ) -> Result<Option<LoadedSnapshot>> {
@@ -71,7 +72,9 @@ pub(crate) fn load_newest(
                 return Err(Error::FormatVersion { path, found, expected: format::FORMAT_VERSION });
             }
         };
-        check_identity(&header, &path, identity)?;
+        if let Some(identity) = identity {
+            check_identity(&header, &path, identity)?;
+        }
         check_sealed_snapshot(&header, &path, sealer)?;
         let stored = bytes.get(len..).unwrap_or_default();
         let sound_body = matches!(header.extra, Extra::Body { len, crc } if len == stored.len() as u64 && crc == crc32fast::hash(stored));

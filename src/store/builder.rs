@@ -175,8 +175,8 @@ impl StoreBuilder {
 
     /// Adds every cell declared with [`defstate!`](crate::defstate) in the program.
     ///
-    /// This is what [`open`] uses; it is here for a store of all cells that is not
-    /// the global one, such as an in-memory store in a test.
+    /// This is what [`open`](crate::open) uses; it is here for a store of all cells
+    /// that is not the global one, such as an in-memory store in a test.
     ///
     /// # Example
     /// ```

@@ -39,7 +39,7 @@ impl Store {
     /// poisoned: every later save or reload fails with [`Error::Poisoned`] until the
     /// store is reopened. Cells are never changed by a save, successful or not.
     ///
-    /// Do not call it while holding a cell's [`write`](StateCell::write) guard on
+    /// Do not call it while holding a cell's [`write`](crate::StateCell::write) guard on
     /// the same thread: the save would wait for that cell forever.
     ///
     /// # Errors

@@ -19,11 +19,11 @@ static GLOBAL: Mutex<Weak<Inner>> = Mutex::new(Weak::new());
 ///
 /// [`save_all`] and [`reload_all`] act on this store while the returned [`Store`]
 /// (or a clone of it) is alive; dropping the last one closes the store.
-/// See [`StoreBuilder::open`] for what loading does.
+/// See [`StoreBuilder::open`](crate::StoreBuilder::open) for what loading does.
 ///
 /// # Errors
 /// [`Error::AlreadyOpen`] while the global store is open, and every error of
-/// [`StoreBuilder::open`].
+/// [`StoreBuilder::open`](crate::StoreBuilder::open).
 ///
 /// # Example
 /// ```

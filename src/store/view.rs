@@ -21,6 +21,7 @@ use crate::{
     Error, Result,
     backend::{Backend, Batch, Records, Sled},
     codec::{self, Body, Manifest, Record, Witness},
+    journal::{self, JournalReport},
     journaled,
     values::{Encoded, Spilled, ValueDir, ValueWriter},
 };
@@ -115,6 +116,29 @@ impl LastSave<'_> {
             inner.open_value(name, name, id, stored.clone()).map_err(|err| err.to_string())?;
         }
         Ok(Some(stored))
+    }
+
+    /// The journals of journaled cells in the store's directory that this store has
+    /// not opened (a store opened without those cells, as the tool opens it), each
+    /// with its directory and what [`journal::inspect`] found.
+    pub(crate) fn inspect_journals(&self) -> Result<Vec<(PathBuf, Result<JournalReport>)>> {
+        let inner = self.inner;
+        if inner.values.is_none() {
+            return Ok(Vec::new());
+        }
+        let root = inner.label.join(journaled::JOURNALS_DIR);
+        let mut found = Vec::new();
+        for entry in inner.io.read_dir(&root).map_err(Error::io(&root))? {
+            let dir = root.join(&entry.name);
+            let open = inner
+                .journaled
+                .iter()
+                .any(|cell| journaled::journal_dir(&inner.label, cell.name()) == dir);
+            if !open {
+                found.push((dir.clone(), journal::inspect(&inner.io, &dir, &inner.sealer)));
+            }
+        }
+        Ok(found)
     }
 
     /// Every record the engine holds, cell records or not, by key.

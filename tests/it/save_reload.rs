@@ -123,7 +123,7 @@ fn a_save_writes_only_what_changed() -> TestResult {
 }
 
 /// The bytes of every file under `dir`, by path.
-fn file_bytes(dir: &Path) -> TestResult<BTreeMap<PathBuf, Vec<u8>>> {
+pub(crate) fn file_bytes(dir: &Path) -> TestResult<BTreeMap<PathBuf, Vec<u8>>> {
     let mut files = BTreeMap::new();
     let mut dirs = vec![dir.to_path_buf()];
     while let Some(dir) = dirs.pop() {

@@ -655,3 +655,91 @@ fn a_journaled_cell_whose_journal_directory_name_would_be_too_long_is_refused() 
     assert!(!dir.path().join("journals").exists(), "a refused open made a journal directory");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------
+// Inspecting a journal without its types, and without changing it
+// ---------------------------------------------------------------------------------
+
+/// A journal of 10 events, a snapshot after the 6th, closed cleanly.
+fn counted(dir: &std::path::Path) -> TestResult {
+    let counter = instastate::Prevayler::open(dir, 0u64, add)?;
+    for by in 1..=6 {
+        counter.handle(by)?;
+    }
+    counter.snapshot()?;
+    for by in 7..=10 {
+        counter.handle(by)?;
+    }
+    counter.close()?;
+    Ok(())
+}
+
+fn inspect(dir: &std::path::Path) -> instastate::Result<instastate::prevalence::JournalReport> {
+    instastate::Prevayler::builder::<u64>().inspect(dir)
+}
+
+#[test]
+fn inspecting_a_journal_reports_it_as_opening_would_and_changes_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    counted(dir.path())?;
+    let before = crate::save_reload::file_bytes(dir.path())?;
+    let report = inspect(dir.path())?;
+    assert_eq!((report.state_type.as_str(), report.event_type.as_str()), ("u64", "u64"));
+    assert_eq!((report.events, report.snapshot, report.replayed), (10, Some(6), 4));
+    assert!(report.closed_cleanly && report.torn_bytes == 0 && !report.encrypted);
+    assert_eq!(inspect(dir.path())?, report, "a second look saw something else");
+    assert_eq!(crate::save_reload::file_bytes(dir.path())?, before, "inspecting wrote");
+
+    // While the journal is open, nobody inspects it; while inspected, nobody opens it.
+    let open = instastate::Prevayler::open(dir.path(), 0u64, add)?;
+    assert!(matches!(inspect(dir.path()), Err(instastate::Error::Locked { .. })));
+    drop(open);
+    Ok(())
+}
+
+#[test]
+fn inspecting_finds_what_opening_refuses_and_leaves_a_torn_tail_in_place() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    counted(dir.path())?;
+    let journal = journal_files(dir.path())?.pop().ok_or("no journal file")?;
+    // A clean close recorded where the journal ended: bytes after it are damage.
+    let sound = fs::read(&journal)?;
+    fs::write(&journal, [&sound[..], &[0x17, 0, 0]].concat())?;
+    let inspected = inspect(dir.path());
+    let opened = instastate::Prevayler::open(dir.path(), 0u64, add).map(drop);
+    assert!(
+        matches!(inspected, Err(instastate::Error::JournalCorrupt { .. })),
+        "inspect: {inspected:?}"
+    );
+    assert!(matches!(opened, Err(instastate::Error::JournalCorrupt { .. })), "open: {opened:?}");
+
+    // Without that record (a crash), the same bytes are a torn write: reported, not cut.
+    fs::write(dir.path().join("instastate.lock"), b"")?;
+    let torn = fs::read(&journal)?;
+    let report = inspect(dir.path())?;
+    assert_eq!((report.torn_bytes, report.events, report.closed_cleanly), (3, 10, false));
+    assert_eq!(fs::read(&journal)?, torn, "inspecting cut the torn write");
+
+    // A flipped byte in the middle of an event is damage either way.
+    let mut flipped = sound.clone();
+    let at = sound.len() - 12;
+    if let Some(byte) = flipped.get_mut(at) {
+        *byte ^= 0x40;
+    }
+    fs::write(&journal, flipped)?;
+    assert!(matches!(inspect(dir.path()), Err(instastate::Error::JournalCorrupt { .. })));
+    Ok(())
+}
+
+#[test]
+fn inspecting_refuses_what_holds_no_journal_and_creates_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("missing");
+    assert!(matches!(inspect(&missing), Err(instastate::Error::WrongDirectory { .. })));
+    assert!(!missing.exists(), "inspecting created the directory");
+    assert!(matches!(inspect(dir.path()), Err(instastate::Error::WrongDirectory { .. })));
+    drop(Store::builder().open(dir.path().join("store"))?);
+    let store = inspect(&dir.path().join("store"));
+    assert!(matches!(store, Err(instastate::Error::WrongDirectory { .. })), "{store:?}");
+    Ok(())
+}
