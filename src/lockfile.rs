@@ -92,28 +92,19 @@ impl DirLock {
     /// # Errors
     /// [`Error::WrongDirectory`], [`Error::Locked`], or [`Error::Io`].
     pub(crate) fn acquire(io: &Io, dir: &Path, kind: Kind) -> Result<DirLock> {
-        let wrong = |reason: String| Error::WrongDirectory {
-            path: dir.to_path_buf(),
-            kind: kind.describe(),
-            reason,
-        };
-        if dir.as_os_str().is_empty() {
-            return Err(wrong("the path is empty (use \".\" for the working directory)".into()));
-        }
-        if dir.exists() && !dir.is_dir() {
-            return Err(wrong("it is not a directory".into()));
-        }
+        let wrong = wrong_directory(dir, kind);
+        check_path(dir, kind, true)?;
         // Looked at before anything is made in it: a directory that is refused is
         // left exactly as it was. Looked at again once locked, with its lock file.
         if dir.is_dir() {
-            check_kind(&classify(io, dir)?, None, kind).map_err(wrong)?;
+            check_kind(&classify(io, dir)?, None, kind).map_err(&wrong)?;
         }
         io.create_dir_durably(dir).map_err(Error::io(dir))?;
         let file = io.lock_dir(dir, LOCK_FILE)?;
         let path = dir.join(LOCK_FILE);
         let bytes = file.read_all().map_err(Error::io(&path))?;
         let found = decode(&bytes);
-        check_kind(&classify(io, dir)?, found, kind).map_err(wrong)?;
+        check_kind(&classify(io, dir)?, found, kind).map_err(&wrong)?;
         Ok(DirLock { file, path, kind, found })
     }
 
@@ -183,18 +174,8 @@ impl Look {
     /// # Errors
     /// [`Error::WrongDirectory`], [`Error::Locked`], or [`Error::Io`].
     pub(crate) fn take(io: &Io, dir: &Path, kind: Kind) -> Result<Look> {
-        let wrong = |reason: String| Error::WrongDirectory {
-            path: dir.to_path_buf(),
-            kind: kind.describe(),
-            reason,
-        };
-        if dir.as_os_str().is_empty() {
-            return Err(wrong("the path is empty (use \".\" for the working directory)".into()));
-        }
-        if !dir.is_dir() {
-            let reason = if dir.exists() { "it is not a directory" } else { "it does not exist" };
-            return Err(wrong(reason.into()));
-        }
+        let wrong = wrong_directory(dir, kind);
+        check_path(dir, kind, false)?;
         let file = io.lock_dir_shared(dir, LOCK_FILE)?;
         let bytes = match &file {
             Some(file) => file.read_all().map_err(Error::io(dir.join(LOCK_FILE)))?,
@@ -202,7 +183,7 @@ impl Look {
         };
         let found = decode(&bytes);
         let seen = classify(io, dir)?;
-        check_kind(&seen, found, kind).map_err(wrong)?;
+        check_kind(&seen, found, kind).map_err(&wrong)?;
         if found.is_none() && seen.kind.is_none() {
             let ours = if kind == Kind::Store { "store" } else { "journal" };
             return Err(wrong(format!("it holds no instastate {ours}")));
@@ -219,6 +200,26 @@ impl Look {
     pub(crate) fn clean_end(&self) -> Option<End> {
         self.found.and_then(|mark| mark.end)
     }
+}
+
+/// Makes the error refusing `dir` as `kind` for a reason.
+fn wrong_directory(dir: &Path, kind: Kind) -> impl Fn(String) -> Error {
+    let path = dir.to_path_buf();
+    move |reason| Error::WrongDirectory { path: path.clone(), kind: kind.describe(), reason }
+}
+
+/// Refuses the empty path and a file, and a missing directory unless `may_create`.
+fn check_path(dir: &Path, kind: Kind, may_create: bool) -> Result<()> {
+    let reason = if dir.as_os_str().is_empty() {
+        "the path is empty (use \".\" for the working directory)"
+    } else if dir.is_dir() || (may_create && !dir.exists()) {
+        return Ok(());
+    } else if dir.exists() {
+        "it is not a directory"
+    } else {
+        "it does not exist"
+    };
+    Err(wrong_directory(dir, kind)(reason.into()))
 }
 
 /// Why a directory whose entries say `seen` and whose lock file says `found` cannot
