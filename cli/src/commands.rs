@@ -350,12 +350,27 @@ fn check_is_store(dir: &Path) -> Result<(), String> {
         "the directory does not exist"
     } else if !dir.is_dir() {
         "it is not a directory"
+    } else if holds_journal(dir) {
+        "the directory holds a journal of events (a Prevayler directory), not a store; \
+         `list`, `history` and `verify` look into it"
     } else if !Store::exists(dir) {
         "the directory holds no instastate store"
     } else {
         return Ok(());
     };
     Err(format!("no store at {}: {problem}; this tool never creates a store", dir.display()))
+}
+
+/// Whether `dir` holds a journal's files rather than a store.
+fn holds_journal(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else { return false };
+    !Store::exists(dir)
+        && entries.filter_map(Result::ok).any(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            (name.starts_with("journal-") && name.ends_with(".log"))
+                || (name.starts_with("snapshot-") && name.ends_with(".snap"))
+        })
 }
 
 /// Whether `err`, from opening a store, means the store is damaged.

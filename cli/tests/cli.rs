@@ -565,6 +565,11 @@ fn list_history_and_verify_understand_a_prevayler_directory() -> TestResult {
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(run.stdout.contains("holds 6 events") && run.stdout.contains("first 5"), "{run:?}");
 
+    // Commands for stores say what the directory is instead.
+    let run = check("export", dir.path(), &[dir.path().join("out").as_os_str()])?;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("Prevayler directory"), "{}", run.stderr);
+
     // The last acknowledged event damaged: opening refuses it, and so does verify.
     let journal = journal_files(dir.path())?.pop().ok_or("no journal file")?;
     flip_near_end(&journal)?;
