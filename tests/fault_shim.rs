@@ -843,7 +843,7 @@ impl Sweeper {
     fn new_case(&self) -> TestResult<PathBuf> {
         let case = self.next_case.fetch_add(1, Ordering::Relaxed) + 1;
         let dir = self.root.join(format!("case-{case}"));
-        copy_tree(&self.template, &dir)?;
+        common::copy_tree(&self.template, &dir)?;
         Ok(dir)
     }
 
@@ -1213,19 +1213,5 @@ fn make_template(dir: &Path) -> TestResult {
     }
     store.save_all()?;
     drop(store);
-    Ok(())
-}
-
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else {
-            fs::copy(entry.path(), &target)?;
-        }
-    }
     Ok(())
 }

@@ -661,20 +661,6 @@ fn regular_files(dir: &Path) -> io::Result<Vec<String>> {
     Ok(files)
 }
 
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else {
-            fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------
 // Damages
 // ---------------------------------------------------------------------------------
@@ -1064,7 +1050,7 @@ impl Sweeper {
 
     /// Makes a damaged copy of the case's directory at `dir`.
     fn damaged_copy(&self, case: &Case, dir: &Path) -> TestResult {
-        copy_tree(&self.template(case.kind)?.dir, dir)?;
+        common::copy_tree(&self.template(case.kind)?.dir, dir)?;
         case.damage
             .apply(&dir.join(&case.file))
             .map_err(|err| format!("cannot apply {}: {err}", case.describe()))?;

@@ -177,3 +177,19 @@ impl XorShift {
         (self.next() >> 32) % bound
     }
 }
+
+/// Copies the directory tree `from` to `to`.
+#[allow(dead_code)] // The fault shim and the corruption sweep use it; the crash tests do not.
+pub(crate) fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
