@@ -217,7 +217,8 @@ impl Store {
     /// store also ends the thread.
     ///
     /// # Errors
-    /// [`Error::AutosaveRunning`] when this store already autosaves.
+    /// [`Error::AutosaveRunning`] when this store already autosaves;
+    /// [`Error::ReadOnly`] when it was opened read-only.
     ///
     /// # Example
     /// ```
@@ -235,6 +236,7 @@ impl Store {
     /// ```
     pub fn autosave(&self, period: Duration) -> Result<Autosave> {
         let inner = &self.inner;
+        inner.check_writable("autosave")?;
         let mut running = inner.background().running.lock();
         if running.is_some() {
             return Err(Error::AutosaveRunning { path: inner.label().to_path_buf() });

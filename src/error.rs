@@ -52,12 +52,26 @@ pub enum Error {
         /// Why it cannot be.
         reason: String,
     },
-    /// Another [`Store`](crate::Store), in this process or another, has the directory open.
-    #[error("store directory `{}` is locked by another open store (in this or another process)", path.display())]
+    /// Another [`Store`](crate::Store) or [`Prevayler`](crate::Prevayler), in this
+    /// process or another, has the directory open (to change it, or, for an opening
+    /// that would change it, to read it).
+    #[error("{kind} `{}` is locked: it is open in this or another process", path.display())]
     #[non_exhaustive]
     Locked {
-        /// The store directory.
+        /// The directory.
         path: PathBuf,
+        /// What the directory holds: `store directory` or `journal directory`.
+        kind: &'static str,
+    },
+    /// A store opened read-only ([`StoreBuilder::open_read_only`](crate::StoreBuilder::open_read_only))
+    /// was asked to change what it holds. Nothing was changed.
+    #[error("`{}` is open read-only, and `{operation}` would change it; open it with `open` to change it", path.display())]
+    #[non_exhaustive]
+    ReadOnly {
+        /// The store directory, or the journal's.
+        path: PathBuf,
+        /// The operation that was refused.
+        operation: &'static str,
     },
     /// Two cells of one store have the same name, so they would share a record.
     #[error(

@@ -32,7 +32,7 @@ use crate::{
     error::CodecError,
     io::Io,
     journal::{self, Config, Durability, Identity, Job, Recovery, Replayed, Taint, Timestamp},
-    lockfile::{DirLock, Kind},
+    lockfile::{Access, Hold, Kind},
     schema::JournalHooks,
     shape::Shape,
 };
@@ -163,6 +163,7 @@ pub(crate) trait JournaledCell: Send + Sync {
         options: JournalOptions,
         sealer: Sealer,
         io: &Io,
+        access: Access,
     ) -> Result<Box<dyn FnOnce() + Send>>;
     /// Whether the value changed since the last snapshot.
     fn is_dirty(&self) -> bool;
@@ -186,6 +187,7 @@ impl<T: Value> JournaledCell for StateCell<T> {
         options: JournalOptions,
         sealer: Sealer,
         io: &Io,
+        access: Access,
     ) -> Result<Box<dyn FnOnce() + Send>> {
         let Some(hooks) = self.options.journal else { return Ok(Box::new(|| {})) };
         if attached(self).is_some() {
@@ -200,10 +202,13 @@ impl<T: Value> JournaledCell for StateCell<T> {
         };
         // The store's lock covers the journal too; its own lock keeps a `Prevayler`
         // out of it, and records how it was closed.
-        let lock = dir.as_ref().map(|dir| DirLock::acquire(io, dir, Kind::Journal)).transpose()?;
+        let lock = match &dir {
+            Some(dir) => Hold::take(io, dir, Kind::Journal, access)?,
+            None => None,
+        };
         let label = dir.clone().unwrap_or_default();
         let JournalOptions { durability, recovery } = options;
-        let config = Config { dir, identity, durability, recovery, sealer, io: io.clone() };
+        let config = Config { dir, identity, durability, recovery, sealer, io: io.clone(), access };
         let opened =
             journal::open_state(config, lock, || Ok((self.init)()), &mut |value, event| {
                 (hooks.replay)(&label, value, event)?;

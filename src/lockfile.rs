@@ -49,12 +49,34 @@ impl Kind {
         }
     }
 
+    /// The directory, as errors name it.
+    fn directory(self) -> &'static str {
+        match self {
+            Kind::Store => "store directory",
+            Kind::Journal => "journal directory",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Kind::Store => "a store of cells",
             Kind::Journal => "a journal of events (a `Prevayler` directory)",
         }
     }
+}
+
+/// Whether a directory is opened to change it, or only to read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+/// An open directory's lock: exclusive to change it, shared to only read it.
+#[derive(Debug)]
+pub(crate) enum Hold {
+    Exclusive(DirLock),
+    Shared(Look),
 }
 
 /// Where a journal ended when it was closed cleanly.
@@ -100,7 +122,7 @@ impl DirLock {
             check_kind(&classify(io, dir)?, None, kind).map_err(&wrong)?;
         }
         io.create_dir_durably(dir).map_err(Error::io(dir))?;
-        let file = io.lock_dir(dir, LOCK_FILE)?;
+        let file = io.lock_dir(dir, LOCK_FILE, kind.directory())?;
         let path = dir.join(LOCK_FILE);
         let bytes = file.read_all().map_err(Error::io(&path))?;
         let found = decode(&bytes);
@@ -159,6 +181,15 @@ impl DirLock {
     }
 }
 
+/// What a look makes of a directory that was never set up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unset {
+    /// It holds nothing of ours: refuse it.
+    Refuse,
+    /// It is an empty one of the kind looked for.
+    Empty,
+}
+
 /// A look at a directory, under a shared lock: nothing is created or written.
 #[derive(Debug)]
 pub(crate) struct Look {
@@ -174,9 +205,16 @@ impl Look {
     /// # Errors
     /// [`Error::WrongDirectory`], [`Error::Locked`], or [`Error::Io`].
     pub(crate) fn take(io: &Io, dir: &Path, kind: Kind) -> Result<Look> {
+        Look::take_as(io, dir, kind, Unset::Refuse)
+    }
+
+    /// Looks at `dir` as [`take`](Self::take) does, where a directory that was never
+    /// set up (it holds nothing of any kind) is an empty one of `kind`, as opening it
+    /// to change it would take it.
+    fn take_as(io: &Io, dir: &Path, kind: Kind, unset: Unset) -> Result<Look> {
         let wrong = wrong_directory(dir, kind);
         check_path(dir, kind, false)?;
-        let file = io.lock_dir_shared(dir, LOCK_FILE)?;
+        let file = io.lock_dir_shared(dir, LOCK_FILE, kind.directory())?;
         let bytes = match &file {
             Some(file) => file.read_all().map_err(Error::io(dir.join(LOCK_FILE)))?,
             None => Vec::new(),
@@ -184,7 +222,7 @@ impl Look {
         let found = decode(&bytes);
         let seen = classify(io, dir)?;
         check_kind(&seen, found, kind).map_err(&wrong)?;
-        if found.is_none() && seen.kind.is_none() {
+        if found.is_none() && seen.kind.is_none() && unset == Unset::Refuse {
             let ours = if kind == Kind::Store { "store" } else { "journal" };
             return Err(wrong(format!("it holds no instastate {ours}")));
         }
@@ -199,6 +237,68 @@ impl Look {
     /// Where the journal ended, if it was closed cleanly.
     pub(crate) fn clean_end(&self) -> Option<End> {
         self.found.and_then(|mark| mark.end)
+    }
+}
+
+impl Hold {
+    /// Locks directory `dir` to open it as `kind` with `access`: see
+    /// [`DirLock::acquire`] and [`Look::take`]. `None` when only reading a directory
+    /// that does not exist: there is nothing to lock, and nothing to read.
+    ///
+    /// A directory that was never set up is taken for an empty one of `kind`, as
+    /// [`DirLock::acquire`] takes it (the caller knows what the directory is for).
+    ///
+    /// # Errors
+    /// [`Error::WrongDirectory`], [`Error::Locked`], or [`Error::Io`].
+    pub(crate) fn take(io: &Io, dir: &Path, kind: Kind, access: Access) -> Result<Option<Hold>> {
+        match access {
+            Access::ReadWrite => {
+                DirLock::acquire(io, dir, kind).map(|lock| Some(Hold::Exclusive(lock)))
+            }
+            Access::ReadOnly if !dir.exists() => Ok(None),
+            Access::ReadOnly => {
+                Look::take_as(io, dir, kind, Unset::Empty).map(|look| Some(Hold::Shared(look)))
+            }
+        }
+    }
+
+    /// Whether the directory was set up as its kind before (the lock file said so).
+    pub(crate) fn was_set_up(&self) -> bool {
+        match self {
+            Hold::Exclusive(lock) => lock.was_set_up(),
+            Hold::Shared(look) => look.was_set_up(),
+        }
+    }
+
+    /// Where the journal ended, if it was closed cleanly.
+    pub(crate) fn clean_end(&self) -> Option<End> {
+        match self {
+            Hold::Exclusive(lock) => lock.clean_end(),
+            Hold::Shared(look) => look.clean_end(),
+        }
+    }
+
+    /// See [`DirLock::note_kind`]; a shared lock records nothing.
+    pub(crate) fn note_kind(&mut self) {
+        if let Hold::Exclusive(lock) = self {
+            lock.note_kind();
+        }
+    }
+
+    /// See [`DirLock::mark_open`]; a shared lock records nothing.
+    pub(crate) fn mark_open(&mut self) -> Result<()> {
+        match self {
+            Hold::Exclusive(lock) => lock.mark_open(),
+            Hold::Shared(_) => Ok(()),
+        }
+    }
+
+    /// See [`DirLock::mark_closed`]; a shared lock records nothing.
+    pub(crate) fn mark_closed(&mut self, end: End) -> Result<()> {
+        match self {
+            Hold::Exclusive(lock) => lock.mark_closed(end),
+            Hold::Shared(_) => Ok(()),
+        }
     }
 }
 

@@ -109,7 +109,7 @@ use crate::{
     crypt::Sealer,
     io::Io,
     journal::{self, Config, Identity, Job, Journal, Replayed, Taint},
-    lockfile::{DirLock, Kind},
+    lockfile::{Access, DirLock, Hold, Kind},
     shape::Shape,
 };
 pub use crate::{
@@ -370,6 +370,7 @@ impl<S> PrevaylerBuilder<S> {
             recovery: self.recovery,
             sealer: self.sealer(),
             io,
+            access: Access::ReadWrite,
         };
         let digest = self.digest;
         // Salvage may replay more than once (see `open_state`), each time from the
@@ -385,9 +386,12 @@ impl<S> PrevaylerBuilder<S> {
             // Only `Salvage` replays twice, and it kept the spare.
             (None, None) => Err(Error::ReplayPanicked { path: dir.to_path_buf(), event: 0 }),
         };
-        let opened = journal::open_state(config, Some(lock), initial, &mut |state, event| {
-            replay(dir, state, &apply, digest, event)
-        })?;
+        let opened = journal::open_state(
+            config,
+            Some(Hold::Exclusive(lock)),
+            initial,
+            &mut |state, event| replay(dir, state, &apply, digest, event),
+        )?;
         let slot = Slot { value: opened.state, applied: opened.applied, at: opened.at };
         Ok(self.finish(slot, Box::new(apply), opened.journal, opened.recovered))
     }

@@ -17,6 +17,7 @@ use crate::{
     codec::{self, INLINE_MAX},
     crypt::{FileSealer, Sealer},
     io::{Io, IoFile, Open},
+    lockfile::Access,
 };
 
 const EXTENSION: &str = "val";
@@ -41,11 +42,13 @@ pub(crate) enum ReadFault {
 }
 
 impl ValueDir {
-    /// Opens `path`, creating it if needed, and picks ids above every file in it.
-    /// Opens the value directory `path`, creating it if missing; its creation is
-    /// durable once the caller syncs the directory holding it.
-    pub(crate) fn open(io: &Io, path: PathBuf) -> io::Result<ValueDir> {
-        io.create_dir(&path)?;
+    /// Opens the value directory `path`, and picks ids above every file in it; to
+    /// change it, creating it if missing (its creation is durable once the caller
+    /// syncs the directory holding it).
+    pub(crate) fn open(io: &Io, path: PathBuf, access: Access) -> io::Result<ValueDir> {
+        if access == Access::ReadWrite {
+            io.create_dir(&path)?;
+        }
         let max_id = list_ids(io, &path)?.last().copied().unwrap_or(0);
         let next_id = max_id.checked_add(1).ok_or_else(|| {
             io::Error::other(format!("value file id {max_id:016x} leaves no id for new files"))
@@ -311,7 +314,7 @@ mod tests {
     fn small_values_stay_inline_and_large_ones_spill() -> io::Result<()> {
         let plain = Sealer::default();
         let tmp = tempfile::tempdir()?;
-        let dir = ValueDir::open(&Io::default(), tmp.path().join("values"))?;
+        let dir = ValueDir::open(&Io::default(), tmp.path().join("values"), Access::ReadWrite)?;
         let mut small = ValueWriter::new(Some(&dir), &plain, "test");
         write_all(&mut small, INLINE_MAX);
         assert!(matches!(small.finish()?, Encoded::Inline(bytes) if bytes.len() == INLINE_MAX));
@@ -345,11 +348,11 @@ mod tests {
     #[test]
     fn ids_continue_after_existing_files_and_unreferenced_ones_go() -> io::Result<()> {
         let tmp = tempfile::tempdir()?;
-        let dir = ValueDir::open(&Io::default(), tmp.path().to_path_buf())?;
+        let dir = ValueDir::open(&Io::default(), tmp.path().to_path_buf(), Access::ReadWrite)?;
         let (first, _) = dir.create()?;
         let (second, _) = dir.create()?;
         std::fs::write(tmp.path().join("unrelated.txt"), b"kept")?;
-        let reopened = ValueDir::open(&Io::default(), tmp.path().to_path_buf())?;
+        let reopened = ValueDir::open(&Io::default(), tmp.path().to_path_buf(), Access::ReadWrite)?;
         let (third, _) = reopened.create()?;
         assert!(first < second && second < third);
         reopened.remove_all_but(&BTreeSet::from([second]))?;

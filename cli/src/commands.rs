@@ -7,7 +7,7 @@ use std::{
     process::ExitCode,
 };
 
-use instastate::{EncryptionKey, Error, Prevayler, Store, prevalence::JournalReport};
+use instastate::{EncryptionKey, Error, Prevayler, Store, StoreBuilder, prevalence::JournalReport};
 
 use crate::{Chain, Failure, StoreArgs, format, key};
 
@@ -39,7 +39,7 @@ pub(crate) fn list(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, F
         format::table(out, header, &[row])?;
         return Ok(ExitCode::SUCCESS);
     }
-    let store = open(args)?;
+    let store = look(args)?;
     let stored = store.stored_cells();
     if stored.is_empty() {
         writeln!(out, "store {} holds no values", args.dir.display())?;
@@ -101,7 +101,7 @@ pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode
         )?;
         return Ok(ExitCode::SUCCESS);
     }
-    let store = open(args)?;
+    let store = look(args)?;
     let history = store.history();
     if history.is_empty() {
         writeln!(out, "store {} keeps no saves in its history", args.dir.display())?;
@@ -124,7 +124,7 @@ pub(crate) fn verify(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode,
     if let Some(inspected) = inspect_journal(args)? {
         return verify_journal(args, inspected, out);
     }
-    let store = match open(args) {
+    let store = match look(args) {
         Ok(store) => store,
         Err(Failure::Store(err)) if is_damage(&err) => {
             writeln!(out, "cannot open the store: {}", Chain(&err))?;
@@ -219,7 +219,7 @@ pub(crate) fn export(
     file: &Path,
     out: &mut impl Write,
 ) -> Result<ExitCode, Failure> {
-    let store = open(args)?;
+    let store = look(args)?;
     store.export_to(file)?;
     let n_values = store.stored_cells().len();
     writeln!(
@@ -316,6 +316,13 @@ pub(crate) fn compact(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
+/// Opens the existing store `args` names read-only: nothing in it is written,
+/// created or deleted.
+fn look(args: &StoreArgs) -> Result<Store, Failure> {
+    check_is_store(&args.dir).map_err(Failure::Message)?;
+    Ok(builder(args)?.open_read_only(&args.dir)?)
+}
+
 /// Opens the existing store `args` names, refusing to create one.
 fn open(args: &StoreArgs) -> Result<Store, Failure> {
     check_is_store(&args.dir).map_err(Failure::Message)?;
@@ -324,13 +331,18 @@ fn open(args: &StoreArgs) -> Result<Store, Failure> {
 
 /// Opens the store `args` names, creating it if there is none.
 fn open_unchecked(args: &StoreArgs) -> Result<Store, Failure> {
+    Ok(builder(args)?.open(&args.dir)?)
+}
+
+/// The builder of the store `args` names: no cells, and its key if it has one.
+fn builder(args: &StoreArgs) -> Result<StoreBuilder, Failure> {
     // A tool's save (import, prune) must not prune the history the program keeps,
     // whose length the tool cannot know; the program's next save prunes it.
-    let mut builder = Store::builder().keep_history(usize::MAX);
-    if let Some(key) = read_key(args)? {
-        builder = builder.encryption_key(key);
-    }
-    Ok(builder.open(&args.dir)?)
+    let builder = Store::builder().keep_history(usize::MAX);
+    Ok(match read_key(args)? {
+        Some(key) => builder.encryption_key(key),
+        None => builder,
+    })
 }
 
 /// The key in the key file `args` names, if it names one.

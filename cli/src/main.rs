@@ -143,12 +143,20 @@ impl fmt::Display for Failure {
         f.write_str("error: ")?;
         match self {
             Failure::Message(message) => f.write_str(message),
-            Failure::Store(Error::Locked { path, .. }) => write!(
-                f,
-                "store {} is in use by a running program; stop it first, \
-                 or use its backup_to (`Store::backup_to`) to copy the store and inspect the copy",
-                path.display()
-            ),
+            Failure::Store(Error::Locked { path, kind, .. }) => {
+                write!(
+                    f,
+                    "{kind} {} is in use by a running program; stop it first",
+                    path.display()
+                )?;
+                if kind.starts_with("store") {
+                    f.write_str(
+                        ", or use its backup_to (`Store::backup_to`) to copy the store \
+                         and inspect the copy",
+                    )?;
+                }
+                Ok(())
+            }
             Failure::Store(err) => write!(f, "{}", Chain(err)),
             Failure::Output(err) => write!(f, "cannot write to standard output: {err}"),
         }

@@ -12,7 +12,11 @@ use std::{
 };
 
 use instastate::{EncryptionKey, StateCell, Store};
+
+#[path = "../../tests/common/tree.rs"]
+mod tree;
 use serde::{Deserialize, Serialize};
+use tree::tree;
 
 type TestResult<T = ()> = Result<T, Box<dyn Error>>;
 
@@ -620,5 +624,51 @@ fn verify_checks_the_journals_of_journaled_cells() -> TestResult {
     assert!(run.stdout.contains("cli::journaled::TALLY"), "{}", run.stdout);
     let opened = Store::builder().cell(&TALLY).open(dir.path()).map(drop);
     assert!(matches!(opened, Err(instastate::Error::JournalCorrupt { .. })), "{opened:?}");
+    Ok(())
+}
+
+#[test]
+fn reading_commands_write_create_and_delete_nothing() -> TestResult {
+    static NOTE: StateCell<String> = StateCell::new("cli::untouched::NOTE", String::new);
+    static TALLY: StateCell<Tally> = StateCell::with_options(
+        "cli::untouched::TALLY",
+        Tally::default,
+        instastate::CellOptions::new().journaled(),
+    );
+    let tmp = tempfile::tempdir()?;
+    let store_dir = tmp.path().join("store");
+    {
+        let store = Store::builder().cell(&NOTE).cell(&TALLY).open(&store_dir)?;
+        NOTE.set("x".repeat(100_000));
+        TALLY.handle(3)?;
+        store.save_all()?;
+        TALLY.handle(4)?;
+    }
+    // Left by an open interrupted while the engine wrote its snapshot: opening to
+    // write deletes it, and an engine opened in place writes a new snapshot.
+    fs::write(store_dir.join("sled/snap.00000000FFFFFFFF.generating"), b"torn")?;
+    let prevayler_dir = tmp.path().join("prevayler");
+    {
+        let counter = instastate::Prevayler::open(&prevayler_dir, 0u64, add)?;
+        counter.handle(1)?;
+        counter.snapshot()?;
+        counter.handle(2)?;
+    }
+    let export = tmp.path().join("out.export");
+    for dir in [&store_dir, &prevayler_dir] {
+        let before = tree(dir)?;
+        for command in ["list", "history", "verify", "export"] {
+            let run = if command == "export" {
+                if dir == &prevayler_dir {
+                    continue;
+                }
+                check(command, dir, &[export.as_os_str()])?
+            } else {
+                check(command, dir, &[])?
+            };
+            assert_eq!(run.code, Some(0), "{command} {}: {run:?}", dir.display());
+            assert!(tree(dir)? == before, "{command} changed {}", dir.display());
+        }
+    }
     Ok(())
 }

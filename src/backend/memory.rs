@@ -10,6 +10,13 @@ pub(crate) struct Memory {
     records: Mutex<Records>,
 }
 
+impl Memory {
+    /// A backend that starts out holding `records`.
+    pub(crate) fn holding(records: Records) -> Memory {
+        Memory { records: Mutex::new(records) }
+    }
+}
+
 impl Backend for Memory {
     fn read_all(&self) -> Result<Records> {
         Ok(self.records.lock().clone())

@@ -124,6 +124,52 @@ impl Sled {
         Ok(sled)
     }
 
+    /// Reads every record of the engine in `dir` without changing anything there.
+    ///
+    /// sled cannot open its files read-only (every open writes a snapshot), so the
+    /// files are copied to a temporary directory, and the copy opened and deleted. The
+    /// copy is what [`open`](Self::open) would open: the engine an interrupted
+    /// compaction left complete, and no half-written snapshot. No engine at all reads
+    /// as no records, as `open` would create an empty one.
+    pub(crate) fn read_copy(io: &Io, dir: &Path) -> Result<Records> {
+        let new = new_dir(dir);
+        // As `finish_swap` decides: a new engine beside the old one is incomplete.
+        let source = if dir.is_dir() {
+            dir.to_path_buf()
+        } else if new.is_dir() {
+            new
+        } else {
+            return Ok(Records::new());
+        };
+        let temp = tempfile::Builder::new()
+            .prefix(".instastate-read-")
+            .tempdir()
+            .map_err(Error::io(std::env::temp_dir()))?;
+        let copy = temp.path().join("sled");
+        copy_engine(io, &source, &copy).map_err(Error::io(&source))?;
+        // Errors name the engine's own directory, not the copy's.
+        let named = |err: Error| match err {
+            Error::Storage { source, .. } => Error::Storage { path: dir.to_path_buf(), source },
+            Error::Io { path, source } => {
+                let path =
+                    path.strip_prefix(&copy).map_or_else(|_| path.clone(), |it| dir.join(it));
+                Error::Io { path, source }
+            }
+            err => err,
+        };
+        let engine = Engine::open(io, &copy).map_err(named)?;
+        let mut records = Records::new();
+        let read = engine.db.iter().try_for_each(|entry| {
+            let (key, value) = entry?;
+            records.insert(key.to_vec(), value.to_vec());
+            Ok(())
+        });
+        let closed = engine.close(&copy);
+        read.map_err(storage(dir))?;
+        closed.map_err(named)?;
+        Ok(records)
+    }
+
     /// Whether `dir` holds an engine, or one mid-swap (an interrupted compaction,
     /// which `open` completes).
     pub(crate) fn exists(dir: &Path) -> bool {
@@ -323,6 +369,25 @@ fn remove_generating(io: &Io, dir: &Path) -> io::Result<()> {
         let name = entry.name.to_string_lossy();
         if name.starts_with("snap.") && name.ends_with(".generating") {
             io.remove_file(&dir.join(&entry.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the engine's files in `from` into the new directory `to`, but for the
+/// snapshots that an interrupted open left half-written; syncs nothing.
+fn copy_engine(io: &Io, from: &Path, to: &Path) -> io::Result<()> {
+    io.create_dir(to)?;
+    for entry in io.read_dir(from)? {
+        let name = entry.name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            continue;
+        }
+        let (source, target) = (from.join(&entry.name), to.join(&entry.name));
+        if entry.is_dir {
+            copy_engine(io, &source, &target)?;
+        } else {
+            io.copy(&source, &target)?;
         }
     }
     Ok(())

@@ -301,6 +301,11 @@ impl Io {
 
     /// Copies the file `from` to the new file `to`, and fsyncs the copy.
     pub(crate) fn copy_durably(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.copy(from, to)?.sync_all()
+    }
+
+    /// Copies the file `from` to the new file `to`, syncing nothing; returns the copy.
+    pub(crate) fn copy(&self, from: &Path, to: &Path) -> io::Result<IoFile> {
         let mut source = self.open(from, Open::Read)?;
         let mut target = self.open(to, Open::CreateNew)?;
         let mut buf = vec![0; 256 * 1024];
@@ -309,7 +314,7 @@ impl Io {
             let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else { break };
             target.write_all(chunk)?;
         }
-        target.sync_all()
+        Ok(target)
     }
 
     /// Locks directory `dir` through its file `name` for as long as the returned
@@ -317,7 +322,8 @@ impl Io {
     ///
     /// Fails with [`Error::Locked`] when another open handle, in this process or
     /// another, holds the lock.
-    pub(crate) fn lock_dir(&self, dir: &Path, name: &str) -> Result<IoFile> {
+    /// `kind` says what the directory holds, for the error.
+    pub(crate) fn lock_dir(&self, dir: &Path, name: &str, kind: &'static str) -> Result<IoFile> {
         let path = dir.join(name);
         let file = self.open(&path, Open::ReadWriteCreate).map_err(Error::io(&path))?;
         // The lock belongs to the open file, and a child process forked by any thread
@@ -331,7 +337,7 @@ impl Io {
         );
         match res {
             Ok(()) => Ok(file),
-            Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf() }),
+            Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf(), kind }),
             Err(TryLockError::Error(source)) => Err(Error::Io { path, source }),
         }
     }
@@ -344,7 +350,12 @@ impl Io {
     /// file (nothing is created: a look changes nothing).
     ///
     /// Fails with [`Error::Locked`] when an open store or journal holds the lock.
-    pub(crate) fn lock_dir_shared(&self, dir: &Path, name: &str) -> Result<Option<IoFile>> {
+    pub(crate) fn lock_dir_shared(
+        &self,
+        dir: &Path,
+        name: &str,
+        kind: &'static str,
+    ) -> Result<Option<IoFile>> {
         let path = dir.join(name);
         let file = match self.open(&path, Open::Read) {
             Ok(file) => file,
@@ -358,7 +369,7 @@ impl Io {
         );
         match res {
             Ok(()) => Ok(Some(file)),
-            Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf() }),
+            Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf(), kind }),
             Err(TryLockError::Error(source)) => Err(Error::Io { path, source }),
         }
     }

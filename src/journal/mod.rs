@@ -52,7 +52,7 @@ use crate::{
     crypt::{KEYCHECK_PLAIN, Sealer},
     error::CodecError,
     io::Io,
-    lockfile::DirLock,
+    lockfile::{Access, Hold},
     shape::Shape,
 };
 
@@ -229,6 +229,9 @@ pub(crate) struct Config {
     pub(crate) recovery: Recovery,
     pub(crate) sealer: Sealer,
     pub(crate) io: Io,
+    /// Read-only: recovery changes nothing (a torn tail stays, [`Recovery::Salvage`]
+    /// acts as [`Recovery::Strict`]) and the journal refuses every event.
+    pub(crate) access: Access,
 }
 
 /// An event's work once it is in the journal: apply it and return its result, and
@@ -258,8 +261,9 @@ pub(crate) struct Opened<S> {
 }
 
 /// Opens the journal in `config.dir` (which the caller created and locked, holding
-/// `lock`): loads the newest sound snapshot, or `initial()`, and replays the journal
-/// after it through `apply`, which returns the state's digest when checking replay.
+/// `lock`; read-only, the directory may be missing and `lock` `None`): loads the
+/// newest sound snapshot, or `initial()`, and replays the journal after it through
+/// `apply`, which returns the state's digest when checking replay.
 ///
 /// With [`Recovery::Salvage`], an event whose system function panics on replay (it
 /// was journaled, and the process died before its void frame was written, or it was
@@ -269,13 +273,15 @@ pub(crate) struct Opened<S> {
 /// This is the one recovery path of both front doors.
 pub(crate) fn open_state<S: DeserializeOwned>(
     config: Config,
-    lock: Option<DirLock>,
+    lock: Option<Hold>,
     mut initial: impl FnMut() -> Result<S>,
     apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<Opened<S>> {
-    let Config { dir, identity, durability, recovery, sealer, io } = config;
-    let clean = lock.as_ref().and_then(DirLock::clean_end);
-    let set_up = lock.as_ref().is_some_and(DirLock::was_set_up);
+    let Config { dir, identity, durability, recovery, sealer, io, access } = config;
+    // Salvaging moves files: a read-only opening refuses damage instead.
+    let recovery = if access == Access::ReadOnly { Recovery::Strict } else { recovery };
+    let clean = lock.as_ref().and_then(Hold::clean_end);
+    let set_up = lock.as_ref().is_some_and(Hold::was_set_up);
     let mut skipped = Vec::new();
     loop {
         let mut unsound = Vec::new();
@@ -302,7 +308,7 @@ pub(crate) fn open_state<S: DeserializeOwned>(
                     from,
                     clean,
                     expected: set_up || covered.is_some(),
-                    read_only: false,
+                    read_only: access == Access::ReadOnly,
                 };
                 recovery::recover(dir, &scope, &skipped, &mut |event| {
                     let digest = apply(&mut state, event)?;
@@ -322,8 +328,15 @@ pub(crate) fn open_state<S: DeserializeOwned>(
             }
             res => res?,
         };
-        let journal =
-            Journal::resume(dir, identity, durability, sealer, io, lock, &tail, from, at)?;
+        let journal = match (access, dir) {
+            (Access::ReadOnly, Some(dir)) => {
+                let (next, clock) = (tail.next.max(from), tail.clock.max(at));
+                Journal::read_only(dir, identity, sealer, io, lock, next, clock)
+            }
+            (_, dir) => {
+                Journal::resume(dir, identity, durability, sealer, io, lock, &tail, from, at)?
+            }
+        };
         if !skipped.is_empty() {
             journal.void_events(&skipped)?;
         }

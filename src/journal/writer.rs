@@ -24,7 +24,7 @@ use crate::{
     Error, Result,
     crypt::Sealer,
     io::{Io, IoFile, Open},
-    lockfile::{DirLock, End},
+    lockfile::{Access, End, Hold},
 };
 
 /// Frames buffered by the unsynced modes before they are written.
@@ -46,6 +46,8 @@ pub(crate) struct Journal {
     /// Set by a snapshot: the next write of an event starts a new journal file.
     rotate: AtomicBool,
     io: Io,
+    /// A read-only journal refuses every event and writes nothing.
+    access: Access,
 }
 
 struct Queue {
@@ -74,7 +76,7 @@ struct Output {
     /// The directory's lock, which records whether the journal was closed cleanly;
     /// under this lock, so that no write slips in between a clean close's mark and
     /// the end it records.
-    lock: Option<DirLock>,
+    lock: Option<Hold>,
     /// The lock file says the journal was closed cleanly: the next write must first
     /// say that it is open again.
     closed: bool,
@@ -101,7 +103,7 @@ impl Journal {
         durability: Durability,
         sealer: Sealer,
         io: Io,
-        mut lock: Option<DirLock>,
+        mut lock: Option<Hold>,
         tail: &recovery::Tail,
         from: u64,
         at: u64,
@@ -132,9 +134,43 @@ impl Journal {
         if let Some(lock) = &mut lock {
             lock.mark_open()?;
         }
-        Ok(Journal {
+        let durability = if dir.is_some() { durability } else { Durability::Unsynced };
+        let output = Output::new(file, path, first, len, lock);
+        let parts = Parts { dir, identity, durability, sealer, io, access: Access::ReadWrite };
+        Ok(Journal::new(parts, output, next, clock))
+    }
+
+    /// The journal after a read-only recovery, whose next event would be `next`
+    /// and whose last timestamp is `clock`: it refuses every event with
+    /// [`Error::ReadOnly`] and writes nothing, holding `look` (the shared lock of
+    /// its directory, if the directory exists) until dropped.
+    pub(super) fn read_only(
+        dir: PathBuf,
+        identity: Identity,
+        sealer: Sealer,
+        io: Io,
+        look: Option<Hold>,
+        next: u64,
+        clock: u64,
+    ) -> Journal {
+        let output = Output::new(None, PathBuf::new(), 0, 0, look);
+        let parts = Parts {
+            dir: Some(dir),
             identity,
-            durability: if dir.is_some() { durability } else { Durability::Unsynced },
+            durability: Durability::Unsynced,
+            sealer,
+            io,
+            access: Access::ReadOnly,
+        };
+        Journal::new(parts, output, next, clock)
+    }
+
+    fn new(parts: Parts, output: Output, next: u64, clock: u64) -> Journal {
+        let Parts { dir, identity, durability, sealer, io, access } = parts;
+        Journal {
+            dir,
+            identity,
+            durability,
             sealer,
             queue: Mutex::new(Queue {
                 next,
@@ -145,23 +181,22 @@ impl Journal {
                 leading: false,
                 poisoned: false,
             }),
-            output: Mutex::new(Output {
-                file,
-                path,
-                first,
-                len,
-                lock,
-                closed: false,
-                unsynced: false,
-                failed: false,
-            }),
+            output: Mutex::new(output),
             framed: AtomicU64::new(0),
             timer: Mutex::new(None),
             snapshotting: Mutex::new(()),
             rotate: AtomicBool::new(false),
             io,
-            dir,
-        })
+            access,
+        }
+    }
+
+    /// Refuses `operation` on a read-only journal.
+    fn check_writable(&self, operation: &'static str) -> Result<()> {
+        match self.access {
+            Access::ReadWrite => Ok(()),
+            Access::ReadOnly => Err(Error::ReadOnly { path: self.label(), operation }),
+        }
     }
 
     /// Durably voids `events`, which panicked on replay.
@@ -177,36 +212,16 @@ impl Journal {
     /// A journal that writes nothing, for transient systems: events are numbered,
     /// stamped and applied in order, and that is all.
     pub(crate) fn transient(identity: Identity) -> Journal {
-        Journal {
+        let output = Output::new(None, PathBuf::new(), 0, 0, None);
+        let parts = Parts {
             dir: None,
             identity,
             durability: Durability::Unsynced,
             sealer: Sealer::default(),
-            queue: Mutex::new(Queue {
-                next: 0,
-                clock: 0,
-                buf: Vec::new(),
-                buf_first: None,
-                pending: Vec::new(),
-                leading: false,
-                poisoned: false,
-            }),
-            output: Mutex::new(Output {
-                file: None,
-                path: PathBuf::new(),
-                first: 0,
-                len: 0,
-                lock: None,
-                closed: false,
-                unsynced: false,
-                failed: false,
-            }),
-            framed: AtomicU64::new(0),
-            timer: Mutex::new(None),
-            snapshotting: Mutex::new(()),
-            rotate: AtomicBool::new(false),
             io: Io::default(),
-        }
+            access: Access::ReadWrite,
+        };
+        Journal::new(parts, output, 0, 0)
     }
 
     /// Starts the timer of [`Durability::Periodic`]; `journal` is the only handle
@@ -271,6 +286,7 @@ impl Journal {
     /// Journals the encoded `event`, makes it durable as the mode asks, then runs
     /// `job` and returns its output.
     pub(crate) fn commit<J: Job>(&self, event: Vec<u8>, job: J) -> Result<J::Output> {
+        self.check_writable("handle")?;
         if event.len() > (format::MAX_PAYLOAD as usize).saturating_sub(format::EVENT_HEAD + 64) {
             return Err(Error::JournalWrite {
                 path: self.label(),
@@ -452,7 +468,8 @@ impl Journal {
         if queue.poisoned {
             return Err(Error::Poisoned { path: self.label() });
         }
-        if self.dir.is_none() {
+        // A read-only journal has written nothing.
+        if self.dir.is_none() || self.access == Access::ReadOnly {
             return Ok(());
         }
         let bytes = mem::take(&mut queue.buf);
@@ -477,6 +494,7 @@ impl Journal {
     /// taken by a thread that holds a read guard of the state, while another handles
     /// an event.
     pub(crate) fn snapshot(&self, body: Vec<u8>, events: u64, at: u64, keep: usize) -> Result<()> {
+        self.check_writable("snapshot")?;
         let Some(dir) = &self.dir else { return Ok(()) };
         // One at a time: two would write the same temporary file.
         let _one = self.snapshotting.lock();
@@ -568,7 +586,27 @@ impl Drop for Journal {
     }
 }
 
+/// What a journal is made of, besides its queue and output.
+struct Parts {
+    dir: Option<PathBuf>,
+    identity: Identity,
+    durability: Durability,
+    sealer: Sealer,
+    io: Io,
+    access: Access,
+}
+
 impl Output {
+    fn new(
+        file: Option<IoFile>,
+        path: PathBuf,
+        first: u64,
+        len: u64,
+        lock: Option<Hold>,
+    ) -> Output {
+        Output { file, path, first, len, lock, closed: false, unsynced: false, failed: false }
+    }
+
     /// Writes `bytes`, whose first event is numbered `first`, to the current file
     /// (first starting a new one if a snapshot asked for it and the bytes hold an
     /// event), and syncs when `sync` says so. After a failure, refuses every later

@@ -22,7 +22,7 @@ use crate::{
     io::Io,
     journal::{Durability, Recovery},
     journaled::{self, JournalOptions, JournaledCell},
-    lockfile::{DirLock, Kind},
+    lockfile::{Access, DirLock, Hold, Kind, Look},
     registry,
     values::ValueDir,
 };
@@ -63,9 +63,10 @@ struct Place {
     label: PathBuf,
     backend: Box<dyn Backend>,
     values: Option<ValueDir>,
-    lock: Option<DirLock>,
+    lock: Option<Hold>,
     // Whether opening created directories that a sync of the store's must make durable.
     created: bool,
+    access: Access,
 }
 
 /// The cells open in some store, by address: a cell is in one open store at a time,
@@ -317,24 +318,89 @@ impl StoreBuilder {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn open(mut self, path: impl AsRef<Path>) -> Result<Store> {
-        let path = path.as_ref();
+    pub fn open(self, path: impl AsRef<Path>) -> Result<Store> {
+        self.open_as(path.as_ref(), Access::ReadWrite)
+    }
+
+    /// Opens the existing store in directory `path` to read it, and loads every cell
+    /// that has a saved value there, as [`open`](Self::open) does, while writing,
+    /// creating and deleting nothing in the directory: what a tool, a report or a
+    /// second look at a store wants. Several read-only opens may share a directory;
+    /// none can while a program has it open with `open`, and the other way round.
+    ///
+    /// The store refuses every change with [`Error::ReadOnly`]: saves, imports,
+    /// pruning, compaction, autosave and [`StateCell::handle`] on its journaled
+    /// cells. It can still be read, verified, listed, exported and backed up, and
+    /// [`reload_all`](Store::reload_all) and [`revert_to`](Store::revert_to) change
+    /// its cells (not the store) as usual. Damage that opening would repair or
+    /// refuse (a torn journal write is left in place, and journals are read as
+    /// [`Recovery::Strict`] reads them) is seen exactly as `open` sees it.
+    ///
+    /// The engine cannot read its files in place without writing to them, so they
+    /// are read from a copy in the system's temporary directory, deleted before this
+    /// returns.
+    ///
+    /// # Errors
+    /// [`Error::WrongDirectory`] when `path` holds no store; [`Error::Locked`] when a
+    /// program has it open to change it; otherwise those of [`open`](Self::open).
+    ///
+    /// # Example
+    /// ```
+    /// # use instastate::{Error, StateCell, Store};
+    /// static NOTE: StateCell<String> = StateCell::new("docs::read_only::NOTE", String::new);
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// {
+    ///     let store = Store::builder().cell(&NOTE).open(dir.path())?;
+    ///     NOTE.set("kept".into());
+    ///     store.save_all()?;
+    /// }
+    /// NOTE.set(String::new());
+    /// let store = Store::builder().cell(&NOTE).open_read_only(dir.path())?;
+    /// assert_eq!(NOTE.get(), "kept");
+    /// assert!(matches!(store.save_all(), Err(Error::ReadOnly { .. })));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn open_read_only(self, path: impl AsRef<Path>) -> Result<Store> {
+        self.open_as(path.as_ref(), Access::ReadOnly)
+    }
+
+    fn open_as(mut self, path: &Path, access: Access) -> Result<Store> {
         let cells = check_names(std::mem::take(&mut self.cells))?;
         let held = Held::take(&cells)?;
         let io = self.io.clone();
-        let mut lock = DirLock::acquire(&io, path, Kind::Store)?;
-        lock.note_kind();
         let (engine_path, values_path) = (path.join(ENGINE_DIR), path.join(VALUES_DIR));
-        // Made durable by one sync of the store directory, once the open is done.
-        let created = !engine_path.is_dir() || !values_path.is_dir();
-        let backend = Sled::open(&io, &engine_path)?;
-        let values = ValueDir::open(&io, values_path.clone()).map_err(Error::io(values_path))?;
-        let place = Place {
-            label: path.to_path_buf(),
-            backend: Box::new(backend),
-            values: Some(values),
-            lock: Some(lock),
-            created,
+        let place = match access {
+            Access::ReadWrite => {
+                let mut lock = Hold::Exclusive(DirLock::acquire(&io, path, Kind::Store)?);
+                lock.note_kind();
+                // Made durable by one sync of the store directory, once the open is done.
+                let created = !engine_path.is_dir() || !values_path.is_dir();
+                let backend = Sled::open(&io, &engine_path)?;
+                let values = ValueDir::open(&io, values_path.clone(), access);
+                Place {
+                    label: path.to_path_buf(),
+                    backend: Box::new(backend),
+                    values: Some(values.map_err(Error::io(values_path))?),
+                    lock: Some(lock),
+                    created,
+                    access,
+                }
+            }
+            Access::ReadOnly => {
+                let look = Look::take(&io, path, Kind::Store)?;
+                let records = Sled::read_copy(&io, &engine_path)?;
+                let values = ValueDir::open(&io, values_path.clone(), access);
+                Place {
+                    label: path.to_path_buf(),
+                    backend: Box::new(Memory::holding(records)),
+                    values: Some(values.map_err(Error::io(values_path))?),
+                    lock: Some(Hold::Shared(look)),
+                    created: false,
+                    access,
+                }
+            }
         };
         self.load(cells, held, place)
     }
@@ -364,6 +430,7 @@ impl StoreBuilder {
             values: None,
             lock: None,
             created: false,
+            access: Access::ReadWrite,
         };
         self.load(cells, held, place)
     }
@@ -373,7 +440,7 @@ impl StoreBuilder {
     fn load(self, cells: Vec<Member>, held: Held, place: Place) -> Result<Store> {
         let sealer = self.sealer();
         let (cells, journaled) = split_journaled(cells);
-        let Place { label, backend, values, lock, created } = place;
+        let Place { label, backend, values, lock, created, access } = place;
         let inner = Inner {
             label,
             backend,
@@ -389,6 +456,7 @@ impl StoreBuilder {
             keep_bytes: self.keep_bytes,
             witness: None,
             created,
+            access,
             state: Mutex::default(),
             background: Background::default(),
             io: self.io,

@@ -34,6 +34,10 @@ impl Store {
         let inner = &self.inner;
         inner.background.stop();
         let pending = inner.take_background_error();
+        if inner.is_read_only() {
+            // Nothing can have changed on disk, nor be saved.
+            return pending;
+        }
         let saved = inner.save();
         pending.and(saved)
     }

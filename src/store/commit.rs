@@ -46,6 +46,7 @@ impl Store {
     /// - [`Error::Encode`] when a cell's value cannot be encoded (nothing is saved);
     /// - [`Error::Io`] or [`Error::Storage`] when writing fails (the store is poisoned);
     /// - [`Error::Poisoned`] after an earlier failure;
+    /// - [`Error::ReadOnly`] when the store was opened read-only;
     /// - [`Error::InsideAtomically`] when called inside [`atomically`](crate::atomically).
     ///
     /// # Example
@@ -86,6 +87,7 @@ impl Inner {
     }
 
     fn save_records(&self) -> Result<()> {
+        self.check_writable("save_all")?;
         let mut state = self.state.lock();
         self.check_poisoned(&state)?;
         let mut staged = Vec::new();

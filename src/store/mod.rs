@@ -47,7 +47,7 @@ use crate::{
     crypt::Sealer,
     io::Io,
     journaled::{JournalOptions, JournaledCell},
-    lockfile::DirLock,
+    lockfile::{Access, Hold},
     values::ValueDir,
 };
 
@@ -124,6 +124,8 @@ pub(crate) struct Inner {
     // Whether opening created entries in the store directory (the engine's and value
     // files' directories) that a sync of it must make durable.
     created: bool,
+    // A read-only store changes nothing in its directory, and refuses what would.
+    access: Access,
     // Held for the whole of a save, reload or load, which therefore never overlap.
     state: Mutex<State>,
     background: Background,
@@ -131,7 +133,7 @@ pub(crate) struct Inner {
     // This store's hold on its cells, let go when it closes.
     _held: builder::Held,
     // The directory's lock, which the OS releases when the store is dropped.
-    _lock: Option<DirLock>,
+    _lock: Option<Hold>,
 }
 
 /// What a store knows of what it holds; behind [`Inner::state`].
@@ -304,6 +306,19 @@ impl Inner {
     /// Returns the pending background error, if any, and forgets it.
     pub(crate) fn take_background_error(&self) -> Result<()> {
         self.background.take_pending()
+    }
+
+    /// Refuses `operation` in a read-only store.
+    pub(crate) fn check_writable(&self, operation: &'static str) -> Result<()> {
+        match self.access {
+            Access::ReadWrite => Ok(()),
+            Access::ReadOnly => Err(Error::ReadOnly { path: self.label.clone(), operation }),
+        }
+    }
+
+    /// Whether the store was opened read-only.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.access == Access::ReadOnly
     }
 
     fn check_poisoned(&self, state: &State) -> Result<()> {

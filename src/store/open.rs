@@ -68,12 +68,15 @@ impl Store {
                 last: last.as_ref(),
                 current: &state.current,
             };
-            let checked = WitnessFile::check(&inner.io, &inner.label, &held, older)?;
-            let (witness, created) = checked.finish(&inner.io)?;
-            inner.witness = Some(witness);
-            if created || inner.created {
-                // One sync for every entry the open made: engine, values, witness.
-                inner.io.sync_dir(&inner.label).map_err(Error::io(&inner.label))?;
+            let checked = WitnessFile::check(&inner.io, &inner.label, &held, older, inner.access)?;
+            // A read-only store writes no witness, and has no save for one to record.
+            if !inner.is_read_only() {
+                let (witness, created) = checked.finish(&inner.io)?;
+                inner.witness = Some(witness);
+                if created || inner.created {
+                    // One sync for every entry the open made: engine, values, witness.
+                    inner.io.sync_dir(&inner.label).map_err(Error::io(&inner.label))?;
+                }
             }
         }
         let journals = inner.open_journals()?;
@@ -87,6 +90,10 @@ impl Store {
         // From here on, dropping `inner` (also when the open fails) detaches them.
         inner.journals_attached = true;
         inner.refresh_orphans(&mut state);
+        if inner.is_read_only() {
+            *inner.state.get_mut() = state;
+            return Ok(Store { inner: Arc::new(inner) });
+        }
         // Leftover files are harmless, and the cells are already loaded: a failed
         // cleanup must not fail the open. The next open tries again.
         let _ = inner.remove_unreferenced_files(&state);
@@ -110,7 +117,7 @@ impl Inner {
         for cell in &self.journaled {
             let dir =
                 self.values.as_ref().map(|_| journaled::journal_dir(&self.label, cell.name()));
-            match cell.open_journal(dir, self.journal, self.sealer.clone(), &self.io) {
+            match cell.open_journal(dir, self.journal, self.sealer.clone(), &self.io, self.access) {
                 Ok(attach) => opened.push(attach),
                 Err(err) => errors.push(err),
             }

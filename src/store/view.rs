@@ -23,6 +23,7 @@ use crate::{
     codec::{self, Body, Manifest, Record, Witness},
     journal::{self, JournalReport},
     journaled,
+    lockfile::Access,
     values::{Encoded, Spilled, ValueDir, ValueWriter},
 };
 
@@ -160,7 +161,8 @@ impl LastSave<'_> {
         let io = &inner.io;
         let records = inner.backend.read_all()?;
         let values_path = dir.join(VALUES_DIR);
-        let values = ValueDir::open(io, values_path.clone()).map_err(Error::io(&values_path))?;
+        let values = ValueDir::open(io, values_path.clone(), Access::ReadWrite)
+            .map_err(Error::io(&values_path))?;
         let files = match (inner.referenced_files(&self.state), &inner.values) {
             (Some(files), _) => files.into_iter().collect(),
             // Unreadable data might point at any file: copy them all.
@@ -188,6 +190,7 @@ impl LastSave<'_> {
 
     /// Deletes the stored values no cell claims as one new save; returns their names.
     pub(crate) fn prune_orphans(mut self) -> Result<Vec<String>> {
+        self.inner.check_writable("prune_orphans")?;
         self.check_poisoned()?;
         let orphans = self.orphans();
         if orphans.is_empty() {
@@ -204,6 +207,7 @@ impl LastSave<'_> {
     /// Rewrites the engine's files to hold only live records, and deletes the value
     /// files nothing points at.
     pub(crate) fn compact(&self) -> Result<()> {
+        self.inner.check_writable("compact")?;
         self.check_poisoned()?;
         self.inner.backend.compact()?;
         self.inner.remove_unreferenced_files(&self.state)
@@ -212,6 +216,7 @@ impl LastSave<'_> {
     /// Stores `entries`, read from the export file at `path`, as one new save, all or
     /// nothing: every value is decoded for its cell before anything is committed.
     pub(crate) fn import(mut self, path: &Path, entries: Vec<Imported>) -> Result<()> {
+        self.inner.check_writable("import_from")?;
         self.check_poisoned()?;
         let (inner, state) = (self.inner, &mut *self.state);
         state.now_ms = now_ms();

@@ -16,6 +16,7 @@ use crate::{
     Error, Result,
     codec::{Digest, Manifest, STORE_FORMAT, WITNESS_LEN, WITNESS_SLOTS, Witness},
     io::{Io, IoFile, Open},
+    lockfile::Access,
 };
 
 /// The witness file's name in the store directory.
@@ -66,8 +67,15 @@ impl Checked {
 }
 
 impl WitnessFile {
-    /// Checks `held` against the witness of the store in `dir`, writing nothing.
-    pub(super) fn check(io: &Io, dir: &Path, held: &Held<'_>, older: Older) -> Result<Checked> {
+    /// Checks `held` against the witness of the store in `dir`, writing nothing; the
+    /// file is opened to be written later unless `access` is read-only.
+    pub(super) fn check(
+        io: &Io,
+        dir: &Path,
+        held: &Held<'_>,
+        older: Older,
+        access: Access,
+    ) -> Result<Checked> {
         let path = dir.join(WITNESS_FILE);
         let corrupt = |reason: String| Error::Corrupt {
             cell: WITNESS_FILE.to_owned(),
@@ -75,7 +83,8 @@ impl WitnessFile {
             reason,
         };
         let now = Witness { generation: held.generation, digest: held.digest };
-        let file = match io.open(&path, Open::ReadWrite) {
+        let how = if access == Access::ReadOnly { Open::Read } else { Open::ReadWrite };
+        let file = match io.open(&path, how) {
             Ok(file) => file,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 let witnessed = held.format.is_some_and(|format| format >= STORE_FORMAT);

@@ -13,10 +13,14 @@ mod history;
 mod journaled;
 mod model;
 mod prevalence;
+mod read_only;
 mod save_reload;
 mod schema;
 mod trust;
 mod ui;
+
+#[path = "../common/tree.rs"]
+mod tree;
 
 use std::{path::Path, process::Command};
 
