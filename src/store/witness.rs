@@ -48,10 +48,12 @@ pub(super) enum Older {
     Accept,
 }
 
-/// What checking the witness found: a sound witness, or the witness to write (for
-/// a store without one, or one whose lost saves the user accepts).
+/// What checking the witness found: a sound witness, one a save behind the store
+/// (and the save to record in it), or the witness to write (for a store without
+/// one, or one whose lost saves the user accepts).
 pub(super) enum Checked {
     Sound(WitnessFile),
+    Behind(WitnessFile, Witness),
     Write(PathBuf, Witness),
 }
 
@@ -61,6 +63,13 @@ impl Checked {
     pub(super) fn finish(self, io: &Io) -> Result<(WitnessFile, bool)> {
         match self {
             Checked::Sound(file) => Ok((file, false)),
+            // A crash came between the last save's commit and its witness: the
+            // witness must catch up before the next save, or a second such crash
+            // would leave the store two saves ahead of it, which no check accepts.
+            Checked::Behind(file, now) => {
+                file.record(&now)?;
+                Ok((file, false))
+            }
             Checked::Write(path, now) => Ok((WitnessFile::create(io, path, now)?, true)),
         }
     }
@@ -105,6 +114,9 @@ impl WitnessFile {
             Some(witnessed) => check(&witnessed, held),
         };
         match (problem, older) {
+            (None, _) if found.is_some_and(|found| found.generation < held.generation) => {
+                Ok(Checked::Behind(witness, now))
+            }
             (None, _) => Ok(Checked::Sound(witness)),
             (Some(problem), Older::Refuse) => Err(corrupt(format!("{problem}; {ACCEPT}"))),
             (Some(_), Older::Accept) => Ok(Checked::Write(path, now)),

@@ -743,3 +743,35 @@ fn inspecting_refuses_what_holds_no_journal_and_creates_nothing() -> TestResult 
     assert!(matches!(store, Err(instastate::Error::WrongDirectory { .. })), "{store:?}");
     Ok(())
 }
+
+#[test]
+fn two_crashes_in_a_row_between_a_commit_and_its_witness_lose_nothing() -> TestResult {
+    static LAST: StateCell<u32> = StateCell::new("trust::witness_behind::LAST", || 0);
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("store");
+    let witness = dir.join("witness");
+    let save = |value: u32| -> TestResult {
+        let store = Store::builder().cell(&LAST).open(&dir)?;
+        assert_eq!(LAST.get(), value - 1, "the last acknowledged save");
+        LAST.set(value);
+        store.save_all()?;
+        Ok(())
+    };
+    for value in 1..=2 {
+        save(value)?;
+    }
+    // Save 3 is committed, and the process dies before its witness is written.
+    let before = fs::read(&witness)?;
+    save(3)?;
+    fs::write(&witness, &before)?;
+    // The next run opens at save 3, commits save 4, and dies the same way.
+    {
+        let _store = Store::builder().cell(&LAST).open(&dir)?;
+    }
+    let before = fs::read(&witness)?;
+    save(4)?;
+    fs::write(&witness, &before)?;
+    let _store = Store::builder().cell(&LAST).open(&dir)?;
+    assert_eq!(LAST.get(), 4);
+    Ok(())
+}
