@@ -510,7 +510,7 @@ impl Manifest {
 
 /// Encodes the list of cell names stored under [`CLAIMED_KEY`], as stores kept it
 /// before each claim had a key of its own.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzz"))]
 pub(crate) fn encode_claimed<'a>(
     names: impl ExactSizeIterator<Item = &'a str>,
 ) -> Result<Vec<u8>, BadName> {

@@ -193,6 +193,8 @@
 //!
 //! - `encryption` (off by default): `StoreBuilder::encryption_key` and
 //!   `EncryptionKey`, through the `chacha20poly1305` crate of the `RustCrypto` project.
+//! - `fuzz` (off by default): the entry points of the fuzz targets in `fuzz/`. Not
+//!   public API, and exempt from semantic versioning.
 //!
 //! # MSRV
 //!
@@ -210,6 +212,9 @@ mod cell;
 mod codec;
 mod crypt;
 mod error;
+#[cfg(feature = "fuzz")]
+#[doc(hidden)]
+pub mod fuzz;
 mod io;
 mod journal;
 mod journaled;

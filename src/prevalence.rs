@@ -451,7 +451,7 @@ impl<S> PrevaylerBuilder<S> {
     }
 }
 
-fn identity<S: DeserializeOwned, E: DeserializeOwned>() -> Identity {
+pub(crate) fn identity<S: DeserializeOwned, E: DeserializeOwned>() -> Identity {
     Identity {
         state_type: crate::codec::stored_type_name(std::any::type_name::<S>()),
         event_type: crate::codec::stored_type_name(std::any::type_name::<E>()),

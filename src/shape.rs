@@ -1281,6 +1281,27 @@ impl<'a> Comparison<'a> {
     }
 
     fn fields(&mut self, owner: &str, old: &'a [Field], new: &'a [Field]) {
+        if has_repeats(old.iter().map(|field| &field.name))
+            || has_repeats(new.iter().map(|field| &field.name))
+        {
+            // Names cannot tell such fields apart (serde lets a rename repeat a name):
+            // compare them by position, which is how postcard lays them out.
+            if old.len() != new.len() {
+                self.out.push(format!("{owner} changed from {} to {}", Fields(old), Fields(new)));
+                return;
+            }
+            for (idx, (old, new)) in old.iter().zip(new).enumerate() {
+                if old.name != new.name {
+                    let renamed = format!(
+                        "field {idx} of {owner} was renamed from `{}` to `{}`",
+                        old.name, new.name
+                    );
+                    self.out.push(renamed);
+                }
+                self.formats(&format!("field {idx} of {owner}"), &old.format, &new.format);
+            }
+            return;
+        }
         let old_names: BTreeSet<&str> = old.iter().map(|field| field.name.as_str()).collect();
         let new_names: BTreeSet<&str> = new.iter().map(|field| field.name.as_str()).collect();
         // A field that kept its place and format but not its name was renamed.
@@ -1332,6 +1353,27 @@ impl<'a> Comparison<'a> {
 
     fn variants(&mut self, name: &str, old: &'a [Variant], new: &'a [Variant]) {
         let owner = format!("enum `{name}`");
+        if has_repeats(old.iter().map(|variant| &variant.name))
+            || has_repeats(new.iter().map(|variant| &variant.name))
+        {
+            // As for fields: by index, which is what postcard writes.
+            if old.len() != new.len() {
+                let change = format!("{owner} changed from {} to {}", Variants(old), Variants(new));
+                self.out.push(change);
+                return;
+            }
+            for (idx, (old, new)) in old.iter().zip(new).enumerate() {
+                if old.name != new.name {
+                    let renamed = format!(
+                        "variant {idx} of {owner} was renamed from `{}` to `{}`",
+                        old.name, new.name
+                    );
+                    self.out.push(renamed);
+                }
+                self.bodies(&format!("variant {idx} of {owner}"), &old.body, &new.body);
+            }
+            return;
+        }
         let index_in = |variants: &[Variant], name: &str| {
             variants.iter().position(|variant| variant.name == name)
         };
@@ -1371,17 +1413,28 @@ impl<'a> Comparison<'a> {
                 continue;
             };
             let place = format!("variant `{}` of {owner}", old_variant.name);
-            match (&old_variant.body, &new_variant.body) {
-                (Body::Unit, Body::Unit) => (),
-                (Body::Newtype(old), Body::Newtype(new)) => {
-                    self.formats(&format!("the content of {place}"), old, new);
-                }
-                (Body::Tuple(old), Body::Tuple(new)) => self.elements(&place, old, new),
-                (Body::Struct(old), Body::Struct(new)) => self.fields(&place, old, new),
-                (old, new) => self.out.push(format!("{place} changed from {old} to {new}")),
-            }
+            self.bodies(&place, &old_variant.body, &new_variant.body);
         }
     }
+
+    fn bodies(&mut self, place: &str, old: &'a Body, new: &'a Body) {
+        match (old, new) {
+            (Body::Unit, Body::Unit) => (),
+            (Body::Newtype(old), Body::Newtype(new)) => {
+                self.formats(&format!("the content of {place}"), old, new);
+            }
+            (Body::Tuple(old), Body::Tuple(new)) => self.elements(place, old, new),
+            (Body::Struct(old), Body::Struct(new)) => self.fields(place, old, new),
+            (old, new) => self.out.push(format!("{place} changed from {old} to {new}")),
+        }
+    }
+}
+
+/// Whether some name appears twice among `names`.
+fn has_repeats<'a>(names: impl Iterator<Item = &'a String>) -> bool {
+    let mut seen = BTreeSet::new();
+    let mut names = names;
+    names.any(|name| !seen.insert(name))
 }
 
 // Encoding.
@@ -2320,5 +2373,27 @@ mod tests {
         assert_eq!(Shape::decode(&deep), Err(ShapeFault::TooDeep));
         let shallow = [vec![1], vec![17; MAX_DEPTH - 1], vec![0, 0, 0, 0, 0]].concat();
         assert!(Shape::decode(&shallow).is_ok());
+    }
+
+    #[test]
+    fn repeated_names_are_compared_by_position() {
+        // Found by the fuzz target `store_meta`: names matched the wrong fields, so
+        // a shape differed from itself.
+        let shape = |second: Format| Shape {
+            root: Format::Named("S".into()),
+            containers: BTreeMap::from([(
+                "S".into(),
+                Container::Struct(vec![
+                    Field { name: "a".into(), format: Format::U8 },
+                    Field { name: "a".into(), format: second },
+                ]),
+            )]),
+        };
+        let (old, new) = (shape(Format::I32), shape(Format::U32));
+        assert_eq!(Shape::differences(&old, &old.clone()), Vec::<String>::new());
+        assert_eq!(
+            Shape::differences(&old, &new),
+            vec!["field 1 of struct `S` was `i32`, is now `u32`".to_owned()]
+        );
     }
 }

@@ -72,7 +72,8 @@ pub(crate) fn inspect(io: &Io, dir: &Path, sealer: &Sealer) -> Result<JournalRep
         recovery: Recovery::Strict,
         from,
         clean,
-        expected: set_up || covered.is_some(),
+        // A snapshot, even a damaged one, says the journal held events.
+        expected: set_up || covered.is_some() || !unsound.is_empty(),
         read_only: true,
     };
     let (recovered, tail) = recovery::recover(dir, &scope, &[], &mut |_| Ok(None))?;

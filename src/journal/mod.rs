@@ -307,7 +307,8 @@ pub(crate) fn open_state<S: DeserializeOwned>(
                     recovery,
                     from,
                     clean,
-                    expected: set_up || covered.is_some(),
+                    // A snapshot, even a damaged one, says the journal held events.
+                    expected: set_up || covered.is_some() || !unsound.is_empty(),
                     read_only: access == Access::ReadOnly,
                 };
                 recovery::recover(dir, &scope, &skipped, &mut |event| {

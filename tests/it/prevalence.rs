@@ -236,6 +236,46 @@ fn a_damaged_newest_snapshot_falls_back_to_the_one_before() -> TestResult {
 }
 
 #[test]
+fn a_directory_left_with_nothing_but_a_damaged_snapshot_is_refused_not_started_afresh() -> TestResult
+{
+    // Found by the fuzz target `snapshot`: with no sound snapshot, no journal file
+    // and no lock file saying the directory held a journal, opening started from
+    // the initial state, and the events the snapshot covered were gone unnoticed.
+    let dir = tempfile::tempdir()?;
+    {
+        let bank = open_bank(dir.path())?;
+        bank.handle(deposit("alice", 5))?.map_err(|err| format!("{err:?}"))?;
+        bank.snapshot()?;
+    }
+    for entry in fs::read_dir(dir.path())? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|it| it != "snap") {
+            fs::remove_file(path)?;
+        }
+    }
+    let snapshot = dir.path().join("snapshot-00000000000000000001.snap");
+    let mut bytes = fs::read(&snapshot)?;
+    if let Some(byte) = bytes.last_mut() {
+        *byte ^= 1;
+    }
+    fs::write(&snapshot, &bytes)?;
+    let res = open_bank(dir.path()).map(drop);
+    assert!(matches!(res, Err(Error::JournalCorrupt { .. })), "{res:?}");
+    let inspected = Prevayler::builder::<Bank>().inspect(dir.path());
+    assert!(matches!(inspected, Err(Error::JournalCorrupt { .. })), "{inspected:?}");
+    assert_eq!(fs::read(&snapshot)?, bytes, "a refused open changed the snapshot");
+    // Salvage goes on from what is left, and says what it passed over.
+    let bank = Prevayler::builder().recovery(Recovery::Salvage).open(
+        dir.path(),
+        Bank::default(),
+        apply,
+    )?;
+    assert_eq!(bank.recovered().unsound_snapshots(), [snapshot]);
+    assert_eq!(bank.read(Clone::clone), Bank::default());
+    Ok(())
+}
+
+#[test]
 fn snapshots_taken_during_concurrent_handling_lose_and_repeat_nothing() -> TestResult {
     const THREADS: i64 = 4;
     const EACH: i64 = 300;
