@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use crate::{
     Error, Result,
-    io::{Io, IoFile},
+    io::{DirHold, Io, IoFile, Open},
     journal::format::parse_name,
 };
 
@@ -99,6 +99,7 @@ struct Mark {
 /// A directory's lock, held while the directory is open.
 #[derive(Debug)]
 pub(crate) struct DirLock {
+    _hold: DirHold,
     file: IoFile,
     path: PathBuf,
     kind: Kind,
@@ -122,12 +123,13 @@ impl DirLock {
             check_kind(&classify(io, dir)?, None, kind).map_err(&wrong)?;
         }
         io.create_dir_durably(dir).map_err(Error::io(dir))?;
-        let file = io.lock_dir(dir, LOCK_FILE, kind.directory())?;
+        let hold = io.lock_dir(dir, kind.directory())?;
         let path = dir.join(LOCK_FILE);
+        let file = io.open(&path, Open::ReadWriteCreate).map_err(Error::io(&path))?;
         let bytes = file.read_all().map_err(Error::io(&path))?;
         let found = decode(&bytes);
         check_kind(&classify(io, dir)?, found, kind).map_err(&wrong)?;
-        Ok(DirLock { file, path, kind, found })
+        Ok(DirLock { _hold: hold, file, path, kind, found })
     }
 
     /// Whether the directory was set up as this kind before (the lock file said so).
@@ -193,7 +195,7 @@ enum Unset {
 /// A look at a directory, under a shared lock: nothing is created or written.
 #[derive(Debug)]
 pub(crate) struct Look {
-    _file: Option<IoFile>,
+    _hold: DirHold,
     found: Option<Mark>,
 }
 
@@ -214,10 +216,13 @@ impl Look {
     fn take_as(io: &Io, dir: &Path, kind: Kind, unset: Unset) -> Result<Look> {
         let wrong = wrong_directory(dir, kind);
         check_path(dir, kind, false)?;
-        let file = io.lock_dir_shared(dir, LOCK_FILE, kind.directory())?;
-        let bytes = match &file {
-            Some(file) => file.read_all().map_err(Error::io(dir.join(LOCK_FILE)))?,
-            None => Vec::new(),
+        let hold = io.lock_dir_shared(dir, kind.directory())?;
+        let path = dir.join(LOCK_FILE);
+        let bytes = match io.read(&path) {
+            Ok(bytes) => bytes,
+            // A directory never set up, or a copy of one (a backup): no mark.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(err) => return Err(Error::io(&path)(err)),
         };
         let found = decode(&bytes);
         let seen = classify(io, dir)?;
@@ -226,7 +231,7 @@ impl Look {
             let ours = if kind == Kind::Store { "store" } else { "journal" };
             return Err(wrong(format!("it holds no instastate {ours}")));
         }
-        Ok(Look { _file: file, found })
+        Ok(Look { _hold: hold, found })
     }
 
     /// Whether the directory was set up as its kind (its lock file says so).

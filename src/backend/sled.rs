@@ -29,7 +29,7 @@
 
 use std::{
     ffi::OsString,
-    io,
+    io::{self, Read, Write},
     panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
     sync::{
@@ -127,17 +127,22 @@ impl Sled {
     /// Reads every record of the engine in `dir` without changing anything there.
     ///
     /// sled cannot open its files read-only (every open writes a snapshot), so the
-    /// files are copied to a temporary directory, and the copy opened and deleted. The
-    /// copy is what [`open`](Self::open) would open: the engine an interrupted
-    /// compaction left complete, and no half-written snapshot. No engine at all reads
-    /// as no records, as `open` would create an empty one.
+    /// files are copied to a temporary directory (in the system's, as large as the
+    /// engine's files), and the copy opened and deleted. The copy is what
+    /// [`open`](Self::open) would open: the engine an interrupted compaction left
+    /// complete, and no half-written snapshot. No engine at all reads as no
+    /// records, as `open` would create an empty one.
+    ///
+    /// Errors name the engine's files, where they are about them, and the copy's
+    /// when making or opening the copy failed (a full temporary directory, say):
+    /// only the former say anything about the store.
     pub(crate) fn read_copy(io: &Io, dir: &Path) -> Result<Records> {
         let new = new_dir(dir);
         // As `finish_swap` decides: a new engine beside the old one is incomplete.
-        let source = if dir.is_dir() {
-            dir.to_path_buf()
-        } else if new.is_dir() {
+        let source = if new.exists() && !dir.exists() {
             new
+        } else if dir.exists() {
+            dir.to_path_buf()
         } else {
             return Ok(Records::new());
         };
@@ -146,15 +151,19 @@ impl Sled {
             .tempdir()
             .map_err(Error::io(std::env::temp_dir()))?;
         let copy = temp.path().join("sled");
-        copy_engine(io, &source, &copy).map_err(Error::io(&source))?;
-        // Errors name the engine's own directory, not the copy's.
+        copy_engine(io, &source, &copy)?;
+        // sled's own errors about the copy: damage is the store's, failed calls the
+        // copy's.
         let named = |err: Error| match err {
-            Error::Storage { source, .. } => Error::Storage { path: dir.to_path_buf(), source },
-            Error::Io { path, source } => {
-                let path =
-                    path.strip_prefix(&copy).map_or_else(|_| path.clone(), |it| dir.join(it));
-                Error::Io { path, source }
-            }
+            Error::Storage { source, .. } => match source.0.downcast::<sled::Error>() {
+                Ok(err) => match *err {
+                    sled::Error::Io(err) => Error::Io { path: copy.clone(), source: err },
+                    err => storage(dir)(err),
+                },
+                Err(other) => {
+                    Error::Storage { path: dir.to_path_buf(), source: StorageError(other) }
+                }
+            },
             err => err,
         };
         let engine = Engine::open(io, &copy).map_err(named)?;
@@ -375,10 +384,11 @@ fn remove_generating(io: &Io, dir: &Path) -> io::Result<()> {
 }
 
 /// Copies the engine's files in `from` into the new directory `to`, but for the
-/// snapshots that an interrupted open left half-written; syncs nothing.
-fn copy_engine(io: &Io, from: &Path, to: &Path) -> io::Result<()> {
-    io.create_dir(to)?;
-    for entry in io.read_dir(from)? {
+/// snapshots that an interrupted open left half-written; syncs nothing. A failed
+/// read names the file read, a failed write the copy.
+fn copy_engine(io: &Io, from: &Path, to: &Path) -> Result<()> {
+    io.create_dir(to).map_err(Error::io(to))?;
+    for entry in io.read_dir(from).map_err(Error::io(from))? {
         let name = entry.name.to_string_lossy();
         if name.starts_with("snap.") && name.ends_with(".generating") {
             continue;
@@ -386,8 +396,15 @@ fn copy_engine(io: &Io, from: &Path, to: &Path) -> io::Result<()> {
         let (source, target) = (from.join(&entry.name), to.join(&entry.name));
         if entry.is_dir {
             copy_engine(io, &source, &target)?;
-        } else {
-            io.copy(&source, &target)?;
+            continue;
+        }
+        let mut reader = io.open(&source, Open::Read).map_err(Error::io(&source))?;
+        let mut writer = io.open(&target, Open::CreateNew).map_err(Error::io(&target))?;
+        let mut buf = vec![0; 256 * 1024];
+        loop {
+            let n = reader.read(&mut buf).map_err(Error::io(&source))?;
+            let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else { break };
+            writer.write_all(chunk).map_err(Error::io(&target))?;
         }
     }
     Ok(())

@@ -301,11 +301,6 @@ impl Io {
 
     /// Copies the file `from` to the new file `to`, and fsyncs the copy.
     pub(crate) fn copy_durably(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.copy(from, to)?.sync_all()
-    }
-
-    /// Copies the file `from` to the new file `to`, syncing nothing; returns the copy.
-    pub(crate) fn copy(&self, from: &Path, to: &Path) -> io::Result<IoFile> {
         let mut source = self.open(from, Open::Read)?;
         let mut target = self.open(to, Open::CreateNew)?;
         let mut buf = vec![0; 256 * 1024];
@@ -314,66 +309,60 @@ impl Io {
             let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else { break };
             target.write_all(chunk)?;
         }
-        Ok(target)
+        target.sync_all()
     }
 
-    /// Locks directory `dir` through its file `name` for as long as the returned
-    /// file is open.
+    /// Locks directory `dir` itself, exclusively, for as long as the returned hold
+    /// lives: nobody else, in this process or another, can open it to change it or
+    /// to look at it meanwhile. `kind` says what the directory holds, for the error.
     ///
-    /// Fails with [`Error::Locked`] when another open handle, in this process or
-    /// another, holds the lock.
-    /// `kind` says what the directory holds, for the error.
-    pub(crate) fn lock_dir(&self, dir: &Path, name: &str, kind: &'static str) -> Result<IoFile> {
-        let path = dir.join(name);
-        let file = self.open(&path, Open::ReadWriteCreate).map_err(Error::io(&path))?;
+    /// The directory is what is locked, not a file in it: a lock on a file that a
+    /// reader cannot create (it must change nothing) would leave a directory
+    /// without that file unlocked for its readers.
+    ///
+    /// Fails with [`Error::Locked`] when another hold of it is open.
+    pub(crate) fn lock_dir(&self, dir: &Path, kind: &'static str) -> Result<DirHold> {
+        self.hold_dir(dir, kind, File::try_lock)
+    }
+
+    /// Takes a shared lock on directory `dir` itself, for as long as the returned
+    /// hold lives: others may look too, and nobody can open the directory to change
+    /// it meanwhile.
+    ///
+    /// Fails with [`Error::Locked`] when a store or journal has it open to change it.
+    pub(crate) fn lock_dir_shared(&self, dir: &Path, kind: &'static str) -> Result<DirHold> {
+        self.hold_dir(dir, kind, File::try_lock_shared)
+    }
+
+    fn hold_dir(
+        &self,
+        dir: &Path,
+        kind: &'static str,
+        lock: fn(&File) -> std::result::Result<(), TryLockError>,
+    ) -> Result<DirHold> {
+        self.check(Op::Open, dir).map_err(Error::io(dir))?;
+        let file = File::open(dir).map_err(Error::io(dir))?;
         // The lock belongs to the open file, and a child process forked by any thread
         // shares our open files until it runs `exec`: for a moment after a store is
         // dropped, such a child can still hold its lock. A short wait tells that apart
         // from a store that is really open elsewhere, which is still reported at once.
         let res = retry_while_held(
             LOCK_WAIT,
-            || file.file.try_lock(),
+            || lock(&file),
             |err| matches!(err, TryLockError::WouldBlock),
         );
         match res {
-            Ok(()) => Ok(file),
+            Ok(()) => Ok(DirHold(file)),
             Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf(), kind }),
-            Err(TryLockError::Error(source)) => Err(Error::Io { path, source }),
+            Err(TryLockError::Error(source)) => Err(Error::Io { path: dir.to_path_buf(), source }),
         }
     }
 }
 
-impl Io {
-    /// Takes a shared lock on directory `dir` through its existing lock file `name`,
-    /// for as long as the returned file is open: others may look too, and nobody
-    /// can open the directory to change it meanwhile. `None` when there is no lock
-    /// file (nothing is created: a look changes nothing).
-    ///
-    /// Fails with [`Error::Locked`] when an open store or journal holds the lock.
-    pub(crate) fn lock_dir_shared(
-        &self,
-        dir: &Path,
-        name: &str,
-        kind: &'static str,
-    ) -> Result<Option<IoFile>> {
-        let path = dir.join(name);
-        let file = match self.open(&path, Open::Read) {
-            Ok(file) => file,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(Error::Io { path, source }),
-        };
-        let res = retry_while_held(
-            LOCK_WAIT,
-            || file.file.try_lock_shared(),
-            |err| matches!(err, TryLockError::WouldBlock),
-        );
-        match res {
-            Ok(()) => Ok(Some(file)),
-            Err(TryLockError::WouldBlock) => Err(Error::Locked { path: dir.to_path_buf(), kind }),
-            Err(TryLockError::Error(source)) => Err(Error::Io { path, source }),
-        }
-    }
-}
+/// A directory held open and locked ([`Io::lock_dir`]); the lock goes when it is
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct DirHold(#[allow(dead_code, reason = "held for its lock")] File);
 
 impl IoFile {
     /// `fsync`: the file's data and metadata.

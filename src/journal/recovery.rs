@@ -156,6 +156,9 @@ enum Ending {
 /// Reads the journal in `dir`, replays its events numbered `from` or later, and
 /// cuts a torn tail. Changes nothing on disk before everything read back soundly,
 /// except what [`Recovery::Salvage`] moves aside.
+// One pass over the journal's files, whose steps share the frames, the contents
+// and the salvage; split, they would pass all of it around.
+#[allow(clippy::too_many_lines)]
 pub(crate) fn recover(
     dir: &Path,
     scope: &Scope<'_>,
@@ -187,6 +190,7 @@ pub(crate) fn recover(
         let last_file = file_idx + 1 == files.len();
         let ending = match check_header(bytes, *first, path, identity, sealer)? {
             Err(reason) => Ending::Damaged(0, reason),
+            Ok(_) if file_idx == 0 && from < *first => Ending::Damaged(0, gap(*first, from)),
             Ok(_)
                 if expected
                     .is_some_and(|next| next != *first && !(next < *first && *first <= from)) =>
@@ -266,6 +270,15 @@ pub(crate) fn recover(
         }),
     };
     Ok((report, tail))
+}
+
+/// Why a journal whose first file starts at event `first` is damaged when the
+/// events from `from` on are wanted: the ones between are nowhere, and replaying
+/// the file would skip them (even if it holds no event yet).
+fn gap(first: u64, from: u64) -> String {
+    format!(
+        "the journal's first file starts at event {first}, but nothing holds the events from {from} on before it"
+    )
 }
 
 /// Cuts the file at `path` to `len` bytes, durably; nothing when only looking.

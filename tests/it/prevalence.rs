@@ -276,6 +276,38 @@ fn a_directory_left_with_nothing_but_a_damaged_snapshot_is_refused_not_started_a
 }
 
 #[test]
+fn events_missing_before_the_first_journal_file_are_damage_even_when_it_holds_none() -> TestResult {
+    // Found by the fuzz target `snapshot`: with the only snapshot damaged and the
+    // only journal file starting after it, but holding no event yet, opening went on
+    // from the initial state, the snapshot's events gone without a word.
+    let dir = tempfile::tempdir()?;
+    {
+        let bank = open_bank(dir.path())?;
+        for amount in 1..=3 {
+            bank.handle(deposit("alice", amount))?.map_err(|err| format!("{err:?}"))?;
+        }
+        bank.snapshot()?;
+    }
+    // The events are all in the snapshot: without the journal file that held them,
+    // the next opening starts an empty one after the snapshot.
+    fs::remove_file(dir.path().join("journal-00000000000000000000.log"))?;
+    let salvage = Prevayler::builder().recovery(Recovery::Salvage);
+    drop(salvage.open(dir.path(), Bank::default(), apply)?);
+    assert!(dir.path().join("journal-00000000000000000003.log").is_file());
+    let snapshot = dir.path().join("snapshot-00000000000000000003.snap");
+    let mut bytes = fs::read(&snapshot)?;
+    if let Some(byte) = bytes.last_mut() {
+        *byte ^= 1;
+    }
+    fs::write(&snapshot, bytes)?;
+    let res = open_bank(dir.path()).map(|bank| bank.read(|bank| bank.balances.clone()));
+    assert!(matches!(res, Err(Error::JournalCorrupt { .. })), "events 0 to 2 are gone: {res:?}");
+    let inspected = Prevayler::builder::<Bank>().inspect(dir.path());
+    assert!(matches!(inspected, Err(Error::JournalCorrupt { .. })), "{inspected:?}");
+    Ok(())
+}
+
+#[test]
 fn snapshots_taken_during_concurrent_handling_lose_and_repeat_nothing() -> TestResult {
     const THREADS: i64 = 4;
     const EACH: i64 = 300;

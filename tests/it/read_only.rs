@@ -199,3 +199,30 @@ fn a_journaled_cell_without_a_journal_yet_reads_as_its_initial_value() -> TestRe
     assert!(tree(dir.path())? == before, "a read-only store made a journal");
     Ok(())
 }
+
+#[test]
+fn a_directory_without_a_lock_file_still_keeps_readers_and_writers_apart() -> TestResult {
+    static KEPT: StateCell<u8> = StateCell::new("it::read_only::nolock::KEPT", || 0);
+    static R: StateCell<u8> = StateCell::new("it::read_only::nolock::R", || 0);
+    let tmp = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&KEPT).open(tmp.path().join("live"))?;
+        KEPT.set(3);
+        store.save_all()?;
+        store.backup_to(tmp.path().join("copy"))?;
+    }
+    // A copy of a store, as `backup_to` or a file copy makes it: no lock file yet.
+    let copy = tmp.path().join("copy");
+    let _ = fs::remove_file(copy.join("instastate.lock"));
+    let reader = Store::builder().cell(&R).open_read_only(&copy)?;
+    let res = Store::builder().cell(&KEPT).open(&copy).map(drop);
+    assert!(matches!(res, Err(Error::Locked { .. })), "written while read: {res:?}");
+    drop(reader);
+    let writer = Store::builder().cell(&KEPT).open(&copy)?;
+    assert_eq!(KEPT.get(), 3);
+    fs::remove_file(copy.join("instastate.lock"))?;
+    let res = Store::builder().cell(&R).open_read_only(&copy).map(drop);
+    assert!(matches!(res, Err(Error::Locked { .. })), "read while written: {res:?}");
+    drop(writer);
+    Ok(())
+}
