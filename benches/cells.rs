@@ -471,7 +471,9 @@ fn row_read() -> Res<Row> {
 }
 
 fn row_small(root: &Path) -> Res<Row> {
-    let mut row = Row::new("(a) save 16 small mixed cells vs temp file + fsync + rename", 1.0);
+    // A save also makes its witness durable (one more `fdatasync` than the raw
+    // baseline), which the trust issue allowed up to 1.2 times the baseline.
+    let mut row = Row::new("(a) save 16 small mixed cells vs temp file + fsync + rename", 1.2);
     let ours_dir = tempfile::tempdir_in(root)?;
     let raw_dir = tempfile::tempdir_in(root)?;
     let store = small_store(ours_dir.path())?;
