@@ -128,6 +128,7 @@ fn a_power_loss_at_any_call_of_a_save_loses_nothing_acknowledged() -> TestResult
             return Err(format!("power loss at call {call} of {calls}: {harm}").into());
         }
     }
+    eprintln!("store: a power loss at each of {} calls, every one whole", calls + 1);
     Ok(())
 }
 
@@ -179,6 +180,10 @@ fn every_sync_of_a_save_is_needed() -> TestResult {
         }
     }
     assert!(unneeded.is_empty(), "skipping these syncs harmed nothing: {unneeded:?}");
+    eprintln!(
+        "store: each of {syncs} syncs skipped, then power losses: each of ours is needed \
+         (the engine's own and the witness's are not judged)"
+    );
     Ok(())
 }
 
@@ -191,6 +196,7 @@ fn a_failed_call_of_a_save_is_a_typed_error_that_poisons_and_loses_nothing() -> 
         save_three(run.io(), &run.root.join("store"), &SMALL, &LARGE);
         run.sim.calls()
     };
+    let mut fired = 0;
     for nth in 1..=calls {
         for no_space in [false, true] {
             let run = Run::new()?;
@@ -224,8 +230,12 @@ fn a_failed_call_of_a_save_is_a_typed_error_that_poisons_and_loses_nothing() -> 
             if let Some(harm) = check_store(&dir, acked, &SMALL, &LARGE) {
                 return Err(format!("failing call {nth} ({:?}): {harm}", run.sim.fired()).into());
             }
+            fired += 1;
         }
     }
+    eprintln!(
+        "store: {fired} failed calls (EIO, ENOSPC): none lost a save, each failed save poisoned"
+    );
     Ok(())
 }
 
@@ -297,6 +307,10 @@ fn a_power_loss_at_any_call_of_a_journal_loses_no_acknowledged_event() -> TestRe
                 return Err(format!("{durability:?}, power loss at call {call}: {harm}").into());
             }
         }
+        eprintln!(
+            "journal ({durability:?}): a power loss at each of {} calls, no event lost",
+            calls + 1
+        );
     }
     Ok(())
 }
@@ -341,6 +355,7 @@ fn every_sync_of_a_journal_is_needed() -> TestResult {
         }
     }
     assert!(unneeded.is_empty(), "skipping these syncs harmed nothing: {unneeded:?}");
+    eprintln!("journal: each of {syncs} syncs skipped, then power losses: each is needed");
     Ok(())
 }
 
@@ -351,6 +366,7 @@ fn a_failed_journal_call_poisons_the_journal_and_loses_nothing() -> TestResult {
         handle_twelve(&run.io(), &run.sim, &run.root.join("journal"), Durability::SyncEach);
         run.sim.calls()
     };
+    let mut fired = 0;
     for nth in 1..=calls {
         let run = Run::new()?;
         run.sim.fail(Fault { nth, ops: Vec::new(), no_space: false, sticky: false });
@@ -384,7 +400,9 @@ fn a_failed_journal_call_poisons_the_journal_and_loses_nothing() -> TestResult {
         if let Some(harm) = check_sum(&dir, acked) {
             return Err(format!("failing call {nth} ({:?}): {harm}", run.sim.fired()).into());
         }
+        fired += 1;
     }
+    eprintln!("journal: {fired} failed calls: none lost an event, each failed write poisoned");
     Ok(())
 }
 
