@@ -24,10 +24,12 @@
 //! - `BAD`: the child panicked, aborted or hung; the reopen panicked; the store holds
 //!   less than was acknowledged, or a mix; or it cannot be opened at all.
 //!
-//! The child prints `ACK <generation>` after each operation that returned `Ok`, exits
-//! 0 when it is done, and 2 when an operation returned an error. The table at the
-//! end also counts, as `unreported`, ok cases where an injected error fired and the
-//! child still finished without one; the notes list panics the child caught.
+//! The child prints `ACK <generation>` after each operation that returned `Ok`,
+//! `REPORTED <error>` for each error the store reports to its background error hook
+//! (those of its drop), exits 0 when it is done, and 2 when an operation returned an
+//! error. The table at the end also counts, as `unreported`, ok cases where an
+//! injected error fired and the child still finished without an error returned or
+//! reported; the notes list panics the child caught.
 //!
 //! Run it with `cargo test --test fault_shim` (about 1.5 minutes in a debug build
 //! on 2 cores); it needs `cc`.
@@ -168,8 +170,15 @@ const EVENTS_BEFORE: u64 = 3;
 const EVENTS_AFTER: u64 = 2;
 const BIG_LEN: u64 = 1_000;
 
+/// Opens the store, whose background errors (those of its drop among them) the
+/// child prints as `REPORTED <error>`.
 fn open_store(dir: &Path) -> instastate::Result<Store> {
-    Store::builder().cell(&NUMBER).cell(&TEXT).cell(&BIG).cell(&LEDGER).open(dir)
+    let store = Store::builder().cell(&NUMBER).cell(&TEXT).cell(&BIG).cell(&LEDGER).open(dir)?;
+    store.on_background_error(|err| {
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "REPORTED {err}").and_then(|()| out.flush());
+    });
+    Ok(store)
 }
 
 fn text(generation: u64) -> String {
@@ -613,7 +622,7 @@ fn print_table(table: &[&Row]) {
     }
     println!(
         "    (unreported: counted as ok, but an injected error fired and the child still \
-         acknowledged every operation and exited 0)"
+         acknowledged every operation, reported nothing and exited 0)"
     );
 }
 
@@ -818,6 +827,8 @@ struct Run {
     status: Option<ExitStatus>,
     stderr: String,
     unexpected: Vec<String>,
+    /// Errors the store reported to its background error hook.
+    reported: Vec<String>,
     /// The shim's first `fired` line, if the fault fired.
     fired: Option<String>,
     /// The matching calls, from the shim's `calls` line (written only at a normal exit).
@@ -918,7 +929,9 @@ impl Sweeper {
             )),
             Some(status) => match (status.code(), status.signal()) {
                 (Some(0), _) if complete && run.unexpected.is_empty() => {
-                    if fired && case.action.shim != "kill" {
+                    // An error after the last operation (closing, in the store's drop)
+                    // can only go to the background error hook.
+                    if fired && case.action.shim != "kill" && run.reported.is_empty() {
                         note = Some(format!(
                             "unreported: the child finished with exit 0 ({})",
                             run.fired.as_deref().unwrap_or_default()
@@ -976,9 +989,10 @@ impl Sweeper {
             .stdin(Stdio::null());
         let mut child = Watched::spawn(command, CHILD_PATIENCE)?;
         let mut acks = Vec::new();
-        let mut unexpected = Vec::new();
+        let (mut unexpected, mut reported) = (Vec::new(), Vec::new());
         let mut take = |line: String| match line.strip_prefix("ACK ").map(str::parse::<u64>) {
             Some(Ok(generation)) => acks.push(generation),
+            _ if line.starts_with("REPORTED ") => reported.push(line),
             _ => unexpected.push(line),
         };
         // Lines until the child closes its stdout (it exited) or prints nothing for
@@ -1015,7 +1029,7 @@ impl Sweeper {
             .find_map(|line| line.strip_prefix("calls "))
             .and_then(|rest| rest.split(' ').nth(1))
             .and_then(|count| count.parse().ok());
-        Ok(Run { acks, status, stderr, unexpected, fired, calls })
+        Ok(Run { acks, status, stderr, unexpected, reported, fired, calls })
     }
 }
 
