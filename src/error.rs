@@ -407,6 +407,47 @@ pub enum Error {
         /// The operation that was refused.
         operation: &'static str,
     },
+    /// An append found its stream other than it expected: another writer appended
+    /// meanwhile, or the stream is new or not. Nothing was written.
+    #[error("stream `{stream}`: expected {expected}, but {}", match actual { Some(version) => format!("it is at version {version}"), None => "it does not exist".to_owned() })]
+    #[non_exhaustive]
+    WrongExpectedVersion {
+        /// The stream.
+        stream: String,
+        /// What the append expected.
+        expected: crate::events::Expected,
+        /// The stream's version: its last event's, or `None` when it has none.
+        actual: Option<u64>,
+    },
+    /// A stream id the event store does not accept.
+    #[error("stream id `{stream}` is invalid: {reason}")]
+    #[non_exhaustive]
+    InvalidStreamId {
+        /// The id (cut to 80 bytes when longer).
+        stream: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// An append that cannot be made as asked; nothing was written.
+    #[error("invalid append: {reason}")]
+    #[non_exhaustive]
+    InvalidAppend {
+        /// Why.
+        reason: String,
+    },
+    /// An append holds an event whose id is already in the store elsewhere than a
+    /// retry of the same append would put it (as far as the recent ids the store
+    /// keeps tell). Nothing was written.
+    #[error(
+        "stream `{stream}`: event id {id} is already in the store, and this is no retry of the append that put it there"
+    )]
+    #[non_exhaustive]
+    DuplicateEventId {
+        /// The stream appended to.
+        stream: String,
+        /// The id.
+        id: crate::events::EventId,
+    },
     /// A file-system operation on the store failed.
     #[error("i/o failure on `{}`: {source}", path.display())]
     #[non_exhaustive]

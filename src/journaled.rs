@@ -31,7 +31,9 @@ use crate::{
     crypt::Sealer,
     error::CodecError,
     io::Io,
-    journal::{self, Config, Durability, Identity, Job, Recovery, Replayed, Taint, Timestamp},
+    journal::{
+        self, Config, Durability, Files, Identity, Job, Recovery, Replayed, Taint, Timestamp,
+    },
     lockfile::{Access, Hold, Kind},
     schema::JournalHooks,
     shape::Shape,
@@ -247,7 +249,7 @@ impl<T: Value> JournaledCell for StateCell<T> {
             return Ok(());
         };
         let Encoded { body, events, at, seq } = encoded;
-        attached.journal.snapshot(body, events, at, KEEP_SNAPSHOTS)?;
+        attached.journal.snapshot(body, events, at, KEEP_SNAPSHOTS, Files::Retire)?;
         attached.snapshotted.store(seq, Ordering::Relaxed);
         Ok(())
     }

@@ -212,6 +212,7 @@ mod cell;
 mod codec;
 mod crypt;
 mod error;
+pub mod events;
 #[cfg(feature = "fuzz")]
 #[doc(hidden)]
 pub mod fuzz;

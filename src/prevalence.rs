@@ -108,7 +108,7 @@ use crate::{
     Error, Result,
     crypt::Sealer,
     io::Io,
-    journal::{self, Config, Identity, Job, Journal, Replayed, Taint},
+    journal::{self, Config, Files, Identity, Job, Journal, Replayed, Taint},
     lockfile::{Access, DirLock, Hold, Kind},
     shape::Shape,
 };
@@ -647,7 +647,7 @@ where
             let body = journal::encode(&slot.value, || self.journal.label())?;
             (body, slot.applied, slot.at)
         };
-        self.journal.snapshot(body, events, at, self.policy.keep)?;
+        self.journal.snapshot(body, events, at, self.policy.keep, Files::Retire)?;
         self.last_events.store(events, Ordering::Relaxed);
         self.last_bytes.store(framed, Ordering::Relaxed);
         Ok(events)

@@ -16,7 +16,11 @@ use super::{
     Io, Op,
     sim::{Fault, Sim},
 };
-use crate::{Error, Prevayler, StateCell, Store, prevalence::Durability};
+use crate::{
+    Error, Prevayler, StateCell, Store,
+    events::{EventStore, Expected},
+    prevalence::Durability,
+};
 
 type TestResult<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -413,5 +417,127 @@ fn the_simulator_counts_the_calls_it_fails() -> TestResult {
     let res = Prevayler::builder().io(run.io()).open(run.root.join("journal"), 0u64, add);
     assert!(res.is_err(), "a journal opened on a disk whose every sync fails");
     assert!(!run.sim.fired().is_empty());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// The event store
+// ---------------------------------------------------------------------------------
+
+/// Appends the events 1 to 12 through `io`, one per append, to two streams, with a
+/// checkpoint after the sixth; returns how many were acknowledged.
+fn append_twelve(io: &Io, dir: &Path, durability: Durability) -> u64 {
+    let builder = EventStore::<u64>::builder().durability(durability).checkpoint_every(u64::MAX);
+    let Ok(events) = builder.io(io.clone()).open(dir) else { return 0 };
+    let mut acked = 0;
+    for n in 1..=12 {
+        let stream = if n % 2 == 0 { "even" } else { "odd" };
+        if events.append(stream, Expected::Any, [n]).is_err() {
+            break;
+        }
+        acked = n;
+        if n == 6 && events.checkpoint().is_err() {
+            break;
+        }
+    }
+    acked
+}
+
+/// What is wrong with the event store in `dir` after `acked` events were
+/// acknowledged, if anything: it must open and hold the events 1 to n, n at least
+/// `acked`, at positions 0 to n - 1, each stream's versions without a gap.
+fn check_events(dir: &Path, acked: u64) -> Option<String> {
+    let events = match EventStore::<u64>::open(dir) {
+        Ok(events) => events,
+        Err(err) => return Some(format!("the store does not open: {err}")),
+    };
+    let all = match events.read_all().into_iter().collect::<crate::Result<Vec<_>>>() {
+        Ok(all) => all,
+        Err(err) => return Some(format!("the store cannot be read: {err}")),
+    };
+    let mut versions = std::collections::BTreeMap::<String, u64>::new();
+    for (k, event) in all.iter().enumerate() {
+        let version = versions.entry(event.stream.clone()).or_default();
+        if event.data != k as u64 + 1
+            || event.position.get() != k as u64
+            || event.version != *version
+        {
+            return Some(format!("event {k} is {event:?}"));
+        }
+        *version += 1;
+    }
+    let n = all.len() as u64;
+    (n < acked).then(|| format!("{acked} events were acknowledged, {n} came back"))
+}
+
+#[test]
+fn a_power_loss_at_any_call_of_an_event_store_loses_no_acknowledged_event() -> TestResult {
+    for durability in [Durability::SyncEach, Durability::GroupCommit] {
+        let calls = {
+            let run = Run::new()?;
+            append_twelve(&run.io(), &run.root.join("events"), durability);
+            run.sim.calls()
+        };
+        for call in 1..=calls + 1 {
+            let run = Run::new()?;
+            run.sim.seed(call);
+            run.sim.crash_at(call, &run.out);
+            let acked = append_twelve(&run.io(), &run.root.join("events"), durability);
+            if let Some(harm) = check_events(&run.survivor("events")?, acked) {
+                return Err(format!("{durability:?}, power loss at call {call}: {harm}").into());
+            }
+        }
+        eprintln!(
+            "events ({durability:?}): a power loss at each of {} calls, no event lost",
+            calls + 1
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_failed_event_store_call_is_an_error_that_poisons_and_loses_nothing() -> TestResult {
+    let calls = {
+        let run = Run::new()?;
+        append_twelve(&run.io(), &run.root.join("events"), Durability::SyncEach);
+        run.sim.calls()
+    };
+    let mut fired = 0;
+    for nth in 1..=calls {
+        let run = Run::new()?;
+        run.sim.fail(Fault { nth, ops: Vec::new(), no_space: false, sticky: false });
+        let dir = run.root.join("events");
+        let mut acked = 0;
+        let builder = EventStore::<u64>::builder().checkpoint_every(u64::MAX).io(run.io());
+        if let Ok(events) = builder.open(&dir) {
+            for n in 1..=12 {
+                match events.append("all", Expected::Any, [n]) {
+                    Ok(_) => acked = n,
+                    Err(err) => {
+                        let again = events.append("all", Expected::Any, [n]);
+                        if !matches!(again, Err(Error::Poisoned { .. })) {
+                            return Err(format!(
+                                "call {nth} failed append {n} ({err}); the next one gave {again:?}"
+                            )
+                            .into());
+                        }
+                        break;
+                    }
+                }
+                // A failed checkpoint leaves the store whole and usable.
+                if n == 6 {
+                    let _ = events.checkpoint();
+                }
+            }
+        }
+        if run.sim.fired().is_empty() {
+            continue;
+        }
+        if let Some(harm) = check_events(&dir, acked) {
+            return Err(format!("failing call {nth} ({:?}): {harm}", run.sim.fired()).into());
+        }
+        fired += 1;
+    }
+    eprintln!("events: {fired} failed calls: none lost an event, each failed append poisoned");
     Ok(())
 }

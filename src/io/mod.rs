@@ -401,6 +401,22 @@ impl IoFile {
         self.file.write_all_at(bytes, offset)
     }
 
+    /// Reads into `buf` from `offset` until it is full or the file ends, without
+    /// moving the file's cursor; returns how many bytes it read.
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.io.check(Op::Read, &self.path)?;
+        let mut done = 0;
+        while let Some(rest) = buf.get_mut(done..).filter(|rest| !rest.is_empty()) {
+            match self.file.read_at(rest, offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(done)
+    }
+
     /// Reads the whole file, without moving the file's cursor.
     pub(crate) fn read_all(&self) -> io::Result<Vec<u8>> {
         self.io.check(Op::Read, &self.path)?;

@@ -45,8 +45,11 @@ use std::{
 use serde::{Serialize, de::DeserializeOwned};
 
 pub(crate) use self::inspect::inspect;
-pub(crate) use self::writer::Journal;
 pub use self::{inspect::JournalReport, recovery::Recovered};
+pub(crate) use self::{
+    recovery::journal_files,
+    writer::{Files, Journal, Prepared},
+};
 use crate::{
     Error, Result,
     crypt::{KEYCHECK_PLAIN, Sealer},
@@ -241,12 +244,15 @@ pub(crate) trait Job: Send + 'static {
     fn run(self, seq: u64, at: Timestamp) -> (Self::Output, Option<u64>);
 }
 
-/// One replayed event: its number, timestamp and encoded bytes.
+/// One replayed event: its number, timestamp and encoded bytes, and where its frame
+/// is: the journal file (named by its first event) and the frame's offset in it.
 #[derive(Clone, Copy)]
 pub(crate) struct Replayed<'a> {
     pub(crate) seq: u64,
     pub(crate) at: Timestamp,
     pub(crate) bytes: &'a [u8],
+    pub(crate) file: u64,
+    pub(crate) offset: u64,
 }
 
 /// A state read back from a snapshot and the journal after it.

@@ -524,7 +524,7 @@ fn replay_found(
         });
     }
     let files = files.iter().zip(contents).zip(&frames.spans);
-    for (((_, path), bytes), &(start, end)) in files {
+    for (((file, path), bytes), &(start, end)) in files {
         let mut offset = start;
         while let Some((frame, len)) = bytes.get(offset..end).and_then(format::parse_frame) {
             let at_offset = offset;
@@ -540,7 +540,14 @@ fn replay_found(
             let plain = open_event(sealer, seq, stored).map_err(|reason| {
                 Error::JournalCorrupt { path: path.clone(), offset: at_offset as u64, reason }
             })?;
-            let digest = replay(Replayed { seq, at: Timestamp(at), bytes: &plain })?;
+            let replayed = Replayed {
+                seq,
+                at: Timestamp(at),
+                bytes: &plain,
+                file: *file,
+                offset: at_offset as u64,
+            };
+            let digest = replay(replayed)?;
             if let (Some(replayed), Some(&stored)) = (digest, frames.checks.get(&seq))
                 && replayed != stored
             {

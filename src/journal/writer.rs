@@ -286,7 +286,44 @@ impl Journal {
     /// Journals the encoded `event`, makes it durable as the mode asks, then runs
     /// `job` and returns its output.
     pub(crate) fn commit<J: Job>(&self, event: Vec<u8>, job: J) -> Result<J::Output> {
+        self.commit_with(move |_, _| Ok(Prepared::Event(event, job)))
+    }
+
+    /// Journals the event that `prepare` makes, makes it durable as the mode asks,
+    /// then runs its job and returns the job's output.
+    ///
+    /// `prepare` gets the number and timestamp the event will have, and runs under
+    /// the journal's queue lock, in journal order: what it checks and reserves holds
+    /// against every event before it and after it. It must not use the journal. An
+    /// error from it, or an answer it gives at once ([`Prepared::Done`]), journals
+    /// nothing and takes no number.
+    pub(crate) fn commit_with<J: Job>(
+        &self,
+        prepare: impl FnOnce(u64, Timestamp) -> Result<Prepared<J>>,
+    ) -> Result<J::Output> {
         self.check_writable("handle")?;
+        match self.durability {
+            Durability::GroupCommit => self.commit_grouped(prepare),
+            _ => self.commit_direct(prepare),
+        }
+    }
+
+    /// Takes the next event number and timestamp, has `prepare` make the event and
+    /// its job, and frames the event into `buf`.
+    fn frame<J: Job>(
+        &self,
+        queue: &mut Queue,
+        prepare: impl FnOnce(u64, Timestamp) -> Result<Prepared<J>>,
+    ) -> Result<Framed<J>> {
+        if queue.poisoned {
+            return Err(Error::Poisoned { path: self.label() });
+        }
+        let seq = queue.next;
+        let at = queue.clock.max(now_micros());
+        let (event, job) = match prepare(seq, Timestamp(at))? {
+            Prepared::Event(event, job) => (event, job),
+            Prepared::Done(output) => return Ok(Framed::Done(output)),
+        };
         if event.len() > (format::MAX_PAYLOAD as usize).saturating_sub(format::EVENT_HEAD + 64) {
             return Err(Error::JournalWrite {
                 path: self.label(),
@@ -296,20 +333,7 @@ impl Journal {
                 )),
             });
         }
-        match self.durability {
-            Durability::GroupCommit => self.commit_grouped(event, job),
-            _ => self.commit_direct(event, job),
-        }
-    }
-
-    /// Takes the next event number and timestamp and frames the event into `buf`.
-    fn frame(&self, queue: &mut Queue, event: Vec<u8>) -> Result<(u64, Timestamp)> {
-        if queue.poisoned {
-            return Err(Error::Poisoned { path: self.label() });
-        }
-        let seq = queue.next;
-        queue.clock = queue.clock.max(now_micros());
-        let at = queue.clock;
+        queue.clock = at;
         queue.next += 1;
         if self.dir.is_some() {
             let stored = self.seal_event(seq, event);
@@ -318,12 +342,18 @@ impl Journal {
             self.framed.fetch_add((queue.buf.len() - before) as u64, Ordering::Relaxed);
             queue.buf_first.get_or_insert(seq);
         }
-        Ok((seq, Timestamp(at)))
+        Ok(Framed::Queued(seq, Timestamp(at), job))
     }
 
-    fn commit_direct<J: Job>(&self, event: Vec<u8>, job: J) -> Result<J::Output> {
+    fn commit_direct<J: Job>(
+        &self,
+        prepare: impl FnOnce(u64, Timestamp) -> Result<Prepared<J>>,
+    ) -> Result<J::Output> {
         let mut queue = self.queue.lock();
-        let (seq, at) = self.frame(&mut queue, event)?;
+        let (seq, at, job) = match self.frame(&mut queue, prepare)? {
+            Framed::Queued(seq, at, job) => (seq, at, job),
+            Framed::Done(output) => return Ok(output),
+        };
         let must_write = match self.durability {
             Durability::SyncEach => true,
             _ => queue.buf.len() >= BUFFER_LIMIT,
@@ -367,11 +397,17 @@ impl Journal {
         let _ = self.output.lock().write(self, &bytes, buf_first, true);
     }
 
-    fn commit_grouped<J: Job>(&self, event: Vec<u8>, job: J) -> Result<J::Output> {
+    fn commit_grouped<J: Job>(
+        &self,
+        prepare: impl FnOnce(u64, Timestamp) -> Result<Prepared<J>>,
+    ) -> Result<J::Output> {
         let (tx, rx) = mpsc::channel();
         let mut lead = {
             let mut queue = self.queue.lock();
-            let (seq, at) = self.frame(&mut queue, event)?;
+            let (seq, at, job) = match self.frame(&mut queue, prepare)? {
+                Framed::Queued(seq, at, job) => (seq, at, job),
+                Framed::Done(output) => return Ok(output),
+            };
             queue.pending.push(Box::new(Queued { job: Some(job), tx, seq, at }));
             !mem::replace(&mut queue.leading, true)
         };
@@ -464,6 +500,16 @@ impl Journal {
 
     /// Writes and `fdatasync`s everything handled so far.
     pub(crate) fn sync(&self) -> Result<()> {
+        self.drain(true)
+    }
+
+    /// Writes everything handled so far to the journal file, syncing nothing: what a
+    /// reader of the file needs in the buffered modes.
+    pub(crate) fn write_out(&self) -> Result<()> {
+        self.drain(false)
+    }
+
+    fn drain(&self, sync: bool) -> Result<()> {
         let mut queue = self.queue.lock();
         if queue.poisoned {
             return Err(Error::Poisoned { path: self.label() });
@@ -476,7 +522,7 @@ impl Journal {
         let first = queue.buf_first.take();
         let mut output = self.output.lock();
         drop(queue);
-        let res = output.write(self, &bytes, first, true);
+        let res = output.write(self, &bytes, first, sync);
         if res.is_err() {
             drop(output);
             self.queue.lock().poisoned = true;
@@ -493,7 +539,14 @@ impl Journal {
     /// an event whose job waits for the state's lock may hold. So a snapshot can be
     /// taken by a thread that holds a read guard of the state, while another handles
     /// an event.
-    pub(crate) fn snapshot(&self, body: Vec<u8>, events: u64, at: u64, keep: usize) -> Result<()> {
+    pub(crate) fn snapshot(
+        &self,
+        body: Vec<u8>,
+        events: u64,
+        at: u64,
+        keep: usize,
+        files: Files,
+    ) -> Result<()> {
         self.check_writable("snapshot")?;
         let Some(dir) = &self.dir else { return Ok(()) };
         // One at a time: two would write the same temporary file.
@@ -504,7 +557,10 @@ impl Journal {
         else {
             return Ok(());
         };
-        let retired = self.retired(oldest.0)?;
+        let retired = match files {
+            Files::Retire => self.retired(oldest.0)?,
+            Files::Keep => Vec::new(),
+        };
         if old.is_empty() && retired.is_empty() {
             return Ok(());
         }
@@ -584,6 +640,30 @@ impl Drop for Journal {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// What [`Journal::commit_with`]'s `prepare` decided.
+pub(crate) enum Prepared<J: Job> {
+    /// Journal this event, then run this job.
+    Event(Vec<u8>, J),
+    /// Journal nothing: this is the answer.
+    Done(J::Output),
+}
+
+/// An event framed into the queue's buffer, or the answer that needed none.
+enum Framed<J: Job> {
+    Queued(u64, Timestamp, J),
+    Done(J::Output),
+}
+
+/// What a snapshot does with the journal files that it and the older snapshots it
+/// keeps cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Files {
+    /// Deletes them: the snapshot holds their events (prevalence).
+    Retire,
+    /// Keeps them: they are read again (an event store's events).
+    Keep,
 }
 
 /// What a journal is made of, besides its queue and output.

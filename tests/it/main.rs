@@ -8,6 +8,7 @@ mod bad_input;
 mod compat;
 mod concurrency;
 mod crypt;
+mod events;
 mod global;
 mod history;
 mod journaled;

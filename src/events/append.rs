@@ -1,0 +1,321 @@
+//! Appending: what a caller expects of a stream ([`Expected`]), what it asks for
+//! ([`Append`]) and gets ([`Appended`]), and the planning of a batch under the
+//! journal's lock: expectations checked, retries recognised, versions and positions
+//! handed out.
+
+use std::{fmt, ops::Range};
+
+use super::{
+    EventId, NewEvent,
+    batch::{Batch, Command, Part, StoredEvent},
+    index::{Index, Seen, StreamIdx},
+    stream_id,
+};
+use crate::{Error, Result};
+
+/// What an append expects of its stream: optimistic concurrency.
+///
+/// A writer that read a stream at version `v` appends with `Expected::Exact(v)`:
+/// if another writer appended meanwhile, the append is refused with
+/// [`Error::WrongExpectedVersion`], carrying the version the stream is at, and
+/// nothing is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Expected {
+    /// Whatever the stream holds, or if it does not exist.
+    Any,
+    /// The stream has no event yet.
+    NoStream,
+    /// The stream has at least one event.
+    StreamExists,
+    /// The stream's last event has this version.
+    Exact(u64),
+}
+
+impl fmt::Display for Expected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expected::Any => f.write_str("any version"),
+            Expected::NoStream => f.write_str("no stream"),
+            Expected::StreamExists => f.write_str("an existing stream"),
+            Expected::Exact(version) => write!(f, "version {version}"),
+        }
+    }
+}
+
+/// The events of one stream in an append of several
+/// ([`EventStore::append_all`](super::EventStore::append_all)).
+#[derive(Debug, Clone)]
+pub struct Append<E> {
+    pub(crate) stream: String,
+    pub(crate) expected: Expected,
+    pub(crate) events: Vec<NewEvent<E>>,
+}
+
+impl<E> Append<E> {
+    /// Appends `events` to `stream`, which must be as `expected` says.
+    pub fn new(
+        stream: impl Into<String>,
+        expected: Expected,
+        events: impl IntoIterator<Item = impl Into<NewEvent<E>>>,
+    ) -> Append<E> {
+        Append {
+            stream: stream.into(),
+            expected,
+            events: events.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// What an append of one stream did: the versions and positions its events got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Appended {
+    /// The stream.
+    pub stream: String,
+    /// The versions the events got, in order; empty for an append of no event.
+    pub versions: Range<u64>,
+    /// The positions the events got, in order; empty for an append of no event.
+    pub positions: Range<u64>,
+}
+
+impl Appended {
+    /// The stream's version after the append: its last event's, or `None` when it
+    /// has no event.
+    #[must_use]
+    pub fn last_version(&self) -> Option<u64> {
+        self.versions.end.checked_sub(1)
+    }
+}
+
+/// An event encoded for its batch.
+pub(crate) struct Encoded {
+    pub(crate) id: EventId,
+    pub(crate) event_type: String,
+    pub(crate) causation: Option<EventId>,
+    pub(crate) correlation: Option<EventId>,
+    pub(crate) tags: Vec<String>,
+    pub(crate) data: Vec<u8>,
+}
+
+/// The events of one stream, checked and encoded, before the journal's lock.
+pub(crate) struct Request {
+    pub(crate) stream: String,
+    pub(crate) expected: Expected,
+    pub(crate) events: Vec<Encoded>,
+}
+
+/// What planning decided.
+pub(crate) enum Plan {
+    /// Journal the batch, then commit these parts.
+    Write { bytes: Vec<u8>, commit: Commit },
+    /// Write nothing: every part is an earlier append retried (or has no event).
+    Done(Vec<Appended>),
+}
+
+/// The parts of a journaled batch, to commit once it is durable.
+pub(crate) struct Commit {
+    pub(crate) first_position: u64,
+    pub(crate) parts: Vec<(StreamIdx, u64, Vec<[u8; 16]>)>,
+    pub(crate) appended: Vec<Appended>,
+}
+
+/// Checks the requests' stream ids and that no stream comes twice.
+pub(crate) fn check_requests(requests: &[Request]) -> Result<()> {
+    for (idx, request) in requests.iter().enumerate() {
+        stream_id::check(&request.stream)?;
+        if requests.iter().take(idx).any(|earlier| earlier.stream == request.stream) {
+            return Err(Error::InvalidAppend {
+                reason: format!("stream `{}` comes twice in one append", request.stream),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Plans the batch of `requests` against `index` (reserved versions and positions
+/// included), under the journal's lock: refuses a wrong expectation, recognises a
+/// retry of a committed append, and hands out versions and positions.
+pub(crate) fn plan(index: &mut Index, requests: &[Request]) -> Result<Plan> {
+    let mut retried = Vec::new();
+    let mut fresh = Vec::new();
+    for request in requests {
+        match check(index, request)? {
+            Checked::Retry(appended) => retried.push(appended),
+            Checked::Fresh => fresh.push(request),
+        }
+    }
+    if !fresh.is_empty() && !retried.is_empty() {
+        // Part of the batch was appended before: this is no retry of one append.
+        let stream = retried.first().map(|it| it.stream.clone()).unwrap_or_default();
+        let first = requests.iter().find(|it| it.stream == stream).and_then(|it| it.events.first());
+        return Err(Error::DuplicateEventId {
+            stream,
+            id: first.map_or_else(EventId::new, |event| event.id),
+        });
+    }
+    if fresh.iter().all(|request| request.events.is_empty()) {
+        if !retried.is_empty() {
+            return Ok(Plan::Done(retried));
+        }
+        let appended = fresh
+            .iter()
+            .map(|request| {
+                let next = index
+                    .stream(&request.stream)
+                    .and_then(|idx| index.get(idx))
+                    .map_or(0, |it| it.reserved);
+                Appended {
+                    stream: request.stream.clone(),
+                    versions: next..next,
+                    positions: index.reserved..index.reserved,
+                }
+            })
+            .collect();
+        return Ok(Plan::Done(appended));
+    }
+    let first_position = index.reserved;
+    let mut position = first_position;
+    let mut parts = Vec::with_capacity(fresh.len());
+    let mut appended = Vec::with_capacity(fresh.len());
+    let mut noted = Vec::new();
+    for request in &fresh {
+        let idx = index.stream_or_new(&request.stream);
+        let Some(stream) = index.get_mut(idx) else { continue };
+        let first_version = stream.reserved;
+        let n = request.events.len() as u64;
+        stream.reserved += n;
+        let ids: Vec<[u8; 16]> = request.events.iter().map(|event| *event.id.as_bytes()).collect();
+        for (k, id) in ids.iter().enumerate() {
+            let k = k as u64;
+            noted.push((
+                *id,
+                Seen { stream: idx, version: first_version + k, position: position + k },
+            ));
+        }
+        appended.push(Appended {
+            stream: request.stream.clone(),
+            versions: first_version..first_version + n,
+            positions: position..position + n,
+        });
+        parts.push((idx, first_version, ids));
+        position += n;
+    }
+    index.reserved = position;
+    index.note_ids(noted);
+    let batch = Batch {
+        first_position,
+        parts: fresh
+            .iter()
+            .zip(&parts)
+            .map(|(request, (_, first_version, _))| Part {
+                stream: &request.stream,
+                first_version: *first_version,
+                events: request.events.iter().map(stored).collect(),
+            })
+            .collect(),
+    };
+    // A batch is made of integers, strings and byte strings, which postcard encodes
+    // into a `Vec` whatever they hold.
+    #[allow(clippy::expect_used)]
+    let bytes = super::batch::encode(&Command::Append(batch)).expect("a batch encodes");
+    Ok(Plan::Write { bytes, commit: Commit { first_position, parts, appended } })
+}
+
+fn stored(event: &Encoded) -> StoredEvent<'_> {
+    StoredEvent {
+        id: *event.id.as_bytes(),
+        event_type: &event.event_type,
+        causation: event.causation.map(|id| *id.as_bytes()),
+        correlation: event.correlation.map(|id| *id.as_bytes()),
+        tags: event.tags.iter().map(String::as_str).collect(),
+        data: &event.data,
+    }
+}
+
+enum Checked {
+    Fresh,
+    Retry(Appended),
+}
+
+/// Checks one request's expectation, and whether it is a retry of an append that
+/// is committed.
+fn check(index: &Index, request: &Request) -> Result<Checked> {
+    let idx = index.stream(&request.stream);
+    let next = idx.and_then(|idx| index.get(idx)).map_or(0, |stream| stream.reserved);
+    let expected_ok = match request.expected {
+        Expected::Any => true,
+        Expected::NoStream => next == 0,
+        Expected::StreamExists => next > 0,
+        Expected::Exact(version) => next == version.saturating_add(1),
+    };
+    // Where a retry's events would be: right after what it expected, or, for an
+    // expectation that names no version, where its first event is.
+    let place = match request.expected {
+        Expected::NoStream => Some(0),
+        Expected::Exact(version) => version.checked_add(1),
+        Expected::Any | Expected::StreamExists => {
+            let first = request.events.first().and_then(|event| index.seen(event.id.as_bytes()));
+            first.filter(|seen| Some(seen.stream) == idx).map(|seen| seen.version)
+        }
+    };
+    if let (Some(idx), Some(place), false) = (idx, place, request.events.is_empty()) {
+        match retry_of(index, idx, place, request) {
+            Match::All(appended) => return Ok(Checked::Retry(appended)),
+            Match::Some if matches!(request.expected, Expected::Any | Expected::StreamExists) => {
+                let id = request.events.first().map_or_else(EventId::new, |event| event.id);
+                return Err(Error::DuplicateEventId { stream: request.stream.clone(), id });
+            }
+            Match::Some | Match::None => {}
+        }
+    }
+    if !expected_ok {
+        let actual = next.checked_sub(1);
+        return Err(Error::WrongExpectedVersion {
+            stream: request.stream.clone(),
+            expected: request.expected,
+            actual,
+        });
+    }
+    // An id already appended elsewhere, as far as the recent ids tell.
+    for event in &request.events {
+        if index.seen(event.id.as_bytes()).is_some() {
+            return Err(Error::DuplicateEventId { stream: request.stream.clone(), id: event.id });
+        }
+    }
+    Ok(Checked::Fresh)
+}
+
+enum Match {
+    /// Every event is committed at its place: the append happened.
+    All(Appended),
+    /// The first event is at its place, not all of them (or not committed).
+    Some,
+    None,
+}
+
+/// Whether the events of `request` are in stream `idx` from version `place` on,
+/// committed, as the recent ids tell.
+fn retry_of(index: &Index, idx: StreamIdx, place: u64, request: &Request) -> Match {
+    let mut positions = Vec::with_capacity(request.events.len());
+    for (k, event) in request.events.iter().enumerate() {
+        let at = index.seen(event.id.as_bytes());
+        let in_place = at.filter(|seen| {
+            seen.stream == idx
+                && seen.version == place + k as u64
+                && seen.position < index.committed
+        });
+        match in_place {
+            Some(seen) => positions.push(seen.position),
+            None if k == 0 => return Match::None,
+            None => return Match::Some,
+        }
+    }
+    let first = positions.first().copied().unwrap_or(0);
+    let last = positions.last().copied().unwrap_or(0);
+    Match::All(Appended {
+        stream: request.stream.clone(),
+        versions: place..place + request.events.len() as u64,
+        positions: first..last + 1,
+    })
+}

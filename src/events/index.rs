@@ -1,0 +1,380 @@
+//! What an event store keeps in memory about its events: the streams and their
+//! versions, the positions of each journal event's batch, the recent event ids, and
+//! where each journal event's frame is in the journal files. The events themselves
+//! stay on disk.
+//!
+//! Per event it holds 8 bytes in its stream's list of positions, and per journal
+//! event (a batch) 8 bytes for the batch's first position and 8 for its frame's
+//! offset; the recent ids are a bounded window.
+//!
+//! **Invariant:** `committed` values only count batches whose journal event is as
+//! durable as the store's mode promises and whose job ran, in journal order; the
+//! `reserved` values also count batches prepared and not yet committed. Reads use
+//! only the committed ones.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::batch::Batch;
+
+/// A stream's number in the index.
+pub(crate) type StreamIdx = u32;
+
+/// Where a recent event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Seen {
+    pub(crate) stream: StreamIdx,
+    pub(crate) version: u64,
+    pub(crate) position: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stream {
+    pub(crate) name: String,
+    /// The positions of its committed events, by version.
+    pub(crate) positions: Vec<u64>,
+    /// Its versions handed out, committed or not: the next event's version.
+    pub(crate) reserved: u64,
+}
+
+/// The in-memory index of an event store.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    by_name: HashMap<String, StreamIdx>,
+    pub(crate) streams: Vec<Stream>,
+    /// Per journal event, by its number: the position of its batch's first event.
+    /// The positions of journal event `seq` run up to the next one's start (or to
+    /// `committed`). A journal event without events (voided, or not an append) has
+    /// an empty range.
+    starts: Vec<u64>,
+    /// The committed events: the next position a reader may not read.
+    pub(crate) committed: u64,
+    /// The positions handed out, committed or not.
+    pub(crate) reserved: u64,
+    /// The timestamp of the last committed journal event, in microseconds.
+    pub(crate) last_at: u64,
+    recent: Recent,
+}
+
+/// The ids of the most recent events, for idempotent appends.
+#[derive(Debug, Default)]
+struct Recent {
+    capacity: usize,
+    by_id: HashMap<[u8; 16], Seen>,
+    order: VecDeque<[u8; 16]>,
+}
+
+/// Where the frames of the journal events are: per journal file (by the number of
+/// its first event), the offset of each event's frame, by number. Filled by
+/// recovery, and by reads that scan a file for frames it does not know yet.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub(crate) struct Frames {
+    pub(crate) files: BTreeMap<u64, Vec<u64>>,
+}
+
+/// What a journal offset table entry holds for a journal event recovery did not
+/// see (a voided one, which no read needs).
+pub(crate) const UNKNOWN_OFFSET: u64 = u64::MAX;
+
+impl Frames {
+    /// Records that journal event `seq`'s frame is at `offset` in file `file`.
+    pub(crate) fn record(&mut self, file: u64, seq: u64, offset: u64) {
+        let offsets = self.files.entry(file).or_default();
+        let Some(idx) = seq.checked_sub(file).and_then(|idx| usize::try_from(idx).ok()) else {
+            return;
+        };
+        if offsets.len() <= idx {
+            offsets.resize(idx, UNKNOWN_OFFSET);
+            offsets.push(offset);
+        } else if let Some(slot) = offsets.get_mut(idx) {
+            *slot = offset;
+        }
+    }
+
+    /// The file holding journal event `seq` as far as this table knows (the one
+    /// with the greatest first event not after it), and the offset of its frame if
+    /// known.
+    pub(crate) fn find(&self, seq: u64) -> Option<(u64, Option<u64>)> {
+        let (&file, offsets) = self.files.range(..=seq).next_back()?;
+        let idx = usize::try_from(seq - file).ok()?;
+        let offset = offsets.get(idx).copied().filter(|offset| *offset != UNKNOWN_OFFSET);
+        Some((file, offset))
+    }
+}
+
+/// The index and the frame table as a checkpoint (a journal snapshot) stores them.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Checkpoint {
+    streams: Vec<(String, Vec<u64>)>,
+    starts: Vec<u64>,
+    committed: u64,
+    last_at: u64,
+    recent: Vec<([u8; 16], Seen)>,
+    frames: Frames,
+}
+
+impl Index {
+    /// An empty index keeping the ids of the last `recent` events.
+    pub(crate) fn new(recent: usize) -> Index {
+        Index { recent: Recent { capacity: recent, ..Recent::default() }, ..Index::default() }
+    }
+
+    /// The stream named `name`, if it has ever had a version handed out.
+    pub(crate) fn stream(&self, name: &str) -> Option<StreamIdx> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The stream named `name`, made if it is new.
+    pub(crate) fn stream_or_new(&mut self, name: &str) -> StreamIdx {
+        if let Some(idx) = self.by_name.get(name) {
+            return *idx;
+        }
+        // A store would run out of memory long before it held 4 billion streams.
+        #[allow(clippy::expect_used)]
+        let idx = StreamIdx::try_from(self.streams.len()).expect("fewer than 2^32 streams");
+        self.streams.push(Stream { name: name.to_owned(), ..Stream::default() });
+        self.by_name.insert(name.to_owned(), idx);
+        idx
+    }
+
+    pub(crate) fn get(&self, idx: StreamIdx) -> Option<&Stream> {
+        self.streams.get(idx as usize)
+    }
+
+    pub(crate) fn get_mut(&mut self, idx: StreamIdx) -> Option<&mut Stream> {
+        self.streams.get_mut(idx as usize)
+    }
+
+    /// Where the recent event `id` is, if it is among the recent ones.
+    pub(crate) fn seen(&self, id: &[u8; 16]) -> Option<Seen> {
+        self.recent.by_id.get(id).copied()
+    }
+
+    /// Notes the ids of a prepared batch, so that a retry of it is recognised even
+    /// before it is committed.
+    pub(crate) fn note_ids(&mut self, ids: impl IntoIterator<Item = ([u8; 16], Seen)>) {
+        for (id, seen) in ids {
+            self.recent.insert(id, seen);
+        }
+    }
+
+    /// Commits journal event `seq`, the append `batch` read back from the journal:
+    /// its events get their positions and versions. Returns a description of the
+    /// mismatch when the batch does not follow what the index holds (damage, or a
+    /// bug).
+    pub(crate) fn commit(&mut self, seq: u64, batch: &Batch<'_>) -> Result<(), String> {
+        let parts: Vec<(StreamIdx, u64, Vec<[u8; 16]>)> = batch
+            .parts
+            .iter()
+            .map(|part| {
+                let idx = self.stream_or_new(part.stream);
+                (idx, part.first_version, part.events.iter().map(|event| event.id).collect())
+            })
+            .collect();
+        self.commit_planned(seq, batch.first_position, &parts)
+    }
+
+    /// Commits journal event `seq`, whose batch puts events with `ids` in stream
+    /// `idx` from `first_version` on, part after part, from `first_position` on.
+    pub(crate) fn commit_planned(
+        &mut self,
+        seq: u64,
+        first_position: u64,
+        parts: &[(StreamIdx, u64, Vec<[u8; 16]>)],
+    ) -> Result<(), String> {
+        if first_position != self.committed {
+            return Err(format!(
+                "journal event {seq} holds positions from {first_position}, where {} comes next",
+                self.committed
+            ));
+        }
+        self.commit_seq(seq)?;
+        let mut position = first_position;
+        for (idx, first_version, ids) in parts {
+            let Some(stream) = self.streams.get_mut(*idx as usize) else {
+                return Err(format!("journal event {seq} names a stream the index lacks"));
+            };
+            if *first_version != stream.positions.len() as u64 {
+                return Err(format!(
+                    "journal event {seq} holds stream `{}` from version {first_version}, where {} comes next",
+                    stream.name,
+                    stream.positions.len()
+                ));
+            }
+            for id in ids {
+                let version = stream.positions.len() as u64;
+                stream.positions.push(position);
+                self.recent.insert(*id, Seen { stream: *idx, version, position });
+                position += 1;
+            }
+            stream.reserved = stream.reserved.max(stream.positions.len() as u64);
+        }
+        self.committed = position;
+        self.reserved = self.reserved.max(position);
+        Ok(())
+    }
+
+    /// How many journal events the index holds: the next one's number.
+    pub(crate) fn journal_events(&self) -> u64 {
+        self.starts.len() as u64
+    }
+
+    /// Keeps the ids of the last `recent` events from now on.
+    pub(crate) fn resize_recent(&mut self, recent: usize) {
+        self.recent.capacity = recent;
+        self.recent.trim();
+    }
+
+    /// Commits journal event `seq`, which holds no event (a voided one, passed over
+    /// by recovery, comes in as the gap before the next).
+    fn commit_seq(&mut self, seq: u64) -> Result<(), String> {
+        let Ok(seq_idx) = usize::try_from(seq) else {
+            return Err(format!("journal event {seq} is out of range"));
+        };
+        if seq_idx < self.starts.len() {
+            return Err(format!("journal event {seq} comes twice"));
+        }
+        // Journal events without events of their own (voided ones) start where the
+        // next one does.
+        self.starts.resize(seq_idx + 1, self.committed);
+        Ok(())
+    }
+
+    /// The journal event whose batch holds position `position`.
+    pub(crate) fn seq_of(&self, position: u64) -> Option<u64> {
+        if self.committed <= position {
+            return None;
+        }
+        let after = self.starts.partition_point(|start| *start <= position);
+        after.checked_sub(1).map(|seq| seq as u64)
+    }
+
+    /// The position of the first event of journal event `seq`'s batch.
+    pub(crate) fn start_of(&self, seq: u64) -> Option<u64> {
+        self.starts.get(usize::try_from(seq).ok()?).copied()
+    }
+
+    /// The index and `frames` as a checkpoint stores them.
+    pub(crate) fn checkpoint(&self, frames: &Frames) -> Checkpoint {
+        Checkpoint {
+            streams: self
+                .streams
+                .iter()
+                .map(|stream| (stream.name.clone(), stream.positions.clone()))
+                .collect(),
+            starts: self.starts.clone(),
+            committed: self.committed,
+            last_at: self.last_at,
+            recent: self.recent.order.iter().filter_map(|id| Some((*id, self.seen(id)?))).collect(),
+            frames: frames.clone(),
+        }
+    }
+
+    /// The index and frame table a checkpoint holds, keeping the ids of the last
+    /// `recent` events.
+    pub(crate) fn restore(checkpoint: Checkpoint, recent: usize) -> (Index, Frames) {
+        let Checkpoint { streams, starts, committed, last_at, recent: ids, frames } = checkpoint;
+        let mut index = Index::new(recent);
+        for (name, positions) in streams {
+            let idx = index.stream_or_new(&name);
+            if let Some(stream) = index.get_mut(idx) {
+                stream.reserved = positions.len() as u64;
+                stream.positions = positions;
+            }
+        }
+        index.starts = starts;
+        index.committed = committed;
+        index.reserved = committed;
+        index.last_at = last_at;
+        index.note_ids(ids);
+        (index, frames)
+    }
+}
+
+impl Recent {
+    fn insert(&mut self, id: [u8; 16], seen: Seen) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.by_id.insert(id, seen).is_none() {
+            self.order.push_back(id);
+        }
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        while self.capacity < self.order.len() {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::batch::{Part, StoredEvent};
+
+    fn event(id: u8) -> StoredEvent<'static> {
+        StoredEvent {
+            id: [id; 16],
+            event_type: "E",
+            causation: None,
+            correlation: None,
+            tags: Vec::new(),
+            data: &[],
+        }
+    }
+
+    #[test]
+    fn batches_get_positions_and_versions_and_voided_events_none() {
+        let mut index = Index::new(2);
+        let batch = |first_position, stream, first_version, ids: &[u8]| Batch {
+            first_position,
+            parts: vec![Part {
+                stream,
+                first_version,
+                events: ids.iter().map(|id| event(*id)).collect(),
+            }],
+        };
+        index.commit(0, &batch(0, "a", 0, &[1, 2])).expect("first batch");
+        // Journal event 1 was voided: recovery passes over it.
+        index.commit(2, &batch(2, "b", 0, &[3])).expect("after a gap");
+        index.commit(3, &batch(3, "a", 2, &[4])).expect("a again");
+        assert_eq!(index.committed, 4);
+        let a = index.stream("a").and_then(|idx| index.get(idx)).expect("stream a");
+        assert_eq!(a.positions, [0, 1, 3]);
+        assert_eq!(
+            (index.seq_of(1), index.seq_of(2), index.seq_of(3), index.seq_of(4)),
+            (Some(0), Some(2), Some(3), None)
+        );
+        // Only the last two ids are kept.
+        assert_eq!(
+            (index.seen(&[4; 16]).map(|it| it.version), index.seen(&[1; 16])),
+            (Some(2), None)
+        );
+        assert!(index.commit(4, &batch(5, "a", 3, &[5])).is_err(), "a gap in positions");
+        assert!(index.commit(4, &batch(4, "a", 9, &[5])).is_err(), "a gap in versions");
+        assert!(index.commit(3, &batch(4, "a", 3, &[5])).is_err(), "a number twice");
+
+        let mut frames = Frames::default();
+        frames.record(0, 0, 40);
+        frames.record(0, 2, 90);
+        assert_eq!(
+            (frames.find(0), frames.find(1), frames.find(2)),
+            (Some((0, Some(40))), Some((0, None)), Some((0, Some(90))))
+        );
+        let (restored, frames) = Index::restore(index.checkpoint(&frames), 2);
+        assert_eq!(
+            restored.stream("a").and_then(|idx| restored.get(idx)).map(|it| it.positions.clone()),
+            Some(vec![0, 1, 3])
+        );
+        assert_eq!(
+            (restored.committed, restored.seq_of(3), restored.seen(&[3; 16]).map(|it| it.position)),
+            (4, Some(3), Some(2))
+        );
+        assert_eq!(frames.find(2), Some((0, Some(90))));
+    }
+}

@@ -1,0 +1,241 @@
+//! Reading journal events back from the journal files: where each one's frame is
+//! (the frame table, filled by recovery and by scanning a file for frames it does
+//! not know yet), and the frame's bytes, opened when the store is encrypted.
+
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use super::index::Frames;
+use crate::{
+    Error, Result, Timestamp,
+    crypt::Sealer,
+    io::{Io, Open},
+    journal::{
+        event_aad,
+        format::{self, Frame, Header, Read},
+        journal_files,
+    },
+};
+
+/// Bytes read at a time when scanning a file for frames.
+const SCAN_CHUNK: usize = 1 << 20;
+
+/// Finds and reads the frames of an event store's journal.
+pub(crate) struct Locator {
+    dir: PathBuf,
+    io: Io,
+    sealer: Sealer,
+    pub(crate) frames: Mutex<Frames>,
+}
+
+/// A frame read back: its journal event's number, timestamp and opened bytes.
+pub(crate) struct ReadFrame {
+    pub(crate) at: Timestamp,
+    pub(crate) plain: Vec<u8>,
+}
+
+/// Bytes of one journal file, read ahead: a reader going through many frames in a
+/// row reads the file a chunk at a time.
+#[derive(Default)]
+pub(crate) struct ReadAhead {
+    file: Option<(u64, PathBuf)>,
+    start: u64,
+    bytes: Vec<u8>,
+    /// How much to read at a time.
+    chunk: usize,
+}
+
+impl ReadAhead {
+    /// A read-ahead buffer reading `chunk` bytes at a time.
+    pub(crate) fn new(chunk: usize) -> ReadAhead {
+        ReadAhead { chunk, ..ReadAhead::default() }
+    }
+}
+
+impl Locator {
+    pub(crate) fn new(dir: PathBuf, io: Io, sealer: Sealer, frames: Frames) -> Locator {
+        Locator { dir, io, sealer, frames: Mutex::new(frames) }
+    }
+
+    /// The journal file and offset of journal event `seq`'s frame. When it is not
+    /// known, its file is scanned for frames; when it is not there yet (a buffered
+    /// mode that has not written it), `write_out` is called once and the file
+    /// scanned again.
+    pub(crate) fn locate(
+        &self,
+        seq: u64,
+        write_out: &dyn Fn() -> Result<()>,
+    ) -> Result<(u64, PathBuf, u64)> {
+        let mut wrote = false;
+        loop {
+            if let Some(found) = self.known(seq) {
+                return Ok(found);
+            }
+            let files = journal_files(&self.io, &self.dir)?;
+            let Some((first, path)) = files.iter().rev().find(|(first, _)| *first <= seq) else {
+                return Err(self.missing(seq, "no journal file holds it"));
+            };
+            self.scan(*first, path)?;
+            if let Some(found) = self.known(seq) {
+                return Ok(found);
+            }
+            if wrote {
+                return Err(self.missing(seq, "its journal file ends before it"));
+            }
+            write_out()?;
+            wrote = true;
+        }
+    }
+
+    /// Reads journal event `seq`'s frame through `ahead`, and opens it.
+    pub(crate) fn read(
+        &self,
+        seq: u64,
+        ahead: &mut ReadAhead,
+        write_out: &dyn Fn() -> Result<()>,
+    ) -> Result<ReadFrame> {
+        let (file, path, offset) = self.locate(seq, write_out)?;
+        let bad = |reason: String| Error::JournalCorrupt { path: path.clone(), offset, reason };
+        let same_file = ahead.file.as_ref().is_some_and(|(first, _)| *first == file);
+        let head_in = same_file
+            && ahead.start <= offset
+            && offset + format::FRAME_HEAD as u64 <= ahead.start + ahead.bytes.len() as u64;
+        if !head_in {
+            self.fill(ahead, file, &path, offset, format::FRAME_HEAD)?;
+        }
+        let at = usize::try_from(offset - ahead.start).unwrap_or(usize::MAX);
+        let len = ahead
+            .bytes
+            .get(at..at + 4)
+            .and_then(|it| it.try_into().ok())
+            .map(u32::from_le_bytes)
+            .ok_or_else(|| bad("the frame's length is cut short".into()))?;
+        let need = format::FRAME_HEAD + len as usize;
+        if ahead.bytes.len() < at + need {
+            self.fill(ahead, file, &path, offset, need)?;
+        }
+        let at = usize::try_from(offset - ahead.start).unwrap_or(usize::MAX);
+        let bytes = ahead.bytes.get(at..).unwrap_or_default();
+        let (stored_seq, stamp, stored) = match format::read_frame(bytes) {
+            Read::Frame(Frame::Event { seq, at, bytes }, _) => (seq, at, bytes),
+            Read::Frame(..) => return Err(bad(format!("event {seq} is not at its offset"))),
+            Read::End => return Err(bad(format!("event {seq} is past the end of the file"))),
+            Read::Bad(reason) => return Err(bad(format!("event {seq}: {reason}"))),
+        };
+        if stored_seq != seq {
+            return Err(bad(format!("event {stored_seq} stands where event {seq} belongs")));
+        }
+        let plain = if self.sealer.is_on() {
+            let opened = self.sealer.open(&event_aad(seq), stored);
+            opened
+                .map_err(|fault| bad(format!("event {seq} cannot be opened: {fault}")))?
+                .into_owned()
+        } else {
+            stored.to_vec()
+        };
+        Ok(ReadFrame { at: Timestamp::from_micros(stamp), plain })
+    }
+
+    /// Reads at least `need` bytes (or to the end of the file) of file `file` from
+    /// `offset` into `ahead`.
+    fn fill(
+        &self,
+        ahead: &mut ReadAhead,
+        file: u64,
+        path: &Path,
+        offset: u64,
+        need: usize,
+    ) -> Result<()> {
+        let handle = self.io.open(path, Open::Read).map_err(Error::io(path))?;
+        let mut bytes = vec![0; need.max(ahead.chunk)];
+        let n = handle.read_at(&mut bytes, offset).map_err(Error::io(path))?;
+        bytes.truncate(n);
+        *ahead = ReadAhead {
+            file: Some((file, path.to_path_buf())),
+            start: offset,
+            bytes,
+            chunk: ahead.chunk,
+        };
+        Ok(())
+    }
+
+    fn known(&self, seq: u64) -> Option<(u64, PathBuf, u64)> {
+        let frames = self.frames.lock();
+        frames.find(seq).and_then(|(file, offset)| {
+            Some((file, self.dir.join(format::journal_name(file)), offset?))
+        })
+    }
+
+    fn missing(&self, seq: u64, why: &str) -> Error {
+        Error::JournalCorrupt {
+            path: self.dir.clone(),
+            offset: 0,
+            reason: format!("event {seq} is not in the journal: {why}"),
+        }
+    }
+
+    /// Scans journal file `file` at `path` for the frames after the last one the
+    /// table knows, and records them. Stops at the file's end or at bytes that are
+    /// not a whole sound frame (a write in progress).
+    fn scan(&self, file: u64, path: &Path) -> Result<()> {
+        let handle = self.io.open(path, Open::Read).map_err(Error::io(path))?;
+        let known = self.frames.lock().files.get(&file).and_then(|offsets| {
+            offsets.iter().rev().find(|offset| **offset != super::index::UNKNOWN_OFFSET).copied()
+        });
+        let mut buf = Vec::new();
+        let mut start = if let Some(offset) = known {
+            offset
+        } else {
+            let mut head = vec![0; 64 * 1024];
+            let n = handle.read_at(&mut head, 0).map_err(Error::io(path))?;
+            head.truncate(n);
+            // A damaged header: reading the event reports it.
+            let Ok((_, len)) = Header::decode(&head, false) else { return Ok(()) };
+            len as u64
+        };
+        let mut found = Vec::new();
+        let mut at_end = false;
+        loop {
+            let bytes = buf.as_slice();
+            let mut used = 0;
+            while let Read::Frame(frame, len) =
+                format::read_frame(bytes.get(used..).unwrap_or_default())
+            {
+                if let Frame::Event { seq, .. } = frame {
+                    found.push((seq, start + used as u64));
+                }
+                used += len;
+            }
+            if at_end {
+                break;
+            }
+            // Keep the unparsed rest, and read the next chunk after it, big enough
+            // for the frame that starts it.
+            let rest = bytes.get(used..).unwrap_or_default().to_vec();
+            start += used as u64;
+            let frame_len = rest
+                .get(..4)
+                .and_then(|it| it.try_into().ok())
+                .map_or(0, |it| u32::from_le_bytes(it) as usize)
+                .min(format::MAX_PAYLOAD as usize);
+            if format::FRAME_HEAD <= rest.len() && format::FRAME_HEAD + frame_len <= rest.len() {
+                // A whole frame that is not sound: damage, which reading it reports.
+                break;
+            }
+            let want = SCAN_CHUNK.max(format::FRAME_HEAD + frame_len);
+            let mut chunk = vec![0; want];
+            let n =
+                handle.read_at(&mut chunk, start + rest.len() as u64).map_err(Error::io(path))?;
+            chunk.truncate(n);
+            at_end = n < want;
+            buf = rest;
+            buf.extend_from_slice(&chunk);
+        }
+        let mut frames = self.frames.lock();
+        for (seq, offset) in found {
+            frames.record(file, seq, offset);
+        }
+        Ok(())
+    }
+}

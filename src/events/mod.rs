@@ -1,0 +1,655 @@
+//! The third front door: an embedded event store. Streams of events with versions,
+//! a global order (`$all`), optimistic concurrency and idempotent appends, on the
+//! journal engine of prevalence.
+//!
+//! ```
+//! use instastate::events::{EventStore, Expected};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Serialize, Deserialize)]
+//! enum Bank {
+//!     Opened { owner: String },
+//!     Deposited { amount: i64 },
+//! }
+//!
+//! # fn main() -> instastate::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let events = EventStore::<Bank>::open(dir.path())?;
+//! events.append("account-42", Expected::NoStream, [Bank::Opened { owner: "alice".into() }])?;
+//! events.append("account-42", Expected::Exact(0), [Bank::Deposited { amount: 100 }])?;
+//!
+//! // A writer that also read version 0 is refused, and told where the stream is.
+//! let late = events.append("account-42", Expected::Exact(0), [Bank::Deposited { amount: 5 }]);
+//! assert!(matches!(late, Err(instastate::Error::WrongExpectedVersion { actual: Some(1), .. })));
+//!
+//! for event in events.read_stream("account-42") {
+//!     let event = event?;
+//!     println!("{} v{} at {}: {:?}", event.stream, event.version, event.position, event.data);
+//! }
+//! let last_two: Vec<_> = events.read_all().backward().limit(2).into_iter().collect::<Result<_, _>>()?;
+//! assert_eq!(last_two[0].event_type, "Deposited");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **Atomic**: an append, of one stream or of several
+//!   ([`append_all`](EventStore::append_all)), is one journal event: after a crash it
+//!   is there whole or not at all.
+//! - **Durable** as its [`Durability`] promises, before it is acknowledged and
+//!   before any reader sees it: [`Durability::SyncEach`] by default,
+//!   [`Durability::GroupCommit`] to share one `fdatasync` between concurrent
+//!   appenders.
+//! - **Ordered**: every event has a version in its stream and a position in the
+//!   store, both from 0 and without gaps; readers see appends in position order,
+//!   never a later one before an earlier one.
+//! - **Checked**: an expectation that does not hold is
+//!   [`Error::WrongExpectedVersion`] with the stream's actual version, also when
+//!   two writers create one stream at once; a retry of an append whose events'
+//!   ids are already in place returns the earlier result and writes nothing.
+//!
+//! The events stay in the journal files; memory holds an index of them (about 24
+//! bytes per event, and a bounded window of recent ids), which a checkpoint (a
+//! journal snapshot) saves now and then so that opening replays only what came
+//! after it.
+
+mod append;
+mod batch;
+mod event;
+mod index;
+mod locate;
+mod read;
+mod stream_id;
+
+use std::{
+    marker::PhantomData,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::{self, JoinHandle},
+};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Serialize, de::DeserializeOwned};
+
+pub use self::{
+    append::{Append, Appended, Expected},
+    event::{EventId, Metadata, NewEvent, Position, RecordedEvent},
+    read::{Events, ReadAll, ReadStream},
+};
+use self::{
+    append::{Commit, Encoded, Plan, Request},
+    index::{Checkpoint, Frames, Index},
+    locate::Locator,
+};
+pub use crate::journal::{Durability, Recovered, Recovery};
+use crate::{
+    Error, Result, Timestamp,
+    crypt::Sealer,
+    io::Io,
+    journal::{self, Config, Files, Identity, Job, Journal, Replayed},
+    lockfile::{Access, DirLock, Hold, Kind},
+    shape::Shape,
+};
+
+/// The format of the event store's commands, recorded as the journal's schema.
+const SCHEMA: u32 = 1;
+/// How many checkpoints are kept.
+const KEEP_CHECKPOINTS: usize = 2;
+/// Journal events between checkpoints, by default.
+const DEFAULT_CHECKPOINT_EVERY: u64 = 100_000;
+/// Recent event ids kept for idempotent appends, by default.
+const DEFAULT_RECENT_IDS: usize = 100_000;
+
+/// An event store in a directory: streams of events of type `E`.
+///
+/// Cheap to clone: clones share the store. Open with [`EventStore::open`] or
+/// [`EventStore::builder`]; the directory is locked while the store is open.
+pub struct EventStore<E> {
+    shared: Arc<Shared>,
+    _events: PhantomData<fn(E) -> E>,
+}
+
+impl<E> Clone for EventStore<E> {
+    fn clone(&self) -> Self {
+        EventStore { shared: Arc::clone(&self.shared), _events: PhantomData }
+    }
+}
+
+impl<E> std::fmt::Debug for EventStore<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStore").field("dir", &self.shared.core.dir).finish_non_exhaustive()
+    }
+}
+
+/// What the user's handles share: the store, and its background checkpoint, which
+/// the last handle waits for, so that the store is closed (and its directory
+/// unlocked) when that handle is gone.
+struct Shared {
+    core: Arc<Core>,
+    background: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(thread) = self.background.get_mut().take() {
+            // A panic there was reported by the thread itself.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Where the errors of background checkpoints go.
+type Hook = Arc<dyn Fn(&Error) + Send + Sync>;
+
+/// What the handles of one store share.
+struct Core {
+    dir: PathBuf,
+    journal: Arc<Journal>,
+    index: Arc<RwLock<Index>>,
+    locator: Locator,
+    recovered: Recovered,
+    checkpoint_every: u64,
+    /// The journal events at the last checkpoint (or at open).
+    checkpointed: AtomicU64,
+    /// Whether a checkpoint is under way.
+    checkpointing: AtomicBool,
+    hook: Hook,
+}
+
+/// Options for opening an [`EventStore`]: `EventStore::<E>::builder()`.
+///
+/// # Example
+/// ```
+/// use instastate::events::{Durability, EventStore};
+///
+/// # fn main() -> instastate::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let events = EventStore::<String>::builder()
+///     .durability(Durability::GroupCommit)
+///     .checkpoint_every(10_000)
+///     .open(dir.path())?;
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct EventStoreBuilder<E> {
+    durability: Durability,
+    recovery: Recovery,
+    checkpoint_every: u64,
+    recent_ids: usize,
+    hook: Option<Hook>,
+    io: Io,
+    #[cfg(feature = "encryption")]
+    key: Option<crate::EncryptionKey>,
+    _events: PhantomData<fn(E) -> E>,
+}
+
+impl<E> Default for EventStoreBuilder<E> {
+    fn default() -> Self {
+        EventStoreBuilder {
+            durability: Durability::default(),
+            recovery: Recovery::default(),
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            recent_ids: DEFAULT_RECENT_IDS,
+            hook: None,
+            io: Io::default(),
+            #[cfg(feature = "encryption")]
+            key: None,
+            _events: PhantomData,
+        }
+    }
+}
+
+impl<E> EventStoreBuilder<E> {
+    /// When an append is durable; [`Durability::SyncEach`] by default. Whatever the
+    /// mode, readers see an append only once it is as durable as the mode promises.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// What to do about damage in the journal; [`Recovery::Strict`] by default.
+    pub fn recovery(mut self, recovery: Recovery) -> Self {
+        self.recovery = recovery;
+        self
+    }
+
+    /// Saves a checkpoint of the index (in the background) once `appends` appends
+    /// were journaled since the last one, so that opening replays at most about
+    /// that many; 100,000 by default.
+    pub fn checkpoint_every(mut self, appends: u64) -> Self {
+        self.checkpoint_every = appends.max(1);
+        self
+    }
+
+    /// How many of the most recent event ids the store keeps in memory (about 60
+    /// bytes each) to recognise a retried append whose expectation names no version
+    /// ([`Expected::Any`], [`Expected::StreamExists`]) and to refuse an id used
+    /// twice; 100,000 by default. A retry with [`Expected::NoStream`] or
+    /// [`Expected::Exact`] is recognised within that window too.
+    pub fn recent_ids(mut self, ids: usize) -> Self {
+        self.recent_ids = ids;
+        self
+    }
+
+    /// Where the errors of background work go: checkpoints, and the timer of
+    /// [`Durability::Periodic`]. By default they are printed to standard error.
+    pub fn on_background_error(mut self, hook: impl Fn(&Error) + Send + Sync + 'static) -> Self {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Encrypts the journal and checkpoints with `key` (XChaCha20-Poly1305, as
+    /// [`StoreBuilder::encryption_key`](crate::StoreBuilder::encryption_key)).
+    #[cfg(feature = "encryption")]
+    pub fn encryption_key(mut self, key: crate::EncryptionKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Runs the journal's file operations through `io` (a simulator, in tests).
+    #[cfg(test)]
+    pub(crate) fn io(mut self, io: Io) -> Self {
+        self.io = io;
+        self
+    }
+
+    #[cfg(feature = "encryption")]
+    fn sealer(&self) -> Sealer {
+        Sealer::new(self.key.as_ref())
+    }
+
+    #[cfg(not(feature = "encryption"))]
+    #[allow(clippy::unused_self)] // With the feature, the key is in `self`.
+    fn sealer(&self) -> Sealer {
+        Sealer::default()
+    }
+
+    /// Opens (or creates) the event store in directory `dir`: loads the newest
+    /// checkpoint of its index and replays the journal after it.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] when the directory is open elsewhere;
+    /// [`Error::WrongDirectory`] when it holds something else; [`Error::JournalType`]
+    /// when it was written for another event type (or one whose structure changed);
+    /// [`Error::JournalCorrupt`] for damage other than a torn last write;
+    /// [`Error::Io`] for the file system's errors.
+    pub fn open(self, dir: impl AsRef<Path>) -> Result<EventStore<E>>
+    where
+        E: Serialize + DeserializeOwned,
+    {
+        let dir = dir.as_ref();
+        let io = self.io.clone();
+        let sealer = self.sealer();
+        let lock = DirLock::acquire(&io, dir, Kind::Journal)?;
+        let config = Config {
+            dir: Some(dir.to_path_buf()),
+            identity: identity::<E>(),
+            durability: self.durability,
+            recovery: self.recovery,
+            sealer: sealer.clone(),
+            io: io.clone(),
+            access: Access::ReadWrite,
+        };
+        let recent = self.recent_ids;
+        let opened = journal::open_state(
+            config,
+            Some(Hold::Exclusive(lock)),
+            || Ok(Loaded::empty(recent)),
+            &mut |loaded: &mut Loaded, event| loaded.replay(dir, event).map(|()| None),
+        )?;
+        let Loaded { mut index, frames } = opened.state;
+        index.resize_recent(recent);
+        let checkpointed = index.journal_events();
+        let hook: Hook =
+            self.hook.unwrap_or_else(|| Arc::new(|err: &Error| eprintln!("instastate: {err}")));
+        let journal = Arc::new(opened.journal);
+        let timer_hook = Arc::clone(&hook);
+        Journal::start_timer(&journal, move |err| timer_hook(err));
+        let core = Core {
+            dir: dir.to_path_buf(),
+            journal,
+            index: Arc::new(RwLock::new(index)),
+            locator: Locator::new(dir.to_path_buf(), io, sealer, frames),
+            recovered: opened.recovered,
+            checkpoint_every: self.checkpoint_every,
+            checkpointed: AtomicU64::new(checkpointed),
+            checkpointing: AtomicBool::new(false),
+            hook,
+        };
+        let shared = Shared { core: Arc::new(core), background: Mutex::new(None) };
+        Ok(EventStore { shared: Arc::new(shared), _events: PhantomData })
+    }
+}
+
+/// What the journal records the store's files were written for: the index as
+/// state, and the event type with its structure.
+fn identity<E: DeserializeOwned>() -> Identity {
+    Identity {
+        state_type: "instastate::events::Index",
+        event_type: crate::codec::stored_type_name(std::any::type_name::<E>()),
+        schema: SCHEMA,
+        state_shape: None,
+        event_shape: Shape::of::<E>(),
+    }
+}
+
+/// The index and frame table while the journal is read back: from a checkpoint,
+/// or empty, and then the journal events after it.
+#[derive(serde::Deserialize)]
+#[serde(from = "Checkpoint")]
+struct Loaded {
+    /// A checkpoint's index keeps the default window of recent ids until it is
+    /// resized to the builder's.
+    index: Index,
+    frames: Frames,
+}
+
+impl From<Checkpoint> for Loaded {
+    fn from(checkpoint: Checkpoint) -> Loaded {
+        let (index, frames) = Index::restore(checkpoint, DEFAULT_RECENT_IDS);
+        Loaded { index, frames }
+    }
+}
+
+impl Loaded {
+    fn empty(recent: usize) -> Loaded {
+        Loaded { index: Index::new(recent), frames: Frames::default() }
+    }
+
+    /// Commits a replayed journal event.
+    fn replay(&mut self, dir: &Path, event: Replayed<'_>) -> Result<()> {
+        let path = dir.join(journal::format::journal_name(event.file));
+        let bad = |reason: String| Error::JournalCorrupt {
+            path: path.clone(),
+            offset: event.offset,
+            reason: format!("event {}: {reason}", event.seq),
+        };
+        let command = batch::decode(event.bytes).map_err(|fault| bad(fault.to_string()))?;
+        let index = &mut self.index;
+        match command {
+            batch::Command::Append(batch) => index.commit(event.seq, &batch).map_err(bad)?,
+        }
+        index.last_at = event.at.as_micros();
+        self.frames.record(event.file, event.seq, event.offset);
+        Ok(())
+    }
+}
+
+impl<E> EventStore<E> {
+    /// Options for opening an event store; see [`EventStoreBuilder`].
+    pub fn builder() -> EventStoreBuilder<E> {
+        EventStoreBuilder::default()
+    }
+}
+
+impl<E: Serialize + DeserializeOwned> EventStore<E> {
+    /// Opens (or creates) the event store in directory `dir` with the default
+    /// options; see [`EventStoreBuilder::open`].
+    ///
+    /// # Errors
+    /// Those of [`EventStoreBuilder::open`].
+    pub fn open(dir: impl AsRef<Path>) -> Result<EventStore<E>> {
+        EventStoreBuilder::default().open(dir)
+    }
+
+    /// Appends `events` to `stream`, all or nothing, if the stream is as `expected`
+    /// says; returns the versions and positions they got.
+    ///
+    /// Appending events whose ids are already in the stream where this append would
+    /// put them returns the earlier result and writes nothing: a retry after a lost
+    /// reply never duplicates (give the events their ids with [`NewEvent::with_id`]
+    /// before the first try).
+    ///
+    /// # Errors
+    /// [`Error::WrongExpectedVersion`] when the stream is not as expected (nothing is
+    /// written); [`Error::InvalidStreamId`] for an id the store does not accept;
+    /// [`Error::DuplicateEventId`] for an id already used elsewhere;
+    /// [`Error::EventEncode`] when an event cannot be encoded; [`Error::JournalWrite`]
+    /// when the journal cannot be written (the store then refuses later appends,
+    /// [`Error::Poisoned`]).
+    pub fn append(
+        &self,
+        stream: &str,
+        expected: Expected,
+        events: impl IntoIterator<Item = impl Into<NewEvent<E>>>,
+    ) -> Result<Appended> {
+        let appended = self.append_all([Append::new(stream, expected, events)])?;
+        appended.into_iter().next().ok_or_else(|| Error::InvalidAppend {
+            reason: "the append returned no result".to_owned(),
+        })
+    }
+
+    /// Appends to several streams at once, all or nothing: each with its own
+    /// expectation, in one journal event. Returns what each stream got, in order.
+    ///
+    /// # Errors
+    /// Those of [`append`](Self::append), for any of the streams (nothing is written
+    /// for any), and [`Error::InvalidAppend`] when a stream comes twice.
+    pub fn append_all(
+        &self,
+        appends: impl IntoIterator<Item = Append<E>>,
+    ) -> Result<Vec<Appended>> {
+        let requests =
+            appends.into_iter().map(|append| self.encode(append)).collect::<Result<Vec<_>>>()?;
+        append::check_requests(&requests)?;
+        let index = Arc::clone(&self.shared.core.index);
+        let done = self.shared.core.journal.commit_with(|_, _| {
+            let mut guard = index.write();
+            match append::plan(&mut guard, &requests)? {
+                Plan::Write { bytes, commit } => {
+                    drop(guard);
+                    Ok(journal::Prepared::Event(
+                        bytes,
+                        CommitJob { index: Arc::clone(&index), commit },
+                    ))
+                }
+                Plan::Done(appended) => Ok(journal::Prepared::Done(appended)),
+            }
+        })?;
+        self.maybe_checkpoint();
+        Ok(done)
+    }
+
+    /// Reads stream `stream`, forward from its first event unless the returned
+    /// [`ReadStream`] is told otherwise. Iterating it yields each event, or the
+    /// error that stopped the read; a stream that does not exist yields nothing.
+    /// Only the stream's own events are read.
+    pub fn read_stream(&self, stream: &str) -> ReadStream<'_, E> {
+        ReadStream::new(self, stream)
+    }
+
+    /// Reads every event of the store in position order (`$all`), forward from the
+    /// first unless the returned [`ReadAll`] is told otherwise.
+    pub fn read_all(&self) -> ReadAll<'_, E> {
+        ReadAll::new(self)
+    }
+
+    /// The event at `position`, if the store holds one there.
+    ///
+    /// # Errors
+    /// [`Error::JournalCorrupt`] when its bytes are damaged; [`Error::JournalDecode`]
+    /// when they do not decode as an `E`.
+    pub fn event_at(&self, position: Position) -> Result<Option<RecordedEvent<E>>> {
+        self.read_all().from(position).limit(1).into_iter().next().transpose()
+    }
+
+    /// Event `version` of stream `stream`, if the stream holds it.
+    ///
+    /// # Errors
+    /// As [`event_at`](Self::event_at).
+    pub fn event(&self, stream: &str, version: u64) -> Result<Option<RecordedEvent<E>>> {
+        self.read_stream(stream).from(version).limit(1).into_iter().next().transpose()
+    }
+
+    /// The version of the last event of stream `stream`, or `None` when it has
+    /// none.
+    #[must_use]
+    pub fn stream_version(&self, stream: &str) -> Option<u64> {
+        let index = self.shared.core.index.read();
+        let idx = index.stream(stream)?;
+        (index.get(idx)?.positions.len() as u64).checked_sub(1)
+    }
+
+    /// The position the next event appended will have: how many events the store
+    /// holds.
+    #[must_use]
+    pub fn head(&self) -> Position {
+        Position::new(self.shared.core.index.read().committed)
+    }
+
+    /// The streams the store holds, with their last version, in the order they
+    /// were created.
+    #[must_use]
+    pub fn streams(&self) -> Vec<(String, u64)> {
+        let index = self.shared.core.index.read();
+        index
+            .streams
+            .iter()
+            .filter_map(|stream| {
+                Some((stream.name.clone(), (stream.positions.len() as u64).checked_sub(1)?))
+            })
+            .collect()
+    }
+
+    /// What opening found: the checkpoint used, the journal events replayed, a torn
+    /// write cut off.
+    #[must_use]
+    pub fn recovered(&self) -> &Recovered {
+        &self.shared.core.recovered
+    }
+
+    /// The store's directory.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.shared.core.dir
+    }
+
+    /// Makes every append so far durable, whatever the [`Durability`].
+    ///
+    /// # Errors
+    /// [`Error::JournalWrite`] when writing fails; [`Error::Poisoned`] after an
+    /// earlier failure.
+    pub fn sync(&self) -> Result<()> {
+        self.shared.core.journal.sync()
+    }
+
+    /// Saves a checkpoint of the index now: opening then replays only the appends
+    /// after it.
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::JournalWrite`] when writing it fails.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.shared.core.checkpoint()
+    }
+
+    /// Closes this handle; the store closes (syncing everything appended) when its
+    /// last handle is gone.
+    ///
+    /// # Errors
+    /// Those of [`sync`](Self::sync), when this was the last handle.
+    pub fn close(self) -> Result<()> {
+        let Ok(mut shared) = Arc::try_unwrap(self.shared) else { return Ok(()) };
+        if let Some(thread) = shared.background.get_mut().take() {
+            let _ = thread.join();
+        }
+        let core = Arc::clone(&shared.core);
+        drop(shared);
+        match Arc::try_unwrap(core) {
+            Ok(core) => core.journal.close(),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Encodes the events of `append`.
+    fn encode(&self, append: Append<E>) -> Result<Request> {
+        let Append { stream, expected, events } = append;
+        let events = events
+            .into_iter()
+            .map(|event| {
+                let data = journal::encode(&event.data, || self.shared.core.dir.clone())?;
+                let event_type = serde_variant::to_variant_name(&event.data)
+                    .map_or_else(|_| std::any::type_name::<E>().to_owned(), str::to_owned);
+                Ok(Encoded {
+                    id: event.id,
+                    event_type,
+                    causation: event.metadata.causation,
+                    correlation: event.metadata.correlation,
+                    tags: event.tags,
+                    data,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Request { stream, expected, events })
+    }
+
+    /// Starts a checkpoint in the background when enough appends came since the last.
+    fn maybe_checkpoint(&self) {
+        let core = &self.shared.core;
+        let events = core.index.read().journal_events();
+        let due = core.checkpointed.load(Ordering::Relaxed).saturating_add(core.checkpoint_every)
+            <= events;
+        if !due || core.checkpointing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut background = self.shared.background.lock();
+        if let Some(done) = background.take() {
+            // It finished: `checkpointing` was clear.
+            let _ = done.join();
+        }
+        let core = Arc::clone(core);
+        *background = Some(thread::spawn(move || {
+            if let Err(err) = core.checkpoint() {
+                (core.hook)(&err);
+            }
+            core.checkpointing.store(false, Ordering::Release);
+        }));
+    }
+}
+
+impl Core {
+    fn checkpoint(&self) -> Result<()> {
+        let (body, events, at) = {
+            let index = self.index.read();
+            let frames = self.locator.frames.lock().clone();
+            let checkpoint = index.checkpoint(&frames);
+            let body = journal::encode(&checkpoint, || self.dir.clone())?;
+            (body, index.journal_events(), index.last_at)
+        };
+        self.journal.snapshot(body, events, at, KEEP_CHECKPOINTS, Files::Keep)?;
+        self.checkpointed.fetch_max(events, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes out what a buffered mode holds, so that a reader finds it in the file.
+    fn write_out(&self) -> Result<()> {
+        self.journal.write_out()
+    }
+}
+
+/// Commits a durable batch to the index.
+struct CommitJob {
+    index: Arc<RwLock<Index>>,
+    commit: Commit,
+}
+
+impl Job for CommitJob {
+    type Output = Vec<Appended>;
+
+    fn run(self, seq: u64, at: Timestamp) -> (Vec<Appended>, Option<u64>) {
+        let CommitJob { index, commit } = self;
+        let mut index = index.write();
+        let res = index.commit_planned(seq, commit.first_position, &commit.parts);
+        // The batch was planned against this index under the journal's lock, in
+        // journal order: it follows what the index holds. A failure is a bug; the
+        // panic voids the batch and stops the store, as for any job that fails.
+        #[allow(clippy::expect_used)]
+        res.expect("a planned batch commits");
+        index.last_at = at.as_micros();
+        (commit.appended, None)
+    }
+}

@@ -1,0 +1,418 @@
+//! Reading events back: one stream ([`ReadStream`]) or every stream in position
+//! order ([`ReadAll`]), forward or backward, as iterators ([`Events`]) that read the
+//! journal files lazily, a batch at a time.
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::{
+    EventId, EventStore, Metadata, Position, RecordedEvent,
+    batch::{self, Command},
+    index::StreamIdx,
+    locate::ReadAhead,
+};
+use crate::{Error, Result, Timestamp};
+
+/// Bytes read ahead when going forward through many batches.
+const FORWARD_CHUNK: usize = 256 * 1024;
+/// Bytes read at a time going backward or through one stream.
+const RANDOM_CHUNK: usize = 4 * 1024;
+
+/// A read of one stream; iterate it for the events. See
+/// [`EventStore::read_stream`].
+///
+/// # Example
+/// ```
+/// use instastate::events::{EventStore, Expected};
+///
+/// # fn main() -> instastate::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let events = EventStore::<u32>::open(dir.path())?;
+/// events.append("numbers", Expected::Any, [1, 2, 3, 4])?;
+/// let last_two: Vec<u32> = events
+///     .read_stream("numbers")
+///     .backward()
+///     .limit(2)
+///     .into_iter()
+///     .map(|event| event.map(|event| event.data))
+///     .collect::<Result<_, _>>()?;
+/// assert_eq!(last_two, [4, 3]);
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct ReadStream<'a, E> {
+    store: &'a EventStore<E>,
+    stream: String,
+    from: Option<u64>,
+    backward: bool,
+    limit: Option<u64>,
+    event_type: Option<String>,
+}
+
+/// A read of every event in position order (`$all`); iterate it for the events.
+/// See [`EventStore::read_all`].
+#[must_use]
+pub struct ReadAll<'a, E> {
+    store: &'a EventStore<E>,
+    from: Option<Position>,
+    backward: bool,
+    limit: Option<u64>,
+    event_type: Option<String>,
+    stream_prefix: Option<String>,
+}
+
+impl<'a, E> ReadStream<'a, E> {
+    pub(crate) fn new(store: &'a EventStore<E>, stream: &str) -> ReadStream<'a, E> {
+        ReadStream {
+            store,
+            stream: stream.to_owned(),
+            from: None,
+            backward: false,
+            limit: None,
+            event_type: None,
+        }
+    }
+
+    /// Starts at version `version` (included): the first event read forward, the
+    /// last read backward.
+    pub fn from(mut self, version: u64) -> Self {
+        self.from = Some(version);
+        self
+    }
+
+    /// Reads from the first event on (the default).
+    pub fn forward(mut self) -> Self {
+        self.backward = false;
+        self
+    }
+
+    /// Reads from the last event back.
+    pub fn backward(mut self) -> Self {
+        self.backward = true;
+        self
+    }
+
+    /// Reads at most `n` events.
+    pub fn limit(mut self, n: u64) -> Self {
+        self.limit = Some(n);
+        self
+    }
+
+    /// Reads only the events of type `event_type` (see [`RecordedEvent::event_type`]).
+    pub fn of_type(mut self, event_type: impl Into<String>) -> Self {
+        self.event_type = Some(event_type.into());
+        self
+    }
+}
+
+impl<'a, E> ReadAll<'a, E> {
+    pub(crate) fn new(store: &'a EventStore<E>) -> ReadAll<'a, E> {
+        ReadAll {
+            store,
+            from: None,
+            backward: false,
+            limit: None,
+            event_type: None,
+            stream_prefix: None,
+        }
+    }
+
+    /// Starts at `position` (included): the first event read forward, the last read
+    /// backward.
+    pub fn from(mut self, position: Position) -> Self {
+        self.from = Some(position);
+        self
+    }
+
+    /// Reads from the first event on (the default).
+    pub fn forward(mut self) -> Self {
+        self.backward = false;
+        self
+    }
+
+    /// Reads from the last event back.
+    pub fn backward(mut self) -> Self {
+        self.backward = true;
+        self
+    }
+
+    /// Reads at most `n` events (of those the filters let through).
+    pub fn limit(mut self, n: u64) -> Self {
+        self.limit = Some(n);
+        self
+    }
+
+    /// Reads only the events of type `event_type` (see [`RecordedEvent::event_type`]).
+    pub fn of_type(mut self, event_type: impl Into<String>) -> Self {
+        self.event_type = Some(event_type.into());
+        self
+    }
+
+    /// Reads only the events of streams whose id starts with `prefix`.
+    pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.stream_prefix = Some(prefix.into());
+        self
+    }
+}
+
+/// The events of a read, one at a time; an error ends the read.
+pub struct Events<'a, E> {
+    store: &'a EventStore<E>,
+    cursor: Cursor,
+    remaining: Option<u64>,
+    event_type: Option<String>,
+    stream_prefix: Option<String>,
+    ahead: ReadAhead,
+    batch: Option<Decoded>,
+    failed: bool,
+}
+
+/// Which positions a read goes through.
+enum Cursor {
+    /// Versions of one stream: the next one, and the end (exclusive) going forward
+    /// or the start going backward.
+    Stream { idx: Option<StreamIdx>, next: u64, bound: u64, backward: bool },
+    /// Positions of the store.
+    All { next: u64, bound: u64, backward: bool },
+}
+
+/// A batch read back, its events owned.
+struct Decoded {
+    seq: u64,
+    first_position: u64,
+    at: Timestamp,
+    events: Vec<Owned>,
+}
+
+struct Owned {
+    stream: String,
+    version: u64,
+    id: EventId,
+    event_type: String,
+    metadata: Metadata,
+    tags: Vec<String>,
+    data: Vec<u8>,
+}
+
+impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
+    type Item = Result<RecordedEvent<E>>;
+    type IntoIter = Events<'a, E>;
+
+    fn into_iter(self) -> Events<'a, E> {
+        let index = self.store.shared.core.index.read();
+        let idx = index.stream(&self.stream);
+        let len = idx.and_then(|idx| index.get(idx)).map_or(0, |it| it.positions.len() as u64);
+        drop(index);
+        let cursor = if self.backward {
+            // `next` counts down from one past the first version read.
+            let start = self.from.map_or(len, |from| from.saturating_add(1).min(len));
+            Cursor::Stream { idx, next: start, bound: 0, backward: true }
+        } else {
+            Cursor::Stream { idx, next: self.from.unwrap_or(0), bound: len, backward: false }
+        };
+        Events::new(self.store, cursor, self.limit, self.event_type, None, self.backward)
+    }
+}
+
+impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
+    type Item = Result<RecordedEvent<E>>;
+    type IntoIter = Events<'a, E>;
+
+    fn into_iter(self) -> Events<'a, E> {
+        let committed = self.store.shared.core.index.read().committed;
+        let from = self.from.map(Position::get);
+        let cursor = if self.backward {
+            let start = from.map_or(committed, |from| from.saturating_add(1).min(committed));
+            Cursor::All { next: start, bound: 0, backward: true }
+        } else {
+            Cursor::All { next: from.unwrap_or(0), bound: committed, backward: false }
+        };
+        Events::new(
+            self.store,
+            cursor,
+            self.limit,
+            self.event_type,
+            self.stream_prefix,
+            self.backward,
+        )
+    }
+}
+
+impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
+    fn new(
+        store: &'a EventStore<E>,
+        cursor: Cursor,
+        remaining: Option<u64>,
+        event_type: Option<String>,
+        stream_prefix: Option<String>,
+        backward: bool,
+    ) -> Events<'a, E> {
+        let chunk = if backward || matches!(cursor, Cursor::Stream { .. }) {
+            RANDOM_CHUNK
+        } else {
+            FORWARD_CHUNK
+        };
+        Events {
+            store,
+            cursor,
+            remaining,
+            event_type,
+            stream_prefix,
+            ahead: ReadAhead::new(chunk),
+            batch: None,
+            failed: false,
+        }
+    }
+
+    /// The next position to read, if any is left.
+    fn next_position(&mut self) -> Option<u64> {
+        match &mut self.cursor {
+            Cursor::All { next, bound, backward: false } => {
+                let position = (*next < *bound).then_some(*next)?;
+                *next += 1;
+                Some(position)
+            }
+            Cursor::All { next, bound, backward: true } => {
+                let position = (*bound < *next).then(|| *next - 1)?;
+                *next = position;
+                Some(position)
+            }
+            Cursor::Stream { idx, next, bound, backward } => {
+                let version = if *backward {
+                    let version = (*bound < *next).then(|| *next - 1)?;
+                    *next = version;
+                    version
+                } else {
+                    let version = (*next < *bound).then_some(*next)?;
+                    *next += 1;
+                    version
+                };
+                let index = self.store.shared.core.index.read();
+                let stream = index.get((*idx)?)?;
+                stream.positions.get(usize::try_from(version).ok()?).copied()
+            }
+        }
+    }
+
+    /// Makes the batch holding `position` the one at hand, reading it unless it
+    /// is; returns the event's place in it.
+    fn load(&mut self, position: u64) -> Result<usize> {
+        let (seq, first_position) = {
+            let index = self.store.shared.core.index.read();
+            let missing = || Error::JournalCorrupt {
+                path: self.store.shared.core.dir.clone(),
+                offset: 0,
+                reason: format!("the index holds no journal event for position {position}"),
+            };
+            let seq = index.seq_of(position).ok_or_else(missing)?;
+            (seq, index.start_of(seq).ok_or_else(missing)?)
+        };
+        if self.batch.as_ref().is_none_or(|batch| batch.seq != seq) {
+            self.batch = Some(self.decode_batch(seq, first_position)?);
+        }
+        let batch = self.batch.as_ref().ok_or_else(|| Error::JournalCorrupt {
+            path: self.store.shared.core.dir.clone(),
+            offset: 0,
+            reason: format!("journal event {seq} could not be read"),
+        })?;
+        let k = position.checked_sub(batch.first_position).and_then(|k| usize::try_from(k).ok());
+        k.filter(|k| *k < batch.events.len()).ok_or_else(|| Error::JournalCorrupt {
+            path: self.store.shared.core.dir.clone(),
+            offset: 0,
+            reason: format!("journal event {seq} does not hold position {position}"),
+        })
+    }
+
+    fn decode_batch(&mut self, seq: u64, first_position: u64) -> Result<Decoded> {
+        let core = &self.store.shared.core;
+        let frame = core.locator.read(seq, &mut self.ahead, &|| core.write_out())?;
+        let bad = |reason: String| Error::JournalCorrupt {
+            path: core.dir.clone(),
+            offset: 0,
+            reason: format!("journal event {seq}: {reason}"),
+        };
+        let Command::Append(batch) =
+            batch::decode(&frame.plain).map_err(|fault| bad(fault.to_string()))?;
+        if batch.first_position != first_position {
+            return Err(bad(format!(
+                "it holds positions from {}, where the index has {first_position}",
+                batch.first_position
+            )));
+        }
+        let mut events = Vec::new();
+        for part in batch.parts {
+            for (k, event) in part.events.into_iter().enumerate() {
+                events.push(Owned {
+                    stream: part.stream.to_owned(),
+                    version: part.first_version + k as u64,
+                    id: EventId::from_bytes(event.id),
+                    event_type: event.event_type.to_owned(),
+                    metadata: Metadata {
+                        causation: event.causation.map(EventId::from_bytes),
+                        correlation: event.correlation.map(EventId::from_bytes),
+                    },
+                    tags: event.tags.into_iter().map(str::to_owned).collect(),
+                    data: event.data.to_vec(),
+                });
+            }
+        }
+        Ok(Decoded { seq, first_position, at: frame.at, events })
+    }
+}
+
+impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
+    type Item = Result<RecordedEvent<E>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.remaining == Some(0) {
+            return None;
+        }
+        loop {
+            let position = self.next_position()?;
+            let k = match self.load(position) {
+                Ok(k) => k,
+                Err(err) => {
+                    self.failed = true;
+                    return Some(Err(err));
+                }
+            };
+            let batch = self.batch.as_ref()?;
+            let event = batch.events.get(k)?;
+            let wanted = self.event_type.as_ref().is_none_or(|wanted| *wanted == event.event_type)
+                && self
+                    .stream_prefix
+                    .as_ref()
+                    .is_none_or(|prefix| event.stream.starts_with(prefix.as_str()));
+            if !wanted {
+                continue;
+            }
+            let data = match crate::codec::decode_exact::<E>(&event.data) {
+                Ok(data) => data,
+                Err(source) => {
+                    self.failed = true;
+                    return Some(Err(Error::JournalDecode {
+                        path: self.store.shared.core.dir.clone(),
+                        what: format!("the event at position {position}"),
+                        type_name: std::any::type_name::<E>().to_owned(),
+                        source: crate::error::CodecError(source),
+                    }));
+                }
+            };
+            let recorded = RecordedEvent {
+                stream: event.stream.clone(),
+                version: event.version,
+                position: Position::new(position),
+                at: batch.at,
+                id: event.id,
+                event_type: event.event_type.clone(),
+                metadata: event.metadata,
+                tags: event.tags.clone(),
+                data,
+            };
+            if let Some(remaining) = &mut self.remaining {
+                *remaining -= 1;
+            }
+            return Some(Ok(recorded));
+        }
+    }
+}

@@ -1,0 +1,487 @@
+//! The third front door: the event store. Streams, versions, positions,
+//! expectations, idempotent and multi-stream appends, reads, reopening.
+
+// Tests index what they just read, and count with small numbers: a panic or a
+// wrong cast is a failed test, which is what the assertions would report anyway.
+#![allow(clippy::indexing_slicing, clippy::cast_possible_wrap, clippy::cast_possible_truncation)]
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::Path,
+    sync::{Arc, Barrier},
+    thread,
+};
+
+use instastate::{
+    Error,
+    events::{
+        Append, Durability, EventId, EventStore, Expected, NewEvent, Position, RecordedEvent,
+    },
+};
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::TestResult;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Bank {
+    Opened { owner: String },
+    Deposited { amount: i64 },
+    Withdrew { amount: i64 },
+}
+
+fn deposit(amount: i64) -> Bank {
+    Bank::Deposited { amount }
+}
+
+fn collect<E>(
+    events: impl IntoIterator<Item = instastate::Result<RecordedEvent<E>>>,
+) -> TestResult<Vec<RecordedEvent<E>>> {
+    Ok(events.into_iter().collect::<Result<Vec<_>, _>>()?)
+}
+
+/// `(stream, version, position)` of each event.
+fn places<E>(events: &[RecordedEvent<E>]) -> Vec<(String, u64, u64)> {
+    events.iter().map(|it| (it.stream.clone(), it.version, it.position.get())).collect()
+}
+
+fn wrong_version<T: std::fmt::Debug>(res: instastate::Result<T>) -> TestResult<Option<u64>> {
+    match res {
+        Err(Error::WrongExpectedVersion { actual, .. }) => Ok(actual),
+        other => Err(format!("expected WrongExpectedVersion, got {other:?}").into()),
+    }
+}
+
+#[test]
+fn appends_get_versions_and_positions_and_read_back_every_way() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Bank>::open(dir.path())?;
+    let opened =
+        events.append("a", Expected::NoStream, [Bank::Opened { owner: "alice".into() }])?;
+    assert_eq!((opened.last_version(), opened.versions, opened.positions), (Some(0), 0..1, 0..1));
+    events.append("b", Expected::Any, [deposit(1), deposit(2)])?;
+    let more =
+        events.append("a", Expected::Exact(0), [deposit(10), Bank::Withdrew { amount: 3 }])?;
+    assert_eq!((more.versions, more.positions), (1..3, 3..5));
+    assert_eq!(
+        (events.stream_version("a"), events.stream_version("b"), events.stream_version("c")),
+        (Some(2), Some(1), None)
+    );
+    assert_eq!(events.head(), Position::new(5));
+    assert_eq!(events.streams(), [("a".to_owned(), 2), ("b".to_owned(), 1)]);
+
+    let all = collect(events.read_all())?;
+    let expected: Vec<(String, u64, u64)> =
+        [("a", 0, 0), ("b", 0, 1), ("b", 1, 2), ("a", 1, 3), ("a", 2, 4)]
+            .map(|(s, v, p)| (s.to_owned(), v, p))
+            .to_vec();
+    assert_eq!(places(&all), expected);
+    assert_eq!(all[1].data, deposit(1));
+    assert_eq!((all[1].event_type.as_str(), all[4].event_type.as_str()), ("Deposited", "Withdrew"));
+    assert!(all[0].at <= all[1].at && all[1].at == all[2].at, "one timestamp per batch, in order");
+
+    let backward = collect(events.read_all().backward())?;
+    assert_eq!(places(&backward), expected.iter().rev().cloned().collect::<Vec<_>>());
+    let window = collect(events.read_all().from(Position::new(1)).limit(2))?;
+    assert_eq!(places(&window), expected[1..3]);
+    let back_from = collect(events.read_all().from(Position::new(2)).backward())?;
+    assert_eq!(back_from.iter().map(|it| it.position.get()).collect::<Vec<_>>(), [2, 1, 0]);
+    let deposits = collect(events.read_all().of_type("Deposited"))?;
+    assert_eq!(deposits.iter().map(|it| it.position.get()).collect::<Vec<_>>(), [1, 2, 3]);
+    let of_b = collect(events.read_all().stream_prefix("b").backward().limit(1))?;
+    assert_eq!(places(&of_b), [("b".to_owned(), 1, 2)]);
+
+    let a = collect(events.read_stream("a"))?;
+    assert_eq!(a.iter().map(|it| it.version).collect::<Vec<_>>(), [0, 1, 2]);
+    let a_back = collect(events.read_stream("a").backward().limit(2))?;
+    assert_eq!(a_back.iter().map(|it| it.version).collect::<Vec<_>>(), [2, 1]);
+    let a_from = collect(events.read_stream("a").from(1).backward())?;
+    assert_eq!(a_from.iter().map(|it| it.version).collect::<Vec<_>>(), [1, 0]);
+    assert!(collect(events.read_stream("nothing"))?.is_empty());
+    assert!(collect(events.read_stream("a").from(7))?.is_empty());
+
+    assert_eq!(events.event_at(Position::new(3))?.map(|it| it.data), Some(deposit(10)));
+    assert!(events.event_at(Position::new(5))?.is_none());
+    assert_eq!(events.event("b", 1)?.map(|it| it.position), Some(Position::new(2)));
+    assert!(events.event("b", 2)?.is_none());
+    Ok(())
+}
+
+#[test]
+fn every_expectation_is_checked_and_a_refused_append_writes_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Bank>::open(dir.path())?;
+    assert_eq!(wrong_version(events.append("s", Expected::StreamExists, [deposit(1)]))?, None);
+    assert_eq!(wrong_version(events.append("s", Expected::Exact(0), [deposit(1)]))?, None);
+    events.append("s", Expected::NoStream, [deposit(1)])?;
+    assert_eq!(wrong_version(events.append("s", Expected::NoStream, [deposit(2)]))?, Some(0));
+    assert_eq!(wrong_version(events.append("s", Expected::Exact(3), [deposit(2)]))?, Some(0));
+    events.append("s", Expected::StreamExists, [deposit(2)])?;
+    events.append("s", Expected::Any, [deposit(3)])?;
+    events.append("s", Expected::Exact(2), [deposit(4)])?;
+    let err = events
+        .append("s", Expected::Exact(1), [deposit(5)])
+        .err()
+        .ok_or("a stale append was taken")?;
+    assert_eq!(err.to_string(), "stream `s`: expected version 1, but it is at version 3");
+    let amounts: Vec<Bank> =
+        collect(events.read_stream("s"))?.into_iter().map(|it| it.data).collect();
+    assert_eq!(amounts, (1..=4).map(deposit).collect::<Vec<_>>());
+    // An append of no event checks the expectation and writes nothing.
+    let checked = events.append("s", Expected::Exact(3), Vec::<Bank>::new())?;
+    assert_eq!((checked.last_version(), checked.versions), (Some(3), 4..4));
+    assert_eq!(wrong_version(events.append("s", Expected::Exact(2), Vec::<Bank>::new()))?, Some(3));
+    assert_eq!(events.head(), Position::new(4));
+    Ok(())
+}
+
+#[test]
+fn racing_writers_each_win_one_version_and_the_others_learn_the_actual_one() -> TestResult {
+    const THREADS: usize = 8;
+    const ROUNDS: usize = 25;
+    let dir = tempfile::tempdir()?;
+    let events =
+        EventStore::<i64>::builder().durability(Durability::GroupCommit).open(dir.path())?;
+    // Concurrent creates of one stream: exactly one wins.
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let created: Vec<bool> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|n| {
+                let (events, barrier) = (events.clone(), Arc::clone(&barrier));
+                scope.spawn(move || {
+                    barrier.wait();
+                    match events.append("race", Expected::NoStream, [n as i64]) {
+                        Ok(_) => true,
+                        Err(Error::WrongExpectedVersion { actual: Some(0), .. }) => false,
+                        Err(err) => panic!("an unexpected error: {err}"),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|handle| handle.join().expect("a writer panicked")).collect()
+    });
+    assert_eq!(created.iter().filter(|won| **won).count(), 1);
+    // Then each round, every writer appends with the version it read: one wins.
+    let wins: Vec<usize> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|n| {
+                let events = events.clone();
+                scope.spawn(move || {
+                    let mut won = 0;
+                    for round in 0..ROUNDS {
+                        loop {
+                            let read = events.stream_version("race").expect("the stream exists");
+                            match events.append(
+                                "race",
+                                Expected::Exact(read),
+                                [(n * 1000 + round) as i64],
+                            ) {
+                                Ok(appended) => {
+                                    assert_eq!(appended.versions.start, read + 1);
+                                    won += 1;
+                                    break;
+                                }
+                                Err(Error::WrongExpectedVersion {
+                                    actual: Some(actual), ..
+                                }) => {
+                                    assert!(read < actual, "told {actual} after reading {read}");
+                                }
+                                Err(err) => panic!("an unexpected error: {err}"),
+                            }
+                        }
+                    }
+                    won
+                })
+            })
+            .collect();
+        handles.into_iter().map(|handle| handle.join().expect("a writer panicked")).collect()
+    });
+    assert_eq!(wins, vec![ROUNDS; THREADS]);
+    let stream = collect(events.read_stream("race"))?;
+    assert_eq!(stream.len(), 1 + THREADS * ROUNDS);
+    assert!(
+        stream
+            .iter()
+            .enumerate()
+            .all(|(k, it)| it.version == k as u64 && it.position.get() == k as u64)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_retried_append_returns_the_earlier_result_and_writes_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Bank>::open(dir.path())?;
+    let ids: Vec<EventId> = (0..3).map(|_| EventId::new()).collect();
+    let batch = |ids: &[EventId]| -> Vec<NewEvent<Bank>> {
+        ids.iter()
+            .enumerate()
+            .map(|(k, id)| NewEvent::new(deposit(k as i64)).with_id(*id))
+            .collect()
+    };
+    let first = events.append("acc", Expected::NoStream, batch(&ids[..2]))?;
+    // The reply was lost; the retry must not duplicate, with any expectation.
+    assert_eq!(events.append("acc", Expected::NoStream, batch(&ids[..2]))?, first);
+    assert_eq!(events.append("acc", Expected::Any, batch(&ids[..2]))?, first);
+    assert_eq!(events.append("acc", Expected::StreamExists, batch(&ids[..2]))?, first);
+    let second = events.append("acc", Expected::Exact(1), batch(&ids[2..]))?;
+    assert_eq!(events.append("acc", Expected::Exact(1), batch(&ids[2..]))?, second);
+    assert_eq!(events.head(), Position::new(3));
+    // Reopened, a retry is still recognised.
+    drop(events);
+    let events = EventStore::<Bank>::open(dir.path())?;
+    assert_eq!(events.append("acc", Expected::Exact(1), batch(&ids[2..]))?, second);
+    // Not a retry: the same ids somewhere else, or only some of them.
+    let moved = events.append("other", Expected::Any, batch(&ids[..1]));
+    assert!(matches!(moved, Err(Error::DuplicateEventId { .. })), "{moved:?}");
+    let partly = events.append(
+        "acc",
+        Expected::Any,
+        vec![NewEvent::new(deposit(0)).with_id(ids[0]), NewEvent::new(deposit(9))],
+    );
+    assert!(matches!(partly, Err(Error::DuplicateEventId { .. })), "{partly:?}");
+    assert_eq!(events.head(), Position::new(3));
+    let ids_read: Vec<EventId> = collect(events.read_all())?.into_iter().map(|it| it.id).collect();
+    assert_eq!(ids_read, ids);
+    Ok(())
+}
+
+#[test]
+fn an_append_of_several_streams_is_all_or_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Bank>::open(dir.path())?;
+    events.append("from", Expected::Any, [deposit(100)])?;
+    let transfer = |expected_from| {
+        [
+            Append::new("from", expected_from, [Bank::Withdrew { amount: 30 }]),
+            Append::new("to", Expected::NoStream, [deposit(30)]),
+        ]
+    };
+    assert_eq!(wrong_version(events.append_all(transfer(Expected::Exact(5))))?, Some(0));
+    assert_eq!(
+        (events.head(), events.stream_version("to")),
+        (Position::new(1), None),
+        "nothing written"
+    );
+    let done = events.append_all(transfer(Expected::Exact(0)))?;
+    assert_eq!(
+        done.iter().map(|it| (it.stream.as_str(), it.positions.clone())).collect::<Vec<_>>(),
+        [("from", 1..2), ("to", 2..3)]
+    );
+    let twice = events.append_all([
+        Append::new("x", Expected::Any, [deposit(1)]),
+        Append::new("x", Expected::Any, [deposit(2)]),
+    ]);
+    assert!(matches!(twice, Err(Error::InvalidAppend { .. })), "{twice:?}");
+    let bad = events.append_all([
+        Append::new("ok", Expected::Any, [deposit(1)]),
+        Append::new("$all", Expected::Any, [deposit(2)]),
+    ]);
+    assert!(matches!(bad, Err(Error::InvalidStreamId { .. })), "{bad:?}");
+    assert_eq!(events.head(), Position::new(3));
+    Ok(())
+}
+
+#[test]
+fn invalid_stream_ids_are_refused_naming_the_reason() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Bank>::open(dir.path())?;
+    for bad in ["", "$all", "new\nline", " lead", &"x".repeat(600)] {
+        match events.append(bad, Expected::Any, [deposit(1)]) {
+            Err(Error::InvalidStreamId { reason, .. }) => assert!(!reason.is_empty()),
+            other => return Err(format!("{bad:?}: {other:?}").into()),
+        }
+    }
+    assert_eq!(events.head(), Position::START);
+    Ok(())
+}
+
+#[test]
+fn a_reopened_store_holds_every_event_from_its_checkpoint_and_journal() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let open = || EventStore::<Bank>::builder().checkpoint_every(7).open(dir.path());
+    let mut model: BTreeMap<String, Vec<Bank>> = BTreeMap::new();
+    {
+        let events = open()?;
+        for n in 0..40i64 {
+            let stream = format!("s{}", n % 3);
+            let batch: Vec<Bank> = (0..=(n % 4)).map(|k| deposit(n * 10 + k)).collect();
+            events.append(&stream, Expected::Any, batch.clone())?;
+            model.entry(stream).or_default().extend(batch);
+        }
+        events.checkpoint()?;
+        events.append("late", Expected::NoStream, [deposit(-1)])?;
+        model.entry("late".into()).or_default().push(deposit(-1));
+    }
+    let events = open()?;
+    assert!(events.recovered().snapshot().is_some(), "opened from a checkpoint");
+    assert_eq!(events.recovered().replayed(), 1, "only the append after it replayed");
+    for (stream, expected) in &model {
+        let read: Vec<Bank> =
+            collect(events.read_stream(stream))?.into_iter().map(|it| it.data).collect();
+        assert_eq!(&read, expected, "{stream}");
+    }
+    let all = collect(events.read_all())?;
+    assert!(all.iter().enumerate().all(|(k, it)| it.position.get() == k as u64));
+    assert_eq!(all.len(), model.values().map(Vec::len).sum::<usize>());
+    // Appends go on from where the store was.
+    let next = events.append("late", Expected::Exact(0), [deposit(-2)])?;
+    assert_eq!(next.positions.start, all.len() as u64);
+    Ok(())
+}
+
+#[test]
+fn buffered_modes_let_readers_see_what_they_hold() -> TestResult {
+    for durability in
+        [Durability::Unsynced, Durability::Periodic(std::time::Duration::from_hours(1))]
+    {
+        let dir = tempfile::tempdir()?;
+        {
+            let events = EventStore::<i64>::builder().durability(durability).open(dir.path())?;
+            for n in 0..50 {
+                events.append("n", Expected::Any, [n])?;
+            }
+            let read: Vec<i64> =
+                collect(events.read_stream("n"))?.into_iter().map(|it| it.data).collect();
+            assert_eq!(read, (0..50).collect::<Vec<_>>(), "{durability:?}");
+            events.sync()?;
+        }
+        let events = EventStore::<i64>::open(dir.path())?;
+        assert_eq!(events.stream_version("n"), Some(49), "{durability:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_store_of_another_event_type_or_damaged_is_refused_at_open() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let events = EventStore::<Bank>::open(dir.path())?;
+        events.append("a", Expected::Any, [deposit(1), deposit(2)])?;
+        events.append("a", Expected::Any, [deposit(3)])?;
+    }
+    let other = EventStore::<String>::open(dir.path()).map(drop);
+    assert!(matches!(other, Err(Error::JournalType { .. })), "{other:?}");
+    // A flipped byte inside the first batch: damage, not a torn write.
+    let journal = fs::read_dir(dir.path())?
+        .map(|entry| entry.map(|it| it.path()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .find(|path| path.extension().is_some_and(|it| it == "log"))
+        .ok_or("no journal file")?;
+    let mut bytes = fs::read(&journal)?;
+    let at = bytes.len() - 60;
+    bytes[at] ^= 0x10;
+    fs::write(&journal, &bytes)?;
+    let damaged = EventStore::<Bank>::open(dir.path()).map(drop);
+    assert!(matches!(damaged, Err(Error::JournalCorrupt { .. })), "{damaged:?}");
+    assert_eq!(fs::read(&journal)?, bytes, "a refused open changed the journal");
+    Ok(())
+}
+
+#[test]
+fn a_second_open_of_the_directory_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let _events = EventStore::<Bank>::open(dir.path())?;
+    let second = EventStore::<Bank>::open(dir.path()).map(drop);
+    assert!(matches!(second, Err(Error::Locked { .. })), "{second:?}");
+    let prevayler =
+        instastate::Prevayler::open(dir.path(), 0u64, |n: &mut u64, by: u64, _| *n += by).map(drop);
+    assert!(matches!(prevayler, Err(Error::Locked { .. })), "{prevayler:?}");
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append { stream: u8, expect: Option<u64>, values: Vec<i16> },
+    Reopen,
+    Checkpoint,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0u8..4, proptest::option::of(0u64..6), proptest::collection::vec(any::<i16>(), 0..4))
+            .prop_map(|(stream, expect, values)| Op::Append { stream, expect, values }),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Checkpoint),
+    ]
+}
+
+fn run_model(ops: &[Op], dir: &Path) -> Result<(), TestCaseError> {
+    let open = || {
+        EventStore::<i16>::builder()
+            .checkpoint_every(5)
+            .open(dir)
+            .map_err(|err| TestCaseError::fail(err.to_string()))
+    };
+    let mut events = open()?;
+    let mut model: Vec<(String, i16)> = Vec::new();
+    for op in ops {
+        match op {
+            Op::Append { stream, expect, values } => {
+                let name = format!("s{stream}");
+                let version = model.iter().filter(|(s, _)| *s == name).count() as u64;
+                let expected = expect.map_or(Expected::Any, Expected::Exact);
+                let ok = match expect {
+                    None => true,
+                    Some(v) => version == v + 1,
+                };
+                let res = events.append(&name, expected, values.clone());
+                prop_assert_eq!(
+                    res.is_ok(),
+                    ok,
+                    "{:?} on a stream of {} events: {:?}",
+                    op,
+                    version,
+                    res
+                );
+                if ok {
+                    model.extend(values.iter().map(|value| (name.clone(), *value)));
+                }
+            }
+            Op::Reopen => {
+                drop(events);
+                events = open()?;
+            }
+            Op::Checkpoint => {
+                events.checkpoint().map_err(|err| TestCaseError::fail(err.to_string()))?;
+            }
+        }
+        let all: Vec<(String, i16)> = events
+            .read_all()
+            .into_iter()
+            .map(|it| it.map(|it| (it.stream, it.data)))
+            .collect::<Result<_, _>>()
+            .map_err(|err| TestCaseError::fail(err.to_string()))?;
+        prop_assert_eq!(&all, &model);
+        for stream in 0..4u8 {
+            let name = format!("s{stream}");
+            let read: Vec<(u64, i16)> = events
+                .read_stream(&name)
+                .backward()
+                .into_iter()
+                .map(|it| it.map(|it| (it.version, it.data)))
+                .collect::<Result<_, _>>()
+                .map_err(|err| TestCaseError::fail(err.to_string()))?;
+            let mut expected: Vec<(u64, i16)> = model
+                .iter()
+                .filter(|(s, _)| *s == name)
+                .enumerate()
+                .map(|(v, (_, value))| (v as u64, *value))
+                .collect();
+            expected.reverse();
+            prop_assert_eq!(read, expected);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn the_store_behaves_as_a_list_of_events(ops in proptest::collection::vec(op(), 1..30)) {
+        let dir = tempfile::tempdir().map_err(|err| TestCaseError::fail(err.to_string()))?;
+        run_model(&ops, dir.path())?;
+    }
+}
