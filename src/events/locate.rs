@@ -76,7 +76,7 @@ impl Locator {
             let Some((first, path)) = files.iter().rev().find(|(first, _)| *first <= seq) else {
                 return Err(self.missing(seq, "no journal file holds it"));
             };
-            self.scan(*first, path)?;
+            self.scan(*first, path, seq)?;
             if let Some(found) = self.known(seq) {
                 return Ok(found);
             }
@@ -175,13 +175,17 @@ impl Locator {
         }
     }
 
-    /// Scans journal file `file` at `path` for the frames after the last one the
-    /// table knows, and records them. Stops at the file's end or at bytes that are
-    /// not a whole sound frame (a write in progress).
-    fn scan(&self, file: u64, path: &Path) -> Result<()> {
+    /// Scans journal file `file` at `path` for the frames from the last one the
+    /// table knows before journal event `seq` on, and records them. Stops at the
+    /// file's end or at bytes that are not a whole sound frame (a write in
+    /// progress). The table may know frames after `seq` and not before: recovery
+    /// records only the events after the checkpoint, which can start mid-file.
+    fn scan(&self, file: u64, path: &Path, seq: u64) -> Result<()> {
         let handle = self.io.open(path, Open::Read).map_err(Error::io(path))?;
+        let before = usize::try_from(seq.saturating_sub(file)).unwrap_or(usize::MAX);
         let known = self.frames.lock().files.get(&file).and_then(|offsets| {
-            offsets.iter().rev().find(|offset| **offset != super::index::UNKNOWN_OFFSET).copied()
+            let earlier = offsets.get(..before.min(offsets.len())).unwrap_or_default();
+            earlier.iter().rev().find(|offset| **offset != super::index::UNKNOWN_OFFSET).copied()
         });
         let mut buf = Vec::new();
         let mut start = if let Some(offset) = known {
@@ -235,6 +239,40 @@ impl Locator {
         let mut frames = self.frames.lock();
         for (seq, offset) in found {
             frames.record(file, seq, offset);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{EventStore, Expected};
+
+    #[test]
+    fn a_table_that_knows_only_later_frames_of_a_file_still_finds_the_earlier_ones() -> Result<()> {
+        // Recovery records only the journal events after the checkpoint, which can
+        // start in the middle of a file: the frames before are then unknown while
+        // later ones are known (found by the SIGKILL test of the event store).
+        let tmp = tempfile::tempdir().map_err(Error::io(std::env::temp_dir()))?;
+        let dir = tmp.path().join("events");
+        {
+            let events = EventStore::<u64>::open(&dir)?;
+            for n in 0..10 {
+                events.append("n", Expected::Any, [n])?;
+            }
+        }
+        let none = || Ok(());
+        let full = Locator::new(dir.clone(), Io::default(), Sealer::default(), Frames::default());
+        let offsets: Vec<u64> = (0..10)
+            .map(|seq| full.locate(seq, &none).map(|(_, _, offset)| offset))
+            .collect::<Result<_>>()?;
+        let mut sparse = Frames::default();
+        sparse.record(0, 9, offsets.last().copied().unwrap_or_default());
+        let sparse = Locator::new(dir, Io::default(), Sealer::default(), sparse);
+        for seq in [3, 0, 8, 9] {
+            let want = usize::try_from(seq).ok().and_then(|seq| offsets.get(seq)).copied();
+            assert_eq!(Some(sparse.locate(seq, &none)?.2), want, "event {seq}");
         }
         Ok(())
     }
