@@ -7,7 +7,7 @@ use std::{fmt, ops::Range};
 
 use super::{
     EventId, NewEvent,
-    batch::{Batch, Command, Part, StoredEvent},
+    batch::{self, EventIn, PartIn},
     index::{Index, Seen, StreamIdx},
     stream_id,
 };
@@ -203,32 +203,29 @@ pub(crate) fn plan(index: &mut Index, requests: &[Request]) -> Result<Plan> {
     }
     index.reserved = position;
     index.note_ids(noted);
-    let batch = Batch {
-        first_position,
-        parts: fresh
-            .iter()
-            .zip(&parts)
-            .map(|(request, (_, first_version, _))| Part {
-                stream: &request.stream,
-                first_version: *first_version,
-                events: request.events.iter().map(stored).collect(),
-            })
-            .collect(),
-    };
-    // A batch is made of integers, strings and byte strings, which postcard encodes
-    // into a `Vec` whatever they hold.
-    #[allow(clippy::expect_used)]
-    let bytes = super::batch::encode(&Command::Append(batch)).expect("a batch encodes");
+    let events: Vec<Vec<EventIn<'_>>> =
+        fresh.iter().map(|request| request.events.iter().map(stored).collect()).collect();
+    let batch_parts: Vec<PartIn<'_>> = fresh
+        .iter()
+        .zip(&parts)
+        .zip(&events)
+        .map(|((request, (_, first_version, _)), events)| PartIn {
+            stream: &request.stream,
+            first_version: *first_version,
+            events,
+        })
+        .collect();
+    let bytes = batch::encode(first_position, &batch_parts);
     Ok(Plan::Write { bytes, commit: Commit { first_position, parts, appended } })
 }
 
-fn stored(event: &Encoded) -> StoredEvent<'_> {
-    StoredEvent {
+fn stored(event: &Encoded) -> EventIn<'_> {
+    EventIn {
         id: *event.id.as_bytes(),
         event_type: &event.event_type,
         causation: event.causation.map(|id| *id.as_bytes()),
         correlation: event.correlation.map(|id| *id.as_bytes()),
-        tags: event.tags.iter().map(String::as_str).collect(),
+        tags: &event.tags,
         data: &event.data,
     }
 }

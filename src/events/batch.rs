@@ -2,62 +2,86 @@
 //! append of one or more streams being one batch.
 //!
 //! ```text
-//! command: format u8 = 1 | postcard of Command
-//! Command::Append: first position u64 | parts: [stream str | first version u64 |
-//!                  events: [id [u8; 16] | event type str | causation | correlation |
-//!                           tags [str] | data bytes]]
+//! command:  format u8 = 1 | kind u8 (0: append) | body
+//! append:   first position | part count | parts | event bodies
+//! part:     stream (length, UTF-8 bytes) | first version | event count | ids (16 bytes each)
+//! event body, one per event, parts in order:
+//!           event type (length, UTF-8 bytes) | flags u8 (1: causation, 2: correlation)
+//!           | causation (16 bytes, if flagged) | correlation (16 bytes, if flagged)
+//!           | tag count | tags (length, UTF-8 bytes each) | data (length, bytes)
 //! ```
 //!
-//! The positions of a batch's events follow each other from its first position,
-//! part after part; the versions of a part's events from its first version. The
-//! timestamp is the journal's, shared by the batch. `data` is the event encoded with
-//! postcard.
+//! Numbers and lengths are LEB128 varints (at most 10 bytes, the value fitting a
+//! `u64`). The heads of the parts come first, so that opening, which needs only the
+//! streams, versions and ids, reads no event body. The positions of a batch's events
+//! follow each other from its first position, part after part; the versions of a
+//! part's events from its first version. The timestamp is the journal's, shared by
+//! the batch. `data` is the event encoded with postcard.
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
 
 /// The version of the command layout, its first byte.
 const FORMAT: u8 = 1;
+const KIND_APPEND: u8 = 0;
+const FLAG_CAUSATION: u8 = 1;
+const FLAG_CORRELATION: u8 = 2;
 
-/// A command of the event store, borrowing its strings and bytes.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Command<'a> {
-    #[serde(borrow)]
-    Append(Batch<'a>),
-}
-
-/// An append: events for one or more streams, all or nothing.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Batch<'a> {
-    pub(crate) first_position: u64,
-    #[serde(borrow)]
-    pub(crate) parts: Vec<Part<'a>>,
-}
-
-/// The events of one stream in a batch.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Part<'a> {
+/// The events of one stream, as a batch is made of them.
+pub(crate) struct PartIn<'a> {
     pub(crate) stream: &'a str,
     pub(crate) first_version: u64,
-    #[serde(borrow)]
-    pub(crate) events: Vec<StoredEvent<'a>>,
+    pub(crate) events: &'a [EventIn<'a>],
 }
 
-/// One event as stored.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct StoredEvent<'a> {
+/// One event, as a batch is made of it.
+pub(crate) struct EventIn<'a> {
     pub(crate) id: [u8; 16],
     pub(crate) event_type: &'a str,
     pub(crate) causation: Option<[u8; 16]>,
     pub(crate) correlation: Option<[u8; 16]>,
-    #[serde(borrow)]
-    pub(crate) tags: Vec<&'a str>,
-    #[serde(with = "serde_bytes")]
+    pub(crate) tags: &'a [String],
     pub(crate) data: &'a [u8],
 }
 
-/// Encodes `command` as the journal stores it.
-pub(crate) fn encode(command: &Command<'_>) -> Result<Vec<u8>, postcard::Error> {
-    postcard::to_extend(command, vec![FORMAT])
+/// The head of one part of a batch read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PartHead<'a> {
+    pub(crate) stream: &'a str,
+    pub(crate) first_version: u64,
+    /// The ids of its events, 16 bytes each.
+    pub(crate) ids: &'a [u8],
+}
+
+impl PartHead<'_> {
+    /// The ids of the part's events.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = [u8; 16]> + '_ {
+        self.ids.chunks_exact(16).filter_map(|id| id.try_into().ok())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ids.len() / 16
+    }
+}
+
+/// The heads of an append batch read back, and where its event bodies start.
+#[derive(Debug)]
+pub(crate) struct BatchHead<'a> {
+    pub(crate) first_position: u64,
+    pub(crate) parts: Vec<PartHead<'a>>,
+    bodies: &'a [u8],
+}
+
+/// One event of a batch read back, borrowing from the batch's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EventOut<'a> {
+    pub(crate) stream: &'a str,
+    pub(crate) version: u64,
+    pub(crate) id: [u8; 16],
+    pub(crate) event_type: &'a str,
+    pub(crate) causation: Option<[u8; 16]>,
+    pub(crate) correlation: Option<[u8; 16]>,
+    pub(crate) tags: Vec<&'a str>,
+    pub(crate) data: &'a [u8],
 }
 
 /// Why stored command bytes could not be read.
@@ -66,11 +90,11 @@ pub(crate) enum BatchFault {
     /// A format this build does not read.
     Format(u8),
     /// Not a command of the known format.
-    Malformed(String),
+    Malformed(&'static str),
 }
 
-impl std::fmt::Display for BatchFault {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for BatchFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BatchFault::Format(found) => {
                 write!(
@@ -83,20 +107,174 @@ impl std::fmt::Display for BatchFault {
     }
 }
 
-/// Decodes command bytes written by [`encode`], borrowing from them.
-pub(crate) fn decode(bytes: &[u8]) -> Result<Command<'_>, BatchFault> {
-    let Some((&format, body)) = bytes.split_first() else {
-        return Err(BatchFault::Malformed("it is empty".into()));
-    };
-    if format != FORMAT {
-        return Err(BatchFault::Format(format));
+/// Encodes an append batch of `parts`, whose first event gets `first_position`.
+pub(crate) fn encode(first_position: u64, parts: &[PartIn<'_>]) -> Vec<u8> {
+    let mut out = vec![FORMAT, KIND_APPEND];
+    put_varint(&mut out, first_position);
+    put_varint(&mut out, parts.len() as u64);
+    for part in parts {
+        put_bytes(&mut out, part.stream.as_bytes());
+        put_varint(&mut out, part.first_version);
+        put_varint(&mut out, part.events.len() as u64);
+        for event in part.events {
+            out.extend_from_slice(&event.id);
+        }
     }
-    let (command, rest): (Command<'_>, &[u8]) =
-        postcard::take_from_bytes(body).map_err(|err| BatchFault::Malformed(err.to_string()))?;
-    if !rest.is_empty() {
-        return Err(BatchFault::Malformed(format!("{} bytes follow it", rest.len())));
+    for event in parts.iter().flat_map(|part| part.events) {
+        put_bytes(&mut out, event.event_type.as_bytes());
+        let flags = if event.causation.is_some() { FLAG_CAUSATION } else { 0 }
+            | if event.correlation.is_some() { FLAG_CORRELATION } else { 0 };
+        out.push(flags);
+        for id in [event.causation, event.correlation].into_iter().flatten() {
+            out.extend_from_slice(&id);
+        }
+        put_varint(&mut out, event.tags.len() as u64);
+        for tag in event.tags {
+            put_bytes(&mut out, tag.as_bytes());
+        }
+        put_bytes(&mut out, event.data);
     }
-    Ok(command)
+    out
+}
+
+/// Reads the heads of the append batch in `bytes`: what opening needs.
+pub(crate) fn decode_head(bytes: &[u8]) -> Result<BatchHead<'_>, BatchFault> {
+    let mut reader = Reader(bytes);
+    match reader.byte()? {
+        FORMAT => {}
+        other => return Err(BatchFault::Format(other)),
+    }
+    if reader.byte()? != KIND_APPEND {
+        return Err(BatchFault::Malformed("its kind is unknown"));
+    }
+    let first_position = reader.varint()?;
+    let count = reader.count(1)?;
+    let mut parts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let stream = reader.str()?;
+        let first_version = reader.varint()?;
+        let events = reader.count(16)?;
+        let ids = reader.take(events * 16)?;
+        parts.push(PartHead { stream, first_version, ids });
+    }
+    Ok(BatchHead { first_position, parts, bodies: reader.0 })
+}
+
+/// Reads every event of the append batch in `bytes`.
+pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFault> {
+    let head = decode_head(bytes)?;
+    let mut reader = Reader(head.bodies);
+    let mut events = Vec::with_capacity(head.parts.iter().map(PartHead::len).sum());
+    for part in &head.parts {
+        for (k, id) in part.ids().enumerate() {
+            let event_type = reader.str()?;
+            let flags = reader.byte()?;
+            if flags & !(FLAG_CAUSATION | FLAG_CORRELATION) != 0 {
+                return Err(BatchFault::Malformed("an event's flags are unknown"));
+            }
+            let causation = if flags & FLAG_CAUSATION == 0 { None } else { Some(reader.id()?) };
+            let correlation = if flags & FLAG_CORRELATION == 0 { None } else { Some(reader.id()?) };
+            let tag_count = reader.count(1)?;
+            let mut tags = Vec::with_capacity(tag_count);
+            for _ in 0..tag_count {
+                tags.push(reader.str()?);
+            }
+            let data = reader.bytes()?;
+            let version = part
+                .first_version
+                .checked_add(k as u64)
+                .ok_or(BatchFault::Malformed("its versions overflow"))?;
+            events.push(EventOut {
+                stream: part.stream,
+                version,
+                id,
+                event_type,
+                causation,
+                correlation,
+                tags,
+                data,
+            });
+        }
+    }
+    if !reader.0.is_empty() {
+        return Err(BatchFault::Malformed("bytes follow its last event"));
+    }
+    Ok((head.first_position, events))
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    // Each byte takes the low seven bits: the cast drops only what was shifted out.
+    #[allow(clippy::cast_possible_truncation)]
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    out.push(n as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> Result<u8, BatchFault> {
+        let (&byte, rest) = self.0.split_first().ok_or(BatchFault::Malformed("it is cut short"))?;
+        self.0 = rest;
+        Ok(byte)
+    }
+
+    fn varint(&mut self) -> Result<u64, BatchFault> {
+        let mut n = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.byte()?;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(BatchFault::Malformed("a number overflows 64 bits"));
+            }
+            n |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err(BatchFault::Malformed("a number overflows 64 bits"))
+    }
+
+    /// A count of things at least `each` bytes long: never more than the bytes left
+    /// could hold, so that no allocation follows a damaged count.
+    fn count(&mut self, each: usize) -> Result<usize, BatchFault> {
+        let n = usize::try_from(self.varint()?)
+            .map_err(|_| BatchFault::Malformed("a count is too large"))?;
+        if n.checked_mul(each).is_none_or(|bytes| self.0.len() < bytes) {
+            return Err(BatchFault::Malformed("a count is larger than the bytes left"));
+        }
+        Ok(n)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BatchFault> {
+        let (taken, rest) =
+            self.0.split_at_checked(n).ok_or(BatchFault::Malformed("it is cut short"))?;
+        self.0 = rest;
+        Ok(taken)
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], BatchFault> {
+        let len = self.count(1)?;
+        self.take(len)
+    }
+
+    fn str(&mut self) -> Result<&'a str, BatchFault> {
+        std::str::from_utf8(self.bytes()?)
+            .map_err(|_| BatchFault::Malformed("a string is not UTF-8"))
+    }
+
+    fn id(&mut self) -> Result<[u8; 16], BatchFault> {
+        let bytes = self.take(16)?;
+        bytes.try_into().map_err(|_| BatchFault::Malformed("it is cut short"))
+    }
 }
 
 #[cfg(test)]
@@ -105,36 +283,66 @@ mod tests {
 
     #[test]
     fn a_batch_round_trips_and_damage_is_a_fault() {
-        let command = Command::Append(Batch {
-            first_position: 7,
-            parts: vec![Part {
-                stream: "account-1",
-                first_version: 2,
-                events: vec![StoredEvent {
-                    id: [9; 16],
-                    event_type: "Deposited",
-                    causation: None,
-                    correlation: Some([1; 16]),
-                    tags: vec!["account-1"],
-                    data: &[1, 2, 3],
-                }],
-            }],
-        });
-        let bytes = encode(&command).expect("a batch encodes");
-        let Ok(Command::Append(batch)) = decode(&bytes) else { panic!("no batch") };
-        assert_eq!((batch.first_position, batch.parts.len()), (7, 1));
-        let event = batch.parts.first().and_then(|part| part.events.first()).expect("an event");
-        assert_eq!((event.event_type, event.data), ("Deposited", &[1u8, 2, 3][..]));
+        let tags = vec!["account-1".to_owned()];
+        let events = [
+            EventIn {
+                id: [9; 16],
+                event_type: "Deposited",
+                causation: None,
+                correlation: Some([1; 16]),
+                tags: &tags,
+                data: &[1, 2, 3],
+            },
+            EventIn {
+                id: [8; 16],
+                event_type: "Withdrew",
+                causation: Some([2; 16]),
+                correlation: None,
+                tags: &[],
+                data: &[],
+            },
+        ];
+        let bytes = encode(
+            300,
+            &[
+                PartIn { stream: "account-1", first_version: 2, events: &events[..1] },
+                PartIn { stream: "account-2", first_version: 0, events: &events[1..] },
+            ],
+        );
+        let head = decode_head(&bytes).expect("a head");
+        assert_eq!(head.first_position, 300);
+        assert_eq!(
+            head.parts
+                .iter()
+                .map(|part| (part.stream, part.first_version, part.ids().collect::<Vec<_>>()))
+                .collect::<Vec<_>>(),
+            [("account-1", 2, vec![[9; 16]]), ("account-2", 0, vec![[8; 16]])]
+        );
+        let (first, read) = decode(&bytes).expect("a batch");
+        assert_eq!(first, 300);
+        assert_eq!(read.len(), 2);
+        let event = read.first().expect("an event");
+        assert_eq!(
+            (event.stream, event.version, event.event_type, event.data),
+            ("account-1", 2, "Deposited", &[1u8, 2, 3][..])
+        );
+        assert_eq!((event.correlation, event.tags.clone()), (Some([1; 16]), vec!["account-1"]));
+        assert_eq!(read.get(1).map(|it| (it.causation, it.version)), Some((Some([2; 16]), 0)));
 
         let mut newer = bytes.clone();
         if let Some(format) = newer.first_mut() {
             *format = 2;
         }
         assert_eq!(decode(&newer).err(), Some(BatchFault::Format(2)));
-        let short = bytes.split_last().map_or(&[][..], |(_, rest)| rest);
-        assert!(matches!(decode(short), Err(BatchFault::Malformed(_))));
+        for cut in 0..bytes.len() {
+            assert!(decode(bytes.get(..cut).unwrap_or_default()).is_err(), "cut at {cut}");
+        }
         let mut longer = bytes;
         longer.push(0);
         assert!(matches!(decode(&longer), Err(BatchFault::Malformed(_))));
+        // A huge count allocates nothing: it is refused first.
+        let mut huge = vec![FORMAT, KIND_APPEND, 0];
+        put_varint(&mut huge, u64::MAX / 2);
+        assert!(matches!(decode(&huge), Err(BatchFault::Malformed(_))));
     }
 }

@@ -14,12 +14,21 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use foldhash::fast::RandomState;
+
 use serde::{Deserialize, Serialize};
 
-use super::batch::Batch;
+use super::batch::BatchHead;
 
 /// A stream's number in the index.
 pub(crate) type StreamIdx = u32;
+
+/// A stream as a batch to commit names it: by number when planned here, by name
+/// when read back.
+enum Named<'a> {
+    Idx(StreamIdx),
+    Name(&'a str),
+}
 
 /// Where a recent event is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,7 +50,7 @@ pub(crate) struct Stream {
 /// The in-memory index of an event store.
 #[derive(Debug, Default)]
 pub(crate) struct Index {
-    by_name: HashMap<String, StreamIdx>,
+    by_name: HashMap<String, StreamIdx, RandomState>,
     pub(crate) streams: Vec<Stream>,
     /// Per journal event, by its number: the position of its batch's first event.
     /// The positions of journal event `seq` run up to the next one's start (or to
@@ -61,7 +70,7 @@ pub(crate) struct Index {
 #[derive(Debug, Default)]
 struct Recent {
     capacity: usize,
-    by_id: HashMap<[u8; 16], Seen>,
+    by_id: HashMap<[u8; 16], Seen, RandomState>,
     order: VecDeque<[u8; 16]>,
 }
 
@@ -159,20 +168,16 @@ impl Index {
         }
     }
 
-    /// Commits journal event `seq`, the append `batch` read back from the journal:
-    /// its events get their positions and versions. Returns a description of the
-    /// mismatch when the batch does not follow what the index holds (damage, or a
-    /// bug).
-    pub(crate) fn commit(&mut self, seq: u64, batch: &Batch<'_>) -> Result<(), String> {
-        let parts: Vec<(StreamIdx, u64, Vec<[u8; 16]>)> = batch
+    /// Commits journal event `seq`, the append batch read back from the journal
+    /// whose heads are `batch`: its events get their positions and versions.
+    /// Returns a description of the mismatch when the batch does not follow what
+    /// the index holds (damage, or a bug).
+    pub(crate) fn commit(&mut self, seq: u64, batch: &BatchHead<'_>) -> Result<(), String> {
+        let parts = batch
             .parts
             .iter()
-            .map(|part| {
-                let idx = self.stream_or_new(part.stream);
-                (idx, part.first_version, part.events.iter().map(|event| event.id).collect())
-            })
-            .collect();
-        self.commit_planned(seq, batch.first_position, &parts)
+            .map(|part| (Named::Name(part.stream), part.first_version, part.ids()));
+        self.commit_parts(seq, batch.first_position, parts)
     }
 
     /// Commits journal event `seq`, whose batch puts events with `ids` in stream
@@ -183,6 +188,18 @@ impl Index {
         first_position: u64,
         parts: &[(StreamIdx, u64, Vec<[u8; 16]>)],
     ) -> Result<(), String> {
+        let parts = parts.iter().map(|(idx, first_version, ids)| {
+            (Named::Idx(*idx), *first_version, ids.iter().copied())
+        });
+        self.commit_parts(seq, first_position, parts)
+    }
+
+    fn commit_parts<'a, I: Iterator<Item = [u8; 16]>>(
+        &mut self,
+        seq: u64,
+        first_position: u64,
+        parts: impl Iterator<Item = (Named<'a>, u64, I)>,
+    ) -> Result<(), String> {
         if first_position != self.committed {
             return Err(format!(
                 "journal event {seq} holds positions from {first_position}, where {} comes next",
@@ -191,11 +208,15 @@ impl Index {
         }
         self.commit_seq(seq)?;
         let mut position = first_position;
-        for (idx, first_version, ids) in parts {
-            let Some(stream) = self.streams.get_mut(*idx as usize) else {
+        for (named, first_version, ids) in parts {
+            let idx = match named {
+                Named::Idx(idx) => idx,
+                Named::Name(name) => self.stream_or_new(name),
+            };
+            let Some(stream) = self.streams.get_mut(idx as usize) else {
                 return Err(format!("journal event {seq} names a stream the index lacks"));
             };
-            if *first_version != stream.positions.len() as u64 {
+            if first_version != stream.positions.len() as u64 {
                 return Err(format!(
                     "journal event {seq} holds stream `{}` from version {first_version}, where {} comes next",
                     stream.name,
@@ -205,7 +226,7 @@ impl Index {
             for id in ids {
                 let version = stream.positions.len() as u64;
                 stream.positions.push(position);
-                self.recent.insert(*id, Seen { stream: *idx, version, position });
+                self.recent.insert(id, Seen { stream: idx, version, position });
                 position += 1;
             }
             stream.reserved = stream.reserved.max(stream.positions.len() as u64);
@@ -315,15 +336,15 @@ impl Recent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::batch::{Part, StoredEvent};
+    use crate::events::batch::{self, EventIn, PartIn};
 
-    fn event(id: u8) -> StoredEvent<'static> {
-        StoredEvent {
+    fn event(id: u8) -> EventIn<'static> {
+        EventIn {
             id: [id; 16],
             event_type: "E",
             causation: None,
             correlation: None,
-            tags: Vec::new(),
+            tags: &[],
             data: &[],
         }
     }
@@ -331,18 +352,17 @@ mod tests {
     #[test]
     fn batches_get_positions_and_versions_and_voided_events_none() {
         let mut index = Index::new(2);
-        let batch = |first_position, stream, first_version, ids: &[u8]| Batch {
-            first_position,
-            parts: vec![Part {
-                stream,
-                first_version,
-                events: ids.iter().map(|id| event(*id)).collect(),
-            }],
+        let batch = |first_position, stream, first_version, ids: &[u8]| {
+            let events: Vec<EventIn<'_>> = ids.iter().map(|id| event(*id)).collect();
+            batch::encode(first_position, &[PartIn { stream, first_version, events: &events }])
         };
-        index.commit(0, &batch(0, "a", 0, &[1, 2])).expect("first batch");
+        let commit = |index: &mut Index, seq, bytes: Vec<u8>| {
+            index.commit(seq, &batch::decode_head(&bytes).expect("a batch"))
+        };
+        commit(&mut index, 0, batch(0, "a", 0, &[1, 2])).expect("first batch");
         // Journal event 1 was voided: recovery passes over it.
-        index.commit(2, &batch(2, "b", 0, &[3])).expect("after a gap");
-        index.commit(3, &batch(3, "a", 2, &[4])).expect("a again");
+        commit(&mut index, 2, batch(2, "b", 0, &[3])).expect("after a gap");
+        commit(&mut index, 3, batch(3, "a", 2, &[4])).expect("a again");
         assert_eq!(index.committed, 4);
         let a = index.stream("a").and_then(|idx| index.get(idx)).expect("stream a");
         assert_eq!(a.positions, [0, 1, 3]);
@@ -355,9 +375,9 @@ mod tests {
             (index.seen(&[4; 16]).map(|it| it.version), index.seen(&[1; 16])),
             (Some(2), None)
         );
-        assert!(index.commit(4, &batch(5, "a", 3, &[5])).is_err(), "a gap in positions");
-        assert!(index.commit(4, &batch(4, "a", 9, &[5])).is_err(), "a gap in versions");
-        assert!(index.commit(3, &batch(4, "a", 3, &[5])).is_err(), "a number twice");
+        assert!(commit(&mut index, 4, batch(5, "a", 3, &[5])).is_err(), "a gap in positions");
+        assert!(commit(&mut index, 4, batch(4, "a", 9, &[5])).is_err(), "a gap in versions");
+        assert!(commit(&mut index, 3, batch(4, "a", 3, &[5])).is_err(), "a number twice");
 
         let mut frames = Frames::default();
         frames.record(0, 0, 40);

@@ -10,7 +10,7 @@ use super::index::Frames;
 use crate::{
     Error, Result, Timestamp,
     crypt::Sealer,
-    io::{Io, Open},
+    io::{Io, IoFile, Open},
     journal::{
         event_aad,
         format::{self, Frame, Header, Read},
@@ -36,20 +36,30 @@ pub(crate) struct ReadFrame {
 }
 
 /// Bytes of one journal file, read ahead: a reader going through many frames in a
-/// row reads the file a chunk at a time.
+/// row reads the file a chunk at a time, and finds the next frame right after the
+/// last one without asking the frame table.
 #[derive(Default)]
 pub(crate) struct ReadAhead {
-    file: Option<(u64, PathBuf)>,
+    /// The file the bytes are of, and its open handle.
+    file: Option<(u64, IoFile)>,
     start: u64,
     bytes: Vec<u8>,
     /// How much to read at a time.
     chunk: usize,
+    /// The journal event expected next, and the offset after the last frame read.
+    next: Option<(u64, u64)>,
 }
 
 impl ReadAhead {
     /// A read-ahead buffer reading `chunk` bytes at a time.
     pub(crate) fn new(chunk: usize) -> ReadAhead {
         ReadAhead { chunk, ..ReadAhead::default() }
+    }
+
+    /// The bytes from `offset` on, if the buffer holds at least `need` of them.
+    fn at(&self, offset: u64, need: usize) -> Option<&[u8]> {
+        let at = usize::try_from(offset.checked_sub(self.start)?).ok()?;
+        self.bytes.get(at..).filter(|rest| need <= rest.len())
     }
 }
 
@@ -66,7 +76,7 @@ impl Locator {
         &self,
         seq: u64,
         write_out: &dyn Fn() -> Result<()>,
-    ) -> Result<(u64, PathBuf, u64)> {
+    ) -> Result<(u64, u64)> {
         let mut wrote = false;
         loop {
             if let Some(found) = self.known(seq) {
@@ -95,30 +105,31 @@ impl Locator {
         ahead: &mut ReadAhead,
         write_out: &dyn Fn() -> Result<()>,
     ) -> Result<ReadFrame> {
-        let (file, path, offset) = self.locate(seq, write_out)?;
-        let bad = |reason: String| Error::JournalCorrupt { path: path.clone(), offset, reason };
-        let same_file = ahead.file.as_ref().is_some_and(|(first, _)| *first == file);
-        let head_in = same_file
-            && ahead.start <= offset
-            && offset + format::FRAME_HEAD as u64 <= ahead.start + ahead.bytes.len() as u64;
-        if !head_in {
-            self.fill(ahead, file, &path, offset, format::FRAME_HEAD)?;
+        // Going forward, the frame is right after the last one read (past frames
+        // that are not events); otherwise the table says where.
+        let (file, offset) = match follow(seq, ahead) {
+            Some(found) => found,
+            None => self.locate(seq, write_out)?,
+        };
+        let bad =
+            |reason: String| Error::JournalCorrupt { path: self.path_of(file), offset, reason };
+        if ahead.file.as_ref().is_none_or(|(first, _)| *first != file)
+            || ahead.at(offset, format::FRAME_HEAD).is_none()
+        {
+            self.fill(ahead, file, offset, format::FRAME_HEAD)?;
         }
-        let at = usize::try_from(offset - ahead.start).unwrap_or(usize::MAX);
         let len = ahead
-            .bytes
-            .get(at..at + 4)
-            .and_then(|it| it.try_into().ok())
-            .map(u32::from_le_bytes)
+            .at(offset, format::FRAME_HEAD)
+            .and_then(|head| head.first_chunk::<4>())
+            .map(|len| u32::from_le_bytes(*len))
             .ok_or_else(|| bad("the frame's length is cut short".into()))?;
         let need = format::FRAME_HEAD + len as usize;
-        if ahead.bytes.len() < at + need {
-            self.fill(ahead, file, &path, offset, need)?;
+        if ahead.at(offset, need).is_none() {
+            self.fill(ahead, file, offset, need)?;
         }
-        let at = usize::try_from(offset - ahead.start).unwrap_or(usize::MAX);
-        let bytes = ahead.bytes.get(at..).unwrap_or_default();
-        let (stored_seq, stamp, stored) = match format::read_frame(bytes) {
-            Read::Frame(Frame::Event { seq, at, bytes }, _) => (seq, at, bytes),
+        let bytes = ahead.at(offset, 0).unwrap_or_default();
+        let (stored_seq, stamp, stored, used) = match format::read_frame(bytes) {
+            Read::Frame(Frame::Event { seq, at, bytes }, used) => (seq, at, bytes, used),
             Read::Frame(..) => return Err(bad(format!("event {seq} is not at its offset"))),
             Read::End => return Err(bad(format!("event {seq} is past the end of the file"))),
             Read::Bad(reason) => return Err(bad(format!("event {seq}: {reason}"))),
@@ -134,37 +145,38 @@ impl Locator {
         } else {
             stored.to_vec()
         };
+        ahead.next = Some((seq + 1, offset + used as u64));
         Ok(ReadFrame { at: Timestamp::from_micros(stamp), plain })
     }
 
-    /// Reads at least `need` bytes (or to the end of the file) of file `file` from
-    /// `offset` into `ahead`.
-    fn fill(
-        &self,
-        ahead: &mut ReadAhead,
-        file: u64,
-        path: &Path,
-        offset: u64,
-        need: usize,
-    ) -> Result<()> {
-        let handle = self.io.open(path, Open::Read).map_err(Error::io(path))?;
-        let mut bytes = vec![0; need.max(ahead.chunk)];
-        let n = handle.read_at(&mut bytes, offset).map_err(Error::io(path))?;
-        bytes.truncate(n);
-        *ahead = ReadAhead {
-            file: Some((file, path.to_path_buf())),
-            start: offset,
-            bytes,
-            chunk: ahead.chunk,
+    /// Reads at least `need` bytes (or to the end of the file) of journal file
+    /// `file` from `offset` into `ahead`.
+    fn fill(&self, ahead: &mut ReadAhead, file: u64, offset: u64, need: usize) -> Result<()> {
+        let path = self.path_of(file);
+        let reuse = ahead.file.take().filter(|(first, _)| *first == file);
+        let handle = match reuse {
+            Some((_, handle)) => handle,
+            None => self.io.open(&path, Open::Read).map_err(Error::io(&path))?,
         };
+        let mut bytes = std::mem::take(&mut ahead.bytes);
+        bytes.clear();
+        bytes.resize(need.max(ahead.chunk), 0);
+        let n = handle.read_at(&mut bytes, offset).map_err(Error::io(&path))?;
+        bytes.truncate(n);
+        ahead.file = Some((file, handle));
+        ahead.start = offset;
+        ahead.bytes = bytes;
         Ok(())
     }
 
-    fn known(&self, seq: u64) -> Option<(u64, PathBuf, u64)> {
+    /// The path of the journal file whose first event is `file`.
+    fn path_of(&self, file: u64) -> PathBuf {
+        self.dir.join(format::journal_name(file))
+    }
+
+    fn known(&self, seq: u64) -> Option<(u64, u64)> {
         let frames = self.frames.lock();
-        frames.find(seq).and_then(|(file, offset)| {
-            Some((file, self.dir.join(format::journal_name(file)), offset?))
-        })
+        frames.find(seq).and_then(|(file, offset)| Some((file, offset?)))
     }
 
     fn missing(&self, seq: u64, why: &str) -> Error {
@@ -244,6 +256,26 @@ impl Locator {
     }
 }
 
+/// Where journal event `seq` is, if it follows the last frame `ahead` read, in
+/// the same file, past frames that are not events.
+fn follow(seq: u64, ahead: &ReadAhead) -> Option<(u64, u64)> {
+    let (expected, mut offset) = ahead.next?;
+    let (file, _) = ahead.file.as_ref()?;
+    if expected != seq {
+        return None;
+    }
+    loop {
+        match format::read_frame(ahead.at(offset, format::FRAME_HEAD)?) {
+            Read::Frame(Frame::Event { seq: found, .. }, _) => {
+                return (found == seq).then_some((*file, offset));
+            }
+            Read::Frame(_, used) => offset += used as u64,
+            // Not in the buffer whole: the table decides.
+            Read::End | Read::Bad(_) => return None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,14 +297,14 @@ mod tests {
         let none = || Ok(());
         let full = Locator::new(dir.clone(), Io::default(), Sealer::default(), Frames::default());
         let offsets: Vec<u64> = (0..10)
-            .map(|seq| full.locate(seq, &none).map(|(_, _, offset)| offset))
+            .map(|seq| full.locate(seq, &none).map(|(_, offset)| offset))
             .collect::<Result<_>>()?;
         let mut sparse = Frames::default();
         sparse.record(0, 9, offsets.last().copied().unwrap_or_default());
         let sparse = Locator::new(dir, Io::default(), Sealer::default(), sparse);
         for seq in [3, 0, 8, 9] {
             let want = usize::try_from(seq).ok().and_then(|seq| offsets.get(seq)).copied();
-            assert_eq!(Some(sparse.locate(seq, &none)?.2), want, "event {seq}");
+            assert_eq!(Some(sparse.locate(seq, &none)?.1), want, "event {seq}");
         }
         Ok(())
     }

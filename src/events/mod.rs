@@ -363,17 +363,14 @@ impl Loaded {
 
     /// Commits a replayed journal event.
     fn replay(&mut self, dir: &Path, event: Replayed<'_>) -> Result<()> {
-        let path = dir.join(journal::format::journal_name(event.file));
         let bad = |reason: String| Error::JournalCorrupt {
-            path: path.clone(),
+            path: dir.join(journal::format::journal_name(event.file)),
             offset: event.offset,
             reason: format!("event {}: {reason}", event.seq),
         };
-        let command = batch::decode(event.bytes).map_err(|fault| bad(fault.to_string()))?;
+        let head = batch::decode_head(event.bytes).map_err(|fault| bad(fault.to_string()))?;
         let index = &mut self.index;
-        match command {
-            batch::Command::Append(batch) => index.commit(event.seq, &batch).map_err(bad)?,
-        }
+        index.commit(event.seq, &head).map_err(bad)?;
         index.last_at = event.at.as_micros();
         self.frames.record(event.file, event.seq, event.offset);
         Ok(())

@@ -5,9 +5,7 @@
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
-    EventId, EventStore, Metadata, Position, RecordedEvent,
-    batch::{self, Command},
-    index::StreamIdx,
+    EventId, EventStore, Metadata, Position, RecordedEvent, batch, index::StreamIdx,
     locate::ReadAhead,
 };
 use crate::{Error, Result, Timestamp};
@@ -331,31 +329,28 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
             offset: 0,
             reason: format!("journal event {seq}: {reason}"),
         };
-        let Command::Append(batch) =
+        let (stored_first, stored) =
             batch::decode(&frame.plain).map_err(|fault| bad(fault.to_string()))?;
-        if batch.first_position != first_position {
+        if stored_first != first_position {
             return Err(bad(format!(
-                "it holds positions from {}, where the index has {first_position}",
-                batch.first_position
+                "it holds positions from {stored_first}, where the index has {first_position}"
             )));
         }
-        let mut events = Vec::new();
-        for part in batch.parts {
-            for (k, event) in part.events.into_iter().enumerate() {
-                events.push(Owned {
-                    stream: part.stream.to_owned(),
-                    version: part.first_version + k as u64,
-                    id: EventId::from_bytes(event.id),
-                    event_type: event.event_type.to_owned(),
-                    metadata: Metadata {
-                        causation: event.causation.map(EventId::from_bytes),
-                        correlation: event.correlation.map(EventId::from_bytes),
-                    },
-                    tags: event.tags.into_iter().map(str::to_owned).collect(),
-                    data: event.data.to_vec(),
-                });
-            }
-        }
+        let events = stored
+            .into_iter()
+            .map(|event| Owned {
+                stream: event.stream.to_owned(),
+                version: event.version,
+                id: EventId::from_bytes(event.id),
+                event_type: event.event_type.to_owned(),
+                metadata: Metadata {
+                    causation: event.causation.map(EventId::from_bytes),
+                    correlation: event.correlation.map(EventId::from_bytes),
+                },
+                tags: event.tags.into_iter().map(str::to_owned).collect(),
+                data: event.data.to_vec(),
+            })
+            .collect();
         Ok(Decoded { seq, first_position, at: frame.at, events })
     }
 }
@@ -376,8 +371,10 @@ impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
                     return Some(Err(err));
                 }
             };
-            let batch = self.batch.as_ref()?;
-            let event = batch.events.get(k)?;
+            let batch = self.batch.as_mut()?;
+            let at = batch.at;
+            // Each event of a batch is yielded at most once: its parts move out.
+            let event = batch.events.get_mut(k)?;
             let wanted = self.event_type.as_ref().is_none_or(|wanted| *wanted == event.event_type)
                 && self
                     .stream_prefix
@@ -399,14 +396,14 @@ impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
                 }
             };
             let recorded = RecordedEvent {
-                stream: event.stream.clone(),
+                stream: std::mem::take(&mut event.stream),
                 version: event.version,
                 position: Position::new(position),
-                at: batch.at,
+                at,
                 id: event.id,
-                event_type: event.event_type.clone(),
+                event_type: std::mem::take(&mut event.event_type),
                 metadata: event.metadata,
-                tags: event.tags.clone(),
+                tags: std::mem::take(&mut event.tags),
                 data,
             };
             if let Some(remaining) = &mut self.remaining {
