@@ -139,6 +139,49 @@ pub fn snapshot(data: &[u8]) {
     check_journal(tmp.path(), &dir);
 }
 
+/// The command an event store journals for an append: its heads and its events.
+/// What decodes re-encodes to the same bytes, and the heads agree with the events.
+pub fn event_batch(data: &[u8]) {
+    use crate::events::batch::{self, EventIn, PartIn};
+    let head = batch::decode_head(data);
+    let Ok((first_position, events)) = batch::decode(data) else { return };
+    let head = head.expect("a batch that decodes has heads that decode");
+    assert_eq!(head.first_position, first_position);
+    let count: usize = head.parts.iter().map(batch::PartHead::len).sum();
+    assert_eq!(count, events.len(), "the heads count the events");
+    let tags: Vec<Vec<String>> = events
+        .iter()
+        .map(|event| event.tags.iter().map(|tag| (*tag).to_owned()).collect())
+        .collect();
+    let ins: Vec<EventIn<'_>> = events
+        .iter()
+        .zip(&tags)
+        .map(|(event, tags)| EventIn {
+            id: event.id,
+            event_type: event.event_type,
+            causation: event.causation,
+            correlation: event.correlation,
+            tags,
+            data: event.data,
+        })
+        .collect();
+    let mut parts = Vec::new();
+    let mut at = 0;
+    for part in &head.parts {
+        let events = ins.get(at..at + part.len()).expect("the heads count the events");
+        parts.push(PartIn { stream: part.stream, first_version: part.first_version, events });
+        at += part.len();
+    }
+    // A varint may have been written longer than it needs: compare what it means.
+    let again = batch::encode(first_position, &parts);
+    let (first_again, events_again) = batch::decode(&again).expect("an encoded batch decodes");
+    assert_eq!(
+        (first_again, &events_again),
+        (first_position, &events),
+        "a batch does not round-trip"
+    );
+}
+
 /// An export file, imported into a store whose one cell, a `u64`, may be among
 /// those it holds. With the first byte's low bit set, the file's checksum is
 /// fixed. An import is all or nothing: a refused one leaves the cell alone.
@@ -311,11 +354,51 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         seed("snapshot", Some(2), &state);
     }
     seed("snapshot", Some(0), b"");
+    seed("event_batch", None, &event_batch_seed());
     for file in export_files() {
         seed("export", Some(0), &file);
         seed("export", Some(1), file.split_last_chunk::<4>().map_or(&[][..], |it| it.0));
     }
     seeds
+}
+
+/// An append of two streams, one event with every optional part.
+fn event_batch_seed() -> Vec<u8> {
+    use crate::events::batch::{self, EventIn, PartIn};
+    let tags = vec!["account-1".to_owned(), "bank".to_owned()];
+    let events = [
+        EventIn {
+            id: [1; 16],
+            event_type: "Opened",
+            causation: Some([2; 16]),
+            correlation: Some([3; 16]),
+            tags: &tags,
+            data: b"\x05alice",
+        },
+        EventIn {
+            id: [4; 16],
+            event_type: "Deposited",
+            causation: None,
+            correlation: None,
+            tags: &[],
+            data: &[100],
+        },
+    ];
+    batch::encode(
+        300,
+        &[
+            PartIn {
+                stream: "account-1",
+                first_version: 0,
+                events: events.get(..1).unwrap_or_default(),
+            },
+            PartIn {
+                stream: "account-2",
+                first_version: 7,
+                events: events.get(1..).unwrap_or_default(),
+            },
+        ],
+    )
 }
 
 /// A type with every kind of container serde has, for shapes.

@@ -16,13 +16,14 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 type Target = fn(&[u8]);
 
 /// Every target, by its name in `fuzz/`, and its entry point.
-const TARGETS: [(&str, Target); 6] = [
+const TARGETS: [(&str, Target); 7] = [
     ("record", instastate::fuzz::record),
     ("manifest", instastate::fuzz::manifest),
     ("store_meta", instastate::fuzz::store_meta),
     ("journal", instastate::fuzz::journal),
     ("snapshot", instastate::fuzz::snapshot),
     ("export", instastate::fuzz::export),
+    ("event_batch", instastate::fuzz::event_batch),
 ];
 
 #[test]

@@ -55,6 +55,9 @@
 //! after it.
 
 mod append;
+#[cfg(feature = "fuzz")]
+pub(crate) mod batch;
+#[cfg(not(feature = "fuzz"))]
 mod batch;
 mod event;
 mod index;
