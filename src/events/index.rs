@@ -3,7 +3,7 @@
 //! where each journal event's frame is in the journal files. The events themselves
 //! stay on disk.
 //!
-//! Per event it holds 8 bytes in its stream's list of positions, and per journal
+//! Per event it holds 8 bytes in its stream's list of journal events, and per journal
 //! event (a batch) 8 bytes for the batch's first position and 8 for its frame's
 //! offset; the recent ids are a bounded window.
 //!
@@ -41,8 +41,9 @@ pub(crate) struct Seen {
 #[derive(Debug, Default)]
 pub(crate) struct Stream {
     pub(crate) name: String,
-    /// The positions of its committed events, by version.
-    pub(crate) positions: Vec<u64>,
+    /// The journal event holding each of its committed events, by version: a
+    /// stream read goes straight to the batch, without a search by position.
+    pub(crate) seqs: Vec<u64>,
     /// Its versions handed out, committed or not: the next event's version.
     pub(crate) reserved: u64,
 }
@@ -216,20 +217,20 @@ impl Index {
             let Some(stream) = self.streams.get_mut(idx as usize) else {
                 return Err(format!("journal event {seq} names a stream the index lacks"));
             };
-            if first_version != stream.positions.len() as u64 {
+            if first_version != stream.seqs.len() as u64 {
                 return Err(format!(
                     "journal event {seq} holds stream `{}` from version {first_version}, where {} comes next",
                     stream.name,
-                    stream.positions.len()
+                    stream.seqs.len()
                 ));
             }
             for id in ids {
-                let version = stream.positions.len() as u64;
-                stream.positions.push(position);
+                let version = stream.seqs.len() as u64;
+                stream.seqs.push(seq);
                 self.recent.insert(id, Seen { stream: idx, version, position });
                 position += 1;
             }
-            stream.reserved = stream.reserved.max(stream.positions.len() as u64);
+            stream.reserved = stream.reserved.max(stream.seqs.len() as u64);
         }
         self.committed = position;
         self.reserved = self.reserved.max(position);
@@ -271,6 +272,13 @@ impl Index {
         after.checked_sub(1).map(|seq| seq as u64)
     }
 
+    /// Whether journal event `seq`'s batch, which starts at `position`, holds it:
+    /// the next journal event starts after it.
+    pub(crate) fn seq_of_next_holds(&self, seq: u64, position: u64) -> bool {
+        let end = usize::try_from(seq + 1).ok().and_then(|next| self.starts.get(next)).copied();
+        position < end.unwrap_or(self.committed)
+    }
+
     /// The position of the first event of journal event `seq`'s batch.
     pub(crate) fn start_of(&self, seq: u64) -> Option<u64> {
         self.starts.get(usize::try_from(seq).ok()?).copied()
@@ -282,7 +290,7 @@ impl Index {
             streams: self
                 .streams
                 .iter()
-                .map(|stream| (stream.name.clone(), stream.positions.clone()))
+                .map(|stream| (stream.name.clone(), stream.seqs.clone()))
                 .collect(),
             starts: self.starts.clone(),
             committed: self.committed,
@@ -297,11 +305,11 @@ impl Index {
     pub(crate) fn restore(checkpoint: Checkpoint, recent: usize) -> (Index, Frames) {
         let Checkpoint { streams, starts, committed, last_at, recent: ids, frames } = checkpoint;
         let mut index = Index::new(recent);
-        for (name, positions) in streams {
+        for (name, seqs) in streams {
             let idx = index.stream_or_new(&name);
             if let Some(stream) = index.get_mut(idx) {
-                stream.reserved = positions.len() as u64;
-                stream.positions = positions;
+                stream.reserved = seqs.len() as u64;
+                stream.seqs = seqs;
             }
         }
         index.starts = starts;
@@ -365,7 +373,7 @@ mod tests {
         commit(&mut index, 3, batch(3, "a", 2, &[4])).expect("a again");
         assert_eq!(index.committed, 4);
         let a = index.stream("a").and_then(|idx| index.get(idx)).expect("stream a");
-        assert_eq!(a.positions, [0, 1, 3]);
+        assert_eq!(a.seqs, [0, 0, 3]);
         assert_eq!(
             (index.seq_of(1), index.seq_of(2), index.seq_of(3), index.seq_of(4)),
             (Some(0), Some(2), Some(3), None)
@@ -388,8 +396,8 @@ mod tests {
         );
         let (restored, frames) = Index::restore(index.checkpoint(&frames), 2);
         assert_eq!(
-            restored.stream("a").and_then(|idx| restored.get(idx)).map(|it| it.positions.clone()),
-            Some(vec![0, 1, 3])
+            restored.stream("a").and_then(|idx| restored.get(idx)).map(|it| it.seqs.clone()),
+            Some(vec![0, 0, 3])
         );
         assert_eq!(
             (restored.committed, restored.seq_of(3), restored.seen(&[3; 16]).map(|it| it.position)),

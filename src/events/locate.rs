@@ -2,9 +2,13 @@
 //! (the frame table, filled by recovery and by scanning a file for frames it does
 //! not know yet), and the frame's bytes, opened when the store is encrypted.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use parking_lot::Mutex;
+use quick_cache::sync::Cache;
 
 use super::index::Frames;
 use crate::{
@@ -27,12 +31,60 @@ pub(crate) struct Locator {
     io: Io,
     sealer: Sealer,
     pub(crate) frames: Mutex<Frames>,
+    /// Opened frames read at random (stream reads, backward reads), by journal
+    /// event, bounded by their bytes.
+    cache: Option<Cache<u64, Arc<Cached>, ByLength>>,
 }
 
-/// A frame read back: its journal event's number, timestamp and opened bytes.
-pub(crate) struct ReadFrame {
+/// A frame in the cache: its timestamp and opened bytes.
+pub(crate) struct Cached {
+    at: u64,
+    plain: Box<[u8]>,
+}
+
+/// Weighs a cached frame by its bytes (and a little for the entry itself).
+#[derive(Clone)]
+struct ByLength;
+
+impl quick_cache::Weighter<u64, Arc<Cached>> for ByLength {
+    fn weight(&self, _: &u64, frame: &Arc<Cached>) -> u64 {
+        frame.plain.len() as u64 + 64
+    }
+}
+
+/// Whether a read keeps the frame it reads in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Keep {
+    /// A read that goes through many frames once, in order: it would only push
+    /// out what others read again.
+    No,
+    /// A read of chosen frames, likely read again.
+    Cached,
+}
+
+/// A frame read back: its timestamp and its opened bytes.
+pub(crate) struct ReadFrame<'a> {
     pub(crate) at: Timestamp,
-    pub(crate) plain: Vec<u8>,
+    plain: Plain<'a>,
+}
+
+enum Plain<'a> {
+    /// In the read-ahead buffer.
+    Borrowed(&'a [u8]),
+    /// Opened from sealed bytes.
+    Owned(Vec<u8>),
+    Cached(Arc<Cached>),
+}
+
+impl ReadFrame<'_> {
+    /// The frame's opened bytes.
+    pub(crate) fn plain(&self) -> &[u8] {
+        match &self.plain {
+            Plain::Borrowed(bytes) => bytes,
+            Plain::Owned(bytes) => bytes,
+            Plain::Cached(cached) => &cached.plain,
+        }
+    }
 }
 
 /// Bytes of one journal file, read ahead: a reader going through many frames in a
@@ -64,8 +116,15 @@ impl ReadAhead {
 }
 
 impl Locator {
-    pub(crate) fn new(dir: PathBuf, io: Io, sealer: Sealer, frames: Frames) -> Locator {
-        Locator { dir, io, sealer, frames: Mutex::new(frames) }
+    /// A locator of the journal in `dir`, knowing the frames in `frames`, caching up
+    /// to `cache` bytes of frames read at random.
+    pub(crate) fn new(dir: PathBuf, io: Io, sealer: Sealer, frames: Frames, cache: u64) -> Locator {
+        // Frames of a few hundred bytes: the estimate only sizes the table at first.
+        let cache = (cache > 0).then(|| {
+            let estimate = usize::try_from(cache / 256).unwrap_or(usize::MAX).max(16);
+            Cache::with_weighter(estimate, cache, ByLength)
+        });
+        Locator { dir, io, sealer, frames: Mutex::new(frames), cache }
     }
 
     /// The journal file and offset of journal event `seq`'s frame. When it is not
@@ -98,13 +157,21 @@ impl Locator {
         }
     }
 
-    /// Reads journal event `seq`'s frame through `ahead`, and opens it.
-    pub(crate) fn read(
+    /// Reads journal event `seq`'s frame through `ahead` (or from the cache), and
+    /// opens it; `keep` says whether to keep it in the cache.
+    pub(crate) fn read<'a>(
         &self,
         seq: u64,
-        ahead: &mut ReadAhead,
+        ahead: &'a mut ReadAhead,
         write_out: &dyn Fn() -> Result<()>,
-    ) -> Result<ReadFrame> {
+        keep: Keep,
+    ) -> Result<ReadFrame<'a>> {
+        if let Some(cached) = self.cache.as_ref().and_then(|cache| cache.get(&seq)) {
+            return Ok(ReadFrame {
+                at: Timestamp::from_micros(cached.at),
+                plain: Plain::Cached(cached),
+            });
+        }
         // Going forward, the frame is right after the last one read (past frames
         // that are not events); otherwise the table says where.
         let (file, offset) = match follow(seq, ahead) {
@@ -127,26 +194,40 @@ impl Locator {
         if ahead.at(offset, need).is_none() {
             self.fill(ahead, file, offset, need)?;
         }
-        let bytes = ahead.at(offset, 0).unwrap_or_default();
-        let (stored_seq, stamp, stored, used) = match format::read_frame(bytes) {
-            Read::Frame(Frame::Event { seq, at, bytes }, used) => (seq, at, bytes, used),
+        let used = match format::read_frame(ahead.at(offset, 0).unwrap_or_default()) {
+            Read::Frame(Frame::Event { seq: stored, .. }, _) if stored != seq => {
+                return Err(bad(format!("event {stored} stands where event {seq} belongs")));
+            }
+            Read::Frame(Frame::Event { .. }, used) => used,
             Read::Frame(..) => return Err(bad(format!("event {seq} is not at its offset"))),
             Read::End => return Err(bad(format!("event {seq} is past the end of the file"))),
             Read::Bad(reason) => return Err(bad(format!("event {seq}: {reason}"))),
         };
-        if stored_seq != seq {
-            return Err(bad(format!("event {stored_seq} stands where event {seq} belongs")));
-        }
+        ahead.next = Some((seq + 1, offset + used as u64));
+        let Read::Frame(Frame::Event { at: stamp, bytes: stored, .. }, _) =
+            format::read_frame(ahead.at(offset, 0).unwrap_or_default())
+        else {
+            return Err(bad(format!("event {seq} changed under the reader")));
+        };
         let plain = if self.sealer.is_on() {
             let opened = self.sealer.open(&event_aad(seq), stored);
-            opened
-                .map_err(|fault| bad(format!("event {seq} cannot be opened: {fault}")))?
-                .into_owned()
+            Plain::Owned(
+                opened
+                    .map_err(|fault| bad(format!("event {seq} cannot be opened: {fault}")))?
+                    .into_owned(),
+            )
         } else {
-            stored.to_vec()
+            Plain::Borrowed(stored)
         };
-        ahead.next = Some((seq + 1, offset + used as u64));
-        Ok(ReadFrame { at: Timestamp::from_micros(stamp), plain })
+        let frame = ReadFrame { at: Timestamp::from_micros(stamp), plain };
+        match (&self.cache, keep) {
+            (Some(cache), Keep::Cached) => {
+                let cached = Arc::new(Cached { at: stamp, plain: frame.plain().into() });
+                cache.insert(seq, Arc::clone(&cached));
+                Ok(ReadFrame { at: frame.at, plain: Plain::Cached(cached) })
+            }
+            _ => Ok(frame),
+        }
     }
 
     /// Reads at least `need` bytes (or to the end of the file) of journal file
@@ -295,13 +376,14 @@ mod tests {
             }
         }
         let none = || Ok(());
-        let full = Locator::new(dir.clone(), Io::default(), Sealer::default(), Frames::default());
+        let full =
+            Locator::new(dir.clone(), Io::default(), Sealer::default(), Frames::default(), 0);
         let offsets: Vec<u64> = (0..10)
             .map(|seq| full.locate(seq, &none).map(|(_, offset)| offset))
             .collect::<Result<_>>()?;
         let mut sparse = Frames::default();
         sparse.record(0, 9, offsets.last().copied().unwrap_or_default());
-        let sparse = Locator::new(dir, Io::default(), Sealer::default(), sparse);
+        let sparse = Locator::new(dir, Io::default(), Sealer::default(), sparse, 0);
         for seq in [3, 0, 8, 9] {
             let want = usize::try_from(seq).ok().and_then(|seq| offsets.get(seq)).copied();
             assert_eq!(Some(sparse.locate(seq, &none)?.1), want, "event {seq}");

@@ -106,6 +106,8 @@ const KEEP_CHECKPOINTS: usize = 2;
 const DEFAULT_CHECKPOINT_EVERY: u64 = 100_000;
 /// Recent event ids kept for idempotent appends, by default.
 const DEFAULT_RECENT_IDS: usize = 100_000;
+/// Bytes of batches read at random kept in memory, by default.
+const DEFAULT_READ_CACHE: u64 = 64 << 20;
 
 /// An event store in a directory: streams of events of type `E`.
 ///
@@ -184,6 +186,7 @@ pub struct EventStoreBuilder<E> {
     recovery: Recovery,
     checkpoint_every: u64,
     recent_ids: usize,
+    read_cache: u64,
     hook: Option<Hook>,
     io: Io,
     #[cfg(feature = "encryption")]
@@ -198,6 +201,7 @@ impl<E> Default for EventStoreBuilder<E> {
             recovery: Recovery::default(),
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
             recent_ids: DEFAULT_RECENT_IDS,
+            read_cache: DEFAULT_READ_CACHE,
             hook: None,
             io: Io::default(),
             #[cfg(feature = "encryption")]
@@ -236,6 +240,15 @@ impl<E> EventStoreBuilder<E> {
     /// [`Expected::Exact`] is recognised within that window too.
     pub fn recent_ids(mut self, ids: usize) -> Self {
         self.recent_ids = ids;
+        self
+    }
+
+    /// How many bytes of the batches read at random (stream reads, backward reads)
+    /// the store keeps in memory to read them again without the file; 64 MiB by
+    /// default, 0 for none. Reads going forward through `$all` neither use nor
+    /// fill it much: they read the files in large chunks.
+    pub fn read_cache(mut self, bytes: u64) -> Self {
+        self.read_cache = bytes;
         self
     }
 
@@ -317,7 +330,7 @@ impl<E> EventStoreBuilder<E> {
             dir: dir.to_path_buf(),
             journal,
             index: Arc::new(RwLock::new(index)),
-            locator: Locator::new(dir.to_path_buf(), io, sealer, frames),
+            locator: Locator::new(dir.to_path_buf(), io, sealer, frames, self.read_cache),
             recovered: opened.recovered,
             checkpoint_every: self.checkpoint_every,
             checkpointed: AtomicU64::new(checkpointed),
@@ -492,7 +505,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     pub fn stream_version(&self, stream: &str) -> Option<u64> {
         let index = self.shared.core.index.read();
         let idx = index.stream(stream)?;
-        (index.get(idx)?.positions.len() as u64).checked_sub(1)
+        (index.get(idx)?.seqs.len() as u64).checked_sub(1)
     }
 
     /// The position the next event appended will have: how many events the store
@@ -511,7 +524,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
             .streams
             .iter()
             .filter_map(|stream| {
-                Some((stream.name.clone(), (stream.positions.len() as u64).checked_sub(1)?))
+                Some((stream.name.clone(), (stream.seqs.len() as u64).checked_sub(1)?))
             })
             .collect()
     }

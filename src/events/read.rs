@@ -5,10 +5,11 @@
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
-    EventId, EventStore, Metadata, Position, RecordedEvent, batch, index::StreamIdx,
-    locate::ReadAhead,
+    EventId, EventStore, Metadata, Position, RecordedEvent, batch,
+    index::StreamIdx,
+    locate::{Keep, ReadAhead},
 };
-use crate::{Error, Result, Timestamp};
+use crate::{Error, Result};
 
 /// Bytes read ahead when going forward through many batches.
 const FORWARD_CHUNK: usize = 256 * 1024;
@@ -158,11 +159,27 @@ pub struct Events<'a, E> {
     store: &'a EventStore<E>,
     cursor: Cursor,
     remaining: Option<u64>,
-    event_type: Option<String>,
-    stream_prefix: Option<String>,
+    filter: Filter,
     ahead: ReadAhead,
-    batch: Option<Decoded>,
+    keep: Keep,
+    batch: Option<Decoded<E>>,
     failed: bool,
+}
+
+/// Which events of the batches read a read yields.
+struct Filter {
+    /// Exactly this stream (a stream read).
+    stream: Option<String>,
+    stream_prefix: Option<String>,
+    event_type: Option<String>,
+}
+
+impl Filter {
+    fn wants(&self, stream: &str, event_type: &str) -> bool {
+        self.stream.as_deref().is_none_or(|wanted| wanted == stream)
+            && self.stream_prefix.as_deref().is_none_or(|prefix| stream.starts_with(prefix))
+            && self.event_type.as_deref().is_none_or(|wanted| wanted == event_type)
+    }
 }
 
 /// Which positions a read goes through.
@@ -174,22 +191,20 @@ enum Cursor {
     All { next: u64, bound: u64, backward: bool },
 }
 
-/// A batch read back, its events owned.
-struct Decoded {
+/// A batch read back: the events the read wants, decoded (`None` for the others,
+/// and for those already yielded), with each event's version.
+struct Decoded<E> {
     seq: u64,
     first_position: u64,
-    at: Timestamp,
-    events: Vec<Owned>,
+    events: Vec<Option<Result<RecordedEvent<E>>>>,
+    versions: Vec<u64>,
 }
 
-struct Owned {
-    stream: String,
-    version: u64,
-    id: EventId,
-    event_type: String,
-    metadata: Metadata,
-    tags: Vec<String>,
-    data: Vec<u8>,
+/// What a read reads next: an event by its position, or a stream's event by its
+/// version, which the index says which journal event holds.
+enum Next {
+    Position(u64),
+    Version { version: u64, seq: u64, first_position: u64 },
 }
 
 impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
@@ -199,7 +214,7 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
     fn into_iter(self) -> Events<'a, E> {
         let index = self.store.shared.core.index.read();
         let idx = index.stream(&self.stream);
-        let len = idx.and_then(|idx| index.get(idx)).map_or(0, |it| it.positions.len() as u64);
+        let len = idx.and_then(|idx| index.get(idx)).map_or(0, |it| it.seqs.len() as u64);
         drop(index);
         let cursor = if self.backward {
             // `next` counts down from one past the first version read.
@@ -208,7 +223,9 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
         } else {
             Cursor::Stream { idx, next: self.from.unwrap_or(0), bound: len, backward: false }
         };
-        Events::new(self.store, cursor, self.limit, self.event_type, None, self.backward)
+        let filter =
+            Filter { stream: Some(self.stream), stream_prefix: None, event_type: self.event_type };
+        Events::new(self.store, cursor, self.limit, filter, Keep::Cached)
     }
 }
 
@@ -225,14 +242,10 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
         } else {
             Cursor::All { next: from.unwrap_or(0), bound: committed, backward: false }
         };
-        Events::new(
-            self.store,
-            cursor,
-            self.limit,
-            self.event_type,
-            self.stream_prefix,
-            self.backward,
-        )
+        let filter =
+            Filter { stream: None, stream_prefix: self.stream_prefix, event_type: self.event_type };
+        let keep = if self.backward { Keep::Cached } else { Keep::No };
+        Events::new(self.store, cursor, self.limit, filter, keep)
     }
 }
 
@@ -241,39 +254,34 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
         store: &'a EventStore<E>,
         cursor: Cursor,
         remaining: Option<u64>,
-        event_type: Option<String>,
-        stream_prefix: Option<String>,
-        backward: bool,
+        filter: Filter,
+        keep: Keep,
     ) -> Events<'a, E> {
-        let chunk = if backward || matches!(cursor, Cursor::Stream { .. }) {
-            RANDOM_CHUNK
-        } else {
-            FORWARD_CHUNK
-        };
+        let chunk = if keep == Keep::No { FORWARD_CHUNK } else { RANDOM_CHUNK };
         Events {
             store,
             cursor,
             remaining,
-            event_type,
-            stream_prefix,
+            filter,
             ahead: ReadAhead::new(chunk),
+            keep,
             batch: None,
             failed: false,
         }
     }
 
-    /// The next position to read, if any is left.
-    fn next_position(&mut self) -> Option<u64> {
+    /// What to read next, if anything is left.
+    fn next_target(&mut self) -> Option<Next> {
         match &mut self.cursor {
             Cursor::All { next, bound, backward: false } => {
                 let position = (*next < *bound).then_some(*next)?;
                 *next += 1;
-                Some(position)
+                Some(Next::Position(position))
             }
             Cursor::All { next, bound, backward: true } => {
                 let position = (*bound < *next).then(|| *next - 1)?;
                 *next = position;
-                Some(position)
+                Some(Next::Position(position))
             }
             Cursor::Stream { idx, next, bound, backward } => {
                 let version = if *backward {
@@ -286,72 +294,134 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                     version
                 };
                 let index = self.store.shared.core.index.read();
-                let stream = index.get((*idx)?)?;
-                stream.positions.get(usize::try_from(version).ok()?).copied()
+                let seq = *index.get((*idx)?)?.seqs.get(usize::try_from(version).ok()?)?;
+                Some(Next::Version { version, seq, first_position: index.start_of(seq)? })
             }
         }
     }
 
-    /// Makes the batch holding `position` the one at hand, reading it unless it
-    /// is; returns the event's place in it.
-    fn load(&mut self, position: u64) -> Result<usize> {
+    /// Makes the batch holding `next` the one at hand, reading it unless it is;
+    /// returns the event's place in it.
+    fn load(&mut self, next: &Next) -> Result<usize> {
+        match *next {
+            Next::Position(position) => self.load_position(position),
+            Next::Version { version, seq, first_position } => {
+                if self.batch.as_ref().is_none_or(|batch| batch.seq != seq) {
+                    self.batch = Some(self.decode_batch(seq, first_position)?);
+                }
+                // A stream read wants only its stream's events: the one of this
+                // version is the one left with it.
+                let batch = self.batch.as_ref();
+                let found = batch.and_then(|batch| {
+                    (0..batch.events.len()).find(|k| {
+                        batch.versions.get(*k) == Some(&version)
+                            && batch.events.get(*k).is_some_and(Option::is_some)
+                    })
+                });
+                found.ok_or_else(|| Error::JournalCorrupt {
+                    path: self.store.shared.core.dir.clone(),
+                    offset: 0,
+                    reason: format!(
+                        "journal event {seq} does not hold version {version} of its stream"
+                    ),
+                })
+            }
+        }
+    }
+
+    fn load_position(&mut self, position: u64) -> Result<usize> {
+        let in_hand = self.batch.as_ref().and_then(|batch| {
+            let k = usize::try_from(position.checked_sub(batch.first_position)?).ok()?;
+            (k < batch.events.len()).then_some(k)
+        });
+        if let Some(k) = in_hand {
+            return Ok(k);
+        }
+        let core = &self.store.shared.core;
         let (seq, first_position) = {
-            let index = self.store.shared.core.index.read();
+            let index = core.index.read();
             let missing = || Error::JournalCorrupt {
-                path: self.store.shared.core.dir.clone(),
+                path: core.dir.clone(),
                 offset: 0,
                 reason: format!("the index holds no journal event for position {position}"),
             };
-            let seq = index.seq_of(position).ok_or_else(missing)?;
+            // Going forward, the next batch is usually the next journal event.
+            let next = self.batch.as_ref().map(|batch| batch.seq + 1);
+            let seq = match next {
+                Some(next)
+                    if index.start_of(next) == Some(position)
+                        && index.seq_of_next_holds(next, position) =>
+                {
+                    next
+                }
+                _ => index.seq_of(position).ok_or_else(missing)?,
+            };
             (seq, index.start_of(seq).ok_or_else(missing)?)
         };
-        if self.batch.as_ref().is_none_or(|batch| batch.seq != seq) {
-            self.batch = Some(self.decode_batch(seq, first_position)?);
-        }
+        self.batch = Some(self.decode_batch(seq, first_position)?);
         let batch = self.batch.as_ref().ok_or_else(|| Error::JournalCorrupt {
-            path: self.store.shared.core.dir.clone(),
+            path: core.dir.clone(),
             offset: 0,
             reason: format!("journal event {seq} could not be read"),
         })?;
         let k = position.checked_sub(batch.first_position).and_then(|k| usize::try_from(k).ok());
         k.filter(|k| *k < batch.events.len()).ok_or_else(|| Error::JournalCorrupt {
-            path: self.store.shared.core.dir.clone(),
+            path: core.dir.clone(),
             offset: 0,
             reason: format!("journal event {seq} does not hold position {position}"),
         })
     }
 
-    fn decode_batch(&mut self, seq: u64, first_position: u64) -> Result<Decoded> {
+    fn decode_batch(&mut self, seq: u64, first_position: u64) -> Result<Decoded<E>> {
         let core = &self.store.shared.core;
-        let frame = core.locator.read(seq, &mut self.ahead, &|| core.write_out())?;
+        let frame = core.locator.read(seq, &mut self.ahead, &|| core.write_out(), self.keep)?;
         let bad = |reason: String| Error::JournalCorrupt {
             path: core.dir.clone(),
             offset: 0,
             reason: format!("journal event {seq}: {reason}"),
         };
         let (stored_first, stored) =
-            batch::decode(&frame.plain).map_err(|fault| bad(fault.to_string()))?;
+            batch::decode(frame.plain()).map_err(|fault| bad(fault.to_string()))?;
         if stored_first != first_position {
             return Err(bad(format!(
                 "it holds positions from {stored_first}, where the index has {first_position}"
             )));
         }
+        let at = frame.at;
+        let versions = stored.iter().map(|event| event.version).collect();
         let events = stored
             .into_iter()
-            .map(|event| Owned {
-                stream: event.stream.to_owned(),
-                version: event.version,
-                id: EventId::from_bytes(event.id),
-                event_type: event.event_type.to_owned(),
-                metadata: Metadata {
-                    causation: event.causation.map(EventId::from_bytes),
-                    correlation: event.correlation.map(EventId::from_bytes),
-                },
-                tags: event.tags.into_iter().map(str::to_owned).collect(),
-                data: event.data.to_vec(),
+            .enumerate()
+            .map(|(k, event)| {
+                if !self.filter.wants(event.stream, event.event_type) {
+                    return None;
+                }
+                let position = first_position + k as u64;
+                let data = crate::codec::decode_exact::<E>(event.data).map_err(|source| {
+                    Error::JournalDecode {
+                        path: core.dir.clone(),
+                        what: format!("the event at position {position}"),
+                        type_name: std::any::type_name::<E>().to_owned(),
+                        source: crate::error::CodecError(source),
+                    }
+                });
+                Some(data.map(|data| RecordedEvent {
+                    stream: event.stream.to_owned(),
+                    version: event.version,
+                    position: Position::new(position),
+                    at,
+                    id: EventId::from_bytes(event.id),
+                    event_type: event.event_type.to_owned(),
+                    metadata: Metadata {
+                        causation: event.causation.map(EventId::from_bytes),
+                        correlation: event.correlation.map(EventId::from_bytes),
+                    },
+                    tags: event.tags.into_iter().map(str::to_owned).collect(),
+                    data,
+                }))
             })
             .collect();
-        Ok(Decoded { seq, first_position, at: frame.at, events })
+        Ok(Decoded { seq, first_position, events, versions })
     }
 }
 
@@ -363,53 +433,23 @@ impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
             return None;
         }
         loop {
-            let position = self.next_position()?;
-            let k = match self.load(position) {
+            let next = self.next_target()?;
+            let k = match self.load(&next) {
                 Ok(k) => k,
                 Err(err) => {
                     self.failed = true;
                     return Some(Err(err));
                 }
             };
-            let batch = self.batch.as_mut()?;
-            let at = batch.at;
-            // Each event of a batch is yielded at most once: its parts move out.
-            let event = batch.events.get_mut(k)?;
-            let wanted = self.event_type.as_ref().is_none_or(|wanted| *wanted == event.event_type)
-                && self
-                    .stream_prefix
-                    .as_ref()
-                    .is_none_or(|prefix| event.stream.starts_with(prefix.as_str()));
-            if !wanted {
-                continue;
+            // Each event of a batch is yielded at most once: it moves out.
+            let Some(event) = self.batch.as_mut()?.events.get_mut(k)?.take() else { continue };
+            if event.is_err() {
+                self.failed = true;
             }
-            let data = match crate::codec::decode_exact::<E>(&event.data) {
-                Ok(data) => data,
-                Err(source) => {
-                    self.failed = true;
-                    return Some(Err(Error::JournalDecode {
-                        path: self.store.shared.core.dir.clone(),
-                        what: format!("the event at position {position}"),
-                        type_name: std::any::type_name::<E>().to_owned(),
-                        source: crate::error::CodecError(source),
-                    }));
-                }
-            };
-            let recorded = RecordedEvent {
-                stream: std::mem::take(&mut event.stream),
-                version: event.version,
-                position: Position::new(position),
-                at,
-                id: event.id,
-                event_type: std::mem::take(&mut event.event_type),
-                metadata: event.metadata,
-                tags: std::mem::take(&mut event.tags),
-                data,
-            };
             if let Some(remaining) = &mut self.remaining {
                 *remaining -= 1;
             }
-            return Some(Ok(recorded));
+            return Some(event);
         }
     }
 }
