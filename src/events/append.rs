@@ -120,8 +120,10 @@ pub(crate) struct Commit {
     pub(crate) appended: Vec<Appended>,
 }
 
-/// Checks the requests' stream ids and that no stream comes twice.
+/// Checks the requests' stream ids, that no stream and no event id comes twice, and
+/// that the batch can fit a journal event.
 pub(crate) fn check_requests(requests: &[Request]) -> Result<()> {
+    let mut ids = std::collections::HashSet::new();
     for (idx, request) in requests.iter().enumerate() {
         stream_id::check(&request.stream)?;
         if requests.iter().take(idx).any(|earlier| earlier.stream == request.stream) {
@@ -129,51 +131,83 @@ pub(crate) fn check_requests(requests: &[Request]) -> Result<()> {
                 reason: format!("stream `{}` comes twice in one append", request.stream),
             });
         }
+        if let Some(twice) = request.events.iter().find(|event| !ids.insert(event.id)) {
+            return Err(Error::InvalidAppend {
+                reason: format!("event id {} comes twice in one append", twice.id),
+            });
+        }
+    }
+    let bound: usize = 32 + requests.iter().map(Request::encoded_bound).sum::<usize>();
+    if crate::journal::format::MAX_EVENT < bound {
+        return Err(Error::InvalidAppend {
+            reason: format!(
+                "the append takes up to {bound} bytes encoded, over the {} bytes one journal event holds",
+                crate::journal::format::MAX_EVENT
+            ),
+        });
     }
     Ok(())
+}
+
+impl Request {
+    /// At least the bytes this request takes in a batch (a varint takes at most
+    /// 10 bytes).
+    fn encoded_bound(&self) -> usize {
+        let events: usize = self
+            .events
+            .iter()
+            .map(|event| {
+                let tags: usize = event.tags.iter().map(|tag| 10 + tag.len()).sum();
+                16 + 10 + event.event_type.len() + 1 + 32 + 10 + tags + 10 + event.data.len()
+            })
+            .sum();
+        10 + self.stream.len() + 20 + events
+    }
 }
 
 /// Plans the batch of `requests` against `index` (reserved versions and positions
 /// included), under the journal's lock: refuses a wrong expectation, recognises a
 /// retry of a committed append, and hands out versions and positions.
 pub(crate) fn plan(index: &mut Index, requests: &[Request]) -> Result<Plan> {
-    let mut retried = Vec::new();
-    let mut fresh = Vec::new();
-    for request in requests {
-        match check(index, request)? {
-            Checked::Retry(appended) => retried.push(appended),
-            Checked::Fresh => fresh.push(request),
-        }
-    }
-    if !fresh.is_empty() && !retried.is_empty() {
+    let checked =
+        requests.iter().map(|request| check(index, request)).collect::<Result<Vec<_>>>()?;
+    let retried =
+        requests.iter().zip(&checked).find(|(_, checked)| matches!(checked, Checked::Retry(_)));
+    let writes = requests
+        .iter()
+        .zip(&checked)
+        .any(|(request, checked)| matches!(checked, Checked::Fresh) && !request.events.is_empty());
+    if let (Some((request, _)), true) = (retried, writes) {
         // Part of the batch was appended before: this is no retry of one append.
-        let stream = retried.first().map(|it| it.stream.clone()).unwrap_or_default();
-        let first = requests.iter().find(|it| it.stream == stream).and_then(|it| it.events.first());
         return Err(Error::DuplicateEventId {
-            stream,
-            id: first.map_or_else(EventId::new, |event| event.id),
+            stream: request.stream.clone(),
+            id: request.events.first().map_or_else(EventId::new, |event| event.id),
         });
     }
-    if fresh.iter().all(|request| request.events.is_empty()) {
-        if !retried.is_empty() {
-            return Ok(Plan::Done(retried));
-        }
-        let appended = fresh
+    if !writes {
+        // Retries, and appends of no event: in order, the earlier results and where
+        // the streams are.
+        let appended = requests
             .iter()
-            .map(|request| {
-                let next = index
-                    .stream(&request.stream)
-                    .and_then(|idx| index.get(idx))
-                    .map_or(0, |it| it.reserved);
-                Appended {
-                    stream: request.stream.clone(),
-                    versions: next..next,
-                    positions: index.reserved..index.reserved,
+            .zip(checked)
+            .map(|(request, checked)| match checked {
+                Checked::Retry(appended) => appended,
+                Checked::Fresh => {
+                    let next = index
+                        .stream(&request.stream)
+                        .and_then(|idx| index.get(idx))
+                        .map_or(0, |it| it.reserved);
+                    Appended {
+                        stream: request.stream.clone(),
+                        versions: next..next,
+                        positions: index.reserved..index.reserved,
+                    }
                 }
             })
             .collect();
         return Ok(Plan::Done(appended));
     }
+    let fresh: Vec<&Request> = requests.iter().collect();
     let first_position = index.reserved;
     let mut position = first_position;
     let mut parts = Vec::with_capacity(fresh.len());

@@ -102,6 +102,18 @@ impl Frames {
         }
     }
 
+    /// The table of the journal events below `events` only: a checkpoint covering
+    /// `events` journal events records nothing of the later ones, whose frames a
+    /// recovery after it may put elsewhere.
+    pub(crate) fn below(&self, events: u64) -> Frames {
+        let mut files = BTreeMap::new();
+        for (&file, offsets) in self.files.range(..events) {
+            let keep = usize::try_from(events - file).unwrap_or(usize::MAX).min(offsets.len());
+            files.insert(file, offsets.get(..keep).unwrap_or_default().to_vec());
+        }
+        Frames { files }
+    }
+
     /// The file holding journal event `seq` as far as this table knows (the one
     /// with the greatest first event not after it), and the offset of its frame if
     /// known.
@@ -207,23 +219,41 @@ impl Index {
                 self.committed
             ));
         }
-        self.commit_seq(seq)?;
-        let mut position = first_position;
-        for (named, first_version, ids) in parts {
-            let idx = match named {
-                Named::Idx(idx) => idx,
-                Named::Name(name) => self.stream_or_new(name),
-            };
-            let Some(stream) = self.streams.get_mut(idx as usize) else {
+        // Every part is checked before anything changes: a batch that does not
+        // follow the index leaves it as it was, never half committed.
+        let parts: Vec<(StreamIdx, u64, I)> = parts
+            .map(|(named, first_version, ids)| {
+                let idx = match named {
+                    Named::Idx(idx) => idx,
+                    Named::Name(name) => self.stream_or_new(name),
+                };
+                (idx, first_version, ids)
+            })
+            .collect();
+        let mut nexts: Vec<(StreamIdx, u64)> = Vec::with_capacity(parts.len());
+        for (idx, first_version, ids) in &parts {
+            let Some(stream) = self.streams.get(*idx as usize) else {
                 return Err(format!("journal event {seq} names a stream the index lacks"));
             };
-            if first_version != stream.seqs.len() as u64 {
+            // A stream that comes twice goes on where its first part ended.
+            let next = nexts
+                .iter()
+                .rev()
+                .find(|(seen, _)| seen == idx)
+                .map_or(stream.seqs.len() as u64, |(_, next)| *next);
+            if *first_version != next {
                 return Err(format!(
-                    "journal event {seq} holds stream `{}` from version {first_version}, where {} comes next",
+                    "journal event {seq} holds stream `{}` from version {first_version}, where {next} comes next",
                     stream.name,
-                    stream.seqs.len()
                 ));
             }
+            let (_, len) = ids.size_hint();
+            nexts.push((*idx, next + len.unwrap_or(0) as u64));
+        }
+        self.commit_seq(seq)?;
+        let mut position = first_position;
+        for (idx, _, ids) in parts {
+            let Some(stream) = self.streams.get_mut(idx as usize) else { continue };
             for id in ids {
                 let version = stream.seqs.len() as u64;
                 stream.seqs.push(seq);
@@ -240,12 +270,6 @@ impl Index {
     /// How many journal events the index holds: the next one's number.
     pub(crate) fn journal_events(&self) -> u64 {
         self.starts.len() as u64
-    }
-
-    /// Keeps the ids of the last `recent` events from now on.
-    pub(crate) fn resize_recent(&mut self, recent: usize) {
-        self.recent.capacity = recent;
-        self.recent.trim();
     }
 
     /// Commits journal event `seq`, which holds no event (a voided one, passed over

@@ -190,6 +190,9 @@ impl Locator {
             .and_then(|head| head.first_chunk::<4>())
             .map(|len| u32::from_le_bytes(*len))
             .ok_or_else(|| bad("the frame's length is cut short".into()))?;
+        if format::MAX_PAYLOAD < len {
+            return Err(bad("a frame's length field is out of range".into()));
+        }
         let need = format::FRAME_HEAD + len as usize;
         if ahead.at(offset, need).is_none() {
             self.fill(ahead, file, offset, need)?;
@@ -239,6 +242,18 @@ impl Locator {
             Some((_, handle)) => handle,
             None => self.io.open(&path, Open::Read).map_err(Error::io(&path))?,
         };
+        // A frame longer than a chunk is read whole, once the file is seen to hold
+        // it: a damaged length field must not allocate what is not there.
+        if ahead.chunk < need {
+            let len = handle.len().map_err(Error::io(&path))?;
+            if len < offset.saturating_add(need as u64) {
+                return Err(Error::JournalCorrupt {
+                    path,
+                    offset,
+                    reason: "a frame runs past the end of its file".into(),
+                });
+            }
+        }
         let mut bytes = std::mem::take(&mut ahead.bytes);
         bytes.clear();
         bytes.resize(need.max(ahead.chunk), 0);
@@ -281,15 +296,25 @@ impl Locator {
             earlier.iter().rev().find(|offset| **offset != super::index::UNKNOWN_OFFSET).copied()
         });
         let mut buf = Vec::new();
+        let file_len = handle.len().map_err(Error::io(path))?;
         let mut start = if let Some(offset) = known {
             offset
         } else {
-            let mut head = vec![0; 64 * 1024];
-            let n = handle.read_at(&mut head, 0).map_err(Error::io(path))?;
-            head.truncate(n);
-            // A damaged header: reading the event reports it.
-            let Ok((_, len)) = Header::decode(&head, false) else { return Ok(()) };
-            len as u64
+            // A header carries the types' structure: read more until it decodes.
+            let mut want = 64 * 1024;
+            loop {
+                let mut head = vec![0; want];
+                let n = handle.read_at(&mut head, 0).map_err(Error::io(path))?;
+                head.truncate(n);
+                if let Ok((_, len)) = Header::decode(&head, false) {
+                    break len as u64;
+                }
+                if n < want {
+                    // A damaged header: reading the event reports it.
+                    return Ok(());
+                }
+                want *= 4;
+            }
         };
         let mut found = Vec::new();
         let mut at_end = false;
@@ -320,7 +345,10 @@ impl Locator {
                 // A whole frame that is not sound: damage, which reading it reports.
                 break;
             }
-            let want = SCAN_CHUNK.max(format::FRAME_HEAD + frame_len);
+            // Never more than the file holds: a damaged length must not allocate.
+            let left = usize::try_from(file_len.saturating_sub(start + rest.len() as u64))
+                .unwrap_or(usize::MAX);
+            let want = SCAN_CHUNK.max(format::FRAME_HEAD + frame_len).min(left.max(1));
             let mut chunk = vec![0; want];
             let n =
                 handle.read_at(&mut chunk, start + rest.len() as u64).map_err(Error::io(path))?;

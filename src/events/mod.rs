@@ -141,8 +141,30 @@ struct Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         if let Some(thread) = self.background.get_mut().take() {
-            // A panic there was reported by the thread itself.
-            let _ = thread.join();
+            // The last handle can be dropped by the checkpoint's own hook: that
+            // thread cannot wait for itself.
+            if thread.thread().id() != thread::current().id() {
+                // A panic there was reported by the thread itself.
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// Clears its flag when dropped.
+struct Clear<'a>(&'a AtomicBool);
+
+impl Drop for Clear<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        // The last sync of the buffered modes; `close` reports it to its caller.
+        if let Err(err) = self.journal.close() {
+            (self.hook)(&err);
         }
     }
 }
@@ -316,10 +338,11 @@ impl<E> EventStoreBuilder<E> {
             config,
             Some(Hold::Exclusive(lock)),
             || Ok(Loaded::empty(recent)),
-            &mut |loaded: &mut Loaded, event| loaded.replay(dir, event).map(|()| None),
+            &mut |loaded: &mut Loaded, event| loaded.replay(dir, recent, event).map(|()| None),
         )?;
-        let Loaded { mut index, frames } = opened.state;
-        index.resize_recent(recent);
+        let mut loaded = opened.state;
+        loaded.restore(recent);
+        let Loaded { index, frames, .. } = loaded;
         let checkpointed = index.journal_events();
         let hook: Hook =
             self.hook.unwrap_or_else(|| Arc::new(|err: &Error| eprintln!("instastate: {err}")));
@@ -359,26 +382,35 @@ fn identity<E: DeserializeOwned>() -> Identity {
 #[derive(serde::Deserialize)]
 #[serde(from = "Checkpoint")]
 struct Loaded {
-    /// A checkpoint's index keeps the default window of recent ids until it is
-    /// resized to the builder's.
+    /// A checkpoint read back, until the window of recent ids it is restored with
+    /// is known.
+    checkpoint: Option<Checkpoint>,
     index: Index,
     frames: Frames,
 }
 
 impl From<Checkpoint> for Loaded {
     fn from(checkpoint: Checkpoint) -> Loaded {
-        let (index, frames) = Index::restore(checkpoint, DEFAULT_RECENT_IDS);
-        Loaded { index, frames }
+        Loaded { checkpoint: Some(checkpoint), index: Index::default(), frames: Frames::default() }
     }
 }
 
 impl Loaded {
     fn empty(recent: usize) -> Loaded {
-        Loaded { index: Index::new(recent), frames: Frames::default() }
+        Loaded { checkpoint: None, index: Index::new(recent), frames: Frames::default() }
+    }
+
+    /// The index and frame table, restoring a checkpoint's with a window of the
+    /// last `recent` ids.
+    fn restore(&mut self, recent: usize) {
+        if let Some(checkpoint) = self.checkpoint.take() {
+            (self.index, self.frames) = Index::restore(checkpoint, recent);
+        }
     }
 
     /// Commits a replayed journal event.
-    fn replay(&mut self, dir: &Path, event: Replayed<'_>) -> Result<()> {
+    fn replay(&mut self, dir: &Path, recent: usize, event: Replayed<'_>) -> Result<()> {
+        self.restore(recent);
         let bad = |reason: String| Error::JournalCorrupt {
             path: dir.join(journal::format::journal_name(event.file)),
             offset: event.offset,
@@ -572,6 +604,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         }
         let core = Arc::clone(&shared.core);
         drop(shared);
+        // Closed here, its error returned; the drop that follows finds it closed.
         match Arc::try_unwrap(core) {
             Ok(core) => core.journal.close(),
             Err(_) => Ok(()),
@@ -614,13 +647,23 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
             // It finished: `checkpointing` was clear.
             let _ = done.join();
         }
-        let core = Arc::clone(core);
-        *background = Some(thread::spawn(move || {
-            if let Err(err) = core.checkpoint() {
-                (core.hook)(&err);
+        let spawned = thread::Builder::new().name("instastate-checkpoint".to_owned()).spawn({
+            let core = Arc::clone(core);
+            move || {
+                // Cleared whatever happens, a panicking hook included.
+                let _clear = Clear(&core.checkpointing);
+                if let Err(err) = core.checkpoint() {
+                    (core.hook)(&err);
+                }
             }
-            core.checkpointing.store(false, Ordering::Release);
-        }));
+        });
+        match spawned {
+            Ok(thread) => *background = Some(thread),
+            Err(source) => {
+                core.checkpointing.store(false, Ordering::Release);
+                (core.hook)(&Error::Io { path: core.dir.clone(), source });
+            }
+        }
     }
 }
 
@@ -628,11 +671,17 @@ impl Core {
     fn checkpoint(&self) -> Result<()> {
         let (body, events, at) = {
             let index = self.index.read();
-            let frames = self.locator.frames.lock().clone();
+            let events = index.journal_events();
+            let frames = self.locator.frames.lock().below(events);
             let checkpoint = index.checkpoint(&frames);
             let body = journal::encode(&checkpoint, || self.dir.clone())?;
-            (body, index.journal_events(), index.last_at)
+            (body, events, index.last_at)
         };
+        // The checkpoint holds only the index: the events it covers must be in the
+        // journal first. In the buffered modes they may still be in its buffer. (Not
+        // under the index's lock: the journal's leader holds its own lock while the
+        // commit jobs wait for the index.)
+        self.journal.sync()?;
         self.journal.snapshot(body, events, at, KEEP_CHECKPOINTS, Files::Keep)?;
         self.checkpointed.fetch_max(events, Ordering::Relaxed);
         Ok(())

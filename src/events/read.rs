@@ -175,11 +175,21 @@ struct Filter {
 }
 
 impl Filter {
-    fn wants(&self, stream: &str, event_type: &str) -> bool {
-        self.stream.as_deref().is_none_or(|wanted| wanted == stream)
-            && self.stream_prefix.as_deref().is_none_or(|prefix| stream.starts_with(prefix))
-            && self.event_type.as_deref().is_none_or(|wanted| wanted == event_type)
+    /// Whether the event is one of the read's streams, and whether the read wants it.
+    fn wants(&self, stream: &str, event_type: &str) -> (bool, bool) {
+        let ours = self.stream.as_deref().is_none_or(|wanted| wanted == stream)
+            && self.stream_prefix.as_deref().is_none_or(|prefix| stream.starts_with(prefix));
+        (ours, ours && self.event_type.as_deref().is_none_or(|wanted| wanted == event_type))
     }
+}
+
+/// An event of a batch read back, as a read sees it.
+enum Slot<E> {
+    /// Of another stream, or yielded already.
+    Other,
+    /// Of the read's stream, but not of the type it wants.
+    Passed,
+    Ready(Result<RecordedEvent<E>>),
 }
 
 /// Which positions a read goes through.
@@ -191,12 +201,12 @@ enum Cursor {
     All { next: u64, bound: u64, backward: bool },
 }
 
-/// A batch read back: the events the read wants, decoded (`None` for the others,
-/// and for those already yielded), with each event's version.
+/// A batch read back: the events the read wants, decoded, with each event's
+/// version.
 struct Decoded<E> {
     seq: u64,
     first_position: u64,
-    events: Vec<Option<Result<RecordedEvent<E>>>>,
+    events: Vec<Slot<E>>,
     versions: Vec<u64>,
 }
 
@@ -309,13 +319,13 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                 if self.batch.as_ref().is_none_or(|batch| batch.seq != seq) {
                     self.batch = Some(self.decode_batch(seq, first_position)?);
                 }
-                // A stream read wants only its stream's events: the one of this
-                // version is the one left with it.
+                // Only the read's stream's events are not `Other` (until yielded):
+                // the one of this version is the one left among them.
                 let batch = self.batch.as_ref();
                 let found = batch.and_then(|batch| {
                     (0..batch.events.len()).find(|k| {
                         batch.versions.get(*k) == Some(&version)
-                            && batch.events.get(*k).is_some_and(Option::is_some)
+                            && batch.events.get(*k).is_some_and(|slot| !matches!(slot, Slot::Other))
                     })
                 });
                 found.ok_or_else(|| Error::JournalCorrupt {
@@ -393,8 +403,10 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
             .into_iter()
             .enumerate()
             .map(|(k, event)| {
-                if !self.filter.wants(event.stream, event.event_type) {
-                    return None;
+                match self.filter.wants(event.stream, event.event_type) {
+                    (false, _) => return Slot::Other,
+                    (true, false) => return Slot::Passed,
+                    (true, true) => {}
                 }
                 let position = first_position + k as u64;
                 let data = crate::codec::decode_exact::<E>(event.data).map_err(|source| {
@@ -405,7 +417,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                         source: crate::error::CodecError(source),
                     }
                 });
-                Some(data.map(|data| RecordedEvent {
+                Slot::Ready(data.map(|data| RecordedEvent {
                     stream: event.stream.to_owned(),
                     version: event.version,
                     position: Position::new(position),
@@ -442,7 +454,8 @@ impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
                 }
             };
             // Each event of a batch is yielded at most once: it moves out.
-            let Some(event) = self.batch.as_mut()?.events.get_mut(k)?.take() else { continue };
+            let slot = std::mem::replace(self.batch.as_mut()?.events.get_mut(k)?, Slot::Other);
+            let Slot::Ready(event) = slot else { continue };
             if event.is_err() {
                 self.failed = true;
             }

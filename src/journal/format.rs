@@ -44,6 +44,9 @@ const FRAME_VERSION: u8 = 1;
 pub(crate) const FRAME_HEAD: usize = 8;
 /// The longest payload a frame may have (1 GiB); a longer length field is damage.
 pub(crate) const MAX_PAYLOAD: u32 = 1 << 30;
+/// The longest encoded event the journal takes: its frame's payload must fit, with
+/// room for sealing.
+pub(crate) const MAX_EVENT: usize = MAX_PAYLOAD as usize - EVENT_HEAD - 64;
 
 const KIND_EVENT: u8 = 0;
 const KIND_VOID: u8 = 1;

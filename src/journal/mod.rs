@@ -95,14 +95,15 @@ pub enum Durability {
     /// [`handle`]: crate::Prevayler::handle
     GroupCommit,
     /// Events are buffered, and written and `fdatasync`ed every period (and by
-    /// [`sync`], snapshots and closing). A crash loses at most the events of the
-    /// last period, whole events, never a part of one.
+    /// [`sync`], closing, and an event store's checkpoints). A crash loses at most
+    /// the events of the last period, whole events, never a part of one.
     ///
     /// [`sync`]: crate::Prevayler::sync
     Periodic(Duration),
     /// Events are buffered and written when the buffer fills, and written and
-    /// `fdatasync`ed only by [`sync`], snapshots and closing. A crash loses the events
-    /// since the last of those. For bulk loads and tests.
+    /// `fdatasync`ed only by [`sync`], closing, and an event store's checkpoints. A
+    /// crash loses the events since the last of those (a `Prevayler` snapshot taken
+    /// since keeps their effect on the state). For bulk loads and tests.
     ///
     /// [`sync`]: crate::Prevayler::sync
     Unsynced,

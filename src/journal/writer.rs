@@ -110,6 +110,15 @@ impl Journal {
     ) -> Result<Journal> {
         let next = tail.next.max(from);
         let clock = tail.clock.max(at);
+        // After a crash, the last file may hold events written and never synced,
+        // which recovery replayed: in the durable modes they must be durable before
+        // anyone sees them (or is told, retrying, that they are there).
+        let crashed = lock.as_ref().is_none_or(|lock| lock.clean_end().is_none());
+        let durable = matches!(durability, Durability::SyncEach | Durability::GroupCommit);
+        if let (true, true, Some((path, _, _))) = (crashed, durable, &tail.file) {
+            let synced = io.open(path, Open::Read).and_then(|file| file.sync_data());
+            synced.map_err(Error::io(path))?;
+        }
         // Append to the last file only when it ends exactly where the next event goes;
         // otherwise (no file yet, or a snapshot ahead of it) start one now, so that a
         // journal always has a file to hold its next event.
@@ -324,7 +333,7 @@ impl Journal {
             Prepared::Event(event, job) => (event, job),
             Prepared::Done(output) => return Ok(Framed::Done(output)),
         };
-        if event.len() > (format::MAX_PAYLOAD as usize).saturating_sub(format::EVENT_HEAD + 64) {
+        if event.len() > format::MAX_EVENT {
             return Err(Error::JournalWrite {
                 path: self.label(),
                 source: Arc::new(std::io::Error::new(

@@ -485,3 +485,55 @@ proptest! {
         run_model(&ops, dir.path())?;
     }
 }
+
+#[test]
+fn a_retried_append_of_several_streams_with_an_empty_part_returns_the_earlier_result() -> TestResult
+{
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Bank>::open(dir.path())?;
+    events.append("b", Expected::Any, [deposit(1)])?;
+    let id = EventId::new();
+    let batch = || {
+        [
+            Append::new("a", Expected::NoStream, [NewEvent::new(deposit(5)).with_id(id)]),
+            Append::new("b", Expected::Exact(0), Vec::<Bank>::new()),
+        ]
+    };
+    let first = events.append_all(batch())?;
+    assert_eq!(events.append_all(batch())?, first, "a retry returns the earlier result");
+    assert_eq!(events.head(), Position::new(2));
+    Ok(())
+}
+
+#[test]
+fn an_id_twice_in_one_append_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Bank>::open(dir.path())?;
+    let id = EventId::new();
+    let twice = events.append(
+        "a",
+        Expected::Any,
+        [NewEvent::new(deposit(1)).with_id(id), NewEvent::new(deposit(2)).with_id(id)],
+    );
+    assert!(matches!(twice, Err(Error::InvalidAppend { .. })), "{twice:?}");
+    let across = events.append_all([
+        Append::new("a", Expected::Any, [NewEvent::new(deposit(1)).with_id(id)]),
+        Append::new("b", Expected::Any, [NewEvent::new(deposit(2)).with_id(id)]),
+    ]);
+    assert!(matches!(across, Err(Error::InvalidAppend { .. })), "{across:?}");
+    assert_eq!(events.head(), Position::START);
+    Ok(())
+}
+
+#[test]
+fn a_stream_read_of_one_type_passes_over_the_others() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Bank>::open(dir.path())?;
+    events.append("a", Expected::NoStream, [Bank::Opened { owner: "alice".into() }, deposit(1)])?;
+    events.append("a", Expected::Any, [Bank::Withdrew { amount: 1 }, deposit(2)])?;
+    let deposits = collect(events.read_stream("a").of_type("Deposited"))?;
+    assert_eq!(deposits.iter().map(|it| it.version).collect::<Vec<_>>(), [1, 3]);
+    let back = collect(events.read_stream("a").of_type("Deposited").backward().limit(1))?;
+    assert_eq!(back.iter().map(|it| it.version).collect::<Vec<_>>(), [3]);
+    Ok(())
+}
