@@ -534,6 +534,67 @@ fn rows_million(root: &Path) -> Res<Million3> {
 }
 
 // ----------------------------------------------------------------------------
+// Row 7: how long a live subscription takes to deliver an event.
+
+/// Appends per second while the lag is measured, and for how long.
+const LAG_RATE: u64 = 10_000;
+const LAG_EVENTS: u64 = 20_000;
+const LAG_WRITERS: u64 = 4;
+
+/// Microseconds since the Unix epoch, as the store stamps events.
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |it| u64::try_from(it.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Delivery lags in seconds: from the store's timestamp of an event (taken when
+/// its append is planned, so the wait for its fsync counts) to its delivery to a
+/// live subscription, with `LAG_WRITERS` threads appending `LAG_RATE` events a
+/// second in all (group commit).
+fn row_lag(root: &Path) -> Res<Vec<f64>> {
+    let dir = tempfile::tempdir_in(root)?;
+    let events = ours_open(dir.path(), Durability::GroupCommit)?;
+    let mut subscription = events.subscribe_all().from_end()?;
+    let per_writer = LAG_EVENTS / LAG_WRITERS;
+    let interval = std::time::Duration::from_secs_f64(LAG_WRITERS as f64 / LAG_RATE as f64);
+    thread::scope(|scope| -> Res<Vec<f64>> {
+        let writers: Vec<_> = (0..LAG_WRITERS)
+            .map(|t| {
+                let events = events.clone();
+                scope.spawn(move || -> Res {
+                    let started = Instant::now();
+                    for k in 0..per_writer {
+                        // Paced: each append at its own time, late ones at once.
+                        let due = started + interval * u32::try_from(k)?;
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            thread::sleep(wait);
+                        }
+                        events.append(&stream(k * LAG_WRITERS + t), Expected::Any, [event(k)])?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut lags = Vec::with_capacity(usize::try_from(LAG_EVENTS)?);
+        while (lags.len() as u64) < LAG_EVENTS {
+            match subscription.next_timeout(std::time::Duration::from_secs(10))? {
+                Some(instastate::events::Delivery::Event(event)) => {
+                    let lag = now_micros().saturating_sub(event.at.as_micros());
+                    lags.push(lag as f64 / 1e6);
+                }
+                Some(_) => {}
+                None => return Err("no event for 10 s".into()),
+            }
+        }
+        for writer in writers {
+            writer.join().map_err(|_| "a writer panicked")??;
+        }
+        Ok(lags)
+    })
+}
+
+// ----------------------------------------------------------------------------
 // Output.
 
 fn fmt_rate(per_sec: f64) -> String {
@@ -571,6 +632,8 @@ fn main() -> Res {
     eprintln!("row 2 done at {:.1} s", started.elapsed().as_secs_f64());
     let million = rows_million(&root)?;
     eprintln!("rows 3 to 6 done at {:.1} s", started.elapsed().as_secs_f64());
+    let lags = row_lag(&root)?;
+    eprintln!("row 7 done at {:.1} s", started.elapsed().as_secs_f64());
 
     let (o1, r1, s1) = (median(&one.ours), median(&one.raw), median(&one.sqlite));
     let (o2, s2) = (median(&many.ours), median(&many.sqlite));
@@ -637,6 +700,11 @@ fn main() -> Res {
         "| (6) index memory per event (RSS growth at open) | {:.1} bytes | | | | <= 64 bytes | {} |",
         million.index_bytes_per_event,
         met(million.index_bytes_per_event <= 64.0)
+    );
+    println!(
+        "| (7) live subscription lag at {LAG_RATE} appends/s ({LAG_WRITERS} threads, group commit), from the event's timestamp to its delivery | p50 {}, p99 {} | | | | reported | |",
+        fmt_secs(common::percentile(&lags, 50)),
+        fmt_secs(common::percentile(&lags, 99)),
     );
     println!();
     println!("Total bench time: {:.1} s.", started.elapsed().as_secs_f64());

@@ -33,7 +33,16 @@ pub(crate) struct Locator {
     pub(crate) frames: Mutex<Frames>,
     /// Opened frames read at random (stream reads, backward reads), by journal
     /// event, bounded by their bytes.
-    cache: Option<Cache<u64, Arc<Cached>, ByLength>>,
+    cache: Option<Arc<FrameCache>>,
+}
+
+/// The cache of opened frames, by journal event.
+pub(crate) type FrameCache = Cache<u64, Arc<Cached>, ByLength>;
+
+/// Keeps a batch just committed in the cache, where the subscriptions following
+/// the head read it: `plain` is its journal event's opened bytes.
+pub(crate) fn remember(cache: &FrameCache, seq: u64, at: u64, plain: Vec<u8>) {
+    cache.insert(seq, Arc::new(Cached { at, plain: plain.into_boxed_slice() }));
 }
 
 /// A frame in the cache: its timestamp and opened bytes.
@@ -44,7 +53,7 @@ pub(crate) struct Cached {
 
 /// Weighs a cached frame by its bytes (and a little for the entry itself).
 #[derive(Clone)]
-struct ByLength;
+pub(crate) struct ByLength;
 
 impl quick_cache::Weighter<u64, Arc<Cached>> for ByLength {
     fn weight(&self, _: &u64, frame: &Arc<Cached>) -> u64 {
@@ -122,7 +131,7 @@ impl Locator {
         // Frames of a few hundred bytes: the estimate only sizes the table at first.
         let cache = (cache > 0).then(|| {
             let estimate = usize::try_from(cache / 256).unwrap_or(usize::MAX).max(16);
-            Cache::with_weighter(estimate, cache, ByLength)
+            Arc::new(Cache::with_weighter(estimate, cache, ByLength))
         });
         Locator { dir, io, sealer, frames: Mutex::new(frames), cache }
     }
@@ -155,6 +164,11 @@ impl Locator {
             write_out()?;
             wrote = true;
         }
+    }
+
+    /// The cache of opened frames, if the store keeps one.
+    pub(crate) fn cache(&self) -> Option<Arc<FrameCache>> {
+        self.cache.clone()
     }
 
     /// Reads journal event `seq`'s frame through `ahead` (or from the cache), and

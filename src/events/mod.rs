@@ -64,6 +64,7 @@ mod index;
 mod locate;
 mod read;
 mod stream_id;
+mod subscribe;
 
 use std::{
     marker::PhantomData,
@@ -82,11 +83,13 @@ pub use self::{
     append::{Append, Appended, Expected},
     event::{EventId, Metadata, NewEvent, Position, RecordedEvent},
     read::{Events, ReadAll, ReadStream},
+    subscribe::{Delivery, SubscribeAll, SubscribeStream, Subscription},
 };
 use self::{
     append::{Commit, Encoded, Plan, Request},
     index::{Checkpoint, Frames, Index},
-    locate::Locator,
+    locate::{FrameCache, Locator},
+    subscribe::Signal,
 };
 pub use crate::journal::{Durability, Recovered, Recovery};
 use crate::{
@@ -108,6 +111,8 @@ const DEFAULT_CHECKPOINT_EVERY: u64 = 100_000;
 const DEFAULT_RECENT_IDS: usize = 100_000;
 /// Bytes of batches read at random kept in memory, by default.
 const DEFAULT_READ_CACHE: u64 = 64 << 20;
+/// The largest batch kept in the cache as it commits.
+const REMEMBERED_BATCH: usize = 64 * 1024;
 
 /// An event store in a directory: streams of events of type `E`.
 ///
@@ -162,6 +167,7 @@ impl Drop for Clear<'_> {
 
 impl Drop for Core {
     fn drop(&mut self) {
+        self.signal.close();
         // The last sync of the buffered modes; `close` reports it to its caller.
         if let Err(err) = self.journal.close() {
             (self.hook)(&err);
@@ -185,6 +191,8 @@ struct Core {
     /// Whether a checkpoint is under way.
     checkpointing: AtomicBool,
     hook: Hook,
+    /// Wakes the subscriptions at each commit.
+    signal: Arc<Signal>,
 }
 
 /// Options for opening an [`EventStore`]: `EventStore::<E>::builder()`.
@@ -359,6 +367,7 @@ impl<E> EventStoreBuilder<E> {
             checkpointed: AtomicU64::new(checkpointed),
             checkpointing: AtomicBool::new(false),
             hook,
+            signal: Arc::default(),
         };
         let shared = Shared { core: Arc::new(core), background: Mutex::new(None) };
         Ok(EventStore { shared: Arc::new(shared), _events: PhantomData })
@@ -482,16 +491,23 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         let requests =
             appends.into_iter().map(|append| self.encode(append)).collect::<Result<Vec<_>>>()?;
         append::check_requests(&requests)?;
-        let index = Arc::clone(&self.shared.core.index);
-        let done = self.shared.core.journal.commit_with(|_, _| {
+        let core = &self.shared.core;
+        let index = Arc::clone(&core.index);
+        let done = core.journal.commit_with(|_, _| {
             let mut guard = index.write();
             match append::plan(&mut guard, &requests)? {
                 Plan::Write { bytes, commit } => {
                     drop(guard);
-                    Ok(journal::Prepared::Event(
-                        bytes,
-                        CommitJob { index: Arc::clone(&index), commit },
-                    ))
+                    // A small batch is kept for the subscriptions that read it next.
+                    let cache = core.locator.cache().filter(|_| bytes.len() <= REMEMBERED_BATCH);
+                    let remembered = cache.map(|cache| (cache, bytes.clone()));
+                    let job = CommitJob {
+                        index: Arc::clone(&index),
+                        signal: Arc::clone(&core.signal),
+                        remembered,
+                        commit,
+                    };
+                    Ok(journal::Prepared::Event(bytes, job))
                 }
                 Plan::Done(appended) => Ok(journal::Prepared::Done(appended)),
             }
@@ -506,6 +522,19 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// Only the stream's own events are read.
     pub fn read_stream(&self, stream: &str) -> ReadStream<'_, E> {
         ReadStream::new(self, stream)
+    }
+
+    /// Subscribes to every event (`$all`), or to those of some streams and types:
+    /// from a position, every event up to the head, then
+    /// [`Delivery::CaughtUp`], then each new event as it commits.
+    pub fn subscribe_all(&self) -> SubscribeAll<'_, E> {
+        SubscribeAll::new(self)
+    }
+
+    /// Subscribes to stream `stream` (which need not exist yet), as
+    /// [`subscribe_all`](Self::subscribe_all) does to every stream.
+    pub fn subscribe_stream(&self, stream: &str) -> SubscribeStream<'_, E> {
+        SubscribeStream::new(self, stream)
     }
 
     /// Reads every event of the store in position order (`$all`), forward from the
@@ -693,9 +722,12 @@ impl Core {
     }
 }
 
-/// Commits a durable batch to the index.
+/// Commits a durable batch to the index, and wakes the subscriptions.
 struct CommitJob {
     index: Arc<RwLock<Index>>,
+    signal: Arc<Signal>,
+    /// The cache to keep the batch in, and its bytes.
+    remembered: Option<(Arc<FrameCache>, Vec<u8>)>,
     commit: Commit,
 }
 
@@ -703,15 +735,23 @@ impl Job for CommitJob {
     type Output = Vec<Appended>;
 
     fn run(self, seq: u64, at: Timestamp) -> (Vec<Appended>, Option<u64>) {
-        let CommitJob { index, commit } = self;
-        let mut index = index.write();
-        let res = index.commit_planned(seq, commit.first_position, &commit.parts);
-        // The batch was planned against this index under the journal's lock, in
-        // journal order: it follows what the index holds. A failure is a bug; the
-        // panic voids the batch and stops the store, as for any job that fails.
-        #[allow(clippy::expect_used)]
-        res.expect("a planned batch commits");
-        index.last_at = at.as_micros();
+        let CommitJob { index, signal, remembered, commit } = self;
+        // In the cache before the index says it is there: a reader finds it.
+        if let Some((cache, bytes)) = remembered {
+            locate::remember(&cache, seq, at.as_micros(), bytes);
+        }
+        {
+            let mut index = index.write();
+            let res = index.commit_planned(seq, commit.first_position, &commit.parts);
+            // The batch was planned against this index under the journal's lock, in
+            // journal order: it follows what the index holds. A failure is a bug;
+            // the panic voids the batch and stops the store, as for any job that
+            // fails.
+            #[allow(clippy::expect_used)]
+            res.expect("a planned batch commits");
+            index.last_at = at.as_micros();
+        }
+        signal.committed();
         (commit.appended, None)
     }
 }

@@ -16,7 +16,8 @@ use std::{
 use instastate::{
     Error,
     events::{
-        Append, Durability, EventId, EventStore, Expected, NewEvent, Position, RecordedEvent,
+        Append, Delivery, Durability, EventId, EventStore, Expected, NewEvent, Position,
+        RecordedEvent, Subscription,
     },
 };
 use proptest::prelude::*;
@@ -535,5 +536,163 @@ fn a_stream_read_of_one_type_passes_over_the_others() -> TestResult {
     assert_eq!(deposits.iter().map(|it| it.version).collect::<Vec<_>>(), [1, 3]);
     let back = collect(events.read_stream("a").of_type("Deposited").backward().limit(1))?;
     assert_eq!(back.iter().map(|it| it.version).collect::<Vec<_>>(), [3]);
+    Ok(())
+}
+
+/// Takes deliveries until `until` says stop or none comes for a second.
+fn deliveries<E: Serialize + serde::de::DeserializeOwned>(
+    subscription: &mut instastate::events::Subscription<E>,
+    mut until: impl FnMut(&Delivery<E>) -> bool,
+) -> TestResult<Vec<Delivery<E>>> {
+    let mut got = Vec::new();
+    while let Some(delivery) = subscription.next_timeout(std::time::Duration::from_secs(5))? {
+        let stop = until(&delivery);
+        got.push(delivery);
+        if stop {
+            return Ok(got);
+        }
+    }
+    Err(format!("no delivery for 5 s after {} deliveries", got.len()).into())
+}
+
+#[test]
+fn a_subscription_catches_up_then_follows_new_events() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Bank>::open(dir.path())?;
+    events.append("a", Expected::Any, [deposit(1), deposit(2)])?;
+    events.append("b", Expected::Any, [Bank::Opened { owner: "bob".into() }])?;
+    let mut all = events.subscribe_all().from(Position::START)?;
+    let mut only_a = events.subscribe_stream("a").from(1)?;
+    let mut deposits = events.subscribe_all().of_type("Deposited").from(Position::START)?;
+    let mut fresh = events.subscribe_all().from_end()?;
+    let caught = deliveries(&mut all, |it| matches!(it, Delivery::CaughtUp))?;
+    assert_eq!(caught.len(), 4, "three events, then caught up: {caught:?}");
+    let writer = {
+        let events = events.clone();
+        thread::spawn(move || events.append("a", Expected::Exact(1), [deposit(3)]).map(drop))
+    };
+    let live = deliveries(&mut all, |it| matches!(it, Delivery::Event(_)))?;
+    writer.join().map_err(|_| "the writer panicked")??;
+    let Some(Delivery::Event(event)) = live.last() else { return Err(format!("{live:?}").into()) };
+    assert_eq!((event.position, event.data.clone()), (Position::new(3), deposit(3)));
+    let a: Vec<u64> =
+        deliveries(&mut only_a, |it| matches!(it, Delivery::Event(event) if event.version == 2))?
+            .into_iter()
+            .filter_map(
+                |it| if let Delivery::Event(event) = it { Some(event.version) } else { None },
+            )
+            .collect();
+    assert_eq!(a, [1, 2]);
+    let d: Vec<u64> = deliveries(
+        &mut deposits,
+        |it| matches!(it, Delivery::Event(event) if event.position.get() == 3),
+    )?
+    .into_iter()
+    .filter_map(
+        |it| if let Delivery::Event(event) = it { Some(event.position.get()) } else { None },
+    )
+    .collect();
+    assert_eq!(d, [0, 1, 3], "the Opened event is passed over");
+    // It started at the head of its time: the append after is all it delivers.
+    let f = deliveries(&mut fresh, |it| matches!(it, Delivery::CaughtUp))?;
+    assert!(
+        matches!(f.as_slice(), [Delivery::Event(event), Delivery::CaughtUp] if event.position.get() == 3),
+        "{f:?}"
+    );
+    // The store's last handle goes: the subscription stops.
+    drop(events);
+    let stopped = deliveries(&mut all, |it| matches!(it, Delivery::Stopped))?;
+    assert!(matches!(stopped.as_slice(), [Delivery::Stopped]), "{stopped:?}");
+    assert!(all.next_timeout(std::time::Duration::ZERO)?.is_none());
+    Ok(())
+}
+
+/// Follows `subscription` until it delivered `total` events; returns their
+/// positions and whether it said it fell behind. `pause` after each event makes it
+/// a slow subscriber.
+fn follow(
+    subscription: &mut Subscription<u64>,
+    total: u64,
+    pause: bool,
+) -> Result<(Vec<u64>, bool), String> {
+    let mut positions = Vec::new();
+    let mut fell_behind = false;
+    while (positions.len() as u64) < total {
+        match subscription
+            .next_timeout(std::time::Duration::from_secs(10))
+            .map_err(|err| err.to_string())?
+        {
+            Some(Delivery::Event(event)) => {
+                positions.push(event.position.get());
+                if pause {
+                    thread::sleep(std::time::Duration::from_micros(300));
+                }
+            }
+            Some(Delivery::FellBehind { .. }) => fell_behind = true,
+            Some(Delivery::CaughtUp) => {}
+            other => return Err(format!("{other:?} after {} events", positions.len())),
+        }
+    }
+    Ok((positions, fell_behind))
+}
+
+#[test]
+fn subscriptions_under_concurrent_writers_skip_and_repeat_nothing_and_a_slow_one_holds_nobody_back()
+-> TestResult {
+    const WRITERS: u64 = 8;
+    const APPENDS: u64 = 150;
+    let dir = tempfile::tempdir()?;
+    let events =
+        EventStore::<u64>::builder().durability(Durability::GroupCommit).open(dir.path())?;
+    let total = WRITERS * APPENDS * 2;
+    let mut fast = events.subscribe_all().from(Position::START)?;
+    let mut slow = events.subscribe_all().max_lag(50).from(Position::START)?;
+    let writers_done = std::sync::atomic::AtomicBool::new(false);
+    let (fast, slow) = thread::scope(|scope| -> Result<_, String> {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let events = events.clone();
+                scope.spawn(move || -> instastate::Result<()> {
+                    for k in 0..APPENDS {
+                        events.append(
+                            &format!("w{w}"),
+                            Expected::Any,
+                            [w * 1000 + k, w * 1000 + k],
+                        )?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let fast = scope.spawn(|| follow(&mut fast, total, false));
+        let slow = scope.spawn(|| {
+            // Caught up on the empty store, then it stalls until the writers are
+            // done: they must not wait for it.
+            match slow.next_timeout(std::time::Duration::from_secs(10)) {
+                Ok(Some(Delivery::CaughtUp)) => {}
+                other => return Err(format!("{other:?}")),
+            }
+            let stalled = std::time::Instant::now();
+            while !writers_done.load(std::sync::atomic::Ordering::SeqCst) {
+                if std::time::Duration::from_mins(1) < stalled.elapsed() {
+                    return Err("the writers did not finish while a subscriber stalled".into());
+                }
+                thread::sleep(std::time::Duration::from_millis(5));
+            }
+            follow(&mut slow, total, true)
+        });
+        for writer in writers {
+            writer.join().map_err(|_| "a writer panicked")?.map_err(|err| err.to_string())?;
+        }
+        writers_done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let fast = fast.join().map_err(|_| "the fast subscriber panicked")??;
+        let slow = slow.join().map_err(|_| "the slow subscriber panicked")??;
+        Ok((fast, slow))
+    })?;
+    let expected: Vec<u64> = (0..total).collect();
+    assert_eq!(fast.0, expected, "the fast subscriber got every position once, in order");
+    let (slow_positions, fell_behind) = slow;
+    assert_eq!(slow_positions, expected, "so did the stalled one");
+    assert!(fell_behind, "the stalled subscriber never said it fell behind");
     Ok(())
 }
