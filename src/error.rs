@@ -448,6 +448,27 @@ pub enum Error {
         /// The id.
         id: crate::events::EventId,
     },
+    /// A conditional append ([`EventStore::append_if`](crate::events::EventStore::append_if))
+    /// whose aggregates changed since its base: an event carrying one of its tags
+    /// was appended at or after the base, and is not among those it resolved.
+    /// Nothing was written.
+    #[error(
+        "conflict on `{tag}`: {theirs} changed it at or after base {base}{}",
+        ours.as_ref().map_or_else(String::new, |ours| format!(", before our event {ours}"))
+    )]
+    #[non_exhaustive]
+    Conflict {
+        /// The tag both carry.
+        tag: String,
+        /// The condition's base.
+        base: crate::events::Position,
+        /// The first of the appended events that conflicts, where it would have
+        /// gone; `None` when the tag is one the condition named and none of the
+        /// appended events carries.
+        ours: Option<crate::events::EventRef>,
+        /// The first event appended since the base that it conflicts with.
+        theirs: crate::events::EventRef,
+    },
     /// A file-system operation on the store failed.
     #[error("i/o failure on `{}`: {source}", path.display())]
     #[non_exhaustive]

@@ -8,7 +8,8 @@ use std::{fmt, ops::Range};
 use super::{
     EventId, NewEvent,
     batch::{self, EventIn, PartIn},
-    index::{Index, Seen, StreamIdx},
+    condition::{self, Condition},
+    index::{Index, Seen, StreamIdx, Tagged},
     stream_id,
 };
 use crate::{Error, Result};
@@ -166,9 +167,82 @@ impl Request {
 }
 
 /// Plans the batch of `requests` against `index` (reserved versions and positions
-/// included), under the journal's lock: refuses a wrong expectation, recognises a
-/// retry of a committed append, and hands out versions and positions.
-pub(crate) fn plan(index: &mut Index, requests: &[Request]) -> Result<Plan> {
+/// included), under the journal's lock: refuses a wrong expectation or a
+/// `condition` that does not hold, recognises a retry of a committed append, and
+/// hands out versions and positions.
+pub(crate) fn plan(
+    index: &mut Index,
+    requests: &[Request],
+    condition: Option<&Condition>,
+) -> Result<Plan> {
+    let layout = match decide(index, requests, condition)? {
+        Decision::Done(appended) => return Ok(Plan::Done(appended)),
+        Decision::Write(layout) => layout,
+    };
+    let first_position = index.reserved;
+    let mut parts = Vec::with_capacity(requests.len());
+    let mut noted = Vec::new();
+    for (request, &(first_version, position)) in requests.iter().zip(&layout) {
+        let idx = index.stream_or_new(&request.stream);
+        let n = request.events.len() as u64;
+        if let Some(stream) = index.get_mut(idx) {
+            stream.reserved += n;
+        }
+        let ids: Vec<[u8; 16]> = request.events.iter().map(|event| *event.id.as_bytes()).collect();
+        for (k, event) in request.events.iter().enumerate() {
+            let k = k as u64;
+            let (version, position) = (first_version + k, position + k);
+            noted.push((*event.id.as_bytes(), Seen { stream: idx, version, position }));
+            for tag in &event.tags {
+                index.note_tag(tag, Tagged { position, stream: idx, version });
+            }
+        }
+        parts.push((idx, first_version, ids));
+    }
+    index.reserved = first_position + requests.iter().map(|it| it.events.len() as u64).sum::<u64>();
+    index.note_ids(noted);
+    let events: Vec<Vec<EventIn<'_>>> =
+        requests.iter().map(|request| request.events.iter().map(stored).collect()).collect();
+    let batch_parts: Vec<PartIn<'_>> = requests
+        .iter()
+        .zip(&layout)
+        .zip(&events)
+        .map(|((request, &(first_version, _)), events)| PartIn {
+            stream: &request.stream,
+            first_version,
+            events,
+        })
+        .collect();
+    let bytes = batch::encode(first_position, &batch_parts);
+    let appended = appended(requests, &layout);
+    Ok(Plan::Write { bytes, commit: Commit { first_position, parts, appended } })
+}
+
+/// What [`plan`] would do, without doing it: the versions and positions the
+/// events would get, or the error the append would be refused with.
+pub(crate) fn dry_run(
+    index: &Index,
+    requests: &[Request],
+    condition: Option<&Condition>,
+) -> Result<Vec<Appended>> {
+    match decide(index, requests, condition)? {
+        Decision::Done(appended) => Ok(appended),
+        Decision::Write(layout) => Ok(appended(requests, &layout)),
+    }
+}
+
+/// What an append comes to.
+enum Decision {
+    /// Nothing to write: the earlier results of the retried parts, and where the
+    /// others' streams are.
+    Done(Vec<Appended>),
+    /// A batch to write, each request's events from these versions and positions.
+    Write(Vec<(u64, u64)>),
+}
+
+/// Checks the requests' expectations and `condition` against `index`, and
+/// recognises a retry.
+fn decide(index: &Index, requests: &[Request], condition: Option<&Condition>) -> Result<Decision> {
     let checked =
         requests.iter().map(|request| check(index, request)).collect::<Result<Vec<_>>>()?;
     let retried =
@@ -186,17 +260,15 @@ pub(crate) fn plan(index: &mut Index, requests: &[Request]) -> Result<Plan> {
     }
     if !writes {
         // Retries, and appends of no event: in order, the earlier results and where
-        // the streams are.
+        // the streams are. (A retry is not checked against the condition: its own
+        // events would conflict with it.)
         let appended = requests
             .iter()
             .zip(checked)
             .map(|(request, checked)| match checked {
                 Checked::Retry(appended) => appended,
                 Checked::Fresh => {
-                    let next = index
-                        .stream(&request.stream)
-                        .and_then(|idx| index.get(idx))
-                        .map_or(0, |it| it.reserved);
+                    let next = next_version(index, &request.stream);
                     Appended {
                         stream: request.stream.clone(),
                         versions: next..next,
@@ -205,52 +277,39 @@ pub(crate) fn plan(index: &mut Index, requests: &[Request]) -> Result<Plan> {
                 }
             })
             .collect();
-        return Ok(Plan::Done(appended));
+        return Ok(Decision::Done(appended));
     }
-    let fresh: Vec<&Request> = requests.iter().collect();
-    let first_position = index.reserved;
-    let mut position = first_position;
-    let mut parts = Vec::with_capacity(fresh.len());
-    let mut appended = Vec::with_capacity(fresh.len());
-    let mut noted = Vec::new();
-    for request in &fresh {
-        let idx = index.stream_or_new(&request.stream);
-        let Some(stream) = index.get_mut(idx) else { continue };
-        let first_version = stream.reserved;
-        let n = request.events.len() as u64;
-        stream.reserved += n;
-        let ids: Vec<[u8; 16]> = request.events.iter().map(|event| *event.id.as_bytes()).collect();
-        for (k, id) in ids.iter().enumerate() {
-            let k = k as u64;
-            noted.push((
-                *id,
-                Seen { stream: idx, version: first_version + k, position: position + k },
-            ));
-        }
-        appended.push(Appended {
-            stream: request.stream.clone(),
-            versions: first_version..first_version + n,
-            positions: position..position + n,
-        });
-        parts.push((idx, first_version, ids));
-        position += n;
+    let mut position = index.reserved;
+    let mut layout = Vec::with_capacity(requests.len());
+    for request in requests {
+        layout.push((next_version(index, &request.stream), position));
+        position += request.events.len() as u64;
     }
-    index.reserved = position;
-    index.note_ids(noted);
-    let events: Vec<Vec<EventIn<'_>>> =
-        fresh.iter().map(|request| request.events.iter().map(stored).collect()).collect();
-    let batch_parts: Vec<PartIn<'_>> = fresh
+    if let Some(condition) = condition {
+        condition::check(index, condition, requests, &layout)?;
+    }
+    Ok(Decision::Write(layout))
+}
+
+/// The version the next event of `stream` gets.
+fn next_version(index: &Index, stream: &str) -> u64 {
+    index.stream(stream).and_then(|idx| index.get(idx)).map_or(0, |it| it.reserved)
+}
+
+/// What each request gets where `layout` puts it.
+fn appended(requests: &[Request], layout: &[(u64, u64)]) -> Vec<Appended> {
+    requests
         .iter()
-        .zip(&parts)
-        .zip(&events)
-        .map(|((request, (_, first_version, _)), events)| PartIn {
-            stream: &request.stream,
-            first_version: *first_version,
-            events,
+        .zip(layout)
+        .map(|(request, &(first_version, position))| {
+            let n = request.events.len() as u64;
+            Appended {
+                stream: request.stream.clone(),
+                versions: first_version..first_version + n,
+                positions: position..position + n,
+            }
         })
-        .collect();
-    let bytes = batch::encode(first_position, &batch_parts);
-    Ok(Plan::Write { bytes, commit: Commit { first_position, parts, appended } })
+        .collect()
 }
 
 fn stored(event: &Encoded) -> EventIn<'_> {

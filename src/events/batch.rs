@@ -160,6 +160,36 @@ pub(crate) fn decode_head(bytes: &[u8]) -> Result<BatchHead<'_>, BatchFault> {
     Ok(BatchHead { first_position, parts, bodies: reader.0 })
 }
 
+impl<'a> BatchHead<'a> {
+    /// The tags of the batch's events: for each tagged event, its index in the
+    /// batch and a tag, in order. Reads the bodies, but decodes no data.
+    pub(crate) fn tags(&self) -> Result<Vec<(usize, &'a str)>, BatchFault> {
+        let mut reader = Reader(self.bodies);
+        let mut tags = Vec::new();
+        for k in 0..self.parts.iter().map(PartHead::len).sum() {
+            let body = reader.body()?;
+            let mut tag_reader = Reader(body.tags);
+            for _ in 0..body.tag_count {
+                tags.push((k, tag_reader.str()?));
+            }
+        }
+        if !reader.0.is_empty() {
+            return Err(BatchFault::Malformed("bytes follow its last event"));
+        }
+        Ok(tags)
+    }
+}
+
+/// An event's body read back, its tags still encoded.
+struct Body<'a> {
+    event_type: &'a str,
+    causation: Option<[u8; 16]>,
+    correlation: Option<[u8; 16]>,
+    tag_count: usize,
+    tags: &'a [u8],
+    data: &'a [u8],
+}
+
 /// Reads every event of the append batch in `bytes`.
 pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFault> {
     let head = decode_head(bytes)?;
@@ -167,19 +197,10 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFaul
     let mut events = Vec::with_capacity(head.parts.iter().map(PartHead::len).sum());
     for part in &head.parts {
         for (k, id) in part.ids().enumerate() {
-            let event_type = reader.str()?;
-            let flags = reader.byte()?;
-            if flags & !(FLAG_CAUSATION | FLAG_CORRELATION) != 0 {
-                return Err(BatchFault::Malformed("an event's flags are unknown"));
-            }
-            let causation = if flags & FLAG_CAUSATION == 0 { None } else { Some(reader.id()?) };
-            let correlation = if flags & FLAG_CORRELATION == 0 { None } else { Some(reader.id()?) };
-            let tag_count = reader.count(1)?;
-            let mut tags = Vec::with_capacity(tag_count);
-            for _ in 0..tag_count {
-                tags.push(reader.str()?);
-            }
-            let data = reader.bytes()?;
+            let Body { event_type, causation, correlation, tag_count, tags, data } =
+                reader.body()?;
+            let mut tag_reader = Reader(tags);
+            let tags = (0..tag_count).map(|_| tag_reader.str()).collect::<Result<_, _>>()?;
             let version = part
                 .first_version
                 .checked_add(k as u64)
@@ -274,6 +295,25 @@ impl<'a> Reader<'a> {
     fn id(&mut self) -> Result<[u8; 16], BatchFault> {
         let bytes = self.take(16)?;
         bytes.try_into().map_err(|_| BatchFault::Malformed("it is cut short"))
+    }
+
+    /// One event's body; its tags are checked, and left encoded.
+    fn body(&mut self) -> Result<Body<'a>, BatchFault> {
+        let event_type = self.str()?;
+        let flags = self.byte()?;
+        if flags & !(FLAG_CAUSATION | FLAG_CORRELATION) != 0 {
+            return Err(BatchFault::Malformed("an event's flags are unknown"));
+        }
+        let causation = if flags & FLAG_CAUSATION == 0 { None } else { Some(self.id()?) };
+        let correlation = if flags & FLAG_CORRELATION == 0 { None } else { Some(self.id()?) };
+        let tag_count = self.count(1)?;
+        let before = self.0;
+        for _ in 0..tag_count {
+            self.str()?;
+        }
+        let tags = before.get(..before.len() - self.0.len()).unwrap_or_default();
+        let data = self.bytes()?;
+        Ok(Body { event_type, causation, correlation, tag_count, tags, data })
     }
 }
 

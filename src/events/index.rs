@@ -23,6 +23,15 @@ use super::batch::BatchHead;
 /// A stream's number in the index.
 pub(crate) type StreamIdx = u32;
 
+/// An event carrying a tag: where it is. The index keeps them per tag, in position
+/// order, for conditional appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Tagged {
+    pub(crate) position: u64,
+    pub(crate) stream: StreamIdx,
+    pub(crate) version: u64,
+}
+
 /// A stream as a batch to commit names it: by number when planned here, by name
 /// when read back.
 enum Named<'a> {
@@ -65,6 +74,8 @@ pub(crate) struct Index {
     /// The timestamp of the last committed journal event, in microseconds.
     pub(crate) last_at: u64,
     recent: Recent,
+    /// The events carrying each tag, reserved ones included, in position order.
+    tags: HashMap<String, Vec<Tagged>, RandomState>,
 }
 
 /// The ids of the most recent events, for idempotent appends.
@@ -134,6 +145,7 @@ pub(crate) struct Checkpoint {
     last_at: u64,
     recent: Vec<([u8; 16], Seen)>,
     frames: Frames,
+    tags: Vec<(String, Vec<Tagged>)>,
 }
 
 impl Index {
@@ -178,6 +190,41 @@ impl Index {
     pub(crate) fn note_ids(&mut self, ids: impl IntoIterator<Item = ([u8; 16], Seen)>) {
         for (id, seen) in ids {
             self.recent.insert(id, seen);
+        }
+    }
+
+    /// The events carrying `tag`, in position order.
+    pub(crate) fn tagged(&self, tag: &str) -> &[Tagged] {
+        self.tags.get(tag).map_or(&[], Vec::as_slice)
+    }
+
+    /// Notes that the event at `tagged` carries `tag`; events come in position
+    /// order.
+    pub(crate) fn note_tag(&mut self, tag: &str, tagged: Tagged) {
+        match self.tags.get_mut(tag) {
+            Some(list) => list.push(tagged),
+            None => {
+                self.tags.insert(tag.to_owned(), vec![tagged]);
+            }
+        }
+    }
+
+    /// Notes the tags of a batch read back and committed: `tags` as
+    /// [`BatchHead::tags`] reads them.
+    pub(crate) fn note_batch_tags(&mut self, batch: &BatchHead<'_>, tags: &[(usize, &str)]) {
+        if tags.is_empty() {
+            return;
+        }
+        let mut places = Vec::new();
+        for part in &batch.parts {
+            let Some(idx) = self.stream(part.stream) else { continue };
+            places.extend((0..part.len() as u64).map(|k| (idx, part.first_version + k)));
+        }
+        for &(k, tag) in tags {
+            if let Some(&(stream, version)) = places.get(k) {
+                let position = batch.first_position + k as u64;
+                self.note_tag(tag, Tagged { position, stream, version });
+            }
         }
     }
 
@@ -321,13 +368,24 @@ impl Index {
             last_at: self.last_at,
             recent: self.recent.order.iter().filter_map(|id| Some((*id, self.seen(id)?))).collect(),
             frames: frames.clone(),
+            // Only the committed events: the checkpoint covers nothing after them.
+            tags: self
+                .tags
+                .iter()
+                .map(|(tag, list)| {
+                    let committed = list.partition_point(|it| it.position < self.committed);
+                    (tag.clone(), list.get(..committed).unwrap_or_default().to_vec())
+                })
+                .filter(|(_, list)| !list.is_empty())
+                .collect(),
         }
     }
 
     /// The index and frame table a checkpoint holds, keeping the ids of the last
     /// `recent` events.
     pub(crate) fn restore(checkpoint: Checkpoint, recent: usize) -> (Index, Frames) {
-        let Checkpoint { streams, starts, committed, last_at, recent: ids, frames } = checkpoint;
+        let Checkpoint { streams, starts, committed, last_at, recent: ids, frames, tags } =
+            checkpoint;
         let mut index = Index::new(recent);
         for (name, seqs) in streams {
             let idx = index.stream_or_new(&name);
@@ -341,6 +399,7 @@ impl Index {
         index.reserved = committed;
         index.last_at = last_at;
         index.note_ids(ids);
+        index.tags = tags.into_iter().collect();
         (index, frames)
     }
 }

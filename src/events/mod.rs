@@ -59,6 +59,7 @@ mod append;
 pub(crate) mod batch;
 #[cfg(not(feature = "fuzz"))]
 mod batch;
+mod condition;
 mod event;
 mod index;
 mod locate;
@@ -81,6 +82,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 pub use self::{
     append::{Append, Appended, Expected},
+    condition::{Condition, EventRef},
     event::{EventId, Metadata, NewEvent, Position, RecordedEvent},
     read::{Events, ReadAll, ReadStream},
     subscribe::{Delivery, SubscribeAll, SubscribeStream, Subscription},
@@ -426,8 +428,10 @@ impl Loaded {
             reason: format!("event {}: {reason}", event.seq),
         };
         let head = batch::decode_head(event.bytes).map_err(|fault| bad(fault.to_string()))?;
+        let tags = head.tags().map_err(|fault| bad(fault.to_string()))?;
         let index = &mut self.index;
         index.commit(event.seq, &head).map_err(bad)?;
+        index.note_batch_tags(&head, &tags);
         index.last_at = event.at.as_micros();
         self.frames.record(event.file, event.seq, event.offset);
         Ok(())
@@ -488,6 +492,74 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         &self,
         appends: impl IntoIterator<Item = Append<E>>,
     ) -> Result<Vec<Appended>> {
+        self.append_checked(appends, None)
+    }
+
+    /// Appends to one or more streams, all or nothing, if `condition` holds: no
+    /// event carrying one of its tags was appended at or after its base, except
+    /// those it lists as resolved (coherence's rebase). Each stream's expectation
+    /// is checked too.
+    ///
+    /// # Example
+    /// ```
+    /// use instastate::events::{Append, Condition, EventStore, Expected, NewEvent};
+    ///
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let events = EventStore::<String>::open(dir.path())?;
+    /// let base = events.head(); // Alice and Bob both read the store here.
+    /// let edit = |text: &str| NewEvent::new(text.to_owned()).tagged(["book:Neuromancer"]);
+    ///
+    /// let alice = [Append::new("alice", Expected::Any, [edit("genre: SciFi")])];
+    /// events.append_if(&Condition::since(base), alice)?;
+    ///
+    /// let bob = || [Append::new("bob", Expected::Any, [edit("genre: Cyberpunk")])];
+    /// let refused = events.append_if(&Condition::since(base), bob());
+    /// let Err(instastate::Error::Conflict { theirs, .. }) = refused else { panic!() };
+    /// assert_eq!(theirs.stream, "alice");
+    ///
+    /// // Bob reads Alice's change, resolves it, and tries again.
+    /// let resolved = Condition::since(base).resolved([theirs.position]);
+    /// events.append_if(&resolved, bob())?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] when the condition does not hold, naming the first of
+    /// the appended events that conflicts and the first event it conflicts with;
+    /// otherwise those of [`append_all`](Self::append_all). Nothing is written.
+    pub fn append_if(
+        &self,
+        condition: &Condition,
+        appends: impl IntoIterator<Item = Append<E>>,
+    ) -> Result<Vec<Appended>> {
+        self.append_checked(appends, Some(condition))
+    }
+
+    /// Answers what [`append_if`](Self::append_if) would do now, writing nothing
+    /// (a dry run): the versions and positions the events would get, or the error
+    /// the append would be refused with. Another append may of course come
+    /// between this answer and a real append.
+    ///
+    /// # Errors
+    /// Those of [`append_if`](Self::append_if).
+    pub fn check_append_if(
+        &self,
+        condition: &Condition,
+        appends: impl IntoIterator<Item = Append<E>>,
+    ) -> Result<Vec<Appended>> {
+        let requests =
+            appends.into_iter().map(|append| self.encode(append)).collect::<Result<Vec<_>>>()?;
+        append::check_requests(&requests)?;
+        append::dry_run(&self.shared.core.index.read(), &requests, Some(condition))
+    }
+
+    fn append_checked(
+        &self,
+        appends: impl IntoIterator<Item = Append<E>>,
+        condition: Option<&Condition>,
+    ) -> Result<Vec<Appended>> {
         let requests =
             appends.into_iter().map(|append| self.encode(append)).collect::<Result<Vec<_>>>()?;
         append::check_requests(&requests)?;
@@ -495,7 +567,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         let index = Arc::clone(&core.index);
         let done = core.journal.commit_with(|_, _| {
             let mut guard = index.write();
-            match append::plan(&mut guard, &requests)? {
+            match append::plan(&mut guard, &requests, condition)? {
                 Plan::Write { bytes, commit } => {
                     drop(guard);
                     // A small batch is kept for the subscriptions that read it next.

@@ -7,6 +7,7 @@ mod backup;
 mod bad_input;
 mod compat;
 mod concurrency;
+mod conflicts;
 mod crypt;
 mod events;
 mod global;

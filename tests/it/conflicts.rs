@@ -1,0 +1,233 @@
+//! Conditional appends (coherence's rebase): conflicts by tag since a base, the
+//! resolved positions, the dry run, and coherence's README walkthrough.
+
+#![allow(clippy::indexing_slicing, clippy::cast_possible_truncation)]
+
+use std::{
+    sync::{Arc, Barrier},
+    thread,
+};
+
+use instastate::{
+    Error,
+    events::{Append, Condition, EventRef, EventStore, Expected, NewEvent, Position},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{TestResult, tree};
+
+/// A change to a book, as coherence's walkthrough makes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Book {
+    Created { actor: String, author: String, genre: String },
+    Updated { actor: String, genre: String },
+}
+
+fn create(actor: &str, title: &str, genre: &str) -> Append<Book> {
+    let book = Book::Created {
+        actor: actor.to_owned(),
+        author: "William Gibson".to_owned(),
+        genre: genre.to_owned(),
+    };
+    Append::new(stream(title), Expected::Any, [NewEvent::new(book).tagged([tag(title)])])
+}
+
+fn update(actor: &str, title: &str, genre: &str) -> Append<Book> {
+    let book = Book::Updated { actor: actor.to_owned(), genre: genre.to_owned() };
+    Append::new(stream(title), Expected::Any, [NewEvent::new(book).tagged([tag(title)])])
+}
+
+fn stream(title: &str) -> String {
+    format!("book-{}", title.to_lowercase().replace(' ', "-"))
+}
+
+fn tag(title: &str) -> String {
+    format!("book:{title}")
+}
+
+fn conflict<T: std::fmt::Debug>(
+    res: instastate::Result<T>,
+) -> TestResult<(String, Option<EventRef>, EventRef)> {
+    match res {
+        Err(Error::Conflict { tag, ours, theirs, .. }) => Ok((tag, ours, theirs)),
+        other => Err(format!("expected a conflict, got {other:?}").into()),
+    }
+}
+
+/// `(stream, version, position)` of an event named by a conflict.
+fn place(event: &EventRef) -> (String, u64, u64) {
+    (event.stream.clone(), event.version, event.position.get())
+}
+
+/// Coherence's README walkthrough: Alice creates two books; Bob, who read the
+/// store when it was empty, creates two books, one of them Alice's, and is told
+/// of the conflict; he resolves it and his changes go in.
+#[test]
+fn coherence_walkthrough_alice_and_bob_edit_the_same_book() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Book>::open(dir.path())?;
+    let base = events.head();
+    assert_eq!(base, Position::START);
+
+    // Alice creates two new books.
+    let alice = events.append_if(
+        &Condition::since(base),
+        [create("alice", "Neuromancer", "SciFi"), create("alice", "Count Zero", "Cyberpunk")],
+    )?;
+    assert_eq!(alice.iter().map(|it| it.positions.clone()).collect::<Vec<_>>(), [0..1, 1..2]);
+
+    // Bob, who read the store at the same base, creates two books, one of them
+    // Alice's Neuromancer: refused, naming his event and hers.
+    let bob = || {
+        [
+            create("bob", "Mona Lisa Overdrive", "Cyberpunk"),
+            create("bob", "Neuromancer", "Cyberpunk"),
+        ]
+    };
+    let before = tree::tree(dir.path())?;
+    let dry = conflict(events.check_append_if(&Condition::since(base), bob()))?;
+    let (tag, ours, theirs) = conflict(events.append_if(&Condition::since(base), bob()))?;
+    assert_eq!(dry, (tag.clone(), ours.clone(), theirs.clone()), "the dry run answers the same");
+    assert_eq!(tag, "book:Neuromancer");
+    assert_eq!(ours.as_ref().map(place), Some(("book-neuromancer".to_owned(), 1, 3)));
+    assert_eq!(place(&theirs), ("book-neuromancer".to_owned(), 0, 0));
+    // The whole batch is refused: Mona Lisa Overdrive is not there either.
+    assert_eq!(events.head(), Position::new(2));
+    assert_eq!(events.stream_version("book-mona-lisa-overdrive"), None);
+    assert_eq!(tree::tree(dir.path())?, before, "a refused append writes nothing");
+
+    // Bob resolves the conflict: he read Alice's book, and updates it instead.
+    let resolved = Condition::since(base).resolved([theirs.position]);
+    let bob = [
+        create("bob", "Mona Lisa Overdrive", "Cyberpunk"),
+        update("bob", "Neuromancer", "Cyberpunk"),
+    ];
+    let dry = events.check_append_if(&resolved, bob.clone())?;
+    assert_eq!(events.head(), Position::new(2), "a dry run writes nothing");
+    let done = events.append_if(&resolved, bob)?;
+    assert_eq!(dry, done, "the dry run predicted the append");
+    assert_eq!(done.iter().map(|it| it.positions.clone()).collect::<Vec<_>>(), [2..3, 3..4]);
+
+    let neuromancer = events
+        .read_stream("book-neuromancer")
+        .into_iter()
+        .map(|it| it.map(|it| it.data))
+        .collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(
+        neuromancer,
+        [
+            Book::Created {
+                actor: "alice".to_owned(),
+                author: "William Gibson".to_owned(),
+                genre: "SciFi".to_owned()
+            },
+            Book::Updated { actor: "bob".to_owned(), genre: "Cyberpunk".to_owned() },
+        ]
+    );
+    Ok(())
+}
+
+#[test]
+fn conflicts_are_checked_after_a_reopen_and_a_checkpoint() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let events = EventStore::<Book>::open(dir.path())?;
+        events.append_all([create("alice", "Neuromancer", "SciFi")])?;
+        events.checkpoint()?;
+        events.append_all([create("alice", "Count Zero", "Cyberpunk")])?;
+    }
+    let events = EventStore::<Book>::open(dir.path())?;
+    let (_, _, theirs) = conflict(
+        events.append_if(&Condition::since(Position::START), [update("bob", "Neuromancer", "x")]),
+    )?;
+    assert_eq!(theirs.position, Position::START, "from the checkpoint");
+    let (_, _, theirs) = conflict(
+        events.append_if(&Condition::since(Position::START), [update("bob", "Count Zero", "x")]),
+    )?;
+    assert_eq!(theirs.position, Position::new(1), "from the journal after it");
+    // Since the head, nothing conflicts.
+    events.append_if(&Condition::since(events.head()), [update("bob", "Count Zero", "x")])?;
+    Ok(())
+}
+
+#[test]
+fn named_tags_resolved_positions_and_untagged_events() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Book>::open(dir.path())?;
+    events.append_all([create("alice", "Neuromancer", "SciFi")])?; // 0
+    events.append_all([update("alice", "Neuromancer", "Noir")])?; // 1
+    events.append_all([create("alice", "Count Zero", "Cyberpunk")])?; // 2
+
+    // A tag the condition names and none of our events carries: `ours` is none.
+    let note = || {
+        Append::new(
+            "notes",
+            Expected::Any,
+            [Book::Updated { actor: "carol".to_owned(), genre: "x".to_owned() }],
+        )
+    };
+    let (tag, ours, theirs) = conflict(events.append_if(
+        &Condition::since(Position::new(1)).tags(["book:Count Zero", "book:Neuromancer"]),
+        [note()],
+    ))?;
+    assert_eq!((tag.as_str(), ours, theirs.position.get()), ("book:Neuromancer", None, 1));
+    // Resolving one of two conflicting events is not enough; both is.
+    let neuro = Condition::since(Position::START).tags(["book:Neuromancer"]);
+    let (_, _, theirs) =
+        conflict(events.append_if(&neuro.clone().resolved([Position::START]), [note()]))?;
+    assert_eq!(theirs.position, Position::new(1));
+    events.append_if(&neuro.resolved([Position::START, Position::new(1)]), [note()])?;
+    // Without tags of their own or named, nothing can conflict.
+    events.append_if(&Condition::since(Position::START), [note()])?;
+    // Named tags replace the events' own: only Idoru is checked here.
+    events.append_if(
+        &Condition::since(Position::new(1)).tags(["book:Idoru"]),
+        [update("bob", "Neuromancer", "x")],
+    )?;
+    Ok(())
+}
+
+/// Writers that each read the head, then append to one aggregate on that base:
+/// however they interleave, no append succeeds over a change it did not see.
+#[test]
+fn racing_conditional_appends_never_succeed_over_an_unseen_change() -> TestResult {
+    const THREADS: usize = 8;
+    const TRIES: usize = 40;
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Book>::open(dir.path())?;
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|writer| {
+            let events = events.clone();
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || -> instastate::Result<Vec<(u64, u64)>> {
+                barrier.wait();
+                let mut won = Vec::new();
+                for _ in 0..TRIES {
+                    let base = events.head();
+                    let edit = update(&format!("writer-{writer}"), "Neuromancer", "x");
+                    match events.append_if(&Condition::since(base), [edit]) {
+                        Ok(appended) => won.push((base.get(), appended[0].positions.start)),
+                        Err(Error::Conflict { theirs, .. }) => {
+                            assert!(base <= theirs.position, "a conflict since the base");
+                        }
+                        Err(err) => return Err(err),
+                    }
+                }
+                Ok(won)
+            })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for handle in handles {
+        won.extend(handle.join().map_err(|_| "a writer panicked")??);
+    }
+    won.sort_by_key(|(_, position)| *position);
+    assert!(!won.is_empty());
+    assert_eq!(events.head().get(), won.len() as u64, "only the winners wrote");
+    for pair in won.windows(2) {
+        let (previous, (base, position)) = (pair[0].1, pair[1]);
+        assert!(previous < base, "the append at {position} on base {base} missed {previous}");
+    }
+    Ok(())
+}
