@@ -149,6 +149,12 @@ pub fn event_batch(data: &[u8]) {
     assert_eq!(head.first_position, first_position);
     let count: usize = head.parts.iter().map(batch::PartHead::len).sum();
     assert_eq!(count, events.len(), "the heads count the events");
+    let flat: Vec<(usize, &str)> = events
+        .iter()
+        .enumerate()
+        .flat_map(|(k, event)| event.tags.iter().map(move |tag| (k, *tag)))
+        .collect();
+    assert_eq!(head.tags().ok(), Some(flat), "the tags read alone are the events' tags");
     let tags: Vec<Vec<String>> = events
         .iter()
         .map(|event| event.tags.iter().map(|tag| (*tag).to_owned()).collect())
