@@ -448,6 +448,14 @@ pub enum Error {
         /// The id.
         id: crate::events::EventId,
     },
+    /// The stream was tombstoned: it is gone for good, and takes no append, no
+    /// delete and no read. Nothing was written.
+    #[error("stream `{stream}` is tombstoned: it was deleted for good")]
+    #[non_exhaustive]
+    StreamTombstoned {
+        /// The stream.
+        stream: String,
+    },
     /// A conditional append ([`EventStore::append_if`](crate::events::EventStore::append_if))
     /// whose aggregates changed since its base: an event carrying one of its tags
     /// was appended at or after the base, and is not among those it resolved.

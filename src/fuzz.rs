@@ -142,7 +142,27 @@ pub fn snapshot(data: &[u8]) {
 /// The command an event store journals for an append: its heads and its events.
 /// What decodes re-encodes to the same bytes, and the heads agree with the events.
 pub fn event_batch(data: &[u8]) {
-    use crate::events::batch::{self, EventIn, PartIn};
+    use crate::events::batch::{self, Command, EventIn, PartIn};
+    // Deletes and retention rules re-encode to what they mean.
+    match batch::decode_command(data) {
+        Ok(Command::Delete { stream, removal, before }) => {
+            let again = batch::encode_delete(stream, removal, before);
+            let read = batch::decode_command(&again).expect("an encoded delete decodes");
+            assert!(
+                matches!(read, Command::Delete { stream: s, removal: r, before: b } if (s, r, b) == (stream, removal, before)),
+                "a delete does not round-trip"
+            );
+        }
+        Ok(Command::Retention { stream, rules }) => {
+            let again = batch::encode_retention(stream, rules);
+            let read = batch::decode_command(&again).expect("an encoded retention decodes");
+            assert!(
+                matches!(read, Command::Retention { stream: s, rules: r } if (s, r) == (stream, rules)),
+                "a retention does not round-trip"
+            );
+        }
+        Ok(Command::Append(_)) | Err(_) => {}
+    }
     let head = batch::decode_head(data);
     let Ok((first_position, events)) = batch::decode(data) else { return };
     let head = head.expect("a batch that decodes has heads that decode");

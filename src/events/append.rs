@@ -187,6 +187,10 @@ pub(crate) fn plan(
         let n = request.events.len() as u64;
         if let Some(stream) = index.get_mut(idx) {
             stream.reserved += n;
+            if n > 0 {
+                // The append brings a deleted stream back.
+                stream.planned.deleted = false;
+            }
         }
         let ids: Vec<[u8; 16]> = request.events.iter().map(|event| *event.id.as_bytes()).collect();
         for (k, event) in request.events.iter().enumerate() {
@@ -332,17 +336,24 @@ enum Checked {
 /// is committed.
 fn check(index: &Index, request: &Request) -> Result<Checked> {
     let idx = index.stream(&request.stream);
-    let next = idx.and_then(|idx| index.get(idx)).map_or(0, |stream| stream.reserved);
+    let stream = idx.and_then(|idx| index.get(idx));
+    let next = stream.map_or(0, |stream| stream.reserved);
+    let life = stream.map(|stream| stream.planned).unwrap_or_default();
+    if life.tombstoned {
+        return Err(Error::StreamTombstoned { stream: request.stream.clone() });
+    }
+    // A deleted stream has no event, and its versions go on where they were.
+    let last = if life.deleted { None } else { next.checked_sub(1) };
     let expected_ok = match request.expected {
         Expected::Any => true,
-        Expected::NoStream => next == 0,
-        Expected::StreamExists => next > 0,
-        Expected::Exact(version) => next == version.saturating_add(1),
+        Expected::NoStream => last.is_none(),
+        Expected::StreamExists => last.is_some(),
+        Expected::Exact(version) => last == Some(version),
     };
     // Where a retry's events would be: right after what it expected, or, for an
     // expectation that names no version, where its first event is.
     let place = match request.expected {
-        Expected::NoStream => Some(0),
+        Expected::NoStream => Some(life.floor),
         Expected::Exact(version) => version.checked_add(1),
         Expected::Any | Expected::StreamExists => {
             let first = request.events.first().and_then(|event| index.seen(event.id.as_bytes()));
@@ -360,11 +371,10 @@ fn check(index: &Index, request: &Request) -> Result<Checked> {
         }
     }
     if !expected_ok {
-        let actual = next.checked_sub(1);
         return Err(Error::WrongExpectedVersion {
             stream: request.stream.clone(),
             expected: request.expected,
-            actual,
+            actual: last,
         });
     }
     // An id already appended elsewhere, as far as the recent ids tell.

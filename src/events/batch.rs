@@ -2,13 +2,16 @@
 //! append of one or more streams being one batch.
 //!
 //! ```text
-//! command:  format u8 = 1 | kind u8 (0: append) | body
+//! command:  format u8 = 1 | kind u8 (0: append, 1: delete, 2: retention) | body
 //! append:   first position | part count | parts | event bodies
 //! part:     stream (length, UTF-8 bytes) | first version | event count | ids (16 bytes each)
 //! event body, one per event, parts in order:
 //!           event type (length, UTF-8 bytes) | flags u8 (1: causation, 2: correlation)
 //!           | causation (16 bytes, if flagged) | correlation (16 bytes, if flagged)
 //!           | tag count | tags (length, UTF-8 bytes each) | data (length, bytes)
+//! delete:   stream (length, UTF-8 bytes) | how u8 (0: soft, 1: tombstone, 2: truncate)
+//!           | before (the versions below it are gone)
+//! retention: stream | flags u8 (1: max count, 2: max age) | max count? | max age (µs)?
 //! ```
 //!
 //! Numbers and lengths are LEB128 varints (at most 10 bytes, the value fitting a
@@ -23,6 +26,10 @@ use std::fmt;
 /// The version of the command layout, its first byte.
 const FORMAT: u8 = 1;
 const KIND_APPEND: u8 = 0;
+const KIND_DELETE: u8 = 1;
+const KIND_RETENTION: u8 = 2;
+const FLAG_MAX_COUNT: u8 = 1;
+const FLAG_MAX_AGE: u8 = 2;
 const FLAG_CAUSATION: u8 = 1;
 const FLAG_CORRELATION: u8 = 2;
 
@@ -105,6 +112,97 @@ impl fmt::Display for BatchFault {
             BatchFault::Malformed(reason) => write!(f, "the command is malformed: {reason}"),
         }
     }
+}
+
+/// How a delete command removes a stream's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removal {
+    /// The stream is hidden until its next append; its versions go on.
+    Soft,
+    /// The stream is gone for good: appends are refused.
+    Tombstone,
+    /// The stream's events before a version are gone.
+    Truncate,
+}
+
+/// A stream's retention rules: how many of its last events it keeps, and for how
+/// long (in microseconds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Rules {
+    pub(crate) max_count: Option<u64>,
+    pub(crate) max_age: Option<u64>,
+}
+
+/// A command read back.
+#[derive(Debug)]
+pub(crate) enum Command<'a> {
+    Append(BatchHead<'a>),
+    Delete { stream: &'a str, removal: Removal, before: u64 },
+    Retention { stream: &'a str, rules: Rules },
+}
+
+/// Encodes a delete command: the events of `stream` below version `before` are
+/// removed as `removal` says.
+pub(crate) fn encode_delete(stream: &str, removal: Removal, before: u64) -> Vec<u8> {
+    let mut out = vec![FORMAT, KIND_DELETE];
+    put_bytes(&mut out, stream.as_bytes());
+    out.push(match removal {
+        Removal::Soft => 0,
+        Removal::Tombstone => 1,
+        Removal::Truncate => 2,
+    });
+    put_varint(&mut out, before);
+    out
+}
+
+/// Encodes a retention command: `stream`'s rules become `rules`.
+pub(crate) fn encode_retention(stream: &str, rules: Rules) -> Vec<u8> {
+    let mut out = vec![FORMAT, KIND_RETENTION];
+    put_bytes(&mut out, stream.as_bytes());
+    let flags = if rules.max_count.is_some() { FLAG_MAX_COUNT } else { 0 }
+        | if rules.max_age.is_some() { FLAG_MAX_AGE } else { 0 };
+    out.push(flags);
+    for value in [rules.max_count, rules.max_age].into_iter().flatten() {
+        put_varint(&mut out, value);
+    }
+    out
+}
+
+/// Reads any command.
+pub(crate) fn decode_command(bytes: &[u8]) -> Result<Command<'_>, BatchFault> {
+    let mut reader = Reader(bytes);
+    match reader.byte()? {
+        FORMAT => {}
+        other => return Err(BatchFault::Format(other)),
+    }
+    let command = match reader.byte()? {
+        KIND_APPEND => return decode_head(bytes).map(Command::Append),
+        KIND_DELETE => {
+            let stream = reader.str()?;
+            let removal = match reader.byte()? {
+                0 => Removal::Soft,
+                1 => Removal::Tombstone,
+                2 => Removal::Truncate,
+                _ => return Err(BatchFault::Malformed("a delete's kind is unknown")),
+            };
+            Command::Delete { stream, removal, before: reader.varint()? }
+        }
+        KIND_RETENTION => {
+            let stream = reader.str()?;
+            let flags = reader.byte()?;
+            if flags & !(FLAG_MAX_COUNT | FLAG_MAX_AGE) != 0 {
+                return Err(BatchFault::Malformed("a retention's flags are unknown"));
+            }
+            let max_count = if flags & FLAG_MAX_COUNT == 0 { None } else { Some(reader.varint()?) };
+            let max_age = if flags & FLAG_MAX_AGE == 0 { None } else { Some(reader.varint()?) };
+            Command::Retention { stream, rules: Rules { max_count, max_age } }
+        }
+        _ => return Err(BatchFault::Malformed("its kind is unknown")),
+    };
+    if !reader.0.is_empty() {
+        return Err(BatchFault::Malformed("bytes follow its end"));
+    }
+    Ok(command)
 }
 
 /// Encodes an append batch of `parts`, whose first event gets `first_position`.

@@ -18,7 +18,7 @@ use foldhash::fast::RandomState;
 
 use serde::{Deserialize, Serialize};
 
-use super::batch::BatchHead;
+use super::batch::{BatchHead, Removal, Rules};
 
 /// A stream's number in the index.
 pub(crate) type StreamIdx = u32;
@@ -55,6 +55,42 @@ pub(crate) struct Stream {
     pub(crate) seqs: Vec<u64>,
     /// Its versions handed out, committed or not: the next event's version.
     pub(crate) reserved: u64,
+    /// What is removed of it, and its rules, as the committed commands say.
+    pub(crate) life: Life,
+    /// The same, with the commands planned and not yet committed: what appends are
+    /// checked against.
+    pub(crate) planned: Life,
+}
+
+/// What has been removed of a stream, and its retention rules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Life {
+    /// Its events below this version are gone: deleted or truncated.
+    pub(crate) floor: u64,
+    /// Deleted (softly), and not appended to since: it has no event.
+    pub(crate) deleted: bool,
+    /// Gone for good: appends are refused.
+    pub(crate) tombstoned: bool,
+    pub(crate) rules: Rules,
+}
+
+impl Life {
+    /// Applies a delete command.
+    pub(crate) fn remove(&mut self, removal: Removal, before: u64) {
+        self.floor = self.floor.max(before);
+        match removal {
+            Removal::Soft => self.deleted = true,
+            Removal::Tombstone => self.tombstoned = true,
+            Removal::Truncate => {}
+        }
+    }
+
+    /// The first version a reader may see of a stream of `len` events (the age
+    /// rule aside).
+    pub(crate) fn visible_from(&self, len: u64) -> u64 {
+        let kept = self.rules.max_count.map_or(0, |count| len.saturating_sub(count));
+        self.floor.max(kept)
+    }
 }
 
 /// The in-memory index of an event store.
@@ -76,6 +112,9 @@ pub(crate) struct Index {
     recent: Recent,
     /// The events carrying each tag, reserved ones included, in position order.
     tags: HashMap<String, Vec<Tagged>, RandomState>,
+    /// Whether a stream has anything removed or a retention rule: reads check
+    /// each event only then.
+    pub(crate) ruled: bool,
 }
 
 /// The ids of the most recent events, for idempotent appends.
@@ -146,6 +185,7 @@ pub(crate) struct Checkpoint {
     recent: Vec<([u8; 16], Seen)>,
     frames: Frames,
     tags: Vec<(String, Vec<Tagged>)>,
+    lives: Vec<(StreamIdx, Life)>,
 }
 
 impl Index {
@@ -206,6 +246,42 @@ impl Index {
             None => {
                 self.tags.insert(tag.to_owned(), vec![tagged]);
             }
+        }
+    }
+
+    /// Commits journal event `seq`, a command removing events of stream `stream`
+    /// (made if it is new), or setting its `rules`.
+    pub(crate) fn commit_command(
+        &mut self,
+        seq: u64,
+        stream: &str,
+        change: impl FnOnce(&mut Life),
+    ) -> Result<(), String> {
+        self.commit_seq(seq)?;
+        let idx = self.stream_or_new(stream);
+        if let Some(stream) = self.get_mut(idx) {
+            change(&mut stream.life);
+        }
+        self.ruled = true;
+        Ok(())
+    }
+
+    /// Whether a reader no longer sees version `version` of stream `stream`,
+    /// appended at `at`, when the clock says `now` (microseconds).
+    pub(crate) fn hides(&self, stream: &str, version: u64, at: u64, now: u64) -> bool {
+        let Some(stream) = self.stream(stream).and_then(|idx| self.get(idx)) else {
+            return false;
+        };
+        let life = &stream.life;
+        life.tombstoned
+            || version < life.visible_from(stream.seqs.len() as u64)
+            || life.rules.max_age.is_some_and(|age| age < now.saturating_sub(at))
+    }
+
+    /// After a replay: what the planned lives start from.
+    pub(crate) fn settle(&mut self) {
+        for stream in &mut self.streams {
+            stream.planned = stream.life;
         }
     }
 
@@ -301,6 +377,7 @@ impl Index {
         let mut position = first_position;
         for (idx, _, ids) in parts {
             let Some(stream) = self.streams.get_mut(idx as usize) else { continue };
+            let before = stream.seqs.len();
             for id in ids {
                 let version = stream.seqs.len() as u64;
                 stream.seqs.push(seq);
@@ -308,6 +385,10 @@ impl Index {
                 position += 1;
             }
             stream.reserved = stream.reserved.max(stream.seqs.len() as u64);
+            if before < stream.seqs.len() {
+                // An append brings a deleted stream back.
+                stream.life.deleted = false;
+            }
         }
         self.committed = position;
         self.reserved = self.reserved.max(position);
@@ -378,13 +459,18 @@ impl Index {
                 })
                 .filter(|(_, list)| !list.is_empty())
                 .collect(),
+            lives: (0..)
+                .zip(&self.streams)
+                .filter(|(_, stream)| stream.life != Life::default())
+                .map(|(idx, stream)| (idx, stream.life))
+                .collect(),
         }
     }
 
     /// The index and frame table a checkpoint holds, keeping the ids of the last
     /// `recent` events.
     pub(crate) fn restore(checkpoint: Checkpoint, recent: usize) -> (Index, Frames) {
-        let Checkpoint { streams, starts, committed, last_at, recent: ids, frames, tags } =
+        let Checkpoint { streams, starts, committed, last_at, recent: ids, frames, tags, lives } =
             checkpoint;
         let mut index = Index::new(recent);
         for (name, seqs) in streams {
@@ -400,6 +486,13 @@ impl Index {
         index.last_at = last_at;
         index.note_ids(ids);
         index.tags = tags.into_iter().collect();
+        for (idx, life) in lives {
+            if let Some(stream) = index.get_mut(idx) {
+                stream.life = life;
+                stream.planned = life;
+                index.ruled = true;
+            }
+        }
         (index, frames)
     }
 }

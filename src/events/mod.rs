@@ -60,6 +60,7 @@ pub(crate) mod batch;
 #[cfg(not(feature = "fuzz"))]
 mod batch;
 mod condition;
+mod delete;
 mod event;
 mod index;
 mod locate;
@@ -83,6 +84,7 @@ use serde::{Serialize, de::DeserializeOwned};
 pub use self::{
     append::{Append, Appended, Expected},
     condition::{Condition, EventRef},
+    delete::Retention,
     event::{EventId, Metadata, NewEvent, Position, RecordedEvent},
     read::{Events, ReadAll, ReadStream},
     subscribe::{Delivery, SubscribeAll, SubscribeStream, Subscription},
@@ -352,7 +354,8 @@ impl<E> EventStoreBuilder<E> {
         )?;
         let mut loaded = opened.state;
         loaded.restore(recent);
-        let Loaded { index, frames, .. } = loaded;
+        let Loaded { mut index, frames, .. } = loaded;
+        index.settle();
         let checkpointed = index.journal_events();
         let hook: Hook =
             self.hook.unwrap_or_else(|| Arc::new(|err: &Error| eprintln!("instastate: {err}")));
@@ -427,11 +430,25 @@ impl Loaded {
             offset: event.offset,
             reason: format!("event {}: {reason}", event.seq),
         };
-        let head = batch::decode_head(event.bytes).map_err(|fault| bad(fault.to_string()))?;
-        let tags = head.tags().map_err(|fault| bad(fault.to_string()))?;
+        let command = batch::decode_command(event.bytes).map_err(|fault| bad(fault.to_string()))?;
         let index = &mut self.index;
-        index.commit(event.seq, &head).map_err(bad)?;
-        index.note_batch_tags(&head, &tags);
+        match command {
+            batch::Command::Append(head) => {
+                let tags = head.tags().map_err(|fault| bad(fault.to_string()))?;
+                index.commit(event.seq, &head).map_err(bad)?;
+                index.note_batch_tags(&head, &tags);
+            }
+            batch::Command::Delete { stream, removal, before } => {
+                stream_id::check(stream).map_err(|err| bad(err.to_string()))?;
+                index
+                    .commit_command(event.seq, stream, |life| life.remove(removal, before))
+                    .map_err(bad)?;
+            }
+            batch::Command::Retention { stream, rules } => {
+                stream_id::check(stream).map_err(|err| bad(err.to_string()))?;
+                index.commit_command(event.seq, stream, |life| life.rules = rules).map_err(bad)?;
+            }
+        }
         index.last_at = event.at.as_micros();
         self.frames.record(event.file, event.seq, event.offset);
         Ok(())
@@ -621,7 +638,9 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// [`Error::JournalCorrupt`] when its bytes are damaged; [`Error::JournalDecode`]
     /// when they do not decode as an `E`.
     pub fn event_at(&self, position: Position) -> Result<Option<RecordedEvent<E>>> {
-        self.read_all().from(position).limit(1).into_iter().next().transpose()
+        let found = self.read_all().from(position).limit(1).into_iter().next().transpose()?;
+        // The read passes over removed events to the next one.
+        Ok(found.filter(|event| event.position == position))
     }
 
     /// Event `version` of stream `stream`, if the stream holds it.
@@ -629,16 +648,19 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// # Errors
     /// As [`event_at`](Self::event_at).
     pub fn event(&self, stream: &str, version: u64) -> Result<Option<RecordedEvent<E>>> {
-        self.read_stream(stream).from(version).limit(1).into_iter().next().transpose()
+        let found =
+            self.read_stream(stream).from(version).limit(1).into_iter().next().transpose()?;
+        Ok(found.filter(|event| event.version == version))
     }
 
     /// The version of the last event of stream `stream`, or `None` when it has
-    /// none.
+    /// none (or was deleted).
     #[must_use]
     pub fn stream_version(&self, stream: &str) -> Option<u64> {
         let index = self.shared.core.index.read();
-        let idx = index.stream(stream)?;
-        (index.get(idx)?.seqs.len() as u64).checked_sub(1)
+        let stream = index.get(index.stream(stream)?)?;
+        let deleted = stream.life.deleted || stream.life.tombstoned;
+        (stream.seqs.len() as u64).checked_sub(1).filter(|_| !deleted)
     }
 
     /// The position the next event appended will have: how many events the store
@@ -649,13 +671,14 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     }
 
     /// The streams the store holds, with their last version, in the order they
-    /// were created.
+    /// were created; deleted ones are left out.
     #[must_use]
     pub fn streams(&self) -> Vec<(String, u64)> {
         let index = self.shared.core.index.read();
         index
             .streams
             .iter()
+            .filter(|stream| !stream.life.deleted && !stream.life.tombstoned)
             .filter_map(|stream| {
                 Some((stream.name.clone(), (stream.seqs.len() as u64).checked_sub(1)?))
             })

@@ -164,6 +164,8 @@ pub struct Events<'a, E> {
     keep: Keep,
     batch: Option<Decoded<E>>,
     failed: bool,
+    /// An error to yield first (a read of a tombstoned stream).
+    pending: Option<Error>,
 }
 
 /// Which events of the batches read a read yields.
@@ -224,18 +226,27 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
     fn into_iter(self) -> Events<'a, E> {
         let index = self.store.shared.core.index.read();
         let idx = index.stream(&self.stream);
-        let len = idx.and_then(|idx| index.get(idx)).map_or(0, |it| it.seqs.len() as u64);
+        let stream = idx.and_then(|idx| index.get(idx));
+        let len = stream.map_or(0, |it| it.seqs.len() as u64);
+        let life = stream.map(|it| it.life).unwrap_or_default();
         drop(index);
+        // The versions removed are not read (those too old are passed over).
+        let first = life.visible_from(len);
         let cursor = if self.backward {
             // `next` counts down from one past the first version read.
             let start = self.from.map_or(len, |from| from.saturating_add(1).min(len));
-            Cursor::Stream { idx, next: start, bound: 0, backward: true }
+            Cursor::Stream { idx, next: start, bound: first, backward: true }
         } else {
-            Cursor::Stream { idx, next: self.from.unwrap_or(0), bound: len, backward: false }
+            let next = self.from.unwrap_or(0).max(first);
+            Cursor::Stream { idx, next, bound: len, backward: false }
         };
+        let tombstoned =
+            life.tombstoned.then(|| Error::StreamTombstoned { stream: self.stream.clone() });
         let filter =
             Filter { stream: Some(self.stream), stream_prefix: None, event_type: self.event_type };
-        Events::new(self.store, cursor, self.limit, filter, Keep::Cached)
+        let mut events = Events::new(self.store, cursor, self.limit, filter, Keep::Cached);
+        events.pending = tombstoned;
+        events
     }
 }
 
@@ -277,6 +288,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
             keep,
             batch: None,
             failed: false,
+            pending: None,
         }
     }
 
@@ -399,6 +411,18 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
         }
         let at = frame.at;
         let versions = stored.iter().map(|event| event.version).collect();
+        // Events removed by a delete, a truncation or a retention rule are passed
+        // over.
+        let hidden: Vec<bool> = {
+            let index = core.index.read();
+            if index.ruled {
+                let now = crate::journal::now_micros();
+                let at = at.as_micros();
+                stored.iter().map(|it| index.hides(it.stream, it.version, at, now)).collect()
+            } else {
+                Vec::new()
+            }
+        };
         let events = stored
             .into_iter()
             .enumerate()
@@ -406,6 +430,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                 match self.filter.wants(event.stream, event.event_type) {
                     (false, _) => return Slot::Other,
                     (true, false) => return Slot::Passed,
+                    (true, true) if hidden.get(k) == Some(&true) => return Slot::Passed,
                     (true, true) => {}
                 }
                 let position = first_position + k as u64;
@@ -441,6 +466,10 @@ impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
     type Item = Result<RecordedEvent<E>>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if let Some(err) = self.pending.take() {
+            self.failed = true;
+            return Some(Err(err));
+        }
         if self.failed || self.remaining == Some(0) {
             return None;
         }

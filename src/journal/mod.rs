@@ -48,7 +48,7 @@ pub(crate) use self::inspect::inspect;
 pub use self::{inspect::JournalReport, recovery::Recovered};
 pub(crate) use self::{
     recovery::journal_files,
-    writer::{Files, Journal, Prepared},
+    writer::{Files, Journal, Prepared, now_micros},
 };
 use crate::{
     Error, Result,

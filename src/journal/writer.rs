@@ -887,7 +887,7 @@ fn write_failed(err: Error) -> Error {
     }
 }
 
-fn now_micros() -> u64 {
+pub(crate) fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |it| u64::try_from(it.as_micros()).unwrap_or(u64::MAX))

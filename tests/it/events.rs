@@ -16,7 +16,7 @@ use std::{
 use instastate::{
     Error,
     events::{
-        Append, Delivery, Durability, EventId, EventStore, Expected, NewEvent, Position,
+        Append, Condition, Delivery, Durability, EventId, EventStore, Expected, NewEvent, Position,
         RecordedEvent, Subscription,
     },
 };
@@ -395,58 +395,139 @@ fn a_second_open_of_the_directory_is_refused() -> TestResult {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { stream: u8, expect: Option<u64>, values: Vec<i16> },
+    Append {
+        stream: u8,
+        expect: Option<u64>,
+        values: Vec<i16>,
+        tag: u8,
+    },
+    /// A conditional append on tag `tag`, with a base `back` events behind the head.
+    AppendIf {
+        stream: u8,
+        back: u8,
+        values: Vec<i16>,
+        tag: u8,
+    },
+    Delete {
+        stream: u8,
+        expect: Option<u64>,
+    },
+    Truncate {
+        stream: u8,
+        before: u64,
+    },
     Reopen,
     Checkpoint,
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    let values = || proptest::collection::vec(any::<i16>(), 0..4);
     prop_oneof![
-        8 => (0u8..4, proptest::option::of(0u64..6), proptest::collection::vec(any::<i16>(), 0..4))
-            .prop_map(|(stream, expect, values)| Op::Append { stream, expect, values }),
+        8 => (0u8..4, proptest::option::of(0u64..6), values(), 0u8..3)
+            .prop_map(|(stream, expect, values, tag)| Op::Append { stream, expect, values, tag }),
+        3 => (0u8..4, 0u8..6, values(), 0u8..3)
+            .prop_map(|(stream, back, values, tag)| Op::AppendIf { stream, back, values, tag }),
+        1 => (0u8..4, proptest::option::of(0u64..6))
+            .prop_map(|(stream, expect)| Op::Delete { stream, expect }),
+        1 => (0u8..4, 0u64..6).prop_map(|(stream, before)| Op::Truncate { stream, before }),
         1 => Just(Op::Reopen),
         1 => Just(Op::Checkpoint),
     ]
 }
 
+/// The store as a model: every event appended, and each stream's next version,
+/// first version still read, and whether it is deleted.
+#[derive(Default)]
+struct Model {
+    events: Vec<(String, u64, i16, u8)>,
+    streams: BTreeMap<String, (u64, u64, bool)>,
+}
+
+impl Model {
+    fn last(&self, stream: &str) -> Option<u64> {
+        let (next, _, deleted) = self.streams.get(stream).copied().unwrap_or_default();
+        next.checked_sub(1).filter(|_| !deleted)
+    }
+
+    fn append(&mut self, stream: &str, values: &[i16], tag: u8) {
+        let entry = self.streams.entry(stream.to_owned()).or_default();
+        for value in values {
+            self.events.push((stream.to_owned(), entry.0, *value, tag));
+            entry.0 += 1;
+            entry.2 = false;
+        }
+    }
+
+    fn visible(&self, stream: &str, version: u64) -> bool {
+        self.streams.get(stream).is_some_and(|(_, floor, _)| *floor <= version)
+    }
+}
+
 fn run_model(ops: &[Op], dir: &Path) -> Result<(), TestCaseError> {
-    let open = || {
-        EventStore::<i16>::builder()
-            .checkpoint_every(5)
-            .open(dir)
-            .map_err(|err| TestCaseError::fail(err.to_string()))
-    };
+    let fail = |err: Error| TestCaseError::fail(err.to_string());
+    let open = || EventStore::<i16>::builder().checkpoint_every(5).open(dir).map_err(fail);
     let mut events = open()?;
-    let mut model: Vec<(String, i16)> = Vec::new();
+    let mut model = Model::default();
     for op in ops {
         match op {
-            Op::Append { stream, expect, values } => {
+            Op::Append { stream, expect, values, tag } => {
                 let name = format!("s{stream}");
-                let version = model.iter().filter(|(s, _)| *s == name).count() as u64;
+                let last = model.last(&name);
                 let expected = expect.map_or(Expected::Any, Expected::Exact);
-                let ok = match expect {
-                    None => true,
-                    Some(v) => version == v + 1,
-                };
-                let res = events.append(&name, expected, values.clone());
-                prop_assert_eq!(
-                    res.is_ok(),
-                    ok,
-                    "{:?} on a stream of {} events: {:?}",
-                    op,
-                    version,
-                    res
-                );
+                let ok = expect.is_none_or(|v| last == Some(v));
+                let tagged =
+                    values.iter().map(|value| NewEvent::new(*value).tagged([format!("t{tag}")]));
+                let res = events.append(&name, expected, tagged);
+                prop_assert_eq!(res.is_ok(), ok, "{:?} on a stream at {:?}: {:?}", op, last, res);
                 if ok {
-                    model.extend(values.iter().map(|value| (name.clone(), *value)));
+                    model.append(&name, values, *tag);
                 }
+            }
+            Op::AppendIf { stream, back, values, tag } => {
+                let name = format!("s{stream}");
+                let base = (model.events.len() as u64).saturating_sub(u64::from(*back));
+                let conflict =
+                    model.events.iter().skip(base as usize).any(|(_, _, _, other)| other == tag)
+                        && !values.is_empty();
+                let tagged =
+                    values.iter().map(|value| NewEvent::new(*value).tagged([format!("t{tag}")]));
+                let append = Append::new(&name, Expected::Any, tagged);
+                let condition = Condition::since(Position::new(base));
+                let dry = events.check_append_if(&condition, [append.clone()]);
+                let res = events.append_if(&condition, [append]);
+                prop_assert_eq!(res.is_err(), conflict, "{:?}: {:?}", op, res);
+                prop_assert_eq!(dry.ok(), res.as_ref().ok().cloned(), "the dry run agrees");
+                if let Err(err) = res {
+                    prop_assert!(matches!(err, Error::Conflict { .. }), "{}", err);
+                } else {
+                    model.append(&name, values, *tag);
+                }
+            }
+            Op::Delete { stream, expect } => {
+                let name = format!("s{stream}");
+                let last = model.last(&name);
+                let expected = expect.map_or(Expected::Any, Expected::Exact);
+                let ok = expect.is_none_or(|v| last == Some(v));
+                let res = events.delete_stream(&name, expected);
+                prop_assert_eq!(res.is_ok(), ok, "{:?} on a stream at {:?}: {:?}", op, last, res);
+                if ok && last.is_some() {
+                    let entry = model.streams.entry(name).or_default();
+                    entry.1 = entry.1.max(entry.0);
+                    entry.2 = true;
+                }
+            }
+            Op::Truncate { stream, before } => {
+                let name = format!("s{stream}");
+                events.truncate_stream(&name, *before).map_err(fail)?;
+                let entry = model.streams.entry(name).or_default();
+                entry.1 = entry.1.max(*before);
             }
             Op::Reopen => {
                 drop(events);
                 events = open()?;
             }
             Op::Checkpoint => {
-                events.checkpoint().map_err(|err| TestCaseError::fail(err.to_string()))?;
+                events.checkpoint().map_err(fail)?;
             }
         }
         let all: Vec<(String, i16)> = events
@@ -454,8 +535,14 @@ fn run_model(ops: &[Op], dir: &Path) -> Result<(), TestCaseError> {
             .into_iter()
             .map(|it| it.map(|it| (it.stream, it.data)))
             .collect::<Result<_, _>>()
-            .map_err(|err| TestCaseError::fail(err.to_string()))?;
-        prop_assert_eq!(&all, &model);
+            .map_err(fail)?;
+        let expected: Vec<(String, i16)> = model
+            .events
+            .iter()
+            .filter(|(stream, version, _, _)| model.visible(stream, *version))
+            .map(|(stream, _, value, _)| (stream.clone(), *value))
+            .collect();
+        prop_assert_eq!(&all, &expected);
         for stream in 0..4u8 {
             let name = format!("s{stream}");
             let read: Vec<(u64, i16)> = events
@@ -464,22 +551,23 @@ fn run_model(ops: &[Op], dir: &Path) -> Result<(), TestCaseError> {
                 .into_iter()
                 .map(|it| it.map(|it| (it.version, it.data)))
                 .collect::<Result<_, _>>()
-                .map_err(|err| TestCaseError::fail(err.to_string()))?;
+                .map_err(fail)?;
             let mut expected: Vec<(u64, i16)> = model
+                .events
                 .iter()
-                .filter(|(s, _)| *s == name)
-                .enumerate()
-                .map(|(v, (_, value))| (v as u64, *value))
+                .filter(|(s, version, _, _)| *s == name && model.visible(s, *version))
+                .map(|(_, version, value, _)| (*version, *value))
                 .collect();
             expected.reverse();
             prop_assert_eq!(read, expected);
+            prop_assert_eq!(events.stream_version(&name), model.last(&name));
         }
     }
     Ok(())
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
     #[test]
     fn the_store_behaves_as_a_list_of_events(ops in proptest::collection::vec(op(), 1..30)) {
         let dir = tempfile::tempdir().map_err(|err| TestCaseError::fail(err.to_string()))?;

@@ -9,6 +9,7 @@ mod compat;
 mod concurrency;
 mod conflicts;
 mod crypt;
+mod deletion;
 mod events;
 mod global;
 mod history;

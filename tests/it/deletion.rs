@@ -1,0 +1,209 @@
+//! Removing events: soft deletes, tombstones, truncation and retention rules,
+//! each with its expected version, seen the same way after a reopen.
+
+#![allow(clippy::indexing_slicing)]
+
+use std::{path::Path, thread, time::Duration};
+
+use instastate::{
+    Error,
+    events::{Delivery, EventStore, Expected, Position, Retention},
+};
+
+use crate::{TestResult, tree};
+
+fn versions(events: &EventStore<u32>, stream: &str) -> TestResult<Vec<(u64, u32)>> {
+    Ok(events
+        .read_stream(stream)
+        .into_iter()
+        .map(|it| it.map(|it| (it.version, it.data)))
+        .collect::<Result<_, _>>()?)
+}
+
+fn all(events: &EventStore<u32>) -> TestResult<Vec<(String, u64)>> {
+    Ok(events
+        .read_all()
+        .into_iter()
+        .map(|it| it.map(|it| (it.stream, it.version)))
+        .collect::<Result<_, _>>()?)
+}
+
+fn backward(events: &EventStore<u32>, stream: &str) -> TestResult<Vec<u64>> {
+    Ok(events
+        .read_stream(stream)
+        .backward()
+        .into_iter()
+        .map(|it| it.map(|it| it.version))
+        .collect::<Result<_, _>>()?)
+}
+
+fn wrong_version(res: instastate::Result<()>) -> TestResult<Option<u64>> {
+    match res {
+        Err(Error::WrongExpectedVersion { actual, .. }) => Ok(actual),
+        other => Err(format!("expected WrongExpectedVersion, got {other:?}").into()),
+    }
+}
+
+fn tombstoned<T: std::fmt::Debug>(res: instastate::Result<T>) -> TestResult {
+    match res {
+        Err(Error::StreamTombstoned { stream, .. }) if stream == "gone" => Ok(()),
+        other => Err(format!("expected StreamTombstoned, got {other:?}").into()),
+    }
+}
+
+/// Opens the store three ways: as it is, reopened (replaying the journal), and
+/// reopened from a checkpoint; `check` must hold for each.
+fn each_reopen(dir: &Path, check: impl Fn(&EventStore<u32>) -> TestResult) -> TestResult {
+    {
+        let events = EventStore::<u32>::open(dir)?;
+        check(&events)?;
+        events.checkpoint()?;
+    }
+    let events = EventStore::<u32>::open(dir)?;
+    check(&events)
+}
+
+#[test]
+fn a_soft_deleted_stream_is_hidden_and_comes_back_with_its_versions_going_on() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<u32>::open(dir.path())?;
+    events.append("cart", Expected::NoStream, [1, 2, 3])?;
+    events.append("other", Expected::NoStream, [9])?;
+
+    // A wrong expectation is refused, naming the actual version, and writes nothing.
+    let before = tree::tree(dir.path())?;
+    assert_eq!(wrong_version(events.delete_stream("cart", Expected::Exact(1)))?, Some(2));
+    assert_eq!(wrong_version(events.delete_stream("cart", Expected::NoStream))?, Some(2));
+    assert_eq!(tree::tree(dir.path())?, before);
+    events.delete_stream("cart", Expected::Exact(2))?;
+
+    assert_eq!(versions(&events, "cart")?, []);
+    assert_eq!(all(&events)?, [("other".to_owned(), 0)]);
+    assert_eq!(events.stream_version("cart"), None);
+    assert_eq!(events.streams(), [("other".to_owned(), 0)]);
+    assert_eq!(events.event("cart", 0)?, None);
+    assert_eq!(events.event_at(Position::START)?, None);
+    // It counts as a stream with no event; deleting it again writes nothing.
+    assert_eq!(wrong_version(events.delete_stream("cart", Expected::StreamExists))?, None);
+    events.delete_stream("cart", Expected::NoStream)?;
+    let err = events.append("cart", Expected::Exact(2), [4]).err();
+    assert!(matches!(err, Some(Error::WrongExpectedVersion { actual: None, .. })), "{err:?}");
+    drop(events);
+
+    each_reopen(dir.path(), |events| {
+        assert_eq!(versions(events, "cart")?, []);
+        assert_eq!(events.stream_version("cart"), None);
+        Ok(())
+    })?;
+    let events = EventStore::<u32>::open(dir.path())?;
+    let again = events.append("cart", Expected::NoStream, [4, 5])?;
+    assert_eq!(again.versions, 3..5, "versions go on where they were");
+    drop(events);
+    each_reopen(dir.path(), |events| {
+        assert_eq!(versions(events, "cart")?, [(3, 4), (4, 5)]);
+        assert_eq!(backward(events, "cart")?, [4, 3]);
+        assert_eq!(events.stream_version("cart"), Some(4));
+        assert_eq!(
+            all(events)?,
+            [("other".to_owned(), 0), ("cart".to_owned(), 3), ("cart".to_owned(), 4)]
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn a_tombstoned_stream_refuses_appends_deletes_and_reads_for_good() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<u32>::open(dir.path())?;
+    events.append("gone", Expected::NoStream, [1, 2])?;
+    events.append("kept", Expected::NoStream, [3])?;
+    assert_eq!(wrong_version(events.tombstone_stream("gone", Expected::Exact(0)))?, Some(1));
+    events.tombstone_stream("gone", Expected::Exact(1))?;
+    drop(events);
+    each_reopen(dir.path(), |events| {
+        for expected in [Expected::Any, Expected::NoStream, Expected::Exact(1)] {
+            tombstoned(events.append("gone", expected, [7]))?;
+        }
+        tombstoned(events.delete_stream("gone", Expected::Any))?;
+        tombstoned(events.tombstone_stream("gone", Expected::Any))?;
+        tombstoned(events.truncate_stream("gone", 1))?;
+        tombstoned(events.set_retention("gone", Retention::default().max_count(1)))?;
+        tombstoned(events.read_stream("gone").into_iter().next().transpose())?;
+        assert_eq!(all(events)?, [("kept".to_owned(), 0)]);
+        assert_eq!(events.streams(), [("kept".to_owned(), 0)]);
+        Ok(())
+    })?;
+    // A stream that never existed can be tombstoned, so that it never will.
+    let events = EventStore::<u32>::open(dir.path())?;
+    events.tombstone_stream("never", Expected::NoStream)?;
+    let err = events.append("never", Expected::Any, [1]).err();
+    assert!(matches!(err, Some(Error::StreamTombstoned { .. })), "{err:?}");
+    Ok(())
+}
+
+#[test]
+fn truncation_and_a_max_count_pass_over_the_first_versions() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<u32>::open(dir.path())?;
+    events.append("log", Expected::NoStream, [0, 1, 2, 3, 4])?;
+    events.truncate_stream("log", 2)?;
+    assert_eq!(versions(&events, "log")?, [(2, 2), (3, 3), (4, 4)]);
+    // A lower truncation brings nothing back.
+    events.truncate_stream("log", 1)?;
+    assert_eq!(backward(&events, "log")?, [4, 3, 2]);
+    assert_eq!(events.event("log", 1)?, None);
+    assert_eq!(events.stream_version("log"), Some(4), "its versions stay");
+    events.append("log", Expected::Exact(4), [5])?;
+
+    events.set_retention("log", Retention::default().max_count(2))?;
+    assert_eq!(events.retention("log").count(), Some(2));
+    drop(events);
+    each_reopen(dir.path(), |events| {
+        assert_eq!(versions(events, "log")?, [(4, 4), (5, 5)]);
+        assert_eq!(events.read_stream("log").from(0).limit(1).into_iter().count(), 1);
+        Ok(())
+    })?;
+    let events = EventStore::<u32>::open(dir.path())?;
+    events.append("log", Expected::Any, [6])?;
+    assert_eq!(versions(&events, "log")?, [(5, 5), (6, 6)], "the window moves");
+    // Lifting the rule shows what only the rule hid, not what was truncated.
+    events.set_retention("log", Retention::default())?;
+    assert_eq!(versions(&events, "log")?.first(), Some(&(2, 2)));
+    Ok(())
+}
+
+#[test]
+fn a_max_age_passes_over_events_older_than_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<u32>::open(dir.path())?;
+    events.set_retention("short", Retention::default().max_age(Duration::from_millis(20)))?;
+    events.set_retention("long", Retention::default().max_age(Duration::from_hours(1)))?;
+    events.append("short", Expected::Any, [1])?;
+    events.append("long", Expected::Any, [2])?;
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(versions(&events, "short")?, []);
+    assert_eq!(versions(&events, "long")?, [(0, 2)]);
+    assert_eq!(all(&events)?, [("long".to_owned(), 0)]);
+    Ok(())
+}
+
+#[test]
+fn a_subscription_from_the_start_passes_over_removed_events() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<u32>::open(dir.path())?;
+    events.append("a", Expected::Any, [1, 2])?;
+    events.append("b", Expected::Any, [3])?;
+    events.delete_stream("a", Expected::Any)?;
+    events.append("a", Expected::Any, [4])?;
+    let mut subscription = events.subscribe_all().from(Position::START)?;
+    let mut seen = Vec::new();
+    loop {
+        match subscription.next_timeout(Duration::from_secs(10))? {
+            Some(Delivery::Event(event)) => seen.push((event.stream, event.version, event.data)),
+            Some(Delivery::CaughtUp) => break,
+            other => return Err(format!("unexpected delivery {other:?}").into()),
+        }
+    }
+    assert_eq!(seen, [("b".to_owned(), 0, 3), ("a".to_owned(), 2, 4)]);
+    Ok(())
+}
