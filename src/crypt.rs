@@ -112,6 +112,15 @@ impl std::fmt::Debug for EncryptionKey {
     }
 }
 
+/// A new random key.
+#[cfg(feature = "encryption")]
+pub(crate) fn random_key() -> [u8; 32] {
+    use chacha20poly1305::aead::{OsRng, rand_core::RngCore};
+    let mut key = [0; 32];
+    OsRng.fill_bytes(&mut key);
+    key
+}
+
 /// Seals and opens records and value files, or passes them through.
 #[derive(Default, Clone)]
 pub(crate) struct Sealer {

@@ -448,6 +448,32 @@ pub enum Error {
         /// The id.
         id: crate::events::EventId,
     },
+    /// A [`Sealed`](crate::events::Sealed) value was sealed with a subject key
+    /// that the subject key file lacks: not forgotten, missing (a backup opened
+    /// without the live key file, or the wrong key file).
+    #[cfg(feature = "encryption")]
+    #[error(
+        "the key of subject `{subject}` (generation {generation}) is not in `{}`",
+        path.display()
+    )]
+    #[non_exhaustive]
+    SubjectKeyMissing {
+        /// The subject key file.
+        path: PathBuf,
+        /// The subject.
+        subject: String,
+        /// The key's generation.
+        generation: u64,
+    },
+    /// The subject key file of an event store cannot be read.
+    #[error("subject key file `{}` cannot be read: {reason}", path.display())]
+    #[non_exhaustive]
+    SubjectKeysCorrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The stream was tombstoned: it is gone for good, and takes no append, no
     /// delete and no read. Nothing was written.
     #[error("stream `{stream}` is tombstoned: it was deleted for good")]

@@ -161,6 +161,14 @@ pub fn event_batch(data: &[u8]) {
                 "a retention does not round-trip"
             );
         }
+        Ok(Command::Effect { trigger, reason, forgotten }) => {
+            let again = batch::encode_effect(trigger, reason, forgotten);
+            let read = batch::decode_command(&again).expect("an encoded effect decodes");
+            assert!(
+                matches!(read, Command::Effect { trigger: t, reason: r, forgotten: f } if (t, r, f) == (trigger, reason, forgotten)),
+                "an effect does not round-trip"
+            );
+        }
         Ok(Command::Append(_)) | Err(_) => {}
     }
     let head = batch::decode_head(data);
@@ -169,25 +177,28 @@ pub fn event_batch(data: &[u8]) {
     assert_eq!(head.first_position, first_position);
     let count: usize = head.parts.iter().map(batch::PartHead::len).sum();
     assert_eq!(count, events.len(), "the heads count the events");
-    let flat: Vec<(usize, &str)> = events
-        .iter()
-        .enumerate()
-        .flat_map(|(k, event)| event.tags.iter().map(move |tag| (k, *tag)))
-        .collect();
-    assert_eq!(head.tags().ok(), Some(flat), "the tags read alone are the events' tags");
-    let tags: Vec<Vec<String>> = events
-        .iter()
-        .map(|event| event.tags.iter().map(|tag| (*tag).to_owned()).collect())
-        .collect();
+    let links = head.links().expect("the links of a batch that decodes read alone");
+    let named = events.iter().enumerate();
+    let flat_tags: Vec<(usize, &str)> =
+        named.clone().flat_map(|(k, event)| event.tags.iter().map(move |it| (k, *it))).collect();
+    let flat_triggers: Vec<(usize, &str)> =
+        named.flat_map(|(k, event)| event.triggers.iter().map(move |it| (k, *it))).collect();
+    assert_eq!(links.tags, flat_tags, "the tags read alone");
+    assert_eq!(links.triggers, flat_triggers, "the triggers read alone");
+    let strings =
+        |names: &[&str]| -> Vec<String> { names.iter().map(|it| (*it).to_owned()).collect() };
+    let tags: Vec<(Vec<String>, Vec<String>)> =
+        events.iter().map(|event| (strings(&event.tags), strings(&event.triggers))).collect();
     let ins: Vec<EventIn<'_>> = events
         .iter()
         .zip(&tags)
-        .map(|(event, tags)| EventIn {
+        .map(|(event, (tags, triggers))| EventIn {
             id: event.id,
             event_type: event.event_type,
             causation: event.causation,
             correlation: event.correlation,
             tags,
+            triggers,
             data: event.data,
         })
         .collect();
@@ -399,6 +410,7 @@ fn event_batch_seed() -> Vec<u8> {
             causation: Some([2; 16]),
             correlation: Some([3; 16]),
             tags: &tags,
+            triggers: &tags,
             data: b"\x05alice",
         },
         EventIn {
@@ -407,6 +419,7 @@ fn event_batch_seed() -> Vec<u8> {
             causation: None,
             correlation: None,
             tags: &[],
+            triggers: &[],
             data: &[100],
         },
     ];

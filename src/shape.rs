@@ -452,6 +452,26 @@ impl fmt::Display for Fields<'_> {
 
 // Tracing.
 
+thread_local! {
+    /// Whether this thread is tracing a shape.
+    static TRACING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a shape is being traced on this thread: a `Deserialize` that needs a
+/// context the tracer lacks may then make any value.
+pub(crate) fn tracing() -> bool {
+    TRACING.with(std::cell::Cell::get)
+}
+
+/// Clears [`TRACING`] when dropped, whatever happens.
+struct Tracing(bool);
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        TRACING.with(|it| it.set(self.0));
+    }
+}
+
 /// Traces `T` pass after pass until every enum it reaches has shown all its variants,
 /// then assembles what the passes found into a [`Shape`].
 ///
@@ -464,6 +484,7 @@ impl fmt::Display for Fields<'_> {
 /// serde-reflection still records every format and cuts the recursion of recursive
 /// types.
 fn trace<T: DeserializeOwned>() -> Option<Shape> {
+    let _tracing = Tracing(TRACING.with(|it| it.replace(true)));
     let samples = Samples::new();
     let trail = RefCell::new(Trail::default());
     let mut found = Found::default();

@@ -96,6 +96,7 @@ pub(crate) struct Encoded {
     pub(crate) causation: Option<EventId>,
     pub(crate) correlation: Option<EventId>,
     pub(crate) tags: Vec<String>,
+    pub(crate) triggers: Vec<String>,
     pub(crate) data: Vec<u8>,
 }
 
@@ -158,8 +159,10 @@ impl Request {
             .events
             .iter()
             .map(|event| {
-                let tags: usize = event.tags.iter().map(|tag| 10 + tag.len()).sum();
-                16 + 10 + event.event_type.len() + 1 + 32 + 10 + tags + 10 + event.data.len()
+                let names =
+                    |names: &[String]| -> usize { names.iter().map(|it| 10 + it.len()).sum() };
+                let links = 20 + names(&event.tags) + names(&event.triggers);
+                16 + 10 + event.event_type.len() + 1 + 32 + links + 10 + event.data.len()
             })
             .sum();
         10 + self.stream.len() + 20 + events
@@ -199,6 +202,9 @@ pub(crate) fn plan(
             noted.push((*event.id.as_bytes(), Seen { stream: idx, version, position }));
             for tag in &event.tags {
                 index.note_tag(tag, Tagged { position, stream: idx, version });
+            }
+            for trigger in &event.triggers {
+                index.note_trigger(trigger, position);
             }
         }
         parts.push((idx, first_version, ids));
@@ -323,6 +329,7 @@ fn stored(event: &Encoded) -> EventIn<'_> {
         causation: event.causation.map(|id| *id.as_bytes()),
         correlation: event.correlation.map(|id| *id.as_bytes()),
         tags: &event.tags,
+        triggers: &event.triggers,
         data: &event.data,
     }
 }

@@ -2,16 +2,21 @@
 //! append of one or more streams being one batch.
 //!
 //! ```text
-//! command:  format u8 = 1 | kind u8 (0: append, 1: delete, 2: retention) | body
+//! command:  format u8 = 1 | kind u8 (0: append, 1: delete, 2: retention, 3: effect) | body
 //! append:   first position | part count | parts | event bodies
 //! part:     stream (length, UTF-8 bytes) | first version | event count | ids (16 bytes each)
 //! event body, one per event, parts in order:
-//!           event type (length, UTF-8 bytes) | flags u8 (1: causation, 2: correlation)
+//!           event type (length, UTF-8 bytes)
+//!           | flags u8 (1: causation, 2: correlation, 4: triggers)
 //!           | causation (16 bytes, if flagged) | correlation (16 bytes, if flagged)
-//!           | tag count | tags (length, UTF-8 bytes each) | data (length, bytes)
+//!           | tag count | tags (length, UTF-8 bytes each)
+//!           | trigger count, triggers (length, UTF-8 bytes each), if flagged
+//!           | data (length, bytes)
 //! delete:   stream (length, UTF-8 bytes) | how u8 (0: soft, 1: tombstone, 2: truncate)
 //!           | before (the versions below it are gone)
 //! retention: stream | flags u8 (1: max count, 2: max age) | max count? | max age (µs)?
+//! effect:   trigger (length, UTF-8 bytes) | reason (length, UTF-8 bytes)
+//!           | forgotten (the subject key generations below it are destroyed; 0: none)
 //! ```
 //!
 //! Numbers and lengths are LEB128 varints (at most 10 bytes, the value fitting a
@@ -28,10 +33,12 @@ const FORMAT: u8 = 1;
 const KIND_APPEND: u8 = 0;
 const KIND_DELETE: u8 = 1;
 const KIND_RETENTION: u8 = 2;
+const KIND_EFFECT: u8 = 3;
 const FLAG_MAX_COUNT: u8 = 1;
 const FLAG_MAX_AGE: u8 = 2;
 const FLAG_CAUSATION: u8 = 1;
 const FLAG_CORRELATION: u8 = 2;
+const FLAG_TRIGGERS: u8 = 4;
 
 /// The events of one stream, as a batch is made of them.
 pub(crate) struct PartIn<'a> {
@@ -47,6 +54,7 @@ pub(crate) struct EventIn<'a> {
     pub(crate) causation: Option<[u8; 16]>,
     pub(crate) correlation: Option<[u8; 16]>,
     pub(crate) tags: &'a [String],
+    pub(crate) triggers: &'a [String],
     pub(crate) data: &'a [u8],
 }
 
@@ -88,6 +96,7 @@ pub(crate) struct EventOut<'a> {
     pub(crate) causation: Option<[u8; 16]>,
     pub(crate) correlation: Option<[u8; 16]>,
     pub(crate) tags: Vec<&'a str>,
+    pub(crate) triggers: Vec<&'a str>,
     pub(crate) data: &'a [u8],
 }
 
@@ -139,6 +148,17 @@ pub(crate) enum Command<'a> {
     Append(BatchHead<'a>),
     Delete { stream: &'a str, removal: Removal, before: u64 },
     Retention { stream: &'a str, rules: Rules },
+    Effect { trigger: &'a str, reason: &'a str, forgotten: u64 },
+}
+
+/// Encodes an effect command on `trigger`, for `reason`; `forgotten` is the
+/// generation of subject keys below which they are destroyed (0: none).
+pub(crate) fn encode_effect(trigger: &str, reason: &str, forgotten: u64) -> Vec<u8> {
+    let mut out = vec![FORMAT, KIND_EFFECT];
+    put_bytes(&mut out, trigger.as_bytes());
+    put_bytes(&mut out, reason.as_bytes());
+    put_varint(&mut out, forgotten);
+    out
 }
 
 /// Encodes a delete command: the events of `stream` below version `before` are
@@ -197,6 +217,11 @@ pub(crate) fn decode_command(bytes: &[u8]) -> Result<Command<'_>, BatchFault> {
             let max_age = if flags & FLAG_MAX_AGE == 0 { None } else { Some(reader.varint()?) };
             Command::Retention { stream, rules: Rules { max_count, max_age } }
         }
+        KIND_EFFECT => {
+            let trigger = reader.str()?;
+            let reason = reader.str()?;
+            Command::Effect { trigger, reason, forgotten: reader.varint()? }
+        }
         _ => return Err(BatchFault::Malformed("its kind is unknown")),
     };
     if !reader.0.is_empty() {
@@ -221,7 +246,8 @@ pub(crate) fn encode(first_position: u64, parts: &[PartIn<'_>]) -> Vec<u8> {
     for event in parts.iter().flat_map(|part| part.events) {
         put_bytes(&mut out, event.event_type.as_bytes());
         let flags = if event.causation.is_some() { FLAG_CAUSATION } else { 0 }
-            | if event.correlation.is_some() { FLAG_CORRELATION } else { 0 };
+            | if event.correlation.is_some() { FLAG_CORRELATION } else { 0 }
+            | if event.triggers.is_empty() { 0 } else { FLAG_TRIGGERS };
         out.push(flags);
         for id in [event.causation, event.correlation].into_iter().flatten() {
             out.extend_from_slice(&id);
@@ -229,6 +255,12 @@ pub(crate) fn encode(first_position: u64, parts: &[PartIn<'_>]) -> Vec<u8> {
         put_varint(&mut out, event.tags.len() as u64);
         for tag in event.tags {
             put_bytes(&mut out, tag.as_bytes());
+        }
+        if !event.triggers.is_empty() {
+            put_varint(&mut out, event.triggers.len() as u64);
+            for trigger in event.triggers {
+                put_bytes(&mut out, trigger.as_bytes());
+            }
         }
         put_bytes(&mut out, event.data);
     }
@@ -259,24 +291,38 @@ pub(crate) fn decode_head(bytes: &[u8]) -> Result<BatchHead<'_>, BatchFault> {
 }
 
 impl<'a> BatchHead<'a> {
-    /// The tags of the batch's events: for each tagged event, its index in the
-    /// batch and a tag, in order. Reads the bodies, but decodes no data.
-    pub(crate) fn tags(&self) -> Result<Vec<(usize, &'a str)>, BatchFault> {
+    /// The tags and triggers of the batch's events: for each, the event's index
+    /// in the batch and the name, in order. Reads the bodies, but decodes no data.
+    pub(crate) fn links(&self) -> Result<Links<'a>, BatchFault> {
         let mut reader = Reader(self.bodies);
-        let mut tags = Vec::new();
+        let mut links = Links::default();
         for k in 0..self.parts.iter().map(PartHead::len).sum() {
             let body = reader.body()?;
-            let mut tag_reader = Reader(body.tags);
-            for _ in 0..body.tag_count {
-                tags.push((k, tag_reader.str()?));
+            for (list, count, bytes) in [
+                (&mut links.tags, body.tag_count, body.tags),
+                (&mut links.triggers, body.trigger_count, body.triggers),
+            ] {
+                let mut names = Reader(bytes);
+                for _ in 0..count {
+                    list.push((k, names.str()?));
+                }
             }
         }
         if !reader.0.is_empty() {
             return Err(BatchFault::Malformed("bytes follow its last event"));
         }
-        Ok(tags)
+        Ok(links)
     }
 }
+
+/// The tags and triggers of a batch's events, by the event's index in the batch.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Links<'a> {
+    pub(crate) tags: Vec<(usize, &'a str)>,
+    pub(crate) triggers: Vec<(usize, &'a str)>,
+}
+
+impl BatchHead<'_> {}
 
 /// An event's body read back, its tags still encoded.
 struct Body<'a> {
@@ -285,6 +331,8 @@ struct Body<'a> {
     correlation: Option<[u8; 16]>,
     tag_count: usize,
     tags: &'a [u8],
+    trigger_count: usize,
+    triggers: &'a [u8],
     data: &'a [u8],
 }
 
@@ -295,10 +343,13 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFaul
     let mut events = Vec::with_capacity(head.parts.iter().map(PartHead::len).sum());
     for part in &head.parts {
         for (k, id) in part.ids().enumerate() {
-            let Body { event_type, causation, correlation, tag_count, tags, data } =
-                reader.body()?;
-            let mut tag_reader = Reader(tags);
-            let tags = (0..tag_count).map(|_| tag_reader.str()).collect::<Result<_, _>>()?;
+            let body = reader.body()?;
+            let Body { event_type, causation, correlation, data, .. } = body;
+            let mut names = Reader(body.tags);
+            let tags = (0..body.tag_count).map(|_| names.str()).collect::<Result<_, _>>()?;
+            let mut names = Reader(body.triggers);
+            let triggers =
+                (0..body.trigger_count).map(|_| names.str()).collect::<Result<_, _>>()?;
             let version = part
                 .first_version
                 .checked_add(k as u64)
@@ -311,6 +362,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFaul
                 causation,
                 correlation,
                 tags,
+                triggers,
                 data,
             });
         }
@@ -399,19 +451,35 @@ impl<'a> Reader<'a> {
     fn body(&mut self) -> Result<Body<'a>, BatchFault> {
         let event_type = self.str()?;
         let flags = self.byte()?;
-        if flags & !(FLAG_CAUSATION | FLAG_CORRELATION) != 0 {
+        if flags & !(FLAG_CAUSATION | FLAG_CORRELATION | FLAG_TRIGGERS) != 0 {
             return Err(BatchFault::Malformed("an event's flags are unknown"));
         }
         let causation = if flags & FLAG_CAUSATION == 0 { None } else { Some(self.id()?) };
         let correlation = if flags & FLAG_CORRELATION == 0 { None } else { Some(self.id()?) };
-        let tag_count = self.count(1)?;
+        let (tag_count, tags) = self.names()?;
+        let (trigger_count, triggers) =
+            if flags & FLAG_TRIGGERS == 0 { (0, &[][..]) } else { self.names()? };
+        let data = self.bytes()?;
+        Ok(Body {
+            event_type,
+            causation,
+            correlation,
+            tag_count,
+            tags,
+            trigger_count,
+            triggers,
+            data,
+        })
+    }
+
+    /// A count and that many strings, checked and left encoded.
+    fn names(&mut self) -> Result<(usize, &'a [u8]), BatchFault> {
+        let count = self.count(1)?;
         let before = self.0;
-        for _ in 0..tag_count {
+        for _ in 0..count {
             self.str()?;
         }
-        let tags = before.get(..before.len() - self.0.len()).unwrap_or_default();
-        let data = self.bytes()?;
-        Ok(Body { event_type, causation, correlation, tag_count, tags, data })
+        Ok((count, before.get(..before.len() - self.0.len()).unwrap_or_default()))
     }
 }
 
@@ -429,6 +497,7 @@ mod tests {
                 causation: None,
                 correlation: Some([1; 16]),
                 tags: &tags,
+                triggers: &tags,
                 data: &[1, 2, 3],
             },
             EventIn {
@@ -437,6 +506,7 @@ mod tests {
                 causation: Some([2; 16]),
                 correlation: None,
                 tags: &[],
+                triggers: &[],
                 data: &[],
             },
         ];
@@ -465,6 +535,9 @@ mod tests {
             ("account-1", 2, "Deposited", &[1u8, 2, 3][..])
         );
         assert_eq!((event.correlation, event.tags.clone()), (Some([1; 16]), vec!["account-1"]));
+        assert_eq!(event.triggers, ["account-1"]);
+        let links = head.links().expect("links");
+        assert_eq!((links.tags, links.triggers), (vec![(0, "account-1")], vec![(0, "account-1")]));
         assert_eq!(read.get(1).map(|it| (it.causation, it.version)), Some((Some([2; 16]), 0)));
 
         let mut newer = bytes.clone();

@@ -127,12 +127,19 @@ pub struct NewEvent<E> {
     pub(crate) id: EventId,
     pub(crate) metadata: Metadata,
     pub(crate) tags: Vec<String>,
+    pub(crate) triggers: Vec<String>,
 }
 
 impl<E> NewEvent<E> {
     /// The event holding `data`, with a random id, no metadata and no tags.
     pub fn new(data: E) -> NewEvent<E> {
-        NewEvent { data, id: EventId::new(), metadata: Metadata::default(), tags: Vec::new() }
+        NewEvent {
+            data,
+            id: EventId::new(),
+            metadata: Metadata::default(),
+            tags: Vec::new(),
+            triggers: Vec::new(),
+        }
     }
 
     /// The same event with id `id`: choose it before the first try of an append, so
@@ -162,6 +169,25 @@ impl<E> NewEvent<E> {
     pub fn tagged<T: Into<String>>(mut self, tags: impl IntoIterator<Item = T>) -> NewEvent<E> {
         self.tags.extend(tags.into_iter().map(Into::into));
         self
+    }
+
+    /// The same event, linked to triggers (coherence's word): an effect on one of
+    /// them ([`EventStore::append_effect`](super::EventStore::append_effect)) makes
+    /// subscriptions replay every event of the aggregates (tags) this event
+    /// touches. An event holding [`Sealed`](super::Sealed) data is linked to its
+    /// subjects without asking.
+    #[must_use]
+    pub fn linked_to<T: Into<String>>(
+        mut self,
+        triggers: impl IntoIterator<Item = T>,
+    ) -> NewEvent<E> {
+        self.triggers.extend(triggers.into_iter().map(Into::into));
+        self
+    }
+
+    /// The event's triggers.
+    pub fn triggers(&self) -> &[String] {
+        &self.triggers
     }
 
     /// The event's id.
@@ -209,6 +235,8 @@ pub struct RecordedEvent<E> {
     pub metadata: Metadata,
     /// The aggregates it touches.
     pub tags: Vec<String>,
+    /// The triggers it is linked to (see [`NewEvent::linked_to`]).
+    pub triggers: Vec<String>,
     /// The event.
     pub data: E,
 }

@@ -18,7 +18,7 @@ use foldhash::fast::RandomState;
 
 use serde::{Deserialize, Serialize};
 
-use super::batch::{BatchHead, Removal, Rules};
+use super::batch::{BatchHead, Links, Removal, Rules};
 
 /// A stream's number in the index.
 pub(crate) type StreamIdx = u32;
@@ -115,6 +115,21 @@ pub(crate) struct Index {
     /// Whether a stream has anything removed or a retention rule: reads check
     /// each event only then.
     pub(crate) ruled: bool,
+    /// The positions of the events linked to each trigger, reserved ones included.
+    triggers: HashMap<String, Vec<u64>, RandomState>,
+    /// The effects committed, in journal order.
+    pub(crate) effects: Vec<EffectRecord>,
+}
+
+/// An effect on a trigger, as the index keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct EffectRecord {
+    /// The head when it was committed: it comes after the events before it.
+    pub(crate) head: u64,
+    pub(crate) trigger: String,
+    pub(crate) reason: String,
+    /// The subject key generations below it are destroyed (0: none).
+    pub(crate) forgotten: u64,
 }
 
 /// The ids of the most recent events, for idempotent appends.
@@ -186,6 +201,8 @@ pub(crate) struct Checkpoint {
     frames: Frames,
     tags: Vec<(String, Vec<Tagged>)>,
     lives: Vec<(StreamIdx, Life)>,
+    triggers: Vec<(String, Vec<u64>)>,
+    effects: Vec<EffectRecord>,
 }
 
 impl Index {
@@ -285,9 +302,43 @@ impl Index {
         }
     }
 
-    /// Notes the tags of a batch read back and committed: `tags` as
-    /// [`BatchHead::tags`] reads them.
-    pub(crate) fn note_batch_tags(&mut self, batch: &BatchHead<'_>, tags: &[(usize, &str)]) {
+    /// Notes that the event at `position` is linked to `trigger`; events come in
+    /// position order.
+    pub(crate) fn note_trigger(&mut self, trigger: &str, position: u64) {
+        match self.triggers.get_mut(trigger) {
+            Some(list) => list.push(position),
+            None => {
+                self.triggers.insert(trigger.to_owned(), vec![position]);
+            }
+        }
+    }
+
+    /// The positions of the events linked to `trigger`, in order.
+    pub(crate) fn triggered(&self, trigger: &str) -> &[u64] {
+        self.triggers.get(trigger).map_or(&[], Vec::as_slice)
+    }
+
+    /// Commits journal event `seq`, an effect.
+    pub(crate) fn commit_effect(
+        &mut self,
+        seq: u64,
+        trigger: &str,
+        reason: &str,
+        forgotten: u64,
+    ) -> Result<(), String> {
+        self.commit_seq(seq)?;
+        let (trigger, reason) = (trigger.to_owned(), reason.to_owned());
+        self.effects.push(EffectRecord { head: self.committed, trigger, reason, forgotten });
+        Ok(())
+    }
+
+    /// Notes the tags and triggers of a batch read back and committed, as
+    /// [`BatchHead::links`] reads them.
+    pub(crate) fn note_batch_links(&mut self, batch: &BatchHead<'_>, links: &Links<'_>) {
+        for &(k, trigger) in &links.triggers {
+            self.note_trigger(trigger, batch.first_position + k as u64);
+        }
+        let tags = &links.tags;
         if tags.is_empty() {
             return;
         }
@@ -464,14 +515,34 @@ impl Index {
                 .filter(|(_, stream)| stream.life != Life::default())
                 .map(|(idx, stream)| (idx, stream.life))
                 .collect(),
+            triggers: self
+                .triggers
+                .iter()
+                .map(|(trigger, list)| {
+                    let committed = list.partition_point(|it| *it < self.committed);
+                    (trigger.clone(), list.get(..committed).unwrap_or_default().to_vec())
+                })
+                .filter(|(_, list)| !list.is_empty())
+                .collect(),
+            effects: self.effects.clone(),
         }
     }
 
     /// The index and frame table a checkpoint holds, keeping the ids of the last
     /// `recent` events.
     pub(crate) fn restore(checkpoint: Checkpoint, recent: usize) -> (Index, Frames) {
-        let Checkpoint { streams, starts, committed, last_at, recent: ids, frames, tags, lives } =
-            checkpoint;
+        let Checkpoint {
+            streams,
+            starts,
+            committed,
+            last_at,
+            recent: ids,
+            frames,
+            tags,
+            lives,
+            triggers,
+            effects,
+        } = checkpoint;
         let mut index = Index::new(recent);
         for (name, seqs) in streams {
             let idx = index.stream_or_new(&name);
@@ -486,6 +557,8 @@ impl Index {
         index.last_at = last_at;
         index.note_ids(ids);
         index.tags = tags.into_iter().collect();
+        index.triggers = triggers.into_iter().collect();
+        index.effects = effects;
         for (idx, life) in lives {
             if let Some(stream) = index.get_mut(idx) {
                 stream.life = life;
@@ -529,6 +602,7 @@ mod tests {
             causation: None,
             correlation: None,
             tags: &[],
+            triggers: &[],
             data: &[],
         }
     }

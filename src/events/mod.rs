@@ -61,10 +61,13 @@ pub(crate) mod batch;
 mod batch;
 mod condition;
 mod delete;
+mod effect;
 mod event;
 mod index;
 mod locate;
 mod read;
+#[cfg(feature = "encryption")]
+mod seal;
 mod stream_id;
 mod subscribe;
 
@@ -81,10 +84,13 @@ use std::{
 use parking_lot::{Mutex, RwLock};
 use serde::{Serialize, de::DeserializeOwned};
 
+#[cfg(feature = "encryption")]
+pub use self::seal::Sealed;
 pub use self::{
     append::{Append, Appended, Expected},
     condition::{Condition, EventRef},
     delete::Retention,
+    effect::{Effect, FORGOTTEN},
     event::{EventId, Metadata, NewEvent, Position, RecordedEvent},
     read::{Events, ReadAll, ReadStream},
     subscribe::{Delivery, SubscribeAll, SubscribeStream, Subscription},
@@ -117,6 +123,10 @@ const DEFAULT_RECENT_IDS: usize = 100_000;
 const DEFAULT_READ_CACHE: u64 = 64 << 20;
 /// The largest batch kept in the cache as it commits.
 const REMEMBERED_BATCH: usize = 64 * 1024;
+/// The file of the subject keys, in the store's directory unless the builder
+/// says otherwise.
+#[cfg(feature = "encryption")]
+const SUBJECT_KEYS: &str = "subject-keys";
 
 /// An event store in a directory: streams of events of type `E`.
 ///
@@ -197,6 +207,10 @@ struct Core {
     hook: Hook,
     /// Wakes the subscriptions at each commit.
     signal: Arc<Signal>,
+    io: Io,
+    /// The keys of the subjects whose data is sealed.
+    #[cfg(feature = "encryption")]
+    keys: Arc<seal::KeyRing>,
 }
 
 /// Options for opening an [`EventStore`]: `EventStore::<E>::builder()`.
@@ -225,6 +239,8 @@ pub struct EventStoreBuilder<E> {
     io: Io,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
+    #[cfg(feature = "encryption")]
+    subject_keys: Option<PathBuf>,
     _events: PhantomData<fn(E) -> E>,
 }
 
@@ -240,6 +256,8 @@ impl<E> Default for EventStoreBuilder<E> {
             io: Io::default(),
             #[cfg(feature = "encryption")]
             key: None,
+            #[cfg(feature = "encryption")]
+            subject_keys: None,
             _events: PhantomData,
         }
     }
@@ -301,6 +319,15 @@ impl<E> EventStoreBuilder<E> {
         self
     }
 
+    /// Keeps the keys of the subjects whose data is [`Sealed`] in file `path`,
+    /// instead of `subject-keys` in the store's directory: on a volume of its own,
+    /// or the live store's key file when opening a backup (which holds no key).
+    #[cfg(feature = "encryption")]
+    pub fn subject_keys(mut self, path: impl Into<PathBuf>) -> Self {
+        self.subject_keys = Some(path.into());
+        self
+    }
+
     /// Runs the journal's file operations through `io` (a simulator, in tests).
     #[cfg(test)]
     pub(crate) fn io(mut self, io: Io) -> Self {
@@ -356,6 +383,21 @@ impl<E> EventStoreBuilder<E> {
         loaded.restore(recent);
         let Loaded { mut index, frames, .. } = loaded;
         index.settle();
+        #[cfg(feature = "encryption")]
+        let keys = {
+            let path = self.subject_keys.clone().unwrap_or_else(|| dir.join(SUBJECT_KEYS));
+            let keys = seal::KeyRing::open(io.clone(), path, sealer.clone())?;
+            // A subject forgotten whose keys the file still holds: the program
+            // stopped between the effect and the key file.
+            let mut stale = false;
+            for effect in index.effects.iter().filter(|it| it.forgotten > 0) {
+                stale |= keys.forgotten(&effect.trigger, effect.forgotten);
+            }
+            if stale {
+                keys.persist()?;
+            }
+            Arc::new(keys)
+        };
         let checkpointed = index.journal_events();
         let hook: Hook =
             self.hook.unwrap_or_else(|| Arc::new(|err: &Error| eprintln!("instastate: {err}")));
@@ -366,13 +408,16 @@ impl<E> EventStoreBuilder<E> {
             dir: dir.to_path_buf(),
             journal,
             index: Arc::new(RwLock::new(index)),
-            locator: Locator::new(dir.to_path_buf(), io, sealer, frames, self.read_cache),
+            locator: Locator::new(dir.to_path_buf(), io.clone(), sealer, frames, self.read_cache),
             recovered: opened.recovered,
             checkpoint_every: self.checkpoint_every,
             checkpointed: AtomicU64::new(checkpointed),
             checkpointing: AtomicBool::new(false),
             hook,
             signal: Arc::default(),
+            io,
+            #[cfg(feature = "encryption")]
+            keys,
         };
         let shared = Shared { core: Arc::new(core), background: Mutex::new(None) };
         Ok(EventStore { shared: Arc::new(shared), _events: PhantomData })
@@ -434,9 +479,9 @@ impl Loaded {
         let index = &mut self.index;
         match command {
             batch::Command::Append(head) => {
-                let tags = head.tags().map_err(|fault| bad(fault.to_string()))?;
+                let links = head.links().map_err(|fault| bad(fault.to_string()))?;
                 index.commit(event.seq, &head).map_err(bad)?;
-                index.note_batch_tags(&head, &tags);
+                index.note_batch_links(&head, &links);
             }
             batch::Command::Delete { stream, removal, before } => {
                 stream_id::check(stream).map_err(|err| bad(err.to_string()))?;
@@ -447,6 +492,9 @@ impl Loaded {
             batch::Command::Retention { stream, rules } => {
                 stream_id::check(stream).map_err(|err| bad(err.to_string()))?;
                 index.commit_command(event.seq, stream, |life| life.rules = rules).map_err(bad)?;
+            }
+            batch::Command::Effect { trigger, reason, forgotten } => {
+                index.commit_effect(event.seq, trigger, reason, forgotten).map_err(bad)?;
             }
         }
         index.last_at = event.at.as_micros();
@@ -707,6 +755,63 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         self.shared.core.journal.sync()
     }
 
+    /// Writes a copy of the store, as of this call, to the new directory `path`,
+    /// while appends go on: the journal files and checkpoints, durable when this
+    /// returns. The subject keys are left out: a backup holds sealed data that only
+    /// the live key file opens ([`EventStoreBuilder::subject_keys`]), so that
+    /// forgetting a subject also shreds its data in every backup.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when `path` exists and is not an empty directory, or when
+    /// reading or writing fails; [`Error::JournalWrite`] when the journal cannot be
+    /// synced first.
+    pub fn backup_to(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let core = &self.shared.core;
+        let io = &core.io;
+        // Everything acknowledged so far is in the files.
+        self.sync()?;
+        if path.exists() {
+            let empty = io.read_dir(path).map_err(Error::io(path))?.is_empty();
+            if !empty {
+                let source = std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "not an empty directory",
+                );
+                return Err(Error::Io { path: path.to_path_buf(), source });
+            }
+        }
+        let parent = crate::io::parent_of(path);
+        io.create_dir_durably(parent).map_err(Error::io(parent))?;
+        // Built beside `path` and renamed into place when complete, so that a crash
+        // never leaves a partial backup that opens as a store.
+        let temp = tempfile::Builder::new()
+            .prefix(".instastate-backup-")
+            .tempdir_in(parent)
+            .map_err(Error::io(parent))?;
+        let entries = io.read_dir(&core.dir).map_err(Error::io(&core.dir))?;
+        for entry in entries {
+            let Some(name) = entry.name.to_str() else { continue };
+            let wanted =
+                |prefix: &str, suffix: &str| name.starts_with(prefix) && name.ends_with(suffix);
+            if !wanted("journal-", ".log") && !wanted("snapshot-", ".snap") {
+                continue;
+            }
+            let from = core.dir.join(name);
+            match io.copy_durably(&from, &temp.path().join(name)) {
+                Ok(()) => {}
+                // A checkpoint that a newer one replaced meanwhile: the newer one
+                // covers it, or the journal does.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(Error::Io { path: from, source }),
+            }
+        }
+        io.sync_dir(temp.path()).map_err(Error::io(temp.path()))?;
+        let built = temp.keep();
+        io.rename(&built, path).map_err(Error::io(path))?;
+        io.sync_dir(parent).map_err(Error::io(parent))
+    }
+
     /// Saves a checkpoint of the index now: opening then replays only the appends
     /// after it.
     ///
@@ -741,7 +846,17 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         let events = events
             .into_iter()
             .map(|event| {
-                let data = journal::encode(&event.data, || self.shared.core.dir.clone())?;
+                let encode = || journal::encode(&event.data, || self.shared.core.dir.clone());
+                #[cfg(feature = "encryption")]
+                let (data, subjects) = seal::sealing(&self.shared.core.keys, encode)?;
+                #[cfg(not(feature = "encryption"))]
+                let (data, subjects) = (encode()?, Vec::<String>::new());
+                let mut triggers = event.triggers;
+                for subject in subjects {
+                    if !triggers.contains(&subject) {
+                        triggers.push(subject);
+                    }
+                }
                 let event_type = serde_variant::to_variant_name(&event.data)
                     .map_or_else(|_| std::any::type_name::<E>().to_owned(), str::to_owned);
                 Ok(Encoded {
@@ -750,6 +865,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
                     causation: event.metadata.causation,
                     correlation: event.metadata.correlation,
                     tags: event.tags,
+                    triggers,
                     data,
                 })
             })
@@ -814,6 +930,27 @@ impl Core {
     /// Writes out what a buffered mode holds, so that a reader finds it in the file.
     fn write_out(&self) -> Result<()> {
         self.journal.write_out()
+    }
+
+    /// Decodes the data of an event, `what` naming it on failure: its
+    /// [`Sealed`] values open with the subject keys.
+    fn decode_data<E: DeserializeOwned>(
+        &self,
+        bytes: &[u8],
+        what: impl Fn() -> String,
+    ) -> Result<E> {
+        let decode = || {
+            crate::codec::decode_exact::<E>(bytes).map_err(|source| Error::JournalDecode {
+                path: self.dir.clone(),
+                what: what(),
+                type_name: std::any::type_name::<E>().to_owned(),
+                source: crate::error::CodecError(source),
+            })
+        };
+        #[cfg(feature = "encryption")]
+        return seal::opening(&self.keys, decode);
+        #[cfg(not(feature = "encryption"))]
+        decode()
     }
 }
 

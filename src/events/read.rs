@@ -54,6 +54,8 @@ pub struct ReadStream<'a, E> {
 pub struct ReadAll<'a, E> {
     store: &'a EventStore<E>,
     from: Option<Position>,
+    /// Reads no position at or after it, going forward.
+    until: Option<u64>,
     backward: bool,
     limit: Option<u64>,
     event_type: Option<String>,
@@ -109,6 +111,7 @@ impl<'a, E> ReadAll<'a, E> {
         ReadAll {
             store,
             from: None,
+            until: None,
             backward: false,
             limit: None,
             event_type: None,
@@ -150,6 +153,12 @@ impl<'a, E> ReadAll<'a, E> {
     /// Reads only the events of streams whose id starts with `prefix`.
     pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.stream_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Going forward, reads no event at `position` or after it.
+    pub(crate) fn until(mut self, position: u64) -> Self {
+        self.until = Some(position);
         self
     }
 }
@@ -261,7 +270,8 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
             let start = from.map_or(committed, |from| from.saturating_add(1).min(committed));
             Cursor::All { next: start, bound: 0, backward: true }
         } else {
-            Cursor::All { next: from.unwrap_or(0), bound: committed, backward: false }
+            let bound = self.until.map_or(committed, |until| until.min(committed));
+            Cursor::All { next: from.unwrap_or(0), bound, backward: false }
         };
         let filter =
             Filter { stream: None, stream_prefix: self.stream_prefix, event_type: self.event_type };
@@ -434,14 +444,8 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                     (true, true) => {}
                 }
                 let position = first_position + k as u64;
-                let data = crate::codec::decode_exact::<E>(event.data).map_err(|source| {
-                    Error::JournalDecode {
-                        path: core.dir.clone(),
-                        what: format!("the event at position {position}"),
-                        type_name: std::any::type_name::<E>().to_owned(),
-                        source: crate::error::CodecError(source),
-                    }
-                });
+                let data = core
+                    .decode_data::<E>(event.data, || format!("the event at position {position}"));
                 Slot::Ready(data.map(|data| RecordedEvent {
                     stream: event.stream.to_owned(),
                     version: event.version,
@@ -454,6 +458,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                         correlation: event.correlation.map(EventId::from_bytes),
                     },
                     tags: event.tags.into_iter().map(str::to_owned).collect(),
+                    triggers: event.triggers.into_iter().map(str::to_owned).collect(),
                     data,
                 }))
             })

@@ -10,7 +10,7 @@
 //! no event committed later can come before it: nothing is skipped or repeated.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeSet, VecDeque},
     marker::PhantomData,
     sync::{Arc, Weak},
     time::{Duration, Instant},
@@ -19,7 +19,7 @@ use std::{
 use parking_lot::{Condvar, Mutex};
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::{EventStore, Position, RecordedEvent, Shared};
+use super::{Effect, EventStore, Position, RecordedEvent, Shared, index::EffectRecord};
 use crate::Result;
 
 /// Events read from the store at a time, at most: the bound of a subscription's
@@ -96,6 +96,16 @@ pub enum Delivery<E> {
     },
     /// The store closed (its last handle went away); nothing follows.
     Stopped,
+    /// An effect on a trigger ([`EventStore::append_effect`],
+    /// [`EventStore::forget_subject`](super::EventStore::forget_subject)), where it
+    /// was appended among the events: drop what was built from its aggregates; the
+    /// events to build them again from follow as [`Delivery::Replayed`]. Only
+    /// subscriptions to `$all` deliver effects.
+    Effect(Effect),
+    /// An event before the last [`Delivery::Effect`], delivered again because it
+    /// belongs to an aggregate the effect affects; as it reads now (its
+    /// [`Sealed`](super::Sealed) values shredded if their subject was forgotten).
+    Replayed(RecordedEvent<E>),
 }
 
 /// What a subscription follows.
@@ -160,7 +170,9 @@ pub struct Subscription<E> {
     event_type: Option<String>,
     /// The next position (or version, for a stream) to deliver.
     cursor: u64,
-    buffer: VecDeque<RecordedEvent<E>>,
+    buffer: VecDeque<Delivery<E>>,
+    /// The effects of the store it has delivered (or started after).
+    effects_seen: usize,
     /// Whether it caught up (and said so) and follows new commits.
     live: bool,
     max_lag: u64,
@@ -201,17 +213,30 @@ impl<'a, E> SubscribeAll<'a, E> {
     /// # Errors
     /// None yet; kept for the checks a subscription may make when it starts.
     pub fn from(self, position: Position) -> Result<Subscription<E>> {
-        let target = Target::All { prefix: self.prefix };
-        Ok(Subscription::new(self.store, target, self.event_type, position.get(), self.max_lag))
+        // The effects that came before the position are not delivered.
+        let effects = &self.store.shared.core.index.read().effects;
+        let seen = effects.partition_point(|effect| effect.head < position.get());
+        Ok(self.start(position.get(), seen))
     }
 
-    /// Starts at the head: only the events appended from now on.
+    /// Starts at the head: only the events (and effects) appended from now on.
     ///
     /// # Errors
     /// As [`from`](Self::from).
     pub fn from_end(self) -> Result<Subscription<E>> {
-        let head = self.store.shared.core.index.read().committed;
-        self.from(Position::new(head))
+        let (head, seen) = {
+            let index = self.store.shared.core.index.read();
+            (index.committed, index.effects.len())
+        };
+        Ok(self.start(head, seen))
+    }
+
+    fn start(self, cursor: u64, effects_seen: usize) -> Subscription<E> {
+        let target = Target::All { prefix: self.prefix };
+        let mut subscription =
+            Subscription::new(self.store, target, self.event_type, cursor, self.max_lag);
+        subscription.effects_seen = effects_seen;
+        subscription
     }
 }
 
@@ -282,6 +307,7 @@ impl<E> Subscription<E> {
             event_type,
             cursor,
             buffer: VecDeque::new(),
+            effects_seen: usize::MAX,
             live: false,
             max_lag,
             seen,
@@ -312,8 +338,8 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
 
     fn next_until(&mut self, deadline: Option<Instant>) -> Result<Option<Delivery<E>>> {
         loop {
-            if let Some(event) = self.buffer.pop_front() {
-                return Ok(Some(Delivery::Event(event)));
+            if let Some(delivery) = self.buffer.pop_front() {
+                return Ok(Some(delivery));
             }
             if self.ended {
                 return Ok(None);
@@ -329,7 +355,18 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
             let store = EventStore::<E> { shared, _events: PhantomData };
             // Seen before the head is read: a commit after it wakes the wait below.
             self.seen = self.signal.seen();
-            let head = self.head(&store);
+            let mut head = self.head(&store);
+            // An effect comes before the events after it: the read stops there, and
+            // the effect is delivered when the cursor reaches it.
+            let effect = self.next_effect(&store);
+            if let Some(effect) = effect.as_ref().filter(|effect| effect.head <= self.cursor) {
+                self.replay(&store, effect)?;
+                self.effects_seen = self.effects_seen.saturating_add(1);
+                continue;
+            }
+            if let Some(effect) = &effect {
+                head = head.min(effect.head);
+            }
             if self.cursor < head {
                 let lag = head - self.cursor;
                 if self.live && self.max_lag < lag {
@@ -367,6 +404,73 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
         }
     }
 
+    /// The next effect to deliver, for a subscription to `$all`.
+    fn next_effect(&self, store: &EventStore<E>) -> Option<EffectRecord> {
+        match self.target {
+            Target::All { .. } => {
+                store.shared.core.index.read().effects.get(self.effects_seen).cloned()
+            }
+            Target::Stream { .. } => None,
+        }
+    }
+
+    /// Buffers `effect`, then every event of the aggregates it affects: those the
+    /// events linked to its trigger touch (and those events themselves).
+    fn replay(&mut self, store: &EventStore<E>, effect: &EffectRecord) -> Result<()> {
+        let linked: Vec<u64> = {
+            let index = store.shared.core.index.read();
+            let linked = index.triggered(&effect.trigger);
+            linked
+                .get(..linked.partition_point(|it| *it < effect.head))
+                .unwrap_or_default()
+                .to_vec()
+        };
+        let mut aggregates: Vec<String> = Vec::new();
+        for &position in &linked {
+            if let Some(event) = store.event_at(Position::new(position))? {
+                for tag in event.tags {
+                    if !aggregates.contains(&tag) {
+                        aggregates.push(tag);
+                    }
+                }
+            }
+        }
+        let mut positions: BTreeSet<u64> = linked.into_iter().collect();
+        {
+            let index = store.shared.core.index.read();
+            for aggregate in &aggregates {
+                let tagged = index.tagged(aggregate);
+                let before = tagged.partition_point(|it| it.position < effect.head);
+                positions
+                    .extend(tagged.get(..before).unwrap_or_default().iter().map(|it| it.position));
+            }
+        }
+        self.buffer.push_back(Delivery::Effect(Effect {
+            trigger: effect.trigger.clone(),
+            reason: effect.reason.clone(),
+            aggregates,
+            position: Position::new(effect.head),
+        }));
+        for position in positions {
+            if let Some(event) = store.event_at(Position::new(position))?
+                && self.wants(&event)
+            {
+                self.buffer.push_back(Delivery::Replayed(event));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the subscription delivers `event`: its filters.
+    fn wants(&self, event: &RecordedEvent<E>) -> bool {
+        let prefix = match &self.target {
+            Target::All { prefix } => prefix.as_deref(),
+            Target::Stream { .. } => None,
+        };
+        prefix.is_none_or(|prefix| event.stream.starts_with(prefix))
+            && self.event_type.as_deref().is_none_or(|wanted| wanted == event.event_type)
+    }
+
     /// Reads up to `CHUNK` events from the cursor on (not past `head`) into the
     /// buffer, keeping those the subscription wants, and moves the cursor past them.
     fn fill(&mut self, store: &EventStore<E>, head: u64) -> Result<()> {
@@ -375,6 +479,7 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
             Target::All { .. } => store
                 .read_all()
                 .from(Position::new(self.cursor))
+                .until(head)
                 .limit(limit)
                 .into_iter()
                 .collect::<Result<_>>()?,
@@ -389,7 +494,10 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
             Target::All { .. } => read.last().map(|event| event.position.get() + 1),
             Target::Stream { .. } => read.last().map(|event| event.version + 1),
         };
-        // A read from below the head yields an event, or an error.
+        // A read that found fewer events than it could went through every position
+        // up to the head: those it did not yield were removed (deleted, truncated).
+        let next =
+            if (read.len() as u64) < limit { Some(next.unwrap_or(head).max(head)) } else { next };
         let next = next.ok_or_else(|| crate::Error::JournalCorrupt {
             path: store.shared.core.dir.clone(),
             offset: 0,
@@ -399,15 +507,9 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
             ),
         })?;
         self.cursor = next.max(self.cursor);
-        let prefix = match &self.target {
-            Target::All { prefix } => prefix.as_deref(),
-            Target::Stream { .. } => None,
-        };
-        let wanted = |event: &RecordedEvent<E>| {
-            prefix.is_none_or(|prefix| event.stream.starts_with(prefix))
-                && self.event_type.as_deref().is_none_or(|wanted| wanted == event.event_type)
-        };
-        self.buffer.extend(read.into_iter().filter(wanted));
+        let wanted: Vec<Delivery<E>> =
+            read.into_iter().filter(|event| self.wants(event)).map(Delivery::Event).collect();
+        self.buffer.extend(wanted);
         Ok(())
     }
 }

@@ -231,3 +231,78 @@ fn racing_conditional_appends_never_succeed_over_an_unseen_change() -> TestResul
     }
     Ok(())
 }
+
+/// A receipt, as coherence's walkthrough stores them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Receipt {
+    number: String,
+    total: u64,
+}
+
+/// Coherence's walkthrough, second part: receipts linked to the encryption key
+/// they were sealed with; the first key expires (an effect on it), and a reader
+/// from the offset before the effect gets the effect, then receipt 1 again.
+#[test]
+fn coherence_walkthrough_an_effect_replays_the_aggregates_linked_to_its_trigger() -> TestResult {
+    use instastate::events::{Delivery, Effect};
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Receipt>::open(dir.path())?;
+    let receipt = |n: u64, number: &str| {
+        let receipt = Receipt { number: number.to_owned(), total: n * 100 };
+        NewEvent::new(receipt).tagged([format!("receipt:{n}")]).linked_to([format!("key:{n}")])
+    };
+    events.append("receipts", Expected::Any, [receipt(1, "avd2dlg3g93fm1osu")])?; // 0
+    events.append("receipts", Expected::Any, [receipt(2, "kepf62djsdk8fw21")])?; // 1
+    let offset = events.head();
+    events.append_effect("key:1", "key-expired")?;
+
+    let mut reader = events.subscribe_all().from(Position::new(1))?;
+    let mut seen = Vec::new();
+    loop {
+        match reader.next_timeout(std::time::Duration::from_secs(10))? {
+            Some(Delivery::Event(event)) => seen.push(format!("event {}", event.position)),
+            Some(Delivery::Replayed(event)) => seen.push(format!("replayed {}", event.position)),
+            Some(Delivery::Effect(Effect { trigger, reason, aggregates, position, .. })) => {
+                assert_eq!(position, offset, "the effect comes where it was appended");
+                seen.push(format!("effect {trigger} {reason} {aggregates:?}"));
+            }
+            Some(Delivery::CaughtUp) => break,
+            other => return Err(format!("unexpected {other:?}").into()),
+        }
+    }
+    assert_eq!(
+        seen,
+        ["event 1", "effect key:1 key-expired [\"receipt:1\"]", "replayed 0"],
+        "receipt 2, then the effect on key 1, then receipt 1 again"
+    );
+    // A reader from after the effect does not get it; a new effect reaches a live one.
+    let mut live = events.subscribe_all().from_end()?;
+    assert!(matches!(
+        live.next_timeout(std::time::Duration::from_secs(10))?,
+        Some(Delivery::CaughtUp)
+    ));
+    events.append_effect("key:2", "key-expired")?;
+    let effect = live.next_timeout(std::time::Duration::from_secs(10))?;
+    assert!(
+        matches!(&effect, Some(Delivery::Effect(effect)) if effect.aggregates == ["receipt:2"]),
+        "{effect:?}"
+    );
+    let replayed = live.next_timeout(std::time::Duration::from_secs(10))?;
+    assert!(
+        matches!(&replayed, Some(Delivery::Replayed(event)) if event.position == Position::new(1))
+    );
+    // Effects survive a reopen, and are delivered again from the start.
+    drop((reader, live, events));
+    let events = EventStore::<Receipt>::open(dir.path())?;
+    let effects = events
+        .subscribe_all()
+        .from(Position::START)?
+        .map_while(|it| match it {
+            Ok(Delivery::CaughtUp) => None,
+            other => Some(other),
+        })
+        .filter(|it| matches!(it, Ok(Delivery::Effect(_))))
+        .count();
+    assert_eq!(effects, 2);
+    Ok(())
+}

@@ -19,6 +19,8 @@ mod prevalence;
 mod read_only;
 mod save_reload;
 mod schema;
+#[cfg(feature = "encryption")]
+mod shredding;
 mod trust;
 mod ui;
 

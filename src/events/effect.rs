@@ -1,0 +1,151 @@
+//! Effects (coherence's word): something happened to a trigger that events are
+//! linked to (a key expired, a subject was forgotten), and whoever built state
+//! from the aggregates those events touch must build it again. A subscription
+//! delivers an effect where it was appended, then every event of the affected
+//! aggregates again.
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::{EventStore, Position, batch, index::Index, subscribe::Signal};
+use crate::{
+    Error, Result, Timestamp,
+    journal::{Job, Prepared},
+};
+
+/// The reason of the effect that forgetting a subject appends.
+pub const FORGOTTEN: &str = "forgotten";
+
+/// An effect on a trigger, as a subscription delivers it
+/// ([`Delivery::Effect`](super::Delivery::Effect)), followed by every event of
+/// the aggregates it affects ([`Delivery::Replayed`](super::Delivery::Replayed)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Effect {
+    /// The trigger.
+    pub trigger: String,
+    /// Why: [`FORGOTTEN`] for a subject forgotten, or what the caller said.
+    pub reason: String,
+    /// The aggregates (tags) of the events linked to the trigger, in order: a
+    /// reader drops what it built from them, and builds it again from the replayed
+    /// events that follow. Events linked to the trigger without a tag are replayed
+    /// too.
+    pub aggregates: Vec<String>,
+    /// Where it came: after the events before this position.
+    pub position: Position,
+}
+
+impl<E: Serialize + DeserializeOwned> EventStore<E> {
+    /// Appends an effect on `trigger`, for `reason`: every subscription to `$all`
+    /// then delivers it, and replays the events of the aggregates touched by the
+    /// events linked to `trigger` ([`NewEvent::linked_to`](super::NewEvent::linked_to)),
+    /// so that what was built from them is built again.
+    ///
+    /// # Errors
+    /// [`Error::InvalidAppend`] for an empty trigger; [`Error::JournalWrite`] as
+    /// for an append.
+    pub fn append_effect(&self, trigger: &str, reason: &str) -> Result<()> {
+        self.effect(trigger, reason, 0)
+    }
+
+    pub(crate) fn effect(&self, trigger: &str, reason: &str, forgotten: u64) -> Result<()> {
+        if trigger.is_empty() {
+            return Err(Error::InvalidAppend { reason: "an effect's trigger is empty".to_owned() });
+        }
+        let core = &self.shared.core;
+        let bytes = batch::encode_effect(trigger, reason, forgotten);
+        let job = EffectJob {
+            index: Arc::clone(&core.index),
+            signal: Arc::clone(&core.signal),
+            trigger: trigger.to_owned(),
+            reason: reason.to_owned(),
+            forgotten,
+        };
+        core.journal.commit_with(|_, _| Ok(Prepared::Event(bytes.clone(), job)))?;
+        self.maybe_checkpoint();
+        Ok(())
+    }
+
+    /// Forgets subject `subject`: destroys every key its [`Sealed`](super::Sealed)
+    /// values were sealed with, so that they read as shredded from now on,
+    /// wherever their bytes are (backups included, which hold no key), and appends
+    /// an effect on the subject ([`FORGOTTEN`]) so that subscriptions and
+    /// projections build the affected aggregates again without them. A value
+    /// sealed for the subject later gets a new key.
+    ///
+    /// The effect is journaled before the keys are destroyed on disk: if the
+    /// program stops in between, opening the store destroys them.
+    ///
+    /// # Errors
+    /// [`Error::JournalWrite`] when the effect cannot be journaled; [`Error::Io`]
+    /// when the key file cannot be written (the keys are destroyed when the store
+    /// is next opened).
+    #[cfg(feature = "encryption")]
+    pub fn forget_subject(&self, subject: &str) -> Result<()> {
+        let keys = &self.shared.core.keys;
+        let below = keys.forget(subject);
+        self.effect(subject, FORGOTTEN, below)?;
+        keys.persist()
+    }
+}
+
+/// Commits a durable effect to the index, and wakes the subscriptions.
+struct EffectJob {
+    index: Arc<RwLock<Index>>,
+    signal: Arc<Signal>,
+    trigger: String,
+    reason: String,
+    forgotten: u64,
+}
+
+impl Job for EffectJob {
+    type Output = ();
+
+    fn run(self, seq: u64, at: Timestamp) -> ((), Option<u64>) {
+        {
+            let mut index = self.index.write();
+            let res = index.commit_effect(seq, &self.trigger, &self.reason, self.forgotten);
+            // In journal order, as every job: a failure is a bug, and the panic
+            // stops the store.
+            #[allow(clippy::expect_used)]
+            res.expect("an effect commits");
+            index.last_at = at.as_micros();
+        }
+        self.signal.committed();
+        ((), None)
+    }
+}
+
+#[cfg(all(test, feature = "encryption"))]
+mod tests {
+    use super::*;
+    use crate::events::{Expected, Sealed};
+
+    /// The program stops after the effect is journaled and before the key file is
+    /// rewritten: opening finishes the forgetting.
+    #[test]
+    fn opening_destroys_the_keys_of_a_forget_cut_short() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(Error::io("tempdir"))?;
+        let keys = dir.path().join("subject-keys");
+        let before = {
+            let events = EventStore::<Sealed<String>>::open(dir.path())?;
+            events.append("s", Expected::Any, [Sealed::new("erin", "secret".to_owned())])?;
+            let before = std::fs::read(&keys).map_err(Error::io(&keys))?;
+            let below = events.shared.core.keys.forget("erin");
+            events.effect("erin", FORGOTTEN, below)?;
+            before
+        };
+        assert_eq!(
+            std::fs::read(&keys).map_err(Error::io(&keys))?,
+            before,
+            "the key is still there"
+        );
+        let events = EventStore::<Sealed<String>>::open(dir.path())?;
+        assert_ne!(std::fs::read(&keys).map_err(Error::io(&keys))?, before, "opening rewrote it");
+        let read = events.event("s", 0)?.map(|event| event.data.is_shredded());
+        assert_eq!(read, Some(true));
+        Ok(())
+    }
+}

@@ -1,0 +1,183 @@
+//! Crypto-shredding end to end: data sealed per subject, a subject forgotten, and
+//! what readers, subscriptions, a restart and a backup taken before then see.
+
+#![allow(clippy::indexing_slicing)]
+
+use std::{collections::BTreeMap, fs, path::Path, time::Duration};
+
+use instastate::{
+    Error,
+    events::{Delivery, EventStore, Expected, FORGOTTEN, Position, Sealed},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::TestResult;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Account {
+    Opened { owner: Sealed<String>, email: Sealed<String> },
+    Deposited { amount: i64 },
+}
+
+fn open_account(events: &EventStore<Account>, n: u32, owner: &str) -> TestResult {
+    let subject = owner.to_lowercase();
+    let opened = Account::Opened {
+        owner: Sealed::new(&subject, owner.to_owned()),
+        email: Sealed::new(&subject, format!("{subject}@example.com")),
+    };
+    let stream = format!("account-{n}");
+    let event = instastate::events::NewEvent::new(opened).tagged([stream.clone()]);
+    events.append(&stream, Expected::NoStream, [event])?;
+    let deposit = instastate::events::NewEvent::new(Account::Deposited { amount: 100 })
+        .tagged([stream.clone()]);
+    events.append(&stream, Expected::Exact(0), [deposit])?;
+    Ok(())
+}
+
+/// The owner of each account as a projection builds it: `None` once shredded.
+type Owners = BTreeMap<String, Option<String>>;
+
+fn apply(owners: &mut Owners, stream: &str, account: &Account) {
+    if let Account::Opened { owner, .. } = account {
+        owners.insert(stream.to_owned(), owner.value().cloned());
+    }
+}
+
+fn owners(events: &EventStore<Account>) -> TestResult<Owners> {
+    let mut owners = Owners::new();
+    for event in events.read_all() {
+        let event = event?;
+        apply(&mut owners, &event.stream, &event.data);
+    }
+    Ok(owners)
+}
+
+fn owned(pairs: &[(&str, Option<&str>)]) -> Owners {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.map(str::to_owned))).collect()
+}
+
+/// Whether `needle` appears in any file under `dir`.
+fn appears_in(dir: &Path, needle: &[u8]) -> TestResult<bool> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_file() && fs::read(&path)?.windows(needle.len()).any(|it| it == needle) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[test]
+fn a_forgotten_subject_reads_as_shredded_everywhere_and_projections_rebuild_without_it()
+-> TestResult {
+    let root = tempfile::tempdir()?;
+    let (live, backup) = (root.path().join("live"), root.path().join("backup"));
+    let events = EventStore::<Account>::open(&live)?;
+    open_account(&events, 1, "Alice")?;
+    open_account(&events, 2, "Bob")?;
+    assert!(!appears_in(&live, b"Alice")?, "sealed data is not in the clear on disk");
+    assert_eq!(
+        owners(&events)?,
+        owned(&[("account-1", Some("Alice")), ("account-2", Some("Bob"))])
+    );
+    // Sealed data links its event to its subject.
+    let first = events.event("account-1", 0)?.ok_or("no event")?;
+    assert_eq!(first.triggers, ["alice"]);
+
+    // A projection that follows every event, and rebuilds what an effect affects.
+    let mut projection = Owners::new();
+    let mut subscription = events.subscribe_all().from(Position::START)?;
+    // Until nothing more comes: everything it is given is committed already.
+    let mut follow = |projection: &mut Owners, wait: Duration| -> TestResult<Vec<String>> {
+        let mut effects = Vec::new();
+        loop {
+            match subscription.next_timeout(wait)? {
+                Some(Delivery::Event(event) | Delivery::Replayed(event)) => {
+                    apply(projection, &event.stream, &event.data);
+                }
+                Some(Delivery::Effect(effect)) => {
+                    assert_eq!(
+                        (effect.trigger.as_str(), effect.reason.as_str()),
+                        ("alice", FORGOTTEN)
+                    );
+                    for aggregate in &effect.aggregates {
+                        projection.remove(aggregate);
+                    }
+                    effects.push(effect.trigger);
+                }
+                Some(Delivery::CaughtUp) | None => return Ok(effects),
+                other => return Err(format!("unexpected {other:?}").into()),
+            }
+        }
+    };
+    assert_eq!(follow(&mut projection, Duration::from_secs(10))?, Vec::<String>::new());
+    assert_eq!(projection, owners(&events)?);
+
+    events.backup_to(&backup)?;
+    assert!(!backup.join("subject-keys").exists(), "a backup holds no key");
+    events.forget_subject("alice")?;
+
+    // Readers get the shredded marker; Bob is untouched.
+    let expected = owned(&[("account-1", None), ("account-2", Some("Bob"))]);
+    assert_eq!(owners(&events)?, expected);
+    let Account::Opened { email, .. } = events.event("account-1", 0)?.ok_or("gone")?.data else {
+        return Err("not an opening".into());
+    };
+    assert!(email.is_shredded());
+    assert_eq!(email.subject(), "alice");
+    // The live projection got the effect and rebuilt account 1 without her.
+    assert_eq!(follow(&mut projection, Duration::from_millis(300))?, ["alice"]);
+    assert_eq!(projection, expected);
+    drop((subscription, events));
+
+    // After a restart, still shredded; a projection rebuilt from 0 gets there too.
+    let events = EventStore::<Account>::open(&live)?;
+    assert_eq!(owners(&events)?, expected);
+    // Sealing for the subject again takes a new key, which reads.
+    open_account(&events, 3, "Alice")?;
+    assert_eq!(owners(&events)?.get("account-3"), Some(&Some("Alice".to_owned())));
+    drop(events);
+
+    // The backup taken before the forget, opened with the live key file: shredded.
+    let keys = live.join("subject-keys");
+    let copy = EventStore::<Account>::builder().subject_keys(&keys).open(&backup)?;
+    assert_eq!(owners(&copy)?, expected);
+    drop(copy);
+    // Without any key file, sealed data is an error naming the subject, never a
+    // silent default.
+    let elsewhere = root.path().join("no-keys");
+    let copy = EventStore::<Account>::builder().subject_keys(&elsewhere).open(&backup)?;
+    match owners(&copy) {
+        Err(err) => match err.downcast_ref::<Error>() {
+            Some(Error::SubjectKeyMissing { subject, .. }) => assert_eq!(subject, "alice"),
+            other => return Err(format!("expected SubjectKeyMissing, got {other:?}").into()),
+        },
+        Ok(owners) => return Err(format!("read without keys: {owners:?}").into()),
+    }
+    Ok(())
+}
+
+#[test]
+fn a_damaged_subject_key_file_is_refused_at_open_naming_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let events = EventStore::<Account>::open(dir.path())?;
+        open_account(&events, 1, "Carol")?;
+    }
+    let keys = dir.path().join("subject-keys");
+    let mut bytes = fs::read(&keys)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    fs::write(&keys, &bytes)?;
+    match EventStore::<Account>::open(dir.path()) {
+        Err(Error::SubjectKeysCorrupt { path, .. }) => assert_eq!(path, keys),
+        other => return Err(format!("expected SubjectKeysCorrupt, got {other:?}").into()),
+    }
+    Ok(())
+}
+
+#[test]
+fn a_sealed_value_outside_an_event_store_is_refused() {
+    let sealed = Sealed::new("dave", 7u32);
+    assert!(postcard::to_allocvec(&sealed).is_err(), "no key outside a store");
+}
