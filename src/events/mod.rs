@@ -62,6 +62,7 @@ mod batch;
 mod event;
 mod index;
 mod locate;
+mod raw;
 mod read;
 mod stream_id;
 mod subscribe;
@@ -82,6 +83,10 @@ use serde::{Serialize, de::DeserializeOwned};
 pub use self::{
     append::{Append, Appended, Expected},
     event::{EventId, Metadata, NewEvent, Position, RecordedEvent},
+    raw::{
+        Damage, Locking, RawEvent, RawEventIter, RawEvents, RawEventsBuilder, RawRead,
+        StreamSummary, Verified,
+    },
     read::{Events, ReadAll, ReadStream},
     subscribe::{Delivery, SubscribeAll, SubscribeStream, Subscription},
 };
@@ -92,6 +97,7 @@ use self::{
     subscribe::Signal,
 };
 pub use crate::journal::{Durability, Recovered, Recovery};
+pub use crate::shape::value::{Fields, Value};
 use crate::{
     Error, Result, Timestamp,
     crypt::Sealer,
