@@ -341,6 +341,58 @@ fn verify_exits_0_for_a_sound_store_and_names_the_file_and_offset_of_damage() ->
 }
 
 #[test]
+fn verify_finds_a_checkpoint_that_disagrees_with_the_journal_and_an_id_used_twice() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    // Two stores of three appends each, checkpointed: their checkpoints have the
+    // same name, and each reads back soundly, but holds other streams.
+    let (mine, theirs) = (tmp.path().join("mine"), tmp.path().join("theirs"));
+    for (dir, streams) in [(&mine, ["a", "a", "a"]), (&theirs, ["b", "c", "d"])] {
+        let store = EventStore::<Bank>::open(dir)?;
+        for stream in streams {
+            store.append(stream, Expected::Any, [Bank::Closed])?;
+        }
+        store.checkpoint()?;
+    }
+    let checkpoint = |dir: &Path| -> TestResult<PathBuf> {
+        let found = fs::read_dir(dir)?.filter_map(Result::ok).map(|entry| entry.path());
+        Ok(found
+            .filter(|path| path.extension().is_some_and(|it| it == "snap"))
+            .last()
+            .ok_or("none")?)
+    };
+    let (ours, other) = (checkpoint(&mine)?, checkpoint(&theirs)?);
+    assert_eq!(check("verify", &mine, &[])?.code, Some(0));
+    fs::copy(&other, &ours)?;
+    let run = check("verify", &mine, &[])?;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stdout.contains(&format!(
+            "{} at byte 0: the checkpoint disagrees with the journal",
+            ours.display()
+        )),
+        "{run:?}"
+    );
+
+    // Without a window of recent ids the store does not see an id come again;
+    // verify does.
+    let twice = tmp.path().join("twice");
+    let id = EventId::new();
+    {
+        let store = EventStore::<Bank>::builder().recent_ids(0).open(&twice)?;
+        store.append("a", Expected::Any, [NewEvent::new(Bank::Closed).with_id(id)])?;
+        store.append("b", Expected::Any, [NewEvent::new(Bank::Closed).with_id(id)])?;
+    }
+    let run = check("verify", &twice, &[])?;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stdout.contains(&format!("event id {id} comes twice: at positions 0 and 1")),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("journal-00000000000000000000.log at byte "), "{run:?}");
+    Ok(())
+}
+
+#[test]
 fn verify_reports_on_a_store_a_running_program_has_open() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("events");
