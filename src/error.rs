@@ -503,6 +503,40 @@ pub enum Error {
         /// The first event appended since the base that it conflicts with.
         theirs: crate::events::EventRef,
     },
+    /// A directory given to read an event store's journal holds no event store:
+    /// no journal, or the journal of a `Prevayler` or of a journaled cell.
+    #[error("`{}` holds no event store: {reason}", path.display())]
+    #[non_exhaustive]
+    NotAnEventStore {
+        /// The directory.
+        path: PathBuf,
+        /// What it holds instead.
+        reason: String,
+    },
+    /// A journal changed under a reader that does not lock it in a way the reader
+    /// cannot follow: a file it needs disappeared, or events it read were voided.
+    #[error("the journal changed under its reader at `{}`: {reason}", path.display())]
+    #[non_exhaustive]
+    JournalChanged {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// What changed.
+        reason: String,
+    },
+    /// An event's data could not be read back without its Rust type, from the
+    /// structure of its type that the journal records (or it records none).
+    #[error(
+        "the data of event {position} (of type `{event_type}`) cannot be read from its recorded structure: {reason}"
+    )]
+    #[non_exhaustive]
+    EventData {
+        /// The event's position.
+        position: u64,
+        /// The event's type.
+        event_type: String,
+        /// Why.
+        reason: String,
+    },
     /// A file-system operation on the store failed.
     #[error("i/o failure on `{}`: {source}", path.display())]
     #[non_exhaustive]

@@ -50,6 +50,8 @@ use serde_reflection::{
 
 use crate::codec::{checksum, read_u32, read_u64, u32_bytes, u64_bytes};
 
+pub(crate) mod value;
+
 /// The structure of a type as serde reads it: the root format and every named
 /// container (struct or enum) reachable from it.
 ///

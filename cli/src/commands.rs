@@ -9,10 +9,14 @@ use std::{
 
 use instastate::{EncryptionKey, Error, Prevayler, Store, StoreBuilder, prevalence::JournalReport};
 
-use crate::{Chain, Failure, StoreArgs, format, key};
+use crate::{Chain, Failure, StoreArgs, events, format, key};
 
 /// `list`: a table of every stored value, then counts; for a journal, its summary.
 pub(crate) fn list(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    if let Some(raw) = events::try_open(args)? {
+        events::list(args, &raw, out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(inspected) = inspect_journal(args)? {
         let report = inspected?;
         let snapshot = report.snapshot.map_or_else(|| "-".to_owned(), |it| it.to_string());
@@ -121,6 +125,9 @@ pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode
 
 /// `verify`: every problem, or that the store is sound; exit status 1 for problems.
 pub(crate) fn verify(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    if let Some(code) = events::verify(args, out)? {
+        return Ok(code);
+    }
     if let Some(inspected) = inspect_journal(args)? {
         return verify_journal(args, inspected, out);
     }
@@ -346,7 +353,7 @@ fn builder(args: &StoreArgs) -> Result<StoreBuilder, Failure> {
 }
 
 /// The key in the key file `args` names, if it names one.
-fn read_key(args: &StoreArgs) -> Result<Option<EncryptionKey>, Failure> {
+pub(crate) fn read_key(args: &StoreArgs) -> Result<Option<EncryptionKey>, Failure> {
     let Some(path) = &args.key_file else { return Ok(None) };
     let contents = fs::read(path).map_err(|err| {
         Failure::Message(format!("cannot read key file {}: {err}", path.display()))
@@ -420,10 +427,10 @@ fn dir_size(dir: &Path) -> Result<u64, Failure> {
 }
 
 /// `n` and `noun`, plural unless `n` is 1: `1 value`, `3 values`.
-fn plural(n: usize, noun: &str) -> String {
+pub(crate) fn plural(n: usize, noun: &str) -> String {
     plural_u64(n as u64, noun)
 }
 
-fn plural_u64(n: u64, noun: &str) -> String {
+pub(crate) fn plural_u64(n: u64, noun: &str) -> String {
     if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
 }

@@ -4,12 +4,15 @@
 //! Every command opens the store without cells, so every saved value is visible,
 //! and refuses to create a store where there is none. `list`, `history` and
 //! `verify` also take a `Prevayler`'s journal directory, which they inspect without
-//! changing it. Exit codes: 0 success, 1 the
-//! store is not sound (`verify` only), 2 any other failure.
+//! changing it. `list`, `verify`, `read` and `follow` take an event store's
+//! directory, which they read without changing it, also while its program runs.
+//! Exit codes: 0 success, 1 the store is not sound (`verify` only), 2 any other
+//! failure.
 
 #![forbid(unsafe_code)]
 
 mod commands;
+mod events;
 mod format;
 mod key;
 
@@ -24,6 +27,11 @@ use instastate::Error;
 /// process at a time. This tool never creates a store by accident: given a directory
 /// that does not exist or holds no store, it refuses. Only `import --create` makes a
 /// new store, and only in a directory that does not exist yet.
+///
+/// Event stores (`instastate::events::EventStore`) are the exception: `list`,
+/// `read`, `follow` and `verify` read one without its program's event type, change
+/// nothing in its directory, and work while the program runs and appends (they then
+/// read without a lock, and only what is written whole).
 #[derive(Debug, Parser)]
 #[command(name = "instastate", version, propagate_version = true)]
 #[command(
@@ -36,11 +44,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// List every stored value: name, type, schema, size, save number and time
+    /// List every stored value, or an event store's streams
     ///
-    /// Values no cell of the program claims (cells renamed, moved or deleted) are
-    /// marked `orphan`; values whose record cannot be read are marked `damaged`.
+    /// For a store of cells: name, type, schema, size, save number and time of every
+    /// value. Values no cell of the program claims (cells renamed, moved or deleted)
+    /// are marked `orphan`; values whose record cannot be read are marked `damaged`.
     /// Times are in UTC.
+    ///
+    /// For an event store: its head position, event and append counts, event type
+    /// and encryption, then every stream with its event count and last version.
     List(StoreArgs),
     /// Show the saves the store's history keeps, with the cells each one changed
     History(StoreArgs),
@@ -50,7 +62,30 @@ enum Command {
     /// to open is reported as not sound too. The journals of the store's journaled
     /// cells are checked as opening them would; so is a Prevayler directory given in
     /// place of a store, without changing it.
+    ///
+    /// An event store is checked through: every frame's checksum, every batch,
+    /// positions and stream versions without gaps and in order, no event id twice,
+    /// and every checkpoint against the journal. Each problem names its file and
+    /// byte offset. A store that a running program has open is checked too, without
+    /// a lock, as far as it is written whole; the report says so.
     Verify(StoreArgs),
+    /// Print the events of an event store's stream, or of all of them (`$all`)
+    ///
+    /// One line per event: position, stream and version, time (UTC), type, id, the
+    /// data read back from the structure of the event type that the store records
+    /// (or its bytes in hex, with why, when it cannot be), then causation,
+    /// correlation and tags when the event has them. With --json, one JSON object per
+    /// line instead, its `data` as `serde_json` would write the program's own type.
+    /// Works while the program runs. Quote `$all` in a shell: '$all'.
+    Read(ReadArgs),
+    /// Print an event store's new events as its running program appends them
+    ///
+    /// Like `tail -f`: from the head (or --from), every event of the store, of one
+    /// stream or of the streams with a prefix, once each and in order, until
+    /// stopped (Ctrl-C). Takes no lock, so the program can start, append and stop
+    /// meanwhile; reads only frames written whole, and waits for an unfinished one.
+    /// Output as `read`'s.
+    Follow(FollowArgs),
     /// Write the store's last save to one portable file
     ///
     /// The file holds every stored value, orphans included, with its name, type and
@@ -86,6 +121,62 @@ enum Command {
     PruneOrphans(StoreArgs),
     /// Rewrite the store's files to hold only live data; prints the size before and after
     Compact(StoreArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReadArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The stream to read, or `$all` for every event in position order
+    #[arg(value_name = "STREAM", default_value = "$all")]
+    stream: String,
+    /// Read from the last event back
+    #[arg(long)]
+    backward: bool,
+    /// Start at this version of the stream, or position of `$all` (included)
+    #[arg(long, value_name = "N")]
+    from: Option<u64>,
+    /// Print at most N events
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// Only the events of this type (the variant name)
+    #[arg(long = "type", value_name = "TYPE")]
+    event_type: Option<String>,
+    /// Only the events of streams whose id starts with PREFIX (`$all` only)
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// One JSON object per line
+    #[arg(long)]
+    json: bool,
+    /// Also the events the store no longer reads (deleted, truncated, past a
+    /// retention rule), marked `removed`
+    #[arg(long)]
+    removed: bool,
+}
+
+#[derive(Debug, Args)]
+struct FollowArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Only the events of this stream
+    #[arg(long, value_name = "STREAM", conflicts_with = "prefix")]
+    stream: Option<String>,
+    /// Only the events of streams whose id starts with PREFIX
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// Start at this position (with --stream: version), included; by default only
+    /// the events appended from now on are printed
+    #[arg(long, value_name = "N")]
+    from: Option<u64>,
+    /// Only the events of this type (the variant name)
+    #[arg(long = "type", value_name = "TYPE")]
+    event_type: Option<String>,
+    /// One JSON object per line
+    #[arg(long)]
+    json: bool,
+    /// How often to look for new events, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    poll_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -131,6 +222,8 @@ fn run(command: Command) -> Result<ExitCode, Failure> {
         Command::List(args) => commands::list(&args, out),
         Command::History(args) => commands::history(&args, out),
         Command::Verify(args) => commands::verify(&args, out),
+        Command::Read(args) => events::read(&args, out),
+        Command::Follow(args) => events::follow(&args, out),
         Command::Export { store, file } => commands::export(&store, &file, out),
         Command::Import { store, file, create } => commands::import(&store, &file, create, out),
         Command::PruneOrphans(args) => commands::prune_orphans(&args, out),

@@ -174,7 +174,7 @@ impl<E> NewEvent<E> {
     /// The same event, linked to triggers (coherence's word): an effect on one of
     /// them ([`EventStore::append_effect`](super::EventStore::append_effect)) makes
     /// subscriptions replay every event of the aggregates (tags) this event
-    /// touches. An event holding [`Sealed`](super::Sealed) data is linked to its
+    /// touches. An event holding `Sealed` data is linked to its
     /// subjects without asking.
     #[must_use]
     pub fn linked_to<T: Into<String>>(

@@ -18,7 +18,7 @@ use foldhash::fast::RandomState;
 
 use serde::{Deserialize, Serialize};
 
-use super::batch::{BatchHead, Links, Removal, Rules};
+use super::batch::{self, BatchHead, Command, Links, Removal, Rules};
 
 /// A stream's number in the index.
 pub(crate) type StreamIdx = u32;
@@ -264,6 +264,33 @@ impl Index {
                 self.tags.insert(tag.to_owned(), vec![tagged]);
             }
         }
+    }
+
+    /// Commits journal event `seq`, the command `bytes` read back from the journal,
+    /// as opening the store does. Returns a description of what is wrong with a
+    /// command that does not decode or does not follow what the index holds.
+    pub(crate) fn replay(&mut self, seq: u64, bytes: &[u8]) -> Result<(), String> {
+        let stream_ok =
+            |stream: &str| super::stream_id::check(stream).map_err(|err| err.to_string());
+        match batch::decode_command(bytes).map_err(|fault| fault.to_string())? {
+            Command::Append(head) => {
+                let links = head.links().map_err(|fault| fault.to_string())?;
+                self.commit(seq, &head)?;
+                self.note_batch_links(&head, &links);
+            }
+            Command::Delete { stream, removal, before } => {
+                stream_ok(stream)?;
+                self.commit_command(seq, stream, |life| life.remove(removal, before))?;
+            }
+            Command::Retention { stream, rules } => {
+                stream_ok(stream)?;
+                self.commit_command(seq, stream, |life| life.rules = rules)?;
+            }
+            Command::Effect { trigger, reason, forgotten } => {
+                self.commit_effect(seq, trigger, reason, forgotten)?;
+            }
+        }
+        Ok(())
     }
 
     /// Commits journal event `seq`, a command removing events of stream `stream`

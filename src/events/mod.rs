@@ -65,6 +65,7 @@ mod effect;
 mod event;
 mod index;
 mod locate;
+mod raw;
 mod read;
 #[cfg(feature = "encryption")]
 mod seal;
@@ -92,6 +93,10 @@ pub use self::{
     delete::Retention,
     effect::{Effect, FORGOTTEN},
     event::{EventId, Metadata, NewEvent, Position, RecordedEvent},
+    raw::{
+        Damage, Locking, RawEvent, RawEventIter, RawEvents, RawEventsBuilder, RawRead,
+        StreamSummary, Verified,
+    },
     read::{Events, ReadAll, ReadStream},
     subscribe::{Delivery, SubscribeAll, SubscribeStream, Subscription},
 };
@@ -102,6 +107,7 @@ use self::{
     subscribe::Signal,
 };
 pub use crate::journal::{Durability, Recovered, Recovery};
+pub use crate::shape::value::{Fields, RawValue};
 use crate::{
     Error, Result, Timestamp,
     crypt::Sealer,
@@ -475,28 +481,8 @@ impl Loaded {
             offset: event.offset,
             reason: format!("event {}: {reason}", event.seq),
         };
-        let command = batch::decode_command(event.bytes).map_err(|fault| bad(fault.to_string()))?;
         let index = &mut self.index;
-        match command {
-            batch::Command::Append(head) => {
-                let links = head.links().map_err(|fault| bad(fault.to_string()))?;
-                index.commit(event.seq, &head).map_err(bad)?;
-                index.note_batch_links(&head, &links);
-            }
-            batch::Command::Delete { stream, removal, before } => {
-                stream_id::check(stream).map_err(|err| bad(err.to_string()))?;
-                index
-                    .commit_command(event.seq, stream, |life| life.remove(removal, before))
-                    .map_err(bad)?;
-            }
-            batch::Command::Retention { stream, rules } => {
-                stream_id::check(stream).map_err(|err| bad(err.to_string()))?;
-                index.commit_command(event.seq, stream, |life| life.rules = rules).map_err(bad)?;
-            }
-            batch::Command::Effect { trigger, reason, forgotten } => {
-                index.commit_effect(event.seq, trigger, reason, forgotten).map_err(bad)?;
-            }
-        }
+        index.replay(event.seq, event.bytes).map_err(bad)?;
         index.last_at = event.at.as_micros();
         self.frames.record(event.file, event.seq, event.offset);
         Ok(())
@@ -758,7 +744,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// Writes a copy of the store, as of this call, to the new directory `path`,
     /// while appends go on: the journal files and checkpoints, durable when this
     /// returns. The subject keys are left out: a backup holds sealed data that only
-    /// the live key file opens ([`EventStoreBuilder::subject_keys`]), so that
+    /// the live key file opens (`EventStoreBuilder::subject_keys`, with the `encryption` feature), so that
     /// forgetting a subject also shreds its data in every backup.
     ///
     /// # Errors

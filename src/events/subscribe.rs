@@ -97,14 +97,14 @@ pub enum Delivery<E> {
     /// The store closed (its last handle went away); nothing follows.
     Stopped,
     /// An effect on a trigger ([`EventStore::append_effect`],
-    /// [`EventStore::forget_subject`](super::EventStore::forget_subject)), where it
+    /// `EventStore::forget_subject`), where it
     /// was appended among the events: drop what was built from its aggregates; the
     /// events to build them again from follow as [`Delivery::Replayed`]. Only
     /// subscriptions to `$all` deliver effects.
     Effect(Effect),
     /// An event before the last [`Delivery::Effect`], delivered again because it
     /// belongs to an aggregate the effect affects; as it reads now (its
-    /// [`Sealed`](super::Sealed) values shredded if their subject was forgotten).
+    /// `Sealed` values shredded if their subject was forgotten).
     Replayed(RecordedEvent<E>),
 }
 

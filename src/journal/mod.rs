@@ -3,7 +3,8 @@
 //!
 //! Split like fjall's journal: `format` (the bytes), `writer`, `recovery` (reading a
 //! directory back, torn tails and damage), `snapshot` (snapshot files), `inspect`
-//! (the same checks without the types, changing nothing), and this
+//! (the same checks without the types, changing nothing), `scan` (reading the frames
+//! in order without a lock, while a program may append), and this
 //! module: the public types and `open_state`, the one recovery path. The writer
 //! assigns every event its number and timestamp, appends it to the journal, makes it
 //! as durable as the [`Durability`] asks, and only then runs the event's job (which
@@ -31,6 +32,7 @@
 pub(crate) mod format;
 mod inspect;
 mod recovery;
+mod scan;
 mod snapshot;
 mod writer;
 
@@ -47,7 +49,9 @@ use serde::{Serialize, de::DeserializeOwned};
 pub(crate) use self::inspect::inspect;
 pub use self::{inspect::JournalReport, recovery::Recovered};
 pub(crate) use self::{
-    recovery::journal_files,
+    recovery::{journal_files, snapshot_files},
+    scan::{Scanned, Scanner, Start, Step, Tail, read_header, vanished},
+    snapshot::{LoadedSnapshot, load as load_snapshot, load_newest as load_newest_snapshot},
     writer::{Files, Journal, Prepared, now_micros},
 };
 use crate::{

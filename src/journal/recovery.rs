@@ -562,13 +562,13 @@ fn replay_found(
 
 /// Whether a sound frame starts anywhere in `bytes` after `offset`: if so, the bad
 /// bytes at `offset` are damage, not a torn last write.
-fn sound_after(bytes: &[u8], offset: usize) -> bool {
+pub(super) fn sound_after(bytes: &[u8], offset: usize) -> bool {
     (offset + 1..bytes.len()).any(|start| {
         matches!(format::read_frame(bytes.get(start..).unwrap_or_default()), Read::Frame(..))
     })
 }
 
-fn open_event<'a>(
+pub(super) fn open_event<'a>(
     sealer: &Sealer,
     seq: u64,
     stored: &'a [u8],

@@ -59,48 +59,69 @@ pub(crate) fn load_newest(
     unsound: &mut Vec<PathBuf>,
 ) -> Result<Option<LoadedSnapshot>> {
     for (events, path) in recovery::snapshot_files(io, dir)?.into_iter().rev() {
-        let bytes = io.read(&path).map_err(Error::io(&path))?;
-        let (header, len) = match Header::decode(&bytes, true) {
-            Ok(it) => it,
-            // A damaged snapshot, its version field included, is passed over: the
-            // one before it and the journal after it hold the same events.
-            Err(HeaderFault::Damaged(_)) => {
-                unsound.push(path);
-                continue;
-            }
-            Err(HeaderFault::Version(found)) => {
-                return Err(Error::FormatVersion { path, found, expected: format::FORMAT_VERSION });
-            }
-        };
-        if let Some(identity) = identity {
-            check_identity(&header, &path, identity)?;
+        match load(io, &path, events, identity, sealer)? {
+            Ok(loaded) => return Ok(Some(loaded)),
+            Err(_) => unsound.push(path),
         }
-        check_sealed_snapshot(&header, &path, sealer)?;
-        let stored = bytes.get(len..).unwrap_or_default();
-        let sound_body = matches!(header.extra, Extra::Body { len, crc } if len == stored.len() as u64 && crc == crc32fast::hash(stored));
-        if !sound_body || header.events != events {
-            unsound.push(path);
-            continue;
-        }
-        let body = if !sealer.is_on() {
-            stored.to_vec()
-        } else if header.version == format::FORMAT_V1 {
-            // Version 1 sealed a snapshot whole.
-            let Ok(plain) = sealer.open(&aad(events), stored) else {
-                unsound.push(path);
-                continue;
-            };
-            plain.into_owned()
-        } else {
-            let Ok(plain) = sealer.open_file(&aad(events), stored.to_vec()) else {
-                unsound.push(path);
-                continue;
-            };
-            plain
-        };
-        return Ok(Some(LoadedSnapshot { path, events, at: header.at, body }));
     }
     Ok(None)
+}
+
+/// Reads the snapshot at `path`, which its name says covers `events` events: the
+/// snapshot, or why it is damaged. Type (unless `identity` is `None`), version and
+/// key mismatches are errors, not damage.
+pub(crate) fn load(
+    io: &Io,
+    path: &Path,
+    events: u64,
+    identity: Option<&Identity>,
+    sealer: &Sealer,
+) -> Result<std::result::Result<LoadedSnapshot, String>> {
+    let bytes = io.read(path).map_err(Error::io(path))?;
+    let (header, len) = match Header::decode(&bytes, true) {
+        Ok(it) => it,
+        // A damaged snapshot, its version field included, is passed over: the
+        // one before it and the journal after it hold the same events.
+        Err(HeaderFault::Damaged(reason)) => {
+            return Ok(Err(format!("its header is damaged: {reason}")));
+        }
+        Err(HeaderFault::Version(found)) => {
+            let path = path.to_path_buf();
+            return Err(Error::FormatVersion { path, found, expected: format::FORMAT_VERSION });
+        }
+    };
+    if let Some(identity) = identity {
+        check_identity(&header, path, identity)?;
+    }
+    check_sealed_snapshot(&header, path, sealer)?;
+    let stored = bytes.get(len..).unwrap_or_default();
+    let sound_body = matches!(header.extra, Extra::Body { len, crc } if len == stored.len() as u64 && crc == crc32fast::hash(stored));
+    if !sound_body {
+        return Ok(
+            Err("its body does not match the length and checksum its header records".into()),
+        );
+    }
+    if header.events != events {
+        return Ok(Err(format!(
+            "its header says it covers {} events, its name says {events}",
+            header.events
+        )));
+    }
+    let body = if !sealer.is_on() {
+        stored.to_vec()
+    } else if header.version == format::FORMAT_V1 {
+        // Version 1 sealed a snapshot whole.
+        let Ok(plain) = sealer.open(&aad(events), stored) else {
+            return Ok(Err("its body cannot be opened with the key".into()));
+        };
+        plain.into_owned()
+    } else {
+        let Ok(plain) = sealer.open_file(&aad(events), stored.to_vec()) else {
+            return Ok(Err("its body cannot be opened with the key".into()));
+        };
+        plain
+    };
+    Ok(Ok(LoadedSnapshot { path: path.to_path_buf(), events, at: header.at, body }))
 }
 
 fn check_sealed_snapshot(header: &Header, path: &Path, sealer: &Sealer) -> Result<()> {

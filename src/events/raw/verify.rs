@@ -1,0 +1,355 @@
+//! Checking an event store through and through, without its event type and without
+//! changing it: [`RawEventsBuilder::verify`](super::RawEventsBuilder::verify).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    Error, Result,
+    crypt::Sealer,
+    events::{
+        batch,
+        index::{Checkpoint, Frames, Index, UNKNOWN_OFFSET},
+    },
+    io::Io,
+    journal::{self, Scanner, Start, Step, Tail, format::journal_name},
+    lockfile::Look,
+    shape::{Shape, value},
+};
+
+/// What checking an event store found; see
+/// [`RawEventsBuilder::verify`](super::RawEventsBuilder::verify).
+///
+/// The check reads every journal file from the first: every frame's checksum, the
+/// numbering of the journal events and the links between files, every batch (which
+/// must decode whole), the positions (gap-free, in order), every stream's versions
+/// (gap-free), the event ids (none twice), and every checkpoint (each must read back
+/// and agree with the journal up to where it was taken). When nobody has the store
+/// open, it also makes the checks opening the store makes of the journal's ends.
+/// When a program has the store open, it checks what is written whole, and passes
+/// over an unfinished frame at the end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Verified {
+    /// Whether a program had the store open, so that it was read without a lock.
+    pub open_elsewhere: bool,
+    /// The events checked (the positions up to the first damage).
+    pub events: u64,
+    /// The journal events (appends) checked.
+    pub appends: u64,
+    /// The streams found.
+    pub streams: u64,
+    /// The checkpoints that were checked against the journal and agree with it.
+    pub checkpoints: u64,
+    /// What is wrong, in the order found: the first damage of the journal (after
+    /// which it cannot be read), and damaged or disagreeing checkpoints. Empty when
+    /// the store is sound.
+    pub problems: Vec<Damage>,
+    /// The bytes of a torn last write (of no acknowledged append), which opening the
+    /// store cuts off: not damage.
+    pub torn_bytes: u64,
+    /// Checkpoints that a program removed while they were being checked.
+    pub checkpoints_gone: u64,
+    /// How many events' data did not read back from the structure the journal
+    /// records for the event type (0 when it records none), and the first of them.
+    /// Not counted as damage: the tool's reading of the data without the type can
+    /// be wrong where the program's is right.
+    pub undecoded_data: u64,
+    /// Why the first event's data in `undecoded_data` did not read back.
+    pub first_undecoded: Option<String>,
+}
+
+/// A problem found, where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Damage {
+    /// The file.
+    pub path: PathBuf,
+    /// The byte offset in it.
+    pub offset: u64,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl Verified {
+    /// Whether nothing is wrong.
+    #[must_use]
+    pub fn is_sound(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// One pass over the journal, stopped when a void of events already checked
+/// comes: the pass starts again without them.
+enum Pass {
+    Done(Verified),
+    Again((u64, u64)),
+}
+
+pub(super) fn verify(
+    io: &Io,
+    dir: &Path,
+    sealer: &Sealer,
+    tail: Tail,
+    shape: &std::result::Result<Shape, String>,
+) -> Result<Verified> {
+    let mut voided = Vec::new();
+    loop {
+        match pass(io, dir, sealer, tail, shape, &voided)? {
+            Pass::Done(verified) => return Ok(verified),
+            Pass::Again(void) => voided.push(void),
+        }
+    }
+}
+
+/// The state of one pass.
+struct Check<'a> {
+    io: &'a Io,
+    sealer: &'a Sealer,
+    tail: Tail,
+    shape: Option<&'a Shape>,
+    index: Index,
+    /// Where every event's frame is.
+    frames: Frames,
+    /// Every event id, and its position.
+    ids: HashMap<[u8; 16], u64>,
+    /// The checkpoints not checked yet, by the journal events they cover.
+    checkpoints: BTreeMap<u64, PathBuf>,
+    verified: Verified,
+}
+
+fn pass(
+    io: &Io,
+    dir: &Path,
+    sealer: &Sealer,
+    tail: Tail,
+    shape: &std::result::Result<Shape, String>,
+    voided: &[(u64, u64)],
+) -> Result<Pass> {
+    // Listed first: a checkpoint is written after the events it covers, so the scan
+    // that follows finds them.
+    let checkpoints = journal::snapshot_files(io, dir)?.into_iter().collect();
+    let mut check = Check {
+        io,
+        sealer,
+        tail,
+        shape: shape.as_ref().ok(),
+        index: Index::new(0),
+        frames: Frames::default(),
+        ids: HashMap::new(),
+        checkpoints,
+        verified: Verified::default(),
+    };
+    let mut scanner =
+        Scanner::new(io.clone(), dir.to_path_buf(), sealer.clone(), tail, Start::default());
+    loop {
+        let step = match scanner.step() {
+            Ok(step) => step,
+            Err(Error::JournalCorrupt { path, offset, reason }) => {
+                check.verified.problems.push(Damage { path, offset, reason });
+                break;
+            }
+            Err(err) => return Err(err),
+        };
+        match step {
+            Step::Pending => break,
+            Step::Void { first, last } => {
+                let checked = first < scanner.next_seq();
+                if checked && !voided.contains(&(first, last)) {
+                    return Ok(Pass::Again((first, last)));
+                }
+            }
+            Step::Event(event) => {
+                check.checkpoints_before(event.seq)?;
+                if voided.iter().any(|(first, last)| (*first..=*last).contains(&event.seq)) {
+                    continue;
+                }
+                let path = dir.join(journal_name(event.file));
+                if let Err(reason) = check.event(&event) {
+                    let damage = Damage { path, offset: event.offset, reason };
+                    check.verified.problems.push(damage);
+                    break;
+                }
+            }
+        }
+    }
+    let damaged = !check.verified.problems.is_empty();
+    check.checkpoints_before(scanner.next_seq())?;
+    if !damaged {
+        let held = scanner.next_seq();
+        let beyond: Vec<(u64, PathBuf)> =
+            std::mem::take(&mut check.checkpoints).into_iter().collect();
+        for (events, path) in beyond {
+            let reason = format!(
+                "the checkpoint covers {events} journal events, and the journal holds {held}"
+            );
+            check.verified.problems.push(Damage { path, offset: 0, reason });
+        }
+    }
+    let mut verified = check.verified;
+    verified.events = check.index.committed;
+    verified.appends = check.index.journal_events();
+    verified.streams = check.index.streams.len() as u64;
+    verified.torn_bytes = scanner.torn().map_or(0, |torn| torn.bytes);
+    Ok(Pass::Done(verified))
+}
+
+impl Check<'_> {
+    /// Checks one journal event: its batch, positions, versions and ids, and its
+    /// events' data.
+    fn event(&mut self, event: &journal::Scanned) -> std::result::Result<(), String> {
+        let seq = event.seq;
+        let command =
+            batch::decode_command(&event.plain).map_err(|fault| format!("event {seq}: {fault}"))?;
+        let (first, events) = match command {
+            batch::Command::Append(_) => {
+                batch::decode(&event.plain).map_err(|fault| format!("event {seq}: {fault}"))?
+            }
+            // A delete, a retention rule or an effect: no event of its own.
+            _ => (0, Vec::new()),
+        };
+        // Positions follow the last event's, and each stream's versions its last.
+        self.index.replay(seq, &event.plain).map_err(|reason| format!("event {seq}: {reason}"))?;
+        self.index.last_at = event.at.as_micros();
+        self.frames.record(event.file, seq, event.offset);
+        for (event, position) in events.iter().zip(first..) {
+            if let Some(earlier) = self.ids.insert(event.id, position) {
+                let id = crate::events::EventId::from_bytes(event.id);
+                return Err(format!(
+                    "event id {id} comes twice: at positions {earlier} and {position}"
+                ));
+            }
+            if let Some(shape) = self.shape
+                && let Err(reason) = value::decode(shape, event.data)
+            {
+                self.verified.undecoded_data += 1;
+                self.verified.first_undecoded.get_or_insert_with(|| {
+                    format!("event {position} (`{}`): {reason}", event.event_type)
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the checkpoints covering `seq` journal events or fewer against the
+    /// index, which holds the first `seq`.
+    fn checkpoints_before(&mut self, seq: u64) -> Result<()> {
+        while let Some(entry) = self.checkpoints.first_entry() {
+            let events = *entry.key();
+            if seq < events {
+                break;
+            }
+            let path = entry.remove();
+            if events < seq {
+                // Passed without being checked: the journal's numbering skips it.
+                let reason = format!(
+                    "the checkpoint covers {events} journal events, which the journal does not end at"
+                );
+                self.verified.problems.push(Damage { path, offset: 0, reason });
+                continue;
+            }
+            let loaded = match journal::load_snapshot(self.io, &path, events, None, self.sealer) {
+                Ok(Ok(loaded)) => loaded,
+                Ok(Err(reason)) => {
+                    self.verified.problems.push(Damage { path, offset: 0, reason });
+                    continue;
+                }
+                Err(Error::Io { source, .. })
+                    if self.tail == Tail::Live && source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    self.verified.checkpoints_gone += 1;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            match self.agrees(&loaded) {
+                Ok(()) => self.verified.checkpoints += 1,
+                Err(reason) => self.verified.problems.push(Damage { path, offset: 0, reason }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the checkpoint `loaded` holds what the index holds.
+    fn agrees(&self, loaded: &journal::LoadedSnapshot) -> std::result::Result<(), String> {
+        let checkpoint: Checkpoint =
+            journal::decode(&loaded.body, &loaded.path, || "the checkpoint".into())
+                .map_err(|err| format!("the checkpoint does not decode: {err}"))?;
+        let (saved, frames) = Index::restore(checkpoint, 0);
+        let ours = &self.index;
+        let differs =
+            |what: String| Err(format!("the checkpoint disagrees with the journal: {what}"));
+        if saved.committed != ours.committed {
+            return differs(format!(
+                "it holds {} events, the journal {}",
+                saved.committed, ours.committed
+            ));
+        }
+        if saved.journal_events() != ours.journal_events() {
+            return differs(format!(
+                "it holds {} appends, the journal {}",
+                saved.journal_events(),
+                ours.journal_events()
+            ));
+        }
+        if saved.streams.len() != ours.streams.len() {
+            return differs(format!(
+                "it holds {} streams, the journal {}",
+                saved.streams.len(),
+                ours.streams.len()
+            ));
+        }
+        for (theirs, mine) in saved.streams.iter().zip(&ours.streams) {
+            if theirs.name != mine.name || theirs.seqs != mine.seqs {
+                return differs(format!("stream `{}` is not as the journal has it", theirs.name));
+            }
+        }
+        for seq in 0..ours.journal_events() {
+            if saved.start_of(seq) != ours.start_of(seq) {
+                return differs(format!("append {seq} starts at another position"));
+            }
+        }
+        if saved.last_at != ours.last_at || loaded.at != ours.last_at {
+            return differs("its time is not the last append's".into());
+        }
+        for (file, offsets) in &frames.files {
+            for (seq, offset) in (*file..).zip(offsets) {
+                let known =
+                    self.frames.find(seq).and_then(|(found, at)| (found == *file).then_some(at?));
+                if *offset != UNKNOWN_OFFSET && known != Some(*offset) {
+                    return differs(format!(
+                        "it puts append {seq} at byte {offset} of {}",
+                        journal_name(*file)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adds what opening the store would find of the journal's ends (its clean close,
+/// its last file) to `verified`, under the shared lock `look`, held meanwhile.
+pub(super) fn check_as_opening(
+    io: &Io,
+    dir: &Path,
+    sealer: &Sealer,
+    look: Look,
+    mut verified: Verified,
+) -> Result<Verified> {
+    if !verified.is_sound() {
+        return Ok(verified);
+    }
+    // The inspection takes a shared lock of its own, beside ours.
+    match journal::inspect(io, dir, sealer) {
+        Ok(_) => {}
+        Err(Error::JournalCorrupt { path, offset, reason }) => {
+            verified.problems.push(Damage { path, offset, reason });
+        }
+        Err(err) => return Err(err),
+    }
+    drop(look);
+    Ok(verified)
+}
