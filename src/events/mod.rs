@@ -62,6 +62,7 @@ mod batch;
 mod event;
 mod index;
 mod locate;
+mod project;
 mod read;
 mod stream_id;
 mod subscribe;
@@ -82,6 +83,7 @@ use serde::{Serialize, de::DeserializeOwned};
 pub use self::{
     append::{Append, Appended, Expected},
     event::{EventId, Metadata, NewEvent, Position, RecordedEvent},
+    project::{Projected, Projection, ProjectionBuilder},
     read::{Events, ReadAll, ReadStream},
     subscribe::{Delivery, SubscribeAll, SubscribeStream, Subscription},
 };
