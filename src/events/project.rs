@@ -491,7 +491,9 @@ impl Projection {
     }
 
     /// Stops it, waiting for its thread (which makes its last save, when it saves),
-    /// and returns the error that stopped it earlier, if one did.
+    /// and returns the error that stopped it earlier, if one did. Do not call it (nor
+    /// drop the projection) while holding a guard of its cell: its thread may be
+    /// waiting for the cell's lock, and would never stop.
     ///
     /// # Errors
     /// [`Error::ProjectionFailed`]: its handler failed, or reading the store or
