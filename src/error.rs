@@ -537,6 +537,65 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A projection stopped: its handler refused an event (or panicked on it), or
+    /// reading the event store or saving the projection's cell failed. The cell holds
+    /// every event before `position`, and no later one.
+    #[error("the projection into cell `{cell}` failed at position {position}: {source}")]
+    #[non_exhaustive]
+    ProjectionFailed {
+        /// The cell it projects into.
+        cell: String,
+        /// The position of the event it was at: the cell's position.
+        position: crate::events::Position,
+        /// Why: the handler's error, or the store's.
+        #[source]
+        source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// A projection stopped before the position waited for: it was stopped, a
+    /// rebuild replaced it, or the event store closed.
+    #[error("the projection into cell `{cell}` stopped at position {position}")]
+    #[non_exhaustive]
+    ProjectionStopped {
+        /// The cell it projects into.
+        cell: String,
+        /// The cell's position.
+        position: crate::events::Position,
+    },
+    /// A projection already runs into the cell; one projection at a time projects
+    /// into a cell.
+    #[error("cell `{cell}` already has a projection running into it")]
+    #[non_exhaustive]
+    ProjectionRunning {
+        /// The cell.
+        cell: String,
+    },
+    /// A projection's cell has applied events up to a position past the event store's
+    /// head: the store lost events that the cell's save counts (a buffered
+    /// [`Durability`](crate::events::Durability) not synced before the cell was saved),
+    /// or the cell was projected from another store. Nothing was changed; a rebuild
+    /// ([`ProjectionBuilder::rebuild_in`](crate::events::ProjectionBuilder::rebuild_in))
+    /// replaces the state with a fold of what the store holds.
+    #[error(
+        "cell `{cell}` holds a projection up to position {position}, past the event store's head {head}: the store lost events the cell applied, or the cell was projected from another store"
+    )]
+    #[non_exhaustive]
+    ProjectionAhead {
+        /// The cell.
+        cell: String,
+        /// The cell's position.
+        position: crate::events::Position,
+        /// The store's head: the position of its next event.
+        head: crate::events::Position,
+    },
+    /// A projection that cannot run as asked; nothing was started.
+    #[error("cell `{cell}` cannot be projected into: {reason}")]
+    #[non_exhaustive]
+    InvalidProjection {
+        /// The cell.
+        cell: String,
+        /// Why.
+        reason: String,
+    },
     /// A file-system operation on the store failed.
     #[error("i/o failure on `{}`: {source}", path.display())]
     #[non_exhaustive]

@@ -35,6 +35,8 @@ pub struct Effect {
     pub aggregates: Vec<String>,
     /// Where it came: after the events before this position.
     pub position: Position,
+    /// Its number among the store's effects, from 0.
+    pub number: u64,
 }
 
 impl<E: Serialize + DeserializeOwned> EventStore<E> {

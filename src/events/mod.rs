@@ -65,6 +65,7 @@ mod effect;
 mod event;
 mod index;
 mod locate;
+mod project;
 mod raw;
 mod read;
 #[cfg(feature = "encryption")]
@@ -93,6 +94,7 @@ pub use self::{
     delete::Retention,
     effect::{Effect, FORGOTTEN},
     event::{EventId, Metadata, NewEvent, Position, RecordedEvent},
+    project::{Projected, Projection, ProjectionBuilder},
     raw::{
         Damage, Locking, RawEvent, RawEventIter, RawEvents, RawEventsBuilder, RawRead,
         StreamSummary, Verified,

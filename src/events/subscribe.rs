@@ -450,6 +450,7 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
             reason: effect.reason.clone(),
             aggregates,
             position: Position::new(effect.head),
+            number: self.effects_seen as u64,
         }));
         for position in positions {
             if let Some(event) = store.event_at(Position::new(position))?

@@ -283,6 +283,11 @@ impl fmt::Debug for Store {
 }
 
 impl Inner {
+    /// Whether the store holds the cell at `address` (a plain cell, not a journaled one).
+    pub(crate) fn holds(&self, address: usize) -> bool {
+        self.by_address.contains_key(&address)
+    }
+
     /// The store directory, or `:memory:`: what errors name.
     pub(crate) fn label(&self) -> &Path {
         &self.label

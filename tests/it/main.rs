@@ -16,6 +16,7 @@ mod history;
 mod journaled;
 mod model;
 mod prevalence;
+mod projections;
 mod read_only;
 mod save_reload;
 mod schema;

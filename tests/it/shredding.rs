@@ -181,3 +181,69 @@ fn a_sealed_value_outside_an_event_store_is_refused() {
     let sealed = Sealed::new("dave", 7u32);
     assert!(postcard::to_allocvec(&sealed).is_err(), "no key outside a store");
 }
+
+static OWNERS_DEFAULT: instastate::StateCell<instastate::events::Projected<Owners>> =
+    instastate::StateCell::new("shredding::OWNERS_DEFAULT", || {
+        instastate::events::Projected::new(Owners::new())
+    });
+static OWNERS_HOOKED: instastate::StateCell<instastate::events::Projected<Owners>> =
+    instastate::StateCell::new("shredding::OWNERS_HOOKED", || {
+        instastate::events::Projected::new(Owners::new())
+    });
+
+/// Projections into cells take the forget's effect: one rebuilds from 0 (no
+/// effect handler), one drops the affected aggregate and replays it; both end
+/// without the data, at the same position, and saved with it.
+#[test]
+fn projections_into_cells_rebuild_without_a_forgotten_subject() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let events = EventStore::<Account>::open(root.path().join("events"))?;
+    let cells = instastate::Store::builder()
+        .cell(&OWNERS_DEFAULT)
+        .cell(&OWNERS_HOOKED)
+        .open(root.path().join("cells"))?;
+    open_account(&events, 1, "Frank")?;
+    open_account(&events, 2, "Grace")?;
+    let handler = |owners: &mut Owners,
+                   event: &instastate::events::RecordedEvent<Account>|
+     -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        apply(owners, &event.stream, &event.data);
+        Ok(())
+    };
+    let default = events.projection(&OWNERS_DEFAULT).save_with(&cells).start(handler)?;
+    let hooked = events
+        .projection(&OWNERS_HOOKED)
+        .save_with(&cells)
+        .on_effect(|owners, effect| {
+            for aggregate in &effect.aggregates {
+                owners.remove(aggregate);
+            }
+            Ok(())
+        })
+        .start(handler)?;
+    let head = events.head();
+    default.wait_for(head)?;
+    hooked.wait_for(head)?;
+    let before = owned(&[("account-1", Some("Frank")), ("account-2", Some("Grace"))]);
+    assert_eq!(OWNERS_DEFAULT.read().state(), &before);
+
+    events.forget_subject("frank")?;
+    open_account(&events, 3, "Heidi")?;
+    let head = events.head();
+    default.wait_for(head)?;
+    hooked.wait_for(head)?;
+    let after =
+        owned(&[("account-1", None), ("account-2", Some("Grace")), ("account-3", Some("Heidi"))]);
+    assert_eq!(OWNERS_DEFAULT.read().state(), &after);
+    assert_eq!(OWNERS_HOOKED.read().state(), &after);
+    assert_eq!(OWNERS_DEFAULT.read().position(), head);
+    default.stop()?;
+    hooked.stop()?;
+    // What they saved last holds no trace of Frank (the store's history of earlier
+    // saves still does, until it is pruned: derived state is the program's own).
+    OWNERS_DEFAULT.set(instastate::events::Projected::new(Owners::new()));
+    cells.reload_all()?;
+    assert_eq!(OWNERS_DEFAULT.read().state(), &after);
+    assert_eq!(OWNERS_HOOKED.read().state(), &after);
+    Ok(())
+}
