@@ -659,11 +659,43 @@ impl Error {
 /// # }
 /// ```
 #[derive(Debug)]
-pub struct CodecError(pub(crate) postcard::Error);
+pub struct CodecError(pub(crate) CodecFault);
+
+/// What a codec reported.
+#[derive(Debug)]
+pub(crate) enum CodecFault {
+    Postcard(postcard::Error),
+    #[cfg(feature = "json")]
+    Json(serde_json::Error),
+    /// JSON data read by a build without the `json` feature.
+    #[cfg(not(feature = "json"))]
+    NeedsJson,
+}
+
+impl From<postcard::Error> for CodecError {
+    fn from(err: postcard::Error) -> CodecError {
+        CodecError(CodecFault::Postcard(err))
+    }
+}
+
+#[cfg(feature = "json")]
+impl From<serde_json::Error> for CodecError {
+    fn from(err: serde_json::Error) -> CodecError {
+        CodecError(CodecFault::Json(err))
+    }
+}
 
 impl fmt::Display for CodecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        match &self.0 {
+            CodecFault::Postcard(err) => fmt::Display::fmt(err, f),
+            #[cfg(feature = "json")]
+            CodecFault::Json(err) => write!(f, "JSON: {err}"),
+            #[cfg(not(feature = "json"))]
+            CodecFault::NeedsJson => f.write_str(
+                "the data is JSON, which this build (without feature `json`) does not read",
+            ),
+        }
     }
 }
 

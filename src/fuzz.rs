@@ -199,6 +199,7 @@ pub fn event_batch(data: &[u8]) {
             correlation: event.correlation,
             tags,
             triggers,
+            json: event.json,
             data: event.data,
         })
         .collect();
@@ -411,6 +412,7 @@ fn event_batch_seed() -> Vec<u8> {
             correlation: Some([3; 16]),
             tags: &tags,
             triggers: &tags,
+            json: false,
             data: b"\x05alice",
         },
         EventIn {
@@ -420,6 +422,7 @@ fn event_batch_seed() -> Vec<u8> {
             correlation: None,
             tags: &[],
             triggers: &[],
+            json: true,
             data: &[100],
         },
     ];

@@ -312,7 +312,7 @@ impl<T: Value> StateCell<T> {
         let body = postcard::to_allocvec(&*value).map_err(|source| Error::Encode {
             cell: self.name().to_owned(),
             type_name: std::any::type_name::<T>().to_owned(),
-            source: CodecError(source),
+            source: CodecError::from(source),
         })?;
         let events = attached.applied.load(Ordering::Acquire);
         Ok(Some(Encoded { body, events, at: attached.at.load(Ordering::Acquire), seq }))

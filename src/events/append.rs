@@ -97,6 +97,8 @@ pub(crate) struct Encoded {
     pub(crate) correlation: Option<EventId>,
     pub(crate) tags: Vec<String>,
     pub(crate) triggers: Vec<String>,
+    /// Whether `data` is JSON (else postcard).
+    pub(crate) json: bool,
     pub(crate) data: Vec<u8>,
 }
 
@@ -330,6 +332,7 @@ fn stored(event: &Encoded) -> EventIn<'_> {
         correlation: event.correlation.map(|id| *id.as_bytes()),
         tags: &event.tags,
         triggers: &event.triggers,
+        json: event.json,
         data: &event.data,
     }
 }

@@ -7,7 +7,7 @@
 //! part:     stream (length, UTF-8 bytes) | first version | event count | ids (16 bytes each)
 //! event body, one per event, parts in order:
 //!           event type (length, UTF-8 bytes)
-//!           | flags u8 (1: causation, 2: correlation, 4: triggers)
+//!           | flags u8 (1: causation, 2: correlation, 4: triggers, 8: data in JSON)
 //!           | causation (16 bytes, if flagged) | correlation (16 bytes, if flagged)
 //!           | tag count | tags (length, UTF-8 bytes each)
 //!           | trigger count, triggers (length, UTF-8 bytes each), if flagged
@@ -39,6 +39,7 @@ const FLAG_MAX_AGE: u8 = 2;
 const FLAG_CAUSATION: u8 = 1;
 const FLAG_CORRELATION: u8 = 2;
 const FLAG_TRIGGERS: u8 = 4;
+const FLAG_JSON: u8 = 8;
 
 /// The events of one stream, as a batch is made of them.
 pub(crate) struct PartIn<'a> {
@@ -55,6 +56,8 @@ pub(crate) struct EventIn<'a> {
     pub(crate) correlation: Option<[u8; 16]>,
     pub(crate) tags: &'a [String],
     pub(crate) triggers: &'a [String],
+    /// Whether `data` is JSON (else postcard).
+    pub(crate) json: bool,
     pub(crate) data: &'a [u8],
 }
 
@@ -97,6 +100,8 @@ pub(crate) struct EventOut<'a> {
     pub(crate) correlation: Option<[u8; 16]>,
     pub(crate) tags: Vec<&'a str>,
     pub(crate) triggers: Vec<&'a str>,
+    /// Whether `data` is JSON (else postcard).
+    pub(crate) json: bool,
     pub(crate) data: &'a [u8],
 }
 
@@ -247,7 +252,8 @@ pub(crate) fn encode(first_position: u64, parts: &[PartIn<'_>]) -> Vec<u8> {
         put_bytes(&mut out, event.event_type.as_bytes());
         let flags = if event.causation.is_some() { FLAG_CAUSATION } else { 0 }
             | if event.correlation.is_some() { FLAG_CORRELATION } else { 0 }
-            | if event.triggers.is_empty() { 0 } else { FLAG_TRIGGERS };
+            | if event.triggers.is_empty() { 0 } else { FLAG_TRIGGERS }
+            | if event.json { FLAG_JSON } else { 0 };
         out.push(flags);
         for id in [event.causation, event.correlation].into_iter().flatten() {
             out.extend_from_slice(&id);
@@ -333,6 +339,7 @@ struct Body<'a> {
     tags: &'a [u8],
     trigger_count: usize,
     triggers: &'a [u8],
+    json: bool,
     data: &'a [u8],
 }
 
@@ -344,7 +351,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFaul
     for part in &head.parts {
         for (k, id) in part.ids().enumerate() {
             let body = reader.body()?;
-            let Body { event_type, causation, correlation, data, .. } = body;
+            let Body { event_type, causation, correlation, json, data, .. } = body;
             let mut names = Reader(body.tags);
             let tags = (0..body.tag_count).map(|_| names.str()).collect::<Result<_, _>>()?;
             let mut names = Reader(body.triggers);
@@ -363,6 +370,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFaul
                 correlation,
                 tags,
                 triggers,
+                json,
                 data,
             });
         }
@@ -451,7 +459,7 @@ impl<'a> Reader<'a> {
     fn body(&mut self) -> Result<Body<'a>, BatchFault> {
         let event_type = self.str()?;
         let flags = self.byte()?;
-        if flags & !(FLAG_CAUSATION | FLAG_CORRELATION | FLAG_TRIGGERS) != 0 {
+        if flags & !(FLAG_CAUSATION | FLAG_CORRELATION | FLAG_TRIGGERS | FLAG_JSON) != 0 {
             return Err(BatchFault::Malformed("an event's flags are unknown"));
         }
         let causation = if flags & FLAG_CAUSATION == 0 { None } else { Some(self.id()?) };
@@ -468,6 +476,7 @@ impl<'a> Reader<'a> {
             tags,
             trigger_count,
             triggers,
+            json: flags & FLAG_JSON != 0,
             data,
         })
     }
@@ -498,6 +507,7 @@ mod tests {
                 correlation: Some([1; 16]),
                 tags: &tags,
                 triggers: &tags,
+                json: true,
                 data: &[1, 2, 3],
             },
             EventIn {
@@ -507,6 +517,7 @@ mod tests {
                 correlation: None,
                 tags: &[],
                 triggers: &[],
+                json: false,
                 data: &[],
             },
         ];
@@ -535,7 +546,7 @@ mod tests {
             ("account-1", 2, "Deposited", &[1u8, 2, 3][..])
         );
         assert_eq!((event.correlation, event.tags.clone()), (Some([1; 16]), vec!["account-1"]));
-        assert_eq!(event.triggers, ["account-1"]);
+        assert_eq!((event.triggers.clone(), event.json), (vec!["account-1"], true));
         let links = head.links().expect("links");
         assert_eq!((links.tags, links.triggers), (vec![(0, "account-1")], vec![(0, "account-1")]));
         assert_eq!(read.get(1).map(|it| (it.causation, it.version)), Some((Some([2; 16]), 0)));

@@ -630,6 +630,7 @@ mod tests {
             correlation: None,
             tags: &[],
             triggers: &[],
+            json: false,
             data: &[],
         }
     }

@@ -59,6 +59,7 @@ mod append;
 pub(crate) mod batch;
 #[cfg(not(feature = "fuzz"))]
 mod batch;
+mod codec;
 mod condition;
 mod delete;
 mod effect;
@@ -90,6 +91,7 @@ use serde::{Serialize, de::DeserializeOwned};
 pub use self::seal::Sealed;
 pub use self::{
     append::{Append, Appended, Expected},
+    codec::Codec,
     condition::{Condition, EventRef},
     delete::Retention,
     effect::{Effect, FORGOTTEN},
@@ -216,6 +218,8 @@ struct Core {
     /// Wakes the subscriptions at each commit.
     signal: Arc<Signal>,
     io: Io,
+    /// How new events' data is encoded.
+    codec: Codec,
     /// The keys of the subjects whose data is sealed.
     #[cfg(feature = "encryption")]
     keys: Arc<seal::KeyRing>,
@@ -245,6 +249,7 @@ pub struct EventStoreBuilder<E> {
     read_cache: u64,
     hook: Option<Hook>,
     io: Io,
+    codec: Codec,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
     #[cfg(feature = "encryption")]
@@ -262,6 +267,7 @@ impl<E> Default for EventStoreBuilder<E> {
             read_cache: DEFAULT_READ_CACHE,
             hook: None,
             io: Io::default(),
+            codec: Codec::default(),
             #[cfg(feature = "encryption")]
             key: None,
             #[cfg(feature = "encryption")]
@@ -309,6 +315,15 @@ impl<E> EventStoreBuilder<E> {
     /// fill it much: they read the files in large chunks.
     pub fn read_cache(mut self, bytes: u64) -> Self {
         self.read_cache = bytes;
+        self
+    }
+
+    /// How new events' data is encoded: [`Codec::Postcard`] by default,
+    /// `Codec::Json` (feature `json`) for a store whose events other tools read
+    /// (with the `instastate` tool, or from the journal's frames). Each event
+    /// records its codec: a store written with one reads back with the other set.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
         self
     }
 
@@ -424,6 +439,7 @@ impl<E> EventStoreBuilder<E> {
             hook,
             signal: Arc::default(),
             io,
+            codec: self.codec,
             #[cfg(feature = "encryption")]
             keys,
         };
@@ -834,7 +850,8 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         let events = events
             .into_iter()
             .map(|event| {
-                let encode = || journal::encode(&event.data, || self.shared.core.dir.clone());
+                let core = &self.shared.core;
+                let encode = || core.codec.encode(&event.data, &core.dir);
                 #[cfg(feature = "encryption")]
                 let (data, subjects) = seal::sealing(&self.shared.core.keys, encode)?;
                 #[cfg(not(feature = "encryption"))]
@@ -854,6 +871,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
                     correlation: event.metadata.correlation,
                     tags: event.tags,
                     triggers,
+                    json: core.codec.is_json(),
                     data,
                 })
             })
@@ -924,15 +942,16 @@ impl Core {
     /// [`Sealed`] values open with the subject keys.
     fn decode_data<E: DeserializeOwned>(
         &self,
+        json: bool,
         bytes: &[u8],
         what: impl Fn() -> String,
     ) -> Result<E> {
         let decode = || {
-            crate::codec::decode_exact::<E>(bytes).map_err(|source| Error::JournalDecode {
+            codec::decode::<E>(json, bytes).map_err(|source| Error::JournalDecode {
                 path: self.dir.clone(),
                 what: what(),
                 type_name: std::any::type_name::<E>().to_owned(),
-                source: crate::error::CodecError(source),
+                source,
             })
         };
         #[cfg(feature = "encryption")]

@@ -444,8 +444,9 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                     (true, true) => {}
                 }
                 let position = first_position + k as u64;
-                let data = core
-                    .decode_data::<E>(event.data, || format!("the event at position {position}"));
+                let data = core.decode_data::<E>(event.json, event.data, || {
+                    format!("the event at position {position}")
+                });
                 Slot::Ready(data.map(|data| RecordedEvent {
                     stream: event.stream.to_owned(),
                     version: event.version,

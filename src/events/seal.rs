@@ -374,7 +374,7 @@ impl KeyRing {
         let plain = postcard::to_allocvec(&keys).map_err(|source| Error::EventEncode {
             path: self.path.clone(),
             type_name: "subject keys".to_owned(),
-            source: crate::error::CodecError(source),
+            source: crate::error::CodecError::from(source),
         })?;
         let mut bytes = MAGIC.to_vec();
         bytes.push(VERSION);

@@ -398,7 +398,7 @@ pub(crate) fn encode<T: Serialize>(value: &T, path: impl FnOnce() -> PathBuf) ->
     postcard::to_extend(value, Vec::with_capacity(64)).map_err(|source| Error::EventEncode {
         path: path(),
         type_name: std::any::type_name::<T>().to_owned(),
-        source: CodecError(source),
+        source: CodecError::from(source),
     })
 }
 
@@ -414,7 +414,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
         path: path.to_path_buf(),
         what: what(),
         type_name: std::any::type_name::<T>().to_owned(),
-        source: CodecError(source),
+        source: CodecError::from(source),
     })
 }
 

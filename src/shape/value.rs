@@ -85,6 +85,28 @@ pub enum Fields {
     Named(Vec<(String, RawValue)>),
 }
 
+/// The value JSON data holds: objects as maps with string keys, arrays as
+/// sequences, numbers as the narrowest of `UInt`, `Int` and `Float`.
+#[cfg(feature = "json")]
+pub(crate) fn from_json(value: serde_json::Value) -> RawValue {
+    use serde_json::Value as Json;
+    match value {
+        Json::Null => RawValue::Option(None),
+        Json::Bool(it) => RawValue::Bool(it),
+        Json::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+            (Some(it), _, _) => RawValue::UInt(u128::from(it)),
+            (None, Some(it), _) => RawValue::Int(i128::from(it)),
+            // Without serde_json's `arbitrary_precision`, every number is an f64 too.
+            (None, None, it) => RawValue::Float(it.unwrap_or(f64::NAN)),
+        },
+        Json::String(it) => RawValue::Str(it),
+        Json::Array(items) => RawValue::Seq(items.into_iter().map(from_json).collect()),
+        Json::Object(fields) => RawValue::Map(
+            fields.into_iter().map(|(key, value)| (RawValue::Str(key), from_json(value))).collect(),
+        ),
+    }
+}
+
 /// Decodes `bytes`, a value encoded with postcard, as the type whose structure is
 /// `shape`; says why when they do not read as one whole value of it.
 pub(crate) fn decode(shape: &Shape, bytes: &[u8]) -> Result<RawValue, String> {

@@ -304,7 +304,7 @@ impl Inner {
                         None => Error::Encode {
                             cell: cell.name().to_owned(),
                             type_name: cell.type_name().to_owned(),
-                            source: CodecError(source),
+                            source: CodecError::from(source),
                         },
                     });
                 }

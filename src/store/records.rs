@@ -175,7 +175,7 @@ impl Inner {
                 cell: cell.name().to_owned(),
                 stored_type: record.type_name.to_owned(),
                 expected_type: cell.type_name().to_owned(),
-                source: CodecError(source),
+                source: CodecError::from(source),
             },
             DecodeFault::Newer | DecodeFault::NoMigration => Error::SchemaVersion {
                 cell: cell.name().to_owned(),

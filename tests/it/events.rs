@@ -782,3 +782,43 @@ fn subscriptions_under_concurrent_writers_skip_and_repeat_nothing_and_a_slow_one
     assert!(fell_behind, "the stalled subscriber never said it fell behind");
     Ok(())
 }
+
+/// Events written as JSON (feature `json`) read back, are plain JSON in the
+/// journal for other tools, and mix with postcard ones when the codec changes.
+#[cfg(feature = "json")]
+#[test]
+fn json_events_read_back_are_readable_by_other_tools_and_mix_with_postcard() -> TestResult {
+    use instastate::events::{Codec, RawEvents};
+    let dir = tempfile::tempdir()?;
+    {
+        let events = EventStore::<Bank>::builder().codec(Codec::Json).open(dir.path())?;
+        events.append("account-1", Expected::NoStream, [deposit(100)])?;
+    }
+    let journal: Vec<u8> = fs::read_dir(dir.path())?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("journal-"))
+        .map(|entry| fs::read(entry.path()))
+        .collect::<Result<Vec<_>, _>>()?
+        .concat();
+    let text = br#"{"Deposited":{"amount":100}}"#;
+    assert!(journal.windows(text.len()).any(|it| it == text), "the data is plain JSON");
+    // Reopened with the default codec: the JSON event reads, a new one is postcard.
+    let events = EventStore::<Bank>::open(dir.path())?;
+    events.append("account-1", Expected::Exact(0), [deposit(5)])?;
+    let read = collect(events.read_stream("account-1"))?;
+    assert_eq!(
+        read.iter().map(|it| it.data.clone()).collect::<Vec<_>>(),
+        [deposit(100), deposit(5)]
+    );
+    drop(events);
+    // The raw view, which has no Rust type, reads both.
+    let raw = RawEvents::open(dir.path())?;
+    let shown: Vec<String> = raw
+        .read_all()
+        .into_iter()
+        .map(|event| Ok(raw.decode(&event?)?.to_string()))
+        .collect::<instastate::Result<_>>()?;
+    assert_eq!(shown.len(), 2);
+    assert!(shown.iter().all(|it| it.contains("100") || it.contains('5')), "{shown:?}");
+    Ok(())
+}

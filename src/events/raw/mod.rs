@@ -90,6 +90,8 @@ pub struct RawEvent {
     pub metadata: Metadata,
     /// The aggregates it touches.
     pub tags: Vec<String>,
+    /// Whether its data is JSON ([`Codec::Json`](super::Codec)), else postcard.
+    pub json: bool,
     /// The triggers it is linked to.
     pub triggers: Vec<String>,
     /// Whether the store no longer reads it: its stream was deleted or truncated
@@ -357,6 +359,16 @@ impl RawEvents {
             event_type: event.event_type.clone(),
             reason,
         };
+        if event.json {
+            // JSON says what it holds: maps, sequences and scalars, without the
+            // type's names.
+            #[cfg(feature = "json")]
+            return serde_json::from_slice(&event.data)
+                .map(crate::shape::value::from_json)
+                .map_err(|err| fail(format!("its JSON does not parse: {err}")));
+            #[cfg(not(feature = "json"))]
+            return Err(fail("its data is JSON, which needs the `json` feature".to_owned()));
+        }
         let shape = self.shape.as_ref().map_err(|reason| fail(reason.clone()))?;
         crate::shape::value::decode(shape, &event.data).map_err(fail)
     }

@@ -230,6 +230,7 @@ impl RawEventIter<'_> {
                 },
                 tags: event.tags.into_iter().map(str::to_owned).collect(),
                 triggers: event.triggers.into_iter().map(str::to_owned).collect(),
+                json: event.json,
                 data: event.data.to_vec(),
             })
             .collect())

@@ -1,0 +1,62 @@
+//! How an event's data is encoded: postcard by default, compact and fast; JSON
+//! (feature `json`) for stores whose events other tools read. Each event records
+//! which one it was written with, so a store can change codec and read both.
+
+use std::path::Path;
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{Result, error::CodecError};
+
+/// The encoding of the events' data an event store writes: see
+/// [`EventStoreBuilder::codec`](super::EventStoreBuilder::codec). Every event
+/// records its codec, so events written with either read back whatever the store
+/// writes now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Codec {
+    /// postcard: compact and fast, read only with the Rust type.
+    #[default]
+    Postcard,
+    /// JSON (`serde_json`), which any tool reads; larger and slower.
+    #[cfg(feature = "json")]
+    Json,
+}
+
+impl Codec {
+    /// Whether it is JSON.
+    pub(crate) fn is_json(self) -> bool {
+        match self {
+            Codec::Postcard => false,
+            #[cfg(feature = "json")]
+            Codec::Json => true,
+        }
+    }
+
+    /// Encodes `data` of an event of the store in `dir`.
+    pub(crate) fn encode<E: Serialize>(self, data: &E, dir: &Path) -> Result<Vec<u8>> {
+        match self {
+            Codec::Postcard => crate::journal::encode(data, || dir.to_path_buf()),
+            #[cfg(feature = "json")]
+            Codec::Json => serde_json::to_vec(data).map_err(|err| crate::Error::EventEncode {
+                path: dir.to_path_buf(),
+                type_name: std::any::type_name::<E>().to_owned(),
+                source: err.into(),
+            }),
+        }
+    }
+}
+
+/// Decodes the data of an event written with JSON (`json`) or postcard.
+pub(crate) fn decode<E: DeserializeOwned>(
+    json: bool,
+    bytes: &[u8],
+) -> std::result::Result<E, CodecError> {
+    if json {
+        #[cfg(feature = "json")]
+        return serde_json::from_slice(bytes).map_err(CodecError::from);
+        #[cfg(not(feature = "json"))]
+        return Err(CodecError(crate::error::CodecFault::NeedsJson));
+    }
+    crate::codec::decode_exact::<E>(bytes).map_err(CodecError::from)
+}
