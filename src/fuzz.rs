@@ -284,8 +284,16 @@ fn check_journal(tmp: &Path, dir: &Path) {
             Some((opened.read(|total| *total), opened.events()))
         }
         // Inspecting reads no event, and knows no types: only opening finds an
-        // event that does not decode, or a sound header written for other types.
-        (Ok(_), Err(Error::JournalDecode { .. } | Error::JournalType { .. }))
+        // event that does not decode, or a sound header written for other types or
+        // schema versions.
+        (
+            Ok(_),
+            Err(
+                Error::JournalDecode { .. }
+                | Error::JournalType { .. }
+                | Error::JournalSchema { .. },
+            ),
+        )
         | (Err(_), Err(_)) => None,
         (Ok(report), Err(err)) => panic!("inspect found {report:?}, open failed: {err}"),
         (Err(err), Ok(_)) => panic!("inspect failed ({err}), open succeeded"),

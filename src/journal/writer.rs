@@ -117,6 +117,15 @@ impl Journal {
             let synced = io.open(&last.path, Open::Read).and_then(|file| file.sync_data());
             synced.map_err(Error::io(&last.path))?;
         }
+        // From here on a crash may tear the last write, or leave the files other
+        // than a clean close left them (a new file, a link): the lock file must not
+        // say that the journal was closed cleanly. In a journal without a file yet,
+        // only once its first file is there: a lock saying that it was open makes a
+        // directory without a journal file damage.
+        let has_files = tail.file.is_some();
+        if let (Some(lock), true) = (&mut lock, has_files) {
+            lock.mark_open()?;
+        }
         // Append to the last file only when it ends exactly where the next event goes
         // and its header records the schema versions events are written with now;
         // otherwise (no file yet, a snapshot ahead of it, or an upgrade of the types)
@@ -148,9 +157,7 @@ impl Journal {
             (None, _) => (None, PathBuf::new(), 0),
         };
         let len = file_len(file.as_ref(), &path)?;
-        // From here on a crash may tear the last write: the lock file must not say
-        // that the journal was closed cleanly.
-        if let Some(lock) = &mut lock {
+        if let (Some(lock), false) = (&mut lock, has_files) {
             lock.mark_open()?;
         }
         let durability = if dir.is_some() { durability } else { Durability::Unsynced };

@@ -578,3 +578,26 @@ fn a_journaled_cell_without_an_event_migration_is_refused_naming_the_version() -
     assert!(tree(&journal)? == before, "a refused open changed the cell's journal");
     Ok(())
 }
+
+#[test]
+fn an_empty_v1_journal_file_is_replaced_by_one_of_v2() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    run_v1(dir.path(), &[], None)?;
+    assert_eq!(journal_files(dir.path())?, ["journal-00000000000000000000.log"]);
+    {
+        let bank = v2().open(dir.path(), Bank::default(), apply)?;
+        bank.handle(Command::Deposit { who: "ann".into(), amount: 3, memo: String::new() })??;
+    }
+    // The file of version 1 held no event: the one of version 2 took its name, and
+    // no link points from a file to itself.
+    assert_eq!(journal_files(dir.path())?, ["journal-00000000000000000000.log"]);
+    let report = Prevayler::builder::<Bank>().inspect(dir.path())?;
+    assert_eq!((report.schema, report.event_schema, report.events), (2, 2, 1));
+    let bank = Prevayler::builder().state_version(2).event_version(2).open(
+        dir.path(),
+        Bank::default(),
+        apply,
+    )?;
+    assert_eq!(bank.read(|bank| bank.total), 3);
+    Ok(())
+}
