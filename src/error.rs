@@ -283,9 +283,10 @@ pub enum Error {
         /// What is wrong there.
         reason: String,
     },
-    /// A journal or snapshot was written for another state or event type, or another
-    /// schema version, than the one it is opened with, or for types of the same names
-    /// whose structure has changed since. Nothing was changed.
+    /// A journal or snapshot was written for another state or event type than the one
+    /// it is opened with, or for types of the same names and schema versions whose
+    /// structure has changed since, or for an older schema version whose structure
+    /// is not that of the old type its migration reads. Nothing was changed.
     #[error(
         "`{}` holds {stored}, but was opened for {expected}{}",
         path.display(),
@@ -295,15 +296,53 @@ pub enum Error {
     JournalType {
         /// The journal file or snapshot.
         path: PathBuf,
-        /// The state type, event type and schema version it was written for.
+        /// The state type, event type and their schema versions it was written for.
         stored: String,
-        /// The types and schema version it was opened with.
+        /// The types and schema versions it was opened with.
         expected: String,
-        /// What changed in the types' structure, when the names and version match.
+        /// What changed in the types' structure, when the names and versions match
+        /// (or the versions are older ones, read through migrations).
         changes: Vec<String>,
     },
-    /// A journaled event or a snapshot does not decode as its type, although the
-    /// type's name matches: the type changed without a schema version bump.
+    /// A journal file or snapshot was written with a schema version of its state or
+    /// events that this program cannot read: a newer one than the current version
+    /// (written by a newer version of the program), or an older one without a
+    /// migration from it. Nothing was changed.
+    #[error(
+        "`{}`: {what}: written with schema v{found}, {}; nothing was changed",
+        path.display(),
+        if found > current { format!("newer than this program's v{current}; it was written by a newer version of the program") }
+        else { format!("and this program (now v{current}) has no migration from v{found}") }
+    )]
+    #[non_exhaustive]
+    JournalSchema {
+        /// The journal file or snapshot.
+        path: PathBuf,
+        /// The state or the events, with the type name recorded, or which event.
+        what: String,
+        /// The schema version it was written with.
+        found: u32,
+        /// The program's current schema version of that type.
+        current: u32,
+    },
+    /// A migration of a journaled event or a snapshot's state from an older schema
+    /// version panicked. Nothing was changed.
+    #[error(
+        "`{}`: the migration of {what} from schema v{from} panicked; nothing was changed",
+        path.display()
+    )]
+    #[non_exhaustive]
+    MigrationPanicked {
+        /// The journal directory or the snapshot.
+        path: PathBuf,
+        /// Which event, or the snapshot.
+        what: String,
+        /// The schema version it was migrating from.
+        from: u32,
+    },
+    /// A journaled event or a snapshot does not decode as the type of its schema
+    /// version (the current type, or the old type of its migration): the type
+    /// changed without a schema version bump.
     #[error(
         "`{}`: {what} does not decode as `{type_name}`: {source}; the type changed without its schema version",
         path.display()
@@ -768,7 +807,7 @@ impl fmt::Display for Changes<'_> {
         }
         write!(f, ": the types' structure changed ({})", self.0.join("; "))?;
         f.write_str(
-            "; reading it with the new structure would misread it, so it must be opened with the types it was written for",
+            "; reading it with the new structure would misread it: open it with the types it was written for, or keep the old type and bump the changed type's schema version with a migration from it",
         )
     }
 }

@@ -121,7 +121,7 @@ pub fn snapshot(data: &[u8]) {
     let Some((&flags, data)) = data.split_first() else { return };
     let file = if flags & 1 == 0 {
         let extra = Extra::Body { len: data.len() as u64, crc: crc32fast::hash(data) };
-        let mut file = Header::new(&identity::<u64, u64>(), false, EVENTS, 7, extra).encode();
+        let mut file = Header::new(&identity::<u64, u64>(), 1, false, EVENTS, 7, extra).encode();
         file.extend_from_slice(data);
         file
     } else {
@@ -133,7 +133,7 @@ pub fn snapshot(data: &[u8]) {
     fs::write(dir.join(format::snapshot_name(EVENTS)), &file).expect("the snapshot file");
     if flags & 2 != 0 {
         let header =
-            Header::new(&identity::<u64, u64>(), false, EVENTS, 0, Extra::KeyCheck(Vec::new()));
+            Header::new(&identity::<u64, u64>(), 1, false, EVENTS, 0, Extra::KeyCheck(Vec::new()));
         fs::write(dir.join(format::journal_name(EVENTS)), header.encode()).expect("a journal file");
     }
     check_journal(tmp.path(), &dir);
@@ -250,7 +250,7 @@ fn with_crc(data: &[u8]) -> Vec<u8> {
 
 /// A sound journal header of a `Prevayler<u64, u64>` whose first event is 0.
 fn journal_header() -> Vec<u8> {
-    Header::new(&identity::<u64, u64>(), false, 0, 0, Extra::KeyCheck(Vec::new())).encode()
+    Header::new(&identity::<u64, u64>(), 1, false, 0, 0, Extra::KeyCheck(Vec::new())).encode()
 }
 
 /// Makes the checksum of every whole frame from `at` on match its payload.
@@ -285,8 +285,16 @@ fn check_journal(tmp: &Path, dir: &Path) {
             Some((opened.read(|total| *total), opened.events()))
         }
         // Inspecting reads no event, and knows no types: only opening finds an
-        // event that does not decode, or a sound header written for other types.
-        (Ok(_), Err(Error::JournalDecode { .. } | Error::JournalType { .. }))
+        // event that does not decode, or a sound header written for other types or
+        // schema versions.
+        (
+            Ok(_),
+            Err(
+                Error::JournalDecode { .. }
+                | Error::JournalType { .. }
+                | Error::JournalSchema { .. },
+            ),
+        )
         | (Err(_), Err(_)) => None,
         (Ok(report), Err(err)) => panic!("inspect found {report:?}, open failed: {err}"),
         (Err(err), Ok(_)) => panic!("inspect failed ({err}), open succeeded"),

@@ -25,14 +25,15 @@ use serde::{Serialize, de::DeserializeOwned};
 use parking_lot::RwLock;
 
 use crate::{
-    CellOptions, Error, Result, StateCell, Value,
+    CellOptions, Error, Migrate, Result, StateCell, Value,
     cell::ErasedCell,
     codec::{BadName, stored_type_name},
     crypt::Sealer,
     error::CodecError,
     io::Io,
     journal::{
-        self, Config, Durability, Files, Identity, Job, Recovery, Replayed, Taint, Timestamp,
+        self, Config, Durability, Files, Identity, Job, Older, Place, Recovery, Replayed, Restored,
+        Taint, Timestamp, Versions,
     },
     lockfile::{Access, Hold, Kind},
     schema::JournalHooks,
@@ -51,6 +52,12 @@ pub(crate) const JOURNALS_DIR: &str = "journals";
 /// The same rules hold as for a `Prevayler`: `apply` must be deterministic, and
 /// should decide before it changes anything, because an event it rejects is
 /// journaled and replayed too (see the [`prevalence`](crate::prevalence) docs).
+///
+/// The cell's [`version`](CellOptions::version) and
+/// [`migrations`](CellOptions::migrations) are its state's, read from its
+/// snapshots; [`EVENT_VERSION`](Prevalent::EVENT_VERSION) and
+/// [`EVENT_MIGRATIONS`](Prevalent::EVENT_MIGRATIONS) are its events', read from its
+/// journal (see [schema versions](crate::prevalence#schema-versions)).
 ///
 /// # Example
 /// ```
@@ -87,6 +94,50 @@ pub trait Prevalent: Value {
     /// What [`StateCell::handle`] returns: often a `Result`.
     type Output: Send + 'static;
 
+    /// The schema version of [`Event`](Prevalent::Event), 1 unless set. Bump it
+    /// whenever the event type changes in a way its encoding cannot absorb, and add
+    /// a migration from the old version to
+    /// [`EVENT_MIGRATIONS`](Prevalent::EVENT_MIGRATIONS).
+    const EVENT_VERSION: u32 = 1;
+
+    /// The migrations (upcasters) of events journaled with older versions of
+    /// [`Event`](Prevalent::Event), at most one per version, each straight to the
+    /// current type. A journal file of an older version without one, or of a newer
+    /// version, is refused with [`Error::JournalSchema`] when the store opens.
+    ///
+    /// # Example
+    /// ```
+    /// use instastate::{CellOptions, Migrate, Migration, Prevalent, StateCell, Timestamp};
+    ///
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)]
+    /// # pub struct Ledger { total: i64 }
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// pub struct Entry { amount: i64, memo: String }
+    ///
+    /// // Version 1 journaled bare amounts.
+    /// fn from_v1(amount: i64) -> Entry {
+    ///     Entry { amount, memo: String::new() }
+    /// }
+    ///
+    /// impl Prevalent for Ledger {
+    ///     type Event = Entry;
+    ///     type Output = i64;
+    ///     const EVENT_VERSION: u32 = 2;
+    ///     const EVENT_MIGRATIONS: &'static [&'static dyn Migrate<Entry>] =
+    ///         &[&Migration::new(1, from_v1)];
+    ///
+    ///     fn apply(&mut self, entry: Entry, _at: Timestamp) -> i64 {
+    ///         self.total += entry.amount;
+    ///         self.total
+    ///     }
+    /// }
+    ///
+    /// static LEDGER: StateCell<Ledger> =
+    ///     StateCell::with_options("app::LEDGER", Ledger::default, CellOptions::new().journaled());
+    /// # assert_eq!(LEDGER.name(), "app::LEDGER");
+    /// ```
+    const EVENT_MIGRATIONS: &'static [&'static dyn Migrate<Self::Event>] = &[];
+
     /// Applies `event`, handled at time `at`, to the value.
     fn apply(&mut self, event: Self::Event, at: Timestamp) -> Self::Output;
 }
@@ -96,14 +147,17 @@ impl<T: Prevalent> CellOptions<T> {
     /// journaled before it is applied, and kept in a journal directory of its own in
     /// the store (see [`Prevalent`]). `defstate!` sets it with `#[journaled]`.
     ///
-    /// The schema version is part of the journal's type check: a journal written
-    /// with another version is refused with [`Error::JournalType`]
-    /// (migrations apply to saved records, not to journals).
+    /// The cell's schema version and migrations are its snapshots': one written
+    /// with an older version is read through the migration from it, and one of a
+    /// newer version is refused with [`Error::JournalSchema`]. Its events are
+    /// versioned by [`Prevalent::EVENT_VERSION`] and [`Prevalent::EVENT_MIGRATIONS`].
     #[must_use]
     pub const fn journaled(self) -> CellOptions<T> {
         let hooks = JournalHooks {
             event_type: event_type::<T>,
             event_shape: Shape::of::<T::Event>,
+            event_version: T::EVENT_VERSION,
+            older_events: older_events::<T>,
             replay: replay_event::<T>,
         };
         CellOptions { journal: Some(hooks), ..self }
@@ -114,8 +168,16 @@ fn event_type<T: Prevalent>() -> &'static str {
     stored_type_name(std::any::type_name::<T::Event>())
 }
 
+fn older_events<T: Prevalent>() -> Vec<Older> {
+    Older::of(T::EVENT_MIGRATIONS.iter().copied())
+}
+
 fn replay_event<T: Prevalent>(dir: &Path, value: &mut T, event: Replayed<'_>) -> Result<()> {
-    let decoded: T::Event = journal::decode_event(dir, &event)?;
+    let what = || format!("event {}", event.seq);
+    let place = Place { path: dir, what: &what };
+    let migrations = T::EVENT_MIGRATIONS.iter().copied();
+    let decoded: T::Event =
+        journal::decode_versioned(event.bytes, event.schema, T::EVENT_VERSION, migrations, place)?;
     journal::replay_caught(dir, event.seq, || {
         let _ = value.apply(decoded, event.at);
     })
@@ -211,11 +273,28 @@ impl<T: Value> JournaledCell for StateCell<T> {
         let label = dir.clone().unwrap_or_default();
         let JournalOptions { durability, recovery } = options;
         let config = Config { dir, identity, durability, recovery, sealer, io: io.clone(), access };
-        let opened =
-            journal::open_state(config, lock, || Ok((self.init)()), &mut |value, event| {
+        let (current, migrations) = (self.options.version, self.options.migrations);
+        let versions = Versions {
+            event: hooks.event_version,
+            older_states: Older::of(migrations.iter().copied()),
+            older_events: (hooks.older_events)(),
+        };
+        let mut restore = |snapshot: Restored<'_>| {
+            let place = Place { path: snapshot.path, what: &|| "the snapshot".to_owned() };
+            let migrations = migrations.iter().copied();
+            journal::decode_versioned(snapshot.bytes, snapshot.schema, current, migrations, place)
+        };
+        let opened = journal::open_versioned(
+            config,
+            &versions,
+            lock,
+            || Ok((self.init)()),
+            &mut restore,
+            &mut |value, event| {
                 (hooks.replay)(&label, value, event)?;
                 Ok(None)
-            })?;
+            },
+        )?;
         let journal = Arc::new(opened.journal);
         journal::Journal::start_timer(&journal, |err| eprintln!("instastate: {err}"));
         let attached = Arc::new(Attached {

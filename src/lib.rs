@@ -151,6 +151,9 @@
 //! the old type (`#[version = 2]`, `#[migrate(1 => from_v1)]`, or [`CellOptions`]).
 //! postcard, the value encoding, is not self-describing, so adding a field needs a
 //! version bump too; its migration fills the field in (`examples/evolve.rs`).
+//! A [`Prevayler`]'s or journaled cell's events and state are versioned the same
+//! way, each journal file and snapshot read through the migration (upcaster) from
+//! the version it was written with (see [schema versions](prevalence#schema-versions)).
 //!
 //! **Backups**: [`Store::backup_to`] copies the last save to a new directory while
 //! the program runs; [`Store::export_to`] and [`Store::import_from`] move a

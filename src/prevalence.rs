@@ -88,9 +88,82 @@
 //!   offset, and nothing is changed unless [`Recovery::Salvage`] is asked for.
 //! - **Exclusive.** The directory is locked while open; a second open, in this
 //!   process or another, fails with [`Error::Locked`].
-//! - **Types.** The journal and snapshots record the state's and event's type names
-//!   and a schema version (1); opening with other types fails with
-//!   [`Error::JournalType`] and changes nothing.
+//! - **Types.** The journal and snapshots record the state's and event's type names,
+//!   their structure and a schema version of each (1 unless set); opening with other
+//!   types fails with [`Error::JournalType`] and changes nothing. See below for how
+//!   the types change.
+//!
+//! # Schema versions
+//!
+//! postcard, the encoding of events and snapshots, is compact and not
+//! self-describing: an event type that gains a field cannot read the events
+//! journaled before, and opening refuses them ([`Error::JournalType`] names the
+//! change). To change a type, keep the old one, bump the type's schema version and
+//! register a migration (an *upcaster*) from the old version to the current type:
+//!
+//! ```
+//! use instastate::{Prevayler, Timestamp};
+//! use serde::{Deserialize, Serialize};
+//!
+//! mod v1 {
+//!     #[derive(serde::Serialize, serde::Deserialize)]
+//!     pub enum Command { Deposit { amount: i64 } }
+//! }
+//!
+//! #[derive(Serialize, Deserialize)]
+//! enum Command { Deposit { amount: i64, memo: String } }
+//!
+//! impl From<v1::Command> for Command {
+//!     fn from(old: v1::Command) -> Command {
+//!         match old {
+//!             v1::Command::Deposit { amount } => Command::Deposit { amount, memo: String::new() },
+//!         }
+//!     }
+//! }
+//!
+//! fn apply(total: &mut i64, command: Command, _: Timestamp) {
+//!     let Command::Deposit { amount, .. } = command;
+//!     *total += amount;
+//! }
+//!
+//! # fn main() -> instastate::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! // Version 1 of the program journaled `v1::Command`s:
+//! # {
+//! #     let v1 = Prevayler::open(dir.path(), 0i64, |total: &mut i64, command: v1::Command, _| {
+//! #         let v1::Command::Deposit { amount } = command;
+//! #         *total += amount;
+//! #     })?;
+//! #     v1.handle(v1::Command::Deposit { amount: 5 })?;
+//! # }
+//! let bank = Prevayler::builder()
+//!     .event_version(2)
+//!     .migrate_event(1, |old: v1::Command| Command::from(old))
+//!     .open(dir.path(), 0i64, apply)?;
+//! assert_eq!(bank.read(|total| *total), 5); // replayed through the migration
+//! bank.handle(Command::Deposit { amount: 2, memo: "tip".into() })?; // journaled as v2
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - Each journal file and snapshot records the versions it was written with, and is
+//!   read with them: as the current type, or as the old type of the migration from
+//!   its version, migrated. New files are written with the current versions (after
+//!   an upgrade, the journal goes on in a new file), so a directory may hold files
+//!   of several versions until a snapshot retires the old ones.
+//! - A migration goes straight from its version to the current type; chain the
+//!   steps in the function if there were several. Like the system function, it must
+//!   be deterministic: replay runs it again on every opening.
+//! - A file of an older version is checked against the structure of its migration's
+//!   old type, so an old type that changed is refused as well
+//!   ([`Error::JournalType`]). A file of a newer version than the program's, or of an
+//!   older one without a migration, is [`Error::JournalSchema`]; a migration that
+//!   panics is [`Error::MigrationPanicked`]. Either way nothing is changed.
+//! - The state is versioned the same way: [`PrevaylerBuilder::state_version`] and
+//!   [`PrevaylerBuilder::migrate_state`] read snapshots of older versions.
+//! - Journaled cells use their cell's [`version`](crate::CellOptions::version) and
+//!   [`migrations`](crate::CellOptions::migrations) for their snapshots, and
+//!   [`Prevalent::EVENT_VERSION`] and [`Prevalent::EVENT_MIGRATIONS`] for their events.
 
 use std::{
     path::Path,
@@ -105,10 +178,13 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    Error, Result,
+    Error, Migrate, Migration, Result,
     crypt::Sealer,
     io::Io,
-    journal::{self, Config, Files, Identity, Job, Journal, Replayed, Taint},
+    journal::{
+        self, Config, Files, Identity, Job, Journal, Older, Place, Replayed, Restored, Taint,
+        Versions,
+    },
     lockfile::{Access, DirLock, Hold, Kind},
     shape::Shape,
 };
@@ -117,13 +193,14 @@ pub use crate::{
     journaled::Prevalent,
 };
 
-/// The schema version journals and snapshots are written with.
+/// The schema version of the state and events unless the builder sets another.
 const SCHEMA: u32 = 1;
 /// Snapshots kept unless [`PrevaylerBuilder::keep_snapshots`] says otherwise.
 const DEFAULT_KEEP: usize = 2;
 
 type SystemFn<S, E, R> = dyn Fn(&mut S, E, Timestamp) -> R + Send + Sync;
 type Hook = Arc<dyn Fn(&Error) + Send + Sync>;
+type Migrations<T> = Vec<Box<dyn Migrate<T> + Send>>;
 
 /// A state that changes only through journaled events; see the [module docs](self).
 ///
@@ -187,8 +264,12 @@ struct Policy {
 /// # Ok(())
 /// # }
 /// ```
+///
+/// `M` holds the migrations of older event versions: [`NoEventMigrations`] until
+/// [`migrate_event`](PrevaylerBuilder::migrate_event) fixes the event type, then
+/// [`EventMigrations<E>`].
 #[must_use]
-pub struct PrevaylerBuilder<S> {
+pub struct PrevaylerBuilder<S: 'static, M = NoEventMigrations> {
     durability: Durability,
     recovery: Recovery,
     policy: Policy,
@@ -197,6 +278,53 @@ pub struct PrevaylerBuilder<S> {
     io: Io,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
+    state_version: u32,
+    state_migrations: Migrations<S>,
+    event_version: u32,
+    event_migrations: M,
+}
+
+/// The event migrations of a [`PrevaylerBuilder`] that has none: it opens a system
+/// of any event type.
+#[derive(Debug, Default)]
+pub struct NoEventMigrations(());
+
+/// The migrations of older versions of the event type `E` that a
+/// [`PrevaylerBuilder`] holds; see [`PrevaylerBuilder::migrate_event`].
+pub struct EventMigrations<E: 'static>(Migrations<E>);
+
+impl<E> std::fmt::Debug for EventMigrations<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let from: Vec<u32> = self.0.iter().map(|it| it.version()).collect();
+        f.debug_struct("EventMigrations").field("from", &from).finish()
+    }
+}
+
+/// What a [`PrevaylerBuilder`]'s event migrations are for: events of type `E`.
+/// Implemented by [`NoEventMigrations`] (for every `E`) and [`EventMigrations<E>`];
+/// it cannot be implemented outside this crate.
+pub trait ForEvents<E: 'static>: sealed::Sealed {
+    /// The migrations.
+    #[doc(hidden)]
+    fn into_migrations(self) -> Vec<Box<dyn Migrate<E> + Send>>;
+}
+
+impl<E: 'static> ForEvents<E> for NoEventMigrations {
+    fn into_migrations(self) -> Vec<Box<dyn Migrate<E> + Send>> {
+        Vec::new()
+    }
+}
+
+impl<E: 'static> ForEvents<E> for EventMigrations<E> {
+    fn into_migrations(self) -> Vec<Box<dyn Migrate<E> + Send>> {
+        self.0
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::NoEventMigrations {}
+    impl<E> Sealed for super::EventMigrations<E> {}
 }
 
 impl Prevayler<(), (), ()> {
@@ -214,7 +342,8 @@ impl<S> Default for PrevaylerBuilder<S> {
 
 impl<S> PrevaylerBuilder<S> {
     /// The default options: [`Durability::SyncEach`], [`Recovery::Strict`], no
-    /// automatic snapshots, two snapshots kept, no replay check.
+    /// automatic snapshots, two snapshots kept, no replay check, the state and the
+    /// events at schema version 1 without migrations.
     pub fn new() -> PrevaylerBuilder<S> {
         PrevaylerBuilder {
             durability: Durability::default(),
@@ -225,6 +354,110 @@ impl<S> PrevaylerBuilder<S> {
             io: Io::default(),
             #[cfg(feature = "encryption")]
             key: None,
+            state_version: SCHEMA,
+            state_migrations: Vec::new(),
+            event_version: SCHEMA,
+            event_migrations: NoEventMigrations(()),
+        }
+    }
+}
+
+impl<S, M> PrevaylerBuilder<S, M> {
+    /// Sets the schema version of the state type, 1 unless set; see the
+    /// [module docs](self#schema-versions).
+    ///
+    /// Snapshots are written with it. One of an older version is read through the
+    /// migration from that version ([`migrate_state`](Self::migrate_state)); one of a
+    /// newer version is refused with [`Error::JournalSchema`], and left as it is.
+    pub fn state_version(mut self, version: u32) -> Self {
+        self.state_version = version;
+        self
+    }
+
+    /// Reads snapshots of the state's schema version `from`, whose type was `Old`,
+    /// through `migrate`; it replaces a migration from the same version given before.
+    ///
+    /// The snapshot's bytes are decoded as `Old`, exactly as that version wrote them,
+    /// and `migrate` turns the value into the current state. The file's record of
+    /// `Old`'s structure must match `Old` (the names need not).
+    ///
+    /// # Example
+    /// ```
+    /// use instastate::Prevayler;
+    ///
+    /// // Version 1 of the state was a count; version 2 adds a total.
+    /// #[derive(Default, serde::Serialize, serde::Deserialize)]
+    /// struct Stats { count: u64, total: u64 }
+    ///
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let stats = Prevayler::builder()
+    ///     .state_version(2)
+    ///     .migrate_state(1, |count: u64| Stats { count, total: 0 })
+    ///     .open(dir.path(), Stats::default(), |stats: &mut Stats, n: u64, _| {
+    ///         stats.count += 1;
+    ///         stats.total += n;
+    ///     })?;
+    /// # drop(stats);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn migrate_state<Old: serde::de::DeserializeOwned + 'static>(
+        mut self,
+        from: u32,
+        migrate: fn(Old) -> S,
+    ) -> Self {
+        self.state_migrations.retain(|it| it.version() != from);
+        self.state_migrations.push(Box::new(Migration::new(from, migrate)));
+        self
+    }
+
+    /// Sets the schema version of the event type, 1 unless set; see the
+    /// [module docs](self#schema-versions).
+    ///
+    /// New journal files are written with it. The events of a file of an older
+    /// version are read through the migration from that version
+    /// ([`migrate_event`](Self::migrate_event)); a file of a newer version is refused
+    /// with [`Error::JournalSchema`], and left as it is.
+    pub fn event_version(mut self, version: u32) -> Self {
+        self.event_version = version;
+        self
+    }
+
+    /// Reads journaled events of the event type's schema version `from`, whose type
+    /// was `Old`, through `migrate` (an upcaster); it replaces a migration from the
+    /// same version given before. It fixes the event type to `E`.
+    ///
+    /// Every event of that version is decoded as `Old`, exactly as it was journaled,
+    /// and `migrate` turns it into an `E`, which the system function applies. The
+    /// file's record of `Old`'s structure must match `Old` (the names need not).
+    /// See the [module docs](self#schema-versions) for an example.
+    pub fn migrate_event<Old, E>(
+        self,
+        from: u32,
+        migrate: fn(Old) -> E,
+    ) -> PrevaylerBuilder<S, EventMigrations<E>>
+    where
+        Old: serde::de::DeserializeOwned + 'static,
+        E: 'static,
+        M: ForEvents<E>,
+    {
+        let mut migrations = self.event_migrations.into_migrations();
+        migrations.retain(|it| it.version() != from);
+        migrations.push(Box::new(Migration::new(from, migrate)));
+        PrevaylerBuilder {
+            durability: self.durability,
+            recovery: self.recovery,
+            policy: self.policy,
+            digest: self.digest,
+            hook: self.hook,
+            io: self.io,
+            #[cfg(feature = "encryption")]
+            key: self.key,
+            state_version: self.state_version,
+            state_migrations: self.state_migrations,
+            event_version: self.event_version,
+            event_migrations: EventMigrations(migrations),
         }
     }
 
@@ -345,10 +578,13 @@ impl<S> PrevaylerBuilder<S> {
     ///
     /// # Errors
     /// [`Error::Locked`] if the directory is open elsewhere; [`Error::JournalType`]
-    /// if it was written for other types; [`Error::JournalCorrupt`] for damage other
-    /// than a torn last write; [`Error::JournalDecode`] if an event or the snapshot
-    /// does not decode; [`Error::ReplayDiverged`] or [`Error::ReplayPanicked`] if
-    /// replay is not deterministic; [`Error::Io`] for the file system's errors.
+    /// if it was written for other types; [`Error::JournalSchema`] if it was written
+    /// with a newer schema version, or an older one without a migration;
+    /// [`Error::JournalCorrupt`] for damage other than a torn last write;
+    /// [`Error::JournalDecode`] if an event or the snapshot does not decode;
+    /// [`Error::MigrationPanicked`] if a migration panics; [`Error::ReplayDiverged`]
+    /// or [`Error::ReplayPanicked`] if replay is not deterministic; [`Error::Io`] for
+    /// the file system's errors.
     pub fn open<E, R>(
         self,
         dir: impl AsRef<Path>,
@@ -359,23 +595,42 @@ impl<S> PrevaylerBuilder<S> {
         S: Serialize + DeserializeOwned + Send + Sync + 'static,
         E: Serialize + DeserializeOwned + Send + 'static,
         R: Send + 'static,
+        M: ForEvents<E>,
     {
         let dir = dir.as_ref();
-        let io = self.io.clone();
+        let sealer = self.sealer();
+        let PrevaylerBuilder {
+            durability,
+            recovery,
+            policy,
+            digest,
+            hook,
+            io,
+            state_version,
+            state_migrations,
+            event_version,
+            event_migrations,
+            ..
+        } = self;
+        let event_migrations = event_migrations.into_migrations();
         let lock = DirLock::acquire(&io, dir, Kind::Journal)?;
         let config = Config {
             dir: Some(dir.to_path_buf()),
-            identity: identity::<S, E>(),
-            durability: self.durability,
-            recovery: self.recovery,
-            sealer: self.sealer(),
+            identity: Identity { schema: state_version, ..identity::<S, E>() },
+            durability,
+            recovery,
+            sealer,
             io,
             access: Access::ReadWrite,
         };
-        let digest = self.digest;
+        let versions = Versions {
+            event: event_version,
+            older_states: Older::of(state_migrations.iter().map(|it| &**it as &dyn Migrate<S>)),
+            older_events: Older::of(event_migrations.iter().map(|it| &**it as &dyn Migrate<E>)),
+        };
         // Salvage may replay more than once (see `open_state`), each time from the
         // initial state: keep it encoded for the second time.
-        let spare = match self.recovery {
+        let spare = match recovery {
             Recovery::Salvage => Some(journal::encode(&initial, || dir.to_path_buf())?),
             _ => None,
         };
@@ -386,14 +641,40 @@ impl<S> PrevaylerBuilder<S> {
             // Only `Salvage` replays twice, and it kept the spare.
             (None, None) => Err(Error::ReplayPanicked { path: dir.to_path_buf(), event: 0 }),
         };
-        let opened = journal::open_state(
+        let mut restore = |snapshot: Restored<'_>| {
+            let place = Place { path: snapshot.path, what: &|| "the snapshot".to_owned() };
+            let migrations = state_migrations.iter().map(|it| &**it as &dyn Migrate<S>);
+            journal::decode_versioned(
+                snapshot.bytes,
+                snapshot.schema,
+                state_version,
+                migrations,
+                place,
+            )
+        };
+        let opened = journal::open_versioned(
             config,
+            &versions,
             Some(Hold::Exclusive(lock)),
             initial,
-            &mut |state, event| replay(dir, state, &apply, digest, event),
+            &mut restore,
+            &mut |state, event| {
+                let what = || format!("event {}", event.seq);
+                let place = Place { path: dir, what: &what };
+                let migrations = event_migrations.iter().map(|it| &**it as &dyn Migrate<E>);
+                let decoded = journal::decode_versioned(
+                    event.bytes,
+                    event.schema,
+                    event_version,
+                    migrations,
+                    place,
+                )?;
+                replay(dir, state, &apply, digest, event, decoded)
+            },
         )?;
         let slot = Slot { value: opened.state, applied: opened.applied, at: opened.at };
-        Ok(self.finish(slot, Box::new(apply), opened.journal, opened.recovered))
+        let settings = Settings { policy, digest, hook };
+        Ok(finish(settings, slot, Box::new(apply), opened.journal, opened.recovered))
     }
 
     /// A prevalent system without a directory, for tests: events are encoded (so an
@@ -408,46 +689,52 @@ impl<S> PrevaylerBuilder<S> {
         S: Serialize + DeserializeOwned + Send + Sync + 'static,
         E: Serialize + DeserializeOwned + Send + 'static,
         R: Send + 'static,
+        M: ForEvents<E>,
     {
-        let journal = Journal::transient(identity::<S, E>());
-        self.finish(
-            Slot { value: initial, applied: 0, at: 0 },
-            Box::new(apply),
-            journal,
-            Recovered::default(),
-        )
+        let identity = Identity { schema: self.state_version, ..identity::<S, E>() };
+        let journal = Journal::transient(identity);
+        let settings = Settings { policy: self.policy, digest: self.digest, hook: self.hook };
+        let slot = Slot { value: initial, applied: 0, at: 0 };
+        finish(settings, slot, Box::new(apply), journal, Recovered::default())
     }
+}
 
-    fn finish<E, R>(
-        self,
-        slot: Slot<S>,
-        apply: Box<SystemFn<S, E, R>>,
-        journal: Journal,
-        recovered: Recovered,
-    ) -> Prevayler<S, E, R> {
-        let hook =
-            self.hook.unwrap_or_else(|| Arc::new(|err: &Error| eprintln!("instastate: {err}")));
-        let journal = Arc::new(journal);
-        let timer_hook = Arc::clone(&hook);
-        Journal::start_timer(&journal, move |err| timer_hook(err));
-        let framed = journal.framed();
-        let applied = slot.applied;
-        Prevayler {
-            core: Arc::new(Core {
-                state: RwLock::new(slot),
-                apply,
-                digest: self.digest,
-                journal,
-                recovered,
-                policy: self.policy,
-                snapshotting: Mutex::new(()),
-                tainted: AtomicBool::new(false),
-                automatic: AtomicBool::new(false),
-                last_events: AtomicU64::new(applied),
-                last_bytes: AtomicU64::new(framed),
-                hook,
-            }),
-        }
+/// What a system keeps of its builder's settings once open.
+struct Settings<S> {
+    policy: Policy,
+    digest: Option<fn(&S) -> u64>,
+    hook: Option<Hook>,
+}
+
+fn finish<S, E, R>(
+    settings: Settings<S>,
+    slot: Slot<S>,
+    apply: Box<SystemFn<S, E, R>>,
+    journal: Journal,
+    recovered: Recovered,
+) -> Prevayler<S, E, R> {
+    let Settings { policy, digest, hook } = settings;
+    let hook = hook.unwrap_or_else(|| Arc::new(|err: &Error| eprintln!("instastate: {err}")));
+    let journal = Arc::new(journal);
+    let timer_hook = Arc::clone(&hook);
+    Journal::start_timer(&journal, move |err| timer_hook(err));
+    let framed = journal.framed();
+    let applied = slot.applied;
+    Prevayler {
+        core: Arc::new(Core {
+            state: RwLock::new(slot),
+            apply,
+            digest,
+            journal,
+            recovered,
+            policy,
+            snapshotting: Mutex::new(()),
+            tainted: AtomicBool::new(false),
+            automatic: AtomicBool::new(false),
+            last_events: AtomicU64::new(applied),
+            last_bytes: AtomicU64::new(framed),
+            hook,
+        }),
     }
 }
 
@@ -461,15 +748,15 @@ pub(crate) fn identity<S: DeserializeOwned, E: DeserializeOwned>() -> Identity {
     }
 }
 
-/// Applies one replayed event to the state being recovered.
-fn replay<S, E: DeserializeOwned, R>(
+/// Applies one replayed event, `decoded`, to the state being recovered.
+fn replay<S, E, R>(
     dir: &Path,
     state: &mut S,
     apply: &(impl Fn(&mut S, E, Timestamp) -> R + ?Sized),
     digest: Option<fn(&S) -> u64>,
     event: Replayed<'_>,
+    decoded: E,
 ) -> Result<Option<u64>> {
-    let decoded: E = journal::decode_event(dir, &event)?;
     journal::replay_caught(dir, event.seq, || {
         let _ = apply(state, decoded, event.at);
     })?;

@@ -5,7 +5,7 @@ use std::{any::type_name, fmt, path::Path};
 
 use serde::de::DeserializeOwned;
 
-use crate::{Result, journal::Replayed};
+use crate::{Result, journal::Replayed, shape::Shape};
 
 /// How a cell reads values saved by older versions of the program.
 ///
@@ -57,6 +57,10 @@ pub(crate) struct JournalHooks<T> {
     pub(crate) event_type: fn() -> &'static str,
     /// The structure of the cell's event type, if it can be traced.
     pub(crate) event_shape: fn() -> Option<crate::shape::Shape>,
+    /// The events' current schema version.
+    pub(crate) event_version: u32,
+    /// The older versions of the events that can be read.
+    pub(crate) older_events: fn() -> Vec<crate::journal::Older>,
     /// Decodes one journaled event and applies it to the value.
     pub(crate) replay: fn(&Path, &mut T, Replayed<'_>) -> Result<()>,
 }
@@ -179,6 +183,16 @@ pub trait Migrate<T>: Sync + sealed::Sealed {
     /// Decodes `bytes` as the old type and migrates the value.
     #[doc(hidden)]
     fn migrate(&self, bytes: &[u8]) -> Result<T, postcard::Error>;
+
+    /// The old type's name.
+    #[doc(hidden)]
+    fn old_type(&self) -> &'static str;
+
+    /// The old type's structure, when it can be traced.
+    #[doc(hidden)]
+    // Sealed and hidden: only this crate implements and calls it.
+    #[allow(private_interfaces)]
+    fn old_shape(&self) -> Option<Shape>;
 }
 
 impl<Old: DeserializeOwned, T> Migrate<T> for Migration<Old, T> {
@@ -188,6 +202,15 @@ impl<Old: DeserializeOwned, T> Migrate<T> for Migration<Old, T> {
 
     fn migrate(&self, bytes: &[u8]) -> Result<T, postcard::Error> {
         crate::codec::decode_exact::<Old>(bytes).map(self.migrate)
+    }
+
+    fn old_type(&self) -> &'static str {
+        type_name::<Old>()
+    }
+
+    #[allow(private_interfaces)]
+    fn old_shape(&self) -> Option<Shape> {
+        Shape::of::<Old>()
     }
 }
 

@@ -273,6 +273,168 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// This shape with its containers renamed after those of `stored` they stand
+    /// for: a walk of both shapes side by side pairs each container this one names
+    /// with the one `stored` names in the same place. Container names are not
+    /// encoded by postcard, so an old type kept under a new name (`CommandV1`) for a
+    /// migration reads the bytes written as `Command`; compared renamed, only real
+    /// changes are left. Unchanged when the pairing is not one to one.
+    pub(crate) fn renamed_like(&self, stored: &Shape) -> Shape {
+        let mut pairs: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut queue: VecDeque<(&str, &str)> = VecDeque::new();
+        pair_formats(&self.root, &stored.root, &mut pairs, &mut queue);
+        while let Some((ours, theirs)) = queue.pop_front() {
+            let (Some(ours), Some(theirs)) =
+                (self.containers.get(ours), stored.containers.get(theirs))
+            else {
+                continue;
+            };
+            pair_containers(ours, theirs, &mut pairs, &mut queue);
+        }
+        // One to one, and no unpaired name taken by a paired one.
+        let targets: BTreeSet<&str> = pairs.values().copied().collect();
+        let clash = self
+            .containers
+            .keys()
+            .any(|name| !pairs.contains_key(name.as_str()) && targets.contains(name.as_str()));
+        if targets.len() != pairs.len() || clash {
+            return self.clone();
+        }
+        let rename =
+            |name: &str| pairs.get(name).map_or_else(|| name.to_owned(), |it| (*it).to_owned());
+        Shape {
+            root: self.root.renamed(&rename),
+            containers: self
+                .containers
+                .iter()
+                .map(|(name, container)| (rename(name), container.renamed(&rename)))
+                .collect(),
+        }
+    }
+}
+
+/// Pairs the containers that `ours` and `theirs` name in the same places, queueing
+/// each new pair; stops where their outlines part.
+fn pair_formats<'a>(
+    ours: &'a Format,
+    theirs: &'a Format,
+    pairs: &mut BTreeMap<&'a str, &'a str>,
+    queue: &mut VecDeque<(&'a str, &'a str)>,
+) {
+    match (ours, theirs) {
+        (Format::Named(ours), Format::Named(theirs)) if !pairs.contains_key(ours.as_str()) => {
+            pairs.insert(ours, theirs);
+            queue.push_back((ours, theirs));
+        }
+        (Format::Option(a), Format::Option(b))
+        | (Format::Seq(a), Format::Seq(b))
+        | (Format::Array(a, _), Format::Array(b, _)) => pair_formats(a, b, pairs, queue),
+        (Format::Map(a_key, a_value), Format::Map(b_key, b_value)) => {
+            pair_formats(a_key, b_key, pairs, queue);
+            pair_formats(a_value, b_value, pairs, queue);
+        }
+        (Format::Tuple(a), Format::Tuple(b)) => {
+            for (a, b) in a.iter().zip(b) {
+                pair_formats(a, b, pairs, queue);
+            }
+        }
+        _ => (),
+    }
+}
+
+fn pair_containers<'a>(
+    ours: &'a Container,
+    theirs: &'a Container,
+    pairs: &mut BTreeMap<&'a str, &'a str>,
+    queue: &mut VecDeque<(&'a str, &'a str)>,
+) {
+    match (ours, theirs) {
+        (Container::Newtype(a), Container::Newtype(b)) => pair_formats(a, b, pairs, queue),
+        (Container::Tuple(a), Container::Tuple(b)) => {
+            for (a, b) in a.iter().zip(b) {
+                pair_formats(a, b, pairs, queue);
+            }
+        }
+        (Container::Struct(a), Container::Struct(b)) => {
+            for (a, b) in a.iter().zip(b) {
+                pair_formats(&a.format, &b.format, pairs, queue);
+            }
+        }
+        (Container::Enum(a), Container::Enum(b)) => {
+            for (a, b) in a.iter().zip(b) {
+                match (&a.body, &b.body) {
+                    (Body::Newtype(a), Body::Newtype(b)) => pair_formats(a, b, pairs, queue),
+                    (Body::Tuple(a), Body::Tuple(b)) => {
+                        for (a, b) in a.iter().zip(b) {
+                            pair_formats(a, b, pairs, queue);
+                        }
+                    }
+                    (Body::Struct(a), Body::Struct(b)) => {
+                        for (a, b) in a.iter().zip(b) {
+                            pair_formats(&a.format, &b.format, pairs, queue);
+                        }
+                    }
+                    _ => (),
+                }
+            }
+        }
+        _ => (),
+    }
+}
+
+impl Format {
+    /// The format with the containers it names renamed by `rename`.
+    fn renamed(&self, rename: &dyn Fn(&str) -> String) -> Format {
+        let boxed = |inner: &Format| Box::new(inner.renamed(rename));
+        match self {
+            Format::Named(name) => Format::Named(rename(name)),
+            Format::Option(inner) => Format::Option(boxed(inner)),
+            Format::Seq(inner) => Format::Seq(boxed(inner)),
+            Format::Array(inner, size) => Format::Array(boxed(inner), *size),
+            Format::Map(key, value) => Format::Map(boxed(key), boxed(value)),
+            Format::Tuple(formats) => Format::Tuple(renamed_all(formats, rename)),
+            other => other.clone(),
+        }
+    }
+}
+
+impl Container {
+    fn renamed(&self, rename: &dyn Fn(&str) -> String) -> Container {
+        match self {
+            Container::Unit => Container::Unit,
+            Container::Newtype(format) => Container::Newtype(format.renamed(rename)),
+            Container::Tuple(formats) => Container::Tuple(renamed_all(formats, rename)),
+            Container::Struct(fields) => Container::Struct(renamed_fields(fields, rename)),
+            Container::Enum(variants) => Container::Enum(
+                variants
+                    .iter()
+                    .map(|variant| Variant {
+                        name: variant.name.clone(),
+                        body: match &variant.body {
+                            Body::Unit => Body::Unit,
+                            Body::Newtype(format) => Body::Newtype(format.renamed(rename)),
+                            Body::Tuple(formats) => Body::Tuple(renamed_all(formats, rename)),
+                            Body::Struct(fields) => Body::Struct(renamed_fields(fields, rename)),
+                        },
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}
+
+fn renamed_all(formats: &[Format], rename: &dyn Fn(&str) -> String) -> Vec<Format> {
+    formats.iter().map(|format| format.renamed(rename)).collect()
+}
+
+fn renamed_fields(fields: &[Field], rename: &dyn Fn(&str) -> String) -> Vec<Field> {
+    fields
+        .iter()
+        .map(|field| Field { name: field.name.clone(), format: field.format.renamed(rename) })
+        .collect()
+}
+
 impl fmt::Display for ShapeFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -2417,6 +2579,49 @@ mod tests {
         assert_eq!(
             Shape::differences(&old, &new),
             vec!["field 1 of struct `S` was `i32`, is now `u32`".to_owned()]
+        );
+    }
+
+    #[test]
+    fn an_old_type_under_a_new_name_compares_renamed() {
+        mod before {
+            #[derive(serde::Deserialize)]
+            pub(super) enum Command {
+                Deposit { amount: i64, to: Account },
+                Close(Account),
+            }
+            #[derive(serde::Deserialize)]
+            pub(super) struct Account {
+                pub(super) id: u32,
+            }
+        }
+        #[derive(serde::Deserialize)]
+        enum CommandV1 {
+            Deposit { amount: i64, to: AccountV1 },
+            Close(AccountV1),
+        }
+        #[derive(serde::Deserialize)]
+        struct AccountV1 {
+            id: u32,
+        }
+        #[derive(serde::Deserialize)]
+        enum Drifted {
+            Deposit { amount: u64, to: AccountV1 },
+            Close(AccountV1),
+        }
+        let (Some(stored), Some(kept), Some(drifted)) =
+            (Shape::of::<before::Command>(), Shape::of::<CommandV1>(), Shape::of::<Drifted>())
+        else {
+            panic!("the types trace")
+        };
+        let _ = (before::Command::Close, before::Account { id: 0 }.id);
+        assert!(!Shape::differences(&stored, &kept).is_empty(), "plainly, the names differ");
+        assert_eq!(kept.renamed_like(&stored), stored);
+        let changes = Shape::differences(&stored, &drifted.renamed_like(&stored));
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(
+            changes.iter().all(|it| it.contains("amount") && !it.contains("Drifted")),
+            "{changes:?}"
         );
     }
 }

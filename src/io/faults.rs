@@ -319,6 +319,72 @@ fn a_power_loss_at_any_call_of_a_journal_loses_no_acknowledged_event() -> TestRe
     Ok(())
 }
 
+/// The journal workload of an upgrade: events 1 to 6 handled by version 1 of the
+/// program (a snapshot after the 4th), closed, then 7 to 12 by version 2, whose
+/// events are of schema version 2 and which reads version 1 through a migration:
+/// it goes on in a new journal file. Returns how many were acknowledged.
+fn handle_twelve_upgrading(io: &Io, sim: &Sim, dir: &Path) -> u64 {
+    let mut acked = 0;
+    for version in [1, 2] {
+        if version == 2 && !sim.crashed() && sim.writeback().is_err() {
+            return acked;
+        }
+        let builder = Prevayler::builder().keep_snapshots(1).io(io.clone());
+        let opened = if version == 1 {
+            builder.open(dir, 0u64, add)
+        } else {
+            builder.event_version(2).migrate_event(1, |n: u64| n).open(dir, 0u64, add)
+        };
+        let Ok(sum) = opened else { return acked };
+        for n in (version - 1) * 6 + 1..=version * 6 {
+            if sum.handle(n).is_err() {
+                return acked;
+            }
+            acked = n;
+            if n == 4 && sum.snapshot().is_err() {
+                return acked;
+            }
+        }
+    }
+    acked
+}
+
+#[test]
+fn a_power_loss_at_any_call_of_an_upgrade_loses_nothing_and_the_journal_opens() -> TestResult {
+    let calls = {
+        let run = Run::new()?;
+        handle_twelve_upgrading(&run.io(), &run.sim, &run.root.join("journal"));
+        run.sim.calls()
+    };
+    for call in 1..=calls + 1 {
+        let run = Run::new()?;
+        run.sim.seed(call);
+        run.sim.crash_at(call, &run.out);
+        let acked = handle_twelve_upgrading(&run.io(), &run.sim, &run.root.join("journal"));
+        let dir = run.survivor("journal")?;
+        let opened = Prevayler::builder()
+            .event_version(2)
+            .migrate_event(1, |n: u64| n)
+            .open(&dir, 0u64, add);
+        let harm = match opened {
+            Err(err) => Some(format!("the journal does not open: {err}")),
+            Ok(sum) => {
+                let (total, events) = (sum.read(|total| *total), sum.events());
+                if total == events * (events + 1) / 2 && acked <= events {
+                    None
+                } else {
+                    Some(format!("{events} events give {total}, {acked} were acknowledged"))
+                }
+            }
+        };
+        if let Some(harm) = harm {
+            return Err(format!("power loss at call {call}: {harm}").into());
+        }
+    }
+    eprintln!("journal upgrade: a power loss at each of {} calls, no event lost", calls + 1);
+    Ok(())
+}
+
 #[test]
 fn every_sync_of_a_journal_is_needed() -> TestResult {
     let (syncs, calls) = {

@@ -4,9 +4,10 @@
 //!
 //! ```text
 //! header: magic "INSTAJNL" | version u32 | sealed u8 | first event u64 | 0 u64
-//!         | state type (u16 length, bytes) | event type (u16 length, bytes) | schema u32
+//!         | state type (u16 length, bytes) | event type (u16 length, bytes)
+//!         | state schema u32 | event schema u32   (the second from version 3 on)
 //!         | key check (u32 length, sealed bytes; empty when not sealed)
-//!         | state shape (u32 length, bytes) | event shape (u32 length, bytes)   (version 2 only)
+//!         | state shape (u32 length, bytes) | event shape (u32 length, bytes)   (from version 2 on)
 //!         | crc32 of all before
 //! frame:  length u32 | crc32 u32 of the payload | payload
 //! payload: version u8 | kind u8 | body
@@ -21,23 +22,34 @@
 //!
 //! ```text
 //! magic "INSTASNP" | version u32 | sealed u8 | events covered u64 | last timestamp µs u64
-//!         | state type | event type | schema u32 | body length u64 | body crc32
-//!         | state shape | event shape (version 2 only) | crc32 of all before
+//!         | state type | event type | state schema u32 | event schema u32 (from version 3 on)
+//!         | body length u64 | body crc32
+//!         | state shape | event shape (from version 2 on) | crc32 of all before
 //! body: encoded state (sealed when the journal is: whole in version 1, in chunks as
-//!       value files are in version 2)
+//!       value files are from version 2 on)
 //! ```
 //!
 //! A shape is the structure of a type as serde sees it (`shape.rs`); an empty one is
-//! a type that could not be traced. All integers are little-endian.
+//! a type that could not be traced. The schema versions are the front door's, of
+//! the state and of the events the file was written with; versions 1 and 2 had one
+//! schema version, the state's, and their events are read as version 1. All
+//! integers are little-endian.
 
 use crate::journal::Identity;
 
 pub(crate) const JOURNAL_MAGIC: [u8; 8] = *b"INSTAJNL";
 pub(crate) const SNAPSHOT_MAGIC: [u8; 8] = *b"INSTASNP";
-/// The version of the journal and snapshot formats this build writes; it reads 1 too.
-pub(crate) const FORMAT_VERSION: u32 = 2;
-/// The first version: no shapes in headers, no link frames.
+/// The version of the journal and snapshot formats this build writes; it reads 1
+/// and 2 too.
+pub(crate) const FORMAT_VERSION: u32 = 3;
+/// The first version: no shapes in headers, no link frames, one schema version.
 pub(crate) const FORMAT_V1: u32 = 1;
+/// The second version: one schema version, the state's, for both types.
+pub(crate) const FORMAT_V2: u32 = 2;
+/// Every version this build reads, newest first.
+const READ_VERSIONS: [u32; 3] = [FORMAT_VERSION, FORMAT_V2, FORMAT_V1];
+/// The events' schema version of a file written before the events had one.
+pub(crate) const FIRST_SCHEMA: u32 = 1;
 /// The version byte every frame's payload starts with.
 const FRAME_VERSION: u8 = 1;
 /// Length and checksum in front of every payload.
@@ -204,7 +216,10 @@ pub(crate) struct Header {
     pub(crate) at: u64,
     pub(crate) state_type: String,
     pub(crate) event_type: String,
+    /// The state's schema version.
     pub(crate) schema: u32,
+    /// The events' schema version ([`FIRST_SCHEMA`] before version 3).
+    pub(crate) event_schema: u32,
     /// A journal's sealed key check, or a snapshot's body length and checksum.
     pub(crate) extra: Extra,
     /// The encoded shapes of the state and event types (`shape.rs`); empty for a
@@ -231,6 +246,7 @@ pub(crate) enum HeaderFault {
 impl Header {
     pub(crate) fn new(
         identity: &Identity,
+        event_schema: u32,
         sealed: bool,
         events: u64,
         at: u64,
@@ -247,6 +263,7 @@ impl Header {
             state_type: identity.state_type.to_owned(),
             event_type: identity.event_type.to_owned(),
             schema: identity.schema,
+            event_schema,
             extra,
             state_shape: shape(&identity.state_shape),
             event_shape: shape(&identity.event_shape),
@@ -270,6 +287,9 @@ impl Header {
             out.extend_from_slice(name.as_bytes());
         }
         out.extend_from_slice(&self.schema.to_le_bytes());
+        if has_event_schema(self.version) {
+            out.extend_from_slice(&self.event_schema.to_le_bytes());
+        }
         match &self.extra {
             Extra::KeyCheck(check) => put_bytes32(&mut out, check),
             Extra::Body { len, crc } => {
@@ -302,13 +322,12 @@ impl Header {
             Some(_) => {}
         }
         let version = le_u32(bytes, 8).ok_or_else(|| damaged("the header is cut short"))?;
-        if version == FORMAT_VERSION || version == FORMAT_V1 {
+        if READ_VERSIONS.contains(&version) {
             return Header::parse(bytes, snapshot, version).map_err(damaged);
         }
         // A sound header of another version, or a damaged version field?
-        let sound = [FORMAT_VERSION, FORMAT_V1]
-            .into_iter()
-            .any(|layout| Header::parse(bytes, snapshot, layout).is_ok());
+        let sound =
+            READ_VERSIONS.into_iter().any(|layout| Header::parse(bytes, snapshot, layout).is_ok());
         if sound {
             return Err(HeaderFault::Version(version));
         }
@@ -333,6 +352,8 @@ impl Header {
         let state_type = reader.name().ok_or(short)?;
         let event_type = reader.name().ok_or(short)?;
         let schema = reader.u32().ok_or(short)?;
+        let event_schema =
+            if has_event_schema(layout) { reader.u32().ok_or(short)? } else { FIRST_SCHEMA };
         let extra = if snapshot {
             Extra::Body { len: reader.u64().ok_or(short)?, crc: reader.u32().ok_or(short)? }
         } else {
@@ -356,12 +377,18 @@ impl Header {
             state_type,
             event_type,
             schema,
+            event_schema,
             extra,
             state_shape,
             event_shape,
         };
         Ok((header, reader.at))
     }
+}
+
+/// Whether headers of format `version` have the events' schema version.
+fn has_event_schema(version: u32) -> bool {
+    version != FORMAT_V1 && version != FORMAT_V2
 }
 
 /// Appends `bytes` with their length as a `u32`.
@@ -492,16 +519,25 @@ mod tests {
         };
         for extra in [Extra::KeyCheck(vec![1, 2, 3]), Extra::Body { len: 5, crc: 6 }] {
             let snapshot = matches!(extra, Extra::Body { .. });
-            let header = Header::new(&identity, true, 42, 7, extra);
+            let header = Header::new(&identity, 3, true, 42, 7, extra);
             assert!(!header.state_shape.is_empty() && header.event_shape.is_empty());
             let bytes = header.encode();
             assert_eq!(Header::decode(&bytes, snapshot), Ok((header.clone(), bytes.len())));
             assert!(Header::decode(&bytes, !snapshot).is_err());
-            // A version 1 header (no shapes) still reads.
-            let old = Header { version: FORMAT_V1, ..header };
-            let old_bytes = old.encode();
-            let decoded = Header::decode(&old_bytes, snapshot).map(|(it, _)| it.state_shape);
-            assert_eq!(decoded, Ok(Vec::new()));
+            // A version 1 header (no shapes) and a version 2 one (no events' schema)
+            // still read, their events' schema version the first.
+            let old = Header { version: FORMAT_V1, ..header.clone() };
+            let decoded = Header::decode(&old.encode(), snapshot).map(|(it, _)| it);
+            assert_eq!(
+                decoded.map(|it| (it.state_shape, it.event_schema)),
+                Ok((Vec::new(), FIRST_SCHEMA))
+            );
+            let old = Header { version: FORMAT_V2, ..header.clone() };
+            let decoded = Header::decode(&old.encode(), snapshot).map(|(it, _)| it);
+            assert_eq!(
+                decoded.map(|it| (it.state_shape == header.state_shape, it.event_schema)),
+                Ok((true, FIRST_SCHEMA))
+            );
             // Damage in the version field is damage; a sound header of a newer
             // version is that version.
             for at in 8..12 {
@@ -514,7 +550,7 @@ mod tests {
             }
             let newer = Header {
                 version: 9,
-                ..Header::new(&identity, false, 1, 0, Extra::KeyCheck(Vec::new()))
+                ..Header::new(&identity, 1, false, 1, 0, Extra::KeyCheck(Vec::new()))
             };
             assert_eq!(Header::decode(&newer.encode(), false), Err(HeaderFault::Version(9)));
         }

@@ -29,8 +29,11 @@ pub struct JournalReport {
     pub state_type: String,
     /// The event type the journal was written for.
     pub event_type: String,
-    /// The schema version it was written with.
+    /// The state's schema version its newest file was written with.
     pub schema: u32,
+    /// The events' schema version its newest file was written with (1 for a
+    /// journal written before events had a version of their own).
+    pub event_schema: u32,
     /// Whether its events and snapshots are encrypted.
     pub encrypted: bool,
     /// How many events it holds, snapshots included: the next event's number.
@@ -67,7 +70,7 @@ pub(crate) fn inspect(io: &Io, dir: &Path, sealer: &Sealer) -> Result<JournalRep
     let from = covered.unwrap_or(0);
     let scope = Scope {
         io,
-        identity: None,
+        expect: None,
         sealer,
         recovery: Recovery::Strict,
         from,
@@ -82,6 +85,7 @@ pub(crate) fn inspect(io: &Io, dir: &Path, sealer: &Sealer) -> Result<JournalRep
         state_type: header.state_type,
         event_type: header.event_type,
         schema: header.schema,
+        event_schema: header.event_schema,
         encrypted: header.sealed,
         events: tail.next.max(from),
         snapshot: covered,

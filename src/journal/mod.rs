@@ -34,6 +34,7 @@ mod inspect;
 mod recovery;
 mod scan;
 mod snapshot;
+mod versions;
 mod writer;
 
 use std::{
@@ -52,6 +53,7 @@ pub(crate) use self::{
     recovery::{journal_files, snapshot_files},
     scan::{Scanned, Scanner, Start, Step, Tail, read_header, vanished},
     snapshot::{LoadedSnapshot, load as load_snapshot, load_newest as load_newest_snapshot},
+    versions::{Older, Place, Versions, decode as decode_versioned},
     writer::{Files, Journal, Prepared, now_micros},
 };
 use crate::{
@@ -211,21 +213,17 @@ impl<'de> serde::Deserialize<'de> for Timestamp {
     }
 }
 
-/// What a journal's files are written for; checked strictly on open.
+/// What a journal's files are written for; checked strictly on open, with the
+/// [`Versions`] the journal reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Identity {
     pub(crate) state_type: &'static str,
     pub(crate) event_type: &'static str,
+    /// The state's current schema version (the events' is [`Versions::event`]).
     pub(crate) schema: u32,
     /// The structure of the state and event types, when they can be traced.
     pub(crate) state_shape: Option<Shape>,
     pub(crate) event_shape: Option<Shape>,
-}
-
-impl Identity {
-    fn describe(state_type: &str, event_type: &str, schema: u32) -> String {
-        format!("state `{state_type}` with events `{event_type}` (schema v{schema})")
-    }
 }
 
 /// How to open a journal.
@@ -249,15 +247,28 @@ pub(crate) trait Job: Send + 'static {
     fn run(self, seq: u64, at: Timestamp) -> (Self::Output, Option<u64>);
 }
 
-/// One replayed event: its number, timestamp and encoded bytes, and where its frame
-/// is: the journal file (named by its first event) and the frame's offset in it.
+/// One replayed event: its number, timestamp and encoded bytes, the events' schema
+/// version its file was written with, and where its frame is: the journal file
+/// (named by its first event) and the frame's offset in it.
 #[derive(Clone, Copy)]
 pub(crate) struct Replayed<'a> {
     pub(crate) seq: u64,
     pub(crate) at: Timestamp,
     pub(crate) bytes: &'a [u8],
+    /// Checked against the journal's [`Versions`]: the current version, or an older
+    /// one that has a migration, whose old type the file's header matches.
+    pub(crate) schema: u32,
     pub(crate) file: u64,
     pub(crate) offset: u64,
+}
+
+/// A snapshot read back, before its state is decoded: the state's schema version
+/// it was written with (checked as [`Replayed::schema`] is) and its encoded state.
+#[derive(Clone, Copy)]
+pub(crate) struct Restored<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) schema: u32,
+    pub(crate) bytes: &'a [u8],
 }
 
 /// A state read back from a snapshot and the journal after it.
@@ -281,14 +292,41 @@ pub(crate) struct Opened<S> {
 /// built with `panic = "abort"`) is skipped: replay starts again without it, and a
 /// void frame for it is written once the journal is open.
 ///
-/// This is the one recovery path of both front doors.
+/// The journal's types have one schema version each, the identity's: see
+/// [`open_versioned`] for more.
 pub(crate) fn open_state<S: DeserializeOwned>(
     config: Config,
     lock: Option<Hold>,
+    initial: impl FnMut() -> Result<S>,
+    apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
+) -> Result<Opened<S>> {
+    let current = config.identity.schema;
+    let mut restore = |snapshot: Restored<'_>| {
+        let place = Place { path: snapshot.path, what: &|| "the snapshot".to_owned() };
+        versions::decode(snapshot.bytes, snapshot.schema, current, [], place)
+    };
+    open_versioned(config, &Versions::default(), lock, initial, &mut restore, apply)
+}
+
+/// As [`open_state`], for a journal whose files may have been written with older
+/// schema versions of its types, which `versions` lists: every file's header is
+/// checked against them (`versions::check_header`), `restore` decodes the newest
+/// sound snapshot's state from the version it was written with, and every replayed
+/// event comes with its file's events' version ([`Replayed::schema`]). New files are
+/// written with the current versions: if the last journal file was written with
+/// others, the journal goes on in a new file.
+///
+/// This is the one recovery path of every front door.
+pub(crate) fn open_versioned<S>(
+    config: Config,
+    versions: &Versions,
+    lock: Option<Hold>,
     mut initial: impl FnMut() -> Result<S>,
+    restore: &mut impl FnMut(Restored<'_>) -> Result<S>,
     apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<Opened<S>> {
     let Config { dir, identity, durability, recovery, sealer, io, access } = config;
+    let expect = Some((&identity, versions));
     // Salvaging moves files: a read-only opening refuses damage instead.
     let recovery = if access == Access::ReadOnly { Recovery::Strict } else { recovery };
     let clean = lock.as_ref().and_then(Hold::clean_end);
@@ -297,13 +335,14 @@ pub(crate) fn open_state<S: DeserializeOwned>(
     loop {
         let mut unsound = Vec::new();
         let snapshot = match &dir {
-            Some(dir) => snapshot::load_newest(&io, dir, Some(&identity), &sealer, &mut unsound)?,
+            Some(dir) => snapshot::load_newest(&io, dir, expect, &sealer, &mut unsound)?,
             None => None,
         };
         let (mut state, covered, at) = match snapshot {
             Some(loaded) => {
-                let state = decode(&loaded.body, &loaded.path, || "the snapshot".to_owned())?;
-                (state, Some(loaded.events), loaded.at)
+                let snapshot =
+                    Restored { path: &loaded.path, schema: loaded.schema, bytes: &loaded.body };
+                (restore(snapshot)?, Some(loaded.events), loaded.at)
             }
             None => (initial()?, None, 0),
         };
@@ -313,7 +352,7 @@ pub(crate) fn open_state<S: DeserializeOwned>(
             Some(dir) => {
                 let scope = recovery::Scope {
                     io: &io,
-                    identity: Some(&identity),
+                    expect,
                     sealer: &sealer,
                     recovery,
                     from,
@@ -340,14 +379,14 @@ pub(crate) fn open_state<S: DeserializeOwned>(
             }
             res => res?,
         };
-        let journal = match (access, dir) {
-            (Access::ReadOnly, Some(dir)) => {
+        let event_schema = versions.event;
+        let parts = writer::Parts { dir, identity, event_schema, durability, sealer, io, access };
+        let journal = match access {
+            Access::ReadOnly if parts.dir.is_some() => {
                 let (next, clock) = (tail.next.max(from), tail.clock.max(at));
-                Journal::read_only(dir, identity, sealer, io, lock, next, clock)
+                Journal::read_only(parts, lock, next, clock)
             }
-            (_, dir) => {
-                Journal::resume(dir, identity, durability, sealer, io, lock, &tail, from, at)?
-            }
+            _ => Journal::resume(parts, lock, &tail, from, at)?,
         };
         if !skipped.is_empty() {
             journal.void_events(&skipped)?;
@@ -416,12 +455,6 @@ pub(crate) fn decode<T: DeserializeOwned>(
         type_name: std::any::type_name::<T>().to_owned(),
         source: CodecError::from(source),
     })
-}
-
-/// Decodes a replayed event as exactly one `E`.
-#[inline]
-pub(crate) fn decode_event<E: DeserializeOwned>(dir: &Path, event: &Replayed<'_>) -> Result<E> {
-    decode(event.bytes, dir, || format!("event {}", event.seq))
 }
 
 /// Runs a replayed event's system function; a panic there is

@@ -9,16 +9,16 @@ use std::{
 };
 
 use super::{
-    Identity, Recovery, Replayed, Timestamp, event_aad,
+    Identity, Recovery, Replayed, Timestamp, Versions, event_aad,
     format::{self, Extra, FileKind, Frame, Header, HeaderFault, Read},
     key_check,
+    versions::{self, Side},
 };
 use crate::{
     Error, Result,
     crypt::Sealer,
     io::{Io, IoFile, Open, PART_SUFFIX},
     lockfile::End,
-    shape::Shape,
 };
 
 /// What opening a journal found and did.
@@ -104,8 +104,19 @@ pub(crate) struct Tail {
     pub(crate) next: u64,
     /// The last timestamp journaled.
     pub(crate) clock: u64,
-    /// The last journal file, the number after its last event, and its first.
-    pub(crate) file: Option<(PathBuf, u64, u64)>,
+    /// The last journal file.
+    pub(crate) file: Option<LastFile>,
+}
+
+/// The last journal file, as recovery found it.
+#[derive(Debug)]
+pub(crate) struct LastFile {
+    pub(crate) path: PathBuf,
+    /// The number after its last event (its first, when it holds none).
+    pub(crate) next: u64,
+    pub(crate) first: u64,
+    /// The state's and the events' schema versions its header records.
+    pub(crate) schemas: (u32, u32),
 }
 
 /// What to recover: the journal's types, its key, what to do about damage, and the
@@ -113,9 +124,9 @@ pub(crate) struct Tail {
 #[derive(Clone, Copy)]
 pub(crate) struct Scope<'a> {
     pub(crate) io: &'a Io,
-    /// The types the journal must have been written for; `None` when inspecting a
-    /// journal without knowing them.
-    pub(crate) identity: Option<&'a Identity>,
+    /// The types the journal must have been written for, and the schema versions it
+    /// reads; `None` when inspecting a journal without knowing them.
+    pub(crate) expect: Option<(&'a Identity, &'a Versions)>,
     pub(crate) sealer: &'a Sealer,
     pub(crate) recovery: Recovery,
     pub(crate) from: u64,
@@ -133,8 +144,11 @@ pub(crate) struct Scope<'a> {
 /// those are read again, from the sound spans, as they are replayed.
 #[derive(Default)]
 struct Frames {
-    /// Per file: where its sound frames start and end.
-    spans: Vec<(usize, usize)>,
+    /// Per file: where its sound frames start and end, and the events' schema
+    /// version its header records.
+    spans: Vec<(usize, usize, u32)>,
+    /// Per file: the state's and the events' schema versions its header records.
+    schemas: Vec<(u32, u32)>,
     voids: Vec<(u64, u64)>,
     checks: BTreeMap<u64, u64>,
     /// The first event numbered `from` or later, and its file.
@@ -165,7 +179,7 @@ pub(crate) fn recover(
     skipped: &[u64],
     replay: &mut impl FnMut(Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<(Recovered, Tail)> {
-    let Scope { io, identity, sealer, recovery, from, clean, expected, read_only } = *scope;
+    let Scope { io, expect, sealer, recovery, from, clean, expected, read_only } = *scope;
     remove_parts(io, dir, read_only)?;
     let mut files = journal_files(io, dir)?;
     let strict = recovery == Recovery::Strict;
@@ -188,7 +202,7 @@ pub(crate) fn recover(
     let mut file_idx = 0;
     while let (Some((first, path)), Some(bytes)) = (files.get(file_idx), contents.get(file_idx)) {
         let last_file = file_idx + 1 == files.len();
-        let ending = match check_header(bytes, *first, path, identity, sealer)? {
+        let ending = match check_header(bytes, *first, path, expect, sealer)? {
             Err(reason) => Ending::Damaged(0, reason),
             Ok(_) if file_idx == 0 && from < *first => Ending::Damaged(0, gap(*first, from)),
             Ok(_)
@@ -203,9 +217,17 @@ pub(crate) fn recover(
                     ),
                 )
             }
-            Ok(header_len) => {
+            Ok((header_len, schemas)) => {
                 let mut next = *first;
-                let scan = Scan { bytes, file: file_idx, last_file, from, clean: clean.is_some() };
+                frames.schemas.push(schemas);
+                let scan = Scan {
+                    bytes,
+                    file: file_idx,
+                    last_file,
+                    from,
+                    clean: clean.is_some(),
+                    schema: schemas.1,
+                };
                 let ending = scan.frames(header_len, &mut next, &mut frames);
                 expected = Some(next);
                 ending
@@ -266,7 +288,8 @@ pub(crate) fn recover(
         file: files.last().map(|(first, path)| {
             let last_idx = files.len() - 1;
             let next = last.filter(|it| it.0 == last_idx).map_or(*first, |(_, seq, _)| seq + 1);
-            (path.clone(), next, *first)
+            let schemas = frames.schemas.get(last_idx).copied().unwrap_or_default();
+            LastFile { path: path.clone(), next, first: *first, schemas }
         }),
     };
     Ok((report, tail))
@@ -290,16 +313,20 @@ fn cut(io: &Io, path: &Path, len: u64, read_only: bool) -> Result<()> {
     handle.set_len(len).and_then(|()| handle.sync_all()).map_err(Error::io(path))
 }
 
-/// Checks a journal file's header: `Ok(Ok(length))` when sound, `Ok(Err(reason))`
-/// when damaged, and an error when it was written for other types, another format
-/// version or another key.
+/// A sound journal file header's length and its state's and events' schema
+/// versions, or why the header is damaged.
+type HeaderCheck = std::result::Result<(usize, (u32, u32)), String>;
+
+/// Checks a journal file's header: `Ok(Ok((length, schema versions)))` when sound,
+/// `Ok(Err(reason))` when damaged, and an error when it was written for other types,
+/// schema versions this journal does not read, another format version or another key.
 fn check_header(
     bytes: &[u8],
     first: u64,
     path: &Path,
-    identity: Option<&Identity>,
+    expect: Option<(&Identity, &Versions)>,
     sealer: &Sealer,
-) -> Result<std::result::Result<usize, String>> {
+) -> Result<HeaderCheck> {
     let (header, len) = match Header::decode(bytes, false) {
         Ok(it) => it,
         Err(HeaderFault::Damaged(reason)) => {
@@ -313,8 +340,8 @@ fn check_header(
             });
         }
     };
-    if let Some(identity) = identity {
-        check_identity(&header, path, identity)?;
+    if let Some((identity, versions)) = expect {
+        versions::check_header(&header, path, identity, versions, Side::Events)?;
     }
     check_sealed(&header, path, sealer)?;
     if header.events != first {
@@ -323,41 +350,7 @@ fn check_header(
             header.events
         )));
     }
-    Ok(Ok(len))
-}
-
-/// Refuses a header written for other types or another schema version, or for
-/// types of the same names whose structure changed.
-pub(crate) fn check_identity(header: &Header, path: &Path, identity: &Identity) -> Result<()> {
-    let mismatch = |changes: Vec<String>| Error::JournalType {
-        path: path.to_path_buf(),
-        stored: Identity::describe(&header.state_type, &header.event_type, header.schema),
-        expected: Identity::describe(identity.state_type, identity.event_type, identity.schema),
-        changes,
-    };
-    if header.state_type != identity.state_type
-        || header.event_type != identity.event_type
-        || header.schema != identity.schema
-    {
-        return Err(mismatch(Vec::new()));
-    }
-    let mut changes = Vec::new();
-    for (what, stored, current) in [
-        ("the state", &header.state_shape, &identity.state_shape),
-        ("the event", &header.event_shape, &identity.event_shape),
-    ] {
-        // A type that could not be traced (now or then) is checked by name alone.
-        let (false, Some(current)) = (stored.is_empty(), current) else { continue };
-        match Shape::decode(stored) {
-            Ok(stored) => changes.extend(
-                Shape::differences(&stored, current).into_iter().map(|it| format!("{what}: {it}")),
-            ),
-            Err(fault) => {
-                changes.push(format!("{what}: the recorded structure is unreadable ({fault})"));
-            }
-        }
-    }
-    if changes.is_empty() { Ok(()) } else { Err(mismatch(changes)) }
+    Ok(Ok((len, (header.schema, header.event_schema))))
 }
 
 /// Refuses a journal whose files are gone (`expected` says there were some), or no
@@ -433,6 +426,8 @@ struct Scan<'a> {
     from: u64,
     /// The journal was closed cleanly: nothing at its end can be torn.
     clean: bool,
+    /// The events' schema version the file's header records.
+    schema: u32,
 }
 
 impl Scan<'_> {
@@ -491,7 +486,7 @@ impl Scan<'_> {
                 Read::Bad(reason) => break Ending::Damaged(offset, reason.to_owned()),
             }
         };
-        frames.spans.push((start, offset));
+        frames.spans.push((start, offset, self.schema));
         ending
     }
 }
@@ -524,7 +519,7 @@ fn replay_found(
         });
     }
     let files = files.iter().zip(contents).zip(&frames.spans);
-    for (((file, path), bytes), &(start, end)) in files {
+    for (((file, path), bytes), &(start, end, schema)) in files {
         let mut offset = start;
         while let Some((frame, len)) = bytes.get(offset..end).and_then(format::parse_frame) {
             let at_offset = offset;
@@ -544,6 +539,7 @@ fn replay_found(
                 seq,
                 at: Timestamp(at),
                 bytes: &plain,
+                schema,
                 file: *file,
                 offset: at_offset as u64,
             };
@@ -600,17 +596,19 @@ fn salvage(io: &Io, dir: &Path, files: &[(u64, PathBuf)], keep: &[u8]) -> Result
     Ok(aside)
 }
 
-/// Creates the journal file whose first event is `first`, durably, open for appending.
+/// Creates the journal file whose first event is `first`, durably, open for
+/// appending; its header records the events' schema version `event_schema`.
 pub(crate) fn create_journal_file(
     io: &Io,
     dir: &Path,
     identity: &Identity,
+    event_schema: u32,
     sealer: &Sealer,
     first: u64,
 ) -> Result<(IoFile, PathBuf)> {
     let path = dir.join(format::journal_name(first));
-    let header =
-        Header::new(identity, sealer.is_on(), first, 0, Extra::KeyCheck(key_check(sealer)));
+    let extra = Extra::KeyCheck(key_check(sealer));
+    let header = Header::new(identity, event_schema, sealer.is_on(), first, 0, extra);
     io.write_durably(&path, &header.encode()).map_err(Error::io(&path))?;
     let file = io.open(&path, Open::Append).map_err(Error::io(&path))?;
     Ok((file, path))

@@ -269,12 +269,30 @@ impl Scanner {
         match &self.header {
             None => self.header = Some(header),
             Some(known) => {
-                let same = (&known.state_type, &known.event_type, known.schema, &known.event_shape)
-                    == (&header.state_type, &header.event_type, header.schema, &header.event_shape);
+                // Files of other events' schema versions (after an upgrade) would need
+                // each its own decoding: the scan reads one version.
+                let same = (
+                    &known.state_type,
+                    &known.event_type,
+                    known.schema,
+                    known.event_schema,
+                    &known.event_shape,
+                ) == (
+                    &header.state_type,
+                    &header.event_type,
+                    header.schema,
+                    header.event_schema,
+                    &header.event_shape,
+                );
                 if !same {
                     let reason = format!(
-                        "the file was written for events `{}` (schema v{}), the journal's first file for `{}` (schema v{})",
-                        header.event_type, header.schema, known.event_type, known.schema
+                        "the file was written for events `{}` (schema v{}, events v{}), the journal's first file for `{}` (schema v{}, events v{})",
+                        header.event_type,
+                        header.schema,
+                        header.event_schema,
+                        known.event_type,
+                        known.schema,
+                        known.event_schema
                     );
                     return Err(corrupt(path, 0, reason));
                 }

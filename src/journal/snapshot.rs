@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    Identity,
+    Identity, Versions,
     format::{self, Extra, Header, HeaderFault},
-    recovery::{self, check_identity, check_sealed},
+    recovery::{self, check_sealed},
+    versions::{self, Side},
 };
 use crate::{Error, Result, crypt::Sealer, io::Io};
 
@@ -17,6 +18,8 @@ pub(crate) struct LoadedSnapshot {
     pub(crate) events: u64,
     /// The last timestamp given out before it.
     pub(crate) at: u64,
+    /// The state's schema version it was written with.
+    pub(crate) schema: u32,
     pub(crate) body: Vec<u8>,
 }
 
@@ -29,10 +32,12 @@ fn aad(events: u64) -> Vec<u8> {
 /// Writes the snapshot of the encoded state `body` covering `events` events: a
 /// temporary file, renamed into place. Neither is synced: the caller syncs the
 /// snapshot and its directory once something relies on it.
+#[allow(clippy::too_many_arguments)] // Two call sites, in the writer; a struct would only rename them.
 pub(crate) fn write(
     io: &Io,
     dir: &Path,
     identity: &Identity,
+    event_schema: u32,
     sealer: &Sealer,
     events: u64,
     at: u64,
@@ -42,24 +47,24 @@ pub(crate) fn write(
     // Sealed in chunks: a state has no size bound, and a single seal one of 256 GiB.
     let stored = sealer.seal_stream(&aad(events), body).map_err(Error::io(&path))?;
     let extra = Extra::Body { len: stored.len() as u64, crc: crc32fast::hash(&stored) };
-    let mut bytes = Header::new(identity, sealer.is_on(), events, at, extra).encode();
+    let mut bytes = Header::new(identity, event_schema, sealer.is_on(), events, at, extra).encode();
     bytes.extend_from_slice(&stored);
     io.write_unsynced(&path, &bytes).map_err(Error::io(&path))?;
     Ok(path)
 }
 
 /// Reads the newest sound snapshot in `dir`; the damaged ones passed over are
-/// pushed to `unsound`. Type (unless `identity` is `None`), version and key
-/// mismatches are errors, not damage.
+/// pushed to `unsound`. Type and schema version (unless `expect` is `None`),
+/// format version and key mismatches are errors, not damage.
 pub(crate) fn load_newest(
     io: &Io,
     dir: &Path,
-    identity: Option<&Identity>,
+    expect: Option<(&Identity, &Versions)>,
     sealer: &Sealer,
     unsound: &mut Vec<PathBuf>,
 ) -> Result<Option<LoadedSnapshot>> {
     for (events, path) in recovery::snapshot_files(io, dir)?.into_iter().rev() {
-        match load(io, &path, events, identity, sealer)? {
+        match load(io, &path, events, expect, sealer)? {
             Ok(loaded) => return Ok(Some(loaded)),
             Err(_) => unsound.push(path),
         }
@@ -68,13 +73,13 @@ pub(crate) fn load_newest(
 }
 
 /// Reads the snapshot at `path`, which its name says covers `events` events: the
-/// snapshot, or why it is damaged. Type (unless `identity` is `None`), version and
-/// key mismatches are errors, not damage.
+/// snapshot, or why it is damaged. Type and schema version (unless `expect` is
+/// `None`), format version and key mismatches are errors, not damage.
 pub(crate) fn load(
     io: &Io,
     path: &Path,
     events: u64,
-    identity: Option<&Identity>,
+    expect: Option<(&Identity, &Versions)>,
     sealer: &Sealer,
 ) -> Result<std::result::Result<LoadedSnapshot, String>> {
     let bytes = io.read(path).map_err(Error::io(path))?;
@@ -90,8 +95,8 @@ pub(crate) fn load(
             return Err(Error::FormatVersion { path, found, expected: format::FORMAT_VERSION });
         }
     };
-    if let Some(identity) = identity {
-        check_identity(&header, path, identity)?;
+    if let Some((identity, versions)) = expect {
+        versions::check_header(&header, path, identity, versions, Side::State)?;
     }
     check_sealed_snapshot(&header, path, sealer)?;
     let stored = bytes.get(len..).unwrap_or_default();
@@ -121,7 +126,8 @@ pub(crate) fn load(
         };
         plain
     };
-    Ok(Ok(LoadedSnapshot { path: path.to_path_buf(), events, at: header.at, body }))
+    let path = path.to_path_buf();
+    Ok(Ok(LoadedSnapshot { path, events, at: header.at, schema: header.schema, body }))
 }
 
 fn check_sealed_snapshot(header: &Header, path: &Path, sealer: &Sealer) -> Result<()> {

@@ -34,6 +34,8 @@ const BUFFER_LIMIT: usize = 256 * 1024;
 pub(crate) struct Journal {
     dir: Option<PathBuf>,
     identity: Identity,
+    /// The events' schema version new files are written with.
+    event_schema: u32,
     durability: Durability,
     sealer: Sealer,
     queue: Mutex<Queue>,
@@ -96,18 +98,14 @@ impl Journal {
     /// The journal after recovery found its `tail`: ready to append the event
     /// numbered `from` or the one after the tail, whichever is later, with timestamps
     /// from `at` on.
-    #[allow(clippy::too_many_arguments)] // One call site, in `open_state`.
     pub(super) fn resume(
-        dir: Option<PathBuf>,
-        identity: Identity,
-        durability: Durability,
-        sealer: Sealer,
-        io: Io,
+        parts: Parts,
         mut lock: Option<Hold>,
         tail: &recovery::Tail,
         from: u64,
         at: u64,
     ) -> Result<Journal> {
+        let Parts { dir, identity, event_schema, durability, sealer, io, access: _ } = parts;
         let next = tail.next.max(from);
         let clock = tail.clock.max(at);
         // After a crash, the last file may hold events written and never synced,
@@ -115,37 +113,64 @@ impl Journal {
         // anyone sees them (or is told, retrying, that they are there).
         let crashed = lock.as_ref().is_none_or(|lock| lock.clean_end().is_none());
         let durable = matches!(durability, Durability::SyncEach | Durability::GroupCommit);
-        if let (true, true, Some((path, _, _))) = (crashed, durable, &tail.file) {
-            let synced = io.open(path, Open::Read).and_then(|file| file.sync_data());
-            synced.map_err(Error::io(path))?;
+        if let (true, true, Some(last)) = (crashed, durable, &tail.file) {
+            let synced = io.open(&last.path, Open::Read).and_then(|file| file.sync_data());
+            synced.map_err(Error::io(&last.path))?;
         }
-        // Append to the last file only when it ends exactly where the next event goes;
-        // otherwise (no file yet, or a snapshot ahead of it) start one now, so that a
-        // journal always has a file to hold its next event.
+        // From here on a crash may tear the last write, or leave the files other
+        // than a clean close left them (a new file, a link): the lock file must not
+        // say that the journal was closed cleanly. In a journal without a file yet,
+        // only once its first file is there: a lock saying that it was open makes a
+        // directory without a journal file damage.
+        let has_files = tail.file.is_some();
+        if let (Some(lock), true) = (&mut lock, has_files) {
+            lock.mark_open()?;
+        }
+        // Append to the last file only when it ends exactly where the next event goes
+        // and its header records the schema versions events are written with now;
+        // otherwise (no file yet, a snapshot ahead of it, or an upgrade of the types)
+        // start one now, so that a journal always has a file to hold its next event.
+        let current = (identity.schema, event_schema);
         let (file, path, first) = match (&dir, &tail.file) {
-            (Some(_), Some((path, last_next, first))) if *last_next == next => {
-                (Some(io.open(path, Open::Append).map_err(Error::io(path))?), path.clone(), *first)
+            (Some(_), Some(last)) if last.next == next && last.schemas == current => {
+                let file = io.open(&last.path, Open::Append).map_err(Error::io(&last.path))?;
+                (Some(file), last.path.clone(), last.first)
             }
             (Some(dir), last) => {
-                let (file, path) =
-                    recovery::create_journal_file(&io, dir, &identity, &sealer, next)?;
+                // A last file of other versions that holds no event, and is named as
+                // the new one must be, is replaced by it.
+                let replaced = last.as_ref().is_some_and(|last| last.first == next);
+                let (file, path) = recovery::create_journal_file(
+                    &io,
+                    dir,
+                    &identity,
+                    event_schema,
+                    &sealer,
+                    next,
+                )?;
                 // The journal goes on in the new file: say so at the end of the last.
-                if let Some((last, _, _)) = last {
-                    append_link(&io, last, next)?;
+                if let (Some(last), false) = (last, replaced) {
+                    append_link(&io, &last.path, next)?;
                 }
                 (Some(file), path, next)
             }
             (None, _) => (None, PathBuf::new(), 0),
         };
         let len = file_len(file.as_ref(), &path)?;
-        // From here on a crash may tear the last write: the lock file must not say
-        // that the journal was closed cleanly.
-        if let Some(lock) = &mut lock {
+        if let (Some(lock), false) = (&mut lock, has_files) {
             lock.mark_open()?;
         }
         let durability = if dir.is_some() { durability } else { Durability::Unsynced };
         let output = Output::new(file, path, first, len, lock);
-        let parts = Parts { dir, identity, durability, sealer, io, access: Access::ReadWrite };
+        let parts = Parts {
+            dir,
+            identity,
+            event_schema,
+            durability,
+            sealer,
+            io,
+            access: Access::ReadWrite,
+        };
         Ok(Journal::new(parts, output, next, clock))
     }
 
@@ -153,32 +178,18 @@ impl Journal {
     /// and whose last timestamp is `clock`: it refuses every event with
     /// [`Error::ReadOnly`] and writes nothing, holding `look` (the shared lock of
     /// its directory, if the directory exists) until dropped.
-    pub(super) fn read_only(
-        dir: PathBuf,
-        identity: Identity,
-        sealer: Sealer,
-        io: Io,
-        look: Option<Hold>,
-        next: u64,
-        clock: u64,
-    ) -> Journal {
+    pub(super) fn read_only(parts: Parts, look: Option<Hold>, next: u64, clock: u64) -> Journal {
         let output = Output::new(None, PathBuf::new(), 0, 0, look);
-        let parts = Parts {
-            dir: Some(dir),
-            identity,
-            durability: Durability::Unsynced,
-            sealer,
-            io,
-            access: Access::ReadOnly,
-        };
+        let parts = Parts { durability: Durability::Unsynced, access: Access::ReadOnly, ..parts };
         Journal::new(parts, output, next, clock)
     }
 
     fn new(parts: Parts, output: Output, next: u64, clock: u64) -> Journal {
-        let Parts { dir, identity, durability, sealer, io, access } = parts;
+        let Parts { dir, identity, event_schema, durability, sealer, io, access } = parts;
         Journal {
             dir,
             identity,
+            event_schema,
             durability,
             sealer,
             queue: Mutex::new(Queue {
@@ -225,6 +236,8 @@ impl Journal {
         let parts = Parts {
             dir: None,
             identity,
+            // It writes no file.
+            event_schema: super::format::FIRST_SCHEMA,
             durability: Durability::Unsynced,
             sealer: Sealer::default(),
             io: Io::default(),
@@ -560,7 +573,17 @@ impl Journal {
         let Some(dir) = &self.dir else { return Ok(()) };
         // One at a time: two would write the same temporary file.
         let _one = self.snapshotting.lock();
-        snapshot::write(&self.io, dir, &self.identity, &self.sealer, events, at, body)?;
+        let identity = &self.identity;
+        snapshot::write(
+            &self.io,
+            dir,
+            identity,
+            self.event_schema,
+            &self.sealer,
+            events,
+            at,
+            body,
+        )?;
         self.rotate.store(true, Ordering::Relaxed);
         let Some(snapshot::Retained { oldest, old }) = snapshot::retained(&self.io, dir, keep)?
         else {
@@ -596,11 +619,14 @@ impl Journal {
     /// an empty journal file after it, whose header carries the types and key check.
     pub(crate) fn copy_to(&self, dir: &Path, body: Vec<u8>, events: u64, at: u64) -> Result<()> {
         self.io.create_dir_durably(dir).map_err(Error::io(dir))?;
-        let path = snapshot::write(&self.io, dir, &self.identity, &self.sealer, events, at, body)?;
+        let (identity, event_schema) = (&self.identity, self.event_schema);
+        let path =
+            snapshot::write(&self.io, dir, identity, event_schema, &self.sealer, events, at, body)?;
         let synced = self.io.open(&path, Open::Read).and_then(|file| file.sync_all());
         synced.map_err(Error::io(&path))?;
         // Creating the journal file syncs the directory, which holds the snapshot too.
-        recovery::create_journal_file(&self.io, dir, &self.identity, &self.sealer, events).map(drop)
+        recovery::create_journal_file(&self.io, dir, identity, event_schema, &self.sealer, events)
+            .map(drop)
     }
 
     /// The journal files holding only events numbered below `below`: those whose
@@ -676,13 +702,15 @@ pub(crate) enum Files {
 }
 
 /// What a journal is made of, besides its queue and output.
-struct Parts {
-    dir: Option<PathBuf>,
-    identity: Identity,
-    durability: Durability,
-    sealer: Sealer,
-    io: Io,
-    access: Access,
+pub(super) struct Parts {
+    pub(super) dir: Option<PathBuf>,
+    pub(super) identity: Identity,
+    /// The events' schema version new files are written with.
+    pub(super) event_schema: u32,
+    pub(super) durability: Durability,
+    pub(super) sealer: Sealer,
+    pub(super) io: Io,
+    pub(super) access: Access,
 }
 
 impl Output {
@@ -762,6 +790,7 @@ impl Output {
                 &journal.io,
                 dir,
                 &journal.identity,
+                journal.event_schema,
                 &journal.sealer,
                 first,
             )

@@ -24,6 +24,7 @@ mod schema;
 mod shredding;
 mod trust;
 mod ui;
+mod upcast;
 
 #[path = "../common/tree.rs"]
 mod tree;

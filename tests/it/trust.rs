@@ -441,7 +441,8 @@ fn rename_state_type(bytes: &[u8], snapshot: bool, to: &str) -> TestResult<Vec<u
     let state_len = u16_at(name_at)?;
     let after_state = name_at + 2 + state_len;
     let event_len = u16_at(after_state)?;
-    let mut at = after_state + 2 + event_len + 4;
+    // The state's and the events' schema versions (format 3).
+    let mut at = after_state + 2 + event_len + 4 + 4;
     at += if snapshot { 8 + 4 } else { 4 + u32_at(at)? };
     at += 4 + u32_at(at)?;
     at += 4 + u32_at(at)?;
