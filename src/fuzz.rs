@@ -200,6 +200,7 @@ pub fn event_batch(data: &[u8]) {
             tags,
             triggers,
             json: event.json,
+            schema: event.schema,
             data: event.data,
         })
         .collect();
@@ -421,6 +422,7 @@ fn event_batch_seed() -> Vec<u8> {
             tags: &tags,
             triggers: &tags,
             json: false,
+            schema: 1,
             data: b"\x05alice",
         },
         EventIn {
@@ -431,6 +433,7 @@ fn event_batch_seed() -> Vec<u8> {
             tags: &[],
             triggers: &[],
             json: true,
+            schema: 3,
             data: &[100],
         },
     ];

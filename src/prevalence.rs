@@ -628,7 +628,7 @@ impl<S, M> PrevaylerBuilder<S, M> {
             older_states: Older::of(state_migrations.iter().map(|it| &**it as &dyn Migrate<S>)),
             older_events: Older::of(event_migrations.iter().map(|it| &**it as &dyn Migrate<E>)),
         };
-        // Salvage may replay more than once (see `open_state`), each time from the
+        // Salvage may replay more than once (see `open_versioned`), each time from the
         // initial state: keep it encoded for the second time.
         let spare = match recovery {
             Recovery::Salvage => Some(journal::encode(&initial, || dir.to_path_buf())?),

@@ -184,6 +184,11 @@ pub trait Migrate<T>: Sync + sealed::Sealed {
     #[doc(hidden)]
     fn migrate(&self, bytes: &[u8]) -> Result<T, postcard::Error>;
 
+    /// Decodes `bytes`, JSON, as the old type and migrates the value.
+    #[doc(hidden)]
+    #[cfg(feature = "json")]
+    fn migrate_json(&self, bytes: &[u8]) -> Result<T, serde_json::Error>;
+
     /// The old type's name.
     #[doc(hidden)]
     fn old_type(&self) -> &'static str;
@@ -202,6 +207,11 @@ impl<Old: DeserializeOwned, T> Migrate<T> for Migration<Old, T> {
 
     fn migrate(&self, bytes: &[u8]) -> Result<T, postcard::Error> {
         crate::codec::decode_exact::<Old>(bytes).map(self.migrate)
+    }
+
+    #[cfg(feature = "json")]
+    fn migrate_json(&self, bytes: &[u8]) -> Result<T, serde_json::Error> {
+        serde_json::from_slice::<Old>(bytes).map(self.migrate)
     }
 
     fn old_type(&self) -> &'static str {

@@ -99,6 +99,8 @@ pub(crate) struct Encoded {
     pub(crate) triggers: Vec<String>,
     /// Whether `data` is JSON (else postcard).
     pub(crate) json: bool,
+    /// The schema version of the event type it is written with.
+    pub(crate) schema: u32,
     pub(crate) data: Vec<u8>,
 }
 
@@ -333,6 +335,7 @@ fn stored(event: &Encoded) -> EventIn<'_> {
         tags: &event.tags,
         triggers: &event.triggers,
         json: event.json,
+        schema: event.schema,
         data: &event.data,
     }
 }

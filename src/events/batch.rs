@@ -7,10 +7,12 @@
 //! part:     stream (length, UTF-8 bytes) | first version | event count | ids (16 bytes each)
 //! event body, one per event, parts in order:
 //!           event type (length, UTF-8 bytes)
-//!           | flags u8 (1: causation, 2: correlation, 4: triggers, 8: data in JSON)
+//!           | flags u8 (1: causation, 2: correlation, 4: triggers, 8: data in JSON,
+//!             16: schema version)
 //!           | causation (16 bytes, if flagged) | correlation (16 bytes, if flagged)
 //!           | tag count | tags (length, UTF-8 bytes each)
 //!           | trigger count, triggers (length, UTF-8 bytes each), if flagged
+//!           | the event type's schema version, if flagged (else 1)
 //!           | data (length, bytes)
 //! delete:   stream (length, UTF-8 bytes) | how u8 (0: soft, 1: tombstone, 2: truncate)
 //!           | before (the versions below it are gone)
@@ -40,6 +42,9 @@ const FLAG_CAUSATION: u8 = 1;
 const FLAG_CORRELATION: u8 = 2;
 const FLAG_TRIGGERS: u8 = 4;
 const FLAG_JSON: u8 = 8;
+const FLAG_SCHEMA: u8 = 16;
+/// The schema version of an event whose flags name none.
+pub(crate) const FIRST_SCHEMA: u32 = 1;
 
 /// The events of one stream, as a batch is made of them.
 pub(crate) struct PartIn<'a> {
@@ -58,6 +63,8 @@ pub(crate) struct EventIn<'a> {
     pub(crate) triggers: &'a [String],
     /// Whether `data` is JSON (else postcard).
     pub(crate) json: bool,
+    /// The schema version of the event type it was written with.
+    pub(crate) schema: u32,
     pub(crate) data: &'a [u8],
 }
 
@@ -102,6 +109,8 @@ pub(crate) struct EventOut<'a> {
     pub(crate) triggers: Vec<&'a str>,
     /// Whether `data` is JSON (else postcard).
     pub(crate) json: bool,
+    /// The schema version of the event type it was written with.
+    pub(crate) schema: u32,
     pub(crate) data: &'a [u8],
 }
 
@@ -253,7 +262,8 @@ pub(crate) fn encode(first_position: u64, parts: &[PartIn<'_>]) -> Vec<u8> {
         let flags = if event.causation.is_some() { FLAG_CAUSATION } else { 0 }
             | if event.correlation.is_some() { FLAG_CORRELATION } else { 0 }
             | if event.triggers.is_empty() { 0 } else { FLAG_TRIGGERS }
-            | if event.json { FLAG_JSON } else { 0 };
+            | if event.json { FLAG_JSON } else { 0 }
+            | if event.schema == FIRST_SCHEMA { 0 } else { FLAG_SCHEMA };
         out.push(flags);
         for id in [event.causation, event.correlation].into_iter().flatten() {
             out.extend_from_slice(&id);
@@ -267,6 +277,9 @@ pub(crate) fn encode(first_position: u64, parts: &[PartIn<'_>]) -> Vec<u8> {
             for trigger in event.triggers {
                 put_bytes(&mut out, trigger.as_bytes());
             }
+        }
+        if event.schema != FIRST_SCHEMA {
+            put_varint(&mut out, u64::from(event.schema));
         }
         put_bytes(&mut out, event.data);
     }
@@ -340,6 +353,7 @@ struct Body<'a> {
     trigger_count: usize,
     triggers: &'a [u8],
     json: bool,
+    schema: u32,
     data: &'a [u8],
 }
 
@@ -351,7 +365,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFaul
     for part in &head.parts {
         for (k, id) in part.ids().enumerate() {
             let body = reader.body()?;
-            let Body { event_type, causation, correlation, json, data, .. } = body;
+            let Body { event_type, causation, correlation, json, schema, data, .. } = body;
             let mut names = Reader(body.tags);
             let tags = (0..body.tag_count).map(|_| names.str()).collect::<Result<_, _>>()?;
             let mut names = Reader(body.triggers);
@@ -371,6 +385,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFaul
                 tags,
                 triggers,
                 json,
+                schema,
                 data,
             });
         }
@@ -459,7 +474,8 @@ impl<'a> Reader<'a> {
     fn body(&mut self) -> Result<Body<'a>, BatchFault> {
         let event_type = self.str()?;
         let flags = self.byte()?;
-        if flags & !(FLAG_CAUSATION | FLAG_CORRELATION | FLAG_TRIGGERS | FLAG_JSON) != 0 {
+        let known = FLAG_CAUSATION | FLAG_CORRELATION | FLAG_TRIGGERS | FLAG_JSON | FLAG_SCHEMA;
+        if flags & !known != 0 {
             return Err(BatchFault::Malformed("an event's flags are unknown"));
         }
         let causation = if flags & FLAG_CAUSATION == 0 { None } else { Some(self.id()?) };
@@ -467,6 +483,12 @@ impl<'a> Reader<'a> {
         let (tag_count, tags) = self.names()?;
         let (trigger_count, triggers) =
             if flags & FLAG_TRIGGERS == 0 { (0, &[][..]) } else { self.names()? };
+        let schema = if flags & FLAG_SCHEMA == 0 {
+            FIRST_SCHEMA
+        } else {
+            u32::try_from(self.varint()?)
+                .map_err(|_| BatchFault::Malformed("a schema version overflows 32 bits"))?
+        };
         let data = self.bytes()?;
         Ok(Body {
             event_type,
@@ -477,6 +499,7 @@ impl<'a> Reader<'a> {
             trigger_count,
             triggers,
             json: flags & FLAG_JSON != 0,
+            schema,
             data,
         })
     }
@@ -508,6 +531,7 @@ mod tests {
                 tags: &tags,
                 triggers: &tags,
                 json: true,
+                schema: 1,
                 data: &[1, 2, 3],
             },
             EventIn {
@@ -518,6 +542,7 @@ mod tests {
                 tags: &[],
                 triggers: &[],
                 json: false,
+                schema: 1,
                 data: &[],
             },
         ];

@@ -631,6 +631,7 @@ mod tests {
             tags: &[],
             triggers: &[],
             json: false,
+            schema: 1,
             data: &[],
         }
     }

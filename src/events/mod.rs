@@ -144,12 +144,18 @@ const SUBJECT_KEYS: &str = "subject-keys";
 /// [`EventStore::builder`]; the directory is locked while the store is open.
 pub struct EventStore<E> {
     shared: Arc<Shared>,
+    /// The event type's version and migrations, which only typed handles know.
+    schema: Arc<codec::EventSchema<E>>,
     _events: PhantomData<fn(E) -> E>,
 }
 
 impl<E> Clone for EventStore<E> {
     fn clone(&self) -> Self {
-        EventStore { shared: Arc::clone(&self.shared), _events: PhantomData }
+        EventStore {
+            shared: Arc::clone(&self.shared),
+            schema: Arc::clone(&self.schema),
+            _events: PhantomData,
+        }
     }
 }
 
@@ -250,6 +256,8 @@ pub struct EventStoreBuilder<E> {
     hook: Option<Hook>,
     io: Io,
     codec: Codec,
+    event_version: u32,
+    migrations: codec::Migrations<E>,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
     #[cfg(feature = "encryption")]
@@ -268,6 +276,8 @@ impl<E> Default for EventStoreBuilder<E> {
             hook: None,
             io: Io::default(),
             codec: Codec::default(),
+            event_version: batch::FIRST_SCHEMA,
+            migrations: Vec::new(),
             #[cfg(feature = "encryption")]
             key: None,
             #[cfg(feature = "encryption")]
@@ -324,6 +334,61 @@ impl<E> EventStoreBuilder<E> {
     /// records its codec: a store written with one reads back with the other set.
     pub fn codec(mut self, codec: Codec) -> Self {
         self.codec = codec;
+        self
+    }
+
+    /// The schema version of the event type, which new events are written with;
+    /// 1 by default. Bump it when `E` changes in a way that older events no longer
+    /// decode as (a field added, a variant's fields changed), and register a
+    /// migration ([`migrate_event`](Self::migrate_event)) from the older version.
+    pub fn event_version(mut self, version: u32) -> Self {
+        self.event_version = version;
+        self
+    }
+
+    /// Reads the events written with version `from` of the event type, whose type
+    /// was then `Old`, through `migrate` (an upcaster), on every read and
+    /// subscription; it replaces a migration from the same version given before.
+    /// The journal's record of `Old`'s structure must match `Old` (the names need
+    /// not). An event of a version newer than the program's is
+    /// [`Error::JournalSchema`]; one of an older version without a migration too.
+    ///
+    /// # Example
+    /// ```
+    /// use instastate::events::{EventStore, Expected};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// mod v1 {
+    ///     #[derive(serde::Serialize, serde::Deserialize)]
+    ///     pub enum Bank { Deposited { amount: i64 } }
+    /// }
+    /// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    /// enum Bank { Deposited { amount: i64, memo: String } }
+    ///
+    /// # fn main() -> instastate::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let old = EventStore::<v1::Bank>::open(dir.path())?;
+    /// old.append("a", Expected::Any, [v1::Bank::Deposited { amount: 5 }])?;
+    /// drop(old);
+    ///
+    /// let events = EventStore::<Bank>::builder()
+    ///     .event_version(2)
+    ///     .migrate_event(1, |old: v1::Bank| match old {
+    ///         v1::Bank::Deposited { amount } => Bank::Deposited { amount, memo: String::new() },
+    ///     })
+    ///     .open(dir.path())?;
+    /// let first = events.event("a", 0)?.expect("an event");
+    /// assert_eq!(first.data, Bank::Deposited { amount: 5, memo: String::new() });
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn migrate_event<Old>(mut self, from: u32, migrate: fn(Old) -> E) -> Self
+    where
+        Old: DeserializeOwned + 'static,
+        E: 'static,
+    {
+        self.migrations.retain(|it| it.version() != from);
+        self.migrations.push(Box::new(crate::Migration::new(from, migrate)));
         self
     }
 
@@ -396,10 +461,23 @@ impl<E> EventStoreBuilder<E> {
             access: Access::ReadWrite,
         };
         let recent = self.recent_ids;
-        let opened = journal::open_state(
+        let migrations = self.migrations.iter().map(|it| &**it as &dyn crate::Migrate<E>);
+        let versions = journal::Versions {
+            event: self.event_version,
+            older_states: Vec::new(),
+            older_events: journal::Older::of(migrations),
+        };
+        let mut restore = |snapshot: journal::Restored<'_>| {
+            let place =
+                journal::Place { path: snapshot.path, what: &|| "the checkpoint".to_owned() };
+            journal::decode_versioned::<Loaded>(snapshot.bytes, snapshot.schema, SCHEMA, [], place)
+        };
+        let opened = journal::open_versioned(
             config,
+            &versions,
             Some(Hold::Exclusive(lock)),
             || Ok(Loaded::empty(recent)),
+            &mut restore,
             &mut |loaded: &mut Loaded, event| loaded.replay(dir, recent, event).map(|()| None),
         )?;
         let mut loaded = opened.state;
@@ -444,7 +522,9 @@ impl<E> EventStoreBuilder<E> {
             keys,
         };
         let shared = Shared { core: Arc::new(core), background: Mutex::new(None) };
-        Ok(EventStore { shared: Arc::new(shared), _events: PhantomData })
+        let schema =
+            codec::EventSchema { version: self.event_version, migrations: self.migrations };
+        Ok(EventStore { shared: Arc::new(shared), schema: Arc::new(schema), _events: PhantomData })
     }
 }
 
@@ -872,6 +952,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
                     tags: event.tags,
                     triggers,
                     json: core.codec.is_json(),
+                    schema: self.schema.version,
                     data,
                 })
             })
@@ -942,17 +1023,20 @@ impl Core {
     /// [`Sealed`] values open with the subject keys.
     fn decode_data<E: DeserializeOwned>(
         &self,
-        json: bool,
-        bytes: &[u8],
+        schema: &codec::EventSchema<E>,
+        stored: &batch::EventOut<'_>,
         what: impl Fn() -> String,
     ) -> Result<E> {
         let decode = || {
-            codec::decode::<E>(json, bytes).map_err(|source| Error::JournalDecode {
-                path: self.dir.clone(),
-                what: what(),
-                type_name: std::any::type_name::<E>().to_owned(),
-                source,
-            })
+            codec::decode_event(
+                stored.json,
+                stored.schema,
+                schema.version,
+                &schema.migrations,
+                stored.data,
+                &self.dir,
+                &what,
+            )
         };
         #[cfg(feature = "encryption")]
         return seal::opening(&self.keys, decode);

@@ -40,7 +40,10 @@ use std::{
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use super::{Delivery, Effect, EventStore, Hook, Position, RecordedEvent, Shared, Subscription};
+use super::{
+    Delivery, Effect, EventStore, Hook, Position, RecordedEvent, Shared, Subscription,
+    codec::EventSchema,
+};
 use crate::{Error, Result, StateCell, Store, Value};
 
 /// How long a projection's thread waits for an event before it looks at its stop
@@ -378,6 +381,7 @@ where
         });
         let worker = Worker {
             store: Arc::downgrade(&events.shared),
+            schema: Arc::clone(&events.schema),
             live: cell,
             spare,
             handler,
@@ -724,6 +728,7 @@ enum Step {
 /// A projection's thread.
 struct Worker<E, T: 'static, F> {
     store: Weak<Shared>,
+    schema: Arc<EventSchema<E>>,
     /// The cell it projects into.
     live: &'static StateCell<Projected<T>>,
     /// The cell it rebuilds in, until it swaps.
@@ -784,7 +789,8 @@ where
     }
 
     fn events(&self) -> Option<EventStore<E>> {
-        Some(EventStore { shared: self.store.upgrade()?, _events: PhantomData })
+        let schema = Arc::clone(&self.schema);
+        Some(EventStore { shared: self.store.upgrade()?, schema, _events: PhantomData })
     }
 
     /// A subscription from the cell's position.

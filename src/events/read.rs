@@ -444,7 +444,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                     (true, true) => {}
                 }
                 let position = first_position + k as u64;
-                let data = core.decode_data::<E>(event.json, event.data, || {
+                let data = core.decode_data::<E>(&self.store.schema, &event, || {
                     format!("the event at position {position}")
                 });
                 Slot::Ready(data.map(|data| RecordedEvent {

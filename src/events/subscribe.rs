@@ -19,7 +19,9 @@ use std::{
 use parking_lot::{Condvar, Mutex};
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::{Effect, EventStore, Position, RecordedEvent, Shared, index::EffectRecord};
+use super::{
+    Effect, EventStore, Position, RecordedEvent, Shared, codec::EventSchema, index::EffectRecord,
+};
 use crate::Result;
 
 /// Events read from the store at a time, at most: the bound of a subscription's
@@ -165,6 +167,7 @@ pub struct SubscribeStream<'a, E> {
 /// ```
 pub struct Subscription<E> {
     store: Weak<Shared>,
+    schema: Arc<EventSchema<E>>,
     signal: Arc<Signal>,
     target: Target,
     event_type: Option<String>,
@@ -302,6 +305,7 @@ impl<E> Subscription<E> {
         let seen = signal.seen();
         Subscription {
             store: Arc::downgrade(&store.shared),
+            schema: Arc::clone(&store.schema),
             signal,
             target,
             event_type,
@@ -352,7 +356,8 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
                 self.stopped = true;
                 continue;
             };
-            let store = EventStore::<E> { shared, _events: PhantomData };
+            let schema = Arc::clone(&self.schema);
+            let store = EventStore::<E> { shared, schema, _events: PhantomData };
             // Seen before the head is read: a commit after it wakes the wait below.
             self.seen = self.signal.seen();
             let mut head = self.head(&store);

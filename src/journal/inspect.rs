@@ -1,5 +1,5 @@
 //! Looking at a journal directory without its types and without changing it: the
-//! checks of [`open_state`](super::open_state) but the decoding of states and events,
+//! checks of [`open_versioned`](super::open_versioned) but the decoding of states and events,
 //! for the command-line tool and for [`Store::verify`](crate::Store::verify).
 
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 //! directory back, torn tails and damage), `snapshot` (snapshot files), `inspect`
 //! (the same checks without the types, changing nothing), `scan` (reading the frames
 //! in order without a lock, while a program may append), and this
-//! module: the public types and `open_state`, the one recovery path. The writer
+//! module: the public types and `open_versioned`, the one recovery path. The writer
 //! assigns every event its number and timestamp, appends it to the journal, makes it
 //! as durable as the [`Durability`] asks, and only then runs the event's job (which
 //! applies it to the state), in event-number order.
@@ -292,24 +292,8 @@ pub(crate) struct Opened<S> {
 /// built with `panic = "abort"`) is skipped: replay starts again without it, and a
 /// void frame for it is written once the journal is open.
 ///
-/// The journal's types have one schema version each, the identity's: see
-/// [`open_versioned`] for more.
-pub(crate) fn open_state<S: DeserializeOwned>(
-    config: Config,
-    lock: Option<Hold>,
-    initial: impl FnMut() -> Result<S>,
-    apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
-) -> Result<Opened<S>> {
-    let current = config.identity.schema;
-    let mut restore = |snapshot: Restored<'_>| {
-        let place = Place { path: snapshot.path, what: &|| "the snapshot".to_owned() };
-        versions::decode(snapshot.bytes, snapshot.schema, current, [], place)
-    };
-    open_versioned(config, &Versions::default(), lock, initial, &mut restore, apply)
-}
-
-/// As [`open_state`], for a journal whose files may have been written with older
-/// schema versions of its types, which `versions` lists: every file's header is
+/// The files may have been written with older schema versions of the journal's
+/// types, which `versions` lists: every file's header is
 /// checked against them (`versions::check_header`), `restore` decodes the newest
 /// sound snapshot's state from the version it was written with, and every replayed
 /// event comes with its file's events' version ([`Replayed::schema`]). New files are

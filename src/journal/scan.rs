@@ -269,21 +269,11 @@ impl Scanner {
         match &self.header {
             None => self.header = Some(header),
             Some(known) => {
-                // Files of other events' schema versions (after an upgrade) would need
-                // each its own decoding: the scan reads one version.
-                let same = (
-                    &known.state_type,
-                    &known.event_type,
-                    known.schema,
-                    known.event_schema,
-                    &known.event_shape,
-                ) == (
-                    &header.state_type,
-                    &header.event_type,
-                    header.schema,
-                    header.event_schema,
-                    &header.event_shape,
-                );
+                // The events' type may change from file to file (after an upgrade,
+                // at a new schema version): its reader decodes each event with the
+                // structure of its version. The state, the journal's own format,
+                // may not.
+                let same = (&known.state_type, known.schema) == (&header.state_type, header.schema);
                 if !same {
                     let reason = format!(
                         "the file was written for events `{}` (schema v{}, events v{}), the journal's first file for `{}` (schema v{}, events v{})",

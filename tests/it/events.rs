@@ -822,3 +822,104 @@ fn json_events_read_back_are_readable_by_other_tools_and_mix_with_postcard() -> 
     assert!(shown.iter().all(|it| it.contains("100") || it.contains('5')), "{shown:?}");
     Ok(())
 }
+
+mod v1 {
+    /// The bank's events as a first version of the program wrote them.
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    pub(crate) enum Bank {
+        Opened { owner: String },
+        Deposited { amount: i64 },
+    }
+}
+
+/// The bank's events as the next version writes them: a deposit has a memo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum BankV2 {
+    Opened { owner: String },
+    Deposited { amount: i64, memo: String },
+}
+
+fn upcast(old: v1::Bank) -> BankV2 {
+    match old {
+        v1::Bank::Opened { owner } => BankV2::Opened { owner },
+        v1::Bank::Deposited { amount } => BankV2::Deposited { amount, memo: "(v1)".to_owned() },
+    }
+}
+
+/// Events written by version 1 of the event type read as version 2 through the
+/// migration, everywhere (reads, subscriptions, the raw view); new ones are
+/// written with version 2; a program that knows only version 1 is refused then,
+/// and so is version 2 without the migration, changing nothing.
+#[test]
+fn older_events_are_upcast_on_read_and_newer_ones_are_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let events = EventStore::<v1::Bank>::open(dir.path())?;
+        events.append("a", Expected::NoStream, [v1::Bank::Opened { owner: "ann".into() }])?;
+        events.append("a", Expected::Exact(0), [v1::Bank::Deposited { amount: 7 }])?;
+        events.checkpoint()?;
+        events.append("a", Expected::Exact(1), [v1::Bank::Deposited { amount: 8 }])?;
+    }
+    let before = crate::tree::tree(dir.path())?;
+    let refused = EventStore::<BankV2>::builder().event_version(2).open(dir.path());
+    assert!(
+        matches!(refused, Err(Error::JournalSchema { found: 1, current: 2, .. })),
+        "{refused:?}"
+    );
+    let refused = EventStore::<BankV2>::open(dir.path());
+    assert!(refused.is_err(), "a changed type at the same version");
+    assert_eq!(crate::tree::tree(dir.path())?, before, "refusals change nothing");
+
+    let open = || {
+        EventStore::<BankV2>::builder().event_version(2).migrate_event(1, upcast).open(dir.path())
+    };
+    let events = open()?;
+    events.append(
+        "a",
+        Expected::Exact(2),
+        [BankV2::Deposited { amount: 9, memo: "new".into() }],
+    )?;
+    let expected = [
+        BankV2::Opened { owner: "ann".into() },
+        BankV2::Deposited { amount: 7, memo: "(v1)".into() },
+        BankV2::Deposited { amount: 8, memo: "(v1)".into() },
+        BankV2::Deposited { amount: 9, memo: "new".into() },
+    ];
+    let read = collect(events.read_all())?;
+    assert_eq!(read.iter().map(|it| it.data.clone()).collect::<Vec<_>>(), expected);
+    let mut subscription = events.subscribe_all().from(Position::START)?;
+    let delivered: Vec<BankV2> =
+        deliveries(&mut subscription, |it| matches!(it, Delivery::CaughtUp))?
+            .into_iter()
+            .filter_map(|it| match it {
+                Delivery::Event(event) => Some(event.data),
+                _ => None,
+            })
+            .collect();
+    assert_eq!(delivered, expected);
+    drop(subscription);
+    drop(events);
+    // Reopened: the same, from the checkpoint and both kinds of files.
+    let events = open()?;
+    assert_eq!(collect(events.read_stream("a").backward())?.len(), 4);
+    drop(events);
+    // The raw view decodes each event with the structure of its version.
+    let raw = instastate::events::RawEvents::open(dir.path())?;
+    let shown: Vec<String> = raw
+        .read_all()
+        .into_iter()
+        .map(|event| Ok(raw.decode(&event?)?.to_string()))
+        .collect::<instastate::Result<_>>()?;
+    assert!(shown[1].contains('7') && !shown[1].contains("memo"), "{shown:?}");
+    assert!(shown[3].contains("memo"), "{shown:?}");
+    drop(raw);
+    // A program that knows only version 1 is refused now.
+    let before = crate::tree::tree(dir.path())?;
+    let refused = EventStore::<v1::Bank>::open(dir.path());
+    assert!(
+        matches!(refused, Err(Error::JournalSchema { found: 2, current: 1, .. })),
+        "{refused:?}"
+    );
+    assert_eq!(crate::tree::tree(dir.path())?, before);
+    Ok(())
+}

@@ -11,7 +11,12 @@
 mod read;
 mod verify;
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use parking_lot::Mutex;
 
 pub use self::{
     read::{RawEventIter, RawRead},
@@ -92,6 +97,8 @@ pub struct RawEvent {
     pub tags: Vec<String>,
     /// Whether its data is JSON ([`Codec::Json`](super::Codec)), else postcard.
     pub json: bool,
+    /// The schema version of the event type it was written with.
+    pub schema: u32,
     /// The triggers it is linked to.
     pub triggers: Vec<String>,
     /// Whether the store no longer reads it: its stream was deleted or truncated
@@ -130,7 +137,10 @@ pub struct RawEvents {
     look: Option<Look>,
     open_elsewhere: bool,
     header: Header,
-    shape: std::result::Result<Shape, String>,
+    /// The structure of each schema version of the event type, as the journal
+    /// files' headers record it; filled again when an event of another comes.
+    shapes: Mutex<BTreeMap<u32, std::result::Result<Shape, String>>>,
+    io: Io,
     index: Index,
     locator: Locator,
     scanner: Scanner,
@@ -185,7 +195,7 @@ impl RawEventsBuilder {
         let sealer = self.sealer();
         let (look, tail, open_elsewhere) = take_lock(&io, dir, self.locking)?;
         let header = identify(&io, dir)?;
-        let shape = describe(&header);
+        let shapes = Mutex::new(BTreeMap::from([(header.event_schema, describe(&header))]));
         let mut skip = Vec::new();
         loop {
             let (index, frames, checkpoint, start) = load_checkpoint(&io, dir, &sealer)?;
@@ -196,7 +206,8 @@ impl RawEventsBuilder {
                 look: None,
                 open_elsewhere,
                 header: header.clone(),
-                shape: shape.clone(),
+                shapes: Mutex::new(shapes.lock().clone()),
+                io: io.clone(),
                 index,
                 locator,
                 scanner,
@@ -224,7 +235,9 @@ impl RawEventsBuilder {
         let sealer = self.sealer();
         let (look, tail, open_elsewhere) = take_lock(&io, dir, self.locking)?;
         let header = identify(&io, dir)?;
-        let verified = verify::verify(&io, dir, &sealer, tail, &describe(&header))?;
+        let mut shapes = shapes_of(&io, dir)?;
+        shapes.entry(header.event_schema).or_insert_with(|| describe(&header));
+        let verified = verify::verify(&io, dir, &sealer, tail, &shapes)?;
         let verified = Verified { open_elsewhere, ..verified };
         match look {
             // Nobody appends: the journal-level checks of opening apply too.
@@ -369,8 +382,24 @@ impl RawEvents {
             #[cfg(not(feature = "json"))]
             return Err(fail("its data is JSON, which needs the `json` feature".to_owned()));
         }
-        let shape = self.shape.as_ref().map_err(|reason| fail(reason.clone()))?;
-        crate::shape::value::decode(shape, &event.data).map_err(fail)
+        let shape = self.shape_of(event.schema).map_err(fail)?;
+        crate::shape::value::decode(&shape, &event.data).map_err(fail)
+    }
+
+    /// The structure of version `version` of the event type, from the header of
+    /// a journal file written with it.
+    fn shape_of(&self, version: u32) -> std::result::Result<Shape, String> {
+        if let Some(known) = self.shapes.lock().get(&version) {
+            return known.clone();
+        }
+        let found = shapes_of(&self.io, &self.dir).map_err(|err| err.to_string())?;
+        let mut shapes = self.shapes.lock();
+        for (schema, shape) in found {
+            shapes.entry(schema).or_insert(shape);
+        }
+        shapes.get(&version).cloned().unwrap_or_else(|| {
+            Err(format!("no journal file records version {version} of the event type"))
+        })
     }
 
     /// Reads the journal from where it stopped to its end, into the index. Returns
@@ -455,6 +484,23 @@ fn identify(io: &Io, dir: &Path) -> Result<Header> {
         )));
     }
     Ok(header)
+}
+
+/// The structure of each schema version of the event type, as the headers of the
+/// journal files in `dir` record them (a file that vanished meanwhile is passed
+/// over: its version is in a later one, or no event needs it any more).
+fn shapes_of(io: &Io, dir: &Path) -> Result<BTreeMap<u32, std::result::Result<Shape, String>>> {
+    let mut shapes = BTreeMap::new();
+    for (_, path) in journal::journal_files(io, dir)? {
+        let handle = match io.open(&path, Open::Read) {
+            Ok(handle) => handle,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(Error::io(&path)(err)),
+        };
+        let (header, _) = journal::read_header(&handle, &path)?;
+        shapes.entry(header.event_schema).or_insert_with(|| describe(&header));
+    }
+    Ok(shapes)
 }
 
 /// The structure of the event type that `header` records, or why there is none.

@@ -231,6 +231,7 @@ impl RawEventIter<'_> {
                 tags: event.tags.into_iter().map(str::to_owned).collect(),
                 triggers: event.triggers.into_iter().map(str::to_owned).collect(),
                 json: event.json,
+                schema: event.schema,
                 data: event.data.to_vec(),
             })
             .collect())

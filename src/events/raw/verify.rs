@@ -88,16 +88,19 @@ enum Pass {
     Again((u64, u64)),
 }
 
+/// The structure of each schema version of the event type, when recorded.
+pub(super) type Shapes = std::collections::BTreeMap<u32, std::result::Result<Shape, String>>;
+
 pub(super) fn verify(
     io: &Io,
     dir: &Path,
     sealer: &Sealer,
     tail: Tail,
-    shape: &std::result::Result<Shape, String>,
+    shapes: &Shapes,
 ) -> Result<Verified> {
     let mut voided = Vec::new();
     loop {
-        match pass(io, dir, sealer, tail, shape, &voided)? {
+        match pass(io, dir, sealer, tail, shapes, &voided)? {
             Pass::Done(verified) => return Ok(verified),
             Pass::Again(void) => voided.push(void),
         }
@@ -109,7 +112,7 @@ struct Check<'a> {
     io: &'a Io,
     sealer: &'a Sealer,
     tail: Tail,
-    shape: Option<&'a Shape>,
+    shapes: &'a Shapes,
     index: Index,
     /// Where every event's frame is.
     frames: Frames,
@@ -125,7 +128,7 @@ fn pass(
     dir: &Path,
     sealer: &Sealer,
     tail: Tail,
-    shape: &std::result::Result<Shape, String>,
+    shapes: &Shapes,
     voided: &[(u64, u64)],
 ) -> Result<Pass> {
     // Listed first: a checkpoint is written after the events it covers, so the scan
@@ -135,7 +138,7 @@ fn pass(
         io,
         sealer,
         tail,
-        shape: shape.as_ref().ok(),
+        shapes,
         index: Index::new(0),
         frames: Frames::default(),
         ids: HashMap::new(),
@@ -221,7 +224,8 @@ impl Check<'_> {
                     "event id {id} comes twice: at positions {earlier} and {position}"
                 ));
             }
-            if let Some(shape) = self.shape
+            if !event.json
+                && let Some(Ok(shape)) = self.shapes.get(&event.schema)
                 && let Err(reason) = value::decode(shape, event.data)
             {
                 self.verified.undecoded_data += 1;
