@@ -6,14 +6,20 @@
 //! (XChaCha20-Poly1305, the subject and key generation as associated data) and
 //! decoded with it; once the key is gone it decodes as shredded. The keys live in
 //! one file (`subject-keys` in the store's directory unless the builder says
-//! elsewhere), rewritten whole, durably, at each change, and sealed with the
+//! elsewhere): a new key is a record appended to it and synced; forgetting rewrites
+//! it whole, without the keys forgotten, durably. Records are sealed with the
 //! store's key when it has one. A backup of the store
-//! ([`EventStore::backup_to`](super::EventStore::backup_to)) leaves it out.
+//! ([`EventStore::backup_to`](super::EventStore::backup_to)) leaves the file out.
 //!
 //! ```text
-//! file: magic "ISKEYS" | version u8 = 1 | body (sealed with the store's key, if any) | xxh3-64 LE
-//! body: postcard of [(subject, [(generation, key: Option<[u8; 32]>)])]
+//! file:   magic "ISKEYS" | version u8 = 2 | records
+//! record: length u32 LE | body (sealed with the store's key, if any) | xxh3-64 LE of length and body
+//! body:   postcard of (subject, generation, key: Option<[u8; 32]>)
 //! ```
+//!
+//! A record cut short at the end of the file (a crash while appending it) held a
+//! key that nothing used yet (a key is durable before the event sealed with it is
+//! journaled), and is passed over; damage anywhere else is refused.
 
 use std::{cell::RefCell, collections::BTreeMap, fmt, path::PathBuf, sync::Arc};
 
@@ -23,7 +29,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer, de::DeserializeOwn
 use crate::{EncryptionKey, Error, Result, crypt::Sealer, io::Io};
 
 const MAGIC: &[u8; 6] = b"ISKEYS";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// What the store's key seals the file's body for.
 const AAD: &[u8] = b"instastate subject keys";
 
@@ -253,79 +259,146 @@ pub(crate) struct KeyRing {
     path: PathBuf,
     io: Io,
     sealer: Sealer,
-    subjects: Mutex<Subjects>,
+    /// The keys, and whether the file ends with a record cut short (which the
+    /// next write drops by rewriting the file).
+    subjects: Mutex<(Subjects, bool)>,
 }
 
 /// Per subject, its keys by generation; a forgotten one is `None`.
 type Subjects = BTreeMap<String, BTreeMap<u64, Option<[u8; 32]>>>;
 
-type Keys = Vec<(String, Vec<(u64, Option<[u8; 32]>)>)>;
+/// One record of the file.
+type Entry = (String, u64, Option<[u8; 32]>);
 
 impl KeyRing {
     /// The keys in the file at `path`, or none if there is no file.
     pub(crate) fn open(io: Io, path: PathBuf, sealer: Sealer) -> Result<KeyRing> {
-        let bad = |reason: &str| Error::SubjectKeysCorrupt {
+        let bad = |offset: usize, reason: &str| Error::SubjectKeysCorrupt {
             path: path.clone(),
-            reason: reason.to_owned(),
+            reason: format!("at byte {offset}: {reason}"),
         };
-        let subjects = match io.read(&path) {
-            Ok(bytes) => {
-                let (body, sum) =
-                    bytes.split_last_chunk::<8>().ok_or_else(|| bad("it is cut short"))?;
-                if xxhash_rust::xxh3::xxh3_64(body).to_le_bytes() != *sum {
-                    return Err(bad("its checksum does not match"));
-                }
-                let body =
-                    body.strip_prefix(MAGIC).ok_or_else(|| bad("it is no subject key file"))?;
-                let body = match body.split_first() {
-                    Some((&VERSION, body)) => body,
-                    Some((version, _)) => {
-                        return Err(bad(&format!(
-                            "its version {version} is unknown (this build reads {VERSION})"
-                        )));
-                    }
-                    None => return Err(bad("it is cut short")),
-                };
-                let plain = sealer.open(AAD, body).map_err(|fault| bad(&fault.to_string()))?;
-                let keys: Keys =
-                    crate::codec::decode_exact(&plain).map_err(|err| bad(&err.to_string()))?;
-                keys.into_iter()
-                    .map(|(subject, keys)| (subject, keys.into_iter().collect()))
-                    .collect()
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        let bytes = match io.read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(source) => return Err(Error::Io { path, source }),
         };
-        Ok(KeyRing { path, io, sealer, subjects: Mutex::new(subjects) })
+        let mut subjects = Subjects::new();
+        let mut torn = false;
+        if !bytes.is_empty() {
+            let rest =
+                bytes.strip_prefix(MAGIC).ok_or_else(|| bad(0, "it is no subject key file"))?;
+            let mut rest = match rest.split_first() {
+                Some((&VERSION, rest)) => rest,
+                Some((version, _)) => {
+                    let reason =
+                        format!("its version {version} is unknown (this build reads {VERSION})");
+                    return Err(bad(MAGIC.len(), &reason));
+                }
+                None => return Err(bad(MAGIC.len(), "it is cut short")),
+            };
+            while !rest.is_empty() {
+                let offset = bytes.len() - rest.len();
+                let record = rest.split_first_chunk::<4>().and_then(|(len, after)| {
+                    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+                    let body = after.get(..len)?;
+                    let sum = after.get(len..len + 8)?;
+                    Some((len, body, sum))
+                });
+                let Some((len, body, sum)) = record else {
+                    // Cut short at the end: a key appended when the program died,
+                    // which no event uses.
+                    torn = true;
+                    break;
+                };
+                let whole = rest.get(..4 + len).unwrap_or_default();
+                if xxhash_rust::xxh3::xxh3_64(whole).to_le_bytes() != sum {
+                    // The last record, its checksum never written (a file extended
+                    // with zeros by a crash): torn. A wrong checksum is damage.
+                    if rest.len() == 4 + len + 8 && sum == [0; 8] {
+                        torn = true;
+                        break;
+                    }
+                    return Err(bad(offset, "a record's checksum does not match"));
+                }
+                let plain =
+                    sealer.open(AAD, body).map_err(|fault| bad(offset, &fault.to_string()))?;
+                let (subject, generation, key): Entry = crate::codec::decode_exact(&plain)
+                    .map_err(|err| bad(offset, &err.to_string()))?;
+                subjects.entry(subject).or_default().insert(generation, key);
+                rest = rest.get(4 + len + 8..).unwrap_or_default();
+            }
+        }
+        Ok(KeyRing { path, io, sealer, subjects: Mutex::new((subjects, torn)) })
     }
 
     /// The newest key of `subject` and its generation, unless it has none or it
     /// was forgotten.
     fn current(&self, subject: &str) -> Option<(u64, [u8; 32])> {
         let subjects = self.subjects.lock();
-        let (generation, key) = subjects.get(subject)?.last_key_value()?;
+        let (generation, key) = subjects.0.get(subject)?.last_key_value()?;
         Some((*generation, (*key)?))
     }
 
     fn lookup(&self, subject: &str, generation: u64) -> Lookup {
         let subjects = self.subjects.lock();
-        match subjects.get(subject).and_then(|keys| keys.get(&generation)) {
+        match subjects.0.get(subject).and_then(|keys| keys.get(&generation)) {
             Some(Some(key)) => Lookup::Key(*key),
             Some(None) => Lookup::Forgotten,
             None => Lookup::Missing,
         }
     }
 
-    /// Makes a new key for `subject`, unless it has one, and writes the file.
+    /// Makes a new key for `subject`, unless it has one, and appends it to the
+    /// file, durably.
     fn create(&self, subject: &str) -> Result<()> {
-        let mut subjects = self.subjects.lock();
+        let mut guard = self.subjects.lock();
+        let (subjects, torn) = &mut *guard;
         let keys = subjects.entry(subject.to_owned()).or_default();
         if keys.last_key_value().is_some_and(|(_, key)| key.is_some()) {
             return Ok(());
         }
         let generation = keys.last_key_value().map_or(0, |(generation, _)| generation + 1);
-        keys.insert(generation, Some(crate::crypt::random_key()));
-        self.write(&subjects)
+        let key = crate::crypt::random_key();
+        let entry: Entry = (subject.to_owned(), generation, Some(key));
+        let fresh = !self.path.exists();
+        let res = if fresh || *torn {
+            let mut with = subjects.clone();
+            with.entry(subject.to_owned()).or_default().insert(generation, Some(key));
+            self.write(&with)
+        } else {
+            self.append(&entry)
+        };
+        res?;
+        *torn = false;
+        subjects.entry(subject.to_owned()).or_default().insert(generation, Some(key));
+        Ok(())
+    }
+
+    /// Appends the record of `entry` to the file, and syncs it.
+    fn append(&self, entry: &Entry) -> Result<()> {
+        let io_err = |source| Error::Io { path: self.path.clone(), source };
+        let mut file = self.io.open(&self.path, crate::io::Open::Append).map_err(io_err)?;
+        let record = self.record(entry)?;
+        std::io::Write::write_all(&mut file, &record).map_err(io_err)?;
+        file.sync_data().map_err(io_err)
+    }
+
+    /// The bytes of one record.
+    fn record(&self, entry: &Entry) -> Result<Vec<u8>> {
+        let plain = postcard::to_allocvec(entry).map_err(|source| Error::EventEncode {
+            path: self.path.clone(),
+            type_name: "subject keys".to_owned(),
+            source: crate::error::CodecError::from(source),
+        })?;
+        let body = self.sealer.seal(AAD, plain);
+        let len = u32::try_from(body.len()).map_err(|_| Error::InvalidAppend {
+            reason: "a subject's name is too long for the key file".to_owned(),
+        })?;
+        let mut record = len.to_le_bytes().to_vec();
+        record.extend_from_slice(&body);
+        let sum = xxhash_rust::xxh3::xxh3_64(&record);
+        record.extend_from_slice(&sum.to_le_bytes());
+        Ok(record)
     }
 
     /// Forgets every key of `subject` in memory: from now on its values read as
@@ -333,7 +406,7 @@ impl KeyRing {
     /// the effect that records it; [`persist`](Self::persist) destroys them on disk.
     pub(crate) fn forget(&self, subject: &str) -> u64 {
         let mut subjects = self.subjects.lock();
-        let keys = subjects.entry(subject.to_owned()).or_default();
+        let keys = subjects.0.entry(subject.to_owned()).or_default();
         for key in keys.values_mut() {
             *key = None;
         }
@@ -351,7 +424,7 @@ impl KeyRing {
     /// opening replays says; returns whether one was still there.
     pub(crate) fn forgotten(&self, subject: &str, below: u64) -> bool {
         let mut subjects = self.subjects.lock();
-        let keys = subjects.entry(subject.to_owned()).or_default();
+        let keys = subjects.0.entry(subject.to_owned()).or_default();
         let mut changed = false;
         for generation in 0..below {
             let key = keys.entry(generation).or_insert(None);
@@ -362,27 +435,77 @@ impl KeyRing {
 
     /// Writes the keys in memory to the file, durably.
     pub(crate) fn persist(&self) -> Result<()> {
-        let subjects = self.subjects.lock();
-        self.write(&subjects)
+        let mut guard = self.subjects.lock();
+        self.write(&guard.0)?;
+        guard.1 = false;
+        Ok(())
     }
 
+    /// Writes the file anew with the keys of `subjects`, durably.
     fn write(&self, subjects: &Subjects) -> Result<()> {
-        let keys: Keys = subjects
-            .iter()
-            .map(|(subject, keys)| (subject.clone(), keys.iter().map(|(g, k)| (*g, *k)).collect()))
-            .collect();
-        let plain = postcard::to_allocvec(&keys).map_err(|source| Error::EventEncode {
-            path: self.path.clone(),
-            type_name: "subject keys".to_owned(),
-            source: crate::error::CodecError::from(source),
-        })?;
         let mut bytes = MAGIC.to_vec();
         bytes.push(VERSION);
-        bytes.extend(self.sealer.seal(AAD, plain));
-        let sum = xxhash_rust::xxh3::xxh3_64(&bytes);
-        bytes.extend_from_slice(&sum.to_le_bytes());
+        for (subject, keys) in subjects {
+            for (generation, key) in keys {
+                bytes.extend(self.record(&(subject.clone(), *generation, *key))?);
+            }
+        }
         self.io
             .write_durably(&self.path, &bytes)
             .map_err(|source| Error::Io { path: self.path.clone(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(path: &std::path::Path) -> Result<KeyRing> {
+        KeyRing::open(Io::default(), path.to_path_buf(), Sealer::default())
+    }
+
+    /// Keys are appended one record each; a record cut short at the end is passed
+    /// over, damage before the end is refused, and forgetting rewrites the file
+    /// without the key's bytes.
+    #[test]
+    fn key_records_append_survive_a_torn_end_and_forgetting_rewrites() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(Error::io("tempdir"))?;
+        let path = dir.path().join("subject-keys");
+        let keys = ring(&path)?;
+        for subject in ["ann", "bob", "cy"] {
+            keys.create(subject)?;
+        }
+        let bob = keys.current("bob").map(|(_, key)| key);
+        let bytes = std::fs::read(&path).map_err(Error::io(&path))?;
+        assert_eq!(ring(&path)?.current("bob").map(|(_, key)| key), bob);
+
+        // Cut in the last record: the first two keys are there, the third is not.
+        std::fs::write(&path, bytes.get(..bytes.len() - 5).unwrap_or_default())
+            .map_err(Error::io(&path))?;
+        let reopened = ring(&path)?;
+        assert!(reopened.current("bob").is_some() && reopened.current("cy").is_none());
+        // The next key rewrites the file without the torn record.
+        reopened.create("dee")?;
+        assert!(ring(&path)?.current("dee").is_some());
+
+        // A flipped byte in the first record is damage, not a torn end.
+        let mut damaged = std::fs::read(&path).map_err(Error::io(&path))?;
+        if let Some(byte) = damaged.get_mut(MAGIC.len() + 1 + 6) {
+            *byte ^= 1;
+        }
+        std::fs::write(&path, &damaged).map_err(Error::io(&path))?;
+        assert!(matches!(ring(&path), Err(Error::SubjectKeysCorrupt { .. })));
+
+        // Forgetting rewrites the file without the key's bytes.
+        std::fs::remove_file(&path).map_err(Error::io(&path))?;
+        let keys = ring(&path)?;
+        keys.create("eve")?;
+        let eve = keys.current("eve").map(|(_, key)| key).unwrap_or_default();
+        keys.forget("eve");
+        keys.persist()?;
+        let bytes = std::fs::read(&path).map_err(Error::io(&path))?;
+        assert!(!bytes.windows(32).any(|it| it == eve), "the key's bytes are gone");
+        assert!(matches!(ring(&path)?.lookup("eve", 0), Lookup::Forgotten));
+        Ok(())
     }
 }
