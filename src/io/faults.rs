@@ -607,3 +607,150 @@ fn a_failed_event_store_call_is_an_error_that_poisons_and_loses_nothing() -> Tes
     eprintln!("events: {fired} failed calls: none lost an event, each failed append poisoned");
     Ok(())
 }
+
+/// Removes and marks through `io`: three appends, a soft delete, an effect, a
+/// truncation, an append, a tombstone; returns how many steps were acknowledged.
+fn remove_and_mark(io: &Io, dir: &Path) -> u64 {
+    let builder = EventStore::<u64>::builder().checkpoint_every(u64::MAX);
+    let Ok(events) = builder.io(io.clone()).open(dir) else { return 0 };
+    let steps: [&dyn Fn() -> crate::Result<()>; 8] = [
+        &|| events.append("a", Expected::NoStream, [1]).map(drop),
+        &|| events.append("b", Expected::NoStream, [2]).map(drop),
+        &|| events.append("a", Expected::Exact(0), [3]).map(drop),
+        &|| events.delete_stream("a", Expected::Exact(1)),
+        &|| events.append_effect("t", "r"),
+        &|| events.truncate_stream("b", 1),
+        &|| events.append("b", Expected::Exact(0), [4]).map(drop),
+        &|| events.tombstone_stream("c", Expected::NoStream),
+    ];
+    let mut acked = 0;
+    for step in steps {
+        if step().is_err() {
+            break;
+        }
+        acked += 1;
+    }
+    acked
+}
+
+/// What is wrong with the store in `dir` after `acked` steps of
+/// [`remove_and_mark`] were acknowledged, if anything.
+fn check_removed(dir: &Path, acked: u64) -> Option<String> {
+    let events = match EventStore::<u64>::open(dir) {
+        Ok(events) => events,
+        Err(err) => return Some(format!("the store does not open: {err}")),
+    };
+    let read = |stream: &str| -> crate::Result<Vec<(u64, u64)>> {
+        events
+            .read_stream(stream)
+            .into_iter()
+            .map(|it| it.map(|it| (it.version, it.data)))
+            .collect()
+    };
+    let (a, b) = match (read("a"), read("b")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(err), _) | (_, Err(err)) => return Some(format!("the store cannot be read: {err}")),
+    };
+    let effects = events.subscribe_all().from_end().map(|_| ());
+    let c = events.append("c", Expected::Any, [9]);
+    let holds = [
+        (1, !a.is_empty() || acked >= 4),
+        (2, !b.is_empty() || acked >= 6),
+        (3, a.len() == 2 || acked >= 4),
+        (4, a.is_empty()),
+        (5, effects.is_ok()),
+        (6, b.first().is_none_or(|(version, _)| *version >= 1)),
+        (7, b.contains(&(1, 4))),
+        (8, matches!(c, Err(Error::StreamTombstoned { .. }))),
+    ];
+    holds.iter().find(|(step, holds)| *step <= acked && !holds).map(|(step, _)| {
+        format!("step {step} was acknowledged and is not there: a {a:?}, b {b:?}, c {c:?}")
+    })
+}
+
+#[test]
+fn a_power_loss_at_any_call_of_deletes_and_effects_loses_none_acknowledged() -> TestResult {
+    let calls = {
+        let run = Run::new()?;
+        remove_and_mark(&run.io(), &run.root.join("events"));
+        run.sim.calls()
+    };
+    for call in 1..=calls + 1 {
+        let run = Run::new()?;
+        run.sim.seed(call);
+        run.sim.crash_at(call, &run.out);
+        let acked = remove_and_mark(&run.io(), &run.root.join("events"));
+        if let Some(harm) = check_removed(&run.survivor("events")?, acked) {
+            return Err(format!("power loss at call {call}: {harm}").into());
+        }
+    }
+    eprintln!("deletes and effects: a power loss at each of {} calls, none lost", calls + 1);
+    Ok(())
+}
+
+/// Seals, forgets and seals again through `io`; returns how many steps were
+/// acknowledged.
+#[cfg(feature = "encryption")]
+fn seal_and_forget(io: &Io, dir: &Path) -> u64 {
+    use crate::events::Sealed;
+    let builder = EventStore::<Sealed<u64>>::builder().checkpoint_every(u64::MAX);
+    let Ok(events) = builder.io(io.clone()).open(dir) else { return 0 };
+    let steps: [&dyn Fn() -> crate::Result<()>; 4] = [
+        &|| events.append("s", Expected::Any, [Sealed::new("ann", 1)]).map(drop),
+        &|| events.append("s", Expected::Any, [Sealed::new("bob", 2)]).map(drop),
+        &|| events.forget_subject("ann"),
+        &|| events.append("s", Expected::Any, [Sealed::new("ann", 3)]).map(drop),
+    ];
+    let mut acked = 0;
+    for step in steps {
+        if step().is_err() {
+            break;
+        }
+        acked += 1;
+    }
+    acked
+}
+
+#[cfg(feature = "encryption")]
+#[test]
+fn a_power_loss_at_any_call_of_sealing_and_forgetting_loses_nothing_and_forgets() -> TestResult {
+    use crate::events::Sealed;
+    let calls = {
+        let run = Run::new()?;
+        seal_and_forget(&run.io(), &run.root.join("events"));
+        run.sim.calls()
+    };
+    for call in 1..=calls + 1 {
+        let run = Run::new()?;
+        run.sim.seed(call);
+        run.sim.crash_at(call, &run.out);
+        let acked = seal_and_forget(&run.io(), &run.root.join("events"));
+        let dir = run.survivor("events")?;
+        let events = EventStore::<Sealed<u64>>::open(&dir)
+            .map_err(|err| format!("power loss at call {call}: the store does not open: {err}"))?;
+        let read: Vec<Option<u64>> = events
+            .read_all()
+            .into_iter()
+            .map(|it| it.map(|it| it.data.value().copied()))
+            .collect::<crate::Result<_>>()
+            .map_err(|err| format!("power loss at call {call}: the store cannot be read: {err}"))?;
+        let expected: &[Option<u64>] = match acked {
+            0 => &[],
+            1 => &[Some(1)],
+            2 => &[Some(1), Some(2)],
+            3 => &[None, Some(2)],
+            _ => &[None, Some(2), Some(3)],
+        };
+        // What was acknowledged is there; a forget acknowledged is kept. A step not
+        // acknowledged may be there too.
+        let kept = read.get(..expected.len()).is_some_and(|it| it == expected)
+            || (acked == 2 && read.first() == Some(&None));
+        if !kept {
+            return Err(
+                format!("power loss at call {call}, {acked} steps acknowledged: {read:?}").into()
+            );
+        }
+    }
+    eprintln!("sealing and forgetting: a power loss at each of {} calls, none lost", calls + 1);
+    Ok(())
+}
