@@ -101,6 +101,9 @@ pub(crate) struct Encoded {
     pub(crate) json: bool,
     /// The schema version of the event type it is written with.
     pub(crate) schema: u32,
+    /// The subjects whose keys sealed its data, with the keys' generations.
+    #[cfg_attr(not(feature = "encryption"), allow(dead_code))]
+    pub(crate) sealed_with: Vec<(String, u64)>,
     pub(crate) data: Vec<u8>,
 }
 
@@ -366,7 +369,16 @@ fn check(index: &Index, request: &Request) -> Result<Checked> {
     // Where a retry's events would be: right after what it expected, or, for an
     // expectation that names no version, where its first event is.
     let place = match request.expected {
-        Expected::NoStream => Some(life.floor),
+        // Where a first append put them: at the stream's floor, or, after a
+        // truncation moved it, where the recent ids say.
+        Expected::NoStream => {
+            let first = request.events.first().and_then(|event| index.seen(event.id.as_bytes()));
+            Some(
+                first
+                    .filter(|seen| Some(seen.stream) == idx)
+                    .map_or(life.floor, |seen| seen.version),
+            )
+        }
         Expected::Exact(version) => version.checked_add(1),
         Expected::Any | Expected::StreamExists => {
             let first = request.events.first().and_then(|event| index.seen(event.id.as_bytes()));

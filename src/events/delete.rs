@@ -198,7 +198,9 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
                     return Err(Error::WrongExpectedVersion { stream, expected, actual: last });
                 }
             }
-            let before = before.unwrap_or(next);
+            // Never past the stream's end: versions appended later are not hidden
+            // by a truncation made before them.
+            let before = before.map_or(next, |before| before.min(next));
             let needed = match removal {
                 Removal::Soft => last.is_some(),
                 Removal::Tombstone => true,

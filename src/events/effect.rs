@@ -49,23 +49,34 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// [`Error::InvalidAppend`] for an empty trigger; [`Error::JournalWrite`] as
     /// for an append.
     pub fn append_effect(&self, trigger: &str, reason: &str) -> Result<()> {
-        self.effect(trigger, reason, 0)
+        self.effect(trigger, reason, || 0)
     }
 
-    pub(crate) fn effect(&self, trigger: &str, reason: &str, forgotten: u64) -> Result<()> {
+    /// Journals an effect; `forgotten` runs under the journal's lock, in journal
+    /// order with the appends' plans, and says below which generation the
+    /// trigger's subject keys are forgotten.
+    pub(crate) fn effect(
+        &self,
+        trigger: &str,
+        reason: &str,
+        forgotten: impl FnOnce() -> u64,
+    ) -> Result<()> {
         if trigger.is_empty() {
             return Err(Error::InvalidAppend { reason: "an effect's trigger is empty".to_owned() });
         }
         let core = &self.shared.core;
-        let bytes = batch::encode_effect(trigger, reason, forgotten);
-        let job = EffectJob {
-            index: Arc::clone(&core.index),
-            signal: Arc::clone(&core.signal),
-            trigger: trigger.to_owned(),
-            reason: reason.to_owned(),
-            forgotten,
-        };
-        core.journal.commit_with(|_, _| Ok(Prepared::Event(bytes.clone(), job)))?;
+        core.journal.commit_with(|_, _| {
+            let forgotten = forgotten();
+            let bytes = batch::encode_effect(trigger, reason, forgotten);
+            let job = EffectJob {
+                index: Arc::clone(&core.index),
+                signal: Arc::clone(&core.signal),
+                trigger: trigger.to_owned(),
+                reason: reason.to_owned(),
+                forgotten,
+            };
+            Ok(Prepared::Event(bytes, job))
+        })?;
         self.maybe_checkpoint();
         Ok(())
     }
@@ -77,8 +88,11 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// projections build the affected aggregates again without them. A value
     /// sealed for the subject later gets a new key.
     ///
-    /// The effect is journaled before the keys are destroyed on disk: if the
-    /// program stops in between, opening the store destroys them.
+    /// The keys are forgotten in memory under the journal's lock, so that every
+    /// append journaled after the effect is sealed with a new key; the effect is
+    /// made durable (whatever the store's [`Durability`](super::Durability)) before
+    /// the keys are destroyed on disk; if the program stops in between, opening the
+    /// store destroys them.
     ///
     /// # Errors
     /// [`Error::JournalWrite`] when the effect cannot be journaled; [`Error::Io`]
@@ -87,8 +101,8 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     #[cfg(feature = "encryption")]
     pub fn forget_subject(&self, subject: &str) -> Result<()> {
         let keys = &self.shared.core.keys;
-        let below = keys.forget(subject);
-        self.effect(subject, FORGOTTEN, below)?;
+        self.effect(subject, FORGOTTEN, || keys.forget(subject))?;
+        self.sync()?;
         keys.persist()
     }
 }
@@ -135,8 +149,7 @@ mod tests {
             let events = EventStore::<Sealed<String>>::open(dir.path())?;
             events.append("s", Expected::Any, [Sealed::new("erin", "secret".to_owned())])?;
             let before = std::fs::read(&keys).map_err(Error::io(&keys))?;
-            let below = events.shared.core.keys.forget("erin");
-            events.effect("erin", FORGOTTEN, below)?;
+            events.effect("erin", FORGOTTEN, || events.shared.core.keys.forget("erin"))?;
             before
         };
         assert_eq!(

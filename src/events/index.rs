@@ -525,7 +525,15 @@ impl Index {
             starts: self.starts.clone(),
             committed: self.committed,
             last_at: self.last_at,
-            recent: self.recent.order.iter().filter_map(|id| Some((*id, self.seen(id)?))).collect(),
+            // Only the committed events' ids: a batch planned and not committed may
+            // never be, and its positions go to others.
+            recent: self
+                .recent
+                .order
+                .iter()
+                .filter_map(|id| Some((*id, self.seen(id)?)))
+                .filter(|(_, seen)| seen.position < self.committed)
+                .collect(),
             frames: frames.clone(),
             // Only the committed events: the checkpoint covers nothing after them.
             tags: self
@@ -557,7 +565,11 @@ impl Index {
 
     /// The index and frame table a checkpoint holds, keeping the ids of the last
     /// `recent` events.
-    pub(crate) fn restore(checkpoint: Checkpoint, recent: usize) -> (Index, Frames) {
+    /// Says what is wrong with a checkpoint that does not hold together.
+    pub(crate) fn restore(
+        checkpoint: Checkpoint,
+        recent: usize,
+    ) -> Result<(Index, Frames), String> {
         let Checkpoint {
             streams,
             starts,
@@ -587,13 +599,14 @@ impl Index {
         index.triggers = triggers.into_iter().collect();
         index.effects = effects;
         for (idx, life) in lives {
-            if let Some(stream) = index.get_mut(idx) {
-                stream.life = life;
-                stream.planned = life;
-                index.ruled = true;
-            }
+            let Some(stream) = index.get_mut(idx) else {
+                return Err(format!("it removes events of stream number {idx}, which it lacks"));
+            };
+            stream.life = life;
+            stream.planned = life;
+            index.ruled = true;
         }
-        (index, frames)
+        Ok((index, frames))
     }
 }
 
@@ -673,7 +686,7 @@ mod tests {
             (frames.find(0), frames.find(1), frames.find(2)),
             (Some((0, Some(40))), Some((0, None)), Some((0, Some(90))))
         );
-        let (restored, frames) = Index::restore(index.checkpoint(&frames), 2);
+        let (restored, frames) = Index::restore(index.checkpoint(&frames), 2).expect("restores");
         assert_eq!(
             restored.stream("a").and_then(|idx| restored.get(idx)).map(|it| it.seqs.clone()),
             Some(vec![0, 0, 3])

@@ -481,7 +481,7 @@ impl<E> EventStoreBuilder<E> {
             &mut |loaded: &mut Loaded, event| loaded.replay(dir, recent, event).map(|()| None),
         )?;
         let mut loaded = opened.state;
-        loaded.restore(recent);
+        loaded.restore(dir, recent)?;
         let Loaded { mut index, frames, .. } = loaded;
         index.settle();
         #[cfg(feature = "encryption")]
@@ -565,15 +565,21 @@ impl Loaded {
 
     /// The index and frame table, restoring a checkpoint's with a window of the
     /// last `recent` ids.
-    fn restore(&mut self, recent: usize) {
+    fn restore(&mut self, dir: &Path, recent: usize) -> Result<()> {
         if let Some(checkpoint) = self.checkpoint.take() {
-            (self.index, self.frames) = Index::restore(checkpoint, recent);
+            (self.index, self.frames) =
+                Index::restore(checkpoint, recent).map_err(|reason| Error::JournalCorrupt {
+                    path: dir.to_path_buf(),
+                    offset: 0,
+                    reason: format!("the checkpoint used does not hold together: {reason}"),
+                })?;
         }
+        Ok(())
     }
 
     /// Commits a replayed journal event.
     fn replay(&mut self, dir: &Path, recent: usize, event: Replayed<'_>) -> Result<()> {
-        self.restore(recent);
+        self.restore(dir, recent)?;
         let bad = |reason: String| Error::JournalCorrupt {
             path: dir.join(journal::format::journal_name(event.file)),
             offset: event.offset,
@@ -698,8 +704,10 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         condition: &Condition,
         appends: impl IntoIterator<Item = Append<E>>,
     ) -> Result<Vec<Appended>> {
-        let requests =
-            appends.into_iter().map(|append| self.encode(append)).collect::<Result<Vec<_>>>()?;
+        let requests = appends
+            .into_iter()
+            .map(|append| self.encode(&append, true))
+            .collect::<Result<Vec<_>>>()?;
         append::check_requests(&requests)?;
         append::dry_run(&self.shared.core.index.read(), &requests, Some(condition))
     }
@@ -709,12 +717,34 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         appends: impl IntoIterator<Item = Append<E>>,
         condition: Option<&Condition>,
     ) -> Result<Vec<Appended>> {
-        let requests =
-            appends.into_iter().map(|append| self.encode(append)).collect::<Result<Vec<_>>>()?;
-        append::check_requests(&requests)?;
+        let appends: Vec<Append<E>> = appends.into_iter().collect();
+        let encode_all = || -> Result<Vec<Request>> {
+            let requests = appends
+                .iter()
+                .map(|append| self.encode(append, false))
+                .collect::<Result<Vec<_>>>()?;
+            append::check_requests(&requests)?;
+            Ok(requests)
+        };
+        // Sealed again under the journal's lock when a key went meanwhile.
+        #[cfg_attr(not(feature = "encryption"), allow(unused_mut))]
+        let mut requests = encode_all()?;
         let core = &self.shared.core;
         let index = Arc::clone(&core.index);
         let done = core.journal.commit_with(|_, _| {
+            // A subject forgotten between the encoding and the journal's lock left
+            // events sealed with a key that is gone: they are sealed again, under
+            // the lock (which a forget takes too), with the subject's new key.
+            #[cfg(feature = "encryption")]
+            {
+                let mut sealed =
+                    requests.iter().flat_map(|it| &it.events).flat_map(|it| &it.sealed_with);
+                if sealed.any(|(subject, generation)| {
+                    core.keys.live_generation(subject) != Some(*generation)
+                }) {
+                    requests = encode_all()?;
+                }
+            }
             let mut guard = index.write();
             match append::plan(&mut guard, &requests, condition)? {
                 Plan::Write { bytes, commit } => {
@@ -925,21 +955,24 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     }
 
     /// Encodes the events of `append`.
-    fn encode(&self, append: Append<E>) -> Result<Request> {
+    /// Encodes the events of `append`; a `dry` run makes no subject key.
+    fn encode(&self, append: &Append<E>, dry: bool) -> Result<Request> {
         let Append { stream, expected, events } = append;
         let events = events
-            .into_iter()
+            .iter()
             .map(|event| {
                 let core = &self.shared.core;
                 let encode = || core.codec.encode(&event.data, &core.dir);
                 #[cfg(feature = "encryption")]
-                let (data, subjects) = seal::sealing(&self.shared.core.keys, encode)?;
+                let (data, sealed_with) = seal::sealing(&self.shared.core.keys, dry, encode)?;
                 #[cfg(not(feature = "encryption"))]
-                let (data, subjects) = (encode()?, Vec::<String>::new());
-                let mut triggers = event.triggers;
-                for subject in subjects {
-                    if !triggers.contains(&subject) {
-                        triggers.push(subject);
+                let (data, sealed_with) = (encode()?, Vec::<(String, u64)>::new());
+                #[cfg(not(feature = "encryption"))]
+                let _ = dry;
+                let mut triggers = event.triggers.clone();
+                for (subject, _) in &sealed_with {
+                    if !triggers.contains(subject) {
+                        triggers.push(subject.clone());
                     }
                 }
                 let event_type = serde_variant::to_variant_name(&event.data)
@@ -949,15 +982,16 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
                     event_type,
                     causation: event.metadata.causation,
                     correlation: event.metadata.correlation,
-                    tags: event.tags,
+                    tags: event.tags.clone(),
                     triggers,
                     json: core.codec.is_json(),
                     schema: self.schema.version,
+                    sealed_with,
                     data,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Request { stream, expected, events })
+        Ok(Request { stream: stream.clone(), expected: *expected, events })
     }
 
     /// Starts a checkpoint in the background when enough appends came since the last.

@@ -93,13 +93,15 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct Projected<T> {
     /// The position of the next event to apply.
     position: u64,
+    /// The effects taken into account: the number of the next one to take.
+    effects: u64,
     state: T,
 }
 
 impl<T> Projected<T> {
     /// The state `state`, to which no event was applied yet.
     pub const fn new(state: T) -> Projected<T> {
-        Projected { position: 0, state }
+        Projected { position: 0, effects: 0, state }
     }
 
     /// The position of the next event to apply: every event before it was applied.
@@ -392,8 +394,8 @@ where
             caught_up: false,
             durable: 0,
             on_effect,
-            effects_done: None,
-            replaying: false,
+            next: 0,
+            pending: None,
             _events: PhantomData::<fn(E) -> E>,
         };
         let spawned = thread::Builder::new()
@@ -743,10 +745,12 @@ struct Worker<E, T: 'static, F> {
     /// The events below this position are durable.
     durable: u64,
     on_effect: Option<EffectHandler<T>>,
-    /// The effects (by number) a start from position 0 made moot.
-    effects_done: Option<u64>,
-    /// Whether the events replayed after an effect are to be applied.
-    replaying: bool,
+    /// The position the subscription delivers from next, as far as the deliveries
+    /// tell: a delivery past it means the events between were removed.
+    next: u64,
+    /// An effect delivered, and the events replayed after it so far: taken in one
+    /// critical section when the next delivery comes.
+    pending: Option<(Effect, Vec<RecordedEvent<E>>)>,
     _events: PhantomData<fn(E) -> E>,
 }
 
@@ -804,6 +808,8 @@ where
             return Err(Failure::new(position.get(), err));
         }
         self.caught_up = false;
+        self.next = position.get();
+        self.pending = None;
         let subscription = events.subscribe_all().from(position);
         subscription.map(Some).map_err(|err| Failure::new(position.get(), err))
     }
@@ -827,38 +833,43 @@ where
             let delivery = subscription
                 .next_timeout(POLL)
                 .map_err(|err| Failure::new(self.position(), err))?;
+            if !matches!(delivery, Some(Delivery::Replayed(_))) {
+                self.take_effect()?;
+            }
             match delivery {
                 None => {
+                    self.pass_removed(subscription.cursor());
                     if self.caught_up && self.swap()? {
                         continue;
                     }
                     self.save(true)?;
                 }
                 Some(Delivery::Effect(effect)) => {
-                    if self.effects_done.is_some_and(|done| effect.number <= done) {
-                        self.replaying = false;
+                    let taken = self.cell().read().effects;
+                    if effect.number < taken {
                         continue;
                     }
-                    if self.effect(&effect)? {
-                        self.replaying = true;
-                    } else {
-                        // Built again from the start, from what the store reads now.
-                        self.effects_done = Some(effect.number);
-                        self.replaying = false;
-                        match self.subscribe()? {
-                            Some(again) => subscription = again,
-                            None => return Ok(End::Closed),
-                        }
+                    if self.on_effect.is_some() {
+                        self.pending = Some((effect, Vec::new()));
+                        continue;
                     }
+                    // No effect handler: built again from the start, from what the
+                    // store reads now, which takes this effect into account.
+                    self.restart(effect.number + 1);
                     self.unsaved();
+                    match self.subscribe()? {
+                        Some(again) => subscription = again,
+                        None => return Ok(End::Closed),
+                    }
                 }
                 Some(Delivery::Replayed(event)) => {
-                    if self.replaying {
-                        self.replay(&event)?;
+                    if let Some((_, replayed)) = &mut self.pending {
+                        replayed.push(event);
                     }
                 }
                 Some(Delivery::Event(event)) => {
-                    self.replaying = false;
+                    self.pass_removed(event.position.get());
+                    self.next = self.next.max(event.position.get() + 1);
                     match self.apply(&event)? {
                         Step::Applied => {
                             self.control.moved(event.position.get() + 1);
@@ -876,6 +887,7 @@ where
                     }
                 }
                 Some(Delivery::CaughtUp) => {
+                    self.pass_removed(subscription.cursor());
                     self.caught_up = true;
                     if !self.swap()? {
                         self.save(true)?;
@@ -887,35 +899,60 @@ where
         }
     }
 
-    /// Takes `effect`: with an effect handler, runs it on the state and returns
-    /// true (the replayed events follow); without one, sets the cell back to its
-    /// initial state at position 0 and returns false.
-    fn effect(&mut self, effect: &Effect) -> Result<bool, Failure> {
+    /// Moves the cell's position to `upto` when the subscription went past the
+    /// positions between without delivering them: their events were removed
+    /// (deleted, truncated, past a retention rule). Only when the cell is where
+    /// the subscription was: a cell moved back (a reload) is read again instead.
+    fn pass_removed(&mut self, upto: u64) {
         let cell = self.cell();
-        let mut projected = cell.write();
-        if !owns(self.id, cell) {
-            return Ok(true);
-        }
-        let position = projected.position;
-        let Some(forget) = &mut self.on_effect else {
-            *projected = Projected::new((cell.init)().into_state());
-            return Ok(false);
+        let moved = {
+            let mut projected = cell.write();
+            let passes = owns(self.id, cell) && projected.position == self.next && self.next < upto;
+            if passes {
+                projected.position = upto;
+            }
+            passes
         };
-        let state = &mut projected.state;
-        guarded(position, || forget(state, effect))?;
-        Ok(true)
+        if moved {
+            self.next = upto;
+            self.control.moved(upto);
+            self.unsaved();
+        }
     }
 
-    /// Applies `event`, replayed after an effect, to the state; the position stays.
-    fn replay(&mut self, event: &RecordedEvent<E>) -> Result<(), Failure> {
+    /// Sets the cell back to its initial state at position 0, the effects before
+    /// `effects` taken into account.
+    fn restart(&mut self, effects: u64) {
         let cell = self.cell();
         let mut projected = cell.write();
-        if !owns(self.id, cell) || projected.position <= event.position.get() {
+        if owns(self.id, cell) {
+            *projected = Projected::new((cell.init)().into_state());
+            projected.effects = effects;
+        }
+    }
+
+    /// Takes the pending effect, if any: its handler and then the events replayed
+    /// after it, in one critical section under the cell's lock, so that readers
+    /// never see an aggregate dropped and not built again.
+    fn take_effect(&mut self) -> Result<(), Failure> {
+        let Some((effect, replayed)) = self.pending.take() else { return Ok(()) };
+        let cell = self.cell();
+        let mut projected = cell.write();
+        if !owns(self.id, cell) || effect.number < projected.effects {
             return Ok(());
         }
         let position = projected.position;
-        let (handler, state) = (&mut self.handler, &mut projected.state);
-        guarded(position, || handler(state, event))
+        let Some(forget) = &mut self.on_effect else { return Ok(()) };
+        let state = &mut projected.state;
+        guarded(position, || forget(state, &effect))?;
+        for event in replayed.iter().filter(|event| event.position.get() < position) {
+            let handler = &mut self.handler;
+            guarded(position, || handler(state, event))?;
+        }
+        projected.effects = effect.number + 1;
+        drop(projected);
+        self.unsaved();
+        Ok(())
     }
 
     /// Counts a change to save.
@@ -956,25 +993,19 @@ where
             if let Some(last) = target.checked_sub(1) {
                 make_durable(durable, &events, last)?;
             }
-            while new.position < target {
-                let from = new.position;
-                let read = events.read_all().from(Position::new(from)).limit(target - from);
+            if new.position < target {
+                let read = events.read_all().from(Position::new(new.position)).until(target);
                 for event in read {
                     let event = event.map_err(|err| Failure::new(new.position, err))?;
+                    // The positions the read passed over hold removed events.
+                    new.position = new.position.max(event.position.get());
                     apply_to(handler, &mut new, &event)?;
                 }
-                // A read from below the head yields its events, or an error.
-                if new.position == from {
-                    let err = Error::JournalCorrupt {
-                        path: events.path().to_path_buf(),
-                        offset: 0,
-                        reason: format!(
-                            "the index holds events from {from} to {target}, and none could be read"
-                        ),
-                    };
-                    return Err(Failure::new(from, err));
-                }
+                // The read went through every position up to the target.
+                new.position = target;
             }
+            // What the rebuild read takes every effect so far into account.
+            new.effects = new.effects.max(old.effects);
             std::mem::swap(&mut *old, &mut *new);
             let mut owners = OWNERS.lock();
             let mine = owners.remove(&address(spare));

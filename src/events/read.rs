@@ -56,6 +56,8 @@ pub struct ReadAll<'a, E> {
     from: Option<Position>,
     /// Reads no position at or after it, going forward.
     until: Option<u64>,
+    /// Whether removed events are read too.
+    removed: bool,
     backward: bool,
     limit: Option<u64>,
     event_type: Option<String>,
@@ -112,6 +114,7 @@ impl<'a, E> ReadAll<'a, E> {
             store,
             from: None,
             until: None,
+            removed: false,
             backward: false,
             limit: None,
             event_type: None,
@@ -161,6 +164,12 @@ impl<'a, E> ReadAll<'a, E> {
         self.until = Some(position);
         self
     }
+
+    /// Reads the removed events too (deleted, truncated, past a retention rule).
+    pub(crate) fn with_removed(mut self) -> Self {
+        self.removed = true;
+        self
+    }
 }
 
 /// The events of a read, one at a time; an error ends the read.
@@ -175,6 +184,8 @@ pub struct Events<'a, E> {
     failed: bool,
     /// An error to yield first (a read of a tombstoned stream).
     pending: Option<Error>,
+    /// Whether removed events are yielded too.
+    removed: bool,
 }
 
 /// Which events of the batches read a read yields.
@@ -276,7 +287,9 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
         let filter =
             Filter { stream: None, stream_prefix: self.stream_prefix, event_type: self.event_type };
         let keep = if self.backward { Keep::Cached } else { Keep::No };
-        Events::new(self.store, cursor, self.limit, filter, keep)
+        let mut events = Events::new(self.store, cursor, self.limit, filter, keep);
+        events.removed = self.removed;
+        events
     }
 }
 
@@ -299,6 +312,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
             batch: None,
             failed: false,
             pending: None,
+            removed: false,
         }
     }
 
@@ -425,7 +439,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
         // over.
         let hidden: Vec<bool> = {
             let index = core.index.read();
-            if index.ruled {
+            if index.ruled && !self.removed {
                 let now = crate::journal::now_micros();
                 let at = at.as_micros();
                 stored.iter().map(|it| index.hides(it.stream, it.version, at, now)).collect()

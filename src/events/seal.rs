@@ -30,6 +30,11 @@ use crate::{EncryptionKey, Error, Result, crypt::Sealer, io::Io};
 
 const MAGIC: &[u8; 6] = b"ISKEYS";
 const VERSION: u8 = 2;
+/// The longest subject, in bytes.
+const MAX_SUBJECT: usize = 1024;
+/// The largest record a sound file holds: a subject, a generation, a key, and the
+/// store key's seal.
+const MAX_RECORD: usize = MAX_SUBJECT + 256;
 /// What the store's key seals the file's body for.
 const AAD: &[u8] = b"instastate subject keys";
 
@@ -129,9 +134,12 @@ impl<T: Serialize> Serialize for Sealed<T> {
         let key = SEALING.with(|context| {
             let mut context = context.borrow_mut();
             let context = context.as_mut()?;
-            let key = context.ring.current(&self.subject);
+            let key = context.ring.current(&self.subject).or_else(|| {
+                // A dry run seals with a key of its own, which it keeps nowhere.
+                context.ephemeral.get(&self.subject).map(|key| (0, *key))
+            });
             match key {
-                Some(_) => context.subjects.push(self.subject.clone()),
+                Some((generation, _)) => context.subjects.push((self.subject.clone(), generation)),
                 None => context.missing.push(self.subject.clone()),
             }
             Some(key)
@@ -193,11 +201,50 @@ fn aad(subject: &str, generation: u64) -> Vec<u8> {
 /// What the store encodes an event with.
 struct Sealing {
     ring: Arc<KeyRing>,
-    /// The subjects whose keys sealed values of the event.
-    subjects: Vec<String>,
+    /// The subjects whose keys sealed values of the event, with the keys'
+    /// generations.
+    subjects: Vec<(String, u64)>,
     /// The subjects the event needs a key of, which they lack.
     missing: Vec<String>,
+    /// A dry run's keys for the subjects without one, kept nowhere.
+    ephemeral: BTreeMap<String, [u8; 32]>,
 }
+
+/// Puts back the context a thread had before, whatever happens (a panicking
+/// `Serialize` or `Deserialize` included), so that no context outlives its call.
+struct Restore<T: 'static> {
+    key: &'static std::thread::LocalKey<RefCell<Option<T>>>,
+    previous: Option<T>,
+    /// Whether the previous context is back already.
+    done: bool,
+}
+
+impl<T> Restore<T> {
+    /// Sets `key` to `value` until the guard goes.
+    fn set(key: &'static std::thread::LocalKey<RefCell<Option<T>>>, value: T) -> Restore<T> {
+        let previous = key.with(|it| it.borrow_mut().replace(value));
+        Restore { key, previous, done: false }
+    }
+
+    /// Puts the previous context back, and returns the one set.
+    fn take(mut self) -> Option<T> {
+        self.done = true;
+        let previous = self.previous.take();
+        self.key.with(|it| std::mem::replace(&mut *it.borrow_mut(), previous))
+    }
+}
+
+impl<T> Drop for Restore<T> {
+    fn drop(&mut self) {
+        if !self.done {
+            let previous = self.previous.take();
+            self.key.with(|it| *it.borrow_mut() = previous);
+        }
+    }
+}
+
+/// The subjects whose keys sealed an event's values, with the keys' generations.
+pub(crate) type SealedWith = Vec<(String, u64)>;
 
 thread_local! {
     static SEALING: RefCell<Option<Sealing>> = const { RefCell::new(None) };
@@ -210,16 +257,22 @@ thread_local! {
 /// returns the bytes and the subjects whose keys sealed them.
 pub(crate) fn sealing(
     ring: &Arc<KeyRing>,
+    dry: bool,
     encode: impl Fn() -> Result<Vec<u8>>,
-) -> Result<(Vec<u8>, Vec<String>)> {
+) -> Result<(Vec<u8>, SealedWith)> {
+    let mut ephemeral = BTreeMap::new();
     // A subject's key is made at most once per event; a value of a subject whose
     // key is made between two tries finds it at the next.
     for _ in 0..3 {
-        let context = Sealing { ring: Arc::clone(ring), subjects: Vec::new(), missing: Vec::new() };
-        let previous = SEALING.with(|it| it.borrow_mut().replace(context));
+        let context = Sealing {
+            ring: Arc::clone(ring),
+            subjects: Vec::new(),
+            missing: Vec::new(),
+            ephemeral: ephemeral.clone(),
+        };
+        let guard = Restore::set(&SEALING, context);
         let res = encode();
-        let context = SEALING.with(|it| std::mem::replace(&mut *it.borrow_mut(), previous));
-        let Some(Sealing { mut subjects, missing, .. }) = context else {
+        let Some(Sealing { mut subjects, missing, .. }) = guard.take() else {
             return res.map(|bytes| (bytes, Vec::new()));
         };
         if missing.is_empty() {
@@ -228,7 +281,11 @@ pub(crate) fn sealing(
             return res.map(|bytes| (bytes, subjects));
         }
         for subject in missing {
-            ring.create(&subject)?;
+            if dry {
+                ephemeral.insert(subject, crate::crypt::random_key());
+            } else {
+                ring.create(&subject)?;
+            }
         }
     }
     Err(Error::InvalidAppend { reason: "the subject keys of an event kept changing".to_owned() })
@@ -237,9 +294,10 @@ pub(crate) fn sealing(
 /// Decodes with `decode` while [`Sealed`] values find their keys in `ring`; a
 /// missing key is reported as [`Error::SubjectKeyMissing`].
 pub(crate) fn opening<T>(ring: &Arc<KeyRing>, decode: impl FnOnce() -> Result<T>) -> Result<T> {
-    let previous = OPENING.with(|it| it.borrow_mut().replace(Arc::clone(ring)));
+    OPENING_FAILURE.with(|it| it.borrow_mut().take());
+    let guard = Restore::set(&OPENING, Arc::clone(ring));
     let res = decode();
-    OPENING.with(|it| *it.borrow_mut() = previous);
+    drop(guard.take());
     let failure = OPENING_FAILURE.with(|it| it.borrow_mut().take());
     match (res, failure) {
         (Err(_), Some(failure)) => Err(failure),
@@ -306,10 +364,18 @@ impl KeyRing {
                 });
                 let Some((len, body, sum)) = record else {
                     // Cut short at the end: a key appended when the program died,
-                    // which no event uses.
+                    // which no event uses. A length no sound record has is damage.
+                    let len =
+                        rest.split_first_chunk::<4>().map(|(len, _)| u32::from_le_bytes(*len));
+                    if len.is_some_and(|len| MAX_RECORD < len as usize) {
+                        return Err(bad(offset, "a record's length is larger than any record"));
+                    }
                     torn = true;
                     break;
                 };
+                if MAX_RECORD < len {
+                    return Err(bad(offset, "a record's length is larger than any record"));
+                }
                 let whole = rest.get(..4 + len).unwrap_or_default();
                 if xxhash_rust::xxh3::xxh3_64(whole).to_le_bytes() != sum {
                     // The last record, its checksum never written (a file extended
@@ -329,6 +395,12 @@ impl KeyRing {
             }
         }
         Ok(KeyRing { path, io, sealer, subjects: Mutex::new((subjects, torn)) })
+    }
+
+    /// The generation of the newest key of `subject`, unless it has none or it
+    /// was forgotten.
+    pub(crate) fn live_generation(&self, subject: &str) -> Option<u64> {
+        self.current(subject).map(|(generation, _)| generation)
     }
 
     /// The newest key of `subject` and its generation, unless it has none or it
@@ -360,6 +432,14 @@ impl KeyRing {
         let generation = keys.last_key_value().map_or(0, |(generation, _)| generation + 1);
         let key = crate::crypt::random_key();
         let entry: Entry = (subject.to_owned(), generation, Some(key));
+        if MAX_SUBJECT < subject.len() {
+            return Err(Error::InvalidAppend {
+                reason: format!(
+                    "a subject is {} bytes long, over the limit of {MAX_SUBJECT}",
+                    subject.len()
+                ),
+            });
+        }
         let fresh = !self.path.exists();
         let res = if fresh || *torn {
             let mut with = subjects.clone();
@@ -368,6 +448,10 @@ impl KeyRing {
         } else {
             self.append(&entry)
         };
+        if res.is_err() {
+            // A record written in part: the next write writes the file anew.
+            *torn = true;
+        }
         res?;
         *torn = false;
         subjects.entry(subject.to_owned()).or_default().insert(generation, Some(key));
@@ -492,6 +576,19 @@ mod tests {
         let mut damaged = std::fs::read(&path).map_err(Error::io(&path))?;
         if let Some(byte) = damaged.get_mut(MAGIC.len() + 1 + 6) {
             *byte ^= 1;
+        }
+        std::fs::write(&path, &damaged).map_err(Error::io(&path))?;
+        assert!(matches!(ring(&path), Err(Error::SubjectKeysCorrupt { .. })));
+
+        // A flipped high byte of the first record's length is damage too, not a
+        // torn end that would drop every key after it.
+        std::fs::remove_file(&path).map_err(Error::io(&path))?;
+        let keys = ring(&path)?;
+        keys.create("fay")?;
+        keys.create("gus")?;
+        let mut damaged = std::fs::read(&path).map_err(Error::io(&path))?;
+        if let Some(byte) = damaged.get_mut(MAGIC.len() + 1 + 3) {
+            *byte ^= 0x40;
         }
         std::fs::write(&path, &damaged).map_err(Error::io(&path))?;
         assert!(matches!(ring(&path), Err(Error::SubjectKeysCorrupt { .. })));

@@ -430,10 +430,13 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
                 .unwrap_or_default()
                 .to_vec()
         };
+        // The aggregates of the linked events, removed ones included: what was
+        // built from them is to be built again without them.
         let mut aggregates: Vec<String> = Vec::new();
         for &position in &linked {
-            if let Some(event) = store.event_at(Position::new(position))? {
-                for tag in event.tags {
+            let read = store.read_all().from(Position::new(position)).until(position + 1);
+            for event in read.with_removed() {
+                for tag in event?.tags {
                     if !aggregates.contains(&tag) {
                         aggregates.push(tag);
                     }
@@ -450,20 +453,24 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
                     .extend(tagged.get(..before).unwrap_or_default().iter().map(|it| it.position));
             }
         }
-        self.buffer.push_back(Delivery::Effect(Effect {
+        // Buffered only once every event is read: an error delivers nothing, and
+        // the effect is replayed whole when the subscription is asked again.
+        let mut deliveries = vec![Delivery::Effect(Effect {
             trigger: effect.trigger.clone(),
             reason: effect.reason.clone(),
             aggregates,
             position: Position::new(effect.head),
             number: self.effects_seen as u64,
-        }));
+        })];
         for position in positions {
-            if let Some(event) = store.event_at(Position::new(position))?
-                && self.wants(&event)
-            {
-                self.buffer.push_back(Delivery::Replayed(event));
+            for event in store.read_all().from(Position::new(position)).until(position + 1) {
+                let event = event?;
+                if self.wants(&event) {
+                    deliveries.push(Delivery::Replayed(event));
+                }
             }
         }
+        self.buffer.extend(deliveries);
         Ok(())
     }
 
@@ -489,12 +496,18 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
                 .limit(limit)
                 .into_iter()
                 .collect::<Result<_>>()?,
-            Target::Stream { name } => store
-                .read_stream(name)
-                .from(self.cursor)
-                .limit(limit)
-                .into_iter()
-                .collect::<Result<_>>()?,
+            Target::Stream { name } => {
+                let read =
+                    store.read_stream(name).from(self.cursor).limit(limit).into_iter().collect();
+                match read {
+                    // Tombstoned: nothing more will come.
+                    Err(crate::Error::StreamTombstoned { .. }) => {
+                        self.stopped = true;
+                        return Ok(());
+                    }
+                    read => read?,
+                }
+            }
         };
         let next = match &self.target {
             Target::All { .. } => read.last().map(|event| event.position.get() + 1),

@@ -207,3 +207,28 @@ fn a_subscription_from_the_start_passes_over_removed_events() -> TestResult {
     assert_eq!(seen, [("b".to_owned(), 0, 3), ("a".to_owned(), 2, 4)]);
     Ok(())
 }
+
+#[test]
+fn a_subscription_to_a_tombstoned_stream_stops_and_truncation_stays_within_the_stream() -> TestResult
+{
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<u32>::open(dir.path())?;
+    events.append("gone", Expected::NoStream, [1])?;
+    events.tombstone_stream("gone", Expected::Any)?;
+    let mut subscription = events.subscribe_stream("gone").from(0)?;
+    let delivery = subscription.next_timeout(Duration::from_secs(10))?;
+    assert!(matches!(delivery, Some(Delivery::Stopped)), "{delivery:?}");
+
+    // A truncation past the end hides no version appended after it.
+    events.truncate_stream("later", 10)?;
+    events.append("later", Expected::NoStream, [1, 2, 3])?;
+    assert_eq!(versions(&events, "later")?, [(0, 1), (1, 2), (2, 3)]);
+
+    // A retried first append is recognised after a truncation moved the floor.
+    let first = instastate::events::NewEvent::new(7).with_id(instastate::events::EventId::new());
+    let appended = events.append("retry", Expected::NoStream, [first.clone()])?;
+    events.append("retry", Expected::Exact(0), [8])?;
+    events.truncate_stream("retry", 1)?;
+    assert_eq!(events.append("retry", Expected::NoStream, [first])?, appended);
+    Ok(())
+}

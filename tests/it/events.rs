@@ -519,8 +519,9 @@ fn run_model(ops: &[Op], dir: &Path) -> Result<(), TestCaseError> {
             Op::Truncate { stream, before } => {
                 let name = format!("s{stream}");
                 events.truncate_stream(&name, *before).map_err(fail)?;
+                // A truncation never reaches past the stream's end.
                 let entry = model.streams.entry(name).or_default();
-                entry.1 = entry.1.max(*before);
+                entry.1 = entry.1.max((*before).min(entry.0));
             }
             Op::Reopen => {
                 drop(events);

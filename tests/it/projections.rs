@@ -479,3 +479,40 @@ fn dropping_the_store_stops_its_projections() -> TestResult {
     projection.stop()?;
     Ok(())
 }
+
+/// Removed events (a deleted stream, a truncation) are passed over: a projection,
+/// a rebuild and a restart all reach the head, with a state folded from what the
+/// store reads.
+#[test]
+fn a_projection_passes_over_removed_events_to_the_head() -> TestResult {
+    static LIVE: Cell = StateCell::new("it::projections::removed::LIVE", fresh);
+    static SPARE: Cell = StateCell::new("it::projections::removed::SPARE", fresh);
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<i64>::open(dir.path())?;
+    append(&events, "a", &[1, 2])?;
+    append(&events, "b", &[3])?;
+    events.delete_stream("a", Expected::Any)?;
+    let live = events.project(&LIVE, tally(1))?;
+    let head = caught_up(&events, &live)?;
+    assert_eq!((head, LIVE.read().state().sum), (Position::new(3), 3));
+    append(&events, "c", &[4])?;
+    append(&events, "a", &[5])?;
+    events.truncate_stream("c", 1)?;
+    append(&events, "b", &[6])?;
+    let head = caught_up(&events, &live)?;
+    assert_eq!(head, events.head());
+    // The live state counts what it applied when it applied it (4, before the
+    // truncation); a rebuild folds what the store reads now.
+    assert_eq!(LIVE.read().state().sum, 3 + 4 + 5 + 6);
+    let rebuild = events.projection(&LIVE).rebuild_in(&SPARE).start(tally(1))?;
+    let start = std::time::Instant::now();
+    while rebuild.is_rebuilding() {
+        assert!(start.elapsed() < PATIENCE, "the rebuild did not swap in");
+        thread::sleep(Duration::from_millis(5));
+    }
+    caught_up(&events, &rebuild)?;
+    assert_eq!(LIVE.read().state().sum, 3 + 5 + 6);
+    assert_eq!(LIVE.read().position(), events.head());
+    drop((live, rebuild));
+    Ok(())
+}

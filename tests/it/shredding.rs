@@ -247,3 +247,84 @@ fn projections_into_cells_rebuild_without_a_forgotten_subject() -> TestResult {
     assert_eq!(OWNERS_HOOKED.read().state(), &after);
     Ok(())
 }
+
+/// Appends racing forgets: every event journaled after its subject's forget reads
+/// (it was sealed with the subject's new key), and a dry run makes no key.
+#[test]
+fn appends_racing_forgets_are_sealed_with_a_live_key() -> TestResult {
+    use instastate::events::{Append, Condition, Effect};
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<Sealed<u64>>::open(dir.path())?;
+    let writers: Vec<_> = (0..2u64)
+        .map(|writer| {
+            let events = events.clone();
+            std::thread::spawn(move || -> instastate::Result<()> {
+                for n in 0..400 {
+                    let subject = format!("s{}", n % 3);
+                    events.append(
+                        "log",
+                        Expected::Any,
+                        [Sealed::new(subject, writer * 1000 + n)],
+                    )?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for n in 0..200 {
+        events.forget_subject(&format!("s{}", n % 3))?;
+    }
+    for writer in writers {
+        writer.join().map_err(|_| "a writer panicked")??;
+    }
+    // Where each forget came, from a subscription: (position, subject).
+    let mut forgets = Vec::new();
+    for delivery in events.subscribe_all().from(Position::START)? {
+        match delivery? {
+            Delivery::Effect(Effect { trigger, position, .. }) => forgets.push((position, trigger)),
+            Delivery::CaughtUp => break,
+            _ => {}
+        }
+    }
+    for event in events.read_all() {
+        let event = event?;
+        if event.data.is_shredded() {
+            let forgotten_later = forgets
+                .iter()
+                .any(|(at, subject)| subject == event.data.subject() && event.position < *at);
+            assert!(
+                forgotten_later,
+                "event {} is shredded, though no forget came after it",
+                event.position
+            );
+        }
+    }
+    // A dry run seals with a key it keeps nowhere.
+    let fresh = tempfile::tempdir()?;
+    let dry = EventStore::<Sealed<u64>>::open(fresh.path())?;
+    let append = Append::new("x", Expected::Any, [Sealed::new("nobody", 1)]);
+    dry.check_append_if(&Condition::since(Position::START), [append])?;
+    assert!(!fresh.path().join("subject-keys").exists(), "a dry run wrote a key");
+    Ok(())
+}
+
+/// A `Serialize` that panics in an append leaves no sealing context behind.
+#[test]
+fn a_panic_while_sealing_leaves_no_context_behind() -> TestResult {
+    #[derive(Deserialize)]
+    struct Boom;
+    impl Serialize for Boom {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            panic!("boom")
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<(Sealed<u32>, Boom)>::open(dir.path())?;
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        events.append("x", Expected::Any, [(Sealed::new("zed", 1), Boom)])
+    }));
+    assert!(res.is_err(), "the panic reaches the caller");
+    drop(events);
+    assert!(postcard::to_allocvec(&Sealed::new("zed", 2u32)).is_err(), "no store, no key");
+    Ok(())
+}

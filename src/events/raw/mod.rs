@@ -340,6 +340,8 @@ impl RawEvents {
         self.index
             .streams
             .iter()
+            // As the store lists them: not the deleted ones.
+            .filter(|stream| !stream.life.deleted && !stream.life.tombstoned)
             .filter_map(|stream| {
                 let events = stream.seqs.len() as u64;
                 let last_version = events.checked_sub(1)?;
@@ -537,7 +539,9 @@ fn load_checkpoint(
     else {
         return Ok(empty());
     };
-    let (index, frames) = Index::restore(checkpoint, 0);
+    // A checkpoint that does not hold together is passed over, as one that does
+    // not decode (`verify` reports it).
+    let Ok((index, frames)) = Index::restore(checkpoint, 0) else { return Ok(empty()) };
     let covered = loaded.events;
     // Where the last covered event is, when the checkpoint's frame table knows: the
     // journal after it is read from there, else from the start of its file.

@@ -224,6 +224,19 @@ impl Check<'_> {
                     "event id {id} comes twice: at positions {earlier} and {position}"
                 ));
             }
+            // The store would refuse these: damage, not a note.
+            if !self.shapes.contains_key(&event.schema) {
+                return Err(format!(
+                    "the event at position {position} is of version {} of the event type, which no journal file records",
+                    event.schema
+                ));
+            }
+            #[cfg(feature = "json")]
+            if event.json && serde_json::from_slice::<serde::de::IgnoredAny>(event.data).is_err() {
+                return Err(format!(
+                    "the event at position {position} holds JSON that does not parse"
+                ));
+            }
             if !event.json
                 && let Some(Ok(shape)) = self.shapes.get(&event.schema)
                 && let Err(reason) = value::decode(shape, event.data)
@@ -281,7 +294,8 @@ impl Check<'_> {
         let checkpoint: Checkpoint =
             journal::decode(&loaded.body, &loaded.path, || "the checkpoint".into())
                 .map_err(|err| format!("the checkpoint does not decode: {err}"))?;
-        let (saved, frames) = Index::restore(checkpoint, 0);
+        let (saved, frames) = Index::restore(checkpoint, 0)
+            .map_err(|reason| format!("the checkpoint does not hold together: {reason}"))?;
         let ours = &self.index;
         let differs =
             |what: String| Err(format!("the checkpoint disagrees with the journal: {what}"));
