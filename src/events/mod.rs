@@ -59,6 +59,7 @@ mod append;
 pub(crate) mod batch;
 #[cfg(not(feature = "fuzz"))]
 mod batch;
+mod compact;
 mod condition;
 mod delete;
 mod effect;
@@ -90,6 +91,7 @@ use serde::{Serialize, de::DeserializeOwned};
 pub use self::seal::Sealed;
 pub use self::{
     append::{Append, Appended, Expected},
+    compact::Compacted,
     condition::{Condition, EventRef},
     delete::Retention,
     effect::{Effect, FORGOTTEN},

@@ -444,8 +444,19 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                     (true, true) => {}
                 }
                 let position = first_position + k as u64;
-                let data = core
-                    .decode_data::<E>(event.data, || format!("the event at position {position}"));
+                // Compaction drops only what the index removes: a dropped event that
+                // the index shows is damage (or a bug), never data to decode.
+                let Some(bytes) = event.data else {
+                    return Slot::Ready(Err(Error::JournalCorrupt {
+                        path: core.dir.clone(),
+                        offset: 0,
+                        reason: format!(
+                            "journal event {seq}: compaction dropped the data of the event at position {position}, which the store still reads"
+                        ),
+                    }));
+                };
+                let data =
+                    core.decode_data::<E>(bytes, || format!("the event at position {position}"));
                 Slot::Ready(data.map(|data| RecordedEvent {
                     stream: event.stream.to_owned(),
                     version: event.version,
