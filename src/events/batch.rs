@@ -8,7 +8,7 @@
 //! part:     stream (length, UTF-8 bytes) | first version | event count | ids (16 bytes each)
 //! event body, one per event, parts in order:
 //!           event type (length, UTF-8 bytes)
-//!           | flags u8 (1: causation, 2: correlation, 4: triggers, 8: dropped, format 2 only)
+//!           | flags u8 (1: causation, 2: correlation, 4: triggers, 32: dropped, format 2 only)
 //!           | causation (16 bytes, if flagged) | correlation (16 bytes, if flagged)
 //!           | tag count | tags (length, UTF-8 bytes each)
 //!           | trigger count, triggers (length, UTF-8 bytes each), if flagged
@@ -47,7 +47,8 @@ const FLAG_MAX_AGE: u8 = 2;
 const FLAG_CAUSATION: u8 = 1;
 const FLAG_CORRELATION: u8 = 2;
 const FLAG_TRIGGERS: u8 = 4;
-const FLAG_DROPPED: u8 = 8;
+/// After the flags of JSON data (8) and of a schema version (16).
+const FLAG_DROPPED: u8 = 32;
 
 /// The events of one stream, as a batch is made of them.
 pub(crate) struct PartIn<'a> {
