@@ -2,18 +2,19 @@
 //! append of one or more streams being one batch.
 //!
 //! ```text
-//! command:  format u8 = 1 | kind u8 (0: append, 1: delete, 2: retention, 3: effect) | body
+//! command:  format u8 (1; 2: an append batch that compaction dropped data of)
+//!           | kind u8 (0: append, 1: delete, 2: retention, 3: effect) | body
 //! append:   first position | part count | parts | event bodies
 //! part:     stream (length, UTF-8 bytes) | first version | event count | ids (16 bytes each)
 //! event body, one per event, parts in order:
 //!           event type (length, UTF-8 bytes)
 //!           | flags u8 (1: causation, 2: correlation, 4: triggers, 8: data in JSON,
-//!             16: schema version)
+//!             16: schema version, 32: dropped, format 2 only)
 //!           | causation (16 bytes, if flagged) | correlation (16 bytes, if flagged)
 //!           | tag count | tags (length, UTF-8 bytes each)
 //!           | trigger count, triggers (length, UTF-8 bytes each), if flagged
 //!           | the event type's schema version, if flagged (else 1)
-//!           | data (length, bytes)
+//!           | data (length, bytes; absent when dropped)
 //! delete:   stream (length, UTF-8 bytes) | how u8 (0: soft, 1: tombstone, 2: truncate)
 //!           | before (the versions below it are gone)
 //! retention: stream | flags u8 (1: max count, 2: max age) | max count? | max age (µs)?
@@ -27,11 +28,18 @@
 //! follow each other from its first position, part after part; the versions of a
 //! part's events from its first version. The timestamp is the journal's, shared by
 //! the batch. `data` is the event encoded with postcard.
+//!
+//! Compaction (`compact.rs`) rewrites the batches holding events that the store
+//! will never read again: it keeps their heads and everything of their bodies but
+//! the data, flags them dropped, and writes the batch with format 2, which a build
+//! that does not know dropped events refuses as a format it does not read.
 
 use std::fmt;
 
 /// The version of the command layout, its first byte.
 const FORMAT: u8 = 1;
+/// The version of an append batch that compaction dropped the data of events of.
+const FORMAT_COMPACTED: u8 = 2;
 const KIND_APPEND: u8 = 0;
 const KIND_DELETE: u8 = 1;
 const KIND_RETENTION: u8 = 2;
@@ -43,6 +51,7 @@ const FLAG_CORRELATION: u8 = 2;
 const FLAG_TRIGGERS: u8 = 4;
 const FLAG_JSON: u8 = 8;
 const FLAG_SCHEMA: u8 = 16;
+const FLAG_DROPPED: u8 = 32;
 /// The schema version of an event whose flags name none.
 pub(crate) const FIRST_SCHEMA: u32 = 1;
 
@@ -94,6 +103,8 @@ pub(crate) struct BatchHead<'a> {
     pub(crate) first_position: u64,
     pub(crate) parts: Vec<PartHead<'a>>,
     bodies: &'a [u8],
+    /// Written by compaction: its events' bodies may be dropped.
+    compacted: bool,
 }
 
 /// One event of a batch read back, borrowing from the batch's bytes.
@@ -111,7 +122,8 @@ pub(crate) struct EventOut<'a> {
     pub(crate) json: bool,
     /// The schema version of the event type it was written with.
     pub(crate) schema: u32,
-    pub(crate) data: &'a [u8],
+    /// `None` when compaction dropped it: the store no longer reads the event.
+    pub(crate) data: Option<&'a [u8]>,
 }
 
 /// Why stored command bytes could not be read.
@@ -129,7 +141,7 @@ impl fmt::Display for BatchFault {
             BatchFault::Format(found) => {
                 write!(
                     f,
-                    "event store command format {found} is unknown (this build reads {FORMAT})"
+                    "event store command format {found} is unknown (this build reads {FORMAT} and {FORMAT_COMPACTED})"
                 )
             }
             BatchFault::Malformed(reason) => write!(f, "the command is malformed: {reason}"),
@@ -205,12 +217,14 @@ pub(crate) fn encode_retention(stream: &str, rules: Rules) -> Vec<u8> {
 /// Reads any command.
 pub(crate) fn decode_command(bytes: &[u8]) -> Result<Command<'_>, BatchFault> {
     let mut reader = Reader(bytes);
-    match reader.byte()? {
-        FORMAT => {}
+    let compacted = match reader.byte()? {
+        FORMAT => false,
+        FORMAT_COMPACTED => true,
         other => return Err(BatchFault::Format(other)),
-    }
+    };
     let command = match reader.byte()? {
         KIND_APPEND => return decode_head(bytes).map(Command::Append),
+        _ if compacted => return Err(BatchFault::Malformed("only an append batch is compacted")),
         KIND_DELETE => {
             let stream = reader.str()?;
             let removal = match reader.byte()? {
@@ -289,10 +303,11 @@ pub(crate) fn encode(first_position: u64, parts: &[PartIn<'_>]) -> Vec<u8> {
 /// Reads the heads of the append batch in `bytes`: what opening needs.
 pub(crate) fn decode_head(bytes: &[u8]) -> Result<BatchHead<'_>, BatchFault> {
     let mut reader = Reader(bytes);
-    match reader.byte()? {
-        FORMAT => {}
+    let compacted = match reader.byte()? {
+        FORMAT => false,
+        FORMAT_COMPACTED => true,
         other => return Err(BatchFault::Format(other)),
-    }
+    };
     if reader.byte()? != KIND_APPEND {
         return Err(BatchFault::Malformed("its kind is unknown"));
     }
@@ -306,7 +321,58 @@ pub(crate) fn decode_head(bytes: &[u8]) -> Result<BatchHead<'_>, BatchFault> {
         let ids = reader.take(events * 16)?;
         parts.push(PartHead { stream, first_version, ids });
     }
-    Ok(BatchHead { first_position, parts, bodies: reader.0 })
+    Ok(BatchHead { first_position, parts, bodies: reader.0, compacted })
+}
+
+/// Re-encodes the append batch in `bytes` without the data of the events `drop`
+/// picks (by their index in the batch, stream and version): they keep their heads,
+/// type, metadata, tags and triggers, which the index is rebuilt from, and are
+/// flagged dropped. Returns the batch and how many events it dropped the data of,
+/// or `None` when `drop` picks no event whose data is still there.
+pub(crate) fn drop_data(
+    bytes: &[u8],
+    drop: impl Fn(usize, &str, u64) -> bool,
+) -> Result<Option<(Vec<u8>, u64)>, BatchFault> {
+    let head = decode_head(bytes)?;
+    let heads = bytes.get(1..bytes.len() - head.bodies.len()).unwrap_or_default();
+    let mut out = Vec::with_capacity(bytes.len());
+    out.push(FORMAT_COMPACTED);
+    out.extend_from_slice(heads);
+    let mut reader = Reader(head.bodies);
+    let mut dropped = 0;
+    let mut k = 0;
+    for part in &head.parts {
+        for version in (part.first_version..).take(part.len()) {
+            let before = reader.0;
+            let body = reader.body(head.compacted)?;
+            let whole = before.get(..before.len() - reader.0.len()).unwrap_or_default();
+            if body.data.is_none() || !drop(k, part.stream, version) {
+                out.extend_from_slice(whole);
+                k += 1;
+                continue;
+            }
+            put_bytes(&mut out, body.event_type.as_bytes());
+            out.push(body.flags | FLAG_DROPPED);
+            for id in [body.causation, body.correlation].into_iter().flatten() {
+                out.extend_from_slice(&id);
+            }
+            put_varint(&mut out, body.tag_count as u64);
+            out.extend_from_slice(body.tags);
+            if body.flags & FLAG_TRIGGERS != 0 {
+                put_varint(&mut out, body.trigger_count as u64);
+                out.extend_from_slice(body.triggers);
+            }
+            if body.flags & FLAG_SCHEMA != 0 {
+                put_varint(&mut out, u64::from(body.schema));
+            }
+            dropped += 1;
+            k += 1;
+        }
+    }
+    if !reader.0.is_empty() {
+        return Err(BatchFault::Malformed("bytes follow its last event"));
+    }
+    Ok((dropped > 0).then_some((out, dropped)))
 }
 
 impl<'a> BatchHead<'a> {
@@ -316,7 +382,7 @@ impl<'a> BatchHead<'a> {
         let mut reader = Reader(self.bodies);
         let mut links = Links::default();
         for k in 0..self.parts.iter().map(PartHead::len).sum() {
-            let body = reader.body()?;
+            let body = reader.body(self.compacted)?;
             for (list, count, bytes) in [
                 (&mut links.tags, body.tag_count, body.tags),
                 (&mut links.triggers, body.trigger_count, body.triggers),
@@ -346,6 +412,7 @@ impl BatchHead<'_> {}
 /// An event's body read back, its tags still encoded.
 struct Body<'a> {
     event_type: &'a str,
+    flags: u8,
     causation: Option<[u8; 16]>,
     correlation: Option<[u8; 16]>,
     tag_count: usize,
@@ -354,7 +421,8 @@ struct Body<'a> {
     triggers: &'a [u8],
     json: bool,
     schema: u32,
-    data: &'a [u8],
+    /// `None` when compaction dropped it.
+    data: Option<&'a [u8]>,
 }
 
 /// Reads every event of the append batch in `bytes`.
@@ -364,7 +432,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFaul
     let mut events = Vec::with_capacity(head.parts.iter().map(PartHead::len).sum());
     for part in &head.parts {
         for (k, id) in part.ids().enumerate() {
-            let body = reader.body()?;
+            let body = reader.body(head.compacted)?;
             let Body { event_type, causation, correlation, json, schema, data, .. } = body;
             let mut names = Reader(body.tags);
             let tags = (0..body.tag_count).map(|_| names.str()).collect::<Result<_, _>>()?;
@@ -470,11 +538,17 @@ impl<'a> Reader<'a> {
         bytes.try_into().map_err(|_| BatchFault::Malformed("it is cut short"))
     }
 
-    /// One event's body; its tags are checked, and left encoded.
-    fn body(&mut self) -> Result<Body<'a>, BatchFault> {
+    /// One event's body; its tags are checked, and left encoded. Its data may
+    /// be dropped only in a `compacted` batch.
+    fn body(&mut self, compacted: bool) -> Result<Body<'a>, BatchFault> {
         let event_type = self.str()?;
         let flags = self.byte()?;
-        let known = FLAG_CAUSATION | FLAG_CORRELATION | FLAG_TRIGGERS | FLAG_JSON | FLAG_SCHEMA;
+        let known = FLAG_CAUSATION
+            | FLAG_CORRELATION
+            | FLAG_TRIGGERS
+            | FLAG_JSON
+            | FLAG_SCHEMA
+            | if compacted { FLAG_DROPPED } else { 0 };
         if flags & !known != 0 {
             return Err(BatchFault::Malformed("an event's flags are unknown"));
         }
@@ -489,9 +563,10 @@ impl<'a> Reader<'a> {
             u32::try_from(self.varint()?)
                 .map_err(|_| BatchFault::Malformed("a schema version overflows 32 bits"))?
         };
-        let data = self.bytes()?;
+        let data = if flags & FLAG_DROPPED == 0 { Some(self.bytes()?) } else { None };
         Ok(Body {
             event_type,
+            flags,
             causation,
             correlation,
             tag_count,
@@ -568,7 +643,7 @@ mod tests {
         let event = read.first().expect("an event");
         assert_eq!(
             (event.stream, event.version, event.event_type, event.data),
-            ("account-1", 2, "Deposited", &[1u8, 2, 3][..])
+            ("account-1", 2, "Deposited", Some(&[1u8, 2, 3][..]))
         );
         assert_eq!((event.correlation, event.tags.clone()), (Some([1; 16]), vec!["account-1"]));
         assert_eq!((event.triggers.clone(), event.json), (vec!["account-1"], true));
@@ -578,9 +653,9 @@ mod tests {
 
         let mut newer = bytes.clone();
         if let Some(format) = newer.first_mut() {
-            *format = 2;
+            *format = 3;
         }
-        assert_eq!(decode(&newer).err(), Some(BatchFault::Format(2)));
+        assert_eq!(decode(&newer).err(), Some(BatchFault::Format(3)));
         for cut in 0..bytes.len() {
             assert!(decode(bytes.get(..cut).unwrap_or_default()).is_err(), "cut at {cut}");
         }
@@ -591,5 +666,65 @@ mod tests {
         let mut huge = vec![FORMAT, KIND_APPEND, 0];
         put_varint(&mut huge, u64::MAX / 2);
         assert!(matches!(decode(&huge), Err(BatchFault::Malformed(_))));
+    }
+
+    #[test]
+    fn dropping_data_keeps_heads_and_metadata_and_is_refused_in_format_1() {
+        let tags = vec!["t".to_owned()];
+        let event = |id: u8, data: &'static [u8]| EventIn {
+            id: [id; 16],
+            event_type: "E",
+            causation: Some([7; 16]),
+            correlation: None,
+            tags: &tags,
+            triggers: &tags,
+            json: id == 2,
+            schema: u32::from(id),
+            data,
+        };
+        let events = [event(1, b"secret"), event(2, b"kept"), event(3, b"other")];
+        let bytes = encode(
+            10,
+            &[
+                PartIn { stream: "a", first_version: 4, events: &events[..2] },
+                PartIn { stream: "b", first_version: 0, events: &events[2..] },
+            ],
+        );
+        assert_eq!(drop_data(&bytes, |_, _, _| false), Ok(None), "nothing picked");
+        let (compacted, n) = drop_data(&bytes, |_, stream, version| stream == "a" && version == 4)
+            .expect("a batch")
+            .expect("one dropped");
+        assert_eq!(n, 1);
+        assert!(compacted.len() < bytes.len());
+        assert!(!compacted.windows(6).any(|it| it == b"secret"), "the data is gone");
+        let (_, before) = decode(&bytes).expect("the batch");
+        let (first, after) = decode(&compacted).expect("the compacted batch");
+        assert_eq!(first, 10);
+        let first_event = after.first().expect("an event");
+        assert_eq!(first_event.data, None);
+        let mut expected = before.clone();
+        if let Some(event) = expected.first_mut() {
+            event.data = None;
+        }
+        assert_eq!(after, expected, "all but the dropped data is kept");
+        let head = decode_head(&compacted).expect("heads");
+        assert_eq!(head.links().map(|it| it.triggers.len()), Ok(3));
+        // Dropped again, nothing changes; the rest can still go.
+        assert_eq!(drop_data(&compacted, |k, _, _| k == 0), Ok(None));
+        let (twice, n) = drop_data(&compacted, |_, _, _| true).expect("a batch").expect("two");
+        assert_eq!(n, 2);
+        assert!(decode(&twice).expect("a batch").1.iter().all(|it| it.data.is_none()));
+        // The dropped flag in a batch of format 1 is damage.
+        let mut old = compacted;
+        if let Some(format) = old.first_mut() {
+            *format = FORMAT;
+        }
+        assert!(matches!(decode(&old), Err(BatchFault::Malformed(_))));
+        // Only append batches come in format 2.
+        let mut delete = encode_delete("a", Removal::Truncate, 3);
+        if let Some(format) = delete.first_mut() {
+            *format = FORMAT_COMPACTED;
+        }
+        assert!(matches!(decode_command(&delete), Err(BatchFault::Malformed(_))));
     }
 }

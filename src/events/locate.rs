@@ -1,10 +1,22 @@
 //! Reading journal events back from the journal files: where each one's frame is
 //! (the frame table, filled by recovery and by scanning a file for frames it does
 //! not know yet), and the frame's bytes, opened when the store is encrypted.
+//!
+//! Compaction rewrites journal files, which moves their frames: a reader may look
+//! where the table said before (a table from a checkpoint written before a
+//! compaction that a crash stopped, or learnt from the old file), or read through
+//! a handle of the old file at an offset of the new one. A frame that is not where
+//! the reader looked (not a sound frame of that journal event) is therefore looked
+//! for again in the file as it is now, with a fresh handle and the file scanned
+//! anew; only what is not found there either is reported as damage.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use parking_lot::Mutex;
@@ -34,7 +46,18 @@ pub(crate) struct Locator {
     /// Opened frames read at random (stream reads, backward reads), by journal
     /// event, bounded by their bytes.
     cache: Option<Arc<FrameCache>>,
+    /// Held by a compaction, start to end, so that they run one at a time: per
+    /// journal file (by its first event), a digest of the removals it was last
+    /// compacted under, with which it has nothing more to drop.
+    pub(crate) compacting: Mutex<HashMap<u64, u64>>,
+    /// How many journal files compaction replaced so far: a read that failed while
+    /// it changed looks again.
+    replaced: AtomicU64,
 }
+
+/// How many times a read looks for a frame again while compactions replace its
+/// file under it.
+const RELOOKS: u32 = 4;
 
 /// The cache of opened frames, by journal event.
 pub(crate) type FrameCache = Cache<u64, Arc<Cached>, ByLength>;
@@ -133,7 +156,34 @@ impl Locator {
             let estimate = usize::try_from(cache / 256).unwrap_or(usize::MAX).max(16);
             Arc::new(Cache::with_weighter(estimate, cache, ByLength))
         });
-        Locator { dir, io, sealer, frames: Mutex::new(frames), cache }
+        Locator {
+            dir,
+            io,
+            sealer,
+            frames: Mutex::new(frames),
+            cache,
+            compacting: Mutex::new(HashMap::new()),
+            replaced: AtomicU64::new(0),
+        }
+    }
+
+    /// How frames are sealed.
+    pub(crate) fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// Notes that compaction replaced journal file `file`, whose frames are now at
+    /// `offsets` (by journal event, from its first on): readers look there, and the
+    /// cache forgets the file's frames.
+    pub(crate) fn replaced(&self, file: u64, offsets: Vec<u64>) {
+        self.replaced.fetch_add(1, Ordering::AcqRel);
+        let events = offsets.len() as u64;
+        self.frames.lock().files.insert(file, offsets);
+        if let Some(cache) = &self.cache {
+            for seq in file..file.saturating_add(events) {
+                cache.remove(&seq);
+            }
+        }
     }
 
     /// The journal file and offset of journal event `seq`'s frame. When it is not
@@ -188,10 +238,61 @@ impl Locator {
         }
         // Going forward, the frame is right after the last one read (past frames
         // that are not events); otherwise the table says where.
-        let (file, offset) = match follow(seq, ahead) {
+        let mut found = match follow(seq, ahead) {
             Some(found) => found,
             None => self.locate(seq, write_out)?,
         };
+        let mut looks = 0;
+        loop {
+            let replaced = self.replaced.load(Ordering::Acquire);
+            let Err(err) = self.place(seq, found, ahead) else { break };
+            // Not there: its file may have been compacted since the reader opened
+            // it or the table learnt the offset. Looked for again in the file as it
+            // is now; again while compactions replace it meanwhile.
+            looks += 1;
+            let again = looks == 1 || replaced != self.replaced.load(Ordering::Acquire);
+            if !again || RELOOKS < looks {
+                return Err(err);
+            }
+            ahead.file = None;
+            ahead.next = None;
+            match self.relocate(seq, found.0, replaced, write_out) {
+                Some(at) => found = at,
+                None => return Err(err),
+            }
+        }
+        let (file, offset) = found;
+        let bad =
+            |reason: String| Error::JournalCorrupt { path: self.path_of(file), offset, reason };
+        let Read::Frame(Frame::Event { at: stamp, bytes: stored, .. }, _) =
+            format::read_frame(ahead.at(offset, 0).unwrap_or_default())
+        else {
+            return Err(bad(format!("event {seq} changed under the reader")));
+        };
+        let plain = if self.sealer.is_on() {
+            let opened = self.sealer.open(&event_aad(seq), stored);
+            Plain::Owned(
+                opened
+                    .map_err(|fault| bad(format!("event {seq} cannot be opened: {fault}")))?
+                    .into_owned(),
+            )
+        } else {
+            Plain::Borrowed(stored)
+        };
+        let frame = ReadFrame { at: Timestamp::from_micros(stamp), plain };
+        match (&self.cache, keep) {
+            (Some(cache), Keep::Cached) => {
+                let cached = Arc::new(Cached { at: stamp, plain: frame.plain().into() });
+                cache.insert(seq, Arc::clone(&cached));
+                Ok(ReadFrame { at: frame.at, plain: Plain::Cached(cached) })
+            }
+            _ => Ok(frame),
+        }
+    }
+
+    /// Reads journal event `seq`'s frame at `file` and `offset` into `ahead`, and
+    /// checks that it is that event's sound frame.
+    fn place(&self, seq: u64, (file, offset): (u64, u64), ahead: &mut ReadAhead) -> Result<()> {
         let bad =
             |reason: String| Error::JournalCorrupt { path: self.path_of(file), offset, reason };
         if ahead.file.as_ref().is_none_or(|(first, _)| *first != file)
@@ -221,30 +322,31 @@ impl Locator {
             Read::Bad(reason) => return Err(bad(format!("event {seq}: {reason}"))),
         };
         ahead.next = Some((seq + 1, offset + used as u64));
-        let Read::Frame(Frame::Event { at: stamp, bytes: stored, .. }, _) =
-            format::read_frame(ahead.at(offset, 0).unwrap_or_default())
-        else {
-            return Err(bad(format!("event {seq} changed under the reader")));
-        };
-        let plain = if self.sealer.is_on() {
-            let opened = self.sealer.open(&event_aad(seq), stored);
-            Plain::Owned(
-                opened
-                    .map_err(|fault| bad(format!("event {seq} cannot be opened: {fault}")))?
-                    .into_owned(),
-            )
-        } else {
-            Plain::Borrowed(stored)
-        };
-        let frame = ReadFrame { at: Timestamp::from_micros(stamp), plain };
-        match (&self.cache, keep) {
-            (Some(cache), Keep::Cached) => {
-                let cached = Arc::new(Cached { at: stamp, plain: frame.plain().into() });
-                cache.insert(seq, Arc::clone(&cached));
-                Ok(ReadFrame { at: frame.at, plain: Plain::Cached(cached) })
-            }
-            _ => Ok(frame),
+        Ok(())
+    }
+
+    /// Where journal event `seq` is in journal file `file` as it is now: the file's
+    /// frames are forgotten and scanned for again. `None` when it is not found
+    /// there either; the table is then left as it was, unless a compaction
+    /// replaced a file since `replaced` was read.
+    fn relocate(
+        &self,
+        seq: u64,
+        file: u64,
+        replaced: u64,
+        write_out: &dyn Fn() -> Result<()>,
+    ) -> Option<(u64, u64)> {
+        let known = self.frames.lock().files.remove(&file);
+        if let Ok(found) = self.locate(seq, write_out) {
+            return Some(found);
         }
+        let mut frames = self.frames.lock();
+        if let Some(known) = known
+            && replaced == self.replaced.load(Ordering::Acquire)
+        {
+            frames.files.insert(file, known);
+        }
+        None
     }
 
     /// Reads at least `need` bytes (or to the end of the file) of journal file
@@ -430,6 +532,52 @@ mod tests {
             let want = usize::try_from(seq).ok().and_then(|seq| offsets.get(seq)).copied();
             assert_eq!(Some(sparse.locate(seq, &none)?.1), want, "event {seq}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_table_from_before_a_compaction_still_finds_every_frame_and_damage_is_reported()
+    -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(Error::io(std::env::temp_dir()))?;
+        let dir = tmp.path().join("events");
+        let events = EventStore::<String>::open(&dir)?;
+        for n in 0..20 {
+            events.append(&format!("s{}", n % 2), Expected::Any, [format!("{n:0>500}")])?;
+        }
+        events.truncate_stream("s0", 8)?;
+        events.checkpoint()?;
+        events.append("s1", Expected::Any, ["last".to_owned()])?;
+        let none = || Ok(());
+        let locator =
+            || Locator::new(dir.clone(), Io::default(), Sealer::default(), Frames::default(), 0);
+        let (before, mut stale) = (locator(), Frames::default());
+        for seq in 0..22 {
+            let (file, offset) = before.locate(seq, &none)?;
+            stale.record(file, seq, offset);
+        }
+        assert!(0 < events.compact()?.events_dropped);
+        let stale = Locator::new(dir.clone(), Io::default(), Sealer::default(), stale, 0);
+        let fresh = locator();
+        for seq in (0..22).rev() {
+            let (mut one, mut two) = (ReadAhead::new(64), ReadAhead::new(64));
+            let old = stale.read(seq, &mut one, &none, Keep::No)?;
+            let new = fresh.read(seq, &mut two, &none, Keep::No)?;
+            assert_eq!((old.at, old.plain()), (new.at, new.plain()), "event {seq}");
+        }
+        // Damage in the compacted file is reported, not passed over.
+        let (file, offset) = fresh.locate(5, &none)?;
+        let path = dir.join(format::journal_name(file));
+        let mut bytes = std::fs::read(&path).map_err(Error::io(&path))?;
+        let at = usize::try_from(offset).unwrap_or(usize::MAX) + format::FRAME_HEAD + 4;
+        if let Some(byte) = bytes.get_mut(at) {
+            *byte ^= 1;
+        }
+        std::fs::write(&path, bytes).map_err(Error::io(&path))?;
+        let res = locator().read(5, &mut ReadAhead::new(64), &none, Keep::No).map(|it| it.at);
+        assert!(matches!(res, Err(Error::JournalCorrupt { .. })), "{res:?}");
+        let res = fresh.read(5, &mut ReadAhead::new(64), &none, Keep::No).map(|it| it.at);
+        assert!(matches!(res, Err(Error::JournalCorrupt { .. })), "{res:?}");
+        assert!(fresh.read(6, &mut ReadAhead::new(64), &none, Keep::No).is_ok());
         Ok(())
     }
 }

@@ -60,6 +60,7 @@ pub(crate) mod batch;
 #[cfg(not(feature = "fuzz"))]
 mod batch;
 mod codec;
+mod compact;
 mod condition;
 mod delete;
 mod effect;
@@ -92,6 +93,7 @@ pub use self::seal::Sealed;
 pub use self::{
     append::{Append, Appended, Expected},
     codec::Codec,
+    compact::Compacted,
     condition::{Condition, EventRef},
     delete::Retention,
     effect::{Effect, FORGOTTEN},
@@ -1059,6 +1061,7 @@ impl Core {
         &self,
         schema: &codec::EventSchema<E>,
         stored: &batch::EventOut<'_>,
+        data: &[u8],
         what: impl Fn() -> String,
     ) -> Result<E> {
         let decode = || {
@@ -1067,7 +1070,7 @@ impl Core {
                 stored.schema,
                 schema.version,
                 &schema.migrations,
-                stored.data,
+                data,
                 &self.dir,
                 &what,
             )

@@ -56,8 +56,6 @@ pub struct ReadAll<'a, E> {
     from: Option<Position>,
     /// Reads no position at or after it, going forward.
     until: Option<u64>,
-    /// Whether removed events are read too.
-    removed: bool,
     backward: bool,
     limit: Option<u64>,
     event_type: Option<String>,
@@ -114,7 +112,6 @@ impl<'a, E> ReadAll<'a, E> {
             store,
             from: None,
             until: None,
-            removed: false,
             backward: false,
             limit: None,
             event_type: None,
@@ -164,12 +161,6 @@ impl<'a, E> ReadAll<'a, E> {
         self.until = Some(position);
         self
     }
-
-    /// Reads the removed events too (deleted, truncated, past a retention rule).
-    pub(crate) fn with_removed(mut self) -> Self {
-        self.removed = true;
-        self
-    }
 }
 
 /// The events of a read, one at a time; an error ends the read.
@@ -184,8 +175,6 @@ pub struct Events<'a, E> {
     failed: bool,
     /// An error to yield first (a read of a tombstoned stream).
     pending: Option<Error>,
-    /// Whether removed events are yielded too.
-    removed: bool,
 }
 
 /// Which events of the batches read a read yields.
@@ -287,9 +276,32 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
         let filter =
             Filter { stream: None, stream_prefix: self.stream_prefix, event_type: self.event_type };
         let keep = if self.backward { Keep::Cached } else { Keep::No };
-        let mut events = Events::new(self.store, cursor, self.limit, filter, keep);
-        events.removed = self.removed;
-        events
+        Events::new(self.store, cursor, self.limit, filter, keep)
+    }
+}
+
+impl<E> EventStore<E> {
+    /// The tags of the event at `position`, removed or not (its data is not
+    /// decoded, and compaction keeps tags): `None` when the store holds no event
+    /// there.
+    pub(crate) fn tags_at(&self, position: u64) -> Result<Option<Vec<String>>> {
+        let core = &self.shared.core;
+        let place = {
+            let index = core.index.read();
+            index.seq_of(position).and_then(|seq| Some((seq, index.start_of(seq)?)))
+        };
+        let Some((seq, first_position)) = place else { return Ok(None) };
+        let mut ahead = ReadAhead::new(RANDOM_CHUNK);
+        let frame = core.locator.read(seq, &mut ahead, &|| core.write_out(), Keep::Cached)?;
+        let (stored_first, stored) =
+            batch::decode(frame.plain()).map_err(|fault| Error::JournalCorrupt {
+                path: core.dir.clone(),
+                offset: 0,
+                reason: format!("journal event {seq}: {fault}"),
+            })?;
+        let k = position.checked_sub(stored_first.max(first_position));
+        let event = k.and_then(|k| usize::try_from(k).ok()).and_then(|k| stored.get(k));
+        Ok(event.map(|event| event.tags.iter().map(|tag| (*tag).to_owned()).collect()))
     }
 }
 
@@ -312,7 +324,6 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
             batch: None,
             failed: false,
             pending: None,
-            removed: false,
         }
     }
 
@@ -439,7 +450,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
         // over.
         let hidden: Vec<bool> = {
             let index = core.index.read();
-            if index.ruled && !self.removed {
+            if index.ruled {
                 let now = crate::journal::now_micros();
                 let at = at.as_micros();
                 stored.iter().map(|it| index.hides(it.stream, it.version, at, now)).collect()
@@ -458,7 +469,18 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                     (true, true) => {}
                 }
                 let position = first_position + k as u64;
-                let data = core.decode_data::<E>(&self.store.schema, &event, || {
+                // Compaction drops only what the index removes: a dropped event that
+                // the index shows is damage (or a bug), never data to decode.
+                let Some(bytes) = event.data else {
+                    return Slot::Ready(Err(Error::JournalCorrupt {
+                        path: core.dir.clone(),
+                        offset: 0,
+                        reason: format!(
+                            "journal event {seq}: compaction dropped the data of the event at position {position}, which the store still reads"
+                        ),
+                    }));
+                };
+                let data = core.decode_data::<E>(&self.store.schema, &event, bytes, || {
                     format!("the event at position {position}")
                 });
                 Slot::Ready(data.map(|data| RecordedEvent {

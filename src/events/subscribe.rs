@@ -434,12 +434,9 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
         // built from them is to be built again without them.
         let mut aggregates: Vec<String> = Vec::new();
         for &position in &linked {
-            let read = store.read_all().from(Position::new(position)).until(position + 1);
-            for event in read.with_removed() {
-                for tag in event?.tags {
-                    if !aggregates.contains(&tag) {
-                        aggregates.push(tag);
-                    }
+            for tag in store.tags_at(position)?.unwrap_or_default() {
+                if !aggregates.contains(&tag) {
+                    aggregates.push(tag);
                 }
             }
         }

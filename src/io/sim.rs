@@ -220,9 +220,23 @@ impl Sim {
         })
     }
 
-    /// Before a rename onto `target`: the inode it replaces goes away.
+    /// Before a rename onto `target`: the inode it replaces goes away. Until the
+    /// directory is synced, a power loss may still find it there, with the contents
+    /// it has now if it was never written through the layer (a file seen for the
+    /// first time counts as durable as is).
     pub(super) fn before_rename(&self, target: &Path) {
-        self.state.lock().model.forget_tree(target);
+        let mut state = self.state.lock();
+        if let Ok(meta) = fs::metadata(target)
+            && meta.is_file()
+        {
+            let key = state.model.key(meta.ino());
+            if !state.model.durable.contains_key(&key)
+                && let Ok(bytes) = fs::read(target)
+            {
+                state.model.durable.insert(key, bytes);
+            }
+        }
+        state.model.forget_tree(target);
     }
 
     pub(super) fn done(&self, op: Op, path: &Path) {

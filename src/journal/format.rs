@@ -3,7 +3,8 @@
 //! A journal file is a header and then frames:
 //!
 //! ```text
-//! header: magic "INSTAJNL" | version u32 | sealed u8 | first event u64 | 0 u64
+//! header: magic "INSTAJNL" | version u32 | sealed u8 | first event u64
+//!         | rewritten u64 (0; nonzero in a file that compaction rewrote, `rewrite.rs`)
 //!         | state type (u16 length, bytes) | event type (u16 length, bytes)
 //!         | state schema u32 | event schema u32   (the second from version 3 on)
 //!         | key check (u32 length, sealed bytes; empty when not sealed)
@@ -212,7 +213,8 @@ pub(crate) struct Header {
     pub(crate) sealed: bool,
     /// A journal's first event number, or the number of events a snapshot covers.
     pub(crate) events: u64,
-    /// A snapshot's last timestamp (0 in a journal header).
+    /// A snapshot's last timestamp; in a journal header 0, or nonzero when
+    /// compaction rewrote the file (`rewrite.rs`).
     pub(crate) at: u64,
     pub(crate) state_type: String,
     pub(crate) event_type: String,

@@ -4,8 +4,9 @@
 //! Split like fjall's journal: `format` (the bytes), `writer`, `recovery` (reading a
 //! directory back, torn tails and damage), `snapshot` (snapshot files), `inspect`
 //! (the same checks without the types, changing nothing), `scan` (reading the frames
-//! in order without a lock, while a program may append), and this
-//! module: the public types and `open_versioned`, the one recovery path. The writer
+//! in order without a lock, while a program may append), `rewrite` (replacing a
+//! file the writer is done with by a rewritten copy: an event store's compaction),
+//! and this module: the public types and `open_versioned`, the one recovery path. The writer
 //! assigns every event its number and timestamp, appends it to the journal, makes it
 //! as durable as the [`Durability`] asks, and only then runs the event's job (which
 //! applies it to the state), in event-number order.
@@ -32,6 +33,7 @@
 pub(crate) mod format;
 mod inspect;
 mod recovery;
+mod rewrite;
 mod scan;
 mod snapshot;
 mod versions;
@@ -51,6 +53,7 @@ pub(crate) use self::inspect::inspect;
 pub use self::{inspect::JournalReport, recovery::Recovered};
 pub(crate) use self::{
     recovery::{journal_files, snapshot_files},
+    rewrite::{Target as RewriteTarget, rewrite},
     scan::{Scanned, Scanner, Start, Step, Tail, read_header, vanished},
     snapshot::{LoadedSnapshot, load as load_snapshot, load_newest as load_newest_snapshot},
     versions::{Older, Place, Versions, decode as decode_versioned},

@@ -228,8 +228,27 @@ impl Scanner {
         if let Some((file, offset, seq)) = at {
             let path = self.dir.join(format::journal_name(file));
             let mut cur = self.open_file(file, &path)?;
+            // The offset comes from a checkpoint's frame table, which a compaction
+            // of the file after it makes stale: start there only if that event's
+            // frame is there, and otherwise at the file's first frame.
+            let header_len = cur.offset;
             cur.offset = offset;
-            self.next = seq;
+            cur.fill(format::FRAME_HEAD)?;
+            let declared = cur
+                .rest()
+                .first_chunk::<4>()
+                .map_or(0, |len| u32::from_le_bytes(*len).min(format::MAX_PAYLOAD));
+            cur.fill(format::FRAME_HEAD + declared as usize)?;
+            let there = matches!(
+                format::read_frame(cur.rest()),
+                Read::Frame(Frame::Event { seq: found, .. }, _) if found == seq
+            );
+            if there {
+                self.next = seq;
+            } else {
+                cur.offset = header_len;
+                self.next = file;
+            }
             return Ok(cur);
         }
         let files = recovery::journal_files(&self.io, &self.dir)?;
@@ -359,7 +378,9 @@ impl Scanner {
         let files = recovery::journal_files(&self.io, &self.dir)?;
         let Some(cur) = self.file.as_mut() else { return Ok(Some(Step::Pending)) };
         let is_last = files.iter().all(|(first, _)| *first <= cur.first);
-        let whole = self.io.read(&cur.path).map_err(Error::io(&cur.path))?;
+        // Through the handle: a file that compaction replaced meanwhile is read as
+        // it was, at the offsets of this scan.
+        let whole = cur.handle.read_all().map_err(Error::io(&cur.path))?;
         let offset = usize::try_from(cur.offset).unwrap_or(usize::MAX);
         let rest = whole.len().saturating_sub(offset);
         cur.buf.clear();

@@ -232,3 +232,26 @@ fn a_subscription_to_a_tombstoned_stream_stops_and_truncation_stays_within_the_s
     assert_eq!(events.append("retry", Expected::NoStream, [first])?, appended);
     Ok(())
 }
+
+/// An effect names the aggregates of its linked events even when those events
+/// were removed since: what was built from them must go too.
+#[test]
+fn an_effect_names_the_aggregates_of_removed_linked_events() -> TestResult {
+    use instastate::events::NewEvent;
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<u32>::open(dir.path())?;
+    let linked = NewEvent::new(1).tagged(["user-1"]).linked_to(["key-1"]);
+    events.append("s", Expected::NoStream, [linked])?;
+    events.delete_stream("s", Expected::Any)?;
+    let mut subscription = events.subscribe_all().from_end()?;
+    assert!(matches!(
+        subscription.next_timeout(Duration::from_secs(10))?,
+        Some(Delivery::CaughtUp)
+    ));
+    events.append_effect("key-1", "expired")?;
+    match subscription.next_timeout(Duration::from_secs(10))? {
+        Some(Delivery::Effect(effect)) => assert_eq!(effect.aggregates, ["user-1"]),
+        other => return Err(format!("expected the effect, got {other:?}").into()),
+    }
+    Ok(())
+}

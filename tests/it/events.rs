@@ -17,7 +17,7 @@ use instastate::{
     Error,
     events::{
         Append, Condition, Delivery, Durability, EventId, EventStore, Expected, NewEvent, Position,
-        RecordedEvent, Subscription,
+        RawEvents, RecordedEvent, Subscription,
     },
 };
 use proptest::prelude::*;
@@ -418,6 +418,9 @@ enum Op {
     },
     Reopen,
     Checkpoint,
+    /// A compaction: of the journal files before the last, which the checkpoints
+    /// (every 5 appends, and `Checkpoint`) start.
+    Compact,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -432,6 +435,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..4, 0u64..6).prop_map(|(stream, before)| Op::Truncate { stream, before }),
         1 => Just(Op::Reopen),
         1 => Just(Op::Checkpoint),
+        2 => Just(Op::Compact),
     ]
 }
 
@@ -461,6 +465,16 @@ impl Model {
     fn visible(&self, stream: &str, version: u64) -> bool {
         self.streams.get(stream).is_some_and(|(_, floor, _)| *floor <= version)
     }
+}
+
+/// Compacts the store in `dir`: only the data of removed events may go, and every
+/// checkpoint must still agree with the journal.
+fn compacted_soundly(events: &EventStore<i16>, dir: &Path) -> Result<(), TestCaseError> {
+    let fail = |err: Error| TestCaseError::fail(err.to_string());
+    events.compact().map_err(fail)?;
+    let verified = RawEvents::builder().verify(dir).map_err(fail)?;
+    prop_assert!(verified.is_sound(), "{:?}", verified);
+    Ok(())
 }
 
 fn run_model(ops: &[Op], dir: &Path) -> Result<(), TestCaseError> {
@@ -527,9 +541,8 @@ fn run_model(ops: &[Op], dir: &Path) -> Result<(), TestCaseError> {
                 drop(events);
                 events = open()?;
             }
-            Op::Checkpoint => {
-                events.checkpoint().map_err(fail)?;
-            }
+            Op::Checkpoint => events.checkpoint().map_err(fail)?,
+            Op::Compact => compacted_soundly(&events, dir)?,
         }
         let all: Vec<(String, i16)> = events
             .read_all()

@@ -5,6 +5,7 @@
 
 mod backup;
 mod bad_input;
+mod compaction;
 mod compat;
 mod concurrency;
 mod conflicts;

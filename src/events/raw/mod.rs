@@ -104,7 +104,10 @@ pub struct RawEvent {
     /// Whether the store no longer reads it: its stream was deleted or truncated
     /// past it, or a retention rule passes over it.
     pub removed: bool,
-    /// The event, encoded with postcard.
+    /// Whether [compaction](super::EventStore::compact) dropped its data (it was
+    /// removed): `data` is empty.
+    pub dropped: bool,
+    /// The event, encoded with postcard; empty when `dropped`.
     pub data: Vec<u8>,
 }
 

@@ -216,8 +216,10 @@ impl RawEventIter<'_> {
             .into_iter()
             .zip(first..)
             .map(|(event, position)| RawEvent {
-                removed: ruled
-                    && raw.index.hides(event.stream, event.version, frame.at.as_micros(), now),
+                removed: event.data.is_none()
+                    || ruled
+                        && raw.index.hides(event.stream, event.version, frame.at.as_micros(), now),
+                dropped: event.data.is_none(),
                 stream: event.stream.to_owned(),
                 version: event.version,
                 position: Position::new(position),
@@ -232,7 +234,7 @@ impl RawEventIter<'_> {
                 triggers: event.triggers.into_iter().map(str::to_owned).collect(),
                 json: event.json,
                 schema: event.schema,
-                data: event.data.to_vec(),
+                data: event.data.map(<[u8]>::to_vec).unwrap_or_default(),
             })
             .collect())
     }

@@ -26,7 +26,11 @@ use crate::{
 /// numbering of the journal events and the links between files, every batch (which
 /// must decode whole), the positions (gap-free, in order), every stream's versions
 /// (gap-free), the event ids (none twice), and every checkpoint (each must read back
-/// and agree with the journal up to where it was taken). When nobody has the store
+/// and agree with the journal up to where it was taken), and that every event whose
+/// data [compaction](crate::events::EventStore::compact) dropped is one the store
+/// removed. A checkpoint's offsets of frames in a file that compaction rewrote
+/// after it are not compared: the store finds those frames by scanning the file
+/// again. When nobody has the store
 /// open, it also makes the checks opening the store makes of the journal's ends.
 /// When a program has the store open, it checks what is written whole, and passes
 /// over an unfinished frame at the end.
@@ -110,6 +114,7 @@ pub(super) fn verify(
 /// The state of one pass.
 struct Check<'a> {
     io: &'a Io,
+    dir: &'a Path,
     sealer: &'a Sealer,
     tail: Tail,
     shapes: &'a Shapes,
@@ -120,6 +125,11 @@ struct Check<'a> {
     ids: HashMap<[u8; 16], u64>,
     /// The checkpoints not checked yet, by the journal events they cover.
     checkpoints: BTreeMap<u64, PathBuf>,
+    /// The events whose data compaction dropped: stream, version, position, and
+    /// where their frame is.
+    dropped: Vec<(String, u64, u64, PathBuf, u64)>,
+    /// Whether each journal file (by first event) was rewritten by compaction.
+    compacted: HashMap<u64, bool>,
     verified: Verified,
 }
 
@@ -136,6 +146,7 @@ fn pass(
     let checkpoints = journal::snapshot_files(io, dir)?.into_iter().collect();
     let mut check = Check {
         io,
+        dir,
         sealer,
         tail,
         shapes,
@@ -143,6 +154,8 @@ fn pass(
         frames: Frames::default(),
         ids: HashMap::new(),
         checkpoints,
+        dropped: Vec::new(),
+        compacted: HashMap::new(),
         verified: Verified::default(),
     };
     let mut scanner =
@@ -181,6 +194,9 @@ fn pass(
     let damaged = !check.verified.problems.is_empty();
     check.checkpoints_before(scanner.next_seq())?;
     if !damaged {
+        check.dropped_removed();
+    }
+    if !damaged {
         let held = scanner.next_seq();
         let beyond: Vec<(u64, PathBuf)> =
             std::mem::take(&mut check.checkpoints).into_iter().collect();
@@ -203,7 +219,7 @@ impl Check<'_> {
     /// Checks one journal event: its batch, positions, versions and ids, and its
     /// events' data.
     fn event(&mut self, event: &journal::Scanned) -> std::result::Result<(), String> {
-        let seq = event.seq;
+        let (seq, event_file, offset) = (event.seq, event.file, event.offset);
         let command =
             batch::decode_command(&event.plain).map_err(|fault| format!("event {seq}: {fault}"))?;
         let (first, events) = match command {
@@ -224,6 +240,11 @@ impl Check<'_> {
                     "event id {id} comes twice: at positions {earlier} and {position}"
                 ));
             }
+            let Some(data) = event.data else {
+                let path = self.dir.join(journal_name(event_file));
+                self.dropped.push((event.stream.to_owned(), event.version, position, path, offset));
+                continue;
+            };
             // The store would refuse these: damage, not a note.
             if !self.shapes.contains_key(&event.schema) {
                 return Err(format!(
@@ -232,14 +253,14 @@ impl Check<'_> {
                 ));
             }
             #[cfg(feature = "json")]
-            if event.json && serde_json::from_slice::<serde::de::IgnoredAny>(event.data).is_err() {
+            if event.json && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_err() {
                 return Err(format!(
                     "the event at position {position} holds JSON that does not parse"
                 ));
             }
             if !event.json
                 && let Some(Ok(shape)) = self.shapes.get(&event.schema)
-                && let Err(reason) = value::decode(shape, event.data)
+                && let Err(reason) = value::decode(shape, data)
             {
                 self.verified.undecoded_data += 1;
                 self.verified.first_undecoded.get_or_insert_with(|| {
@@ -290,7 +311,7 @@ impl Check<'_> {
     }
 
     /// Whether the checkpoint `loaded` holds what the index holds.
-    fn agrees(&self, loaded: &journal::LoadedSnapshot) -> std::result::Result<(), String> {
+    fn agrees(&mut self, loaded: &journal::LoadedSnapshot) -> std::result::Result<(), String> {
         let checkpoint: Checkpoint =
             journal::decode(&loaded.body, &loaded.path, || "the checkpoint".into())
                 .map_err(|err| format!("the checkpoint does not decode: {err}"))?;
@@ -312,7 +333,12 @@ impl Check<'_> {
                 ours.journal_events()
             ));
         }
-        if saved.streams.len() != ours.streams.len() {
+        // A checkpoint taken while an append to a new stream was planned and not
+        // yet committed holds that stream already, without events: it comes after
+        // every committed one.
+        let planned = saved.streams.get(ours.streams.len()..).unwrap_or_default();
+        if saved.streams.len() < ours.streams.len() || planned.iter().any(|it| !it.seqs.is_empty())
+        {
             return differs(format!(
                 "it holds {} streams, the journal {}",
                 saved.streams.len(),
@@ -333,6 +359,9 @@ impl Check<'_> {
             return differs("its time is not the last append's".into());
         }
         for (file, offsets) in &frames.files {
+            if self.compacted(*file) {
+                continue;
+            }
             for (seq, offset) in (*file..).zip(offsets) {
                 let known =
                     self.frames.find(seq).and_then(|(found, at)| (found == *file).then_some(at?));
@@ -345,6 +374,36 @@ impl Check<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl Check<'_> {
+    /// Whether journal file `file` was rewritten by compaction, as its header says
+    /// (a file that cannot be read counts as not: its offsets are compared).
+    fn compacted(&mut self, file: u64) -> bool {
+        let (io, path) = (self.io, self.dir.join(journal_name(file)));
+        *self.compacted.entry(file).or_insert_with(|| {
+            io.open(&path, crate::io::Open::Read)
+                .ok()
+                .and_then(|handle| journal::read_header(&handle, &path).ok())
+                .is_some_and(|(header, _)| header.at != 0)
+        })
+    }
+
+    /// Checks that every event whose data compaction dropped is one the store
+    /// removed: its stream is tombstoned, or the version is below its floor.
+    fn dropped_removed(&mut self) {
+        for (stream, version, position, path, offset) in std::mem::take(&mut self.dropped) {
+            let index = &self.index;
+            let life = index.stream(&stream).and_then(|idx| index.get(idx)).map(|it| it.life);
+            if life.is_some_and(|life| life.tombstoned || version < life.floor) {
+                continue;
+            }
+            let reason = format!(
+                "compaction dropped the data of the event at position {position} (version {version} of `{stream}`), which the store still reads"
+            );
+            self.verified.problems.push(Damage { path, offset, reason });
+        }
     }
 }
 
