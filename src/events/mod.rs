@@ -53,6 +53,24 @@
 //! bytes per event, and a bounded window of recent ids), which a checkpoint (a
 //! journal snapshot) saves now and then so that opening replays only what came
 //! after it.
+//!
+//! # What else it does
+//!
+//! - **Conflicts**: [`EventStore::append_if`] refuses an append when an event
+//!   carrying one of its tags came since the caller's base ([`Condition`]), and
+//!   [`EventStore::check_append_if`] answers the same without writing.
+//! - **Removal**: [`EventStore::delete_stream`], [`EventStore::tombstone_stream`],
+//!   [`EventStore::truncate_stream`], [`EventStore::set_retention`]; reads pass over
+//!   what is removed, and [`EventStore::compact`] reclaims its disk.
+//! - **Effects**: [`EventStore::append_effect`] makes subscriptions replay the
+//!   aggregates linked to a trigger ([`Delivery::Effect`], [`Delivery::Replayed`]);
+//!   with the `encryption` feature, `Sealed` data and `EventStore::forget_subject`
+//!   shred a subject's data for good.
+//! - **Projections** into cells, checkpointed with the cell: [`EventStore::project`].
+//! - **Schema versions** of the event type with migrations
+//!   ([`EventStoreBuilder::migrate_event`]), and a JSON codec with the `json`
+//!   feature ([`Codec`]).
+//! - **An untyped, read-only view** for tools: [`RawEvents`].
 
 mod append;
 #[cfg(feature = "fuzz")]
