@@ -33,6 +33,19 @@ pub enum Expected {
     Exact(u64),
 }
 
+impl Expected {
+    /// Whether a stream whose last event has version `last` (`None`: no event,
+    /// or deleted) is as this expects.
+    pub(crate) fn holds(self, last: Option<u64>) -> bool {
+        match self {
+            Expected::Any => true,
+            Expected::NoStream => last.is_none(),
+            Expected::StreamExists => last.is_some(),
+            Expected::Exact(version) => last == Some(version),
+        }
+    }
+}
+
 impl fmt::Display for Expected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -360,12 +373,7 @@ fn check(index: &Index, request: &Request) -> Result<Checked> {
     }
     // A deleted stream has no event, and its versions go on where they were.
     let last = if life.deleted { None } else { next.checked_sub(1) };
-    let expected_ok = match request.expected {
-        Expected::Any => true,
-        Expected::NoStream => last.is_none(),
-        Expected::StreamExists => last.is_some(),
-        Expected::Exact(version) => last == Some(version),
-    };
+    let expected_ok = request.expected.holds(last);
     // Where a retry's events would be: right after what it expected, or, for an
     // expectation that names no version, where its first event is.
     let place = match request.expected {

@@ -186,17 +186,11 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
             let next =
                 index.stream(stream).and_then(|idx| index.get(idx)).map_or(0, |it| it.reserved);
             let last = if life.deleted { None } else { next.checked_sub(1) };
-            if let Some(expected) = expected {
-                let holds = match expected {
-                    Expected::Any => true,
-                    Expected::NoStream => last.is_none(),
-                    Expected::StreamExists => last.is_some(),
-                    Expected::Exact(version) => last == Some(version),
-                };
-                if !holds {
-                    let stream = stream.to_owned();
-                    return Err(Error::WrongExpectedVersion { stream, expected, actual: last });
-                }
+            if let Some(expected) = expected
+                && !expected.holds(last)
+            {
+                let stream = stream.to_owned();
+                return Err(Error::WrongExpectedVersion { stream, expected, actual: last });
             }
             // Never past the stream's end: versions appended later are not hidden
             // by a truncation made before them.

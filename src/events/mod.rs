@@ -820,9 +820,9 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// [`Error::JournalCorrupt`] when its bytes are damaged; [`Error::JournalDecode`]
     /// when they do not decode as an `E`.
     pub fn event_at(&self, position: Position) -> Result<Option<RecordedEvent<E>>> {
-        let found = self.read_all().from(position).limit(1).into_iter().next().transpose()?;
-        // The read passes over removed events to the next one.
-        Ok(found.filter(|event| event.position == position))
+        // Only this position: a removed event reads as none, without a read on.
+        let read = self.read_all().from(position).until(position.get().saturating_add(1));
+        read.into_iter().next().transpose()
     }
 
     /// Event `version` of stream `stream`, if the stream holds it.

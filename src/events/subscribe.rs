@@ -460,11 +460,10 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
             number: self.effects_seen as u64,
         })];
         for position in positions {
-            for event in store.read_all().from(Position::new(position)).until(position + 1) {
-                let event = event?;
-                if self.wants(&event) {
-                    deliveries.push(Delivery::Replayed(event));
-                }
+            if let Some(event) = store.event_at(Position::new(position))?
+                && self.wants(&event)
+            {
+                deliveries.push(Delivery::Replayed(event));
             }
         }
         self.buffer.extend(deliveries);

@@ -608,6 +608,11 @@ fn a_failed_event_store_call_is_an_error_that_poisons_and_loses_nothing() -> Tes
     Ok(())
 }
 
+/// How many of `steps` succeed, one after the other, until one fails.
+fn acknowledged(steps: &[&dyn Fn() -> crate::Result<()>]) -> u64 {
+    steps.iter().take_while(|step| step().is_ok()).count() as u64
+}
+
 /// Removes and marks through `io`: three appends, a soft delete, an effect, a
 /// truncation, an append, a tombstone; returns how many steps were acknowledged.
 fn remove_and_mark(io: &Io, dir: &Path) -> u64 {
@@ -623,14 +628,7 @@ fn remove_and_mark(io: &Io, dir: &Path) -> u64 {
         &|| events.append("b", Expected::Exact(0), [4]).map(drop),
         &|| events.tombstone_stream("c", Expected::NoStream),
     ];
-    let mut acked = 0;
-    for step in steps {
-        if step().is_err() {
-            break;
-        }
-        acked += 1;
-    }
-    acked
+    acknowledged(&steps)
 }
 
 /// What is wrong with the store in `dir` after `acked` steps of
@@ -701,14 +699,7 @@ fn seal_and_forget(io: &Io, dir: &Path) -> u64 {
         &|| events.forget_subject("ann"),
         &|| events.append("s", Expected::Any, [Sealed::new("ann", 3)]).map(drop),
     ];
-    let mut acked = 0;
-    for step in steps {
-        if step().is_err() {
-            break;
-        }
-        acked += 1;
-    }
-    acked
+    acknowledged(&steps)
 }
 
 #[cfg(feature = "encryption")]
