@@ -22,6 +22,12 @@
 //!   append of two streams whole or not at all; and every stream read on its own
 //!   must give what `$all` holds for it.
 //!
+//!   In two more modes, one more thread of the child appends events to streams of
+//!   its own, removes them (a tombstone, a delete or a truncation, in turn), starts a
+//!   new journal file and compacts, again and again: a kill in the middle of a
+//!   compaction must leave every other event as it was, and the removed ones removed
+//!   (read through [`RawEvents`], which shows them).
+//!
 //! Set `INSTASTATE_EVENTS_CRASH_SEED` to replay the random kill delays and modes of
 //! a failed run (where the kills land still depends on timing).
 
@@ -46,7 +52,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use instastate::events::{Append, Durability, EventStore, Expected};
+use instastate::events::{Append, Durability, EventStore, Expected, RawEvents};
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Test, TestResult, Watched, XorShift};
@@ -81,9 +87,16 @@ struct Ev {
 struct Mode {
     durability: Durability,
     checkpoint_every: u64,
+    /// Whether a thread of the child also removes events of streams of its own and
+    /// compacts, again and again.
+    compaction: bool,
 }
 
 impl Mode {
+    const fn new(durability: Durability, checkpoint_every: u64, compaction: bool) -> Mode {
+        Mode { durability, checkpoint_every, compaction }
+    }
+
     /// Whether an acknowledged append survives a kill: not in the buffered modes,
     /// where only what a checkpoint or a full buffer wrote out does.
     fn durable(self) -> bool {
@@ -91,18 +104,22 @@ impl Mode {
     }
 }
 
-const MODES: [(&str, Mode); 5] = [
-    ("sync-each", Mode { durability: Durability::SyncEach, checkpoint_every: u64::MAX }),
-    ("group-commit", Mode { durability: Durability::GroupCommit, checkpoint_every: u64::MAX }),
-    ("sync-each+checkpoints", Mode { durability: Durability::SyncEach, checkpoint_every: 25 }),
-    (
-        "group-commit+checkpoints",
-        Mode { durability: Durability::GroupCommit, checkpoint_every: 25 },
-    ),
+const MODES: [(&str, Mode); 7] = [
+    ("sync-each", Mode::new(Durability::SyncEach, u64::MAX, false)),
+    ("group-commit", Mode::new(Durability::GroupCommit, u64::MAX, false)),
+    ("sync-each+checkpoints", Mode::new(Durability::SyncEach, 25, false)),
+    ("group-commit+checkpoints", Mode::new(Durability::GroupCommit, 25, false)),
     // Whatever a kill loses, the store must open whole and read back every event
     // a checkpoint covers.
-    ("unsynced+checkpoints", Mode { durability: Durability::Unsynced, checkpoint_every: 25 }),
+    ("unsynced+checkpoints", Mode::new(Durability::Unsynced, 25, false)),
+    ("sync-each+compaction", Mode::new(Durability::SyncEach, u64::MAX, true)),
+    ("group-commit+compaction", Mode::new(Durability::GroupCommit, 25, true)),
 ];
+
+/// The thread number of the compacting thread's events, in streams `junk-*`.
+const JUNK: u64 = u64::MAX;
+/// Events of one append of the compacting thread.
+const JUNK_APPEND: u64 = 40;
 
 fn main() -> ExitCode {
     if env::var_os(ROLE_VAR).is_some() {
@@ -185,12 +202,41 @@ fn appender() -> TestResult {
                 })
             })
             .collect();
-        for handle in handles {
+        let compactor = mode.compaction.then(|| scope.spawn(|| compactor(&events, started)));
+        for handle in handles.into_iter().chain(compactor) {
             handle.join().map_err(|_| "an appending thread panicked")??;
         }
         Ok(())
     })?;
     process::exit(0);
+}
+
+/// The child's compacting thread: appends events to a stream of its own, removes
+/// them (a tombstone, a delete or a truncation, in turn), starts a new journal file
+/// and compacts, again and again; prints `compacted <files> <events>` after each
+/// compaction.
+fn compactor(events: &EventStore<Ev>, started: Instant) -> TestResult {
+    let mut round = 0u64;
+    while started.elapsed() < CHILD_LIFETIME {
+        round += 1;
+        let name = format!("junk-{}-{round}", process::id());
+        events.append(
+            &name,
+            Expected::NoStream,
+            (0..JUNK_APPEND).map(|n| Ev { thread: JUNK, n }),
+        )?;
+        match round % 3 {
+            0 => events.tombstone_stream(&name, Expected::Exact(JUNK_APPEND - 1))?,
+            1 => events.delete_stream(&name, Expected::Any)?,
+            _ => events.truncate_stream(&name, JUNK_APPEND / 2)?,
+        }
+        events.checkpoint()?;
+        let compacted = events.compact()?;
+        let mut out = io::stdout().lock();
+        writeln!(out, "compacted {} {}", compacted.files, compacted.events_dropped)?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 /// What a reopened store holds, checked.
@@ -207,11 +253,25 @@ fn check_store(dir: &Path) -> TestResult<Held> {
     let mut versions: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_stream: BTreeMap<String, Vec<(u64, Ev)>> = BTreeMap::new();
     let mut count = 0u64;
-    for (k, event) in events.read_all().into_iter().enumerate() {
+    let (total, removed) = check_positions(dir)?;
+    let mut last = None;
+    for event in events.read_all() {
         let event = event?;
-        let k = k as u64;
-        if event.position.get() != k {
-            return Err(format!("position {} stands at index {k} of $all", event.position).into());
+        if event.position.get() < last.map_or(0, |last| last + 1) {
+            return Err(format!("position {} follows {last:?} in $all", event.position).into());
+        }
+        last = Some(event.position.get());
+        count += 1;
+        if event.data.thread == JUNK {
+            // The compacting thread's events that are still there, whole.
+            if !event.stream.starts_with("junk-") || event.data.n != event.version {
+                return Err(format!(
+                    "{:?} stands at version {} of {}",
+                    event.data, event.version, event.stream
+                )
+                .into());
+            }
+            continue;
         }
         let version = versions.entry(event.stream.clone()).or_default();
         if event.version != *version {
@@ -234,7 +294,6 @@ fn check_store(dir: &Path) -> TestResult<Held> {
         }
         *slot += 1;
         by_stream.entry(event.stream.clone()).or_default().push((event.version, event.data));
-        count += 1;
     }
     for (name, expected) in &by_stream {
         let read: Vec<(u64, Ev)> = events
@@ -246,7 +305,38 @@ fn check_store(dir: &Path) -> TestResult<Held> {
             return Err(format!("stream {name} reads otherwise than $all holds it").into());
         }
     }
+    if count + removed != total {
+        return Err(format!(
+            "$all reads {count} events and {removed} are removed, of the {total} the store holds"
+        )
+        .into());
+    }
     Ok(Held { next, events: count })
+}
+
+/// Reads every position of the store as it is on disk, removed events included:
+/// positions 0, 1, 2, ... without a gap, and only events of the compacting thread's
+/// streams removed. Returns how many events the store holds, and how many of them
+/// are removed.
+fn check_positions(dir: &Path) -> TestResult<(u64, u64)> {
+    let raw = RawEvents::open(dir)?;
+    let (mut total, mut removed) = (0, 0);
+    for (k, event) in raw.read_all().into_iter().enumerate() {
+        total += 1;
+        let event = event?;
+        if event.position.get() != k as u64 {
+            return Err(format!("position {} stands at index {k} of $all", event.position).into());
+        }
+        if event.removed {
+            if !event.stream.starts_with("junk-") {
+                return Err(
+                    format!("event {} of {} is removed", event.version, event.stream).into()
+                );
+            }
+            removed += 1;
+        }
+    }
+    Ok((total, removed))
 }
 
 fn kill() -> TestResult {
@@ -261,6 +351,7 @@ fn kill() -> TestResult {
     let started = Instant::now();
     let mut before = Held { next: [0; THREADS as usize], events: 0 };
     let (mut kills, mut acks_total, mut unacked_total) = (0u32, 0u64, 0u64);
+    let (mut compactions, mut files_compacted, mut dropped_total) = (0u64, 0u64, 0u64);
     while kills < KILLS {
         let (mode_name, mode) = MODES[random.below(MODES.len() as u64) as usize];
         let mut command = Command::new(&exe);
@@ -270,7 +361,9 @@ fn kill() -> TestResult {
         if ready != "ready" {
             return Err(format!("the child said {ready:?}").into());
         }
-        thread::sleep(Duration::from_millis(random.below(150) + 5));
+        // A compacting child is given longer: a round of it takes several syncs.
+        let window = if mode.compaction { 400 } else { 150 };
+        thread::sleep(Duration::from_millis(random.below(window) + 5));
         child.kill()?;
         let (lines, stderr) = child.finish();
         if !stderr.is_empty() {
@@ -279,10 +372,19 @@ fn kill() -> TestResult {
         let mut acked: [Option<u64>; THREADS as usize] = [None; THREADS as usize];
         for line in lines? {
             let mut words = line.split(' ');
-            let (Some("ack"), Some(thread), Some(n)) = (words.next(), words.next(), words.next())
+            let (Some(word), Some(thread), Some(n)) = (words.next(), words.next(), words.next())
             else {
                 return Err(format!("the child printed {line:?}").into());
             };
+            if word == "compacted" {
+                compactions += 1;
+                files_compacted += thread.parse::<u64>()?;
+                dropped_total += n.parse::<u64>()?;
+                continue;
+            }
+            if word != "ack" {
+                return Err(format!("the child printed {line:?}").into());
+            }
             let (thread, n): (usize, u64) = (thread.parse()?, n.parse()?);
             *acked.get_mut(thread).ok_or("an unknown thread")? = Some(n);
             acks_total += 1;
@@ -324,5 +426,11 @@ fn kill() -> TestResult {
         started.elapsed().as_secs_f64(),
         before.events
     );
+    println!(
+        "    {compactions} compactions acknowledged, {files_compacted} files rewritten, the data of {dropped_total} events dropped"
+    );
+    if files_compacted == 0 {
+        return Err("no compaction rewrote a file: the kills did not test compaction".into());
+    }
     Ok(())
 }

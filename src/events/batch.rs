@@ -126,6 +126,22 @@ pub(crate) struct EventOut<'a> {
     pub(crate) data: Option<&'a [u8]>,
 }
 
+impl EventOut<'_> {
+    /// Its causation and correlation ids.
+    pub(crate) fn metadata(&self) -> super::Metadata {
+        super::Metadata {
+            causation: self.causation.map(super::EventId::from_bytes),
+            correlation: self.correlation.map(super::EventId::from_bytes),
+        }
+    }
+
+    /// Its tags and triggers, owned.
+    pub(crate) fn links(&self) -> (Vec<String>, Vec<String>) {
+        let owned = |names: &[&str]| names.iter().map(|it| (*it).to_owned()).collect();
+        (owned(&self.tags), owned(&self.triggers))
+    }
+}
+
 /// Why stored command bytes could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum BatchFault {
@@ -376,12 +392,23 @@ pub(crate) fn drop_data(
 }
 
 impl<'a> BatchHead<'a> {
+    /// The batch's events in order, read from its bodies one at a time; an error
+    /// ends them.
+    pub(crate) fn events(&self) -> EventsOut<'a, '_> {
+        EventsOut { head: self, part: 0, k: 0, reader: Reader(self.bodies), failed: false }
+    }
+
+    /// How many events the batch holds.
+    pub(crate) fn len(&self) -> usize {
+        self.parts.iter().map(PartHead::len).sum()
+    }
+
     /// The tags and triggers of the batch's events: for each, the event's index
     /// in the batch and the name, in order. Reads the bodies, but decodes no data.
     pub(crate) fn links(&self) -> Result<Links<'a>, BatchFault> {
         let mut reader = Reader(self.bodies);
         let mut links = Links::default();
-        for k in 0..self.parts.iter().map(PartHead::len).sum() {
+        for k in 0..self.len() {
             let body = reader.body(self.compacted)?;
             for (list, count, bytes) in [
                 (&mut links.tags, body.tag_count, body.tags),
@@ -407,8 +434,6 @@ pub(crate) struct Links<'a> {
     pub(crate) triggers: Vec<(usize, &'a str)>,
 }
 
-impl BatchHead<'_> {}
-
 /// An event's body read back, its tags still encoded.
 struct Body<'a> {
     event_type: &'a str,
@@ -428,40 +453,72 @@ struct Body<'a> {
 /// Reads every event of the append batch in `bytes`.
 pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<EventOut<'_>>), BatchFault> {
     let head = decode_head(bytes)?;
-    let mut reader = Reader(head.bodies);
-    let mut events = Vec::with_capacity(head.parts.iter().map(PartHead::len).sum());
-    for part in &head.parts {
-        for (k, id) in part.ids().enumerate() {
-            let body = reader.body(head.compacted)?;
-            let Body { event_type, causation, correlation, json, schema, data, .. } = body;
-            let mut names = Reader(body.tags);
-            let tags = (0..body.tag_count).map(|_| names.str()).collect::<Result<_, _>>()?;
-            let mut names = Reader(body.triggers);
-            let triggers =
-                (0..body.trigger_count).map(|_| names.str()).collect::<Result<_, _>>()?;
-            let version = part
-                .first_version
-                .checked_add(k as u64)
-                .ok_or(BatchFault::Malformed("its versions overflow"))?;
-            events.push(EventOut {
-                stream: part.stream,
-                version,
-                id,
-                event_type,
-                causation,
-                correlation,
-                tags,
-                triggers,
-                json,
-                schema,
-                data,
-            });
-        }
-    }
-    if !reader.0.is_empty() {
-        return Err(BatchFault::Malformed("bytes follow its last event"));
-    }
+    let events = head.events().collect::<Result<_, _>>()?;
     Ok((head.first_position, events))
+}
+
+/// The events of a batch read back: [`BatchHead::events`].
+pub(crate) struct EventsOut<'a, 'h> {
+    head: &'h BatchHead<'a>,
+    /// The part, and the event in it, read next.
+    part: usize,
+    k: usize,
+    reader: Reader<'a>,
+    failed: bool,
+}
+
+impl<'a> EventsOut<'a, '_> {
+    fn read(&mut self, part: PartHead<'a>) -> Result<EventOut<'a>, BatchFault> {
+        let id = part
+            .ids
+            .get(self.k * 16..(self.k + 1) * 16)
+            .and_then(|id| <[u8; 16]>::try_from(id).ok())
+            .ok_or(BatchFault::Malformed("it is cut short"))?;
+        let body = self.reader.body(self.head.compacted)?;
+        let Body { event_type, causation, correlation, json, schema, data, .. } = body;
+        let tags = Reader(body.tags).strs(body.tag_count)?;
+        let triggers = Reader(body.triggers).strs(body.trigger_count)?;
+        let version = part
+            .first_version
+            .checked_add(self.k as u64)
+            .ok_or(BatchFault::Malformed("its versions overflow"))?;
+        Ok(EventOut {
+            stream: part.stream,
+            version,
+            id,
+            event_type,
+            causation,
+            correlation,
+            tags,
+            triggers,
+            json,
+            schema,
+            data,
+        })
+    }
+}
+
+impl<'a> Iterator for EventsOut<'a, '_> {
+    type Item = Result<EventOut<'a>, BatchFault>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        while let Some(part) = self.head.parts.get(self.part) {
+            if self.k < part.len() {
+                let event = self.read(*part);
+                self.k += 1;
+                self.failed = event.is_err();
+                return Some(event);
+            }
+            self.part += 1;
+            self.k = 0;
+        }
+        self.failed = true;
+        (!self.reader.0.is_empty())
+            .then_some(Err(BatchFault::Malformed("bytes follow its last event")))
+    }
 }
 
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {
@@ -577,6 +634,14 @@ impl<'a> Reader<'a> {
             schema,
             data,
         })
+    }
+
+    /// `count` strings.
+    fn strs(&mut self, count: usize) -> Result<Vec<&'a str>, BatchFault> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        (0..count).map(|_| self.str()).collect()
     }
 
     /// A count and that many strings, checked and left encoded.

@@ -154,16 +154,10 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
             if examined.get(first) == Some(&digest) {
                 continue;
             }
-            let bad = |seq: u64, fault: batch::BatchFault| Error::JournalCorrupt {
-                path: path.clone(),
-                offset: 0,
-                reason: format!("event {seq}: {fault}"),
-            };
             // The batches with data to drop, with that data dropped.
-            let compacted = |seq: u64, plain: &[u8]| match batch::decode_command(plain) {
-                Ok(Command::Append(_)) => batch::drop_data(plain, drops).map_err(|it| bad(seq, it)),
-                Ok(_) => Ok(None),
-                Err(fault) => Err(bad(seq, fault)),
+            let compacted = |plain: &[u8]| match batch::decode_command(plain)? {
+                Command::Append(_) => batch::drop_data(plain, drops),
+                _ => Ok(None),
             };
             let mut dropped = 0;
             let target = journal::RewriteTarget {
@@ -176,9 +170,10 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
             };
             let rewritten = journal::rewrite(
                 &target,
-                &mut |seq, plain| Ok(compacted(seq, plain)?.is_some()),
-                &mut |seq, plain| {
-                    Ok(compacted(seq, plain)?.map(|(bytes, n)| {
+                &mut |_, plain| Ok(compacted(plain).map_err(|it| it.to_string())?.is_some()),
+                &mut |_, plain| {
+                    let compacted = compacted(plain).map_err(|it| it.to_string())?;
+                    Ok(compacted.map(|(bytes, n)| {
                         dropped += n;
                         bytes
                     }))

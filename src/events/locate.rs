@@ -12,6 +12,7 @@
 
 use std::{
     collections::HashMap,
+    fmt::Display,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -65,13 +66,16 @@ pub(crate) type FrameCache = Cache<u64, Arc<Cached>, ByLength>;
 /// Keeps a batch just committed in the cache, where the subscriptions following
 /// the head read it: `plain` is its journal event's opened bytes.
 pub(crate) fn remember(cache: &FrameCache, seq: u64, at: u64, plain: Vec<u8>) {
-    cache.insert(seq, Arc::new(Cached { at, plain: plain.into_boxed_slice() }));
+    cache.insert(seq, Arc::new(Cached { at, plain: plain.into_boxed_slice(), place: None }));
 }
 
 /// A frame in the cache: its timestamp and opened bytes.
 pub(crate) struct Cached {
     at: u64,
     plain: Box<[u8]>,
+    /// Where the frame was read: its journal file and byte offset (`None` for a
+    /// batch cached as it was committed).
+    place: Option<(u64, u64)>,
 }
 
 /// Weighs a cached frame by its bytes (and a little for the entry itself).
@@ -98,6 +102,9 @@ pub(crate) enum Keep {
 pub(crate) struct ReadFrame<'a> {
     pub(crate) at: Timestamp,
     plain: Plain<'a>,
+    /// Where the frame was read: its journal file and byte offset (`None` for a
+    /// batch cached as it was committed).
+    place: Option<(u64, u64)>,
 }
 
 enum Plain<'a> {
@@ -116,6 +123,11 @@ impl ReadFrame<'_> {
             Plain::Owned(bytes) => bytes,
             Plain::Cached(cached) => &cached.plain,
         }
+    }
+
+    /// Where the frame was read: its journal file and byte offset, when known.
+    pub(crate) fn place(&self) -> Option<(u64, u64)> {
+        self.place
     }
 }
 
@@ -230,15 +242,20 @@ impl Locator {
         write_out: &dyn Fn() -> Result<()>,
         keep: Keep,
     ) -> Result<ReadFrame<'a>> {
-        if let Some(cached) = self.cache.as_ref().and_then(|cache| cache.get(&seq)) {
+        // Going forward, the frame is right after the last one read (past frames
+        // that are not events); otherwise the table says where. A read that keeps
+        // nothing looks there before it looks in the cache.
+        let followed = if keep == Keep::No { follow(seq, ahead) } else { None };
+        if followed.is_none()
+            && let Some(cached) = self.cache.as_ref().and_then(|cache| cache.get(&seq))
+        {
             return Ok(ReadFrame {
                 at: Timestamp::from_micros(cached.at),
+                place: cached.place,
                 plain: Plain::Cached(cached),
             });
         }
-        // Going forward, the frame is right after the last one read (past frames
-        // that are not events); otherwise the table says where.
-        let mut found = match follow(seq, ahead) {
+        let mut found = match followed.or_else(|| follow(seq, ahead)) {
             Some(found) => found,
             None => self.locate(seq, write_out)?,
         };
@@ -264,8 +281,9 @@ impl Locator {
         let (file, offset) = found;
         let bad =
             |reason: String| Error::JournalCorrupt { path: self.path_of(file), offset, reason };
-        let Read::Frame(Frame::Event { at: stamp, bytes: stored, .. }, _) =
-            format::read_frame(ahead.at(offset, 0).unwrap_or_default())
+        // `place` found the frame sound: its checksum is not computed again.
+        let Some((Frame::Event { at: stamp, bytes: stored, .. }, _)) =
+            format::parse_frame(ahead.at(offset, 0).unwrap_or_default())
         else {
             return Err(bad(format!("event {seq} changed under the reader")));
         };
@@ -279,12 +297,14 @@ impl Locator {
         } else {
             Plain::Borrowed(stored)
         };
-        let frame = ReadFrame { at: Timestamp::from_micros(stamp), plain };
+        let frame =
+            ReadFrame { at: Timestamp::from_micros(stamp), plain, place: Some((file, offset)) };
         match (&self.cache, keep) {
             (Some(cache), Keep::Cached) => {
-                let cached = Arc::new(Cached { at: stamp, plain: frame.plain().into() });
+                let plain = frame.plain().into();
+                let cached = Arc::new(Cached { at: stamp, plain, place: frame.place });
                 cache.insert(seq, Arc::clone(&cached));
-                Ok(ReadFrame { at: frame.at, plain: Plain::Cached(cached) })
+                Ok(ReadFrame { plain: Plain::Cached(cached), ..frame })
             }
             _ => Ok(frame),
         }
@@ -382,6 +402,28 @@ impl Locator {
     }
 
     /// The path of the journal file whose first event is `file`.
+    /// A [`Error::JournalCorrupt`] for damage found in the bytes of `frame`, which
+    /// holds journal event `seq`: it names the frame's file and byte offset.
+    pub(crate) fn corrupt(&self, frame: &ReadFrame<'_>, seq: u64, reason: impl Display) -> Error {
+        self.corrupt_at(frame.place(), seq, reason)
+    }
+
+    /// A [`Error::JournalCorrupt`] for damage in journal event `seq`, whose frame is
+    /// at `place` (its journal file and byte offset), if known; else where the frame
+    /// table has it, if it does; else the journal's directory is named.
+    pub(crate) fn corrupt_at(
+        &self,
+        place: Option<(u64, u64)>,
+        seq: u64,
+        reason: impl Display,
+    ) -> Error {
+        let (path, offset) = match place.or_else(|| self.known(seq)) {
+            Some((file, offset)) => (self.path_of(file), offset),
+            None => (self.dir.clone(), 0),
+        };
+        Error::JournalCorrupt { path, offset, reason: format!("journal event {seq}: {reason}") }
+    }
+
     fn path_of(&self, file: u64) -> PathBuf {
         self.dir.join(format::journal_name(file))
     }
@@ -490,13 +532,17 @@ fn follow(seq: u64, ahead: &ReadAhead) -> Option<(u64, u64)> {
         return None;
     }
     loop {
-        match format::read_frame(ahead.at(offset, format::FRAME_HEAD)?) {
-            Read::Frame(Frame::Event { seq: found, .. }, _) => {
-                return (found == seq).then_some((*file, offset));
+        let bytes = ahead.at(offset, format::FRAME_HEAD)?;
+        // An event frame is only peeked at: `place` checks the one it reads.
+        if let Some((Frame::Event { seq: found, .. }, _)) = format::parse_frame(bytes) {
+            return (found == seq).then_some((*file, offset));
+        }
+        match format::read_frame(bytes) {
+            Read::Frame(frame, used) if !matches!(frame, Frame::Event { .. }) => {
+                offset += used as u64;
             }
-            Read::Frame(_, used) => offset += used as u64,
             // Not in the buffer whole: the table decides.
-            Read::End | Read::Bad(_) => return None,
+            _ => return None,
         }
     }
 }

@@ -2,10 +2,12 @@
 //! order ([`ReadAll`]), forward or backward, as iterators ([`Events`]) that read the
 //! journal files lazily, a batch at a time.
 
+use std::collections::VecDeque;
+
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
-    EventId, EventStore, Metadata, Position, RecordedEvent, batch,
+    EventId, EventStore, Position, RecordedEvent, batch,
     index::StreamIdx,
     locate::{Keep, ReadAhead},
 };
@@ -15,6 +17,8 @@ use crate::{Error, Result};
 const FORWARD_CHUNK: usize = 256 * 1024;
 /// Bytes read at a time going backward or through one stream.
 const RANDOM_CHUNK: usize = 4 * 1024;
+/// How many versions of a stream a read finds in the index at a time.
+const PLANNED: usize = 64;
 
 /// A read of one stream; iterate it for the events. See
 /// [`EventStore::read_stream`].
@@ -207,7 +211,14 @@ enum Slot<E> {
 enum Cursor {
     /// Versions of one stream: the next one, and the end (exclusive) going forward
     /// or the start going backward.
-    Stream { idx: Option<StreamIdx>, next: u64, bound: u64, backward: bool },
+    /// `planned`: the next versions to read, found in the index.
+    Stream {
+        idx: Option<StreamIdx>,
+        next: u64,
+        bound: u64,
+        backward: bool,
+        planned: VecDeque<Next>,
+    },
     /// Positions of the store.
     All { next: u64, bound: u64, backward: bool },
 }
@@ -216,6 +227,8 @@ enum Cursor {
 /// version.
 struct Decoded<E> {
     seq: u64,
+    /// Where its frame is (journal file and byte offset), when known.
+    place: Option<(u64, u64)>,
     first_position: u64,
     events: Vec<Slot<E>>,
     versions: Vec<u64>,
@@ -225,7 +238,13 @@ struct Decoded<E> {
 /// version, which the index says which journal event holds.
 enum Next {
     Position(u64),
-    Version { version: u64, seq: u64, first_position: u64 },
+    /// `ruled`: whether the index had removal rules then.
+    Version {
+        version: u64,
+        seq: u64,
+        first_position: u64,
+        ruled: bool,
+    },
 }
 
 impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
@@ -244,10 +263,16 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
         let cursor = if self.backward {
             // `next` counts down from one past the first version read.
             let start = self.from.map_or(len, |from| from.saturating_add(1).min(len));
-            Cursor::Stream { idx, next: start, bound: first, backward: true }
+            Cursor::Stream {
+                idx,
+                next: start,
+                bound: first,
+                backward: true,
+                planned: VecDeque::new(),
+            }
         } else {
             let next = self.from.unwrap_or(0).max(first);
-            Cursor::Stream { idx, next, bound: len, backward: false }
+            Cursor::Stream { idx, next, bound: len, backward: false, planned: VecDeque::new() }
         };
         let tombstoned =
             life.tombstoned.then(|| Error::StreamTombstoned { stream: self.stream.clone() });
@@ -293,12 +318,8 @@ impl<E> EventStore<E> {
         let Some((seq, first_position)) = place else { return Ok(None) };
         let mut ahead = ReadAhead::new(RANDOM_CHUNK);
         let frame = core.locator.read(seq, &mut ahead, &|| core.write_out(), Keep::Cached)?;
-        let (stored_first, stored) =
-            batch::decode(frame.plain()).map_err(|fault| Error::JournalCorrupt {
-                path: core.dir.clone(),
-                offset: 0,
-                reason: format!("journal event {seq}: {fault}"),
-            })?;
+        let (stored_first, stored) = batch::decode(frame.plain())
+            .map_err(|fault| core.locator.corrupt(&frame, seq, fault))?;
         let k = position.checked_sub(stored_first.max(first_position));
         let event = k.and_then(|k| usize::try_from(k).ok()).and_then(|k| stored.get(k));
         Ok(event.map(|event| event.tags.iter().map(|tag| (*tag).to_owned()).collect()))
@@ -340,19 +361,28 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                 *next = position;
                 Some(Next::Position(position))
             }
-            Cursor::Stream { idx, next, bound, backward } => {
-                let version = if *backward {
-                    let version = (*bound < *next).then(|| *next - 1)?;
-                    *next = version;
-                    version
-                } else {
-                    let version = (*next < *bound).then_some(*next)?;
-                    *next += 1;
-                    version
-                };
-                let index = self.store.shared.core.index.read();
-                let seq = *index.get((*idx)?)?.seqs.get(usize::try_from(version).ok()?)?;
-                Some(Next::Version { version, seq, first_position: index.start_of(seq)? })
+            Cursor::Stream { idx, next, bound, backward, planned } => {
+                if planned.is_empty() {
+                    // The next versions' places, up to a few dozen, under one lock.
+                    let index = self.store.shared.core.index.read();
+                    let seqs = &index.get((*idx)?)?.seqs;
+                    while planned.len() < PLANNED {
+                        let version = if *backward {
+                            let Some(version) = (*bound < *next).then(|| *next - 1) else { break };
+                            *next = version;
+                            version
+                        } else {
+                            let Some(version) = (*next < *bound).then_some(*next) else { break };
+                            *next += 1;
+                            version
+                        };
+                        let seq = *seqs.get(usize::try_from(version).ok()?)?;
+                        let first_position = index.start_of(seq)?;
+                        let ruled = index.ruled;
+                        planned.push_back(Next::Version { version, seq, first_position, ruled });
+                    }
+                }
+                planned.pop_front()
             }
         }
     }
@@ -362,9 +392,9 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
     fn load(&mut self, next: &Next) -> Result<usize> {
         match *next {
             Next::Position(position) => self.load_position(position),
-            Next::Version { version, seq, first_position } => {
+            Next::Version { version, seq, first_position, ruled } => {
                 if self.batch.as_ref().is_none_or(|batch| batch.seq != seq) {
-                    self.batch = Some(self.decode_batch(seq, first_position)?);
+                    self.batch = Some(self.decode_batch(seq, first_position, ruled)?);
                 }
                 // Only the read's stream's events are not `Other` (until yielded):
                 // the one of this version is the one left among them.
@@ -375,12 +405,10 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                             && batch.events.get(*k).is_some_and(|slot| !matches!(slot, Slot::Other))
                     })
                 });
-                found.ok_or_else(|| Error::JournalCorrupt {
-                    path: self.store.shared.core.dir.clone(),
-                    offset: 0,
-                    reason: format!(
-                        "journal event {seq} does not hold version {version} of its stream"
-                    ),
+                found.ok_or_else(|| {
+                    let place = batch.and_then(|batch| batch.place);
+                    let reason = format!("it does not hold version {version} of its stream");
+                    self.store.shared.core.locator.corrupt_at(place, seq, reason)
                 })
             }
         }
@@ -395,7 +423,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
             return Ok(k);
         }
         let core = &self.store.shared.core;
-        let (seq, first_position) = {
+        let (seq, first_position, ruled) = {
             let index = core.index.read();
             let missing = || Error::JournalCorrupt {
                 path: core.dir.clone(),
@@ -413,94 +441,96 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                 }
                 _ => index.seq_of(position).ok_or_else(missing)?,
             };
-            (seq, index.start_of(seq).ok_or_else(missing)?)
+            (seq, index.start_of(seq).ok_or_else(missing)?, index.ruled)
         };
-        self.batch = Some(self.decode_batch(seq, first_position)?);
-        let batch = self.batch.as_ref().ok_or_else(|| Error::JournalCorrupt {
-            path: core.dir.clone(),
-            offset: 0,
-            reason: format!("journal event {seq} could not be read"),
-        })?;
+        let decoded = self.decode_batch(seq, first_position, ruled)?;
+        let batch = self.batch.insert(decoded);
         let k = position.checked_sub(batch.first_position).and_then(|k| usize::try_from(k).ok());
-        k.filter(|k| *k < batch.events.len()).ok_or_else(|| Error::JournalCorrupt {
-            path: core.dir.clone(),
-            offset: 0,
-            reason: format!("journal event {seq} does not hold position {position}"),
+        k.filter(|k| *k < batch.events.len()).ok_or_else(|| {
+            let reason = format!("it does not hold position {position}");
+            core.locator.corrupt_at(batch.place, seq, reason)
         })
     }
 
-    fn decode_batch(&mut self, seq: u64, first_position: u64) -> Result<Decoded<E>> {
+    /// Reads and decodes journal event `seq`, whose first position the index says
+    /// is `first_position`; `ruled` is whether the index has removal rules, which
+    /// the batch's events are checked against.
+    fn decode_batch(&mut self, seq: u64, first_position: u64, ruled: bool) -> Result<Decoded<E>> {
         let core = &self.store.shared.core;
+        // The buffers of the batch read before are filled again.
+        let (mut events, mut versions) =
+            self.batch.take().map(|batch| (batch.events, batch.versions)).unwrap_or_default();
+        events.clear();
+        versions.clear();
         let frame = core.locator.read(seq, &mut self.ahead, &|| core.write_out(), self.keep)?;
-        let bad = |reason: String| Error::JournalCorrupt {
-            path: core.dir.clone(),
-            offset: 0,
-            reason: format!("journal event {seq}: {reason}"),
-        };
-        let (stored_first, stored) =
-            batch::decode(frame.plain()).map_err(|fault| bad(fault.to_string()))?;
-        if stored_first != first_position {
-            return Err(bad(format!(
-                "it holds positions from {stored_first}, where the index has {first_position}"
+        let bad = |reason: &dyn std::fmt::Display| core.locator.corrupt(&frame, seq, reason);
+        let head = batch::decode_head(frame.plain()).map_err(|fault| bad(&fault))?;
+        if head.first_position != first_position {
+            return Err(bad(&format_args!(
+                "it holds positions from {}, where the index has {first_position}",
+                head.first_position
             )));
         }
         let at = frame.at;
-        let versions = stored.iter().map(|event| event.version).collect();
+        let place = frame.place();
+        for part in &head.parts {
+            versions.extend((part.first_version..).take(part.len()));
+        }
         // Events removed by a delete, a truncation or a retention rule are passed
         // over.
-        let hidden: Vec<bool> = {
+        let hidden: Vec<bool> = if ruled {
             let index = core.index.read();
-            if index.ruled {
-                let now = crate::journal::now_micros();
-                let at = at.as_micros();
-                stored.iter().map(|it| index.hides(it.stream, it.version, at, now)).collect()
-            } else {
-                Vec::new()
-            }
+            let now = crate::journal::now_micros();
+            let at = at.as_micros();
+            let streams = head.parts.iter().flat_map(|part| (0..part.len()).map(|_| part.stream));
+            streams.zip(&versions).map(|(stream, v)| index.hides(stream, *v, at, now)).collect()
+        } else {
+            Vec::new()
         };
-        let events = stored
-            .into_iter()
-            .enumerate()
-            .map(|(k, event)| {
-                match self.filter.wants(event.stream, event.event_type) {
-                    (false, _) => return Slot::Other,
-                    (true, false) => return Slot::Passed,
-                    (true, true) if hidden.get(k) == Some(&true) => return Slot::Passed,
-                    (true, true) => {}
+        for (k, event) in head.events().enumerate() {
+            let event = event.map_err(|fault| bad(&fault))?;
+            match self.filter.wants(event.stream, event.event_type) {
+                (false, _) => {
+                    events.push(Slot::Other);
+                    continue;
                 }
-                let position = first_position + k as u64;
-                // Compaction drops only what the index removes: a dropped event that
-                // the index shows is damage (or a bug), never data to decode.
-                let Some(bytes) = event.data else {
-                    return Slot::Ready(Err(Error::JournalCorrupt {
-                        path: core.dir.clone(),
-                        offset: 0,
-                        reason: format!(
-                            "journal event {seq}: compaction dropped the data of the event at position {position}, which the store still reads"
-                        ),
-                    }));
-                };
-                let data = core.decode_data::<E>(&self.store.schema, &event, bytes, || {
-                    format!("the event at position {position}")
-                });
-                Slot::Ready(data.map(|data| RecordedEvent {
-                    stream: event.stream.to_owned(),
-                    version: event.version,
-                    position: Position::new(position),
-                    at,
-                    id: EventId::from_bytes(event.id),
-                    event_type: event.event_type.to_owned(),
-                    metadata: Metadata {
-                        causation: event.causation.map(EventId::from_bytes),
-                        correlation: event.correlation.map(EventId::from_bytes),
-                    },
-                    tags: event.tags.into_iter().map(str::to_owned).collect(),
-                    triggers: event.triggers.into_iter().map(str::to_owned).collect(),
-                    data,
-                }))
-            })
-            .collect();
-        Ok(Decoded { seq, first_position, events, versions })
+                (true, false) => {
+                    events.push(Slot::Passed);
+                    continue;
+                }
+                (true, true) if hidden.get(k) == Some(&true) => {
+                    events.push(Slot::Passed);
+                    continue;
+                }
+                (true, true) => {}
+            }
+            let position = first_position + k as u64;
+            // Compaction drops only what the index removes: a dropped event that the
+            // index shows is damage (or a bug), never data to decode.
+            let Some(bytes) = event.data else {
+                events.push(Slot::Ready(Err(bad(&format_args!(
+                    "compaction dropped the data of the event at position {position}, which the store still reads"
+                )))));
+                continue;
+            };
+            let data = core.decode_data::<E>(&self.store.schema, &event, bytes, || {
+                format!("the event at position {position}")
+            });
+            let (tags, triggers) = event.links();
+            events.push(Slot::Ready(data.map(|data| RecordedEvent {
+                stream: event.stream.to_owned(),
+                version: event.version,
+                position: Position::new(position),
+                at,
+                id: EventId::from_bytes(event.id),
+                event_type: event.event_type.to_owned(),
+                metadata: event.metadata(),
+                tags,
+                triggers,
+                data,
+            })));
+        }
+        Ok(Decoded { seq, place, first_position, events, versions })
     }
 }
 

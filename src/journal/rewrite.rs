@@ -38,8 +38,12 @@ use crate::{
 const CHUNK: usize = 1 << 20;
 
 /// What gives an event's new bytes, from its number and opened bytes (`None`:
-/// kept as it is).
-pub(crate) type Change<'a> = dyn FnMut(u64, &[u8]) -> Result<Option<Vec<u8>>> + 'a;
+/// kept as it is), or why the bytes are damaged.
+pub(crate) type Change<'a> = dyn FnMut(u64, &[u8]) -> Result<Option<Vec<u8>>, String> + 'a;
+
+/// What picks the events to change, from their number and opened bytes, or says
+/// why the bytes are damaged.
+pub(crate) type Pick<'a> = dyn FnMut(u64, &[u8]) -> Result<bool, String> + 'a;
 
 /// A journal file to rewrite.
 pub(crate) struct Target<'a> {
@@ -75,7 +79,7 @@ pub(crate) struct Rewritten {
 /// [`Error::Io`]; and the errors of `pick` and `change`.
 pub(crate) fn rewrite(
     target: &Target<'_>,
-    pick: &mut dyn FnMut(u64, &[u8]) -> Result<bool>,
+    pick: &mut Pick<'_>,
     change: &mut Change<'_>,
 ) -> Result<Option<Rewritten>> {
     let (io, path) = (target.io, target.path);
@@ -96,7 +100,8 @@ pub(crate) fn rewrite(
         if let Found::Event { seq, stored, offset, .. } = found {
             let plain = recovery::open_event(target.sealer, seq, stored)
                 .map_err(|reason| corrupt(path, offset, reason))?;
-            if pick(seq, &plain)? {
+            let damaged = |reason| corrupt(path, offset, format!("event {seq}: {reason}"));
+            if pick(seq, &plain).map_err(damaged)? {
                 picked.insert(seq);
             }
         }
@@ -148,7 +153,9 @@ fn write_new(
                 let changed = if picked.contains(&seq) {
                     let plain = recovery::open_event(target.sealer, seq, stored)
                         .map_err(|reason| corrupt(path, old_offset, reason))?;
-                    change(seq, &plain)?
+                    change(seq, &plain).map_err(|reason| {
+                        corrupt(path, old_offset, format!("event {seq}: {reason}"))
+                    })?
                 } else {
                     None
                 };

@@ -937,3 +937,37 @@ fn older_events_are_upcast_on_read_and_newer_ones_are_refused() -> TestResult {
     assert_eq!(crate::tree::tree(dir.path())?, before);
     Ok(())
 }
+
+#[test]
+fn damage_found_by_a_read_names_its_journal_file_and_offset() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let events = EventStore::<i64>::open(dir.path())?;
+        for n in 0..100 {
+            events.append("n", Expected::Any, [n])?;
+        }
+    }
+    // Damage that comes while the store is open is found by the read that meets it.
+    let events = EventStore::<i64>::open(dir.path())?;
+    let journal = fs::read_dir(dir.path())?
+        .map(|entry| entry.map(|it| it.path()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|path| path.extension().is_some_and(|it| it == "log"))
+        .min()
+        .ok_or("no journal file")?;
+    let mut bytes = fs::read(&journal)?;
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    fs::write(&journal, &bytes)?;
+    let res: Result<Vec<_>, _> = events.read_all().into_iter().collect();
+    let Err(Error::JournalCorrupt { path, offset, .. }) = &res else {
+        return Err(format!("a damaged frame was read: {res:?}").into());
+    };
+    assert_eq!(path, &journal, "{res:?}");
+    // The damaged frame's start: before the flipped byte, by less than a frame.
+    assert!(*offset <= at as u64 && at as u64 - *offset < 200, "{res:?}");
+    let res: Result<Vec<_>, _> = events.read_stream("n").into_iter().collect();
+    assert!(matches!(&res, Err(Error::JournalCorrupt { path, .. }) if path == &journal), "{res:?}");
+    Ok(())
+}

@@ -3,12 +3,11 @@
 
 use super::{RawEvent, RawEvents};
 use crate::{
-    Error, Result,
+    Result,
     events::{
-        EventId, Metadata, Position, batch,
+        EventId, Position, batch,
         locate::{Keep, ReadAhead},
     },
-    journal::format::journal_name,
 };
 
 /// Bytes read ahead at a time.
@@ -195,14 +194,7 @@ impl RawEventIter<'_> {
     fn batch(&mut self, seq: u64) -> Result<Vec<RawEvent>> {
         let raw = self.raw;
         let frame = raw.locator.read(seq, &mut self.ahead, &|| Ok(()), Keep::No)?;
-        let bad = |reason: String| {
-            let (file, offset) = raw.locator.frames.lock().find(seq).unwrap_or((0, None));
-            Error::JournalCorrupt {
-                path: raw.dir.join(journal_name(file)),
-                offset: offset.unwrap_or(0),
-                reason: format!("event {seq}: {reason}"),
-            }
-        };
+        let bad = |reason: String| raw.locator.corrupt(&frame, seq, reason);
         let (first, events) =
             batch::decode(frame.plain()).map_err(|fault| bad(fault.to_string()))?;
         if raw.index.start_of(seq) != Some(first) {
@@ -215,26 +207,31 @@ impl RawEventIter<'_> {
         Ok(events
             .into_iter()
             .zip(first..)
-            .map(|(event, position)| RawEvent {
-                removed: event.data.is_none()
-                    || ruled
-                        && raw.index.hides(event.stream, event.version, frame.at.as_micros(), now),
-                dropped: event.data.is_none(),
-                stream: event.stream.to_owned(),
-                version: event.version,
-                position: Position::new(position),
-                at: frame.at,
-                id: EventId::from_bytes(event.id),
-                event_type: event.event_type.to_owned(),
-                metadata: Metadata {
-                    causation: event.causation.map(EventId::from_bytes),
-                    correlation: event.correlation.map(EventId::from_bytes),
-                },
-                tags: event.tags.into_iter().map(str::to_owned).collect(),
-                triggers: event.triggers.into_iter().map(str::to_owned).collect(),
-                json: event.json,
-                schema: event.schema,
-                data: event.data.map(<[u8]>::to_vec).unwrap_or_default(),
+            .map(|(event, position)| {
+                let (tags, triggers) = event.links();
+                RawEvent {
+                    removed: event.data.is_none()
+                        || ruled
+                            && raw.index.hides(
+                                event.stream,
+                                event.version,
+                                frame.at.as_micros(),
+                                now,
+                            ),
+                    dropped: event.data.is_none(),
+                    stream: event.stream.to_owned(),
+                    version: event.version,
+                    position: Position::new(position),
+                    at: frame.at,
+                    id: EventId::from_bytes(event.id),
+                    event_type: event.event_type.to_owned(),
+                    metadata: event.metadata(),
+                    tags,
+                    triggers,
+                    json: event.json,
+                    schema: event.schema,
+                    data: event.data.map(<[u8]>::to_vec).unwrap_or_default(),
+                }
             })
             .collect())
     }
