@@ -655,6 +655,62 @@ pub enum Error {
         #[source]
         source: StorageError,
     },
+    /// A location that names no store this build can open: a `postgres://` URL
+    /// that does not parse, lacks its namespace, or needs a feature left out.
+    #[error("the location `{location}` cannot be used: {reason}")]
+    #[non_exhaustive]
+    InvalidLocation {
+        /// The location, without its password.
+        location: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A call to the database failed: it could not be reached, the connection
+    /// dropped, or it refused a statement.
+    #[error("the database at `{location}` failed to {action}: {source}")]
+    #[non_exhaustive]
+    Database {
+        /// The database's location, without its password.
+        location: String,
+        /// What was being done.
+        action: String,
+        /// The database client's error, kept opaque so the client can change.
+        #[source]
+        source: StorageError,
+    },
+    /// The database holds instastate's tables in a newer version than this build
+    /// knows: an upgraded program uses it. Nothing was changed.
+    #[error(
+        "the database at `{location}` holds instastate's tables in version {found}, newer than {known}, the newest this build knows: upgrade this program"
+    )]
+    #[non_exhaustive]
+    DatabaseSchema {
+        /// The database's location, without its password.
+        location: String,
+        /// The version of its tables.
+        found: u64,
+        /// The newest version this build knows.
+        known: u64,
+    },
+    /// The writer of a store no longer holds its lease: another writer took the
+    /// store over (or the lease ran out while this one was paused or cut off). The
+    /// database refused the write, so nothing of it is stored; this writer must
+    /// stop writing, and may open the store again to wait for the lease.
+    #[error(
+        "the writer of `{namespace}` at `{location}` is fenced: its lease (epoch {epoch}) {}",
+        match current { Some(current) if current != epoch => format!("was taken over (epoch {current})"), _ => "ran out".to_owned() }
+    )]
+    #[non_exhaustive]
+    Fenced {
+        /// The database's location, without its password.
+        location: String,
+        /// The store's namespace.
+        namespace: String,
+        /// The epoch of this writer's lease.
+        epoch: u64,
+        /// The epoch of the lease as the database has it now, if any.
+        current: Option<u64>,
+    },
 }
 
 impl Error {

@@ -223,6 +223,8 @@ mod io;
 mod journal;
 mod journaled;
 mod lockfile;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod prevalence;
 mod registry;
 mod schema;

@@ -1,0 +1,289 @@
+//! One writer per store, fenced by the database.
+//!
+//! A store's writer holds its namespace's lease: a row of `instastate.leases` with
+//! an epoch, the holder, and when it expires, all judged by the database's clock
+//! (`clock_timestamp()`), never the writer's. Taking the lease over raises the
+//! epoch, and is possible only once the lease has expired (or was released).
+//!
+//! Every write of the holder runs [`Lease::fence`] in its own transaction first:
+//! it reads the lease row `FOR SHARE` and refuses the transaction unless the epoch
+//! is still the holder's and the lease has not expired. The row lock lasts until
+//! the transaction ends, so a takeover (which updates the row) waits for a write
+//! in progress to commit or roll back, and every write after the takeover is
+//! refused. A writer that was paused, cut off, or outlived its lease cannot
+//! overwrite its successor's work: the database refuses it, whatever the writer's
+//! own clock or state says. (A session advisory lock would not do: it is released
+//! when a connection drops, while the old writer may still hold another.)
+
+use std::{thread, time::Duration};
+
+use postgres::{Client, Transaction};
+use uuid::Uuid;
+
+use super::{Location, failed};
+use crate::{Error, Result};
+
+/// How long a lease lasts without renewal, and how often a standby asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LeaseSettings {
+    pub(crate) ttl: Duration,
+    pub(crate) poll: Duration,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings { ttl: Duration::from_secs(5), poll: Duration::from_millis(250) }
+    }
+}
+
+/// A namespace's lease, held: see the module's documentation.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    location: Location,
+    epoch: u64,
+    holder: String,
+    settings: LeaseSettings,
+}
+
+impl Lease {
+    /// Takes `location`'s lease if it is free (never held, released, or expired);
+    /// `None` while another holds it. The namespace must be prepared
+    /// (`schema::prepare`).
+    pub(crate) fn try_acquire(
+        client: &mut Client,
+        location: &Location,
+        settings: LeaseSettings,
+    ) -> Result<Option<Lease>> {
+        let holder = Uuid::new_v4().to_string();
+        let row = client
+            .query_opt(
+                "INSERT INTO instastate.leases AS l (namespace, epoch, holder, expires)
+                 VALUES ($1, 1, $2, clock_timestamp() + make_interval(secs => $3))
+                 ON CONFLICT (namespace) DO UPDATE
+                    SET epoch = l.epoch + 1, holder = EXCLUDED.holder,
+                        expires = clock_timestamp() + make_interval(secs => $3)
+                    WHERE l.expires <= clock_timestamp()
+                 RETURNING epoch",
+                &[&location.namespace(), &holder, &settings.ttl.as_secs_f64()],
+            )
+            .map_err(failed(location, "take the writer's lease"))?;
+        Ok(row.map(|row| Lease {
+            location: location.clone(),
+            epoch: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+            holder,
+            settings,
+        }))
+    }
+
+    /// Takes `location`'s lease, waiting for it (asking every `settings.poll`) for
+    /// at most `wait`; `None` when it stayed held that long.
+    pub(crate) fn acquire(
+        client: &mut Client,
+        location: &Location,
+        settings: LeaseSettings,
+        wait: Duration,
+    ) -> Result<Option<Lease>> {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(lease) = Lease::try_acquire(client, location, settings)? {
+                return Ok(Some(lease));
+            }
+            if wait <= started.elapsed() {
+                return Ok(None);
+            }
+            thread::sleep(settings.poll.min(wait.saturating_sub(started.elapsed())));
+        }
+    }
+
+    /// The lease's epoch: it rises at each takeover.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Extends the lease by its time to live, from now by the database's clock.
+    ///
+    /// # Errors
+    /// [`Error::Fenced`] when the lease was taken over or has run out: this
+    /// writer must stop.
+    pub(crate) fn renew(&self, client: &mut Client) -> Result<()> {
+        let renewed = client
+            .execute(
+                "UPDATE instastate.leases
+                    SET expires = clock_timestamp() + make_interval(secs => $3)
+                  WHERE namespace = $1 AND epoch = $2 AND expires > clock_timestamp()",
+                &[&self.location.namespace(), &self.epoch_i64(), &self.settings.ttl.as_secs_f64()],
+            )
+            .map_err(failed(&self.location, "renew the writer's lease"))?;
+        if renewed == 1 {
+            return Ok(());
+        }
+        let current = client
+            .query_opt(
+                "SELECT epoch FROM instastate.leases WHERE namespace = $1",
+                &[&self.location.namespace()],
+            )
+            .map_err(failed(&self.location, "read the writer's lease"))?;
+        Err(self.fenced(current.map(|row| row.get(0))))
+    }
+
+    /// Checks, inside the write transaction `tx`, that this writer still holds
+    /// the lease, and keeps it from being taken over until `tx` ends.
+    ///
+    /// # Errors
+    /// [`Error::Fenced`] when it does not: `tx` must be rolled back (dropping it
+    /// does).
+    pub(crate) fn fence(&self, tx: &mut Transaction<'_>) -> Result<()> {
+        let row = tx
+            .query_opt(
+                "SELECT epoch, expires > clock_timestamp() FROM instastate.leases
+                  WHERE namespace = $1 FOR SHARE",
+                &[&self.location.namespace()],
+            )
+            .map_err(failed(&self.location, "check the writer's lease"))?;
+        match row {
+            Some(row) if row.get::<_, i64>(0) == self.epoch_i64() && row.get::<_, bool>(1) => {
+                Ok(())
+            }
+            row => Err(self.fenced(row.map(|row| row.get(0)))),
+        }
+    }
+
+    /// Gives the lease up, so that a standby takes over at once. A lease already
+    /// lost is left alone.
+    pub(crate) fn release(&self, client: &mut Client) -> Result<()> {
+        client
+            .execute(
+                "UPDATE instastate.leases SET expires = clock_timestamp()
+                  WHERE namespace = $1 AND epoch = $2 AND holder = $3",
+                &[&self.location.namespace(), &self.epoch_i64(), &self.holder],
+            )
+            .map_err(failed(&self.location, "release the writer's lease"))?;
+        Ok(())
+    }
+
+    fn epoch_i64(&self) -> i64 {
+        i64::try_from(self.epoch).unwrap_or(i64::MAX)
+    }
+
+    fn fenced(&self, current: Option<i64>) -> Error {
+        Error::Fenced {
+            location: self.location.to_string(),
+            namespace: self.location.namespace().to_owned(),
+            epoch: self.epoch,
+            current: current.and_then(|it| u64::try_from(it).ok()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::postgres::{schema::prepare, test_server};
+
+    const KIND: &str = "a test of leases";
+
+    fn prepared(prefix: &str) -> Result<(Location, Client)> {
+        let location = test_server::location(prefix)?;
+        let mut client = location.connect()?;
+        prepare(&mut client, &location, KIND)?;
+        Ok((location, client))
+    }
+
+    fn short(ttl_ms: u64) -> LeaseSettings {
+        LeaseSettings { ttl: Duration::from_millis(ttl_ms), poll: Duration::from_millis(20) }
+    }
+
+    fn is_fenced(res: &Result<()>, epoch: u64, current: u64) -> bool {
+        matches!(res, Err(Error::Fenced { epoch: e, current: Some(c), .. }) if *e == epoch && *c == current)
+    }
+
+    #[test]
+    fn one_writer_at_a_time_and_a_release_hands_over_at_once() -> Result<()> {
+        let (location, mut client) = prepared("lease-one")?;
+        let first = Lease::try_acquire(&mut client, &location, short(10_000))?.expect("free");
+        assert_eq!(first.epoch(), 1);
+        let mut other = location.connect()?;
+        assert!(Lease::try_acquire(&mut other, &location, short(10_000))?.is_none());
+        first.renew(&mut client)?;
+        let mut tx = client.transaction().map_err(failed(&location, "test"))?;
+        first.fence(&mut tx)?;
+        drop(tx);
+        first.release(&mut client)?;
+        let second = Lease::try_acquire(&mut other, &location, short(10_000))?.expect("released");
+        assert_eq!(second.epoch(), 2);
+        let mut tx = client.transaction().map_err(failed(&location, "test"))?;
+        assert!(is_fenced(&first.fence(&mut tx), 1, 2));
+        drop(tx);
+        assert!(is_fenced(&first.renew(&mut client), 1, 2));
+        Ok(())
+    }
+
+    #[test]
+    fn a_lease_that_runs_out_is_fenced_by_the_database_clock_then_taken_over() -> Result<()> {
+        let (location, mut client) = prepared("lease-out")?;
+        let first = Lease::try_acquire(&mut client, &location, short(300))?.expect("free");
+        // Renewed, it stays.
+        let mut other = location.connect()?;
+        for _ in 0..6 {
+            thread::sleep(Duration::from_millis(100));
+            first.renew(&mut client)?;
+            assert!(Lease::try_acquire(&mut other, &location, short(300))?.is_none());
+        }
+        thread::sleep(Duration::from_millis(400));
+        // Not renewed, it runs out: its own writes are refused before anyone takes over.
+        let mut tx = client.transaction().map_err(failed(&location, "test"))?;
+        let res = first.fence(&mut tx);
+        assert!(is_fenced(&res, 1, 1), "{res:?}");
+        assert!(res.is_err_and(|err| err.to_string().contains("ran out")));
+        drop(tx);
+        let second = Lease::acquire(&mut other, &location, short(300), Duration::from_secs(5))?;
+        assert_eq!(second.map(|it| it.epoch()), Some(2));
+        let res = first.renew(&mut client);
+        assert!(is_fenced(&res, 1, 2), "{res:?}");
+        assert!(res.is_err_and(|err| err.to_string().contains("taken over (epoch 2)")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_takeover_waits_for_the_write_in_progress_and_fences_every_later_one() -> Result<()> {
+        let (location, mut client) = prepared("lease-race")?;
+        let table = test_server::unique("writes");
+        client
+            .batch_execute(&format!("CREATE TABLE \"{table}\" (n int)"))
+            .map_err(failed(&location, "test"))?;
+        let first = Lease::try_acquire(&mut client, &location, short(200))?.expect("free");
+        let (committed, taken) = thread::scope(|scope| -> Result<(Instant, Instant)> {
+            let writer = scope.spawn(|| -> Result<Instant> {
+                let mut tx = client.transaction().map_err(failed(&location, "test"))?;
+                first.fence(&mut tx)?;
+                tx.execute(&format!("INSERT INTO \"{table}\" VALUES (1)"), &[])
+                    .map_err(failed(&location, "test"))?;
+                // The lease runs out while the write is in progress.
+                thread::sleep(Duration::from_millis(600));
+                tx.commit().map_err(failed(&location, "test"))?;
+                Ok(Instant::now())
+            });
+            let standby = scope.spawn(|| -> Result<Instant> {
+                thread::sleep(Duration::from_millis(50));
+                let mut other = location.connect()?;
+                let lease =
+                    Lease::acquire(&mut other, &location, short(200), Duration::from_secs(10))?;
+                assert_eq!(lease.map(|it| it.epoch()), Some(2));
+                Ok(Instant::now())
+            });
+            Ok((writer.join().expect("writer")?, standby.join().expect("standby")?))
+        })?;
+        assert!(committed <= taken, "the takeover did not wait for the write in progress");
+        let mut tx = client.transaction().map_err(failed(&location, "test"))?;
+        let res = first.fence(&mut tx);
+        assert!(is_fenced(&res, 1, 2), "{res:?}");
+        drop(tx);
+        let rows = client
+            .query_one(&format!("SELECT count(*) FROM \"{table}\""), &[])
+            .map_err(failed(&location, "test"))?;
+        assert_eq!(rows.get::<_, i64>(0), 1);
+        Ok(())
+    }
+}

@@ -1,0 +1,323 @@
+//! Where a store on PostgreSQL is: a `postgres://` URL and a namespace.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use postgres::{
+    Client, NoTls,
+    config::{Config, Host, SslMode},
+};
+
+use crate::{Error, Result};
+
+/// The query parameter that names the store's namespace.
+const NAMESPACE: &str = "namespace";
+/// The URL parameters the client takes.
+const SETTINGS: &[&str] = &[
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "sslmode",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+];
+/// The longest namespace.
+const MAX_NAMESPACE: usize = 63;
+
+/// A store's place in a PostgreSQL database: the connection settings of a
+/// `postgres://` (or `postgresql://`) URL, and the store's namespace, its
+/// `namespace` query parameter (`postgres://app@db/prod?namespace=orders`).
+///
+/// What the URL leaves out comes from the standard environment variables, as
+/// `psql` takes them: `PGHOST` and `PGPORT` (when the URL names no host),
+/// `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE`, `PGCONNECT_TIMEOUT` and
+/// `PGAPPNAME`. The user defaults to `postgres`, the host to `localhost`, the
+/// port to 5432.
+///
+/// A namespace is 1 to 63 ASCII letters, digits, `-`, `_` and `.`; many stores
+/// share one database, each in its namespace.
+///
+/// Shown (`Display`, `Debug`, and in every error) without its password.
+///
+/// # Example
+/// ```
+/// use instastate::postgres::Location;
+///
+/// # fn main() -> instastate::Result<()> {
+/// let location = Location::parse("postgres://app:s3cret@db:5433/prod?namespace=orders")?;
+/// assert_eq!(location.namespace(), "orders");
+/// assert_eq!(location.to_string(), "postgres://app@db:5433/prod?namespace=orders");
+/// assert!(Location::parse("postgres://app@db/prod").is_err()); // no namespace
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Location {
+    config: Config,
+    namespace: String,
+}
+
+impl Location {
+    /// Parses `url`, completing it from the process's environment.
+    ///
+    /// # Errors
+    /// [`Error::InvalidLocation`] when `url` is not a `postgres://` URL the client
+    /// accepts, or lacks a valid namespace.
+    pub fn parse(url: &str) -> Result<Location> {
+        Location::parse_with(url, |name| std::env::var(name).ok())
+    }
+
+    /// Parses `url`, completing it from `env` in place of the environment.
+    pub(crate) fn parse_with(url: &str, env: impl Fn(&str) -> Option<String>) -> Result<Location> {
+        let invalid = |reason: String| Error::InvalidLocation { location: redact(url), reason };
+        let Some(rest) =
+            url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://"))
+        else {
+            return Err(invalid("it is not a postgres:// URL".into()));
+        };
+        let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut namespace = None;
+        let mut others = Vec::new();
+        for pair in query.split('&').filter(|it| !it.is_empty()) {
+            match pair.split_once('=') {
+                Some((NAMESPACE, value)) if namespace.is_none() => namespace = Some(value),
+                Some((NAMESPACE, _)) => return Err(invalid("it names two namespaces".into())),
+                _ => others.push(pair),
+            }
+        }
+        let namespace = namespace.ok_or_else(|| {
+            invalid("it names no namespace: add `?namespace=NAME` to the URL".into())
+        })?;
+        check_namespace(namespace).map_err(invalid)?;
+        if let Some(unknown) = others
+            .iter()
+            .map(|pair| pair.split_once('=').map_or(*pair, |(key, _)| key))
+            .find(|key| !SETTINGS.contains(key))
+        {
+            return Err(invalid(format!(
+                "its parameter `{unknown}` is not a connection setting (those are {}, and `namespace`)",
+                SETTINGS.join(", ")
+            )));
+        }
+        let mut client_url = format!("postgresql://{base}");
+        if !others.is_empty() {
+            client_url = format!("{client_url}?{}", others.join("&"));
+        }
+        let mut config = Config::from_str(&client_url).map_err(|err| {
+            invalid(format!("the client cannot read it as a connection URL ({err})"))
+        })?;
+        complete(&mut config, &env).map_err(invalid)?;
+        Ok(Location { config, namespace: namespace.to_owned() })
+    }
+
+    /// The store's namespace.
+    #[must_use]
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// A new connection to the database.
+    pub(crate) fn connect(&self) -> Result<Client> {
+        self.config.connect(NoTls).map_err(super::failed(self, "connect"))
+    }
+
+    /// The same database, another namespace.
+    pub(crate) fn with_namespace(&self, namespace: &str) -> Result<Location> {
+        check_namespace(namespace)
+            .map_err(|reason| Error::InvalidLocation { location: self.to_string(), reason })?;
+        Ok(Location { config: self.config.clone(), namespace: namespace.to_owned() })
+    }
+
+    /// Another database of the same server, for tests that change what all
+    /// namespaces of a database share.
+    #[cfg(test)]
+    pub(crate) fn with_database(&self, database: &str) -> Location {
+        let mut config = self.config.clone();
+        config.dbname(database);
+        Location { config, namespace: self.namespace.clone() }
+    }
+}
+
+/// Whether `namespace` is one a location may name; why not.
+fn check_namespace(namespace: &str) -> std::result::Result<(), String> {
+    if namespace.is_empty() || MAX_NAMESPACE < namespace.len() {
+        return Err(format!("its namespace must be 1 to {MAX_NAMESPACE} characters long"));
+    }
+    if let Some(bad) =
+        namespace.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "its namespace {namespace:?} holds {bad:?}: only ASCII letters, digits, `-`, `_` and `.` may"
+        ));
+    }
+    Ok(())
+}
+
+/// Fills in what the URL left out from the `PG*` variables `env` gives, then the
+/// defaults.
+fn complete(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+    if config.get_hosts().is_empty() {
+        let hosts = env("PGHOST").unwrap_or_else(|| "localhost".to_owned());
+        for host in hosts.split(',') {
+            config.host(host);
+        }
+        if let Some(port) = env("PGPORT") {
+            let port = port.parse().map_err(|_| format!("PGPORT {port:?} is not a port"))?;
+            config.port(port);
+        }
+    }
+    if config.get_user().is_none() {
+        config.user(env("PGUSER").as_deref().unwrap_or("postgres"));
+    }
+    if config.get_password().is_none()
+        && let Some(password) = env("PGPASSWORD")
+    {
+        config.password(password);
+    }
+    if config.get_dbname().is_none()
+        && let Some(dbname) = env("PGDATABASE")
+    {
+        config.dbname(&dbname);
+    }
+    if let Some(mode) = env("PGSSLMODE") {
+        config.ssl_mode(match mode.as_str() {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            other => return Err(format!("PGSSLMODE {other:?} is not one this build takes")),
+        });
+    }
+    if config.get_connect_timeout().is_none()
+        && let Some(secs) = env("PGCONNECT_TIMEOUT")
+    {
+        let secs: u64 =
+            secs.parse().map_err(|_| format!("PGCONNECT_TIMEOUT {secs:?} is not seconds"))?;
+        config.connect_timeout(Duration::from_secs(secs));
+    }
+    if config.get_application_name().is_none() {
+        config.application_name(env("PGAPPNAME").as_deref().unwrap_or("instastate"));
+    }
+    Ok(())
+}
+
+/// `url` without the password its user part may hold, for errors about it.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest
+        .split_once(['/', '?'])
+        .map_or((rest, ""), |(a, _)| (a, rest.get(a.len()..).unwrap_or_default()));
+    match authority.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map_or(user, |(user, _)| user);
+            format!("{scheme}://{user}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let user = self.config.get_user().unwrap_or_default();
+        f.write_str("postgres://")?;
+        if !user.is_empty() {
+            write!(f, "{user}@")?;
+        }
+        let ports = self.config.get_ports();
+        for (k, host) in self.config.get_hosts().iter().enumerate() {
+            if 0 < k {
+                f.write_str(",")?;
+            }
+            match host {
+                Host::Tcp(name) => f.write_str(name)?,
+                Host::Unix(path) => write!(f, "[{}]", path.display())?,
+            }
+            if let Some(port) = ports.get(k).or_else(|| ports.first()) {
+                write!(f, ":{port}")?;
+            }
+        }
+        write!(f, "/{}?namespace={}", self.config.get_dbname().unwrap_or_default(), self.namespace)
+    }
+}
+
+impl fmt::Debug for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Location").field(&self.to_string()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn a_url_gives_its_settings_and_namespace_and_never_shows_its_password() -> Result<()> {
+        let location =
+            Location::parse_with("postgres://app:s3cret@db:5433/prod?namespace=orders", no_env)?;
+        assert_eq!(location.namespace(), "orders");
+        assert_eq!(location.config.get_password(), Some(&b"s3cret"[..]));
+        assert_eq!(location.to_string(), "postgres://app@db:5433/prod?namespace=orders");
+        assert!(!format!("{location:?}").contains("s3cret"));
+        let err = Location::parse_with("postgres://app:s3cret@db/prod", no_env).map(drop);
+        let Err(err @ Error::InvalidLocation { .. }) = err else { panic!("{err:?}") };
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        assert!(err.to_string().contains("namespace"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn bad_locations_are_refused_with_the_reason() {
+        for (url, says) in [
+            ("mysql://db/prod?namespace=a", "postgres://"),
+            ("postgres://db/prod?namespace=", "1 to 63"),
+            ("postgres://db/prod?namespace=a b", "holds ' '"),
+            ("postgres://db/prod?namespace=a&namespace=b", "two namespaces"),
+            ("postgres://db/prod?namespace=a&nonsense=1", "`nonsense` is not"),
+            ("postgres://db:notaport/prod?namespace=a", "cannot read it"),
+        ] {
+            match Location::parse_with(url, no_env) {
+                Err(Error::InvalidLocation { reason, .. }) => {
+                    assert!(reason.contains(says), "{url}: {reason}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn what_the_url_leaves_out_comes_from_the_pg_variables() -> Result<()> {
+        let env = |name: &str| {
+            let value = match name {
+                "PGHOST" => "h1",
+                "PGPORT" => "6000",
+                "PGUSER" => "u",
+                "PGPASSWORD" => "pw",
+                "PGDATABASE" => "d",
+                _ => return None,
+            };
+            Some(value.to_owned())
+        };
+        let location = Location::parse_with("postgres://?namespace=n", env)?;
+        assert_eq!(location.to_string(), "postgres://u@h1:6000/d?namespace=n");
+        assert_eq!(location.config.get_password(), Some(&b"pw"[..]));
+        // The URL wins over the environment.
+        let location = Location::parse_with("postgres://me@there/mine?namespace=n", env)?;
+        assert_eq!(location.to_string(), "postgres://me@there:5432/mine?namespace=n");
+        assert_eq!(redact("postgres://u:pw@h/d?x=1"), "postgres://u@h/d?x=1");
+        Ok(())
+    }
+}
