@@ -222,6 +222,7 @@ pub mod fuzz;
 mod io;
 mod journal;
 mod journaled;
+mod location;
 mod lockfile;
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -598,6 +598,7 @@ impl<S, M> PrevaylerBuilder<S, M> {
         M: ForEvents<E>,
     {
         let dir = dir.as_ref();
+        crate::location::refuse_database(dir, "a prevalent system")?;
         let sealer = self.sealer();
         let PrevaylerBuilder {
             durability,

@@ -468,6 +468,7 @@ impl<E> EventStoreBuilder<E> {
         E: Serialize + DeserializeOwned,
     {
         let dir = dir.as_ref();
+        crate::location::refuse_database(dir, "an event store")?;
         let io = self.io.clone();
         let sealer = self.sealer();
         let lock = DirLock::acquire(&io, dir, Kind::Journal)?;

@@ -80,7 +80,10 @@ impl Location {
 
     /// Parses `url`, completing it from `env` in place of the environment.
     pub(crate) fn parse_with(url: &str, env: impl Fn(&str) -> Option<String>) -> Result<Location> {
-        let invalid = |reason: String| Error::InvalidLocation { location: redact(url), reason };
+        let invalid = |reason: String| Error::InvalidLocation {
+            location: crate::location::redacted(url),
+            reason,
+        };
         let Some(rest) =
             url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://"))
         else {
@@ -211,21 +214,6 @@ fn complete(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Result
     Ok(())
 }
 
-/// `url` without the password its user part may hold, for errors about it.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, path) = rest
-        .split_once(['/', '?'])
-        .map_or((rest, ""), |(a, _)| (a, rest.get(a.len()..).unwrap_or_default()));
-    match authority.rsplit_once('@') {
-        Some((user, host)) => {
-            let user = user.split_once(':').map_or(user, |(user, _)| user);
-            format!("{scheme}://{user}@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let user = self.config.get_user().unwrap_or_default();
@@ -317,7 +305,7 @@ mod tests {
         // The URL wins over the environment.
         let location = Location::parse_with("postgres://me@there/mine?namespace=n", env)?;
         assert_eq!(location.to_string(), "postgres://me@there:5432/mine?namespace=n");
-        assert_eq!(redact("postgres://u:pw@h/d?x=1"), "postgres://u@h/d?x=1");
+        assert_eq!(crate::location::redacted("postgres://u:pw@h/d?x=1"), "postgres://u@h/d?x=1");
         Ok(())
     }
 }

@@ -367,6 +367,7 @@ impl StoreBuilder {
     }
 
     fn open_as(mut self, path: &Path, access: Access) -> Result<Store> {
+        crate::location::refuse_database(path, "a store of cells")?;
         let cells = check_names(std::mem::take(&mut self.cells))?;
         let held = Held::take(&cells)?;
         let io = self.io.clone();

@@ -411,3 +411,23 @@ fn a_damaged_old_history_entry_shortens_the_history_but_the_store_opens() -> Tes
     assert!(store.verify()?.is_empty(), "{:?}", store.verify()?);
     Ok(())
 }
+
+#[test]
+fn a_database_location_is_refused_and_never_taken_for_a_directory() -> TestResult {
+    let url = "postgres://app:s3cret@127.0.0.1:1/prod?namespace=orders";
+    let results = [
+        instastate::Store::builder().open(url).map(drop),
+        instastate::events::EventStore::<u64>::open(url).map(drop),
+        instastate::events::RawEvents::open(url).map(drop),
+        instastate::prevalence::Prevayler::open(url, 0u64, |n: &mut u64, e: u64, _| *n += e)
+            .map(drop),
+    ];
+    for res in results {
+        let Err(instastate::Error::InvalidLocation { location, .. }) = &res else {
+            return Err(format!("{res:?}").into());
+        };
+        assert!(!location.contains("s3cret"), "{location}");
+    }
+    assert!(!std::path::Path::new("postgres:").exists(), "a directory postgres: was made");
+    Ok(())
+}

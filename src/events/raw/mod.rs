@@ -194,6 +194,7 @@ impl RawEventsBuilder {
     /// [`Error::Io`].
     pub fn open(self, dir: impl AsRef<Path>) -> Result<RawEvents> {
         let dir = dir.as_ref();
+        crate::location::refuse_database(dir, "an event store")?;
         let io = Io::default();
         let sealer = self.sealer();
         let (look, tail, open_elsewhere) = take_lock(&io, dir, self.locking)?;
@@ -234,6 +235,7 @@ impl RawEventsBuilder {
     /// [`Verified`], not as an error.
     pub fn verify(self, dir: impl AsRef<Path>) -> Result<Verified> {
         let dir = dir.as_ref();
+        crate::location::refuse_database(dir, "an event store")?;
         let io = Io::default();
         let sealer = self.sealer();
         let (look, tail, open_elsewhere) = take_lock(&io, dir, self.locking)?;
