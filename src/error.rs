@@ -678,6 +678,15 @@ pub enum Error {
         #[source]
         source: StorageError,
     },
+    /// What instastate's tables hold is damaged: a value its own writes never make.
+    #[error("the database at `{location}` holds damaged data: {reason}")]
+    #[non_exhaustive]
+    DatabaseCorrupt {
+        /// The database's location, without its password.
+        location: String,
+        /// What is damaged.
+        reason: String,
+    },
     /// The database holds instastate's tables in a newer version than this build
     /// knows: an upgraded program uses it. Nothing was changed.
     #[error(

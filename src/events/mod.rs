@@ -72,7 +72,7 @@
 //!   feature ([`Codec`]).
 //! - **An untyped, read-only view** for tools: [`RawEvents`].
 
-mod append;
+pub(crate) mod append;
 #[cfg(feature = "fuzz")]
 pub(crate) mod batch;
 #[cfg(not(feature = "fuzz"))]

@@ -17,6 +17,7 @@
 // The front doors take these up one by one; until then only the tests use some.
 #![cfg_attr(not(test), allow(dead_code))]
 
+mod events;
 mod lease;
 mod location;
 mod schema;

@@ -26,6 +26,38 @@ const STEPS: &[&str] = &[
         holder text NOT NULL,
         expires timestamptz NOT NULL
     );",
+    // 2: the event store: its head (the next position, taken under its row lock by
+    // every append), its streams, its events.
+    "CREATE TABLE instastate.event_heads (
+        namespace text PRIMARY KEY REFERENCES instastate.namespaces,
+        next_position bigint NOT NULL CHECK (next_position >= 0),
+        last_at bigint NOT NULL CHECK (last_at >= 0)
+    );
+    CREATE TABLE instastate.streams (
+        namespace text NOT NULL REFERENCES instastate.namespaces,
+        stream text NOT NULL,
+        next_version bigint NOT NULL CHECK (next_version >= 0),
+        PRIMARY KEY (namespace, stream)
+    );
+    CREATE TABLE instastate.events (
+        namespace text NOT NULL REFERENCES instastate.namespaces,
+        position bigint NOT NULL CHECK (position >= 0),
+        stream text NOT NULL,
+        version bigint NOT NULL CHECK (version >= 0),
+        id bytea NOT NULL CHECK (length(id) = 16),
+        event_type text NOT NULL,
+        at_us bigint NOT NULL CHECK (at_us >= 0),
+        causation bytea CHECK (length(causation) = 16),
+        correlation bytea CHECK (length(correlation) = 16),
+        tags text[] NOT NULL,
+        triggers text[] NOT NULL,
+        schema integer NOT NULL CHECK (schema >= 0),
+        json boolean NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (namespace, position),
+        UNIQUE (namespace, stream, version),
+        UNIQUE (namespace, id)
+    );",
 ];
 
 /// The newest version of the tables this build knows.

@@ -1,0 +1,597 @@
+//! The event store's engine on PostgreSQL: any number of writers, in any number
+//! of processes, with positions gap-free and in commit order.
+//!
+//! Every append transaction first locks the namespace's head row
+//! (`instastate.event_heads`, `FOR UPDATE`), takes its positions from it, and
+//! moves it on before it commits. Appends of one namespace are so serialized by
+//! the database, and a transaction that takes positions commits before the next
+//! one can take any: a reader that sees position `p` sees every position below it,
+//! so a catch-up reader never skips an event that committed late (what readers of
+//! stores that take positions from a sequence, committed in any order, hit). The
+//! cost is one append transaction at a time per namespace; within a process,
+//! concurrent appends share one transaction (group commit), so that cost is paid
+//! once per group, not per append.
+//!
+//! Expected versions, idempotent retries (the same ids at the same place return
+//! the earlier result) and duplicate ids are checked inside that transaction,
+//! against the tables, as the embedded engine checks them against its index; a
+//! refused append leaves the others of its group unharmed. Each commit notifies
+//! channel [`CHANNEL`] with `<namespace> <next position>`, for live readers.
+
+use std::{
+    collections::HashMap,
+    ops::Range,
+    sync::{Condvar, Mutex, MutexGuard},
+};
+
+use postgres::{Client, Row, Transaction};
+
+use super::{Location, failed, schema};
+use crate::{
+    Error, Result, StorageError, Timestamp,
+    events::{
+        Appended, EventId, Expected, Metadata, Position, RawEvent,
+        append::{Encoded, Request, check_requests},
+    },
+};
+
+/// The channel every commit notifies.
+pub(crate) const CHANNEL: &str = "instastate_events";
+
+/// The kind a namespace of this engine records.
+const KIND: &str = "an event store";
+
+/// An event store's engine on PostgreSQL.
+pub(crate) struct PgEvents {
+    location: Location,
+    group: Mutex<Group>,
+    done: Condvar,
+    /// Connections for reads, taken and put back.
+    readers: Mutex<Vec<Client>>,
+}
+
+/// The appends waiting for a transaction, and who runs it.
+#[derive(Default)]
+struct Group {
+    next_ticket: u64,
+    queue: Vec<(u64, Vec<Request>)>,
+    /// Whether a caller runs a transaction now (it holds the writer).
+    leading: bool,
+    writer: Option<Client>,
+    results: HashMap<u64, Result<Vec<Appended>>>,
+}
+
+impl PgEvents {
+    /// Opens the event store at `location`: upgrades instastate's tables and
+    /// records the namespace as an event store's.
+    pub(crate) fn open(location: &Location) -> Result<PgEvents> {
+        let mut client = location.connect()?;
+        schema::prepare(&mut client, location, KIND)?;
+        client
+            .execute(
+                "INSERT INTO instastate.event_heads (namespace, next_position, last_at)
+                 VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
+                &[&location.namespace()],
+            )
+            .map_err(failed(location, "record the event store's head"))?;
+        Ok(PgEvents {
+            location: location.clone(),
+            group: Mutex::new(Group { writer: Some(client), ..Group::default() }),
+            done: Condvar::new(),
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Appends `requests` (one or more streams), all or nothing, if each stream is
+    /// as its request expects; returns what each got. Concurrent callers share one
+    /// transaction.
+    pub(crate) fn append(&self, requests: Vec<Request>) -> Result<Vec<Appended>> {
+        check_requests(&requests)?;
+        let mut group = self.lock();
+        let ticket = group.next_ticket;
+        group.next_ticket += 1;
+        group.queue.push((ticket, requests));
+        loop {
+            if let Some(result) = group.results.remove(&ticket) {
+                return result;
+            }
+            if group.leading {
+                group = self.done.wait(group).unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            }
+            // This caller runs the next transaction, for every append waiting.
+            group.leading = true;
+            let batch = std::mem::take(&mut group.queue);
+            let writer = group.writer.take();
+            drop(group);
+            let mut leader = Leader { engine: self, writer, results: Vec::new() };
+            leader.run(&batch);
+            group = self.lock();
+            group.writer = leader.writer.take();
+            group.results.extend(std::mem::take(&mut leader.results));
+            group.leading = false;
+            self.done.notify_all();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Group> {
+        // A panic while the lock was held left nothing half-changed that matters:
+        // the group's fields are replaced whole.
+        self.group.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The next position: one past the last event committed.
+    pub(crate) fn head(&self) -> Result<Position> {
+        let row = self.with_reader("read the head", |client| {
+            client.query_one(
+                "SELECT next_position FROM instastate.event_heads WHERE namespace = $1",
+                &[&self.location.namespace()],
+            )
+        })?;
+        Ok(Position::new(count(&self.location, row.get(0), &|| "the head".to_owned())?))
+    }
+
+    /// The last version of `stream`, or `None` when it has no event.
+    pub(crate) fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
+        let row = self.with_reader("read a stream's version", |client| {
+            client.query_opt(
+                "SELECT next_version FROM instastate.streams WHERE namespace = $1 AND stream = $2",
+                &[&self.location.namespace(), &stream],
+            )
+        })?;
+        let what = || format!("the next version of stream `{stream}`");
+        Ok(row
+            .map(|row| count(&self.location, row.get(0), &what))
+            .transpose()?
+            .and_then(|next| next.checked_sub(1)))
+    }
+
+    /// Up to `limit` events of every stream from position `from` on, in position
+    /// order (`backward`: from `from` down).
+    pub(crate) fn read_all(&self, from: u64, limit: u64, backward: bool) -> Result<Vec<RawEvent>> {
+        let sql = if backward {
+            "SELECT * FROM instastate.events WHERE namespace = $1 AND position <= $2
+              ORDER BY position DESC LIMIT $3"
+        } else {
+            "SELECT * FROM instastate.events WHERE namespace = $1 AND position >= $2
+              ORDER BY position LIMIT $3"
+        };
+        self.with_reader("read events", |client| {
+            let rows =
+                client.query(sql, &[&self.location.namespace(), &i64_of(from), &i64_of(limit)])?;
+            Ok(rows)
+        })?
+        .iter()
+        .map(|row| event_of(&self.location, row))
+        .collect()
+    }
+
+    /// Up to `limit` events of `stream` from version `from` on, in version order
+    /// (`backward`: from `from` down).
+    pub(crate) fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: u64,
+        backward: bool,
+    ) -> Result<Vec<RawEvent>> {
+        let sql = if backward {
+            "SELECT * FROM instastate.events WHERE namespace = $1 AND stream = $2
+                AND version <= $3 ORDER BY version DESC LIMIT $4"
+        } else {
+            "SELECT * FROM instastate.events WHERE namespace = $1 AND stream = $2
+                AND version >= $3 ORDER BY version LIMIT $4"
+        };
+        self.with_reader("read a stream", |client| {
+            let params: [&(dyn postgres::types::ToSql + Sync); 4] =
+                [&self.location.namespace(), &stream, &i64_of(from), &i64_of(limit)];
+            client.query(sql, &params)
+        })?
+        .iter()
+        .map(|row| event_of(&self.location, row))
+        .collect()
+    }
+
+    /// Runs `read` on a reader connection (a new one when none is free, or when
+    /// the one taken broke).
+    fn with_reader<T>(
+        &self,
+        action: &str,
+        read: impl FnOnce(&mut Client) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        let pooled = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let mut client = match pooled.filter(|client| !client.is_closed()) {
+            Some(client) => client,
+            None => self.location.connect()?,
+        };
+        let res = read(&mut client).map_err(failed(&self.location, action));
+        if !client.is_closed() {
+            self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client);
+        }
+        res
+    }
+}
+
+/// The caller that runs a group's transaction.
+struct Leader<'a> {
+    engine: &'a PgEvents,
+    writer: Option<Client>,
+    results: Vec<(u64, Result<Vec<Appended>>)>,
+}
+
+/// A stream as a group's transaction sees it: its next version.
+type Streams = HashMap<String, u64>;
+/// Where each id the group names is: stream, version, position.
+type Ids = HashMap<[u8; 16], (String, u64, u64)>;
+
+impl Leader<'_> {
+    /// Runs one transaction for `batch`, and records each append's result.
+    fn run(&mut self, batch: &[(u64, Vec<Request>)]) {
+        let location = &self.engine.location;
+        let client = match self.writer.take().filter(|client| !client.is_closed()) {
+            Some(client) => Ok(client),
+            None => location.connect(),
+        };
+        let outcome = client.and_then(|mut client| {
+            let outcome = commit(&mut client, location, batch);
+            if !client.is_closed() {
+                self.writer = Some(client);
+            }
+            outcome
+        });
+        match outcome {
+            Ok(results) => self.results.extend(results),
+            Err(err) => {
+                // Every append of the group failed with the transaction: each gets
+                // the error (as text: the client's error is not cloned).
+                let message = err.to_string();
+                for (ticket, _) in batch {
+                    let source = StorageError(message.clone().into());
+                    let action = "append (the transaction of its group failed)".to_owned();
+                    let location = location.to_string();
+                    self.results.push((*ticket, Err(Error::Database { location, action, source })));
+                }
+            }
+        }
+    }
+}
+
+/// The group's transaction: plans each append in order against the tables and the
+/// appends before it, writes the events of those that hold, and commits.
+fn commit(
+    client: &mut Client,
+    location: &Location,
+    batch: &[(u64, Vec<Request>)],
+) -> Result<Vec<(u64, Result<Vec<Appended>>)>> {
+    let namespace = location.namespace();
+    let mut tx = client.transaction().map_err(failed(location, "begin an append"))?;
+    let head = tx
+        .query_one(
+            "SELECT next_position, last_at FROM instastate.event_heads
+              WHERE namespace = $1 FOR UPDATE",
+            &[&namespace],
+        )
+        .map_err(failed(location, "lock the event store's head"))?;
+    let first_position = count(location, head.get(0), &|| "the head".to_owned())?;
+    let now = tx
+        .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint", &[])
+        .map_err(failed(location, "read the database's clock"))?;
+    // Timestamps never go back along positions, whatever the clock does.
+    let at = count(location, now.get(0), &|| "the database's clock".to_owned())?.max(count(
+        location,
+        head.get(1),
+        &|| "the last timestamp".to_owned(),
+    )?);
+    let mut streams = load_streams(&mut tx, location, batch)?;
+    let mut ids = load_ids(&mut tx, location, batch)?;
+    let mut next = first_position;
+    let mut rows: Vec<(u64, &str, u64, &Encoded)> = Vec::new();
+    let mut results = Vec::with_capacity(batch.len());
+    for (ticket, requests) in batch {
+        let planned = plan(requests, &streams, &ids, next);
+        if let Ok(planned) = &planned {
+            for (request, appended) in requests.iter().zip(planned) {
+                if appended.positions.start < next {
+                    continue; // a retry: written before
+                }
+                streams.insert(request.stream.clone(), appended.versions.end);
+                for ((event, version), position) in request
+                    .events
+                    .iter()
+                    .zip(appended.versions.clone())
+                    .zip(appended.positions.clone())
+                {
+                    ids.insert(*event.id.as_bytes(), (request.stream.clone(), version, position));
+                    rows.push((position, &request.stream, version, event));
+                }
+                next = next.max(appended.positions.end);
+            }
+        }
+        results.push((*ticket, planned));
+    }
+    if rows.is_empty() {
+        tx.rollback().map_err(failed(location, "end an append that writes nothing"))?;
+        return Ok(results);
+    }
+    write(&mut tx, location, &rows, &streams, next, at)?;
+    tx.commit().map_err(failed(location, "commit an append"))?;
+    Ok(results)
+}
+
+/// Writes the planned `rows` (position, stream, version, event), moves their
+/// streams to the versions `streams` has and the head to `next` (at `at`), and
+/// notifies the live readers, in the append's transaction `tx`.
+fn write(
+    tx: &mut Transaction<'_>,
+    location: &Location,
+    rows: &[(u64, &str, u64, &Encoded)],
+    streams: &Streams,
+    next: u64,
+    at: u64,
+) -> Result<()> {
+    let namespace = location.namespace();
+    let at = i64_of(at);
+    let insert = tx
+        .prepare(
+            "INSERT INTO instastate.events (namespace, position, stream, version, id, event_type,
+                at_us, causation, correlation, tags, triggers, schema, json, data)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .map_err(failed(location, "prepare the append"))?;
+    for (position, stream, version, event) in rows {
+        let causation = event.causation.as_ref().map(|id| &id.as_bytes()[..]);
+        let correlation = event.correlation.as_ref().map(|id| &id.as_bytes()[..]);
+        let schema = i32::try_from(event.schema).unwrap_or(i32::MAX);
+        let params: [&(dyn postgres::types::ToSql + Sync); 14] = [
+            &namespace,
+            &i64_of(*position),
+            stream,
+            &i64_of(*version),
+            &&event.id.as_bytes()[..],
+            &event.event_type,
+            &at,
+            &causation,
+            &correlation,
+            &event.tags,
+            &event.triggers,
+            &schema,
+            &event.json,
+            &event.data,
+        ];
+        tx.execute(&insert, &params).map_err(failed(location, "write an event"))?;
+    }
+    let touched: Vec<(&str, i64)> = rows
+        .iter()
+        .map(|(_, stream, ..)| (*stream, i64_of(streams.get(*stream).copied().unwrap_or(0))))
+        .collect::<HashMap<_, _>>()
+        .into_iter()
+        .collect();
+    let (names, versions): (Vec<&str>, Vec<i64>) = touched.into_iter().unzip();
+    tx.execute(
+        "INSERT INTO instastate.streams (namespace, stream, next_version)
+         SELECT $1, * FROM UNNEST($2::text[], $3::bigint[])
+         ON CONFLICT (namespace, stream) DO UPDATE SET next_version = EXCLUDED.next_version",
+        &[&namespace, &names, &versions],
+    )
+    .map_err(failed(location, "move the streams' versions on"))?;
+    tx.execute(
+        "UPDATE instastate.event_heads SET next_position = $2, last_at = $3 WHERE namespace = $1",
+        &[&namespace, &i64_of(next), &at],
+    )
+    .map_err(failed(location, "move the event store's head on"))?;
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("{namespace} {next}")])
+        .map_err(failed(location, "notify the live readers"))?;
+    Ok(())
+}
+
+/// The next version of every stream the group appends to (absent: none yet).
+fn load_streams(
+    tx: &mut Transaction<'_>,
+    location: &Location,
+    batch: &[(u64, Vec<Request>)],
+) -> Result<Streams> {
+    let names: Vec<&str> =
+        batch.iter().flat_map(|(_, requests)| requests).map(|it| it.stream.as_str()).collect();
+    let rows = tx
+        .query(
+            "SELECT stream, next_version FROM instastate.streams
+              WHERE namespace = $1 AND stream = ANY($2)",
+            &[&location.namespace(), &names],
+        )
+        .map_err(failed(location, "read the streams appended to"))?;
+    rows.iter()
+        .map(|row| {
+            let stream: String = row.get(0);
+            let next = count(location, row.get(1), &|| format!("the next version of `{stream}`"))?;
+            Ok((stream, next))
+        })
+        .collect()
+}
+
+/// Where each id the group names is stored already.
+fn load_ids(
+    tx: &mut Transaction<'_>,
+    location: &Location,
+    batch: &[(u64, Vec<Request>)],
+) -> Result<Ids> {
+    let ids: Vec<&[u8]> = batch
+        .iter()
+        .flat_map(|(_, requests)| requests)
+        .flat_map(|request| &request.events)
+        .map(|event| &event.id.as_bytes()[..])
+        .collect();
+    let rows = tx
+        .query(
+            "SELECT id, stream, version, position FROM instastate.events
+              WHERE namespace = $1 AND id = ANY($2)",
+            &[&location.namespace(), &ids],
+        )
+        .map_err(failed(location, "look the appended ids up"))?;
+    rows.iter()
+        .map(|row| {
+            let event = event_place(location, row)?;
+            let id: &[u8] = row.get(0);
+            let id = <[u8; 16]>::try_from(id).map_err(|_| Error::DatabaseCorrupt {
+                location: location.to_string(),
+                reason: format!("the id of the event at position {} is not 16 bytes", event.2),
+            })?;
+            Ok((id, event))
+        })
+        .collect()
+}
+
+/// The stream, version and position of a row of `load_ids`.
+fn event_place(location: &Location, row: &Row) -> Result<(String, u64, u64)> {
+    let position = count(location, row.get(3), &|| "the position of an event".to_owned())?;
+    let version = count(location, row.get(2), &|| {
+        format!("the version of the event at position {position}")
+    })?;
+    Ok((row.get(1), version, position))
+}
+
+/// Plans one append (all its streams) at position `next`: what each stream gets,
+/// or the earlier result of a retry (positions below `next`), or why it is refused.
+fn plan(requests: &[Request], streams: &Streams, ids: &Ids, next: u64) -> Result<Vec<Appended>> {
+    let mut planned = Vec::with_capacity(requests.len());
+    let mut position = next;
+    let mut retries = 0;
+    for request in requests {
+        let stream_next = streams.get(&request.stream).copied().unwrap_or(0);
+        let last = stream_next.checked_sub(1);
+        let first_seen = request
+            .events
+            .first()
+            .and_then(|event| ids.get(event.id.as_bytes()))
+            .filter(|seen| seen.0 == request.stream);
+        // Where a retry's events would be.
+        let place = match request.expected {
+            Expected::NoStream => Some(first_seen.map_or(0, |seen| seen.1)),
+            Expected::Exact(version) => version.checked_add(1),
+            Expected::Any | Expected::StreamExists => first_seen.map(|seen| seen.1),
+        };
+        if let (Some(place), false) = (place, request.events.is_empty()) {
+            match retry_of(request, ids, place) {
+                Match::All(appended) => {
+                    retries += 1;
+                    planned.push(appended);
+                    continue;
+                }
+                Match::Some
+                    if matches!(request.expected, Expected::Any | Expected::StreamExists) =>
+                {
+                    let id = request.events.first().map_or_else(EventId::new, |event| event.id);
+                    return Err(Error::DuplicateEventId { stream: request.stream.clone(), id });
+                }
+                Match::Some | Match::None => {}
+            }
+        }
+        if !request.expected.holds(last) {
+            return Err(Error::WrongExpectedVersion {
+                stream: request.stream.clone(),
+                expected: request.expected,
+                actual: last,
+            });
+        }
+        if let Some(event) =
+            request.events.iter().find(|event| ids.contains_key(event.id.as_bytes()))
+        {
+            return Err(Error::DuplicateEventId { stream: request.stream.clone(), id: event.id });
+        }
+        let count = request.events.len() as u64;
+        planned.push(Appended {
+            stream: request.stream.clone(),
+            versions: stream_next..stream_next + count,
+            positions: position..position + count,
+        });
+        position += count;
+    }
+    // Part of an append retried and part new: no retry of one append.
+    if 0 < retries && retries < planned.len() && position != next {
+        let id =
+            requests.iter().flat_map(|it| &it.events).next().map_or_else(EventId::new, |it| it.id);
+        let stream = requests.first().map(|it| it.stream.clone()).unwrap_or_default();
+        return Err(Error::DuplicateEventId { stream, id });
+    }
+    Ok(planned)
+}
+
+enum Match {
+    All(Appended),
+    Some,
+    None,
+}
+
+/// Whether every event of `request` is stored in its stream from version `place`
+/// on.
+fn retry_of(request: &Request, ids: &Ids, place: u64) -> Match {
+    let mut positions: Range<u64> = 0..0;
+    for (k, event) in request.events.iter().enumerate() {
+        let in_place = ids.get(event.id.as_bytes()).filter(|(stream, version, _)| {
+            *stream == request.stream && *version == place + k as u64
+        });
+        match in_place {
+            Some((_, _, position)) if k == 0 => positions = *position..position + 1,
+            Some((_, _, position)) => positions.end = position + 1,
+            None if k == 0 => return Match::None,
+            None => return Match::Some,
+        }
+    }
+    Match::All(Appended {
+        stream: request.stream.clone(),
+        versions: place..place + request.events.len() as u64,
+        positions,
+    })
+}
+
+/// An event of `instastate.events`, read back.
+fn event_of(location: &Location, row: &Row) -> Result<RawEvent> {
+    let position: i64 = row.get("position");
+    let what = |field: &str| format!("the {field} of the event at position {position}");
+    let damaged =
+        |reason: String| Error::DatabaseCorrupt { location: location.to_string(), reason };
+    let id = |column: &str, bytes: &[u8]| {
+        <[u8; 16]>::try_from(bytes)
+            .map(EventId::from_bytes)
+            .map_err(|_| damaged(format!("{} is not 16 bytes", what(column))))
+    };
+    let metadata = |column: &str| -> Result<Option<EventId>> {
+        row.get::<_, Option<&[u8]>>(column).map(|bytes| id(column, bytes)).transpose()
+    };
+    let schema: i32 = row.get("schema");
+    Ok(RawEvent {
+        stream: row.get("stream"),
+        version: count(location, row.get("version"), &|| what("version"))?,
+        position: Position::new(count(location, position, &|| what("position"))?),
+        at: Timestamp::from_micros(count(location, row.get("at_us"), &|| what("timestamp"))?),
+        id: id("id", row.get("id"))?,
+        event_type: row.get("event_type"),
+        metadata: Metadata {
+            causation: metadata("causation")?,
+            correlation: metadata("correlation")?,
+        },
+        tags: row.get("tags"),
+        json: row.get("json"),
+        schema: u32::try_from(schema)
+            .map_err(|_| damaged(format!("{} is {schema}", what("schema version"))))?,
+        triggers: row.get("triggers"),
+        removed: false,
+        dropped: false,
+        data: row.get("data"),
+    })
+}
+
+/// A count, version or position stored as `bigint`: the tables' checks keep it from
+/// being negative, and one that is anyway is damage, named by `what`.
+fn count(location: &Location, value: i64, what: &dyn Fn() -> String) -> Result<u64> {
+    u64::try_from(value).map_err(|_| Error::DatabaseCorrupt {
+        location: location.to_string(),
+        reason: format!("{} is {value}", what()),
+    })
+}
+
+fn i64_of(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests;

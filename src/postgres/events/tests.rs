@@ -1,0 +1,195 @@
+//! The PostgreSQL event engine against a real server (`test_server`).
+
+use std::{collections::BTreeSet, sync::Barrier, thread};
+
+use super::*;
+use crate::postgres::test_server;
+
+fn event(id: EventId, data: &[u8]) -> Encoded {
+    Encoded {
+        id,
+        event_type: "Test".to_owned(),
+        causation: None,
+        correlation: None,
+        tags: vec!["tag-a".to_owned()],
+        triggers: Vec::new(),
+        json: false,
+        schema: 1,
+        sealed_with: Vec::new(),
+        data: data.to_vec(),
+    }
+}
+
+fn request(stream: &str, expected: Expected, events: Vec<Encoded>) -> Vec<Request> {
+    vec![Request { stream: stream.to_owned(), expected, events }]
+}
+
+/// The one part of an append's result.
+fn one(appended: &[Appended]) -> &Appended {
+    appended.first().expect("one part")
+}
+
+fn open(prefix: &str) -> Result<PgEvents> {
+    PgEvents::open(&test_server::location(prefix)?)
+}
+
+#[test]
+fn appends_are_checked_against_their_expectation_and_read_back() -> Result<()> {
+    let events = open("events-basic")?;
+    let first =
+        events.append(request("a", Expected::NoStream, vec![event(EventId::new(), b"1")]))?;
+    assert_eq!((one(&first).versions.clone(), one(&first).positions.clone()), (0..1, 0..1));
+    let second = events.append(request(
+        "a",
+        Expected::Exact(0),
+        vec![event(EventId::new(), b"2"), event(EventId::new(), b"3")],
+    ))?;
+    assert_eq!((one(&second).versions.clone(), one(&second).positions.clone()), (1..3, 1..3));
+    for (expected, actual) in [(Expected::NoStream, Some(2)), (Expected::Exact(1), Some(2))] {
+        let res = events.append(request("a", expected, vec![event(EventId::new(), b"x")]));
+        assert!(
+            matches!(&res, Err(Error::WrongExpectedVersion { stream, actual: a, .. }) if stream == "a" && *a == actual),
+            "{res:?}"
+        );
+    }
+    let res =
+        events.append(request("b", Expected::StreamExists, vec![event(EventId::new(), b"x")]));
+    assert!(matches!(res, Err(Error::WrongExpectedVersion { actual: None, .. })), "{res:?}");
+    assert_eq!(events.stream_version("a")?, Some(2));
+    assert_eq!(events.stream_version("b")?, None);
+    assert_eq!(events.head()?, Position::new(3));
+    let all = events.read_all(0, 10, false)?;
+    let data: Vec<&[u8]> = all.iter().map(|it| it.data.as_slice()).collect();
+    assert_eq!(data, [b"1", b"2", b"3"]);
+    assert_eq!(all.get(1).map(|it| it.tags.clone()), Some(vec!["tag-a".to_owned()]));
+    assert!(all.iter().zip(all.iter().skip(1)).all(|(a, b)| a.at <= b.at));
+    let back = events.read_stream("a", 1, 10, true)?;
+    assert_eq!(back.iter().map(|it| it.version).collect::<Vec<_>>(), [1, 0]);
+    Ok(())
+}
+
+#[test]
+fn a_retried_append_returns_its_earlier_result_and_an_id_used_elsewhere_is_refused() -> Result<()> {
+    let events = open("events-retry")?;
+    let ids = [EventId::new(), EventId::new()];
+    let append = || {
+        vec![
+            Request {
+                stream: "s".to_owned(),
+                expected: Expected::NoStream,
+                events: vec![event(ids[0], b"1")],
+            },
+            Request {
+                stream: "t".to_owned(),
+                expected: Expected::Any,
+                events: vec![event(ids[1], b"2")],
+            },
+        ]
+    };
+    let first = events.append(append())?;
+    events.append(request("s", Expected::Any, vec![event(EventId::new(), b"later")]))?;
+    let again = events.append(append())?;
+    assert_eq!(again, first);
+    assert_eq!(events.head()?, Position::new(3), "a retry wrote");
+    let res = events.append(request("u", Expected::Any, vec![event(ids[0], b"1")]));
+    assert!(matches!(res, Err(Error::DuplicateEventId { .. })), "{res:?}");
+    Ok(())
+}
+
+#[test]
+fn writers_racing_on_one_stream_win_one_version_each() -> Result<()> {
+    let location = test_server::location("events-race")?;
+    let engines = (0..4).map(|_| PgEvents::open(&location)).collect::<Result<Vec<_>>>()?;
+    let barrier = Barrier::new(8);
+    let won: Vec<Vec<u64>> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|k| {
+                let (events, barrier) = (engines.get(k % 4).expect("an engine"), &barrier);
+                scope.spawn(move || -> Result<Vec<u64>> {
+                    barrier.wait();
+                    let mut won = Vec::new();
+                    for _ in 0..15 {
+                        let seen = events.stream_version("one")?;
+                        let expected = seen.map_or(Expected::NoStream, Expected::Exact);
+                        match events.append(request(
+                            "one",
+                            expected,
+                            vec![event(EventId::new(), b"")],
+                        )) {
+                            Ok(appended) => won.push(one(&appended).versions.start),
+                            Err(Error::WrongExpectedVersion { actual, .. }) => {
+                                assert_ne!(actual, seen);
+                            }
+                            Err(err) => return Err(err),
+                        }
+                    }
+                    Ok(won)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|it| it.join().expect("a writer")).collect::<Result<_>>()
+    })?;
+    let mut versions: Vec<u64> = won.into_iter().flatten().collect();
+    versions.sort_unstable();
+    let last = reader_of(&engines).stream_version("one")?.expect("appended");
+    assert_eq!(versions, (0..=last).collect::<Vec<_>>(), "a version was won twice, or by none");
+    Ok(())
+}
+
+fn reader_of(engines: &[PgEvents]) -> &PgEvents {
+    engines.first().expect("an engine")
+}
+
+/// Many writers (four engines, as four processes would have, four threads each)
+/// while a reader follows `$all` from where it got to: it sees every position once,
+/// in order, never one after a gap that fills later.
+#[test]
+fn a_reader_following_many_writers_never_skips_an_event_that_commits_late() -> Result<()> {
+    const APPENDS: u64 = 40;
+    let location = test_server::location("events-follow")?;
+    let engines = (0..4).map(|_| PgEvents::open(&location)).collect::<Result<Vec<_>>>()?;
+    let reader = PgEvents::open(&location)?;
+    let acked: Vec<Vec<EventId>> = thread::scope(|scope| -> Result<Vec<Vec<EventId>>> {
+        let writers: Vec<_> = (0..16u64)
+            .map(|k| {
+                let events = engines.get(usize::try_from(k % 4).unwrap_or(0)).expect("an engine");
+                scope.spawn(move || -> Result<Vec<EventId>> {
+                    let mut acked = Vec::new();
+                    for n in 0..APPENDS {
+                        let batch: Vec<Encoded> =
+                            (0..=n % 3).map(|_| event(EventId::new(), b"w")).collect();
+                        let ids: Vec<EventId> = batch.iter().map(|it| it.id).collect();
+                        events.append(request(&format!("w{k}-{}", n % 3), Expected::Any, batch))?;
+                        acked.extend(ids);
+                    }
+                    Ok(acked)
+                })
+            })
+            .collect();
+        let follower = scope.spawn(|| -> Result<Vec<RawEvent>> {
+            let mut seen = Vec::new();
+            let total = 16 * (0..APPENDS).map(|n| n % 3 + 1).sum::<u64>();
+            while (seen.len() as u64) < total {
+                let next = seen.len() as u64;
+                for event in reader.read_all(next, 500, false)? {
+                    let expected = seen.len() as u64;
+                    assert_eq!(event.position.get(), expected, "the reader skipped or repeated");
+                    seen.push(event);
+                }
+            }
+            Ok(seen)
+        });
+        let acked =
+            writers.into_iter().map(|it| it.join().expect("a writer")).collect::<Result<_>>()?;
+        let seen = follower.join().expect("the follower")?;
+        let ids: BTreeSet<[u8; 16]> = seen.iter().map(|it| *it.id.as_bytes()).collect();
+        assert_eq!(ids.len(), seen.len(), "an event twice");
+        Ok(acked)
+    })?;
+    let stored: BTreeSet<[u8; 16]> =
+        reader.read_all(0, 100_000, false)?.iter().map(|it| *it.id.as_bytes()).collect();
+    for id in acked.iter().flatten() {
+        assert!(stored.contains(id.as_bytes()), "acknowledged event {id} is missing");
+    }
+    Ok(())
+}
