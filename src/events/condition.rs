@@ -100,36 +100,59 @@ pub(crate) fn check(
     requests: &[Request],
     layout: &Layout,
 ) -> Result<(), Error> {
-    let conflict = |tag: &str| first_conflict(index, condition, tag);
+    check_with(condition, requests, layout, &mut |tag| {
+        Ok(first_conflict(index, condition, tag).map(|theirs| EventRef {
+            // The index never forgets a stream it handed a number.
+            stream: index.get(theirs.stream).map_or_else(String::new, |it| it.name.clone()),
+            version: theirs.version,
+            position: Position::new(theirs.position),
+        }))
+    })
+}
+
+/// Checks `condition` as [`check`] does, with `conflict` giving the first event
+/// tagged with a tag at or after the condition's base, not resolved (an engine's
+/// lookup, which may fail).
+pub(crate) fn check_with(
+    condition: &Condition,
+    requests: &[Request],
+    layout: &Layout,
+    conflict: &mut dyn FnMut(&str) -> Result<Option<EventRef>, Error>,
+) -> Result<(), Error> {
     let explicit = condition.tags.as_deref();
     let checked = |tag: &String| explicit.is_none_or(|tags| tags.contains(tag));
     for (request, &(first_version, first_position)) in requests.iter().zip(layout) {
         for (k, event) in request.events.iter().enumerate() {
-            let theirs = event
-                .tags
-                .iter()
-                .filter(|tag| checked(tag))
-                .filter_map(|tag| Some((tag, conflict(tag)?)))
-                .min_by_key(|(_, theirs)| theirs.position);
-            if let Some((tag, theirs)) = theirs {
+            let mut first: Option<(&String, EventRef)> = None;
+            for tag in event.tags.iter().filter(|tag| checked(tag)) {
+                if let Some(theirs) = conflict(tag)?
+                    && first.as_ref().is_none_or(|(_, it)| theirs.position < it.position)
+                {
+                    first = Some((tag, theirs));
+                }
+            }
+            if let Some((tag, theirs)) = first {
                 let k = k as u64;
                 let ours = EventRef {
                     stream: request.stream.clone(),
                     version: first_version + k,
                     position: Position::new(first_position + k),
                 };
-                return Err(refused(index, condition, tag, Some(ours), theirs));
+                return Err(refused(condition, tag, Some(ours), theirs));
             }
         }
     }
     // Tags named by the condition that none of our events carries.
-    let theirs = explicit
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|tag| Some((tag, conflict(tag)?)))
-        .min_by_key(|(_, theirs)| theirs.position);
-    match theirs {
-        Some((tag, theirs)) => Err(refused(index, condition, tag, None, theirs)),
+    let mut first: Option<(&String, EventRef)> = None;
+    for tag in explicit.unwrap_or_default() {
+        if let Some(theirs) = conflict(tag)?
+            && first.as_ref().is_none_or(|(_, it)| theirs.position < it.position)
+        {
+            first = Some((tag, theirs));
+        }
+    }
+    match first {
+        Some((tag, theirs)) => Err(refused(condition, tag, None, theirs)),
         None => Ok(()),
     }
 }
@@ -145,23 +168,12 @@ fn first_conflict(index: &Index, condition: &Condition, tag: &str) -> Option<Tag
         .copied()
 }
 
-fn refused(
-    index: &Index,
-    condition: &Condition,
-    tag: &str,
-    ours: Option<EventRef>,
-    theirs: Tagged,
-) -> Error {
-    // The index never forgets a stream it handed a number.
-    let stream = index.get(theirs.stream).map_or_else(String::new, |it| it.name.clone());
-    Error::Conflict {
-        tag: tag.to_owned(),
-        base: condition.base,
-        ours,
-        theirs: EventRef {
-            stream,
-            version: theirs.version,
-            position: Position::new(theirs.position),
-        },
-    }
+/// Its resolved positions.
+#[cfg(feature = "postgres")]
+pub(crate) fn resolved(condition: &Condition) -> impl Iterator<Item = Position> + '_ {
+    condition.resolved.iter().copied()
+}
+
+fn refused(condition: &Condition, tag: &str, ours: Option<EventRef>, theirs: EventRef) -> Error {
+    Error::Conflict { tag: tag.to_owned(), base: condition.base, ours, theirs }
 }

@@ -79,7 +79,7 @@ pub(crate) mod batch;
 mod batch;
 mod codec;
 mod compact;
-mod condition;
+pub(crate) mod condition;
 mod delete;
 mod effect;
 mod event;

@@ -22,16 +22,18 @@ use std::{
     collections::HashMap,
     ops::Range,
     sync::{Condvar, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
-use postgres::{Client, Row, Transaction};
+use postgres::{Client, Row, Transaction, fallible_iterator::FallibleIterator};
 
 use super::{Location, failed, schema};
 use crate::{
     Error, Result, StorageError, Timestamp,
     events::{
-        Appended, EventId, Expected, Metadata, Position, RawEvent,
+        Appended, Condition, EventId, EventRef, Expected, Metadata, Position, RawEvent,
         append::{Encoded, Request, check_requests},
+        condition,
     },
 };
 
@@ -54,7 +56,7 @@ pub(crate) struct PgEvents {
 #[derive(Default)]
 struct Group {
     next_ticket: u64,
-    queue: Vec<(u64, Vec<Request>)>,
+    queue: Vec<Member>,
     /// Whether a caller runs a transaction now (it holds the writer).
     leading: bool,
     writer: Option<Client>,
@@ -86,11 +88,22 @@ impl PgEvents {
     /// as its request expects; returns what each got. Concurrent callers share one
     /// transaction.
     pub(crate) fn append(&self, requests: Vec<Request>) -> Result<Vec<Appended>> {
+        self.append_if(requests, None)
+    }
+
+    /// Appends as [`append`](Self::append) does, if `condition` also holds: no
+    /// event carrying one of its tags was appended at or after its base but those
+    /// it resolved (checked in the append's transaction, under the head's lock).
+    pub(crate) fn append_if(
+        &self,
+        requests: Vec<Request>,
+        condition: Option<Condition>,
+    ) -> Result<Vec<Appended>> {
         check_requests(&requests)?;
         let mut group = self.lock();
         let ticket = group.next_ticket;
         group.next_ticket += 1;
-        group.queue.push((ticket, requests));
+        group.queue.push(Member { ticket, requests, condition });
         loop {
             if let Some(result) = group.results.remove(&ticket) {
                 return result;
@@ -212,6 +225,82 @@ impl PgEvents {
     }
 }
 
+/// One append waiting in a group: its ticket, its streams, its condition.
+struct Member {
+    ticket: u64,
+    requests: Vec<Request>,
+    condition: Option<Condition>,
+}
+
+/// Follows an event store's events as they commit: it reads from where it got
+/// to, and waits for a commit's notification (or polls, should one be missed).
+pub(crate) struct PgFollower {
+    location: Location,
+    client: Client,
+    next: u64,
+    poll: Duration,
+}
+
+impl PgEvents {
+    /// A follower of the events from position `from` on, on a connection of its
+    /// own that listens to [`CHANNEL`]; it looks again at least every `poll`.
+    pub(crate) fn follow(&self, from: u64, poll: Duration) -> Result<PgFollower> {
+        let mut client = self.location.connect()?;
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .map_err(failed(&self.location, "listen for commits"))?;
+        Ok(PgFollower { location: self.location.clone(), client, next: from, poll })
+    }
+}
+
+impl PgFollower {
+    /// The position of the next event it yields.
+    pub(crate) fn position(&self) -> u64 {
+        self.next
+    }
+
+    /// Up to `limit` events from its position on, in order; when there is none,
+    /// waits up to `timeout` for a commit, and returns none if it brought none.
+    pub(crate) fn next_batch(&mut self, limit: u64, timeout: Duration) -> Result<Vec<RawEvent>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Notifications that came meanwhile are spent: the read below sees
+            // what they announced.
+            {
+                let mut pending = self.client.notifications();
+                let mut spent = pending.iter();
+                while spent.next().map_err(failed(&self.location, "take notifications"))?.is_some()
+                {
+                }
+            }
+            let rows = self
+                .client
+                .query(
+                    "SELECT * FROM instastate.events WHERE namespace = $1 AND position >= $2
+                      ORDER BY position LIMIT $3",
+                    &[&self.location.namespace(), &i64_of(self.next), &i64_of(limit)],
+                )
+                .map_err(failed(&self.location, "read new events"))?;
+            if !rows.is_empty() {
+                let events = rows
+                    .iter()
+                    .map(|row| event_of(&self.location, row))
+                    .collect::<Result<Vec<_>>>()?;
+                self.next = events.last().map_or(self.next, |it| it.position.get() + 1);
+                return Ok(events);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Vec::new());
+            }
+            // Any commit of any namespace wakes it; it reads again either way.
+            let mut notifications = self.client.notifications();
+            let mut wait = notifications.timeout_iter(left.min(self.poll));
+            wait.next().map_err(failed(&self.location, "wait for a commit"))?;
+        }
+    }
+}
+
 /// The caller that runs a group's transaction.
 struct Leader<'a> {
     engine: &'a PgEvents,
@@ -226,7 +315,7 @@ type Ids = HashMap<[u8; 16], (String, u64, u64)>;
 
 impl Leader<'_> {
     /// Runs one transaction for `batch`, and records each append's result.
-    fn run(&mut self, batch: &[(u64, Vec<Request>)]) {
+    fn run(&mut self, batch: &[Member]) {
         let location = &self.engine.location;
         let client = match self.writer.take().filter(|client| !client.is_closed()) {
             Some(client) => Ok(client),
@@ -245,7 +334,7 @@ impl Leader<'_> {
                 // Every append of the group failed with the transaction: each gets
                 // the error (as text: the client's error is not cloned).
                 let message = err.to_string();
-                for (ticket, _) in batch {
+                for Member { ticket, .. } in batch {
                     let source = StorageError(message.clone().into());
                     let action = "append (the transaction of its group failed)".to_owned();
                     let location = location.to_string();
@@ -261,7 +350,7 @@ impl Leader<'_> {
 fn commit(
     client: &mut Client,
     location: &Location,
-    batch: &[(u64, Vec<Request>)],
+    batch: &[Member],
 ) -> Result<Vec<(u64, Result<Vec<Appended>>)>> {
     let namespace = location.namespace();
     let mut tx = client.transaction().map_err(failed(location, "begin an append"))?;
@@ -287,8 +376,22 @@ fn commit(
     let mut next = first_position;
     let mut rows: Vec<(u64, &str, u64, &Encoded)> = Vec::new();
     let mut results = Vec::with_capacity(batch.len());
-    for (ticket, requests) in batch {
-        let planned = plan(requests, &streams, &ids, next);
+    // The tagged events of the group so far, in position order: a condition is
+    // checked against them too.
+    let mut group_tags: Vec<(&str, EventRef)> = Vec::new();
+    for Member { ticket, requests, condition } in batch {
+        let mut planned = plan(requests, &streams, &ids, next);
+        if let (Ok(appended), Some(condition)) = (&planned, condition)
+            && appended.iter().any(|it| next <= it.positions.start && !it.positions.is_empty())
+        {
+            let layout: Vec<(u64, u64)> =
+                appended.iter().map(|it| (it.versions.start, it.positions.start)).collect();
+            let mut lookup =
+                |tag: &str| first_tagged(&mut tx, location, condition, tag, &group_tags);
+            if let Err(err) = condition::check_with(condition, requests, &layout, &mut lookup) {
+                planned = Err(err);
+            }
+        }
         if let Ok(planned) = &planned {
             for (request, appended) in requests.iter().zip(planned) {
                 if appended.positions.start < next {
@@ -303,6 +406,11 @@ fn commit(
                 {
                     ids.insert(*event.id.as_bytes(), (request.stream.clone(), version, position));
                     rows.push((position, &request.stream, version, event));
+                    for tag in &event.tags {
+                        let stream = request.stream.clone();
+                        let place = EventRef { stream, version, position: Position::new(position) };
+                        group_tags.push((tag, place));
+                    }
                 }
                 next = next.max(appended.positions.end);
             }
@@ -360,6 +468,21 @@ fn write(
         ];
         tx.execute(&insert, &params).map_err(failed(location, "write an event"))?;
     }
+    let (tags, positions): (Vec<&str>, Vec<i64>) = rows
+        .iter()
+        .flat_map(|(position, _, _, event)| {
+            event.tags.iter().map(move |tag| (tag.as_str(), i64_of(*position)))
+        })
+        .unzip();
+    if !tags.is_empty() {
+        // An event may carry a tag twice; it is tagged once.
+        tx.execute(
+            "INSERT INTO instastate.event_tags (namespace, tag, position)
+             SELECT $1, * FROM UNNEST($2::text[], $3::bigint[]) ON CONFLICT DO NOTHING",
+            &[&namespace, &tags, &positions],
+        )
+        .map_err(failed(location, "index the events' tags"))?;
+    }
     let touched: Vec<(&str, i64)> = rows
         .iter()
         .map(|(_, stream, ..)| (*stream, i64_of(streams.get(*stream).copied().unwrap_or(0))))
@@ -384,14 +507,49 @@ fn write(
     Ok(())
 }
 
+/// The first event tagged `tag` at or after `condition`'s base and not resolved:
+/// stored, or planned earlier in the group (`group`).
+fn first_tagged(
+    tx: &mut Transaction<'_>,
+    location: &Location,
+    condition: &Condition,
+    tag: &str,
+    group: &[(&str, EventRef)],
+) -> Result<Option<EventRef>> {
+    let base = condition.base().get();
+    let resolved: Vec<i64> = condition::resolved(condition).map(|it| i64_of(it.get())).collect();
+    let row = tx
+        .query_opt(
+            "SELECT e.stream, e.version, e.position
+               FROM instastate.event_tags t
+               JOIN instastate.events e ON e.namespace = t.namespace AND e.position = t.position
+              WHERE t.namespace = $1 AND t.tag = $2 AND t.position >= $3
+                AND NOT (t.position = ANY($4))
+              ORDER BY t.position LIMIT 1",
+            &[&location.namespace(), &tag, &i64_of(base), &resolved],
+        )
+        .map_err(failed(location, "look for a conflicting event"))?;
+    if let Some(row) = row {
+        let (stream, version, position) = event_place(location, &row)?;
+        return Ok(Some(EventRef { stream, version, position: Position::new(position) }));
+    }
+    let resolved: Vec<u64> = condition::resolved(condition).map(Position::get).collect();
+    Ok(group
+        .iter()
+        .find(|(it, place)| {
+            *it == tag && base <= place.position.get() && !resolved.contains(&place.position.get())
+        })
+        .map(|(_, place)| place.clone()))
+}
+
 /// The next version of every stream the group appends to (absent: none yet).
 fn load_streams(
     tx: &mut Transaction<'_>,
     location: &Location,
-    batch: &[(u64, Vec<Request>)],
+    batch: &[Member],
 ) -> Result<Streams> {
     let names: Vec<&str> =
-        batch.iter().flat_map(|(_, requests)| requests).map(|it| it.stream.as_str()).collect();
+        batch.iter().flat_map(|member| &member.requests).map(|it| it.stream.as_str()).collect();
     let rows = tx
         .query(
             "SELECT stream, next_version FROM instastate.streams
@@ -409,14 +567,10 @@ fn load_streams(
 }
 
 /// Where each id the group names is stored already.
-fn load_ids(
-    tx: &mut Transaction<'_>,
-    location: &Location,
-    batch: &[(u64, Vec<Request>)],
-) -> Result<Ids> {
+fn load_ids(tx: &mut Transaction<'_>, location: &Location, batch: &[Member]) -> Result<Ids> {
     let ids: Vec<&[u8]> = batch
         .iter()
-        .flat_map(|(_, requests)| requests)
+        .flat_map(|member| &member.requests)
         .flat_map(|request| &request.events)
         .map(|event| &event.id.as_bytes()[..])
         .collect();
@@ -440,13 +594,15 @@ fn load_ids(
         .collect()
 }
 
-/// The stream, version and position of a row of `load_ids`.
+/// The stream, version and position of a row of `load_ids` (after its id) or
+/// `first_tagged`.
 fn event_place(location: &Location, row: &Row) -> Result<(String, u64, u64)> {
-    let position = count(location, row.get(3), &|| "the position of an event".to_owned())?;
-    let version = count(location, row.get(2), &|| {
-        format!("the version of the event at position {position}")
-    })?;
-    Ok((row.get(1), version, position))
+    let position: i64 = row.get("position");
+    let position = count(location, position, &|| "the position of an event".to_owned())?;
+    let version: i64 = row.get("version");
+    let version =
+        count(location, version, &|| format!("the version of the event at position {position}"))?;
+    Ok((row.get("stream"), version, position))
 }
 
 /// Plans one append (all its streams) at position `next`: what each stream gets,

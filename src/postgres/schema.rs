@@ -57,6 +57,13 @@ const STEPS: &[&str] = &[
         PRIMARY KEY (namespace, position),
         UNIQUE (namespace, stream, version),
         UNIQUE (namespace, id)
+    );
+    CREATE TABLE instastate.event_tags (
+        namespace text NOT NULL,
+        tag text NOT NULL,
+        position bigint NOT NULL,
+        PRIMARY KEY (namespace, tag, position),
+        FOREIGN KEY (namespace, position) REFERENCES instastate.events
     );",
 ];
 

@@ -193,3 +193,132 @@ fn a_reader_following_many_writers_never_skips_an_event_that_commits_late() -> R
     }
     Ok(())
 }
+
+fn tagged(tag: &str, data: &[u8]) -> Encoded {
+    Encoded { tags: vec![tag.to_owned(), tag.to_owned()], ..event(EventId::new(), data) }
+}
+
+/// coherence's walkthrough, as `tests/it/conflicts.rs` has it for the embedded
+/// engine: Alice and Bob read the store at one head; Alice's edit goes in, Bob's
+/// is refused naming hers, and goes in once he resolves it.
+#[test]
+fn a_conditional_append_is_refused_over_a_change_it_did_not_see_until_resolved() -> Result<()> {
+    let events = open("events-if")?;
+    events.append(request("setup", Expected::Any, vec![tagged("book:1", b"created")]))?;
+    let base = events.head()?;
+    let since = || Condition::since(base);
+    let alice = events
+        .append_if(request("alice", Expected::Any, vec![tagged("book:1", b"a")]), Some(since()))?;
+    let alice_at = one(&alice).positions.start;
+    let res = events
+        .append_if(request("bob", Expected::Any, vec![tagged("book:1", b"b")]), Some(since()));
+    let Err(Error::Conflict { tag, ours, theirs, .. }) = &res else { panic!("{res:?}") };
+    assert_eq!(tag, "book:1");
+    assert_eq!(theirs.stream, "alice");
+    assert_eq!(theirs.position, Position::new(alice_at));
+    assert_eq!(ours.as_ref().map(|it| it.stream.as_str()), Some("bob"));
+    // Another aggregate does not conflict; a tag the condition names does.
+    events
+        .append_if(request("carol", Expected::Any, vec![tagged("book:2", b"c")]), Some(since()))?;
+    let res = events.append_if(
+        request("dave", Expected::Any, vec![event(EventId::new(), b"d")]),
+        Some(since().tags(["book:2"])),
+    );
+    assert!(matches!(&res, Err(Error::Conflict { ours: None, .. })), "{res:?}");
+    let resolved = since().resolved([Position::new(alice_at)]);
+    events
+        .append_if(request("bob", Expected::Any, vec![tagged("book:1", b"b")]), Some(resolved))?;
+    Ok(())
+}
+
+/// Conditional appends racing in one group and across engines: of those with
+/// one base and tag, exactly one goes in.
+#[test]
+fn racing_conditional_appends_on_one_tag_let_exactly_one_in() -> Result<()> {
+    let location = test_server::location("events-if-race")?;
+    let engines = (0..2).map(|_| PgEvents::open(&location)).collect::<Result<Vec<_>>>()?;
+    let base = reader_of(&engines).head()?;
+    let barrier = Barrier::new(8);
+    let outcomes: Vec<bool> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|k| {
+                let (events, barrier) = (engines.get(k % 2).expect("an engine"), &barrier);
+                scope.spawn(move || -> Result<bool> {
+                    barrier.wait();
+                    let append =
+                        request(&format!("actor-{k}"), Expected::Any, vec![tagged("hot", b"x")]);
+                    match events.append_if(append, Some(Condition::since(base))) {
+                        Ok(_) => Ok(true),
+                        Err(Error::Conflict { .. }) => Ok(false),
+                        Err(err) => Err(err),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|it| it.join().expect("an actor")).collect::<Result<_>>()
+    })?;
+    assert_eq!(outcomes.iter().filter(|won| **won).count(), 1, "{outcomes:?}");
+    Ok(())
+}
+
+/// A follower gets every event once, in order, as writers in other engines commit
+/// them, woken by their notifications.
+#[test]
+fn a_follower_gets_each_event_as_it_commits() -> Result<()> {
+    const APPENDS: u64 = 30;
+    let location = test_server::location("events-live")?;
+    let engines = (0..4).map(|_| PgEvents::open(&location)).collect::<Result<Vec<_>>>()?;
+    let mut follower = reader_of(&engines).follow(0, Duration::from_secs(1))?;
+    assert!(follower.next_batch(10, Duration::from_millis(50))?.is_empty());
+    let seen = thread::scope(|scope| -> Result<Vec<RawEvent>> {
+        for (k, events) in engines.iter().enumerate() {
+            scope.spawn(move || -> Result<()> {
+                for n in 0..APPENDS {
+                    events.append(request(
+                        &format!("live-{k}"),
+                        Expected::Any,
+                        vec![event(EventId::new(), b"")],
+                    ))?;
+                    if n % 5 == 0 {
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut seen = Vec::new();
+        while (seen.len() as u64) < 4 * APPENDS {
+            let batch = follower.next_batch(7, Duration::from_secs(10))?;
+            assert!(
+                !batch.is_empty(),
+                "no event came within 10 s: {} of {}",
+                seen.len(),
+                4 * APPENDS
+            );
+            for event in batch {
+                assert_eq!(event.position.get(), seen.len() as u64, "skipped or repeated");
+                seen.push(event);
+            }
+        }
+        Ok(seen)
+    })?;
+    assert_eq!(follower.position(), seen.len() as u64);
+    assert!(follower.next_batch(10, Duration::from_millis(50))?.is_empty());
+    // Polling every minute, and waiting 30 s: only the commit's notification can
+    // bring the next event back.
+    let mut follower = reader_of(&engines).follow(follower.position(), Duration::from_mins(1))?;
+    let woken = thread::scope(|scope| -> Result<Vec<RawEvent>> {
+        scope.spawn(|| -> Result<()> {
+            thread::sleep(Duration::from_millis(200));
+            reader_of(&engines).append(request(
+                "late",
+                Expected::Any,
+                vec![event(EventId::new(), b"")],
+            ))?;
+            Ok(())
+        });
+        follower.next_batch(10, Duration::from_secs(30))
+    })?;
+    assert_eq!(woken.len(), 1, "the notification did not wake the follower");
+    Ok(())
+}
