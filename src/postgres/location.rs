@@ -4,8 +4,11 @@ use std::{fmt, str::FromStr, time::Duration};
 
 use postgres::{
     Client, NoTls,
-    config::{Config, Host, SslMode},
+    config::{Config, Host},
 };
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::tls::{self, Mode};
 
 use crate::{Error, Result};
 
@@ -41,9 +44,13 @@ const MAX_NAMESPACE: usize = 63;
 ///
 /// What the URL leaves out comes from the standard environment variables, as
 /// `psql` takes them: `PGHOST` and `PGPORT` (when the URL names no host),
-/// `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE`, `PGCONNECT_TIMEOUT` and
-/// `PGAPPNAME`. The user defaults to `postgres`, the host to `localhost`, the
+/// `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`,
+/// `PGCONNECT_TIMEOUT` and `PGAPPNAME`. The user defaults to `postgres`, the host to `localhost`, the
 /// port to 5432.
+///
+/// TLS is as libpq's `sslmode` asks (`disable`, `prefer` by default, `require`,
+/// `verify-ca`, `verify-full`), with rustls; the verifying modes trust the roots
+/// of the PEM file `sslrootcert` names.
 ///
 /// A namespace is 1 to 63 ASCII letters, digits, `-`, `_` and `.`; many stores
 /// share one database, each in its namespace.
@@ -66,6 +73,10 @@ const MAX_NAMESPACE: usize = 63;
 pub struct Location {
     config: Config,
     namespace: String,
+    /// What `sslmode` asks for, and the connector that does it (none for
+    /// `disable`).
+    tls: Mode,
+    connector: Option<MakeRustlsConnect>,
 }
 
 impl Location {
@@ -91,11 +102,15 @@ impl Location {
         };
         let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut namespace = None;
+        let (mut ssl_mode, mut root_cert) = (None, None);
         let mut others = Vec::new();
         for pair in query.split('&').filter(|it| !it.is_empty()) {
             match pair.split_once('=') {
                 Some((NAMESPACE, value)) if namespace.is_none() => namespace = Some(value),
                 Some((NAMESPACE, _)) => return Err(invalid("it names two namespaces".into())),
+                // TLS is this module's: the client knows fewer modes.
+                Some(("sslmode", value)) => ssl_mode = Some(value.to_owned()),
+                Some(("sslrootcert", value)) => root_cert = Some(value.to_owned()),
                 _ => others.push(pair),
             }
         }
@@ -120,8 +135,18 @@ impl Location {
         let mut config = Config::from_str(&client_url).map_err(|err| {
             invalid(format!("the client cannot read it as a connection URL ({err})"))
         })?;
-        complete(&mut config, &env).map_err(invalid)?;
-        Ok(Location { config, namespace: namespace.to_owned() })
+        complete(&mut config, &env).map_err(&invalid)?;
+        let tls = Mode::parse(
+            &ssl_mode.or_else(|| env("PGSSLMODE")).unwrap_or_else(|| "prefer".to_owned()),
+        )
+        .map_err(&invalid)?;
+        config.ssl_mode(tls.client_mode());
+        let root_cert = root_cert.or_else(|| env("PGSSLROOTCERT")).map(std::path::PathBuf::from);
+        let connector = match tls {
+            Mode::Disable => None,
+            mode => Some(tls::connector(mode, root_cert.as_ref()).map_err(&invalid)?),
+        };
+        Ok(Location { config, namespace: namespace.to_owned(), tls, connector })
     }
 
     /// The store's namespace.
@@ -132,23 +157,27 @@ impl Location {
 
     /// A new connection to the database.
     pub(crate) fn connect(&self) -> Result<Client> {
-        self.config.connect(NoTls).map_err(super::failed(self, "connect"))
+        let connected = match &self.connector {
+            None => self.config.connect(NoTls),
+            Some(connector) => self.config.connect(connector.clone()),
+        };
+        connected.map_err(super::failed(self, "connect"))
     }
 
     /// The same database, another namespace.
     pub(crate) fn with_namespace(&self, namespace: &str) -> Result<Location> {
         check_namespace(namespace)
             .map_err(|reason| Error::InvalidLocation { location: self.to_string(), reason })?;
-        Ok(Location { config: self.config.clone(), namespace: namespace.to_owned() })
+        Ok(Location { namespace: namespace.to_owned(), ..self.clone() })
     }
 
     /// Another database of the same server, for tests that change what all
     /// namespaces of a database share.
     #[cfg(test)]
     pub(crate) fn with_database(&self, database: &str) -> Location {
-        let mut config = self.config.clone();
-        config.dbname(database);
-        Location { config, namespace: self.namespace.clone() }
+        let mut location = self.clone();
+        location.config.dbname(database);
+        location
     }
 }
 
@@ -193,14 +222,6 @@ fn complete(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Result
     {
         config.dbname(&dbname);
     }
-    if let Some(mode) = env("PGSSLMODE") {
-        config.ssl_mode(match mode.as_str() {
-            "disable" => SslMode::Disable,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            other => return Err(format!("PGSSLMODE {other:?} is not one this build takes")),
-        });
-    }
     if config.get_connect_timeout().is_none()
         && let Some(secs) = env("PGCONNECT_TIMEOUT")
     {
@@ -234,7 +255,16 @@ impl fmt::Display for Location {
                 write!(f, ":{port}")?;
             }
         }
-        write!(f, "/{}?namespace={}", self.config.get_dbname().unwrap_or_default(), self.namespace)
+        write!(
+            f,
+            "/{}?namespace={}",
+            self.config.get_dbname().unwrap_or_default(),
+            self.namespace
+        )?;
+        if self.tls != Mode::Prefer {
+            write!(f, "&sslmode={}", self.tls)?;
+        }
+        Ok(())
     }
 }
 

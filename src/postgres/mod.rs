@@ -23,6 +23,7 @@ mod location;
 mod schema;
 #[cfg(test)]
 pub(crate) mod test_server;
+mod tls;
 
 pub use location::Location;
 

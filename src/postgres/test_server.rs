@@ -80,3 +80,25 @@ pub(crate) fn database(prefix: &str) -> Result<Location> {
         .map_err(failed(&location, "create a database for a test"))?;
     Ok(location.with_database(&name))
 }
+
+/// The PEM files of the certificate authority that signed the server's
+/// certificate (for the name `localhost`), and of another that signed nothing.
+///
+/// # Panics
+/// When the server's data directory has no such files beside it: a server that
+/// `.ci/postgres` did not start.
+pub(crate) fn tls_roots(location: &Location) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let mut client = location.connect()?;
+    let row = client
+        .query_one("SHOW data_directory", &[])
+        .map_err(failed(location, "find the server's data directory"))?;
+    let data: String = row.get(0);
+    let dir =
+        std::path::Path::new(&data).parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let (ca, other) = (dir.join("ca.crt"), dir.join("other-ca.crt"));
+    assert!(
+        ca.exists() && other.exists(),
+        "the test server has no TLS certificates beside its data directory ({data}): start it with .ci/postgres"
+    );
+    Ok((ca, other))
+}
