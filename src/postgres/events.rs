@@ -21,6 +21,7 @@
 use std::{
     collections::HashMap,
     ops::Range,
+    panic::{self, AssertUnwindSafe},
     sync::{Condvar, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -118,12 +119,31 @@ impl PgEvents {
             let writer = group.writer.take();
             drop(group);
             let mut leader = Leader { engine: self, writer, results: Vec::new() };
-            leader.run(&batch);
+            // A panic in the transaction's code must not leave the others waiting
+            // for a leader that is gone: each gets an error, and the panic goes on.
+            let ran = panic::catch_unwind(AssertUnwindSafe(|| leader.run(&batch)));
             group = self.lock();
             group.writer = leader.writer.take();
             group.results.extend(std::mem::take(&mut leader.results));
+            if ran.is_err() {
+                for member in &batch {
+                    let reason = "the transaction of its group panicked".to_owned();
+                    let source = StorageError(reason.into());
+                    let err = Error::Database {
+                        location: self.location.to_string(),
+                        action: "append".to_owned(),
+                        source,
+                    };
+                    group.results.entry(member.ticket).or_insert(Err(err));
+                }
+            }
             group.leading = false;
             self.done.notify_all();
+            if let Err(payload) = ran {
+                group.results.remove(&ticket);
+                drop(group);
+                panic::resume_unwind(payload);
+            }
         }
     }
 
