@@ -29,19 +29,28 @@ pub(crate) fn refuse_database(path: &Path, front_door: &str) -> Result<()> {
     Err(Error::InvalidLocation { location: redacted(text), reason })
 }
 
-/// The URL `text` without the password its user part may hold, for errors about
-/// it.
+/// The URL `text` without the passwords it may hold (in its user part, or as a
+/// `password` parameter), for errors about it.
 pub(crate) fn redacted(text: &str) -> String {
     let Some((scheme, rest)) = text.split_once("://") else { return text.to_owned() };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    match authority.rsplit_once('@') {
+    let (base, query) =
+        rest.split_once('?').map_or((rest, None), |(base, query)| (base, Some(query)));
+    // The user part ends at the last `@` before the query: a password may hold `/`.
+    let base = match base.rsplit_once('@') {
         Some((user, host)) => {
             let user = user.split_once(':').map_or(user, |(user, _)| user);
-            format!("{scheme}://{user}@{host}{path}")
+            format!("{user}@{host}")
         }
-        None => text.to_owned(),
-    }
+        None => base.to_owned(),
+    };
+    let query = query.map(|query| {
+        let kept: Vec<&str> = query
+            .split('&')
+            .map(|pair| if pair.starts_with("password=") { "password=..." } else { pair })
+            .collect();
+        format!("?{}", kept.join("&"))
+    });
+    format!("{scheme}://{base}{}", query.unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -58,6 +67,11 @@ mod tests {
             assert!(reason.contains("an event store"), "{reason}");
         }
         assert!(refuse_database(Path::new("postgres"), "a store").is_ok());
+        for text in ["postgres://app@db/prod?password=s3cret", "postgres://app:pa/s3cret@db/prod"] {
+            let res = refuse_database(Path::new(text), "a store");
+            let Err(Error::InvalidLocation { location, .. }) = &res else { panic!("{res:?}") };
+            assert!(!location.contains("s3cret"), "{location}");
+        }
         assert!(refuse_database(Path::new("data/postgres://x"), "a store").is_ok());
     }
 }

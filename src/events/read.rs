@@ -474,7 +474,10 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
         let at = frame.at;
         let place = frame.place();
         for part in &head.parts {
-            versions.extend((part.first_version..).take(part.len()));
+            for k in 0..part.len() as u64 {
+                let version = part.first_version.checked_add(k);
+                versions.push(version.ok_or_else(|| bad(&"its versions overflow"))?);
+            }
         }
         // Events removed by a delete, a truncation or a retention rule are passed
         // over.
