@@ -255,7 +255,9 @@ impl Locator {
                 plain: Plain::Cached(cached),
             });
         }
-        let mut found = match followed.or_else(|| follow(seq, ahead)) {
+        // A read that keeps nothing has looked in its read-ahead already.
+        let followed = if keep == Keep::No { followed } else { follow(seq, ahead) };
+        let mut found = match followed {
             Some(found) => found,
             None => self.locate(seq, write_out)?,
         };

@@ -127,13 +127,11 @@ impl PgEvents {
             group.results.extend(std::mem::take(&mut leader.results));
             if ran.is_err() {
                 for member in &batch {
-                    let reason = "the transaction of its group panicked".to_owned();
-                    let source = StorageError(reason.into());
-                    let err = Error::Database {
-                        location: self.location.to_string(),
-                        action: "append".to_owned(),
-                        source,
-                    };
+                    let err = group_failed(
+                        &self.location,
+                        "append",
+                        "the transaction of its group panicked",
+                    );
                     group.results.entry(member.ticket).or_insert(Err(err));
                 }
             }
@@ -245,6 +243,16 @@ impl PgEvents {
     }
 }
 
+/// The [`Error::Database`] each append of a failed group gets: `reason` as text,
+/// since the client's error is not cloned.
+fn group_failed(location: &Location, action: &str, reason: &str) -> Error {
+    Error::Database {
+        location: location.to_string(),
+        action: action.to_owned(),
+        source: StorageError(reason.to_owned().into()),
+    }
+}
+
 /// One append waiting in a group: its ticket, its streams, its condition.
 struct Member {
     ticket: u64,
@@ -351,14 +359,11 @@ impl Leader<'_> {
         match outcome {
             Ok(results) => self.results.extend(results),
             Err(err) => {
-                // Every append of the group failed with the transaction: each gets
-                // the error (as text: the client's error is not cloned).
+                // Every append of the group failed with the transaction.
                 let message = err.to_string();
                 for Member { ticket, .. } in batch {
-                    let source = StorageError(message.clone().into());
-                    let action = "append (the transaction of its group failed)".to_owned();
-                    let location = location.to_string();
-                    self.results.push((*ticket, Err(Error::Database { location, action, source })));
+                    let action = "append (the transaction of its group failed)";
+                    self.results.push((*ticket, Err(group_failed(location, action, &message))));
                 }
             }
         }
