@@ -241,7 +241,8 @@ impl Store {
     ///
     /// # Errors
     /// [`Error::Io`] when `path` exists and is not an empty directory, or when
-    /// writing fails; [`Error::Storage`] when the engine fails.
+    /// writing fails; [`Error::Storage`] when the engine fails;
+    /// [`Error::InvalidLocation`] when `path` is a `postgres://` URL.
     ///
     /// # Example
     /// ```
@@ -261,6 +262,7 @@ impl Store {
     /// ```
     pub fn backup_to(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        crate::location::refuse_database(path, "a backup")?;
         let io = self.inner.io();
         let saved = self.inner.last_save();
         saved.check_poisoned()?;
@@ -294,7 +296,8 @@ impl Store {
     ///
     /// # Errors
     /// [`Error::Io`] when writing fails; [`Error::Corrupt`] when a stored value is
-    /// damaged (nothing is written then).
+    /// damaged (nothing is written then); [`Error::InvalidLocation`] when `path`
+    /// is a `postgres://` URL.
     ///
     /// # Example
     /// ```
@@ -316,6 +319,7 @@ impl Store {
     /// ```
     pub fn export_to(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        crate::location::refuse_database(path, "an export")?;
         let io = self.inner.io();
         let saved = self.inner.last_save();
         let parent = parent_of(path);
@@ -346,6 +350,7 @@ impl Store {
     /// - [`Error::BadExport`] when the file is not an export, is damaged, or has
     ///   another format version;
     /// - [`Error::Encryption`] when the file's and the store's encryption differ;
+    /// - [`Error::InvalidLocation`] when `path` is a `postgres://` URL;
     /// - the decoding errors of [`reload_all`](Self::reload_all), and the writing
     ///   errors of [`save_all`](Self::save_all).
     ///
@@ -354,6 +359,7 @@ impl Store {
     pub fn import_from(&self, path: impl AsRef<Path>) -> Result<()> {
         ensure_outside("import_from")?;
         let path = path.as_ref();
+        crate::location::refuse_database(path, "an import")?;
         let entries = read_export(self.inner.io(), path, self.inner.is_sealed())?;
         self.inner.take_background_error()?;
         self.inner.last_save().import(path, entries)

@@ -13,14 +13,15 @@ use crate::{Error, Result};
 const SCHEMES: [&str; 2] = ["postgres://", "postgresql://"];
 
 /// Refuses `path` when it is a PostgreSQL location, which `front_door` (say, "an
-/// event store") cannot open yet.
+/// event store", or "a backup") cannot use yet: it is never taken for a relative
+/// path and created.
 pub(crate) fn refuse_database(path: &Path, front_door: &str) -> Result<()> {
     let Some(text) = path.to_str() else { return Ok(()) };
     if !SCHEMES.iter().any(|scheme| text.starts_with(scheme)) {
         return Ok(());
     }
     let reason = if cfg!(feature = "postgres") {
-        format!("{front_door} does not run on PostgreSQL yet: give it a directory")
+        format!("{front_door} does not run on PostgreSQL yet: give it a path on disk")
     } else {
         format!(
             "{front_door} on PostgreSQL needs instastate's `postgres` feature, which this build lacks"

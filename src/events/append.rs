@@ -153,6 +153,12 @@ pub(crate) fn check_requests(requests: &[Request]) -> Result<()> {
                 reason: format!("stream `{}` comes twice in one append", request.stream),
             });
         }
+        for event in &request.events {
+            let links = event.tags.iter().map(|it| ("tag", it));
+            for (what, name) in links.chain(event.triggers.iter().map(|it| ("trigger", it))) {
+                check_link(what, name, event.id)?;
+            }
+        }
         if let Some(twice) = request.events.iter().find(|event| !ids.insert(event.id)) {
             return Err(Error::InvalidAppend {
                 reason: format!("event id {} comes twice in one append", twice.id),
@@ -169,6 +175,23 @@ pub(crate) fn check_requests(requests: &[Request]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Refuses a tag or trigger (`what`) of event `id` that is empty, longer than a
+/// stream id may be, or holds a control character: every engine stores and
+/// indexes it as text.
+fn check_link(what: &str, name: &str, id: EventId) -> Result<()> {
+    let reason = if name.is_empty() {
+        "is empty".to_owned()
+    } else if stream_id::MAX_LEN < name.len() {
+        format!("is {} bytes long, over the limit of {}", name.len(), stream_id::MAX_LEN)
+    } else if let Some(bad) = name.chars().find(|it| it.is_control()) {
+        format!("holds the control character {bad:?}")
+    } else {
+        return Ok(());
+    };
+    let shown: String = name.chars().take(80).collect();
+    Err(Error::InvalidAppend { reason: format!("a {what} of event {id} ({shown:?}) {reason}") })
 }
 
 impl Request {

@@ -403,7 +403,6 @@ impl Locator {
         Ok(())
     }
 
-    /// The path of the journal file whose first event is `file`.
     /// A [`Error::JournalCorrupt`] for damage found in the bytes of `frame`, which
     /// holds journal event `seq`: it names the frame's file and byte offset.
     pub(crate) fn corrupt(&self, frame: &ReadFrame<'_>, seq: u64, reason: impl Display) -> Error {
@@ -426,6 +425,7 @@ impl Locator {
         Error::JournalCorrupt { path, offset, reason: format!("journal event {seq}: {reason}") }
     }
 
+    /// The path of the journal file whose first event is `file`.
     fn path_of(&self, file: u64) -> PathBuf {
         self.dir.join(format::journal_name(file))
     }
@@ -449,80 +449,118 @@ impl Locator {
     /// progress). The table may know frames after `seq` and not before: recovery
     /// records only the events after the checkpoint, which can start mid-file.
     fn scan(&self, file: u64, path: &Path, seq: u64) -> Result<()> {
+        let mut looks = 0;
+        loop {
+            let replaced = self.replaced.load(Ordering::Acquire);
+            let found = self.scan_once(file, path, seq)?;
+            let mut frames = self.frames.lock();
+            // A compaction that replaced a file meanwhile recorded its new offsets:
+            // frames found maybe in the old file are not recorded over them, and
+            // the file is scanned again as it is now.
+            looks += 1;
+            if replaced != self.replaced.load(Ordering::Acquire) && looks <= RELOOKS {
+                continue;
+            }
+            for (seq, offset) in found {
+                frames.record(file, seq, offset);
+            }
+            return Ok(());
+        }
+    }
+
+    /// The frames `scan` finds, not recorded yet.
+    fn scan_once(&self, file: u64, path: &Path, seq: u64) -> Result<Vec<(u64, u64)>> {
         let handle = self.io.open(path, Open::Read).map_err(Error::io(path))?;
         let before = usize::try_from(seq.saturating_sub(file)).unwrap_or(usize::MAX);
         let known = self.frames.lock().files.get(&file).and_then(|offsets| {
             let earlier = offsets.get(..before.min(offsets.len())).unwrap_or_default();
-            earlier.iter().rev().find(|offset| **offset != super::index::UNKNOWN_OFFSET).copied()
+            let (k, offset) = earlier
+                .iter()
+                .enumerate()
+                .rev()
+                .find(|(_, offset)| **offset != super::index::UNKNOWN_OFFSET)?;
+            Some((file + k as u64, *offset))
         });
-        let mut buf = Vec::new();
-        let file_len = handle.len().map_err(Error::io(path))?;
-        let mut start = if let Some(offset) = known {
-            offset
-        } else {
-            // A header carries the types' structure: read more until it decodes.
-            let mut want = 64 * 1024;
-            loop {
-                let mut head = vec![0; want];
-                let n = handle.read_at(&mut head, 0).map_err(Error::io(path))?;
-                head.truncate(n);
-                if let Ok((_, len)) = Header::decode(&head, false) {
-                    break len as u64;
-                }
-                if n < want {
-                    // A damaged header: reading the event reports it.
-                    return Ok(());
-                }
-                want *= 4;
+        if let Some((known_seq, offset)) = known {
+            let found = scan_frames(&handle, path, offset)?;
+            // A table made before a compaction rewrote the file (a checkpoint of an
+            // earlier run, or a scan that raced the rewrite) has offsets of the old
+            // file: the frame found there must be the one the table says, or the
+            // file is scanned from its start.
+            if found.first() == Some(&(known_seq, offset)) {
+                return Ok(found);
             }
-        };
-        let mut found = Vec::new();
-        let mut at_end = false;
-        loop {
-            let bytes = buf.as_slice();
-            let mut used = 0;
-            while let Read::Frame(frame, len) =
-                format::read_frame(bytes.get(used..).unwrap_or_default())
-            {
-                if let Frame::Event { seq, .. } = frame {
-                    found.push((seq, start + used as u64));
-                }
-                used += len;
-            }
-            if at_end {
-                break;
-            }
-            // Keep the unparsed rest, and read the next chunk after it, big enough
-            // for the frame that starts it.
-            let rest = bytes.get(used..).unwrap_or_default().to_vec();
-            start += used as u64;
-            let frame_len = rest
-                .get(..4)
-                .and_then(|it| it.try_into().ok())
-                .map_or(0, |it| u32::from_le_bytes(it) as usize)
-                .min(format::MAX_PAYLOAD as usize);
-            if format::FRAME_HEAD <= rest.len() && format::FRAME_HEAD + frame_len <= rest.len() {
-                // A whole frame that is not sound: damage, which reading it reports.
-                break;
-            }
-            // Never more than the file holds: a damaged length must not allocate.
-            let left = usize::try_from(file_len.saturating_sub(start + rest.len() as u64))
-                .unwrap_or(usize::MAX);
-            let want = SCAN_CHUNK.max(format::FRAME_HEAD + frame_len).min(left.max(1));
-            let mut chunk = vec![0; want];
-            let n =
-                handle.read_at(&mut chunk, start + rest.len() as u64).map_err(Error::io(path))?;
-            chunk.truncate(n);
-            at_end = n < want;
-            buf = rest;
-            buf.extend_from_slice(&chunk);
+            self.frames.lock().files.remove(&file);
         }
-        let mut frames = self.frames.lock();
-        for (seq, offset) in found {
-            frames.record(file, seq, offset);
-        }
-        Ok(())
+        scan_frames(&handle, path, header_len(&handle, path)?)
     }
+}
+
+/// The length of the header of the journal file `handle` (at `path`); 0 when it
+/// is damaged, which reading an event of the file reports.
+fn header_len(handle: &IoFile, path: &Path) -> Result<u64> {
+    // A header carries the types' structure: read more until it decodes.
+    let mut want = 64 * 1024;
+    loop {
+        let mut head = vec![0; want];
+        let n = handle.read_at(&mut head, 0).map_err(Error::io(path))?;
+        head.truncate(n);
+        if let Ok((_, len)) = Header::decode(&head, false) {
+            return Ok(len as u64);
+        }
+        if n < want {
+            return Ok(0);
+        }
+        want *= 4;
+    }
+}
+
+/// The events (number and offset) of the frames of journal file `handle` from
+/// `start` on, up to its end or to bytes that are not a whole sound frame.
+fn scan_frames(handle: &IoFile, path: &Path, mut start: u64) -> Result<Vec<(u64, u64)>> {
+    let mut buf = Vec::new();
+    let file_len = handle.len().map_err(Error::io(path))?;
+    let mut found = Vec::new();
+    let mut at_end = false;
+    loop {
+        let bytes = buf.as_slice();
+        let mut used = 0;
+        while let Read::Frame(frame, len) =
+            format::read_frame(bytes.get(used..).unwrap_or_default())
+        {
+            if let Frame::Event { seq, .. } = frame {
+                found.push((seq, start + used as u64));
+            }
+            used += len;
+        }
+        if at_end {
+            break;
+        }
+        // Keep the unparsed rest, and read the next chunk after it, big enough
+        // for the frame that starts it.
+        let rest = bytes.get(used..).unwrap_or_default().to_vec();
+        start += used as u64;
+        let frame_len = rest
+            .get(..4)
+            .and_then(|it| it.try_into().ok())
+            .map_or(0, |it| u32::from_le_bytes(it) as usize)
+            .min(format::MAX_PAYLOAD as usize);
+        if format::FRAME_HEAD <= rest.len() && format::FRAME_HEAD + frame_len <= rest.len() {
+            // A whole frame that is not sound: damage, which reading it reports.
+            break;
+        }
+        // Never more than the file holds: a damaged length must not allocate.
+        let left = usize::try_from(file_len.saturating_sub(start + rest.len() as u64))
+            .unwrap_or(usize::MAX);
+        let want = SCAN_CHUNK.max(format::FRAME_HEAD + frame_len).min(left.max(1));
+        let mut chunk = vec![0; want];
+        let n = handle.read_at(&mut chunk, start + rest.len() as u64).map_err(Error::io(path))?;
+        chunk.truncate(n);
+        at_end = n < want;
+        buf = rest;
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(found)
 }
 
 /// Where journal event `seq` is, if it follows the last frame `ahead` read, in
@@ -583,27 +621,37 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn a_table_from_before_a_compaction_still_finds_every_frame_and_damage_is_reported()
-    -> Result<()> {
-        let tmp = tempfile::tempdir().map_err(Error::io(std::env::temp_dir()))?;
-        let dir = tmp.path().join("events");
-        let events = EventStore::<String>::open(&dir)?;
+    /// Makes a store in `dir` of 22 journal events, records where the events
+    /// `known` are, then compacts its first file (dropping the data of events 0 to
+    /// 14 of stream `s0`): returns the table of the file as it was.
+    fn stale_table(dir: &Path, known: std::ops::Range<u64>) -> Result<Frames> {
+        let events = EventStore::<String>::open(dir)?;
         for n in 0..20 {
             events.append(&format!("s{}", n % 2), Expected::Any, [format!("{n:0>500}")])?;
         }
         events.truncate_stream("s0", 8)?;
         events.checkpoint()?;
         events.append("s1", Expected::Any, ["last".to_owned()])?;
-        let none = || Ok(());
-        let locator =
-            || Locator::new(dir.clone(), Io::default(), Sealer::default(), Frames::default(), 0);
-        let (before, mut stale) = (locator(), Frames::default());
-        for seq in 0..22 {
-            let (file, offset) = before.locate(seq, &none)?;
+        let before =
+            Locator::new(dir.to_path_buf(), Io::default(), Sealer::default(), Frames::default(), 0);
+        let mut stale = Frames::default();
+        for seq in known {
+            let (file, offset) = before.locate(seq, &|| Ok(()))?;
             stale.record(file, seq, offset);
         }
         assert!(0 < events.compact()?.events_dropped);
+        Ok(stale)
+    }
+
+    #[test]
+    fn a_table_from_before_a_compaction_still_finds_every_frame_and_damage_is_reported()
+    -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(Error::io(std::env::temp_dir()))?;
+        let dir = tmp.path().join("events");
+        let stale = stale_table(&dir, 0..22)?;
+        let none = || Ok(());
+        let locator =
+            || Locator::new(dir.clone(), Io::default(), Sealer::default(), Frames::default(), 0);
         let stale = Locator::new(dir.clone(), Io::default(), Sealer::default(), stale, 0);
         let fresh = locator();
         for seq in (0..22).rev() {
@@ -626,6 +674,31 @@ mod tests {
         let res = fresh.read(5, &mut ReadAhead::new(64), &none, Keep::No).map(|it| it.at);
         assert!(matches!(res, Err(Error::JournalCorrupt { .. })), "{res:?}");
         assert!(fresh.read(6, &mut ReadAhead::new(64), &none, Keep::No).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn a_table_from_before_a_compaction_that_knows_only_earlier_frames_finds_the_later_ones()
+    -> Result<()> {
+        // A checkpoint taken while a compaction rewrote a file keeps the old file's
+        // offsets of the events read before; a kill before the next checkpoint
+        // leaves that table to the next opening, whose reads of the file's later
+        // events scan it from the last offset known (found by the SIGKILL test).
+        let tmp = tempfile::tempdir().map_err(Error::io(std::env::temp_dir()))?;
+        let dir = tmp.path().join("events");
+        let stale = stale_table(&dir, 0..11)?;
+        let none = || Ok(());
+        let locator =
+            |frames| Locator::new(dir.clone(), Io::default(), Sealer::default(), frames, 0);
+        let fresh = locator(Frames::default());
+        for seq in [15, 19, 12] {
+            let stale = locator(stale.clone());
+            assert_eq!(stale.locate(seq, &none)?, fresh.locate(seq, &none)?, "event {seq}");
+            let (mut one, mut two) = (ReadAhead::new(64), ReadAhead::new(64));
+            let old = stale.read(seq, &mut one, &none, Keep::No)?;
+            let new = fresh.read(seq, &mut two, &none, Keep::No)?;
+            assert_eq!((old.at, old.plain()), (new.at, new.plain()), "event {seq}");
+        }
         Ok(())
     }
 }

@@ -899,9 +899,10 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// # Errors
     /// [`Error::Io`] when `path` exists and is not an empty directory, or when
     /// reading or writing fails; [`Error::JournalWrite`] when the journal cannot be
-    /// synced first.
+    /// synced first; [`Error::InvalidLocation`] when `path` is a `postgres://` URL.
     pub fn backup_to(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        crate::location::refuse_database(path, "a backup")?;
         let core = &self.shared.core;
         let io = &core.io;
         // Everything acknowledged so far is in the files.

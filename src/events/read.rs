@@ -238,13 +238,7 @@ struct Decoded<E> {
 /// version, which the index says which journal event holds.
 enum Next {
     Position(u64),
-    /// `ruled`: whether the index had removal rules then.
-    Version {
-        version: u64,
-        seq: u64,
-        first_position: u64,
-        ruled: bool,
-    },
+    Version { version: u64, seq: u64, first_position: u64 },
 }
 
 impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
@@ -349,22 +343,23 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
     }
 
     /// What to read next, if anything is left.
-    fn next_target(&mut self) -> Option<Next> {
+    fn next_target(&mut self) -> Option<Result<Next>> {
         match &mut self.cursor {
             Cursor::All { next, bound, backward: false } => {
                 let position = (*next < *bound).then_some(*next)?;
                 *next += 1;
-                Some(Next::Position(position))
+                Some(Ok(Next::Position(position)))
             }
             Cursor::All { next, bound, backward: true } => {
                 let position = (*bound < *next).then(|| *next - 1)?;
                 *next = position;
-                Some(Next::Position(position))
+                Some(Ok(Next::Position(position)))
             }
             Cursor::Stream { idx, next, bound, backward, planned } => {
                 if planned.is_empty() {
                     // The next versions' places, up to a few dozen, under one lock.
-                    let index = self.store.shared.core.index.read();
+                    let core = &self.store.shared.core;
+                    let index = core.index.read();
                     let seqs = &index.get((*idx)?)?.seqs;
                     while planned.len() < PLANNED {
                         let version = if *backward {
@@ -376,13 +371,25 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                             *next += 1;
                             version
                         };
-                        let seq = *seqs.get(usize::try_from(version).ok()?)?;
-                        let first_position = index.start_of(seq)?;
-                        let ruled = index.ruled;
-                        planned.push_back(Next::Version { version, seq, first_position, ruled });
+                        // The stream had `bound` versions when the read began, and an
+                        // index only grows: a version or batch it lacks is damage.
+                        let place = usize::try_from(version)
+                            .ok()
+                            .and_then(|k| seqs.get(k))
+                            .and_then(|seq| Some((*seq, index.start_of(*seq)?)));
+                        let Some((seq, first_position)) = place else {
+                            return Some(Err(Error::JournalCorrupt {
+                                path: core.dir.clone(),
+                                offset: 0,
+                                reason: format!(
+                                    "the index holds no journal event for version {version} of the stream read"
+                                ),
+                            }));
+                        };
+                        planned.push_back(Next::Version { version, seq, first_position });
                     }
                 }
-                planned.pop_front()
+                planned.pop_front().map(Ok)
             }
         }
     }
@@ -392,8 +399,11 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
     fn load(&mut self, next: &Next) -> Result<usize> {
         match *next {
             Next::Position(position) => self.load_position(position),
-            Next::Version { version, seq, first_position, ruled } => {
+            Next::Version { version, seq, first_position } => {
                 if self.batch.as_ref().is_none_or(|batch| batch.seq != seq) {
+                    // Whether the index has removal rules now: one made since the
+                    // read planned this version counts.
+                    let ruled = self.store.shared.core.index.read().ruled;
                     self.batch = Some(self.decode_batch(seq, first_position, ruled)?);
                 }
                 // Only the read's stream's events are not `Other` (until yielded):
@@ -549,8 +559,7 @@ impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
             return None;
         }
         loop {
-            let next = self.next_target()?;
-            let k = match self.load(&next) {
+            let k = match self.next_target()?.and_then(|next| self.load(&next)) {
                 Ok(k) => k,
                 Err(err) => {
                     self.failed = true;

@@ -16,7 +16,8 @@
 //! the earlier result) and duplicate ids are checked inside that transaction,
 //! against the tables, as the embedded engine checks them against its index; a
 //! refused append leaves the others of its group unharmed. Each commit notifies
-//! channel [`CHANNEL`] with `<namespace> <next position>`, for live readers.
+//! the namespace's channel (see [`channel`]) with the next position, for live
+//! readers.
 
 use std::{
     collections::HashMap,
@@ -28,7 +29,7 @@ use std::{
 
 use postgres::{Client, Row, Transaction, fallible_iterator::FallibleIterator};
 
-use super::{Location, failed, schema};
+use super::{Location, column, count, failed, schema};
 use crate::{
     Error, Result, StorageError, Timestamp,
     events::{
@@ -38,8 +39,16 @@ use crate::{
     },
 };
 
-/// The channel every commit notifies.
-pub(crate) const CHANNEL: &str = "instastate_events";
+/// The channel a commit to `location`'s namespace notifies: `instastate:` and the
+/// namespace, cut to the 63 bytes a channel's name holds (namespaces that share
+/// their first 52 characters share a channel, and their followers wake for each
+/// other's commits, which costs a read and nothing else).
+pub(crate) fn channel(location: &Location) -> String {
+    let mut channel = format!("instastate:{}", location.namespace());
+    // A namespace is ASCII: any cut is a character boundary.
+    channel.truncate(63);
+    channel
+}
 
 /// The kind a namespace of this engine records.
 const KIND: &str = "an event store";
@@ -159,7 +168,8 @@ impl PgEvents {
                 &[&self.location.namespace()],
             )
         })?;
-        Ok(Position::new(count(&self.location, row.get(0), &|| "the head".to_owned())?))
+        let what = || "the event store's head".to_owned();
+        Ok(Position::new(count(&self.location, &row, "next_position", &what)?))
     }
 
     /// The last version of `stream`, or `None` when it has no event.
@@ -172,7 +182,7 @@ impl PgEvents {
         })?;
         let what = || format!("the next version of stream `{stream}`");
         Ok(row
-            .map(|row| count(&self.location, row.get(0), &what))
+            .map(|row| count(&self.location, &row, "next_version", &what))
             .transpose()?
             .and_then(|next| next.checked_sub(1)))
     }
@@ -267,17 +277,25 @@ pub(crate) struct PgFollower {
     client: Client,
     next: u64,
     poll: Duration,
+    /// Whether its connection listens to the namespace's channel: only while it
+    /// waits for commits, since a listener that is not read (a follower whose
+    /// caller has stopped asking) holds up the server's notification queue.
+    listening: bool,
 }
 
 impl PgEvents {
     /// A follower of the events from position `from` on, on a connection of its
-    /// own that listens to [`CHANNEL`]; it looks again at least every `poll`.
+    /// own; when it has caught up, it waits for a commit's notification, and looks
+    /// again at least every `poll`.
     pub(crate) fn follow(&self, from: u64, poll: Duration) -> Result<PgFollower> {
-        let mut client = self.location.connect()?;
-        client
-            .batch_execute(&format!("LISTEN {CHANNEL}"))
-            .map_err(failed(&self.location, "listen for commits"))?;
-        Ok(PgFollower { location: self.location.clone(), client, next: from, poll })
+        let client = self.location.connect()?;
+        Ok(PgFollower {
+            location: self.location.clone(),
+            client,
+            next: from,
+            poll,
+            listening: false,
+        })
     }
 }
 
@@ -292,40 +310,60 @@ impl PgFollower {
     pub(crate) fn next_batch(&mut self, limit: u64, timeout: Duration) -> Result<Vec<RawEvent>> {
         let deadline = Instant::now() + timeout;
         loop {
-            // Notifications that came meanwhile are spent: the read below sees
-            // what they announced.
-            {
-                let mut pending = self.client.notifications();
-                let mut spent = pending.iter();
-                while spent.next().map_err(failed(&self.location, "take notifications"))?.is_some()
-                {
+            let events = self.read(limit)?;
+            if !events.is_empty() {
+                if self.listening {
+                    self.listen(false)?;
                 }
-            }
-            let rows = self
-                .client
-                .query(
-                    "SELECT * FROM instastate.events WHERE namespace = $1 AND position >= $2
-                      ORDER BY position LIMIT $3",
-                    &[&self.location.namespace(), &i64_of(self.next), &i64_of(limit)],
-                )
-                .map_err(failed(&self.location, "read new events"))?;
-            if !rows.is_empty() {
-                let events = rows
-                    .iter()
-                    .map(|row| event_of(&self.location, row))
-                    .collect::<Result<Vec<_>>>()?;
-                self.next = events.last().map_or(self.next, |it| it.position.get() + 1);
                 return Ok(events);
+            }
+            if !self.listening {
+                // Listening from now on, it reads again before it waits: a commit
+                // made before it listened is not notified to it.
+                self.listen(true)?;
+                continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(Vec::new());
             }
-            // Any commit of any namespace wakes it; it reads again either way.
             let mut notifications = self.client.notifications();
             let mut wait = notifications.timeout_iter(left.min(self.poll));
             wait.next().map_err(failed(&self.location, "wait for a commit"))?;
         }
+    }
+
+    /// The events from its position on, up to `limit`, and moves past them.
+    /// Notifications that came before are spent: the read sees what they
+    /// announced.
+    fn read(&mut self, limit: u64) -> Result<Vec<RawEvent>> {
+        {
+            let mut pending = self.client.notifications();
+            let mut spent = pending.iter();
+            while spent.next().map_err(failed(&self.location, "take notifications"))?.is_some() {}
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT * FROM instastate.events WHERE namespace = $1 AND position >= $2
+                  ORDER BY position LIMIT $3",
+                &[&self.location.namespace(), &i64_of(self.next), &i64_of(limit)],
+            )
+            .map_err(failed(&self.location, "read new events"))?;
+        let events =
+            rows.iter().map(|row| event_of(&self.location, row)).collect::<Result<Vec<_>>>()?;
+        self.next = events.last().map_or(self.next, |it| it.position.get() + 1);
+        Ok(events)
+    }
+
+    fn listen(&mut self, on: bool) -> Result<()> {
+        let verb = if on { "LISTEN" } else { "UNLISTEN" };
+        let channel = channel(&self.location);
+        self.client
+            .batch_execute(&format!("{verb} \"{channel}\""))
+            .map_err(failed(&self.location, "listen for commits"))?;
+        self.listening = on;
+        Ok(())
     }
 }
 
@@ -386,16 +424,14 @@ fn commit(
             &[&namespace],
         )
         .map_err(failed(location, "lock the event store's head"))?;
-    let first_position = count(location, head.get(0), &|| "the head".to_owned())?;
+    let what = || "the event store's head".to_owned();
+    let first_position = count(location, &head, "next_position", &what)?;
     let now = tx
-        .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint", &[])
+        .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now", &[])
         .map_err(failed(location, "read the database's clock"))?;
     // Timestamps never go back along positions, whatever the clock does.
-    let at = count(location, now.get(0), &|| "the database's clock".to_owned())?.max(count(
-        location,
-        head.get(1),
-        &|| "the last timestamp".to_owned(),
-    )?);
+    let clock = count(location, &now, "now", &|| "the database's clock".to_owned())?;
+    let at = clock.max(count(location, &head, "last_at", &what)?);
     let mut streams = load_streams(&mut tx, location, batch)?;
     let mut ids = load_ids(&mut tx, location, batch)?;
     let mut next = first_position;
@@ -446,19 +482,18 @@ fn commit(
         tx.rollback().map_err(failed(location, "end an append that writes nothing"))?;
         return Ok(results);
     }
-    write(&mut tx, location, &rows, &streams, next, at)?;
+    write(&mut tx, location, &rows, next, at)?;
     tx.commit().map_err(failed(location, "commit an append"))?;
     Ok(results)
 }
 
 /// Writes the planned `rows` (position, stream, version, event), moves their
-/// streams to the versions `streams` has and the head to `next` (at `at`), and
+/// streams past the versions written and the head to `next` (at `at`), and
 /// notifies the live readers, in the append's transaction `tx`.
 fn write(
     tx: &mut Transaction<'_>,
     location: &Location,
     rows: &[(u64, &str, u64, &Encoded)],
-    streams: &Streams,
     next: u64,
     at: u64,
 ) -> Result<()> {
@@ -474,7 +509,7 @@ fn write(
     for (position, stream, version, event) in rows {
         let causation = event.causation.as_ref().map(|id| &id.as_bytes()[..]);
         let correlation = event.correlation.as_ref().map(|id| &id.as_bytes()[..]);
-        let schema = i32::try_from(event.schema).unwrap_or(i32::MAX);
+        let schema = i64::from(event.schema);
         let params: [&(dyn postgres::types::ToSql + Sync); 14] = [
             &namespace,
             &i64_of(*position),
@@ -508,13 +543,14 @@ fn write(
         )
         .map_err(failed(location, "index the events' tags"))?;
     }
-    let touched: Vec<(&str, i64)> = rows
-        .iter()
-        .map(|(_, stream, ..)| (*stream, i64_of(streams.get(*stream).copied().unwrap_or(0))))
-        .collect::<HashMap<_, _>>()
-        .into_iter()
-        .collect();
-    let (names, versions): (Vec<&str>, Vec<i64>) = touched.into_iter().unzip();
+    // Each stream written to goes on past the last version written.
+    let mut touched: HashMap<&str, u64> = HashMap::new();
+    for (_, stream, version, _) in rows {
+        let next = touched.entry(stream).or_default();
+        *next = (*next).max(version + 1);
+    }
+    let (names, versions): (Vec<&str>, Vec<i64>) =
+        touched.into_iter().map(|(stream, next)| (stream, i64_of(next))).unzip();
     tx.execute(
         "INSERT INTO instastate.streams (namespace, stream, next_version)
          SELECT $1, * FROM UNNEST($2::text[], $3::bigint[])
@@ -527,7 +563,7 @@ fn write(
         &[&namespace, &i64_of(next), &at],
     )
     .map_err(failed(location, "move the event store's head on"))?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("{namespace} {next}")])
+    tx.execute("SELECT pg_notify($1, $2)", &[&channel(location), &next.to_string()])
         .map_err(failed(location, "notify the live readers"))?;
     Ok(())
 }
@@ -584,8 +620,8 @@ fn load_streams(
         .map_err(failed(location, "read the streams appended to"))?;
     rows.iter()
         .map(|row| {
-            let stream: String = row.get(0);
-            let next = count(location, row.get(1), &|| format!("the next version of `{stream}`"))?;
+            let stream: String = column(location, row, "stream", &|| "a stream".to_owned())?;
+            let next = count(location, row, "next_version", &|| format!("stream `{stream}`"))?;
             Ok((stream, next))
         })
         .collect()
@@ -609,7 +645,8 @@ fn load_ids(tx: &mut Transaction<'_>, location: &Location, batch: &[Member]) -> 
     rows.iter()
         .map(|row| {
             let event = event_place(location, row)?;
-            let id: &[u8] = row.get(0);
+            let id: &[u8] =
+                column(location, row, "id", &|| format!("the event at position {}", event.2))?;
             let id = <[u8; 16]>::try_from(id).map_err(|_| Error::DatabaseCorrupt {
                 location: location.to_string(),
                 reason: format!("the id of the event at position {} is not 16 bytes", event.2),
@@ -622,12 +659,10 @@ fn load_ids(tx: &mut Transaction<'_>, location: &Location, batch: &[Member]) -> 
 /// The stream, version and position of a row of `load_ids` (after its id) or
 /// `first_tagged`.
 fn event_place(location: &Location, row: &Row) -> Result<(String, u64, u64)> {
-    let position: i64 = row.get("position");
-    let position = count(location, position, &|| "the position of an event".to_owned())?;
-    let version: i64 = row.get("version");
-    let version =
-        count(location, version, &|| format!("the version of the event at position {position}"))?;
-    Ok((row.get("stream"), version, position))
+    let position = count(location, row, "position", &|| "an event".to_owned())?;
+    let what = || format!("the event at position {position}");
+    let version = count(location, row, "version", &what)?;
+    Ok((column(location, row, "stream", &what)?, version, position))
 }
 
 /// Plans one append (all its streams) at position `next`: what each stream gets,
@@ -726,47 +761,38 @@ fn retry_of(request: &Request, ids: &Ids, place: u64) -> Match {
 
 /// An event of `instastate.events`, read back.
 fn event_of(location: &Location, row: &Row) -> Result<RawEvent> {
-    let position: i64 = row.get("position");
-    let what = |field: &str| format!("the {field} of the event at position {position}");
-    let damaged =
-        |reason: String| Error::DatabaseCorrupt { location: location.to_string(), reason };
-    let id = |column: &str, bytes: &[u8]| {
-        <[u8; 16]>::try_from(bytes)
-            .map(EventId::from_bytes)
-            .map_err(|_| damaged(format!("{} is not 16 bytes", what(column))))
+    let position = count(location, row, "position", &|| "an event".to_owned())?;
+    let what = || format!("the event at position {position}");
+    let damaged = |column: &str, reason: &str| Error::DatabaseCorrupt {
+        location: location.to_string(),
+        reason: format!("column `{column}` of {} {reason}", what()),
     };
-    let metadata = |column: &str| -> Result<Option<EventId>> {
-        row.get::<_, Option<&[u8]>>(column).map(|bytes| id(column, bytes)).transpose()
+    let id = |at: &str| -> Result<Option<EventId>> {
+        let bytes: Option<&[u8]> = column(location, row, at, &what)?;
+        bytes
+            .map(|bytes| {
+                <[u8; 16]>::try_from(bytes)
+                    .map(EventId::from_bytes)
+                    .map_err(|_| damaged(at, "is not 16 bytes"))
+            })
+            .transpose()
     };
-    let schema: i32 = row.get("schema");
+    let schema: i64 = column(location, row, "schema", &what)?;
     Ok(RawEvent {
-        stream: row.get("stream"),
-        version: count(location, row.get("version"), &|| what("version"))?,
-        position: Position::new(count(location, position, &|| what("position"))?),
-        at: Timestamp::from_micros(count(location, row.get("at_us"), &|| what("timestamp"))?),
-        id: id("id", row.get("id"))?,
-        event_type: row.get("event_type"),
-        metadata: Metadata {
-            causation: metadata("causation")?,
-            correlation: metadata("correlation")?,
-        },
-        tags: row.get("tags"),
-        json: row.get("json"),
-        schema: u32::try_from(schema)
-            .map_err(|_| damaged(format!("{} is {schema}", what("schema version"))))?,
-        triggers: row.get("triggers"),
+        stream: column(location, row, "stream", &what)?,
+        version: count(location, row, "version", &what)?,
+        position: Position::new(position),
+        at: Timestamp::from_micros(count(location, row, "at_us", &what)?),
+        id: id("id")?.ok_or_else(|| damaged("id", "is NULL"))?,
+        event_type: column(location, row, "event_type", &what)?,
+        metadata: Metadata { causation: id("causation")?, correlation: id("correlation")? },
+        tags: column(location, row, "tags", &what)?,
+        json: column(location, row, "json", &what)?,
+        schema: u32::try_from(schema).map_err(|_| damaged("schema", &format!("is {schema}")))?,
+        triggers: column(location, row, "triggers", &what)?,
         removed: false,
         dropped: false,
-        data: row.get("data"),
-    })
-}
-
-/// A count, version or position stored as `bigint`: the tables' checks keep it from
-/// being negative, and one that is anyway is damage, named by `what`.
-fn count(location: &Location, value: i64, what: &dyn Fn() -> String) -> Result<u64> {
-    u64::try_from(value).map_err(|_| Error::DatabaseCorrupt {
-        location: location.to_string(),
-        reason: format!("{} is {value}", what()),
+        data: column(location, row, "data", &what)?,
     })
 }
 

@@ -9,18 +9,26 @@
 //! it reads the lease row `FOR SHARE` and refuses the transaction unless the epoch
 //! is still the holder's and the lease has not expired. The row lock lasts until
 //! the transaction ends, so a takeover (which updates the row) waits for a write
-//! in progress to commit or roll back, and every write after the takeover is
-//! refused. A writer that was paused, cut off, or outlived its lease cannot
-//! overwrite its successor's work: the database refuses it, whatever the writer's
-//! own clock or state says. (A session advisory lock would not do: it is released
-//! when a connection drops, while the old writer may still hold another.)
+//! in progress to commit or roll back. The guarantee: no write of epoch `e`
+//! commits after the lease was taken over to epoch `e + 1`; a write that passed
+//! its fence before the takeover commits (or rolls back) before the takeover does.
+//! A writer that was paused, cut off, or outlived its lease cannot overwrite its
+//! successor's work: the database refuses it, whatever the writer's own clock or
+//! state says. (A session advisory lock would not do: it is released when a
+//! connection drops, while the old writer may still hold another.)
+//!
+//! A writer frozen inside a write transaction would hold the row lock, and so
+//! keep every standby out, for as long as its connection lives: a holder's
+//! connections are [guarded](Lease::guard), so that the database ends one left
+//! idle in a transaction for the lease's time to live, and a standby's takeover
+//! waits at most a poll for the lock before it asks again.
 
 use std::{thread, time::Duration};
 
-use postgres::{Client, Transaction};
+use postgres::{Client, Transaction, error::SqlState};
 use uuid::Uuid;
 
-use super::{Location, failed};
+use super::{Location, column, count, failed};
 use crate::{Error, Result};
 
 /// How long a lease lasts without renewal, and how often a standby asks for it.
@@ -55,24 +63,60 @@ impl Lease {
         settings: LeaseSettings,
     ) -> Result<Option<Lease>> {
         let holder = Uuid::new_v4().to_string();
-        let row = client
+        let namespace = location.namespace();
+        // A plain read first: while the lease is live, a takeover is not even
+        // tried (it would wait for the holder's write under way).
+        let live = client
             .query_opt(
-                "INSERT INTO instastate.leases AS l (namespace, epoch, holder, expires)
+                "SELECT expires > clock_timestamp() AS live FROM instastate.leases
+                  WHERE namespace = $1",
+                &[&namespace],
+            )
+            .map_err(failed(location, "read the writer's lease"))?;
+        let what = || format!("the lease of namespace `{namespace}`");
+        if let Some(row) = live
+            && column::<bool>(location, &row, "live", &what)?
+        {
+            return Ok(None);
+        }
+        // The takeover waits for the holder's write under way (which holds the
+        // row `FOR SHARE`), but no longer than a poll: a holder frozen inside a
+        // transaction must not keep the standby stuck in this statement.
+        let mut tx = client.transaction().map_err(failed(location, "begin a takeover"))?;
+        let timeout = settings.poll.as_millis().clamp(1, i32::MAX as u128);
+        tx.batch_execute(&format!("SET LOCAL lock_timeout = {timeout}"))
+            .map_err(failed(location, "bound the takeover's wait"))?;
+        let row = tx.query_opt(
+            "INSERT INTO instastate.leases AS l (namespace, epoch, holder, expires)
                  VALUES ($1, 1, $2, clock_timestamp() + make_interval(secs => $3))
                  ON CONFLICT (namespace) DO UPDATE
                     SET epoch = l.epoch + 1, holder = EXCLUDED.holder,
                         expires = clock_timestamp() + make_interval(secs => $3)
                     WHERE l.expires <= clock_timestamp()
                  RETURNING epoch",
-                &[&location.namespace(), &holder, &settings.ttl.as_secs_f64()],
-            )
-            .map_err(failed(location, "take the writer's lease"))?;
-        Ok(row.map(|row| Lease {
-            location: location.clone(),
-            epoch: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
-            holder,
-            settings,
-        }))
+            &[&namespace, &holder, &settings.ttl.as_secs_f64()],
+        );
+        let row = match row {
+            Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => return Ok(None),
+            row => row.map_err(failed(location, "take the writer's lease"))?,
+        };
+        let Some(row) = row else { return Ok(None) };
+        let epoch = count(location, &row, "epoch", &what)?;
+        tx.commit().map_err(failed(location, "commit a takeover"))?;
+        Ok(Some(Lease { location: location.clone(), epoch, holder, settings }))
+    }
+
+    /// Makes `client`, a connection this holder writes on, end by itself when it
+    /// stays idle inside a transaction for the lease's time to live. A writer
+    /// frozen (`SIGSTOP`) or cut off in the middle of a write holds the lease row
+    /// `FOR SHARE` for as long as its connection lives, and a standby cannot take
+    /// over meanwhile: the database ends that connection instead, and the frozen
+    /// writer's transaction rolls back.
+    pub(crate) fn guard(&self, client: &mut Client) -> Result<()> {
+        let timeout = self.settings.ttl.as_millis().clamp(1, i32::MAX as u128);
+        client
+            .batch_execute(&format!("SET idle_in_transaction_session_timeout = {timeout}"))
+            .map_err(failed(&self.location, "bound the writer's idle transactions"))
     }
 
     /// Takes `location`'s lease, waiting for it (asking every `settings.poll`) for
@@ -123,7 +167,8 @@ impl Lease {
                 &[&self.location.namespace()],
             )
             .map_err(failed(&self.location, "read the writer's lease"))?;
-        Err(self.fenced(current.map(|row| row.get(0))))
+        let current = current.map(|row| count(&self.location, &row, "epoch", &|| self.what()));
+        Err(self.fenced(current.transpose()?))
     }
 
     /// Checks, inside the write transaction `tx`, that this writer still holds
@@ -135,17 +180,15 @@ impl Lease {
     pub(crate) fn fence(&self, tx: &mut Transaction<'_>) -> Result<()> {
         let row = tx
             .query_opt(
-                "SELECT epoch, expires > clock_timestamp() FROM instastate.leases
+                "SELECT epoch, expires > clock_timestamp() AS live FROM instastate.leases
                   WHERE namespace = $1 FOR SHARE",
                 &[&self.location.namespace()],
             )
             .map_err(failed(&self.location, "check the writer's lease"))?;
-        match row {
-            Some(row) if row.get::<_, i64>(0) == self.epoch_i64() && row.get::<_, bool>(1) => {
-                Ok(())
-            }
-            row => Err(self.fenced(row.map(|row| row.get(0)))),
-        }
+        let Some(row) = row else { return Err(self.fenced(None)) };
+        let epoch = count(&self.location, &row, "epoch", &|| self.what())?;
+        let live: bool = column(&self.location, &row, "live", &|| self.what())?;
+        if epoch == self.epoch && live { Ok(()) } else { Err(self.fenced(Some(epoch))) }
     }
 
     /// Gives the lease up, so that a standby takes over at once. A lease already
@@ -165,12 +208,16 @@ impl Lease {
         i64::try_from(self.epoch).unwrap_or(i64::MAX)
     }
 
-    fn fenced(&self, current: Option<i64>) -> Error {
+    fn what(&self) -> String {
+        format!("the lease of namespace `{}`", self.location.namespace())
+    }
+
+    fn fenced(&self, current: Option<u64>) -> Error {
         Error::Fenced {
             location: self.location.to_string(),
             namespace: self.location.namespace().to_owned(),
             epoch: self.epoch,
-            current: current.and_then(|it| u64::try_from(it).ok()),
+            current,
         }
     }
 }
@@ -289,6 +336,29 @@ mod tests {
             .query_one(&format!("SELECT count(*) FROM \"{table}\""), &[])
             .map_err(failed(&location, "test"))?;
         assert_eq!(rows.get::<_, i64>(0), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_writer_frozen_inside_a_write_is_cut_off_and_the_standby_takes_over() -> Result<()> {
+        let (location, mut client) = prepared("lease-frozen")?;
+        let first = Lease::try_acquire(&mut client, &location, short(1_000))?.expect("free");
+        first.guard(&mut client)?;
+        let mut tx = client.transaction().map_err(failed(&location, "test"))?;
+        first.fence(&mut tx)?;
+        // Frozen here (a SIGSTOP), the writer holds the lease row's lock: the
+        // database ends its connection once it has been idle for the lease's time
+        // to live, and the standby, which never waits long on the lock, gets in.
+        let mut other = location.connect()?;
+        let second = Lease::acquire(&mut other, &location, short(1_000), Duration::from_secs(10))?;
+        assert_eq!(second.map(|it| it.epoch()), Some(2), "the frozen writer kept the standby out");
+        // Thawed, the writer cannot commit what it began.
+        let res = tx.commit();
+        assert!(res.is_err(), "a write of a lease taken over committed");
+        assert!(client.is_closed());
+        let mut client = location.connect()?;
+        let mut tx = client.transaction().map_err(failed(&location, "test"))?;
+        assert!(is_fenced(&first.fence(&mut tx), 1, 2));
         Ok(())
     }
 }

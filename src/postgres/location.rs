@@ -37,6 +37,11 @@ const SETTINGS: &[&str] = &[
 ];
 /// The longest namespace.
 const MAX_NAMESPACE: usize = 63;
+/// How long a connection may take to open, unless the location says.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long data sent may go unacknowledged before the connection is given up,
+/// unless the location says.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A store's place in a PostgreSQL database: the connection settings of a
 /// `postgres://` (or `postgresql://`) URL, and the store's namespace, its
@@ -46,7 +51,8 @@ const MAX_NAMESPACE: usize = 63;
 /// `psql` takes them: `PGHOST` and `PGPORT` (when the URL names no host),
 /// `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`,
 /// `PGCONNECT_TIMEOUT` and `PGAPPNAME`. The user defaults to `postgres`, the host to `localhost`, the
-/// port to 5432.
+/// port to 5432, `connect_timeout` to 10 s and `tcp_user_timeout` to 30 s (a
+/// server that stops answering is an error, not a caller stuck for minutes).
 ///
 /// TLS is as libpq's `sslmode` asks (`disable`, `prefer` by default, `require`,
 /// `verify-ca`, `verify-full`), with rustls; the verifying modes trust the roots
@@ -228,6 +234,14 @@ fn complete(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Result
         let secs: u64 =
             secs.parse().map_err(|_| format!("PGCONNECT_TIMEOUT {secs:?} is not seconds"))?;
         config.connect_timeout(Duration::from_secs(secs));
+    }
+    // A server that cannot be reached, or stops answering, is an error in
+    // seconds rather than a caller stuck for the system's TCP timeouts (minutes).
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
     if config.get_application_name().is_none() {
         config.application_name(env("PGAPPNAME").as_deref().unwrap_or("instastate"));

@@ -7,9 +7,14 @@
 //! - `schema.rs`: instastate's own tables, created and upgraded one step per
 //!   version under an advisory lock, and a database whose tables are newer than
 //!   this build refused ([`Error::DatabaseSchema`]);
+//! - `tls.rs`: TLS with rustls, as libpq's `sslmode` asks;
 //! - `lease.rs`: a store's one writer, fenced by the database: a lease with an
 //!   epoch, judged by the database's clock, that every write checks in its own
-//!   transaction ([`Error::Fenced`]).
+//!   transaction ([`Error::Fenced`]);
+//! - `events.rs`: the event store's engine, for any number of writers: positions
+//!   gap-free and in commit order under one head row, expected versions,
+//!   idempotent ids and conditional appends checked in the append's transaction,
+//!   group commit, and followers woken by `LISTEN`/`NOTIFY`.
 //!
 //! Many namespaces share one database: every table is keyed by namespace, and a
 //! namespace records the kind of store it holds.
@@ -31,8 +36,43 @@ use crate::{Error, StorageError};
 
 /// An [`Error::Database`] for a failed call of the client, `action` saying what
 /// it was doing.
-pub(crate) fn failed(location: &Location, action: &str) -> impl FnOnce(postgres::Error) -> Error {
+pub(crate) fn failed(location: &Location, action: &str) -> impl Fn(postgres::Error) -> Error {
     let location = location.to_string();
     let action = action.to_owned();
-    move |err| Error::Database { location, action, source: StorageError(Box::new(err)) }
+    move |err| Error::Database {
+        location: location.clone(),
+        action: action.clone(),
+        source: StorageError(Box::new(err)),
+    }
+}
+
+/// Column `at` of `row`, read from `location`'s tables; `what` names the row for
+/// the error. A value of another type, or a NULL where the tables allow none,
+/// is damage: an error, never a panic.
+pub(crate) fn column<'a, T: postgres::types::FromSql<'a>>(
+    location: &Location,
+    row: &'a postgres::Row,
+    at: &str,
+    what: &dyn Fn() -> String,
+) -> crate::Result<T> {
+    row.try_get(at).map_err(|err| Error::DatabaseCorrupt {
+        location: location.to_string(),
+        reason: format!("column `{at}` of {} cannot be read: {err}", what()),
+    })
+}
+
+/// A count, version, position or epoch stored as `bigint` in column `at` of
+/// `row`: the tables' checks keep it from being negative, and one that is anyway
+/// is damage.
+pub(crate) fn count(
+    location: &Location,
+    row: &postgres::Row,
+    at: &str,
+    what: &dyn Fn() -> String,
+) -> crate::Result<u64> {
+    let value: i64 = column(location, row, at, what)?;
+    u64::try_from(value).map_err(|_| Error::DatabaseCorrupt {
+        location: location.to_string(),
+        reason: format!("column `{at}` of {} is {value}", what()),
+    })
 }

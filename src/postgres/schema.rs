@@ -2,12 +2,13 @@
 //! and never used when they are newer than this build.
 //!
 //! Every table is in the schema `instastate` and keyed by namespace. The version
-//! is a row of `instastate.meta`. Opening a store runs [`prepare`]: under a
+//! is a row of `instastate.meta`. Opening a store runs [`prepare`]: it reads the
+//! version and refuses a newer one. Only when the tables are older does it take a
 //! transaction-scoped advisory lock (so that processes opening at once upgrade
-//! once), it reads the version, refuses a newer one, and runs each missing step in
-//! order, in the same transaction: an upgrade happens whole or not at all.
+//! once), read the version again, and run each missing step in order, in the same
+//! transaction: an upgrade happens whole or not at all.
 
-use postgres::{Client, Transaction};
+use postgres::{Client, GenericClient};
 
 use super::{Location, failed};
 use crate::{Error, Result};
@@ -51,7 +52,7 @@ const STEPS: &[&str] = &[
         correlation bytea CHECK (length(correlation) = 16),
         tags text[] NOT NULL,
         triggers text[] NOT NULL,
-        schema integer NOT NULL CHECK (schema >= 0),
+        schema bigint NOT NULL CHECK (schema >= 0),
         json boolean NOT NULL,
         data bytea NOT NULL,
         PRIMARY KEY (namespace, position),
@@ -75,13 +76,27 @@ const UPGRADE_LOCK: i64 = 0x696e_7374_6173_7461; // "instasta"
 
 /// Makes the tables of `location`'s database this build's version, and records
 /// `location`'s namespace as holding a store of `kind` (refusing one that holds
-/// another kind). Returns the version the tables had.
+/// another kind). Returns the version the tables had before: that of this build
+/// unless this call upgraded them.
 ///
 /// # Errors
 /// [`Error::DatabaseSchema`] when the tables are newer (nothing changes);
 /// [`Error::InvalidLocation`] when the namespace holds another kind of store;
 /// [`Error::Database`] when a statement fails.
 pub(crate) fn prepare(client: &mut Client, location: &Location, kind: &str) -> Result<u64> {
+    // Most opens find the tables current: they read, and take no lock.
+    let mut found = version(client, location)?;
+    if found != KNOWN_VERSION {
+        found = upgrade(client, location, found)?;
+    }
+    record_namespace(client, location, kind)?;
+    Ok(found)
+}
+
+/// Runs the steps from the version the tables are at once they are locked (`seen`
+/// before) to this build's, in one transaction; returns the version they were at.
+fn upgrade(client: &mut Client, location: &Location, seen: u64) -> Result<u64> {
+    refuse_newer(location, seen)?;
     let mut tx = client.transaction().map_err(failed(location, "begin a transaction"))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&UPGRADE_LOCK])
         .map_err(failed(location, "lock instastate's tables to upgrade them"))?;
@@ -90,57 +105,99 @@ pub(crate) fn prepare(client: &mut Client, location: &Location, kind: &str) -> R
          CREATE TABLE IF NOT EXISTS instastate.meta (key text PRIMARY KEY, value bigint NOT NULL);",
     )
     .map_err(failed(location, "create instastate's schema"))?;
-    let found = version(&mut tx, location)?;
-    if KNOWN_VERSION < found {
-        return Err(Error::DatabaseSchema {
-            location: location.to_string(),
-            found,
-            known: KNOWN_VERSION,
-        });
-    }
-    for (step, sql) in STEPS.iter().enumerate().skip(usize::try_from(found).unwrap_or(usize::MAX)) {
+    // Another process may have upgraded them meanwhile; a table just made holds no
+    // version yet.
+    let found = stored_version(&mut tx, location)?.unwrap_or(0);
+    refuse_newer(location, found)?;
+    let done = usize::try_from(found).map_err(|_| newer(location, found))?;
+    for (step, sql) in STEPS.iter().enumerate().skip(done) {
         tx.batch_execute(sql).map_err(failed(
             location,
             &format!("upgrade instastate's tables to version {}", step + 1),
         ))?;
     }
-    let known = i64::try_from(KNOWN_VERSION).unwrap_or(i64::MAX);
+    let known = i64::try_from(KNOWN_VERSION).map_err(|_| newer(location, KNOWN_VERSION))?;
     tx.execute(
         "INSERT INTO instastate.meta (key, value) VALUES ('version', $1)
          ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
         &[&known],
     )
     .map_err(failed(location, "record the version of instastate's tables"))?;
+    tx.commit().map_err(failed(location, "commit the upgrade of instastate's tables"))?;
+    Ok(found)
+}
+
+/// Records `location`'s namespace as holding a store of `kind`, unless it is;
+/// refuses one that holds another kind.
+fn record_namespace(client: &mut Client, location: &Location, kind: &str) -> Result<()> {
     let namespace = location.namespace();
-    tx.execute(
-        "INSERT INTO instastate.namespaces (namespace, kind) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        &[&namespace, &kind],
-    )
-    .map_err(failed(location, "record the namespace"))?;
-    let held: String = tx
-        .query_one("SELECT kind FROM instastate.namespaces WHERE namespace = $1", &[&namespace])
-        .map_err(failed(location, "read the namespace's kind"))?
-        .get(0);
+    let read = |client: &mut Client| -> Result<Option<String>> {
+        let row = client
+            .query_opt("SELECT kind FROM instastate.namespaces WHERE namespace = $1", &[&namespace])
+            .map_err(failed(location, "read the namespace's kind"))?;
+        row.map(|row| row.try_get(0))
+            .transpose()
+            .map_err(failed(location, "read the namespace's kind"))
+    };
+    let held = if let Some(held) = read(client)? {
+        held
+    } else {
+        client
+            .execute(
+                "INSERT INTO instastate.namespaces (namespace, kind) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&namespace, &kind],
+            )
+            .map_err(failed(location, "record the namespace"))?;
+        read(client)?.ok_or_else(|| Error::DatabaseCorrupt {
+            location: location.to_string(),
+            reason: format!("namespace `{namespace}` vanished as it was recorded"),
+        })?
+    };
     if held != kind {
         return Err(Error::InvalidLocation {
             location: location.to_string(),
             reason: format!("its namespace holds {held}, not {kind}"),
         });
     }
-    tx.commit().map_err(failed(location, "commit the upgrade of instastate's tables"))?;
-    Ok(found)
+    Ok(())
 }
 
-/// The version the tables are at; 0 before the first step.
-fn version(tx: &mut Transaction<'_>, location: &Location) -> Result<u64> {
-    let row = tx
-        .query_opt("SELECT value FROM instastate.meta WHERE key = 'version'", &[])
+fn newer(location: &Location, found: u64) -> Error {
+    Error::DatabaseSchema { location: location.to_string(), found, known: KNOWN_VERSION }
+}
+
+fn refuse_newer(location: &Location, found: u64) -> Result<()> {
+    if KNOWN_VERSION < found { Err(newer(location, found)) } else { Ok(()) }
+}
+
+/// The version the tables are at: 0 before the first step.
+fn version(client: &mut Client, location: &Location) -> Result<u64> {
+    let meta = client
+        .query_one("SELECT to_regclass('instastate.meta') IS NOT NULL", &[])
+        .and_then(|row| row.try_get::<_, bool>(0))
         .map_err(failed(location, "read the version of instastate's tables"))?;
-    let value: i64 = row.map_or(0, |row| row.get(0));
-    u64::try_from(value).map_err(|_| Error::DatabaseSchema {
+    if !meta {
+        return Ok(0);
+    }
+    // The table and its row are made in one transaction: one without the other is
+    // damage, not a fresh database.
+    stored_version(client, location)?.ok_or_else(|| Error::DatabaseCorrupt {
         location: location.to_string(),
-        found: u64::MAX,
-        known: KNOWN_VERSION,
+        reason: "instastate.meta holds no version".to_owned(),
+    })
+}
+
+/// The version `instastate.meta` holds, if it holds one.
+fn stored_version(client: &mut impl GenericClient, location: &Location) -> Result<Option<u64>> {
+    let read = failed(location, "read the version of instastate's tables");
+    let row = client
+        .query_opt("SELECT value FROM instastate.meta WHERE key = 'version'", &[])
+        .map_err(&read)?;
+    let Some(row) = row else { return Ok(None) };
+    let value: i64 = row.try_get(0).map_err(&read)?;
+    u64::try_from(value).map(Some).map_err(|_| Error::DatabaseCorrupt {
+        location: location.to_string(),
+        reason: format!("instastate.meta holds version {value}"),
     })
 }
 
@@ -151,7 +208,8 @@ mod tests {
 
     #[test]
     fn tables_are_made_once_even_by_racing_openers_and_a_namespace_keeps_its_kind() -> Result<()> {
-        let location = test_server::location("schema-race")?;
+        // A database of its own, so that the openers find it without tables.
+        let location = test_server::database("schema_race")?.with_namespace("n")?;
         let opened: Vec<Result<u64>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..4)
                 .map(|_| {
@@ -163,9 +221,10 @@ mod tests {
                 .collect();
             handles.into_iter().map(|it| it.join().expect("an opener")).collect()
         });
-        for res in opened {
-            assert!(res? <= KNOWN_VERSION);
-        }
+        let found = opened.into_iter().collect::<Result<Vec<u64>>>()?;
+        let upgrades = found.iter().filter(|found| **found == 0).count();
+        let current = found.iter().filter(|found| **found == KNOWN_VERSION).count();
+        assert_eq!((upgrades, current), (1, 3), "the versions the openers found: {found:?}");
         let mut client = location.connect()?;
         assert_eq!(prepare(&mut client, &location, "an event store")?, KNOWN_VERSION);
         let other = prepare(&mut client, &location, "a store of cells");

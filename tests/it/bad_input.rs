@@ -422,7 +422,12 @@ fn a_database_location_is_refused_and_never_taken_for_a_directory() -> TestResul
         instastate::prevalence::Prevayler::open(url, 0u64, |n: &mut u64, e: u64, _| *n += e)
             .map(drop),
     ];
-    for res in results {
+    let dir = tempfile::tempdir()?;
+    let store = instastate::Store::builder().open(dir.path().join("cells"))?;
+    let events = instastate::events::EventStore::<u64>::open(dir.path().join("events"))?;
+    let copies =
+        [store.backup_to(url), store.export_to(url), store.import_from(url), events.backup_to(url)];
+    for res in results.into_iter().chain(copies) {
         let Err(instastate::Error::InvalidLocation { location, .. }) = &res else {
             return Err(format!("{res:?}").into());
         };

@@ -306,3 +306,27 @@ fn coherence_walkthrough_an_effect_replays_the_aggregates_linked_to_its_trigger(
     assert_eq!(effects, 2);
     Ok(())
 }
+
+#[test]
+fn a_tag_or_trigger_that_is_empty_too_long_or_holds_a_control_character_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<u64>::open(dir.path().join("events"))?;
+    let long = "t".repeat(513);
+    let bad: [(&str, bool); 5] =
+        [("", true), ("nul\0", true), ("line\nbreak", false), (long.as_str(), true), ("", false)];
+    for (name, as_tag) in bad {
+        let event = if as_tag {
+            NewEvent::new(1).tagged([name])
+        } else {
+            NewEvent::new(1).linked_to([name])
+        };
+        let res = events.append("s", Expected::Any, [event]);
+        let Err(Error::InvalidAppend { reason, .. }) = &res else {
+            return Err(format!("{name:?} was taken: {res:?}").into());
+        };
+        assert!(reason.contains(if as_tag { "a tag" } else { "a trigger" }), "{reason}");
+    }
+    assert_eq!(events.head(), Position::START, "a refused append wrote");
+    events.append("s", Expected::Any, [NewEvent::new(1).tagged(["book:ünïcödé 1"])])?;
+    Ok(())
+}
