@@ -720,6 +720,20 @@ pub enum Error {
         /// The epoch of the lease as the database has it now, if any.
         current: Option<u64>,
     },
+    /// Another writer held the store's lease for as long as this one waited for
+    /// it: the store has a live writer elsewhere. Nothing was changed.
+    #[error(
+        "another writer of `{namespace}` at `{location}` held its lease for the {waited:?} this one waited"
+    )]
+    #[non_exhaustive]
+    LeaseHeld {
+        /// The database's location, without its password.
+        location: String,
+        /// The store's namespace.
+        namespace: String,
+        /// How long this writer waited.
+        waited: std::time::Duration,
+    },
 }
 
 impl Error {

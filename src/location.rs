@@ -30,6 +30,20 @@ pub(crate) fn refuse_database(path: &Path, front_door: &str) -> Result<()> {
     Err(Error::InvalidLocation { location: redacted(text), reason })
 }
 
+/// The PostgreSQL location `path` gives, if it is one (`postgres://` or
+/// `postgresql://`).
+///
+/// # Errors
+/// [`Error::InvalidLocation`] when it is one and does not parse.
+#[cfg(feature = "postgres")]
+pub(crate) fn database(path: &Path) -> Result<Option<crate::postgres::Location>> {
+    let Some(text) = path.to_str() else { return Ok(None) };
+    if !SCHEMES.iter().any(|scheme| text.starts_with(scheme)) {
+        return Ok(None);
+    }
+    crate::postgres::Location::parse(text).map(Some)
+}
+
 /// The URL `text` without the passwords it may hold (in its user part, or as a
 /// `password` parameter), for errors about it.
 pub(crate) fn redacted(text: &str) -> String {

@@ -166,7 +166,7 @@
 //!   [`Prevalent::EVENT_VERSION`] and [`Prevalent::EVENT_MIGRATIONS`] for their events.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -282,7 +282,32 @@ pub struct PrevaylerBuilder<S: 'static, M = NoEventMigrations> {
     state_migrations: Migrations<S>,
     event_version: u32,
     event_migrations: M,
+    /// In a database: the lease's settings, and how long opening waits for it.
+    #[cfg(feature = "postgres")]
+    lease: (crate::postgres::LeaseSettings, std::time::Duration),
 }
+
+/// Where a prevalent system is kept.
+enum Target<'a> {
+    Dir(&'a Path),
+    #[cfg(feature = "postgres")]
+    Database(Box<crate::postgres::Location>),
+}
+
+impl Target<'_> {
+    /// What errors name: the directory, or the location without its password.
+    fn label(&self) -> PathBuf {
+        match self {
+            Target::Dir(dir) => dir.to_path_buf(),
+            #[cfg(feature = "postgres")]
+            Target::Database(location) => PathBuf::from(location.to_string()),
+        }
+    }
+}
+
+/// How long opening a system in a database waits for its lease, by default.
+#[cfg(feature = "postgres")]
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The event migrations of a [`PrevaylerBuilder`] that has none: it opens a system
 /// of any event type.
@@ -358,6 +383,8 @@ impl<S> PrevaylerBuilder<S> {
             state_migrations: Vec::new(),
             event_version: SCHEMA,
             event_migrations: NoEventMigrations(()),
+            #[cfg(feature = "postgres")]
+            lease: (crate::postgres::LeaseSettings::default(), LEASE_WAIT),
         }
     }
 }
@@ -458,7 +485,30 @@ impl<S, M> PrevaylerBuilder<S, M> {
             state_migrations: self.state_migrations,
             event_version: self.event_version,
             event_migrations: EventMigrations(migrations),
+            #[cfg(feature = "postgres")]
+            lease: self.lease,
         }
+    }
+
+    /// In a database: how long the writer's lease lasts without renewal (it is
+    /// renewed every third of it), 5 s by default. A standby takes over within
+    /// about this long once the writer is gone; a writer paused for longer is
+    /// fenced.
+    #[cfg(feature = "postgres")]
+    pub fn lease_time(mut self, ttl: std::time::Duration) -> Self {
+        self.lease.0.ttl = ttl.max(std::time::Duration::from_millis(100));
+        self
+    }
+
+    /// In a database: how long opening waits for the lease while another writer
+    /// holds it ([`Error::LeaseHeld`] after that), 30 s by default. A standby
+    /// waits for as long as it is willing to stand by; it also asks for the lease
+    /// every `poll` (250 ms by default).
+    #[cfg(feature = "postgres")]
+    pub fn wait_for_lease(mut self, wait: std::time::Duration, poll: std::time::Duration) -> Self {
+        self.lease.1 = wait;
+        self.lease.0.poll = poll.max(std::time::Duration::from_millis(1));
+        self
     }
 
     /// When a handled event is durable; [`Durability::SyncEach`] by default.
@@ -576,6 +626,15 @@ impl<S, M> PrevaylerBuilder<S, M> {
     /// sound snapshot, or starts from `initial`, and replays the journal after it
     /// through `apply`.
     ///
+    /// With the feature `postgres`, `dir` may be a `postgres://` location instead
+    /// (see `postgres::Location`): the journal and the snapshots are rows of that
+    /// database, and this system is the namespace's one writer. Opening waits for
+    /// the namespace's lease (`wait_for_lease`) and keeps it renewed; a writer
+    /// that lost it (paused, cut off, or taken over) is refused by the database,
+    /// and every later call gets [`Error::Fenced`]. Every write is a commit, so
+    /// every durability mode is durable there; [`Recovery::Salvage`] acts as
+    /// [`Recovery::Strict`] (a database holds no torn write).
+    ///
     /// # Errors
     /// [`Error::Locked`] if the directory is open elsewhere; [`Error::JournalType`]
     /// if it was written for other types; [`Error::JournalSchema`] if it was written
@@ -584,7 +643,9 @@ impl<S, M> PrevaylerBuilder<S, M> {
     /// [`Error::JournalDecode`] if an event or the snapshot does not decode;
     /// [`Error::MigrationPanicked`] if a migration panics; [`Error::ReplayDiverged`]
     /// or [`Error::ReplayPanicked`] if replay is not deterministic; [`Error::Io`] for
-    /// the file system's errors.
+    /// the file system's errors. In a database: [`Error::LeaseHeld`] when another
+    /// writer kept the lease, [`Error::InvalidLocation`], [`Error::Database`],
+    /// [`Error::DatabaseCorrupt`] and [`Error::DatabaseSchema`].
     pub fn open<E, R>(
         self,
         dir: impl AsRef<Path>,
@@ -598,7 +659,28 @@ impl<S, M> PrevaylerBuilder<S, M> {
         M: ForEvents<E>,
     {
         let dir = dir.as_ref();
+        #[cfg(feature = "postgres")]
+        if let Some(location) = crate::location::database(dir)? {
+            return self.open_at(&Target::Database(Box::new(location)), initial, apply);
+        }
         crate::location::refuse_database(dir, "a prevalent system")?;
+        self.open_at(&Target::Dir(dir), initial, apply)
+    }
+
+    fn open_at<E, R>(
+        self,
+        target: &Target<'_>,
+        initial: S,
+        apply: impl Fn(&mut S, E, Timestamp) -> R + Send + Sync + 'static,
+    ) -> Result<Prevayler<S, E, R>>
+    where
+        S: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Serialize + DeserializeOwned + Send + 'static,
+        R: Send + 'static,
+        M: ForEvents<E>,
+    {
+        let label = target.label();
+        let dir = label.as_path();
         let sealer = self.sealer();
         let PrevaylerBuilder {
             durability,
@@ -611,19 +693,12 @@ impl<S, M> PrevaylerBuilder<S, M> {
             state_migrations,
             event_version,
             event_migrations,
+            #[cfg(feature = "postgres")]
+            lease,
             ..
         } = self;
         let event_migrations = event_migrations.into_migrations();
-        let lock = DirLock::acquire(&io, dir, Kind::Journal)?;
-        let config = Config {
-            dir: Some(dir.to_path_buf()),
-            identity: Identity { schema: state_version, ..identity::<S, E>() },
-            durability,
-            recovery,
-            sealer,
-            io,
-            access: Access::ReadWrite,
-        };
+        let identity = Identity { schema: state_version, ..identity::<S, E>() };
         let versions = Versions {
             event: event_version,
             older_states: Older::of(state_migrations.iter().map(|it| &**it as &dyn Migrate<S>)),
@@ -653,26 +728,55 @@ impl<S, M> PrevaylerBuilder<S, M> {
                 place,
             )
         };
-        let opened = journal::open_versioned(
-            config,
-            &versions,
-            Some(Hold::Exclusive(lock)),
-            initial,
-            &mut restore,
-            &mut |state, event| {
-                let what = || format!("event {}", event.seq);
-                let place = Place { path: dir, what: &what };
-                let migrations = event_migrations.iter().map(|it| &**it as &dyn Migrate<E>);
-                let decoded = journal::decode_versioned(
-                    event.bytes,
-                    event.schema,
-                    event_version,
-                    migrations,
-                    place,
-                )?;
-                replay(dir, state, &apply, digest, event, decoded)
-            },
-        )?;
+        let mut replayed = |state: &mut S, event: Replayed<'_>| {
+            let what = || format!("event {}", event.seq);
+            let place = Place { path: dir, what: &what };
+            let migrations = event_migrations.iter().map(|it| &**it as &dyn Migrate<E>);
+            let decoded = journal::decode_versioned(
+                event.bytes,
+                event.schema,
+                event_version,
+                migrations,
+                place,
+            )?;
+            replay(dir, state, &apply, digest, event, decoded)
+        };
+        let opened = match target {
+            Target::Dir(path) => {
+                let lock = DirLock::acquire(&io, path, Kind::Journal)?;
+                let path = *path;
+                let config = Config {
+                    dir: Some(path.to_path_buf()),
+                    identity,
+                    durability,
+                    recovery,
+                    sealer,
+                    io,
+                    access: Access::ReadWrite,
+                };
+                journal::open_versioned(
+                    config,
+                    &versions,
+                    Some(Hold::Exclusive(lock)),
+                    initial,
+                    &mut restore,
+                    &mut replayed,
+                )?
+            }
+            #[cfg(feature = "postgres")]
+            Target::Database(location) => {
+                let database = crate::postgres::PgJournal::open(location, lease.0, lease.1)?;
+                let config = journal::DatabaseConfig { identity, durability, sealer };
+                journal::open_on_database(
+                    database,
+                    config,
+                    &versions,
+                    initial,
+                    &mut restore,
+                    &mut replayed,
+                )?
+            }
+        };
         let slot = Slot { value: opened.state, applied: opened.applied, at: opened.at };
         let settings = Settings { policy, digest, hook };
         Ok(finish(settings, slot, Box::new(apply), opened.journal, opened.recovered))
@@ -865,7 +969,7 @@ where
         self.core.journal.next()
     }
 
-    /// The directory, or `None` for a transient system.
+    /// The directory, or `None` for a transient system or one kept in a database.
     #[must_use]
     pub fn path(&self) -> Option<&Path> {
         self.core.journal.dir()
@@ -896,7 +1000,7 @@ where
         let bytes = core.journal.framed().saturating_sub(core.last_bytes.load(Ordering::Relaxed));
         let due = policy.every_events.is_some_and(|every| events >= every)
             || policy.every_bytes.is_some_and(|every| bytes >= every);
-        if !due || core.journal.dir().is_none() || core.automatic.swap(true, Ordering::AcqRel) {
+        if !due || !core.journal.is_persistent() || core.automatic.swap(true, Ordering::AcqRel) {
             return;
         }
         let background = Arc::clone(core);
@@ -929,7 +1033,7 @@ where
             if self.tainted.load(Ordering::SeqCst) {
                 return Err(Error::Poisoned { path: self.journal.label() });
             }
-            if self.journal.dir().is_none() {
+            if !self.journal.is_persistent() {
                 return Ok(slot.applied);
             }
             let body = journal::encode(&slot.value, || self.journal.label())?;

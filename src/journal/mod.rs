@@ -30,6 +30,8 @@
 //! [`Prevayler`]: crate::Prevayler
 //! [`StateCell::handle`]: crate::StateCell::handle
 
+#[cfg(feature = "postgres")]
+mod database;
 pub(crate) mod format;
 mod inspect;
 mod recovery;
@@ -49,6 +51,8 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 
+#[cfg(feature = "postgres")]
+pub(crate) use self::database::{DatabaseConfig, open_on_database};
 pub(crate) use self::inspect::inspect;
 pub use self::{inspect::JournalReport, recovery::Recovered};
 pub(crate) use self::{

@@ -44,13 +44,28 @@ pub(crate) fn write(
     body: Vec<u8>,
 ) -> Result<PathBuf> {
     let path = dir.join(format::snapshot_name(events));
+    let bytes =
+        encode(identity, event_schema, sealer, events, at, body).map_err(Error::io(&path))?;
+    io.write_unsynced(&path, &bytes).map_err(Error::io(&path))?;
+    Ok(path)
+}
+
+/// The bytes of the snapshot of the encoded state `body` covering `events`
+/// events, as a snapshot file holds them.
+pub(crate) fn encode(
+    identity: &Identity,
+    event_schema: u32,
+    sealer: &Sealer,
+    events: u64,
+    at: u64,
+    body: Vec<u8>,
+) -> std::io::Result<Vec<u8>> {
     // Sealed in chunks: a state has no size bound, and a single seal one of 256 GiB.
-    let stored = sealer.seal_stream(&aad(events), body).map_err(Error::io(&path))?;
+    let stored = sealer.seal_stream(&aad(events), body)?;
     let extra = Extra::Body { len: stored.len() as u64, crc: crc32fast::hash(&stored) };
     let mut bytes = Header::new(identity, event_schema, sealer.is_on(), events, at, extra).encode();
     bytes.extend_from_slice(&stored);
-    io.write_unsynced(&path, &bytes).map_err(Error::io(&path))?;
-    Ok(path)
+    Ok(bytes)
 }
 
 /// Reads the newest sound snapshot in `dir`; the damaged ones passed over are
@@ -83,7 +98,19 @@ pub(crate) fn load(
     sealer: &Sealer,
 ) -> Result<std::result::Result<LoadedSnapshot, String>> {
     let bytes = io.read(path).map_err(Error::io(path))?;
-    let (header, len) = match Header::decode(&bytes, true) {
+    parse(&bytes, path, events, expect, sealer)
+}
+
+/// Reads the snapshot `bytes` (of the file at `path`, or the row of a database
+/// named so), which is said to cover `events` events: as [`load`] does.
+pub(crate) fn parse(
+    bytes: &[u8],
+    path: &Path,
+    events: u64,
+    expect: Option<(&Identity, &Versions)>,
+    sealer: &Sealer,
+) -> Result<std::result::Result<LoadedSnapshot, String>> {
+    let (header, len) = match Header::decode(bytes, true) {
         Ok(it) => it,
         // A damaged snapshot, its version field included, is passed over: the
         // one before it and the journal after it hold the same events.

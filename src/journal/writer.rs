@@ -50,6 +50,38 @@ pub(crate) struct Journal {
     io: Io,
     /// A read-only journal refuses every event and writes nothing.
     access: Access,
+    /// The database it is kept in, instead of a directory.
+    database: Option<Arc<Database>>,
+    /// Why it is poisoned, when a write found its writer fenced: every later call
+    /// gets the same error.
+    fenced: Mutex<Option<Error>>,
+}
+
+/// The place of a journal kept in a database (feature `postgres`).
+#[cfg(feature = "postgres")]
+pub(crate) type Database = crate::postgres::PgJournal;
+
+/// Without the feature `postgres`, no journal is kept in a database.
+#[cfg(not(feature = "postgres"))]
+pub(crate) enum Database {}
+
+#[cfg(not(feature = "postgres"))]
+impl Database {
+    fn label(&self) -> String {
+        match *self {}
+    }
+
+    fn write(&self, _: &[u8]) -> Result<()> {
+        match *self {}
+    }
+
+    fn close(&self) -> Result<()> {
+        match *self {}
+    }
+
+    fn snapshot(&self, _: &[u8], _: u64, _: usize, _: bool) -> Result<()> {
+        match *self {}
+    }
 }
 
 struct Queue {
@@ -208,6 +240,37 @@ impl Journal {
             rotate: AtomicBool::new(false),
             io,
             access,
+            database: None,
+            fenced: Mutex::new(None),
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    /// The journal kept in `database` after its recovery, whose next event is
+    /// `next` and whose last timestamp is `clock`.
+    pub(super) fn on_database(
+        parts: Parts,
+        database: Arc<Database>,
+        next: u64,
+        clock: u64,
+    ) -> Journal {
+        let output = Output::new(None, PathBuf::new(), next, 0, None);
+        let mut journal = Journal::new(parts, output, next, clock);
+        journal.database = Some(database);
+        journal
+    }
+
+    /// Whether it keeps its events (in files or a database).
+    fn persistent(&self) -> bool {
+        self.dir.is_some() || self.database.is_some()
+    }
+
+    /// The error of a call to a poisoned journal: the one that fenced its writer,
+    /// if one did.
+    fn poisoned(&self) -> Error {
+        match &*self.fenced.lock() {
+            Some(fenced) => self.share_fenced(fenced),
+            None => Error::Poisoned { path: self.label() },
         }
     }
 
@@ -281,9 +344,18 @@ impl Journal {
         }
     }
 
-    /// The journal's directory, or `:memory:`.
+    /// The journal's directory, its database's location (without a password), or
+    /// `:memory:`.
     pub(crate) fn label(&self) -> PathBuf {
+        if let Some(database) = &self.database {
+            return PathBuf::from(database.label());
+        }
         self.dir.clone().unwrap_or_else(|| PathBuf::from(":memory:"))
+    }
+
+    /// Whether it keeps its events anywhere: a transient journal does not.
+    pub(crate) fn is_persistent(&self) -> bool {
+        self.persistent()
     }
 
     pub(crate) fn dir(&self) -> Option<&Path> {
@@ -338,7 +410,7 @@ impl Journal {
         prepare: impl FnOnce(u64, Timestamp) -> Result<Prepared<J>>,
     ) -> Result<Framed<J>> {
         if queue.poisoned {
-            return Err(Error::Poisoned { path: self.label() });
+            return Err(self.poisoned());
         }
         let seq = queue.next;
         let at = queue.clock.max(now_micros());
@@ -357,7 +429,7 @@ impl Journal {
         }
         queue.clock = at;
         queue.next += 1;
-        if self.dir.is_some() {
+        if self.persistent() {
             let stored = self.seal_event(seq, event);
             let before = queue.buf.len();
             format::put_event(&mut queue.buf, seq, at, &stored);
@@ -380,7 +452,7 @@ impl Journal {
             Durability::SyncEach => true,
             _ => queue.buf.len() >= BUFFER_LIMIT,
         };
-        if must_write && self.dir.is_some() {
+        if must_write && self.persistent() {
             let sync = self.durability == Durability::SyncEach;
             let (bytes, first) = (mem::take(&mut queue.buf), queue.buf_first.take());
             if let Err(err) = self.output.lock().write(self, &bytes, first, sync) {
@@ -390,7 +462,7 @@ impl Journal {
         }
         match run_caught(job, seq, at) {
             Ok((output, digest)) => {
-                if let (Some(digest), true) = (digest, self.dir.is_some()) {
+                if let (Some(digest), true) = (digest, self.persistent()) {
                     format::put_check(&mut queue.buf, seq, digest);
                 }
                 Ok(output)
@@ -408,7 +480,7 @@ impl Journal {
     fn void(&self, queue: &mut Queue, first: u64) {
         let last = queue.next.saturating_sub(1).max(first);
         queue.poisoned = true;
-        if self.dir.is_none() {
+        if !self.persistent() {
             return;
         }
         let mut bytes = mem::take(&mut queue.buf);
@@ -444,7 +516,7 @@ impl Journal {
                 Ok(Signal::Panicked(payload)) => panic::resume_unwind(payload),
                 // The leader went away without answering: only possible if it was
                 // unwinding from a panic outside any job.
-                Err(mpsc::RecvError) => return Err(Error::Poisoned { path: self.label() }),
+                Err(mpsc::RecvError) => return Err(self.poisoned()),
             }
         }
     }
@@ -462,7 +534,7 @@ impl Journal {
         let mut after = After::Fine;
         if poisoned {
             for entry in batch {
-                entry.fail(Error::Poisoned { path: self.label() });
+                entry.fail(self.poisoned());
             }
         } else if let Err(err) = output.write(self, &bytes, first, true) {
             let err = write_failed(err);
@@ -484,7 +556,7 @@ impl Journal {
                 }
             }
             for entry in entries {
-                entry.fail(Error::Poisoned { path: self.label() });
+                entry.fail(self.poisoned());
             }
         }
         drop(output);
@@ -496,7 +568,7 @@ impl Journal {
         }
         if queue.poisoned {
             for entry in mem::take(&mut queue.pending) {
-                entry.fail(Error::Poisoned { path: self.label() });
+                entry.fail(self.poisoned());
             }
             queue.buf.clear();
             queue.buf_first = None;
@@ -510,13 +582,26 @@ impl Journal {
         }
     }
 
+    /// A copy of the [`Error::Fenced`] `err`.
+    fn share_fenced(&self, err: &Error) -> Error {
+        match err {
+            Error::Fenced { location, namespace, epoch, current } => Error::Fenced {
+                location: location.clone(),
+                namespace: namespace.clone(),
+                epoch: *epoch,
+                current: *current,
+            },
+            _ => Error::Poisoned { path: self.label() },
+        }
+    }
+
     /// The error of a failed write, for one of the callers it failed.
     fn share(&self, err: &Error) -> Error {
         match err {
             Error::JournalWrite { path, source } => {
                 Error::JournalWrite { path: path.clone(), source: Arc::clone(source) }
             }
-            _ => Error::Poisoned { path: self.label() },
+            _ => self.poisoned(),
         }
     }
 
@@ -534,10 +619,10 @@ impl Journal {
     fn drain(&self, sync: bool) -> Result<()> {
         let mut queue = self.queue.lock();
         if queue.poisoned {
-            return Err(Error::Poisoned { path: self.label() });
+            return Err(self.poisoned());
         }
         // A read-only journal has written nothing.
-        if self.dir.is_none() || self.access == Access::ReadOnly {
+        if !self.persistent() || self.access == Access::ReadOnly {
             return Ok(());
         }
         let bytes = mem::take(&mut queue.buf);
@@ -570,6 +655,13 @@ impl Journal {
         files: Files,
     ) -> Result<()> {
         self.check_writable("snapshot")?;
+        if let Some(database) = &self.database {
+            let _one = self.snapshotting.lock();
+            let (identity, sealer) = (&self.identity, &self.sealer);
+            let bytes = snapshot::encode(identity, self.event_schema, sealer, events, at, body)
+                .map_err(Error::io(self.label()))?;
+            return database.snapshot(&bytes, events, keep, files == Files::Retire);
+        }
         let Some(dir) = &self.dir else { return Ok(()) };
         // One at a time: two would write the same temporary file.
         let _one = self.snapshotting.lock();
@@ -655,6 +747,10 @@ impl Journal {
             return Ok(());
         }
         self.sync()?;
+        // Its writer gives the lease up, so that a standby takes over at once.
+        if let Some(database) = &self.database {
+            return database.close();
+        }
         // Everything is synced: the journal ends here, and nothing after is torn.
         let mut output = self.output.lock();
         if output.failed || output.file.is_none() {
@@ -736,7 +832,18 @@ impl Output {
         sync: bool,
     ) -> Result<()> {
         if self.failed {
-            return Err(Error::Poisoned { path: journal.label() });
+            return Err(journal.poisoned());
+        }
+        // A database commits what it is given: each write is durable, in every mode.
+        if let Some(database) = &journal.database {
+            let res = database.write(bytes);
+            if let Err(err) = &res {
+                self.failed = true;
+                if matches!(err, Error::Fenced { .. }) {
+                    *journal.fenced.lock() = Some(journal.share_fenced(err));
+                }
+            }
+            return res;
         }
         if let Some(first) = first
             && journal.rotate.swap(false, Ordering::Relaxed)
@@ -782,7 +889,7 @@ impl Output {
     /// current one is synced.
     fn start(&mut self, journal: &Journal, first: u64) -> Result<()> {
         if self.failed {
-            return Err(Error::Poisoned { path: journal.label() });
+            return Err(journal.poisoned());
         }
         let Some(dir) = &journal.dir else { return Ok(()) };
         let res = self.reopen().and_then(|()| self.write_unchecked(&[], true)).and_then(|()| {

@@ -23,6 +23,7 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 mod events;
+mod journal;
 mod lease;
 mod location;
 mod schema;
@@ -30,6 +31,8 @@ mod schema;
 pub(crate) mod test_server;
 mod tls;
 
+pub(crate) use journal::{FrameRow, PgJournal};
+pub(crate) use lease::LeaseSettings;
 pub use location::Location;
 
 use crate::{Error, StorageError};

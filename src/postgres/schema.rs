@@ -66,6 +66,27 @@ const STEPS: &[&str] = &[
         PRIMARY KEY (namespace, tag, position),
         FOREIGN KEY (namespace, position) REFERENCES instastate.events
     );",
+    // 3: a journal (of a prevalent system): the header of its types, its frames as
+    // the journal's files hold them (an event, a void or a check, each checksummed),
+    // and its snapshots as snapshot files hold them.
+    "CREATE TABLE instastate.journal_heads (
+        namespace text PRIMARY KEY REFERENCES instastate.namespaces,
+        header bytea NOT NULL
+    );
+    CREATE TABLE instastate.journal_frames (
+        namespace text NOT NULL REFERENCES instastate.namespaces,
+        seq bigint NOT NULL CHECK (seq >= 0),
+        kind smallint NOT NULL,
+        schema bigint NOT NULL CHECK (schema >= 0),
+        frame bytea NOT NULL,
+        PRIMARY KEY (namespace, seq, kind)
+    );
+    CREATE TABLE instastate.journal_snapshots (
+        namespace text NOT NULL REFERENCES instastate.namespaces,
+        events bigint NOT NULL CHECK (events >= 0),
+        snapshot bytea NOT NULL,
+        PRIMARY KEY (namespace, events)
+    );",
 ];
 
 /// The newest version of the tables this build knows.

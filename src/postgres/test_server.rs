@@ -65,8 +65,13 @@ pub(crate) fn unique(prefix: &str) -> String {
 
 /// A location in a namespace of its own.
 pub(crate) fn location(prefix: &str) -> Result<Location> {
+    Location::parse(&address(prefix))
+}
+
+/// The URL of a location in a namespace of its own, as a user gives it.
+pub(crate) fn address(prefix: &str) -> String {
     let separator = if url().contains('?') { '&' } else { '?' };
-    Location::parse(&format!("{}{separator}namespace={}", url(), unique(prefix)))
+    format!("{}{separator}namespace={}", url(), unique(prefix))
 }
 
 /// A location in a new database of its own, for tests that change what the

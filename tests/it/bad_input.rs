@@ -419,8 +419,6 @@ fn a_database_location_is_refused_and_never_taken_for_a_directory() -> TestResul
         instastate::Store::builder().open(url).map(drop),
         instastate::events::EventStore::<u64>::open(url).map(drop),
         instastate::events::RawEvents::open(url).map(drop),
-        instastate::prevalence::Prevayler::open(url, 0u64, |n: &mut u64, e: u64, _| *n += e)
-            .map(drop),
     ];
     let dir = tempfile::tempdir()?;
     let store = instastate::Store::builder().open(dir.path().join("cells"))?;
@@ -432,6 +430,20 @@ fn a_database_location_is_refused_and_never_taken_for_a_directory() -> TestResul
             return Err(format!("{res:?}").into());
         };
         assert!(!location.contains("s3cret"), "{location}");
+    }
+    // A prevalent system runs on PostgreSQL with the feature: here nothing listens.
+    let prevalent =
+        instastate::prevalence::Prevayler::open(url, 0u64, |n: &mut u64, e: u64, _| *n += e);
+    match &prevalent {
+        Err(instastate::Error::InvalidLocation { location, .. })
+            if cfg!(not(feature = "postgres")) =>
+        {
+            assert!(!location.contains("s3cret"), "{location}");
+        }
+        Err(instastate::Error::Database { location, .. }) if cfg!(feature = "postgres") => {
+            assert!(!location.contains("s3cret"), "{location}");
+        }
+        other => return Err(format!("{other:?}").into()),
     }
     assert!(!std::path::Path::new("postgres:").exists(), "a directory postgres: was made");
     Ok(())

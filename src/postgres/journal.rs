@@ -1,0 +1,379 @@
+//! A journal (of a prevalent system) in a PostgreSQL database, written by one
+//! writer fenced by its lease.
+//!
+//! The journal's writer (`journal/writer.rs`) numbers, stamps and frames events,
+//! groups concurrent callers and runs their jobs as it does for files; what it
+//! would write to a file it hands to [`PgJournal::write`], which stores each frame
+//! (an event, a void, a check: the same checksummed bytes a file holds) as a row
+//! of `instastate.journal_frames`, all of one write in one transaction that first
+//! checks the writer's lease ([`Lease::fence`]). A write is durable when that
+//! transaction commits (`synchronous_commit` on): in every durability mode, a
+//! write the writer makes is a commit. A snapshot is a row of
+//! `instastate.journal_snapshots` holding the bytes a snapshot file would, written
+//! in a fenced transaction, and only once it committed does the journal count it
+//! (the snapshot generation never runs ahead of what is stored). The journal's
+//! header (its types, schema versions and key check) is the row of
+//! `instastate.journal_heads`, checked at every opening as a file's header is.
+//!
+//! Opening takes the namespace's lease, waiting for it, and a thread renews it;
+//! a renewal or a write that finds the lease lost makes every later write fail
+//! with [`Error::Fenced`].
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use parking_lot::{Condvar, Mutex};
+use postgres::Client;
+
+use super::{
+    Location, column, count, failed,
+    lease::{Lease, LeaseSettings},
+    schema,
+};
+use crate::{
+    Error, Result,
+    journal::format::{self, Frame, Read},
+};
+
+/// The kind a namespace of this engine records.
+const KIND: &str = "a prevalent system";
+
+/// The frames' kinds, as the rows hold them.
+const KIND_EVENT: i16 = 0;
+const KIND_VOID: i16 = 1;
+const KIND_CHECK: i16 = 2;
+
+/// A journal's place in a database, held by its one writer.
+pub(crate) struct PgJournal {
+    location: Location,
+    /// The connection the journal's writes go through (under the writer's output
+    /// lock), and another for everything else: a snapshot must not wait for a
+    /// write, whose jobs may wait for the state the snapshot holds.
+    writes: Mutex<Client>,
+    others: Mutex<Client>,
+    lease: Arc<Lease>,
+    /// The events' schema version the frames written now record.
+    event_schema: AtomicU32,
+    renewer: Mutex<Option<Renewer>>,
+}
+
+/// The thread that renews the lease (until it finds it lost), and how to stop it.
+struct Renewer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: thread::JoinHandle<()>,
+}
+
+/// A frame row read back.
+pub(crate) struct FrameRow {
+    pub(crate) seq: u64,
+    pub(crate) schema: u32,
+    pub(crate) frame: Vec<u8>,
+}
+
+impl PgJournal {
+    /// Opens the journal at `location`: prepares the tables, and takes the
+    /// namespace's lease, waiting up to `wait` for it.
+    ///
+    /// # Errors
+    /// [`Error::LeaseHeld`] when another writer held the lease all that time;
+    /// [`Error::Database`] and the errors of `schema::prepare`.
+    pub(crate) fn open(
+        location: &Location,
+        settings: LeaseSettings,
+        wait: Duration,
+    ) -> Result<PgJournal> {
+        let mut client = location.connect()?;
+        schema::prepare(&mut client, location, KIND)?;
+        let Some(lease) = Lease::acquire(&mut client, location, settings, wait)? else {
+            return Err(Error::LeaseHeld {
+                location: location.to_string(),
+                namespace: location.namespace().to_owned(),
+                waited: wait,
+            });
+        };
+        lease.guard(&mut client)?;
+        let mut others = location.connect()?;
+        lease.guard(&mut others)?;
+        let lease = Arc::new(lease);
+        let renewer = Renewer::start(location, &lease, settings)?;
+        Ok(PgJournal {
+            location: location.clone(),
+            writes: Mutex::new(client),
+            others: Mutex::new(others),
+            lease,
+            event_schema: AtomicU32::new(0),
+            renewer: Mutex::new(Some(renewer)),
+        })
+    }
+
+    /// The location, without its password, as errors name it.
+    pub(crate) fn label(&self) -> String {
+        self.location.to_string()
+    }
+
+    /// The journal's header, if it has one yet.
+    pub(crate) fn header(&self) -> Result<Option<Vec<u8>>> {
+        let location = &self.location;
+        let row = self
+            .others
+            .lock()
+            .query_opt(
+                "SELECT header FROM instastate.journal_heads WHERE namespace = $1",
+                &[&location.namespace()],
+            )
+            .map_err(failed(location, "read the journal's header"))?;
+        row.map(|row| column(location, &row, "header", &|| "the journal's header".to_owned()))
+            .transpose()
+    }
+
+    /// The newest snapshot: the events it covers and its bytes.
+    pub(crate) fn newest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        let location = &self.location;
+        let row = self
+            .others
+            .lock()
+            .query_opt(
+                "SELECT events, snapshot FROM instastate.journal_snapshots WHERE namespace = $1
+                  ORDER BY events DESC LIMIT 1",
+                &[&location.namespace()],
+            )
+            .map_err(failed(location, "read the newest snapshot"))?;
+        let Some(row) = row else { return Ok(None) };
+        let what = || "the newest snapshot".to_owned();
+        Ok(Some((
+            count(location, &row, "events", &what)?,
+            column(location, &row, "snapshot", &what)?,
+        )))
+    }
+
+    /// The frames of the events from `from` on, and every void and check frame
+    /// that may concern them, in order of event number.
+    pub(crate) fn frames_from(&self, from: u64) -> Result<Vec<FrameRow>> {
+        let location = &self.location;
+        let rows = self
+            .others
+            .lock()
+            .query(
+                "SELECT seq, schema, frame FROM instastate.journal_frames
+                  WHERE namespace = $1 AND (seq >= $2 OR kind = $3) ORDER BY seq, kind",
+                &[&location.namespace(), &i64_of(from), &KIND_VOID],
+            )
+            .map_err(failed(location, "read the journal"))?;
+        rows.iter()
+            .map(|row| {
+                let seq = count(location, row, "seq", &|| "a frame".to_owned())?;
+                let what = || format!("the frame of event {seq}");
+                let schema = count(location, row, "schema", &what)?;
+                Ok(FrameRow {
+                    seq,
+                    schema: u32::try_from(schema).map_err(|_| Error::DatabaseCorrupt {
+                        location: location.to_string(),
+                        reason: format!("{} records schema version {schema}", what()),
+                    })?,
+                    frame: column(location, row, "frame", &what)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records `header` (the journal's types, versions and key check, encoded as
+    /// a file's header) as the journal's, and `event_schema` as the events'
+    /// schema version of the frames written from now on.
+    pub(crate) fn set_header(&self, header: &[u8], event_schema: u32) -> Result<()> {
+        let location = &self.location;
+        let mut client = self.others.lock();
+        let mut tx = client.transaction().map_err(failed(location, "begin a write"))?;
+        self.lease.fence(&mut tx)?;
+        tx.execute(
+            "INSERT INTO instastate.journal_heads (namespace, header) VALUES ($1, $2)
+             ON CONFLICT (namespace) DO UPDATE SET header = EXCLUDED.header",
+            &[&location.namespace(), &header],
+        )
+        .map_err(failed(location, "record the journal's header"))?;
+        tx.commit().map_err(failed(location, "commit the journal's header"))?;
+        self.event_schema.store(event_schema, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stores the frames `bytes` holds (as the writer frames them for a file),
+    /// durably, in one transaction fenced by the lease.
+    ///
+    /// # Errors
+    /// [`Error::Fenced`] when the lease is lost; [`Error::Database`] when the
+    /// database fails; [`Error::DatabaseCorrupt`] for bytes that are not frames
+    /// (a bug).
+    pub(crate) fn write(&self, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let mut rows: Vec<(i64, i16, &[u8])> = Vec::new();
+        let mut at = 0;
+        while let Read::Frame(frame, len) = format::read_frame(bytes.get(at..).unwrap_or_default())
+        {
+            let (seq, kind) = match frame {
+                Frame::Event { seq, .. } => (seq, KIND_EVENT),
+                Frame::Void { first, .. } => (first, KIND_VOID),
+                Frame::Check { seq, .. } => (seq, KIND_CHECK),
+                // Links join files: a database has none.
+                Frame::Link { .. } => {
+                    at += len;
+                    continue;
+                }
+            };
+            rows.push((i64_of(seq), kind, bytes.get(at..at + len).unwrap_or_default()));
+            at += len;
+        }
+        if at != bytes.len() {
+            return Err(Error::DatabaseCorrupt {
+                location: self.location.to_string(),
+                reason: format!("the journal was handed bytes that are not frames at byte {at}"),
+            });
+        }
+        let location = &self.location;
+        let mut client = self.writes.lock();
+        let mut tx = client.transaction().map_err(failed(location, "begin a write"))?;
+        self.lease.fence(&mut tx)?;
+        let insert = tx
+            .prepare(
+                "INSERT INTO instastate.journal_frames (namespace, seq, kind, schema, frame)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .map_err(failed(location, "prepare a write"))?;
+        let schema = i64::from(self.event_schema.load(Ordering::Acquire));
+        for (seq, kind, frame) in rows {
+            tx.execute(&insert, &[&location.namespace(), &seq, &kind, &schema, &frame])
+                .map_err(failed(location, "write a frame"))?;
+        }
+        tx.commit().map_err(failed(location, "commit a write"))
+    }
+
+    /// Stores the snapshot `bytes` covering `events` events, then deletes the
+    /// snapshots beyond the newest `keep`, and the frames of events the oldest
+    /// kept one covers (`retire`), in one transaction fenced by the lease.
+    pub(crate) fn snapshot(
+        &self,
+        bytes: &[u8],
+        events: u64,
+        keep: usize,
+        retire: bool,
+    ) -> Result<()> {
+        let location = &self.location;
+        let namespace = location.namespace();
+        let mut client = self.others.lock();
+        let mut tx = client.transaction().map_err(failed(location, "begin a snapshot"))?;
+        self.lease.fence(&mut tx)?;
+        tx.execute(
+            "INSERT INTO instastate.journal_snapshots (namespace, events, snapshot) VALUES ($1, $2, $3)
+             ON CONFLICT (namespace, events) DO UPDATE SET snapshot = EXCLUDED.snapshot",
+            &[&namespace, &i64_of(events), &bytes],
+        )
+        .map_err(failed(location, "write a snapshot"))?;
+        let keep = i64::try_from(keep.max(1)).unwrap_or(i64::MAX);
+        let oldest = tx
+            .query_one(
+                "SELECT min(events) AS oldest FROM (SELECT events FROM instastate.journal_snapshots
+                  WHERE namespace = $1 ORDER BY events DESC LIMIT $2) kept",
+                &[&namespace, &keep],
+            )
+            .map_err(failed(location, "find the snapshots kept"))?;
+        let oldest: Option<i64> =
+            column(location, &oldest, "oldest", &|| "the snapshots kept".to_owned())?;
+        if let Some(oldest) = oldest {
+            tx.execute(
+                "DELETE FROM instastate.journal_snapshots WHERE namespace = $1 AND events < $2",
+                &[&namespace, &oldest],
+            )
+            .map_err(failed(location, "delete old snapshots"))?;
+            if retire {
+                tx.execute(
+                    "DELETE FROM instastate.journal_frames WHERE namespace = $1 AND seq < $2
+                       AND kind <> $3",
+                    &[&namespace, &oldest, &KIND_VOID],
+                )
+                .map_err(failed(location, "delete the frames the snapshots hold"))?;
+            }
+        }
+        tx.commit().map_err(failed(location, "commit a snapshot"))
+    }
+
+    /// Stops renewing the lease and gives it up, so that a standby takes over at
+    /// once. Once closed, every write is refused by the fence.
+    pub(crate) fn close(&self) -> Result<()> {
+        let renewer = self.renewer.lock().take();
+        let Some(renewer) = renewer else { return Ok(()) };
+        renewer.stop();
+        self.lease.release(&mut self.others.lock())
+    }
+}
+
+impl Drop for PgJournal {
+    fn drop(&mut self) {
+        if let Some(renewer) = self.renewer.get_mut().take() {
+            renewer.stop();
+        }
+    }
+}
+
+impl Renewer {
+    /// Renews `lease` every third of its time to live, on a connection of its own.
+    fn start(location: &Location, lease: &Arc<Lease>, settings: LeaseSettings) -> Result<Renewer> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let (location, lease) = (location.clone(), Arc::clone(lease));
+        let signal = Arc::clone(&stop);
+        let period = settings.ttl / 3;
+        let thread = thread::Builder::new()
+            .name("instastate-lease".to_owned())
+            .spawn(move || {
+                let mut client = None;
+                loop {
+                    {
+                        let (stopped, wake) = &*signal;
+                        let mut guard = stopped.lock();
+                        if !*guard {
+                            wake.wait_for(&mut guard, period);
+                        }
+                        if *guard {
+                            return;
+                        }
+                    }
+                    // A failed connection is tried again at the next turn: the
+                    // lease may outlive a short outage, and the writes' fences
+                    // judge it either way.
+                    let connected = match client.take() {
+                        Some(it) => Ok(it),
+                        None => location.connect(),
+                    };
+                    let Ok(mut connected) = connected else { continue };
+                    match lease.renew(&mut connected) {
+                        Ok(()) => client = Some(connected),
+                        // Lost: the writes' fences refuse every write now.
+                        Err(Error::Fenced { .. }) => return,
+                        Err(_) => {}
+                    }
+                }
+            })
+            .map_err(|source| Error::Io { path: "instastate-lease thread".into(), source })?;
+        Ok(Renewer { stop, thread })
+    }
+
+    fn stop(self) {
+        *self.stop.0.lock() = true;
+        self.stop.1.notify_all();
+        if self.thread.thread().id() != thread::current().id() {
+            let _ = self.thread.join();
+        }
+    }
+}
+
+fn i64_of(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+//! Prevalent systems kept in a real PostgreSQL server (`test_server`), through
+//! the public API.
+
+use std::{thread, time::Duration};
+
+use crate::{
+    Error, Prevayler, Result,
+    postgres::{failed, test_server},
+};
+
+type Counter = Prevayler<u64, u64, u64>;
+
+fn add(n: &mut u64, by: u64, _: crate::Timestamp) -> u64 {
+    *n += by;
+    *n
+}
+
+fn open(url: &str) -> Result<Counter> {
+    Prevayler::builder::<u64>()
+        .lease_time(Duration::from_secs(2))
+        .wait_for_lease(Duration::from_secs(10), Duration::from_millis(20))
+        .open(url, 0, add)
+}
+
+#[test]
+fn a_system_in_a_database_comes_back_from_its_snapshot_and_journal() -> Result<()> {
+    let url = test_server::address("prevalence-back");
+    let counter = open(&url)?;
+    for n in 1..=10 {
+        counter.handle(n)?;
+    }
+    assert_eq!(counter.snapshot()?, 10);
+    for n in 11..=15 {
+        counter.handle(n)?;
+    }
+    assert_eq!(counter.read(|n| *n), 120);
+    counter.close()?;
+    let counter = open(&url)?;
+    assert_eq!(counter.read(|n| *n), 120);
+    assert_eq!(counter.events(), 15);
+    assert_eq!((counter.recovered().snapshot, counter.recovered().replayed), (Some(10), 5));
+    assert_eq!(counter.path(), None);
+    // Concurrent callers share transactions, and nothing is lost.
+    thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| -> Result<()> {
+                for _ in 0..25 {
+                    counter.handle(1)?;
+                }
+                Ok(())
+            });
+        }
+    });
+    assert_eq!(counter.read(|n| *n), 320);
+    drop(counter);
+    let counter = open(&url)?;
+    assert_eq!((counter.read(|n| *n), counter.events()), (320, 215));
+    Ok(())
+}
+
+#[test]
+fn a_second_writer_waits_for_the_lease_and_a_closed_one_hands_over() -> Result<()> {
+    let url = test_server::address("prevalence-lease");
+    let first = open(&url)?;
+    first.handle(7)?;
+    let second = Prevayler::builder::<u64>()
+        .wait_for_lease(Duration::from_millis(300), Duration::from_millis(20))
+        .open(&url, 0, add);
+    assert!(matches!(second, Err(Error::LeaseHeld { .. })), "{second:?}");
+    first.close()?;
+    let second = open(&url)?;
+    assert_eq!(second.read(|n| *n), 7);
+    Ok(())
+}
+
+#[test]
+fn a_writer_whose_lease_was_taken_over_is_fenced_and_its_writes_are_not_stored() -> Result<()> {
+    let url = test_server::address("prevalence-fenced");
+    let location = crate::postgres::Location::parse(&url)?;
+    let old = open(&url)?;
+    old.handle(1)?;
+    // As if the old writer had been paused past its lease: the lease runs out.
+    let mut client = location.connect()?;
+    client
+        .execute(
+            "UPDATE instastate.leases SET expires = clock_timestamp() WHERE namespace = $1",
+            &[&location.namespace()],
+        )
+        .map_err(failed(&location, "test"))?;
+    let new = open(&url)?;
+    new.handle(10)?;
+    for _ in 0..2 {
+        let res = old.handle(100);
+        assert!(matches!(res, Err(Error::Fenced { epoch: 1, current: Some(2), .. })), "{res:?}");
+    }
+    new.handle(10)?;
+    new.close()?;
+    drop(old);
+    let again = open(&url)?;
+    assert_eq!(again.read(|n| *n), 21, "a fenced write was stored");
+    Ok(())
+}
+
+#[test]
+fn automatic_snapshots_run_beside_concurrent_writers_and_keep_what_they_cover() -> Result<()> {
+    let url = test_server::address("prevalence-auto");
+    let counter = Prevayler::builder::<u64>().snapshot_every(7).open(&url, 0, add)?;
+    thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| -> Result<()> {
+                for _ in 0..40 {
+                    counter.handle(1)?;
+                }
+                Ok(())
+            });
+        }
+    });
+    counter.snapshot()?;
+    counter.close()?;
+    let counter = open(&url)?;
+    assert_eq!((counter.read(|n| *n), counter.events()), (160, 160));
+    assert_eq!(counter.recovered().snapshot, Some(160));
+    Ok(())
+}
