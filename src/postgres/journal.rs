@@ -112,6 +112,21 @@ impl PgJournal {
         })
     }
 
+    /// Runs `run` on the connection for everything but the journal's writes;
+    /// once more on a new connection if that one broke meanwhile (the database
+    /// restarted, or ended it). Everything run so is idempotent.
+    fn with_others<T>(&self, run: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
+        let mut client = self.others.lock();
+        reconnect(&mut client, &self.location, &self.lease)?;
+        match run(&mut client) {
+            Err(_) if client.is_closed() => {
+                reconnect(&mut client, &self.location, &self.lease)?;
+                run(&mut client)
+            }
+            done => done,
+        }
+    }
+
     /// The location, without its password, as errors name it.
     pub(crate) fn label(&self) -> String {
         self.location.to_string()
@@ -120,14 +135,14 @@ impl PgJournal {
     /// The journal's header, if it has one yet.
     pub(crate) fn header(&self) -> Result<Option<Vec<u8>>> {
         let location = &self.location;
-        let row = self
-            .others
-            .lock()
-            .query_opt(
-                "SELECT header FROM instastate.journal_heads WHERE namespace = $1",
-                &[&location.namespace()],
-            )
-            .map_err(failed(location, "read the journal's header"))?;
+        let row = self.with_others(|client| {
+            client
+                .query_opt(
+                    "SELECT header FROM instastate.journal_heads WHERE namespace = $1",
+                    &[&location.namespace()],
+                )
+                .map_err(failed(location, "read the journal's header"))
+        })?;
         row.map(|row| column(location, &row, "header", &|| "the journal's header".to_owned()))
             .transpose()
     }
@@ -135,15 +150,15 @@ impl PgJournal {
     /// The newest snapshot: the events it covers and its bytes.
     pub(crate) fn newest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>> {
         let location = &self.location;
-        let row = self
-            .others
-            .lock()
-            .query_opt(
-                "SELECT events, snapshot FROM instastate.journal_snapshots WHERE namespace = $1
-                  ORDER BY events DESC LIMIT 1",
-                &[&location.namespace()],
-            )
-            .map_err(failed(location, "read the newest snapshot"))?;
+        let row = self.with_others(|client| {
+            client
+                .query_opt(
+                    "SELECT events, snapshot FROM instastate.journal_snapshots
+                      WHERE namespace = $1 ORDER BY events DESC LIMIT 1",
+                    &[&location.namespace()],
+                )
+                .map_err(failed(location, "read the newest snapshot"))
+        })?;
         let Some(row) = row else { return Ok(None) };
         let what = || "the newest snapshot".to_owned();
         Ok(Some((
@@ -156,15 +171,15 @@ impl PgJournal {
     /// that may concern them, in order of event number.
     pub(crate) fn frames_from(&self, from: u64) -> Result<Vec<FrameRow>> {
         let location = &self.location;
-        let rows = self
-            .others
-            .lock()
-            .query(
-                "SELECT seq, schema, frame FROM instastate.journal_frames
-                  WHERE namespace = $1 AND (seq >= $2 OR kind = $3) ORDER BY seq, kind",
-                &[&location.namespace(), &i64_of(from), &KIND_VOID],
-            )
-            .map_err(failed(location, "read the journal"))?;
+        let rows = self.with_others(|client| {
+            client
+                .query(
+                    "SELECT seq, schema, frame FROM instastate.journal_frames
+                      WHERE namespace = $1 AND (seq >= $2 OR kind = $3) ORDER BY seq, kind",
+                    &[&location.namespace(), &i64_of(from), &KIND_VOID],
+                )
+                .map_err(failed(location, "read the journal"))
+        })?;
         rows.iter()
             .map(|row| {
                 let seq = count(location, row, "seq", &|| "a frame".to_owned())?;
@@ -187,16 +202,17 @@ impl PgJournal {
     /// schema version of the frames written from now on.
     pub(crate) fn set_header(&self, header: &[u8], event_schema: u32) -> Result<()> {
         let location = &self.location;
-        let mut client = self.others.lock();
-        let mut tx = client.transaction().map_err(failed(location, "begin a write"))?;
-        self.lease.fence(&mut tx)?;
-        tx.execute(
-            "INSERT INTO instastate.journal_heads (namespace, header) VALUES ($1, $2)
-             ON CONFLICT (namespace) DO UPDATE SET header = EXCLUDED.header",
-            &[&location.namespace(), &header],
-        )
-        .map_err(failed(location, "record the journal's header"))?;
-        tx.commit().map_err(failed(location, "commit the journal's header"))?;
+        self.with_others(|client| {
+            let mut tx = client.transaction().map_err(failed(location, "begin a write"))?;
+            self.lease.fence(&mut tx)?;
+            tx.execute(
+                "INSERT INTO instastate.journal_heads (namespace, header) VALUES ($1, $2)
+                 ON CONFLICT (namespace) DO UPDATE SET header = EXCLUDED.header",
+                &[&location.namespace(), &header],
+            )
+            .map_err(failed(location, "record the journal's header"))?;
+            tx.commit().map_err(failed(location, "commit the journal's header"))
+        })?;
         self.event_schema.store(event_schema, Ordering::Release);
         Ok(())
     }
@@ -235,8 +251,26 @@ impl PgJournal {
                 reason: format!("the journal was handed bytes that are not frames at byte {at}"),
             });
         }
-        let location = &self.location;
         let mut client = self.writes.lock();
+        reconnect(&mut client, &self.location, &self.lease)?;
+        let written = self.insert(&mut client, &rows);
+        let Some(&(seq, kind, _)) = rows.last() else { return written };
+        match written {
+            // The connection broke: the commit may or may not have happened. Read
+            // back, the write is done, or it is made again on a new connection.
+            Err(err) if client.is_closed() => match self.resolve(&mut client, seq, kind) {
+                Ok(true) => Ok(()),
+                Ok(false) => self.insert(&mut client, &rows),
+                Err(Some(fenced)) => Err(fenced),
+                Err(None) => Err(err),
+            },
+            written => written,
+        }
+    }
+
+    /// The write's transaction: the fence, then the frames `rows`.
+    fn insert(&self, client: &mut Client, rows: &[(i64, i16, &[u8])]) -> Result<()> {
+        let location = &self.location;
         let mut tx = client.transaction().map_err(failed(location, "begin a write"))?;
         self.lease.fence(&mut tx)?;
         let insert = tx
@@ -247,10 +281,49 @@ impl PgJournal {
             .map_err(failed(location, "prepare a write"))?;
         let schema = i64::from(self.event_schema.load(Ordering::Acquire));
         for (seq, kind, frame) in rows {
-            tx.execute(&insert, &[&location.namespace(), &seq, &kind, &schema, &frame])
+            tx.execute(&insert, &[&location.namespace(), seq, kind, &schema, frame])
                 .map_err(failed(location, "write a frame"))?;
         }
         tx.commit().map_err(failed(location, "commit a write"))
+    }
+
+    /// Settles a write whose connection broke, whose last frame is `(seq, kind)`:
+    /// on a new connection, which replaces the broken one, once the lease row is
+    /// locked (so that the broken write's transaction has ended, committed or not),
+    /// reads the frame back. Whether it is stored; `Err(Some(..))` when the lease
+    /// is lost ([`Error::Fenced`]) or the database fails, `Err(None)` when no new
+    /// connection can be made.
+    fn resolve(
+        &self,
+        client: &mut Client,
+        seq: i64,
+        kind: i16,
+    ) -> std::result::Result<bool, Option<Error>> {
+        let location = &self.location;
+        let Ok(mut fresh) = location.connect() else { return Err(None) };
+        self.lease.guard(&mut fresh).map_err(Some)?;
+        let stored = {
+            let mut tx = fresh.transaction().map_err(failed(location, "begin a read back"))?;
+            tx.execute(
+                "SELECT 1 FROM instastate.leases WHERE namespace = $1 FOR UPDATE",
+                &[&location.namespace()],
+            )
+            .map_err(failed(location, "wait for the broken write to end"))?;
+            let stored = tx
+                .query_opt(
+                    "SELECT 1 FROM instastate.journal_frames
+                      WHERE namespace = $1 AND seq = $2 AND kind = $3",
+                    &[&location.namespace(), &seq, &kind],
+                )
+                .map_err(failed(location, "read a write back"))?
+                .is_some();
+            if !stored {
+                self.lease.fence(&mut tx)?;
+            }
+            stored
+        };
+        *client = fresh;
+        Ok(stored)
     }
 
     /// Stores the snapshot `bytes` covering `events` events, then deletes the
@@ -263,9 +336,20 @@ impl PgJournal {
         keep: usize,
         retire: bool,
     ) -> Result<()> {
+        self.with_others(|client| self.store_snapshot(client, bytes, events, keep, retire))
+    }
+
+    /// [`snapshot`](Self::snapshot)'s transaction, on `client`.
+    fn store_snapshot(
+        &self,
+        client: &mut Client,
+        bytes: &[u8],
+        events: u64,
+        keep: usize,
+        retire: bool,
+    ) -> Result<()> {
         let location = &self.location;
         let namespace = location.namespace();
-        let mut client = self.others.lock();
         let mut tx = client.transaction().map_err(failed(location, "begin a snapshot"))?;
         self.lease.fence(&mut tx)?;
         tx.execute(
@@ -308,7 +392,7 @@ impl PgJournal {
         let renewer = self.renewer.lock().take();
         let Some(renewer) = renewer else { return Ok(()) };
         renewer.stop();
-        self.lease.release(&mut self.others.lock())
+        self.with_others(|client| self.lease.release(client))
     }
 }
 
@@ -369,6 +453,17 @@ impl Renewer {
             let _ = self.thread.join();
         }
     }
+}
+
+/// Replaces `client`, a writer's connection, by a new one if it broke (the
+/// database restarted, or ended it): nothing is under way on it.
+fn reconnect(client: &mut Client, location: &Location, lease: &Lease) -> Result<()> {
+    if client.is_closed() {
+        let mut fresh = location.connect()?;
+        lease.guard(&mut fresh)?;
+        *client = fresh;
+    }
+    Ok(())
 }
 
 fn i64_of(value: u64) -> i64 {

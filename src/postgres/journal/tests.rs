@@ -122,3 +122,37 @@ fn automatic_snapshots_run_beside_concurrent_writers_and_keep_what_they_cover() 
     assert_eq!(counter.recovered().snapshot, Some(160));
     Ok(())
 }
+
+#[test]
+fn a_writer_whose_connections_are_dropped_reconnects_and_loses_or_doubles_nothing() -> Result<()> {
+    // Its connections carry a name of their own, so that only they are ended.
+    let name = test_server::unique("dropped");
+    let url = format!("{}&application_name={name}", test_server::address("prevalence-dropped"));
+    let location = crate::postgres::Location::parse(&url)?;
+    let counter = open(&url)?;
+    let mut admin = test_server::location("admin")?.connect()?;
+    let mut expected = 0;
+    for round in 1..=4 {
+        for n in 1..=5 {
+            counter.handle(n)?;
+            expected += n;
+        }
+        // As a restart of the database does: every connection of the writer ends.
+        let ended = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )
+            .map_err(failed(&location, "test"))?;
+        assert!(!ended.is_empty(), "round {round}: no connection of the writer was found");
+        if round == 2 {
+            assert_eq!(counter.snapshot()?, 10);
+        }
+    }
+    counter.handle(100)?;
+    assert_eq!(counter.read(|n| *n), expected + 100);
+    drop(counter);
+    let again = open(&url)?;
+    assert_eq!((again.read(|n| *n), again.events()), (expected + 100, 21));
+    Ok(())
+}
