@@ -28,6 +28,9 @@ mod lease;
 mod location;
 mod schema;
 #[cfg(test)]
+#[path = "../../tests/common/postgres.rs"]
+mod server;
+#[cfg(test)]
 pub(crate) mod test_server;
 mod tls;
 

@@ -1,77 +1,17 @@
-//! The PostgreSQL server the tests of the PostgreSQL engine use: the one whose URL
-//! `INSTASTATE_TEST_POSTGRES` gives (`.ci/run` starts one), or else a throwaway
-//! cluster this test binary starts with `.ci/postgres`, which stops it once the
-//! binary has exited. Without either, a test fails saying what is missing; it never
-//! passes without a server.
+//! The PostgreSQL server the tests of the PostgreSQL engine use
+//! (`tests/common/postgres.rs`: the one `INSTASTATE_TEST_POSTGRES` names, or a
+//! throwaway cluster), and the locations they take in it.
 //!
 //! Every test takes namespaces (or databases) of its own, so tests run in parallel
 //! and the same server serves many runs.
 
-use std::{
-    process::Command,
-    sync::atomic::{AtomicU64, Ordering},
-    time::{SystemTime, UNIX_EPOCH},
-};
-
-use once_cell::sync::Lazy;
-
 use super::{Location, failed};
 use crate::Result;
-
-/// The variable naming a server the tests may use.
-pub(crate) const URL_VAR: &str = "INSTASTATE_TEST_POSTGRES";
-
-static URL: Lazy<std::result::Result<String, String>> = Lazy::new(start);
-
-/// Names made by this process are unique among the runs that share a server.
-static NEXT: AtomicU64 = AtomicU64::new(0);
-
-fn start() -> std::result::Result<String, String> {
-    if let Ok(url) = std::env::var(URL_VAR) {
-        return Ok(url);
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/postgres");
-    let out = Command::new("bash")
-        .arg(script)
-        .arg(std::process::id().to_string())
-        .output()
-        .map_err(|err| format!("cannot run {script}: {err}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "no PostgreSQL server for the tests: {URL_VAR} is not set, and {script} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-/// The server's URL, without a namespace.
-///
-/// # Panics
-/// When there is no server: the test fails with the reason.
-pub(crate) fn url() -> &'static str {
-    match &*URL {
-        Ok(url) => url,
-        Err(reason) => panic!("{reason}"),
-    }
-}
-
-/// A name no other test or run has: `prefix` and a unique suffix.
-pub(crate) fn unique(prefix: &str) -> String {
-    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |it| it.as_micros());
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}_{}_{stamp}_{n}", std::process::id())
-}
+pub(crate) use crate::postgres::server::{address, unique, url};
 
 /// A location in a namespace of its own.
 pub(crate) fn location(prefix: &str) -> Result<Location> {
     Location::parse(&address(prefix))
-}
-
-/// The URL of a location in a namespace of its own, as a user gives it.
-pub(crate) fn address(prefix: &str) -> String {
-    let separator = if url().contains('?') { '&' } else { '?' };
-    format!("{}{separator}namespace={}", url(), unique(prefix))
 }
 
 /// A location in a new database of its own, for tests that change what the

@@ -109,6 +109,19 @@ impl Watched {
         }
     }
 
+    /// Sends the child the signal `name` (`STOP`, `CONT`, ...).
+    #[allow(dead_code)] // Only some of the binaries that include this module use it.
+    pub(crate) fn signal(&self, name: &str) -> TestResult {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            return Err(format!("kill -{name} {} failed: {status}", self.child.id()).into());
+        }
+        Ok(())
+    }
+
     /// The child's exit status if it has exited, without waiting.
     pub(crate) fn exited(&mut self) -> TestResult<Option<ExitStatus>> {
         Ok(self.child.try_wait()?)
