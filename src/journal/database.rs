@@ -60,80 +60,67 @@ pub(crate) struct DatabaseConfig {
     pub(crate) sealer: Sealer,
 }
 
+/// A state to go on from, instead of the newest snapshot: a follower's, promoted.
+pub(crate) struct Start<S> {
+    pub(crate) state: S,
+    /// The events applied to it: the next event's number.
+    pub(crate) applied: u64,
+    /// The last timestamp applied to it.
+    pub(crate) at: u64,
+}
+
 /// Opens the journal kept in `database`, as `open_versioned` opens one in files:
-/// loads its newest snapshot, or `initial()`, and replays the events after it
-/// through `apply`; then records the current types and versions as its header.
+/// goes on from `start`, or loads the newest snapshot (or `initial()`), and
+/// replays the events after it through `apply`; then records the current types
+/// and versions as its header.
+#[allow(clippy::too_many_arguments)] // Two callers; a struct would only rename them.
 pub(crate) fn open_on_database<S>(
     database: Database,
     config: DatabaseConfig,
     versions: &Versions,
+    start: Option<Start<S>>,
     mut initial: impl FnMut() -> Result<S>,
     restore: &mut impl FnMut(Restored<'_>) -> Result<S>,
     apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<Opened<S>> {
     let DatabaseConfig { identity, durability, sealer } = config;
-    let label = PathBuf::from(database.label());
-    let damaged = |reason: String| Error::DatabaseCorrupt { location: database.label(), reason };
-    if let Some(bytes) = database.header()? {
-        let header = match Header::decode(&bytes, false) {
-            Ok((header, _)) => header,
-            Err(HeaderFault::Damaged(reason)) => {
-                return Err(damaged(format!("the journal's header is damaged: {reason}")));
-            }
-            Err(HeaderFault::Version(found)) => {
-                return Err(Error::FormatVersion {
-                    path: label,
-                    found,
-                    expected: format::FORMAT_VERSION,
-                });
+    let label = database.label();
+    check_header(database.header()?, &label, &identity, versions, &sealer)?;
+    let mut recovered = Recovered::default();
+    let newest = database.newest_snapshot()?;
+    // A state to go on from that a newer snapshot holds is passed over.
+    let mut start =
+        start.filter(|start| newest.as_ref().is_none_or(|(events, _)| *events <= start.applied));
+    let mut newest = Some(newest);
+    let (state, next, clock) = loop {
+        let (mut state, from, clock, started) = if let Some(start) = start.take() {
+            (start.state, start.applied, start.at, true)
+        } else {
+            let newest = match newest.take() {
+                Some(newest) => newest,
+                None => database.newest_snapshot()?,
+            };
+            let expect = (&identity, versions);
+            match load_snapshot(newest, &label, expect, &sealer, restore)? {
+                Some((state, events, at)) => {
+                    recovered.snapshot = Some(events);
+                    (state, events, at, false)
+                }
+                None => (initial()?, 0, 0, false),
             }
         };
-        versions::check_header(&header, &label, &identity, versions, Side::Events)?;
-        recovery::check_sealed(&header, &label, &sealer)?;
-    }
-    let expect = Some((&identity, versions));
-    let (mut state, from, mut clock, covered) = match database.newest_snapshot()? {
-        Some((events, bytes)) => match snapshot::parse(&bytes, &label, events, expect, &sealer)? {
-            Ok(loaded) => {
-                let restored =
-                    Restored { path: &label, schema: loaded.schema, bytes: &loaded.body };
-                (restore(restored)?, events, loaded.at, Some(events))
+        let rows = database.frames_from(from)?;
+        match replay_rows(&rows, from, clock, &sealer, &label, &mut state, apply)? {
+            Replay::Done { next, clock, replayed, voided } => {
+                recovered.replayed += replayed;
+                recovered.voided += voided;
+                break (state, next, clock);
             }
-            Err(reason) => {
-                return Err(damaged(format!("the snapshot of {events} events: {reason}")));
-            }
-        },
-        None => (initial()?, 0, 0, None),
+            // The frames it needs are gone, held by a newer snapshot: from there.
+            Replay::Gap { .. } if started => {}
+            Replay::Gap { first } => return Err(missing(&label, from, first)),
+        }
     };
-    let rows = database.frames_from(from)?;
-    let Frames { events, voids, checks } = frames(&rows).map_err(damaged)?;
-    let mut recovered = Recovered::default();
-    let mut next = from;
-    for (seq, at, stored, schema) in events {
-        if seq != next {
-            return Err(damaged(format!(
-                "events {next} to {} are missing: neither a snapshot nor the journal holds them",
-                seq.saturating_sub(1)
-            )));
-        }
-        next = seq + 1;
-        clock = clock.max(at);
-        if voids.iter().any(|&(first, last)| (first..=last).contains(&seq)) {
-            recovered.voided += 1;
-            continue;
-        }
-        let plain = recovery::open_event(&sealer, seq, stored)
-            .map_err(|reason| damaged(format!("event {seq}: {reason}")))?;
-        let replayed =
-            Replayed { seq, at: Timestamp(at), bytes: &plain, schema, file: 0, offset: 0 };
-        let digest = apply(&mut state, replayed)?;
-        if let (Some(replayed), Some(&stored)) = (digest, checks.get(&seq))
-            && replayed != stored
-        {
-            return Err(Error::ReplayDiverged { path: label, event: seq, stored, replayed });
-        }
-        recovered.replayed += 1;
-    }
     // From now on, frames are written with the current types and versions.
     let header = Header::new(
         &identity,
@@ -144,7 +131,6 @@ pub(crate) fn open_on_database<S>(
         Extra::KeyCheck(key_check(&sealer)),
     );
     database.set_header(&header.encode(), versions.event)?;
-    recovered.snapshot = covered;
     let parts = Parts {
         dir: None,
         identity,
@@ -156,4 +142,117 @@ pub(crate) fn open_on_database<S>(
     };
     let journal = Journal::on_database(parts, Arc::new(database), next, clock);
     Ok(Opened { state, applied: next, at: clock, journal, recovered })
+}
+
+/// Checks the journal's header `bytes` (if it has one yet), kept at `label`: its
+/// types, versions and key, as a file's header is checked.
+pub(crate) fn check_header(
+    bytes: Option<Vec<u8>>,
+    label: &str,
+    identity: &Identity,
+    versions: &Versions,
+    sealer: &Sealer,
+) -> Result<()> {
+    let Some(bytes) = bytes else { return Ok(()) };
+    let path = PathBuf::from(label);
+    let header = match Header::decode(&bytes, false) {
+        Ok((header, _)) => header,
+        Err(HeaderFault::Damaged(reason)) => {
+            return Err(damaged(label, format!("the journal's header is damaged: {reason}")));
+        }
+        Err(HeaderFault::Version(found)) => {
+            return Err(Error::FormatVersion { path, found, expected: format::FORMAT_VERSION });
+        }
+    };
+    versions::check_header(&header, &path, identity, versions, Side::Events)?;
+    recovery::check_sealed(&header, &path, sealer)
+}
+
+/// The state of the snapshot `found` (the events it covers and its bytes), with
+/// those events and its last timestamp.
+pub(crate) fn load_snapshot<S>(
+    found: Option<(u64, Vec<u8>)>,
+    label: &str,
+    expect: (&Identity, &Versions),
+    sealer: &Sealer,
+    restore: &mut impl FnMut(Restored<'_>) -> Result<S>,
+) -> Result<Option<(S, u64, u64)>> {
+    let Some((events, bytes)) = found else { return Ok(None) };
+    let path = PathBuf::from(label);
+    match snapshot::parse(&bytes, &path, events, Some(expect), sealer)? {
+        Ok(loaded) => {
+            let restored = Restored { path: &path, schema: loaded.schema, bytes: &loaded.body };
+            Ok(Some((restore(restored)?, events, loaded.at)))
+        }
+        Err(reason) => Err(damaged(label, format!("the snapshot of {events} events: {reason}"))),
+    }
+}
+
+/// What [`replay_rows`] did.
+pub(crate) enum Replay {
+    /// Replayed: the next event's number and the last timestamp, how many events
+    /// were applied and how many passed over as voided.
+    Done { next: u64, clock: u64, replayed: u64, voided: u64 },
+    /// The rows start at event `first`, after the one wanted: the events between
+    /// are held only by a snapshot (or lost).
+    Gap { first: u64 },
+}
+
+/// Applies to `state` the events of `rows` from `next` on (the state's last
+/// timestamp is `clock`), as recovery replays a file's frames: voided events are
+/// passed over, a check found is compared. Events must follow one another.
+pub(crate) fn replay_rows<S>(
+    rows: &[FrameRow],
+    next: u64,
+    clock: u64,
+    sealer: &Sealer,
+    label: &str,
+    state: &mut S,
+    apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
+) -> Result<Replay> {
+    let Frames { events, voids, checks } = frames(rows).map_err(|it| damaged(label, it))?;
+    let (mut next, mut clock, mut replayed, mut voided) = (next, clock, 0, 0);
+    for (seq, at, stored, schema) in events {
+        if seq < next {
+            continue;
+        }
+        if seq != next {
+            if replayed == 0 && voided == 0 {
+                return Ok(Replay::Gap { first: seq });
+            }
+            return Err(missing(label, next, seq));
+        }
+        next = seq + 1;
+        clock = clock.max(at);
+        if voids.iter().any(|&(first, last)| (first..=last).contains(&seq)) {
+            voided += 1;
+            continue;
+        }
+        let plain = recovery::open_event(sealer, seq, stored)
+            .map_err(|reason| damaged(label, format!("event {seq}: {reason}")))?;
+        let event = Replayed { seq, at: Timestamp(at), bytes: &plain, schema, file: 0, offset: 0 };
+        let digest = apply(state, event)?;
+        if let (Some(replayed), Some(&stored)) = (digest, checks.get(&seq))
+            && replayed != stored
+        {
+            let path = PathBuf::from(label);
+            return Err(Error::ReplayDiverged { path, event: seq, stored, replayed });
+        }
+        replayed += 1;
+    }
+    Ok(Replay::Done { next, clock, replayed, voided })
+}
+
+fn damaged(label: &str, reason: String) -> Error {
+    Error::DatabaseCorrupt { location: label.to_owned(), reason }
+}
+
+fn missing(label: &str, from: u64, first: u64) -> Error {
+    damaged(
+        label,
+        format!(
+            "events {from} to {} are missing: neither a snapshot nor the journal holds them",
+            first.saturating_sub(1)
+        ),
+    )
 }

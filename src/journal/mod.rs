@@ -52,7 +52,10 @@ use std::{
 use serde::{Serialize, de::DeserializeOwned};
 
 #[cfg(feature = "postgres")]
-pub(crate) use self::database::{DatabaseConfig, open_on_database};
+pub(crate) use self::database::{
+    DatabaseConfig, Replay, Start as Resume, check_header as check_database_header,
+    load_snapshot as load_database_snapshot, open_on_database, replay_rows,
+};
 pub(crate) use self::inspect::inspect;
 pub use self::{inspect::JournalReport, recovery::Recovered};
 pub(crate) use self::{

@@ -16,8 +16,8 @@
 //! the earlier result) and duplicate ids are checked inside that transaction,
 //! against the tables, as the embedded engine checks them against its index; a
 //! refused append leaves the others of its group unharmed. Each commit notifies
-//! the namespace's channel (see [`channel`]) with the next position, for live
-//! readers.
+//! the namespace's channel (see [`channel`](super::channel)) with the next
+//! position, for live readers.
 
 use std::{
     collections::HashMap,
@@ -29,7 +29,7 @@ use std::{
 
 use postgres::{Client, Row, Transaction, fallible_iterator::FallibleIterator};
 
-use super::{Location, column, count, failed, schema};
+use super::{Location, channel, column, count, failed, schema};
 use crate::{
     Error, Result, StorageError, Timestamp,
     events::{
@@ -38,17 +38,6 @@ use crate::{
         condition,
     },
 };
-
-/// The channel a commit to `location`'s namespace notifies: `instastate:` and the
-/// namespace, cut to the 63 bytes a channel's name holds (namespaces that share
-/// their first 52 characters share a channel, and their followers wake for each
-/// other's commits, which costs a read and nothing else).
-pub(crate) fn channel(location: &Location) -> String {
-    let mut channel = format!("instastate:{}", location.namespace());
-    // A namespace is ASCII: any cut is a character boundary.
-    channel.truncate(63);
-    channel
-}
 
 /// The kind a namespace of this engine records.
 const KIND: &str = "an event store";

@@ -29,7 +29,7 @@ use std::{
 };
 
 use parking_lot::{Condvar, Mutex};
-use postgres::Client;
+use postgres::{Client, fallible_iterator::FallibleIterator};
 
 use super::{
     Location, column, count, failed,
@@ -134,67 +134,18 @@ impl PgJournal {
 
     /// The journal's header, if it has one yet.
     pub(crate) fn header(&self) -> Result<Option<Vec<u8>>> {
-        let location = &self.location;
-        let row = self.with_others(|client| {
-            client
-                .query_opt(
-                    "SELECT header FROM instastate.journal_heads WHERE namespace = $1",
-                    &[&location.namespace()],
-                )
-                .map_err(failed(location, "read the journal's header"))
-        })?;
-        row.map(|row| column(location, &row, "header", &|| "the journal's header".to_owned()))
-            .transpose()
+        self.with_others(|client| read_header(client, &self.location))
     }
 
     /// The newest snapshot: the events it covers and its bytes.
     pub(crate) fn newest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>> {
-        let location = &self.location;
-        let row = self.with_others(|client| {
-            client
-                .query_opt(
-                    "SELECT events, snapshot FROM instastate.journal_snapshots
-                      WHERE namespace = $1 ORDER BY events DESC LIMIT 1",
-                    &[&location.namespace()],
-                )
-                .map_err(failed(location, "read the newest snapshot"))
-        })?;
-        let Some(row) = row else { return Ok(None) };
-        let what = || "the newest snapshot".to_owned();
-        Ok(Some((
-            count(location, &row, "events", &what)?,
-            column(location, &row, "snapshot", &what)?,
-        )))
+        self.with_others(|client| read_newest_snapshot(client, &self.location))
     }
 
     /// The frames of the events from `from` on, and every void and check frame
     /// that may concern them, in order of event number.
     pub(crate) fn frames_from(&self, from: u64) -> Result<Vec<FrameRow>> {
-        let location = &self.location;
-        let rows = self.with_others(|client| {
-            client
-                .query(
-                    "SELECT seq, schema, frame FROM instastate.journal_frames
-                      WHERE namespace = $1 AND (seq >= $2 OR kind = $3) ORDER BY seq, kind",
-                    &[&location.namespace(), &i64_of(from), &KIND_VOID],
-                )
-                .map_err(failed(location, "read the journal"))
-        })?;
-        rows.iter()
-            .map(|row| {
-                let seq = count(location, row, "seq", &|| "a frame".to_owned())?;
-                let what = || format!("the frame of event {seq}");
-                let schema = count(location, row, "schema", &what)?;
-                Ok(FrameRow {
-                    seq,
-                    schema: u32::try_from(schema).map_err(|_| Error::DatabaseCorrupt {
-                        location: location.to_string(),
-                        reason: format!("{} records schema version {schema}", what()),
-                    })?,
-                    frame: column(location, row, "frame", &what)?,
-                })
-            })
-            .collect()
+        self.with_others(|client| read_frames(client, &self.location, from))
     }
 
     /// Records `header` (the journal's types, versions and key check, encoded as
@@ -254,11 +205,11 @@ impl PgJournal {
         let mut client = self.writes.lock();
         reconnect(&mut client, &self.location, &self.lease)?;
         let written = self.insert(&mut client, &rows);
-        let Some(&(seq, kind, _)) = rows.last() else { return written };
+        let Some(&last) = rows.last() else { return written };
         match written {
             // The connection broke: the commit may or may not have happened. Read
             // back, the write is done, or it is made again on a new connection.
-            Err(err) if client.is_closed() => match self.resolve(&mut client, seq, kind) {
+            Err(err) if client.is_closed() => match self.resolve(&mut client, last) {
                 Ok(true) => Ok(()),
                 Ok(false) => self.insert(&mut client, &rows),
                 Err(Some(fenced)) => Err(fenced),
@@ -284,20 +235,24 @@ impl PgJournal {
             tx.execute(&insert, &[&location.namespace(), seq, kind, &schema, frame])
                 .map_err(failed(location, "write a frame"))?;
         }
+        // Followers wake at the commit.
+        tx.execute("SELECT pg_notify($1, '')", &[&super::channel(location)])
+            .map_err(failed(location, "notify the followers"))?;
         tx.commit().map_err(failed(location, "commit a write"))
     }
 
-    /// Settles a write whose connection broke, whose last frame is `(seq, kind)`:
-    /// on a new connection, which replaces the broken one, once the lease row is
-    /// locked (so that the broken write's transaction has ended, committed or not),
-    /// reads the frame back. Whether it is stored; `Err(Some(..))` when the lease
-    /// is lost ([`Error::Fenced`]) or the database fails, `Err(None)` when no new
+    /// Settles a write whose connection broke, whose last frame is `last` (its
+    /// number, kind and bytes): on a new connection, which replaces the broken
+    /// one, once the lease row is locked (so that the broken write's transaction
+    /// has ended, committed or not), reads the frame back. Whether it is stored
+    /// (the same bytes: a successor that took the lease over meanwhile numbers its
+    /// own events from the same place); `Err(Some(..))` when the lease is lost
+    /// ([`Error::Fenced`]) or the database fails, `Err(None)` when no new
     /// connection can be made.
     fn resolve(
         &self,
         client: &mut Client,
-        seq: i64,
-        kind: i16,
+        (seq, kind, frame): (i64, i16, &[u8]),
     ) -> std::result::Result<bool, Option<Error>> {
         let location = &self.location;
         let Ok(mut fresh) = location.connect() else { return Err(None) };
@@ -312,8 +267,8 @@ impl PgJournal {
             let stored = tx
                 .query_opt(
                     "SELECT 1 FROM instastate.journal_frames
-                      WHERE namespace = $1 AND seq = $2 AND kind = $3",
-                    &[&location.namespace(), &seq, &kind],
+                      WHERE namespace = $1 AND seq = $2 AND kind = $3 AND frame = $4",
+                    &[&location.namespace(), &seq, &kind, &frame],
                 )
                 .map_err(failed(location, "read a write back"))?
                 .is_some();
@@ -453,6 +408,151 @@ impl Renewer {
             let _ = self.thread.join();
         }
     }
+}
+
+/// A follower's connection to a journal in a database: it reads, writes nothing,
+/// and holds no lease. It listens to the namespace's channel, which each of the
+/// writer's commits notifies.
+pub(crate) struct PgReader {
+    location: Location,
+    client: Client,
+}
+
+impl PgReader {
+    /// Connects to the journal at `location`, recording the namespace as a
+    /// prevalent system's if it is new.
+    pub(crate) fn open(location: &Location) -> Result<PgReader> {
+        let mut client = location.connect()?;
+        schema::prepare(&mut client, location, KIND)?;
+        listen(&mut client, location)?;
+        Ok(PgReader { location: location.clone(), client })
+    }
+
+    /// The location, without its password, as errors name it.
+    pub(crate) fn label(&self) -> String {
+        self.location.to_string()
+    }
+
+    /// Runs `run`; once more on a new connection if this one broke meanwhile.
+    fn read<T>(&mut self, run: impl Fn(&mut Client, &Location) -> Result<T>) -> Result<T> {
+        match run(&mut self.client, &self.location) {
+            Err(_) if self.client.is_closed() => {
+                let mut client = self.location.connect()?;
+                listen(&mut client, &self.location)?;
+                self.client = client;
+                run(&mut self.client, &self.location)
+            }
+            done => done,
+        }
+    }
+
+    pub(crate) fn header(&mut self) -> Result<Option<Vec<u8>>> {
+        self.read(read_header)
+    }
+
+    pub(crate) fn newest_snapshot(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
+        self.read(read_newest_snapshot)
+    }
+
+    pub(crate) fn frames_from(&mut self, from: u64) -> Result<Vec<FrameRow>> {
+        self.read(|client, location| read_frames(client, location, from))
+    }
+
+    /// The number of the writer's next event, as far as the database holds: one
+    /// past the last event stored, or the events the newest snapshot covers.
+    pub(crate) fn head(&mut self) -> Result<u64> {
+        self.read(|client, location| {
+            let row = client
+                .query_one(
+                    "SELECT greatest(
+                        (SELECT max(seq) + 1 FROM instastate.journal_frames
+                          WHERE namespace = $1 AND kind = $2),
+                        (SELECT max(events) FROM instastate.journal_snapshots
+                          WHERE namespace = $1),
+                        0) AS head",
+                    &[&location.namespace(), &KIND_EVENT],
+                )
+                .map_err(failed(location, "read the journal's head"))?;
+            count(location, &row, "head", &|| "the journal's head".to_owned())
+        })
+    }
+
+    /// Waits up to `timeout` for a commit's notification (any that came since the
+    /// last wait ends it at once).
+    pub(crate) fn wait(&mut self, timeout: Duration) -> Result<()> {
+        let location = &self.location;
+        let mut notifications = self.client.notifications();
+        if notifications.is_empty() {
+            let mut waiting = notifications.timeout_iter(timeout);
+            waiting.next().map_err(failed(location, "wait for a commit"))?;
+        }
+        // Spent: the next read sees what they announced.
+        let mut spent = notifications.iter();
+        while spent.next().map_err(failed(location, "take notifications"))?.is_some() {}
+        Ok(())
+    }
+}
+
+fn listen(client: &mut Client, location: &Location) -> Result<()> {
+    client
+        .batch_execute(&format!("LISTEN \"{}\"", super::channel(location)))
+        .map_err(failed(location, "listen for commits"))
+}
+
+/// The journal's header at `location`, if it has one yet.
+fn read_header(client: &mut Client, location: &Location) -> Result<Option<Vec<u8>>> {
+    let row = client
+        .query_opt(
+            "SELECT header FROM instastate.journal_heads WHERE namespace = $1",
+            &[&location.namespace()],
+        )
+        .map_err(failed(location, "read the journal's header"))?;
+    row.map(|row| column(location, &row, "header", &|| "the journal's header".to_owned()))
+        .transpose()
+}
+
+/// The newest snapshot at `location`: the events it covers and its bytes.
+fn read_newest_snapshot(
+    client: &mut Client,
+    location: &Location,
+) -> Result<Option<(u64, Vec<u8>)>> {
+    let row = client
+        .query_opt(
+            "SELECT events, snapshot FROM instastate.journal_snapshots
+              WHERE namespace = $1 ORDER BY events DESC LIMIT 1",
+            &[&location.namespace()],
+        )
+        .map_err(failed(location, "read the newest snapshot"))?;
+    let Some(row) = row else { return Ok(None) };
+    let what = || "the newest snapshot".to_owned();
+    Ok(Some((count(location, &row, "events", &what)?, column(location, &row, "snapshot", &what)?)))
+}
+
+/// The frames at `location` of the events from `from` on, and every void frame,
+/// in order of event number.
+fn read_frames(client: &mut Client, location: &Location, from: u64) -> Result<Vec<FrameRow>> {
+    let rows = client
+        .query(
+            "SELECT seq, schema, frame FROM instastate.journal_frames
+              WHERE namespace = $1 AND (seq >= $2 OR kind = $3) ORDER BY seq, kind",
+            &[&location.namespace(), &i64_of(from), &KIND_VOID],
+        )
+        .map_err(failed(location, "read the journal"))?;
+    rows.iter()
+        .map(|row| {
+            let seq = count(location, row, "seq", &|| "a frame".to_owned())?;
+            let what = || format!("the frame of event {seq}");
+            let schema = count(location, row, "schema", &what)?;
+            Ok(FrameRow {
+                seq,
+                schema: u32::try_from(schema).map_err(|_| Error::DatabaseCorrupt {
+                    location: location.to_string(),
+                    reason: format!("{} records schema version {schema}", what()),
+                })?,
+                frame: column(location, row, "frame", &what)?,
+            })
+        })
+        .collect()
 }
 
 /// Replaces `client`, a writer's connection, by a new one if it broke (the

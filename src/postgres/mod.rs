@@ -34,7 +34,7 @@ mod server;
 pub(crate) mod test_server;
 mod tls;
 
-pub(crate) use journal::{FrameRow, PgJournal};
+pub(crate) use journal::{FrameRow, PgJournal, PgReader};
 pub(crate) use lease::LeaseSettings;
 pub use location::Location;
 
@@ -81,4 +81,15 @@ pub(crate) fn count(
         location: location.to_string(),
         reason: format!("column `{at}` of {} is {value}", what()),
     })
+}
+
+/// The channel a commit to `location`'s namespace notifies: `instastate:` and the
+/// namespace, cut to the 63 bytes a channel's name holds (namespaces that share
+/// their first 52 characters share a channel, and their followers wake for each
+/// other's commits, which costs a read and nothing else).
+pub(crate) fn channel(location: &Location) -> String {
+    let mut channel = format!("instastate:{}", location.namespace());
+    // A namespace is ASCII: any cut is a character boundary.
+    channel.truncate(63);
+    channel
 }

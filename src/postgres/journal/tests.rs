@@ -156,3 +156,94 @@ fn a_writer_whose_connections_are_dropped_reconnects_and_loses_or_doubles_nothin
     assert_eq!((again.read(|n| *n), again.events()), (expected + 100, 21));
     Ok(())
 }
+
+fn follow(url: &str, wait: Duration) -> Result<crate::prevalence::Follower<u64, u64, u64>> {
+    Prevayler::builder::<u64>()
+        .lease_time(Duration::from_secs(2))
+        .wait_for_lease(wait, Duration::from_millis(20))
+        .follow(url, 0, add, Duration::from_millis(50))
+}
+
+#[test]
+fn a_follower_applies_the_writers_events_as_they_commit_and_reports_its_lag() -> Result<()> {
+    let url = test_server::address("prevalence-follow");
+    let writer = open(&url)?;
+    for n in 1..=10 {
+        writer.handle(n)?;
+    }
+    let follower = follow(&url, Duration::from_secs(10))?;
+    assert_eq!((follower.applied(), follower.read(|n| *n)), (10, 55));
+    for n in 11..=15 {
+        writer.handle(n)?;
+    }
+    assert!(follower.wait_for(15, Duration::from_secs(10))?, "the follower fell behind");
+    assert_eq!(follower.read(|n| *n), 120);
+    let lag = follower.lag()?;
+    assert_eq!((lag.applied, lag.head, lag.events()), (15, 15, 0));
+    // Snapshots retire the frames they hold: the follower goes on.
+    writer.snapshot()?;
+    writer.handle(1)?;
+    writer.snapshot()?;
+    writer.handle(1)?;
+    assert!(follower.wait_for(17, Duration::from_secs(10))?);
+    assert_eq!(follower.read(|n| *n), 122);
+    // A follower that starts after them loads the newest snapshot.
+    let late = follow(&url, Duration::from_secs(10))?;
+    assert_eq!((late.applied(), late.read(|n| *n)), (17, 122));
+    Ok(())
+}
+
+#[test]
+fn a_follower_is_promoted_once_the_writer_is_gone_and_goes_on_from_its_state() -> Result<()> {
+    let url = test_server::address("prevalence-promote");
+    let writer = open(&url)?;
+    for n in 1..=5 {
+        writer.handle(n)?;
+    }
+    let follower = follow(&url, Duration::from_millis(300))?;
+    let refused = follow(&url, Duration::from_millis(300))?.promote();
+    assert!(matches!(refused, Err(Error::LeaseHeld { .. })), "{refused:?}");
+    writer.handle(6)?;
+    writer.close()?;
+    let promoted = follower.promote()?;
+    assert_eq!((promoted.events(), promoted.read(|n| *n)), (6, 21));
+    promoted.handle(100)?;
+    drop(promoted);
+    let again = open(&url)?;
+    assert_eq!((again.events(), again.read(|n| *n)), (7, 121));
+    Ok(())
+}
+
+#[test]
+fn a_writer_whose_connection_broke_after_a_takeover_is_fenced_not_told_it_wrote() -> Result<()> {
+    // Found by `tests/failover.rs`: the successor numbers its events from where the
+    // old writer stopped, so that reading back "is event N stored?" found the
+    // successor's event N, and the old writer took it for its own.
+    let name = test_server::unique("taken");
+    let url = format!("{}&application_name={name}", test_server::address("prevalence-taken"));
+    let location = crate::postgres::Location::parse(&url)?;
+    let old = open(&url)?;
+    old.handle(1)?;
+    let mut admin = test_server::location("admin")?.connect()?;
+    admin
+        .execute(
+            "UPDATE instastate.leases SET expires = clock_timestamp() WHERE namespace = $1",
+            &[&location.namespace()],
+        )
+        .map_err(failed(&location, "test"))?;
+    let new = Prevayler::builder::<u64>()
+        .wait_for_lease(Duration::from_secs(10), Duration::from_millis(20))
+        .open(url.replace(&name, "successor"), 0, add)?;
+    new.handle(10)?;
+    // The old writer's connections break (its next write's outcome is unknown).
+    admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )
+        .map_err(failed(&location, "test"))?;
+    let res = old.handle(100);
+    assert!(matches!(res, Err(Error::Fenced { .. })), "{res:?}");
+    assert_eq!(new.handle(10)?, 21);
+    Ok(())
+}

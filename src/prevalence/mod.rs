@@ -193,6 +193,12 @@ pub use crate::{
     journaled::Prevalent,
 };
 
+#[cfg(feature = "postgres")]
+mod follower;
+
+#[cfg(feature = "postgres")]
+pub use self::follower::{Follower, Lag};
+
 /// The schema version of the state and events unless the builder sets another.
 const SCHEMA: u32 = 1;
 /// Snapshots kept unless [`PrevaylerBuilder::keep_snapshots`] says otherwise.
@@ -295,6 +301,17 @@ enum Target<'a> {
 }
 
 impl Target<'_> {
+    /// Where `dir` says: a directory, or (with the feature `postgres`) a
+    /// `postgres://` location.
+    fn of(dir: &Path) -> Result<Target<'_>> {
+        #[cfg(feature = "postgres")]
+        if let Some(location) = crate::location::database(dir)? {
+            return Ok(Target::Database(Box::new(location)));
+        }
+        crate::location::refuse_database(dir, "a prevalent system")?;
+        Ok(Target::Dir(dir))
+    }
+
     /// What errors name: the directory, or the location without its password.
     fn label(&self) -> PathBuf {
         match self {
@@ -658,29 +675,81 @@ impl<S, M> PrevaylerBuilder<S, M> {
         R: Send + 'static,
         M: ForEvents<E>,
     {
-        let dir = dir.as_ref();
-        #[cfg(feature = "postgres")]
-        if let Some(location) = crate::location::database(dir)? {
-            return self.open_at(&Target::Database(Box::new(location)), initial, apply);
-        }
-        crate::location::refuse_database(dir, "a prevalent system")?;
-        self.open_at(&Target::Dir(dir), initial, apply)
+        let target = Target::of(dir.as_ref())?;
+        let (reading, rest) = self.split::<E>(target.label());
+        let Rest { durability, recovery, settings, io, .. } = rest;
+        let dir = reading.label.as_path();
+        // Salvage may replay more than once (see `open_versioned`), each time from the
+        // initial state: keep it encoded for the second time.
+        let spare = match recovery {
+            Recovery::Salvage => Some(journal::encode(&initial, || dir.to_path_buf())?),
+            _ => None,
+        };
+        let mut initial = Some(initial);
+        let initial = move || match (initial.take(), &spare) {
+            (Some(initial), _) => Ok(initial),
+            (None, Some(spare)) => journal::decode(spare, dir, || "the initial state".to_owned()),
+            // Only `Salvage` replays twice, and it kept the spare.
+            (None, None) => Err(Error::ReplayPanicked { path: dir.to_path_buf(), event: 0 }),
+        };
+        let mut restore = |snapshot: Restored<'_>| reading.restore(snapshot);
+        let digest = settings.digest;
+        let mut replayed = |state: &mut S, event: Replayed<'_>| {
+            let decoded = reading.decode(&event)?;
+            replay(dir, state, &apply, digest, event, decoded)
+        };
+        let (identity, versions, sealer) =
+            (reading.identity.clone(), &reading.versions, reading.sealer.clone());
+        let opened = match &target {
+            Target::Dir(path) => {
+                let lock = DirLock::acquire(&io, path, Kind::Journal)?;
+                let path = *path;
+                let config = Config {
+                    dir: Some(path.to_path_buf()),
+                    identity,
+                    durability,
+                    recovery,
+                    sealer,
+                    io,
+                    access: Access::ReadWrite,
+                };
+                journal::open_versioned(
+                    config,
+                    versions,
+                    Some(Hold::Exclusive(lock)),
+                    initial,
+                    &mut restore,
+                    &mut replayed,
+                )?
+            }
+            #[cfg(feature = "postgres")]
+            Target::Database(location) => {
+                let database =
+                    crate::postgres::PgJournal::open(location, rest.lease.0, rest.lease.1)?;
+                let config = journal::DatabaseConfig { identity, durability, sealer };
+                journal::open_on_database(
+                    database,
+                    config,
+                    versions,
+                    None,
+                    initial,
+                    &mut restore,
+                    &mut replayed,
+                )?
+            }
+        };
+        let slot = Slot { value: opened.state, applied: opened.applied, at: opened.at };
+        Ok(finish(settings, slot, Box::new(apply), opened.journal, opened.recovered))
     }
 
-    fn open_at<E, R>(
-        self,
-        target: &Target<'_>,
-        initial: S,
-        apply: impl Fn(&mut S, E, Timestamp) -> R + Send + Sync + 'static,
-    ) -> Result<Prevayler<S, E, R>>
+    /// Splits the builder into how a journal of events `E` is read (its errors
+    /// naming `label`), and the rest.
+    fn split<E>(self, label: PathBuf) -> (Reading<S, E>, Rest<S>)
     where
-        S: Serialize + DeserializeOwned + Send + Sync + 'static,
-        E: Serialize + DeserializeOwned + Send + 'static,
-        R: Send + 'static,
+        S: DeserializeOwned,
+        E: DeserializeOwned,
         M: ForEvents<E>,
     {
-        let label = target.label();
-        let dir = label.as_path();
         let sealer = self.sealer();
         let PrevaylerBuilder {
             durability,
@@ -704,82 +773,26 @@ impl<S, M> PrevaylerBuilder<S, M> {
             older_states: Older::of(state_migrations.iter().map(|it| &**it as &dyn Migrate<S>)),
             older_events: Older::of(event_migrations.iter().map(|it| &**it as &dyn Migrate<E>)),
         };
-        // Salvage may replay more than once (see `open_versioned`), each time from the
-        // initial state: keep it encoded for the second time.
-        let spare = match recovery {
-            Recovery::Salvage => Some(journal::encode(&initial, || dir.to_path_buf())?),
-            _ => None,
+        let reading = Reading {
+            label,
+            identity,
+            versions,
+            state_version,
+            state_migrations,
+            event_version,
+            event_migrations,
+            sealer,
         };
-        let mut initial = Some(initial);
-        let initial = move || match (initial.take(), &spare) {
-            (Some(initial), _) => Ok(initial),
-            (None, Some(spare)) => journal::decode(spare, dir, || "the initial state".to_owned()),
-            // Only `Salvage` replays twice, and it kept the spare.
-            (None, None) => Err(Error::ReplayPanicked { path: dir.to_path_buf(), event: 0 }),
-        };
-        let mut restore = |snapshot: Restored<'_>| {
-            let place = Place { path: snapshot.path, what: &|| "the snapshot".to_owned() };
-            let migrations = state_migrations.iter().map(|it| &**it as &dyn Migrate<S>);
-            journal::decode_versioned(
-                snapshot.bytes,
-                snapshot.schema,
-                state_version,
-                migrations,
-                place,
-            )
-        };
-        let mut replayed = |state: &mut S, event: Replayed<'_>| {
-            let what = || format!("event {}", event.seq);
-            let place = Place { path: dir, what: &what };
-            let migrations = event_migrations.iter().map(|it| &**it as &dyn Migrate<E>);
-            let decoded = journal::decode_versioned(
-                event.bytes,
-                event.schema,
-                event_version,
-                migrations,
-                place,
-            )?;
-            replay(dir, state, &apply, digest, event, decoded)
-        };
-        let opened = match target {
-            Target::Dir(path) => {
-                let lock = DirLock::acquire(&io, path, Kind::Journal)?;
-                let path = *path;
-                let config = Config {
-                    dir: Some(path.to_path_buf()),
-                    identity,
-                    durability,
-                    recovery,
-                    sealer,
-                    io,
-                    access: Access::ReadWrite,
-                };
-                journal::open_versioned(
-                    config,
-                    &versions,
-                    Some(Hold::Exclusive(lock)),
-                    initial,
-                    &mut restore,
-                    &mut replayed,
-                )?
-            }
-            #[cfg(feature = "postgres")]
-            Target::Database(location) => {
-                let database = crate::postgres::PgJournal::open(location, lease.0, lease.1)?;
-                let config = journal::DatabaseConfig { identity, durability, sealer };
-                journal::open_on_database(
-                    database,
-                    config,
-                    &versions,
-                    initial,
-                    &mut restore,
-                    &mut replayed,
-                )?
-            }
-        };
-        let slot = Slot { value: opened.state, applied: opened.applied, at: opened.at };
         let settings = Settings { policy, digest, hook };
-        Ok(finish(settings, slot, Box::new(apply), opened.journal, opened.recovered))
+        let rest = Rest {
+            durability,
+            recovery,
+            settings,
+            io,
+            #[cfg(feature = "postgres")]
+            lease,
+        };
+        (reading, rest)
     }
 
     /// A prevalent system without a directory, for tests: events are encoded (so an
@@ -802,6 +815,52 @@ impl<S, M> PrevaylerBuilder<S, M> {
         let slot = Slot { value: initial, applied: 0, at: 0 };
         finish(settings, slot, Box::new(apply), journal, Recovered::default())
     }
+}
+
+/// How a system's journal is read: its types, versions and migrations, its key,
+/// and what its errors name.
+struct Reading<S: 'static, E: 'static> {
+    label: PathBuf,
+    identity: Identity,
+    versions: Versions,
+    state_version: u32,
+    state_migrations: Migrations<S>,
+    event_version: u32,
+    event_migrations: Migrations<E>,
+    sealer: Sealer,
+}
+
+impl<S: DeserializeOwned, E: DeserializeOwned> Reading<S, E> {
+    /// The state of a snapshot read back, migrated from its version.
+    fn restore(&self, snapshot: Restored<'_>) -> Result<S> {
+        let place = Place { path: snapshot.path, what: &|| "the snapshot".to_owned() };
+        let migrations = self.state_migrations.iter().map(|it| &**it as &dyn Migrate<S>);
+        journal::decode_versioned(
+            snapshot.bytes,
+            snapshot.schema,
+            self.state_version,
+            migrations,
+            place,
+        )
+    }
+
+    /// An event read back, migrated from its version.
+    fn decode(&self, event: &Replayed<'_>) -> Result<E> {
+        let what = || format!("event {}", event.seq);
+        let place = Place { path: &self.label, what: &what };
+        let migrations = self.event_migrations.iter().map(|it| &**it as &dyn Migrate<E>);
+        journal::decode_versioned(event.bytes, event.schema, self.event_version, migrations, place)
+    }
+}
+
+/// The builder's settings besides how the journal is read.
+struct Rest<S> {
+    durability: Durability,
+    recovery: Recovery,
+    settings: Settings<S>,
+    io: Io,
+    #[cfg(feature = "postgres")]
+    lease: (crate::postgres::LeaseSettings, std::time::Duration),
 }
 
 /// What a system keeps of its builder's settings once open.
