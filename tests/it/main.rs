@@ -9,6 +9,7 @@ mod compaction;
 mod compat;
 mod concurrency;
 mod conflicts;
+mod contract;
 mod crypt;
 mod deletion;
 mod events;
@@ -29,6 +30,11 @@ mod upcast;
 
 #[path = "../common/tree.rs"]
 mod tree;
+
+#[cfg(feature = "postgres")]
+#[path = "../common/postgres.rs"]
+#[allow(dead_code)] // The failover test uses the rest.
+mod server;
 
 use std::{path::Path, process::Command};
 
