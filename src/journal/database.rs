@@ -84,6 +84,11 @@ pub(crate) fn open_on_database<S>(
     apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<Opened<S>> {
     let DatabaseConfig { identity, durability, sealer } = config;
+    // Every write is a commit: concurrent callers share one, in both durable modes.
+    let durability = match durability {
+        Durability::SyncEach => Durability::GroupCommit,
+        other => other,
+    };
     let label = database.label();
     check_header(database.header()?, &label, &identity, versions, &sealer)?;
     let mut recovered = Recovered::default();

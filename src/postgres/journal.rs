@@ -5,10 +5,12 @@
 //! groups concurrent callers and runs their jobs as it does for files; what it
 //! would write to a file it hands to [`PgJournal::write`], which stores each frame
 //! (an event, a void, a check: the same checksummed bytes a file holds) as a row
-//! of `instastate.journal_frames`, all of one write in one transaction that first
-//! checks the writer's lease ([`Lease::fence`]). A write is durable when that
-//! transaction commits (`synchronous_commit` on): in every durability mode, a
-//! write the writer makes is a commit. A snapshot is a row of
+//! of `instastate.journal_frames`, all of one write in one statement ([`WRITE`],
+//! one round trip and one transaction) that reads the writer's lease row `FOR
+//! SHARE` and inserts nothing unless the lease is the writer's and live, as
+//! [`Lease::fence`] does. A write is durable when that statement commits
+//! (`synchronous_commit` on): in every durability mode, a write the writer makes
+//! is a commit. A snapshot is a row of
 //! `instastate.journal_snapshots` holding the bytes a snapshot file would, written
 //! in a fenced transaction, and only once it committed does the journal count it
 //! (the snapshot generation never runs ahead of what is stored). The journal's
@@ -29,7 +31,7 @@ use std::{
 };
 
 use parking_lot::{Condvar, Mutex};
-use postgres::{Client, fallible_iterator::FallibleIterator};
+use postgres::{Client, Statement, fallible_iterator::FallibleIterator};
 
 use super::{
     Location, column, count, failed,
@@ -55,13 +57,39 @@ pub(crate) struct PgJournal {
     /// The connection the journal's writes go through (under the writer's output
     /// lock), and another for everything else: a snapshot must not wait for a
     /// write, whose jobs may wait for the state the snapshot holds.
-    writes: Mutex<Client>,
+    writes: Mutex<Writes>,
     others: Mutex<Client>,
     lease: Arc<Lease>,
     /// The events' schema version the frames written now record.
     event_schema: AtomicU32,
     renewer: Mutex<Option<Renewer>>,
 }
+
+/// The writes' connection, and its prepared statement.
+struct Writes {
+    client: Client,
+    insert: Option<Statement>,
+}
+
+/// One write, in one statement (so in one transaction, and one round trip): it
+/// reads the lease row `FOR SHARE` (a takeover waits for the write), inserts the
+/// frames only if the lease is the writer's epoch (`$2`) and live, and notifies
+/// the followers if it did; it returns the lease's epoch and liveness, and the
+/// frames written.
+const WRITE: &str = "
+    WITH lease AS (
+        SELECT epoch, expires > clock_timestamp() AS live FROM instastate.leases
+         WHERE namespace = $1 FOR SHARE
+    ), written AS (
+        INSERT INTO instastate.journal_frames (namespace, seq, kind, schema, frame)
+        SELECT $1, f.seq, f.kind, $3, f.frame
+          FROM unnest($4::bigint[], $5::smallint[], $6::bytea[]) AS f(seq, kind, frame)
+         WHERE EXISTS (SELECT 1 FROM lease WHERE epoch = $2 AND live)
+        RETURNING 1
+    )
+    SELECT (SELECT epoch FROM lease) AS epoch,
+           (SELECT count(*) FROM written) AS written,
+           CASE WHEN (SELECT count(*) FROM written) > 0 THEN pg_notify($7, '') END AS notified";
 
 /// The thread that renews the lease (until it finds it lost), and how to stop it.
 struct Renewer {
@@ -104,7 +132,7 @@ impl PgJournal {
         let renewer = Renewer::start(location, &lease, settings)?;
         Ok(PgJournal {
             location: location.clone(),
-            writes: Mutex::new(client),
+            writes: Mutex::new(Writes { client, insert: None }),
             others: Mutex::new(others),
             lease,
             event_schema: AtomicU32::new(0),
@@ -202,16 +230,18 @@ impl PgJournal {
                 reason: format!("the journal was handed bytes that are not frames at byte {at}"),
             });
         }
-        let mut client = self.writes.lock();
-        reconnect(&mut client, &self.location, &self.lease)?;
-        let written = self.insert(&mut client, &rows);
+        let mut writes = self.writes.lock();
+        if reconnect(&mut writes.client, &self.location, &self.lease)? {
+            writes.insert = None;
+        }
+        let written = self.insert(&mut writes, &rows);
         let Some(&last) = rows.last() else { return written };
         match written {
             // The connection broke: the commit may or may not have happened. Read
             // back, the write is done, or it is made again on a new connection.
-            Err(err) if client.is_closed() => match self.resolve(&mut client, last) {
+            Err(err) if writes.client.is_closed() => match self.resolve(&mut writes, last) {
                 Ok(true) => Ok(()),
-                Ok(false) => self.insert(&mut client, &rows),
+                Ok(false) => self.insert(&mut writes, &rows),
                 Err(Some(fenced)) => Err(fenced),
                 Err(None) => Err(err),
             },
@@ -219,26 +249,39 @@ impl PgJournal {
         }
     }
 
-    /// The write's transaction: the fence, then the frames `rows`.
-    fn insert(&self, client: &mut Client, rows: &[(i64, i16, &[u8])]) -> Result<()> {
+    /// The write's one statement ([`WRITE`]): the fence, the frames `rows`, the
+    /// notification.
+    fn insert(&self, writes: &mut Writes, rows: &[(i64, i16, &[u8])]) -> Result<()> {
         let location = &self.location;
-        let mut tx = client.transaction().map_err(failed(location, "begin a write"))?;
-        self.lease.fence(&mut tx)?;
-        let insert = tx
-            .prepare(
-                "INSERT INTO instastate.journal_frames (namespace, seq, kind, schema, frame)
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .map_err(failed(location, "prepare a write"))?;
+        let statement = if let Some(statement) = &writes.insert {
+            statement.clone()
+        } else {
+            let statement = writes
+                .client
+                .prepare(WRITE)
+                .map_err(failed(location, "prepare the journal's write"))?;
+            writes.insert = Some(statement.clone());
+            statement
+        };
+        let epoch = i64::try_from(self.lease.epoch()).unwrap_or(i64::MAX);
         let schema = i64::from(self.event_schema.load(Ordering::Acquire));
-        for (seq, kind, frame) in rows {
-            tx.execute(&insert, &[&location.namespace(), seq, kind, &schema, frame])
-                .map_err(failed(location, "write a frame"))?;
+        let seqs: Vec<i64> = rows.iter().map(|row| row.0).collect();
+        let kinds: Vec<i16> = rows.iter().map(|row| row.1).collect();
+        let frames: Vec<&[u8]> = rows.iter().map(|row| row.2).collect();
+        let channel = super::channel(location);
+        let params: [&(dyn postgres::types::ToSql + Sync); 7] =
+            [&location.namespace(), &epoch, &schema, &seqs, &kinds, &frames, &channel];
+        let row = writes
+            .client
+            .query_one(&statement, &params)
+            .map_err(failed(location, "write to the journal"))?;
+        let what = || "the journal's write".to_owned();
+        let written = count(location, &row, "written", &what)?;
+        if written == rows.len() as u64 {
+            return Ok(());
         }
-        // Followers wake at the commit.
-        tx.execute("SELECT pg_notify($1, '')", &[&super::channel(location)])
-            .map_err(failed(location, "notify the followers"))?;
-        tx.commit().map_err(failed(location, "commit a write"))
+        let current: Option<i64> = column(location, &row, "epoch", &what)?;
+        Err(self.lease.fenced(current.and_then(|it| u64::try_from(it).ok())))
     }
 
     /// Settles a write whose connection broke, whose last frame is `last` (its
@@ -251,7 +294,7 @@ impl PgJournal {
     /// connection can be made.
     fn resolve(
         &self,
-        client: &mut Client,
+        writes: &mut Writes,
         (seq, kind, frame): (i64, i16, &[u8]),
     ) -> std::result::Result<bool, Option<Error>> {
         let location = &self.location;
@@ -277,7 +320,7 @@ impl PgJournal {
             }
             stored
         };
-        *client = fresh;
+        *writes = Writes { client: fresh, insert: None };
         Ok(stored)
     }
 
@@ -557,13 +600,14 @@ fn read_frames(client: &mut Client, location: &Location, from: u64) -> Result<Ve
 
 /// Replaces `client`, a writer's connection, by a new one if it broke (the
 /// database restarted, or ended it): nothing is under way on it.
-fn reconnect(client: &mut Client, location: &Location, lease: &Lease) -> Result<()> {
-    if client.is_closed() {
-        let mut fresh = location.connect()?;
-        lease.guard(&mut fresh)?;
-        *client = fresh;
+fn reconnect(client: &mut Client, location: &Location, lease: &Lease) -> Result<bool> {
+    if !client.is_closed() {
+        return Ok(false);
     }
-    Ok(())
+    let mut fresh = location.connect()?;
+    lease.guard(&mut fresh)?;
+    *client = fresh;
+    Ok(true)
 }
 
 fn i64_of(value: u64) -> i64 {

@@ -212,7 +212,8 @@ impl Lease {
         format!("the lease of namespace `{}`", self.location.namespace())
     }
 
-    fn fenced(&self, current: Option<u64>) -> Error {
+    /// The [`Error::Fenced`] of this lease, the database holding epoch `current`.
+    pub(crate) fn fenced(&self, current: Option<u64>) -> Error {
         Error::Fenced {
             location: self.location.to_string(),
             namespace: self.location.namespace().to_owned(),

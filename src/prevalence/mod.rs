@@ -648,8 +648,10 @@ impl<S, M> PrevaylerBuilder<S, M> {
     /// database, and this system is the namespace's one writer. Opening waits for
     /// the namespace's lease (`wait_for_lease`) and keeps it renewed; a writer
     /// that lost it (paused, cut off, or taken over) is refused by the database,
-    /// and every later call gets [`Error::Fenced`]. Every write is a commit, so
-    /// every durability mode is durable there; [`Recovery::Salvage`] acts as
+    /// and every later call gets [`Error::Fenced`]. Every write is one statement
+    /// and a commit, so every durability mode is durable there, and
+    /// [`Durability::SyncEach`] groups concurrent callers into one commit as
+    /// [`Durability::GroupCommit`] does; [`Recovery::Salvage`] acts as
     /// [`Recovery::Strict`] (a database holds no torn write).
     ///
     /// # Errors

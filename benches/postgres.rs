@@ -1,0 +1,303 @@
+//! A prevalent system kept in PostgreSQL (feature `postgres`), side by side with
+//! the same work written by hand with the `postgres` crate, in one run:
+//!
+//! 1. durable events from 1 client: `Prevayler::handle` (a transaction per write
+//!    that checks the writer's lease, stores the frame and notifies followers)
+//!    against a loop of one transaction per event inserting its row, as a user
+//!    would write it;
+//! 2. the same from 16 threads: ours share transactions (group commit), the
+//!    hand-written loop runs 16 connections;
+//! 3. a follower's lag while the writer handles 500 events/s: from the writer's
+//!    timestamp of an event to the follower applying it, p50 and p99;
+//! 4. takeover: a writer process killed with `SIGKILL`, until a standby that waits
+//!    for the lease (1 s) has handled its first event.
+//!
+//! Rows 1 and 2 alternate which side goes first, round by round, and report
+//! medians. The server is the one `INSTASTATE_TEST_POSTGRES` names, or a
+//! throwaway cluster on loopback started with `.ci/postgres`: `cargo bench --bench
+//! postgres --features postgres`.
+
+#![allow(clippy::cast_precision_loss)] // Rates and lags in f64.
+
+#[allow(dead_code)] // The mount is the other benchmarks'.
+mod common;
+#[path = "../tests/common/postgres.rs"]
+#[allow(dead_code)]
+mod server;
+
+use std::{
+    env,
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use instastate::{Prevayler, Timestamp, prevalence::PrevaylerBuilder};
+use postgres::{Client, NoTls};
+
+use crate::common::{Res, interleave, median, percentile};
+
+/// Events per run of row 1, per thread per run of row 2, and rounds of each.
+const EVENTS: u64 = 300;
+const THREAD_EVENTS: u64 = 60;
+const THREADS: u64 = 16;
+const ROUNDS: u32 = 5;
+/// Row 3: the writer's rate and how long it runs.
+const RATE: u64 = 500;
+const LAG_RUN: Duration = Duration::from_secs(4);
+/// Row 4: the lease, and how many takeovers.
+const LEASE: Duration = Duration::from_secs(1);
+const TAKEOVERS: usize = 5;
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |it| u64::try_from(it.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The event: its payload, as a small command would be.
+type Event = (u64, String);
+
+/// The state: how many events, and (for row 3) the lag of each, in µs.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Seen {
+    events: u64,
+    lags: Vec<u64>,
+}
+
+fn apply(seen: &mut Seen, _: Event, at: Timestamp) {
+    seen.events += 1;
+    seen.lags.push(now_micros().saturating_sub(at.as_micros()));
+}
+
+fn builder() -> PrevaylerBuilder<Seen> {
+    Prevayler::builder::<Seen>()
+        .lease_time(LEASE)
+        .wait_for_lease(Duration::from_mins(1), Duration::from_millis(20))
+}
+
+fn event(n: u64) -> Event {
+    (n, format!("deposit {n} into account-{}", n % 100))
+}
+
+fn rate(events: u64, secs: f64) -> f64 {
+    events as f64 / secs
+}
+
+/// A table like the one a user would write for a journal of their own.
+fn hand_table(client: &mut Client, table: &str) -> Res {
+    client.batch_execute(&format!(
+        "CREATE TABLE \"{table}\" (seq bigint PRIMARY KEY, at_us bigint NOT NULL, data bytea NOT NULL)"
+    ))?;
+    Ok(())
+}
+
+/// One transaction per event: insert its row, commit.
+fn hand_loop(client: &mut Client, table: &str, from: u64, events: u64) -> Res {
+    let insert = client.prepare(&format!("INSERT INTO \"{table}\" VALUES ($1, $2, $3)"))?;
+    for n in from..from + events {
+        let data = postcard::to_stdvec(&event(n))?;
+        let mut tx = client.transaction()?;
+        tx.execute(&insert, &[&n.cast_signed(), &now_micros().cast_signed(), &data])?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn row_one(base: &str) -> Res<(f64, f64)> {
+    let url = format!("{base}{}namespace={}", separator(base), server::unique("bench-one"));
+    let system = builder().open(&url, Seen::default(), apply)?;
+    let mut client = Client::connect(base, NoTls)?;
+    let table = server::unique("hand_one");
+    hand_table(&mut client, &table)?;
+    let (mut ours, mut hand) = (Vec::new(), Vec::new());
+    for round in 0..=ROUNDS {
+        let from = u64::from(round) * EVENTS;
+        let (a, b) = interleave(
+            round,
+            || {
+                let started = Instant::now();
+                for n in from..from + EVENTS {
+                    system.handle(event(n))?;
+                }
+                Ok(rate(EVENTS, started.elapsed().as_secs_f64()))
+            },
+            || {
+                let started = Instant::now();
+                hand_loop(&mut client, &table, from, EVENTS)?;
+                Ok(rate(EVENTS, started.elapsed().as_secs_f64()))
+            },
+        )?;
+        // Round 0 warms up.
+        if 0 < round {
+            ours.push(a);
+            hand.push(b);
+        }
+    }
+    Ok((median(&ours), median(&hand)))
+}
+
+fn row_threads(base: &str) -> Res<(f64, f64)> {
+    let url = format!("{base}{}namespace={}", separator(base), server::unique("bench-many"));
+    let system = builder().open(&url, Seen::default(), apply)?;
+    let table = server::unique("hand_many");
+    hand_table(&mut Client::connect(base, NoTls)?, &table)?;
+    let mut clients =
+        (0..THREADS).map(|_| Client::connect(base, NoTls)).collect::<Result<Vec<_>, _>>()?;
+    let (mut ours, mut hand) = (Vec::new(), Vec::new());
+    for round in 0..=ROUNDS {
+        let total = THREADS * THREAD_EVENTS;
+        let from = u64::from(round) * total;
+        let (a, b) = interleave(
+            round,
+            || {
+                let started = Instant::now();
+                thread::scope(|scope| -> Res {
+                    let handles: Vec<_> = (0..THREADS)
+                        .map(|k| {
+                            let system = &system;
+                            scope.spawn(move || -> instastate::Result<()> {
+                                let first = from + k * THREAD_EVENTS;
+                                for n in first..first + THREAD_EVENTS {
+                                    system.handle(event(n))?;
+                                }
+                                Ok(())
+                            })
+                        })
+                        .collect();
+                    for handle in handles {
+                        handle.join().map_err(|_| "a thread panicked")??;
+                    }
+                    Ok(())
+                })?;
+                Ok(rate(total, started.elapsed().as_secs_f64()))
+            },
+            || {
+                let started = Instant::now();
+                thread::scope(|scope| -> Res {
+                    let handles: Vec<_> = clients
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(k, client)| {
+                            let table = &table;
+                            scope.spawn(move || {
+                                let first = from + k as u64 * THREAD_EVENTS;
+                                hand_loop(client, table, first, THREAD_EVENTS)
+                            })
+                        })
+                        .collect();
+                    for handle in handles {
+                        handle.join().map_err(|_| "a thread panicked")??;
+                    }
+                    Ok(())
+                })?;
+                Ok(rate(total, started.elapsed().as_secs_f64()))
+            },
+        )?;
+        if 0 < round {
+            ours.push(a);
+            hand.push(b);
+        }
+    }
+    Ok((median(&ours), median(&hand)))
+}
+
+/// Row 3: the lags (µs) a follower saw while the writer handled `RATE` events a
+/// second.
+fn row_lag(base: &str) -> Res<Vec<f64>> {
+    let url = format!("{base}{}namespace={}", separator(base), server::unique("bench-lag"));
+    let writer = builder().open(&url, Seen::default(), apply)?;
+    let follower = builder().follow(&url, Seen::default(), apply, Duration::from_millis(100))?;
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < LAG_RUN {
+        writer.handle(event(n))?;
+        n += 1;
+        let due = Duration::from_micros(n * 1_000_000 / RATE);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            thread::sleep(wait);
+        }
+    }
+    if !follower.wait_for(n, Duration::from_secs(30))? {
+        return Err("the follower did not catch up".into());
+    }
+    Ok(follower.read(|seen| seen.lags.iter().map(|it| *it as f64).collect()))
+}
+
+/// Row 4: takeovers (ms) after a writer process is killed.
+fn row_takeover(base: &str) -> Res<Vec<f64>> {
+    let url = format!("{base}{}namespace={}", separator(base), server::unique("bench-takeover"));
+    let mut times = Vec::new();
+    for _ in 0..TAKEOVERS {
+        let mut child = Command::new(env::current_exe()?)
+            .env("BENCH_POSTGRES_WRITER", &url)
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        lines.next().ok_or("the writer printed nothing")??;
+        child.kill()?;
+        child.wait()?;
+        let killed = Instant::now();
+        let standby = builder().open(&url, Seen::default(), apply)?;
+        standby.handle(event(0))?;
+        times.push(killed.elapsed().as_secs_f64() * 1e3);
+        // Closed, it hands the lease to the next writer at once.
+        standby.close()?;
+    }
+    Ok(times)
+}
+
+/// The writer process of row 4: handles events until killed.
+fn writer(url: &str) -> Res {
+    let system = builder().open(url, Seen::default(), apply)?;
+    system.handle(event(0))?;
+    println!("ready");
+    loop {
+        system.handle(event(1))?;
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn separator(base: &str) -> char {
+    if base.contains('?') { '&' } else { '?' }
+}
+
+fn main() -> Res {
+    if let Ok(url) = env::var("BENCH_POSTGRES_WRITER") {
+        return writer(&url);
+    }
+    // `cargo bench` passes `--bench`; anything else is a filter we do not take.
+    let base = server::url().to_owned();
+    let mut client = Client::connect(&base, NoTls)?;
+    let version: String = client.query_one("SHOW server_version", &[])?.get(0);
+    let sync: String = client.query_one("SHOW synchronous_commit", &[])?.get(0);
+    println!(
+        "PostgreSQL {version} on loopback, synchronous_commit {sync}; {ROUNDS} rounds after a warm-up, medians"
+    );
+    let (ours, hand) = row_one(&base)?;
+    println!(
+        "(1) durable events, 1 client: ours {ours:.0} ev/s, by hand {hand:.0} ev/s: {:.2}x",
+        ours / hand
+    );
+    let (ours, hand) = row_threads(&base)?;
+    println!(
+        "(2) durable events, {THREADS} threads: ours {ours:.0} ev/s, by hand ({THREADS} connections) {hand:.0} ev/s: {:.2}x",
+        ours / hand
+    );
+    let lags = row_lag(&base)?;
+    println!(
+        "(3) follower lag at {RATE} ev/s: p50 {:.1} ms, p99 {:.1} ms ({} events)",
+        percentile(&lags, 50) / 1e3,
+        percentile(&lags, 99) / 1e3,
+        lags.len()
+    );
+    let times = row_takeover(&base)?;
+    println!(
+        "(4) takeover after SIGKILL with a {} ms lease: median {:.0} ms, slowest {:.0} ms ({TAKEOVERS} kills)",
+        LEASE.as_millis(),
+        median(&times),
+        times.iter().copied().fold(0.0, f64::max)
+    );
+    Ok(())
+}
