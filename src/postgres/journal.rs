@@ -74,8 +74,8 @@ struct Writes {
 /// One write, in one statement (so in one transaction, and one round trip): it
 /// reads the lease row `FOR SHARE` (a takeover waits for the write), inserts the
 /// frames only if the lease is the writer's epoch (`$2`) and live, and notifies
-/// the followers if it did; it returns the lease's epoch and liveness, and the
-/// frames written.
+/// the followers if it did; it returns the lease's epoch (none without a lease
+/// row) and the frames written.
 const WRITE: &str = "
     WITH lease AS (
         SELECT epoch, expires > clock_timestamp() AS live FROM instastate.leases
@@ -495,6 +495,22 @@ impl PgReader {
 
     pub(crate) fn newest_snapshot(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
         self.read(read_newest_snapshot)
+    }
+
+    /// The events the newest snapshot covers, without reading it.
+    pub(crate) fn newest_snapshot_events(&mut self) -> Result<Option<u64>> {
+        self.read(|client, location| {
+            let row = client
+                .query_one(
+                    "SELECT max(events) AS events FROM instastate.journal_snapshots
+                      WHERE namespace = $1",
+                    &[&location.namespace()],
+                )
+                .map_err(failed(location, "look for a newer snapshot"))?;
+            let events: Option<i64> =
+                column(location, &row, "events", &|| "the newest snapshot".to_owned())?;
+            Ok(events.and_then(|it| u64::try_from(it).ok()))
+        })
     }
 
     pub(crate) fn frames_from(&mut self, from: u64) -> Result<Vec<FrameRow>> {

@@ -193,7 +193,8 @@ where
         // the state holds them.
         Replay::Done { .. } | Replay::Gap { .. } => {
             drop(slot);
-            let snapshot = reader.newest_snapshot()?;
+            let newer = reader.newest_snapshot_events()?.is_some_and(|events| next < events);
+            let snapshot = if newer { reader.newest_snapshot()? } else { None };
             if snapshot.as_ref().is_none_or(|(events, _)| *events <= next) {
                 if let Replay::Gap { first } = done {
                     return Err(Error::DatabaseCorrupt {
