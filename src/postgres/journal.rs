@@ -147,8 +147,10 @@ impl PgJournal {
         let mut client = self.others.lock();
         reconnect(&mut client, &self.location, &self.lease)?;
         match run(&mut client) {
-            Err(_) if client.is_closed() => {
-                reconnect(&mut client, &self.location, &self.lease)?;
+            Err(err) if super::broke(&err, &client) => {
+                let mut fresh = self.location.connect()?;
+                self.lease.guard(&mut fresh)?;
+                *client = fresh;
                 run(&mut client)
             }
             done => done,
@@ -239,7 +241,8 @@ impl PgJournal {
         match written {
             // The connection broke: the commit may or may not have happened. Read
             // back, the write is done, or it is made again on a new connection.
-            Err(err) if writes.client.is_closed() => match self.resolve(&mut writes, last) {
+            Err(err) if super::broke(&err, &writes.client) => match self.resolve(&mut writes, last)
+            {
                 Ok(true) => Ok(()),
                 Ok(false) => self.insert(&mut writes, &rows),
                 Err(Some(fenced)) => Err(fenced),
@@ -479,7 +482,7 @@ impl PgReader {
     /// Runs `run`; once more on a new connection if this one broke meanwhile.
     fn read<T>(&mut self, run: impl Fn(&mut Client, &Location) -> Result<T>) -> Result<T> {
         match run(&mut self.client, &self.location) {
-            Err(_) if self.client.is_closed() => {
+            Err(err) if super::broke(&err, &self.client) => {
                 let mut client = self.location.connect()?;
                 listen(&mut client, &self.location)?;
                 self.client = client;

@@ -93,3 +93,21 @@ pub(crate) fn channel(location: &Location) -> String {
     channel.truncate(63);
     channel
 }
+
+/// Whether `err`, from a call on `client`, means that the connection broke (the
+/// database restarted or ended it, or the network failed) rather than that the
+/// database refused the statement: the client says it is closed, or the error
+/// has no SQL state (an I/O error), or one of class 08 (connection exception) or
+/// 57 (operator intervention: the server shutting down or ending the session).
+/// A broken connection's last statement may or may not have taken effect.
+pub(crate) fn broke(err: &Error, client: &postgres::Client) -> bool {
+    if client.is_closed() {
+        return true;
+    }
+    let Error::Database { source, .. } = err else { return false };
+    let Some(err) = source.0.downcast_ref::<postgres::Error>() else { return false };
+    match err.code() {
+        None => true,
+        Some(code) => code.code().starts_with("08") || code.code().starts_with("57"),
+    }
+}

@@ -187,6 +187,8 @@ where
         Replay::Done { next: after, clock, .. } if after > next => {
             slot.applied = after;
             slot.at = clock;
+            // Not held while waking the waiters, who take the lock to look.
+            drop(slot);
             true
         }
         // Nothing new, or the events it needs are gone: a snapshot newer than

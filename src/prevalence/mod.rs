@@ -636,6 +636,7 @@ impl<S, M> PrevaylerBuilder<S, M> {
     /// # }
     /// ```
     pub fn inspect(&self, dir: impl AsRef<Path>) -> Result<JournalReport> {
+        crate::location::refuse_database(dir.as_ref(), "inspecting a journal")?;
         journal::inspect(&self.io, dir.as_ref(), &self.sealer())
     }
 

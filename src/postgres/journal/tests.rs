@@ -247,3 +247,40 @@ fn a_writer_whose_connection_broke_after_a_takeover_is_fenced_not_told_it_wrote(
     assert_eq!(new.handle(10)?, 21);
     Ok(())
 }
+
+#[test]
+fn a_follower_behind_frames_a_snapshot_retired_loads_that_snapshot_and_goes_on() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Only the follower's thread waits at the gate: the writer runs on.
+    static GATE: AtomicBool = AtomicBool::new(false);
+    fn gated(n: &mut u64, by: u64, _: crate::Timestamp) -> u64 {
+        while GATE.load(Ordering::Acquire)
+            && thread::current().name() == Some("instastate-follower")
+        {
+            thread::sleep(Duration::from_millis(5));
+        }
+        *n += by;
+        *n
+    }
+    let url = test_server::address("prevalence-retired");
+    let builder = || {
+        Prevayler::builder::<u64>()
+            .keep_snapshots(1)
+            .wait_for_lease(Duration::from_secs(10), Duration::from_millis(20))
+    };
+    let writer = builder().open(&url, 0, gated)?;
+    writer.handle(1)?;
+    let follower = builder().follow(&url, 0, gated, Duration::from_millis(20))?;
+    GATE.store(true, Ordering::Release);
+    // The follower is held at its next event while the writer goes on, and a
+    // snapshot that keeps no other retires the frames it would need.
+    for n in 2..=20 {
+        writer.handle(n)?;
+    }
+    writer.snapshot()?;
+    writer.handle(100)?;
+    GATE.store(false, Ordering::Release);
+    assert!(follower.wait_for(21, Duration::from_secs(10))?, "the follower stopped");
+    assert_eq!(follower.read(|n| *n), 310);
+    Ok(())
+}
