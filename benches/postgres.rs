@@ -105,108 +105,105 @@ fn hand_loop(client: &mut Client, table: &str, from: u64, events: u64) -> Res {
     Ok(())
 }
 
+/// Times `ROUNDS` rounds of `events` events each side, after a warm-up round,
+/// alternating which side goes first; each side gets the number of its round's
+/// first event. The median rates.
+fn rounds(
+    events: u64,
+    mut ours: impl FnMut(u64) -> Res,
+    mut hand: impl FnMut(u64) -> Res,
+) -> Res<(f64, f64)> {
+    let timed = |run: &mut dyn FnMut(u64) -> Res, from: u64| -> Res<f64> {
+        let started = Instant::now();
+        run(from)?;
+        Ok(rate(events, started.elapsed().as_secs_f64()))
+    };
+    let (mut ours_rates, mut hand_rates) = (Vec::new(), Vec::new());
+    for round in 0..=ROUNDS {
+        let from = u64::from(round) * events;
+        let (a, b) = interleave(round, || timed(&mut ours, from), || timed(&mut hand, from))?;
+        // Round 0 warms up.
+        if 0 < round {
+            ours_rates.push(a);
+            hand_rates.push(b);
+        }
+    }
+    Ok((median(&ours_rates), median(&hand_rates)))
+}
+
 fn row_one(base: &str) -> Res<(f64, f64)> {
-    let url = format!("{base}{}namespace={}", separator(base), server::unique("bench-one"));
-    let system = builder().open(&url, Seen::default(), apply)?;
+    let system = builder().open(server::address("bench-one"), Seen::default(), apply)?;
     let mut client = Client::connect(base, NoTls)?;
     let table = server::unique("hand_one");
     hand_table(&mut client, &table)?;
-    let (mut ours, mut hand) = (Vec::new(), Vec::new());
-    for round in 0..=ROUNDS {
-        let from = u64::from(round) * EVENTS;
-        let (a, b) = interleave(
-            round,
-            || {
-                let started = Instant::now();
-                for n in from..from + EVENTS {
-                    system.handle(event(n))?;
-                }
-                Ok(rate(EVENTS, started.elapsed().as_secs_f64()))
-            },
-            || {
-                let started = Instant::now();
-                hand_loop(&mut client, &table, from, EVENTS)?;
-                Ok(rate(EVENTS, started.elapsed().as_secs_f64()))
-            },
-        )?;
-        // Round 0 warms up.
-        if 0 < round {
-            ours.push(a);
-            hand.push(b);
-        }
-    }
-    Ok((median(&ours), median(&hand)))
+    rounds(
+        EVENTS,
+        |from| {
+            for n in from..from + EVENTS {
+                system.handle(event(n))?;
+            }
+            Ok(())
+        },
+        |from| hand_loop(&mut client, &table, from, EVENTS),
+    )
 }
 
 fn row_threads(base: &str) -> Res<(f64, f64)> {
-    let url = format!("{base}{}namespace={}", separator(base), server::unique("bench-many"));
-    let system = builder().open(&url, Seen::default(), apply)?;
+    let system = builder().open(server::address("bench-many"), Seen::default(), apply)?;
     let table = server::unique("hand_many");
     hand_table(&mut Client::connect(base, NoTls)?, &table)?;
     let mut clients =
         (0..THREADS).map(|_| Client::connect(base, NoTls)).collect::<Result<Vec<_>, _>>()?;
-    let (mut ours, mut hand) = (Vec::new(), Vec::new());
-    for round in 0..=ROUNDS {
-        let total = THREADS * THREAD_EVENTS;
-        let from = u64::from(round) * total;
-        let (a, b) = interleave(
-            round,
-            || {
-                let started = Instant::now();
-                thread::scope(|scope| -> Res {
-                    let handles: Vec<_> = (0..THREADS)
-                        .map(|k| {
-                            let system = &system;
-                            scope.spawn(move || -> instastate::Result<()> {
-                                let first = from + k * THREAD_EVENTS;
-                                for n in first..first + THREAD_EVENTS {
-                                    system.handle(event(n))?;
-                                }
-                                Ok(())
-                            })
+    rounds(
+        THREADS * THREAD_EVENTS,
+        |from| {
+            thread::scope(|scope| {
+                let handles: Vec<_> = (0..THREADS)
+                    .map(|k| {
+                        let system = &system;
+                        scope.spawn(move || -> instastate::Result<()> {
+                            let first = from + k * THREAD_EVENTS;
+                            for n in first..first + THREAD_EVENTS {
+                                system.handle(event(n))?;
+                            }
+                            Ok(())
                         })
-                        .collect();
-                    for handle in handles {
-                        handle.join().map_err(|_| "a thread panicked")??;
-                    }
-                    Ok(())
-                })?;
-                Ok(rate(total, started.elapsed().as_secs_f64()))
-            },
-            || {
-                let started = Instant::now();
-                thread::scope(|scope| -> Res {
-                    let handles: Vec<_> = clients
-                        .iter_mut()
-                        .enumerate()
-                        .map(|(k, client)| {
-                            let table = &table;
-                            scope.spawn(move || {
-                                let first = from + k as u64 * THREAD_EVENTS;
-                                hand_loop(client, table, first, THREAD_EVENTS)
-                            })
+                    })
+                    .collect();
+                joined(handles.into_iter().map(|it| it.join().map(|res| res.map_err(Into::into))))
+            })
+        },
+        |from| {
+            thread::scope(|scope| {
+                let handles: Vec<_> = clients
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(k, client)| {
+                        let table = &table;
+                        scope.spawn(move || {
+                            let first = from + k as u64 * THREAD_EVENTS;
+                            hand_loop(client, table, first, THREAD_EVENTS)
                         })
-                        .collect();
-                    for handle in handles {
-                        handle.join().map_err(|_| "a thread panicked")??;
-                    }
-                    Ok(())
-                })?;
-                Ok(rate(total, started.elapsed().as_secs_f64()))
-            },
-        )?;
-        if 0 < round {
-            ours.push(a);
-            hand.push(b);
-        }
+                    })
+                    .collect();
+                joined(handles.into_iter().map(std::thread::ScopedJoinHandle::join))
+            })
+        },
+    )
+}
+
+/// The first error of the threads `results` says, or of one that panicked.
+fn joined(results: impl Iterator<Item = thread::Result<Res>>) -> Res {
+    for result in results {
+        result.map_err(|_| "a thread panicked")??;
     }
-    Ok((median(&ours), median(&hand)))
+    Ok(())
 }
 
 /// Row 3: the lags (µs) a follower saw while the writer handled `RATE` events a
 /// second.
-fn row_lag(base: &str) -> Res<Vec<f64>> {
-    let url = format!("{base}{}namespace={}", separator(base), server::unique("bench-lag"));
+fn row_lag() -> Res<Vec<f64>> {
+    let url = server::address("bench-lag");
     let writer = builder().open(&url, Seen::default(), apply)?;
     let follower = builder().follow(&url, Seen::default(), apply, Duration::from_millis(100))?;
     let started = Instant::now();
@@ -226,8 +223,8 @@ fn row_lag(base: &str) -> Res<Vec<f64>> {
 }
 
 /// Row 4: takeovers (ms) after a writer process is killed.
-fn row_takeover(base: &str) -> Res<Vec<f64>> {
-    let url = format!("{base}{}namespace={}", separator(base), server::unique("bench-takeover"));
+fn row_takeover() -> Res<Vec<f64>> {
+    let url = server::address("bench-takeover");
     let mut times = Vec::new();
     for _ in 0..TAKEOVERS {
         let mut child = Command::new(env::current_exe()?)
@@ -259,10 +256,6 @@ fn writer(url: &str) -> Res {
     }
 }
 
-fn separator(base: &str) -> char {
-    if base.contains('?') { '&' } else { '?' }
-}
-
 fn main() -> Res {
     if let Ok(url) = env::var("BENCH_POSTGRES_WRITER") {
         return writer(&url);
@@ -285,14 +278,14 @@ fn main() -> Res {
         "(2) durable events, {THREADS} threads: ours {ours:.0} ev/s, by hand ({THREADS} connections) {hand:.0} ev/s: {:.2}x",
         ours / hand
     );
-    let lags = row_lag(&base)?;
+    let lags = row_lag()?;
     println!(
         "(3) follower lag at {RATE} ev/s: p50 {:.1} ms, p99 {:.1} ms ({} events)",
         percentile(&lags, 50) / 1e3,
         percentile(&lags, 99) / 1e3,
         lags.len()
     );
-    let times = row_takeover(&base)?;
+    let times = row_takeover()?;
     println!(
         "(4) takeover after SIGKILL with a {} ms lease: median {:.0} ms, slowest {:.0} ms ({TAKEOVERS} kills)",
         LEASE.as_millis(),

@@ -30,7 +30,7 @@ use crate::{
     io::{Io, IoFile, Open},
     journal::{
         event_aad,
-        format::{self, Frame, Header, Read},
+        format::{self, Frame, Read},
         journal_files,
     },
 };
@@ -497,21 +497,12 @@ impl Locator {
 }
 
 /// The length of the header of the journal file `handle` (at `path`); 0 when it
-/// is damaged, which reading an event of the file reports.
+/// is damaged or of another format, which reading an event of the file reports.
 fn header_len(handle: &IoFile, path: &Path) -> Result<u64> {
-    // A header carries the types' structure: read more until it decodes.
-    let mut want = 64 * 1024;
-    loop {
-        let mut head = vec![0; want];
-        let n = handle.read_at(&mut head, 0).map_err(Error::io(path))?;
-        head.truncate(n);
-        if let Ok((_, len)) = Header::decode(&head, false) {
-            return Ok(len as u64);
-        }
-        if n < want {
-            return Ok(0);
-        }
-        want *= 4;
+    match crate::journal::read_header(handle, path) {
+        Ok((_, len)) => Ok(len as u64),
+        Err(Error::JournalCorrupt { .. } | Error::FormatVersion { .. }) => Ok(0),
+        Err(err) => Err(err),
     }
 }
 

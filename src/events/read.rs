@@ -401,10 +401,9 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
             Next::Position(position) => self.load_position(position),
             Next::Version { version, seq, first_position } => {
                 if self.batch.as_ref().is_none_or(|batch| batch.seq != seq) {
-                    // Whether the index has removal rules now: one made since the
-                    // read planned this version counts.
-                    let ruled = self.store.shared.core.index.read().ruled;
-                    self.batch = Some(self.decode_batch(seq, first_position, ruled)?);
+                    // Whether the index has removal rules is looked at as the batch
+                    // is decoded: one made since the read planned this version counts.
+                    self.batch = Some(self.decode_batch(seq, first_position, None)?);
                 }
                 // Only the read's stream's events are not `Other` (until yielded):
                 // the one of this version is the one left among them.
@@ -453,7 +452,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
             };
             (seq, index.start_of(seq).ok_or_else(missing)?, index.ruled)
         };
-        let decoded = self.decode_batch(seq, first_position, ruled)?;
+        let decoded = self.decode_batch(seq, first_position, Some(ruled))?;
         let batch = self.batch.insert(decoded);
         let k = position.checked_sub(batch.first_position).and_then(|k| usize::try_from(k).ok());
         k.filter(|k| *k < batch.events.len()).ok_or_else(|| {
@@ -464,8 +463,14 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
 
     /// Reads and decodes journal event `seq`, whose first position the index says
     /// is `first_position`; `ruled` is whether the index has removal rules, which
-    /// the batch's events are checked against.
-    fn decode_batch(&mut self, seq: u64, first_position: u64, ruled: bool) -> Result<Decoded<E>> {
+    /// the batch's events are checked against (`None`: not known yet, looked at
+    /// under the lock that checks them).
+    fn decode_batch(
+        &mut self,
+        seq: u64,
+        first_position: u64,
+        ruled: Option<bool>,
+    ) -> Result<Decoded<E>> {
         let core = &self.store.shared.core;
         // The buffers of the batch read before are filled again.
         let (mut events, mut versions) =
@@ -491,14 +496,19 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
         }
         // Events removed by a delete, a truncation or a retention rule are passed
         // over.
-        let hidden: Vec<bool> = if ruled {
-            let index = core.index.read();
-            let now = crate::journal::now_micros();
-            let at = at.as_micros();
-            let streams = head.parts.iter().flat_map(|part| (0..part.len()).map(|_| part.stream));
-            streams.zip(&versions).map(|(stream, v)| index.hides(stream, *v, at, now)).collect()
-        } else {
+        let hidden: Vec<bool> = if ruled == Some(false) {
             Vec::new()
+        } else {
+            let index = core.index.read();
+            if index.ruled {
+                let now = crate::journal::now_micros();
+                let at = at.as_micros();
+                let streams =
+                    head.parts.iter().flat_map(|part| (0..part.len()).map(|_| part.stream));
+                streams.zip(&versions).map(|(stream, v)| index.hides(stream, *v, at, now)).collect()
+            } else {
+                Vec::new()
+            }
         };
         for (k, event) in head.events().enumerate() {
             let event = event.map_err(|fault| bad(&fault))?;

@@ -92,21 +92,20 @@ pub(crate) fn open_on_database<S>(
     let label = database.label();
     check_header(database.header()?, &label, &identity, versions, &sealer)?;
     let mut recovered = Recovered::default();
-    let newest = database.newest_snapshot()?;
     // A state to go on from that a newer snapshot holds is passed over.
-    let mut start =
-        start.filter(|start| newest.as_ref().is_none_or(|(events, _)| *events <= start.applied));
-    let mut newest = Some(newest);
+    let mut start = match start {
+        Some(start) => {
+            let newest = database.newest_snapshot_events()?;
+            newest.is_none_or(|events| events <= start.applied).then_some(start)
+        }
+        None => None,
+    };
     let (state, next, clock) = loop {
         let (mut state, from, clock, started) = if let Some(start) = start.take() {
             (start.state, start.applied, start.at, true)
         } else {
-            let newest = match newest.take() {
-                Some(newest) => newest,
-                None => database.newest_snapshot()?,
-            };
             let expect = (&identity, versions);
-            match load_snapshot(newest, &label, expect, &sealer, restore)? {
+            match load_snapshot(database.newest_snapshot()?, &label, expect, &sealer, restore)? {
                 Some((state, events, at)) => {
                     recovered.snapshot = Some(events);
                     (state, events, at, false)

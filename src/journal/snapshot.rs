@@ -29,24 +29,12 @@ fn aad(events: u64) -> Vec<u8> {
     aad
 }
 
-/// Writes the snapshot of the encoded state `body` covering `events` events: a
+/// Writes the snapshot `bytes` (made by [`encode`]) covering `events` events: a
 /// temporary file, renamed into place. Neither is synced: the caller syncs the
 /// snapshot and its directory once something relies on it.
-#[allow(clippy::too_many_arguments)] // Two call sites, in the writer; a struct would only rename them.
-pub(crate) fn write(
-    io: &Io,
-    dir: &Path,
-    identity: &Identity,
-    event_schema: u32,
-    sealer: &Sealer,
-    events: u64,
-    at: u64,
-    body: Vec<u8>,
-) -> Result<PathBuf> {
+pub(crate) fn write(io: &Io, dir: &Path, events: u64, bytes: &[u8]) -> Result<PathBuf> {
     let path = dir.join(format::snapshot_name(events));
-    let bytes =
-        encode(identity, event_schema, sealer, events, at, body).map_err(Error::io(&path))?;
-    io.write_unsynced(&path, &bytes).map_err(Error::io(&path))?;
+    io.write_unsynced(&path, bytes).map_err(Error::io(&path))?;
     Ok(path)
 }
 

@@ -657,25 +657,15 @@ impl Journal {
         self.check_writable("snapshot")?;
         if let Some(database) = &self.database {
             let _one = self.snapshotting.lock();
-            let (identity, sealer) = (&self.identity, &self.sealer);
-            let bytes = snapshot::encode(identity, self.event_schema, sealer, events, at, body)
-                .map_err(Error::io(self.label()))?;
+            let bytes = self.snapshot_bytes(self.label(), events, at, body)?;
             return database.snapshot(&bytes, events, keep, files == Files::Retire);
         }
         let Some(dir) = &self.dir else { return Ok(()) };
         // One at a time: two would write the same temporary file.
         let _one = self.snapshotting.lock();
-        let identity = &self.identity;
-        snapshot::write(
-            &self.io,
-            dir,
-            identity,
-            self.event_schema,
-            &self.sealer,
-            events,
-            at,
-            body,
-        )?;
+        let bytes =
+            self.snapshot_bytes(dir.join(format::snapshot_name(events)), events, at, body)?;
+        snapshot::write(&self.io, dir, events, &bytes)?;
         self.rotate.store(true, Ordering::Relaxed);
         let Some(snapshot::Retained { oldest, old }) = snapshot::retained(&self.io, dir, keep)?
         else {
@@ -712,13 +702,28 @@ impl Journal {
     pub(crate) fn copy_to(&self, dir: &Path, body: Vec<u8>, events: u64, at: u64) -> Result<()> {
         self.io.create_dir_durably(dir).map_err(Error::io(dir))?;
         let (identity, event_schema) = (&self.identity, self.event_schema);
-        let path =
-            snapshot::write(&self.io, dir, identity, event_schema, &self.sealer, events, at, body)?;
+        let bytes =
+            self.snapshot_bytes(dir.join(format::snapshot_name(events)), events, at, body)?;
+        let path = snapshot::write(&self.io, dir, events, &bytes)?;
         let synced = self.io.open(&path, Open::Read).and_then(|file| file.sync_all());
         synced.map_err(Error::io(&path))?;
         // Creating the journal file syncs the directory, which holds the snapshot too.
         recovery::create_journal_file(&self.io, dir, identity, event_schema, &self.sealer, events)
             .map(drop)
+    }
+
+    /// The bytes of the snapshot of `body` (the encoded state after `events`
+    /// events, the last stamped `at`) as this journal writes them, with its types,
+    /// versions and key; `place` names it in an error.
+    fn snapshot_bytes(
+        &self,
+        place: PathBuf,
+        events: u64,
+        at: u64,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        snapshot::encode(&self.identity, self.event_schema, &self.sealer, events, at, body)
+            .map_err(Error::io(place))
     }
 
     /// The journal files holding only events numbered below `below`: those whose

@@ -27,9 +27,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use postgres::{Client, Row, Transaction, fallible_iterator::FallibleIterator};
+use postgres::{Client, Row, Transaction};
 
-use super::{Location, channel, column, count, failed, schema};
+use super::{
+    Location, channel, column, count, failed, i64_of, listen, schema, spend_notifications,
+    wait_for_commit,
+};
 use crate::{
     Error, Result, StorageError, Timestamp,
     events::{
@@ -316,9 +319,7 @@ impl PgFollower {
             if left.is_zero() {
                 return Ok(Vec::new());
             }
-            let mut notifications = self.client.notifications();
-            let mut wait = notifications.timeout_iter(left.min(self.poll));
-            wait.next().map_err(failed(&self.location, "wait for a commit"))?;
+            wait_for_commit(&mut self.client, &self.location, left.min(self.poll))?;
         }
     }
 
@@ -326,11 +327,7 @@ impl PgFollower {
     /// Notifications that came before are spent: the read sees what they
     /// announced.
     fn read(&mut self, limit: u64) -> Result<Vec<RawEvent>> {
-        {
-            let mut pending = self.client.notifications();
-            let mut spent = pending.iter();
-            while spent.next().map_err(failed(&self.location, "take notifications"))?.is_some() {}
-        }
+        spend_notifications(&mut self.client, &self.location)?;
         let rows = self
             .client
             .query(
@@ -346,11 +343,7 @@ impl PgFollower {
     }
 
     fn listen(&mut self, on: bool) -> Result<()> {
-        let verb = if on { "LISTEN" } else { "UNLISTEN" };
-        let channel = channel(&self.location);
-        self.client
-            .batch_execute(&format!("{verb} \"{channel}\""))
-            .map_err(failed(&self.location, "listen for commits"))?;
+        listen(&mut self.client, &self.location, on)?;
         self.listening = on;
         Ok(())
     }
@@ -783,10 +776,6 @@ fn event_of(location: &Location, row: &Row) -> Result<RawEvent> {
         dropped: false,
         data: column(location, row, "data", &what)?,
     })
-}
-
-fn i64_of(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

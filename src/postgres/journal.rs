@@ -31,10 +31,10 @@ use std::{
 };
 
 use parking_lot::{Condvar, Mutex};
-use postgres::{Client, Statement, fallible_iterator::FallibleIterator};
+use postgres::{Client, Statement};
 
 use super::{
-    Location, column, count, failed,
+    Location, column, count, failed, i64_of,
     lease::{Lease, LeaseSettings},
     schema,
 };
@@ -126,8 +126,7 @@ impl PgJournal {
             });
         };
         lease.guard(&mut client)?;
-        let mut others = location.connect()?;
-        lease.guard(&mut others)?;
+        let others = connect(location, &lease)?;
         let lease = Arc::new(lease);
         let renewer = Renewer::start(location, &lease, settings)?;
         Ok(PgJournal {
@@ -148,9 +147,7 @@ impl PgJournal {
         reconnect(&mut client, &self.location, &self.lease)?;
         match run(&mut client) {
             Err(err) if super::broke(&err, &client) => {
-                let mut fresh = self.location.connect()?;
-                self.lease.guard(&mut fresh)?;
-                *client = fresh;
+                *client = connect(&self.location, &self.lease)?;
                 run(&mut client)
             }
             done => done,
@@ -170,6 +167,11 @@ impl PgJournal {
     /// The newest snapshot: the events it covers and its bytes.
     pub(crate) fn newest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>> {
         self.with_others(|client| read_newest_snapshot(client, &self.location))
+    }
+
+    /// The events the newest snapshot covers, without reading it.
+    pub(crate) fn newest_snapshot_events(&self) -> Result<Option<u64>> {
+        self.with_others(|client| read_newest_snapshot_events(client, &self.location))
     }
 
     /// The frames of the events from `from` on, and every void and check frame
@@ -302,7 +304,7 @@ impl PgJournal {
     ) -> std::result::Result<bool, Option<Error>> {
         let location = &self.location;
         let Ok(mut fresh) = location.connect() else { return Err(None) };
-        self.lease.guard(&mut fresh).map_err(Some)?;
+        self.lease.guard(&mut fresh)?;
         let stored = {
             let mut tx = fresh.transaction().map_err(failed(location, "begin a read back"))?;
             tx.execute(
@@ -462,6 +464,9 @@ impl Renewer {
 pub(crate) struct PgReader {
     location: Location,
     client: Client,
+    /// Whether it listens to the namespace's channel (a follower's does; one that
+    /// only asks where the journal is does not).
+    listening: bool,
 }
 
 impl PgReader {
@@ -470,8 +475,15 @@ impl PgReader {
     pub(crate) fn open(location: &Location) -> Result<PgReader> {
         let mut client = location.connect()?;
         schema::prepare(&mut client, location, KIND)?;
-        listen(&mut client, location)?;
-        Ok(PgReader { location: location.clone(), client })
+        super::listen(&mut client, location, true)?;
+        Ok(PgReader { location: location.clone(), client, listening: true })
+    }
+
+    /// A reader of the journal at `location` that does not listen, for questions
+    /// (the namespace is one `open` prepared already).
+    pub(crate) fn quiet(location: &Location) -> Result<PgReader> {
+        let client = location.connect()?;
+        Ok(PgReader { location: location.clone(), client, listening: false })
     }
 
     /// The location, without its password, as errors name it.
@@ -484,7 +496,9 @@ impl PgReader {
         match run(&mut self.client, &self.location) {
             Err(err) if super::broke(&err, &self.client) => {
                 let mut client = self.location.connect()?;
-                listen(&mut client, &self.location)?;
+                if self.listening {
+                    super::listen(&mut client, &self.location, true)?;
+                }
                 self.client = client;
                 run(&mut self.client, &self.location)
             }
@@ -502,18 +516,7 @@ impl PgReader {
 
     /// The events the newest snapshot covers, without reading it.
     pub(crate) fn newest_snapshot_events(&mut self) -> Result<Option<u64>> {
-        self.read(|client, location| {
-            let row = client
-                .query_one(
-                    "SELECT max(events) AS events FROM instastate.journal_snapshots
-                      WHERE namespace = $1",
-                    &[&location.namespace()],
-                )
-                .map_err(failed(location, "look for a newer snapshot"))?;
-            let events: Option<i64> =
-                column(location, &row, "events", &|| "the newest snapshot".to_owned())?;
-            Ok(events.and_then(|it| u64::try_from(it).ok()))
-        })
+        self.read(read_newest_snapshot_events)
     }
 
     pub(crate) fn frames_from(&mut self, from: u64) -> Result<Vec<FrameRow>> {
@@ -542,23 +545,9 @@ impl PgReader {
     /// Waits up to `timeout` for a commit's notification (any that came since the
     /// last wait ends it at once).
     pub(crate) fn wait(&mut self, timeout: Duration) -> Result<()> {
-        let location = &self.location;
-        let mut notifications = self.client.notifications();
-        if notifications.is_empty() {
-            let mut waiting = notifications.timeout_iter(timeout);
-            waiting.next().map_err(failed(location, "wait for a commit"))?;
-        }
-        // Spent: the next read sees what they announced.
-        let mut spent = notifications.iter();
-        while spent.next().map_err(failed(location, "take notifications"))?.is_some() {}
-        Ok(())
+        super::wait_for_commit(&mut self.client, &self.location, timeout)?;
+        super::spend_notifications(&mut self.client, &self.location)
     }
-}
-
-fn listen(client: &mut Client, location: &Location) -> Result<()> {
-    client
-        .batch_execute(&format!("LISTEN \"{}\"", super::channel(location)))
-        .map_err(failed(location, "listen for commits"))
 }
 
 /// The journal's header at `location`, if it has one yet.
@@ -588,6 +577,19 @@ fn read_newest_snapshot(
     let Some(row) = row else { return Ok(None) };
     let what = || "the newest snapshot".to_owned();
     Ok(Some((count(location, &row, "events", &what)?, column(location, &row, "snapshot", &what)?)))
+}
+
+/// The events the newest snapshot at `location` covers, without reading it.
+fn read_newest_snapshot_events(client: &mut Client, location: &Location) -> Result<Option<u64>> {
+    let row = client
+        .query_one(
+            "SELECT max(events) AS events FROM instastate.journal_snapshots WHERE namespace = $1",
+            &[&location.namespace()],
+        )
+        .map_err(failed(location, "look for a newer snapshot"))?;
+    let events: Option<i64> =
+        column(location, &row, "events", &|| "the newest snapshot".to_owned())?;
+    Ok(events.and_then(|it| u64::try_from(it).ok()))
 }
 
 /// The frames at `location` of the events from `from` on, and every void frame,
@@ -623,14 +625,15 @@ fn reconnect(client: &mut Client, location: &Location, lease: &Lease) -> Result<
     if !client.is_closed() {
         return Ok(false);
     }
-    let mut fresh = location.connect()?;
-    lease.guard(&mut fresh)?;
-    *client = fresh;
+    *client = connect(location, lease)?;
     Ok(true)
 }
 
-fn i64_of(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
+/// A new connection of the holder of `lease`, guarded as its connections are.
+fn connect(location: &Location, lease: &Lease) -> Result<Client> {
+    let mut client = location.connect()?;
+    lease.guard(&mut client)?;
+    Ok(client)
 }
 
 #[cfg(test)]

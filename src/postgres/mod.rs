@@ -38,7 +38,7 @@ pub(crate) use journal::{FrameRow, PgJournal, PgReader};
 pub(crate) use lease::LeaseSettings;
 pub use location::Location;
 
-use crate::{Error, StorageError};
+use crate::{Error, Result, StorageError};
 
 /// An [`Error::Database`] for a failed call of the client, `action` saying what
 /// it was doing.
@@ -110,4 +110,45 @@ pub(crate) fn broke(err: &Error, client: &postgres::Client) -> bool {
         None => true,
         Some(code) => code.code().starts_with("08") || code.code().starts_with("57"),
     }
+}
+
+/// `value` as a `bigint` parameter: a count, position or limit past `i64::MAX`
+/// (none is stored) reads as `i64::MAX`.
+pub(crate) fn i64_of(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Has `client` listen to `location`'s channel (`on`), or stop.
+pub(crate) fn listen(client: &mut postgres::Client, location: &Location, on: bool) -> Result<()> {
+    let verb = if on { "LISTEN" } else { "UNLISTEN" };
+    client
+        .batch_execute(&format!("{verb} \"{}\"", channel(location)))
+        .map_err(failed(location, "listen for commits"))
+}
+
+/// Waits up to `timeout` for a notification on `client` (at once when one came
+/// already).
+pub(crate) fn wait_for_commit(
+    client: &mut postgres::Client,
+    location: &Location,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut notifications = client.notifications();
+    let mut waiting = notifications.timeout_iter(timeout);
+    waiting.next().map_err(failed(location, "wait for a commit"))?;
+    Ok(())
+}
+
+/// Spends the notifications `client` has received: a read after this sees what
+/// they announced.
+pub(crate) fn spend_notifications(
+    client: &mut postgres::Client,
+    location: &Location,
+) -> Result<()> {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut notifications = client.notifications();
+    let mut spent = notifications.iter();
+    while spent.next().map_err(failed(location, "take notifications"))?.is_some() {}
+    Ok(())
 }

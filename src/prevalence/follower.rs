@@ -33,6 +33,8 @@ use crate::{
 pub struct Follower<S: 'static, E: 'static, R: 'static = ()> {
     following: Following<S, E, R>,
     location: Location,
+    /// The connection [`lag`](Follower::lag) asks on, made at its first call.
+    asking: Mutex<Option<PgReader>>,
 }
 
 /// The following thread, stopped when dropped.
@@ -116,19 +118,11 @@ impl<S, M> PrevaylerBuilder<S, M> {
             &reading.versions,
             &reading.sealer,
         )?;
-        let snapshot = reader.newest_snapshot()?;
-        let expect = (&reading.identity, &reading.versions);
-        let mut restore = |snapshot: Restored<'_>| reading.restore(snapshot);
-        let slot = match journal::load_database_snapshot(
-            snapshot,
-            &label,
-            expect,
-            &reading.sealer,
-            &mut restore,
-        )? {
-            Some((value, applied, at)) => Slot { value, applied, at },
-            None => Slot { value: initial, applied: 0, at: 0 },
-        };
+        let slot = newest_snapshot(reader.newest_snapshot()?, &label, &reading)?.unwrap_or(Slot {
+            value: initial,
+            applied: 0,
+            at: 0,
+        });
         let shared = Arc::new(Shared {
             state: RwLock::new(slot),
             applied: Condvar::new(),
@@ -147,7 +141,8 @@ impl<S, M> PrevaylerBuilder<S, M> {
                 .spawn(move || follow(&shared, &mut reader, parts))
                 .map_err(|source| Error::Io { path: label.into(), source })?
         };
-        Ok(Follower { following: Following { shared, thread: Some(thread) }, location })
+        let following = Following { shared, thread: Some(thread) };
+        Ok(Follower { following, location, asking: Mutex::new(None) })
     }
 }
 
@@ -206,17 +201,8 @@ where
                 }
                 return Ok(false);
             }
-            let expect = (&reading.identity, &reading.versions);
-            let mut restore = |snapshot: Restored<'_>| reading.restore(snapshot);
-            let loaded = journal::load_database_snapshot(
-                snapshot,
-                &label,
-                expect,
-                &reading.sealer,
-                &mut restore,
-            )?;
-            if let Some((value, applied, at)) = loaded {
-                *shared.state.write() = Slot { value, applied, at };
+            if let Some(slot) = newest_snapshot(snapshot, &label, reading)? {
+                *shared.state.write() = slot;
             }
             true
         }
@@ -226,6 +212,20 @@ where
         shared.applied.notify_all();
     }
     Ok(advanced)
+}
+
+/// The state of the snapshot `found` (the events it covers, and its bytes) of the
+/// journal at `label`, read as `reading` says.
+fn newest_snapshot<S: DeserializeOwned, E: DeserializeOwned>(
+    found: Option<(u64, Vec<u8>)>,
+    label: &str,
+    reading: &Reading<S, E>,
+) -> Result<Option<Slot<S>>> {
+    let expect = (&reading.identity, &reading.versions);
+    let mut restore = |snapshot: Restored<'_>| reading.restore(snapshot);
+    let loaded =
+        journal::load_database_snapshot(found, label, expect, &reading.sealer, &mut restore)?;
+    Ok(loaded.map(|(value, applied, at)| Slot { value, applied, at }))
 }
 
 /// The following thread: applies events until stopped or failed, then hands back
@@ -281,8 +281,14 @@ where
     /// # Errors
     /// [`Error::Database`] when the database cannot be reached.
     pub fn lag(&self) -> Result<Lag> {
-        let mut reader = PgReader::open(&self.location)?;
-        let head = reader.head()?;
+        let head = {
+            let mut asking = self.asking.lock();
+            let reader = match &mut *asking {
+                Some(reader) => reader,
+                None => asking.insert(PgReader::quiet(&self.location)?),
+            };
+            reader.head()?
+        };
         let slot = self.following.shared.state.read();
         let last_applied_at = (0 < slot.applied).then(|| Timestamp::from_micros(slot.at));
         Ok(Lag { applied: slot.applied, head, last_applied_at })
@@ -319,7 +325,7 @@ where
     /// while a writer holds the lease; and the errors of
     /// [`PrevaylerBuilder::open`].
     pub fn promote(self) -> Result<Prevayler<S, E, R>> {
-        let Follower { following, location } = self;
+        let Follower { following, location, .. } = self;
         let shared = Arc::clone(&following.shared);
         let parts = following.finish(&location)?;
         let shared = Arc::into_inner(shared)
