@@ -106,7 +106,7 @@ fn ours_open(dir: &Path, durability: Durability) -> Res<EventStore<Bank>> {
 fn ours_append(events: &EventStore<Bank>, from: u64, to: u64) -> Res {
     for n in from..to {
         let name = stream(n);
-        let expected = events.stream_version(&name).map_or(Expected::NoStream, Expected::Exact);
+        let expected = events.stream_version(&name)?.map_or(Expected::NoStream, Expected::Exact);
         events.append(&name, expected, [event(n)])?;
     }
     Ok(())

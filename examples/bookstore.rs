@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let events = EventStore::<Book>::open(dir.path())?;
 
     // Alice and Bob both read the store while it is empty.
-    let base = events.head();
+    let base = events.head()?;
     println!("Alice and Bob read the store at position {base}");
 
     let alice =
@@ -59,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         other => return Err(format!("Bob's append should conflict, got {other:?}").into()),
     };
-    println!("bob: nothing of his was written; the store is at position {}", events.head());
+    println!("bob: nothing of his was written; the store is at position {}", events.head()?);
 
     // Bob reads Alice's book, and updates it instead of creating it again.
     let resolved = Condition::since(base).resolved([theirs.position]);

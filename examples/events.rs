@@ -87,7 +87,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
     let saved_at = BALANCES.read().position();
     println!(
         "{} events in the store; the balances were saved at position {saved_at}",
-        events.head()
+        events.head()?
     );
     check(&events)?;
 
@@ -121,7 +121,7 @@ fn a_day_at_the_bank(
     projection: &instastate::events::Projection,
 ) -> Result<(), Failure> {
     for owner in ["alice", "bob"] {
-        if events.stream_version(&stream(owner)).is_none() {
+        if events.stream_version(&stream(owner))?.is_none() {
             events.append(
                 &stream(owner),
                 Expected::NoStream,
@@ -140,7 +140,7 @@ fn a_day_at_the_bank(
     // withdrawal appended meanwhile makes this one fail instead of overdrawing.
     let wanted = 50;
     projection.catch_up()?;
-    let version = events.stream_version(&stream("bob")).ok_or("bob has no account")?;
+    let version = events.stream_version(&stream("bob"))?.ok_or("bob has no account")?;
     let balance = BALANCES.read().get("bob").copied().unwrap_or(0);
     if balance < wanted {
         println!("bob cannot withdraw {wanted}: his balance is {balance}");
@@ -174,7 +174,7 @@ fn a_day_at_the_bank(
 /// Appends deposits until the process is killed; each line is printed once the
 /// deposit is durable.
 fn deposit_until_killed(events: &EventStore<Bank>) -> Result<(), Failure> {
-    if events.stream_version(&stream("stress")).is_none() {
+    if events.stream_version(&stream("stress"))?.is_none() {
         events.append(
             &stream("stress"),
             Expected::NoStream,

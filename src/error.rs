@@ -720,6 +720,19 @@ pub enum Error {
         /// The epoch of the lease as the database has it now, if any.
         current: Option<u64>,
     },
+    /// An operation the store's engine does not offer: the event store on
+    /// PostgreSQL does not delete, truncate, compact or shred yet. Nothing was
+    /// changed.
+    #[error("the store at `{location}` cannot {operation}: {reason}")]
+    #[non_exhaustive]
+    Unsupported {
+        /// The store's location (a path, or a URL without its password).
+        location: String,
+        /// What was asked.
+        operation: String,
+        /// Why it is not offered.
+        reason: String,
+    },
     /// Another writer held the store's lease for as long as this one waited for
     /// it: the store has a live writer elsewhere. Nothing was changed.
     #[error(

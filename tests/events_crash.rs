@@ -180,6 +180,7 @@ fn appender() -> TestResult {
                         let expect = |k| {
                             events
                                 .stream_version(&stream(thread, k))
+                                .expect("the version is read")
                                 .map_or(Expected::NoStream, Expected::Exact)
                         };
                         if appends.is_multiple_of(5) {

@@ -154,8 +154,8 @@ fn child() -> TestResult {
         .start(|model, event| step(model, event).map_err(Into::into))?;
     // Each thread goes on after its last event.
     let next: Vec<u64> = (0..THREADS)
-        .map(|thread| events.stream_version(&stream(thread)).map_or(0, |version| version + 1))
-        .collect();
+        .map(|thread| Ok(events.stream_version(&stream(thread))?.map_or(0, |version| version + 1)))
+        .collect::<instastate::Result<_>>()?;
     let mut out = io::stdout().lock();
     writeln!(out, "ready")?;
     out.flush()?;
@@ -217,7 +217,7 @@ fn check(dir: &Path) -> TestResult<Found> {
     let saved = STATE.get();
     drop(store);
     let position = saved.position().get();
-    let head = events.head().get();
+    let head = events.head()?.get();
     if head < position {
         return Err(format!("the cell counts {position} events; the store holds {head}").into());
     }

@@ -112,7 +112,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// or the checkpoint cannot be journaled. A failed compaction leaves the store
     /// as it was, or with some files rewritten, and usable either way.
     pub fn compact(&self) -> Result<Compacted> {
-        let core = &self.shared.core;
+        let core = self.shared.files("compact")?;
         let mut examined = core.locator.compacting.lock();
         let mut report =
             Compacted { streams_truncated: self.settle_retention()?, ..Compacted::default() };
@@ -197,7 +197,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// floor, a truncation up to the first event they still show; returns how many
     /// streams it truncated.
     fn settle_retention(&self) -> Result<u64> {
-        let core = &self.shared.core;
+        let core = self.shared.files("compact")?;
         let now = journal::now_micros();
         let ruled: Vec<(String, Life, u64)> = {
             let index = core.index.read();
@@ -232,7 +232,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// most `age` microseconds before `now`, or `len`: the events of a stream are in
     /// time order, so that the search halves the versions.
     fn first_young(&self, name: &str, from: u64, len: u64, age: u64, now: u64) -> Result<u64> {
-        let core = &self.shared.core;
+        let core = self.shared.files("compact")?;
         let mut ahead = ReadAhead::new(4 * 1024);
         let (mut low, mut high) = (from, len);
         while low < high {

@@ -166,11 +166,13 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     }
 
     /// The retention rules of stream `stream`.
-    #[must_use]
-    pub fn retention(&self, stream: &str) -> Retention {
-        let index = self.shared.core.index.read();
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] in a database, which keeps no rules yet.
+    pub fn retention(&self, stream: &str) -> Result<Retention> {
+        let index = self.shared.files("keep retention rules")?.index.read();
         let life = index.stream(stream).and_then(|idx| index.get(idx)).map(|it| it.life);
-        life.unwrap_or_default().rules.into()
+        Ok(life.unwrap_or_default().rules.into())
     }
 
     fn remove(
@@ -211,7 +213,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         stream: &str,
         decide: impl Fn(&Index) -> Result<Option<Change>>,
     ) -> Result<()> {
-        let core = &self.shared.core;
+        let core = self.shared.files("delete, truncate or set retention rules")?;
         let index = Arc::clone(&core.index);
         core.journal.commit_with(|_, _| {
             let mut guard = index.write();

@@ -64,7 +64,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         if trigger.is_empty() {
             return Err(Error::InvalidAppend { reason: "an effect's trigger is empty".to_owned() });
         }
-        let core = &self.shared.core;
+        let core = self.shared.files("append an effect")?;
         core.journal.commit_with(|_, _| {
             let forgotten = forgotten();
             let bytes = batch::encode_effect(trigger, reason, forgotten);
@@ -100,7 +100,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// is next opened).
     #[cfg(feature = "encryption")]
     pub fn forget_subject(&self, subject: &str) -> Result<()> {
-        let keys = &self.shared.core.keys;
+        let keys = &self.shared.files("forget a subject")?.keys;
         self.effect(subject, FORGOTTEN, || keys.forget(subject))?;
         self.sync()?;
         keys.persist()
@@ -149,7 +149,8 @@ mod tests {
             let events = EventStore::<Sealed<String>>::open(dir.path())?;
             events.append("s", Expected::Any, [Sealed::new("erin", "secret".to_owned())])?;
             let before = std::fs::read(&keys).map_err(Error::io(&keys))?;
-            events.effect("erin", FORGOTTEN, || events.shared.core.keys.forget("erin"))?;
+            let ring = &events.shared.files("forget")?.keys;
+            events.effect("erin", FORGOTTEN, || ring.forget("erin"))?;
             before
         };
         assert_eq!(

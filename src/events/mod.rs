@@ -71,6 +71,18 @@
 //!   ([`EventStoreBuilder::migrate_event`]), and a JSON codec with the `json`
 //!   feature ([`Codec`]).
 //! - **An untyped, read-only view** for tools: [`RawEvents`].
+//!
+//! # On PostgreSQL
+//!
+//! With the `postgres` feature, a `postgres://` location opens the store in a
+//! PostgreSQL database (`EventStore::<E>::open("postgres://app@db/prod?namespace=bank-events")`),
+//! where any number of processes append to it at once: expected versions,
+//! idempotent ids and conditions are checked in the append's transaction,
+//! positions are gap-free and in commit order (a subscription never skips an
+//! event that committed late), and subscriptions wake at every commit of any
+//! process (`LISTEN`/`NOTIFY`). Every append is committed before it returns,
+//! whatever the [`Durability`]. Removal, compaction, effects and subject keys are
+//! not offered there yet: they return [`Error::Unsupported`].
 
 pub(crate) mod append;
 #[cfg(feature = "fuzz")]
@@ -80,6 +92,8 @@ mod batch;
 mod codec;
 mod compact;
 pub(crate) mod condition;
+#[cfg(feature = "postgres")]
+mod database;
 mod delete;
 mod effect;
 mod event;
@@ -158,10 +172,11 @@ const REMEMBERED_BATCH: usize = 64 * 1024;
 #[cfg(feature = "encryption")]
 const SUBJECT_KEYS: &str = "subject-keys";
 
-/// An event store in a directory: streams of events of type `E`.
+/// An event store in a directory (or, with the `postgres` feature, a PostgreSQL
+/// database): streams of events of type `E`.
 ///
 /// Cheap to clone: clones share the store. Open with [`EventStore::open`] or
-/// [`EventStore::builder`]; the directory is locked while the store is open.
+/// [`EventStore::builder`]; a directory is locked while the store is open.
 pub struct EventStore<E> {
     shared: Arc<Shared>,
     /// The event type's version and migrations, which only typed handles know.
@@ -181,7 +196,7 @@ impl<E> Clone for EventStore<E> {
 
 impl<E> std::fmt::Debug for EventStore<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventStore").field("dir", &self.shared.core.dir).finish_non_exhaustive()
+        f.debug_struct("EventStore").field("location", &self.shared.label()).finish_non_exhaustive()
     }
 }
 
@@ -189,8 +204,75 @@ impl<E> std::fmt::Debug for EventStore<E> {
 /// the last handle waits for, so that the store is closed (and its directory
 /// unlocked) when that handle is gone.
 struct Shared {
-    core: Arc<Core>,
+    engine: Engine,
     background: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Where a store keeps its events.
+enum Engine {
+    /// Journal files in a directory.
+    Files(Arc<Core>),
+    /// Tables of a PostgreSQL database.
+    #[cfg(feature = "postgres")]
+    Database(Arc<database::DbCore>),
+}
+
+impl Shared {
+    /// The store in files, for `operation`, which only it offers.
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::unnecessary_wraps, unused_variables))]
+    fn files(&self, operation: &str) -> Result<&Arc<Core>> {
+        match &self.engine {
+            Engine::Files(core) => Ok(core),
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => Err(db.unsupported(operation)),
+        }
+    }
+
+    /// The position the next event appended will have.
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::unnecessary_wraps))]
+    fn head(&self) -> Result<Position> {
+        match &self.engine {
+            Engine::Files(core) => Ok(Position::new(core.index.read().committed)),
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => db.engine.head(),
+        }
+    }
+
+    /// What errors name: the directory, or the location without its password.
+    fn label(&self) -> &Path {
+        match &self.engine {
+            Engine::Files(core) => &core.dir,
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => &db.label,
+        }
+    }
+
+    /// What wakes the subscriptions at each commit.
+    fn signal(&self) -> &Arc<Signal> {
+        match &self.engine {
+            Engine::Files(core) => &core.signal,
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => &db.signal,
+        }
+    }
+
+    /// How new events' data is encoded.
+    fn codec(&self) -> Codec {
+        match &self.engine {
+            Engine::Files(core) => core.codec,
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => db.codec,
+        }
+    }
+
+    /// Where background errors go.
+    fn hook(&self) -> &Hook {
+        match &self.engine {
+            Engine::Files(core) => &core.hook,
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => &db.hook,
+        }
+    }
 }
 
 impl Drop for Shared {
@@ -455,19 +537,29 @@ impl<E> EventStoreBuilder<E> {
     }
 
     /// Opens (or creates) the event store in directory `dir`: loads the newest
-    /// checkpoint of its index and replays the journal after it.
+    /// checkpoint of its index and replays the journal after it. With the
+    /// `postgres` feature, `dir` may be a `postgres://` location: the store is then
+    /// the location's namespace of that database (durability, recovery, checkpoint
+    /// and cache settings do not apply there: every append is a commit).
     ///
     /// # Errors
     /// [`Error::Locked`] when the directory is open elsewhere;
     /// [`Error::WrongDirectory`] when it holds something else; [`Error::JournalType`]
     /// when it was written for another event type (or one whose structure changed);
+    /// [`Error::JournalSchema`] for a newer version of it;
     /// [`Error::JournalCorrupt`] for damage other than a torn last write;
-    /// [`Error::Io`] for the file system's errors.
+    /// [`Error::Io`] for the file system's errors. In a database:
+    /// [`Error::InvalidLocation`], [`Error::Database`], [`Error::DatabaseSchema`],
+    /// and [`Error::Unsupported`] with an encryption key.
     pub fn open(self, dir: impl AsRef<Path>) -> Result<EventStore<E>>
     where
         E: Serialize + DeserializeOwned,
     {
         let dir = dir.as_ref();
+        #[cfg(feature = "postgres")]
+        if let Some(location) = crate::location::database(dir)? {
+            return self.open_database(location);
+        }
         crate::location::refuse_database(dir, "an event store")?;
         let io = self.io.clone();
         let sealer = self.sealer();
@@ -542,7 +634,40 @@ impl<E> EventStoreBuilder<E> {
             #[cfg(feature = "encryption")]
             keys,
         };
-        let shared = Shared { core: Arc::new(core), background: Mutex::new(None) };
+        let shared = Shared { engine: Engine::Files(Arc::new(core)), background: Mutex::new(None) };
+        let schema =
+            codec::EventSchema { version: self.event_version, migrations: self.migrations };
+        Ok(EventStore { shared: Arc::new(shared), schema: Arc::new(schema), _events: PhantomData })
+    }
+
+    /// Opens the event store at `location`, in a PostgreSQL database.
+    #[cfg(feature = "postgres")]
+    fn open_database(self, location: crate::postgres::Location) -> Result<EventStore<E>>
+    where
+        E: Serialize + DeserializeOwned,
+    {
+        #[cfg(feature = "encryption")]
+        if self.key.is_some() || self.subject_keys.is_some() {
+            return Err(Error::Unsupported {
+                location: location.to_string(),
+                operation: "encrypt its events or seal them with subject keys".to_owned(),
+                reason: "the event store on PostgreSQL does not offer it yet".to_owned(),
+            });
+        }
+        let versions = {
+            let migrations = self.migrations.iter().map(|it| &**it as &dyn crate::Migrate<E>);
+            journal::Versions {
+                event: self.event_version,
+                older_states: Vec::new(),
+                older_events: journal::Older::of(migrations),
+            }
+        };
+        let hook: Hook =
+            self.hook.unwrap_or_else(|| Arc::new(|err: &Error| eprintln!("instastate: {err}")));
+        let db = database::DbCore::open(location, &identity::<E>(), &versions, hook, self.codec)?;
+        drop(versions);
+        let shared =
+            Shared { engine: Engine::Database(Arc::new(db)), background: Mutex::new(None) };
         let schema =
             codec::EventSchema { version: self.event_version, migrations: self.migrations };
         Ok(EventStore { shared: Arc::new(shared), schema: Arc::new(schema), _events: PhantomData })
@@ -683,7 +808,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// # fn main() -> instastate::Result<()> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let events = EventStore::<String>::open(dir.path())?;
-    /// let base = events.head(); // Alice and Bob both read the store here.
+    /// let base = events.head()?; // Alice and Bob both read the store here.
     /// let edit = |text: &str| NewEvent::new(text.to_owned()).tagged(["book:Neuromancer"]);
     ///
     /// let alice = [Append::new("alice", Expected::Any, [edit("genre: SciFi")])];
@@ -730,9 +855,14 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
             .map(|append| self.encode(&append, true))
             .collect::<Result<Vec<_>>>()?;
         append::check_requests(&requests)?;
-        append::dry_run(&self.shared.core.index.read(), &requests, Some(condition))
+        match &self.shared.engine {
+            Engine::Files(core) => append::dry_run(&core.index.read(), &requests, Some(condition)),
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => db.engine.dry_run(requests, Some(condition.clone())),
+        }
     }
 
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::infallible_destructuring_match))]
     fn append_checked(
         &self,
         appends: impl IntoIterator<Item = Append<E>>,
@@ -750,7 +880,11 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         // Sealed again under the journal's lock when a key went meanwhile.
         #[cfg_attr(not(feature = "encryption"), allow(unused_mut))]
         let mut requests = encode_all()?;
-        let core = &self.shared.core;
+        let core = match &self.shared.engine {
+            Engine::Files(core) => core,
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => return db.append(requests, condition.cloned()),
+        };
         let index = Arc::clone(&core.index);
         let done = core.journal.commit_with(|_, _| {
             // A subject forgotten between the encoding and the journal's lock left
@@ -838,56 +972,85 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
 
     /// The version of the last event of stream `stream`, or `None` when it has
     /// none (or was deleted).
-    #[must_use]
-    pub fn stream_version(&self, stream: &str) -> Option<u64> {
-        let index = self.shared.core.index.read();
-        let stream = index.get(index.stream(stream)?)?;
+    ///
+    /// # Errors
+    /// In a database, [`Error::Database`] when it cannot be read; in files, none.
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::infallible_destructuring_match))]
+    pub fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
+        let core = match &self.shared.engine {
+            Engine::Files(core) => core,
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => return db.engine.stream_version(stream),
+        };
+        let index = core.index.read();
+        let Some(stream) = index.stream(stream).and_then(|idx| index.get(idx)) else {
+            return Ok(None);
+        };
         let deleted = stream.life.deleted || stream.life.tombstoned;
-        (stream.seqs.len() as u64).checked_sub(1).filter(|_| !deleted)
+        Ok((stream.seqs.len() as u64).checked_sub(1).filter(|_| !deleted))
     }
 
     /// The position the next event appended will have: how many events the store
     /// holds.
-    #[must_use]
-    pub fn head(&self) -> Position {
-        Position::new(self.shared.core.index.read().committed)
+    ///
+    /// # Errors
+    /// As [`stream_version`](Self::stream_version).
+    pub fn head(&self) -> Result<Position> {
+        self.shared.head()
     }
 
     /// The streams the store holds, with their last version, in the order they
     /// were created; deleted ones are left out.
-    #[must_use]
-    pub fn streams(&self) -> Vec<(String, u64)> {
-        let index = self.shared.core.index.read();
-        index
+    ///
+    /// # Errors
+    /// As [`stream_version`](Self::stream_version).
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::infallible_destructuring_match))]
+    pub fn streams(&self) -> Result<Vec<(String, u64)>> {
+        let core = match &self.shared.engine {
+            Engine::Files(core) => core,
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => return db.engine.streams(),
+        };
+        let index = core.index.read();
+        Ok(index
             .streams
             .iter()
             .filter(|stream| !stream.life.deleted && !stream.life.tombstoned)
             .filter_map(|stream| {
                 Some((stream.name.clone(), (stream.seqs.len() as u64).checked_sub(1)?))
             })
-            .collect()
+            .collect())
     }
 
     /// What opening found: the checkpoint used, the journal events replayed, a torn
-    /// write cut off.
+    /// write cut off (in a database, nothing: it holds whole transactions).
     #[must_use]
     pub fn recovered(&self) -> &Recovered {
-        &self.shared.core.recovered
+        match &self.shared.engine {
+            Engine::Files(core) => &core.recovered,
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => &db.recovered,
+        }
     }
 
-    /// The store's directory.
+    /// The store's directory (in a database, its location without the password).
     #[must_use]
     pub fn path(&self) -> &Path {
-        &self.shared.core.dir
+        self.shared.label()
     }
 
-    /// Makes every append so far durable, whatever the [`Durability`].
+    /// Makes every append so far durable, whatever the [`Durability`] (in a
+    /// database, every append is committed before it returns: nothing to do).
     ///
     /// # Errors
     /// [`Error::JournalWrite`] when writing fails; [`Error::Poisoned`] after an
     /// earlier failure.
     pub fn sync(&self) -> Result<()> {
-        self.shared.core.journal.sync()
+        match &self.shared.engine {
+            Engine::Files(core) => core.journal.sync(),
+            #[cfg(feature = "postgres")]
+            Engine::Database(_) => Ok(()),
+        }
     }
 
     /// Writes a copy of the store, as of this call, to the new directory `path`,
@@ -903,7 +1066,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     pub fn backup_to(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         crate::location::refuse_database(path, "a backup")?;
-        let core = &self.shared.core;
+        let core = self.shared.files("back up (the database's own backups hold it)")?;
         let io = &core.io;
         // Everything acknowledged so far is in the files.
         self.sync()?;
@@ -949,12 +1112,16 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     }
 
     /// Saves a checkpoint of the index now: opening then replays only the appends
-    /// after it.
+    /// after it (in a database, there is no index to save: nothing to do).
     ///
     /// # Errors
     /// [`Error::Io`] or [`Error::JournalWrite`] when writing it fails.
     pub fn checkpoint(&self) -> Result<()> {
-        self.shared.core.checkpoint()
+        match &self.shared.engine {
+            Engine::Files(core) => core.checkpoint(),
+            #[cfg(feature = "postgres")]
+            Engine::Database(_) => Ok(()),
+        }
     }
 
     /// Closes this handle; the store closes (syncing everything appended) when its
@@ -967,7 +1134,9 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         if let Some(thread) = shared.background.get_mut().take() {
             let _ = thread.join();
         }
-        let core = Arc::clone(&shared.core);
+        #[allow(irrefutable_let_patterns)] // Without the `postgres` feature.
+        let Engine::Files(core) = &shared.engine else { return Ok(()) };
+        let core = Arc::clone(core);
         drop(shared);
         // Closed here, its error returned; the drop that follows finds it closed.
         match Arc::try_unwrap(core) {
@@ -983,12 +1152,17 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         let events = events
             .iter()
             .map(|event| {
-                let core = &self.shared.core;
-                let encode = || core.codec.encode(&event.data, &core.dir);
-                #[cfg(feature = "encryption")]
-                let (data, sealed_with) = seal::sealing(&self.shared.core.keys, dry, encode)?;
-                #[cfg(not(feature = "encryption"))]
-                let (data, sealed_with) = (encode()?, Vec::<(String, u64)>::new());
+                let codec = self.shared.codec();
+                let encode = || codec.encode(&event.data, self.shared.label());
+                let (data, sealed_with) = match &self.shared.engine {
+                    #[cfg(feature = "encryption")]
+                    Engine::Files(core) => seal::sealing(&core.keys, dry, encode)?,
+                    #[cfg(not(feature = "encryption"))]
+                    Engine::Files(_) => (encode()?, Vec::new()),
+                    // `Sealed` values refuse to encode without the keys of a store.
+                    #[cfg(feature = "postgres")]
+                    Engine::Database(_) => (encode()?, Vec::new()),
+                };
                 #[cfg(not(feature = "encryption"))]
                 let _ = dry;
                 let mut triggers = event.triggers.clone();
@@ -1006,7 +1180,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
                     correlation: event.metadata.correlation,
                     tags: event.tags.clone(),
                     triggers,
-                    json: core.codec.is_json(),
+                    json: codec.is_json(),
                     schema: self.schema.version,
                     sealed_with,
                     data,
@@ -1018,7 +1192,8 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
 
     /// Starts a checkpoint in the background when enough appends came since the last.
     fn maybe_checkpoint(&self) {
-        let core = &self.shared.core;
+        #[allow(irrefutable_let_patterns)] // Without the `postgres` feature.
+        let Engine::Files(core) = &self.shared.engine else { return };
         let events = core.index.read().journal_events();
         let due = core.checkpointed.load(Ordering::Relaxed).saturating_add(core.checkpoint_every)
             <= events;

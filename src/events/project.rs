@@ -343,7 +343,7 @@ where
         if spare.is_some_and(|spare| address(spare) == address(cell)) {
             return Err(invalid("it cannot be rebuilt in itself".to_owned()));
         }
-        let head = events.head();
+        let head = events.head()?;
         if spare.is_none() {
             let position = cell.read().position();
             if head < position {
@@ -373,7 +373,7 @@ where
             let fresh = Projected::new((spare.init)().into_state());
             drop(spare.replace(fresh));
         }
-        let core = &events.shared.core;
+        let shared = &events.shared;
         let saver = store.map(|store| Saver {
             store,
             every: save_every,
@@ -390,7 +390,7 @@ where
             id,
             control: Arc::clone(&control),
             saver,
-            hook: hook.unwrap_or_else(|| Arc::clone(&core.hook)),
+            hook: hook.unwrap_or_else(|| Arc::clone(shared.hook())),
             caught_up: false,
             durable: 0,
             on_effect,
@@ -401,7 +401,8 @@ where
         let spawned = thread::Builder::new()
             .name("instastate-projection".to_owned())
             .spawn(move || worker.run(owned));
-        let thread = spawned.map_err(|source| Error::Io { path: core.dir.clone(), source })?;
+        let thread =
+            spawned.map_err(|source| Error::Io { path: shared.label().to_path_buf(), source })?;
         Ok(Projection { control, store: Arc::downgrade(&events.shared), thread: Some(thread) })
     }
 }
@@ -525,7 +526,7 @@ impl Projection {
         let Some(shared) = self.store.upgrade() else {
             return Err(self.stopped());
         };
-        let head = Position::new(shared.core.index.read().committed);
+        let head = shared.head()?;
         drop(shared);
         self.wait_for(head)?;
         Ok(head)
@@ -801,7 +802,7 @@ where
     fn subscribe(&mut self) -> Result<Option<Subscription<E>>, Failure> {
         let Some(events) = self.events() else { return Ok(None) };
         let position = self.cell().read().position();
-        let head = events.head();
+        let head = events.head().map_err(|err| Failure::new(position.get(), err))?;
         if head < position {
             let err =
                 Error::ProjectionAhead { cell: self.cell().name().to_owned(), position, head };
@@ -983,13 +984,14 @@ where
         let Some(spare) = self.spare else { return Ok(false) };
         let live = self.live;
         let Some(events) = self.events() else { return Ok(false) };
+        let head = events.head().map_err(|err| Failure::new(self.next, err))?;
         let (handler, durable) = (&mut self.handler, &mut self.durable);
         let swapped_at = {
             let mut old = live.write();
             let mut new = spare.write();
             // A live position past the head was lost by the store: the rebuild
             // replaces it with the fold of what the store holds.
-            let target = old.position.min(events.head().get());
+            let target = old.position.min(head.get());
             if let Some(last) = target.checked_sub(1) {
                 make_durable(durable, &events, last)?;
             }
@@ -1072,7 +1074,7 @@ where
     }
     // Read before the sync: every event below it is in the journal's buffer or file,
     // and the sync makes them durable.
-    let head = events.head().get();
+    let head = events.head().map_err(|err| Failure::new(position, err))?.get();
     events.sync().map_err(|err| Failure::new(position, err))?;
     *durable = head;
     Ok(())

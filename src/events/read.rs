@@ -6,8 +6,13 @@ use std::collections::VecDeque;
 
 use serde::{Serialize, de::DeserializeOwned};
 
+use std::sync::Arc;
+
+#[cfg(feature = "postgres")]
+use super::database::{self, DbCore};
 use super::{
-    EventId, EventStore, Position, RecordedEvent, batch,
+    Core, Engine, EventId, EventStore, Position, RecordedEvent, batch,
+    codec::EventSchema,
     index::StreamIdx,
     locate::{Keep, ReadAhead},
 };
@@ -169,16 +174,32 @@ impl<'a, E> ReadAll<'a, E> {
 
 /// The events of a read, one at a time; an error ends the read.
 pub struct Events<'a, E> {
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     store: &'a EventStore<E>,
-    cursor: Cursor,
     remaining: Option<u64>,
+    failed: bool,
+    /// An error to yield first (a read of a tombstoned stream).
+    pending: Option<Error>,
+    source: Source<E>,
+}
+
+/// Where a read reads from.
+#[allow(clippy::large_enum_variant)] // One per read, made once and never moved.
+enum Source<E> {
+    Files(FileRead<E>),
+    #[cfg(feature = "postgres")]
+    Database(Arc<DbCore>, database::Read),
+}
+
+/// A read of a store's journal files.
+struct FileRead<E> {
+    core: Arc<Core>,
+    schema: Arc<EventSchema<E>>,
+    cursor: Cursor,
     filter: Filter,
     ahead: ReadAhead,
     keep: Keep,
     batch: Option<Decoded<E>>,
-    failed: bool,
-    /// An error to yield first (a read of a tombstoned stream).
-    pending: Option<Error>,
 }
 
 /// Which events of the batches read a read yields.
@@ -246,7 +267,23 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
     type IntoIter = Events<'a, E>;
 
     fn into_iter(self) -> Events<'a, E> {
-        let index = self.store.shared.core.index.read();
+        let core = match &self.store.shared.engine {
+            Engine::Files(core) => Arc::clone(core),
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => {
+                let next =
+                    if self.backward { Some(self.from.unwrap_or(u64::MAX)) } else { self.from };
+                let mut read =
+                    database::Read::new(Some(self.stream), Some(next.unwrap_or(0)), self.backward);
+                read.event_type = self.event_type;
+                return Events::from_source(
+                    self.store,
+                    self.limit,
+                    Source::Database(Arc::clone(db), read),
+                );
+            }
+        };
+        let index = core.index.read();
         let idx = index.stream(&self.stream);
         let stream = idx.and_then(|idx| index.get(idx));
         let len = stream.map_or(0, |it| it.seqs.len() as u64);
@@ -272,7 +309,7 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
             life.tombstoned.then(|| Error::StreamTombstoned { stream: self.stream.clone() });
         let filter =
             Filter { stream: Some(self.stream), stream_prefix: None, event_type: self.event_type };
-        let mut events = Events::new(self.store, cursor, self.limit, filter, Keep::Cached);
+        let mut events = Events::new(self.store, core, cursor, self.limit, filter, Keep::Cached);
         events.pending = tombstoned;
         events
     }
@@ -283,7 +320,24 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
     type IntoIter = Events<'a, E>;
 
     fn into_iter(self) -> Events<'a, E> {
-        let committed = self.store.shared.core.index.read().committed;
+        let core = match &self.store.shared.engine {
+            Engine::Files(core) => Arc::clone(core),
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => {
+                let from = self.from.map(Position::get);
+                let next = if self.backward { from.unwrap_or(u64::MAX) } else { from.unwrap_or(0) };
+                let mut read = database::Read::new(None, Some(next), self.backward);
+                read.until = self.until;
+                read.event_type = self.event_type;
+                read.prefix = self.stream_prefix;
+                return Events::from_source(
+                    self.store,
+                    self.limit,
+                    Source::Database(Arc::clone(db), read),
+                );
+            }
+        };
+        let committed = core.index.read().committed;
         let from = self.from.map(Position::get);
         let cursor = if self.backward {
             let start = from.map_or(committed, |from| from.saturating_add(1).min(committed));
@@ -295,7 +349,7 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
         let filter =
             Filter { stream: None, stream_prefix: self.stream_prefix, event_type: self.event_type };
         let keep = if self.backward { Keep::Cached } else { Keep::No };
-        Events::new(self.store, cursor, self.limit, filter, keep)
+        Events::new(self.store, core, cursor, self.limit, filter, keep)
     }
 }
 
@@ -304,7 +358,7 @@ impl<E> EventStore<E> {
     /// decoded, and compaction keeps tags): `None` when the store holds no event
     /// there.
     pub(crate) fn tags_at(&self, position: u64) -> Result<Option<Vec<String>>> {
-        let core = &self.shared.core;
+        let core = self.shared.files("read an event's tags")?;
         let place = {
             let index = core.index.read();
             index.seq_of(position).and_then(|seq| Some((seq, index.start_of(seq)?)))
@@ -320,28 +374,38 @@ impl<E> EventStore<E> {
     }
 }
 
-impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
+impl<'a, E> Events<'a, E> {
     fn new(
         store: &'a EventStore<E>,
+        core: Arc<Core>,
         cursor: Cursor,
         remaining: Option<u64>,
         filter: Filter,
         keep: Keep,
     ) -> Events<'a, E> {
         let chunk = if keep == Keep::No { FORWARD_CHUNK } else { RANDOM_CHUNK };
-        Events {
-            store,
+        let read = FileRead {
+            core,
+            schema: Arc::clone(&store.schema),
             cursor,
-            remaining,
             filter,
             ahead: ReadAhead::new(chunk),
             keep,
             batch: None,
-            failed: false,
-            pending: None,
-        }
+        };
+        Events::from_source(store, remaining, Source::Files(read))
     }
 
+    fn from_source(
+        store: &'a EventStore<E>,
+        remaining: Option<u64>,
+        source: Source<E>,
+    ) -> Events<'a, E> {
+        Events { store, remaining, failed: false, pending: None, source }
+    }
+}
+
+impl<E: Serialize + DeserializeOwned> FileRead<E> {
     /// What to read next, if anything is left.
     fn next_target(&mut self) -> Option<Result<Next>> {
         match &mut self.cursor {
@@ -358,7 +422,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
             Cursor::Stream { idx, next, bound, backward, planned } => {
                 if planned.is_empty() {
                     // The next versions' places, up to a few dozen, under one lock.
-                    let core = &self.store.shared.core;
+                    let core = &self.core;
                     let index = core.index.read();
                     let seqs = &index.get((*idx)?)?.seqs;
                     while planned.len() < PLANNED {
@@ -417,7 +481,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                 found.ok_or_else(|| {
                     let place = batch.and_then(|batch| batch.place);
                     let reason = format!("it does not hold version {version} of its stream");
-                    self.store.shared.core.locator.corrupt_at(place, seq, reason)
+                    self.core.locator.corrupt_at(place, seq, reason)
                 })
             }
         }
@@ -431,7 +495,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
         if let Some(k) = in_hand {
             return Ok(k);
         }
-        let core = &self.store.shared.core;
+        let core = Arc::clone(&self.core);
         let (seq, first_position, ruled) = {
             let index = core.index.read();
             let missing = || Error::JournalCorrupt {
@@ -471,7 +535,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
         first_position: u64,
         ruled: Option<bool>,
     ) -> Result<Decoded<E>> {
-        let core = &self.store.shared.core;
+        let core = &self.core;
         // The buffers of the batch read before are filled again.
         let (mut events, mut versions) =
             self.batch.take().map(|batch| (batch.events, batch.versions)).unwrap_or_default();
@@ -536,7 +600,7 @@ impl<'a, E: Serialize + DeserializeOwned> Events<'a, E> {
                 )))));
                 continue;
             };
-            let data = core.decode_data::<E>(&self.store.schema, &event, bytes, || {
+            let data = core.decode_data::<E>(&self.schema, &event, bytes, || {
                 format!("the event at position {position}")
             });
             let (tags, triggers) = event.links();
@@ -568,24 +632,36 @@ impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
         if self.failed || self.remaining == Some(0) {
             return None;
         }
+        let event = match &mut self.source {
+            Source::Files(read) => read.next()?,
+            #[cfg(feature = "postgres")]
+            Source::Database(db, read) => read
+                .next(db, self.remaining)?
+                .and_then(|raw| database::recorded(raw, &self.store.schema, &db.label)),
+        };
+        if event.is_err() {
+            self.failed = true;
+        }
+        if let Some(remaining) = &mut self.remaining {
+            *remaining -= 1;
+        }
+        Some(event)
+    }
+}
+
+impl<E: Serialize + DeserializeOwned> FileRead<E> {
+    /// The next event the read wants, or the error that ends it.
+    fn next(&mut self) -> Option<Result<RecordedEvent<E>>> {
         loop {
             let k = match self.next_target()?.and_then(|next| self.load(&next)) {
                 Ok(k) => k,
-                Err(err) => {
-                    self.failed = true;
-                    return Some(Err(err));
-                }
+                Err(err) => return Some(Err(err)),
             };
             // Each event of a batch is yielded at most once: it moves out.
             let slot = std::mem::replace(self.batch.as_mut()?.events.get_mut(k)?, Slot::Other);
-            let Slot::Ready(event) = slot else { continue };
-            if event.is_err() {
-                self.failed = true;
+            if let Slot::Ready(event) = slot {
+                return Some(event);
             }
-            if let Some(remaining) = &mut self.remaining {
-                *remaining -= 1;
-            }
-            return Some(event);
         }
     }
 }

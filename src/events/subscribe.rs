@@ -20,7 +20,8 @@ use parking_lot::{Condvar, Mutex};
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
-    Effect, EventStore, Position, RecordedEvent, Shared, codec::EventSchema, index::EffectRecord,
+    Effect, Engine, EventStore, Position, RecordedEvent, Shared, codec::EventSchema,
+    index::EffectRecord,
 };
 use crate::Result;
 
@@ -214,32 +215,44 @@ impl<'a, E> SubscribeAll<'a, E> {
     /// [`Delivery::CaughtUp`], then each new one.
     ///
     /// # Errors
-    /// None yet; kept for the checks a subscription may make when it starts.
+    /// In a database, [`Error::Io`](crate::Error::Io) when the thread that
+    /// listens for commits cannot start.
     pub fn from(self, position: Position) -> Result<Subscription<E>> {
-        // The effects that came before the position are not delivered.
-        let effects = &self.store.shared.core.index.read().effects;
-        let seen = effects.partition_point(|effect| effect.head < position.get());
-        Ok(self.start(position.get(), seen))
+        let seen = match &self.store.shared.engine {
+            Engine::Files(core) => {
+                // The effects that came before the position are not delivered.
+                let effects = &core.index.read().effects;
+                effects.partition_point(|effect| effect.head < position.get())
+            }
+            #[cfg(feature = "postgres")]
+            Engine::Database(_) => 0,
+        };
+        self.start(position.get(), seen)
     }
 
     /// Starts at the head: only the events (and effects) appended from now on.
     ///
     /// # Errors
-    /// As [`from`](Self::from).
+    /// As [`from`](Self::from), and [`Error::Database`](crate::Error::Database)
+    /// when the head cannot be read.
     pub fn from_end(self) -> Result<Subscription<E>> {
-        let (head, seen) = {
-            let index = self.store.shared.core.index.read();
-            (index.committed, index.effects.len())
+        let (head, seen) = match &self.store.shared.engine {
+            Engine::Files(core) => {
+                let index = core.index.read();
+                (index.committed, index.effects.len())
+            }
+            #[cfg(feature = "postgres")]
+            Engine::Database(db) => (db.engine.head()?.get(), 0),
         };
-        Ok(self.start(head, seen))
+        self.start(head, seen)
     }
 
-    fn start(self, cursor: u64, effects_seen: usize) -> Subscription<E> {
+    fn start(self, cursor: u64, effects_seen: usize) -> Result<Subscription<E>> {
         let target = Target::All { prefix: self.prefix };
         let mut subscription =
-            Subscription::new(self.store, target, self.event_type, cursor, self.max_lag);
+            Subscription::new(self.store, target, self.event_type, cursor, self.max_lag)?;
         subscription.effects_seen = effects_seen;
-        subscription
+        Ok(subscription)
     }
 }
 
@@ -275,7 +288,7 @@ impl<'a, E> SubscribeStream<'a, E> {
     pub fn from(self, version: u64) -> Result<Subscription<E>> {
         super::stream_id::check(&self.stream)?;
         let target = Target::Stream { name: self.stream };
-        Ok(Subscription::new(self.store, target, self.event_type, version, self.max_lag))
+        Subscription::new(self.store, target, self.event_type, version, self.max_lag)
     }
 
     /// Starts after the stream's last event: only its events appended from now on.
@@ -283,27 +296,43 @@ impl<'a, E> SubscribeStream<'a, E> {
     /// # Errors
     /// As [`from`](Self::from).
     pub fn from_end(self) -> Result<Subscription<E>> {
-        let index = self.store.shared.core.index.read();
-        let len = index
-            .stream(&self.stream)
-            .and_then(|idx| index.get(idx))
-            .map_or(0, |it| it.seqs.len() as u64);
-        drop(index);
+        let len = stream_len(&self.store.shared, &self.stream)?;
         self.from(len)
     }
 }
 
+/// How many versions stream `name` holds (its next version).
+#[cfg_attr(not(feature = "postgres"), allow(clippy::unnecessary_wraps))]
+fn stream_len(shared: &Shared, name: &str) -> Result<u64> {
+    match &shared.engine {
+        Engine::Files(core) => {
+            let index = core.index.read();
+            Ok(index
+                .stream(name)
+                .and_then(|idx| index.get(idx))
+                .map_or(0, |it| it.seqs.len() as u64))
+        }
+        #[cfg(feature = "postgres")]
+        Engine::Database(db) => Ok(db.engine.stream_version(name)?.map_or(0, |last| last + 1)),
+    }
+}
+
 impl<E> Subscription<E> {
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::unnecessary_wraps))]
     fn new(
         store: &EventStore<E>,
         target: Target,
         event_type: Option<String>,
         cursor: u64,
         max_lag: u64,
-    ) -> Subscription<E> {
-        let signal = Arc::clone(&store.shared.core.signal);
+    ) -> Result<Subscription<E>> {
+        #[cfg(feature = "postgres")]
+        if let Engine::Database(db) = &store.shared.engine {
+            db.listen()?;
+        }
+        let signal = Arc::clone(store.shared.signal());
         let seen = signal.seen();
-        Subscription {
+        Ok(Subscription {
             store: Arc::downgrade(&store.shared),
             schema: Arc::clone(&store.schema),
             signal,
@@ -318,7 +347,7 @@ impl<E> Subscription<E> {
             stopped: false,
             ended: false,
             _events: PhantomData,
-        }
+        })
     }
 
     /// The next position (or, for a stream, version) it delivers.
@@ -360,7 +389,7 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
             let store = EventStore::<E> { shared, schema, _events: PhantomData };
             // Seen before the head is read: a commit after it wakes the wait below.
             self.seen = self.signal.seen();
-            let mut head = self.head(&store);
+            let mut head = self.head(&store)?;
             // An effect comes before the events after it: the read stops there, and
             // the effect is delivered when the cursor reaches it.
             let effect = self.next_effect(&store);
@@ -398,23 +427,21 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
     }
 
     /// The position (or stream version) the subscription reads up to.
-    fn head(&self, store: &EventStore<E>) -> u64 {
-        let index = store.shared.core.index.read();
+    fn head(&self, store: &EventStore<E>) -> Result<u64> {
         match &self.target {
-            Target::All { .. } => index.committed,
-            Target::Stream { name } => index
-                .stream(name)
-                .and_then(|idx| index.get(idx))
-                .map_or(0, |it| it.seqs.len() as u64),
+            Target::All { .. } => store.shared.head().map(Position::get),
+            Target::Stream { name } => stream_len(&store.shared, name),
         }
     }
 
     /// The next effect to deliver, for a subscription to `$all`.
     fn next_effect(&self, store: &EventStore<E>) -> Option<EffectRecord> {
         match self.target {
-            Target::All { .. } => {
-                store.shared.core.index.read().effects.get(self.effects_seen).cloned()
-            }
+            Target::All { .. } => match &store.shared.engine {
+                Engine::Files(core) => core.index.read().effects.get(self.effects_seen).cloned(),
+                #[cfg(feature = "postgres")]
+                Engine::Database(_) => None,
+            },
             Target::Stream { .. } => None,
         }
     }
@@ -422,8 +449,9 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
     /// Buffers `effect`, then every event of the aggregates it affects: those the
     /// events linked to its trigger touch (and those events themselves).
     fn replay(&mut self, store: &EventStore<E>, effect: &EffectRecord) -> Result<()> {
+        let core = store.shared.files("replay an effect")?;
         let linked: Vec<u64> = {
-            let index = store.shared.core.index.read();
+            let index = core.index.read();
             let linked = index.triggered(&effect.trigger);
             linked
                 .get(..linked.partition_point(|it| *it < effect.head))
@@ -442,7 +470,7 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
         }
         let mut positions: BTreeSet<u64> = linked.into_iter().collect();
         {
-            let index = store.shared.core.index.read();
+            let index = core.index.read();
             for aggregate in &aggregates {
                 let tagged = index.tagged(aggregate);
                 let before = tagged.partition_point(|it| it.position < effect.head);
@@ -514,7 +542,7 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
         let next =
             if (read.len() as u64) < limit { Some(next.unwrap_or(head).max(head)) } else { next };
         let next = next.ok_or_else(|| crate::Error::JournalCorrupt {
-            path: store.shared.core.dir.clone(),
+            path: store.shared.label().to_path_buf(),
             offset: 0,
             reason: format!(
                 "the index holds events from {} to {head}, and none could be read",

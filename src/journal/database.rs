@@ -126,15 +126,7 @@ pub(crate) fn open_on_database<S>(
         }
     };
     // From now on, frames are written with the current types and versions.
-    let header = Header::new(
-        &identity,
-        versions.event,
-        sealer.is_on(),
-        0,
-        0,
-        Extra::KeyCheck(key_check(&sealer)),
-    );
-    database.set_header(&header.encode(), versions.event)?;
+    database.set_header(&header_bytes(&identity, versions, &sealer), versions.event)?;
     let parts = Parts {
         dir: None,
         identity,
@@ -170,6 +162,13 @@ pub(crate) fn check_header(
     };
     versions::check_header(&header, &path, identity, versions, Side::Events)?;
     recovery::check_sealed(&header, &path, sealer)
+}
+
+/// The header a journal written with `identity`, `versions` and `sealer` records,
+/// encoded as a file's.
+pub(crate) fn header_bytes(identity: &Identity, versions: &Versions, sealer: &Sealer) -> Vec<u8> {
+    let extra = Extra::KeyCheck(key_check(sealer));
+    Header::new(identity, versions.event, sealer.is_on(), 0, 0, extra).encode()
 }
 
 /// The state of the snapshot `found` (the events it covers and its bytes), with

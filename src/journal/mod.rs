@@ -54,7 +54,8 @@ use serde::{Serialize, de::DeserializeOwned};
 #[cfg(feature = "postgres")]
 pub(crate) use self::database::{
     DatabaseConfig, Replay, Start as Resume, check_header as check_database_header,
-    load_snapshot as load_database_snapshot, open_on_database, replay_rows,
+    header_bytes as database_header, load_snapshot as load_database_snapshot, open_on_database,
+    replay_rows,
 };
 pub(crate) use self::inspect::inspect;
 pub use self::{inspect::JournalReport, recovery::Recovered};

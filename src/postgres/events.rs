@@ -23,7 +23,10 @@ use std::{
     collections::HashMap,
     ops::Range,
     panic::{self, AssertUnwindSafe},
-    sync::{Condvar, Mutex, MutexGuard},
+    sync::{
+        Condvar, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -152,13 +155,32 @@ impl PgEvents {
         self.group.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Answers what [`append_if`](Self::append_if) would do now, writing nothing:
+    /// the same transaction, rolled back.
+    pub(crate) fn dry_run(
+        &self,
+        requests: Vec<Request>,
+        condition: Option<Condition>,
+    ) -> Result<Vec<Appended>> {
+        check_requests(&requests)?;
+        let batch = [Member { ticket: 0, requests, condition }];
+        let mut results =
+            self.with_reader(|client| commit(client, &self.location, &batch, true))?;
+        results.pop().map_or_else(
+            || Err(group_failed(&self.location, "check an append", "the check returned nothing")),
+            |(_, result)| result,
+        )
+    }
+
     /// The next position: one past the last event committed.
     pub(crate) fn head(&self) -> Result<Position> {
-        let row = self.with_reader("read the head", |client| {
-            client.query_one(
-                "SELECT next_position FROM instastate.event_heads WHERE namespace = $1",
-                &[&self.location.namespace()],
-            )
+        let row = self.with_reader(|client| {
+            client
+                .query_one(
+                    "SELECT next_position FROM instastate.event_heads WHERE namespace = $1",
+                    &[&self.location.namespace()],
+                )
+                .map_err(failed(&self.location, "read the head"))
         })?;
         let what = || "the event store's head".to_owned();
         Ok(Position::new(count(&self.location, &row, "next_position", &what)?))
@@ -166,11 +188,14 @@ impl PgEvents {
 
     /// The last version of `stream`, or `None` when it has no event.
     pub(crate) fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
-        let row = self.with_reader("read a stream's version", |client| {
-            client.query_opt(
-                "SELECT next_version FROM instastate.streams WHERE namespace = $1 AND stream = $2",
-                &[&self.location.namespace(), &stream],
-            )
+        let row = self.with_reader(|client| {
+            client
+                .query_opt(
+                    "SELECT next_version FROM instastate.streams
+                      WHERE namespace = $1 AND stream = $2",
+                    &[&self.location.namespace(), &stream],
+                )
+                .map_err(failed(&self.location, "read a stream's version"))
         })?;
         let what = || format!("the next version of stream `{stream}`");
         Ok(row
@@ -179,24 +204,68 @@ impl PgEvents {
             .and_then(|next| next.checked_sub(1)))
     }
 
+    /// Every stream with its last version, in the order they were created (of
+    /// their first events' positions).
+    pub(crate) fn streams(&self) -> Result<Vec<(String, u64)>> {
+        let rows = self.with_reader(|client| {
+            client
+                .query(
+                    "SELECT s.stream, s.next_version FROM instastate.streams s
+                       JOIN instastate.events e ON e.namespace = s.namespace
+                        AND e.stream = s.stream AND e.version = 0
+                      WHERE s.namespace = $1 AND s.next_version > 0
+                      ORDER BY e.position",
+                    &[&self.location.namespace()],
+                )
+                .map_err(failed(&self.location, "list the streams"))
+        })?;
+        rows.iter()
+            .map(|row| {
+                let stream: String =
+                    column(&self.location, row, "stream", &|| "a stream".to_owned())?;
+                let what = || format!("stream `{stream}`");
+                let next = count(&self.location, row, "next_version", &what)?;
+                Ok((stream.clone(), next.saturating_sub(1)))
+            })
+            .collect()
+    }
+
+    /// The events `query` asks for, in its order.
+    pub(crate) fn read(&self, query: &Query<'_>) -> Result<Vec<RawEvent>> {
+        let (order, place) = match query.stream {
+            Some(_) => ("version", "version"),
+            None => ("position", "position"),
+        };
+        let (compare, direction) = if query.backward { ("<=", "DESC") } else { (">=", "") };
+        let stream =
+            if query.stream.is_some() { "AND stream = $2" } else { "AND $2::text IS NULL" };
+        let sql = format!(
+            "SELECT * FROM instastate.events WHERE namespace = $1 {stream}
+                AND {place} {compare} $3 AND ($4::bigint IS NULL OR position < $4)
+                AND ($5::text IS NULL OR event_type = $5)
+                AND ($6::text IS NULL OR starts_with(stream, $6))
+              ORDER BY {order} {direction} LIMIT $7"
+        );
+        let until = query.until.map(i64_of);
+        let rows = self.with_reader(|client| {
+            let params: [&(dyn postgres::types::ToSql + Sync); 7] = [
+                &self.location.namespace(),
+                &query.stream,
+                &i64_of(query.from),
+                &until,
+                &query.event_type,
+                &query.prefix,
+                &i64_of(query.limit),
+            ];
+            client.query(sql.as_str(), &params).map_err(failed(&self.location, "read events"))
+        })?;
+        rows.iter().map(|row| event_of(&self.location, row)).collect()
+    }
+
     /// Up to `limit` events of every stream from position `from` on, in position
     /// order (`backward`: from `from` down).
     pub(crate) fn read_all(&self, from: u64, limit: u64, backward: bool) -> Result<Vec<RawEvent>> {
-        let sql = if backward {
-            "SELECT * FROM instastate.events WHERE namespace = $1 AND position <= $2
-              ORDER BY position DESC LIMIT $3"
-        } else {
-            "SELECT * FROM instastate.events WHERE namespace = $1 AND position >= $2
-              ORDER BY position LIMIT $3"
-        };
-        self.with_reader("read events", |client| {
-            let rows =
-                client.query(sql, &[&self.location.namespace(), &i64_of(from), &i64_of(limit)])?;
-            Ok(rows)
-        })?
-        .iter()
-        .map(|row| event_of(&self.location, row))
-        .collect()
+        self.read(&Query { from, limit, backward, ..Query::default() })
     }
 
     /// Up to `limit` events of `stream` from version `from` on, in version order
@@ -208,41 +277,66 @@ impl PgEvents {
         limit: u64,
         backward: bool,
     ) -> Result<Vec<RawEvent>> {
-        let sql = if backward {
-            "SELECT * FROM instastate.events WHERE namespace = $1 AND stream = $2
-                AND version <= $3 ORDER BY version DESC LIMIT $4"
-        } else {
-            "SELECT * FROM instastate.events WHERE namespace = $1 AND stream = $2
-                AND version >= $3 ORDER BY version LIMIT $4"
-        };
-        self.with_reader("read a stream", |client| {
-            let params: [&(dyn postgres::types::ToSql + Sync); 4] =
-                [&self.location.namespace(), &stream, &i64_of(from), &i64_of(limit)];
-            client.query(sql, &params)
-        })?
-        .iter()
-        .map(|row| event_of(&self.location, row))
-        .collect()
+        self.read(&Query { stream: Some(stream), from, limit, backward, ..Query::default() })
     }
 
-    /// Runs `read` on a reader connection (a new one when none is free, or when
-    /// the one taken broke).
-    fn with_reader<T>(
-        &self,
-        action: &str,
-        read: impl FnOnce(&mut Client) -> std::result::Result<T, postgres::Error>,
-    ) -> Result<T> {
+    /// The header of the event store's types, if it has one yet (kept as a
+    /// journal's, in `journal_heads`).
+    pub(crate) fn header(&self) -> Result<Option<Vec<u8>>> {
+        self.with_reader(|client| super::journal::read_header(client, &self.location))
+    }
+
+    /// Records `header` as the event store's.
+    pub(crate) fn set_header(&self, header: &[u8]) -> Result<()> {
+        self.with_reader(|client| {
+            client
+                .execute(
+                    "INSERT INTO instastate.journal_heads (namespace, header) VALUES ($1, $2)
+                     ON CONFLICT (namespace) DO UPDATE SET header = EXCLUDED.header",
+                    &[&self.location.namespace(), &header],
+                )
+                .map_err(failed(&self.location, "record the event store's header"))
+        })?;
+        Ok(())
+    }
+
+    /// Runs `read` on a reader connection (a new one when none is free); once
+    /// more on a new connection when the one taken broke (every read is safe to
+    /// repeat).
+    fn with_reader<T>(&self, read: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
         let pooled = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         let mut client = match pooled.filter(|client| !client.is_closed()) {
             Some(client) => client,
             None => self.location.connect()?,
         };
-        let res = read(&mut client).map_err(failed(&self.location, action));
+        let mut res = read(&mut client);
+        if let Err(err) = &res
+            && super::broke(err, &client)
+        {
+            client = self.location.connect()?;
+            res = read(&mut client);
+        }
         if !client.is_closed() {
             self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client);
         }
         res
     }
+}
+
+/// What a read of events asks for.
+#[derive(Default)]
+pub(crate) struct Query<'a> {
+    /// One stream (from a version), else every stream (from a position).
+    pub(crate) stream: Option<&'a str>,
+    /// The first version or position read (going backward: the last).
+    pub(crate) from: u64,
+    pub(crate) limit: u64,
+    pub(crate) backward: bool,
+    /// No position at or past it.
+    pub(crate) until: Option<u64>,
+    pub(crate) event_type: Option<&'a str>,
+    /// Streams whose id starts with it.
+    pub(crate) prefix: Option<&'a str>,
 }
 
 /// The [`Error::Database`] each append of a failed group gets: `reason` as text,
@@ -349,6 +443,46 @@ impl PgFollower {
     }
 }
 
+/// Calls `on_commit` at each commit to `location`'s namespace, as its
+/// notification comes, until `stop` is set (looked at least every `poll`). A
+/// broken connection is made again, and `on_commit` called then too, since a
+/// commit may have come while none listened.
+pub(crate) fn watch_commits(
+    location: &Location,
+    stop: &AtomicBool,
+    poll: Duration,
+    on_commit: &dyn Fn(),
+) {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut client: Option<Client> = None;
+    while !stop.load(Ordering::Acquire) {
+        let Some(listening) = client.as_mut().filter(|client| !client.is_closed()) else {
+            let connected = location.connect().and_then(|mut client| {
+                listen(&mut client, location, true)?;
+                Ok(client)
+            });
+            client = connected.ok();
+            if client.is_none() {
+                std::thread::sleep(poll);
+            }
+            on_commit();
+            continue;
+        };
+        let woke = listening.notifications().timeout_iter(poll).next();
+        match woke {
+            Ok(Some(_)) => {
+                // The others that came meanwhile are announced by this one call.
+                let mut notifications = listening.notifications();
+                let mut rest = notifications.iter();
+                while let Ok(Some(_)) = rest.next() {}
+                on_commit();
+            }
+            Ok(None) => {}
+            Err(_) => client = None,
+        }
+    }
+}
+
 /// The caller that runs a group's transaction.
 struct Leader<'a> {
     engine: &'a PgEvents,
@@ -370,7 +504,7 @@ impl Leader<'_> {
             None => location.connect(),
         };
         let outcome = client.and_then(|mut client| {
-            let outcome = commit(&mut client, location, batch);
+            let outcome = commit(&mut client, location, batch, false);
             if !client.is_closed() {
                 self.writer = Some(client);
             }
@@ -391,11 +525,13 @@ impl Leader<'_> {
 }
 
 /// The group's transaction: plans each append in order against the tables and the
-/// appends before it, writes the events of those that hold, and commits.
+/// appends before it, writes the events of those that hold, and commits (a `dry`
+/// run writes nothing, and rolls back).
 fn commit(
     client: &mut Client,
     location: &Location,
     batch: &[Member],
+    dry: bool,
 ) -> Result<Vec<(u64, Result<Vec<Appended>>)>> {
     let namespace = location.namespace();
     let mut tx = client.transaction().map_err(failed(location, "begin an append"))?;
@@ -460,7 +596,7 @@ fn commit(
         }
         results.push((*ticket, planned));
     }
-    if rows.is_empty() {
+    if rows.is_empty() || dry {
         tx.rollback().map_err(failed(location, "end an append that writes nothing"))?;
         return Ok(results);
     }

@@ -71,7 +71,7 @@ const STREAMS: [&str; 7] = ["kept", "deleted", "truncated", "gone", "counted", "
 
 fn reads(events: &EventStore<String>) -> TestResult<Reads> {
     let collect = |it: instastate::events::Events<'_, String>| it.collect::<Result<Vec<_>, _>>();
-    let head = events.head();
+    let head = events.head()?;
     let mut by_stream = Vec::new();
     for stream in STREAMS {
         let forward = collect(events.read_stream(stream).into_iter());
@@ -96,14 +96,17 @@ fn reads(events: &EventStore<String>) -> TestResult<Reads> {
         format!("{:?}", events.check_append_if(&Condition::since(Position::new(0)), appends));
     Ok(Reads {
         head,
-        streams: events.streams(),
+        streams: events.streams()?,
         all: collect(events.read_all().into_iter())?,
         backward: collect(events.read_all().backward().into_iter())?,
         at: (0..head.get())
             .map(|at| events.event_at(Position::new(at)))
             .collect::<Result<_, _>>()?,
         by_stream,
-        versions: STREAMS.iter().map(|stream| events.stream_version(stream)).collect(),
+        versions: STREAMS
+            .iter()
+            .map(|stream| events.stream_version(stream))
+            .collect::<Result<_, _>>()?,
         subscription,
         conflict,
     })
@@ -242,7 +245,7 @@ fn read_until(events: &EventStore<String>, done: &AtomicBool) -> instastate::Res
         let all: Vec<RecordedEvent<String>> =
             events.read_all().into_iter().collect::<Result<_, _>>()?;
         assert!(all.windows(2).all(|it| it[0].position < it[1].position));
-        for (stream, _) in events.streams() {
+        for (stream, _) in events.streams()? {
             let read = events
                 .read_stream(&stream)
                 .backward()
@@ -333,7 +336,7 @@ fn compaction_under_appends_reads_and_a_subscription_loses_and_repeats_nothing()
         if let Delivery::Event(event) = delivery {
             seen.push(event.position.get());
         }
-        if seen.last() == Some(&(events.head().get() - 1)) {
+        if seen.last() == Some(&(events.head()?.get() - 1)) {
             break;
         }
     }

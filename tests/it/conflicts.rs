@@ -66,7 +66,7 @@ fn place(event: &EventRef) -> (String, u64, u64) {
 fn coherence_walkthrough_alice_and_bob_edit_the_same_book() -> TestResult {
     let dir = tempfile::tempdir()?;
     let events = EventStore::<Book>::open(dir.path())?;
-    let base = events.head();
+    let base = events.head()?;
     assert_eq!(base, Position::START);
 
     // Alice creates two new books.
@@ -92,8 +92,8 @@ fn coherence_walkthrough_alice_and_bob_edit_the_same_book() -> TestResult {
     assert_eq!(ours.as_ref().map(place), Some(("book-neuromancer".to_owned(), 1, 3)));
     assert_eq!(place(&theirs), ("book-neuromancer".to_owned(), 0, 0));
     // The whole batch is refused: Mona Lisa Overdrive is not there either.
-    assert_eq!(events.head(), Position::new(2));
-    assert_eq!(events.stream_version("book-mona-lisa-overdrive"), None);
+    assert_eq!(events.head()?, Position::new(2));
+    assert_eq!(events.stream_version("book-mona-lisa-overdrive")?, None);
     assert_eq!(tree::tree(dir.path())?, before, "a refused append writes nothing");
 
     // Bob resolves the conflict: he read Alice's book, and updates it instead.
@@ -103,7 +103,7 @@ fn coherence_walkthrough_alice_and_bob_edit_the_same_book() -> TestResult {
         update("bob", "Neuromancer", "Cyberpunk"),
     ];
     let dry = events.check_append_if(&resolved, bob.clone())?;
-    assert_eq!(events.head(), Position::new(2), "a dry run writes nothing");
+    assert_eq!(events.head()?, Position::new(2), "a dry run writes nothing");
     let done = events.append_if(&resolved, bob)?;
     assert_eq!(dry, done, "the dry run predicted the append");
     assert_eq!(done.iter().map(|it| it.positions.clone()).collect::<Vec<_>>(), [2..3, 3..4]);
@@ -146,7 +146,7 @@ fn conflicts_are_checked_after_a_reopen_and_a_checkpoint() -> TestResult {
     )?;
     assert_eq!(theirs.position, Position::new(1), "from the journal after it");
     // Since the head, nothing conflicts.
-    events.append_if(&Condition::since(events.head()), [update("bob", "Count Zero", "x")])?;
+    events.append_if(&Condition::since(events.head()?), [update("bob", "Count Zero", "x")])?;
     Ok(())
 }
 
@@ -204,7 +204,7 @@ fn racing_conditional_appends_never_succeed_over_an_unseen_change() -> TestResul
                 barrier.wait();
                 let mut won = Vec::new();
                 for _ in 0..TRIES {
-                    let base = events.head();
+                    let base = events.head()?;
                     let edit = update(&format!("writer-{writer}"), "Neuromancer", "x");
                     match events.append_if(&Condition::since(base), [edit]) {
                         Ok(appended) => won.push((base.get(), appended[0].positions.start)),
@@ -224,7 +224,7 @@ fn racing_conditional_appends_never_succeed_over_an_unseen_change() -> TestResul
     }
     won.sort_by_key(|(_, position)| *position);
     assert!(!won.is_empty());
-    assert_eq!(events.head().get(), won.len() as u64, "only the winners wrote");
+    assert_eq!(events.head()?.get(), won.len() as u64, "only the winners wrote");
     for pair in won.windows(2) {
         let (previous, (base, position)) = (pair[0].1, pair[1]);
         assert!(previous < base, "the append at {position} on base {base} missed {previous}");
@@ -253,7 +253,7 @@ fn coherence_walkthrough_an_effect_replays_the_aggregates_linked_to_its_trigger(
     };
     events.append("receipts", Expected::Any, [receipt(1, "avd2dlg3g93fm1osu")])?; // 0
     events.append("receipts", Expected::Any, [receipt(2, "kepf62djsdk8fw21")])?; // 1
-    let offset = events.head();
+    let offset = events.head()?;
     events.append_effect("key:1", "key-expired")?;
 
     let mut reader = events.subscribe_all().from(Position::new(1))?;
@@ -326,7 +326,7 @@ fn a_tag_or_trigger_that_is_empty_too_long_or_holds_a_control_character_is_refus
         };
         assert!(reason.contains(if as_tag { "a tag" } else { "a trigger" }), "{reason}");
     }
-    assert_eq!(events.head(), Position::START, "a refused append wrote");
+    assert_eq!(events.head()?, Position::START, "a refused append wrote");
     events.append("s", Expected::Any, [NewEvent::new(1).tagged(["book:ünïcödé 1"])])?;
     Ok(())
 }

@@ -221,7 +221,7 @@ fn projections_into_cells_rebuild_without_a_forgotten_subject() -> TestResult {
             Ok(())
         })
         .start(handler)?;
-    let head = events.head();
+    let head = events.head()?;
     default.wait_for(head)?;
     hooked.wait_for(head)?;
     let before = owned(&[("account-1", Some("Frank")), ("account-2", Some("Grace"))]);
@@ -229,7 +229,7 @@ fn projections_into_cells_rebuild_without_a_forgotten_subject() -> TestResult {
 
     events.forget_subject("frank")?;
     open_account(&events, 3, "Heidi")?;
-    let head = events.head();
+    let head = events.head()?;
     default.wait_for(head)?;
     hooked.wait_for(head)?;
     let after =

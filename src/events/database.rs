@@ -1,0 +1,223 @@
+//! The event store on PostgreSQL (feature `postgres`): the front door of
+//! [`EventStore`](super::EventStore) over the database's engine
+//! ([`PgEvents`]), for any number of writers in any number of processes.
+//!
+//! Appends go to the engine, which checks expected versions, ids and conditions
+//! in its transaction; reads are queries, a page at a time; subscriptions wait
+//! on the same [`Signal`] as in files, which a thread listening to the
+//! namespace's notifications raises at every commit of any process.
+
+use std::{
+    collections::VecDeque,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+
+use super::{
+    Appended, Codec, Condition, Hook, RawEvent, RecordedEvent, Recovered, append::Request,
+    codec::EventSchema, subscribe::Signal,
+};
+use crate::{
+    Error, Result,
+    crypt::Sealer,
+    journal::{self, Identity, Versions},
+    postgres::{EventQuery, Location, PgEvents, watch_commits},
+};
+
+/// Events read from the database at a time, at most.
+const PAGE: u64 = 1_000;
+/// How often the thread that listens for commits looks whether the store closed.
+const POLL: Duration = Duration::from_millis(500);
+
+/// An event store in a database, shared by its handles.
+pub(super) struct DbCore {
+    pub(super) engine: PgEvents,
+    location: Location,
+    /// What errors name: the location, without its password.
+    pub(super) label: PathBuf,
+    pub(super) signal: Arc<Signal>,
+    pub(super) hook: Hook,
+    pub(super) codec: Codec,
+    /// Nothing to recover in a database: kept for [`EventStore::recovered`](super::EventStore::recovered).
+    pub(super) recovered: Recovered,
+    /// Stops the thread that listens for commits, once one is started.
+    listener: Mutex<Option<Arc<AtomicBool>>>,
+}
+
+impl DbCore {
+    /// Opens the event store at `location`: upgrades the tables, checks that the
+    /// store was written with the event type of `identity` (and no newer version
+    /// of it than `versions` knows), and records it as the type written from now
+    /// on.
+    pub(super) fn open(
+        location: Location,
+        identity: &Identity,
+        versions: &Versions,
+        hook: Hook,
+        codec: Codec,
+    ) -> Result<DbCore> {
+        let engine = PgEvents::open(&location)?;
+        let label = location.to_string();
+        let sealer = Sealer::default();
+        journal::check_database_header(engine.header()?, &label, identity, versions, &sealer)?;
+        engine.set_header(&journal::database_header(identity, versions, &sealer))?;
+        Ok(DbCore {
+            engine,
+            location,
+            label: PathBuf::from(label),
+            signal: Arc::default(),
+            hook,
+            codec,
+            recovered: Recovered::default(),
+            listener: Mutex::new(None),
+        })
+    }
+
+    /// The [`Error::Unsupported`] of `operation`, which this engine does not offer.
+    pub(super) fn unsupported(&self, operation: &str) -> Error {
+        Error::Unsupported {
+            location: self.location.to_string(),
+            operation: operation.to_owned(),
+            reason: "the event store on PostgreSQL does not offer it yet".to_owned(),
+        }
+    }
+
+    /// Appends as the engine does, and wakes this process's subscriptions at once.
+    pub(super) fn append(
+        &self,
+        requests: Vec<Request>,
+        condition: Option<Condition>,
+    ) -> Result<Vec<Appended>> {
+        let done = self.engine.append_if(requests, condition)?;
+        self.signal.committed();
+        Ok(done)
+    }
+
+    /// Starts the thread that raises the signal at every commit to the namespace
+    /// (of any process), unless it runs already. It holds a connection of its own;
+    /// a store that nobody subscribes to needs none.
+    pub(super) fn listen(&self) -> Result<()> {
+        let mut listener = self.listener.lock();
+        if listener.is_some() {
+            return Ok(());
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let location = self.location.clone();
+        let signal = Arc::clone(&self.signal);
+        let stopped = Arc::clone(&stop);
+        thread::Builder::new()
+            .name("instastate-listener".to_owned())
+            .spawn(move || watch_commits(&location, &stopped, POLL, &|| signal.committed()))
+            .map_err(|source| Error::Io { path: self.label.clone(), source })?;
+        *listener = Some(stop);
+        Ok(())
+    }
+}
+
+impl Drop for DbCore {
+    fn drop(&mut self) {
+        self.signal.close();
+        if let Some(stop) = self.listener.get_mut().take() {
+            stop.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A read of events from the database, a page at a time.
+pub(super) struct Read {
+    /// One stream (its versions), else every stream (positions).
+    pub(super) stream: Option<String>,
+    pub(super) prefix: Option<String>,
+    pub(super) event_type: Option<String>,
+    /// The next version or position to read; `None` once a backward read passed 0.
+    pub(super) next: Option<u64>,
+    /// Going forward, no position at or past it.
+    pub(super) until: Option<u64>,
+    pub(super) backward: bool,
+    page: VecDeque<RawEvent>,
+    /// The last page read was short: there is nothing more.
+    drained: bool,
+}
+
+impl Read {
+    pub(super) fn new(stream: Option<String>, next: Option<u64>, backward: bool) -> Read {
+        Read {
+            stream,
+            prefix: None,
+            event_type: None,
+            next,
+            until: None,
+            backward,
+            page: VecDeque::new(),
+            drained: false,
+        }
+    }
+
+    /// The next event, reading a page (of at most `remaining` events) when the
+    /// one at hand is spent.
+    pub(super) fn next(&mut self, db: &DbCore, remaining: Option<u64>) -> Option<Result<RawEvent>> {
+        if self.page.is_empty() && !self.drained {
+            let from = self.next?;
+            let limit = remaining.map_or(PAGE, |remaining| remaining.min(PAGE));
+            let query = EventQuery {
+                stream: self.stream.as_deref(),
+                from,
+                limit,
+                backward: self.backward,
+                until: self.until,
+                event_type: self.event_type.as_deref(),
+                prefix: self.prefix.as_deref(),
+            };
+            let page = match db.engine.read(&query) {
+                Ok(page) => page,
+                Err(err) => return Some(Err(err)),
+            };
+            self.drained = (page.len() as u64) < limit;
+            if let Some(last) = page.last() {
+                let at = if self.stream.is_some() { last.version } else { last.position.get() };
+                self.next = if self.backward { at.checked_sub(1) } else { at.checked_add(1) };
+            }
+            self.page = page.into();
+        }
+        self.page.pop_front().map(Ok)
+    }
+}
+
+/// `raw`, its data decoded as an `E` of `schema` (migrated from an older
+/// version); `label` names the store in errors.
+pub(super) fn recorded<E: DeserializeOwned>(
+    raw: RawEvent,
+    schema: &EventSchema<E>,
+    label: &Path,
+) -> Result<RecordedEvent<E>> {
+    let position = raw.position;
+    let data = super::codec::decode_event(
+        raw.json,
+        raw.schema,
+        schema.version,
+        &schema.migrations,
+        &raw.data,
+        label,
+        &|| format!("the event at position {position}"),
+    )?;
+    Ok(RecordedEvent {
+        stream: raw.stream,
+        version: raw.version,
+        position,
+        at: raw.at,
+        id: raw.id,
+        event_type: raw.event_type,
+        metadata: raw.metadata,
+        tags: raw.tags,
+        triggers: raw.triggers,
+        data,
+    })
+}
