@@ -12,7 +12,20 @@
 //! 4. takeover: a writer process killed with `SIGKILL`, until a standby that waits
 //!    for the lease (1 s) has handled its first event.
 //!
-//! Rows 1 and 2 alternate which side goes first, round by round, and report
+//! And the event store in PostgreSQL:
+//!
+//! 5. appends with an expected version from 1 client: `EventStore::append` (a
+//!    transaction that locks the head row, checks the version and ids, writes the
+//!    event, moves the stream and the head on, and notifies) against a loop of one
+//!    transaction per event as a user would write it: lock the stream's row, check
+//!    its version, insert the event (its position from a `bigserial`), move the
+//!    stream on, commit;
+//! 6. the same from 16 threads, each on a stream of its own: ours share
+//!    transactions, the hand-written loop runs 16 connections;
+//! 7. reading `$all` (forward, every event decoded) against a hand-written
+//!    `SELECT` of the same rows.
+//!
+//! Rows 1, 2, 5 and 6 alternate which side goes first, round by round, and report
 //! medians. The server is the one `INSTASTATE_TEST_POSTGRES` names, or a
 //! throwaway cluster on loopback started with `.ci/postgres`: `cargo bench --bench
 //! postgres --features postgres`.
@@ -33,7 +46,11 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use instastate::{Prevayler, Timestamp, prevalence::PrevaylerBuilder};
+use instastate::{
+    Prevayler, Timestamp,
+    events::{EventStore, Expected},
+    prevalence::PrevaylerBuilder,
+};
 use postgres::{Client, NoTls};
 
 use crate::common::{Res, interleave, median, percentile};
@@ -43,12 +60,20 @@ const EVENTS: u64 = 300;
 const THREAD_EVENTS: u64 = 60;
 const THREADS: u64 = 16;
 const ROUNDS: u32 = 5;
+/// Row 7: the events read.
+const READ_EVENTS: u64 = 200_000;
 /// Row 3: the writer's rate and how long it runs.
 const RATE: u64 = 500;
 const LAG_RUN: Duration = Duration::from_secs(4);
 /// Row 4: the lease, and how many takeovers.
 const LEASE: Duration = Duration::from_secs(1);
 const TAKEOVERS: usize = 5;
+
+/// A new namespace of the server, connected without TLS as the hand-written side
+/// is (`NoTls`): the comparison is of the work, not of the encryption.
+fn address(prefix: &str) -> String {
+    format!("{}&sslmode=disable", server::address(prefix))
+}
 
 fn now_micros() -> u64 {
     SystemTime::now()
@@ -132,7 +157,7 @@ fn rounds(
 }
 
 fn row_one(base: &str) -> Res<(f64, f64)> {
-    let system = builder().open(server::address("bench-one"), Seen::default(), apply)?;
+    let system = builder().open(address("bench-one"), Seen::default(), apply)?;
     let mut client = Client::connect(base, NoTls)?;
     let table = server::unique("hand_one");
     hand_table(&mut client, &table)?;
@@ -149,7 +174,7 @@ fn row_one(base: &str) -> Res<(f64, f64)> {
 }
 
 fn row_threads(base: &str) -> Res<(f64, f64)> {
-    let system = builder().open(server::address("bench-many"), Seen::default(), apply)?;
+    let system = builder().open(address("bench-many"), Seen::default(), apply)?;
     let table = server::unique("hand_many");
     hand_table(&mut Client::connect(base, NoTls)?, &table)?;
     let mut clients =
@@ -203,7 +228,7 @@ fn joined(results: impl Iterator<Item = thread::Result<Res>>) -> Res {
 /// Row 3: the lags (µs) a follower saw while the writer handled `RATE` events a
 /// second.
 fn row_lag() -> Res<Vec<f64>> {
-    let url = server::address("bench-lag");
+    let url = address("bench-lag");
     let writer = builder().open(&url, Seen::default(), apply)?;
     let follower = builder().follow(&url, Seen::default(), apply, Duration::from_millis(100))?;
     let started = Instant::now();
@@ -224,7 +249,7 @@ fn row_lag() -> Res<Vec<f64>> {
 
 /// Row 4: takeovers (ms) after a writer process is killed.
 fn row_takeover() -> Res<Vec<f64>> {
-    let url = server::address("bench-takeover");
+    let url = address("bench-takeover");
     let mut times = Vec::new();
     for _ in 0..TAKEOVERS {
         let mut child = Command::new(env::current_exe()?)
@@ -243,6 +268,168 @@ fn row_takeover() -> Res<Vec<f64>> {
         standby.close()?;
     }
     Ok(times)
+}
+
+/// The tables a user would write for an event store of their own.
+fn hand_event_tables(client: &mut Client, prefix: &str) -> Res {
+    client.batch_execute(&format!(
+        "CREATE TABLE \"{prefix}_streams\" (stream text PRIMARY KEY, version bigint NOT NULL);
+         CREATE TABLE \"{prefix}_events\" (position bigserial PRIMARY KEY, stream text NOT NULL,
+             version bigint NOT NULL, at_us bigint NOT NULL, data bytea NOT NULL,
+             UNIQUE (stream, version))"
+    ))?;
+    Ok(())
+}
+
+/// One transaction per event, with its stream's expected version checked: lock the
+/// stream's row, check, insert the event, move the stream on, commit.
+fn hand_appends(client: &mut Client, prefix: &str, stream: &str, from: u64, events: u64) -> Res {
+    let version = client.prepare(&format!(
+        "SELECT version FROM \"{prefix}_streams\" WHERE stream = $1 FOR UPDATE"
+    ))?;
+    let insert = client.prepare(&format!(
+        "INSERT INTO \"{prefix}_events\" (stream, version, at_us, data) VALUES ($1, $2, $3, $4)"
+    ))?;
+    let moved = client.prepare(&format!(
+        "INSERT INTO \"{prefix}_streams\" VALUES ($1, $2)
+         ON CONFLICT (stream) DO UPDATE SET version = EXCLUDED.version"
+    ))?;
+    for n in from..from + events {
+        let data = postcard::to_stdvec(&event(n))?;
+        let mut tx = client.transaction()?;
+        let last: Option<i64> = tx.query_opt(&version, &[&stream])?.map(|row| row.get(0));
+        let expected = n.checked_sub(1).map(u64::cast_signed);
+        if last != expected {
+            return Err(format!("stream {stream} is at {last:?}, not {expected:?}").into());
+        }
+        let next = n.cast_signed();
+        tx.execute(&insert, &[&stream, &next, &now_micros().cast_signed(), &data])?;
+        tx.execute(&moved, &[&stream, &next])?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Ours: `events` appends to `stream`, each expecting the version before it.
+fn our_appends(store: &EventStore<Event>, stream: &str, from: u64, events: u64) -> Res {
+    for n in from..from + events {
+        let expected = n.checked_sub(1).map_or(Expected::NoStream, Expected::Exact);
+        store.append(stream, expected, [event(n)])?;
+    }
+    Ok(())
+}
+
+fn row_event_one(base: &str) -> Res<(f64, f64)> {
+    let store = EventStore::<Event>::open(address("bench-events-one"))?;
+    let mut client = Client::connect(base, NoTls)?;
+    let prefix = server::unique("hand_events_one");
+    hand_event_tables(&mut client, &prefix)?;
+    rounds(
+        EVENTS,
+        |from| our_appends(&store, "account", from, EVENTS),
+        |from| hand_appends(&mut client, &prefix, "account", from, EVENTS),
+    )
+}
+
+fn row_event_threads(base: &str) -> Res<(f64, f64)> {
+    let store = EventStore::<Event>::open(address("bench-events-many"))?;
+    let prefix = server::unique("hand_events_many");
+    hand_event_tables(&mut Client::connect(base, NoTls)?, &prefix)?;
+    let mut clients =
+        (0..THREADS).map(|_| Client::connect(base, NoTls)).collect::<Result<Vec<_>, _>>()?;
+    // Each round goes on in each thread's stream from where the last one ended.
+    let mut round = 0;
+    let mut hand_round = 0;
+    rounds(
+        THREADS * THREAD_EVENTS,
+        |_| {
+            let from = round * THREAD_EVENTS;
+            round += 1;
+            thread::scope(|scope| {
+                let handles: Vec<_> = (0..THREADS)
+                    .map(|k| {
+                        let store = &store;
+                        scope.spawn(move || {
+                            our_appends(store, &format!("account-{k}"), from, THREAD_EVENTS)
+                        })
+                    })
+                    .collect();
+                joined(handles.into_iter().map(std::thread::ScopedJoinHandle::join))
+            })
+        },
+        |_| {
+            let from = hand_round * THREAD_EVENTS;
+            hand_round += 1;
+            thread::scope(|scope| {
+                let handles: Vec<_> = clients
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(k, client)| {
+                        let prefix = &prefix;
+                        scope.spawn(move || {
+                            let stream = format!("account-{k}");
+                            hand_appends(client, prefix, &stream, from, THREAD_EVENTS)
+                        })
+                    })
+                    .collect();
+                joined(handles.into_iter().map(std::thread::ScopedJoinHandle::join))
+            })
+        },
+    )
+}
+
+/// Row 7: `READ_EVENTS` events read from `$all`, ours and by hand, in ev/s.
+fn row_event_reads(base: &str) -> Res<(f64, f64)> {
+    let store = EventStore::<Event>::open(address("bench-events-read"))?;
+    let mut client = Client::connect(base, NoTls)?;
+    let prefix = server::unique("hand_events_read");
+    hand_event_tables(&mut client, &prefix)?;
+    // Written in batches of 1,000, both.
+    for batch in 0..READ_EVENTS / 1_000 {
+        let events: Vec<Event> = (batch * 1_000..(batch + 1) * 1_000).map(event).collect();
+        store.append(&format!("account-{}", batch % 100), Expected::Any, events)?;
+        client.execute(
+            &format!(
+                "INSERT INTO \"{prefix}_events\" (stream, version, at_us, data)
+                 SELECT 'account-' || ($1::bigint % 100), n, 0, $2 FROM generate_series($1::bigint, $1::bigint + 999) n"
+            ),
+            &[&(batch * 1_000).cast_signed(), &postcard::to_stdvec(&event(batch))?],
+        )?;
+    }
+    let (mut ours, mut hand) = (Vec::new(), Vec::new());
+    for round in 0..=ROUNDS {
+        let (a, b) = interleave(
+            round,
+            || {
+                let started = Instant::now();
+                let mut read = 0;
+                for event in store.read_all() {
+                    std::hint::black_box(event?);
+                    read += 1;
+                }
+                if read != READ_EVENTS {
+                    return Err(format!("read {read} events of {READ_EVENTS}").into());
+                }
+                Ok(rate(read, started.elapsed().as_secs_f64()))
+            },
+            || {
+                let started = Instant::now();
+                let rows = client
+                    .query(&format!("SELECT * FROM \"{prefix}_events\" ORDER BY position"), &[])?;
+                for row in &rows {
+                    let data: &[u8] = row.try_get("data")?;
+                    let stream: String = row.try_get("stream")?;
+                    std::hint::black_box((postcard::from_bytes::<Event>(data)?, stream));
+                }
+                Ok(rate(rows.len() as u64, started.elapsed().as_secs_f64()))
+            },
+        )?;
+        if 0 < round {
+            ours.push(a);
+            hand.push(b);
+        }
+    }
+    Ok((median(&ours), median(&hand)))
 }
 
 /// The writer process of row 4: handles events until killed.
@@ -284,6 +471,23 @@ fn main() -> Res {
         percentile(&lags, 50) / 1e3,
         percentile(&lags, 99) / 1e3,
         lags.len()
+    );
+    let (ours, hand) = row_event_one(&base)?;
+    println!(
+        "(5) event store appends with an expected version, 1 client: ours {ours:.0} ev/s, by hand {hand:.0} ev/s: {:.2}x",
+        ours / hand
+    );
+    let (ours, hand) = row_event_threads(&base)?;
+    println!(
+        "(6) event store appends with an expected version, {THREADS} threads: ours {ours:.0} ev/s, by hand ({THREADS} connections) {hand:.0} ev/s: {:.2}x",
+        ours / hand
+    );
+    let (ours, hand) = row_event_reads(&base)?;
+    println!(
+        "(7) reading $all ({READ_EVENTS} events, decoded): ours {:.2} M ev/s, by hand (one SELECT) {:.2} M ev/s: {:.2}x",
+        ours / 1e6,
+        hand / 1e6,
+        ours / hand
     );
     let times = row_takeover()?;
     println!(

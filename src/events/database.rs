@@ -9,7 +9,7 @@
 
 use std::{
     collections::VecDeque,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -22,18 +22,18 @@ use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Appended, Codec, Condition, Hook, RawEvent, RecordedEvent, Recovered, append::Request,
+    Appended, Codec, Condition, Hook, RecordedEvent, Recovered, append::Request,
     codec::EventSchema, subscribe::Signal,
 };
 use crate::{
     Error, Result,
     crypt::Sealer,
     journal::{self, Identity, Versions},
-    postgres::{EventQuery, Location, PgEvents, watch_commits},
+    postgres::{EventQuery, EventRow, Location, PgEvents, watch_commits},
 };
 
-/// Events read from the database at a time, at most.
-const PAGE: u64 = 1_000;
+/// Events read from the database at a time, at most (a few MiB of small events).
+const PAGE: u64 = 10_000;
 /// How often the thread that listens for commits looks whether the store closed.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -142,7 +142,7 @@ pub(super) struct Read {
     /// Going forward, no position at or past it.
     pub(super) until: Option<u64>,
     pub(super) backward: bool,
-    page: VecDeque<RawEvent>,
+    page: VecDeque<EventRow>,
     /// The last page read was short: there is nothing more.
     drained: bool,
 }
@@ -163,7 +163,7 @@ impl Read {
 
     /// The next event, reading a page (of at most `remaining` events) when the
     /// one at hand is spent.
-    pub(super) fn next(&mut self, db: &DbCore, remaining: Option<u64>) -> Option<Result<RawEvent>> {
+    pub(super) fn next(&mut self, db: &DbCore, remaining: Option<u64>) -> Option<Result<EventRow>> {
         if self.page.is_empty() && !self.drained {
             let from = self.next?;
             let limit = remaining.map_or(PAGE, |remaining| remaining.min(PAGE));
@@ -182,7 +182,11 @@ impl Read {
             };
             self.drained = (page.len() as u64) < limit;
             if let Some(last) = page.last() {
-                let at = if self.stream.is_some() { last.version } else { last.position.get() };
+                let (position, version) = match last.place(&db.location) {
+                    Ok(place) => place,
+                    Err(err) => return Some(Err(err)),
+                };
+                let at = if self.stream.is_some() { version } else { position.get() };
                 self.next = if self.backward { at.checked_sub(1) } else { at.checked_add(1) };
             }
             self.page = page.into();
@@ -191,33 +195,26 @@ impl Read {
     }
 }
 
-/// `raw`, its data decoded as an `E` of `schema` (migrated from an older
-/// version); `label` names the store in errors.
+/// The event of `row`, its data decoded as an `E` of `schema` (migrated from an
+/// older version).
 pub(super) fn recorded<E: DeserializeOwned>(
-    raw: RawEvent,
+    row: &EventRow,
     schema: &EventSchema<E>,
-    label: &Path,
+    db: &DbCore,
 ) -> Result<RecordedEvent<E>> {
-    let position = raw.position;
-    let data = super::codec::decode_event(
-        raw.json,
-        raw.schema,
-        schema.version,
-        &schema.migrations,
-        &raw.data,
-        label,
-        &|| format!("the event at position {position}"),
-    )?;
-    Ok(RecordedEvent {
-        stream: raw.stream,
-        version: raw.version,
-        position,
-        at: raw.at,
-        id: raw.id,
-        event_type: raw.event_type,
-        metadata: raw.metadata,
-        tags: raw.tags,
-        triggers: raw.triggers,
-        data,
+    row.decode(&db.location, |data, json, version| {
+        let what = || match row.place(&db.location) {
+            Ok((position, _)) => format!("the event at position {position}"),
+            Err(_) => "an event".to_owned(),
+        };
+        super::codec::decode_event(
+            json,
+            version,
+            schema.version,
+            &schema.migrations,
+            data,
+            &db.label,
+            &what,
+        )
     })
 }

@@ -637,7 +637,7 @@ impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
             #[cfg(feature = "postgres")]
             Source::Database(db, read) => read
                 .next(db, self.remaining)?
-                .and_then(|raw| database::recorded(raw, &self.store.schema, &db.label)),
+                .and_then(|row| database::recorded(&row, &self.store.schema, db)),
         };
         if event.is_err() {
             self.failed = true;

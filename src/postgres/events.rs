@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use postgres::{Client, Row, Transaction};
+use postgres::{Client, Row, Statement, Transaction};
 
 use super::{
     Location, channel, column, count, failed, i64_of, listen, schema, spend_notifications,
@@ -40,6 +40,7 @@ use crate::{
     Error, Result, StorageError, Timestamp,
     events::{
         Appended, Condition, EventId, EventRef, Expected, Metadata, Position, RawEvent,
+        RecordedEvent,
         append::{Encoded, Request, check_requests},
         condition,
     },
@@ -64,7 +65,7 @@ struct Group {
     queue: Vec<Member>,
     /// Whether a caller runs a transaction now (it holds the writer).
     leading: bool,
-    writer: Option<Client>,
+    writer: Option<Writer>,
     results: HashMap<u64, Result<Vec<Appended>>>,
 }
 
@@ -83,7 +84,10 @@ impl PgEvents {
             .map_err(failed(location, "record the event store's head"))?;
         Ok(PgEvents {
             location: location.clone(),
-            group: Mutex::new(Group { writer: Some(client), ..Group::default() }),
+            group: Mutex::new(Group {
+                writer: Some(Writer::new(client, location)?),
+                ..Group::default()
+            }),
             done: Condvar::new(),
             readers: Mutex::new(Vec::new()),
         })
@@ -164,8 +168,10 @@ impl PgEvents {
     ) -> Result<Vec<Appended>> {
         check_requests(&requests)?;
         let batch = [Member { ticket: 0, requests, condition }];
-        let mut results =
-            self.with_reader(|client| commit(client, &self.location, &batch, true))?;
+        let mut results = self.with_reader(|client| {
+            let statements = Statements::prepare(client, &self.location)?;
+            commit(client, &statements, &self.location, &batch, true).map(|(results, _)| results)
+        })?;
         results.pop().map_or_else(
             || Err(group_failed(&self.location, "check an append", "the check returned nothing")),
             |(_, result)| result,
@@ -231,7 +237,7 @@ impl PgEvents {
     }
 
     /// The events `query` asks for, in its order.
-    pub(crate) fn read(&self, query: &Query<'_>) -> Result<Vec<RawEvent>> {
+    pub(crate) fn read(&self, query: &Query<'_>) -> Result<Vec<EventRow>> {
         let (order, place) = match query.stream {
             Some(_) => ("version", "version"),
             None => ("position", "position"),
@@ -240,7 +246,7 @@ impl PgEvents {
         let stream =
             if query.stream.is_some() { "AND stream = $2" } else { "AND $2::text IS NULL" };
         let sql = format!(
-            "SELECT * FROM instastate.events WHERE namespace = $1 {stream}
+            "SELECT {EVENT_COLUMNS} FROM instastate.events WHERE namespace = $1 {stream}
                 AND {place} {compare} $3 AND ($4::bigint IS NULL OR position < $4)
                 AND ($5::text IS NULL OR event_type = $5)
                 AND ($6::text IS NULL OR starts_with(stream, $6))
@@ -259,13 +265,14 @@ impl PgEvents {
             ];
             client.query(sql.as_str(), &params).map_err(failed(&self.location, "read events"))
         })?;
-        rows.iter().map(|row| event_of(&self.location, row)).collect()
+        Ok(rows.into_iter().map(EventRow).collect())
     }
 
     /// Up to `limit` events of every stream from position `from` on, in position
     /// order (`backward`: from `from` down).
     pub(crate) fn read_all(&self, from: u64, limit: u64, backward: bool) -> Result<Vec<RawEvent>> {
-        self.read(&Query { from, limit, backward, ..Query::default() })
+        let rows = self.read(&Query { from, limit, backward, ..Query::default() })?;
+        rows.iter().map(|row| row.raw(&self.location)).collect()
     }
 
     /// Up to `limit` events of `stream` from version `from` on, in version order
@@ -277,7 +284,9 @@ impl PgEvents {
         limit: u64,
         backward: bool,
     ) -> Result<Vec<RawEvent>> {
-        self.read(&Query { stream: Some(stream), from, limit, backward, ..Query::default() })
+        let rows =
+            self.read(&Query { stream: Some(stream), from, limit, backward, ..Query::default() })?;
+        rows.iter().map(|row| row.raw(&self.location)).collect()
     }
 
     /// The header of the event store's types, if it has one yet (kept as a
@@ -425,13 +434,17 @@ impl PgFollower {
         let rows = self
             .client
             .query(
-                "SELECT * FROM instastate.events WHERE namespace = $1 AND position >= $2
-                  ORDER BY position LIMIT $3",
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM instastate.events
+                      WHERE namespace = $1 AND position >= $2 ORDER BY position LIMIT $3"
+                ),
                 &[&self.location.namespace(), &i64_of(self.next), &i64_of(limit)],
             )
             .map_err(failed(&self.location, "read new events"))?;
-        let events =
-            rows.iter().map(|row| event_of(&self.location, row)).collect::<Result<Vec<_>>>()?;
+        let events = rows
+            .into_iter()
+            .map(|row| EventRow(row).raw(&self.location))
+            .collect::<Result<Vec<_>>>()?;
         self.next = events.last().map_or(self.next, |it| it.position.get() + 1);
         Ok(events)
     }
@@ -486,30 +499,195 @@ pub(crate) fn watch_commits(
 /// The caller that runs a group's transaction.
 struct Leader<'a> {
     engine: &'a PgEvents,
-    writer: Option<Client>,
+    writer: Option<Writer>,
     results: Vec<(u64, Result<Vec<Appended>>)>,
+}
+
+/// The connection that appends, with its statements prepared, and what it knows
+/// of the tables from its last statement.
+struct Writer {
+    client: Client,
+    statements: Statements,
+    known: Option<Known>,
+}
+
+/// The head and some streams' next versions as the writer last saw them commit:
+/// an append planned against them is written in one statement, which checks that
+/// they still hold (see [`Statements::write`]).
+struct Known {
+    head: u64,
+    streams: Streams,
+}
+
+/// Streams whose versions a writer keeps, at most (it forgets them all past it).
+const KNOWN_STREAMS: usize = 100_000;
+
+impl Known {
+    /// The next version of `stream` it knows: none is 0.
+    fn next_version(&self, stream: &str) -> u64 {
+        self.streams.get(stream).copied().unwrap_or(0)
+    }
+
+    /// Takes in `streams` (the next versions), at head `head`.
+    fn learn(&mut self, head: u64, streams: impl IntoIterator<Item = (String, u64)>) {
+        if KNOWN_STREAMS < self.streams.len() {
+            self.streams.clear();
+        }
+        self.head = head;
+        self.streams.extend(streams);
+    }
+}
+
+impl Writer {
+    fn new(mut client: Client, location: &Location) -> Result<Writer> {
+        // The statements are written for plans made once (they probe indexes by
+        // key): planning each execution again would cost more than running it.
+        client
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .map_err(failed(location, "set up the appends' connection"))?;
+        let statements = Statements::prepare(&mut client, location)?;
+        Ok(Writer { client, statements, known: None })
+    }
+}
+
+/// The statements of the appends, prepared once per connection.
+struct Statements {
+    /// Locks the head, and looks the streams and ids of a group up.
+    lock: Statement,
+    /// Looks the streams and ids of a group up (`LOOKUP`).
+    lookup: Statement,
+    /// Writes a group's events if what it was planned against holds, and commits
+    /// (outside a transaction): one round trip. Its snapshot is taken before it
+    /// locks the head, so the head it locks may be newer: then, or if a stream or
+    /// id is not as planned, it writes nothing and says what it found.
+    write: Statement,
+    first_tagged: Statement,
+}
+
+/// The streams appended to (`id` NULL), and where the ids named are. Each looked
+/// up by its key (`LATERAL .. LIMIT 1`): the plan cached for the statement then
+/// probes the indexes, whatever the tables' statistics (a `= ANY(..)` plan made
+/// before the first `ANALYZE` scans every event of the namespace).
+const LOOKUP: &str = "SELECT s.stream, s.next_version AS version, NULL::bytea AS id,
+        NULL::bigint AS position
+   FROM unnest($2::text[]) AS n(stream) CROSS JOIN LATERAL (
+        SELECT stream, next_version FROM instastate.streams
+         WHERE namespace = $1 AND stream = n.stream LIMIT 1) s
+ UNION ALL
+ SELECT e.stream, e.version, e.id, e.position
+   FROM unnest($3::bytea[]) AS i(id) CROSS JOIN LATERAL (
+        SELECT stream, version, id, position FROM instastate.events
+         WHERE namespace = $1 AND id = i.id LIMIT 1) e";
+
+/// The write: `$1` namespace, `$2` the group's streams, `$3` its ids (for the
+/// lookup), `$4` the head planned from, `$5` each stream's next version planned
+/// from, `$6` the ids planned as not stored (none may be), then the events column by
+/// column (each event's tags and triggers a slice of one flat array), the tags to
+/// index, the streams moved on, the next head and the notification. The row of
+/// kind 0 says whether it wrote (`ok`), the head locked (`version`), the head the
+/// snapshot saw (`position`) and the timestamp; the rows of kind 1 are the lookup.
+const WRITE: &str = "WITH head AS (
+    SELECT next_position, last_at FROM instastate.event_heads WHERE namespace = $1 FOR UPDATE
+ ), state AS (
+    SELECT h.next_position AS locked,
+           (SELECT next_position FROM instastate.event_heads WHERE namespace = $1) AS seen,
+           GREATEST(h.last_at, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) AS at,
+           h.next_position = $4
+             AND NOT EXISTS (
+                 SELECT 1 FROM unnest($2::text[], $5::bigint[]) AS a(stream, next)
+                  WHERE COALESCE((SELECT next_version FROM instastate.streams
+                                   WHERE namespace = $1 AND stream = a.stream), 0) <> a.next)
+             AND NOT EXISTS (
+                 SELECT 1 FROM unnest($6::bytea[]) AS i(id)
+                  WHERE EXISTS (SELECT 1 FROM instastate.events
+                                 WHERE namespace = $1 AND id = i.id))
+             AS ok
+      FROM head h
+ ), written AS (
+    INSERT INTO instastate.events (namespace, position, stream, version, id, event_type, at_us,
+        causation, correlation, tags, triggers, schema, json, data)
+    SELECT $1, e.position, e.stream, e.version, e.id, e.event_type, s.at, e.causation,
+           e.correlation, ($7::text[])[e.tags_from:e.tags_to],
+           ($8::text[])[e.triggers_from:e.triggers_to], e.schema, e.json, e.data
+      FROM state s, unnest($9::bigint[], $10::text[], $11::bigint[], $12::bytea[], $13::text[],
+                           $14::bytea[], $15::bytea[], $16::int[], $17::int[], $18::int[],
+                           $19::int[], $20::bigint[], $21::bool[], $22::bytea[])
+        AS e(position, stream, version, id, event_type, causation, correlation, tags_from,
+             tags_to, triggers_from, triggers_to, schema, json, data)
+     WHERE s.ok
+ ), tagged AS (
+    INSERT INTO instastate.event_tags (namespace, tag, position)
+    SELECT $1, t.tag, t.position FROM state s, unnest($23::text[], $24::bigint[]) AS t(tag, position)
+     WHERE s.ok
+    ON CONFLICT DO NOTHING
+ ), moved AS (
+    INSERT INTO instastate.streams (namespace, stream, next_version)
+    SELECT $1, m.stream, m.next FROM state s, unnest($25::text[], $26::bigint[]) AS m(stream, next)
+     WHERE s.ok
+    ON CONFLICT (namespace, stream) DO UPDATE SET next_version = EXCLUDED.next_version
+ ), moved_head AS (
+    UPDATE instastate.event_heads h SET next_position = $27, last_at = s.at
+      FROM state s WHERE h.namespace = $1 AND s.ok AND $4 < $27
+ ), notified AS (
+    SELECT pg_notify($28, $29) FROM state s WHERE s.ok AND $4 < $27
+ )
+ SELECT 0 AS kind, NULL::text AS stream, s.locked AS version, NULL::bytea AS id,
+        s.seen AS position, s.at, s.ok, (SELECT count(*) FROM notified) AS notified
+   FROM state s
+ UNION ALL
+ SELECT 1, *, NULL, NULL, NULL FROM (";
+
+impl Statements {
+    fn prepare(client: &mut Client, location: &Location) -> Result<Statements> {
+        let mut prepare =
+            |sql: &str| client.prepare(sql).map_err(failed(location, "prepare the appends"));
+        Ok(Statements {
+            // The head, locked (the newest version of its row, once the lock is
+            // taken), and the head as the statement's snapshot saw it (`seen`); then
+            // the lookup, in that snapshot.
+            lock: prepare(&format!(
+                "SELECT 0 AS kind, NULL::text AS stream, h.next_position AS version,
+                        NULL::bytea AS id, h.last_at AS position,
+                        (SELECT next_position FROM instastate.event_heads
+                          WHERE namespace = $1) AS seen,
+                        (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now
+                   FROM (SELECT next_position, last_at FROM instastate.event_heads
+                          WHERE namespace = $1 FOR UPDATE) h
+                 UNION ALL
+                 SELECT 1, *, NULL, NULL FROM ({LOOKUP}) l"
+            ))?,
+            lookup: prepare(LOOKUP)?,
+            write: prepare(&format!("{WRITE}{LOOKUP}) l"))?,
+            first_tagged: prepare(
+                "SELECT e.stream, e.version, e.position
+                   FROM instastate.event_tags t
+                   JOIN instastate.events e ON e.namespace = t.namespace AND e.position = t.position
+                  WHERE t.namespace = $1 AND t.tag = $2 AND t.position >= $3
+                    AND NOT (t.position = ANY($4))
+                  ORDER BY t.position LIMIT 1",
+            )?,
+        })
+    }
 }
 
 /// A stream as a group's transaction sees it: its next version.
 type Streams = HashMap<String, u64>;
 /// Where each id the group names is: stream, version, position.
 type Ids = HashMap<[u8; 16], (String, u64, u64)>;
+/// Each append's result, by ticket.
+type Results = Vec<(u64, Result<Vec<Appended>>)>;
 
 impl Leader<'_> {
     /// Runs one transaction for `batch`, and records each append's result.
     fn run(&mut self, batch: &[Member]) {
         let location = &self.engine.location;
-        let client = match self.writer.take().filter(|client| !client.is_closed()) {
-            Some(client) => Ok(client),
-            None => location.connect(),
-        };
-        let outcome = client.and_then(|mut client| {
-            let outcome = commit(&mut client, location, batch, false);
-            if !client.is_closed() {
-                self.writer = Some(client);
-            }
-            outcome
-        });
+        let mut outcome = self.try_once(batch);
+        // A broken connection may have committed the transaction or not: run on a
+        // new one, the events already stored (by their ids) are then a retry, which
+        // returns what they got.
+        if outcome.is_err() && self.writer.is_none() {
+            outcome = self.try_once(batch);
+        }
         match outcome {
             Ok(results) => self.results.extend(results),
             Err(err) => {
@@ -522,51 +700,136 @@ impl Leader<'_> {
             }
         }
     }
+
+    /// Writes the group on the writer (a new one if it has none, or if its
+    /// connection closed): in one statement when what the writer knows holds,
+    /// else in a transaction that locks the head first. Keeps the writer unless its
+    /// connection broke (or none could be made).
+    fn try_once(&mut self, batch: &[Member]) -> Result<Results> {
+        let location = &self.engine.location;
+        let mut writer = match self.writer.take().filter(|it| !it.client.is_closed()) {
+            Some(writer) => writer,
+            None => Writer::new(location.connect()?, location)?,
+        };
+        let conditional = batch.iter().any(|member| member.condition.is_some());
+        let outcome =
+            if conditional { Ok(None) } else { write_known(&mut writer, location, batch) };
+        let outcome = match outcome {
+            Ok(Some(results)) => Ok(results),
+            Ok(None) => {
+                let Writer { client, statements, known } = &mut writer;
+                commit(client, statements, location, batch, false).map(|(results, learnt)| {
+                    *known = learnt;
+                    results
+                })
+            }
+            Err(err) => Err(err),
+        };
+        if outcome.is_err() {
+            writer.known = None;
+        }
+        let broke = outcome.as_ref().err().is_some_and(|err| super::broke(err, &writer.client));
+        if !broke {
+            self.writer = Some(writer);
+        }
+        outcome
+    }
 }
 
-/// The group's transaction: plans each append in order against the tables and the
-/// appends before it, writes the events of those that hold, and commits (a `dry`
-/// run writes nothing, and rolls back).
-fn commit(
-    client: &mut Client,
+/// Writes the group in one statement, planned against what the writer knows:
+/// `None` when it knows nothing, or when the tables keep changing under it (the
+/// caller then locks the head first).
+fn write_known(
+    writer: &mut Writer,
     location: &Location,
     batch: &[Member],
-    dry: bool,
-) -> Result<Vec<(u64, Result<Vec<Appended>>)>> {
-    let namespace = location.namespace();
-    let mut tx = client.transaction().map_err(failed(location, "begin an append"))?;
-    let head = tx
-        .query_one(
-            "SELECT next_position, last_at FROM instastate.event_heads
-              WHERE namespace = $1 FOR UPDATE",
-            &[&namespace],
-        )
-        .map_err(failed(location, "lock the event store's head"))?;
-    let what = || "the event store's head".to_owned();
-    let first_position = count(location, &head, "next_position", &what)?;
-    let now = tx
-        .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now", &[])
-        .map_err(failed(location, "read the database's clock"))?;
-    // Timestamps never go back along positions, whatever the clock does.
-    let clock = count(location, &now, "now", &|| "the database's clock".to_owned())?;
-    let at = clock.max(count(location, &head, "last_at", &what)?);
-    let mut streams = load_streams(&mut tx, location, batch)?;
-    let mut ids = load_ids(&mut tx, location, batch)?;
-    let mut next = first_position;
-    let mut rows: Vec<(u64, &str, u64, &Encoded)> = Vec::new();
+) -> Result<Option<Results>> {
+    let mut ids = Ids::new();
+    for _ in 0..3 {
+        let Some(known) = writer.known.as_mut() else { return Ok(None) };
+        let mut streams: Streams = batch
+            .iter()
+            .flat_map(|member| &member.requests)
+            .map(|it| (it.stream.clone(), known.next_version(&it.stream)))
+            .collect();
+        let assumed = streams.clone();
+        let planned = plan_group(batch, &mut streams, &mut ids, known.head, |_, _, _| Ok(None));
+        let found = write(
+            &mut writer.client,
+            &writer.statements.write,
+            location,
+            &planned,
+            known.head,
+            &assumed,
+        )?;
+        match found {
+            Found::Wrote => {
+                known.learn(planned.next, streams);
+                return Ok(Some(planned.results));
+            }
+            // Fresh: what it found is the tables as of now; planned again against it.
+            Found::Other { locked, seen, streams: now, ids: stored } if locked == seen => {
+                let absent: Vec<(String, u64)> = assumed
+                    .into_keys()
+                    .filter(|it| !now.contains_key(it))
+                    .map(|it| (it, 0))
+                    .collect();
+                known.learn(locked, now.into_iter().chain(absent));
+                ids = stored;
+            }
+            Found::Other { .. } => {
+                writer.known = None;
+                return Ok(None);
+            }
+        }
+    }
+    writer.known = None;
+    Ok(None)
+}
+
+/// A group planned: each append's result, the rows to write (position, stream,
+/// version, event) and the head after them.
+struct Planned<'a> {
+    /// Every id of the group.
+    ids: Vec<&'a [u8]>,
+    /// The ids it was planned as not stored (those of `ids` the map it was planned
+    /// against lacked).
+    absent: Vec<&'a [u8]>,
+    results: Results,
+    rows: Vec<(u64, &'a str, u64, &'a Encoded)>,
+    next: u64,
+}
+
+/// Plans each append of `batch` in order from position `first`, against `streams`
+/// and `ids` (and the appends before it, which it adds to them); `first_tagged`
+/// finds the first stored event that conflicts with a condition.
+fn plan_group<'a>(
+    batch: &'a [Member],
+    streams: &mut Streams,
+    ids: &mut Ids,
+    first: u64,
+    mut first_tagged: impl FnMut(&Condition, &str, &[(&str, EventRef)]) -> Result<Option<EventRef>>,
+) -> Planned<'a> {
+    let events = || batch.iter().flat_map(|member| &member.requests).flat_map(|it| &it.events);
+    let all: Vec<&[u8]> = events().map(|event| &event.id.as_bytes()[..]).collect();
+    let absent = events()
+        .filter(|event| !ids.contains_key(event.id.as_bytes()))
+        .map(|event| &event.id.as_bytes()[..])
+        .collect();
+    let mut next = first;
+    let mut rows = Vec::new();
     let mut results = Vec::with_capacity(batch.len());
     // The tagged events of the group so far, in position order: a condition is
     // checked against them too.
     let mut group_tags: Vec<(&str, EventRef)> = Vec::new();
     for Member { ticket, requests, condition } in batch {
-        let mut planned = plan(requests, &streams, &ids, next);
+        let mut planned = plan(requests, streams, ids, next);
         if let (Ok(appended), Some(condition)) = (&planned, condition)
             && appended.iter().any(|it| next <= it.positions.start && !it.positions.is_empty())
         {
             let layout: Vec<(u64, u64)> =
                 appended.iter().map(|it| (it.versions.start, it.positions.start)).collect();
-            let mut lookup =
-                |tag: &str| first_tagged(&mut tx, location, condition, tag, &group_tags);
+            let mut lookup = |tag: &str| first_tagged(condition, tag, &group_tags);
             if let Err(err) = condition::check_with(condition, requests, &layout, &mut lookup) {
                 planned = Err(err);
             }
@@ -584,7 +847,7 @@ fn commit(
                     .zip(appended.positions.clone())
                 {
                     ids.insert(*event.id.as_bytes(), (request.stream.clone(), version, position));
-                    rows.push((position, &request.stream, version, event));
+                    rows.push((position, request.stream.as_str(), version, event));
                     for tag in &event.tags {
                         let stream = request.stream.clone();
                         let place = EventRef { stream, version, position: Position::new(position) };
@@ -596,70 +859,149 @@ fn commit(
         }
         results.push((*ticket, planned));
     }
-    if rows.is_empty() || dry {
-        tx.rollback().map_err(failed(location, "end an append that writes nothing"))?;
-        return Ok(results);
-    }
-    write(&mut tx, location, &rows, next, at)?;
-    tx.commit().map_err(failed(location, "commit an append"))?;
-    Ok(results)
+    Planned { ids: all, absent, results, rows, next }
 }
 
-/// Writes the planned `rows` (position, stream, version, event), moves their
-/// streams past the versions written and the head to `next` (at `at`), and
-/// notifies the live readers, in the append's transaction `tx`.
-fn write(
-    tx: &mut Transaction<'_>,
+/// The group's transaction: locks the head, plans each append in order against the
+/// tables and the appends before it, writes the events of those that hold, and
+/// commits (a `dry` run writes nothing, and rolls back). Returns the results and,
+/// when it committed, what the writer knows of the tables after it.
+fn commit(
+    client: &mut Client,
+    statements: &Statements,
     location: &Location,
-    rows: &[(u64, &str, u64, &Encoded)],
-    next: u64,
-    at: u64,
-) -> Result<()> {
+    batch: &[Member],
+    dry: bool,
+) -> Result<(Results, Option<Known>)> {
     let namespace = location.namespace();
-    let at = i64_of(at);
-    let insert = tx
-        .prepare(
-            "INSERT INTO instastate.events (namespace, position, stream, version, id, event_type,
-                at_us, causation, correlation, tags, triggers, schema, json, data)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        )
-        .map_err(failed(location, "prepare the append"))?;
-    for (position, stream, version, event) in rows {
-        let causation = event.causation.as_ref().map(|id| &id.as_bytes()[..]);
-        let correlation = event.correlation.as_ref().map(|id| &id.as_bytes()[..]);
-        let schema = i64::from(event.schema);
-        let params: [&(dyn postgres::types::ToSql + Sync); 14] = [
-            &namespace,
-            &i64_of(*position),
-            stream,
-            &i64_of(*version),
-            &&event.id.as_bytes()[..],
-            &event.event_type,
-            &at,
-            &causation,
-            &correlation,
-            &event.tags,
-            &event.triggers,
-            &schema,
-            &event.json,
-            &event.data,
-        ];
-        tx.execute(&insert, &params).map_err(failed(location, "write an event"))?;
+    let mut tx = client.transaction().map_err(failed(location, "begin an append"))?;
+    let requests = || batch.iter().flat_map(|member| &member.requests);
+    let names: Vec<&str> = requests().map(|it| it.stream.as_str()).collect();
+    let wanted: Vec<&[u8]> =
+        requests().flat_map(|it| &it.events).map(|event| &event.id.as_bytes()[..]).collect();
+    let params: [&(dyn postgres::types::ToSql + Sync); 3] = [&namespace, &names, &wanted];
+    let rows = tx
+        .query(&statements.lock, &params)
+        .map_err(failed(location, "lock the event store's head"))?;
+    let what = || "the event store's head".to_owned();
+    let (head, looked_up) = split_state(location, &rows)?;
+    let first_position = count(location, head, "version", &what)?;
+    // The statement's snapshot was taken before the lock: if an append committed
+    // meanwhile (the head moved on), the streams and ids are looked up again, in a
+    // snapshot taken under the lock. Every transaction that changes them moves the
+    // head on.
+    let (mut streams, mut ids) = if count(location, head, "seen", &what)? == first_position {
+        looked_up_in(location, looked_up)?
+    } else {
+        let rows = tx
+            .query(&statements.lookup, &params)
+            .map_err(failed(location, "read the streams and ids appended"))?;
+        looked_up_in(location, rows.iter())?
+    };
+    for name in &names {
+        streams.entry((*name).to_owned()).or_insert(0);
     }
-    let (tags, positions): (Vec<&str>, Vec<i64>) = rows
-        .iter()
-        .flat_map(|(position, _, _, event)| {
-            event.tags.iter().map(move |tag| (tag.as_str(), i64_of(*position)))
-        })
-        .unzip();
-    if !tags.is_empty() {
-        // An event may carry a tag twice; it is tagged once.
-        tx.execute(
-            "INSERT INTO instastate.event_tags (namespace, tag, position)
-             SELECT $1, * FROM UNNEST($2::text[], $3::bigint[]) ON CONFLICT DO NOTHING",
-            &[&namespace, &tags, &positions],
-        )
-        .map_err(failed(location, "index the events' tags"))?;
+    let assumed = streams.clone();
+    let planned =
+        plan_group(batch, &mut streams, &mut ids, first_position, |condition, tag, group| {
+            first_tagged(&mut tx, &statements.first_tagged, location, condition, tag, group)
+        });
+    if planned.rows.is_empty() || dry {
+        tx.rollback().map_err(failed(location, "end an append that writes nothing"))?;
+        let known = (!dry).then_some(Known { head: first_position, streams: assumed });
+        return Ok((planned.results, known));
+    }
+    // Under the head's lock, what it was planned against holds.
+    match write(&mut tx, &statements.write, location, &planned, first_position, &assumed)? {
+        Found::Wrote => {}
+        Found::Other { locked, .. } => {
+            return Err(Error::DatabaseCorrupt {
+                location: location.to_string(),
+                reason: format!(
+                    "the event store changed under the lock of its head (at {locked}, planned at {first_position})"
+                ),
+            });
+        }
+    }
+    tx.commit().map_err(failed(location, "commit an append"))?;
+    Ok((planned.results, Some(Known { head: planned.next, streams })))
+}
+
+/// The row of kind 0 of `rows` (the head), and the others (the lookup).
+fn split_state<'a>(location: &Location, rows: &'a [Row]) -> Result<(&'a Row, Vec<&'a Row>)> {
+    let what = || "the event store's head".to_owned();
+    let mut heads = Vec::with_capacity(1);
+    let mut looked_up = Vec::with_capacity(rows.len());
+    for row in rows {
+        match column::<i32>(location, row, "kind", &what)? {
+            0 => heads.push(row),
+            _ => looked_up.push(row),
+        }
+    }
+    match heads[..] {
+        [head] => Ok((head, looked_up)),
+        _ => Err(Error::DatabaseCorrupt {
+            location: location.to_string(),
+            reason: format!("the event store has {} heads", heads.len()),
+        }),
+    }
+}
+
+/// What the write statement found.
+enum Found {
+    /// It wrote (if it had anything to write), and committed.
+    Wrote,
+    /// The tables were not as planned: it wrote nothing. The head it locked, the
+    /// head its snapshot saw, and the streams and ids as that snapshot has them.
+    Other { locked: u64, seen: u64, streams: Streams, ids: Ids },
+}
+
+/// Writes the `planned` rows, moves their streams on and the head to the planned
+/// next, and notifies the live readers, if the head is still `head`, the
+/// streams' next versions still `assumed`, and no id planned as absent stored: one
+/// statement (see [`Statements::write`]), a commit of its own outside a
+/// transaction (`client` may be a transaction).
+fn write(
+    client: &mut impl postgres::GenericClient,
+    statement: &Statement,
+    location: &Location,
+    planned: &Planned<'_>,
+    head: u64,
+    assumed: &Streams,
+) -> Result<Found> {
+    let rows = &planned.rows;
+    let next = planned.next;
+    // Column by column; tags and triggers flat, each event's a slice (from 1).
+    let mut positions = Vec::with_capacity(rows.len());
+    let mut streams = Vec::with_capacity(rows.len());
+    let mut versions = Vec::with_capacity(rows.len());
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut types = Vec::with_capacity(rows.len());
+    let mut causations = Vec::with_capacity(rows.len());
+    let mut correlations = Vec::with_capacity(rows.len());
+    let (mut tags, mut tags_from, mut tags_to) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut triggers, mut triggers_from, mut triggers_to) = (Vec::new(), Vec::new(), Vec::new());
+    let mut schemas = Vec::with_capacity(rows.len());
+    let mut json = Vec::with_capacity(rows.len());
+    let mut data = Vec::with_capacity(rows.len());
+    let (mut tag_names, mut tag_positions) = (Vec::new(), Vec::new());
+    for (position, stream, version, event) in rows {
+        positions.push(i64_of(*position));
+        streams.push(*stream);
+        versions.push(i64_of(*version));
+        ids.push(&event.id.as_bytes()[..]);
+        types.push(event.event_type.as_str());
+        causations.push(event.causation.as_ref().map(|id| &id.as_bytes()[..]));
+        correlations.push(event.correlation.as_ref().map(|id| &id.as_bytes()[..]));
+        slice(&mut tags, &mut tags_from, &mut tags_to, &event.tags);
+        slice(&mut triggers, &mut triggers_from, &mut triggers_to, &event.triggers);
+        schemas.push(i64::from(event.schema));
+        json.push(event.json);
+        data.push(event.data.as_slice());
+        for tag in &event.tags {
+            tag_names.push(tag.as_str());
+            tag_positions.push(i64_of(*position));
+        }
     }
     // Each stream written to goes on past the last version written.
     let mut touched: HashMap<&str, u64> = HashMap::new();
@@ -667,29 +1009,69 @@ fn write(
         let next = touched.entry(stream).or_default();
         *next = (*next).max(version + 1);
     }
-    let (names, versions): (Vec<&str>, Vec<i64>) =
+    let (moved, moved_to): (Vec<&str>, Vec<i64>) =
         touched.into_iter().map(|(stream, next)| (stream, i64_of(next))).unzip();
-    tx.execute(
-        "INSERT INTO instastate.streams (namespace, stream, next_version)
-         SELECT $1, * FROM UNNEST($2::text[], $3::bigint[])
-         ON CONFLICT (namespace, stream) DO UPDATE SET next_version = EXCLUDED.next_version",
-        &[&namespace, &names, &versions],
-    )
-    .map_err(failed(location, "move the streams' versions on"))?;
-    tx.execute(
-        "UPDATE instastate.event_heads SET next_position = $2, last_at = $3 WHERE namespace = $1",
-        &[&namespace, &i64_of(next), &at],
-    )
-    .map_err(failed(location, "move the event store's head on"))?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&channel(location), &next.to_string()])
-        .map_err(failed(location, "notify the live readers"))?;
-    Ok(())
+    let (names, nexts): (Vec<&str>, Vec<i64>) =
+        assumed.iter().map(|(name, next)| (name.as_str(), i64_of(*next))).unzip();
+    let params: [&(dyn postgres::types::ToSql + Sync); 29] = [
+        &location.namespace(),
+        &names,
+        &planned.ids,
+        &i64_of(head),
+        &nexts,
+        &planned.absent,
+        &tags,
+        &triggers,
+        &positions,
+        &streams,
+        &versions,
+        &ids,
+        &types,
+        &causations,
+        &correlations,
+        &tags_from,
+        &tags_to,
+        &triggers_from,
+        &triggers_to,
+        &schemas,
+        &json,
+        &data,
+        &tag_names,
+        &tag_positions,
+        &moved,
+        &moved_to,
+        &i64_of(next),
+        &channel(location),
+        &next.to_string(),
+    ];
+    let found = client.query(statement, &params).map_err(failed(location, "write the events"))?;
+    let (state, looked_up) = split_state(location, &found)?;
+    let what = || "the event store's head".to_owned();
+    if column::<bool>(location, state, "ok", &what)? {
+        return Ok(Found::Wrote);
+    }
+    let (streams, ids) = looked_up_in(location, looked_up)?;
+    Ok(Found::Other {
+        locked: count(location, state, "version", &what)?,
+        seen: count(location, state, "position", &what)?,
+        streams,
+        ids,
+    })
+}
+
+/// Appends `of` to `flat`, and where it went (from 1, both ends included, as an
+/// array's slice has it) to `from` and `to`.
+fn slice<'a>(flat: &mut Vec<&'a str>, from: &mut Vec<i32>, to: &mut Vec<i32>, of: &'a [String]) {
+    from.push(i32::try_from(flat.len() + 1).unwrap_or(i32::MAX));
+    flat.extend(of.iter().map(String::as_str));
+    to.push(i32::try_from(flat.len()).unwrap_or(i32::MAX));
 }
 
 /// The first event tagged `tag` at or after `condition`'s base and not resolved:
 /// stored, or planned earlier in the group (`group`).
 fn first_tagged(
     tx: &mut Transaction<'_>,
+    statement: &Statement,
     location: &Location,
     condition: &Condition,
     tag: &str,
@@ -698,15 +1080,7 @@ fn first_tagged(
     let base = condition.base().get();
     let resolved: Vec<i64> = condition::resolved(condition).map(|it| i64_of(it.get())).collect();
     let row = tx
-        .query_opt(
-            "SELECT e.stream, e.version, e.position
-               FROM instastate.event_tags t
-               JOIN instastate.events e ON e.namespace = t.namespace AND e.position = t.position
-              WHERE t.namespace = $1 AND t.tag = $2 AND t.position >= $3
-                AND NOT (t.position = ANY($4))
-              ORDER BY t.position LIMIT 1",
-            &[&location.namespace(), &tag, &i64_of(base), &resolved],
-        )
+        .query_opt(statement, &[&location.namespace(), &tag, &i64_of(base), &resolved])
         .map_err(failed(location, "look for a conflicting event"))?;
     if let Some(row) = row {
         let (stream, version, position) = event_place(location, &row)?;
@@ -721,61 +1095,33 @@ fn first_tagged(
         .map(|(_, place)| place.clone()))
 }
 
-/// The next version of every stream the group appends to (absent: none yet).
-fn load_streams(
-    tx: &mut Transaction<'_>,
+/// What the lookup's `rows` say: the next version of every stream the group
+/// appends to (absent: none yet), and where each id the group names is stored
+/// already.
+fn looked_up_in<'a>(
     location: &Location,
-    batch: &[Member],
-) -> Result<Streams> {
-    let names: Vec<&str> =
-        batch.iter().flat_map(|member| &member.requests).map(|it| it.stream.as_str()).collect();
-    let rows = tx
-        .query(
-            "SELECT stream, next_version FROM instastate.streams
-              WHERE namespace = $1 AND stream = ANY($2)",
-            &[&location.namespace(), &names],
-        )
-        .map_err(failed(location, "read the streams appended to"))?;
-    rows.iter()
-        .map(|row| {
-            let stream: String = column(location, row, "stream", &|| "a stream".to_owned())?;
-            let next = count(location, row, "next_version", &|| format!("stream `{stream}`"))?;
-            Ok((stream, next))
-        })
-        .collect()
+    rows: impl IntoIterator<Item = &'a Row>,
+) -> Result<(Streams, Ids)> {
+    let (mut streams, mut found) = (Streams::new(), Ids::new());
+    for row in rows {
+        let stream: String = column(location, row, "stream", &|| "a stream".to_owned())?;
+        let what = || format!("an event or the head of stream `{stream}`");
+        let version = count(location, row, "version", &what)?;
+        let Some(id) = column::<Option<&[u8]>>(location, row, "id", &what)? else {
+            streams.insert(stream, version);
+            continue;
+        };
+        let position = count(location, row, "position", &what)?;
+        let id = <[u8; 16]>::try_from(id).map_err(|_| Error::DatabaseCorrupt {
+            location: location.to_string(),
+            reason: format!("the id of the event at position {position} is not 16 bytes"),
+        })?;
+        found.insert(id, (stream, version, position));
+    }
+    Ok((streams, found))
 }
 
-/// Where each id the group names is stored already.
-fn load_ids(tx: &mut Transaction<'_>, location: &Location, batch: &[Member]) -> Result<Ids> {
-    let ids: Vec<&[u8]> = batch
-        .iter()
-        .flat_map(|member| &member.requests)
-        .flat_map(|request| &request.events)
-        .map(|event| &event.id.as_bytes()[..])
-        .collect();
-    let rows = tx
-        .query(
-            "SELECT id, stream, version, position FROM instastate.events
-              WHERE namespace = $1 AND id = ANY($2)",
-            &[&location.namespace(), &ids],
-        )
-        .map_err(failed(location, "look the appended ids up"))?;
-    rows.iter()
-        .map(|row| {
-            let event = event_place(location, row)?;
-            let id: &[u8] =
-                column(location, row, "id", &|| format!("the event at position {}", event.2))?;
-            let id = <[u8; 16]>::try_from(id).map_err(|_| Error::DatabaseCorrupt {
-                location: location.to_string(),
-                reason: format!("the id of the event at position {} is not 16 bytes", event.2),
-            })?;
-            Ok((id, event))
-        })
-        .collect()
-}
-
-/// The stream, version and position of a row of `load_ids` (after its id) or
-/// `first_tagged`.
+/// The stream, version and position of a row of `first_tagged`.
 fn event_place(location: &Location, row: &Row) -> Result<(String, u64, u64)> {
     let position = count(location, row, "position", &|| "an event".to_owned())?;
     let what = || format!("the event at position {position}");
@@ -877,41 +1223,132 @@ fn retry_of(request: &Request, ids: &Ids, place: u64) -> Match {
     })
 }
 
-/// An event of `instastate.events`, read back.
-fn event_of(location: &Location, row: &Row) -> Result<RawEvent> {
-    let position = count(location, row, "position", &|| "an event".to_owned())?;
-    let what = || format!("the event at position {position}");
-    let damaged = |column: &str, reason: &str| Error::DatabaseCorrupt {
-        location: location.to_string(),
-        reason: format!("column `{column}` of {} {reason}", what()),
-    };
-    let id = |at: &str| -> Result<Option<EventId>> {
-        let bytes: Option<&[u8]> = column(location, row, at, &what)?;
+/// The columns of `instastate.events` that an [`EventRow`] holds, in its order.
+const EVENT_COLUMNS: &str = "position, stream, version, id, event_type, at_us, causation, \
+    correlation, tags, triggers, schema, json, data";
+const POSITION: usize = 0;
+const STREAM: usize = 1;
+const VERSION: usize = 2;
+const ID: usize = 3;
+const EVENT_TYPE: usize = 4;
+const AT: usize = 5;
+const CAUSATION: usize = 6;
+const CORRELATION: usize = 7;
+const TAGS: usize = 8;
+const TRIGGERS: usize = 9;
+const SCHEMA: usize = 10;
+const JSON: usize = 11;
+const DATA: usize = 12;
+
+/// An event of `instastate.events` as read (the columns of `EVENT_COLUMNS`),
+/// decoded when asked: a read decodes the data straight from the row.
+pub(crate) struct EventRow(Row);
+
+impl EventRow {
+    /// Column `at` (named `name`), of the event at `position` (if known yet).
+    fn get<'a, T: postgres::types::FromSql<'a>>(
+        &'a self,
+        location: &Location,
+        at: usize,
+        name: &str,
+    ) -> Result<T> {
+        self.0.try_get(at).map_err(|err| Error::DatabaseCorrupt {
+            location: location.to_string(),
+            reason: format!("column `{name}` of an event cannot be read: {err}"),
+        })
+    }
+
+    /// A `bigint` column that holds a count: never negative.
+    fn count(&self, location: &Location, at: usize, name: &str) -> Result<u64> {
+        let value: i64 = self.get(location, at, name)?;
+        u64::try_from(value).map_err(|_| Error::DatabaseCorrupt {
+            location: location.to_string(),
+            reason: format!("column `{name}` of an event is {value}"),
+        })
+    }
+
+    /// Its position and version.
+    pub(crate) fn place(&self, location: &Location) -> Result<(Position, u64)> {
+        Ok((
+            Position::new(self.count(location, POSITION, "position")?),
+            self.count(location, VERSION, "version")?,
+        ))
+    }
+
+    fn id(&self, location: &Location, at: usize, name: &str) -> Result<Option<EventId>> {
+        let bytes: Option<&[u8]> = self.get(location, at, name)?;
         bytes
             .map(|bytes| {
-                <[u8; 16]>::try_from(bytes)
-                    .map(EventId::from_bytes)
-                    .map_err(|_| damaged(at, "is not 16 bytes"))
+                <[u8; 16]>::try_from(bytes).map(EventId::from_bytes).map_err(|_| {
+                    Error::DatabaseCorrupt {
+                        location: location.to_string(),
+                        reason: format!("column `{name}` of an event is not 16 bytes"),
+                    }
+                })
             })
             .transpose()
-    };
-    let schema: i64 = column(location, row, "schema", &what)?;
-    Ok(RawEvent {
-        stream: column(location, row, "stream", &what)?,
-        version: count(location, row, "version", &what)?,
-        position: Position::new(position),
-        at: Timestamp::from_micros(count(location, row, "at_us", &what)?),
-        id: id("id")?.ok_or_else(|| damaged("id", "is NULL"))?,
-        event_type: column(location, row, "event_type", &what)?,
-        metadata: Metadata { causation: id("causation")?, correlation: id("correlation")? },
-        tags: column(location, row, "tags", &what)?,
-        json: column(location, row, "json", &what)?,
-        schema: u32::try_from(schema).map_err(|_| damaged("schema", &format!("is {schema}")))?,
-        triggers: column(location, row, "triggers", &what)?,
-        removed: false,
-        dropped: false,
-        data: column(location, row, "data", &what)?,
-    })
+    }
+
+    /// The event, its data decoded by `decode` from its bytes, whether they are
+    /// JSON, and the schema version they were written with.
+    pub(crate) fn decode<E>(
+        &self,
+        location: &Location,
+        decode: impl FnOnce(&[u8], bool, u32) -> Result<E>,
+    ) -> Result<RecordedEvent<E>> {
+        let (position, version) = self.place(location)?;
+        let schema = self.count(location, SCHEMA, "schema")?;
+        let schema = u32::try_from(schema).map_err(|_| Error::DatabaseCorrupt {
+            location: location.to_string(),
+            reason: format!("the schema version of the event at position {position} is {schema}"),
+        })?;
+        let data =
+            decode(self.get(location, DATA, "data")?, self.get(location, JSON, "json")?, schema)?;
+        Ok(RecordedEvent {
+            stream: self.get(location, STREAM, "stream")?,
+            version,
+            position,
+            at: Timestamp::from_micros(self.count(location, AT, "at_us")?),
+            id: self.id(location, ID, "id")?.ok_or_else(|| Error::DatabaseCorrupt {
+                location: location.to_string(),
+                reason: format!("the event at position {position} has no id"),
+            })?,
+            event_type: self.get(location, EVENT_TYPE, "event_type")?,
+            metadata: Metadata {
+                causation: self.id(location, CAUSATION, "causation")?,
+                correlation: self.id(location, CORRELATION, "correlation")?,
+            },
+            tags: self.get(location, TAGS, "tags")?,
+            triggers: self.get(location, TRIGGERS, "triggers")?,
+            data,
+        })
+    }
+
+    /// The event, its data as stored.
+    fn raw(&self, location: &Location) -> Result<RawEvent> {
+        let mut stored = (false, 0);
+        let event = self.decode(location, |data, json, schema| {
+            stored = (json, schema);
+            Ok(data.to_vec())
+        })?;
+        let (json, schema) = stored;
+        Ok(RawEvent {
+            stream: event.stream,
+            version: event.version,
+            position: event.position,
+            at: event.at,
+            id: event.id,
+            event_type: event.event_type,
+            metadata: event.metadata,
+            tags: event.tags,
+            json,
+            schema,
+            triggers: event.triggers,
+            removed: false,
+            dropped: false,
+            data: event.data,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ mod global;
 mod history;
 mod journaled;
 mod model;
+#[cfg(feature = "postgres")]
+mod pg_events;
 mod prevalence;
 mod projections;
 mod read_only;

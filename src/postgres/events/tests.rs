@@ -2,6 +2,8 @@
 
 use std::{collections::BTreeSet, sync::Barrier, thread};
 
+use crate::postgres::Location;
+
 use super::*;
 use crate::postgres::test_server;
 
@@ -324,5 +326,89 @@ fn a_follower_gets_each_event_as_it_commits() -> Result<()> {
         Ok(woken)
     })?;
     assert_eq!(woken.len(), 1, "the notification did not wake the follower");
+    Ok(())
+}
+
+#[test]
+fn appends_whose_connections_are_ended_reconnect_and_retries_with_their_ids_double_nothing()
+-> Result<()> {
+    const WRITERS: u8 = 4;
+    const EACH: u8 = 25;
+    // Its connections carry a name of their own, so that only they are ended.
+    let name = test_server::unique("events_dropped");
+    let url = format!("{}&application_name={name}", test_server::address("events-dropped"));
+    let location = Location::parse(&url)?;
+    let events = PgEvents::open(&location)?;
+    let mut admin = test_server::location("admin")?.connect()?;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (ended, retried) = thread::scope(|scope| -> Result<(usize, usize)> {
+        let killer = scope.spawn(|| -> Result<usize> {
+            let mut ended = 0;
+            // Every 20 ms, for 30 rounds at most: time enough between two rounds for
+            // the writer to connect again and go on.
+            for _ in 0..30 {
+                if done.load(Ordering::Acquire) {
+                    break;
+                }
+                // As a restart of the database does: every connection of the writer ends.
+                ended += admin
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                          WHERE application_name = $1",
+                        &[&name],
+                    )
+                    .map_err(failed(&location, "end the writer's connections"))?
+                    .len();
+                thread::sleep(Duration::from_millis(20));
+            }
+            Ok(ended)
+        });
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|writer| {
+                let events = &events;
+                scope.spawn(move || -> Result<usize> {
+                    let mut retried = 0;
+                    for k in 0..EACH {
+                        let id = EventId::from_bytes([
+                            writer, k, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                        ]);
+                        let stream = format!("s-{writer}");
+                        // A failed append's outcome is unknown: it is tried again with
+                        // the same id, as a user would.
+                        loop {
+                            match events.append(request(
+                                &stream,
+                                Expected::Any,
+                                vec![event(id, &[k])],
+                            )) {
+                                Ok(_) => break,
+                                // Not forever: a server gone for good fails the test.
+                                Err(Error::Database { .. }) if retried < 1_000 => retried += 1,
+                                Err(other) => return Err(other),
+                            }
+                        }
+                    }
+                    Ok(retried)
+                })
+            })
+            .collect();
+        let mut retried = 0;
+        for writer in writers {
+            retried += writer.join().expect("a writer panicked")?;
+        }
+        done.store(true, Ordering::Release);
+        Ok((killer.join().expect("the killer panicked")?, retried))
+    })?;
+    assert!(0 < ended, "no connection of the writer was ended");
+    let all = events.read_all(0, 10_000, false)?;
+    let positions: Vec<u64> = all.iter().map(|it| it.position.get()).collect();
+    let total = u64::from(WRITERS) * u64::from(EACH);
+    assert_eq!(positions, (0..total).collect::<Vec<_>>(), "{ended} ended, {retried} retried");
+    for writer in 0..WRITERS {
+        let stream = format!("s-{writer}");
+        let data: Vec<Vec<u8>> =
+            events.read_stream(&stream, 0, 1_000, false)?.into_iter().map(|it| it.data).collect();
+        assert_eq!(data, (0..EACH).map(|k| vec![k]).collect::<Vec<_>>(), "stream {stream}");
+    }
     Ok(())
 }

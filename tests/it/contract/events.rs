@@ -24,6 +24,7 @@ use crate::TestResult;
 contract!(
     appends_read_back_by_stream_and_position_forward_and_backward,
     appends_survive_a_reopening,
+    metadata_tags_and_triggers_read_back_as_appended,
     a_wrong_expectation_is_refused_with_the_actual_version_and_writes_nothing,
     of_concurrent_creates_of_one_stream_exactly_one_wins,
     a_retried_append_returns_the_earlier_result_and_writes_nothing,
@@ -141,6 +142,51 @@ fn appends_survive_a_reopening(place: &Place) -> TestResult {
     // Versions and positions go on where they were.
     let next = events.append("account-2", Expected::Exact(0), [Bank::Deposited { amount: 7 }])?;
     assert_eq!((next.versions, next.positions), (1..2, 4..5));
+    Ok(())
+}
+
+fn metadata_tags_and_triggers_read_back_as_appended(place: &Place) -> TestResult {
+    let events = open(place)?;
+    let cause = EventId::from_bytes([7; 16]);
+    let correlation = EventId::from_bytes([8; 16]);
+    let rich = NewEvent::new(opened("ann"))
+        .caused_by(cause)
+        .correlated_with(correlation)
+        .tagged(["account:1", "customer:ann", "account:1"])
+        .linked_to(["key:ann"]);
+    let plain = NewEvent::new(Bank::Deposited { amount: 1 });
+    let linked = NewEvent::new(Bank::Deposited { amount: 2 }).linked_to(["key:ann", "key:bob"]);
+    let ids = [rich.id(), plain.id(), linked.id()];
+    events.append("ann", Expected::NoStream, [rich, plain, linked])?;
+    let read: Vec<RecordedEvent<Bank>> =
+        events.read_stream("ann").into_iter().collect::<Result<_, _>>()?;
+    let seen: Vec<_> = read
+        .iter()
+        .map(|it| {
+            (
+                it.id,
+                it.metadata.causation,
+                it.metadata.correlation,
+                it.tags.clone(),
+                it.triggers.clone(),
+            )
+        })
+        .collect();
+    let strings = |it: &[&str]| it.iter().map(|it| (*it).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        seen,
+        [
+            (
+                ids[0],
+                Some(cause),
+                Some(correlation),
+                strings(&["account:1", "customer:ann", "account:1"]),
+                strings(&["key:ann"])
+            ),
+            (ids[1], None, None, Vec::new(), Vec::new()),
+            (ids[2], None, None, Vec::new(), strings(&["key:ann", "key:bob"])),
+        ]
+    );
     Ok(())
 }
 
