@@ -14,9 +14,10 @@
 //!
 //! And the event store in PostgreSQL:
 //!
-//! 5. appends with an expected version from 1 client: `EventStore::append` (a
-//!    transaction that locks the head row, checks the version and ids, writes the
-//!    event, moves the stream and the head on, and notifies) against a loop of one
+//! 5. appends with an expected version from 1 client: `EventStore::append` (one
+//!    statement that locks the head row, checks that the stream's version and the
+//!    ids are as planned, writes the event, moves the stream and the head on, and
+//!    notifies) against a loop of one
 //!    transaction per event as a user would write it: lock the stream's row, check
 //!    its version, insert the event (its position from a `bigserial`), move the
 //!    stream on, commit;

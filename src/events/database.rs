@@ -67,8 +67,10 @@ impl DbCore {
         let engine = PgEvents::open(&location)?;
         let label = location.to_string();
         let sealer = Sealer::default();
-        journal::check_database_header(engine.header()?, &label, identity, versions, &sealer)?;
-        engine.set_header(&journal::database_header(identity, versions, &sealer))?;
+        engine.settle_header(|recorded| {
+            journal::check_database_header(recorded, &label, identity, versions, &sealer)?;
+            Ok(journal::database_header(identity, versions, &sealer))
+        })?;
         Ok(DbCore {
             engine,
             location,

@@ -271,16 +271,21 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
             Engine::Files(core) => Arc::clone(core),
             #[cfg(feature = "postgres")]
             Engine::Database(db) => {
-                let next =
-                    if self.backward { Some(self.from.unwrap_or(u64::MAX)) } else { self.from };
-                let mut read =
-                    database::Read::new(Some(self.stream), Some(next.unwrap_or(0)), self.backward);
+                let (next, until) = if self.backward {
+                    (self.from.unwrap_or(u64::MAX), Ok(None))
+                } else {
+                    // Going forward, the read ends at the stream's end as of now, as
+                    // in files: later appends are not read.
+                    let end = db.engine.stream_version(&self.stream);
+                    (self.from.unwrap_or(0), end.map(|end| Some(end.map_or(0, |last| last + 1))))
+                };
+                let mut read = database::Read::new(Some(self.stream), Some(next), self.backward);
                 read.event_type = self.event_type;
-                return Events::from_source(
-                    self.store,
-                    self.limit,
-                    Source::Database(Arc::clone(db), read),
-                );
+                let pending = until.map(|until| read.until = until).err();
+                let source = Source::Database(Arc::clone(db), read);
+                let mut events = Events::from_source(self.store, self.limit, source);
+                events.pending = pending;
+                return events;
             }
         };
         let index = core.index.read();
@@ -325,16 +330,25 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
             #[cfg(feature = "postgres")]
             Engine::Database(db) => {
                 let from = self.from.map(Position::get);
-                let next = if self.backward { from.unwrap_or(u64::MAX) } else { from.unwrap_or(0) };
+                let (next, until) = if self.backward {
+                    (from.unwrap_or(u64::MAX), Ok(self.until))
+                } else {
+                    // Going forward, the read ends at the head as of now, as in files:
+                    // later appends are not read (unless told where it ends).
+                    let until = match self.until {
+                        Some(until) => Ok(Some(until)),
+                        None => db.engine.head().map(|head| Some(head.get())),
+                    };
+                    (from.unwrap_or(0), until)
+                };
                 let mut read = database::Read::new(None, Some(next), self.backward);
-                read.until = self.until;
                 read.event_type = self.event_type;
                 read.prefix = self.stream_prefix;
-                return Events::from_source(
-                    self.store,
-                    self.limit,
-                    Source::Database(Arc::clone(db), read),
-                );
+                let pending = until.map(|until| read.until = until).err();
+                let source = Source::Database(Arc::clone(db), read);
+                let mut events = Events::from_source(self.store, self.limit, source);
+                events.pending = pending;
+                return events;
             }
         };
         let committed = core.index.read().committed;

@@ -13,8 +13,11 @@
 //! once per group, not per append.
 //!
 //! Expected versions, idempotent retries (the same ids at the same place return
-//! the earlier result) and duplicate ids are checked inside that transaction,
-//! against the tables, as the embedded engine checks them against its index; a
+//! the earlier result) and duplicate ids are decided as the embedded engine
+//! decides them against its index: against what the writer's connection last saw
+//! of the tables, by one statement that writes only if that still holds under the
+//! head's lock (and else says what it found, to decide again), or, for the first
+//! append and conditional ones, in a transaction that locks the head first. A
 //! refused append leaves the others of its group unharmed. Each commit notifies
 //! the namespace's channel (see [`channel`](super::channel)) with the next
 //! position, for live readers.
@@ -247,7 +250,7 @@ impl PgEvents {
             if query.stream.is_some() { "AND stream = $2" } else { "AND $2::text IS NULL" };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM instastate.events WHERE namespace = $1 {stream}
-                AND {place} {compare} $3 AND ($4::bigint IS NULL OR position < $4)
+                AND {place} {compare} $3 AND ($4::bigint IS NULL OR {place} < $4)
                 AND ($5::text IS NULL OR event_type = $5)
                 AND ($6::text IS NULL OR starts_with(stream, $6))
               ORDER BY {order} {direction} LIMIT $7"
@@ -289,24 +292,34 @@ impl PgEvents {
         rows.iter().map(|row| row.raw(&self.location)).collect()
     }
 
-    /// The header of the event store's types, if it has one yet (kept as a
-    /// journal's, in `journal_heads`).
-    pub(crate) fn header(&self) -> Result<Option<Vec<u8>>> {
-        self.with_reader(|client| super::journal::read_header(client, &self.location))
-    }
-
-    /// Records `header` as the event store's.
-    pub(crate) fn set_header(&self, header: &[u8]) -> Result<()> {
-        self.with_reader(|client| {
-            client
-                .execute(
-                    "INSERT INTO instastate.journal_heads (namespace, header) VALUES ($1, $2)
-                     ON CONFLICT (namespace) DO UPDATE SET header = EXCLUDED.header",
-                    &[&self.location.namespace(), &header],
-                )
-                .map_err(failed(&self.location, "record the event store's header"))
-        })?;
-        Ok(())
+    /// Settles the header of the event store's types (kept as a journal's, in
+    /// `journal_heads`): `settle` gets the one recorded, if any, and says the one
+    /// to record (or refuses), under the lock of the store's head, so that two
+    /// programs opening the store at once do not both pass a check that only one
+    /// header can satisfy. Written only when it changes.
+    pub(crate) fn settle_header(
+        &self,
+        settle: impl FnOnce(Option<Vec<u8>>) -> Result<Vec<u8>>,
+    ) -> Result<()> {
+        let location = &self.location;
+        let mut client = location.connect()?;
+        let mut tx = client.transaction().map_err(failed(location, "begin to check the types"))?;
+        tx.execute(
+            "SELECT 1 FROM instastate.event_heads WHERE namespace = $1 FOR UPDATE",
+            &[&location.namespace()],
+        )
+        .map_err(failed(location, "lock the event store's head"))?;
+        let recorded = super::journal::read_header(&mut tx, location)?;
+        let header = settle(recorded.clone())?;
+        if recorded.as_ref() != Some(&header) {
+            tx.execute(
+                "INSERT INTO instastate.journal_heads (namespace, header) VALUES ($1, $2)
+                 ON CONFLICT (namespace) DO UPDATE SET header = EXCLUDED.header",
+                &[&location.namespace(), &header],
+            )
+            .map_err(failed(location, "record the event store's header"))?;
+        }
+        tx.commit().map_err(failed(location, "commit the event store's header"))
     }
 
     /// Runs `read` on a reader connection (a new one when none is free); once
@@ -341,7 +354,8 @@ pub(crate) struct Query<'a> {
     pub(crate) from: u64,
     pub(crate) limit: u64,
     pub(crate) backward: bool,
-    /// No position at or past it.
+    /// No version (of a stream read) or position (of a read of every stream) at
+    /// or past it.
     pub(crate) until: Option<u64>,
     pub(crate) event_type: Option<&'a str>,
     /// Streams whose id starts with it.
@@ -514,6 +528,10 @@ struct Writer {
 /// The head and some streams' next versions as the writer last saw them commit:
 /// an append planned against them is written in one statement, which checks that
 /// they still hold (see [`Statements::write`]).
+///
+/// **Invariant:** every transaction that changes a stream or stores an event moves
+/// the head on, so that a head unchanged since it was seen vouches for the rest
+/// (a removal on this engine must move it too).
 struct Known {
     head: u64,
     streams: Streams,
@@ -647,14 +665,13 @@ impl Statements {
             // the lookup, in that snapshot.
             lock: prepare(&format!(
                 "SELECT 0 AS kind, NULL::text AS stream, h.next_position AS version,
-                        NULL::bytea AS id, h.last_at AS position,
+                        NULL::bytea AS id, NULL::bigint AS position,
                         (SELECT next_position FROM instastate.event_heads
-                          WHERE namespace = $1) AS seen,
-                        (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now
-                   FROM (SELECT next_position, last_at FROM instastate.event_heads
+                          WHERE namespace = $1) AS seen
+                   FROM (SELECT next_position FROM instastate.event_heads
                           WHERE namespace = $1 FOR UPDATE) h
                  UNION ALL
-                 SELECT 1, *, NULL, NULL FROM ({LOOKUP}) l"
+                 SELECT 1, *, NULL FROM ({LOOKUP}) l"
             ))?,
             lookup: prepare(LOOKUP)?,
             write: prepare(&format!("{WRITE}{LOOKUP}) l"))?,
@@ -737,16 +754,20 @@ impl Leader<'_> {
 }
 
 /// Writes the group in one statement, planned against what the writer knows:
-/// `None` when it knows nothing, or when the tables keep changing under it (the
-/// caller then locks the head first).
+/// `None` when it knows nothing, or when the tables changed under it three times
+/// running (the caller then locks the head first).
 fn write_known(
     writer: &mut Writer,
     location: &Location,
     batch: &[Member],
 ) -> Result<Option<Results>> {
-    let mut ids = Ids::new();
+    // The ids of the group found stored, by the last statement that looked.
+    let mut stored = Ids::new();
     for _ in 0..3 {
         let Some(known) = writer.known.as_mut() else { return Ok(None) };
+        // Planning adds the group's own ids: to a copy, or a second try would take
+        // them for stored ones (a retry) and acknowledge what it never wrote.
+        let mut ids = stored.clone();
         let mut streams: Streams = batch
             .iter()
             .flat_map(|member| &member.requests)
@@ -768,19 +789,19 @@ fn write_known(
                 return Ok(Some(planned.results));
             }
             // Fresh: what it found is the tables as of now; planned again against it.
-            Found::Other { locked, seen, streams: now, ids: stored } if locked == seen => {
+            Found::Other { locked, seen, streams: now, ids: found } if locked == seen => {
                 let absent: Vec<(String, u64)> = assumed
                     .into_keys()
                     .filter(|it| !now.contains_key(it))
                     .map(|it| (it, 0))
                     .collect();
                 known.learn(locked, now.into_iter().chain(absent));
-                ids = stored;
+                stored = found;
             }
-            Found::Other { .. } => {
-                writer.known = None;
-                return Ok(None);
-            }
+            // Another writer committed while this one waited for the lock: what it
+            // found is older than the head. Tried again from that head (the check
+            // finds out what else changed).
+            Found::Other { locked, .. } => known.head = locked,
         }
     }
     writer.known = None;
@@ -865,7 +886,7 @@ fn plan_group<'a>(
 /// The group's transaction: locks the head, plans each append in order against the
 /// tables and the appends before it, writes the events of those that hold, and
 /// commits (a `dry` run writes nothing, and rolls back). Returns the results and,
-/// when it committed, what the writer knows of the tables after it.
+/// unless it was a dry run, what the writer knows of the tables after it.
 fn commit(
     client: &mut Client,
     statements: &Statements,
@@ -949,7 +970,7 @@ fn split_state<'a>(location: &Location, rows: &'a [Row]) -> Result<(&'a Row, Vec
 
 /// What the write statement found.
 enum Found {
-    /// It wrote (if it had anything to write), and committed.
+    /// It wrote (if it had anything to write); outside a transaction, committed.
     Wrote,
     /// The tables were not as planned: it wrote nothing. The head it locked, the
     /// head its snapshot saw, and the streams and ids as that snapshot has them.

@@ -551,7 +551,10 @@ impl PgReader {
 }
 
 /// The journal's header at `location`, if it has one yet.
-pub(super) fn read_header(client: &mut Client, location: &Location) -> Result<Option<Vec<u8>>> {
+pub(super) fn read_header(
+    client: &mut impl postgres::GenericClient,
+    location: &Location,
+) -> Result<Option<Vec<u8>>> {
     let row = client
         .query_opt(
             "SELECT header FROM instastate.journal_heads WHERE namespace = $1",

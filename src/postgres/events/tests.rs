@@ -119,8 +119,10 @@ fn writers_racing_on_one_stream_win_one_version_each() -> Result<()> {
                             vec![event(EventId::new(), b"")],
                         )) {
                             Ok(appended) => won.push(one(&appended).versions.start),
+                            // Refused only over a version newer than the one read (a
+                            // stream's versions only grow): never over a stale one.
                             Err(Error::WrongExpectedVersion { actual, .. }) => {
-                                assert_ne!(actual, seen);
+                                assert!(seen < actual, "refused at {actual:?}, read {seen:?}");
                             }
                             Err(err) => return Err(err),
                         }
@@ -341,6 +343,7 @@ fn appends_whose_connections_are_ended_reconnect_and_retries_with_their_ids_doub
     let events = PgEvents::open(&location)?;
     let mut admin = test_server::location("admin")?.connect()?;
     let done = std::sync::atomic::AtomicBool::new(false);
+    let mut acknowledged = Vec::new();
     let (ended, retried) = thread::scope(|scope| -> Result<(usize, usize)> {
         let killer = scope.spawn(|| -> Result<usize> {
             let mut ended = 0;
@@ -366,8 +369,10 @@ fn appends_whose_connections_are_ended_reconnect_and_retries_with_their_ids_doub
         let writers: Vec<_> = (0..WRITERS)
             .map(|writer| {
                 let events = &events;
-                scope.spawn(move || -> Result<usize> {
+                scope.spawn(move || -> Result<(usize, Vec<(u64, u64)>)> {
                     let mut retried = 0;
+                    // What each append said it got: version and position.
+                    let mut got = Vec::new();
                     for k in 0..EACH {
                         let id = EventId::from_bytes([
                             writer, k, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
@@ -375,26 +380,36 @@ fn appends_whose_connections_are_ended_reconnect_and_retries_with_their_ids_doub
                         let stream = format!("s-{writer}");
                         // A failed append's outcome is unknown: it is tried again with
                         // the same id, as a user would.
+                        // Half the writers expect exact versions: a retry of an
+                        // append that committed must find it where it expects.
+                        let expected = match (writer % 2, k.checked_sub(1)) {
+                            (0, _) => Expected::Any,
+                            (_, None) => Expected::NoStream,
+                            (_, Some(last)) => Expected::Exact(u64::from(last)),
+                        };
                         loop {
-                            match events.append(request(
-                                &stream,
-                                Expected::Any,
-                                vec![event(id, &[k])],
-                            )) {
-                                Ok(_) => break,
+                            match events.append(request(&stream, expected, vec![event(id, &[k])])) {
+                                Ok(appended) => {
+                                    let part = one(&appended);
+                                    assert_eq!(part.versions, u64::from(k)..u64::from(k) + 1);
+                                    got.push((part.versions.start, part.positions.start));
+                                    break;
+                                }
                                 // Not forever: a server gone for good fails the test.
                                 Err(Error::Database { .. }) if retried < 1_000 => retried += 1,
                                 Err(other) => return Err(other),
                             }
                         }
                     }
-                    Ok(retried)
+                    Ok((retried, got))
                 })
             })
             .collect();
         let mut retried = 0;
-        for writer in writers {
-            retried += writer.join().expect("a writer panicked")?;
+        for (writer, handle) in writers.into_iter().enumerate() {
+            let (tries, got) = handle.join().expect("a writer panicked")?;
+            retried += tries;
+            acknowledged.push((writer, got));
         }
         done.store(true, Ordering::Release);
         Ok((killer.join().expect("the killer panicked")?, retried))
@@ -404,11 +419,38 @@ fn appends_whose_connections_are_ended_reconnect_and_retries_with_their_ids_doub
     let positions: Vec<u64> = all.iter().map(|it| it.position.get()).collect();
     let total = u64::from(WRITERS) * u64::from(EACH);
     assert_eq!(positions, (0..total).collect::<Vec<_>>(), "{ended} ended, {retried} retried");
-    for writer in 0..WRITERS {
+    for (writer, got) in acknowledged {
         let stream = format!("s-{writer}");
-        let data: Vec<Vec<u8>> =
-            events.read_stream(&stream, 0, 1_000, false)?.into_iter().map(|it| it.data).collect();
+        let stored = events.read_stream(&stream, 0, 1_000, false)?;
+        let data: Vec<Vec<u8>> = stored.iter().map(|it| it.data.clone()).collect();
         assert_eq!(data, (0..EACH).map(|k| vec![k]).collect::<Vec<_>>(), "stream {stream}");
+        // Each append acknowledged the place its event is stored at.
+        let places: Vec<(u64, u64)> =
+            stored.iter().map(|it| (it.version, it.position.get())).collect();
+        assert_eq!(got, places, "stream {stream}: acknowledged places differ from stored ones");
     }
+    Ok(())
+}
+
+#[test]
+fn a_writer_whose_streams_another_moved_without_moving_what_it_knows_is_not_fooled() -> Result<()> {
+    // A remembers stream `s` at version 0; B appends to `s`; A then appends to `t`
+    // (so the head it knows is current again), and to `s`: what it remembers of
+    // `s` is stale though the head matches, and the write must find it out.
+    let location = test_server::location("events-stale")?;
+    let (a, b) = (PgEvents::open(&location)?, PgEvents::open(&location)?);
+    a.append(request("s", Expected::NoStream, vec![event(EventId::new(), b"a0")]))?;
+    b.append(request("s", Expected::Exact(0), vec![event(EventId::new(), b"b1")]))?;
+    a.append(request("t", Expected::NoStream, vec![event(EventId::new(), b"a-t")]))?;
+    let stale = a.append(request("s", Expected::Exact(0), vec![event(EventId::new(), b"no")]));
+    assert!(
+        matches!(&stale, Err(Error::WrongExpectedVersion { actual: Some(1), .. })),
+        "{stale:?}"
+    );
+    let next = a.append(request("s", Expected::Exact(1), vec![event(EventId::new(), b"a2")]))?;
+    assert_eq!((one(&next).versions.clone(), one(&next).positions.clone()), (2..3, 3..4));
+    let data: Vec<Vec<u8>> =
+        a.read_stream("s", 0, 10, false)?.into_iter().map(|it| it.data).collect();
+    assert_eq!(data, [b"a0".to_vec(), b"b1".to_vec(), b"a2".to_vec()]);
     Ok(())
 }

@@ -31,6 +31,7 @@ contract!(
     an_append_to_several_streams_is_all_or_nothing,
     a_conditional_append_conflicts_unless_resolved_and_a_dry_run_writes_nothing,
     reads_filter_by_type_and_stream_prefix_and_limit,
+    long_reads_go_through_every_event_once_forward_and_backward,
     bad_stream_ids_are_refused,
     a_subscription_catches_up_then_delivers_concurrent_appends_once_each_in_order,
     another_event_type_is_refused_and_an_older_version_is_migrated,
@@ -348,6 +349,41 @@ fn reads_filter_by_type_and_stream_prefix_and_limit(place: &Place) -> TestResult
     assert_eq!(both, [2, 4]);
     let stream = data(events.read_stream("card-1").of_type("Deposited"))?;
     assert_eq!(stream, [Bank::Deposited { amount: 1 }]);
+    Ok(())
+}
+
+/// Reads longer than a database page (10,000 events), with and without filters.
+fn long_reads_go_through_every_event_once_forward_and_backward(place: &Place) -> TestResult {
+    const EVENTS: u64 = 25_000;
+    let events = EventStore::<u64>::open(&place.location)?;
+    for batch in 0..EVENTS / 1_000 {
+        // Even batches to `long`, odd ones to `other-<n>`.
+        let stream = if batch % 2 == 0 { "long".to_owned() } else { format!("other-{batch}") };
+        events.append(
+            &stream,
+            Expected::Any,
+            (batch * 1_000..(batch + 1) * 1_000).collect::<Vec<_>>(),
+        )?;
+    }
+    let read = |read: instastate::events::Events<'_, u64>| -> TestResult<Vec<u64>> {
+        Ok(read.map(|event| event.map(|it| it.data)).collect::<Result<_, _>>()?)
+    };
+    let all: Vec<u64> = (0..EVENTS).collect();
+    assert_eq!(read(events.read_all().into_iter())?, all);
+    let mut backward = all.clone();
+    backward.reverse();
+    assert_eq!(read(events.read_all().backward().into_iter())?, backward);
+    let long: Vec<u64> = (0..EVENTS).filter(|n| (n / 1_000) % 2 == 0).collect();
+    assert_eq!(read(events.read_stream("long").into_iter())?, long);
+    let mut long_backward = long.clone();
+    long_backward.reverse();
+    assert_eq!(read(events.read_stream("long").backward().into_iter())?, long_backward);
+    let others: Vec<u64> = (0..EVENTS).filter(|n| (n / 1_000) % 2 == 1).collect();
+    assert_eq!(read(events.read_all().stream_prefix("other-").into_iter())?, others);
+    let from = read(events.read_all().from(Position::new(12_345)).limit(11_000).into_iter())?;
+    assert_eq!(from, (12_345..23_345).collect::<Vec<_>>());
+    let from_back = read(events.read_stream("long").from(12_000).backward().limit(3).into_iter())?;
+    assert_eq!(from_back, [24_000, 22_999, 22_998]);
     Ok(())
 }
 
