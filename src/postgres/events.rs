@@ -312,12 +312,7 @@ impl PgEvents {
         let recorded = super::journal::read_header(&mut tx, location)?;
         let header = settle(recorded.clone())?;
         if recorded.as_ref() != Some(&header) {
-            tx.execute(
-                "INSERT INTO instastate.journal_heads (namespace, header) VALUES ($1, $2)
-                 ON CONFLICT (namespace) DO UPDATE SET header = EXCLUDED.header",
-                &[&location.namespace(), &header],
-            )
-            .map_err(failed(location, "record the event store's header"))?;
+            super::journal::write_header(&mut tx, location, &header)?;
         }
         tx.commit().map_err(failed(location, "commit the event store's header"))
     }

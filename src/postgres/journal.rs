@@ -188,12 +188,7 @@ impl PgJournal {
         self.with_others(|client| {
             let mut tx = client.transaction().map_err(failed(location, "begin a write"))?;
             self.lease.fence(&mut tx)?;
-            tx.execute(
-                "INSERT INTO instastate.journal_heads (namespace, header) VALUES ($1, $2)
-                 ON CONFLICT (namespace) DO UPDATE SET header = EXCLUDED.header",
-                &[&location.namespace(), &header],
-            )
-            .map_err(failed(location, "record the journal's header"))?;
+            write_header(&mut tx, location, header)?;
             tx.commit().map_err(failed(location, "commit the journal's header"))
         })?;
         self.event_schema.store(event_schema, Ordering::Release);
@@ -551,6 +546,22 @@ impl PgReader {
 }
 
 /// The journal's header at `location`, if it has one yet.
+/// Records `header` as the header of `location`'s namespace.
+pub(super) fn write_header(
+    client: &mut impl postgres::GenericClient,
+    location: &Location,
+    header: &[u8],
+) -> Result<()> {
+    client
+        .execute(
+            "INSERT INTO instastate.journal_heads (namespace, header) VALUES ($1, $2)
+             ON CONFLICT (namespace) DO UPDATE SET header = EXCLUDED.header",
+            &[&location.namespace(), &header],
+        )
+        .map_err(failed(location, "record the header of the stored types"))?;
+    Ok(())
+}
+
 pub(super) fn read_header(
     client: &mut impl postgres::GenericClient,
     location: &Location,
