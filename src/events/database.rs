@@ -3,7 +3,8 @@
 //! ([`PgEvents`]), for any number of writers in any number of processes.
 //!
 //! Appends go to the engine, which checks expected versions, ids and conditions
-//! in its transaction; reads are queries, a page at a time; subscriptions wait
+//! in the statement or transaction that writes them; reads are queries, a page at
+//! a time, that decode each event from its row; subscriptions wait
 //! on the same [`Signal`] as in files, which a thread listening to the
 //! namespace's notifications raises at every commit of any process.
 
@@ -141,7 +142,7 @@ pub(super) struct Read {
     pub(super) event_type: Option<String>,
     /// The next version or position to read; `None` once a backward read passed 0.
     pub(super) next: Option<u64>,
-    /// Going forward, no position at or past it.
+    /// No version (of a stream read) or position at or past it.
     pub(super) until: Option<u64>,
     pub(super) backward: bool,
     page: VecDeque<EventRow>,
