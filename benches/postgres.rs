@@ -183,39 +183,36 @@ fn row_threads(base: &str) -> Res<(f64, f64)> {
     rounds(
         THREADS * THREAD_EVENTS,
         |from| {
-            thread::scope(|scope| {
-                let handles: Vec<_> = (0..THREADS)
-                    .map(|k| {
-                        let system = &system;
-                        scope.spawn(move || -> instastate::Result<()> {
-                            let first = from + k * THREAD_EVENTS;
-                            for n in first..first + THREAD_EVENTS {
-                                system.handle(event(n))?;
-                            }
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                joined(handles.into_iter().map(|it| it.join().map(|res| res.map_err(Into::into))))
+            on_each(&mut (0..THREADS).map(|_| ()).collect::<Vec<()>>(), |k, ()| {
+                let first = from + k * THREAD_EVENTS;
+                for n in first..first + THREAD_EVENTS {
+                    system.handle(event(n))?;
+                }
+                Ok(())
             })
         },
         |from| {
-            thread::scope(|scope| {
-                let handles: Vec<_> = clients
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(k, client)| {
-                        let table = &table;
-                        scope.spawn(move || {
-                            let first = from + k as u64 * THREAD_EVENTS;
-                            hand_loop(client, table, first, THREAD_EVENTS)
-                        })
-                    })
-                    .collect();
-                joined(handles.into_iter().map(std::thread::ScopedJoinHandle::join))
+            on_each(&mut clients, |k, client| {
+                hand_loop(client, &table, from + k * THREAD_EVENTS, THREAD_EVENTS)
             })
         },
     )
+}
+
+/// Runs `run` on a thread per item of `items`, with its number and the item; the
+/// first error of any.
+fn on_each<T: Send>(items: &mut [T], run: impl Fn(u64, &mut T) -> Res + Sync) -> Res {
+    thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .iter_mut()
+            .zip(0..)
+            .map(|(item, k)| {
+                let run = &run;
+                scope.spawn(move || run(k, item))
+            })
+            .collect();
+        joined(handles.into_iter().map(std::thread::ScopedJoinHandle::join))
+    })
 }
 
 /// The first error of the threads `results` says, or of one that panicked.
@@ -338,42 +335,19 @@ fn row_event_threads(base: &str) -> Res<(f64, f64)> {
     hand_event_tables(&mut Client::connect(base, NoTls)?, &prefix)?;
     let mut clients =
         (0..THREADS).map(|_| Client::connect(base, NoTls)).collect::<Result<Vec<_>, _>>()?;
-    // Each round goes on in each thread's stream from where the last one ended.
-    let mut round = 0;
-    let mut hand_round = 0;
+    // Each round goes on in each thread's stream from where the last one ended: a
+    // round's first event number, per thread.
     rounds(
         THREADS * THREAD_EVENTS,
-        |_| {
-            let from = round * THREAD_EVENTS;
-            round += 1;
-            thread::scope(|scope| {
-                let handles: Vec<_> = (0..THREADS)
-                    .map(|k| {
-                        let store = &store;
-                        scope.spawn(move || {
-                            our_appends(store, &format!("account-{k}"), from, THREAD_EVENTS)
-                        })
-                    })
-                    .collect();
-                joined(handles.into_iter().map(std::thread::ScopedJoinHandle::join))
+        |from| {
+            on_each(&mut (0..THREADS).map(|_| ()).collect::<Vec<()>>(), |k, ()| {
+                our_appends(&store, &format!("account-{k}"), from / THREADS, THREAD_EVENTS)
             })
         },
-        |_| {
-            let from = hand_round * THREAD_EVENTS;
-            hand_round += 1;
-            thread::scope(|scope| {
-                let handles: Vec<_> = clients
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(k, client)| {
-                        let prefix = &prefix;
-                        scope.spawn(move || {
-                            let stream = format!("account-{k}");
-                            hand_appends(client, prefix, &stream, from, THREAD_EVENTS)
-                        })
-                    })
-                    .collect();
-                joined(handles.into_iter().map(std::thread::ScopedJoinHandle::join))
+        |from| {
+            on_each(&mut clients, |k, client| {
+                let stream = format!("account-{k}");
+                hand_appends(client, &prefix, &stream, from / THREADS, THREAD_EVENTS)
             })
         },
     )

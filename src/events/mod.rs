@@ -965,8 +965,8 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// # Errors
     /// As [`event_at`](Self::event_at).
     pub fn event(&self, stream: &str, version: u64) -> Result<Option<RecordedEvent<E>>> {
-        let found =
-            self.read_stream(stream).from(version).limit(1).into_iter().next().transpose()?;
+        let read = self.read_stream(stream).from(version).until(version.saturating_add(1));
+        let found = read.limit(1).into_iter().next().transpose()?;
         Ok(found.filter(|event| event.version == version))
     }
 

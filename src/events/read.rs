@@ -52,6 +52,8 @@ pub struct ReadStream<'a, E> {
     store: &'a EventStore<E>,
     stream: String,
     from: Option<u64>,
+    /// Reads no version at or after it, going forward.
+    until: Option<u64>,
     backward: bool,
     limit: Option<u64>,
     event_type: Option<String>,
@@ -77,6 +79,7 @@ impl<'a, E> ReadStream<'a, E> {
             store,
             stream: stream.to_owned(),
             from: None,
+            until: None,
             backward: false,
             limit: None,
             event_type: None,
@@ -168,6 +171,14 @@ impl<'a, E> ReadAll<'a, E> {
     /// Going forward, reads no event at `position` or after it.
     pub(crate) fn until(mut self, position: u64) -> Self {
         self.until = Some(position);
+        self
+    }
+}
+
+impl<E> ReadStream<'_, E> {
+    /// Going forward, reads no event of version `version` or after it.
+    pub(crate) fn until(mut self, version: u64) -> Self {
+        self.until = Some(version);
         self
     }
 }
@@ -275,17 +286,19 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
                     (self.from.unwrap_or(u64::MAX), Ok(None))
                 } else {
                     // Going forward, the read ends at the stream's end as of now, as
-                    // in files: later appends are not read.
-                    let end = db.engine.stream_version(&self.stream);
-                    (self.from.unwrap_or(0), end.map(|end| Some(end.map_or(0, |last| last + 1))))
+                    // in files: later appends are not read (unless told where it ends).
+                    let until = match self.until {
+                        Some(until) => Ok(Some(until)),
+                        None => db
+                            .engine
+                            .stream_version(&self.stream)
+                            .map(|end| Some(end.map_or(0, |last| last + 1))),
+                    };
+                    (self.from.unwrap_or(0), until)
                 };
                 let mut read = database::Read::new(Some(self.stream), Some(next), self.backward);
                 read.event_type = self.event_type;
-                let pending = until.map(|until| read.until = until).err();
-                let source = Source::Database(Arc::clone(db), read);
-                let mut events = Events::from_source(self.store, self.limit, source);
-                events.pending = pending;
-                return events;
+                return Events::from_database(self.store, self.limit, db, read, until);
             }
         };
         let index = core.index.read();
@@ -308,7 +321,8 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
             }
         } else {
             let next = self.from.unwrap_or(0).max(first);
-            Cursor::Stream { idx, next, bound: len, backward: false, planned: VecDeque::new() }
+            let bound = self.until.map_or(len, |until| until.min(len));
+            Cursor::Stream { idx, next, bound, backward: false, planned: VecDeque::new() }
         };
         let tombstoned =
             life.tombstoned.then(|| Error::StreamTombstoned { stream: self.stream.clone() });
@@ -344,11 +358,7 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
                 let mut read = database::Read::new(None, Some(next), self.backward);
                 read.event_type = self.event_type;
                 read.prefix = self.stream_prefix;
-                let pending = until.map(|until| read.until = until).err();
-                let source = Source::Database(Arc::clone(db), read);
-                let mut events = Events::from_source(self.store, self.limit, source);
-                events.pending = pending;
-                return events;
+                return Events::from_database(self.store, self.limit, db, read, until);
             }
         };
         let committed = core.index.read().committed;
@@ -408,6 +418,23 @@ impl<'a, E> Events<'a, E> {
             batch: None,
         };
         Events::from_source(store, remaining, Source::Files(read))
+    }
+
+    /// A read of the database: `read`, bounded by `until` (or the error that kept
+    /// it from finding its bound, yielded first).
+    #[cfg(feature = "postgres")]
+    fn from_database(
+        store: &'a EventStore<E>,
+        remaining: Option<u64>,
+        db: &Arc<DbCore>,
+        mut read: database::Read,
+        until: Result<Option<u64>>,
+    ) -> Events<'a, E> {
+        let pending = until.map(|until| read.until = until).err();
+        let mut events =
+            Events::from_source(store, remaining, Source::Database(Arc::clone(db), read));
+        events.pending = pending;
+        events
     }
 
     fn from_source(

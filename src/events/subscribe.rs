@@ -521,8 +521,8 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
                 .into_iter()
                 .collect::<Result<_>>()?,
             Target::Stream { name } => {
-                let read =
-                    store.read_stream(name).from(self.cursor).limit(limit).into_iter().collect();
+                let read = store.read_stream(name).from(self.cursor).until(head).limit(limit);
+                let read = read.into_iter().collect();
                 match read {
                     // Tombstoned: nothing more will come.
                     Err(crate::Error::StreamTombstoned { .. }) => {
