@@ -26,16 +26,15 @@ use std::{
         Arc,
         atomic::{AtomicU32, Ordering},
     },
-    thread,
     time::Duration,
 };
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use postgres::{Client, Statement};
 
 use super::{
     Location, column, count, failed, i64_of,
-    lease::{Lease, LeaseSettings},
+    lease::{self, Lease, LeaseSettings, Renewer},
     schema,
 };
 use crate::{
@@ -62,7 +61,7 @@ pub(crate) struct PgJournal {
     lease: Arc<Lease>,
     /// The events' schema version the frames written now record.
     event_schema: AtomicU32,
-    renewer: Mutex<Option<Renewer>>,
+    renewer: Renewer,
 }
 
 /// The writes' connection, and its prepared statement.
@@ -91,12 +90,6 @@ const WRITE: &str = "
            (SELECT count(*) FROM written) AS written,
            CASE WHEN (SELECT count(*) FROM written) > 0 THEN pg_notify($7, '') END AS notified";
 
-/// The thread that renews the lease (until it finds it lost), and how to stop it.
-struct Renewer {
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: thread::JoinHandle<()>,
-}
-
 /// A frame row read back.
 pub(crate) struct FrameRow {
     pub(crate) seq: u64,
@@ -116,26 +109,15 @@ impl PgJournal {
         settings: LeaseSettings,
         wait: Duration,
     ) -> Result<PgJournal> {
-        let mut client = location.connect()?;
-        schema::prepare(&mut client, location, KIND)?;
-        let Some(lease) = Lease::acquire(&mut client, location, settings, wait)? else {
-            return Err(Error::LeaseHeld {
-                location: location.to_string(),
-                namespace: location.namespace().to_owned(),
-                waited: wait,
-            });
-        };
-        lease.guard(&mut client)?;
-        let others = connect(location, &lease)?;
-        let lease = Arc::new(lease);
-        let renewer = Renewer::start(location, &lease, settings)?;
+        let (client, lease, renewer) = lease::take(location, KIND, settings, wait)?;
+        let others = lease.connect()?;
         Ok(PgJournal {
             location: location.clone(),
             writes: Mutex::new(Writes { client, insert: None }),
             others: Mutex::new(others),
             lease,
             event_schema: AtomicU32::new(0),
-            renewer: Mutex::new(Some(renewer)),
+            renewer,
         })
     }
 
@@ -144,10 +126,10 @@ impl PgJournal {
     /// restarted, or ended it). Everything run so is idempotent.
     fn with_others<T>(&self, run: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
         let mut client = self.others.lock();
-        reconnect(&mut client, &self.location, &self.lease)?;
+        self.lease.reconnect(&mut client)?;
         match run(&mut client) {
             Err(err) if super::broke(&err, &client) => {
-                *client = connect(&self.location, &self.lease)?;
+                *client = self.lease.connect()?;
                 run(&mut client)
             }
             done => done,
@@ -230,7 +212,7 @@ impl PgJournal {
             });
         }
         let mut writes = self.writes.lock();
-        if reconnect(&mut writes.client, &self.location, &self.lease)? {
+        if self.lease.reconnect(&mut writes.client)? {
             writes.insert = None;
         }
         let written = self.insert(&mut writes, &rows);
@@ -387,69 +369,10 @@ impl PgJournal {
     /// Stops renewing the lease and gives it up, so that a standby takes over at
     /// once. Once closed, every write is refused by the fence.
     pub(crate) fn close(&self) -> Result<()> {
-        let renewer = self.renewer.lock().take();
-        let Some(renewer) = renewer else { return Ok(()) };
-        renewer.stop();
+        if !self.renewer.stop() {
+            return Ok(());
+        }
         self.with_others(|client| self.lease.release(client))
-    }
-}
-
-impl Drop for PgJournal {
-    fn drop(&mut self) {
-        if let Some(renewer) = self.renewer.get_mut().take() {
-            renewer.stop();
-        }
-    }
-}
-
-impl Renewer {
-    /// Renews `lease` every third of its time to live, on a connection of its own.
-    fn start(location: &Location, lease: &Arc<Lease>, settings: LeaseSettings) -> Result<Renewer> {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let (location, lease) = (location.clone(), Arc::clone(lease));
-        let signal = Arc::clone(&stop);
-        let period = settings.ttl / 3;
-        let thread = thread::Builder::new()
-            .name("instastate-lease".to_owned())
-            .spawn(move || {
-                let mut client = None;
-                loop {
-                    {
-                        let (stopped, wake) = &*signal;
-                        let mut guard = stopped.lock();
-                        if !*guard {
-                            wake.wait_for(&mut guard, period);
-                        }
-                        if *guard {
-                            return;
-                        }
-                    }
-                    // A failed connection is tried again at the next turn: the
-                    // lease may outlive a short outage, and the writes' fences
-                    // judge it either way.
-                    let connected = match client.take() {
-                        Some(it) => Ok(it),
-                        None => location.connect(),
-                    };
-                    let Ok(mut connected) = connected else { continue };
-                    match lease.renew(&mut connected) {
-                        Ok(()) => client = Some(connected),
-                        // Lost: the writes' fences refuse every write now.
-                        Err(Error::Fenced { .. }) => return,
-                        Err(_) => {}
-                    }
-                }
-            })
-            .map_err(|source| Error::Io { path: "instastate-lease thread".into(), source })?;
-        Ok(Renewer { stop, thread })
-    }
-
-    fn stop(self) {
-        *self.stop.0.lock() = true;
-        self.stop.1.notify_all();
-        if self.thread.thread().id() != thread::current().id() {
-            let _ = self.thread.join();
-        }
     }
 }
 
@@ -631,23 +554,6 @@ fn read_frames(client: &mut Client, location: &Location, from: u64) -> Result<Ve
             })
         })
         .collect()
-}
-
-/// Replaces `client`, a writer's connection, by a new one if it broke (the
-/// database restarted, or ended it): nothing is under way on it.
-fn reconnect(client: &mut Client, location: &Location, lease: &Lease) -> Result<bool> {
-    if !client.is_closed() {
-        return Ok(false);
-    }
-    *client = connect(location, lease)?;
-    Ok(true)
-}
-
-/// A new connection of the holder of `lease`, guarded as its connections are.
-fn connect(location: &Location, lease: &Lease) -> Result<Client> {
-    let mut client = location.connect()?;
-    lease.guard(&mut client)?;
-    Ok(client)
 }
 
 #[cfg(test)]

@@ -23,7 +23,9 @@
 //! idle in a transaction for the lease's time to live, and a standby's takeover
 //! waits at most a poll for the lock before it asks again.
 
-use std::{thread, time::Duration};
+use std::{sync::Arc, thread, time::Duration};
+
+use parking_lot::{Condvar, Mutex};
 
 use postgres::{Client, Transaction, error::SqlState};
 use uuid::Uuid;
@@ -117,6 +119,25 @@ impl Lease {
         client
             .batch_execute(&format!("SET idle_in_transaction_session_timeout = {timeout}"))
             .map_err(failed(&self.location, "bound the writer's idle transactions"))
+    }
+
+    /// A new connection of this holder, guarded as its connections are
+    /// ([`guard`](Self::guard)).
+    pub(crate) fn connect(&self) -> Result<Client> {
+        let mut client = self.location.connect()?;
+        self.guard(&mut client)?;
+        Ok(client)
+    }
+
+    /// Replaces `client`, a connection of this holder, by a new one if it broke
+    /// (the database restarted, or ended it): nothing is under way on it. Whether
+    /// it did.
+    pub(crate) fn reconnect(&self, client: &mut Client) -> Result<bool> {
+        if !client.is_closed() {
+            return Ok(false);
+        }
+        *client = self.connect()?;
+        Ok(true)
     }
 
     /// Takes `location`'s lease, waiting for it (asking every `settings.poll`) for
@@ -221,6 +242,113 @@ impl Lease {
             current,
         }
     }
+}
+
+/// The thread that renews the lease (until it finds it lost), and how to stop it.
+pub(crate) struct Renewer {
+    /// `None` once stopped.
+    running: Mutex<Option<Running>>,
+}
+
+/// The renewing thread, and how to stop it.
+struct Running {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Renewer {
+    /// Renews `lease` every third of its time to live, on a connection of its own.
+    pub(crate) fn start(lease: &Arc<Lease>) -> Result<Renewer> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let (location, lease) = (lease.location.clone(), Arc::clone(lease));
+        let signal = Arc::clone(&stop);
+        let period = lease.settings.ttl / 3;
+        let thread = thread::Builder::new()
+            .name("instastate-lease".to_owned())
+            .spawn(move || {
+                let mut client = None;
+                loop {
+                    {
+                        let (stopped, wake) = &*signal;
+                        let mut guard = stopped.lock();
+                        if !*guard {
+                            wake.wait_for(&mut guard, period);
+                        }
+                        if *guard {
+                            return;
+                        }
+                    }
+                    // A failed connection is tried again at the next turn: the
+                    // lease may outlive a short outage, and the writes' fences
+                    // judge it either way.
+                    let connected = match client.take() {
+                        Some(it) => Ok(it),
+                        None => location.connect(),
+                    };
+                    let Ok(mut connected) = connected else { continue };
+                    match lease.renew(&mut connected) {
+                        Ok(()) => client = Some(connected),
+                        // Lost: the writes' fences refuse every write now.
+                        Err(Error::Fenced { .. }) => return,
+                        Err(_) => {}
+                    }
+                }
+            })
+            .map_err(|source| Error::Io { path: "instastate-lease thread".into(), source })?;
+        Ok(Renewer { running: Mutex::new(Some(Running { stop, thread })) })
+    }
+
+    /// Stops renewing (waiting for the thread, unless called on it); whether it
+    /// was renewing until now.
+    pub(crate) fn stop(&self) -> bool {
+        let Some(Running { stop, thread }) = self.running.lock().take() else { return false };
+        *stop.0.lock() = true;
+        stop.1.notify_all();
+        if thread.thread().id() != thread::current().id() {
+            let _ = thread.join();
+        }
+        true
+    }
+
+    /// Whether it was stopped.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.running.lock().is_none()
+    }
+}
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Opens `location`'s namespace for its one writer: prepares the tables for a
+/// store of `kind`, takes the lease (waiting up to `wait` for it) and starts
+/// renewing it. Returns a connection of the holder, the lease and its renewer.
+///
+/// # Errors
+/// [`Error::LeaseHeld`] when another writer held the lease all that time;
+/// [`Error::InvalidLocation`] when the namespace holds another kind of store;
+/// [`Error::Database`] and the errors of `schema::prepare`.
+pub(crate) fn take(
+    location: &Location,
+    kind: &str,
+    settings: LeaseSettings,
+    wait: Duration,
+) -> Result<(Client, Arc<Lease>, Renewer)> {
+    let mut client = location.connect()?;
+    super::schema::prepare(&mut client, location, kind)?;
+    let Some(lease) = Lease::acquire(&mut client, location, settings, wait)? else {
+        return Err(Error::LeaseHeld {
+            location: location.to_string(),
+            namespace: location.namespace().to_owned(),
+            waited: wait,
+        });
+    };
+    lease.guard(&mut client)?;
+    let lease = Arc::new(lease);
+    let renewer = Renewer::start(&lease)?;
+    Ok((client, lease, renewer))
 }
 
 #[cfg(test)]

@@ -14,7 +14,11 @@
 //! - `events.rs`: the event store's engine, for any number of writers: positions
 //!   gap-free and in commit order under one head row, expected versions,
 //!   idempotent ids and conditional appends checked in the append's transaction,
-//!   group commit, and followers woken by `LISTEN`/`NOTIFY`.
+//!   group commit, and followers woken by `LISTEN`/`NOTIFY`;
+//! - `records.rs`: a store of cells' records, in parts, each save one
+//!   transaction fenced by the writer's lease;
+//! - `journal.rs`: a prevalent system's (or a journaled cell's) journal and
+//!   snapshots, written by one writer fenced by its lease.
 //!
 //! Many namespaces share one database: every table is keyed by namespace, and a
 //! namespace records the kind of store it holds.
@@ -26,6 +30,7 @@ mod events;
 mod journal;
 mod lease;
 mod location;
+mod records;
 mod schema;
 #[cfg(test)]
 #[path = "../../tests/common/postgres.rs"]
@@ -38,6 +43,7 @@ pub(crate) use events::{EventRow, PgEvents, Query as EventQuery, watch_commits};
 pub(crate) use journal::{FrameRow, PgJournal, PgReader};
 pub(crate) use lease::LeaseSettings;
 pub use location::Location;
+pub(crate) use records::PgRecords;
 
 use crate::{Error, Result, StorageError};
 

@@ -94,6 +94,16 @@ const STEPS: &[&str] = &[
     "ALTER TABLE instastate.events DROP CONSTRAINT events_namespace_fkey;
     ALTER TABLE instastate.streams DROP CONSTRAINT streams_namespace_fkey;
     ALTER TABLE instastate.event_tags DROP CONSTRAINT event_tags_namespace_position_fkey;",
+    // 5: a store of cells: its records (`backend/mod.rs`), each in one or more
+    // parts, written only under the lease of a recorded namespace.
+    "CREATE TABLE instastate.records (
+        namespace text NOT NULL,
+        key bytea NOT NULL,
+        part integer NOT NULL CHECK (part >= 0),
+        parts integer NOT NULL CHECK (parts > part),
+        bytes bytea NOT NULL,
+        PRIMARY KEY (namespace, key, part)
+    );",
 ];
 
 /// The newest version of the tables this build knows.
@@ -119,6 +129,42 @@ pub(crate) fn prepare(client: &mut Client, location: &Location, kind: &str) -> R
     }
     record_namespace(client, location, kind)?;
     Ok(found)
+}
+
+/// Checks, writing nothing, that `location`'s database has tables this build
+/// reads and that its namespace holds a store of `kind`: what a read-only open
+/// needs.
+///
+/// # Errors
+/// [`Error::DatabaseSchema`] when the tables are newer; [`Error::InvalidLocation`]
+/// when the namespace holds no store, or another kind; [`Error::Database`] when a
+/// statement fails.
+pub(crate) fn check(client: &mut Client, location: &Location, kind: &str) -> Result<()> {
+    let found = version(client, location)?;
+    refuse_newer(location, found)?;
+    let held = if found == 0 { None } else { namespace_kind(client, location)? };
+    match held {
+        Some(held) if held == kind => Ok(()),
+        Some(held) => Err(Error::InvalidLocation {
+            location: location.to_string(),
+            reason: format!("its namespace holds {held}, not {kind}"),
+        }),
+        None => Err(Error::InvalidLocation {
+            location: location.to_string(),
+            reason: format!("its namespace holds no store: {kind} is opened to write first"),
+        }),
+    }
+}
+
+/// The kind of store `location`'s namespace holds, if any.
+fn namespace_kind(client: &mut Client, location: &Location) -> Result<Option<String>> {
+    let row = client
+        .query_opt(
+            "SELECT kind FROM instastate.namespaces WHERE namespace = $1",
+            &[&location.namespace()],
+        )
+        .map_err(failed(location, "read the namespace's kind"))?;
+    row.map(|row| row.try_get(0)).transpose().map_err(failed(location, "read the namespace's kind"))
 }
 
 /// Runs the steps from the version the tables are at once they are locked (`seen`
@@ -159,14 +205,7 @@ fn upgrade(client: &mut Client, location: &Location, seen: u64) -> Result<u64> {
 /// refuses one that holds another kind.
 fn record_namespace(client: &mut Client, location: &Location, kind: &str) -> Result<()> {
     let namespace = location.namespace();
-    let read = |client: &mut Client| -> Result<Option<String>> {
-        let row = client
-            .query_opt("SELECT kind FROM instastate.namespaces WHERE namespace = $1", &[&namespace])
-            .map_err(failed(location, "read the namespace's kind"))?;
-        row.map(|row| row.try_get(0))
-            .transpose()
-            .map_err(failed(location, "read the namespace's kind"))
-    };
+    let read = |client: &mut Client| namespace_kind(client, location);
     let held = if let Some(held) = read(client)? {
         held
     } else {

@@ -14,6 +14,30 @@ pub(crate) fn location(prefix: &str) -> Result<Location> {
     Location::parse(&address(prefix))
 }
 
+/// Ends every connection whose `application_name` is `name` every 20 ms, as a
+/// restart of the database would, for 30 rounds or until `done`; returns how
+/// many it ended. Between two rounds there is time enough for a writer to
+/// connect again and go on.
+pub(crate) fn end_connections(name: &str, done: &std::sync::atomic::AtomicBool) -> Result<u64> {
+    let admin = location("admin")?;
+    let mut client = admin.connect()?;
+    let mut ended = 0;
+    for _ in 0..30 {
+        if done.load(std::sync::atomic::Ordering::Acquire) {
+            break;
+        }
+        ended += client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )
+            .map_err(failed(&admin, "end a writer's connections"))?
+            .len() as u64;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(ended)
+}
+
 /// A location in a new database of its own, for tests that change what the
 /// namespaces of one database share.
 pub(crate) fn database(prefix: &str) -> Result<Location> {

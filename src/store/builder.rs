@@ -56,7 +56,14 @@ pub struct StoreBuilder {
     io: Io,
     #[cfg(feature = "encryption")]
     key: Option<crate::EncryptionKey>,
+    /// In a database: the lease's settings, and how long opening waits for it.
+    #[cfg(feature = "postgres")]
+    lease: (crate::postgres::LeaseSettings, std::time::Duration),
 }
+
+/// How long opening a store in a database waits for its lease, by default.
+#[cfg(feature = "postgres")]
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where a store's records and files live.
 struct Place {
@@ -129,6 +136,8 @@ impl Default for StoreBuilder {
             io: Io::default(),
             #[cfg(feature = "encryption")]
             key: None,
+            #[cfg(feature = "postgres")]
+            lease: (crate::postgres::LeaseSettings::default(), LEASE_WAIT),
         }
     }
 }
@@ -299,8 +308,18 @@ impl StoreBuilder {
     /// Loading is all or nothing: if any cell's saved value cannot be loaded, no cell
     /// changes and no stored value changes (the engine may still tidy its own files).
     ///
+    /// With the feature `postgres`, `path` may be a `postgres://` location instead
+    /// (`postgres://app@db/prod?namespace=orders`, see `postgres::Location`): the records are rows of that
+    /// namespace, and each save is one transaction, durable when it commits. The
+    /// store has one writer: opening takes the namespace's lease, waiting for it
+    /// (`wait_for_lease`), and every save checks it in its
+    /// own transaction, so that a writer whose lease was taken over is refused
+    /// (`Error::Fenced`) and changes nothing. Journaled cells are not kept there
+    /// yet ([`Error::Unsupported`]).
+    ///
     /// # Errors
-    /// - [`Error::Locked`] when another store, in this or another process, has `path` open;
+    /// - [`Error::Locked`] when another store, in this or another process, has `path` open
+    ///   ([`Error::LeaseHeld`] in a database, once the wait for the lease ran out);
     /// - [`Error::DuplicateName`] when two of the cells share a name;
     /// - [`Error::TypeMismatch`], [`Error::Decode`] or [`Error::Corrupt`] when a
     ///   cell's saved value cannot be loaded ([`Error::Several`] when more than one cannot);
@@ -367,6 +386,10 @@ impl StoreBuilder {
     }
 
     fn open_as(mut self, path: &Path, access: Access) -> Result<Store> {
+        #[cfg(feature = "postgres")]
+        if let Some(location) = crate::location::database(path)? {
+            return self.open_database(&location, access);
+        }
         crate::location::refuse_database(path, "a store of cells")?;
         let cells = check_names(std::mem::take(&mut self.cells))?;
         let held = Held::take(&cells)?;
@@ -404,6 +427,64 @@ impl StoreBuilder {
             }
         };
         self.load(cells, held, place)
+    }
+
+    /// Opens the store at a `postgres://` location: its records are rows of the
+    /// location's namespace, written by this store alone while it holds the
+    /// namespace's lease (or read, without the lease, by a read-only open).
+    #[cfg(feature = "postgres")]
+    fn open_database(
+        mut self,
+        location: &crate::postgres::Location,
+        access: Access,
+    ) -> Result<Store> {
+        use crate::postgres::PgRecords;
+        let cells = check_names(std::mem::take(&mut self.cells))?;
+        let label = PathBuf::from(location.to_string());
+        if let Some(member) = cells.iter().find(|member| member.journaled.is_some()) {
+            return Err(Error::Unsupported {
+                location: location.to_string(),
+                operation: "hold a journaled cell".to_owned(),
+                reason: format!(
+                    "cell `{}` keeps a journal, which a store of cells on PostgreSQL does not hold yet",
+                    member.cell.name()
+                ),
+            });
+        }
+        let held = Held::take(&cells)?;
+        let backend: Box<dyn Backend> = match access {
+            Access::ReadWrite => {
+                let (settings, wait) = self.lease;
+                Box::new(PgRecords::open(location, settings, wait)?)
+            }
+            Access::ReadOnly => Box::new(Memory::holding(PgRecords::read_copy(location)?)),
+        };
+        let place = Place { label, backend, values: None, lock: None, created: false, access };
+        self.load(cells, held, place)
+    }
+
+    /// In a database: how long the writer's lease lasts without renewal (it is
+    /// renewed every third of it), 5 s by default. A standby takes over within
+    /// about this long once the writer is gone; a writer paused for longer is
+    /// fenced: its saves fail with [`Error::Fenced`], and the store is poisoned.
+    #[cfg(feature = "postgres")]
+    pub fn lease_time(mut self, ttl: std::time::Duration) -> StoreBuilder {
+        self.lease.0.ttl = ttl.max(std::time::Duration::from_millis(100));
+        self
+    }
+
+    /// In a database: how long opening waits for the lease while another writer
+    /// holds it ([`Error::LeaseHeld`] after that), 30 s by default, asking every
+    /// `poll` (250 ms by default).
+    #[cfg(feature = "postgres")]
+    pub fn wait_for_lease(
+        mut self,
+        wait: std::time::Duration,
+        poll: std::time::Duration,
+    ) -> StoreBuilder {
+        self.lease.1 = wait;
+        self.lease.0.poll = poll.max(std::time::Duration::from_millis(1));
+        self
     }
 
     /// Opens a store that keeps its saved values in memory, for tests and for

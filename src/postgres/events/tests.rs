@@ -341,31 +341,10 @@ fn appends_whose_connections_are_ended_reconnect_and_retries_with_their_ids_doub
     let url = format!("{}&application_name={name}", test_server::address("events-dropped"));
     let location = Location::parse(&url)?;
     let events = PgEvents::open(&location)?;
-    let mut admin = test_server::location("admin")?.connect()?;
     let done = std::sync::atomic::AtomicBool::new(false);
     let mut acknowledged = Vec::new();
-    let (ended, retried) = thread::scope(|scope| -> Result<(usize, usize)> {
-        let killer = scope.spawn(|| -> Result<usize> {
-            let mut ended = 0;
-            // Every 20 ms, for 30 rounds at most: time enough between two rounds for
-            // the writer to connect again and go on.
-            for _ in 0..30 {
-                if done.load(Ordering::Acquire) {
-                    break;
-                }
-                // As a restart of the database does: every connection of the writer ends.
-                ended += admin
-                    .query(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                          WHERE application_name = $1",
-                        &[&name],
-                    )
-                    .map_err(failed(&location, "end the writer's connections"))?
-                    .len();
-                thread::sleep(Duration::from_millis(20));
-            }
-            Ok(ended)
-        });
+    let (ended, retried) = thread::scope(|scope| -> Result<(u64, usize)> {
+        let killer = scope.spawn(|| test_server::end_connections(&name, &done));
         let writers: Vec<_> = (0..WRITERS)
             .map(|writer| {
                 let events = &events;

@@ -3,6 +3,7 @@
 //! for a directory and (feature `postgres`) for a PostgreSQL namespace. A new
 //! engine proves itself by passing all of them.
 
+mod cells;
 mod events;
 mod prevalence;
 

@@ -1,0 +1,167 @@
+//! Stores of cells kept in a real PostgreSQL server (`test_server`), through the
+//! public API, where what only a database can do is the point: a writer fenced
+//! after a takeover, connections ended under saves, damaged rows. The behaviours
+//! every engine shares are in `tests/it/contract/cells.rs`.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::Duration,
+};
+
+use crate::{
+    Error, Result, StateCell, Store, StoreBuilder,
+    postgres::{Location, PgEvents, failed, test_server},
+};
+
+fn builder() -> StoreBuilder {
+    Store::builder()
+        .lease_time(Duration::from_secs(1))
+        .wait_for_lease(Duration::from_secs(10), Duration::from_millis(20))
+}
+
+/// Runs `sql` on the test server, with the namespace of `url` as `$1`.
+fn admin(url: &str, sql: &str) -> Result<u64> {
+    let location = Location::parse(url)?;
+    let mut client = test_server::location("admin")?.connect()?;
+    client.execute(sql, &[&location.namespace()]).map_err(failed(&location, "run a test's SQL"))
+}
+
+#[test]
+fn a_writer_whose_lease_was_taken_over_is_fenced_and_the_new_writer_keeps_its_work() -> Result<()> {
+    // Two cells of one name: each store holds one, as two processes would.
+    static OLD: StateCell<u64> = StateCell::new("pg::fence::VALUE", || 0);
+    static NEW: StateCell<u64> = StateCell::new("pg::fence::VALUE", || 0);
+    let url = test_server::address("records-fence");
+    let old = builder().cell(&OLD).open(&url)?;
+    OLD.set(1);
+    old.save_all()?;
+    // As if the old writer had been paused past its lease.
+    assert_eq!(
+        admin(
+            &url,
+            "UPDATE instastate.leases SET expires = clock_timestamp() WHERE namespace = $1"
+        )?,
+        1
+    );
+    let new = builder().cell(&NEW).open(&url)?;
+    assert_eq!(NEW.get(), 1);
+    NEW.set(2);
+    new.save_all()?;
+    OLD.set(3);
+    let fenced = old.save_all();
+    assert!(matches!(fenced, Err(Error::Fenced { epoch: 1, current: Some(2), .. })), "{fenced:?}");
+    assert!(matches!(old.save_all(), Err(Error::Poisoned { .. })));
+    drop(old);
+    NEW.set(4);
+    new.save_all()?;
+    new.close()?;
+    NEW.set(0);
+    let _again = builder().cell(&NEW).open(&url)?;
+    assert_eq!(NEW.get(), 4, "the fenced writer overwrote nothing");
+    Ok(())
+}
+
+#[test]
+fn saves_whose_connections_are_ended_lose_nothing_acknowledged() -> Result<()> {
+    static COUNTER: StateCell<u64> = StateCell::new("pg::dropped::COUNTER", || 0);
+    const SAVES: u64 = 60;
+    // Its connections carry a name of their own, so that only they are ended.
+    let name = test_server::unique("records_dropped");
+    let url = format!("{}&application_name={name}", test_server::address("records-dropped"));
+    let open = || -> Result<Store> {
+        let mut tries = 0;
+        loop {
+            match builder().cell(&COUNTER).open(&url) {
+                Err(Error::Database { .. }) if tries < 1_000 => tries += 1,
+                opened => return opened,
+            }
+        }
+    };
+    let done = AtomicBool::new(false);
+    let (ended, failed_saves, acknowledged) = thread::scope(|scope| -> Result<_> {
+        let killer = scope.spawn(|| test_server::end_connections(&name, &done));
+        let mut store = open()?;
+        let (mut acknowledged, mut failed_saves) = (0, 0);
+        for k in 1..=SAVES {
+            COUNTER.set(k);
+            match store.save_all() {
+                Ok(()) => acknowledged = k,
+                Err(Error::Database { .. }) => {
+                    failed_saves += 1;
+                    // A failed save poisons the store: it is opened again, and
+                    // holds the last acknowledged save, or the failed one.
+                    drop(store);
+                    store = open()?;
+                    let found = COUNTER.get();
+                    assert!(
+                        found == acknowledged || found == k,
+                        "save {k} failed after {acknowledged} was acknowledged, and {found} came back"
+                    );
+                    if found == k {
+                        acknowledged = k;
+                    }
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        done.store(true, Ordering::Release);
+        drop(store);
+        let ended = killer.join().expect("the killer panicked")?;
+        Ok((ended, failed_saves, acknowledged))
+    })?;
+    assert!(0 < ended, "no connection of the writer was ended");
+    assert!(failed_saves < SAVES, "no save got through");
+    COUNTER.set(0);
+    let _store = open()?;
+    assert_eq!(
+        COUNTER.get(),
+        acknowledged,
+        "{ended} connections ended, {failed_saves} saves failed"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_record_missing_a_part_is_damage_named_at_open_and_changes_no_cell() -> Result<()> {
+    static LARGE: StateCell<Vec<u8>> = StateCell::new("pg::damage::LARGE", Vec::new);
+    let url = test_server::address("records-damage");
+    {
+        let store = builder().cell(&LARGE).open(&url)?;
+        LARGE.set(vec![7; 3 << 20]);
+        store.save_all()?;
+    }
+    let deleted = admin(
+        &url,
+        "DELETE FROM instastate.records WHERE namespace = $1 AND key = 'cell/pg::damage::LARGE'::bytea AND part = 1",
+    )?;
+    assert_eq!(deleted, 1);
+    LARGE.set(vec![1]);
+    let opened = builder().cell(&LARGE).open(&url);
+    let Err(Error::DatabaseCorrupt { reason, .. }) = opened else {
+        panic!("a missing part was not seen: {opened:?}");
+    };
+    assert!(reason.contains("cell/pg::damage::LARGE") && reason.contains("part"), "{reason}");
+    assert_eq!(LARGE.get(), vec![1]);
+    Ok(())
+}
+
+#[test]
+fn a_namespace_holding_no_store_of_cells_is_refused_and_left_alone() -> Result<()> {
+    static CELL: StateCell<u8> = StateCell::new("pg::kind::CELL", || 0);
+    let url = test_server::address("records-kind");
+    let read = builder().cell(&CELL).open_read_only(&url);
+    assert!(
+        matches!(&read, Err(Error::InvalidLocation { reason, .. }) if reason.contains("no store")),
+        "{read:?}"
+    );
+    drop(PgEvents::open(&Location::parse(&url)?)?);
+    let opened = builder().cell(&CELL).open(&url);
+    assert!(
+        matches!(&opened, Err(Error::InvalidLocation { reason, .. }) if reason.contains("an event store")),
+        "{opened:?}"
+    );
+    let read = builder().cell(&CELL).open_read_only(&url);
+    assert!(matches!(read, Err(Error::InvalidLocation { .. })), "{read:?}");
+    Ok(())
+}
