@@ -223,7 +223,7 @@ pub(crate) trait JournaledCell: Send + Sync {
     /// into a new value; the returned function installs it and attaches the journal.
     fn open_journal(
         &'static self,
-        dir: Option<PathBuf>,
+        place: JournalPlace,
         options: JournalOptions,
         sealer: Sealer,
         io: &Io,
@@ -247,7 +247,7 @@ impl<T: Value> JournaledCell for StateCell<T> {
 
     fn open_journal(
         &'static self,
-        dir: Option<PathBuf>,
+        place: JournalPlace,
         options: JournalOptions,
         sealer: Sealer,
         io: &Io,
@@ -264,15 +264,6 @@ impl<T: Value> JournaledCell for StateCell<T> {
             state_shape: Shape::of::<T>(),
             event_shape: (hooks.event_shape)(),
         };
-        // The store's lock covers the journal too; its own lock keeps a `Prevayler`
-        // out of it, and records how it was closed.
-        let lock = match &dir {
-            Some(dir) => Hold::take(io, dir, Kind::Journal, access)?,
-            None => None,
-        };
-        let label = dir.clone().unwrap_or_default();
-        let JournalOptions { durability, recovery } = options;
-        let config = Config { dir, identity, durability, recovery, sealer, io: io.clone(), access };
         let (current, migrations) = (self.options.version, self.options.migrations);
         let versions = Versions {
             event: hooks.event_version,
@@ -284,41 +275,60 @@ impl<T: Value> JournaledCell for StateCell<T> {
             let migrations = migrations.iter().copied();
             journal::decode_versioned(snapshot.bytes, snapshot.schema, current, migrations, place)
         };
-        let opened = journal::open_versioned(
-            config,
-            &versions,
-            lock,
-            || Ok((self.init)()),
-            &mut restore,
-            &mut |value, event| {
-                (hooks.replay)(&label, value, event)?;
-                Ok(None)
-            },
-        )?;
-        let journal = Arc::new(opened.journal);
-        journal::Journal::start_timer(&journal, |err| eprintln!("instastate: {err}"));
-        let attached = Arc::new(Attached {
-            journal,
-            tainted: AtomicBool::new(false),
-            applied: AtomicU64::new(opened.applied),
-            at: AtomicU64::new(opened.at),
-            snapshotted: AtomicU64::new(NEVER),
-        });
-        // The value is its snapshot's unless events were replayed after it.
-        let fresh = opened.recovered.replayed() == 0 && opened.recovered.snapshot().is_some();
-        let value = opened.state;
-        Ok(Box::new(move || {
-            let seq = self.install(value);
-            if fresh {
-                attached.snapshotted.store(seq, Ordering::Relaxed);
+        let label = place.label();
+        let mut replay = |value: &mut T, event: Replayed<'_>| {
+            (hooks.replay)(&label, value, event)?;
+            Ok(None)
+        };
+        let JournalOptions { durability, recovery } = options;
+        let initial = || Ok((self.init)());
+        let dir = match place {
+            JournalPlace::Memory => None,
+            JournalPlace::Dir(dir) => Some(dir),
+            #[cfg(feature = "postgres")]
+            JournalPlace::Database(database) => {
+                let (location, settings, wait) = *database;
+                if access == Access::ReadOnly {
+                    return Err(Error::Unsupported {
+                        location: location.to_string(),
+                        operation: "open a journaled cell read-only".to_owned(),
+                        reason: format!(
+                            "cell `{}` keeps its journal in the database, which a read-only store does not read yet",
+                            self.name()
+                        ),
+                    });
+                }
+                let database = crate::postgres::PgJournal::open(&location, settings, wait)?;
+                let config = journal::DatabaseConfig { identity, durability, sealer };
+                let (start, versions) = (None, &versions);
+                let opened = journal::open_on_database(
+                    database,
+                    config,
+                    versions,
+                    start,
+                    initial,
+                    &mut restore,
+                    &mut replay,
+                )?;
+                return Ok(self.attach(opened));
             }
-            ATTACHED.write().insert(address(self), attached);
-        }))
+        };
+        // The store's lock covers the journal too; its own lock keeps a `Prevayler`
+        // out of it, and records how it was closed.
+        let lock = match &dir {
+            Some(dir) => Hold::take(io, dir, Kind::Journal, access)?,
+            None => None,
+        };
+        let io = io.clone();
+        let config = Config { dir, identity, durability, recovery, sealer, io, access };
+        let opened =
+            journal::open_versioned(config, &versions, lock, initial, &mut restore, &mut replay)?;
+        Ok(self.attach(opened))
     }
 
     fn is_dirty(&self) -> bool {
         let Some(attached) = attached(self) else { return false };
-        attached.journal.dir().is_some()
+        attached.journal.persistent()
             && attached.snapshotted.load(Ordering::Relaxed) != ErasedCell::seq(self)
     }
 
@@ -366,6 +376,44 @@ struct Encoded {
 /// No change counter: a snapshot is due.
 const NEVER: u64 = u64::MAX;
 
+/// Where a store keeps a journaled cell's journal.
+pub(crate) enum JournalPlace {
+    /// In memory, as an in-memory store keeps everything.
+    Memory,
+    /// In this directory.
+    Dir(PathBuf),
+    /// In this namespace of a database, written by the holder of its lease (with
+    /// these settings, waiting this long for it).
+    #[cfg(feature = "postgres")]
+    Database(Box<(crate::postgres::Location, crate::postgres::LeaseSettings, std::time::Duration)>),
+}
+
+impl JournalPlace {
+    /// Where a store kept here keeps the journal of its cell `name`: in memory, in
+    /// `journals/<name>/` of its directory, or in the namespace `<namespace>/<name>`.
+    pub(crate) fn of_cell(&self, name: &str) -> JournalPlace {
+        match self {
+            JournalPlace::Memory => JournalPlace::Memory,
+            JournalPlace::Dir(store) => JournalPlace::Dir(journal_dir(store, name)),
+            #[cfg(feature = "postgres")]
+            JournalPlace::Database(database) => {
+                let (location, settings, wait) = &**database;
+                JournalPlace::Database(Box::new((location.beside(name), *settings, *wait)))
+            }
+        }
+    }
+
+    /// What errors name: the directory, or the location without its password.
+    fn label(&self) -> PathBuf {
+        match self {
+            JournalPlace::Memory => PathBuf::new(),
+            JournalPlace::Dir(dir) => dir.clone(),
+            #[cfg(feature = "postgres")]
+            JournalPlace::Database(database) => PathBuf::from(database.0.to_string()),
+        }
+    }
+}
+
 /// How a store opens its journaled cells' journals.
 #[derive(Clone, Copy)]
 pub(crate) struct JournalOptions {
@@ -374,6 +422,30 @@ pub(crate) struct JournalOptions {
 }
 
 impl<T: Value> StateCell<T> {
+    /// Attaches the journal `opened` recovered to the cell; the returned function
+    /// installs its value (once every journal of the store opened).
+    fn attach(&'static self, opened: journal::Opened<T>) -> Box<dyn FnOnce() + Send> {
+        let journal = Arc::new(opened.journal);
+        journal::Journal::start_timer(&journal, |err| eprintln!("instastate: {err}"));
+        let attached = Arc::new(Attached {
+            journal,
+            tainted: AtomicBool::new(false),
+            applied: AtomicU64::new(opened.applied),
+            at: AtomicU64::new(opened.at),
+            snapshotted: AtomicU64::new(NEVER),
+        });
+        // The value is its snapshot's unless events were replayed after it.
+        let fresh = opened.recovered.replayed() == 0 && opened.recovered.snapshot().is_some();
+        let value = opened.state;
+        Box::new(move || {
+            let seq = self.install(value);
+            if fresh {
+                attached.snapshotted.store(seq, Ordering::Relaxed);
+            }
+            ATTACHED.write().insert(address(self), attached);
+        })
+    }
+
     /// Encodes the value and how far it has got, under its read lock; nothing for a
     /// transient journal, or when `unchanged` says to skip an unchanged value.
     fn encode_applied(&self, attached: &Attached, unchanged: Unchanged) -> Result<Option<Encoded>> {
@@ -385,7 +457,7 @@ impl<T: Value> StateCell<T> {
         }
         let seq = ErasedCell::seq(self);
         let same = seq == attached.snapshotted.load(Ordering::Relaxed);
-        if attached.journal.dir().is_none() || (same && unchanged == Unchanged::Skip) {
+        if !attached.journal.persistent() || (same && unchanged == Unchanged::Skip) {
             return Ok(None);
         }
         let body = postcard::to_allocvec(&*value).map_err(|source| Error::Encode {

@@ -261,7 +261,7 @@ impl Journal {
     }
 
     /// Whether it keeps its events (in files or a database).
-    fn persistent(&self) -> bool {
+    pub(crate) fn persistent(&self) -> bool {
         self.dir.is_some() || self.database.is_some()
     }
 

@@ -177,6 +177,13 @@ impl Location {
         Ok(Location { namespace: namespace.to_owned(), ..self.clone() })
     }
 
+    /// The namespace of something kept beside this one's store (a journaled
+    /// cell's journal): this namespace, `/` and `name`. A user's namespace holds
+    /// no `/`, so none is another's.
+    pub(crate) fn beside(&self, name: &str) -> Location {
+        Location { namespace: format!("{}/{name}", self.namespace), ..self.clone() }
+    }
+
     /// Another database of the same server, for tests that change what all
     /// namespaces of a database share.
     #[cfg(test)]

@@ -21,7 +21,7 @@ use crate::{
     crypt::Sealer,
     io::Io,
     journal::{Durability, Recovery},
-    journaled::{self, JournalOptions, JournaledCell},
+    journaled::{self, JournalOptions, JournalPlace, JournaledCell},
     lockfile::{Access, DirLock, Hold, Kind, Look},
     registry,
     values::ValueDir,
@@ -74,6 +74,7 @@ struct Place {
     // Whether opening created directories that a sync of the store's must make durable.
     created: bool,
     access: Access,
+    journals: JournalPlace,
 }
 
 /// The cells open in some store, by address: a cell is in one open store at a time,
@@ -314,8 +315,8 @@ impl StoreBuilder {
     /// store has one writer: opening takes the namespace's lease, waiting for it
     /// (`wait_for_lease`), and every save checks it in its
     /// own transaction, so that a writer whose lease was taken over is refused
-    /// (`Error::Fenced`) and changes nothing. Journaled cells are not kept there
-    /// yet ([`Error::Unsupported`]).
+    /// (`Error::Fenced`) and changes nothing. A journaled cell's journal is kept
+    /// in the namespace `<namespace>/<cell name>`, under a lease of its own.
     ///
     /// # Errors
     /// - [`Error::Locked`] when another store, in this or another process, has `path` open
@@ -410,6 +411,7 @@ impl StoreBuilder {
                     lock: Some(lock),
                     created,
                     access,
+                    journals: JournalPlace::Dir(path.to_path_buf()),
                 }
             }
             Access::ReadOnly => {
@@ -423,6 +425,7 @@ impl StoreBuilder {
                     lock: Some(Hold::Shared(look)),
                     created: false,
                     access,
+                    journals: JournalPlace::Dir(path.to_path_buf()),
                 }
             }
         };
@@ -441,25 +444,15 @@ impl StoreBuilder {
         use crate::postgres::PgRecords;
         let cells = check_names(std::mem::take(&mut self.cells))?;
         let label = PathBuf::from(location.to_string());
-        if let Some(member) = cells.iter().find(|member| member.journaled.is_some()) {
-            return Err(Error::Unsupported {
-                location: location.to_string(),
-                operation: "hold a journaled cell".to_owned(),
-                reason: format!(
-                    "cell `{}` keeps a journal, which a store of cells on PostgreSQL does not hold yet",
-                    member.cell.name()
-                ),
-            });
-        }
         let held = Held::take(&cells)?;
+        let (settings, wait) = self.lease;
         let backend: Box<dyn Backend> = match access {
-            Access::ReadWrite => {
-                let (settings, wait) = self.lease;
-                Box::new(PgRecords::open(location, settings, wait)?)
-            }
+            Access::ReadWrite => Box::new(PgRecords::open(location, settings, wait)?),
             Access::ReadOnly => Box::new(Memory::holding(PgRecords::read_copy(location)?)),
         };
-        let place = Place { label, backend, values: None, lock: None, created: false, access };
+        let journals = JournalPlace::Database(Box::new((location.clone(), settings, wait)));
+        let place =
+            Place { label, backend, values: None, lock: None, created: false, access, journals };
         self.load(cells, held, place)
     }
 
@@ -513,6 +506,7 @@ impl StoreBuilder {
             lock: None,
             created: false,
             access: Access::ReadWrite,
+            journals: JournalPlace::Memory,
         };
         self.load(cells, held, place)
     }
@@ -522,7 +516,7 @@ impl StoreBuilder {
     fn load(self, cells: Vec<Member>, held: Held, place: Place) -> Result<Store> {
         let sealer = self.sealer();
         let (cells, journaled) = split_journaled(cells);
-        let Place { label, backend, values, lock, created, access } = place;
+        let Place { label, backend, values, lock, created, access, journals } = place;
         let inner = Inner {
             label,
             backend,
@@ -533,6 +527,7 @@ impl StoreBuilder {
             cells,
             journaled,
             journal: self.journal,
+            journals,
             journals_attached: false,
             keep: self.keep,
             keep_bytes: self.keep_bytes,

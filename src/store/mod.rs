@@ -46,7 +46,7 @@ use crate::{
     codec::Digest,
     crypt::Sealer,
     io::Io,
-    journaled::{JournalOptions, JournaledCell},
+    journaled::{JournalOptions, JournalPlace, JournaledCell},
     lockfile::{Access, Hold},
     values::ValueDir,
 };
@@ -113,6 +113,8 @@ pub(crate) struct Inner {
     // The journaled cells, which are kept in journals of their own, not in `cells`.
     journaled: Vec<&'static dyn JournaledCell>,
     journal: JournalOptions,
+    // Where the journaled cells' journals are (a journal's place is of its cell).
+    journals: JournalPlace,
     // Whether this store attached the journaled cells' journals (a failed open did not).
     journals_attached: bool,
     // How many saves the history keeps (at least 1).

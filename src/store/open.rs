@@ -15,7 +15,6 @@ use crate::{
     backend::Records,
     codec::{self, STORE_FORMAT},
     crypt::{KEYCHECK_PLAIN, SealFault},
-    journaled,
 };
 
 impl Store {
@@ -115,9 +114,9 @@ impl Inner {
         let mut opened = Vec::with_capacity(self.journaled.len());
         let mut errors = Vec::new();
         for cell in &self.journaled {
-            let dir =
-                self.values.as_ref().map(|_| journaled::journal_dir(&self.label, cell.name()));
-            match cell.open_journal(dir, self.journal, self.sealer.clone(), &self.io, self.access) {
+            let place = self.journals.of_cell(cell.name());
+            match cell.open_journal(place, self.journal, self.sealer.clone(), &self.io, self.access)
+            {
                 Ok(attach) => opened.push(attach),
                 Err(err) => errors.push(err),
             }

@@ -165,3 +165,44 @@ fn a_namespace_holding_no_store_of_cells_is_refused_and_left_alone() -> Result<(
     assert!(matches!(read, Err(Error::InvalidLocation { .. })), "{read:?}");
     Ok(())
 }
+
+#[test]
+fn a_journaled_cell_keeps_its_journal_in_a_namespace_beside_the_store_and_refuses_read_only()
+-> Result<()> {
+    #[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
+    struct Sum(u64);
+    impl crate::Prevalent for Sum {
+        type Event = u64;
+        type Output = u64;
+        fn apply(&mut self, by: u64, _: crate::Timestamp) -> u64 {
+            self.0 += by;
+            self.0
+        }
+    }
+    static SUM: StateCell<Sum> = StateCell::with_options(
+        "pg::journaled::SUM",
+        Sum::default,
+        crate::CellOptions::new().journaled(),
+    );
+    let url = test_server::address("records-journaled");
+    {
+        let _store = builder().cell(&SUM).open(&url)?;
+        assert_eq!(SUM.handle(2)?, 2);
+    }
+    let namespace = format!("{}/pg::journaled::SUM", Location::parse(&url)?.namespace());
+    let mut client = test_server::location("admin")?.connect()?;
+    let frames: i64 = client
+        .query_one(
+            "SELECT count(*) FROM instastate.journal_frames WHERE namespace = $1 AND kind = 0",
+            &[&namespace],
+        )
+        .map_err(failed(&Location::parse(&url)?, "count the journal's events"))?
+        .get(0);
+    assert_eq!(frames, 1);
+    let read = builder().cell(&SUM).open_read_only(&url);
+    assert!(
+        matches!(&read, Err(Error::Unsupported { operation, .. }) if operation.contains("read-only")),
+        "{read:?}"
+    );
+    Ok(())
+}

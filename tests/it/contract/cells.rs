@@ -9,7 +9,7 @@ use std::{
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
-use instastate::{Error, StateCell, Store, StoreBuilder};
+use instastate::{CellOptions, Error, Prevalent, StateCell, Store, StoreBuilder, Timestamp};
 
 use super::{Place, contract};
 use crate::TestResult;
@@ -22,6 +22,8 @@ contract!(
     a_second_writer_is_refused_while_the_first_is_open,
     a_read_only_open_loads_the_last_save_and_changes_nothing,
     an_export_imports_back_and_a_backup_opens_as_a_store_on_disk,
+    a_journaled_cell_keeps_every_handled_event_with_and_without_snapshots,
+    concurrent_handlers_of_a_journaled_cell_lose_nothing,
 );
 
 /// Takes `gate`, a behaviour's own: its runs on the engines take turns.
@@ -248,5 +250,113 @@ fn an_export_imports_back_and_a_backup_opens_as_a_store_on_disk(place: &Place) -
     LIST.set(Vec::new());
     let copy = builder().cell(&LIST).open(&backup)?;
     assert_eq!((LIST.get(), copy.generation()), (vec!["a".to_owned(), "b".to_owned()], 1));
+    Ok(())
+}
+
+/// A journaled cell's state: every amount added, with its timestamp.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Tally {
+    entries: Vec<(u32, u64)>,
+    total: u64,
+}
+
+impl Prevalent for Tally {
+    type Event = u32;
+    type Output = Result<u64, String>;
+
+    fn apply(&mut self, amount: u32, at: Timestamp) -> Result<u64, String> {
+        if amount == 0 {
+            return Err("nothing to add".to_owned());
+        }
+        self.entries.push((amount, at.as_micros()));
+        self.total += u64::from(amount);
+        Ok(self.total)
+    }
+}
+
+fn a_journaled_cell_keeps_every_handled_event_with_and_without_snapshots(
+    place: &Place,
+) -> TestResult {
+    static GATE: Mutex<()> = Mutex::new(());
+    static TALLY: StateCell<Tally> = StateCell::with_options(
+        "contract::journaled::TALLY",
+        Tally::default,
+        CellOptions::new().journaled(),
+    );
+    static PLAIN: StateCell<u8> = StateCell::new("contract::journaled::PLAIN", || 0);
+    let _turn = turn(&GATE);
+    TALLY.set(Tally::default());
+    let before = {
+        let store = builder().cell(&TALLY).cell(&PLAIN).open(&place.location)?;
+        for amount in 1..=5 {
+            TALLY.handle(amount)??;
+        }
+        assert_eq!(TALLY.handle(0)?, Err("nothing to add".to_owned()));
+        PLAIN.set(1);
+        // A snapshot of the cell, then events after it.
+        store.save_all()?;
+        for amount in 6..=8 {
+            TALLY.handle(amount)??;
+        }
+        let before = TALLY.get();
+        // No save: the events after the snapshot are replayed.
+        drop(store);
+        before
+    };
+    assert!(matches!(TALLY.handle(1), Err(Error::NotJournaled { .. })));
+    TALLY.set(Tally::default());
+    PLAIN.set(0);
+    let store = builder().cell(&TALLY).cell(&PLAIN).open(&place.location)?;
+    assert_eq!((TALLY.get(), PLAIN.get()), (before.clone(), 1));
+    assert_eq!(TALLY.get().total, 36);
+    assert_eq!(TALLY.handle(9)?, Ok(45));
+    store.save_all()?;
+    store.close()?;
+    TALLY.set(Tally::default());
+    let _store = builder().cell(&TALLY).open(&place.location)?;
+    assert_eq!(TALLY.get().total, 45);
+    assert_eq!(TALLY.get().entries.get(..8), before.entries.get(..8));
+    Ok(())
+}
+
+fn concurrent_handlers_of_a_journaled_cell_lose_nothing(place: &Place) -> TestResult {
+    static GATE: Mutex<()> = Mutex::new(());
+    static SHARED: StateCell<Tally> = StateCell::with_options(
+        "contract::journaled::SHARED",
+        Tally::default,
+        CellOptions::new().journaled(),
+    );
+    const THREADS: u32 = 4;
+    const EACH: u32 = 50;
+    let _turn = turn(&GATE);
+    SHARED.set(Tally::default());
+    {
+        let store = builder().cell(&SHARED).open(&place.location)?;
+        std::thread::scope(|scope| -> TestResult {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|thread| {
+                    scope.spawn(move || -> Result<(), String> {
+                        for k in 1..=EACH {
+                            SHARED.handle(thread * 1_000 + k).map_err(|err| err.to_string())??;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for handle in handles {
+                handle.join().map_err(|_| "a handler panicked")??;
+            }
+            Ok(())
+        })?;
+        store.save_all()?;
+        for k in 1..=EACH {
+            SHARED.handle(10_000 + k)??;
+        }
+    }
+    let before = SHARED.get();
+    assert_eq!(before.entries.len(), ((THREADS + 1) * EACH) as usize);
+    SHARED.set(Tally::default());
+    let _store = builder().cell(&SHARED).open(&place.location)?;
+    assert_eq!(SHARED.get(), before, "every handled event, in the order applied");
     Ok(())
 }
