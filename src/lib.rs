@@ -239,6 +239,8 @@ pub use instastate_macros::defstate;
 
 #[cfg(feature = "encryption")]
 pub use crate::crypt::EncryptionKey;
+#[cfg(feature = "postgres")]
+pub use crate::store::StoreFollower;
 pub use crate::{
     admin::{Problem, StoredCell},
     atomically::atomically,

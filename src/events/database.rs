@@ -35,8 +35,10 @@ use crate::{
 
 /// Events read from the database at a time, at most (a few MiB of small events).
 const PAGE: u64 = 10_000;
-/// How often the thread that listens for commits looks whether the store closed.
-const POLL: Duration = Duration::from_millis(500);
+/// How often the thread that listens for commits wakes the subscriptions without
+/// a notification: none is missed on a live connection (a new one wakes them),
+/// so this is only a safety net.
+const POLL: Duration = Duration::from_secs(5);
 
 /// An event store in a database, shared by its handles.
 pub(super) struct DbCore {

@@ -465,10 +465,14 @@ impl PgFollower {
     }
 }
 
+/// How long a watcher of commits may take to see that it must stop.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
 /// Calls `on_commit` at each commit to `location`'s namespace, as its
-/// notification comes, until `stop` is set (looked at least every `poll`). A
-/// broken connection is made again, and `on_commit` called then too, since a
-/// commit may have come while none listened.
+/// notification comes, and after every `poll` without one, until `stop` is set
+/// (looked at every [`STOP_CHECK`] at most). A broken connection is made again,
+/// and `on_commit` called then too, since a commit may have come while none
+/// listened.
 pub(crate) fn watch_commits(
     location: &Location,
     stop: &AtomicBool,
@@ -477,7 +481,12 @@ pub(crate) fn watch_commits(
 ) {
     use postgres::fallible_iterator::FallibleIterator;
     let mut client: Option<Client> = None;
+    let mut quiet_since = std::time::Instant::now();
     while !stop.load(Ordering::Acquire) {
+        if poll <= quiet_since.elapsed() {
+            on_commit();
+            quiet_since = std::time::Instant::now();
+        }
         let Some(listening) = client.as_mut().filter(|client| !client.is_closed()) else {
             let connected = location.connect().and_then(|mut client| {
                 listen(&mut client, location, true)?;
@@ -485,12 +494,12 @@ pub(crate) fn watch_commits(
             });
             client = connected.ok();
             if client.is_none() {
-                std::thread::sleep(poll);
+                std::thread::sleep(poll.min(STOP_CHECK));
             }
             on_commit();
             continue;
         };
-        let woke = listening.notifications().timeout_iter(poll).next();
+        let woke = listening.notifications().timeout_iter(poll.min(STOP_CHECK)).next();
         match woke {
             Ok(Some(_)) => {
                 // The others that came meanwhile are announced by this one call.
@@ -498,6 +507,7 @@ pub(crate) fn watch_commits(
                 let mut rest = notifications.iter();
                 while let Ok(Some(_)) = rest.next() {}
                 on_commit();
+                quiet_since = std::time::Instant::now();
             }
             Ok(None) => {}
             Err(_) => client = None,

@@ -43,7 +43,7 @@ pub(crate) use events::{EventRow, PgEvents, Query as EventQuery, watch_commits};
 pub(crate) use journal::{FrameRow, PgJournal, PgReader};
 pub(crate) use lease::LeaseSettings;
 pub use location::Location;
-pub(crate) use records::PgRecords;
+pub(crate) use records::{PgRecords, PgRecordsReader};
 
 use crate::{Error, Result, StorageError};
 

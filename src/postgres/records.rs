@@ -75,19 +75,6 @@ impl PgRecords {
         Ok(PgRecords { location: location.clone(), client: Mutex::new(client), lease, renewer })
     }
 
-    /// Every record of the store at `location`, read without the lease and
-    /// without writing anything: what a read-only open loads.
-    ///
-    /// # Errors
-    /// [`Error::InvalidLocation`] when the namespace holds no store of cells;
-    /// [`Error::DatabaseSchema`] when the tables are newer than this build;
-    /// [`Error::Database`] and [`Error::DatabaseCorrupt`].
-    pub(crate) fn read_copy(location: &Location) -> Result<Records> {
-        let mut client = location.connect()?;
-        schema::check(&mut client, location, KIND)?;
-        read(&mut client, location, None)
-    }
-
     /// Runs `run` on the writer's connection, once more on a new one if that
     /// broke meanwhile; only reads are run so.
     fn reading<T>(&self, run: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
@@ -223,6 +210,70 @@ impl Backend for PgRecords {
         let mut client = self.client.lock();
         self.lease.reconnect(&mut client)?;
         self.lease.release(&mut client)
+    }
+}
+
+/// A store's records in a database, read by a program that writes none of them
+/// and holds no lease: a read-only store, or a follower.
+pub(crate) struct PgRecordsReader {
+    location: Location,
+    client: Mutex<Client>,
+}
+
+impl PgRecordsReader {
+    /// Opens the store at `location` to read it, writing nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidLocation`] when the namespace holds no store of cells;
+    /// [`Error::DatabaseSchema`] when the tables are newer than this build;
+    /// [`Error::Database`].
+    pub(crate) fn open(location: &Location) -> Result<PgRecordsReader> {
+        let mut client = location.connect()?;
+        schema::check(&mut client, location, KIND)?;
+        Ok(PgRecordsReader { location: location.clone(), client: Mutex::new(client) })
+    }
+
+    /// Runs `run` on the connection, made again if it broke (reads only).
+    fn reading<T>(&self, run: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
+        let mut client = self.client.lock();
+        if client.is_closed() {
+            *client = self.location.connect()?;
+        }
+        match run(&mut client) {
+            Err(err) if super::broke(&err, &client) => {
+                *client = self.location.connect()?;
+                run(&mut client)
+            }
+            done => done,
+        }
+    }
+
+    fn refused(&self, operation: &'static str) -> Error {
+        Error::ReadOnly { path: self.location.to_string().into(), operation }
+    }
+}
+
+impl Backend for PgRecordsReader {
+    fn read_all(&self) -> Result<Records> {
+        self.reading(|client| read(client, &self.location, None))
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let keys = [key.to_vec()];
+        let mut found = self.reading(|client| read(client, &self.location, Some(&keys)))?;
+        Ok(found.remove(key))
+    }
+
+    fn commit(&self, _: Batch) -> Result<()> {
+        Err(self.refused("save_all"))
+    }
+
+    fn compact(&self) -> Result<()> {
+        Err(self.refused("compact"))
+    }
+
+    fn close(&self) -> Result<()> {
+        Ok(())
     }
 }
 

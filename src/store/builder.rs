@@ -47,6 +47,7 @@ use crate::{
 /// # }
 /// ```
 #[must_use]
+#[derive(Clone)]
 pub struct StoreBuilder {
     cells: Vec<Member>,
     keep: usize,
@@ -441,14 +442,14 @@ impl StoreBuilder {
         location: &crate::postgres::Location,
         access: Access,
     ) -> Result<Store> {
-        use crate::postgres::PgRecords;
+        use crate::postgres::{PgRecords, PgRecordsReader};
         let cells = check_names(std::mem::take(&mut self.cells))?;
         let label = PathBuf::from(location.to_string());
         let held = Held::take(&cells)?;
         let (settings, wait) = self.lease;
         let backend: Box<dyn Backend> = match access {
             Access::ReadWrite => Box::new(PgRecords::open(location, settings, wait)?),
-            Access::ReadOnly => Box::new(Memory::holding(PgRecords::read_copy(location)?)),
+            Access::ReadOnly => Box::new(PgRecordsReader::open(location)?),
         };
         let journals = JournalPlace::Database(Box::new((location.clone(), settings, wait)));
         let place =

@@ -10,6 +10,8 @@ mod builder;
 mod claims;
 mod close;
 mod commit;
+#[cfg(feature = "postgres")]
+mod follow;
 mod global;
 mod history;
 mod open;
@@ -27,6 +29,8 @@ use std::{
 
 use parking_lot::Mutex;
 
+#[cfg(feature = "postgres")]
+pub use self::follow::StoreFollower;
 pub(crate) use self::{
     builder::Member,
     global::global,

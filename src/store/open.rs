@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, path::Path, sync::Arc};
 use super::{
     ENGINE_DIR, Inner, State,
     claims::Claims,
-    records::Missing,
+    records::{Decoded, Missing},
     witness::{self, Held, Older, WitnessFile},
 };
 use crate::{
@@ -21,42 +21,7 @@ impl Store {
     pub(super) fn load(older: Older, mut inner: Inner) -> Result<Store> {
         ensure_outside("open")?;
         let records = inner.backend.read_all()?;
-        let format = check_format(&inner.label, &records)?;
-        inner.check_key(&records)?;
-        let mut state = State {
-            saved: vec![None; inner.cells.len()],
-            renamed: vec![None; inner.cells.len()],
-            // Every cell until loaded: one without a stored value is never saved.
-            pending: (0..inner.cells.len()).collect(),
-            generation: generation(&inner.label, &records)?,
-            ..State::default()
-        };
-        let mut generations = Vec::new();
-        for (key, bytes) in &records {
-            if let Some(name) = codec::cell_name(key) {
-                state.current.insert(name.to_owned(), bytes.clone());
-            } else if let Some(generation) = codec::history_generation(key) {
-                generations.push(generation);
-            } else if let Some(crc) = codec::shape_crc(key) {
-                state.shapes.insert(crc);
-            }
-        }
-        // Newest first: a damaged manifest ends the history there. The current
-        // values do not depend on it, so it must not stop the store from opening;
-        // `verify` reports it, and the next save deletes it with the older ones.
-        for generation in generations.into_iter().rev() {
-            let read = inner.read_manifest(generation, |key| Ok(records.get(key).cloned()));
-            match read.and_then(|(manifest, chunks)| inner.kept(manifest, chunks)) {
-                Ok(kept) if state.damaged_history.is_empty() => state.history.push_front(kept),
-                _ => state.damaged_history.push(generation),
-            }
-        }
-        let names = inner.cells.iter().map(|cell| cell.name());
-        state.claims = Claims::read(&records, names, &inner.engine_path())?;
-        // Damaged records are named first; a store whose records are all sound but
-        // not those of its last acknowledged save is the witness's to refuse.
-        let decoded = inner.decode_all(&state.current, Missing::Skip)?;
-        state.digest = witness::digest_of(&state.current);
+        let Read { format, mut state, decoded } = inner.read(&records)?;
         if inner.values.is_some() {
             let read = inner.read_manifest(state.generation, |key| Ok(records.get(key).cloned()));
             let last = read.ok().map(|(manifest, _)| manifest);
@@ -107,7 +72,57 @@ impl Store {
     }
 }
 
+/// What a store's records hold, read and checked: its format, what the store
+/// knows of them, and the cells' values decoded, to install.
+pub(super) struct Read {
+    format: Option<u32>,
+    pub(super) state: State,
+    pub(super) decoded: Vec<Decoded<'static>>,
+}
+
 impl Inner {
+    /// Reads and checks `records`, every record of the store, and decodes the
+    /// values of the cells that have one; changes nothing. Damaged records are
+    /// named first; a store whose records are all sound but not those of its last
+    /// acknowledged save is the witness's to refuse.
+    pub(super) fn read(&self, records: &Records) -> Result<Read> {
+        let format = check_format(&self.label, records)?;
+        self.check_key(records)?;
+        let mut state = State {
+            saved: vec![None; self.cells.len()],
+            renamed: vec![None; self.cells.len()],
+            // Every cell until loaded: one without a stored value is never saved.
+            pending: (0..self.cells.len()).collect(),
+            generation: generation(&self.label, records)?,
+            ..State::default()
+        };
+        let mut generations = Vec::new();
+        for (key, bytes) in records {
+            if let Some(name) = codec::cell_name(key) {
+                state.current.insert(name.to_owned(), bytes.clone());
+            } else if let Some(generation) = codec::history_generation(key) {
+                generations.push(generation);
+            } else if let Some(crc) = codec::shape_crc(key) {
+                state.shapes.insert(crc);
+            }
+        }
+        // Newest first: a damaged manifest ends the history there. The current
+        // values do not depend on it, so it must not stop the store from opening;
+        // `verify` reports it, and the next save deletes it with the older ones.
+        for generation in generations.into_iter().rev() {
+            let read = self.read_manifest(generation, |key| Ok(records.get(key).cloned()));
+            match read.and_then(|(manifest, chunks)| self.kept(manifest, chunks)) {
+                Ok(kept) if state.damaged_history.is_empty() => state.history.push_front(kept),
+                _ => state.damaged_history.push(generation),
+            }
+        }
+        let names = self.cells.iter().map(|cell| cell.name());
+        state.claims = Claims::read(records, names, &self.engine_path())?;
+        let decoded = self.decode_all(&state.current, Missing::Skip)?;
+        state.digest = witness::digest_of(&state.current);
+        Ok(Read { format, state, decoded })
+    }
+
     /// Opens the journals of the journaled cells; the returned functions install
     /// their values, after every journal opened.
     fn open_journals(&self) -> Result<Vec<Box<dyn FnOnce() + Send>>> {

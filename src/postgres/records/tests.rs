@@ -206,3 +206,35 @@ fn a_journaled_cell_keeps_its_journal_in_a_namespace_beside_the_store_and_refuse
     );
     Ok(())
 }
+
+#[test]
+fn a_follower_loads_each_save_as_it_commits_and_is_promoted_once_the_writer_is_gone() -> Result<()>
+{
+    // Two cells of one name: the writer's and the follower's, as on two machines.
+    static WRITTEN: StateCell<Vec<u32>> = StateCell::new("pg::follow::VALUE", Vec::new);
+    static FOLLOWED: StateCell<Vec<u32>> = StateCell::new("pg::follow::VALUE", Vec::new);
+    let url = test_server::address("records-follow");
+    let writer = builder().cell(&WRITTEN).open(&url)?;
+    WRITTEN.set(vec![1]);
+    writer.save_all()?;
+    // A poll far longer than the test: only the saves' notifications wake it.
+    let follower = builder().cell(&FOLLOWED).follow(&url, Duration::from_mins(10))?;
+    assert_eq!((FOLLOWED.get(), follower.generation()), (vec![1], 1));
+    for n in 2..=5 {
+        WRITTEN.update(|it| it.push(n));
+        writer.save_all()?;
+    }
+    assert!(follower.wait_for(5, Duration::from_secs(30))?, "the follower loaded save 5");
+    assert_eq!((FOLLOWED.get(), follower.lag()?), (vec![1, 2, 3, 4, 5], 0));
+    assert!(matches!(follower.store().save_all(), Err(Error::ReadOnly { .. })));
+    assert_eq!(follower.store().history().len(), 5);
+    writer.close()?;
+    let promoted = follower.promote()?;
+    FOLLOWED.update(|it| it.push(6));
+    promoted.save_all()?;
+    assert_eq!(promoted.generation(), 6);
+    drop(promoted);
+    let reopened = builder().cell(&WRITTEN).open(&url)?;
+    assert_eq!((WRITTEN.get(), reopened.generation()), (vec![1, 2, 3, 4, 5, 6], 6));
+    Ok(())
+}
