@@ -42,7 +42,10 @@ const POLL: Duration = Duration::from_secs(5);
 
 /// An event store in a database, shared by its handles.
 pub(super) struct DbCore {
-    pub(super) engine: PgEvents,
+    pub(super) engine: Arc<PgEvents>,
+    /// The subjects' keys, kept in the database.
+    #[cfg(feature = "encryption")]
+    pub(super) keys: Arc<super::seal::KeyRing>,
     location: Location,
     /// What errors name: the location, without its password.
     pub(super) label: PathBuf,
@@ -67,7 +70,7 @@ impl DbCore {
         hook: Hook,
         codec: Codec,
     ) -> Result<DbCore> {
-        let engine = PgEvents::open(&location)?;
+        let engine = Arc::new(PgEvents::open(&location)?);
         let label = location.to_string();
         let sealer = Sealer::default();
         engine.settle_header(|recorded| {
@@ -75,6 +78,11 @@ impl DbCore {
             Ok(journal::database_header(identity, versions, &sealer))
         })?;
         Ok(DbCore {
+            #[cfg(feature = "encryption")]
+            keys: Arc::new(super::seal::KeyRing::in_database(
+                Arc::clone(&engine),
+                PathBuf::from(&label),
+            )),
             engine,
             location,
             label: PathBuf::from(label),
@@ -95,13 +103,28 @@ impl DbCore {
         }
     }
 
-    /// Appends as the engine does, and wakes this process's subscriptions at once.
+    /// Appends what `encode` makes as the engine does, and wakes this process's
+    /// subscriptions at once. Events sealed with a key that another process
+    /// forgot before the append's transaction (which the engine refuses) are
+    /// encoded again with the subject's new key, three times at most.
     pub(super) fn append(
         &self,
-        requests: Vec<Request>,
-        condition: Option<Condition>,
+        encode: impl Fn() -> Result<Vec<Request>>,
+        condition: Option<&Condition>,
     ) -> Result<Vec<Appended>> {
-        let done = self.engine.append_if(requests, condition)?;
+        let mut tries = 0;
+        let done = loop {
+            #[cfg(feature = "encryption")]
+            self.keys.refresh()?;
+            match self.engine.append_if(encode()?, condition.cloned()) {
+                Err(Error::InvalidAppend { reason })
+                    if reason == crate::postgres::STALE_KEYS && tries < 2 =>
+                {
+                    tries += 1;
+                }
+                done => break done?,
+            }
+        };
         self.signal.committed();
         Ok(done)
     }
@@ -181,6 +204,11 @@ impl Read {
                 event_type: self.event_type.as_deref(),
                 prefix: self.prefix.as_deref(),
             };
+            // A key forgotten by any process reads as shredded from here on.
+            #[cfg(feature = "encryption")]
+            if let Err(err) = db.keys.refresh() {
+                return Some(Err(err));
+            }
             let page = match db.engine.read(&query) {
                 Ok(page) => page,
                 Err(err) => return Some(Err(err)),
@@ -212,14 +240,20 @@ pub(super) fn recorded<E: DeserializeOwned>(
             Ok((position, _)) => format!("the event at position {position}"),
             Err(_) => "an event".to_owned(),
         };
-        super::codec::decode_event(
-            json,
-            version,
-            schema.version,
-            &schema.migrations,
-            data,
-            &db.label,
-            &what,
-        )
+        let decode = || {
+            super::codec::decode_event(
+                json,
+                version,
+                schema.version,
+                &schema.migrations,
+                data,
+                &db.label,
+                &what,
+            )
+        };
+        #[cfg(feature = "encryption")]
+        return super::seal::opening(&db.keys, decode);
+        #[cfg(not(feature = "encryption"))]
+        decode()
     })
 }

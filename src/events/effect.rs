@@ -49,6 +49,13 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// [`Error::InvalidAppend`] for an empty trigger; [`Error::JournalWrite`] as
     /// for an append.
     pub fn append_effect(&self, trigger: &str, reason: &str) -> Result<()> {
+        #[cfg(feature = "postgres")]
+        if let super::Engine::Database(db) = &self.shared.engine {
+            check_trigger(trigger)?;
+            db.engine.append_effect(trigger, reason, false)?;
+            db.signal.committed();
+            return Ok(());
+        }
         self.effect(trigger, reason, || 0)
     }
 
@@ -61,9 +68,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         reason: &str,
         forgotten: impl FnOnce() -> u64,
     ) -> Result<()> {
-        if trigger.is_empty() {
-            return Err(Error::InvalidAppend { reason: "an effect's trigger is empty".to_owned() });
-        }
+        check_trigger(trigger)?;
         let core = self.shared.files("append an effect")?;
         core.journal.commit_with(|_, _| {
             let forgotten = forgotten();
@@ -98,13 +103,35 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// [`Error::JournalWrite`] when the effect cannot be journaled; [`Error::Io`]
     /// when the key file cannot be written (the keys are destroyed when the store
     /// is next opened).
+    ///
+    /// In a database, the keys are destroyed and the effect appended in one
+    /// transaction, which every process sees whole or not at all; the table's old
+    /// row versions are vacuumed right after. An event that another process
+    /// sealed with the forgotten key and had not committed yet is sealed again
+    /// with a new key.
     #[cfg(feature = "encryption")]
     pub fn forget_subject(&self, subject: &str) -> Result<()> {
+        #[cfg(feature = "postgres")]
+        if let super::Engine::Database(db) = &self.shared.engine {
+            check_trigger(subject)?;
+            let below = db.engine.append_effect(subject, FORGOTTEN, true)?;
+            db.keys.forgotten(subject, below);
+            db.signal.committed();
+            return Ok(());
+        }
         let keys = &self.shared.files("forget a subject")?.keys;
         self.effect(subject, FORGOTTEN, || keys.forget(subject))?;
         self.sync()?;
         keys.persist()
     }
+}
+
+/// Refuses an empty trigger.
+fn check_trigger(trigger: &str) -> Result<()> {
+    if trigger.is_empty() {
+        return Err(Error::InvalidAppend { reason: "an effect's trigger is empty".to_owned() });
+    }
+    Ok(())
 }
 
 /// Commits a durable effect to the index, and wakes the subscriptions.

@@ -81,8 +81,9 @@
 //! positions are gap-free and in commit order (a subscription never skips an
 //! event that committed late), and subscriptions wake at every commit of any
 //! process (`LISTEN`/`NOTIFY`). Every append is committed before it returns,
-//! whatever the [`Durability`]. Removal, compaction, effects and subject keys are
-//! not offered there yet: they return [`Error::Unsupported`].
+//! whatever the [`Durability`]. Effects, and subject keys with crypto-shredding,
+//! work there too, the keys kept in the database. Removal, retention and
+//! compaction are not offered there yet: they return [`Error::Unsupported`].
 
 pub(crate) mod append;
 #[cfg(feature = "fuzz")]
@@ -97,7 +98,7 @@ mod database;
 mod delete;
 mod effect;
 mod event;
-mod index;
+pub(crate) mod index;
 mod locate;
 mod project;
 mod raw;
@@ -647,11 +648,19 @@ impl<E> EventStoreBuilder<E> {
         E: Serialize + DeserializeOwned,
     {
         #[cfg(feature = "encryption")]
-        if self.key.is_some() || self.subject_keys.is_some() {
+        if self.key.is_some() {
             return Err(Error::Unsupported {
                 location: location.to_string(),
-                operation: "encrypt its events or seal them with subject keys".to_owned(),
+                operation: "encrypt its events".to_owned(),
                 reason: "the event store on PostgreSQL does not offer it yet".to_owned(),
+            });
+        }
+        #[cfg(feature = "encryption")]
+        if self.subject_keys.is_some() {
+            return Err(Error::Unsupported {
+                location: location.to_string(),
+                operation: "keep its subject keys in a file".to_owned(),
+                reason: "an event store on PostgreSQL keeps them in its database".to_owned(),
             });
         }
         let versions = {
@@ -877,14 +886,14 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
             append::check_requests(&requests)?;
             Ok(requests)
         };
-        // Sealed again under the journal's lock when a key went meanwhile.
-        #[cfg_attr(not(feature = "encryption"), allow(unused_mut))]
-        let mut requests = encode_all()?;
         let core = match &self.shared.engine {
             Engine::Files(core) => core,
             #[cfg(feature = "postgres")]
-            Engine::Database(db) => return db.append(requests, condition.cloned()),
+            Engine::Database(db) => return db.append(encode_all, condition),
         };
+        // Sealed again under the journal's lock when a key went meanwhile.
+        #[cfg_attr(not(feature = "encryption"), allow(unused_mut))]
+        let mut requests = encode_all()?;
         let index = Arc::clone(&core.index);
         let done = core.journal.commit_with(|_, _| {
             // A subject forgotten between the encoding and the journal's lock left
@@ -1159,8 +1168,9 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
                     Engine::Files(core) => seal::sealing(&core.keys, dry, encode)?,
                     #[cfg(not(feature = "encryption"))]
                     Engine::Files(_) => (encode()?, Vec::new()),
-                    // `Sealed` values refuse to encode without the keys of a store.
-                    #[cfg(feature = "postgres")]
+                    #[cfg(all(feature = "postgres", feature = "encryption"))]
+                    Engine::Database(db) => seal::sealing(&db.keys, dry, encode)?,
+                    #[cfg(all(feature = "postgres", not(feature = "encryption")))]
                     Engine::Database(_) => (encode()?, Vec::new()),
                 };
                 #[cfg(not(feature = "encryption"))]

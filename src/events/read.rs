@@ -382,6 +382,10 @@ impl<E> EventStore<E> {
     /// decoded, and compaction keeps tags): `None` when the store holds no event
     /// there.
     pub(crate) fn tags_at(&self, position: u64) -> Result<Option<Vec<String>>> {
+        #[cfg(feature = "postgres")]
+        if let Engine::Database(db) = &self.shared.engine {
+            return db.engine.tags_at(position);
+        }
         let core = self.shared.files("read an event's tags")?;
         let place = {
             let index = core.index.read();

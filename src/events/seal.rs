@@ -171,9 +171,9 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for Sealed<T> {
             return Err(D::Error::custom("a `Sealed` value is decoded only by an event store"));
         };
         let key = match ring.lookup(&subject, generation) {
-            Lookup::Key(key) => key,
-            Lookup::Forgotten => return Ok(Sealed { subject, value: None }),
-            Lookup::Missing => {
+            Ok(Lookup::Key(key)) => key,
+            Ok(Lookup::Forgotten) => return Ok(Sealed { subject, value: None }),
+            Ok(Lookup::Missing) => {
                 let err = Error::SubjectKeyMissing {
                     path: ring.path.clone(),
                     subject: subject.clone(),
@@ -181,6 +181,10 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for Sealed<T> {
                 };
                 OPENING_FAILURE.with(|failure| *failure.borrow_mut() = Some(err));
                 return Err(D::Error::custom("a subject key is missing"));
+            }
+            Err(err) => {
+                OPENING_FAILURE.with(|failure| *failure.borrow_mut() = Some(err));
+                return Err(D::Error::custom("a subject key could not be read"));
             }
         };
         let sealer = Sealer::new(Some(&EncryptionKey::from_bytes(key)));
@@ -312,14 +316,20 @@ enum Lookup {
     Missing,
 }
 
-/// The subject keys of a store: in memory, and in their file.
+/// The subject keys of a store: in memory, and in their file (or, for a store
+/// in a database, in its table, of which the memory holds what it read).
 pub(crate) struct KeyRing {
+    /// The file, or what errors name.
     path: PathBuf,
     io: Io,
     sealer: Sealer,
     /// The keys, and whether the file ends with a record cut short (which the
     /// next write drops by rewriting the file).
     subjects: Mutex<(Subjects, bool)>,
+    /// The database the keys are kept in, instead of the file, and the number of
+    /// its effects looked at (forgettings included).
+    #[cfg(feature = "postgres")]
+    database: Option<(Arc<crate::postgres::PgEvents>, Mutex<u64>)>,
 }
 
 /// Per subject, its keys by generation; a forgotten one is `None`.
@@ -394,7 +404,46 @@ impl KeyRing {
                 rest = rest.get(4 + len + 8..).unwrap_or_default();
             }
         }
-        Ok(KeyRing { path, io, sealer, subjects: Mutex::new((subjects, torn)) })
+        Ok(KeyRing {
+            path,
+            io,
+            sealer,
+            subjects: Mutex::new((subjects, torn)),
+            #[cfg(feature = "postgres")]
+            database: None,
+        })
+    }
+
+    /// The keys of the event store `engine`, kept in its database (`label` names
+    /// it in errors); none is read until needed.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn in_database(engine: Arc<crate::postgres::PgEvents>, label: PathBuf) -> KeyRing {
+        KeyRing {
+            path: label,
+            io: Io::default(),
+            sealer: Sealer::default(),
+            subjects: Mutex::new((Subjects::new(), false)),
+            database: Some((engine, Mutex::new(0))),
+        }
+    }
+
+    /// In a database: forgets in memory the keys that other processes (or this
+    /// one) forgot since the last look, from the effects appended since. Every
+    /// read and append of a store in a database looks first, so that a key
+    /// forgotten anywhere reads as shredded here from then on.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn refresh(&self) -> Result<()> {
+        if let Some((engine, seen)) = &self.database {
+            let mut seen = seen.lock();
+            let effects = engine.effects_from(*seen)?;
+            for effect in &effects {
+                if 0 < effect.forgotten {
+                    self.forgotten(&effect.trigger, effect.forgotten);
+                }
+            }
+            *seen += effects.len() as u64;
+        }
+        Ok(())
     }
 
     /// The generation of the newest key of `subject`, unless it has none or it
@@ -411,18 +460,57 @@ impl KeyRing {
         Some((*generation, (*key)?))
     }
 
-    fn lookup(&self, subject: &str, generation: u64) -> Lookup {
-        let subjects = self.subjects.lock();
-        match subjects.0.get(subject).and_then(|keys| keys.get(&generation)) {
-            Some(Some(key)) => Lookup::Key(*key),
-            Some(None) => Lookup::Forgotten,
-            None => Lookup::Missing,
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::unnecessary_wraps))]
+    fn lookup(&self, subject: &str, generation: u64) -> Result<Lookup> {
+        let known = {
+            let subjects = self.subjects.lock();
+            match subjects.0.get(subject).and_then(|keys| keys.get(&generation)) {
+                Some(Some(key)) => Lookup::Key(*key),
+                Some(None) => Lookup::Forgotten,
+                None => Lookup::Missing,
+            }
+        };
+        // In a database, another process may have made the key.
+        #[cfg(feature = "postgres")]
+        if let (Lookup::Missing, Some((engine, _))) = (&known, &self.database) {
+            let Some(stored) = engine.key(subject, generation)? else {
+                return Ok(Lookup::Missing);
+            };
+            self.subjects
+                .lock()
+                .0
+                .entry(subject.to_owned())
+                .or_default()
+                .insert(generation, stored);
+            return Ok(stored.map_or(Lookup::Forgotten, Lookup::Key));
         }
+        Ok(known)
     }
 
     /// Makes a new key for `subject`, unless it has one, and appends it to the
     /// file, durably.
     fn create(&self, subject: &str) -> Result<()> {
+        #[cfg(feature = "postgres")]
+        if let Some((engine, _)) = &self.database {
+            if MAX_SUBJECT < subject.len() {
+                return Err(Error::InvalidAppend {
+                    reason: format!(
+                        "a subject is {} bytes long, over the limit of {MAX_SUBJECT}",
+                        subject.len()
+                    ),
+                });
+            }
+            // Another process may have made one: the newest live key is taken.
+            let (generation, key) = engine.create_key(subject, crate::crypt::random_key())?;
+            let mut subjects = self.subjects.lock();
+            let keys = subjects.0.entry(subject.to_owned()).or_default();
+            for older in keys.range_mut(..generation).map(|(_, key)| key) {
+                // Below a live generation, every key was forgotten.
+                *older = None;
+            }
+            keys.insert(generation, Some(key));
+            return Ok(());
+        }
         let mut guard = self.subjects.lock();
         let (subjects, torn) = &mut *guard;
         let keys = subjects.entry(subject.to_owned()).or_default();
@@ -602,7 +690,7 @@ mod tests {
         keys.persist()?;
         let bytes = std::fs::read(&path).map_err(Error::io(&path))?;
         assert!(!bytes.windows(32).any(|it| it == eve), "the key's bytes are gone");
-        assert!(matches!(ring(&path)?.lookup("eve", 0), Lookup::Forgotten));
+        assert!(matches!(ring(&path)?.lookup("eve", 0)?, Lookup::Forgotten));
         Ok(())
     }
 }

@@ -225,7 +225,10 @@ impl<'a, E> SubscribeAll<'a, E> {
                 effects.partition_point(|effect| effect.head < position.get())
             }
             #[cfg(feature = "postgres")]
-            Engine::Database(_) => 0,
+            Engine::Database(db) => {
+                let before = db.engine.effects_before(position.get())?;
+                usize::try_from(before).unwrap_or(usize::MAX)
+            }
         };
         self.start(position.get(), seen)
     }
@@ -242,7 +245,12 @@ impl<'a, E> SubscribeAll<'a, E> {
                 (index.committed, index.effects.len())
             }
             #[cfg(feature = "postgres")]
-            Engine::Database(db) => (db.engine.head()?.get(), 0),
+            Engine::Database(db) => {
+                // Effects first: one appended between the two reads comes at or
+                // after the head read, and is delivered.
+                let effects = db.engine.effects_from(0)?.len();
+                (db.engine.head()?.get(), effects)
+            }
         };
         self.start(head, seen)
     }
@@ -392,7 +400,7 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
             let mut head = self.head(&store)?;
             // An effect comes before the events after it: the read stops there, and
             // the effect is delivered when the cursor reaches it.
-            let effect = self.next_effect(&store);
+            let effect = self.next_effect(&store)?;
             if let Some(effect) = effect.as_ref().filter(|effect| effect.head <= self.cursor) {
                 self.replay(&store, effect)?;
                 self.effects_seen = self.effects_seen.saturating_add(1);
@@ -435,29 +443,29 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
     }
 
     /// The next effect to deliver, for a subscription to `$all`.
-    fn next_effect(&self, store: &EventStore<E>) -> Option<EffectRecord> {
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::unnecessary_wraps))]
+    fn next_effect(&self, store: &EventStore<E>) -> Result<Option<EffectRecord>> {
         match self.target {
             Target::All { .. } => match &store.shared.engine {
-                Engine::Files(core) => core.index.read().effects.get(self.effects_seen).cloned(),
+                Engine::Files(core) => {
+                    Ok(core.index.read().effects.get(self.effects_seen).cloned())
+                }
+                // Read after the head: an effect comes before the events at and
+                // after its head, which commit after it (it holds the head's lock).
                 #[cfg(feature = "postgres")]
-                Engine::Database(_) => None,
+                Engine::Database(db) => {
+                    let seen = self.effects_seen as u64;
+                    Ok(db.engine.effects_from(seen)?.into_iter().next())
+                }
             },
-            Target::Stream { .. } => None,
+            Target::Stream { .. } => Ok(None),
         }
     }
 
     /// Buffers `effect`, then every event of the aggregates it affects: those the
     /// events linked to its trigger touch (and those events themselves).
     fn replay(&mut self, store: &EventStore<E>, effect: &EffectRecord) -> Result<()> {
-        let core = store.shared.files("replay an effect")?;
-        let linked: Vec<u64> = {
-            let index = core.index.read();
-            let linked = index.triggered(&effect.trigger);
-            linked
-                .get(..linked.partition_point(|it| *it < effect.head))
-                .unwrap_or_default()
-                .to_vec()
-        };
+        let linked = triggered(store, &effect.trigger, effect.head)?;
         // The aggregates of the linked events, removed ones included: what was
         // built from them is to be built again without them.
         let mut aggregates: Vec<String> = Vec::new();
@@ -469,14 +477,8 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
             }
         }
         let mut positions: BTreeSet<u64> = linked.into_iter().collect();
-        {
-            let index = core.index.read();
-            for aggregate in &aggregates {
-                let tagged = index.tagged(aggregate);
-                let before = tagged.partition_point(|it| it.position < effect.head);
-                positions
-                    .extend(tagged.get(..before).unwrap_or_default().iter().map(|it| it.position));
-            }
+        for aggregate in &aggregates {
+            positions.extend(tagged(store, aggregate, effect.head)?);
         }
         // Buffered only once every event is read: an error delivers nothing, and
         // the effect is replayed whole when the subscription is asked again.
@@ -564,5 +566,34 @@ impl<E: Serialize + DeserializeOwned> Iterator for Subscription<E> {
     /// [`Delivery::Stopped`].
     fn next(&mut self) -> Option<Self::Item> {
         self.next_until(None).transpose()
+    }
+}
+
+/// The positions below `before` of the events of `store` linked to `trigger`.
+#[cfg_attr(not(feature = "postgres"), allow(clippy::unnecessary_wraps))]
+fn triggered<E>(store: &EventStore<E>, trigger: &str, before: u64) -> Result<Vec<u64>> {
+    match &store.shared.engine {
+        Engine::Files(core) => {
+            let index = core.index.read();
+            let linked = index.triggered(trigger);
+            Ok(linked.get(..linked.partition_point(|it| *it < before)).unwrap_or_default().to_vec())
+        }
+        #[cfg(feature = "postgres")]
+        Engine::Database(db) => db.engine.triggered(trigger, before),
+    }
+}
+
+/// The positions below `before` of the events of `store` tagged `tag`.
+#[cfg_attr(not(feature = "postgres"), allow(clippy::unnecessary_wraps))]
+fn tagged<E>(store: &EventStore<E>, tag: &str, before: u64) -> Result<Vec<u64>> {
+    match &store.shared.engine {
+        Engine::Files(core) => {
+            let index = core.index.read();
+            let tagged = index.tagged(tag);
+            let below = tagged.partition_point(|it| it.position < before);
+            Ok(tagged.get(..below).unwrap_or_default().iter().map(|it| it.position).collect())
+        }
+        #[cfg(feature = "postgres")]
+        Engine::Database(db) => db.engine.tagged(tag, before),
     }
 }

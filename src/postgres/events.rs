@@ -367,6 +367,13 @@ fn group_failed(location: &Location, action: &str, reason: &str) -> Error {
     }
 }
 
+impl Member {
+    /// Whether an event of it holds data sealed with a subject's key.
+    fn is_sealed(&self) -> bool {
+        self.requests.iter().flat_map(|it| &it.events).any(|event| !event.sealed_with.is_empty())
+    }
+}
+
 /// One append waiting in a group: its ticket, its streams, its condition.
 struct Member {
     ticket: u64,
@@ -733,9 +740,10 @@ impl Leader<'_> {
             Some(writer) => writer,
             None => Writer::new(location.connect()?, location)?,
         };
-        let conditional = batch.iter().any(|member| member.condition.is_some());
-        let outcome =
-            if conditional { Ok(None) } else { write_known(&mut writer, location, batch) };
+        // Conditions, and the keys sealed events were sealed with, are checked
+        // under the head's lock: in the transaction.
+        let locked = batch.iter().any(|member| member.condition.is_some() || member.is_sealed());
+        let outcome = if locked { Ok(None) } else { write_known(&mut writer, location, batch) };
         let outcome = match outcome {
             Ok(Some(results)) => Ok(results),
             Ok(None) => {
@@ -779,7 +787,8 @@ fn write_known(
             .map(|it| (it.stream.clone(), known.next_version(&it.stream)))
             .collect();
         let assumed = streams.clone();
-        let planned = plan_group(batch, &mut streams, &mut ids, known.head, |_, _, _| Ok(None));
+        let planned =
+            plan_group(batch, &[], &mut streams, &mut ids, known.head, |_, _, _| Ok(None));
         let found = write(
             &mut writer.client,
             &writer.statements.write,
@@ -831,6 +840,7 @@ struct Planned<'a> {
 /// finds the first stored event that conflicts with a condition.
 fn plan_group<'a>(
     batch: &'a [Member],
+    stale: &[u64],
     streams: &mut Streams,
     ids: &mut Ids,
     first: u64,
@@ -849,6 +859,11 @@ fn plan_group<'a>(
     // checked against them too.
     let mut group_tags: Vec<(&str, EventRef)> = Vec::new();
     for Member { ticket, requests, condition } in batch {
+        if stale.contains(ticket) {
+            let reason = effects::STALE_KEYS.to_owned();
+            results.push((*ticket, Err(Error::InvalidAppend { reason })));
+            continue;
+        }
         let mut planned = plan(requests, streams, ids, next);
         if let (Ok(appended), Some(condition)) = (&planned, condition)
             && appended.iter().any(|it| next <= it.positions.start && !it.positions.is_empty())
@@ -928,10 +943,25 @@ fn commit(
         streams.entry((*name).to_owned()).or_insert(0);
     }
     let assumed = streams.clone();
-    let planned =
-        plan_group(batch, &mut streams, &mut ids, first_position, |condition, tag, group| {
+    // Sealed with a key forgotten before the head was locked: refused, to be
+    // sealed again with the subject's new key.
+    let mut stale = Vec::new();
+    for member in batch.iter().filter(|member| member.is_sealed()) {
+        let requests: Vec<&Request> = member.requests.iter().collect();
+        if effects::sealed_with_stale_keys(&mut tx, location, &requests)? {
+            stale.push(member.ticket);
+        }
+    }
+    let planned = plan_group(
+        batch,
+        &stale,
+        &mut streams,
+        &mut ids,
+        first_position,
+        |condition, tag, group| {
             first_tagged(&mut tx, &statements.first_tagged, location, condition, tag, group)
-        });
+        },
+    );
     if planned.rows.is_empty() || dry {
         tx.rollback().map_err(failed(location, "end an append that writes nothing"))?;
         let known = (!dry).then_some(Known { head: first_position, streams: assumed });
@@ -1377,5 +1407,6 @@ impl EventRow {
     }
 }
 
+pub(crate) mod effects;
 #[cfg(test)]
 mod tests;

@@ -39,7 +39,9 @@ mod server;
 pub(crate) mod test_server;
 mod tls;
 
-pub(crate) use events::{EventRow, PgEvents, Query as EventQuery, watch_commits};
+pub(crate) use events::{
+    EventRow, PgEvents, Query as EventQuery, effects::STALE_KEYS, watch_commits,
+};
 pub(crate) use journal::{FrameRow, PgJournal, PgReader};
 pub(crate) use lease::LeaseSettings;
 pub use location::Location;

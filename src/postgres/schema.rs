@@ -104,6 +104,27 @@ const STEPS: &[&str] = &[
         bytes bytea NOT NULL,
         PRIMARY KEY (namespace, key, part)
     );",
+    // 6: an event store's effects, and its subjects' keys (a forgotten key's row
+    // keeps its generation, without its key); events found by their triggers.
+    "CREATE TABLE instastate.effects (
+        namespace text NOT NULL,
+        number bigint NOT NULL CHECK (number >= 0),
+        head bigint NOT NULL CHECK (head >= 0),
+        trigger text NOT NULL,
+        reason text NOT NULL,
+        forgotten bigint NOT NULL CHECK (forgotten >= 0),
+        at_us bigint NOT NULL,
+        PRIMARY KEY (namespace, number)
+    );
+    CREATE TABLE instastate.subject_keys (
+        namespace text NOT NULL,
+        subject text NOT NULL,
+        generation bigint NOT NULL CHECK (generation >= 0),
+        key bytea CHECK (length(key) = 32),
+        PRIMARY KEY (namespace, subject, generation)
+    );
+    CREATE INDEX events_triggers ON instastate.events USING gin (triggers)
+        WHERE cardinality(triggers) > 0;",
 ];
 
 /// The newest version of the tables this build knows.

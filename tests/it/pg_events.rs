@@ -119,7 +119,6 @@ fn what_the_database_does_not_offer_yet_is_a_typed_error_that_changes_nothing() 
         events.truncate_stream("cart", 1),
         events.set_retention("cart", Retention::default().max_count(1)),
         events.compact().map(drop),
-        events.append_effect("key:1", "expired"),
         events.backup_to(tempfile::tempdir()?.path().join("copy")),
     ];
     for res in refused {
@@ -131,4 +130,212 @@ fn what_the_database_does_not_offer_yet_is_a_typed_error_that_changes_nothing() 
     assert_eq!(events.stream_version("cart")?, Some(1));
     assert_eq!(events.read_stream("cart").into_iter().count(), 2);
     Ok(())
+}
+
+#[test]
+fn an_effect_replays_the_aggregates_of_its_trigger_to_a_subscription_of_another_store() -> TestResult
+{
+    use instastate::events::NewEvent;
+    let location = crate::server::address("pg-events-effects");
+    let writer = EventStore::<u64>::open(&location)?;
+    let reader = EventStore::<u64>::open(&location)?;
+    let linked = NewEvent::new(1).tagged(["cart-1"]).linked_to(["key:1"]);
+    writer.append("cart-1", Expected::NoStream, [linked, NewEvent::new(2).tagged(["cart-1"])])?;
+    writer.append("cart-2", Expected::NoStream, [NewEvent::new(3).tagged(["cart-2"])])?;
+    let mut all = reader.subscribe_all().from(Position::START)?;
+    let mut seen = Vec::new();
+    loop {
+        match all.next_timeout(PATIENCE)? {
+            Some(Delivery::Event(event)) => seen.push(event.data),
+            Some(Delivery::CaughtUp) => break,
+            other => return Err(format!("unexpected {other:?}").into()),
+        }
+    }
+    assert_eq!(seen, [1, 2, 3]);
+    writer.append_effect("key:1", "expired")?;
+    writer.append("cart-1", Expected::Exact(1), [NewEvent::new(4).tagged(["cart-1"])])?;
+    let Some(Delivery::Effect(effect)) = all.next_timeout(PATIENCE)? else {
+        return Err("no effect".into());
+    };
+    assert_eq!(
+        (effect.trigger.as_str(), effect.reason.as_str(), effect.aggregates.as_slice()),
+        ("key:1", "expired", ["cart-1".to_owned()].as_slice())
+    );
+    assert_eq!((effect.position, effect.number), (Position::new(3), 0));
+    // The aggregate's events again, then what came after the effect.
+    let mut after = Vec::new();
+    for _ in 0..3 {
+        match all.next_timeout(PATIENCE)? {
+            Some(Delivery::Replayed(event)) => after.push(("replayed", event.data)),
+            Some(Delivery::Event(event)) => after.push(("event", event.data)),
+            other => return Err(format!("unexpected {other:?}").into()),
+        }
+    }
+    assert_eq!(after, [("replayed", 1), ("replayed", 2), ("event", 4)]);
+    // A subscription from the effect's place gets it; from after, not.
+    let mut at = reader.subscribe_all().from(Position::new(3))?;
+    let first = at.next_timeout(PATIENCE)?;
+    assert!(matches!(&first, Some(Delivery::Effect(effect)) if effect.number == 0), "{first:?}");
+    let mut late = reader.subscribe_all().from(Position::new(4))?;
+    assert!(matches!(late.next_timeout(PATIENCE)?, Some(Delivery::CaughtUp)));
+    let refused = writer.append_effect("", "no trigger");
+    assert!(matches!(refused, Err(Error::InvalidAppend { .. })), "{refused:?}");
+    Ok(())
+}
+
+#[cfg(feature = "encryption")]
+mod shredding {
+    use std::collections::BTreeMap;
+
+    use instastate::events::{
+        Delivery, EventStore, Expected, FORGOTTEN, NewEvent, Position, Sealed,
+    };
+
+    use super::PATIENCE;
+    use crate::TestResult;
+
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    enum Account {
+        Opened { owner: Sealed<String> },
+        Deposited { amount: i64 },
+    }
+
+    fn open_account(events: &EventStore<Account>, stream: &str, owner: &str) -> TestResult {
+        let opened = Account::Opened { owner: Sealed::new(owner.to_lowercase(), owner.to_owned()) };
+        let event = NewEvent::new(opened).tagged([stream.to_owned()]);
+        events.append(stream, Expected::NoStream, [event])?;
+        let deposit = NewEvent::new(Account::Deposited { amount: 100 }).tagged([stream.to_owned()]);
+        events.append(stream, Expected::Exact(0), [deposit])?;
+        Ok(())
+    }
+
+    /// The owner of each account, as a reader sees it: `None` once shredded.
+    fn owners(events: &EventStore<Account>) -> TestResult<BTreeMap<String, Option<String>>> {
+        let mut owners = BTreeMap::new();
+        for event in events.read_all() {
+            let event = event?;
+            if let Account::Opened { owner } = &event.data {
+                owners.insert(event.stream.clone(), owner.value().cloned());
+            }
+        }
+        Ok(owners)
+    }
+
+    fn owned(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), v.map(str::to_owned))).collect()
+    }
+
+    #[test]
+    fn a_subject_forgotten_by_one_process_reads_as_shredded_in_every_other_and_its_keys_are_gone()
+    -> TestResult {
+        let location = crate::server::address("pg-events-shred");
+        let (one, other) =
+            (EventStore::<Account>::open(&location)?, EventStore::<Account>::open(&location)?);
+        open_account(&one, "account-1", "Alice")?;
+        open_account(&one, "account-2", "Bob")?;
+        let both = owned(&[("account-1", Some("Alice")), ("account-2", Some("Bob"))]);
+        // The other process reads with the keys the first one made.
+        assert_eq!(owners(&other)?, both);
+        let mut subscription = other.subscribe_all().from(Position::START)?;
+        while !matches!(subscription.next_timeout(PATIENCE)?, Some(Delivery::CaughtUp)) {}
+
+        one.forget_subject("alice")?;
+        let without = owned(&[("account-1", None), ("account-2", Some("Bob"))]);
+        assert_eq!(owners(&other)?, without, "the other process's cached key is forgotten too");
+        assert_eq!(owners(&one)?, without);
+        let Some(Delivery::Effect(effect)) = subscription.next_timeout(PATIENCE)? else {
+            return Err("no effect".into());
+        };
+        assert_eq!((effect.trigger.as_str(), effect.reason.as_str()), ("alice", FORGOTTEN));
+        assert_eq!(effect.aggregates, ["account-1"]);
+        for _ in 0..2 {
+            let Some(Delivery::Replayed(event)) = subscription.next_timeout(PATIENCE)? else {
+                return Err("no replay".into());
+            };
+            assert_eq!(event.stream, "account-1");
+        }
+        // The key's bytes are gone from the table.
+        let mut client = postgres::Client::connect(crate::server::url(), postgres::NoTls)?;
+        let namespace = location.rsplit_once("namespace=").map(|it| it.1).ok_or("no namespace")?;
+        let live: i64 = client
+            .query_one(
+                "SELECT count(*) FROM instastate.subject_keys
+                  WHERE namespace = $1 AND subject = 'alice' AND key IS NOT NULL",
+                &[&namespace],
+            )?
+            .get(0);
+        assert_eq!(live, 0);
+
+        // Sealing for her again, from the other process (whose cache knew her old
+        // key), takes a new key that both read.
+        open_account(&other, "account-3", "Alice")?;
+        assert_eq!(owners(&one)?.get("account-3"), Some(&Some("Alice".to_owned())));
+        drop((one, other, subscription));
+        let reopened = EventStore::<Account>::open(&location)?;
+        let after =
+            owned(&[("account-1", None), ("account-2", Some("Bob")), ("account-3", Some("Alice"))]);
+        assert_eq!(owners(&reopened)?, after);
+        Ok(())
+    }
+
+    /// Two processes append sealed events while a third forgets their subjects
+    /// over and over: an event is shredded only if a forget of its subject came
+    /// after it; every event appended after a forget reads.
+    #[test]
+    fn appends_racing_forgets_in_other_processes_are_sealed_with_a_live_key() -> TestResult {
+        let location = crate::server::address("pg-events-shred-race");
+        let forgetter = EventStore::<Sealed<u64>>::open(&location)?;
+        std::thread::scope(|scope| -> TestResult {
+            let writers: Vec<_> = (0..2u64)
+                .map(|writer| {
+                    let location = location.clone();
+                    scope.spawn(move || -> instastate::Result<()> {
+                        let events = EventStore::<Sealed<u64>>::open(&location)?;
+                        for n in 0..150 {
+                            let subject = format!("s{}", n % 3);
+                            events.append(
+                                "log",
+                                Expected::Any,
+                                [Sealed::new(subject, writer * 1000 + n)],
+                            )?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for n in 0..60 {
+                forgetter.forget_subject(&format!("s{}", n % 3))?;
+            }
+            for writer in writers {
+                writer.join().map_err(|_| "a writer panicked")??;
+            }
+            Ok(())
+        })?;
+        let mut forgets = Vec::new();
+        for delivery in forgetter.subscribe_all().from(Position::START)? {
+            match delivery? {
+                Delivery::Effect(effect) => forgets.push((effect.position, effect.trigger)),
+                Delivery::CaughtUp => break,
+                _ => {}
+            }
+        }
+        assert_eq!(forgets.len(), 60);
+        let mut read = 0;
+        for event in forgetter.read_all() {
+            let event = event?;
+            read += 1;
+            if event.data.is_shredded() {
+                let forgotten_later = forgets
+                    .iter()
+                    .any(|(at, subject)| subject == event.data.subject() && event.position < *at);
+                assert!(
+                    forgotten_later,
+                    "event {} is shredded, though no forget came after it",
+                    event.position
+                );
+            }
+        }
+        assert_eq!(read, 300);
+        Ok(())
+    }
 }
