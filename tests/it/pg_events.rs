@@ -285,56 +285,10 @@ mod shredding {
     fn appends_racing_forgets_in_other_processes_are_sealed_with_a_live_key() -> TestResult {
         let location = crate::server::address("pg-events-shred-race");
         let forgetter = EventStore::<Sealed<u64>>::open(&location)?;
-        std::thread::scope(|scope| -> TestResult {
-            let writers: Vec<_> = (0..2u64)
-                .map(|writer| {
-                    let location = location.clone();
-                    scope.spawn(move || -> instastate::Result<()> {
-                        let events = EventStore::<Sealed<u64>>::open(&location)?;
-                        for n in 0..150 {
-                            let subject = format!("s{}", n % 3);
-                            events.append(
-                                "log",
-                                Expected::Any,
-                                [Sealed::new(subject, writer * 1000 + n)],
-                            )?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            for n in 0..60 {
-                forgetter.forget_subject(&format!("s{}", n % 3))?;
-            }
-            for writer in writers {
-                writer.join().map_err(|_| "a writer panicked")??;
-            }
-            Ok(())
-        })?;
-        let mut forgets = Vec::new();
-        for delivery in forgetter.subscribe_all().from(Position::START)? {
-            match delivery? {
-                Delivery::Effect(effect) => forgets.push((effect.position, effect.trigger)),
-                Delivery::CaughtUp => break,
-                _ => {}
-            }
-        }
-        assert_eq!(forgets.len(), 60);
-        let mut read = 0;
-        for event in forgetter.read_all() {
-            let event = event?;
-            read += 1;
-            if event.data.is_shredded() {
-                let forgotten_later = forgets
-                    .iter()
-                    .any(|(at, subject)| subject == event.data.subject() && event.position < *at);
-                assert!(
-                    forgotten_later,
-                    "event {} is shredded, though no forget came after it",
-                    event.position
-                );
-            }
-        }
+        let open = || EventStore::<Sealed<u64>>::open(&location);
+        let (read, forgets) =
+            crate::shredding::race_appends_and_forgets(&open, &forgetter, 150, 60)?;
+        assert_eq!(forgets, 60);
         assert_eq!(read, 300);
         Ok(())
     }

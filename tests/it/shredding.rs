@@ -252,53 +252,11 @@ fn projections_into_cells_rebuild_without_a_forgotten_subject() -> TestResult {
 /// (it was sealed with the subject's new key), and a dry run makes no key.
 #[test]
 fn appends_racing_forgets_are_sealed_with_a_live_key() -> TestResult {
-    use instastate::events::{Append, Condition, Effect};
+    use instastate::events::{Append, Condition};
     let dir = tempfile::tempdir()?;
     let events = EventStore::<Sealed<u64>>::open(dir.path())?;
-    let writers: Vec<_> = (0..2u64)
-        .map(|writer| {
-            let events = events.clone();
-            std::thread::spawn(move || -> instastate::Result<()> {
-                for n in 0..400 {
-                    let subject = format!("s{}", n % 3);
-                    events.append(
-                        "log",
-                        Expected::Any,
-                        [Sealed::new(subject, writer * 1000 + n)],
-                    )?;
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    for n in 0..200 {
-        events.forget_subject(&format!("s{}", n % 3))?;
-    }
-    for writer in writers {
-        writer.join().map_err(|_| "a writer panicked")??;
-    }
-    // Where each forget came, from a subscription: (position, subject).
-    let mut forgets = Vec::new();
-    for delivery in events.subscribe_all().from(Position::START)? {
-        match delivery? {
-            Delivery::Effect(Effect { trigger, position, .. }) => forgets.push((position, trigger)),
-            Delivery::CaughtUp => break,
-            _ => {}
-        }
-    }
-    for event in events.read_all() {
-        let event = event?;
-        if event.data.is_shredded() {
-            let forgotten_later = forgets
-                .iter()
-                .any(|(at, subject)| subject == event.data.subject() && event.position < *at);
-            assert!(
-                forgotten_later,
-                "event {} is shredded, though no forget came after it",
-                event.position
-            );
-        }
-    }
+    let (read, forgets) = race_appends_and_forgets(&|| Ok(events.clone()), &events, 400, 200)?;
+    assert_eq!((read, forgets), (800, 200));
     // A dry run seals with a key it keeps nowhere.
     let fresh = tempfile::tempdir()?;
     let dry = EventStore::<Sealed<u64>>::open(fresh.path())?;
@@ -327,4 +285,68 @@ fn a_panic_while_sealing_leaves_no_context_behind() -> TestResult {
     drop(events);
     assert!(postcard::to_allocvec(&Sealed::new("zed", 2u32)).is_err(), "no store, no key");
     Ok(())
+}
+
+/// Two writers, each on a store `open` gives (one store, or one per process),
+/// append `appends` sealed events each for three subjects, while `forgetter`
+/// forgets them `forgets` times in turn; then checks that an event is shredded
+/// only if a forget of its subject came after it (every event appended after a
+/// forget was sealed with a live key). Returns the events read and the forgets
+/// a subscription delivered.
+pub(crate) fn race_appends_and_forgets(
+    open: &(dyn Fn() -> instastate::Result<EventStore<Sealed<u64>>> + Sync),
+    forgetter: &EventStore<Sealed<u64>>,
+    appends: u64,
+    forgets: u64,
+) -> TestResult<(usize, usize)> {
+    std::thread::scope(|scope| -> TestResult {
+        let writers: Vec<_> = (0..2u64)
+            .map(|writer| {
+                scope.spawn(move || -> instastate::Result<()> {
+                    let events = open()?;
+                    for n in 0..appends {
+                        let subject = format!("s{}", n % 3);
+                        events.append(
+                            "log",
+                            Expected::Any,
+                            [Sealed::new(subject, writer * 1000 + n)],
+                        )?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for n in 0..forgets {
+            forgetter.forget_subject(&format!("s{}", n % 3))?;
+        }
+        for writer in writers {
+            writer.join().map_err(|_| "a writer panicked")??;
+        }
+        Ok(())
+    })?;
+    // Where each forget came, from a subscription: (position, subject).
+    let mut delivered = Vec::new();
+    for delivery in forgetter.subscribe_all().from(Position::START)? {
+        match delivery? {
+            Delivery::Effect(effect) => delivered.push((effect.position, effect.trigger)),
+            Delivery::CaughtUp => break,
+            _ => {}
+        }
+    }
+    let mut read = 0;
+    for event in forgetter.read_all() {
+        let event = event?;
+        read += 1;
+        if event.data.is_shredded() {
+            let forgotten_later = delivered
+                .iter()
+                .any(|(at, subject)| subject == event.data.subject() && event.position < *at);
+            assert!(
+                forgotten_later,
+                "event {} is shredded, though no forget came after it",
+                event.position
+            );
+        }
+    }
+    Ok((read, delivered.len()))
 }
