@@ -39,14 +39,14 @@ pub(crate) fn list(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, F
             notes.join(", "),
         ];
         let header = ["STATE", "EVENT", "SCHEMA", "EVENTS", "SNAPSHOT AT", "NOTE"];
-        writeln!(out, "journal {} (a Prevayler directory)", args.dir.display())?;
+        writeln!(out, "journal {} (a Prevayler directory)", args.shown())?;
         format::table(out, header, &[row])?;
         return Ok(ExitCode::SUCCESS);
     }
     let store = look(args)?;
     let stored = store.stored_cells();
     if stored.is_empty() {
-        writeln!(out, "store {} holds no values", args.dir.display())?;
+        writeln!(out, "store {} holds no values", args.shown())?;
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<[String; 7]> = stored
@@ -100,7 +100,7 @@ pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode
         writeln!(
             out,
             "journal {} holds {}; {snapshot}",
-            args.dir.display(),
+            args.shown(),
             plural_u64(report.events, "event")
         )?;
         return Ok(ExitCode::SUCCESS);
@@ -108,7 +108,7 @@ pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode
     let store = look(args)?;
     let history = store.history();
     if history.is_empty() {
-        writeln!(out, "store {} keeps no saves in its history", args.dir.display())?;
+        writeln!(out, "store {} keeps no saves in its history", args.shown())?;
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<[String; 3]> = history
@@ -135,7 +135,7 @@ pub(crate) fn verify(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode,
         Ok(store) => store,
         Err(Failure::Store(err)) if is_damage(&err) => {
             writeln!(out, "cannot open the store: {}", Chain(&err))?;
-            writeln!(out, "store {} is NOT sound", args.dir.display())?;
+            writeln!(out, "store {} is NOT sound", args.shown())?;
             return Ok(ExitCode::FAILURE);
         }
         Err(failure) => return Err(failure),
@@ -146,7 +146,7 @@ pub(crate) fn verify(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode,
         writeln!(
             out,
             "store {} is sound: {} at save {}",
-            args.dir.display(),
+            args.shown(),
             plural(n_values, "value"),
             store.generation()
         )?;
@@ -156,7 +156,7 @@ pub(crate) fn verify(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode,
         writeln!(out, "{problem}")?;
     }
     let found = plural(problems.len(), "problem");
-    writeln!(out, "store {} is NOT sound: {found}", args.dir.display())?;
+    writeln!(out, "store {} is NOT sound: {found}", args.shown())?;
     Ok(ExitCode::FAILURE)
 }
 
@@ -166,7 +166,7 @@ fn verify_journal(
     inspected: Result<JournalReport, Error>,
     out: &mut impl Write,
 ) -> Result<ExitCode, Failure> {
-    let dir = args.dir.display();
+    let dir = args.shown();
     let report = match inspected {
         Ok(report) => report,
         Err(err) if is_damage(&err) => {
@@ -234,7 +234,7 @@ pub(crate) fn export(
         "exported {} from save {} of {} to {}",
         plural(n_values, "value"),
         store.generation(),
-        args.dir.display(),
+        args.shown(),
         file.display()
     )?;
     Ok(ExitCode::SUCCESS)
@@ -252,7 +252,7 @@ pub(crate) fn import(
         return Err(Failure::Message(format!(
             "--create makes a new store, and `{}` already exists; \
              leave --create out to import into the store there",
-            args.dir.display()
+            args.shown()
         )));
     }
     if !is_new && let Err(message) = check_is_store(&args.dir) {
@@ -276,7 +276,7 @@ pub(crate) fn import(
         "imported {} into {} {} as save {}",
         file.display(),
         if is_new { "the new store" } else { "store" },
-        args.dir.display(),
+        args.shown(),
         store.generation()
     )?;
     writeln!(out, "{} written", plural(written, "value"))?;
@@ -288,14 +288,14 @@ pub(crate) fn prune_orphans(args: &StoreArgs, out: &mut impl Write) -> Result<Ex
     let store = open(args)?;
     let removed = store.prune_orphans()?;
     if removed.is_empty() {
-        writeln!(out, "store {} has no orphans", args.dir.display())?;
+        writeln!(out, "store {} has no orphans", args.shown())?;
         return Ok(ExitCode::SUCCESS);
     }
     writeln!(
         out,
         "removed {} from {} as save {}:",
         plural(removed.len(), "orphan"),
-        args.dir.display(),
+        args.shown(),
         store.generation()
     )?;
     for name in &removed {
@@ -307,6 +307,11 @@ pub(crate) fn prune_orphans(args: &StoreArgs, out: &mut impl Write) -> Result<Ex
 /// `compact`: compacts the store and measures it before and after.
 pub(crate) fn compact(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
     check_is_store(&args.dir).map_err(Failure::Message)?;
+    if args.is_database() {
+        open(args)?.compact()?;
+        writeln!(out, "{}: the database reclaims the space of old rows by itself", args.shown())?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let before = dir_size(&args.dir)?;
     let store = open(args)?;
     store.compact()?;
@@ -316,7 +321,7 @@ pub(crate) fn compact(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode
     writeln!(
         out,
         "compacted {}: {} before, {} after",
-        args.dir.display(),
+        args.shown(),
         format::size(before),
         format::size(after)
     )?;
@@ -365,6 +370,16 @@ pub(crate) fn read_key(args: &StoreArgs) -> Result<Option<EncryptionKey>, Failur
 
 /// Fails, saying why, unless `dir` holds a store, so that opening it does not create one.
 fn check_is_store(dir: &Path) -> Result<(), String> {
+    if crate::is_database(dir) {
+        // Opening it to read, which writes nothing, says whether it holds one.
+        return match Store::builder().open_read_only(dir) {
+            Ok(_) => Ok(()),
+            Err(Error::InvalidLocation { location, reason, .. }) => {
+                Err(format!("no store at {location}: {reason}; this tool never creates a store"))
+            }
+            Err(err) => Err(format!("cannot open {}: {}", crate::shown(dir), Chain(&err))),
+        };
+    }
     let problem = if !dir.exists() {
         "the directory does not exist"
     } else if !dir.is_dir() {

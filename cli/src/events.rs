@@ -27,6 +27,10 @@ const ALL: &str = "$all";
 /// The view of the event store in `args.dir`, or `None` when the directory holds
 /// no event store (another command handles it).
 pub(crate) fn try_open(args: &StoreArgs) -> Result<Option<RawEvents>, Failure> {
+    // The tool reads event stores in files only; a database holds a store of cells.
+    if args.is_database() {
+        return Ok(None);
+    }
     match builder(args)?.open(&args.dir) {
         Ok(raw) => Ok(Some(raw)),
         Err(Error::NotAnEventStore { .. }) => Ok(None),
@@ -54,7 +58,7 @@ pub(crate) fn list(args: &StoreArgs, raw: &RawEvents, out: &mut impl Write) -> R
     writeln!(
         out,
         "event store {}: {} in {}, head position {}, {} of `{}`{notes}",
-        args.dir.display(),
+        args.shown(),
         commands::plural_u64(raw.head().get(), "event"),
         commands::plural(streams.len(), "stream"),
         raw.head(),
@@ -153,7 +157,10 @@ pub(crate) fn follow(args: &FollowArgs, out: &mut impl Write) -> Result<ExitCode
 
 /// `verify` of an event store, or `None` when the directory holds none.
 pub(crate) fn verify(args: &StoreArgs, out: &mut impl Write) -> Result<Option<ExitCode>, Failure> {
-    let dir = args.dir.display();
+    if args.is_database() {
+        return Ok(None);
+    }
+    let dir = args.shown();
     let verified = match builder(args)?.verify(&args.dir) {
         Ok(verified) => verified,
         Err(Error::NotAnEventStore { .. }) => return Ok(None),
@@ -169,7 +176,7 @@ pub(crate) fn verify(args: &StoreArgs, out: &mut impl Write) -> Result<Option<Ex
 }
 
 fn report(args: &StoreArgs, verified: &Verified, out: &mut impl Write) -> Result<(), Failure> {
-    let dir = args.dir.display();
+    let dir = args.shown();
     if verified.open_elsewhere {
         writeln!(
             out,

@@ -181,12 +181,41 @@ struct FollowArgs {
 
 #[derive(Debug, Args)]
 struct StoreArgs {
-    /// The store directory: the path the program opens
+    /// The store directory: the path the program opens (or, for a store in
+    /// PostgreSQL, its `postgres://...?namespace=...` location)
     #[arg(value_name = "STORE")]
     dir: PathBuf,
     /// The key of an encrypted store: a file holding 32 raw bytes or 64 hex digits
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// Whether the store is in a database (a `postgres://` location).
+    fn is_database(&self) -> bool {
+        is_database(&self.dir)
+    }
+
+    /// The store as reports name it: its directory, or its location without the
+    /// password.
+    fn shown(&self) -> String {
+        shown(&self.dir)
+    }
+}
+
+/// Whether `dir` is a database's location rather than a directory.
+fn is_database(dir: &std::path::Path) -> bool {
+    dir.to_str().is_some_and(|it| it.starts_with("postgres://") || it.starts_with("postgresql://"))
+}
+
+/// `dir` as reports name it: a database's location never shows its password.
+fn shown(dir: &std::path::Path) -> String {
+    #[cfg(feature = "postgres")]
+    if let Some(text) = dir.to_str().filter(|_| is_database(dir)) {
+        return instastate::postgres::Location::parse(text)
+            .map_or_else(|_| "the database location given".to_owned(), |it| it.to_string());
+    }
+    dir.display().to_string()
 }
 
 /// Why a command failed; every failure exits with status 2.
