@@ -28,9 +28,15 @@ fn start() -> Result<String, String> {
     if let Ok(url) = std::env::var(URL_VAR) {
         return Ok(url);
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/postgres");
+    // The workspace's script, from the library's tests or the tool's.
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = [here.join(".ci/postgres"), here.join("../.ci/postgres")]
+        .into_iter()
+        .find(|it| it.exists())
+        .unwrap_or_else(|| here.join(".ci/postgres"));
+    let script = script.display();
     let out = Command::new("bash")
-        .arg(script)
+        .arg(script.to_string())
         .arg(std::process::id().to_string())
         .output()
         .map_err(|err| format!("cannot run {script}: {err}"))?;
