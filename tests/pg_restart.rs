@@ -49,6 +49,7 @@ fn own_cluster() -> TestResult<String> {
 /// upgrade would end them), and waits until it accepts connections again.
 fn restart(url: &str) -> TestResult {
     let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+    let started = started_at(&mut client)?;
     let data: String = client.query_one("SHOW data_directory", &[])?.get(0);
     let bin: String =
         client.query_one("SELECT setting FROM pg_config WHERE name = 'BINDIR'", &[])?.get(0);
@@ -74,7 +75,14 @@ fn restart(url: &str) -> TestResult {
             format!("pg_ctl restart failed: {}", String::from_utf8_lossy(&out.stderr)).into()
         );
     }
+    let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+    assert_ne!(started_at(&mut client)?, started, "the server did not restart");
     Ok(())
+}
+
+/// When the server last started, as it says.
+fn started_at(client: &mut postgres::Client) -> TestResult<String> {
+    Ok(client.query_one("SELECT pg_postmaster_start_time()::text", &[])?.get(0))
 }
 
 fn is_root() -> bool {

@@ -247,7 +247,13 @@ pub(crate) fn import(
     create: bool,
     out: &mut impl Write,
 ) -> Result<ExitCode, Failure> {
-    let is_new = create && !args.dir.exists();
+    // A database's namespace is new when it holds no store.
+    let exists = if args.is_database() {
+        !matches!(check_is_store(args), Err(Absent::NoStore(_)))
+    } else {
+        args.dir.exists()
+    };
+    let is_new = create && !exists;
     if create && !is_new {
         return Err(Failure::Message(format!(
             "--create makes a new store, and `{}` already exists; \
@@ -255,15 +261,16 @@ pub(crate) fn import(
             args.shown()
         )));
     }
-    if !is_new && let Err(message) = check_is_store(&args.dir) {
+    if !is_new && let Err(absent) = check_is_store(args) {
         return Err(Failure::Message(format!(
-            "{message}\n  to restore into a new store, give `import --create` a directory \
-             that does not exist yet; or run the program once so that it creates its store"
+            "{}\n  to restore into a new store, give `import --create` a directory \
+             that does not exist yet; or run the program once so that it creates its store",
+            absent.message()
         )));
     }
     let store = open_unchecked(args)?;
     if let Err(err) = store.import_from(file) {
-        if is_new {
+        if is_new && !args.is_database() {
             drop(store);
             // The directory did not exist before, so all of it is ours to remove.
             let _ = fs::remove_dir_all(&args.dir);
@@ -306,7 +313,7 @@ pub(crate) fn prune_orphans(args: &StoreArgs, out: &mut impl Write) -> Result<Ex
 
 /// `compact`: compacts the store and measures it before and after.
 pub(crate) fn compact(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
-    check_is_store(&args.dir).map_err(Failure::Message)?;
+    check_is_store(args)?;
     if args.is_database() {
         open(args)?.compact()?;
         writeln!(out, "{}: the database reclaims the space of old rows by itself", args.shown())?;
@@ -331,13 +338,13 @@ pub(crate) fn compact(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode
 /// Opens the existing store `args` names read-only: nothing in it is written,
 /// created or deleted.
 fn look(args: &StoreArgs) -> Result<Store, Failure> {
-    check_is_store(&args.dir).map_err(Failure::Message)?;
+    check_is_store(args)?;
     Ok(builder(args)?.open_read_only(&args.dir)?)
 }
 
 /// Opens the existing store `args` names, refusing to create one.
 fn open(args: &StoreArgs) -> Result<Store, Failure> {
-    check_is_store(&args.dir).map_err(Failure::Message)?;
+    check_is_store(args)?;
     open_unchecked(args)
 }
 
@@ -369,15 +376,17 @@ pub(crate) fn read_key(args: &StoreArgs) -> Result<Option<EncryptionKey>, Failur
 }
 
 /// Fails, saying why, unless `dir` holds a store, so that opening it does not create one.
-fn check_is_store(dir: &Path) -> Result<(), String> {
-    if crate::is_database(dir) {
-        // Opening it to read, which writes nothing, says whether it holds one.
-        return match Store::builder().open_read_only(dir) {
-            Ok(_) => Ok(()),
-            Err(Error::InvalidLocation { location, reason, .. }) => {
-                Err(format!("no store at {location}: {reason}; this tool never creates a store"))
-            }
-            Err(err) => Err(format!("cannot open {}: {}", crate::shown(dir), Chain(&err))),
+fn check_is_store(args: &StoreArgs) -> Result<(), Absent> {
+    let dir = &args.dir;
+    if args.is_database() {
+        // Opening it to read, which writes nothing, says whether it holds one;
+        // another failure (a wrong key, damage) is for the command to report.
+        let opened = builder(args).map_err(Absent::Failed)?.open_read_only(dir);
+        return match opened {
+            Err(Error::InvalidLocation { location, reason, .. }) => Err(Absent::NoStore(format!(
+                "no store at {location}: {reason}; this tool never creates a store"
+            ))),
+            _ => Ok(()),
         };
     }
     let problem = if !dir.exists() {
@@ -392,7 +401,36 @@ fn check_is_store(dir: &Path) -> Result<(), String> {
     } else {
         return Ok(());
     };
-    Err(format!("no store at {}: {problem}; this tool never creates a store", dir.display()))
+    Err(Absent::NoStore(format!(
+        "no store at {}: {problem}; this tool never creates a store",
+        dir.display()
+    )))
+}
+
+/// Why a command found no store to work on.
+enum Absent {
+    /// There is none: the message says why.
+    NoStore(String),
+    /// Looking failed (the key file could not be read).
+    Failed(Failure),
+}
+
+impl Absent {
+    fn message(self) -> String {
+        match self {
+            Absent::NoStore(message) => message,
+            Absent::Failed(failure) => failure.to_string(),
+        }
+    }
+}
+
+impl From<Absent> for Failure {
+    fn from(absent: Absent) -> Failure {
+        match absent {
+            Absent::NoStore(message) => Failure::Message(message),
+            Absent::Failed(failure) => failure,
+        }
+    }
 }
 
 /// Whether `dir` holds a journal's files rather than a store.
@@ -418,6 +456,7 @@ fn is_damage(err: &Error) -> bool {
             | Error::Decode { .. }
             | Error::Storage { .. }
             | Error::JournalCorrupt { .. }
+            | Error::DatabaseCorrupt { .. }
     )
 }
 

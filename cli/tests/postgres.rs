@@ -28,6 +28,7 @@ fn a_store_in_postgres_is_listed_verified_exported_and_imported_by_the_tool() ->
     static COUNT: StateCell<u64> = StateCell::new("cli::pg::COUNT", || 0);
     // A password the tool must never show (the test server trusts every user).
     let url = server::address("cli-pg").replacen("postgres@", "postgres:hunter2@", 1);
+    assert!(url.contains("hunter2"), "the server's URL has no user `postgres`: {url}");
     {
         let store = Store::builder().cell(&NAME).cell(&COUNT).open(&url)?;
         NAME.set("first".into());
@@ -65,7 +66,7 @@ fn a_store_in_postgres_is_listed_verified_exported_and_imported_by_the_tool() ->
     drop(store);
 
     // A namespace without a store is refused, and not created.
-    let empty = server::address("cli-pg-empty");
+    let empty = server::address("cli-pg-empty").replacen("postgres@", "postgres:hunter2@", 1);
     let (code, out) = instastate(&["list", &empty])?;
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("holds no store"), "{out}");
@@ -73,5 +74,13 @@ fn a_store_in_postgres_is_listed_verified_exported_and_imported_by_the_tool() ->
     assert_eq!(code, Some(2), "{out}");
     let (code, out) = instastate(&["list", &empty])?;
     assert!(code == Some(2) && out.contains("holds no store"), "the import created it: {out}");
+    assert!(!out.contains("hunter2"), "the password is shown: {out}");
+    // `import --create` makes a new store in an empty namespace, and refuses one
+    // that holds a store.
+    let (code, out) = instastate(&["import", "--create", &empty, export])?;
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = instastate(&["import", "--create", &url, export])?;
+    assert!(code == Some(2) && out.contains("already exists"), "{out}");
+    assert!(!out.contains("hunter2"), "the password is shown: {out}");
     Ok(())
 }

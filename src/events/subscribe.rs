@@ -453,10 +453,7 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
                 // Read after the head: an effect comes before the events at and
                 // after its head, which commit after it (it holds the head's lock).
                 #[cfg(feature = "postgres")]
-                Engine::Database(db) => {
-                    let seen = self.effects_seen as u64;
-                    Ok(db.engine.effects_from(seen)?.into_iter().next())
-                }
+                Engine::Database(db) => db.engine.effect(self.effects_seen as u64),
             },
             Target::Stream { .. } => Ok(None),
         }

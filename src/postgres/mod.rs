@@ -110,9 +110,12 @@ pub(crate) fn channel(location: &Location) -> String {
 /// 57 (operator intervention: the server shutting down or ending the session).
 /// A broken connection's last statement may or may not have taken effect.
 pub(crate) fn broke(err: &Error, client: &postgres::Client) -> bool {
-    if client.is_closed() {
-        return true;
-    }
+    client.is_closed() || lost_connection(err)
+}
+
+/// Whether `err` says that a connection broke, whatever client it came from (see
+/// [`broke`]).
+pub(crate) fn lost_connection(err: &Error) -> bool {
     let Error::Database { source, .. } = err else { return false };
     let Some(err) = source.0.downcast_ref::<postgres::Error>() else { return false };
     match err.code() {

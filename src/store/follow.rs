@@ -92,13 +92,15 @@ impl StoreBuilder {
 impl Shared {
     /// Loads the store's last save into its cells, unless it has it already.
     fn load(&self, store: &Store) {
-        let res = store.inner.load_newer(self.progress.lock().generation);
+        let loaded = self.progress.lock().generation;
+        let res = store.inner.load_newer(loaded);
         let mut progress = self.progress.lock();
         match res {
             Ok(Some(generation)) => progress.generation = generation,
+            Ok(None) => return,
             // The next commit, or the next poll, tries again: a connection lost
             // for a moment is no failure.
-            Ok(None) | Err(Error::Database { .. }) => return,
+            Err(err) if crate::postgres::lost_connection(&err) => return,
             // What it found is kept for `wait_for`, which reports it once.
             Err(err) => progress.failed = Some(err),
         }
@@ -111,8 +113,7 @@ impl Inner {
     /// nothing, if the last save is newer than `generation`; the generation
     /// loaded, if it did.
     fn load_newer(&self, generation: u64) -> Result<Option<u64>> {
-        let stored = self.backend.get(codec::GENERATION_KEY)?;
-        if stored.as_deref().and_then(codec::read_u64).unwrap_or(0) <= generation {
+        if self.stored_generation()? <= generation {
             return Ok(None);
         }
         // One statement: the records of one save, whole.
@@ -128,6 +129,19 @@ impl Inner {
         let loaded = state.generation;
         *current = state;
         Ok(Some(loaded))
+    }
+}
+
+impl Inner {
+    /// The number of the last save the store holds (0 before the first); a
+    /// damaged record of it is an error, never taken for 0.
+    fn stored_generation(&self) -> Result<u64> {
+        let Some(stored) = self.backend.get(codec::GENERATION_KEY)? else { return Ok(0) };
+        codec::read_u64(&stored).ok_or_else(|| Error::Corrupt {
+            path: self.label.clone(),
+            cell: String::from_utf8_lossy(codec::GENERATION_KEY).into_owned(),
+            reason: format!("it is {} bytes long, not 8", stored.len()),
+        })
     }
 }
 
@@ -148,10 +162,10 @@ impl StoreFollower {
     /// How many saves it is behind the writer, as the database holds them now.
     ///
     /// # Errors
-    /// [`Error::Database`] when the database cannot be reached.
+    /// [`Error::Database`] when the database cannot be reached;
+    /// [`Error::Corrupt`] when the record of the last save is damaged.
     pub fn lag(&self) -> Result<u64> {
-        let stored = self.store.inner.backend.get(codec::GENERATION_KEY)?;
-        let head = stored.as_deref().and_then(codec::read_u64).unwrap_or(0);
+        let head = self.store.inner.stored_generation()?;
         Ok(head.saturating_sub(self.generation()))
     }
 

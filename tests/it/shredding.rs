@@ -337,16 +337,18 @@ pub(crate) fn race_appends_and_forgets(
     for event in forgetter.read_all() {
         let event = event?;
         read += 1;
-        if event.data.is_shredded() {
-            let forgotten_later = delivered
-                .iter()
-                .any(|(at, subject)| subject == event.data.subject() && event.position < *at);
-            assert!(
-                forgotten_later,
-                "event {} is shredded, though no forget came after it",
-                event.position
-            );
-        }
+        let forgotten_later = delivered
+            .iter()
+            .any(|(at, subject)| subject == event.data.subject() && event.position < *at);
+        // Shredded exactly when a forget of its subject came after it.
+        assert_eq!(
+            event.data.is_shredded(),
+            forgotten_later,
+            "event {} (subject {}): shredded {}, a forget after it {forgotten_later}",
+            event.position,
+            event.data.subject(),
+            event.data.is_shredded()
+        );
     }
     Ok((read, delivered.len()))
 }

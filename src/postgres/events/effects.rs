@@ -11,10 +11,13 @@
 //! A subject's keys are rows of `instastate.subject_keys` (subject, generation,
 //! key); a forgotten key's row keeps its generation and loses its key. Forgetting
 //! a subject sets its keys to NULL and appends its effect in one transaction, so
-//! that every process sees both or neither. The database then still holds the old
-//! row versions until it vacuums them: forgetting runs `VACUUM` on the keys'
-//! table after it commits (what the database's WAL and backups hold is theirs to
-//! keep or not). An append whose events were sealed with a key forgotten before
+//! that every process sees both or neither. The database still holds the old
+//! row versions, with the keys' bytes, until it vacuums them: forgetting asks
+//! for a `VACUUM` of the keys' table after it commits, which removes them once
+//! no open snapshot can see them (the role must own the table, or the database
+//! skips it with a warning; autovacuum does it later either way). The
+//! database's WAL and its backups keep what they hold as long as the operator
+//! keeps them. An append whose events were sealed with a key forgotten before
 //! its transaction locked the head is refused with [`STALE_KEYS`], and sealed
 //! again with the subject's new key by its caller.
 
@@ -67,9 +70,10 @@ impl PgEvents {
             forgotten
         };
         if forget {
-            // The old row versions holding the keys go now, not at the next
-            // autovacuum. It cannot run in a transaction, and failing it loses
-            // nothing: the keys are forgotten either way.
+            // The old row versions holding the keys go as soon as no snapshot
+            // sees them, not at the next autovacuum (see the module's docs). It
+            // cannot run in a transaction, and failing loses nothing: the keys
+            // are forgotten for every reader either way.
             let _ = client.batch_execute("VACUUM instastate.subject_keys");
         }
         Ok(forgotten)
@@ -80,6 +84,7 @@ impl PgEvents {
     fn destroy_keys(&self, tx: &mut Transaction<'_>, subject: &str) -> Result<u64> {
         let location = &self.location;
         let namespace = location.namespace();
+        lock_subject(tx, location, subject)?;
         tx.execute(
             "UPDATE instastate.subject_keys SET key = NULL
               WHERE namespace = $1 AND subject = $2 AND key IS NOT NULL",
@@ -109,13 +114,18 @@ impl PgEvents {
 
     /// The effects numbered `from` on, in order.
     pub(crate) fn effects_from(&self, from: u64) -> Result<Vec<EffectRecord>> {
+        self.effects_between(from, None)
+    }
+
+    /// The effects numbered `from` on, in order, `limit` of them at most.
+    fn effects_between(&self, from: u64, limit: Option<i64>) -> Result<Vec<EffectRecord>> {
         let location = &self.location;
         let rows = self.with_reader(|client| {
             client
                 .query(
                     "SELECT number, head, trigger, reason, forgotten FROM instastate.effects
-                      WHERE namespace = $1 AND number >= $2 ORDER BY number",
-                    &[&location.namespace(), &i64_of(from)],
+                      WHERE namespace = $1 AND number >= $2 ORDER BY number LIMIT $3",
+                    &[&location.namespace(), &i64_of(from), &limit],
                 )
                 .map_err(failed(location, "read the effects"))
         })?;
@@ -137,6 +147,11 @@ impl PgEvents {
             });
         }
         Ok(effects)
+    }
+
+    /// Effect number `number`, if it was appended.
+    pub(crate) fn effect(&self, number: u64) -> Result<Option<EffectRecord>> {
+        Ok(self.effects_between(number, Some(1))?.into_iter().next())
     }
 
     /// How many effects came before position `position`.
@@ -207,7 +222,7 @@ impl PgEvents {
     /// The newest key of `subject` and its generation, as the database holds them.
     fn read_newest_key(
         &self,
-        client: &mut postgres::Client,
+        client: &mut impl postgres::GenericClient,
         subject: &str,
     ) -> Result<Option<(u64, StoredKey)>> {
         let location = &self.location;
@@ -247,21 +262,31 @@ impl PgEvents {
     pub(crate) fn create_key(&self, subject: &str, key: [u8; 32]) -> Result<(u64, [u8; 32])> {
         let location = &self.location;
         self.with_reader(|client| {
-            // Repeating it is harmless: it inserts only where no live key is.
-            client
-                .execute(
-                    "INSERT INTO instastate.subject_keys (namespace, subject, generation, key)
+            // Repeating it is harmless: it inserts only where no live key is. The
+            // subject's lock keeps a forget from running between the insert and
+            // its look at the keys (it would miss the new one).
+            let mut tx = client.transaction().map_err(failed(location, "begin to make a key"))?;
+            lock_subject(&mut tx, location, subject)?;
+            tx.execute(
+                "INSERT INTO instastate.subject_keys (namespace, subject, generation, key)
                      SELECT $1, $2, coalesce(max(generation) + 1, 0), $3
                        FROM instastate.subject_keys WHERE namespace = $1 AND subject = $2
                      HAVING NOT (bool_or(key IS NOT NULL) IS TRUE)
                      ON CONFLICT DO NOTHING",
-                    &[&location.namespace(), &subject, &&key[..]],
-                )
-                .map_err(failed(location, "store a subject's key"))?;
-            match self.read_newest_key(client, subject)? {
+                &[&location.namespace(), &subject, &&key[..]],
+            )
+            .map_err(failed(location, "store a subject's key"))?;
+            let newest = self.read_newest_key(&mut tx, subject)?;
+            tx.commit().map_err(failed(location, "commit a subject's key"))?;
+            match newest {
                 Some((generation, Some(key))) => Ok((generation, key)),
-                // Forgotten again in between: the caller tries again.
-                _ => Err(Error::InvalidAppend { reason: STALE_KEYS.to_owned() }),
+                other => Err(Error::DatabaseCorrupt {
+                    location: location.to_string(),
+                    reason: format!(
+                        "subject `{subject}` has no live key right after one was made: {}",
+                        other.map_or("none".to_owned(), |it| format!("generation {}", it.0))
+                    ),
+                }),
             }
         })
     }
@@ -276,6 +301,21 @@ impl PgEvents {
         })
         .transpose()
     }
+}
+
+/// Takes, until `tx` ends, the lock of `subject`'s keys: making a key and
+/// forgetting the subject take turns.
+fn lock_subject(
+    tx: &mut Transaction<'_>,
+    location: &crate::postgres::Location,
+    subject: &str,
+) -> Result<()> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 7))",
+        &[&location.namespace(), &subject],
+    )
+    .map_err(failed(location, "lock a subject's keys"))?;
+    Ok(())
 }
 
 /// Whether an event of `requests` was sealed with a key that `tx` (which holds
