@@ -238,3 +238,38 @@ fn a_follower_loads_each_save_as_it_commits_and_is_promoted_once_the_writer_is_g
     assert_eq!((WRITTEN.get(), reopened.generation()), (vec![1, 2, 3, 4, 5, 6], 6));
     Ok(())
 }
+
+#[cfg(feature = "encryption")]
+#[test]
+fn an_encrypted_store_in_a_database_holds_no_value_in_the_clear_and_needs_its_key() -> Result<()> {
+    use crate::EncryptionKey;
+    static SECRET: StateCell<String> = StateCell::new("pg::crypt::SECRET", String::new);
+    let url = test_server::address("records-crypt");
+    let key = EncryptionKey::from_bytes([7; 32]);
+    {
+        let store = builder().encryption_key(key.clone()).cell(&SECRET).open(&url)?;
+        SECRET.set("the recipe is in the drawer".into());
+        store.save_all()?;
+    }
+    let location = Location::parse(&url)?;
+    let mut client = test_server::location("admin")?.connect()?;
+    let clear: i64 = client
+        .query_one(
+            "SELECT count(*) FROM instastate.records
+              WHERE namespace = $1 AND position('recipe'::bytea IN bytes) > 0",
+            &[&location.namespace()],
+        )
+        .map_err(failed(&location, "look for the value in the clear"))?
+        .get(0);
+    assert_eq!(clear, 0, "a value is stored in the clear");
+    SECRET.set(String::new());
+    let without = builder().cell(&SECRET).open(&url);
+    assert!(matches!(without, Err(Error::Encryption { encrypted: true, .. })), "{without:?}");
+    let wrong =
+        builder().encryption_key(EncryptionKey::from_bytes([8; 32])).cell(&SECRET).open(&url);
+    assert!(matches!(wrong, Err(Error::WrongKey { .. })), "{wrong:?}");
+    assert_eq!(SECRET.get(), "", "a refused open changes no cell");
+    let _store = builder().encryption_key(key).cell(&SECRET).open(&url)?;
+    assert_eq!(SECRET.get(), "the recipe is in the drawer");
+    Ok(())
+}
