@@ -338,8 +338,22 @@ pub(crate) fn compact(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode
 /// Opens the existing store `args` names read-only: nothing in it is written,
 /// created or deleted.
 fn look(args: &StoreArgs) -> Result<Store, Failure> {
-    check_is_store(args)?;
-    Ok(builder(args)?.open_read_only(&args.dir)?)
+    // A database's store is opened once: the read-only open says whether there
+    // is one (`check_is_store` opens it too).
+    if !args.is_database() {
+        check_is_store(args)?;
+    }
+    builder(args)?.open_read_only(&args.dir).map_err(|err| match err {
+        Error::InvalidLocation { location, reason, .. } if args.is_database() => {
+            Failure::Message(no_store(&location, &reason))
+        }
+        err => err.into(),
+    })
+}
+
+/// What a command says of a location whose namespace holds no store.
+fn no_store(location: &str, reason: &str) -> String {
+    format!("no store at {location}: {reason}; this tool never creates a store")
 }
 
 /// Opens the existing store `args` names, refusing to create one.
@@ -383,9 +397,9 @@ fn check_is_store(args: &StoreArgs) -> Result<(), Absent> {
         // another failure (a wrong key, damage) is for the command to report.
         let opened = builder(args).map_err(Absent::Failed)?.open_read_only(dir);
         return match opened {
-            Err(Error::InvalidLocation { location, reason, .. }) => Err(Absent::NoStore(format!(
-                "no store at {location}: {reason}; this tool never creates a store"
-            ))),
+            Err(Error::InvalidLocation { location, reason, .. }) => {
+                Err(Absent::NoStore(no_store(&location, &reason)))
+            }
             _ => Ok(()),
         };
     }

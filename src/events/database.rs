@@ -114,13 +114,15 @@ impl DbCore {
     ) -> Result<Vec<Appended>> {
         let mut tries = 0;
         let done = loop {
-            #[cfg(feature = "encryption")]
-            self.keys.refresh()?;
             match self.engine.append_if(encode()?, condition.cloned()) {
+                // Sealed with a key forgotten elsewhere: learn the forgets, and
+                // seal again.
                 Err(Error::InvalidAppend { reason })
                     if reason == crate::postgres::STALE_KEYS && tries < 2 =>
                 {
                     tries += 1;
+                    #[cfg(feature = "encryption")]
+                    self.keys.refresh()?;
                 }
                 done => break done?,
             }
@@ -204,15 +206,19 @@ impl Read {
                 event_type: self.event_type.as_deref(),
                 prefix: self.prefix.as_deref(),
             };
-            // A key forgotten by any process reads as shredded from here on.
-            #[cfg(feature = "encryption")]
-            if let Err(err) = db.keys.refresh() {
-                return Some(Err(err));
-            }
             let page = match db.engine.read(&query) {
                 Ok(page) => page,
                 Err(err) => return Some(Err(err)),
             };
+            // A key forgotten by any process reads as shredded from here on.
+            // Sealed data links its event to its subject: a page without linked
+            // events decodes no sealed value, and asks nothing more.
+            #[cfg(feature = "encryption")]
+            if page.iter().any(EventRow::is_linked)
+                && let Err(err) = db.keys.refresh()
+            {
+                return Some(Err(err));
+            }
             self.drained = (page.len() as u64) < limit;
             if let Some(last) = page.last() {
                 let (position, version) = match last.place(&db.location) {

@@ -490,16 +490,16 @@ impl KeyRing {
     /// Makes a new key for `subject`, unless it has one, and appends it to the
     /// file, durably.
     fn create(&self, subject: &str) -> Result<()> {
+        if MAX_SUBJECT < subject.len() {
+            return Err(Error::InvalidAppend {
+                reason: format!(
+                    "a subject is {} bytes long, over the limit of {MAX_SUBJECT}",
+                    subject.len()
+                ),
+            });
+        }
         #[cfg(feature = "postgres")]
         if let Some((engine, _)) = &self.database {
-            if MAX_SUBJECT < subject.len() {
-                return Err(Error::InvalidAppend {
-                    reason: format!(
-                        "a subject is {} bytes long, over the limit of {MAX_SUBJECT}",
-                        subject.len()
-                    ),
-                });
-            }
             // Another process may have made one: the newest live key is taken.
             let (generation, key) = engine.create_key(subject, crate::crypt::random_key())?;
             let mut subjects = self.subjects.lock();
@@ -520,14 +520,6 @@ impl KeyRing {
         let generation = keys.last_key_value().map_or(0, |(generation, _)| generation + 1);
         let key = crate::crypt::random_key();
         let entry: Entry = (subject.to_owned(), generation, Some(key));
-        if MAX_SUBJECT < subject.len() {
-            return Err(Error::InvalidAppend {
-                reason: format!(
-                    "a subject is {} bytes long, over the limit of {MAX_SUBJECT}",
-                    subject.len()
-                ),
-            });
-        }
         let fresh = !self.path.exists();
         let res = if fresh || *torn {
             let mut with = subjects.clone();

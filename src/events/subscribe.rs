@@ -248,8 +248,8 @@ impl<'a, E> SubscribeAll<'a, E> {
             Engine::Database(db) => {
                 // Effects first: one appended between the two reads comes at or
                 // after the head read, and is delivered.
-                let effects = db.engine.effects_from(0)?.len();
-                (db.engine.head()?.get(), effects)
+                let effects = db.engine.effects_before(u64::MAX)?;
+                (db.engine.head()?.get(), usize::try_from(effects).unwrap_or(usize::MAX))
             }
         };
         self.start(head, seen)

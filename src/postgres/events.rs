@@ -1323,6 +1323,13 @@ impl EventRow {
         })
     }
 
+    /// Whether it is linked to a trigger (a subject whose key sealed its data,
+    /// among others); a row that cannot say counts as linked.
+    #[cfg(feature = "encryption")]
+    pub(crate) fn is_linked(&self) -> bool {
+        self.0.try_get::<_, Vec<&str>>(TRIGGERS).map_or(true, |triggers| !triggers.is_empty())
+    }
+
     /// Its position and version.
     pub(crate) fn place(&self, location: &Location) -> Result<(Position, u64)> {
         Ok((

@@ -78,15 +78,7 @@ impl PgRecords {
     /// Runs `run` on the writer's connection, once more on a new one if that
     /// broke meanwhile; only reads are run so.
     fn reading<T>(&self, run: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
-        let mut client = self.client.lock();
-        self.lease.reconnect(&mut client)?;
-        match run(&mut client) {
-            Err(err) if super::broke(&err, &client) => {
-                *client = self.lease.connect()?;
-                run(&mut client)
-            }
-            done => done,
-        }
+        reading(&self.client, &|| self.lease.connect(), run)
     }
 
     /// The commit's transaction on `client`: the fence, the rows, the
@@ -173,9 +165,7 @@ impl Backend for PgRecords {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let keys = [key.to_vec()];
-        let mut found = self.reading(|client| read(client, &self.location, Some(&keys)))?;
-        Ok(found.remove(key))
+        self.reading(|client| read_one(client, &self.location, key))
     }
 
     fn commit(&self, batch: Batch) -> Result<()> {
@@ -235,17 +225,7 @@ impl PgRecordsReader {
 
     /// Runs `run` on the connection, made again if it broke (reads only).
     fn reading<T>(&self, run: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
-        let mut client = self.client.lock();
-        if client.is_closed() {
-            *client = self.location.connect()?;
-        }
-        match run(&mut client) {
-            Err(err) if super::broke(&err, &client) => {
-                *client = self.location.connect()?;
-                run(&mut client)
-            }
-            done => done,
-        }
+        reading(&self.client, &|| self.location.connect(), run)
     }
 
     fn refused(&self, operation: &'static str) -> Error {
@@ -259,9 +239,7 @@ impl Backend for PgRecordsReader {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let keys = [key.to_vec()];
-        let mut found = self.reading(|client| read(client, &self.location, Some(&keys)))?;
-        Ok(found.remove(key))
+        self.reading(|client| read_one(client, &self.location, key))
     }
 
     fn commit(&self, _: Batch) -> Result<()> {
@@ -310,6 +288,35 @@ impl<'a> Rows<'a> {
         *self = Rows::default();
         Ok(())
     }
+}
+
+/// Runs `run` on `client`, made again by `connect` if it broke before or
+/// during the run (reads only, which are safe to repeat).
+fn reading<T>(
+    client: &Mutex<Client>,
+    connect: &dyn Fn() -> Result<Client>,
+    run: impl Fn(&mut Client) -> Result<T>,
+) -> Result<T> {
+    let mut client = client.lock();
+    if client.is_closed() {
+        *client = connect()?;
+    }
+    match run(&mut client) {
+        Err(err) if super::broke(&err, &client) => {
+            *client = connect()?;
+            run(&mut client)
+        }
+        done => done,
+    }
+}
+
+/// The record `key` of `location`'s namespace, if there is one.
+fn read_one(
+    client: &mut impl GenericClient,
+    location: &Location,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>> {
+    Ok(read(client, location, Some(&[key.to_vec()]))?.remove(key))
 }
 
 /// The records of `location`'s namespace: every one, or those of `keys`. A

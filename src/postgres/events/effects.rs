@@ -113,6 +113,7 @@ impl PgEvents {
     }
 
     /// The effects numbered `from` on, in order.
+    #[cfg(feature = "encryption")]
     pub(crate) fn effects_from(&self, from: u64) -> Result<Vec<EffectRecord>> {
         self.effects_between(from, None)
     }
