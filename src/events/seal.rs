@@ -428,8 +428,9 @@ impl KeyRing {
     }
 
     /// In a database: forgets in memory the keys that other processes (or this
-    /// one) forgot since the last look, from the effects appended since. Every
-    /// read and append of a store in a database looks first, so that a key
+    /// one) forgot since the last look, from the effects appended since. A read
+    /// looks before it decodes a page holding linked events, and an append
+    /// refused for a forgotten key before it seals again, so that a key
     /// forgotten anywhere reads as shredded here from then on.
     #[cfg(feature = "postgres")]
     pub(crate) fn refresh(&self) -> Result<()> {
