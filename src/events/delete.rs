@@ -8,6 +8,8 @@ use std::{sync::Arc, time::Duration};
 use parking_lot::RwLock;
 use serde::{Serialize, de::DeserializeOwned};
 
+#[cfg(feature = "postgres")]
+use super::Engine;
 use super::{
     EventStore, Expected,
     batch::{self, Removal, Rules},
@@ -121,7 +123,10 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// # Errors
     /// [`Error::WrongExpectedVersion`] when the stream is not as expected (nothing
     /// is written); [`Error::StreamTombstoned`]; [`Error::InvalidStreamId`];
-    /// [`Error::JournalWrite`] as for an append.
+    /// [`Error::JournalWrite`] as for an append; in a database,
+    /// [`Error::Database`] when it cannot be reached (a removal whose connection
+    /// broke may have been made or not: it is not made again, and reading the
+    /// stream tells).
     pub fn delete_stream(&self, stream: &str, expected: Expected) -> Result<()> {
         self.remove(stream, Some(expected), Removal::Soft, None)
     }
@@ -143,7 +148,8 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     ///
     /// # Errors
     /// [`Error::StreamTombstoned`]; [`Error::InvalidStreamId`];
-    /// [`Error::JournalWrite`] as for an append.
+    /// [`Error::JournalWrite`] as for an append; [`Error::Database`] as for
+    /// [`delete_stream`](Self::delete_stream).
     pub fn truncate_stream(&self, stream: &str, before: u64) -> Result<()> {
         self.remove(stream, None, Removal::Truncate, Some(before))
     }
@@ -159,8 +165,8 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     pub fn set_retention(&self, stream: &str, retention: Retention) -> Result<()> {
         stream_id::check(stream)?;
         let rules = retention.rules();
-        self.command(stream, |index| {
-            let life = planned(index, stream)?;
+        self.change(stream, |life, _| {
+            living(stream, life)?;
             Ok((life.rules != rules).then_some(Change::Rules(rules)))
         })
     }
@@ -168,8 +174,12 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// The retention rules of stream `stream`.
     ///
     /// # Errors
-    /// [`Error::Unsupported`] in a database, which keeps no rules yet.
+    /// In a database, [`Error::Database`] when it cannot be read; in files, none.
     pub fn retention(&self, stream: &str) -> Result<Retention> {
+        #[cfg(feature = "postgres")]
+        if let Engine::Database(db) = &self.shared.engine {
+            return Ok(db.engine.stream_life(stream)?.0.rules.into());
+        }
         let index = self.shared.files("keep retention rules")?.index.read();
         let life = index.stream(stream).and_then(|idx| index.get(idx)).map(|it| it.life);
         Ok(life.unwrap_or_default().rules.into())
@@ -183,10 +193,8 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         before: Option<u64>,
     ) -> Result<()> {
         stream_id::check(stream)?;
-        self.command(stream, |index| {
-            let life = planned(index, stream)?;
-            let next =
-                index.stream(stream).and_then(|idx| index.get(idx)).map_or(0, |it| it.reserved);
+        self.change(stream, |life, next| {
+            living(stream, life)?;
             let last = if life.deleted { None } else { next.checked_sub(1) };
             if let Some(expected) = expected
                 && !expected.holds(last)
@@ -206,18 +214,32 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         })
     }
 
-    /// Journals the command `decide` makes of what `index` plans for `stream`, and
-    /// plans it; `None` writes nothing.
-    fn command(
+    /// Makes the change `decide` makes of the life of `stream` and its next
+    /// version (as the appends planned so far leave them); `None` writes nothing.
+    /// In files, a command journaled and planned; in a database, a transaction.
+    fn change(
         &self,
         stream: &str,
-        decide: impl Fn(&Index) -> Result<Option<Change>>,
+        decide: impl Fn(Life, u64) -> Result<Option<Change>>,
     ) -> Result<()> {
+        #[cfg(feature = "postgres")]
+        if let Engine::Database(db) = &self.shared.engine {
+            return db.engine.change_life(stream, |mut life, next| {
+                let change = decide(life, next)?;
+                Ok(change.map(|change| {
+                    change.apply(&mut life);
+                    life
+                }))
+            });
+        }
         let core = self.shared.files("delete, truncate or set retention rules")?;
         let index = Arc::clone(&core.index);
         core.journal.commit_with(|_, _| {
             let mut guard = index.write();
-            let Some(change) = decide(&guard)? else { return Ok(Prepared::Done(())) };
+            let stream_at = guard.stream(stream).and_then(|idx| guard.get(idx));
+            let life = stream_at.map(|it| it.planned).unwrap_or_default();
+            let next = stream_at.map_or(0, |it| it.reserved);
+            let Some(change) = decide(life, next)? else { return Ok(Prepared::Done(())) };
             let idx = guard.stream_or_new(stream);
             if let Some(it) = guard.get_mut(idx) {
                 change.apply(&mut it.planned);
@@ -234,14 +256,13 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     }
 }
 
-/// What the index plans for `stream`; a tombstoned one takes no command.
-fn planned(index: &Index, stream: &str) -> Result<Life> {
-    let life = index.stream(stream).and_then(|idx| index.get(idx)).map(|it| it.planned);
-    let life = life.unwrap_or_default();
+/// Refuses a change to `stream` if its `life` is over: a tombstoned stream takes
+/// none.
+fn living(stream: &str, life: Life) -> Result<()> {
     if life.tombstoned {
         return Err(Error::StreamTombstoned { stream: stream.to_owned() });
     }
-    Ok(life)
+    Ok(())
 }
 
 /// Commits a durable command to the index.

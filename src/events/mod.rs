@@ -82,14 +82,13 @@
 //! event that committed late), and subscriptions wake at every commit of any
 //! process (`LISTEN`/`NOTIFY`). Every append is committed before it returns,
 //! whatever the [`Durability`]. Effects, and subject keys with crypto-shredding,
-//! work there too, the keys kept in the database. Removal, retention and
-//! compaction are not offered there yet: they return [`Error::Unsupported`].
+//! work there too, the keys kept in the database, and so do deletes, tombstones,
+//! truncations and retention rules (each a transaction that locks the head, as
+//! appends do; readers pass over what they removed). Compaction is not offered
+//! there yet: it returns [`Error::Unsupported`].
 
 pub(crate) mod append;
-#[cfg(feature = "fuzz")]
 pub(crate) mod batch;
-#[cfg(not(feature = "fuzz"))]
-mod batch;
 mod codec;
 mod compact;
 pub(crate) mod condition;

@@ -282,19 +282,19 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
             Engine::Files(core) => Arc::clone(core),
             #[cfg(feature = "postgres")]
             Engine::Database(db) => {
+                // A tombstoned stream is refused, as in files. Going forward, the
+                // read ends at the stream's end as of now, as in files: later
+                // appends are not read (unless told where it ends).
+                let life = db.engine.stream_life(&self.stream).and_then(|(life, next)| {
+                    if life.tombstoned {
+                        return Err(Error::StreamTombstoned { stream: self.stream.clone() });
+                    }
+                    Ok(next)
+                });
                 let (next, until) = if self.backward {
-                    (self.from.unwrap_or(u64::MAX), Ok(None))
+                    (self.from.unwrap_or(u64::MAX), life.map(|_| None))
                 } else {
-                    // Going forward, the read ends at the stream's end as of now, as
-                    // in files: later appends are not read (unless told where it ends).
-                    let until = match self.until {
-                        Some(until) => Ok(Some(until)),
-                        None => db
-                            .engine
-                            .stream_version(&self.stream)
-                            .map(|end| Some(end.map_or(0, |last| last + 1))),
-                    };
-                    (self.from.unwrap_or(0), until)
+                    (self.from.unwrap_or(0), life.map(|next| Some(self.until.unwrap_or(next))))
                 };
                 let mut read = database::Read::new(Some(self.stream), Some(next), self.backward);
                 read.event_type = self.event_type;

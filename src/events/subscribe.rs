@@ -321,7 +321,7 @@ fn stream_len(shared: &Shared, name: &str) -> Result<u64> {
                 .map_or(0, |it| it.seqs.len() as u64))
         }
         #[cfg(feature = "postgres")]
-        Engine::Database(db) => Ok(db.engine.stream_version(name)?.map_or(0, |last| last + 1)),
+        Engine::Database(db) => Ok(db.engine.stream_life(name)?.1),
     }
 }
 

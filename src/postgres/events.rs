@@ -45,7 +45,9 @@ use crate::{
         Appended, Condition, EventId, EventRef, Expected, Metadata, Position, RawEvent,
         RecordedEvent,
         append::{Encoded, Request, check_requests},
+        batch::Rules,
         condition,
+        index::Life,
     },
 };
 
@@ -195,22 +197,52 @@ impl PgEvents {
         Ok(Position::new(count(&self.location, &row, "next_position", &what)?))
     }
 
-    /// The last version of `stream`, or `None` when it has no event.
+    /// The last version of `stream`, or `None` when it has no event (or was
+    /// deleted).
     pub(crate) fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
+        let (life, next) = self.stream_life(stream)?;
+        let deleted = life.deleted || life.tombstoned;
+        Ok(next.checked_sub(1).filter(|_| !deleted))
+    }
+
+    /// The life of `stream` (what was removed of it, its retention rules) and its
+    /// next version.
+    pub(crate) fn stream_life(&self, stream: &str) -> Result<(Life, u64)> {
         let row = self.with_reader(|client| {
             client
                 .query_opt(
-                    "SELECT next_version FROM instastate.streams
-                      WHERE namespace = $1 AND stream = $2",
+                    &format!(
+                        "SELECT {LIFE_COLUMNS} FROM instastate.streams
+                          WHERE namespace = $1 AND stream = $2"
+                    ),
                     &[&self.location.namespace(), &stream],
                 )
-                .map_err(failed(&self.location, "read a stream's version"))
+                .map_err(failed(&self.location, "read a stream's life"))
         })?;
-        let what = || format!("the next version of stream `{stream}`");
-        Ok(row
-            .map(|row| count(&self.location, &row, "next_version", &what))
-            .transpose()?
-            .and_then(|next| next.checked_sub(1)))
+        row.map_or(Ok((Life::default(), 0)), |row| life_of(&self.location, &row, stream))
+    }
+
+    /// Changes the life of `stream` (what is removed of it, its retention rules)
+    /// to what `decide` makes of it and of its next version, if anything. In a
+    /// transaction that first locks the head, as appends do, and counts the
+    /// change in it (see [`Known`]). Not repeated when the connection breaks: the
+    /// change may then be made or not, and the caller is told.
+    pub(crate) fn change_life(
+        &self,
+        stream: &str,
+        decide: impl FnOnce(Life, u64) -> Result<Option<Life>>,
+    ) -> Result<()> {
+        let location = &self.location;
+        let pooled = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let mut client = match pooled.filter(|client| !client.is_closed()) {
+            Some(client) => client,
+            None => location.connect()?,
+        };
+        let res = change_life_in(&mut client, location, stream, decide);
+        if !client.is_closed() {
+            self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client);
+        }
+        res
     }
 
     /// Every stream with its last version, in the order they were created (of
@@ -222,7 +254,7 @@ impl PgEvents {
                     "SELECT s.stream, s.next_version FROM instastate.streams s
                        JOIN instastate.events e ON e.namespace = s.namespace
                         AND e.stream = s.stream AND e.version = 0
-                      WHERE s.namespace = $1 AND s.next_version > 0
+                      WHERE s.namespace = $1 AND s.next_version > 0 AND s.life = 0
                       ORDER BY e.position",
                     &[&self.location.namespace()],
                 )
@@ -249,10 +281,11 @@ impl PgEvents {
         let stream =
             if query.stream.is_some() { "AND stream = $2" } else { "AND $2::text IS NULL" };
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM instastate.events WHERE namespace = $1 {stream}
+            "SELECT {EVENT_COLUMNS} FROM instastate.events e WHERE namespace = $1 {stream}
                 AND {place} {compare} $3 AND ($4::bigint IS NULL OR {place} < $4)
                 AND ($5::text IS NULL OR event_type = $5)
                 AND ($6::text IS NULL OR starts_with(stream, $6))
+                AND {VISIBLE}
               ORDER BY {order} {direction} LIMIT $7"
         );
         let until = query.until.map(i64_of);
@@ -451,8 +484,9 @@ impl PgFollower {
             .client
             .query(
                 &format!(
-                    "SELECT {EVENT_COLUMNS} FROM instastate.events
-                      WHERE namespace = $1 AND position >= $2 ORDER BY position LIMIT $3"
+                    "SELECT {EVENT_COLUMNS} FROM instastate.events e
+                      WHERE namespace = $1 AND position >= $2 AND {VISIBLE}
+                      ORDER BY position LIMIT $3"
                 ),
                 &[&self.location.namespace(), &i64_of(self.next), &i64_of(limit)],
             )
@@ -541,9 +575,10 @@ struct Writer {
 /// an append planned against them is written in one statement, which checks that
 /// they still hold (see [`Statements::write`]).
 ///
-/// **Invariant:** every transaction that changes a stream or stores an event moves
-/// the head on, so that a head unchanged since it was seen vouches for the rest
-/// (a removal on this engine must move it too).
+/// **Invariant:** every transaction that stores an event moves the head on, and
+/// every one that changes a stream's life (a removal, a retention rule) counts
+/// itself in the head's `removals`, so that a head unchanged since it was seen
+/// vouches for the rest.
 struct Known {
     head: u64,
     streams: Streams,
@@ -553,13 +588,13 @@ struct Known {
 const KNOWN_STREAMS: usize = 100_000;
 
 impl Known {
-    /// The next version of `stream` it knows: none is 0.
-    fn next_version(&self, stream: &str) -> u64 {
-        self.streams.get(stream).copied().unwrap_or(0)
+    /// What it knows of `stream`: none is a stream with no version.
+    fn stream(&self, stream: &str) -> StreamAt {
+        self.streams.get(stream).copied().unwrap_or_default()
     }
 
-    /// Takes in `streams` (the next versions), at head `head`.
-    fn learn(&mut self, head: u64, streams: impl IntoIterator<Item = (String, u64)>) {
+    /// Takes in `streams`, at head `head`.
+    fn learn(&mut self, head: u64, streams: impl IntoIterator<Item = (String, StreamAt)>) {
         if KNOWN_STREAMS < self.streams.len() {
             self.streams.clear();
         }
@@ -599,12 +634,12 @@ struct Statements {
 /// probes the indexes, whatever the tables' statistics (a `= ANY(..)` plan made
 /// before the first `ANALYZE` scans every event of the namespace).
 const LOOKUP: &str = "SELECT s.stream, s.next_version AS version, NULL::bytea AS id,
-        NULL::bigint AS position
+        NULL::bigint AS position, s.life
    FROM unnest($2::text[]) AS n(stream) CROSS JOIN LATERAL (
-        SELECT stream, next_version FROM instastate.streams
+        SELECT stream, next_version, life FROM instastate.streams
          WHERE namespace = $1 AND stream = n.stream LIMIT 1) s
  UNION ALL
- SELECT e.stream, e.version, e.id, e.position
+ SELECT e.stream, e.version, e.id, e.position, NULL::smallint
    FROM unnest($3::bytea[]) AS i(id) CROSS JOIN LATERAL (
         SELECT stream, version, id, position FROM instastate.events
          WHERE namespace = $1 AND id = i.id LIMIT 1) e";
@@ -617,15 +652,17 @@ const LOOKUP: &str = "SELECT s.stream, s.next_version AS version, NULL::bytea AS
 /// kind 0 says whether it wrote (`ok`), the head locked (`version`), the head the
 /// snapshot saw (`position`) and the timestamp; the rows of kind 1 are the lookup.
 const WRITE: &str = "WITH head AS (
-    SELECT next_position, last_at FROM instastate.event_heads WHERE namespace = $1 FOR UPDATE
+    SELECT next_position, last_at, removals FROM instastate.event_heads
+     WHERE namespace = $1 FOR UPDATE
  ), state AS (
     SELECT h.next_position AS locked,
-           (SELECT next_position FROM instastate.event_heads WHERE namespace = $1) AS seen,
+           (SELECT next_position FROM instastate.event_heads
+             WHERE namespace = $1 AND removals = h.removals) AS seen,
            GREATEST(h.last_at, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) AS at,
            h.next_position = $4
              AND NOT EXISTS (
                  SELECT 1 FROM unnest($2::text[], $5::bigint[]) AS a(stream, next)
-                  WHERE COALESCE((SELECT next_version FROM instastate.streams
+                  WHERE COALESCE((SELECT next_version * 4 + life FROM instastate.streams
                                    WHERE namespace = $1 AND stream = a.stream), 0) <> a.next)
              AND NOT EXISTS (
                  SELECT 1 FROM unnest($6::bytea[]) AS i(id)
@@ -654,7 +691,7 @@ const WRITE: &str = "WITH head AS (
     INSERT INTO instastate.streams (namespace, stream, next_version)
     SELECT $1, m.stream, m.next FROM state s, unnest($25::text[], $26::bigint[]) AS m(stream, next)
      WHERE s.ok
-    ON CONFLICT (namespace, stream) DO UPDATE SET next_version = EXCLUDED.next_version
+    ON CONFLICT (namespace, stream) DO UPDATE SET next_version = EXCLUDED.next_version, life = 0
  ), moved_head AS (
     UPDATE instastate.event_heads h SET next_position = $27, last_at = s.at
       FROM state s WHERE h.namespace = $1 AND s.ok AND $4 < $27
@@ -662,7 +699,8 @@ const WRITE: &str = "WITH head AS (
     SELECT pg_notify($28, $29) FROM state s WHERE s.ok AND $4 < $27
  )
  SELECT 0 AS kind, NULL::text AS stream, s.locked AS version, NULL::bytea AS id,
-        s.seen AS position, s.at, s.ok, (SELECT count(*) FROM notified) AS notified
+        s.seen AS position, NULL::smallint AS life, s.at, s.ok,
+        (SELECT count(*) FROM notified) AS notified
    FROM state s
  UNION ALL
  SELECT 1, *, NULL, NULL, NULL FROM (";
@@ -677,10 +715,10 @@ impl Statements {
             // the lookup, in that snapshot.
             lock: prepare(&format!(
                 "SELECT 0 AS kind, NULL::text AS stream, h.next_position AS version,
-                        NULL::bytea AS id, NULL::bigint AS position,
+                        NULL::bytea AS id, NULL::bigint AS position, NULL::smallint AS life,
                         (SELECT next_position FROM instastate.event_heads
-                          WHERE namespace = $1) AS seen
-                   FROM (SELECT next_position FROM instastate.event_heads
+                          WHERE namespace = $1 AND removals = h.removals) AS seen
+                   FROM (SELECT next_position, removals FROM instastate.event_heads
                           WHERE namespace = $1 FOR UPDATE) h
                  UNION ALL
                  SELECT 1, *, NULL FROM ({LOOKUP}) l"
@@ -699,8 +737,27 @@ impl Statements {
     }
 }
 
-/// A stream as a group's transaction sees it: its next version.
-type Streams = HashMap<String, u64>;
+/// The streams of a group, as its transaction sees them.
+type Streams = HashMap<String, StreamAt>;
+
+/// A stream as an append plans against it: its next version, and whether it is
+/// deleted or tombstoned (a row of `instastate.streams`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StreamAt {
+    next: u64,
+    life: i16,
+}
+
+/// A stream's `life`: deleted (softly), or tombstoned.
+const DELETED: i16 = 1;
+const TOMBSTONED: i16 = 2;
+
+impl StreamAt {
+    /// How the write statement checks it: `next_version * 4 + life`.
+    fn checked(self) -> i64 {
+        i64_of(self.next.saturating_mul(4).saturating_add(u64::from(self.life.unsigned_abs())))
+    }
+}
 /// Where each id the group names is: stream, version, position.
 type Ids = HashMap<[u8; 16], (String, u64, u64)>;
 /// Each append's result, by ticket.
@@ -784,7 +841,7 @@ fn write_known(
         let mut streams: Streams = batch
             .iter()
             .flat_map(|member| &member.requests)
-            .map(|it| (it.stream.clone(), known.next_version(&it.stream)))
+            .map(|it| (it.stream.clone(), known.stream(&it.stream)))
             .collect();
         let assumed = streams.clone();
         let planned =
@@ -803,11 +860,11 @@ fn write_known(
                 return Ok(Some(planned.results));
             }
             // Fresh: what it found is the tables as of now; planned again against it.
-            Found::Other { locked, seen, streams: now, ids: found } if locked == seen => {
-                let absent: Vec<(String, u64)> = assumed
+            Found::Other { locked, seen, streams: now, ids: found } if Some(locked) == seen => {
+                let absent: Vec<(String, StreamAt)> = assumed
                     .into_keys()
                     .filter(|it| !now.contains_key(it))
-                    .map(|it| (it, 0))
+                    .map(|it| (it, StreamAt::default()))
                     .collect();
                 known.learn(locked, now.into_iter().chain(absent));
                 stored = found;
@@ -880,7 +937,8 @@ fn plan_group<'a>(
                 if appended.positions.start < next {
                     continue; // a retry: written before
                 }
-                streams.insert(request.stream.clone(), appended.versions.end);
+                let at = StreamAt { next: appended.versions.end, life: 0 };
+                streams.insert(request.stream.clone(), at);
                 for ((event, version), position) in request
                     .events
                     .iter()
@@ -931,7 +989,8 @@ fn commit(
     // meanwhile (the head moved on), the streams and ids are looked up again, in a
     // snapshot taken under the lock. Every transaction that changes them moves the
     // head on.
-    let (mut streams, mut ids) = if count(location, head, "seen", &what)? == first_position {
+    let seen = column::<Option<i64>>(location, head, "seen", &what)?;
+    let (mut streams, mut ids) = if seen == Some(i64_of(first_position)) {
         looked_up_in(location, looked_up)?
     } else {
         let rows = tx
@@ -940,7 +999,7 @@ fn commit(
         looked_up_in(location, rows.iter())?
     };
     for name in &names {
-        streams.entry((*name).to_owned()).or_insert(0);
+        streams.entry((*name).to_owned()).or_default();
     }
     let assumed = streams.clone();
     // Sealed with a key forgotten before the head was locked: refused, to be
@@ -1008,8 +1067,9 @@ enum Found {
     /// It wrote (if it had anything to write); outside a transaction, committed.
     Wrote,
     /// The tables were not as planned: it wrote nothing. The head it locked, the
-    /// head its snapshot saw, and the streams and ids as that snapshot has them.
-    Other { locked: u64, seen: u64, streams: Streams, ids: Ids },
+    /// head its snapshot saw (`None` when a stream's life changed since), and the
+    /// streams and ids as that snapshot has them.
+    Other { locked: u64, seen: Option<u64>, streams: Streams, ids: Ids },
 }
 
 /// Writes the `planned` rows, moves their streams on and the head to the planned
@@ -1068,7 +1128,7 @@ fn write(
     let (moved, moved_to): (Vec<&str>, Vec<i64>) =
         touched.into_iter().map(|(stream, next)| (stream, i64_of(next))).unzip();
     let (names, nexts): (Vec<&str>, Vec<i64>) =
-        assumed.iter().map(|(name, next)| (name.as_str(), i64_of(*next))).unzip();
+        assumed.iter().map(|(name, at)| (name.as_str(), at.checked())).unzip();
     let params: [&(dyn postgres::types::ToSql + Sync); 29] = [
         &location.namespace(),
         &names,
@@ -1109,7 +1169,8 @@ fn write(
     let (streams, ids) = looked_up_in(location, looked_up)?;
     Ok(Found::Other {
         locked: count(location, state, "version", &what)?,
-        seen: count(location, state, "position", &what)?,
+        seen: column::<Option<i64>>(location, state, "position", &what)?
+            .and_then(|seen| u64::try_from(seen).ok()),
         streams,
         ids,
     })
@@ -1164,7 +1225,14 @@ fn looked_up_in<'a>(
         let what = || format!("an event or the head of stream `{stream}`");
         let version = count(location, row, "version", &what)?;
         let Some(id) = column::<Option<&[u8]>>(location, row, "id", &what)? else {
-            streams.insert(stream, version);
+            let life = column::<i16>(location, row, "life", &what)?;
+            if !(0..=TOMBSTONED).contains(&life) {
+                return Err(Error::DatabaseCorrupt {
+                    location: location.to_string(),
+                    reason: format!("stream `{stream}` has an unknown life ({life})"),
+                });
+            }
+            streams.insert(stream, StreamAt { next: version, life });
             continue;
         };
         let position = count(location, row, "position", &what)?;
@@ -1192,8 +1260,13 @@ fn plan(requests: &[Request], streams: &Streams, ids: &Ids, next: u64) -> Result
     let mut position = next;
     let mut retries = 0;
     for request in requests {
-        let stream_next = streams.get(&request.stream).copied().unwrap_or(0);
-        let last = stream_next.checked_sub(1);
+        let at = streams.get(&request.stream).copied().unwrap_or_default();
+        if at.life == TOMBSTONED {
+            return Err(Error::StreamTombstoned { stream: request.stream.clone() });
+        }
+        let stream_next = at.next;
+        // A deleted stream has no event, and its versions go on where they were.
+        let last = if at.life == DELETED { None } else { stream_next.checked_sub(1) };
         let first_seen = request
             .events
             .first()
@@ -1277,6 +1350,117 @@ fn retry_of(request: &Request, ids: &Ids, place: u64) -> Match {
         versions: place..place + request.events.len() as u64,
         positions,
     })
+}
+
+/// Whether the event `e` of namespace `$1` is one readers see: not removed by its
+/// stream's life (deleted or truncated below its floor, tombstoned, or outside its
+/// retention rules, by the database's clock, which stamped it). Checked only in a
+/// namespace where something was ever removed.
+const VISIBLE: &str = "(NOT (SELECT ruled FROM instastate.event_heads WHERE namespace = $1)
+    OR NOT EXISTS (
+        SELECT 1 FROM instastate.streams s
+         WHERE s.namespace = $1 AND s.stream = e.stream
+           AND (s.life = 2 OR e.version < s.floor
+                OR e.version < s.next_version - s.max_count
+                OR e.at_us < (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+                             - s.max_age)))";
+
+/// The columns of `instastate.streams` that [`life_of`] reads.
+const LIFE_COLUMNS: &str = "next_version, life, floor, max_count, max_age";
+
+/// The life and next version of stream `stream` in `row` (of `LIFE_COLUMNS`).
+fn life_of(location: &Location, row: &Row, stream: &str) -> Result<(Life, u64)> {
+    let what = || format!("stream `{stream}`");
+    let next = count(location, row, "next_version", &what)?;
+    let life = column::<i16>(location, row, "life", &what)?;
+    let floor = count(location, row, "floor", &what)?;
+    let rule = |name: &str| -> Result<Option<u64>> {
+        let value = column::<Option<i64>>(location, row, name, &what)?;
+        value
+            .map(|value| {
+                u64::try_from(value).map_err(|_| Error::DatabaseCorrupt {
+                    location: location.to_string(),
+                    reason: format!("{} has a negative {name}", what()),
+                })
+            })
+            .transpose()
+    };
+    let (deleted, tombstoned) = match life {
+        0 => (false, false),
+        DELETED => (true, false),
+        TOMBSTONED => (false, true),
+        other => {
+            return Err(Error::DatabaseCorrupt {
+                location: location.to_string(),
+                reason: format!("{} has an unknown life ({other})", what()),
+            });
+        }
+    };
+    let rules = Rules { max_count: rule("max_count")?, max_age: rule("max_age")? };
+    Ok((Life { floor, deleted, tombstoned, rules }, next))
+}
+
+/// [`PgEvents::change_life`] on `client`.
+fn change_life_in(
+    client: &mut Client,
+    location: &Location,
+    stream: &str,
+    decide: impl FnOnce(Life, u64) -> Result<Option<Life>>,
+) -> Result<()> {
+    let namespace = location.namespace();
+    let mut tx = client.transaction().map_err(failed(location, "begin a removal"))?;
+    tx.execute(
+        "SELECT 1 FROM instastate.event_heads WHERE namespace = $1 FOR UPDATE",
+        &[&namespace],
+    )
+    .map_err(failed(location, "lock the event store's head"))?;
+    // Read under the head's lock: as the last append left it.
+    let row = tx
+        .query_opt(
+            &format!(
+                "SELECT {LIFE_COLUMNS} FROM instastate.streams WHERE namespace = $1 AND stream = $2"
+            ),
+            &[&namespace, &stream],
+        )
+        .map_err(failed(location, "read a stream's life"))?;
+    let (life, next) = match &row {
+        Some(row) => life_of(location, row, stream)?,
+        None => (Life::default(), 0),
+    };
+    let Some(changed) = decide(life, next)? else {
+        return tx.rollback().map_err(failed(location, "end a removal that changes nothing"));
+    };
+    let code = if changed.tombstoned {
+        TOMBSTONED
+    } else if changed.deleted {
+        DELETED
+    } else {
+        0
+    };
+    let rules = changed.rules;
+    tx.execute(
+        "INSERT INTO instastate.streams (namespace, stream, next_version, life, floor, max_count,
+                                         max_age)
+         VALUES ($1, $2, 0, $3, $4, $5, $6)
+         ON CONFLICT (namespace, stream) DO UPDATE SET life = EXCLUDED.life,
+            floor = EXCLUDED.floor, max_count = EXCLUDED.max_count, max_age = EXCLUDED.max_age",
+        &[
+            &namespace,
+            &stream,
+            &code,
+            &i64_of(changed.floor),
+            &rules.max_count.map(i64_of),
+            &rules.max_age.map(i64_of),
+        ],
+    )
+    .map_err(failed(location, "change a stream's life"))?;
+    tx.execute(
+        "UPDATE instastate.event_heads SET removals = removals + 1, ruled = true
+          WHERE namespace = $1",
+        &[&namespace],
+    )
+    .map_err(failed(location, "count a removal in the head"))?;
+    tx.commit().map_err(failed(location, "commit a removal"))
 }
 
 /// The columns of `instastate.events` that an [`EventRow`] holds, in its order.

@@ -11,7 +11,6 @@ mod concurrency;
 mod conflicts;
 mod contract;
 mod crypt;
-mod deletion;
 mod events;
 mod global;
 mod history;

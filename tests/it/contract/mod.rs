@@ -6,6 +6,7 @@
 mod cells;
 mod events;
 mod prevalence;
+mod removal;
 
 use crate::TestResult;
 

@@ -1,16 +1,31 @@
-//! Removing events: soft deletes, tombstones, truncation and retention rules,
-//! each with its expected version, seen the same way after a reopen.
-
-#![allow(clippy::indexing_slicing)]
+//! The contract of removing events (see `mod.rs`): soft deletes, tombstones,
+//! truncation and retention rules, each with its expected version, seen the same
+//! way after a reopening, whatever the engine.
 
 use std::{path::Path, thread, time::Duration};
 
 use instastate::{
     Error,
-    events::{Delivery, EventStore, Expected, Position, Retention},
+    events::{Delivery, EventId, EventStore, Expected, NewEvent, Position, Retention},
 };
 
+use super::{Place, contract};
 use crate::{TestResult, tree};
+
+contract!(
+    a_soft_deleted_stream_is_hidden_and_comes_back_with_its_versions_going_on,
+    a_tombstoned_stream_refuses_appends_deletes_and_reads_for_good,
+    truncation_and_a_max_count_pass_over_the_first_versions,
+    a_max_age_passes_over_events_older_than_it,
+    a_subscription_from_the_start_passes_over_removed_events,
+    a_subscription_to_a_tombstoned_stream_stops_and_truncation_stays_within_the_stream,
+    an_effect_names_the_aggregates_of_removed_linked_events,
+    a_removal_made_by_another_opening_is_seen_by_the_next_append,
+);
+
+fn open(place: &Place) -> instastate::Result<EventStore<u32>> {
+    EventStore::open(&place.location)
+}
 
 fn versions(events: &EventStore<u32>, stream: &str) -> TestResult<Vec<(u64, u32)>> {
     Ok(events
@@ -51,33 +66,45 @@ fn tombstoned<T: std::fmt::Debug>(res: instastate::Result<T>) -> TestResult {
     }
 }
 
-/// Opens the store three ways: as it is, reopened (replaying the journal), and
-/// reopened from a checkpoint; `check` must hold for each.
-fn each_reopen(dir: &Path, check: impl Fn(&EventStore<u32>) -> TestResult) -> TestResult {
+/// What a store in a directory holds on disk (nothing for a database): a
+/// refused removal must leave it as it was.
+fn stored(place: &Place) -> TestResult<Option<tree::Tree>> {
+    let path = Path::new(&place.location);
+    if place.location.starts_with("postgres") {
+        return Ok(None);
+    }
+    Ok(Some(tree::tree(path)?))
+}
+
+/// Opens the store again twice, the second time from a checkpoint (in files);
+/// `check` must hold for each.
+fn each_reopen(place: &Place, check: impl Fn(&EventStore<u32>) -> TestResult) -> TestResult {
     {
-        let events = EventStore::<u32>::open(dir)?;
+        let events = open(place)?;
         check(&events)?;
         events.checkpoint()?;
     }
-    let events = EventStore::<u32>::open(dir)?;
+    let events = open(place)?;
     check(&events)
 }
 
-#[test]
-fn a_soft_deleted_stream_is_hidden_and_comes_back_with_its_versions_going_on() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let events = EventStore::<u32>::open(dir.path())?;
+fn a_soft_deleted_stream_is_hidden_and_comes_back_with_its_versions_going_on(
+    place: &Place,
+) -> TestResult {
+    let events = open(place)?;
     events.append("cart", Expected::NoStream, [1, 2, 3])?;
     events.append("other", Expected::NoStream, [9])?;
 
     // A wrong expectation is refused, naming the actual version, and writes nothing.
-    let before = tree::tree(dir.path())?;
+    let before = stored(place)?;
     assert_eq!(wrong_version(events.delete_stream("cart", Expected::Exact(1)))?, Some(2));
     assert_eq!(wrong_version(events.delete_stream("cart", Expected::NoStream))?, Some(2));
-    assert_eq!(tree::tree(dir.path())?, before);
+    assert_eq!(stored(place)?, before);
+    assert_eq!(versions(&events, "cart")?.len(), 3);
     events.delete_stream("cart", Expected::Exact(2))?;
 
     assert_eq!(versions(&events, "cart")?, []);
+    assert!(backward(&events, "cart")?.is_empty());
     assert_eq!(all(&events)?, [("other".to_owned(), 0)]);
     assert_eq!(events.stream_version("cart")?, None);
     assert_eq!(events.streams()?, [("other".to_owned(), 0)]);
@@ -90,16 +117,16 @@ fn a_soft_deleted_stream_is_hidden_and_comes_back_with_its_versions_going_on() -
     assert!(matches!(err, Some(Error::WrongExpectedVersion { actual: None, .. })), "{err:?}");
     drop(events);
 
-    each_reopen(dir.path(), |events| {
+    each_reopen(place, |events| {
         assert_eq!(versions(events, "cart")?, []);
         assert_eq!(events.stream_version("cart")?, None);
         Ok(())
     })?;
-    let events = EventStore::<u32>::open(dir.path())?;
+    let events = open(place)?;
     let again = events.append("cart", Expected::NoStream, [4, 5])?;
     assert_eq!(again.versions, 3..5, "versions go on where they were");
     drop(events);
-    each_reopen(dir.path(), |events| {
+    each_reopen(place, |events| {
         assert_eq!(versions(events, "cart")?, [(3, 4), (4, 5)]);
         assert_eq!(backward(events, "cart")?, [4, 3]);
         assert_eq!(events.stream_version("cart")?, Some(4));
@@ -107,20 +134,19 @@ fn a_soft_deleted_stream_is_hidden_and_comes_back_with_its_versions_going_on() -
             all(events)?,
             [("other".to_owned(), 0), ("cart".to_owned(), 3), ("cart".to_owned(), 4)]
         );
+        assert_eq!(events.streams()?, [("cart".to_owned(), 4), ("other".to_owned(), 0)]);
         Ok(())
     })
 }
 
-#[test]
-fn a_tombstoned_stream_refuses_appends_deletes_and_reads_for_good() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let events = EventStore::<u32>::open(dir.path())?;
+fn a_tombstoned_stream_refuses_appends_deletes_and_reads_for_good(place: &Place) -> TestResult {
+    let events = open(place)?;
     events.append("gone", Expected::NoStream, [1, 2])?;
     events.append("kept", Expected::NoStream, [3])?;
     assert_eq!(wrong_version(events.tombstone_stream("gone", Expected::Exact(0)))?, Some(1));
     events.tombstone_stream("gone", Expected::Exact(1))?;
     drop(events);
-    each_reopen(dir.path(), |events| {
+    each_reopen(place, |events| {
         for expected in [Expected::Any, Expected::NoStream, Expected::Exact(1)] {
             tombstoned(events.append("gone", expected, [7]))?;
         }
@@ -129,22 +155,25 @@ fn a_tombstoned_stream_refuses_appends_deletes_and_reads_for_good() -> TestResul
         tombstoned(events.truncate_stream("gone", 1))?;
         tombstoned(events.set_retention("gone", Retention::default().max_count(1)))?;
         tombstoned(events.read_stream("gone").into_iter().next().transpose())?;
+        tombstoned(events.event("gone", 0))?;
+        assert_eq!(events.stream_version("gone")?, None);
         assert_eq!(all(events)?, [("kept".to_owned(), 0)]);
         assert_eq!(events.streams()?, [("kept".to_owned(), 0)]);
         Ok(())
     })?;
     // A stream that never existed can be tombstoned, so that it never will.
-    let events = EventStore::<u32>::open(dir.path())?;
+    let events = open(place)?;
     events.tombstone_stream("never", Expected::NoStream)?;
     let err = events.append("never", Expected::Any, [1]).err();
     assert!(matches!(err, Some(Error::StreamTombstoned { .. })), "{err:?}");
+    // Appends to other streams go on.
+    events.append("kept", Expected::Exact(0), [4])?;
+    assert_eq!(versions(&events, "kept")?, [(0, 3), (1, 4)]);
     Ok(())
 }
 
-#[test]
-fn truncation_and_a_max_count_pass_over_the_first_versions() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let events = EventStore::<u32>::open(dir.path())?;
+fn truncation_and_a_max_count_pass_over_the_first_versions(place: &Place) -> TestResult {
+    let events = open(place)?;
     events.append("log", Expected::NoStream, [0, 1, 2, 3, 4])?;
     events.truncate_stream("log", 2)?;
     assert_eq!(versions(&events, "log")?, [(2, 2), (3, 3), (4, 4)]);
@@ -155,15 +184,17 @@ fn truncation_and_a_max_count_pass_over_the_first_versions() -> TestResult {
     assert_eq!(events.stream_version("log")?, Some(4), "its versions stay");
     events.append("log", Expected::Exact(4), [5])?;
 
+    assert_eq!(events.retention("log")?, Retention::default());
     events.set_retention("log", Retention::default().max_count(2))?;
     assert_eq!(events.retention("log")?.count(), Some(2));
     drop(events);
-    each_reopen(dir.path(), |events| {
+    each_reopen(place, |events| {
         assert_eq!(versions(events, "log")?, [(4, 4), (5, 5)]);
         assert_eq!(events.read_stream("log").from(0).limit(1).into_iter().count(), 1);
+        assert_eq!(events.retention("log")?.count(), Some(2));
         Ok(())
     })?;
-    let events = EventStore::<u32>::open(dir.path())?;
+    let events = open(place)?;
     events.append("log", Expected::Any, [6])?;
     assert_eq!(versions(&events, "log")?, [(5, 5), (6, 6)], "the window moves");
     // Lifting the rule shows what only the rule hid, not what was truncated.
@@ -172,12 +203,11 @@ fn truncation_and_a_max_count_pass_over_the_first_versions() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn a_max_age_passes_over_events_older_than_it() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let events = EventStore::<u32>::open(dir.path())?;
+fn a_max_age_passes_over_events_older_than_it(place: &Place) -> TestResult {
+    let events = open(place)?;
     events.set_retention("short", Retention::default().max_age(Duration::from_millis(20)))?;
     events.set_retention("long", Retention::default().max_age(Duration::from_hours(1)))?;
+    assert_eq!(events.retention("short")?.age(), Some(Duration::from_millis(20)));
     events.append("short", Expected::Any, [1])?;
     events.append("long", Expected::Any, [2])?;
     thread::sleep(Duration::from_millis(50));
@@ -187,10 +217,8 @@ fn a_max_age_passes_over_events_older_than_it() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn a_subscription_from_the_start_passes_over_removed_events() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let events = EventStore::<u32>::open(dir.path())?;
+fn a_subscription_from_the_start_passes_over_removed_events(place: &Place) -> TestResult {
+    let events = open(place)?;
     events.append("a", Expected::Any, [1, 2])?;
     events.append("b", Expected::Any, [3])?;
     events.delete_stream("a", Expected::Any)?;
@@ -208,11 +236,10 @@ fn a_subscription_from_the_start_passes_over_removed_events() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn a_subscription_to_a_tombstoned_stream_stops_and_truncation_stays_within_the_stream() -> TestResult
-{
-    let dir = tempfile::tempdir()?;
-    let events = EventStore::<u32>::open(dir.path())?;
+fn a_subscription_to_a_tombstoned_stream_stops_and_truncation_stays_within_the_stream(
+    place: &Place,
+) -> TestResult {
+    let events = open(place)?;
     events.append("gone", Expected::NoStream, [1])?;
     events.tombstone_stream("gone", Expected::Any)?;
     let mut subscription = events.subscribe_stream("gone").from(0)?;
@@ -225,7 +252,7 @@ fn a_subscription_to_a_tombstoned_stream_stops_and_truncation_stays_within_the_s
     assert_eq!(versions(&events, "later")?, [(0, 1), (1, 2), (2, 3)]);
 
     // A retried first append is recognised after a truncation moved the floor.
-    let first = instastate::events::NewEvent::new(7).with_id(instastate::events::EventId::new());
+    let first = NewEvent::new(7).with_id(EventId::new());
     let appended = events.append("retry", Expected::NoStream, [first.clone()])?;
     events.append("retry", Expected::Exact(0), [8])?;
     events.truncate_stream("retry", 1)?;
@@ -235,11 +262,8 @@ fn a_subscription_to_a_tombstoned_stream_stops_and_truncation_stays_within_the_s
 
 /// An effect names the aggregates of its linked events even when those events
 /// were removed since: what was built from them must go too.
-#[test]
-fn an_effect_names_the_aggregates_of_removed_linked_events() -> TestResult {
-    use instastate::events::NewEvent;
-    let dir = tempfile::tempdir()?;
-    let events = EventStore::<u32>::open(dir.path())?;
+fn an_effect_names_the_aggregates_of_removed_linked_events(place: &Place) -> TestResult {
+    let events = open(place)?;
     let linked = NewEvent::new(1).tagged(["user-1"]).linked_to(["key-1"]);
     events.append("s", Expected::NoStream, [linked])?;
     events.delete_stream("s", Expected::Any)?;
@@ -253,5 +277,26 @@ fn an_effect_names_the_aggregates_of_removed_linked_events() -> TestResult {
         Some(Delivery::Effect(effect)) => assert_eq!(effect.aggregates, ["user-1"]),
         other => return Err(format!("expected the effect, got {other:?}").into()),
     }
+    Ok(())
+}
+
+/// A writer that planned against a stream before another opening removed it
+/// (in a database, another process) sees the removal at its next append.
+fn a_removal_made_by_another_opening_is_seen_by_the_next_append(place: &Place) -> TestResult {
+    let writer = open(place)?;
+    writer.append("cart", Expected::NoStream, [1, 2])?;
+    writer.append("cart", Expected::Exact(1), [3])?;
+    // In files, one store per directory: the removal is made by the same one.
+    let other = if place.location.starts_with("postgres") { Some(open(place)?) } else { None };
+    let remover = other.as_ref().unwrap_or(&writer);
+    remover.delete_stream("cart", Expected::Exact(2))?;
+    let err = writer.append("cart", Expected::Exact(2), [4]).err();
+    assert!(matches!(err, Some(Error::WrongExpectedVersion { actual: None, .. })), "{err:?}");
+    assert_eq!(writer.append("cart", Expected::NoStream, [4])?.versions, 3..4);
+    remover.tombstone_stream("cart", Expected::Exact(3))?;
+    let err = writer.append("cart", Expected::Any, [5]).err();
+    assert!(matches!(err, Some(Error::StreamTombstoned { .. })), "{err:?}");
+    let read = writer.read_stream("cart").into_iter().next();
+    assert!(matches!(read, Some(Err(Error::StreamTombstoned { .. }))), "{read:?}");
     Ok(())
 }
