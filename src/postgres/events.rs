@@ -645,12 +645,16 @@ const LOOKUP: &str = "SELECT s.stream, s.next_version AS version, NULL::bytea AS
          WHERE namespace = $1 AND id = i.id LIMIT 1) e";
 
 /// The write: `$1` namespace, `$2` the group's streams, `$3` its ids (for the
-/// lookup), `$4` the head planned from, `$5` each stream's next version planned
-/// from, `$6` the ids planned as not stored (none may be), then the events column by
-/// column (each event's tags and triggers a slice of one flat array), the tags to
-/// index, the streams moved on, the next head and the notification. The row of
-/// kind 0 says whether it wrote (`ok`), the head locked (`version`), the head the
-/// snapshot saw (`position`) and the timestamp; the rows of kind 1 are the lookup.
+/// lookup), `$4` the head planned from, `$5` each stream's next version and life
+/// planned from (`next_version * 4 + life`), `$6` the ids planned as not stored
+/// (none may be), then the events column by column (each event's tags and
+/// triggers a slice of one flat array), the tags to index, the streams moved on,
+/// the next head and the notification. A removal committed after the statement's
+/// snapshot was taken (which its checks of the streams would miss) shows in the
+/// head's `removals`, locked, and it then writes nothing. The row of kind 0 says
+/// whether it wrote (`ok`), the head locked (`version`), the head the snapshot saw
+/// (`position`; NULL when a removal came since) and the timestamp; the rows of
+/// kind 1 are the lookup.
 const WRITE: &str = "WITH head AS (
     SELECT next_position, last_at, removals FROM instastate.event_heads
      WHERE namespace = $1 FOR UPDATE
@@ -660,6 +664,7 @@ const WRITE: &str = "WITH head AS (
              WHERE namespace = $1 AND removals = h.removals) AS seen,
            GREATEST(h.last_at, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) AS at,
            h.next_position = $4
+             AND h.removals = (SELECT removals FROM instastate.event_heads WHERE namespace = $1)
              AND NOT EXISTS (
                  SELECT 1 FROM unnest($2::text[], $5::bigint[]) AS a(stream, next)
                   WHERE COALESCE((SELECT next_version * 4 + life FROM instastate.streams

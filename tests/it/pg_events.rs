@@ -3,7 +3,12 @@
 //! woken by the commits of another, and a projection of a database's events into
 //! a cell saved in files. The behaviours every engine shares are in `contract/`.
 
-use std::{collections::BTreeMap, thread, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::Duration,
+};
 
 use instastate::{
     Error, StateCell, Store,
@@ -286,4 +291,51 @@ mod shredding {
         assert_eq!(read, 300);
         Ok(())
     }
+}
+
+/// A writer appending with exact expectations while another store deletes its
+/// stream at a random moment: once the delete is in, no append of the writer's
+/// goes in after it (each one checked its expectation against the stream as the
+/// delete left it), so the stream reads empty.
+#[test]
+fn no_append_planned_before_a_concurrent_delete_goes_in_after_it() -> TestResult {
+    const ROUNDS: u64 = 20;
+    let location = crate::server::address("pg-events-delete-race");
+    let writer = EventStore::<u64>::open(&location)?;
+    let remover = EventStore::<u64>::open(&location)?;
+    for round in 0..ROUNDS {
+        let stream = format!("cart-{round}");
+        writer.append(&stream, Expected::NoStream, [0])?;
+        let deleted = AtomicBool::new(false);
+        let appended = thread::scope(|scope| -> TestResult<u64> {
+            let appends = scope.spawn(|| -> Result<u64, String> {
+                let mut last = 0;
+                loop {
+                    let after = deleted.load(Ordering::SeqCst);
+                    match writer.append(&stream, Expected::Exact(last), [last + 1]) {
+                        Ok(_) if after => {
+                            return Err(format!("version {} went in after the delete", last + 1));
+                        }
+                        Ok(_) => last += 1,
+                        Err(Error::WrongExpectedVersion { actual: None, .. }) => return Ok(last),
+                        Err(err) => return Err(err.to_string()),
+                    }
+                }
+            });
+            thread::sleep(Duration::from_millis(round % 7 * 3));
+            remover.delete_stream(&stream, Expected::Any)?;
+            deleted.store(true, Ordering::SeqCst);
+            Ok(appends.join().map_err(|_| "the writer panicked")??)
+        })?;
+        let left: Vec<u64> = writer
+            .read_stream(&stream)
+            .into_iter()
+            .map(|event| event.map(|it| it.data))
+            .collect::<Result<_, _>>()?;
+        assert!(left.is_empty(), "round {round}: {left:?} went in after the delete");
+        assert_eq!(writer.stream_version(&stream)?, None);
+        let again = writer.append(&stream, Expected::NoStream, [99])?;
+        assert_eq!(again.versions.start, appended + 1, "round {round}");
+    }
+    Ok(())
 }
