@@ -46,11 +46,12 @@ use crate::{Error, Result, journal};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Compacted {
-    /// The journal files rewritten.
+    /// The journal files rewritten (none in a database).
     pub files: u64,
-    /// Their bytes before.
+    /// Their bytes before (in a database: the bytes of event data the store
+    /// held).
     pub bytes_before: u64,
-    /// Their bytes after.
+    /// Their bytes after (in a database: the bytes of event data the store holds).
     pub bytes_after: u64,
     /// The events whose data was dropped.
     pub events_dropped: u64,
@@ -84,6 +85,11 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// stream up to the first event the rule still shows is journaled, so that
     /// lifting the rule later does not show the events whose data is gone.
     ///
+    /// In a database, the events' data is set to NULL (in one statement, which
+    /// appends do not wait for) and the events' table vacuumed, which leaves the
+    /// room free for the database to reuse; [`Compacted`] then counts the bytes of
+    /// event data the namespace holds, and no files.
+    ///
     /// # Example
     /// ```
     /// use instastate::events::{EventStore, Expected};
@@ -106,12 +112,17 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// ```
     ///
     /// # Errors
+    /// In a database, [`Error::Database`] when it cannot be reached.
     /// [`Error::JournalCorrupt`] for damage in a file to rewrite (the files
     /// rewritten before it stay rewritten; nothing is lost); [`Error::Io`] when
     /// reading or writing fails, and [`Error::JournalWrite`] when the truncations
     /// or the checkpoint cannot be journaled. A failed compaction leaves the store
     /// as it was, or with some files rewritten, and usable either way.
     pub fn compact(&self) -> Result<Compacted> {
+        #[cfg(feature = "postgres")]
+        if let super::Engine::Database(db) = &self.shared.engine {
+            return db.engine.compact();
+        }
         let core = self.shared.files("compact")?;
         let mut examined = core.locator.compacting.lock();
         let mut report =

@@ -84,8 +84,9 @@
 //! whatever the [`Durability`]. Effects, and subject keys with crypto-shredding,
 //! work there too, the keys kept in the database, and so do deletes, tombstones,
 //! truncations and retention rules (each a transaction that locks the head, as
-//! appends do; readers pass over what they removed). Compaction is not offered
-//! there yet: it returns [`Error::Unsupported`].
+//! appends do; readers pass over what they removed), and so does compaction.
+//! Backups are the database's own: [`EventStore::backup_to`] returns
+//! [`Error::Unsupported`] there, as does a store key.
 
 pub(crate) mod append;
 pub(crate) mod batch;

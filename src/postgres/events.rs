@@ -45,11 +45,11 @@ use crate::{
         Appended, Condition, EventId, EventRef, Expected, Metadata, Position, RawEvent,
         RecordedEvent,
         append::{Encoded, Request, check_requests},
-        batch::Rules,
         condition,
-        index::Life,
     },
 };
+
+use removal::VISIBLE;
 
 /// The kind a namespace of this engine records.
 const KIND: &str = "an event store";
@@ -203,46 +203,6 @@ impl PgEvents {
         let (life, next) = self.stream_life(stream)?;
         let deleted = life.deleted || life.tombstoned;
         Ok(next.checked_sub(1).filter(|_| !deleted))
-    }
-
-    /// The life of `stream` (what was removed of it, its retention rules) and its
-    /// next version.
-    pub(crate) fn stream_life(&self, stream: &str) -> Result<(Life, u64)> {
-        let row = self.with_reader(|client| {
-            client
-                .query_opt(
-                    &format!(
-                        "SELECT {LIFE_COLUMNS} FROM instastate.streams
-                          WHERE namespace = $1 AND stream = $2"
-                    ),
-                    &[&self.location.namespace(), &stream],
-                )
-                .map_err(failed(&self.location, "read a stream's life"))
-        })?;
-        row.map_or(Ok((Life::default(), 0)), |row| life_of(&self.location, &row, stream))
-    }
-
-    /// Changes the life of `stream` (what is removed of it, its retention rules)
-    /// to what `decide` makes of it and of its next version, if anything. In a
-    /// transaction that first locks the head, as appends do, and counts the
-    /// change in it (see [`Known`]). Not repeated when the connection breaks: the
-    /// change may then be made or not, and the caller is told.
-    pub(crate) fn change_life(
-        &self,
-        stream: &str,
-        decide: impl FnOnce(Life, u64) -> Result<Option<Life>>,
-    ) -> Result<()> {
-        let location = &self.location;
-        let pooled = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-        let mut client = match pooled.filter(|client| !client.is_closed()) {
-            Some(client) => client,
-            None => location.connect()?,
-        };
-        let res = change_life_in(&mut client, location, stream, decide);
-        if !client.is_closed() {
-            self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client);
-        }
-        res
     }
 
     /// Every stream with its last version, in the order they were created (of
@@ -1357,117 +1317,6 @@ fn retry_of(request: &Request, ids: &Ids, place: u64) -> Match {
     })
 }
 
-/// Whether the event `e` of namespace `$1` is one readers see: not removed by its
-/// stream's life (deleted or truncated below its floor, tombstoned, or outside its
-/// retention rules, by the database's clock, which stamped it). Checked only in a
-/// namespace where something was ever removed.
-const VISIBLE: &str = "(NOT (SELECT ruled FROM instastate.event_heads WHERE namespace = $1)
-    OR NOT EXISTS (
-        SELECT 1 FROM instastate.streams s
-         WHERE s.namespace = $1 AND s.stream = e.stream
-           AND (s.life = 2 OR e.version < s.floor
-                OR e.version < s.next_version - s.max_count
-                OR e.at_us < (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
-                             - s.max_age)))";
-
-/// The columns of `instastate.streams` that [`life_of`] reads.
-const LIFE_COLUMNS: &str = "next_version, life, floor, max_count, max_age";
-
-/// The life and next version of stream `stream` in `row` (of `LIFE_COLUMNS`).
-fn life_of(location: &Location, row: &Row, stream: &str) -> Result<(Life, u64)> {
-    let what = || format!("stream `{stream}`");
-    let next = count(location, row, "next_version", &what)?;
-    let life = column::<i16>(location, row, "life", &what)?;
-    let floor = count(location, row, "floor", &what)?;
-    let rule = |name: &str| -> Result<Option<u64>> {
-        let value = column::<Option<i64>>(location, row, name, &what)?;
-        value
-            .map(|value| {
-                u64::try_from(value).map_err(|_| Error::DatabaseCorrupt {
-                    location: location.to_string(),
-                    reason: format!("{} has a negative {name}", what()),
-                })
-            })
-            .transpose()
-    };
-    let (deleted, tombstoned) = match life {
-        0 => (false, false),
-        DELETED => (true, false),
-        TOMBSTONED => (false, true),
-        other => {
-            return Err(Error::DatabaseCorrupt {
-                location: location.to_string(),
-                reason: format!("{} has an unknown life ({other})", what()),
-            });
-        }
-    };
-    let rules = Rules { max_count: rule("max_count")?, max_age: rule("max_age")? };
-    Ok((Life { floor, deleted, tombstoned, rules }, next))
-}
-
-/// [`PgEvents::change_life`] on `client`.
-fn change_life_in(
-    client: &mut Client,
-    location: &Location,
-    stream: &str,
-    decide: impl FnOnce(Life, u64) -> Result<Option<Life>>,
-) -> Result<()> {
-    let namespace = location.namespace();
-    let mut tx = client.transaction().map_err(failed(location, "begin a removal"))?;
-    tx.execute(
-        "SELECT 1 FROM instastate.event_heads WHERE namespace = $1 FOR UPDATE",
-        &[&namespace],
-    )
-    .map_err(failed(location, "lock the event store's head"))?;
-    // Read under the head's lock: as the last append left it.
-    let row = tx
-        .query_opt(
-            &format!(
-                "SELECT {LIFE_COLUMNS} FROM instastate.streams WHERE namespace = $1 AND stream = $2"
-            ),
-            &[&namespace, &stream],
-        )
-        .map_err(failed(location, "read a stream's life"))?;
-    let (life, next) = match &row {
-        Some(row) => life_of(location, row, stream)?,
-        None => (Life::default(), 0),
-    };
-    let Some(changed) = decide(life, next)? else {
-        return tx.rollback().map_err(failed(location, "end a removal that changes nothing"));
-    };
-    let code = if changed.tombstoned {
-        TOMBSTONED
-    } else if changed.deleted {
-        DELETED
-    } else {
-        0
-    };
-    let rules = changed.rules;
-    tx.execute(
-        "INSERT INTO instastate.streams (namespace, stream, next_version, life, floor, max_count,
-                                         max_age)
-         VALUES ($1, $2, 0, $3, $4, $5, $6)
-         ON CONFLICT (namespace, stream) DO UPDATE SET life = EXCLUDED.life,
-            floor = EXCLUDED.floor, max_count = EXCLUDED.max_count, max_age = EXCLUDED.max_age",
-        &[
-            &namespace,
-            &stream,
-            &code,
-            &i64_of(changed.floor),
-            &rules.max_count.map(i64_of),
-            &rules.max_age.map(i64_of),
-        ],
-    )
-    .map_err(failed(location, "change a stream's life"))?;
-    tx.execute(
-        "UPDATE instastate.event_heads SET removals = removals + 1, ruled = true
-          WHERE namespace = $1",
-        &[&namespace],
-    )
-    .map_err(failed(location, "count a removal in the head"))?;
-    tx.commit().map_err(failed(location, "commit a removal"))
-}
-
 /// The columns of `instastate.events` that an [`EventRow`] holds, in its order.
 const EVENT_COLUMNS: &str = "position, stream, version, id, event_type, at_us, causation, \
     correlation, tags, triggers, schema, json, data";
@@ -1554,8 +1403,16 @@ impl EventRow {
             location: location.to_string(),
             reason: format!("the schema version of the event at position {position} is {schema}"),
         })?;
-        let data =
-            decode(self.get(location, DATA, "data")?, self.get(location, JSON, "json")?, schema)?;
+        // Compaction drops only what readers pass over: a dropped event read is
+        // damage (or a bug), never data to decode.
+        let stored: Option<&[u8]> = self.get(location, DATA, "data")?;
+        let stored = stored.ok_or_else(|| Error::DatabaseCorrupt {
+            location: location.to_string(),
+            reason: format!(
+                "compaction dropped the data of the event at position {position}, which the store still reads"
+            ),
+        })?;
+        let data = decode(stored, self.get(location, JSON, "json")?, schema)?;
         Ok(RecordedEvent {
             stream: self.get(location, STREAM, "stream")?,
             version,
@@ -1604,5 +1461,6 @@ impl EventRow {
 }
 
 pub(crate) mod effects;
+mod removal;
 #[cfg(test)]
 mod tests;

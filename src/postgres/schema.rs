@@ -128,7 +128,8 @@ const STEPS: &[&str] = &[
     // 7: removals: each stream's life (0 live, 1 deleted, 2 tombstoned), the
     // versions below its floor gone, its retention rules; the head counts the
     // removals (so that a writer's plan sees them, see `events.rs`), and says
-    // whether any stream has anything removed (else reads check nothing).
+    // whether any stream has anything removed (else reads check nothing); an
+    // event's data is NULL once compaction dropped it.
     "ALTER TABLE instastate.streams
         ADD COLUMN life smallint NOT NULL DEFAULT 0 CHECK (life BETWEEN 0 AND 2),
         ADD COLUMN floor bigint NOT NULL DEFAULT 0 CHECK (floor >= 0),
@@ -136,7 +137,8 @@ const STEPS: &[&str] = &[
         ADD COLUMN max_age bigint CHECK (max_age >= 0);
     ALTER TABLE instastate.event_heads
         ADD COLUMN removals bigint NOT NULL DEFAULT 0 CHECK (removals >= 0),
-        ADD COLUMN ruled boolean NOT NULL DEFAULT false;",
+        ADD COLUMN ruled boolean NOT NULL DEFAULT false;
+    ALTER TABLE instastate.events ALTER COLUMN data DROP NOT NULL;",
 ];
 
 /// The newest version of the tables this build knows.

@@ -21,6 +21,7 @@ contract!(
     a_subscription_to_a_tombstoned_stream_stops_and_truncation_stays_within_the_stream,
     an_effect_names_the_aggregates_of_removed_linked_events,
     a_removal_made_by_another_opening_is_seen_by_the_next_append,
+    compaction_drops_what_is_removed_for_good_and_every_read_stays,
 );
 
 fn open(place: &Place) -> instastate::Result<EventStore<u32>> {
@@ -299,4 +300,43 @@ fn a_removal_made_by_another_opening_is_seen_by_the_next_append(place: &Place) -
     let read = writer.read_stream("cart").into_iter().next();
     assert!(matches!(read, Some(Err(Error::StreamTombstoned { .. }))), "{read:?}");
     Ok(())
+}
+
+/// Compaction drops the data of tombstoned, truncated and (once it made them
+/// permanent) retention-hidden events, and every read gives what it gave before.
+fn compaction_drops_what_is_removed_for_good_and_every_read_stays(place: &Place) -> TestResult {
+    let events = open(place)?;
+    events.append("gone", Expected::NoStream, [1, 2])?;
+    events.append("cut", Expected::NoStream, [3, 4, 5])?;
+    events.append("window", Expected::NoStream, [6, 7, 8, 9])?;
+    events.append("kept", Expected::NoStream, [10])?;
+    events.tombstone_stream("gone", Expected::Any)?;
+    events.truncate_stream("cut", 1)?;
+    events.set_retention("window", Retention::default().max_count(1))?;
+    let before = all(&events)?;
+    // In files, only the journal files before the last one are compacted: the
+    // next append starts a new one.
+    events.checkpoint()?;
+    events.append("kept", Expected::Exact(0), [11])?;
+
+    let compacted = events.compact()?;
+    assert_eq!((compacted.events_dropped, compacted.streams_truncated), (6, 1), "{compacted:?}");
+    assert!(0 < compacted.bytes_reclaimed(), "{compacted:?}");
+    let check = |events: &EventStore<u32>| -> TestResult {
+        let mut expected = before.clone();
+        expected.push(("kept".to_owned(), 1));
+        assert_eq!(all(events)?, expected);
+        assert_eq!(versions(events, "cut")?, [(1, 4), (2, 5)]);
+        assert_eq!(backward(events, "window")?, [3]);
+        assert_eq!(versions(events, "kept")?, [(0, 10), (1, 11)]);
+        tombstoned(events.read_stream("gone").into_iter().next().transpose())?;
+        Ok(())
+    };
+    check(&events)?;
+    // Lifting the rule does not show what compaction dropped.
+    events.set_retention("window", Retention::default())?;
+    check(&events)?;
+    assert_eq!(events.compact()?.events_dropped, 0, "nothing more to drop");
+    drop(events);
+    each_reopen(place, check)
 }
