@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Appended, Codec, Condition, Hook, RecordedEvent, Recovered, append::Request,
+    Appended, Codec, Condition, EventId, Hook, RecordedEvent, Recovered, append::Request,
     codec::EventSchema, subscribe::Signal,
 };
 use crate::{
@@ -52,6 +52,8 @@ pub(super) struct DbCore {
     pub(super) signal: Arc<Signal>,
     pub(super) hook: Hook,
     pub(super) codec: Codec,
+    /// Seals each event's data with the store's key (or passes it through).
+    pub(super) sealer: Sealer,
     /// Nothing to recover in a database: kept for [`EventStore::recovered`](super::EventStore::recovered).
     pub(super) recovered: Recovered,
     /// Stops the thread that listens for commits, once one is started.
@@ -69,10 +71,11 @@ impl DbCore {
         versions: &Versions,
         hook: Hook,
         codec: Codec,
+        sealer: Sealer,
     ) -> Result<DbCore> {
         let engine = Arc::new(PgEvents::open(&location)?);
         let label = location.to_string();
-        let sealer = Sealer::default();
+        // The header's key check refuses another key, or none for a sealed store.
         engine.settle_header(|recorded| {
             journal::check_database_header(recorded, &label, identity, versions, &sealer)?;
             Ok(journal::database_header(identity, versions, &sealer))
@@ -89,9 +92,21 @@ impl DbCore {
             signal: Arc::default(),
             hook,
             codec,
+            sealer,
             recovered: Recovered::default(),
             listener: Mutex::new(None),
         })
+    }
+
+    /// What an event's data is sealed for: its store (namespace) and its id, so
+    /// that sealed data moved to another event or store does not open.
+    pub(super) fn data_aad(&self, id: EventId) -> Vec<u8> {
+        let namespace = self.location.namespace();
+        let mut aad = Vec::with_capacity(40 + namespace.len());
+        aad.extend_from_slice(b"instastate event data\0");
+        aad.extend_from_slice(id.as_bytes());
+        aad.extend_from_slice(namespace.as_bytes());
+        aad
     }
 
     /// The [`Error::Unsupported`] of `operation`, which this engine does not offer.
@@ -241,11 +256,17 @@ pub(super) fn recorded<E: DeserializeOwned>(
     schema: &EventSchema<E>,
     db: &DbCore,
 ) -> Result<RecordedEvent<E>> {
-    row.decode(&db.location, |data, json, version| {
+    row.decode(&db.location, |stored, json, version, id| {
         let what = || match row.place(&db.location) {
             Ok((position, _)) => format!("the event at position {position}"),
             Err(_) => "an event".to_owned(),
         };
+        let data =
+            db.sealer.open(&db.data_aad(id), stored).map_err(|fault| Error::DatabaseCorrupt {
+                location: db.location.to_string(),
+                reason: format!("the data of {} cannot be opened: {fault}", what()),
+            })?;
+        let data = &data[..];
         let decode = || {
             super::codec::decode_event(
                 json,

@@ -85,8 +85,8 @@
 //! work there too, the keys kept in the database, and so do deletes, tombstones,
 //! truncations and retention rules (each a transaction that locks the head, as
 //! appends do; readers pass over what they removed), and so does compaction.
-//! Backups are the database's own: [`EventStore::backup_to`] returns
-//! [`Error::Unsupported`] there, as does a store key.
+//! A store key seals each event's data. Backups are the database's own:
+//! [`EventStore::backup_to`] returns [`Error::Unsupported`] there.
 
 pub(crate) mod append;
 pub(crate) mod batch;
@@ -504,6 +504,11 @@ impl<E> EventStoreBuilder<E> {
 
     /// Encrypts the journal and checkpoints with `key` (XChaCha20-Poly1305, as
     /// [`StoreBuilder::encryption_key`](crate::StoreBuilder::encryption_key)).
+    ///
+    /// In a database, each event's data is sealed with it, for its store and its
+    /// id; its stream, type, tags, triggers and metadata stay in the clear, for
+    /// the database to index and check them (and so do the subjects' keys, which
+    /// only [`Sealed`] values use). The store then opens only with its key.
     #[cfg(feature = "encryption")]
     pub fn encryption_key(mut self, key: crate::EncryptionKey) -> Self {
         self.key = Some(key);
@@ -648,14 +653,6 @@ impl<E> EventStoreBuilder<E> {
         E: Serialize + DeserializeOwned,
     {
         #[cfg(feature = "encryption")]
-        if self.key.is_some() {
-            return Err(Error::Unsupported {
-                location: location.to_string(),
-                operation: "encrypt its events".to_owned(),
-                reason: "the event store on PostgreSQL does not offer it yet".to_owned(),
-            });
-        }
-        #[cfg(feature = "encryption")]
         if self.subject_keys.is_some() {
             return Err(Error::Unsupported {
                 location: location.to_string(),
@@ -671,9 +668,17 @@ impl<E> EventStoreBuilder<E> {
                 older_events: journal::Older::of(migrations),
             }
         };
+        let sealer = self.sealer();
         let hook: Hook =
             self.hook.unwrap_or_else(|| Arc::new(|err: &Error| eprintln!("instastate: {err}")));
-        let db = database::DbCore::open(location, &identity::<E>(), &versions, hook, self.codec)?;
+        let db = database::DbCore::open(
+            location,
+            &identity::<E>(),
+            &versions,
+            hook,
+            self.codec,
+            sealer,
+        )?;
         drop(versions);
         let shared =
             Shared { engine: Engine::Database(Arc::new(db)), background: Mutex::new(None) };
@@ -1169,9 +1174,14 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
                     #[cfg(not(feature = "encryption"))]
                     Engine::Files(_) => (encode()?, Vec::new()),
                     #[cfg(all(feature = "postgres", feature = "encryption"))]
-                    Engine::Database(db) => seal::sealing(&db.keys, dry, encode)?,
+                    Engine::Database(db) => {
+                        let (data, sealed_with) = seal::sealing(&db.keys, dry, encode)?;
+                        (db.sealer.seal(&db.data_aad(event.id), data), sealed_with)
+                    }
                     #[cfg(all(feature = "postgres", not(feature = "encryption")))]
-                    Engine::Database(_) => (encode()?, Vec::new()),
+                    Engine::Database(db) => {
+                        (db.sealer.seal(&db.data_aad(event.id), encode()?), Vec::new())
+                    }
                 };
                 #[cfg(not(feature = "encryption"))]
                 let _ = dry;

@@ -1391,11 +1391,11 @@ impl EventRow {
     }
 
     /// The event, its data decoded by `decode` from its bytes, whether they are
-    /// JSON, and the schema version they were written with.
+    /// JSON, the schema version they were written with, and the event's id.
     pub(crate) fn decode<E>(
         &self,
         location: &Location,
-        decode: impl FnOnce(&[u8], bool, u32) -> Result<E>,
+        decode: impl FnOnce(&[u8], bool, u32, EventId) -> Result<E>,
     ) -> Result<RecordedEvent<E>> {
         let (position, version) = self.place(location)?;
         let schema = self.count(location, SCHEMA, "schema")?;
@@ -1412,16 +1412,17 @@ impl EventRow {
                 "compaction dropped the data of the event at position {position}, which the store still reads"
             ),
         })?;
-        let data = decode(stored, self.get(location, JSON, "json")?, schema)?;
+        let id = self.id(location, ID, "id")?.ok_or_else(|| Error::DatabaseCorrupt {
+            location: location.to_string(),
+            reason: format!("the event at position {position} has no id"),
+        })?;
+        let data = decode(stored, self.get(location, JSON, "json")?, schema, id)?;
         Ok(RecordedEvent {
             stream: self.get(location, STREAM, "stream")?,
             version,
             position,
             at: Timestamp::from_micros(self.count(location, AT, "at_us")?),
-            id: self.id(location, ID, "id")?.ok_or_else(|| Error::DatabaseCorrupt {
-                location: location.to_string(),
-                reason: format!("the event at position {position} has no id"),
-            })?,
+            id,
             event_type: self.get(location, EVENT_TYPE, "event_type")?,
             metadata: Metadata {
                 causation: self.id(location, CAUSATION, "causation")?,
@@ -1436,7 +1437,7 @@ impl EventRow {
     /// The event, its data as stored.
     fn raw(&self, location: &Location) -> Result<RawEvent> {
         let mut stored = (false, 0);
-        let event = self.decode(location, |data, json, schema| {
+        let event = self.decode(location, |data, json, schema, _| {
             stored = (json, schema);
             Ok(data.to_vec())
         })?;

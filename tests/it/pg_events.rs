@@ -338,3 +338,69 @@ fn no_append_planned_before_a_concurrent_delete_goes_in_after_it() -> TestResult
     }
     Ok(())
 }
+
+/// An event store in a database opened with a key: no event's data is in the
+/// clear in the table, it opens only with its key, and sealed data moved to
+/// another event does not open there.
+#[cfg(feature = "encryption")]
+#[test]
+fn a_store_key_seals_each_events_data_and_the_store_opens_only_with_it() -> TestResult {
+    use instastate::EncryptionKey;
+
+    const SECRET: &str = "a secret only the key shows";
+    let location = crate::server::address("pg-events-key");
+    let key = EncryptionKey::from_bytes([7; 32]);
+    let open = |key: Option<&EncryptionKey>| {
+        let builder = EventStore::<String>::builder();
+        match key {
+            Some(key) => builder.encryption_key(key.clone()).open(&location),
+            None => builder.open(&location),
+        }
+    };
+    let events = open(Some(&key))?;
+    let first = events.append("notes", Expected::NoStream, [format!("{SECRET} 1")])?;
+    events.append("notes", Expected::Exact(0), [format!("{SECRET} 2")])?;
+    drop(events);
+
+    let mut client = postgres::Client::connect(crate::server::url(), postgres::NoTls)?;
+    let namespace = location.rsplit_once("namespace=").map(|it| it.1).ok_or("no namespace")?;
+    let rows =
+        client.query("SELECT data FROM instastate.events WHERE namespace = $1", &[&namespace])?;
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let data: Vec<u8> = row.get(0);
+        let clear = data.windows(SECRET.len()).any(|window| window == SECRET.as_bytes());
+        assert!(!clear, "an event's data is in the clear");
+    }
+
+    let without = open(None).err();
+    assert!(matches!(without, Some(Error::Encryption { encrypted: true, .. })), "{without:?}");
+    let wrong = open(Some(&EncryptionKey::from_bytes([8; 32]))).err();
+    assert!(matches!(wrong, Some(Error::WrongKey { .. })), "{wrong:?}");
+
+    let events = open(Some(&key))?;
+    let read: Vec<String> = events
+        .read_stream("notes")
+        .into_iter()
+        .map(|event| event.map(|it| it.data))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(read, [format!("{SECRET} 1"), format!("{SECRET} 2")]);
+
+    // The first event's sealed data, moved over the second's, does not open there.
+    client.execute(
+        "UPDATE instastate.events SET data = (SELECT data FROM instastate.events
+                                               WHERE namespace = $1 AND position = $2::bigint)
+          WHERE namespace = $1 AND position = $2::bigint + 1",
+        &[&namespace, &i64::try_from(first.positions.start)?],
+    )?;
+    let moved = events.event("notes", 1);
+    assert!(matches!(moved, Err(Error::DatabaseCorrupt { .. })), "{moved:?}");
+    assert_eq!(events.event("notes", 0)?.map(|it| it.data), Some(format!("{SECRET} 1")));
+
+    // A store written without a key does not open with one.
+    let plain = crate::server::address("pg-events-plain");
+    EventStore::<String>::open(&plain)?.append("notes", Expected::Any, ["clear".to_owned()])?;
+    let keyed = EventStore::<String>::builder().encryption_key(key).open(&plain).err();
+    assert!(matches!(keyed, Some(Error::Encryption { encrypted: false, .. })), "{keyed:?}");
+    Ok(())
+}
