@@ -289,14 +289,18 @@ impl<T: Value> JournaledCell for StateCell<T> {
             JournalPlace::Database(database) => {
                 let (location, settings, wait) = *database;
                 if access == Access::ReadOnly {
-                    return Err(Error::Unsupported {
-                        location: location.to_string(),
-                        operation: "open a journaled cell read-only".to_owned(),
-                        reason: format!(
-                            "cell `{}` keeps its journal in the database, which a read-only store does not read yet",
-                            self.name()
-                        ),
-                    });
+                    // Without the journal's lease, writing nothing.
+                    let mut reader = crate::postgres::PgReader::quiet(&location)?;
+                    let config = journal::DatabaseConfig { identity, durability, sealer };
+                    let opened = journal::read_on_database(
+                        &mut reader,
+                        config,
+                        &versions,
+                        initial,
+                        &mut restore,
+                        &mut replay,
+                    )?;
+                    return Ok(self.attach(opened));
                 }
                 let database = crate::postgres::PgJournal::open(&location, settings, wait)?;
                 let config = journal::DatabaseConfig { identity, durability, sealer };

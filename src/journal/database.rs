@@ -16,7 +16,7 @@ use super::{
     versions::{self, Side},
     writer::{Database, Journal, Parts},
 };
-use crate::postgres::FrameRow;
+use crate::postgres::{FrameRow, PgReader};
 use crate::{Error, Result, crypt::Sealer, io::Io, lockfile::Access};
 
 /// The frames of a journal's rows: its events (number, timestamp, stored bytes,
@@ -58,6 +58,15 @@ pub(crate) struct DatabaseConfig {
     pub(crate) identity: Identity,
     pub(crate) durability: Durability,
     pub(crate) sealer: Sealer,
+}
+
+impl DatabaseConfig {
+    /// The parts of the journal it opens, with `access`.
+    fn parts(self, versions: &Versions, access: Access) -> Parts {
+        let DatabaseConfig { identity, durability, sealer } = self;
+        let event_schema = versions.event;
+        Parts { dir: None, identity, event_schema, durability, sealer, io: Io::default(), access }
+    }
 }
 
 /// A state to go on from, instead of the newest snapshot: a follower's, promoted.
@@ -127,16 +136,55 @@ pub(crate) fn open_on_database<S>(
     };
     // From now on, frames are written with the current types and versions.
     database.set_header(&header_bytes(&identity, versions, &sealer), versions.event)?;
-    let parts = Parts {
-        dir: None,
-        identity,
-        event_schema: versions.event,
-        durability,
-        sealer,
-        io: Io::default(),
-        access: Access::ReadWrite,
-    };
+    let config = DatabaseConfig { identity, durability, sealer };
+    let parts = config.parts(versions, Access::ReadWrite);
     let journal = Journal::on_database(parts, Arc::new(database), next, clock);
+    Ok(Opened { state, applied: next, at: clock, journal, recovered })
+}
+
+/// Reads the journal kept at `reader`'s location without its lease, as a
+/// read-only opening reads files: the newest snapshot (or `initial()`) and the
+/// events after it, through `apply`. The journal it returns refuses every event
+/// ([`Error::ReadOnly`]) and writes nothing.
+pub(crate) fn read_on_database<S>(
+    reader: &mut PgReader,
+    config: DatabaseConfig,
+    versions: &Versions,
+    mut initial: impl FnMut() -> Result<S>,
+    restore: &mut impl FnMut(Restored<'_>) -> Result<S>,
+    apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
+) -> Result<Opened<S>> {
+    let DatabaseConfig { identity, durability, sealer } = config;
+    let label = reader.label();
+    check_header(reader.header()?, &label, &identity, versions, &sealer)?;
+    let mut recovered = Recovered::default();
+    let mut tries = 0;
+    let (state, next, clock) = loop {
+        let expect = (&identity, versions);
+        let snapshot = reader.newest_snapshot()?;
+        let (mut state, from, clock) =
+            match load_snapshot(snapshot, &label, expect, &sealer, restore)? {
+                Some((state, events, at)) => {
+                    recovered.snapshot = Some(events);
+                    (state, events, at)
+                }
+                None => (initial()?, 0, 0),
+            };
+        let rows = reader.frames_from(from)?;
+        match replay_rows(&rows, from, clock, &sealer, &label, &mut state, apply)? {
+            Replay::Done { next, clock, replayed, voided } => {
+                recovered.replayed = replayed;
+                recovered.voided = voided;
+                break (state, next, clock);
+            }
+            // The writer took a newer snapshot between the two reads, and dropped
+            // the frames it covers: read again from it.
+            Replay::Gap { .. } if tries < 3 => tries += 1,
+            Replay::Gap { first } => return Err(missing(&label, from, first)),
+        }
+    };
+    let parts = DatabaseConfig { identity, durability, sealer }.parts(versions, Access::ReadOnly);
+    let journal = Journal::read_only(parts, None, next, clock);
     Ok(Opened { state, applied: next, at: clock, journal, recovered })
 }
 

@@ -55,7 +55,7 @@ use serde::{Serialize, de::DeserializeOwned};
 pub(crate) use self::database::{
     DatabaseConfig, Replay, Start as Resume, check_header as check_database_header,
     header_bytes as database_header, load_snapshot as load_database_snapshot, open_on_database,
-    replay_rows,
+    read_on_database, replay_rows,
 };
 pub(crate) use self::inspect::inspect;
 pub use self::{inspect::JournalReport, recovery::Recovered};

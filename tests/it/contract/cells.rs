@@ -313,9 +313,19 @@ fn a_journaled_cell_keeps_every_handled_event_with_and_without_snapshots(
     store.save_all()?;
     store.close()?;
     TALLY.set(Tally::default());
-    let _store = builder().cell(&TALLY).open(&place.location)?;
+    let store = builder().cell(&TALLY).open(&place.location)?;
     assert_eq!(TALLY.get().total, 45);
     assert_eq!(TALLY.get().entries.get(..8), before.entries.get(..8));
+    // An event after the last snapshot, and no save: a read-only opening replays
+    // it too, and refuses new ones.
+    assert_eq!(TALLY.handle(10)?, Ok(55));
+    drop(store);
+    TALLY.set(Tally::default());
+    let _read = builder().cell(&TALLY).open_read_only(&place.location)?;
+    assert_eq!(TALLY.get().total, 55);
+    let refused = TALLY.handle(1);
+    assert!(matches!(refused, Err(Error::ReadOnly { .. })), "{refused:?}");
+    assert_eq!(TALLY.get().total, 55);
     Ok(())
 }
 
