@@ -296,8 +296,22 @@ enum Decision {
 /// Checks the requests' expectations and `condition` against `index`, and
 /// recognises a retry.
 fn decide(index: &Index, requests: &[Request], condition: Option<&Condition>) -> Result<Decision> {
-    let checked =
-        requests.iter().map(|request| check(index, request)).collect::<Result<Vec<_>>>()?;
+    let checked: Vec<Result<Checked>> =
+        requests.iter().map(|request| check(index, request)).collect();
+    // An append stored whole (each part with events a retry) is a retry even when
+    // the streams of its parts without events, which only stated an expectation,
+    // moved on since it committed.
+    let with_events = || requests.iter().zip(&checked).filter(|(it, _)| !it.events.is_empty());
+    let whole_retry = with_events().next().is_some()
+        && with_events().all(|(_, checked)| matches!(checked, Ok(Checked::Retry(_))));
+    let checked = requests
+        .iter()
+        .zip(checked)
+        .map(|(request, checked)| match checked {
+            Err(_) if whole_retry && request.events.is_empty() => Ok(Checked::Fresh),
+            checked => checked,
+        })
+        .collect::<Result<Vec<_>>>()?;
     let retried =
         requests.iter().zip(&checked).find(|(_, checked)| matches!(checked, Checked::Retry(_)));
     let writes = requests

@@ -1221,6 +1221,9 @@ fn event_place(location: &Location, row: &Row) -> Result<(String, u64, u64)> {
 /// Plans one append (all its streams) at position `next`: what each stream gets,
 /// or the earlier result of a retry (positions below `next`), or why it is refused.
 fn plan(requests: &[Request], streams: &Streams, ids: &Ids, next: u64) -> Result<Vec<Appended>> {
+    if let Some(retried) = retried_whole(requests, streams, ids) {
+        return Ok(retried);
+    }
     let mut planned = Vec::with_capacity(requests.len());
     let mut position = next;
     let mut retries = 0;
@@ -1232,18 +1235,7 @@ fn plan(requests: &[Request], streams: &Streams, ids: &Ids, next: u64) -> Result
         let stream_next = at.next;
         // A deleted stream has no event, and its versions go on where they were.
         let last = if at.life == DELETED { None } else { stream_next.checked_sub(1) };
-        let first_seen = request
-            .events
-            .first()
-            .and_then(|event| ids.get(event.id.as_bytes()))
-            .filter(|seen| seen.0 == request.stream);
-        // Where a retry's events would be.
-        let place = match request.expected {
-            Expected::NoStream => Some(first_seen.map_or(0, |seen| seen.1)),
-            Expected::Exact(version) => version.checked_add(1),
-            Expected::Any | Expected::StreamExists => first_seen.map(|seen| seen.1),
-        };
-        if let (Some(place), false) = (place, request.events.is_empty()) {
+        if let (Some(place), false) = (retry_place(request, ids), request.events.is_empty()) {
             match retry_of(request, ids, place) {
                 Match::All(appended) => {
                     retries += 1;
@@ -1287,6 +1279,60 @@ fn plan(requests: &[Request], streams: &Streams, ids: &Ids, next: u64) -> Result
         return Err(Error::DuplicateEventId { stream, id });
     }
     Ok(planned)
+}
+
+/// Where the events of `request` would be, were it a retry of an append stored:
+/// right after the version it expected, or where its first event is.
+fn retry_place(request: &Request, ids: &Ids) -> Option<u64> {
+    let first_seen = request
+        .events
+        .first()
+        .and_then(|event| ids.get(event.id.as_bytes()))
+        .filter(|seen| seen.0 == request.stream);
+    match request.expected {
+        Expected::NoStream => Some(first_seen.map_or(0, |seen| seen.1)),
+        Expected::Exact(version) => version.checked_add(1),
+        Expected::Any | Expected::StreamExists => first_seen.map(|seen| seen.1),
+    }
+}
+
+/// The earlier result of an append of several streams that is stored whole
+/// (each of its parts with events where it would be as a retry), whose parts
+/// without events only stated an expectation: those are not checked again, since
+/// their streams may have moved on since it committed (a group run again after
+/// its connection broke, or a caller's retry after a lost reply). `None`
+/// otherwise, for [`plan`] to decide.
+fn retried_whole(requests: &[Request], streams: &Streams, ids: &Ids) -> Option<Vec<Appended>> {
+    let (empty, full): (Vec<&Request>, Vec<&Request>) =
+        requests.iter().partition(|request| request.events.is_empty());
+    if empty.is_empty() || full.is_empty() {
+        return None;
+    }
+    let mut planned = Vec::with_capacity(requests.len());
+    let mut first = None;
+    for request in requests {
+        if request.events.is_empty() {
+            planned.push(None);
+            continue;
+        }
+        let Match::All(appended) = retry_of(request, ids, retry_place(request, ids)?) else {
+            return None;
+        };
+        first = first.or(Some(appended.positions.start));
+        planned.push(Some(appended));
+    }
+    let position = first?;
+    let filled = requests.iter().zip(planned).map(|(request, appended)| {
+        appended.unwrap_or_else(|| {
+            let next = streams.get(&request.stream).map_or(0, |at| at.next);
+            Appended {
+                stream: request.stream.clone(),
+                versions: next..next,
+                positions: position..position,
+            }
+        })
+    });
+    Some(filled.collect())
 }
 
 enum Match {

@@ -268,6 +268,24 @@ fn a_retried_append_returns_the_earlier_result_and_writes_nothing(place: &Place)
     let refused = events.append("eve", Expected::Any, [elsewhere]);
     assert!(matches!(refused, Err(Error::DuplicateEventId { .. })), "{refused:?}");
     assert_eq!(events.head()?, Position::new(3));
+
+    // An append of several streams, one of which only states an expectation, is
+    // recognised as a retry after that stream moved on.
+    let transfer = || {
+        [
+            Append::new("ann", Expected::Exact(1), Vec::<NewEvent<Bank>>::new()),
+            Append::new(
+                "bob",
+                Expected::NoStream,
+                [NewEvent::new(opened("bob")).with_id(EventId::from_bytes([3; 16]))],
+            ),
+        ]
+    };
+    let first = events.append_all(transfer())?;
+    events.append("ann", Expected::Exact(1), [Bank::Withdrew { amount: 1 }])?;
+    let again = events.append_all(transfer())?;
+    assert_eq!(again.get(1), first.get(1), "the earlier result of the stored part");
+    assert_eq!(events.head()?, Position::new(5), "a retry wrote");
     Ok(())
 }
 
