@@ -88,7 +88,9 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// In a database, the events' data is set to NULL (in one statement, which
     /// appends do not wait for) and the events' table vacuumed, which leaves the
     /// room free for the database to reuse; [`Compacted`] then counts the bytes of
-    /// event data the namespace holds, and no files.
+    /// event data the namespace holds, and no files. Compactions of several
+    /// processes may overlap there: each event's data is dropped, and counted,
+    /// once.
     ///
     /// # Example
     /// ```

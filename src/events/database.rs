@@ -261,12 +261,20 @@ pub(super) fn recorded<E: DeserializeOwned>(
             Ok((position, _)) => format!("the event at position {position}"),
             Err(_) => "an event".to_owned(),
         };
-        let data =
-            db.sealer.open(&db.data_aad(id), stored).map_err(|fault| Error::DatabaseCorrupt {
-                location: db.location.to_string(),
-                reason: format!("the data of {} cannot be opened: {fault}", what()),
+        // Without a key, data is taken as it is: a value's encoding may well start
+        // as sealed bytes do.
+        let opened = if db.sealer.is_on() {
+            let opened = db.sealer.open(&db.data_aad(id), stored).map_err(|fault| {
+                Error::DatabaseCorrupt {
+                    location: db.location.to_string(),
+                    reason: format!("the data of {} cannot be opened: {fault}", what()),
+                }
             })?;
-        let data = &data[..];
+            Some(opened)
+        } else {
+            None
+        };
+        let data = opened.as_deref().unwrap_or(stored);
         let decode = || {
             super::codec::decode_event(
                 json,

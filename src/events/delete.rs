@@ -68,9 +68,12 @@ impl Retention {
         self.max_age
     }
 
+    /// The rules as stored: each bound at most `i64::MAX` (events, or
+    /// microseconds: 292,000 years), which a database holds as it is.
     fn rules(self) -> Rules {
-        let micros = |age: Duration| u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
-        Rules { max_count: self.max_count, max_age: self.max_age.map(micros) }
+        const MAX: u64 = i64::MAX.unsigned_abs();
+        let micros = |age: Duration| u64::try_from(age.as_micros()).unwrap_or(MAX).min(MAX);
+        Rules { max_count: self.max_count.map(|n| n.min(MAX)), max_age: self.max_age.map(micros) }
     }
 }
 

@@ -556,7 +556,8 @@ impl<E> EventStoreBuilder<E> {
     /// [`Error::JournalCorrupt`] for damage other than a torn last write;
     /// [`Error::Io`] for the file system's errors. In a database:
     /// [`Error::InvalidLocation`], [`Error::Database`], [`Error::DatabaseSchema`],
-    /// and [`Error::Unsupported`] with an encryption key.
+    /// [`Error::Encryption`] and [`Error::WrongKey`] as for files, and
+    /// [`Error::Unsupported`] for a subject keys' file.
     pub fn open(self, dir: impl AsRef<Path>) -> Result<EventStore<E>>
     where
         E: Serialize + DeserializeOwned,

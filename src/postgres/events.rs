@@ -950,10 +950,10 @@ fn commit(
     let what = || "the event store's head".to_owned();
     let (head, looked_up) = split_state(location, &rows)?;
     let first_position = count(location, head, "version", &what)?;
-    // The statement's snapshot was taken before the lock: if an append committed
-    // meanwhile (the head moved on), the streams and ids are looked up again, in a
-    // snapshot taken under the lock. Every transaction that changes them moves the
-    // head on.
+    // The statement's snapshot was taken before the lock: if an append or a
+    // removal committed meanwhile (the head moved on, or its count of removals),
+    // the streams and ids are looked up again, in a snapshot taken under the lock
+    // (`seen` is then another position, or NULL).
     let seen = column::<Option<i64>>(location, head, "seen", &what)?;
     let (mut streams, mut ids) = if seen == Some(i64_of(first_position)) {
         looked_up_in(location, looked_up)?
@@ -1221,7 +1221,7 @@ fn event_place(location: &Location, row: &Row) -> Result<(String, u64, u64)> {
 /// Plans one append (all its streams) at position `next`: what each stream gets,
 /// or the earlier result of a retry (positions below `next`), or why it is refused.
 fn plan(requests: &[Request], streams: &Streams, ids: &Ids, next: u64) -> Result<Vec<Appended>> {
-    if let Some(retried) = retried_whole(requests, streams, ids) {
+    if let Some(retried) = retried_whole(requests, streams, ids, next) {
         return Ok(retried);
     }
     let mut planned = Vec::with_capacity(requests.len());
@@ -1300,28 +1300,33 @@ fn retry_place(request: &Request, ids: &Ids) -> Option<u64> {
 /// (each of its parts with events where it would be as a retry), whose parts
 /// without events only stated an expectation: those are not checked again, since
 /// their streams may have moved on since it committed (a group run again after
-/// its connection broke, or a caller's retry after a lost reply). `None`
-/// otherwise, for [`plan`] to decide.
-fn retried_whole(requests: &[Request], streams: &Streams, ids: &Ids) -> Option<Vec<Appended>> {
+/// its connection broke, or a caller's retry after a lost reply), as in files:
+/// a part with events on a tombstoned stream is no retry, and a part without
+/// gets the stream's next version and the head (`next`). `None` otherwise, for
+/// [`plan`] to decide.
+fn retried_whole(
+    requests: &[Request],
+    streams: &Streams,
+    ids: &Ids,
+    next: u64,
+) -> Option<Vec<Appended>> {
     let (empty, full): (Vec<&Request>, Vec<&Request>) =
         requests.iter().partition(|request| request.events.is_empty());
     if empty.is_empty() || full.is_empty() {
         return None;
     }
     let mut planned = Vec::with_capacity(requests.len());
-    let mut first = None;
     for request in requests {
         if request.events.is_empty() {
             planned.push(None);
             continue;
         }
-        let Match::All(appended) = retry_of(request, ids, retry_place(request, ids)?) else {
-            return None;
-        };
-        first = first.or(Some(appended.positions.start));
+        let life = streams.get(&request.stream).map_or(0, |at| at.life);
+        let place = retry_place(request, ids).filter(|_| life != TOMBSTONED)?;
+        let Match::All(appended) = retry_of(request, ids, place) else { return None };
         planned.push(Some(appended));
     }
-    let position = first?;
+    let position = next;
     let filled = requests.iter().zip(planned).map(|(request, appended)| {
         appended.unwrap_or_else(|| {
             let next = streams.get(&request.stream).map_or(0, |at| at.next);

@@ -469,9 +469,8 @@ impl Model {
     }
 }
 
-/// Compacts the store in `dir`: only the data of removed events may go, and every
-/// checkpoint must still agree with the journal.
-/// Compacts the store at `location`; in a directory, its files verify after.
+/// Compacts the store at `location`: only the data of removed events may go (in a
+/// directory, every checkpoint must still agree with the journal).
 fn compacted_soundly(events: &EventStore<i16>, location: &str) -> Result<(), TestCaseError> {
     let fail = |err: Error| TestCaseError::fail(err.to_string());
     events.compact().map_err(fail)?;

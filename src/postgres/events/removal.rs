@@ -155,7 +155,8 @@ const COUNT_REMOVAL: &str =
 
 /// Sets to NULL the data of the events of namespace `$1` that no reader will see
 /// again (tombstoned, or below their stream's floor), and says how many and how
-/// many bytes of data.
+/// many bytes of data. A row another compaction dropped meanwhile (which this one
+/// waited for) is checked again, and neither dropped nor counted twice.
 const DROP_DATA: &str = "WITH target AS (
     SELECT e.position, length(e.data) AS bytes
       FROM instastate.events e JOIN instastate.streams s
@@ -163,7 +164,7 @@ const DROP_DATA: &str = "WITH target AS (
      WHERE e.namespace = $1 AND e.data IS NOT NULL AND (s.life = 2 OR e.version < s.floor)
  ), dropped AS (
     UPDATE instastate.events e SET data = NULL FROM target t
-     WHERE e.namespace = $1 AND e.position = t.position
+     WHERE e.namespace = $1 AND e.position = t.position AND e.data IS NOT NULL
     RETURNING t.bytes
  )
  SELECT count(*)::bigint AS events, COALESCE(sum(bytes), 0)::bigint AS bytes FROM dropped";

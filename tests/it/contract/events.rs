@@ -35,6 +35,7 @@ contract!(
     bad_stream_ids_are_refused,
     a_subscription_catches_up_then_delivers_concurrent_appends_once_each_in_order,
     another_event_type_is_refused_and_an_older_version_is_migrated,
+    data_whose_encoding_looks_sealed_reads_back_from_a_store_without_a_key,
 );
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -285,7 +286,18 @@ fn a_retried_append_returns_the_earlier_result_and_writes_nothing(place: &Place)
     events.append("ann", Expected::Exact(1), [Bank::Withdrew { amount: 1 }])?;
     let again = events.append_all(transfer())?;
     assert_eq!(again.get(1), first.get(1), "the earlier result of the stored part");
+    let empty = again.first().ok_or("no result for the part without events")?;
+    assert_eq!((empty.versions.clone(), empty.positions.clone()), (3..3, 5..5));
     assert_eq!(events.head()?, Position::new(5), "a retry wrote");
+    // Its stream tombstoned since, a part with events is no retry: the append is
+    // checked as a new one, and refused at its first part.
+    events.tombstone_stream("bob", Expected::Any)?;
+    let refused = events.append_all(transfer());
+    assert!(
+        matches!(&refused, Err(Error::WrongExpectedVersion { stream, .. }) if stream == "ann"),
+        "{refused:?}"
+    );
+    assert_eq!(events.head()?, Position::new(5));
     Ok(())
 }
 
@@ -504,5 +516,22 @@ fn another_event_type_is_refused_and_an_older_version_is_migrated(place: &Place)
         matches!(refused, Err(Error::JournalSchema { found: 2, current: 1, .. })),
         "{refused:?}"
     );
+    Ok(())
+}
+
+/// A store without a key takes its data as it is, even when its encoding starts as
+/// sealed bytes do (postcard writes this string's length, 73, as `I`).
+fn data_whose_encoding_looks_sealed_reads_back_from_a_store_without_a_key(
+    place: &Place,
+) -> TestResult {
+    let events = EventStore::<String>::open(&place.location)?;
+    let looks_sealed = "E".repeat(73);
+    events.append("notes", Expected::NoStream, [looks_sealed.clone()])?;
+    let read: Vec<String> = events
+        .read_stream("notes")
+        .into_iter()
+        .map(|event| event.map(|it| it.data))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(read, [looks_sealed]);
     Ok(())
 }
