@@ -23,7 +23,8 @@ use crate::{
 
 /// A stream's retention rules: how many of its last events it keeps, and for how
 /// long. Events outside them are no longer read (nor delivered to
-/// subscriptions); see [`EventStore::set_retention`].
+/// subscriptions); see [`EventStore::set_retention`]. A bound above `i64::MAX`
+/// (events, or microseconds) is kept as `i64::MAX`, which a database holds.
 ///
 /// # Example
 /// ```
