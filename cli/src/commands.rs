@@ -247,13 +247,14 @@ pub(crate) fn import(
     create: bool,
     out: &mut impl Write,
 ) -> Result<ExitCode, Failure> {
-    // A database's namespace is new when it holds no store.
-    let exists = if args.is_database() {
-        !matches!(check_is_store(args), Err(Absent::NoStore(_)))
-    } else {
-        args.dir.exists()
-    };
-    let is_new = create && !exists;
+    // A database's namespace is new when it holds no store (looked at only for
+    // `--create`: without it, the store is checked below).
+    let is_new = create
+        && if args.is_database() {
+            matches!(check_is_store(args), Err(Absent::NoStore(_)))
+        } else {
+            !args.dir.exists()
+        };
     if create && !is_new {
         return Err(Failure::Message(format!(
             "--create makes a new store, and `{}` already exists; \

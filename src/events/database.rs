@@ -263,18 +263,15 @@ pub(super) fn recorded<E: DeserializeOwned>(
         };
         // Without a key, data is taken as it is: a value's encoding may well start
         // as sealed bytes do.
-        let opened = if db.sealer.is_on() {
-            let opened = db.sealer.open(&db.data_aad(id), stored).map_err(|fault| {
-                Error::DatabaseCorrupt {
-                    location: db.location.to_string(),
-                    reason: format!("the data of {} cannot be opened: {fault}", what()),
-                }
-            })?;
-            Some(opened)
+        let data = if db.sealer.is_on() {
+            db.sealer.open(&db.data_aad(id), stored).map_err(|fault| Error::DatabaseCorrupt {
+                location: db.location.to_string(),
+                reason: format!("the data of {} cannot be opened: {fault}", what()),
+            })?
         } else {
-            None
+            std::borrow::Cow::Borrowed(stored)
         };
-        let data = opened.as_deref().unwrap_or(stored);
+        let data = &data[..];
         let decode = || {
             super::codec::decode_event(
                 json,

@@ -113,14 +113,11 @@ pub(crate) fn open_on_database<S>(
         let (mut state, from, clock, started) = if let Some(start) = start.take() {
             (start.state, start.applied, start.at, true)
         } else {
+            let found = database.newest_snapshot()?;
             let expect = (&identity, versions);
-            match load_snapshot(database.newest_snapshot()?, &label, expect, &sealer, restore)? {
-                Some((state, events, at)) => {
-                    recovered.snapshot = Some(events);
-                    (state, events, at, false)
-                }
-                None => (initial()?, 0, 0, false),
-            }
+            let (state, from, clock) =
+                snapshot_or(found, &label, expect, &sealer, &mut initial, restore, &mut recovered)?;
+            (state, from, clock, false)
         };
         let rows = database.frames_from(from)?;
         match replay_rows(&rows, from, clock, &sealer, &label, &mut state, apply)? {
@@ -160,21 +157,15 @@ pub(crate) fn read_on_database<S>(
     let mut recovered = Recovered::default();
     let mut tries = 0;
     let (state, next, clock) = loop {
+        let found = reader.newest_snapshot()?;
         let expect = (&identity, versions);
-        let snapshot = reader.newest_snapshot()?;
         let (mut state, from, clock) =
-            match load_snapshot(snapshot, &label, expect, &sealer, restore)? {
-                Some((state, events, at)) => {
-                    recovered.snapshot = Some(events);
-                    (state, events, at)
-                }
-                None => (initial()?, 0, 0),
-            };
+            snapshot_or(found, &label, expect, &sealer, &mut initial, restore, &mut recovered)?;
         let rows = reader.frames_from(from)?;
         match replay_rows(&rows, from, clock, &sealer, &label, &mut state, apply)? {
             Replay::Done { next, clock, replayed, voided } => {
-                recovered.replayed = replayed;
-                recovered.voided = voided;
+                recovered.replayed += replayed;
+                recovered.voided += voided;
                 break (state, next, clock);
             }
             // The writer took a newer snapshot between the two reads, and dropped
@@ -236,6 +227,26 @@ pub(crate) fn load_snapshot<S>(
             Ok(Some((restore(restored)?, events, loaded.at)))
         }
         Err(reason) => Err(damaged(label, format!("the snapshot of {events} events: {reason}"))),
+    }
+}
+
+/// The state of the snapshot `found` (noted in `recovered`), or `initial()` when
+/// there is none: with the events it covers and its last timestamp.
+fn snapshot_or<S>(
+    found: Option<(u64, Vec<u8>)>,
+    label: &str,
+    expect: (&Identity, &Versions),
+    sealer: &Sealer,
+    initial: &mut impl FnMut() -> Result<S>,
+    restore: &mut impl FnMut(Restored<'_>) -> Result<S>,
+    recovered: &mut Recovered,
+) -> Result<(S, u64, u64)> {
+    match load_snapshot(found, label, expect, sealer, restore)? {
+        Some((state, events, at)) => {
+            recovered.snapshot = Some(events);
+            Ok((state, events, at))
+        }
+        None => Ok((initial()?, 0, 0)),
     }
 }
 

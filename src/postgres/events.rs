@@ -297,11 +297,7 @@ impl PgEvents {
         let location = &self.location;
         let mut client = location.connect()?;
         let mut tx = client.transaction().map_err(failed(location, "begin to check the types"))?;
-        tx.execute(
-            "SELECT 1 FROM instastate.event_heads WHERE namespace = $1 FOR UPDATE",
-            &[&location.namespace()],
-        )
-        .map_err(failed(location, "lock the event store's head"))?;
+        lock_head(&mut tx, location)?;
         let recorded = super::journal::read_header(&mut tx, location)?;
         let header = settle(recorded.clone())?;
         if recorded.as_ref() != Some(&header) {
@@ -314,11 +310,7 @@ impl PgEvents {
     /// more on a new connection when the one taken broke (every read is safe to
     /// repeat).
     fn with_reader<T>(&self, read: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
-        let pooled = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-        let mut client = match pooled.filter(|client| !client.is_closed()) {
-            Some(client) => client,
-            None => self.location.connect()?,
-        };
+        let mut client = self.take_reader()?;
         let mut res = read(&mut client);
         if let Err(err) = &res
             && super::broke(err, &client)
@@ -326,11 +318,36 @@ impl PgEvents {
             client = self.location.connect()?;
             res = read(&mut client);
         }
+        self.put_back(client);
+        res
+    }
+
+    /// A reader connection: a free one, or a new one.
+    fn take_reader(&self) -> Result<Client> {
+        let pooled = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        match pooled.filter(|client| !client.is_closed()) {
+            Some(client) => Ok(client),
+            None => self.location.connect(),
+        }
+    }
+
+    /// Puts `client` back among the free reader connections, unless it broke.
+    fn put_back(&self, client: Client) {
         if !client.is_closed() {
             self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client);
         }
-        res
     }
+}
+
+/// Locks the head of `location`'s event store until `tx` ends: what every
+/// transaction that appends, removes or checks the store's types takes first.
+fn lock_head(tx: &mut Transaction<'_>, location: &Location) -> Result<()> {
+    tx.execute(
+        "SELECT 1 FROM instastate.event_heads WHERE namespace = $1 FOR UPDATE",
+        &[&location.namespace()],
+    )
+    .map_err(failed(location, "lock the event store's head"))?;
+    Ok(())
 }
 
 /// What a read of events asks for.
@@ -1310,9 +1327,8 @@ fn retried_whole(
     ids: &Ids,
     next: u64,
 ) -> Option<Vec<Appended>> {
-    let (empty, full): (Vec<&Request>, Vec<&Request>) =
-        requests.iter().partition(|request| request.events.is_empty());
-    if empty.is_empty() || full.is_empty() {
+    let empty = |request: &Request| request.events.is_empty();
+    if !requests.iter().any(empty) || requests.iter().all(empty) {
         return None;
     }
     let mut planned = Vec::with_capacity(requests.len());

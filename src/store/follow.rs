@@ -12,7 +12,10 @@ use std::{
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{Inner, StoreBuilder, open::Read};
+use super::{
+    Inner, StoreBuilder,
+    open::{Read, meta_value},
+};
 use crate::{
     Error, Result, Store, codec,
     postgres::{Location, watch_commits},
@@ -130,18 +133,14 @@ impl Inner {
         *current = state;
         Ok(Some(loaded))
     }
-}
 
-impl Inner {
     /// The number of the last save the store holds (0 before the first); a
     /// damaged record of it is an error, never taken for 0.
     fn stored_generation(&self) -> Result<u64> {
-        let Some(stored) = self.backend.get(codec::GENERATION_KEY)? else { return Ok(0) };
-        codec::read_u64(&stored).ok_or_else(|| Error::Corrupt {
-            path: self.label.clone(),
-            cell: String::from_utf8_lossy(codec::GENERATION_KEY).into_owned(),
-            reason: format!("it is {} bytes long, not 8", stored.len()),
-        })
+        let stored = self.backend.get(codec::GENERATION_KEY)?;
+        let read =
+            meta_value(&self.label, codec::GENERATION_KEY, stored.as_deref(), codec::read_u64);
+        Ok(read?.unwrap_or(0))
     }
 }
 

@@ -204,7 +204,18 @@ fn meta<T>(
     key: &[u8],
     read: fn(&[u8]) -> Option<T>,
 ) -> Result<Option<T>> {
-    let Some(bytes) = records.get(key) else { return Ok(None) };
+    meta_value(&label.join(ENGINE_DIR), key, records.get(key).map(Vec::as_slice), read)
+}
+
+/// Reads `bytes`, the fixed-width number stored under meta `key` (if there is
+/// one), with `read`; a record of another width is damage at `path`.
+pub(super) fn meta_value<T>(
+    path: &Path,
+    key: &[u8],
+    bytes: Option<&[u8]>,
+    read: fn(&[u8]) -> Option<T>,
+) -> Result<Option<T>> {
+    let Some(bytes) = bytes else { return Ok(None) };
     let value = read(bytes).ok_or_else(|| {
         let key = String::from_utf8_lossy(key).into_owned();
         Error::Corrupt {
@@ -214,7 +225,7 @@ fn meta<T>(
                 std::mem::size_of::<T>()
             ),
             cell: key,
-            path: label.join(ENGINE_DIR),
+            path: path.to_path_buf(),
         }
     })?;
     Ok(Some(value))

@@ -7,7 +7,7 @@
 
 use postgres::{Client, Row};
 
-use super::{DELETED, PgEvents, TOMBSTONED};
+use super::{DELETED, PgEvents, TOMBSTONED, lock_head};
 use crate::{
     Error, Result,
     events::{Compacted, batch::Rules, index::Life},
@@ -30,11 +30,7 @@ impl PgEvents {
         let mut client = location.connect()?;
         let streams_truncated = {
             let mut tx = client.transaction().map_err(failed(location, "begin a compaction"))?;
-            tx.execute(
-                "SELECT 1 FROM instastate.event_heads WHERE namespace = $1 FOR UPDATE",
-                &[&namespace],
-            )
-            .map_err(failed(location, "lock the event store's head"))?;
+            lock_head(&mut tx, location)?;
             let truncated = tx
                 .execute(SETTLE_RETENTION, &[&namespace])
                 .map_err(failed(location, "make what retention rules hide permanent"))?;
@@ -100,16 +96,9 @@ impl PgEvents {
         stream: &str,
         decide: impl FnOnce(Life, u64) -> Result<Option<Life>>,
     ) -> Result<()> {
-        let location = &self.location;
-        let pooled = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-        let mut client = match pooled.filter(|client| !client.is_closed()) {
-            Some(client) => client,
-            None => location.connect()?,
-        };
-        let res = change_life_in(&mut client, location, stream, decide);
-        if !client.is_closed() {
-            self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client);
-        }
+        let mut client = self.take_reader()?;
+        let res = change_life_in(&mut client, &self.location, stream, decide);
+        self.put_back(client);
         res
     }
 }
@@ -213,11 +202,7 @@ fn change_life_in(
 ) -> Result<()> {
     let namespace = location.namespace();
     let mut tx = client.transaction().map_err(failed(location, "begin a removal"))?;
-    tx.execute(
-        "SELECT 1 FROM instastate.event_heads WHERE namespace = $1 FOR UPDATE",
-        &[&namespace],
-    )
-    .map_err(failed(location, "lock the event store's head"))?;
+    lock_head(&mut tx, location)?;
     // Read under the head's lock: as the last append left it.
     let row = tx
         .query_opt(
