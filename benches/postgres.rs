@@ -29,7 +29,7 @@
 //! Rows 1, 2, 5 and 6 alternate which side goes first, round by round, and report
 //! medians. The server is the one `INSTASTATE_TEST_POSTGRES` names, or a
 //! throwaway cluster on loopback started with `.ci/postgres`: `cargo bench --bench
-//! postgres --features postgres`.
+//! postgres --features postgres` (`-- 5 7` runs rows 5 and 7 only).
 
 #![allow(clippy::cast_precision_loss)] // Rates and lags in f64.
 
@@ -422,7 +422,9 @@ fn main() -> Res {
     if let Ok(url) = env::var("BENCH_POSTGRES_WRITER") {
         return writer(&url);
     }
-    // `cargo bench` passes `--bench`; anything else is a filter we do not take.
+    // `cargo bench` passes `--bench`; numbers after `--` choose rows (all without).
+    let chosen: Vec<String> = env::args().skip(1).filter(|arg| !arg.starts_with('-')).collect();
+    let row = |n: &str| chosen.is_empty() || chosen.iter().any(|arg| arg == n);
     let base = server::url().to_owned();
     let mut client = Client::connect(&base, NoTls)?;
     let version: String = client.query_one("SHOW server_version", &[])?.get(0);
@@ -430,46 +432,60 @@ fn main() -> Res {
     println!(
         "PostgreSQL {version} on loopback, synchronous_commit {sync}; {ROUNDS} rounds after a warm-up, medians"
     );
-    let (ours, hand) = row_one(&base)?;
-    println!(
-        "(1) durable events, 1 client: ours {ours:.0} ev/s, by hand {hand:.0} ev/s: {:.2}x",
-        ours / hand
-    );
-    let (ours, hand) = row_threads(&base)?;
-    println!(
-        "(2) durable events, {THREADS} threads: ours {ours:.0} ev/s, by hand ({THREADS} connections) {hand:.0} ev/s: {:.2}x",
-        ours / hand
-    );
-    let lags = row_lag()?;
-    println!(
-        "(3) follower lag at {RATE} ev/s: p50 {:.1} ms, p99 {:.1} ms ({} events)",
-        percentile(&lags, 50) / 1e3,
-        percentile(&lags, 99) / 1e3,
-        lags.len()
-    );
-    let (ours, hand) = row_event_one(&base)?;
-    println!(
-        "(5) event store appends with an expected version, 1 client: ours {ours:.0} ev/s, by hand {hand:.0} ev/s: {:.2}x",
-        ours / hand
-    );
-    let (ours, hand) = row_event_threads(&base)?;
-    println!(
-        "(6) event store appends with an expected version, {THREADS} threads: ours {ours:.0} ev/s, by hand ({THREADS} connections) {hand:.0} ev/s: {:.2}x",
-        ours / hand
-    );
-    let (ours, hand) = row_event_reads(&base)?;
-    println!(
-        "(7) reading $all ({READ_EVENTS} events, decoded): ours {:.2} M ev/s, by hand (one SELECT) {:.2} M ev/s: {:.2}x",
-        ours / 1e6,
-        hand / 1e6,
-        ours / hand
-    );
-    let times = row_takeover()?;
-    println!(
-        "(4) takeover after SIGKILL with a {} ms lease: median {:.0} ms, slowest {:.0} ms ({TAKEOVERS} kills)",
-        LEASE.as_millis(),
-        median(&times),
-        times.iter().copied().fold(0.0, f64::max)
-    );
+    if row("1") {
+        let (ours, hand) = row_one(&base)?;
+        println!(
+            "(1) durable events, 1 client: ours {ours:.0} ev/s, by hand {hand:.0} ev/s: {:.2}x",
+            ours / hand
+        );
+    }
+    if row("2") {
+        let (ours, hand) = row_threads(&base)?;
+        println!(
+            "(2) durable events, {THREADS} threads: ours {ours:.0} ev/s, by hand ({THREADS} connections) {hand:.0} ev/s: {:.2}x",
+            ours / hand
+        );
+    }
+    if row("3") {
+        let lags = row_lag()?;
+        println!(
+            "(3) follower lag at {RATE} ev/s: p50 {:.1} ms, p99 {:.1} ms ({} events)",
+            percentile(&lags, 50) / 1e3,
+            percentile(&lags, 99) / 1e3,
+            lags.len()
+        );
+    }
+    if row("5") {
+        let (ours, hand) = row_event_one(&base)?;
+        println!(
+            "(5) event store appends with an expected version, 1 client: ours {ours:.0} ev/s, by hand {hand:.0} ev/s: {:.2}x",
+            ours / hand
+        );
+    }
+    if row("6") {
+        let (ours, hand) = row_event_threads(&base)?;
+        println!(
+            "(6) event store appends with an expected version, {THREADS} threads: ours {ours:.0} ev/s, by hand ({THREADS} connections) {hand:.0} ev/s: {:.2}x",
+            ours / hand
+        );
+    }
+    if row("7") {
+        let (ours, hand) = row_event_reads(&base)?;
+        println!(
+            "(7) reading $all ({READ_EVENTS} events, decoded): ours {:.2} M ev/s, by hand (one SELECT) {:.2} M ev/s: {:.2}x",
+            ours / 1e6,
+            hand / 1e6,
+            ours / hand
+        );
+    }
+    if row("4") {
+        let times = row_takeover()?;
+        println!(
+            "(4) takeover after SIGKILL with a {} ms lease: median {:.0} ms, slowest {:.0} ms ({TAKEOVERS} kills)",
+            LEASE.as_millis(),
+            median(&times),
+            times.iter().copied().fold(0.0, f64::max)
+        );
+    }
     Ok(())
 }

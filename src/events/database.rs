@@ -190,6 +190,9 @@ pub(super) struct Read {
     page: VecDeque<EventRow>,
     /// The last page read was short: there is nothing more.
     drained: bool,
+    /// The page after `page`, read on a thread of its own while the caller
+    /// takes `page` apart, so that the database and the decoding work at once.
+    ahead: Option<thread::JoinHandle<Result<Vec<EventRow>>>>,
 }
 
 impl Read {
@@ -203,7 +206,45 @@ impl Read {
             backward,
             page: VecDeque::new(),
             drained: false,
+            ahead: None,
         }
+    }
+
+    /// The page of at most `limit` events from `from` on, read now.
+    fn page(&self, db: &DbCore, from: u64, limit: u64) -> Result<Vec<EventRow>> {
+        db.engine.read(&EventQuery {
+            stream: self.stream.as_deref(),
+            from,
+            limit,
+            backward: self.backward,
+            until: self.until,
+            event_type: self.event_type.as_deref(),
+            prefix: self.prefix.as_deref(),
+        })
+    }
+
+    /// Starts reading the page of at most `limit` events from `from` on, on a
+    /// thread of its own; a thread that cannot start leaves the page to be read
+    /// when it is wanted.
+    fn read_ahead(&mut self, db: &DbCore, from: u64, limit: u64) {
+        let engine = Arc::clone(&db.engine);
+        let (stream, event_type, prefix) =
+            (self.stream.clone(), self.event_type.clone(), self.prefix.clone());
+        let (backward, until) = (self.backward, self.until);
+        self.ahead = thread::Builder::new()
+            .name("instastate-read-ahead".to_owned())
+            .spawn(move || {
+                engine.read(&EventQuery {
+                    stream: stream.as_deref(),
+                    from,
+                    limit,
+                    backward,
+                    until,
+                    event_type: event_type.as_deref(),
+                    prefix: prefix.as_deref(),
+                })
+            })
+            .ok();
     }
 
     /// The next event, reading a page (of at most `remaining` events) when the
@@ -212,16 +253,11 @@ impl Read {
         if self.page.is_empty() && !self.drained {
             let from = self.next?;
             let limit = remaining.map_or(PAGE, |remaining| remaining.min(PAGE));
-            let query = EventQuery {
-                stream: self.stream.as_deref(),
-                from,
-                limit,
-                backward: self.backward,
-                until: self.until,
-                event_type: self.event_type.as_deref(),
-                prefix: self.prefix.as_deref(),
+            let read = match self.ahead.take() {
+                Some(ahead) => ahead.join().unwrap_or_else(|_| self.page(db, from, limit)),
+                None => self.page(db, from, limit),
             };
-            let page = match db.engine.read(&query) {
+            let page = match read {
                 Ok(page) => page,
                 Err(err) => return Some(Err(err)),
             };
@@ -242,6 +278,12 @@ impl Read {
                 };
                 let at = if self.stream.is_some() { version } else { position.get() };
                 self.next = if self.backward { at.checked_sub(1) } else { at.checked_add(1) };
+            }
+            // What the caller wants after this page, read while it takes this
+            // one apart.
+            let wanted = remaining.map_or(PAGE, |remaining| (remaining - limit).min(PAGE));
+            if let Some(from) = self.next.filter(|_| !self.drained && 0 < wanted) {
+                self.read_ahead(db, from, wanted);
             }
             self.page = page.into();
         }

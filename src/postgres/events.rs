@@ -233,21 +233,7 @@ impl PgEvents {
 
     /// The events `query` asks for, in its order.
     pub(crate) fn read(&self, query: &Query<'_>) -> Result<Vec<EventRow>> {
-        let (order, place) = match query.stream {
-            Some(_) => ("version", "version"),
-            None => ("position", "position"),
-        };
-        let (compare, direction) = if query.backward { ("<=", "DESC") } else { (">=", "") };
-        let stream =
-            if query.stream.is_some() { "AND stream = $2" } else { "AND $2::text IS NULL" };
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM instastate.events e WHERE namespace = $1 {stream}
-                AND {place} {compare} $3 AND ($4::bigint IS NULL OR {place} < $4)
-                AND ($5::text IS NULL OR event_type = $5)
-                AND ($6::text IS NULL OR starts_with(stream, $6))
-                AND {VISIBLE}
-              ORDER BY {order} {direction} LIMIT $7"
-        );
+        let sql = read_sql(query);
         let until = query.until.map(i64_of);
         let rows = self.with_reader(|client| {
             let params: [&(dyn postgres::types::ToSql + Sync); 7] = [
@@ -315,7 +301,7 @@ impl PgEvents {
         if let Err(err) = &res
             && super::broke(err, &client)
         {
-            client = self.location.connect()?;
+            client = connect_reader(&self.location)?;
             res = read(&mut client);
         }
         self.put_back(client);
@@ -327,7 +313,7 @@ impl PgEvents {
         let pooled = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         match pooled.filter(|client| !client.is_closed()) {
             Some(client) => Ok(client),
-            None => self.location.connect(),
+            None => connect_reader(&self.location),
         }
     }
 
@@ -337,6 +323,50 @@ impl PgEvents {
             self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client);
         }
     }
+}
+
+/// The statement of a read of `query`: `$1` the namespace, `$2` the stream (or
+/// NULL), `$3` the first version or position, `$4` the one it stops before (or
+/// NULL), `$5` the event type and `$6` the stream prefix (or NULL), `$7` the
+/// limit.
+fn read_sql(query: &Query<'_>) -> String {
+    let (order, place) = match query.stream {
+        Some(_) => ("version", "version"),
+        None => ("position", "position"),
+    };
+    let (compare, direction) = if query.backward { ("<=", "DESC") } else { (">=", "") };
+    let stream = if query.stream.is_some() { "AND stream = $2" } else { "AND $2::text IS NULL" };
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM instastate.events e WHERE namespace = $1 {stream}
+            AND {place} {compare} $3 AND ($4::bigint IS NULL OR {place} < $4)
+            AND ($5::text IS NULL OR event_type = $5)
+            AND ($6::text IS NULL OR starts_with(stream, $6))
+            AND {VISIBLE}
+          ORDER BY {order} {direction} LIMIT $7"
+    )
+}
+
+/// The statement of a follower's read: `$1` the namespace, `$2` the first
+/// position, `$3` the limit.
+fn follow_sql() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM instastate.events e
+          WHERE namespace = $1 AND position >= $2 AND {VISIBLE}
+          ORDER BY position LIMIT $3"
+    )
+}
+
+/// A new connection that reads events a page at a time, whose planner walks an
+/// index in the page's order rather than sort: a namespace that grew since the
+/// database last analyzed the events' table looks nearly empty to the planner,
+/// which would otherwise read and sort every event from the page's start on,
+/// for every page (a read of `$all` quadratic in the events).
+fn connect_reader(location: &Location) -> Result<Client> {
+    let mut client = location.connect()?;
+    client
+        .batch_execute("SET enable_sort = off")
+        .map_err(failed(location, "set up a connection for reads"))?;
+    Ok(client)
 }
 
 /// Locks the head of `location`'s event store until `tx` ends: what every
@@ -409,7 +439,7 @@ impl PgEvents {
     /// own; when it has caught up, it waits for a commit's notification, and looks
     /// again at least every `poll`.
     pub(crate) fn follow(&self, from: u64, poll: Duration) -> Result<PgFollower> {
-        let client = self.location.connect()?;
+        let client = connect_reader(&self.location)?;
         Ok(PgFollower {
             location: self.location.clone(),
             client,
@@ -459,14 +489,7 @@ impl PgFollower {
         spend_notifications(&mut self.client, &self.location)?;
         let rows = self
             .client
-            .query(
-                &format!(
-                    "SELECT {EVENT_COLUMNS} FROM instastate.events e
-                      WHERE namespace = $1 AND position >= $2 AND {VISIBLE}
-                      ORDER BY position LIMIT $3"
-                ),
-                &[&self.location.namespace(), &i64_of(self.next), &i64_of(limit)],
-            )
+            .query(&follow_sql(), &[&self.location.namespace(), &i64_of(self.next), &i64_of(limit)])
             .map_err(failed(&self.location, "read new events"))?;
         let events = rows
             .into_iter()
