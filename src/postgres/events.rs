@@ -51,6 +51,9 @@ use crate::{
 
 use removal::VISIBLE;
 
+/// How long a leader waits at most for the appends of its group to come back.
+const GATHER: Duration = Duration::from_micros(200);
+
 /// The kind a namespace of this engine records.
 const KIND: &str = "an event store";
 
@@ -59,6 +62,8 @@ pub(crate) struct PgEvents {
     location: Location,
     group: Mutex<Group>,
     done: Condvar,
+    /// Raised when an append joins the queue, for a leader gathering its group.
+    arrived: Condvar,
     /// Connections for reads, taken and put back.
     readers: Mutex<Vec<Client>>,
 }
@@ -72,6 +77,8 @@ struct Group {
     leading: bool,
     writer: Option<Writer>,
     results: HashMap<u64, Result<Vec<Appended>>>,
+    /// How many appends the last transaction carried.
+    last_size: usize,
 }
 
 impl PgEvents {
@@ -94,6 +101,7 @@ impl PgEvents {
                 ..Group::default()
             }),
             done: Condvar::new(),
+            arrived: Condvar::new(),
             readers: Mutex::new(Vec::new()),
         })
     }
@@ -118,6 +126,7 @@ impl PgEvents {
         let ticket = group.next_ticket;
         group.next_ticket += 1;
         group.queue.push(Member { ticket, requests, condition });
+        self.arrived.notify_one();
         loop {
             if let Some(result) = group.results.remove(&ticket) {
                 return result;
@@ -128,7 +137,9 @@ impl PgEvents {
             }
             // This caller runs the next transaction, for every append waiting.
             group.leading = true;
+            group = self.gather(group);
             let batch = std::mem::take(&mut group.queue);
+            group.last_size = batch.len();
             let writer = group.writer.take();
             drop(group);
             let mut leader = Leader { engine: self, writer, results: Vec::new() };
@@ -156,6 +167,25 @@ impl PgEvents {
                 panic::resume_unwind(payload);
             }
         }
+    }
+
+    /// Waits, a moment at most, for as many appends as the last transaction
+    /// carried: the callers it answered come back one by one, and a leader that
+    /// left at once would take only the first of them.
+    fn gather<'a>(&self, mut group: MutexGuard<'a, Group>) -> MutexGuard<'a, Group> {
+        let deadline = Instant::now() + GATHER;
+        while group.queue.len() < group.last_size {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            group = self
+                .arrived
+                .wait_timeout(group, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        group
     }
 
     fn lock(&self) -> MutexGuard<'_, Group> {
