@@ -1014,8 +1014,9 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         self.shared.head()
     }
 
-    /// The streams the store holds, with their last version, in the order they
-    /// were created; deleted ones are left out.
+    /// The streams the store holds, with their last version, in the order of
+    /// their first events (rules set on a stream before it has any do not count);
+    /// deleted ones are left out.
     ///
     /// # Errors
     /// As [`stream_version`](Self::stream_version).
@@ -1027,14 +1028,23 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
             Engine::Database(db) => return db.engine.streams(),
         };
         let index = core.index.read();
-        Ok(index
+        // A stream is created by its first event, not by rules set on it before:
+        // listed by where its first event's batch is, as in a database. Streams
+        // that one append created keep the order they have in the index: that of
+        // the append's parts, unless rules were set on a later part's stream
+        // before.
+        let mut listed: Vec<(u64, String, u64)> = index
             .streams
             .iter()
             .filter(|stream| !stream.life.deleted && !stream.life.tombstoned)
             .filter_map(|stream| {
-                Some((stream.name.clone(), (stream.seqs.len() as u64).checked_sub(1)?))
+                let first = index.start_of(*stream.seqs.first()?)?;
+                Some((first, stream.name.clone(), (stream.seqs.len() as u64).checked_sub(1)?))
             })
-            .collect())
+            .collect();
+        drop(index);
+        listed.sort_by_key(|(first, ..)| *first);
+        Ok(listed.into_iter().map(|(_, name, last)| (name, last)).collect())
     }
 
     /// What opening found: the checkpoint used, the journal events replayed, a torn

@@ -22,6 +22,7 @@ contract!(
     an_effect_names_the_aggregates_of_removed_linked_events,
     a_removal_made_by_another_opening_is_seen_by_the_next_append,
     compaction_drops_what_is_removed_for_good_and_every_read_stays,
+    streams_are_listed_in_the_order_of_their_first_event,
 );
 
 fn open(place: &Place) -> instastate::Result<EventStore<u32>> {
@@ -339,4 +340,30 @@ fn compaction_drops_what_is_removed_for_good_and_every_read_stays(place: &Place)
     assert_eq!(events.compact()?.events_dropped, 0, "nothing more to drop");
     drop(events);
     each_reopen(place, check)
+}
+
+/// A stream is created by its first event: rules set on it before, a delete and
+/// an append that brings it back do not move it in the list of streams.
+fn streams_are_listed_in_the_order_of_their_first_event(place: &Place) -> TestResult {
+    let events = open(place)?;
+    events.set_retention("later", Retention::default().max_count(5))?;
+    events.set_retention("gone", Retention::default().max_count(5))?;
+    assert_eq!(events.streams()?, []);
+    events.append("first", Expected::NoStream, [1])?;
+    events.append("later", Expected::NoStream, [2])?;
+    events.append("back", Expected::NoStream, [3])?;
+    events.delete_stream("back", Expected::Exact(0))?;
+    events.append_all([
+        instastate::events::Append::new("one", Expected::NoStream, [4]),
+        instastate::events::Append::new("two", Expected::NoStream, [5]),
+    ])?;
+    events.append("back", Expected::Any, [6])?;
+    let names = |events: &EventStore<u32>| -> TestResult<Vec<String>> {
+        Ok(events.streams()?.into_iter().map(|(name, _)| name).collect())
+    };
+    let order = ["first", "later", "back", "one", "two"];
+    assert_eq!(names(&events)?, order);
+    drop(events);
+    assert_eq!(names(&open(place)?)?, order);
+    Ok(())
 }
