@@ -190,8 +190,16 @@ pub(super) struct Read {
     page: VecDeque<EventRow>,
     /// The last page read was short: there is nothing more.
     drained: bool,
-    /// The page after `page`, read on a thread of its own while the caller
-    /// takes `page` apart, so that the database and the decoding work at once.
+    /// The page after `page` (where it starts, and how many events it holds at
+    /// most), read on a thread of its own (`ahead`) while the caller takes
+    /// `page` apart, so that the database and the decoding work at once. It is
+    /// read once the caller has taken `to_take` more events of `page`: half of
+    /// the first page (a read left early, a `take(5)` of `$all`, reads no page
+    /// it does not need), the first event of each page after it.
+    after: Option<(u64, u64)>,
+    to_take: usize,
+    /// Whether a page was read before `page`.
+    paged: bool,
     ahead: Option<thread::JoinHandle<Result<Vec<EventRow>>>>,
 }
 
@@ -206,6 +214,9 @@ impl Read {
             backward,
             page: VecDeque::new(),
             drained: false,
+            after: None,
+            to_take: 0,
+            paged: false,
             ahead: None,
         }
     }
@@ -279,15 +290,22 @@ impl Read {
                 let at = if self.stream.is_some() { version } else { position.get() };
                 self.next = if self.backward { at.checked_sub(1) } else { at.checked_add(1) };
             }
-            // What the caller wants after this page, read while it takes this
-            // one apart.
+            // What the caller wants after this page.
             let wanted = remaining.map_or(PAGE, |remaining| (remaining - limit).min(PAGE));
-            if let Some(from) = self.next.filter(|_| !self.drained && 0 < wanted) {
-                self.read_ahead(db, from, wanted);
-            }
+            self.after =
+                self.next.filter(|_| !self.drained && 0 < wanted).map(|from| (from, wanted));
+            self.to_take = if self.paged { 1 } else { page.len() / 2 };
+            self.paged = true;
             self.page = page.into();
         }
-        self.page.pop_front().map(Ok)
+        let row = self.page.pop_front();
+        self.to_take = self.to_take.saturating_sub(1);
+        if self.to_take == 0
+            && let Some((from, limit)) = self.after.take()
+        {
+            self.read_ahead(db, from, limit);
+        }
+        row.map(Ok)
     }
 }
 

@@ -64,8 +64,56 @@ pub(crate) struct PgEvents {
     done: Condvar,
     /// Raised when an append joins the queue, for a leader gathering its group.
     arrived: Condvar,
-    /// Connections for reads, taken and put back.
-    readers: Mutex<Vec<Client>>,
+    /// Connections for short reads and removals, taken and put back.
+    readers: Pool,
+    /// Connections for reads of events a page at a time (see [`connect_pager`]).
+    pagers: Pool,
+}
+
+/// Free connections of one use, taken and put back.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Client>>);
+
+/// The free connections a pool keeps at most; one more put back is closed.
+const POOLED: usize = 4;
+
+impl Pool {
+    /// A free connection, or a new one (`connect`).
+    fn take(&self, connect: impl FnOnce() -> Result<Client>) -> Result<Client> {
+        let pooled = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        match pooled.filter(|client| !client.is_closed()) {
+            Some(client) => Ok(client),
+            None => connect(),
+        }
+    }
+
+    /// Puts `client` back among the free connections, unless it broke or enough
+    /// are free.
+    fn put_back(&self, client: Client) {
+        let mut free = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !client.is_closed() && free.len() < POOLED {
+            free.push(client);
+        }
+    }
+
+    /// Runs `read` on a connection of the pool; once more on a new connection
+    /// when the one taken broke (every read is safe to repeat).
+    fn run<T>(
+        &self,
+        connect: impl Fn() -> Result<Client>,
+        read: impl Fn(&mut Client) -> Result<T>,
+    ) -> Result<T> {
+        let mut client = self.take(&connect)?;
+        let mut res = read(&mut client);
+        if let Err(err) = &res
+            && super::broke(err, &client)
+        {
+            client = connect()?;
+            res = read(&mut client);
+        }
+        self.put_back(client);
+        res
+    }
 }
 
 /// The appends waiting for a transaction, and who runs it.
@@ -102,7 +150,8 @@ impl PgEvents {
             }),
             done: Condvar::new(),
             arrived: Condvar::new(),
-            readers: Mutex::new(Vec::new()),
+            readers: Pool::default(),
+            pagers: Pool::default(),
         })
     }
 
@@ -265,18 +314,21 @@ impl PgEvents {
     pub(crate) fn read(&self, query: &Query<'_>) -> Result<Vec<EventRow>> {
         let sql = read_sql(query);
         let until = query.until.map(i64_of);
-        let rows = self.with_reader(|client| {
-            let params: [&(dyn postgres::types::ToSql + Sync); 7] = [
-                &self.location.namespace(),
-                &query.stream,
-                &i64_of(query.from),
-                &until,
-                &query.event_type,
-                &query.prefix,
-                &i64_of(query.limit),
-            ];
-            client.query(sql.as_str(), &params).map_err(failed(&self.location, "read events"))
-        })?;
+        let rows = self.pagers.run(
+            || connect_pager(&self.location),
+            |client| {
+                let params: [&(dyn postgres::types::ToSql + Sync); 7] = [
+                    &self.location.namespace(),
+                    &query.stream,
+                    &i64_of(query.from),
+                    &until,
+                    &query.event_type,
+                    &query.prefix,
+                    &i64_of(query.limit),
+                ];
+                client.query(sql.as_str(), &params).map_err(failed(&self.location, "read events"))
+            },
+        )?;
         Ok(rows.into_iter().map(EventRow).collect())
     }
 
@@ -326,32 +378,17 @@ impl PgEvents {
     /// more on a new connection when the one taken broke (every read is safe to
     /// repeat).
     fn with_reader<T>(&self, read: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
-        let mut client = self.take_reader()?;
-        let mut res = read(&mut client);
-        if let Err(err) = &res
-            && super::broke(err, &client)
-        {
-            client = connect_reader(&self.location)?;
-            res = read(&mut client);
-        }
-        self.put_back(client);
-        res
+        self.readers.run(|| self.location.connect(), read)
     }
 
     /// A reader connection: a free one, or a new one.
     fn take_reader(&self) -> Result<Client> {
-        let pooled = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-        match pooled.filter(|client| !client.is_closed()) {
-            Some(client) => Ok(client),
-            None => connect_reader(&self.location),
-        }
+        self.readers.take(|| self.location.connect())
     }
 
     /// Puts `client` back among the free reader connections, unless it broke.
     fn put_back(&self, client: Client) {
-        if !client.is_closed() {
-            self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client);
-        }
+        self.readers.put_back(client);
     }
 }
 
@@ -386,12 +423,14 @@ fn follow_sql() -> String {
     )
 }
 
-/// A new connection that reads events a page at a time, whose planner walks an
-/// index in the page's order rather than sort: a namespace that grew since the
-/// database last analyzed the events' table looks nearly empty to the planner,
-/// which would otherwise read and sort every event from the page's start on,
-/// for every page (a read of `$all` quadratic in the events).
-fn connect_reader(location: &Location) -> Result<Client> {
+/// A new connection that only reads events a page at a time (reads and
+/// followers), whose planner walks an index in the page's order rather than
+/// sort: a namespace that grew since the database last analyzed the events'
+/// table can look nearly empty to the planner, which would then read and sort
+/// every event from the page's start on, for every page (a read of `$all`
+/// quadratic in the events). Other statements, which may well be better off
+/// sorting, run on other connections.
+fn connect_pager(location: &Location) -> Result<Client> {
     let mut client = location.connect()?;
     client
         .batch_execute("SET enable_sort = off")
@@ -469,7 +508,7 @@ impl PgEvents {
     /// own; when it has caught up, it waits for a commit's notification, and looks
     /// again at least every `poll`.
     pub(crate) fn follow(&self, from: u64, poll: Duration) -> Result<PgFollower> {
-        let client = connect_reader(&self.location)?;
+        let client = connect_pager(&self.location)?;
         Ok(PgFollower {
             location: self.location.clone(),
             client,

@@ -413,14 +413,17 @@ fn long_reads_go_through_every_event_once_forward_and_backward(place: &Place) ->
     assert_eq!(from, (1_234..12_234).collect::<Vec<_>>());
     let page = read(events.read_all().limit(10_000).into_iter())?;
     assert_eq!(page, (0..10_000).collect::<Vec<_>>());
-    // A read left while the database reads the page after the one at hand.
-    let first: Vec<u64> = events
-        .read_all()
-        .into_iter()
-        .take(10_001)
-        .map(|e| e.map(|it| it.data))
-        .collect::<Result<_, _>>()?;
-    assert_eq!(first, (0..10_001).collect::<Vec<_>>());
+    // Reads left before the page after the one at hand is read, while it is
+    // read, and just after.
+    for taken in [5, 6_000, 10_001] {
+        let first: Vec<u64> = events
+            .read_all()
+            .into_iter()
+            .take(taken)
+            .map(|event| event.map(|it| it.data))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(first, (0..taken as u64).collect::<Vec<_>>());
+    }
     let from_back = read(events.read_stream("long").from(10_500).backward().into_iter())?;
     let expected: Vec<u64> = long.iter().take(10_501).rev().copied().collect();
     assert_eq!(from_back, expected);
