@@ -723,7 +723,7 @@ const LOOKUP: &str = "SELECT s.stream, s.next_version AS version, NULL::bytea AS
 /// head's `removals`, locked, and it then writes nothing. The row of kind 0 says
 /// whether it wrote (`ok`), the head locked (`version`), the head the snapshot saw
 /// (`position`; NULL when a removal came since) and the timestamp; the rows of
-/// kind 1 are the lookup.
+/// kind 1 are the lookup, made only when it did not write.
 const WRITE: &str = "WITH head AS (
     SELECT next_position, last_at, removals FROM instastate.event_heads
      WHERE namespace = $1 FOR UPDATE
@@ -798,7 +798,9 @@ impl Statements {
                  SELECT 1, *, NULL FROM ({LOOKUP}) l"
             ))?,
             lookup: prepare(LOOKUP)?,
-            write: prepare(&format!("{WRITE}{LOOKUP}) l"))?,
+            // The lookup only when the write did not go in: a write that did
+            // leaves what its writer planned.
+            write: prepare(&format!("{WRITE}{LOOKUP}) l WHERE NOT (SELECT ok FROM state)"))?,
             first_tagged: prepare(
                 "SELECT e.stream, e.version, e.position
                    FROM instastate.event_tags t
