@@ -222,8 +222,8 @@ impl Read {
     }
 
     /// The page of at most `limit` events from `from` on, read now.
-    fn page(&self, db: &DbCore, from: u64, limit: u64) -> Result<Vec<EventRow>> {
-        db.engine.read(&EventQuery {
+    fn page(&self, engine: &PgEvents, from: u64, limit: u64) -> Result<Vec<EventRow>> {
+        engine.read(&EventQuery {
             stream: self.stream.as_deref(),
             from,
             limit,
@@ -239,22 +239,13 @@ impl Read {
     /// when it is wanted.
     fn read_ahead(&mut self, db: &DbCore, from: u64, limit: u64) {
         let engine = Arc::clone(&db.engine);
-        let (stream, event_type, prefix) =
-            (self.stream.clone(), self.event_type.clone(), self.prefix.clone());
-        let (backward, until) = (self.backward, self.until);
+        let mut same = Read::new(self.stream.clone(), None, self.backward);
+        same.prefix.clone_from(&self.prefix);
+        same.event_type.clone_from(&self.event_type);
+        same.until = self.until;
         self.ahead = thread::Builder::new()
             .name("instastate-read-ahead".to_owned())
-            .spawn(move || {
-                engine.read(&EventQuery {
-                    stream: stream.as_deref(),
-                    from,
-                    limit,
-                    backward,
-                    until,
-                    event_type: event_type.as_deref(),
-                    prefix: prefix.as_deref(),
-                })
-            })
+            .spawn(move || same.page(&engine, from, limit))
             .ok();
     }
 
@@ -265,8 +256,8 @@ impl Read {
             let from = self.next?;
             let limit = remaining.map_or(PAGE, |remaining| remaining.min(PAGE));
             let read = match self.ahead.take() {
-                Some(ahead) => ahead.join().unwrap_or_else(|_| self.page(db, from, limit)),
-                None => self.page(db, from, limit),
+                Some(ahead) => ahead.join().unwrap_or_else(|_| self.page(&db.engine, from, limit)),
+                None => self.page(&db.engine, from, limit),
             };
             let page = match read {
                 Ok(page) => page,

@@ -452,7 +452,9 @@ fn reads_walk_an_index_in_their_order_and_never_sort() -> Result<()> {
     // nearly empty to the planner, which may then sort every event from a page's
     // start on, for each page: a read of `$all` quadratic in the store (seen on a
     // benchmark's fresh namespace of 200,000 events). Every read walks an index
-    // in its order instead, and stops at the page's end.
+    // in its order instead, and stops at the page's end. The plans are checked
+    // with this server's statistics, whatever they are: on a reading connection
+    // no sort is chosen, and the index that holds the read's order is walked.
     let location = test_server::location("events-plans")?;
     let events = PgEvents::open(&location)?;
     for batch in 0..10u8 {
