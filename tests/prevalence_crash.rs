@@ -952,7 +952,12 @@ struct Files {
 impl Files {
     fn count(dir: &Path) -> TestResult<Files> {
         let mut files = Files { journals: 0, snapshots: 0, entries: 0, odd: Vec::new() };
-        for entry in std::fs::read_dir(dir)? {
+        // A child killed right after it started may not have made its directory.
+        let entries = match std::fs::read_dir(dir) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(files),
+            entries => entries?,
+        };
+        for entry in entries {
             let name = entry?.file_name();
             let name = name.to_string_lossy();
             files.entries += 1;

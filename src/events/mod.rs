@@ -1033,15 +1033,23 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         // that one append created keep the order they have in the index: that of
         // the append's parts, unless rules were set on a later part's stream
         // before.
-        let mut listed: Vec<(u64, String, u64)> = index
-            .streams
-            .iter()
-            .filter(|stream| !stream.life.deleted && !stream.life.tombstoned)
-            .filter_map(|stream| {
-                let first = index.start_of(*stream.seqs.first()?)?;
-                Some((first, stream.name.clone(), (stream.seqs.len() as u64).checked_sub(1)?))
-            })
-            .collect();
+        let mut listed = Vec::new();
+        for stream in &index.streams {
+            let Some(&seq) = stream.seqs.first() else { continue };
+            if stream.life.deleted || stream.life.tombstoned {
+                continue;
+            }
+            // Every journal event has its first position in the index.
+            let first = index.start_of(seq).ok_or_else(|| Error::JournalCorrupt {
+                path: core.dir.clone(),
+                offset: 0,
+                reason: format!(
+                    "the index holds no journal event {seq}, where stream `{}` begins",
+                    stream.name
+                ),
+            })?;
+            listed.push((first, stream.name.clone(), stream.seqs.len() as u64 - 1));
+        }
         drop(index);
         listed.sort_by_key(|(first, ..)| *first);
         Ok(listed.into_iter().map(|(_, name, last)| (name, last)).collect())

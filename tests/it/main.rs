@@ -26,7 +26,6 @@ mod schema;
 #[cfg(feature = "encryption")]
 mod shredding;
 mod trust;
-mod ui;
 mod upcast;
 
 #[path = "../common/tree.rs"]
