@@ -1019,7 +1019,9 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// deleted ones are left out.
     ///
     /// # Errors
-    /// As [`stream_version`](Self::stream_version).
+    /// In files, [`Error::JournalCorrupt`] when the index and the journal do not
+    /// say where a stream begins, or [`Error::Io`] when a journal file cannot be
+    /// read; in a database, as [`stream_version`](Self::stream_version).
     #[cfg_attr(not(feature = "postgres"), allow(clippy::infallible_destructuring_match))]
     pub fn streams(&self) -> Result<Vec<(String, u64)>> {
         let core = match &self.shared.engine {
@@ -1029,10 +1031,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         };
         let index = core.index.read();
         // A stream is created by its first event, not by rules set on it before:
-        // listed by where its first event's batch is, as in a database. Streams
-        // that one append created keep the order they have in the index: that of
-        // the append's parts, unless rules were set on a later part's stream
-        // before.
+        // listed by where its first event is, as in a database.
         let mut listed = Vec::new();
         for stream in &index.streams {
             let Some(&seq) = stream.seqs.first() else { continue };
@@ -1048,11 +1047,27 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
                     stream.name
                 ),
             })?;
-            listed.push((first, stream.name.clone(), stream.seqs.len() as u64 - 1));
+            listed.push((first, seq, stream.name.clone(), stream.seqs.len() as u64 - 1));
         }
         drop(index);
-        listed.sort_by_key(|(first, ..)| *first);
-        Ok(listed.into_iter().map(|(_, name, last)| (name, last)).collect())
+        listed.sort_by_key(|(first, seq, ..)| (*first, *seq));
+        // Streams that one append began: in the order of their parts in it (the
+        // index may have known one of them before, by its rules).
+        for begun in listed.chunk_by_mut(|a, b| a.1 == b.1).filter(|it| 1 < it.len()) {
+            let Some(&(_, seq, ..)) = begun.first() else { continue };
+            let places = read::first_events_in(core, seq)?;
+            if let Some((_, _, name, _)) = begun.iter().find(|it| !places.contains_key(&it.2)) {
+                return Err(Error::JournalCorrupt {
+                    path: core.dir.clone(),
+                    offset: 0,
+                    reason: format!(
+                        "journal event {seq} holds no first event of stream `{name}`, which the index says begins there"
+                    ),
+                });
+            }
+            begun.sort_by_key(|it| places.get(&it.2).copied());
+        }
+        Ok(listed.into_iter().map(|(_, _, name, last)| (name, last)).collect())
     }
 
     /// What opening found: the checkpoint used, the journal events replayed, a torn

@@ -377,6 +377,27 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
     }
 }
 
+/// Where in journal event `seq`'s batch each stream that begins there has its
+/// first event (version 0), by stream, counted in events from the batch's first.
+pub(crate) fn first_events_in(
+    core: &Core,
+    seq: u64,
+) -> Result<std::collections::HashMap<String, usize>> {
+    let mut ahead = ReadAhead::new(RANDOM_CHUNK);
+    let frame = core.locator.read(seq, &mut ahead, &|| core.write_out(), Keep::Cached)?;
+    let head = batch::decode_head(frame.plain())
+        .map_err(|fault| core.locator.corrupt(&frame, seq, fault))?;
+    let mut places = std::collections::HashMap::new();
+    let mut at = 0;
+    for part in &head.parts {
+        if part.first_version == 0 {
+            places.insert(part.stream.to_owned(), at);
+        }
+        at += part.len();
+    }
+    Ok(places)
+}
+
 impl<E> EventStore<E> {
     /// The tags of the event at `position`, removed or not (its data is not
     /// decoded, and compaction keeps tags): `None` when the store holds no event

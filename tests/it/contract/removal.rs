@@ -342,8 +342,9 @@ fn compaction_drops_what_is_removed_for_good_and_every_read_stays(place: &Place)
     each_reopen(place, check)
 }
 
-/// A stream is created by its first event: rules set on it before, a delete and
-/// an append that brings it back do not move it in the list of streams.
+/// A stream is created by its first event: rules set on it before, an append
+/// that only expected it, a delete and an append that brings it back do not move
+/// it in the list of streams.
 fn streams_are_listed_in_the_order_of_their_first_event(place: &Place) -> TestResult {
     let events = open(place)?;
     events.set_retention("later", Retention::default().max_count(5))?;
@@ -358,10 +359,20 @@ fn streams_are_listed_in_the_order_of_their_first_event(place: &Place) -> TestRe
         instastate::events::Append::new("two", Expected::NoStream, [5]),
     ])?;
     events.append("back", Expected::Any, [6])?;
+    // A part that only states an expectation begins no stream either.
+    events.append_all([
+        instastate::events::Append::new("y", Expected::NoStream, Vec::<u32>::new()),
+        instastate::events::Append::new("z", Expected::NoStream, [7]),
+    ])?;
+    events.append_all([
+        instastate::events::Append::new("x", Expected::NoStream, [8]),
+        instastate::events::Append::new("y", Expected::NoStream, [9]),
+        instastate::events::Append::new("gone", Expected::NoStream, [10]),
+    ])?;
     let names = |events: &EventStore<u32>| -> TestResult<Vec<String>> {
         Ok(events.streams()?.into_iter().map(|(name, _)| name).collect())
     };
-    let order = ["first", "later", "back", "one", "two"];
+    let order = ["first", "later", "back", "one", "two", "z", "x", "y", "gone"];
     assert_eq!(names(&events)?, order);
     drop(events);
     assert_eq!(names(&open(place)?)?, order);
