@@ -100,13 +100,36 @@ impl DbCore {
 
     /// What an event's data is sealed for: its store (namespace) and its id, so
     /// that sealed data moved to another event or store does not open.
-    pub(super) fn data_aad(&self, id: EventId) -> Vec<u8> {
+    fn data_aad(&self, id: EventId) -> Vec<u8> {
         let namespace = self.location.namespace();
         let mut aad = Vec::with_capacity(40 + namespace.len());
         aad.extend_from_slice(b"instastate event data\0");
         aad.extend_from_slice(id.as_bytes());
         aad.extend_from_slice(namespace.as_bytes());
         aad
+    }
+
+    /// The data of event `id` as stored: sealed with the store's key, if it has one.
+    pub(super) fn seal_data(&self, id: EventId, data: Vec<u8>) -> Vec<u8> {
+        self.sealer.seal(&self.data_aad(id), data)
+    }
+
+    /// The data of event `id` as `seal_data` stored it (`what` names the event in
+    /// the error). Without a key, data is taken as it is: a value's encoding may
+    /// well start as sealed bytes do.
+    fn open_data<'a>(
+        &self,
+        id: EventId,
+        stored: &'a [u8],
+        what: impl FnOnce() -> String,
+    ) -> Result<std::borrow::Cow<'a, [u8]>> {
+        if !self.sealer.is_on() {
+            return Ok(std::borrow::Cow::Borrowed(stored));
+        }
+        self.sealer.open(&self.data_aad(id), stored).map_err(|fault| Error::DatabaseCorrupt {
+            location: self.location.to_string(),
+            reason: format!("the data of {} cannot be opened: {fault}", what()),
+        })
     }
 
     /// The [`Error::Unsupported`] of `operation`, which this engine does not offer.
@@ -312,16 +335,7 @@ pub(super) fn recorded<E: DeserializeOwned>(
             Ok((position, _)) => format!("the event at position {position}"),
             Err(_) => "an event".to_owned(),
         };
-        // Without a key, data is taken as it is: a value's encoding may well start
-        // as sealed bytes do.
-        let data = if db.sealer.is_on() {
-            db.sealer.open(&db.data_aad(id), stored).map_err(|fault| Error::DatabaseCorrupt {
-                location: db.location.to_string(),
-                reason: format!("the data of {} cannot be opened: {fault}", what()),
-            })?
-        } else {
-            std::borrow::Cow::Borrowed(stored)
-        };
+        let data = db.open_data(id, stored, what)?;
         let data = &data[..];
         let decode = || {
             super::codec::decode_event(

@@ -1057,13 +1057,10 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
             let Some(&(_, seq, ..)) = begun.first() else { continue };
             let places = read::first_events_in(core, seq)?;
             if let Some((_, _, name, _)) = begun.iter().find(|it| !places.contains_key(&it.2)) {
-                return Err(Error::JournalCorrupt {
-                    path: core.dir.clone(),
-                    offset: 0,
-                    reason: format!(
-                        "journal event {seq} holds no first event of stream `{name}`, which the index says begins there"
-                    ),
-                });
+                let reason = format!(
+                    "it holds no first event of stream `{name}`, which the index says begins there"
+                );
+                return Err(core.locator.corrupt_at(None, seq, reason));
             }
             begun.sort_by_key(|it| places.get(&it.2).copied());
         }
@@ -1210,12 +1207,10 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
                     #[cfg(all(feature = "postgres", feature = "encryption"))]
                     Engine::Database(db) => {
                         let (data, sealed_with) = seal::sealing(&db.keys, dry, encode)?;
-                        (db.sealer.seal(&db.data_aad(event.id), data), sealed_with)
+                        (db.seal_data(event.id, data), sealed_with)
                     }
                     #[cfg(all(feature = "postgres", not(feature = "encryption")))]
-                    Engine::Database(db) => {
-                        (db.sealer.seal(&db.data_aad(event.id), encode()?), Vec::new())
-                    }
+                    Engine::Database(db) => (db.seal_data(event.id, encode()?), Vec::new()),
                 };
                 #[cfg(not(feature = "encryption"))]
                 let _ = dry;

@@ -85,21 +85,20 @@ pub(crate) struct Start<S> {
 #[allow(clippy::too_many_arguments)] // Two callers; a struct would only rename them.
 pub(crate) fn open_on_database<S>(
     database: Database,
-    config: DatabaseConfig,
+    mut config: DatabaseConfig,
     versions: &Versions,
     start: Option<Start<S>>,
     mut initial: impl FnMut() -> Result<S>,
     restore: &mut impl FnMut(Restored<'_>) -> Result<S>,
     apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<Opened<S>> {
-    let DatabaseConfig { identity, durability, sealer } = config;
     // Every write is a commit: concurrent callers share one, in both durable modes.
-    let durability = match durability {
-        Durability::SyncEach => Durability::GroupCommit,
-        other => other,
-    };
+    if config.durability == Durability::SyncEach {
+        config.durability = Durability::GroupCommit;
+    }
+    let DatabaseConfig { identity, sealer, .. } = &config;
     let label = database.label();
-    check_header(database.header()?, &label, &identity, versions, &sealer)?;
+    check_header(database.header()?, &label, identity, versions, sealer)?;
     let mut recovered = Recovered::default();
     // A state to go on from that a newer snapshot holds is passed over.
     let mut start = match start {
@@ -114,13 +113,13 @@ pub(crate) fn open_on_database<S>(
             (start.state, start.applied, start.at, true)
         } else {
             let found = database.newest_snapshot()?;
-            let expect = (&identity, versions);
+            let expect = (identity, versions);
             let (state, from, clock) =
-                snapshot_or(found, &label, expect, &sealer, &mut initial, restore, &mut recovered)?;
+                snapshot_or(found, &label, expect, sealer, &mut initial, restore, &mut recovered)?;
             (state, from, clock, false)
         };
         let rows = database.frames_from(from)?;
-        match replay_rows(&rows, from, clock, &sealer, &label, &mut state, apply)? {
+        match replay_rows(&rows, from, clock, sealer, &label, &mut state, apply)? {
             Replay::Done { next, clock, replayed, voided } => {
                 recovered.replayed += replayed;
                 recovered.voided += voided;
@@ -132,8 +131,7 @@ pub(crate) fn open_on_database<S>(
         }
     };
     // From now on, frames are written with the current types and versions.
-    database.set_header(&header_bytes(&identity, versions, &sealer), versions.event)?;
-    let config = DatabaseConfig { identity, durability, sealer };
+    database.set_header(&header_bytes(identity, versions, sealer), versions.event)?;
     let parts = config.parts(versions, Access::ReadWrite);
     let journal = Journal::on_database(parts, Arc::new(database), next, clock);
     Ok(Opened { state, applied: next, at: clock, journal, recovered })
@@ -151,18 +149,18 @@ pub(crate) fn read_on_database<S>(
     restore: &mut impl FnMut(Restored<'_>) -> Result<S>,
     apply: &mut impl FnMut(&mut S, Replayed<'_>) -> Result<Option<u64>>,
 ) -> Result<Opened<S>> {
-    let DatabaseConfig { identity, durability, sealer } = config;
+    let DatabaseConfig { identity, sealer, .. } = &config;
     let label = reader.label();
-    check_header(reader.header()?, &label, &identity, versions, &sealer)?;
+    check_header(reader.header()?, &label, identity, versions, sealer)?;
     let mut recovered = Recovered::default();
     let mut tries = 0;
     let (state, next, clock) = loop {
         let found = reader.newest_snapshot()?;
-        let expect = (&identity, versions);
+        let expect = (identity, versions);
         let (mut state, from, clock) =
-            snapshot_or(found, &label, expect, &sealer, &mut initial, restore, &mut recovered)?;
+            snapshot_or(found, &label, expect, sealer, &mut initial, restore, &mut recovered)?;
         let rows = reader.frames_from(from)?;
-        match replay_rows(&rows, from, clock, &sealer, &label, &mut state, apply)? {
+        match replay_rows(&rows, from, clock, sealer, &label, &mut state, apply)? {
             Replay::Done { next, clock, replayed, voided } => {
                 recovered.replayed += replayed;
                 recovered.voided += voided;
@@ -174,7 +172,7 @@ pub(crate) fn read_on_database<S>(
             Replay::Gap { first } => return Err(missing(&label, from, first)),
         }
     };
-    let parts = DatabaseConfig { identity, durability, sealer }.parts(versions, Access::ReadOnly);
+    let parts = config.parts(versions, Access::ReadOnly);
     let journal = Journal::read_only(parts, None, next, clock);
     Ok(Opened { state, applied: next, at: clock, journal, recovered })
 }

@@ -1436,14 +1436,13 @@ fn retried_whole(
         let Match::All(appended) = retry_of(request, ids, place) else { return None };
         planned.push(Some(appended));
     }
-    let position = next;
     let filled = requests.iter().zip(planned).map(|(request, appended)| {
         appended.unwrap_or_else(|| {
-            let next = streams.get(&request.stream).map_or(0, |at| at.next);
+            let version = streams.get(&request.stream).map_or(0, |at| at.next);
             Appended {
                 stream: request.stream.clone(),
-                versions: next..next,
-                positions: position..position,
+                versions: version..version,
+                positions: next..next,
             }
         })
     });
