@@ -716,7 +716,7 @@ const LOOKUP: &str = "SELECT s.stream, s.next_version AS version, NULL::bytea AS
 /// The write: `$1` namespace, `$2` the group's streams, `$3` its ids (for the
 /// lookup), `$4` the head planned from, `$5` each stream's next version and life
 /// planned from (`next_version * 4 + life`), `$6` the ids planned as not stored
-/// (none may be), then the events column by column (each event's tags and
+/// (none may be; each probed by its key, as in [`LOOKUP`]), then the events column by column (each event's tags and
 /// triggers a slice of one flat array), the tags to index, the streams moved on,
 /// the next head and the notification. A removal committed after the statement's
 /// snapshot was taken (which its checks of the streams would miss) shows in the
@@ -739,9 +739,9 @@ const WRITE: &str = "WITH head AS (
                   WHERE COALESCE((SELECT next_version * 4 + life FROM instastate.streams
                                    WHERE namespace = $1 AND stream = a.stream), 0) <> a.next)
              AND NOT EXISTS (
-                 SELECT 1 FROM unnest($6::bytea[]) AS i(id)
-                  WHERE EXISTS (SELECT 1 FROM instastate.events
-                                 WHERE namespace = $1 AND id = i.id))
+                 SELECT 1 FROM unnest($6::bytea[]) AS i(id) CROSS JOIN LATERAL (
+                        SELECT 1 FROM instastate.events
+                         WHERE namespace = $1 AND id = i.id LIMIT 1) e)
              AS ok
       FROM head h
  ), written AS (
