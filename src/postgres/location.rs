@@ -161,13 +161,20 @@ impl Location {
         &self.namespace
     }
 
-    /// A new connection to the database.
+    /// A new connection to the database, which compiles no statement (JIT): each
+    /// of ours is short, and its plan's estimated cost alone can cross the
+    /// compiling threshold (a page of 10,000 events took 40 ms with the
+    /// compiling, 3.6 ms without, on a server built with LLVM as Debian's is).
     pub(crate) fn connect(&self) -> Result<Client> {
         let connected = match &self.connector {
             None => self.config.connect(NoTls),
             Some(connector) => self.config.connect(connector.clone()),
         };
-        connected.map_err(super::failed(self, "connect"))
+        let mut client = connected.map_err(super::failed(self, "connect"))?;
+        client
+            .batch_execute("SET jit = off")
+            .map_err(super::failed(self, "set up a connection"))?;
+        Ok(client)
     }
 
     /// The same database, another namespace.
