@@ -213,18 +213,36 @@ pub(super) struct Read {
     page: VecDeque<EventRow>,
     /// The last page read was short: there is nothing more.
     drained: bool,
-    /// The page after `page` (where it starts, and how many events it holds at
-    /// most), read on a thread of its own (`ahead`) while the caller takes
-    /// `page` apart, so that the database and the decoding work at once. It is
-    /// read once the caller has taken `to_take` more events of `page`: half of
-    /// the first page (a read left early, a `take(5)` of `$all`, reads no page
-    /// it does not need), the first event of each page after it.
+    /// The pages after `page`, read on threads of their own while the caller
+    /// takes `page` apart, so that the database and the decoding work at once.
+    /// They are asked for once the caller has taken `to_take` more events of
+    /// `page`: half of the first page (a read left early, a `take(5)` of `$all`,
+    /// reads no page it does not need), the first event of each page after it.
+    ahead: VecDeque<Ahead>,
+    /// What to ask for then: the page of at most so many events from a place on,
+    /// or windows.
     after: Option<(u64, u64)>,
     to_take: usize,
     /// Whether a page was read before `page`.
     paged: bool,
-    ahead: Option<thread::JoinHandle<Result<Vec<EventRow>>>>,
+    /// Where the next window starts, once a read goes on in windows: see
+    /// [`Read::windows`].
+    windowed: Option<u64>,
 }
+
+/// A page being read on a thread of its own.
+struct Ahead {
+    /// The versions or positions it reads: from, and up to (excluded) when it is
+    /// a window.
+    from: u64,
+    to: Option<u64>,
+    limit: u64,
+    thread: thread::JoinHandle<Result<Vec<EventRow>>>,
+}
+
+/// How many windows a read has in flight at most, beside the page its caller
+/// takes apart: two keep a server's two processors busy.
+const WINDOWS: usize = 2;
 
 impl Read {
     pub(super) fn new(stream: Option<String>, next: Option<u64>, backward: bool) -> Read {
@@ -237,64 +255,151 @@ impl Read {
             backward,
             page: VecDeque::new(),
             drained: false,
+            ahead: VecDeque::new(),
             after: None,
             to_take: 0,
             paged: false,
-            ahead: None,
+            windowed: None,
         }
     }
 
-    /// The page of at most `limit` events from `from` on, read now.
-    fn page(&self, engine: &PgEvents, from: u64, limit: u64) -> Result<Vec<EventRow>> {
+    /// The page of at most `limit` events from `from` on (and before `to`, if
+    /// given), read now.
+    fn page(
+        &self,
+        engine: &PgEvents,
+        from: u64,
+        to: Option<u64>,
+        limit: u64,
+    ) -> Result<Vec<EventRow>> {
+        let until = match (to, self.until) {
+            (Some(to), Some(until)) => Some(to.min(until)),
+            (to, until) => to.or(until),
+        };
         engine.read(&EventQuery {
             stream: self.stream.as_deref(),
             from,
             limit,
             backward: self.backward,
-            until: self.until,
+            until,
             event_type: self.event_type.as_deref(),
             prefix: self.prefix.as_deref(),
         })
     }
 
-    /// Starts reading the page of at most `limit` events from `from` on, on a
-    /// thread of its own; a thread that cannot start leaves the page to be read
-    /// when it is wanted.
-    fn read_ahead(&mut self, db: &DbCore, from: u64, limit: u64) {
+    /// Where a read that wants every event until its end may go on in windows
+    /// (of `PAGE` versions or positions each, several read at once), from: a read
+    /// forward, unfiltered (a filtered one could walk empty windows), with its
+    /// end known. Each window holds what a page would: versions and positions
+    /// have no gaps, and a window of removed events is only short.
+    fn windows(&self, remaining: Option<u64>) -> Option<u64> {
+        let plain = !self.backward && self.event_type.is_none() && self.prefix.is_none();
+        (plain && remaining.is_none() && self.until.is_some()).then_some(())?;
+        self.next
+    }
+
+    /// Starts reading the page of at most `limit` events from `from` on (and
+    /// before `to`, a window's end), on a thread of its own; a thread that
+    /// cannot start leaves the page to be read when it is wanted.
+    fn read_ahead(&mut self, db: &DbCore, from: u64, to: Option<u64>, limit: u64) {
         let engine = Arc::clone(&db.engine);
         let mut same = Read::new(self.stream.clone(), None, self.backward);
         same.prefix.clone_from(&self.prefix);
         same.event_type.clone_from(&self.event_type);
         same.until = self.until;
-        self.ahead = thread::Builder::new()
+        let started = thread::Builder::new()
             .name("instastate-read-ahead".to_owned())
-            .spawn(move || same.page(&engine, from, limit))
-            .ok();
+            .spawn(move || same.page(&engine, from, to, limit));
+        match started {
+            Ok(thread) => self.ahead.push_back(Ahead { from, to, limit, thread }),
+            // Read now, when it is wanted; a window is asked for again.
+            Err(_) => {
+                if to.is_some() {
+                    self.windowed = Some(from);
+                }
+            }
+        }
+    }
+
+    /// Asks for windows until `WINDOWS` are in flight or the read's end is asked
+    /// for.
+    fn ask_windows(&mut self, db: &DbCore) {
+        let Some(until) = self.until else { return };
+        while self.ahead.len() < WINDOWS
+            && let Some(from) = self.windowed.filter(|from| *from < until)
+        {
+            let to = from.saturating_add(PAGE).min(until);
+            self.windowed = Some(to);
+            self.read_ahead(db, from, Some(to), PAGE);
+            if self.windowed == Some(from) {
+                return;
+            }
+        }
     }
 
     /// The next event, reading a page (of at most `remaining` events) when the
     /// one at hand is spent.
     pub(super) fn next(&mut self, db: &DbCore, remaining: Option<u64>) -> Option<Result<EventRow>> {
-        if self.page.is_empty() && !self.drained {
-            let from = self.next?;
-            let limit = remaining.map_or(PAGE, |remaining| remaining.min(PAGE));
-            let read = match self.ahead.take() {
-                Some(ahead) => ahead.join().unwrap_or_else(|_| self.page(&db.engine, from, limit)),
-                None => self.page(&db.engine, from, limit),
-            };
-            let page = match read {
-                Ok(page) => page,
-                Err(err) => return Some(Err(err)),
-            };
-            // A key forgotten by any process reads as shredded from here on.
-            // Sealed data links its event to its subject: a page without linked
-            // events decodes no sealed value, and asks nothing more.
-            #[cfg(feature = "encryption")]
-            if page.iter().any(EventRow::is_linked)
-                && let Err(err) = db.keys.refresh()
-            {
+        while self.page.is_empty() {
+            if let Err(err) = self.turn_page(db, remaining)? {
                 return Some(Err(err));
             }
+        }
+        let row = self.page.pop_front();
+        self.to_take = self.to_take.saturating_sub(1);
+        if self.to_take == 0 {
+            if let Some((from, limit)) = self.after.take() {
+                self.read_ahead(db, from, None, limit);
+            }
+            self.ask_windows(db);
+        }
+        row.map(Ok)
+    }
+
+    /// Reads the next page into `page` (read ahead, or now); `None` when the read
+    /// has nothing more.
+    fn turn_page(&mut self, db: &DbCore, remaining: Option<u64>) -> Option<Result<()>> {
+        let (read, to, limit) = match self.ahead.pop_front() {
+            Some(Ahead { from, to, limit, thread }) => {
+                let read = thread.join().unwrap_or_else(|_| self.page(&db.engine, from, to, limit));
+                (read, to, limit)
+            }
+            None if self.drained => return None,
+            None => {
+                // A window the thread could not start for, else the next page.
+                match self.windowed.filter(|from| self.until.is_some_and(|until| *from < until)) {
+                    Some(from) => {
+                        let to = from.saturating_add(PAGE).min(self.until?);
+                        self.windowed = Some(to);
+                        (self.page(&db.engine, from, Some(to), PAGE), Some(to), PAGE)
+                    }
+                    None if self.windowed.is_some() => return None,
+                    None => {
+                        let from = self.next?;
+                        let limit = remaining.map_or(PAGE, |remaining| remaining.min(PAGE));
+                        (self.page(&db.engine, from, None, limit), None, limit)
+                    }
+                }
+            }
+        };
+        let page = match read {
+            Ok(page) => page,
+            Err(err) => return Some(Err(err)),
+        };
+        // A key forgotten by any process reads as shredded from here on.
+        // Sealed data links its event to its subject: a page without linked
+        // events decodes no sealed value, and asks nothing more.
+        #[cfg(feature = "encryption")]
+        if page.iter().any(EventRow::is_linked)
+            && let Err(err) = db.keys.refresh()
+        {
+            return Some(Err(err));
+        }
+        if let Some(to) = to {
+            // A window: the read goes on at its end, whatever it held.
+            self.next = Some(to);
+            self.drained = self.until.is_none_or(|until| until <= to);
+        } else {
             self.drained = (page.len() as u64) < limit;
             if let Some(last) = page.last() {
                 let (position, version) = match last.place(&db.location) {
@@ -304,22 +409,20 @@ impl Read {
                 let at = if self.stream.is_some() { version } else { position.get() };
                 self.next = if self.backward { at.checked_sub(1) } else { at.checked_add(1) };
             }
-            // What the caller wants after this page.
-            let wanted = remaining.map_or(PAGE, |remaining| (remaining - limit).min(PAGE));
-            self.after =
-                self.next.filter(|_| !self.drained && 0 < wanted).map(|from| (from, wanted));
-            self.to_take = if self.paged { 1 } else { page.len() / 2 };
-            self.paged = true;
-            self.page = page.into();
+            self.after = None;
+            if !self.drained && self.windowed.is_none() {
+                // What the caller wants after this page: in windows, or a page.
+                self.windowed = self.windows(remaining);
+                if self.windowed.is_none() {
+                    let wanted = remaining.map_or(PAGE, |remaining| (remaining - limit).min(PAGE));
+                    self.after = self.next.filter(|_| 0 < wanted).map(|from| (from, wanted));
+                }
+            }
         }
-        let row = self.page.pop_front();
-        self.to_take = self.to_take.saturating_sub(1);
-        if self.to_take == 0
-            && let Some((from, limit)) = self.after.take()
-        {
-            self.read_ahead(db, from, limit);
-        }
-        row.map(Ok)
+        self.to_take = if self.paged { 1 } else { page.len() / 2 };
+        self.paged = true;
+        self.page = page.into();
+        Some(Ok(()))
     }
 }
 

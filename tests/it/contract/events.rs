@@ -32,6 +32,7 @@ contract!(
     a_conditional_append_conflicts_unless_resolved_and_a_dry_run_writes_nothing,
     reads_filter_by_type_and_stream_prefix_and_limit,
     long_reads_go_through_every_event_once_forward_and_backward,
+    reads_of_many_pages_pass_over_removed_events_and_end_where_the_store_ended,
     bad_stream_ids_are_refused,
     a_subscription_catches_up_then_delivers_concurrent_appends_once_each_in_order,
     another_event_type_is_refused_and_an_older_version_is_migrated,
@@ -428,6 +429,88 @@ fn long_reads_go_through_every_event_once_forward_and_backward(place: &Place) ->
     let expected: Vec<u64> = long.iter().take(10_501).rev().copied().collect();
     assert_eq!(from_back, expected);
     Ok(())
+}
+
+/// Reads of many database pages (which a database reads several at a time, in
+/// windows of positions or versions): events removed are passed over, a whole
+/// window of them too, and a read ends where the store ended when it began.
+fn reads_of_many_pages_pass_over_removed_events_and_end_where_the_store_ended(
+    place: &Place,
+) -> TestResult {
+    const BATCHES: u64 = 46;
+    // Batches of 1,000 events: 12 to 30 each to a stream deleted since (19,000
+    // positions in a row), the others to `main` (even) or `side` (odd), whose
+    // first 5,000 versions are truncated.
+    let gone = |batch: u64| (12..=30).contains(&batch);
+    let stream_of = |batch: u64| match batch {
+        _ if gone(batch) => format!("gone-{batch}"),
+        _ if batch.is_multiple_of(2) => "main".to_owned(),
+        _ => "side".to_owned(),
+    };
+    let events = EventStore::<u64>::open(&place.location)?;
+    for batch in 0..BATCHES {
+        let first = batch * 1_000;
+        events.append(
+            &stream_of(batch),
+            Expected::Any,
+            (first..first + 1_000).collect::<Vec<_>>(),
+        )?;
+    }
+    for batch in (0..BATCHES).filter(|batch| gone(*batch)) {
+        events.delete_stream(&stream_of(batch), Expected::Any)?;
+    }
+    events.truncate_stream("side", 5_000)?;
+    let (mut all, mut main, mut side) = (Vec::new(), Vec::new(), Vec::new());
+    let mut side_batches = 0;
+    for batch in (0..BATCHES).filter(|batch| !gone(*batch)) {
+        let numbers = batch * 1_000..(batch + 1) * 1_000;
+        if batch.is_multiple_of(2) {
+            main.extend(numbers.clone());
+        } else {
+            side_batches += 1;
+            if side_batches <= 5 {
+                continue;
+            }
+            side.extend(numbers.clone());
+        }
+        all.extend(numbers);
+    }
+    let read = |read: instastate::events::Events<'_, u64>| -> TestResult<Vec<u64>> {
+        Ok(read.map(|event| event.map(|it| it.data)).collect::<Result<_, _>>()?)
+    };
+    same(&read(events.read_all().into_iter())?, &all, "$all");
+    same(&read(events.read_stream("main").into_iter())?, &main, "main");
+    same(&read(events.read_stream("side").into_iter())?, &side, "side");
+    let from_gone = read(events.read_all().from(Position::new(15_000)).into_iter())?;
+    let after: Vec<u64> = all.iter().copied().filter(|n| 15_000 <= *n).collect();
+    same(&from_gone, &after, "$all from a removed event");
+    for taken in [5_000, 12_000, 17_001] {
+        let first = read_some(&mut events.read_all().into_iter(), taken)?;
+        same(&first, all.get(..taken).unwrap_or_default(), &format!("the first {taken}"));
+    }
+    // Appends made while a read goes on are not read by it.
+    let mut reading = events.read_all().into_iter();
+    let mut seen = read_some(&mut reading, 15_000)?;
+    events.append("main", Expected::Any, [BATCHES * 1_000])?;
+    seen.extend(read_some(&mut reading, usize::MAX)?);
+    same(&seen, &all, "$all read across an append");
+    Ok(())
+}
+
+/// Asserts that `got` is `want`, naming the first difference (not every event).
+fn same(got: &[u64], want: &[u64], what: &str) {
+    let differ = got.iter().zip(want).position(|(a, b)| a != b);
+    assert!(
+        got == want,
+        "{what}: {} events read, {} expected; the first difference at {differ:?}",
+        got.len(),
+        want.len()
+    );
+}
+
+/// The data of up to `n` more events of `read`.
+fn read_some(read: &mut instastate::events::Events<'_, u64>, n: usize) -> TestResult<Vec<u64>> {
+    Ok(read.take(n).map(|event| event.map(|it| it.data)).collect::<Result<_, _>>()?)
 }
 
 fn bad_stream_ids_are_refused(place: &Place) -> TestResult {
