@@ -404,3 +404,48 @@ fn a_store_key_seals_each_events_data_and_the_store_opens_only_with_it() -> Test
     assert!(matches!(keyed, Some(Error::Encryption { encrypted: false, .. })), "{keyed:?}");
     Ok(())
 }
+
+#[test]
+fn a_long_read_goes_on_through_connections_the_server_ends_and_reads_each_event_once() -> TestResult
+{
+    // Long enough for a read to go on in windows, several read at once; the
+    // server ends every connection of the store (as a restart does) while the
+    // read is half way, and again once more.
+    const EVENTS: u64 = 60_000;
+    let name = crate::server::unique("pg-events-ended");
+    let location = format!("{}&application_name={name}", crate::server::address("pg-events-ended"));
+    let events = EventStore::<u64>::open(&location)?;
+    for batch in 0..EVENTS / 2_000 {
+        let first = batch * 2_000;
+        events.append(
+            &format!("s-{}", batch % 3),
+            Expected::Any,
+            (first..first + 2_000).collect::<Vec<_>>(),
+        )?;
+    }
+    let mut admin = postgres::Client::connect(crate::server::url(), postgres::NoTls)?;
+    let mut end_connections = || -> TestResult<usize> {
+        let ended = admin.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )?;
+        Ok(ended.len())
+    };
+    let mut read = events.read_all().into_iter();
+    let mut seen = Vec::new();
+    for stop in [15_000, 35_000] {
+        while (seen.len() as u64) < stop {
+            seen.push(read.next().ok_or("the read ended early")??.data);
+        }
+        assert!(0 < end_connections()?, "no connection of the store was found at {stop}");
+    }
+    for event in read {
+        seen.push(event?.data);
+    }
+    assert!(
+        seen == (0..EVENTS).collect::<Vec<_>>(),
+        "{} events read, in another order",
+        seen.len()
+    );
+    Ok(())
+}
