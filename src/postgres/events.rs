@@ -68,31 +68,62 @@ pub(crate) struct PgEvents {
     readers: Pool,
     /// Connections for reads of events a page at a time (see [`connect_pager`]).
     pagers: Pool,
+    /// Connections for dry runs of appends.
+    checkers: Pool<Checker>,
 }
 
 /// Free connections of one use, taken and put back.
-#[derive(Default)]
-struct Pool(Mutex<Vec<Client>>);
+struct Pool<C = Client>(Mutex<Vec<C>>);
+
+impl<C> Default for Pool<C> {
+    fn default() -> Self {
+        Pool(Mutex::new(Vec::new()))
+    }
+}
+
+/// A connection a [`Pool`] keeps, with what it prepared on it.
+trait Pooled {
+    fn client(&self) -> &Client;
+}
+
+impl Pooled for Client {
+    fn client(&self) -> &Client {
+        self
+    }
+}
+
+/// A connection that checks appends ([`PgEvents::dry_run`]), its statements
+/// prepared once.
+struct Checker {
+    client: Client,
+    statements: Statements,
+}
+
+impl Pooled for Checker {
+    fn client(&self) -> &Client {
+        &self.client
+    }
+}
 
 /// The free connections a pool keeps at most; one more put back is closed.
 const POOLED: usize = 4;
 
-impl Pool {
+impl<C: Pooled> Pool<C> {
     /// A free connection, or a new one (`connect`).
-    fn take(&self, connect: impl FnOnce() -> Result<Client>) -> Result<Client> {
+    fn take(&self, connect: impl FnOnce() -> Result<C>) -> Result<C> {
         let pooled = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-        match pooled.filter(|client| !client.is_closed()) {
-            Some(client) => Ok(client),
+        match pooled.filter(|it| !it.client().is_closed()) {
+            Some(it) => Ok(it),
             None => connect(),
         }
     }
 
-    /// Puts `client` back among the free connections, unless it broke or enough
-    /// are free.
-    fn put_back(&self, client: Client) {
+    /// Puts `it` back among the free connections, unless it broke or enough are
+    /// free.
+    fn put_back(&self, it: C) {
         let mut free = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !client.is_closed() && free.len() < POOLED {
-            free.push(client);
+        if !it.client().is_closed() && free.len() < POOLED {
+            free.push(it);
         }
     }
 
@@ -100,18 +131,18 @@ impl Pool {
     /// when the one taken broke (every read is safe to repeat).
     fn run<T>(
         &self,
-        connect: impl Fn() -> Result<Client>,
-        read: impl Fn(&mut Client) -> Result<T>,
+        connect: impl Fn() -> Result<C>,
+        read: impl Fn(&mut C) -> Result<T>,
     ) -> Result<T> {
-        let mut client = self.take(&connect)?;
-        let mut res = read(&mut client);
+        let mut it = self.take(&connect)?;
+        let mut res = read(&mut it);
         if let Err(err) = &res
-            && super::broke(err, &client)
+            && super::broke(err, it.client())
         {
-            client = connect()?;
-            res = read(&mut client);
+            it = connect()?;
+            res = read(&mut it);
         }
-        self.put_back(client);
+        self.put_back(it);
         res
     }
 }
@@ -152,6 +183,7 @@ impl PgEvents {
             arrived: Condvar::new(),
             readers: Pool::default(),
             pagers: Pool::default(),
+            checkers: Pool::default(),
         })
     }
 
@@ -252,9 +284,13 @@ impl PgEvents {
     ) -> Result<Vec<Appended>> {
         check_requests(&requests)?;
         let batch = [Member { ticket: 0, requests, condition }];
-        let mut results = self.with_reader(|client| {
-            let statements = Statements::prepare(client, &self.location)?;
-            commit(client, &statements, &self.location, &batch, true).map(|(results, _)| results)
+        let connect = || {
+            let mut client = self.location.connect()?;
+            let statements = Statements::prepare(&mut client, &self.location)?;
+            Ok(Checker { client, statements })
+        };
+        let mut results = self.checkers.run(connect, |Checker { client, statements }| {
+            commit(client, statements, &self.location, &batch, true).map(|(results, _)| results)
         })?;
         results.pop().map_or_else(
             || Err(group_failed(&self.location, "check an append", "the check returned nothing")),
