@@ -209,22 +209,24 @@ pub(super) struct Read {
     pub(super) next: Option<u64>,
     /// No version (of a stream read) or position at or past it.
     pub(super) until: Option<u64>,
+    /// Whether every event before `until` had committed when the read began (it
+    /// is the head, or the stream's end, then): a window's events are then all
+    /// there when it is read.
+    pub(super) committed: bool,
     pub(super) backward: bool,
     page: VecDeque<EventRow>,
     /// The last page read was short: there is nothing more.
     drained: bool,
     /// The pages after `page`, read on threads of their own while the caller
     /// takes `page` apart, so that the database and the decoding work at once.
-    /// They are asked for once the caller has taken `to_take` more events of
-    /// `page`: half of the first page (a read left early, a `take(5)` of `$all`,
-    /// reads no page it does not need), the first event of each page after it.
+    /// They are asked for once the caller has taken half of the first page (a
+    /// read left early, a `take(5)` of `$all`, reads no page it does not need),
+    /// and as each page after it is turned to (`ask`).
     ahead: VecDeque<Ahead>,
-    /// What to ask for then: the page of at most so many events from a place on,
-    /// or windows.
+    /// What to ask for then: the page of at most so many events from a place on
+    /// (else windows, if the read goes on in windows).
     after: Option<(u64, u64)>,
-    to_take: usize,
-    /// Whether a page was read before `page`.
-    paged: bool,
+    ask: Ask,
     /// Where the next window starts, once a read goes on in windows: see
     /// [`Read::windows`].
     windowed: Option<u64>,
@@ -240,6 +242,17 @@ struct Ahead {
     thread: thread::JoinHandle<Result<Vec<EventRow>>>,
 }
 
+/// When a read asks for what comes after the page at hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    /// No page was read yet.
+    First,
+    /// Once the caller has taken so many more events of the first page.
+    After(usize),
+    /// Asked for already (on each later page, as it is turned to).
+    Asked,
+}
+
 /// How many windows a read has in flight at most, beside the page its caller
 /// takes apart: two keep a server's two processors busy.
 const WINDOWS: usize = 2;
@@ -252,13 +265,13 @@ impl Read {
             event_type: None,
             next,
             until: None,
+            committed: false,
             backward,
             page: VecDeque::new(),
             drained: false,
             ahead: VecDeque::new(),
             after: None,
-            to_take: 0,
-            paged: false,
+            ask: Ask::First,
             windowed: None,
         }
     }
@@ -289,12 +302,13 @@ impl Read {
 
     /// Where a read that wants every event until its end may go on in windows
     /// (of `PAGE` versions or positions each, several read at once), from: a read
-    /// forward, unfiltered (a filtered one could walk empty windows), with its
-    /// end known. Each window holds what a page would: versions and positions
-    /// have no gaps, and a window of removed events is only short.
+    /// forward, unfiltered (a filtered one could walk empty windows), whose end
+    /// is the head or the stream's end as the read began. Each window holds what
+    /// a page would: versions and positions have no gaps, everything before the
+    /// end had committed, and a window of removed events is only short.
     fn windows(&self, remaining: Option<u64>) -> Option<u64> {
         let plain = !self.backward && self.event_type.is_none() && self.prefix.is_none();
-        (plain && remaining.is_none() && self.until.is_some()).then_some(())?;
+        (plain && remaining.is_none() && self.committed && self.until.is_some()).then_some(())?;
         self.next
     }
 
@@ -346,14 +360,24 @@ impl Read {
             }
         }
         let row = self.page.pop_front();
-        self.to_take = self.to_take.saturating_sub(1);
-        if self.to_take == 0 {
-            if let Some((from, limit)) = self.after.take() {
-                self.read_ahead(db, from, None, limit);
+        if let Ask::After(left) = &mut self.ask {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.ask = Ask::Asked;
+                self.ask(db);
             }
-            self.ask_windows(db);
         }
         row.map(Ok)
+    }
+
+    /// Asks for what comes after the page at hand: the next page, or windows
+    /// (once a page: a thread that could not start is not asked for again before
+    /// the next).
+    fn ask(&mut self, db: &DbCore) {
+        if let Some((from, limit)) = self.after.take() {
+            self.read_ahead(db, from, None, limit);
+        }
+        self.ask_windows(db);
     }
 
     /// Reads the next page into `page` (read ahead, or now); `None` when the read
@@ -419,8 +443,13 @@ impl Read {
                 }
             }
         }
-        self.to_take = if self.paged { 1 } else { page.len() / 2 };
-        self.paged = true;
+        // After the first page, what comes next is asked for at once (also after
+        // a window of removed events only, which the caller takes nothing of).
+        if self.ask == Ask::First {
+            self.ask = Ask::After(page.len() / 2);
+        } else {
+            self.ask(db);
+        }
         self.page = page.into();
         Some(Ok(()))
     }

@@ -291,13 +291,17 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
                     }
                     Ok(next)
                 });
+                // Never past the stream's end as of now (as in files), so that
+                // everything before its end is committed.
+                let until = |next: u64| self.until.map_or(next, |until| until.min(next));
                 let (next, until) = if self.backward {
                     (self.from.unwrap_or(u64::MAX), life.map(|_| None))
                 } else {
-                    (self.from.unwrap_or(0), life.map(|next| Some(self.until.unwrap_or(next))))
+                    (self.from.unwrap_or(0), life.map(|next| Some(until(next))))
                 };
                 let mut read = database::Read::new(Some(self.stream), Some(next), self.backward);
                 read.event_type = self.event_type;
+                read.committed = true;
                 return Events::from_database(self.store, self.limit, db, read, until);
             }
         };
@@ -356,6 +360,8 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadAll<'a, E> {
                     (from.unwrap_or(0), until)
                 };
                 let mut read = database::Read::new(None, Some(next), self.backward);
+                // Only the head is known to have everything before it committed.
+                read.committed = self.until.is_none();
                 read.event_type = self.event_type;
                 read.prefix = self.stream_prefix;
                 return Events::from_database(self.store, self.limit, db, read, until);

@@ -432,49 +432,44 @@ fn long_reads_go_through_every_event_once_forward_and_backward(place: &Place) ->
 }
 
 /// Reads of many database pages (which a database reads several at a time, in
-/// windows of positions or versions): events removed are passed over, a whole
-/// window of them too, and a read ends where the store ended when it began.
+/// windows of positions or versions, after a first page of 10,000 events): the
+/// events removed are passed over, a window of nothing but them too, and a read
+/// ends where the store ended when it began.
 fn reads_of_many_pages_pass_over_removed_events_and_end_where_the_store_ended(
     place: &Place,
 ) -> TestResult {
-    const BATCHES: u64 = 46;
-    // Batches of 1,000 events: 12 to 30 each to a stream deleted since (19,000
-    // positions in a row), the others to `main` (even) or `side` (odd), whose
-    // first 5,000 versions are truncated.
-    let gone = |batch: u64| (12..=30).contains(&batch);
+    // Batches of 1,000 events (the last of 500, so that the end is no window's
+    // edge): 0 to 9 to `main` (a first page with nothing removed), 10 and 11 to
+    // `side`, 12 to 33 each to a stream deleted since (positions 12,000 to
+    // 33,999: the window from 20,000 holds nothing else), then `main` and
+    // `side` in turn. `side` is truncated below its version 1,000 (positions
+    // 10,000 to 10,999).
+    const BATCHES: u64 = 58;
+    let length = |batch: u64| if batch == BATCHES - 1 { 500 } else { 1_000 };
+    let gone = |batch: u64| (12..=33).contains(&batch);
     let stream_of = |batch: u64| match batch {
         _ if gone(batch) => format!("gone-{batch}"),
+        0..=9 => "main".to_owned(),
+        10 | 11 => "side".to_owned(),
         _ if batch.is_multiple_of(2) => "main".to_owned(),
         _ => "side".to_owned(),
     };
     let events = EventStore::<u64>::open(&place.location)?;
-    for batch in 0..BATCHES {
-        let first = batch * 1_000;
-        events.append(
-            &stream_of(batch),
-            Expected::Any,
-            (first..first + 1_000).collect::<Vec<_>>(),
-        )?;
-    }
-    for batch in (0..BATCHES).filter(|batch| gone(*batch)) {
-        events.delete_stream(&stream_of(batch), Expected::Any)?;
-    }
-    events.truncate_stream("side", 5_000)?;
     let (mut all, mut main, mut side) = (Vec::new(), Vec::new(), Vec::new());
-    let mut side_batches = 0;
-    for batch in (0..BATCHES).filter(|batch| !gone(*batch)) {
-        let numbers = batch * 1_000..(batch + 1) * 1_000;
-        if batch.is_multiple_of(2) {
-            main.extend(numbers.clone());
-        } else {
-            side_batches += 1;
-            if side_batches <= 5 {
-                continue;
-            }
-            side.extend(numbers.clone());
+    for batch in 0..BATCHES {
+        let numbers: Vec<u64> = (batch * 1_000..).take(length(batch)).collect();
+        let stream = stream_of(batch);
+        events.append(&stream, Expected::Any, numbers.clone())?;
+        if gone(batch) {
+            events.delete_stream(&stream, Expected::Any)?;
+            continue;
         }
-        all.extend(numbers);
+        let list = if stream == "main" { &mut main } else { &mut side };
+        list.extend(&numbers);
+        all.extend(numbers.into_iter().filter(|n| stream == "main" || 11_000 <= *n));
     }
+    events.truncate_stream("side", 1_000)?;
+    side.drain(..1_000);
     let read = |read: instastate::events::Events<'_, u64>| -> TestResult<Vec<u64>> {
         Ok(read.map(|event| event.map(|it| it.data)).collect::<Result<_, _>>()?)
     };
@@ -488,12 +483,15 @@ fn reads_of_many_pages_pass_over_removed_events_and_end_where_the_store_ended(
         let first = read_some(&mut events.read_all().into_iter(), taken)?;
         same(&first, all.get(..taken).unwrap_or_default(), &format!("the first {taken}"));
     }
-    // Appends made while a read goes on are not read by it.
+    // An append made while a read goes on, before it asked for any window, is
+    // not read by it; nor one made later.
     let mut reading = events.read_all().into_iter();
-    let mut seen = read_some(&mut reading, 15_000)?;
+    let mut seen = read_some(&mut reading, 4_000)?;
     events.append("main", Expected::Any, [BATCHES * 1_000])?;
+    seen.extend(read_some(&mut reading, 30_000)?);
+    events.append("main", Expected::Any, [BATCHES * 1_000 + 1])?;
     seen.extend(read_some(&mut reading, usize::MAX)?);
-    same(&seen, &all, "$all read across an append");
+    same(&seen, &all, "$all read across appends");
     Ok(())
 }
 
