@@ -90,6 +90,7 @@
 
 pub(crate) mod append;
 pub(crate) mod batch;
+mod chunks;
 mod codec;
 mod compact;
 pub(crate) mod condition;
@@ -317,6 +318,8 @@ struct Core {
     journal: Arc<Journal>,
     index: Arc<RwLock<Index>>,
     locator: Locator,
+    /// The events of streams read before, parsed (none without a read cache).
+    chunks: Option<Arc<chunks::Chunks>>,
     recovered: Recovered,
     checkpoint_every: u64,
     /// The journal events at the last checkpoint (or at open).
@@ -422,10 +425,12 @@ impl<E> EventStoreBuilder<E> {
         self
     }
 
-    /// How many bytes of the batches read at random (stream reads, backward reads)
-    /// the store keeps in memory to read them again without the file; 64 MiB by
-    /// default, 0 for none. Reads going forward through `$all` neither use nor
-    /// fill it much: they read the files in large chunks.
+    /// How many bytes the store keeps in memory of what it read at random, to
+    /// read it again without the files: half for the events of the streams read
+    /// (parsed), half for batches (backward reads of `$all`, the batches just
+    /// committed that subscriptions read); 64 MiB by default, 0 for none. Reads
+    /// going forward through `$all` neither use nor fill it much: they read the
+    /// files in large chunks.
     pub fn read_cache(mut self, bytes: u64) -> Self {
         self.read_cache = bytes;
         self
@@ -629,7 +634,15 @@ impl<E> EventStoreBuilder<E> {
             dir: dir.to_path_buf(),
             journal,
             index: Arc::new(RwLock::new(index)),
-            locator: Locator::new(dir.to_path_buf(), io.clone(), sealer, frames, self.read_cache),
+            // Half of the read cache for frames, half for streams' events.
+            locator: Locator::new(
+                dir.to_path_buf(),
+                io.clone(),
+                sealer,
+                frames,
+                self.read_cache / 2,
+            ),
+            chunks: chunks::new(self.read_cache / 2),
             recovered: opened.recovered,
             checkpoint_every: self.checkpoint_every,
             checkpointed: AtomicU64::new(checkpointed),
@@ -1301,17 +1314,19 @@ impl Core {
 
     /// Decodes the data of an event, `what` naming it on failure: its
     /// [`Sealed`] values open with the subject keys.
+    /// `json` and `stored` say how it was written (JSON or postcard, and the
+    /// schema version of its type).
     fn decode_data<E: DeserializeOwned>(
         &self,
         schema: &codec::EventSchema<E>,
-        stored: &batch::EventOut<'_>,
+        (json, stored): (bool, u32),
         data: &[u8],
         what: impl Fn() -> String,
     ) -> Result<E> {
         let decode = || {
             codec::decode_event(
-                stored.json,
-                stored.schema,
+                json,
+                stored,
                 schema.version,
                 &schema.migrations,
                 data,

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use super::database::{self, DbCore};
 use super::{
     Core, Engine, EventId, EventStore, Position, RecordedEvent, batch,
+    chunks::{CHUNK, Chunk, Kept},
     codec::EventSchema,
     index::StreamIdx,
-    locate::{Keep, ReadAhead},
+    locate::{Keep, ReadAhead, ReadFrame},
 };
 use crate::{Error, Result};
 
@@ -211,6 +212,8 @@ struct FileRead<E> {
     ahead: ReadAhead,
     keep: Keep,
     batch: Option<Decoded<E>>,
+    /// The chunk of the stream read at hand, when the store keeps them.
+    chunk: Option<Arc<Chunk>>,
 }
 
 /// Which events of the batches read a read yields.
@@ -447,6 +450,7 @@ impl<'a, E> Events<'a, E> {
             ahead: ReadAhead::new(chunk),
             keep,
             batch: None,
+            chunk: None,
         };
         Events::from_source(store, remaining, Source::Files(read))
     }
@@ -615,13 +619,7 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
         versions.clear();
         let frame = core.locator.read(seq, &mut self.ahead, &|| core.write_out(), self.keep)?;
         let bad = |reason: &dyn std::fmt::Display| core.locator.corrupt(&frame, seq, reason);
-        let head = batch::decode_head(frame.plain()).map_err(|fault| bad(&fault))?;
-        if head.first_position != first_position {
-            return Err(bad(&format_args!(
-                "it holds positions from {}, where the index has {first_position}",
-                head.first_position
-            )));
-        }
+        let head = head_at(core, &frame, seq, first_position)?;
         let at = frame.at;
         let place = frame.place();
         for part in &head.parts {
@@ -672,9 +670,10 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
                 )))));
                 continue;
             };
-            let data = core.decode_data::<E>(&self.schema, &event, bytes, || {
-                format!("the event at position {position}")
-            });
+            let data =
+                core.decode_data::<E>(&self.schema, (event.json, event.schema), bytes, || {
+                    format!("the event at position {position}")
+                });
             let (tags, triggers) = event.links();
             events.push(Slot::Ready(data.map(|data| RecordedEvent {
                 stream: event.stream.to_owned(),
@@ -705,7 +704,7 @@ impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
             return None;
         }
         let event = match &mut self.source {
-            Source::Files(read) => read.next()?,
+            Source::Files(read) => read.next(self.remaining)?,
             #[cfg(feature = "postgres")]
             Source::Database(db, read) => read
                 .next(db, self.remaining)?
@@ -722,8 +721,12 @@ impl<E: Serialize + DeserializeOwned> Iterator for Events<'_, E> {
 }
 
 impl<E: Serialize + DeserializeOwned> FileRead<E> {
-    /// The next event the read wants, or the error that ends it.
-    fn next(&mut self) -> Option<Result<RecordedEvent<E>>> {
+    /// The next event the read wants (of at most `remaining` more), or the error
+    /// that ends it.
+    fn next(&mut self, remaining: Option<u64>) -> Option<Result<RecordedEvent<E>>> {
+        if matches!(self.cursor, Cursor::Stream { .. }) && self.core.chunks.is_some() {
+            return self.next_kept(remaining);
+        }
         loop {
             let k = match self.next_target()?.and_then(|next| self.load(&next)) {
                 Ok(k) => k,
@@ -736,4 +739,196 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
             }
         }
     }
+}
+
+impl<E: Serialize + DeserializeOwned> FileRead<E> {
+    /// The next event of a stream read, from the stream's chunks.
+    fn next_kept(&mut self, remaining: Option<u64>) -> Option<Result<RecordedEvent<E>>> {
+        loop {
+            let Cursor::Stream { idx, next, bound, backward, .. } = &mut self.cursor else {
+                return None;
+            };
+            let (idx, backward) = ((*idx)?, *backward);
+            // The versions the read still wants, this one first: a chunk is made of
+            // those of them it holds, no more (a read of one event reads one).
+            let (version, wanted) = if backward {
+                let version = (*bound < *next).then(|| *next - 1)?;
+                *next = version;
+                (version, *bound..version + 1)
+            } else {
+                let version = (*next < *bound).then_some(*next)?;
+                *next += 1;
+                (version, version..*bound)
+            };
+            if let Err(err) = self.take_chunk(idx, version, wanted, backward, remaining) {
+                return Some(Err(err));
+            }
+            let FileRead { core, schema, filter, chunk, .. } = &*self;
+            let kept = chunk.as_ref().and_then(|chunk| chunk.get(version))?;
+            let name = filter.stream.as_deref()?;
+            if filter.event_type.as_deref().is_some_and(|wanted| wanted != &*kept.event_type) {
+                continue;
+            }
+            // Removed since: passed over (looked at now, as a batch read does).
+            let index = core.index.read();
+            if index.ruled
+                && index.hides(name, version, kept.at.as_micros(), crate::journal::now_micros())
+            {
+                continue;
+            }
+            drop(index);
+            return Some(recorded(core, schema, name, version, kept));
+        }
+    }
+
+    /// Makes the chunk holding `version` the one at hand: the cached one, or one
+    /// made of the versions of `wanted` (at most `remaining` of them, counted
+    /// from `version` in the read's direction) that its chunk number covers.
+    fn take_chunk(
+        &mut self,
+        idx: StreamIdx,
+        version: u64,
+        wanted: std::ops::Range<u64>,
+        backward: bool,
+        remaining: Option<u64>,
+    ) -> Result<()> {
+        if self.chunk.as_ref().is_some_and(|chunk| chunk.get(version).is_some()) {
+            return Ok(());
+        }
+        let Some(chunks) = self.core.chunks.clone() else { return Ok(()) };
+        let no = version / CHUNK;
+        let cached = chunks.get(&(idx, no));
+        if let Some(chunk) = cached.as_ref().filter(|chunk| chunk.get(version).is_some()) {
+            self.chunk = Some(Arc::clone(chunk));
+            return Ok(());
+        }
+        let (start, end) = (no * CHUNK, no * CHUNK + CHUNK);
+        let count = remaining.unwrap_or(u64::MAX);
+        let range = if backward {
+            wanted.start.max(start).max((version + 1).saturating_sub(count))..version + 1
+        } else {
+            version..wanted.end.min(end).min(version.saturating_add(count))
+        };
+        let name = self.filter.stream.as_deref().unwrap_or_default();
+        let mut chunk = make_chunk(&self.core, &mut self.ahead, name, idx, range)?;
+        // A chunk of a stream's last versions read before goes on with the ones
+        // committed since, rather than being replaced by them.
+        if let Some(before) = cached.filter(|it| it.first + it.events.len() as u64 == chunk.first) {
+            chunk.events.splice(..0, before.events.iter().cloned());
+            chunk.first = before.first;
+        }
+        let chunk = Arc::new(chunk);
+        chunks.insert((idx, no), Arc::clone(&chunk));
+        self.chunk = Some(chunk);
+        Ok(())
+    }
+}
+
+/// The chunk of the versions `range` of stream `name` (`idx`), read from the
+/// journal.
+fn make_chunk(
+    core: &Core,
+    ahead: &mut ReadAhead,
+    name: &str,
+    idx: StreamIdx,
+    range: std::ops::Range<u64>,
+) -> Result<Chunk> {
+    let missing = |version: u64| Error::JournalCorrupt {
+        path: core.dir.clone(),
+        offset: 0,
+        reason: format!(
+            "the index holds no journal event for version {version} of the stream read"
+        ),
+    };
+    // Each version's journal event and its first position, under one lock. The
+    // stream had these versions when the read began, and an index only grows.
+    let planned: Vec<(u64, u64, u64)> = {
+        let index = core.index.read();
+        let seqs = index.get(idx).map(|stream| stream.seqs.as_slice()).unwrap_or_default();
+        range
+            .clone()
+            .map(|version| {
+                let seq = usize::try_from(version).ok().and_then(|k| seqs.get(k)).copied();
+                let place = seq.and_then(|seq| Some((version, seq, index.start_of(seq)?)));
+                place.ok_or_else(|| missing(version))
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut events = Vec::with_capacity(planned.len());
+    while let Some(&(version, seq, first_position)) = planned.get(events.len()) {
+        let frame = core.locator.read(seq, ahead, &|| core.write_out(), Keep::No)?;
+        let bad = |reason: &dyn std::fmt::Display| core.locator.corrupt(&frame, seq, reason);
+        let head = head_at(core, &frame, seq, first_position)?;
+        // Every version of the chunk this batch holds, in one pass over it.
+        let before = events.len();
+        for (k, event) in head.events().enumerate() {
+            let event = event.map_err(|fault| bad(&fault))?;
+            let next = planned.get(events.len()).filter(|(_, at, _)| *at == seq);
+            if event.stream == name && next.is_some_and(|(wanted, ..)| *wanted == event.version) {
+                let position = first_position + k as u64;
+                events.push(Kept::new(&event, position, frame.at, seq, frame.place()));
+            }
+        }
+        if events.len() == before {
+            return Err(bad(&format_args!("it does not hold version {version} of its stream")));
+        }
+    }
+    Ok(Chunk { first: range.start, events })
+}
+
+/// The head of the batch in `frame`, journal event `seq`, whose first position
+/// the index says is `first_position`.
+fn head_at<'a>(
+    core: &Core,
+    frame: &'a ReadFrame<'_>,
+    seq: u64,
+    first_position: u64,
+) -> Result<batch::BatchHead<'a>> {
+    let head = batch::decode_head(frame.plain())
+        .map_err(|fault| core.locator.corrupt(frame, seq, fault))?;
+    if head.first_position != first_position {
+        let reason = format!(
+            "it holds positions from {}, where the index has {first_position}",
+            head.first_position
+        );
+        return Err(core.locator.corrupt(frame, seq, reason));
+    }
+    Ok(head)
+}
+
+/// The event `kept`, version `version` of stream `name`, its data decoded.
+fn recorded<E: DeserializeOwned>(
+    core: &Core,
+    schema: &EventSchema<E>,
+    name: &str,
+    version: u64,
+    kept: &Kept,
+) -> Result<RecordedEvent<E>> {
+    let position = kept.position;
+    // Compaction drops only what the index removes: a dropped event that the index
+    // shows is damage (or a bug), never data to decode.
+    let Some(bytes) = kept.data.as_deref() else {
+        return Err(core.locator.corrupt_at(
+            kept.place,
+            kept.seq,
+            format!(
+                "compaction dropped the data of the event at position {position}, which the store still reads"
+            ),
+        ));
+    };
+    let data = core.decode_data(schema, (kept.json, kept.schema), bytes, || {
+        format!("the event at position {position}")
+    })?;
+    Ok(RecordedEvent {
+        stream: name.to_owned(),
+        version,
+        position: Position::new(position),
+        at: kept.at,
+        id: kept.id(),
+        event_type: kept.event_type.to_string(),
+        metadata: kept.metadata,
+        tags: kept.tags.clone(),
+        triggers: kept.triggers.clone(),
+        data,
+    })
 }

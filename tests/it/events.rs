@@ -287,6 +287,91 @@ fn an_append_of_several_streams_is_all_or_nothing() -> TestResult {
 }
 
 #[test]
+fn a_stream_read_again_reads_what_its_events_in_all_read() -> TestResult {
+    // A stream read keeps the stream's events parsed, by chunks of versions, and
+    // reads them from there again; `$all` reads the batches. At every step each
+    // way of reading the stream must give what `$all` gives of it, field for
+    // field, as the stream grows (one by one, by a batch across chunks, in
+    // appends of several streams), and as its events are removed and compacted;
+    // with a read cache, and without (every read from the batches).
+    for cache in [None, Some(0)] {
+        stream_reads_against_all(cache)?;
+    }
+    Ok(())
+}
+
+fn stream_reads_against_all(cache: Option<u64>) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let builder = EventStore::<Bank>::builder();
+    let events = match cache {
+        Some(bytes) => builder.read_cache(bytes),
+        None => builder,
+    }
+    .open(dir.path())?;
+    let check = |events: &EventStore<Bank>, when: &str| -> TestResult {
+        let want: Vec<RecordedEvent<Bank>> =
+            collect(events.read_all())?.into_iter().filter(|it| it.stream == "a").collect();
+        // Backward first: the last versions are not read yet.
+        let mut backward = collect(events.read_stream("a").backward())?;
+        backward.reverse();
+        assert!(backward == want, "{when}: the stream backward differs from $all");
+        let forward = collect(events.read_stream("a"))?;
+        assert!(forward == want, "{when}: the stream forward differs from $all");
+        for event in want.iter().step_by(7) {
+            let one = events.event("a", event.version)?;
+            assert!(one.as_ref() == Some(event), "{when}: version {} alone differs", event.version);
+            let few = collect(events.read_stream("a").from(event.version).limit(3))?;
+            let expected = want.iter().filter(|it| event.version <= it.version).take(3);
+            assert!(few.iter().eq(expected), "{when}: three from {} differ", event.version);
+            let back = collect(events.read_stream("a").from(event.version).backward().limit(2))?;
+            let expected = want.iter().rev().filter(|it| it.version <= event.version).take(2);
+            assert!(back.iter().eq(expected), "{when}: two back from {} differ", event.version);
+        }
+        let deposits = collect(events.read_stream("a").of_type("Deposited"))?;
+        let expected = want.iter().filter(|it| it.event_type == "Deposited");
+        assert!(deposits.iter().eq(expected), "{when}: the deposits differ");
+        Ok(())
+    };
+    let cause = EventId::new();
+    for n in 0..70 {
+        let event = NewEvent::new(deposit(n)).tagged([format!("tag-{}", n % 3)]).caused_by(cause);
+        events.append("a", Expected::Any, [event])?;
+        events.append("b", Expected::Any, [Bank::Withdrew { amount: n }])?;
+    }
+    check(&events, "after 70 appends")?;
+    events.append("a", Expected::Any, (0..100).map(|n| Bank::Withdrew { amount: n }))?;
+    check(&events, "after a batch across chunks")?;
+    events.append_all([
+        Append::new("b", Expected::Any, [deposit(1)]),
+        Append::new("a", Expected::Any, [deposit(2), deposit(3)]),
+        Append::new("c", Expected::Any, [deposit(4)]),
+    ])?;
+    check(&events, "after an append of three streams")?;
+    events.truncate_stream("a", 60)?;
+    check(&events, "after a truncation")?;
+    events.compact()?;
+    check(&events, "after a compaction")?;
+    events.append("a", Expected::Any, [deposit(5)])?;
+    check(&events, "after one more append")?;
+    // Removed while a read goes on, through versions it holds parsed already:
+    // passed over from there on.
+    let mut reading = events.read_stream("a").into_iter();
+    let first = reading.next().ok_or("the stream reads empty")??.version;
+    events.truncate_stream("a", first + 50)?;
+    let rest: Vec<u64> = collect(reading)?.iter().map(|it| it.version).collect();
+    assert!(
+        rest.first() == Some(&(first + 50)),
+        "read on from {:?} after the truncation",
+        rest.first()
+    );
+    check(&events, "after a truncation during a read")?;
+    events.delete_stream("a", Expected::Any)?;
+    check(&events, "after a delete")?;
+    assert!(collect(events.read_stream("a"))?.is_empty(), "a deleted stream reads empty");
+    Ok(())
+}
+
+#[test]
 fn invalid_stream_ids_are_refused_naming_the_reason() -> TestResult {
     let dir = tempfile::tempdir()?;
     let events = EventStore::<Bank>::open(dir.path())?;
