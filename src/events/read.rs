@@ -214,6 +214,8 @@ struct FileRead<E> {
     batch: Option<Decoded<E>>,
     /// The chunk of the stream read at hand, when the store keeps them.
     chunk: Option<Arc<Chunk>>,
+    /// The events of the stream read in the batch read last, for chunks.
+    held: Option<Held>,
 }
 
 /// Which events of the batches read a read yields.
@@ -451,6 +453,7 @@ impl<'a, E> Events<'a, E> {
             keep,
             batch: None,
             chunk: None,
+            held: None,
         };
         Events::from_source(store, remaining, Source::Files(read))
     }
@@ -764,8 +767,15 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
                 return Some(Err(err));
             }
             let FileRead { core, schema, filter, chunk, .. } = &*self;
-            let kept = chunk.as_ref().and_then(|chunk| chunk.get(version))?;
-            let name = filter.stream.as_deref()?;
+            let name = filter.stream.as_deref().unwrap_or_default();
+            // A chunk made for this version holds it (else its making failed).
+            let Some(kept) = chunk.as_ref().and_then(|chunk| chunk.get(version)) else {
+                return Some(Err(Error::JournalCorrupt {
+                    path: core.dir.clone(),
+                    offset: 0,
+                    reason: format!("version {version} of the stream read was not found"),
+                }));
+            };
             if filter.event_type.as_deref().is_some_and(|wanted| wanted != &*kept.event_type) {
                 continue;
             }
@@ -782,8 +792,9 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
     }
 
     /// Makes the chunk holding `version` the one at hand: the cached one, or one
-    /// made of the versions of `wanted` (at most `remaining` of them, counted
-    /// from `version` in the read's direction) that its chunk number covers.
+    /// made of the versions of `wanted` that its chunk number covers (at most
+    /// `remaining` of them, counted from `version` in the read's direction, when
+    /// each one read is one yielded: no type filter, no removal rule).
     fn take_chunk(
         &mut self,
         idx: StreamIdx,
@@ -803,20 +814,24 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
             return Ok(());
         }
         let (start, end) = (no * CHUNK, no * CHUNK + CHUNK);
-        let count = remaining.unwrap_or(u64::MAX);
+        let skips = self.filter.event_type.is_some() || self.core.index.read().ruled;
+        let count = remaining.filter(|_| !skips).unwrap_or(u64::MAX);
         let range = if backward {
             wanted.start.max(start).max((version + 1).saturating_sub(count))..version + 1
         } else {
             version..wanted.end.min(end).min(version.saturating_add(count))
         };
         let name = self.filter.stream.as_deref().unwrap_or_default();
-        let mut chunk = make_chunk(&self.core, &mut self.ahead, name, idx, range)?;
+        let made =
+            make_chunk(&self.core, &mut self.ahead, &mut self.held, name, idx, range, backward);
+        let mut chunk = made?;
         // A chunk of a stream's last versions read before goes on with the ones
         // committed since, rather than being replaced by them.
         if let Some(before) = cached.filter(|it| it.first + it.events.len() as u64 == chunk.first) {
             chunk.events.splice(..0, before.events.iter().cloned());
             chunk.first = before.first;
         }
+        chunk.events.shrink_to_fit();
         let chunk = Arc::new(chunk);
         chunks.insert((idx, no), Arc::clone(&chunk));
         self.chunk = Some(chunk);
@@ -824,14 +839,59 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
     }
 }
 
+/// The events of the read's stream in the batch a read read last, by version,
+/// each taken out as a chunk takes it: a batch of many versions is read and
+/// parsed once, not once for each chunk of them.
+struct Held {
+    seq: u64,
+    /// Where its frame was read.
+    place: Option<(u64, u64)>,
+    events: Vec<(u64, Option<Kept>)>,
+}
+
+impl Held {
+    /// The events of stream `name` in journal event `seq`, whose first position
+    /// the index says is `first_position`, read from the journal.
+    fn read(
+        core: &Core,
+        ahead: &mut ReadAhead,
+        name: &str,
+        seq: u64,
+        first_position: u64,
+    ) -> Result<Held> {
+        let frame = core.locator.read(seq, ahead, &|| core.write_out(), Keep::No)?;
+        let head = head_at(core, &frame, seq, first_position)?;
+        let mut events = Vec::new();
+        for (k, event) in head.events().enumerate() {
+            let event = event.map_err(|fault| core.locator.corrupt(&frame, seq, fault))?;
+            if event.stream == name {
+                let position = first_position + k as u64;
+                let kept = Kept::new(&event, position, frame.at, seq, frame.place());
+                events.push((event.version, Some(kept)));
+            }
+        }
+        events.sort_by_key(|(version, _)| *version);
+        Ok(Held { seq, place: frame.place(), events })
+    }
+
+    fn slot(&mut self, version: u64) -> Option<&mut Option<Kept>> {
+        let k = self.events.binary_search_by_key(&version, |(it, _)| *it).ok()?;
+        self.events.get_mut(k).map(|(_, kept)| kept)
+    }
+}
+
 /// The chunk of the versions `range` of stream `name` (`idx`), read from the
-/// journal.
+/// journal in the read's direction (`backward` or not). Where a batch cannot be
+/// read, the chunk ends before it: the read yields the events before the damage
+/// and meets the error at the damaged version (a chunk made from there fails).
 fn make_chunk(
     core: &Core,
     ahead: &mut ReadAhead,
+    held: &mut Option<Held>,
     name: &str,
     idx: StreamIdx,
     range: std::ops::Range<u64>,
+    backward: bool,
 ) -> Result<Chunk> {
     let missing = |version: u64| Error::JournalCorrupt {
         path: core.dir.clone(),
@@ -854,26 +914,53 @@ fn make_chunk(
             })
             .collect::<Result<_>>()?
     };
-    let mut events = Vec::with_capacity(planned.len());
-    while let Some(&(version, seq, first_position)) = planned.get(events.len()) {
-        let frame = core.locator.read(seq, ahead, &|| core.write_out(), Keep::No)?;
-        let bad = |reason: &dyn std::fmt::Display| core.locator.corrupt(&frame, seq, reason);
-        let head = head_at(core, &frame, seq, first_position)?;
-        // Every version of the chunk this batch holds, in one pass over it.
-        let before = events.len();
-        for (k, event) in head.events().enumerate() {
-            let event = event.map_err(|fault| bad(&fault))?;
-            let next = planned.get(events.len()).filter(|(_, at, _)| *at == seq);
-            if event.stream == name && next.is_some_and(|(wanted, ..)| *wanted == event.version) {
-                let position = first_position + k as u64;
-                events.push(Kept::new(&event, position, frame.at, seq, frame.place()));
+    let mut slots: Vec<Option<Kept>> = planned.iter().map(|_| None).collect();
+    let order: Vec<usize> =
+        if backward { (0..planned.len()).rev().collect() } else { (0..planned.len()).collect() };
+    let mut failed = None;
+    for k in order {
+        let (Some(&(version, seq, first_position)), Some(None)) = (planned.get(k), slots.get(k))
+        else {
+            continue;
+        };
+        // The batch read last, else this one, read now (again, if a chunk took
+        // this version out of it already).
+        let reusable = held.as_mut().filter(|it| it.seq == seq).and_then(|it| it.slot(version));
+        if reusable.is_none_or(|slot| slot.is_none()) {
+            match Held::read(core, ahead, name, seq, first_position) {
+                Ok(read) => *held = Some(read),
+                Err(err) => {
+                    failed = Some(err);
+                    break;
+                }
             }
         }
-        if events.len() == before {
-            return Err(bad(&format_args!("it does not hold version {version} of its stream")));
+        let Some(batch) = held.as_mut() else { break };
+        // Every version of the chunk that this batch holds, this one among them.
+        for (slot, (other, at, _)) in slots.iter_mut().zip(&planned) {
+            if *at == seq && slot.is_none() {
+                *slot = batch.slot(*other).and_then(Option::take);
+            }
+        }
+        if slots.get(k).is_some_and(Option::is_none) {
+            let reason = format!("it does not hold version {version} of its stream");
+            failed = Some(core.locator.corrupt_at(batch.place, seq, reason));
+            break;
         }
     }
-    Ok(Chunk { first: range.start, events })
+    // The versions made from the read's first on, in its direction, up to the
+    // first that could not be.
+    let made = if backward {
+        slots.iter().rev().take_while(|slot| slot.is_some()).count()
+    } else {
+        slots.iter().take_while(|slot| slot.is_some()).count()
+    };
+    let skip = if backward { slots.len() - made } else { 0 };
+    let events: Vec<Kept> = slots.into_iter().skip(skip).take(made).flatten().collect();
+    if events.is_empty() {
+        return Err(failed.unwrap_or_else(|| missing(range.start)));
+    }
+    Ok(Chunk { first: range.start + skip as u64, events })
 }
 
 /// The head of the batch in `frame`, journal event `seq`, whose first position

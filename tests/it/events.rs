@@ -300,59 +300,62 @@ fn a_stream_read_again_reads_what_its_events_in_all_read() -> TestResult {
     Ok(())
 }
 
+/// Which reads of a stream a check makes first: which reads find its chunks
+/// made, which make them (whole, partial, going forward or backward).
+#[derive(Clone, Copy, Debug)]
+enum First {
+    Forward,
+    Backward,
+    Pieces,
+}
+
 fn stream_reads_against_all(cache: Option<u64>) -> TestResult {
     let dir = tempfile::tempdir()?;
-    let builder = EventStore::<Bank>::builder();
-    let events = match cache {
-        Some(bytes) => builder.read_cache(bytes),
-        None => builder,
-    }
-    .open(dir.path())?;
-    let check = |events: &EventStore<Bank>, when: &str| -> TestResult {
-        let want: Vec<RecordedEvent<Bank>> =
-            collect(events.read_all())?.into_iter().filter(|it| it.stream == "a").collect();
-        // Backward first: the last versions are not read yet.
-        let mut backward = collect(events.read_stream("a").backward())?;
-        backward.reverse();
-        assert!(backward == want, "{when}: the stream backward differs from $all");
-        let forward = collect(events.read_stream("a"))?;
-        assert!(forward == want, "{when}: the stream forward differs from $all");
-        for event in want.iter().step_by(7) {
-            let one = events.event("a", event.version)?;
-            assert!(one.as_ref() == Some(event), "{when}: version {} alone differs", event.version);
-            let few = collect(events.read_stream("a").from(event.version).limit(3))?;
-            let expected = want.iter().filter(|it| event.version <= it.version).take(3);
-            assert!(few.iter().eq(expected), "{when}: three from {} differ", event.version);
-            let back = collect(events.read_stream("a").from(event.version).backward().limit(2))?;
-            let expected = want.iter().rev().filter(|it| it.version <= event.version).take(2);
-            assert!(back.iter().eq(expected), "{when}: two back from {} differ", event.version);
+    let open = || {
+        let builder = EventStore::<Bank>::builder();
+        match cache {
+            Some(bytes) => builder.read_cache(bytes),
+            None => builder,
         }
-        let deposits = collect(events.read_stream("a").of_type("Deposited"))?;
-        let expected = want.iter().filter(|it| it.event_type == "Deposited");
-        assert!(deposits.iter().eq(expected), "{when}: the deposits differ");
-        Ok(())
+        .open(dir.path())
     };
+    // After each step: the live store (its chunks made by the reads before, the
+    // last versions' chunk going on), then reopened stores (no chunk made yet).
+    let check = |events: EventStore<Bank>, when: &str| -> TestResult<EventStore<Bank>> {
+        check_stream(&events, &format!("{when}, read on"), First::Forward)?;
+        drop(events);
+        let events = open()?;
+        check_stream(&events, &format!("{when}, reopened"), First::Backward)?;
+        drop(events);
+        let events = open()?;
+        check_stream(&events, &format!("{when}, reopened"), First::Pieces)?;
+        Ok(events)
+    };
+    let mut events = open()?;
     let cause = EventId::new();
     for n in 0..70 {
         let event = NewEvent::new(deposit(n)).tagged([format!("tag-{}", n % 3)]).caused_by(cause);
         events.append("a", Expected::Any, [event])?;
         events.append("b", Expected::Any, [Bank::Withdrew { amount: n }])?;
+        if n % 20 == 0 {
+            events = check(events, &format!("after {n} appends"))?;
+        }
     }
-    check(&events, "after 70 appends")?;
+    events = check(events, "after 70 appends")?;
     events.append("a", Expected::Any, (0..100).map(|n| Bank::Withdrew { amount: n }))?;
-    check(&events, "after a batch across chunks")?;
+    events = check(events, "after a batch across chunks")?;
     events.append_all([
         Append::new("b", Expected::Any, [deposit(1)]),
         Append::new("a", Expected::Any, [deposit(2), deposit(3)]),
         Append::new("c", Expected::Any, [deposit(4)]),
     ])?;
-    check(&events, "after an append of three streams")?;
+    events = check(events, "after an append of three streams")?;
     events.truncate_stream("a", 60)?;
-    check(&events, "after a truncation")?;
+    events = check(events, "after a truncation")?;
     events.compact()?;
-    check(&events, "after a compaction")?;
+    events = check(events, "after a compaction")?;
     events.append("a", Expected::Any, [deposit(5)])?;
-    check(&events, "after one more append")?;
+    events = check(events, "after one more append")?;
     // Removed while a read goes on, through versions it holds parsed already:
     // passed over from there on.
     let mut reading = events.read_stream("a").into_iter();
@@ -364,10 +367,133 @@ fn stream_reads_against_all(cache: Option<u64>) -> TestResult {
         "read on from {:?} after the truncation",
         rest.first()
     );
-    check(&events, "after a truncation during a read")?;
+    events = check(events, "after a truncation during a read")?;
     events.delete_stream("a", Expected::Any)?;
-    check(&events, "after a delete")?;
+    events = check(events, "after a delete")?;
     assert!(collect(events.read_stream("a"))?.is_empty(), "a deleted stream reads empty");
+    events.append("a", Expected::Any, [deposit(6), deposit(7)])?;
+    events = check(events, "recreated")?;
+    events.tombstone_stream("a", Expected::Any)?;
+    let read: instastate::Result<Vec<_>> = events.read_stream("a").into_iter().collect();
+    assert!(matches!(read, Err(Error::StreamTombstoned { .. })), "tombstoned: {read:?}");
+    Ok(())
+}
+
+/// Reads stream `a` of `events` every way, `order` first, and checks each read
+/// against what `$all` reads of it.
+fn check_stream(events: &EventStore<Bank>, when: &str, order: First) -> TestResult {
+    let want: Vec<RecordedEvent<Bank>> =
+        collect(events.read_all())?.into_iter().filter(|it| it.stream == "a").collect();
+    let whole = |backward: bool| -> TestResult {
+        let read = events.read_stream("a");
+        let mut got = collect(if backward { read.backward() } else { read })?;
+        if backward {
+            got.reverse();
+        }
+        assert!(got == want, "{when} ({order:?}): the stream (backward: {backward}) differs");
+        Ok(())
+    };
+    let pieces = || -> TestResult {
+        for event in want.iter().step_by(5) {
+            let one = events.event("a", event.version)?;
+            assert!(one.as_ref() == Some(event), "{when}: version {} alone differs", event.version);
+            let few = collect(events.read_stream("a").from(event.version).limit(3))?;
+            let expected = want.iter().filter(|it| event.version <= it.version).take(3);
+            assert!(few.iter().eq(expected), "{when}: three from {} differ", event.version);
+            let back = collect(events.read_stream("a").from(event.version).backward().limit(2))?;
+            let expected = want.iter().rev().filter(|it| it.version <= event.version).take(2);
+            assert!(back.iter().eq(expected), "{when}: two back from {} differ", event.version);
+        }
+        let deposits = collect(events.read_stream("a").of_type("Deposited").limit(4))?;
+        let expected = want.iter().filter(|it| it.event_type == "Deposited").take(4);
+        assert!(deposits.iter().eq(expected), "{when}: the first deposits differ");
+        let withdrawals = collect(events.read_stream("a").of_type("Withdrew").backward())?;
+        let expected = want.iter().rev().filter(|it| it.event_type == "Withdrew");
+        assert!(withdrawals.iter().eq(expected), "{when}: the withdrawals differ");
+        Ok(())
+    };
+    match order {
+        First::Forward => {
+            whole(false)?;
+            whole(true)?;
+            pieces()
+        }
+        First::Backward => {
+            whole(true)?;
+            pieces()?;
+            whole(false)
+        }
+        First::Pieces => {
+            pieces()?;
+            whole(false)?;
+            whole(true)
+        }
+    }
+}
+
+#[test]
+fn a_damaged_batch_in_a_stream_ends_its_reads_where_it_is_and_not_before() -> TestResult {
+    // One frame per event; the frame of version 40 damaged while the store is
+    // open. Forward, the read yields versions 0 to 39, then the error naming the
+    // journal file; backward, versions 99 down to 41, then the error; with the
+    // read cache and without, and a second time alike.
+    for cache in [None, Some(0)] {
+        let dir = tempfile::tempdir()?;
+        {
+            let events = EventStore::<String>::open(dir.path())?;
+            for n in 0..100 {
+                events.append("n", Expected::Any, [format!("marker-{n:03}-payload")])?;
+            }
+        }
+        let builder = EventStore::<String>::builder();
+        let events = match cache {
+            Some(bytes) => builder.read_cache(bytes),
+            None => builder,
+        }
+        .open(dir.path())?;
+        let mut logs: Vec<_> = fs::read_dir(dir.path())?
+            .map(|entry| entry.map(|it| it.path()))
+            .collect::<Result<Vec<_>, _>>()?;
+        logs.retain(|path| path.extension().is_some_and(|it| it == "log"));
+        let damaged = logs.iter().find_map(|path| {
+            let mut bytes = fs::read(path).ok()?;
+            let at = bytes.windows(10).position(|it| it == b"marker-040")?;
+            *bytes.get_mut(at + 12)? ^= 0x10;
+            fs::write(path, &bytes).ok().map(|()| path.clone())
+        });
+        let damaged = damaged.ok_or("no journal file holds version 40")?;
+        for round in 0..2 {
+            for backward in [false, true] {
+                let read = events.read_stream("n");
+                let read = if backward { read.backward() } else { read };
+                let mut versions = Vec::new();
+                let mut error = None;
+                for event in read {
+                    match event {
+                        Ok(event) => versions.push(event.version),
+                        Err(err) => {
+                            error = Some(err);
+                            break;
+                        }
+                    }
+                }
+                let want: Vec<u64> =
+                    if backward { (41..100).rev().collect() } else { (0..40).collect() };
+                let what = format!("cache {cache:?}, round {round}, backward {backward}");
+                assert!(
+                    versions == want,
+                    "{what}: read {} versions before the damage",
+                    versions.len()
+                );
+                match error {
+                    Some(Error::JournalCorrupt { path, .. }) => {
+                        assert!(path == damaged, "{what}: the error names {path:?}");
+                    }
+                    other => return Err(format!("{what}: ended with {other:?}").into()),
+                }
+            }
+        }
+    }
     Ok(())
 }
 
