@@ -205,7 +205,8 @@ pub(super) struct Read {
     pub(super) stream: Option<String>,
     pub(super) prefix: Option<String>,
     pub(super) event_type: Option<String>,
-    /// The next version or position to read; `None` once a backward read passed 0.
+    /// The next version or position a page reads from (windows go on from
+    /// `windowed`); `None` once a backward read passed 0.
     pub(super) next: Option<u64>,
     /// No version (of a stream read) or position at or past it.
     pub(super) until: Option<u64>,
@@ -338,17 +339,24 @@ impl Read {
     /// Asks for windows until `WINDOWS` are in flight or the read's end is asked
     /// for.
     fn ask_windows(&mut self, db: &DbCore) {
-        let Some(until) = self.until else { return };
         while self.ahead.len() < WINDOWS
-            && let Some(from) = self.windowed.filter(|from| *from < until)
+            && let Some((from, to)) = self.next_window()
         {
-            let to = from.saturating_add(PAGE).min(until);
-            self.windowed = Some(to);
             self.read_ahead(db, from, Some(to), PAGE);
             if self.windowed == Some(from) {
                 return;
             }
         }
+    }
+
+    /// The next window, from and to (excluded), if the read goes on in windows and
+    /// has one left: `windowed` moves past it.
+    fn next_window(&mut self) -> Option<(u64, u64)> {
+        let until = self.until?;
+        let from = self.windowed.filter(|from| *from < until)?;
+        let to = from.saturating_add(PAGE).min(until);
+        self.windowed = Some(to);
+        Some((from, to))
     }
 
     /// The next event, reading a page (of at most `remaining` events) when the
@@ -389,22 +397,16 @@ impl Read {
                 (read, to, limit)
             }
             None if self.drained => return None,
-            None => {
-                // A window the thread could not start for, else the next page.
-                match self.windowed.filter(|from| self.until.is_some_and(|until| *from < until)) {
-                    Some(from) => {
-                        let to = from.saturating_add(PAGE).min(self.until?);
-                        self.windowed = Some(to);
-                        (self.page(&db.engine, from, Some(to), PAGE), Some(to), PAGE)
-                    }
-                    None if self.windowed.is_some() => return None,
-                    None => {
-                        let from = self.next?;
-                        let limit = remaining.map_or(PAGE, |remaining| remaining.min(PAGE));
-                        (self.page(&db.engine, from, None, limit), None, limit)
-                    }
+            // A window the thread could not start for, else the next page.
+            None => match self.next_window() {
+                Some((from, to)) => (self.page(&db.engine, from, Some(to), PAGE), Some(to), PAGE),
+                None if self.windowed.is_some() => return None,
+                None => {
+                    let from = self.next?;
+                    let limit = remaining.map_or(PAGE, |remaining| remaining.min(PAGE));
+                    (self.page(&db.engine, from, None, limit), None, limit)
                 }
-            }
+            },
         };
         let page = match read {
             Ok(page) => page,
@@ -419,11 +421,9 @@ impl Read {
         {
             return Some(Err(err));
         }
-        if let Some(to) = to {
-            // A window: the read goes on at its end, whatever it held.
-            self.next = Some(to);
-            self.drained = self.until.is_none_or(|until| until <= to);
-        } else {
+        // A page (not a window, which ends where it was asked to): where the read
+        // goes on, and how.
+        if to.is_none() {
             self.drained = (page.len() as u64) < limit;
             if let Some(last) = page.last() {
                 let (position, version) = match last.place(&db.location) {

@@ -2,8 +2,6 @@
 //! order ([`ReadAll`]), forward or backward, as iterators ([`Events`]) that read the
 //! journal files lazily, a batch at a time.
 
-use std::collections::VecDeque;
-
 use serde::{Serialize, de::DeserializeOwned};
 
 use std::sync::Arc;
@@ -23,8 +21,6 @@ use crate::{Error, Result};
 const FORWARD_CHUNK: usize = 256 * 1024;
 /// Bytes read at a time going backward or through one stream.
 const RANDOM_CHUNK: usize = 4 * 1024;
-/// How many versions of a stream a read finds in the index at a time.
-const PLANNED: usize = 64;
 
 /// A read of one stream; iterate it for the events. See
 /// [`EventStore::read_stream`].
@@ -247,15 +243,8 @@ enum Slot<E> {
 /// Which positions a read goes through.
 enum Cursor {
     /// Versions of one stream: the next one, and the end (exclusive) going forward
-    /// or the start going backward.
-    /// `planned`: the next versions to read, found in the index.
-    Stream {
-        idx: Option<StreamIdx>,
-        next: u64,
-        bound: u64,
-        backward: bool,
-        planned: VecDeque<Next>,
-    },
+    /// or the start going backward; read from the stream's chunks.
+    Stream { idx: Option<StreamIdx>, next: u64, bound: u64, backward: bool },
     /// Positions of the store.
     All { next: u64, bound: u64, backward: bool },
 }
@@ -269,13 +258,6 @@ struct Decoded<E> {
     first_position: u64,
     events: Vec<Slot<E>>,
     versions: Vec<u64>,
-}
-
-/// What a read reads next: an event by its position, or a stream's event by its
-/// version, which the index says which journal event holds.
-enum Next {
-    Position(u64),
-    Version { version: u64, seq: u64, first_position: u64 },
 }
 
 impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
@@ -321,17 +303,11 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
         let cursor = if self.backward {
             // `next` counts down from one past the first version read.
             let start = self.from.map_or(len, |from| from.saturating_add(1).min(len));
-            Cursor::Stream {
-                idx,
-                next: start,
-                bound: first,
-                backward: true,
-                planned: VecDeque::new(),
-            }
+            Cursor::Stream { idx, next: start, bound: first, backward: true }
         } else {
             let next = self.from.unwrap_or(0).max(first);
             let bound = self.until.map_or(len, |until| until.min(len));
-            Cursor::Stream { idx, next, bound, backward: false, planned: VecDeque::new() }
+            Cursor::Stream { idx, next, bound, backward: false }
         };
         let tombstoned =
             life.tombstoned.then(|| Error::StreamTombstoned { stream: self.stream.clone() });
@@ -485,84 +461,20 @@ impl<'a, E> Events<'a, E> {
 }
 
 impl<E: Serialize + DeserializeOwned> FileRead<E> {
-    /// What to read next, if anything is left.
-    fn next_target(&mut self) -> Option<Result<Next>> {
+    /// The position to read next, if any is left (of a read of `$all`).
+    fn next_position(&mut self) -> Option<u64> {
         match &mut self.cursor {
             Cursor::All { next, bound, backward: false } => {
                 let position = (*next < *bound).then_some(*next)?;
                 *next += 1;
-                Some(Ok(Next::Position(position)))
+                Some(position)
             }
             Cursor::All { next, bound, backward: true } => {
                 let position = (*bound < *next).then(|| *next - 1)?;
                 *next = position;
-                Some(Ok(Next::Position(position)))
+                Some(position)
             }
-            Cursor::Stream { idx, next, bound, backward, planned } => {
-                if planned.is_empty() {
-                    // The next versions' places, up to a few dozen, under one lock.
-                    let core = &self.core;
-                    let index = core.index.read();
-                    let seqs = &index.get((*idx)?)?.seqs;
-                    while planned.len() < PLANNED {
-                        let version = if *backward {
-                            let Some(version) = (*bound < *next).then(|| *next - 1) else { break };
-                            *next = version;
-                            version
-                        } else {
-                            let Some(version) = (*next < *bound).then_some(*next) else { break };
-                            *next += 1;
-                            version
-                        };
-                        // The stream had `bound` versions when the read began, and an
-                        // index only grows: a version or batch it lacks is damage.
-                        let place = usize::try_from(version)
-                            .ok()
-                            .and_then(|k| seqs.get(k))
-                            .and_then(|seq| Some((*seq, index.start_of(*seq)?)));
-                        let Some((seq, first_position)) = place else {
-                            return Some(Err(Error::JournalCorrupt {
-                                path: core.dir.clone(),
-                                offset: 0,
-                                reason: format!(
-                                    "the index holds no journal event for version {version} of the stream read"
-                                ),
-                            }));
-                        };
-                        planned.push_back(Next::Version { version, seq, first_position });
-                    }
-                }
-                planned.pop_front().map(Ok)
-            }
-        }
-    }
-
-    /// Makes the batch holding `next` the one at hand, reading it unless it is;
-    /// returns the event's place in it.
-    fn load(&mut self, next: &Next) -> Result<usize> {
-        match *next {
-            Next::Position(position) => self.load_position(position),
-            Next::Version { version, seq, first_position } => {
-                if self.batch.as_ref().is_none_or(|batch| batch.seq != seq) {
-                    // Whether the index has removal rules is looked at as the batch
-                    // is decoded: one made since the read planned this version counts.
-                    self.batch = Some(self.decode_batch(seq, first_position, None)?);
-                }
-                // Only the read's stream's events are not `Other` (until yielded):
-                // the one of this version is the one left among them.
-                let batch = self.batch.as_ref();
-                let found = batch.and_then(|batch| {
-                    (0..batch.events.len()).find(|k| {
-                        batch.versions.get(*k) == Some(&version)
-                            && batch.events.get(*k).is_some_and(|slot| !matches!(slot, Slot::Other))
-                    })
-                });
-                found.ok_or_else(|| {
-                    let place = batch.and_then(|batch| batch.place);
-                    let reason = format!("it does not hold version {version} of its stream");
-                    self.core.locator.corrupt_at(place, seq, reason)
-                })
-            }
+            Cursor::Stream { .. } => None,
         }
     }
 
@@ -595,7 +507,7 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
             };
             (seq, index.start_of(seq).ok_or_else(missing)?, index.ruled)
         };
-        let decoded = self.decode_batch(seq, first_position, Some(ruled))?;
+        let decoded = self.decode_batch(seq, first_position, ruled)?;
         let batch = self.batch.insert(decoded);
         let k = position.checked_sub(batch.first_position).and_then(|k| usize::try_from(k).ok());
         k.filter(|k| *k < batch.events.len()).ok_or_else(|| {
@@ -606,14 +518,8 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
 
     /// Reads and decodes journal event `seq`, whose first position the index says
     /// is `first_position`; `ruled` is whether the index has removal rules, which
-    /// the batch's events are checked against (`None`: not known yet, looked at
-    /// under the lock that checks them).
-    fn decode_batch(
-        &mut self,
-        seq: u64,
-        first_position: u64,
-        ruled: Option<bool>,
-    ) -> Result<Decoded<E>> {
+    /// the batch's events are checked against.
+    fn decode_batch(&mut self, seq: u64, first_position: u64, ruled: bool) -> Result<Decoded<E>> {
         let core = &self.core;
         // The buffers of the batch read before are filled again.
         let (mut events, mut versions) =
@@ -633,19 +539,14 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
         }
         // Events removed by a delete, a truncation or a retention rule are passed
         // over.
-        let hidden: Vec<bool> = if ruled == Some(false) {
-            Vec::new()
-        } else {
+        let hidden: Vec<bool> = if ruled {
             let index = core.index.read();
-            if index.ruled {
-                let now = crate::journal::now_micros();
-                let at = at.as_micros();
-                let streams =
-                    head.parts.iter().flat_map(|part| (0..part.len()).map(|_| part.stream));
-                streams.zip(&versions).map(|(stream, v)| index.hides(stream, *v, at, now)).collect()
-            } else {
-                Vec::new()
-            }
+            let now = crate::journal::now_micros();
+            let at = at.as_micros();
+            let streams = head.parts.iter().flat_map(|part| (0..part.len()).map(|_| part.stream));
+            streams.zip(&versions).map(|(stream, v)| index.hides(stream, *v, at, now)).collect()
+        } else {
+            Vec::new()
         };
         for (k, event) in head.events().enumerate() {
             let event = event.map_err(|fault| bad(&fault))?;
@@ -665,12 +566,8 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
                 (true, true) => {}
             }
             let position = first_position + k as u64;
-            // Compaction drops only what the index removes: a dropped event that the
-            // index shows is damage (or a bug), never data to decode.
             let Some(bytes) = event.data else {
-                events.push(Slot::Ready(Err(bad(&format_args!(
-                    "compaction dropped the data of the event at position {position}, which the store still reads"
-                )))));
+                events.push(Slot::Ready(Err(bad(&dropped(position)))));
                 continue;
             };
             let data =
@@ -727,11 +624,12 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
     /// The next event the read wants (of at most `remaining` more), or the error
     /// that ends it.
     fn next(&mut self, remaining: Option<u64>) -> Option<Result<RecordedEvent<E>>> {
-        if matches!(self.cursor, Cursor::Stream { .. }) && self.core.chunks.is_some() {
+        if matches!(self.cursor, Cursor::Stream { .. }) {
             return self.next_kept(remaining);
         }
         loop {
-            let k = match self.next_target()?.and_then(|next| self.load(&next)) {
+            let position = self.next_position()?;
+            let k = match self.load_position(position) {
                 Ok(k) => k,
                 Err(err) => return Some(Err(err)),
             };
@@ -794,7 +692,8 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
     /// Makes the chunk holding `version` the one at hand: the cached one, or one
     /// made of the versions of `wanted` that its chunk number covers (at most
     /// `remaining` of them, counted from `version` in the read's direction, when
-    /// each one read is one yielded: no type filter, no removal rule).
+    /// each one read is one yielded: no type filter, no removal rule), kept in
+    /// the cache if the store has one.
     fn take_chunk(
         &mut self,
         idx: StreamIdx,
@@ -806,9 +705,9 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
         if self.chunk.as_ref().is_some_and(|chunk| chunk.get(version).is_some()) {
             return Ok(());
         }
-        let Some(chunks) = self.core.chunks.clone() else { return Ok(()) };
+        let chunks = self.core.chunks.clone();
         let no = version / CHUNK;
-        let cached = chunks.get(&(idx, no));
+        let cached = chunks.as_ref().and_then(|chunks| chunks.get(&(idx, no)));
         if let Some(chunk) = cached.as_ref().filter(|chunk| chunk.get(version).is_some()) {
             self.chunk = Some(Arc::clone(chunk));
             return Ok(());
@@ -833,7 +732,9 @@ impl<E: Serialize + DeserializeOwned> FileRead<E> {
         }
         chunk.events.shrink_to_fit();
         let chunk = Arc::new(chunk);
-        chunks.insert((idx, no), Arc::clone(&chunk));
+        if let Some(chunks) = chunks {
+            chunks.insert((idx, no), Arc::clone(&chunk));
+        }
         self.chunk = Some(chunk);
         Ok(())
     }
@@ -983,6 +884,15 @@ fn head_at<'a>(
     Ok(head)
 }
 
+/// Why an event at `position` that a read yields has no data. Compaction drops
+/// only what the index removes: a dropped event that the index shows is damage
+/// (or a bug), never data to decode.
+fn dropped(position: u64) -> String {
+    format!(
+        "compaction dropped the data of the event at position {position}, which the store still reads"
+    )
+}
+
 /// The event `kept`, version `version` of stream `name`, its data decoded.
 fn recorded<E: DeserializeOwned>(
     core: &Core,
@@ -992,16 +902,8 @@ fn recorded<E: DeserializeOwned>(
     kept: &Kept,
 ) -> Result<RecordedEvent<E>> {
     let position = kept.position;
-    // Compaction drops only what the index removes: a dropped event that the index
-    // shows is damage (or a bug), never data to decode.
     let Some(bytes) = kept.data.as_deref() else {
-        return Err(core.locator.corrupt_at(
-            kept.place,
-            kept.seq,
-            format!(
-                "compaction dropped the data of the event at position {position}, which the store still reads"
-            ),
-        ));
+        return Err(core.locator.corrupt_at(kept.place, kept.seq, dropped(position)));
     };
     let data = core.decode_data(schema, (kept.json, kept.schema), bytes, || {
         format!("the event at position {position}")
