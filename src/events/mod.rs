@@ -1170,13 +1170,22 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     }
 
     /// Saves a checkpoint of the index now: opening then replays only the appends
-    /// after it (in a database, there is no index to save: nothing to do).
+    /// after it (in a database, there is no index to save: nothing to do). A
+    /// checkpoint that was being saved in the background finishes first: none is
+    /// still being written when this returns (unless an append starts one).
     ///
     /// # Errors
     /// [`Error::Io`] or [`Error::JournalWrite`] when writing it fails.
     pub fn checkpoint(&self) -> Result<()> {
         match &self.shared.engine {
-            Engine::Files(core) => core.checkpoint(),
+            Engine::Files(core) => {
+                let running = self.shared.background.lock().take();
+                if let Some(thread) = running {
+                    // Its error went to the hook.
+                    let _ = thread.join();
+                }
+                core.checkpoint()
+            }
             #[cfg(feature = "postgres")]
             Engine::Database(_) => Ok(()),
         }

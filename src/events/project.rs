@@ -269,6 +269,8 @@ impl<'a, E, T: Value> ProjectionBuilder<'a, E, T> {
     /// [`Projection::error`] and [`Projection::stop`]; by default, where the event
     /// store sends its background errors
     /// ([`EventStoreBuilder::on_background_error`](super::EventStoreBuilder::on_background_error)).
+    /// It is called before the failure shows ([`Projection::wait_for`] returning
+    /// it, [`Projection::is_running`] turning false).
     pub fn on_error(mut self, hook: impl Fn(&Error) + Send + Sync + 'static) -> Self {
         self.hook = Some(Arc::new(hook));
         self
@@ -551,8 +553,8 @@ impl Projection {
     fn halt(&mut self) {
         self.control.stop.store(true, Ordering::Release);
         if let Some(thread) = self.thread.take() {
-            // The thread catches the handler's panics, and records its end before it
-            // calls the hook, whose own panic is all that could come back here.
+            // The thread catches the handler's panics, and records its end whatever
+            // the hook does; the hook's own panic is all that could come back here.
             let _ = thread.join();
         }
     }
@@ -776,11 +778,15 @@ where
             End::Failed(failure) => Some(failure.to_error(self.control.cell)),
             _ => None,
         };
+        // The hook runs before the end is told, so that whoever sees the failure
+        // finds it reported; a panic of the hook goes on once the end is told.
+        let hooked =
+            error.map(|error| panic::catch_unwind(AssertUnwindSafe(|| (self.hook)(&error))));
         // A rebuild that replaced it said so already.
         self.control.end.lock().get_or_insert(end);
         self.control.changed.notify_all();
-        if let Some(error) = error {
-            (self.hook)(&error);
+        if let Some(Err(payload)) = hooked {
+            panic::resume_unwind(payload);
         }
     }
 
