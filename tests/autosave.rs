@@ -121,7 +121,7 @@ const WRITER_PAUSE: Duration = Duration::from_micros(100);
 
 const LOAD_KILLS: u32 = 40;
 const LOAD_MIN_KILLS: u32 = 30;
-const LOAD_BUDGET: Duration = Duration::from_secs(14);
+const LOAD_BUDGET: Duration = Duration::from_mins(1);
 
 fn load_store(dir: &Path) -> instastate::Result<Store> {
     let mut builder = Store::builder().keep_history(LOAD_HISTORY);

@@ -400,7 +400,7 @@ struct KillStats {
 
 const KILL_TARGET: u32 = 100;
 const KILL_MINIMUM: u32 = 50;
-const KILL_BUDGET: Duration = Duration::from_secs(40);
+const KILL_BUDGET: Duration = Duration::from_secs(90);
 
 fn crash() -> TestResult {
     let seed = env::var(SEED_VAR).ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(|| {

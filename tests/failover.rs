@@ -140,23 +140,55 @@ impl Acks {
         Ok(())
     }
 
-    /// Reads child `id`'s lines for `time`.
-    fn for_a_while(&mut self, id: u64, child: &Watched, time: Duration) -> TestResult {
+    /// Reads child `id`'s lines for `time`, or until it says it was fenced;
+    /// whether it did.
+    fn for_a_while(&mut self, id: u64, child: &Watched, time: Duration) -> TestResult<bool> {
         let until = Instant::now() + time;
         while Instant::now() < until {
-            self.take(id, &child.next_line()?)?;
+            let line = child.next_line()?;
+            self.take(id, &line)?;
+            if line == "fenced" {
+                return Ok(true);
+            }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Kills child `id` and takes in what it printed before.
     fn kill(&mut self, id: u64, child: &mut Watched) -> TestResult {
         child.kill()?;
+        self.finish(id, child)?;
+        Ok(())
+    }
+
+    /// Kills child `id` with `SIGKILL` if it still runs, and takes in what it
+    /// printed before; whether it was killed. One that exited by itself must have
+    /// been fenced (its lease ran out: its renewals stalled on a busy machine).
+    fn kill_unless_fenced(&mut self, id: u64, child: &mut Watched) -> TestResult<bool> {
+        let killed = match child.exited()? {
+            Some(_) => false,
+            None => {
+                // It may still exit by itself before the signal lands.
+                child.kill().is_ok()
+            }
+        };
+        let fenced = self.finish(id, child)?;
+        if !killed && !fenced {
+            return Err(format!("child {id} exited before it was killed, not fenced").into());
+        }
+        Ok(killed)
+    }
+
+    /// Makes sure child `id` is dead and takes in the lines it printed that were
+    /// not read yet; whether one said it was fenced.
+    fn finish(&mut self, id: u64, child: &mut Watched) -> TestResult<bool> {
         let (lines, _) = child.finish();
+        let mut fenced = false;
         for line in lines? {
             self.take(id, &line)?;
+            fenced |= line == "fenced";
         }
-        Ok(())
+        Ok(fenced)
     }
 }
 
@@ -172,23 +204,39 @@ fn kill_and_freeze() -> TestResult {
     next_id += 1;
     let mut standby = (next_id, spawn(&url, next_id)?);
     let mut takeovers = Vec::new();
-    for _ in 0..KILLS {
+    // Writers whose lease ran out by itself (its renewals stalled on a busy
+    // machine): the standby takes over as after a kill, and the writer, fenced,
+    // stops. Bounded, so that a writer that keeps losing its lease fails the test.
+    let mut lapsed = 0;
+    while takeovers.len() < KILLS as usize {
         let time = Duration::from_millis(50 + random.below(300));
-        acks.for_a_while(writer.0, &writer.1, time)?;
-        acks.kill(writer.0, &mut writer.1)?;
-        let killed = Instant::now();
-        writer = standby;
-        acks.first_ack(writer.0, &writer.1)?;
-        takeovers.push(killed.elapsed());
-        next_id += 1;
-        standby = (next_id, spawn(&url, next_id)?);
+        let killed = if acks.for_a_while(writer.0, &writer.1, time)? {
+            acks.finish(writer.0, &mut writer.1)?;
+            false
+        } else {
+            acks.kill_unless_fenced(writer.0, &mut writer.1)?
+        };
+        let at = Instant::now();
+        if !killed {
+            lapsed += 1;
+            println!("    writer {} lost its lease before it was killed", writer.0);
+            if KILLS / 4 < lapsed {
+                return Err(format!("{lapsed} writers lost their lease unkilled").into());
+            }
+        }
+        let (_, took) = take_over(&mut acks, &url, &mut writer, &mut standby, &mut next_id)?;
+        if killed {
+            takeovers.push(took - at);
+        }
     }
     // Frozen past its lease, the writer is taken over; thawed, it is refused.
-    acks.for_a_while(writer.0, &writer.1, Duration::from_millis(100))?;
+    while acks.for_a_while(writer.0, &writer.1, Duration::from_millis(100))? {
+        acks.finish(writer.0, &mut writer.1)?;
+        println!("    writer {} lost its lease before it was frozen", writer.0);
+        take_over(&mut acks, &url, &mut writer, &mut standby, &mut next_id)?;
+    }
     writer.1.signal("STOP")?;
-    let frozen = writer;
-    writer = standby;
-    acks.first_ack(writer.0, &writer.1)?;
+    let (frozen, _) = take_over(&mut acks, &url, &mut writer, &mut standby, &mut next_id)?;
     acks.for_a_while(writer.0, &writer.1, Duration::from_millis(200))?;
     frozen.1.signal("CONT")?;
     let (thawed_id, mut thawed) = frozen;
@@ -215,6 +263,23 @@ fn kill_and_freeze() -> TestResult {
         acks.0.len(),
     );
     Ok(())
+}
+
+/// Makes the standby the writer and starts a new standby; returns the writer it
+/// replaced, and when the new one acknowledged its first event.
+fn take_over(
+    acks: &mut Acks,
+    url: &str,
+    writer: &mut (u64, Watched),
+    standby: &mut (u64, Watched),
+    next_id: &mut u64,
+) -> TestResult<((u64, Watched), Instant)> {
+    std::mem::swap(writer, standby);
+    acks.first_ack(writer.0, &writer.1)?;
+    let acknowledged = Instant::now();
+    *next_id += 1;
+    let replaced = std::mem::replace(standby, (*next_id, spawn(url, *next_id)?));
+    Ok((replaced, acknowledged))
 }
 
 /// Opens the system and checks it holds every acknowledged event once, and of

@@ -614,7 +614,7 @@ impl KillStats {
 
 const KILL_TARGET: u32 = 80;
 const KILL_MINIMUM: u32 = 60;
-const KILL_BUDGET: Duration = Duration::from_secs(45);
+const KILL_BUDGET: Duration = Duration::from_secs(90);
 
 fn kill() -> TestResult {
     let seed = env::var(SEED_VAR).ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(|| {

@@ -400,15 +400,15 @@ mod tests {
     fn a_lease_that_runs_out_is_fenced_by_the_database_clock_then_taken_over() -> Result<()> {
         let (location, mut client) = prepared("lease-out")?;
         // Long enough that a loaded machine renews in time.
-        let first = Lease::try_acquire(&mut client, &location, short(1_000))?.expect("free");
+        let first = Lease::try_acquire(&mut client, &location, short(3_000))?.expect("free");
         // Renewed, it stays past its first expiry.
         let mut other = location.connect()?;
-        for _ in 0..6 {
+        for _ in 0..14 {
             thread::sleep(Duration::from_millis(250));
             first.renew(&mut client)?;
-            assert!(Lease::try_acquire(&mut other, &location, short(1_000))?.is_none());
+            assert!(Lease::try_acquire(&mut other, &location, short(3_000))?.is_none());
         }
-        thread::sleep(Duration::from_millis(1_200));
+        thread::sleep(Duration::from_millis(3_200));
         // Not renewed, it runs out: its own writes are refused before anyone takes over.
         let mut tx = client.transaction().map_err(failed(&location, "test"))?;
         let res = first.fence(&mut tx);
@@ -431,39 +431,41 @@ mod tests {
             .batch_execute(&format!("CREATE TABLE \"{table}\" (n int)"))
             .map_err(failed(&location, "test"))?;
         let first = Lease::try_acquire(&mut client, &location, short(1_000))?.expect("free");
+        // Fenced at once (a thread could start after the lease ran out).
+        let mut tx = client.transaction().map_err(failed(&location, "test"))?;
+        first.fence(&mut tx)?;
+        tx.execute(&format!("INSERT INTO \"{table}\" VALUES (1)"), &[])
+            .map_err(failed(&location, "test"))?;
+        let location = &location;
         let (committing, taken) = thread::scope(|scope| -> Result<(Instant, Instant)> {
-            let writer = scope.spawn(|| -> Result<Instant> {
-                let mut tx = client.transaction().map_err(failed(&location, "test"))?;
-                first.fence(&mut tx)?;
-                tx.execute(&format!("INSERT INTO \"{table}\" VALUES (1)"), &[])
-                    .map_err(failed(&location, "test"))?;
+            let writer = scope.spawn(move || -> Result<Instant> {
                 // The lease runs out while the write is in progress.
                 thread::sleep(Duration::from_secs(2));
                 // The standby's takeover returns after the commit is asked for: it
                 // waited on the row lock (without it, it would have returned some
                 // 1 s earlier, when the lease ran out).
                 let committing = Instant::now();
-                tx.commit().map_err(failed(&location, "test"))?;
+                tx.commit().map_err(failed(location, "test"))?;
                 Ok(committing)
             });
             let standby = scope.spawn(|| -> Result<Instant> {
                 thread::sleep(Duration::from_millis(50));
                 let mut other = location.connect()?;
                 let lease =
-                    Lease::acquire(&mut other, &location, short(1_000), Duration::from_secs(10))?;
+                    Lease::acquire(&mut other, location, short(1_000), Duration::from_secs(10))?;
                 assert_eq!(lease.map(|it| it.epoch()), Some(2));
                 Ok(Instant::now())
             });
             Ok((writer.join().expect("writer")?, standby.join().expect("standby")?))
         })?;
         assert!(committing <= taken, "the takeover did not wait for the write in progress");
-        let mut tx = client.transaction().map_err(failed(&location, "test"))?;
+        let mut tx = client.transaction().map_err(failed(location, "test"))?;
         let res = first.fence(&mut tx);
         assert!(is_fenced(&res, 1, 2), "{res:?}");
         drop(tx);
         let rows = client
             .query_one(&format!("SELECT count(*) FROM \"{table}\""), &[])
-            .map_err(failed(&location, "test"))?;
+            .map_err(failed(location, "test"))?;
         assert_eq!(rows.get::<_, i64>(0), 1);
         Ok(())
     }

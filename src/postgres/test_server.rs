@@ -15,14 +15,15 @@ pub(crate) fn location(prefix: &str) -> Result<Location> {
 }
 
 /// Ends every connection whose `application_name` is `name` every 20 ms, as a
-/// restart of the database would, for 30 rounds or until `done`; returns how
-/// many it ended. Between two rounds there is time enough for a writer to
-/// connect again and go on.
+/// restart of the database would, for 30 rounds from the first it ended one (a
+/// minute at most) or until `done`; returns how many it ended. Between two
+/// rounds there is time enough for a writer to connect again and go on.
 pub(crate) fn end_connections(name: &str, done: &std::sync::atomic::AtomicBool) -> Result<u64> {
     let admin = location("admin")?;
     let mut client = admin.connect()?;
-    let mut ended = 0;
-    for _ in 0..30 {
+    let started = std::time::Instant::now();
+    let (mut ended, mut rounds) = (0, 0);
+    while rounds < 30 && started.elapsed() < std::time::Duration::from_mins(1) {
         if done.load(std::sync::atomic::Ordering::Acquire) {
             break;
         }
@@ -33,6 +34,11 @@ pub(crate) fn end_connections(name: &str, done: &std::sync::atomic::AtomicBool) 
             )
             .map_err(failed(&admin, "end a writer's connections"))?
             .len() as u64;
+        // Counted from the first connection ended: a writer slow to connect is
+        // not left alone.
+        if 0 < ended {
+            rounds += 1;
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Ok(ended)

@@ -115,9 +115,9 @@ fn reads(events: &EventStore<String>) -> TestResult<Reads> {
 /// Fills a store with every kind of removal, over several journal files; returns
 /// how many events it removed.
 fn fill(events: &EventStore<String>) -> TestResult<u64> {
-    // Old enough for `max_age` by the end.
-    let aged_at = Instant::now();
     events.append("aged", Expected::NoStream, [secret(1), secret(2)])?;
+    // Stamped before this: old enough for `max_age` by the end.
+    let aged_at = Instant::now();
     events.append("kept", Expected::NoStream, [kept(1), kept(2)])?;
     events.append("deleted", Expected::NoStream, [secret(3), secret(4)])?;
     let gone = [NewEvent::new(secret(5)).tagged(["t-gone"]).linked_to(["subject"])];

@@ -17,7 +17,7 @@ fn add(n: &mut u64, by: u64, _: crate::Timestamp) -> u64 {
 
 fn open(url: &str) -> Result<Counter> {
     Prevayler::builder::<u64>()
-        .lease_time(Duration::from_secs(2))
+        .lease_time(Duration::from_secs(5))
         .wait_for_lease(Duration::from_secs(10), Duration::from_millis(20))
         .open(url, 0, add)
 }
@@ -159,7 +159,7 @@ fn a_writer_whose_connections_are_dropped_reconnects_and_loses_or_doubles_nothin
 
 fn follow(url: &str, wait: Duration) -> Result<crate::prevalence::Follower<u64, u64, u64>> {
     Prevayler::builder::<u64>()
-        .lease_time(Duration::from_secs(2))
+        .lease_time(Duration::from_secs(5))
         .wait_for_lease(wait, Duration::from_millis(20))
         .follow(url, 0, add, Duration::from_millis(50))
 }
