@@ -22,11 +22,14 @@
 //!    its version, insert the event (its position from a `bigserial`), move the
 //!    stream on, commit;
 //! 6. the same from 16 threads, each on a stream of its own: ours share
-//!    transactions, the hand-written loop runs 16 connections;
+//!    transactions, the hand-written loop runs 16 connections; and row 6b, its
+//!    ceiling: one thread appending to the 16 streams at once, one `append_all`
+//!    (one transaction) per round, so that no caller is waited for, against the
+//!    same 16 hand-written connections;
 //! 7. reading `$all` (forward, every event decoded) against a hand-written
 //!    `SELECT` of the same rows.
 //!
-//! Rows 1, 2, 5 and 6 alternate which side goes first, round by round, and report
+//! Rows 1, 2, 5, 6 and 6b alternate which side goes first, round by round, and report
 //! medians. The server is the one `INSTASTATE_TEST_POSTGRES` names, or a
 //! throwaway cluster on loopback started with `.ci/postgres`: `cargo bench --bench
 //! postgres --features postgres` (`-- 5 7` runs rows 5 and 7 only).
@@ -49,7 +52,7 @@ use std::{
 
 use instastate::{
     Prevayler, Timestamp,
-    events::{EventStore, Expected},
+    events::{Append, EventStore, Expected},
     prevalence::PrevaylerBuilder,
 };
 use postgres::{Client, NoTls};
@@ -353,6 +356,35 @@ fn row_event_threads(base: &str) -> Res<(f64, f64)> {
     )
 }
 
+/// Row 6b: what row 6's appends come to when no caller is waited for: one thread
+/// appends to the 16 streams at once, each with its expected version, in one
+/// transaction per round of 16 events.
+fn row_event_groups(base: &str) -> Res<(f64, f64)> {
+    let store = EventStore::<Event>::open(address("bench-events-groups"))?;
+    let prefix = server::unique("hand_events_groups");
+    hand_event_tables(&mut Client::connect(base, NoTls)?, &prefix)?;
+    let mut clients =
+        (0..THREADS).map(|_| Client::connect(base, NoTls)).collect::<Result<Vec<_>, _>>()?;
+    rounds(
+        THREADS * THREAD_EVENTS,
+        |from| {
+            for n in from / THREADS..from / THREADS + THREAD_EVENTS {
+                let expected = n.checked_sub(1).map_or(Expected::NoStream, Expected::Exact);
+                store.append_all(
+                    (0..THREADS).map(|k| Append::new(format!("account-{k}"), expected, [event(n)])),
+                )?;
+            }
+            Ok(())
+        },
+        |from| {
+            on_each(&mut clients, |k, client| {
+                let stream = format!("account-{k}");
+                hand_appends(client, &prefix, &stream, from / THREADS, THREAD_EVENTS)
+            })
+        },
+    )
+}
+
 /// Row 7: `READ_EVENTS` events read from `$all`, ours and by hand, in ev/s.
 fn row_event_reads(base: &str) -> Res<(f64, f64)> {
     let store = EventStore::<Event>::open(address("bench-events-read"))?;
@@ -466,6 +498,13 @@ fn main() -> Res {
         let (ours, hand) = row_event_threads(&base)?;
         println!(
             "(6) event store appends with an expected version, {THREADS} threads: ours {ours:.0} ev/s, by hand ({THREADS} connections) {hand:.0} ev/s: {:.2}x",
+            ours / hand
+        );
+    }
+    if row("6b") {
+        let (ours, hand) = row_event_groups(&base)?;
+        println!(
+            "(6b) the same, {THREADS} streams appended at once by one thread (one transaction each): ours {ours:.0} ev/s, by hand ({THREADS} connections) {hand:.0} ev/s: {:.2}x",
             ours / hand
         );
     }

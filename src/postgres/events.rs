@@ -467,11 +467,7 @@ fn follow_sql() -> String {
 /// quadratic in the events). Other statements, which may well be better off
 /// sorting, run on other connections.
 fn connect_pager(location: &Location) -> Result<Client> {
-    let mut client = location.connect()?;
-    client
-        .batch_execute("SET enable_sort = off")
-        .map_err(failed(location, "set up a connection for reads"))?;
-    Ok(client)
+    location.connect_with("SET enable_sort = off;")
 }
 
 /// Locks the head of `location`'s event store until `tx` ends: what every
