@@ -837,6 +837,8 @@ impl std::error::Error for CodecError {}
 /// Opaque on purpose: the engine behind a [`Store`](crate::Store) is not part of
 /// the public API, so its error types are not either.
 /// Its [`source`](std::error::Error::source) chain still carries the engine's own error.
+/// It displays the engine's error with that error's own sources (the database's
+/// message, where the client's error alone says only `db error`).
 ///
 /// # Example
 /// ```
@@ -855,7 +857,13 @@ pub struct StorageError(pub(crate) Box<dyn std::error::Error + Send + Sync>);
 
 impl fmt::Display for StorageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        fmt::Display::fmt(&self.0, f)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
     }
 }
 

@@ -449,3 +449,59 @@ fn a_long_read_goes_on_through_connections_the_server_ends_and_reads_each_event_
     );
     Ok(())
 }
+
+/// A removal takes a connection from a pool, where the server may have closed it
+/// meanwhile (a restart, an idle timeout): nothing was asked on it yet, and the
+/// removal runs on a new one rather than failing.
+#[test]
+fn removals_go_on_past_pooled_connections_the_server_closed() -> TestResult {
+    let name = crate::server::unique("pg-events-stale");
+    let location = format!("{}&application_name={name}", crate::server::address("pg-events-stale"));
+    let events = EventStore::<u64>::open(&location)?;
+    events.append("s", Expected::Any, [0, 1, 2, 3, 4])?;
+    let mut admin = postgres::Client::connect(crate::server::url(), postgres::NoTls)?;
+    for before in 1..=3 {
+        events.truncate_stream("s", before)?;
+        let ended = admin.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )?;
+        assert!(!ended.is_empty(), "no connection of the store was found");
+        // Gone for sure before the next removal takes one from its pool.
+        let started = std::time::Instant::now();
+        while admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )?
+            .get::<_, i64>(0)
+            != 0
+        {
+            assert!(started.elapsed() < PATIENCE, "the ended connections stayed");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    events.delete_stream("s", Expected::Exact(4))?;
+    let read: Vec<u64> =
+        events.read_all().into_iter().map(|it| it.map(|it| it.data)).collect::<Result<_, _>>()?;
+    assert_eq!(read, Vec::<u64>::new(), "the stream is deleted");
+    assert_eq!(events.stream_version("s")?, None);
+    Ok(())
+}
+
+/// An error of the database says the database's reason, not only that it failed.
+#[test]
+fn a_database_error_says_the_database_s_reason() -> TestResult {
+    let base = crate::server::url();
+    let (server, _) = base.rsplit_once('/').ok_or("the server's URL names no database")?;
+    let missing = crate::server::unique("no_such_database");
+    let location = format!("{server}/{missing}?namespace=n");
+    match EventStore::<u64>::open(&location) {
+        Err(err @ Error::Database { .. }) => {
+            let text = err.to_string();
+            assert!(text.contains(&missing) && text.contains("does not exist"), "{text}");
+        }
+        other => return Err(format!("expected Error::Database, got {other:?}").into()),
+    }
+    Ok(())
+}

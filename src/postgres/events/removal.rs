@@ -11,7 +11,7 @@ use super::{DELETED, PgEvents, TOMBSTONED, lock_head};
 use crate::{
     Error, Result,
     events::{Compacted, batch::Rules, index::Life},
-    postgres::{Location, column, count, failed, i64_of},
+    postgres::{Location, broke, column, count, failed, i64_of},
 };
 
 impl PgEvents {
@@ -89,15 +89,25 @@ impl PgEvents {
     /// Changes the life of `stream` (what is removed of it, its retention rules)
     /// to what `decide` makes of it and of its next version, if anything. In a
     /// transaction that first locks the head, as appends do, and counts the
-    /// change in it (see [`Known`]). Not repeated when the connection breaks: the
-    /// change may then be made or not, and the caller is told.
+    /// change in it (see [`Known`]). A connection found broken before the commit
+    /// was asked for (a pooled one the server closed meanwhile) changed nothing:
+    /// the transaction runs again on a new one. Not repeated when it breaks at the
+    /// commit: the change may then be made or not, and the caller is told.
     pub(crate) fn change_life(
         &self,
         stream: &str,
-        decide: impl FnOnce(Life, u64) -> Result<Option<Life>>,
+        decide: impl Fn(Life, u64) -> Result<Option<Life>>,
     ) -> Result<()> {
         let mut client = self.take_reader()?;
-        let res = change_life_in(&mut client, &self.location, stream, decide);
+        let mut committing = false;
+        let mut res = change_life_in(&mut client, &self.location, stream, &decide, &mut committing);
+        if let Err(err) = &res
+            && !committing
+            && broke(err, &client)
+        {
+            client = self.location.connect()?;
+            res = change_life_in(&mut client, &self.location, stream, &decide, &mut committing);
+        }
         self.put_back(client);
         res
     }
@@ -193,12 +203,14 @@ fn life_of(location: &Location, row: &Row, stream: &str) -> Result<(Life, u64)> 
     Ok((Life { floor, deleted, tombstoned, rules }, next))
 }
 
-/// [`PgEvents::change_life`] on `client`.
+/// [`PgEvents::change_life`] on `client`; raises `committing` when it asks for
+/// the commit.
 fn change_life_in(
     client: &mut Client,
     location: &Location,
     stream: &str,
-    decide: impl FnOnce(Life, u64) -> Result<Option<Life>>,
+    decide: impl Fn(Life, u64) -> Result<Option<Life>>,
+    committing: &mut bool,
 ) -> Result<()> {
     let namespace = location.namespace();
     let mut tx = client.transaction().map_err(failed(location, "begin a removal"))?;
@@ -245,5 +257,6 @@ fn change_life_in(
     .map_err(failed(location, "change a stream's life"))?;
     tx.execute(COUNT_REMOVAL, &[&namespace])
         .map_err(failed(location, "count a removal in the head"))?;
+    *committing = true;
     tx.commit().map_err(failed(location, "commit a removal"))
 }
