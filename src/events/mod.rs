@@ -402,6 +402,12 @@ impl<E> EventStoreBuilder<E> {
     }
 
     /// What to do about damage in the journal; [`Recovery::Strict`] by default.
+    ///
+    /// It applies to what opening reads: the journal from the last checkpoint on.
+    /// Damage in what a checkpoint covers is not read at open: each read that
+    /// reaches it fails with [`Error::JournalCorrupt`] naming the file and byte
+    /// offset, and [`RawEventsBuilder::verify`] (the tool's `verify`) finds it
+    /// beforehand.
     pub fn recovery(mut self, recovery: Recovery) -> Self {
         self.recovery = recovery;
         self
