@@ -248,6 +248,9 @@ fn kill_and_freeze() -> TestResult {
         }
     }
     acks.for_a_while(writer.0, &writer.1, Duration::from_millis(100))?;
+    // The standby first: once the writer is gone, it would take the lease over
+    // and hold it while the check waits for it.
+    acks.kill(standby.0, &mut standby.1)?;
     acks.kill(writer.0, &mut writer.1)?;
     let (_, stderr) = thawed.finish();
     assert!(stderr.is_empty(), "the thawed writer failed: {stderr}");
