@@ -419,6 +419,9 @@ pub(crate) trait ErasedCell: Send + Sync {
     ) -> Result<Option<u64>, postcard::Error>;
     /// The structure of the cell's type, if it can be traced.
     fn shape(&self) -> Option<Arc<Shape>>;
+    /// The old type of the migration that reads a value of schema version
+    /// `schema`, and its structure if it can be traced; `None` without one.
+    fn migration_of(&self, schema: u32) -> Option<(&'static str, Option<Shape>)>;
     /// Decodes a value saved with schema version `schema`, migrating it if older.
     fn decode(&self, bytes: &[u8], schema: u32) -> Result<Install<'_>, DecodeFault>;
 }
@@ -458,6 +461,11 @@ impl<T: Value> ErasedCell for StateCell<T> {
 
     fn shape(&self) -> Option<Arc<Shape>> {
         shape_of::<T>()
+    }
+
+    fn migration_of(&self, schema: u32) -> Option<(&'static str, Option<Shape>)> {
+        let migration = self.options.migrations.iter().find(|it| it.version() == schema)?;
+        Some((migration.old_type(), migration.old_shape()))
     }
 
     fn encode_if_changed(

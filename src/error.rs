@@ -88,10 +88,13 @@ pub enum Error {
     },
     /// A saved value was written for another type than the cell's current one: one
     /// of another name, or of the same name and schema version whose structure has
-    /// changed since (a field's type, say), which would misread it.
+    /// changed since (a field's type, say), which would misread it. Also a value of
+    /// an older schema version whose structure is not that of the old type its
+    /// migration reads (`expected_type` is then that old type).
     #[error(
-        "cell `{cell}` holds a saved `{stored_type}` (schema v{stored_schema}), but the cell's type is `{expected_type}` (schema v{expected_schema}){}",
-        Migrate { changes, stored_schema: *stored_schema }
+        "cell `{cell}` holds a saved `{stored_type}` (schema v{stored_schema}), but {}{}",
+        Expected { type_name: expected_type, schema: *expected_schema, stored_schema: *stored_schema },
+        Migrate { changes, stored_schema: *stored_schema, migrated: stored_schema < expected_schema }
     )]
     #[non_exhaustive]
     TypeMismatch {
@@ -101,7 +104,8 @@ pub enum Error {
         stored_type: String,
         /// The schema version recorded when the value was saved.
         stored_schema: u32,
-        /// The cell's current type.
+        /// The cell's current type (or, for a value of an older schema version, the
+        /// old type its migration reads).
         expected_type: String,
         /// The cell's current schema version.
         expected_schema: u32,
@@ -144,7 +148,8 @@ pub enum Error {
         cell: String,
         /// The type name recorded when the value was saved.
         stored_type: String,
-        /// The cell's current type.
+        /// The cell's current type (or, for a value of an older schema version, the
+        /// old type its migration reads).
         expected_type: String,
         /// What the decoder reported.
         #[source]
@@ -878,10 +883,19 @@ impl std::error::Error for StorageError {
 struct Migrate<'a> {
     changes: &'a [String],
     stored_schema: u32,
+    /// Whether the value is read through a migration.
+    migrated: bool,
 }
 
 impl fmt::Display for Migrate<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.migrated {
+            return write!(
+                f,
+                ", whose structure is not the one saved ({}); reading it so would misread it: that migration must read the type the value was saved as",
+                self.changes.join("; ")
+            );
+        }
         if self.changes.is_empty() {
             return f.write_str(
                 "; to change a cell's type, bump its schema version and add a migration from the old type",
@@ -893,6 +907,25 @@ impl fmt::Display for Migrate<'_> {
             ", whose structure changed ({}); reading it as the new structure would misread it: keep the old type, and bump the cell's schema version with a migration from it (`#[version = {new}]` and `#[migrate({old} => from_v{old})]`, or `CellOptions::version` and `Migration::new`)",
             self.changes.join("; ")
         )
+    }
+}
+
+/// What a saved value of a cell was expected to be: the cell's type, or the old
+/// type of the migration that reads its schema version.
+struct Expected<'a> {
+    type_name: &'a str,
+    schema: u32,
+    stored_schema: u32,
+}
+
+impl fmt::Display for Expected<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Expected { type_name, schema, stored_schema } = self;
+        if stored_schema < schema {
+            write!(f, "the cell's migration to schema v{schema} reads it as `{type_name}`")
+        } else {
+            write!(f, "the cell's type is `{type_name}` (schema v{schema})")
+        }
     }
 }
 

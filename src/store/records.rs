@@ -147,21 +147,28 @@ impl Inner {
             .map_err(|fault| corrupt(self.engine_path(), format!("record: {fault}")))?;
         let record = Record::decode(&plain)
             .map_err(|fault| corrupt(self.engine_path(), fault.to_string()))?;
-        let mismatch = |changes: Vec<String>| Error::TypeMismatch {
+        let mismatch = |expected_type: &str, changes: Vec<String>| Error::TypeMismatch {
             cell: cell.name().to_owned(),
             stored_type: record.type_name.to_owned(),
             stored_schema: record.schema,
-            expected_type: cell.type_name().to_owned(),
+            expected_type: expected_type.to_owned(),
             expected_schema: cell.schema(),
             changes,
         };
         if record.schema == cell.schema() {
             if record.type_name != codec::stored_type_name(cell.type_name()) {
-                return Err(mismatch(Vec::new()));
+                return Err(mismatch(cell.type_name(), Vec::new()));
             }
             let changes = self.shape_changes(record.shape, cell)?;
             if !changes.is_empty() {
-                return Err(mismatch(changes));
+                return Err(mismatch(cell.type_name(), changes));
+            }
+        } else if let Some((old_type, Some(old))) = cell.migration_of(record.schema) {
+            // A migration trusts the version, not the name (a type may have moved),
+            // but the structure it reads must be the one saved.
+            let changes = self.migration_changes(record.shape, &old)?;
+            if !changes.is_empty() {
+                return Err(mismatch(old_type, changes));
             }
         }
         let value_bytes: Cow<'_, [u8]> = match record.body {
@@ -197,19 +204,39 @@ impl Inner {
         if stored == current.checksum() {
             return Ok(Vec::new());
         }
-        let key = codec::shape_key(stored);
-        let bytes = codec::join_value(&key, |key| self.backend.get(key))?;
-        let Some(old) = bytes.and_then(|bytes| Shape::decode(&bytes).ok()) else {
+        let Some(old) = self.stored_shape(stored)? else {
             return Ok(vec![format!(
                 "its structure is not the one the value was saved with ({current}), whose record this store does not hold"
             )]);
         };
-        let changes = Shape::differences(&old, &current);
-        if changes.is_empty() {
-            // Same structure under another checksum: an older encoding of shapes.
+        // Nothing when the same structure has another checksum: an older encoding
+        // of shapes.
+        Ok(Shape::differences(&old, &current))
+    }
+
+    /// What differs between the structure a value of an older schema version was
+    /// saved with (checksum `stored`) and `old`, that of the type its migration
+    /// reads; nothing when the saved one is unknown.
+    fn migration_changes(&self, stored: Option<u32>, old: &Shape) -> Result<Vec<String>> {
+        let Some(stored) = stored.filter(|crc| *crc != 0) else { return Ok(Vec::new()) };
+        if stored == old.checksum() {
             return Ok(Vec::new());
         }
-        Ok(changes)
+        let Some(saved) = self.stored_shape(stored)? else {
+            return Ok(vec![format!(
+                "the structure the migration reads ({old}) is not the one the value was saved with, whose record this store does not hold"
+            )]);
+        };
+        // The old type is often kept under a new name beside the new one: its
+        // containers are paired by place.
+        Ok(Shape::differences(&saved, &old.renamed_like(&saved)))
+    }
+
+    /// The structure recorded under checksum `crc`, if the store holds it.
+    fn stored_shape(&self, crc: u32) -> Result<Option<Shape>> {
+        let key = codec::shape_key(crc);
+        let bytes = codec::join_value(&key, |key| self.backend.get(key))?;
+        Ok(bytes.and_then(|bytes| Shape::decode(&bytes).ok()))
     }
 
     /// Reads and opens value file `id` of the record stored under `key`; `cell` names

@@ -182,6 +182,39 @@ fn adding_a_field_needs_a_version_bump_whose_migration_fills_the_default() -> Te
     Ok(())
 }
 
+/// A migration reads the bytes of its version as its old type: a value saved as
+/// another type (here `u64`, read through a migration from `i64`, where 3 would
+/// come back as -2) is refused, naming the cell, the saved type and the one the
+/// migration reads, and nothing changes.
+#[test]
+fn a_migration_whose_old_type_is_not_the_saved_one_is_refused_not_misread() -> TestResult {
+    fn from_signed(old: i64) -> i64 {
+        old
+    }
+    static SAVED: StateCell<u64> = StateCell::new("schema::wrong_old::CELL", || 3);
+    static MIGRATED: StateCell<i64> = StateCell::with_options(
+        "schema::wrong_old::CELL",
+        || 0,
+        CellOptions::new().version(2).migrations(&[&Migration::new(1, from_signed)]),
+    );
+    let dir = tempfile::tempdir()?;
+    Store::builder().cell(&SAVED).open(dir.path())?.save_all()?;
+    match Store::builder().cell(&MIGRATED).open(dir.path()) {
+        Err(err @ Error::TypeMismatch { .. }) => {
+            let text = err.to_string();
+            for part in ["schema::wrong_old::CELL", "u64", "i64", "migration"] {
+                assert!(text.contains(part), "{part} is not in: {text}");
+            }
+        }
+        other => return Err(format!("expected TypeMismatch, got {other:?}").into()),
+    }
+    assert_eq!(MIGRATED.get(), 0, "nothing was installed");
+    // The store still holds the saved value, for the right program.
+    let _store = Store::builder().cell(&SAVED).open(dir.path())?;
+    assert_eq!(SAVED.get(), 3);
+    Ok(())
+}
+
 #[test]
 fn a_renamed_cell_finds_its_value_under_the_old_name_and_moves_it() -> TestResult {
     static OLD_NAME: StateCell<Vec<u8>> = StateCell::new("schema::alias::old::QUEUE", Vec::new);
