@@ -484,6 +484,9 @@ fn read_export(io: &crate::io::Io, path: &Path, sealed: bool) -> Result<Vec<Impo
         )));
     }
     let [flag] = take::<1>(&mut reader).map_err(truncated)?;
+    if 1 < flag {
+        return Err(bad(&format!("its encryption flag is {flag}, neither 0 nor 1")));
+    }
     if (flag == 1) != sealed {
         return Err(Error::Encryption { path: path.to_path_buf(), encrypted: flag == 1 });
     }
@@ -491,13 +494,26 @@ fn read_export(io: &crate::io::Io, path: &Path, sealed: bool) -> Result<Vec<Impo
     let _exported_at = u64::from_be_bytes(take(&mut reader).map_err(truncated)?);
     let count = u32::from_be_bytes(take(&mut reader).map_err(truncated)?);
     let mut entries = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
     for _ in 0..count {
         let name = take_bytes16(&mut reader).map_err(truncated)?;
         let name = String::from_utf8(name).map_err(|_| bad("a cell name is not UTF-8"))?;
+        // An export writes each cell once: a second entry would leave the store
+        // two records for one save.
+        if !names.insert(name.clone()) {
+            return Err(bad(&format!("cell `{name}` comes twice")));
+        }
         let record = take_bytes64(&mut reader).map_err(truncated)?;
         let file = take_bytes64(&mut reader).map_err(truncated)?;
         let file = (!file.is_empty()).then_some(file);
         entries.push(Imported { name, record, file });
+    }
+    let end = reader.stream_position().map_err(Error::io(path))?;
+    if end != len.saturating_sub(4) {
+        return Err(bad(&format!(
+            "{} bytes follow its last entry, before the checksum",
+            len.saturating_sub(4).saturating_sub(end)
+        )));
     }
     Ok(entries)
 }

@@ -117,6 +117,59 @@ fn export_and_import_move_a_snapshot_between_stores() -> TestResult {
     Ok(())
 }
 
+/// An export file whose checksum holds but whose content an export never has: a
+/// cell named twice (which would leave the store two records for one save), bytes
+/// after the last entry, an unknown encryption flag. Each is refused, naming what
+/// is wrong, and the store is left as it was.
+#[test]
+fn a_well_formed_export_that_no_export_writes_is_refused_and_changes_nothing() -> TestResult {
+    static DOUBLE: StateCell<u64> = StateCell::new("backup::double::DOUBLE", || 7);
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("double.export");
+    let store = Store::builder().cell(&DOUBLE).open(dir.path().join("store"))?;
+    store.save_all()?;
+    store.export_to(&file)?;
+    let good = fs::read(&file)?;
+    // Magic (17 bytes), version (2), flag (1), generation (8), time (8), count
+    // (4), the entries, and a CRC-32 of all that.
+    let (head, rest) = good.split_at(36);
+    let entries = rest.get(4..rest.len() - 4).ok_or("a short export")?;
+    let sealed = |head: &[u8], count: u32, entries: &[&[u8]]| {
+        let mut bytes = head.to_vec();
+        bytes.extend_from_slice(&count.to_be_bytes());
+        for entry in entries {
+            bytes.extend_from_slice(entry);
+        }
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_be_bytes());
+        bytes
+    };
+    let mut flagged = head.to_vec();
+    if let Some(flag) = flagged.get_mut(19) {
+        *flag = 7;
+    }
+    let cases = [
+        (sealed(head, 2, &[entries, entries]), "comes twice"),
+        (sealed(head, 0, &[entries]), "follow its last entry"),
+        (sealed(&flagged, 1, &[entries]), "encryption flag is 7"),
+    ];
+    DOUBLE.set(8);
+    for (bytes, reason) in cases {
+        fs::write(&file, bytes)?;
+        match store.import_from(&file) {
+            Err(err @ Error::BadExport { .. }) => {
+                assert!(err.to_string().contains(reason), "{reason}: {err}");
+            }
+            other => return Err(format!("{reason}: expected BadExport, got {other:?}").into()),
+        }
+        assert_eq!((DOUBLE.get(), store.generation()), (8, 1), "{reason}: the store changed");
+    }
+    drop(store);
+    let store = Store::builder().cell(&DOUBLE).open(dir.path().join("store"))?;
+    assert_eq!((DOUBLE.get(), store.generation()), (7, 1));
+    Ok(())
+}
+
 #[test]
 fn a_damaged_or_foreign_export_file_is_refused_and_changes_nothing() -> TestResult {
     static VALUE: StateCell<u64> = StateCell::new("backup::bad_export::VALUE", || 1);
