@@ -391,9 +391,43 @@ impl<T: fmt::Debug> fmt::Debug for RefMut<'_, T> {
     }
 }
 
-/// A decoded value waiting to be put into its cell; calling it does so and returns
-/// the cell's new change counter.
-pub(crate) type Install<'a> = Box<dyn FnOnce() -> u64 + Send + 'a>;
+/// A decoded value waiting to be put into its cell.
+pub(crate) type Install<'a> = Box<dyn Installing + 'a>;
+
+/// A decoded value waiting to be put into its cell, which it locks first.
+pub(crate) trait Installing: Send {
+    /// Takes the cell's write lock, and returns what puts the value in under it and
+    /// returns the cell's new change counter: at once, or `None` when someone holds
+    /// the lock and `wait` is false (the value then stays here).
+    fn lock(&mut self, wait: bool) -> Option<Box<dyn FnOnce() -> u64 + '_>>;
+    /// Waits until no one holds the cell's lock, and lets it go at once.
+    fn wait(&self);
+}
+
+/// The value decoded for `cell`, until it is put in.
+struct Waiting<'a, T: 'static> {
+    cell: &'a StateCell<T>,
+    value: Option<T>,
+}
+
+impl<T: Value> Installing for Waiting<'_, T> {
+    fn lock(&mut self, wait: bool) -> Option<Box<dyn FnOnce() -> u64 + '_>> {
+        let cell = self.cell;
+        if cell.value.get().is_none() {
+            // Never read: no one holds its lock; the value goes in as its first.
+            let value = self.value.take()?;
+            return Some(Box::new(move || cell.install(value)));
+        }
+        let lock = cell.lock();
+        let guard = if wait { lock.write() } else { lock.try_write()? };
+        let value = self.value.take()?;
+        Some(Box::new(move || cell.install_under(guard, value)))
+    }
+
+    fn wait(&self) {
+        drop(self.cell.lock().write());
+    }
+}
 
 /// What a store needs of a cell, without knowing its type.
 pub(crate) trait ErasedCell: Send + Sync {
@@ -498,7 +532,7 @@ impl<T: Value> ErasedCell for StateCell<T> {
                     .map_err(DecodeFault::Codec)?
             }
         };
-        Ok(Box::new(move || self.install(value)))
+        Ok(Box::new(Waiting { cell: self, value: Some(value) }))
     }
 }
 
@@ -512,7 +546,12 @@ impl<T> StateCell<T> {
             Ok(()) => return seq,
             Err(lock) => lock.into_inner(),
         };
-        let mut guard = self.lock().write();
+        self.install_under(self.lock().write(), value)
+    }
+
+    /// Puts `value` into the cell under its write lock `guard`; returns the cell's
+    /// new change counter.
+    fn install_under(&self, mut guard: RwLockWriteGuard<'_, T>, value: T) -> u64 {
         let old = std::mem::replace(&mut *guard, value);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         drop(guard);

@@ -8,6 +8,8 @@ use std::{
     path::PathBuf,
 };
 
+use parking_lot::MutexGuard;
+
 use super::{Inner, State};
 use crate::{
     Error, Result, Store,
@@ -85,16 +87,31 @@ impl Store {
 impl Inner {
     /// Decodes every cell's value in `target` (the stored records if `None`) and
     /// installs them all, or none.
-    pub(super) fn restore(&self, state: &mut State, target: Option<&Named>) -> Result<()> {
-        let mut decoded = self.decode_all(target.unwrap_or(&state.current), Missing::Fail)?;
-        if let Some(target) = target {
-            for it in &mut decoded {
-                let name = self.cells.get(it.cell_idx).map(|cell| cell.name());
-                it.stale |= target.get(&it.key) != name.and_then(|name| state.current.get(name));
+    ///
+    /// It waits for no cell's lock while it holds the store's lock and the gate of
+    /// `atomically`: a thread holding a cell's guard may be waiting for either (a
+    /// save, an `atomically` block). When a cell is held, it lets both go, waits
+    /// for that cell, and starts again (from the records as they are then).
+    pub(super) fn restore(
+        &self,
+        state: &mut MutexGuard<'_, State>,
+        target: Option<&Named>,
+    ) -> Result<()> {
+        loop {
+            let mut decoded = self.decode_all(target.unwrap_or(&state.current), Missing::Fail)?;
+            if let Some(target) = target {
+                for it in &mut decoded {
+                    let name = self.cells.get(it.cell_idx).map(|cell| cell.name());
+                    it.stale |=
+                        target.get(&it.key) != name.and_then(|name| state.current.get(name));
+                }
             }
+            let Err(held) = self.put(state, &mut decoded, false) else { return Ok(()) };
+            if let Some(it) = decoded.get(held) {
+                MutexGuard::unlocked(state, || it.install.wait());
+            }
+            self.check_poisoned(state)?;
         }
-        self.install(state, decoded);
-        Ok(())
     }
 
     pub(super) fn decode_all(
@@ -296,23 +313,51 @@ impl Inner {
     /// Installs decoded values. A cell comes out clean (its stored value is the one
     /// installed) unless the value is stale or was found under an alias, which the
     /// next save then writes under the cell's own name.
-    pub(super) fn install(&self, state: &mut State, decoded: Vec<Decoded<'_>>) {
+    /// Each cell's lock is waited for in turn.
+    pub(super) fn install(&self, state: &mut State, mut decoded: Vec<Decoded<'_>>) {
+        // Waiting, it installs all.
+        let _ = self.put(state, &mut decoded, true);
+    }
+
+    /// Installs `decoded` under the gate: waiting for each cell's lock in turn
+    /// (`wait`), or taking every cell's lock first without waiting, then installing
+    /// all; the index of a cell someone holds, when none was installed.
+    fn put(&self, state: &mut State, decoded: &mut [Decoded<'_>], wait: bool) -> Result<(), usize> {
         let _exclusive = exclusive();
-        for Decoded { cell_idx, install, key, stale } in decoded {
-            let seq = install();
-            let Some(cell) = self.cells.get(cell_idx) else { continue };
-            let renamed = key != cell.name();
-            if let Some(slot) = state.saved.get_mut(cell_idx) {
-                *slot = (!stale && !renamed).then_some(seq);
-            }
-            if stale || renamed {
-                state.pending.insert(cell_idx);
+        let marks: Vec<(usize, String, bool)> =
+            decoded.iter().map(|it| (it.cell_idx, it.key.clone(), it.stale)).collect();
+        let mut puts = Vec::with_capacity(decoded.len());
+        for (k, it) in decoded.iter_mut().enumerate() {
+            let Some(put) = it.install.lock(wait) else { return Err(k) };
+            if wait {
+                // Installed at once: no lock held while the next is waited for.
+                let (cell_idx, key, again) = marks.get(k).cloned().unwrap_or_default();
+                self.mark(state, cell_idx, key, again, put());
             } else {
-                state.pending.remove(&cell_idx);
+                puts.push(put);
             }
-            if let Some(slot) = state.renamed.get_mut(cell_idx) {
-                *slot = renamed.then_some(key);
-            }
+        }
+        for (put, (cell_idx, key, again)) in puts.into_iter().zip(marks) {
+            self.mark(state, cell_idx, key, again, put());
+        }
+        Ok(())
+    }
+
+    /// Records that cell `cell_idx` holds the value stored under `key` (`again` if
+    /// it must be written again), installed at change counter `seq`.
+    fn mark(&self, state: &mut State, cell_idx: usize, key: String, again: bool, seq: u64) {
+        let Some(cell) = self.cells.get(cell_idx) else { return };
+        let renamed = key != cell.name();
+        if let Some(slot) = state.saved.get_mut(cell_idx) {
+            *slot = (!again && !renamed).then_some(seq);
+        }
+        if again || renamed {
+            state.pending.insert(cell_idx);
+        } else {
+            state.pending.remove(&cell_idx);
+        }
+        if let Some(slot) = state.renamed.get_mut(cell_idx) {
+            *slot = renamed.then_some(key);
         }
     }
 

@@ -317,3 +317,57 @@ fn a_save_may_run_while_its_thread_holds_a_read_guard() -> TestResult {
     assert_eq!(CELL.get(), 1, "the save did not take the value seen under the guard");
     Ok(())
 }
+
+/// A reload (or a revert) waits for a cell that a thread reads, without holding
+/// what that thread may wait for next: the store (a save) or the gate (an
+/// `atomically` block). Both orders finish; before, the reload held both while
+/// it waited for the cell, and every store of the process stopped with them.
+#[test]
+fn a_reload_waits_for_a_read_guard_whose_thread_saves_or_runs_atomically() -> TestResult {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+    static FIRST: StateCell<u64> = StateCell::new("save_reload::reload_guard::FIRST", || 1);
+    static SECOND: StateCell<u64> = StateCell::new("save_reload::reload_guard::SECOND", || 1);
+    let store = Store::builder().cell(&FIRST).cell(&SECOND).in_memory()?;
+    store.save_all()?;
+    for atomic in [false, true] {
+        SECOND.set(5);
+        let (done, finished) = std::sync::mpsc::channel();
+        let (held, guarded) = std::sync::mpsc::channel();
+        // A thread reads `FIRST`, then saves (or runs `atomically`) with the
+        // guard still held; meanwhile another reloads.
+        let saving = store.clone();
+        let reader_done = done.clone();
+        let reader = std::thread::spawn(move || {
+            let guard = FIRST.read();
+            let _ = held.send(());
+            // Time for the reload to find the cell held (the test passes either way).
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let saved = if atomic {
+                instastate::atomically(|| SECOND.update(|it| *it += 1));
+                Ok(())
+            } else {
+                saving.save_all()
+            };
+            drop(guard);
+            let _ = reader_done.send(saved);
+        });
+        guarded.recv_timeout(PATIENCE).map_err(|_| "the reader did not start")?;
+        let reloading = store.clone();
+        let reload = std::thread::spawn(move || {
+            let _ = done.send(reloading.reload_all());
+        });
+        for _ in 0..2 {
+            let finished = finished
+                .recv_timeout(PATIENCE)
+                .map_err(|_| format!("the reload and the save are stuck (atomically: {atomic})"))?;
+            finished?;
+        }
+        reader.join().map_err(|_| "the reader panicked")?;
+        reload.join().map_err(|_| "the reload panicked")?;
+        // A save ran first (it took what `SECOND` held) or the reload did (it
+        // brought back the last save's value).
+        let second = SECOND.get();
+        assert!([1, 5, 6].contains(&second), "atomically: {atomic}, second: {second}");
+    }
+    Ok(())
+}
