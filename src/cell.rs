@@ -526,9 +526,10 @@ impl<T: Value> ErasedCell for StateCell<T> {
             std::cmp::Ordering::Less => {
                 let migrations = self.options.migrations.iter();
                 let migration = migrations.into_iter().find(|it| it.version() == schema);
-                migration
-                    .ok_or(DecodeFault::NoMigration)?
-                    .migrate(bytes)
+                let migration = migration.ok_or(DecodeFault::NoMigration)?;
+                // The user's code: its panic is an error of the open or reload.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| migration.migrate(bytes)))
+                    .map_err(|_| DecodeFault::Panicked)?
                     .map_err(DecodeFault::Codec)?
             }
         };

@@ -330,17 +330,17 @@ pub enum Error {
         /// The program's current schema version of that type.
         current: u32,
     },
-    /// A migration of a journaled event or a snapshot's state from an older schema
-    /// version panicked. Nothing was changed.
+    /// A migration of a journaled event, a snapshot's state or a cell's saved value
+    /// from an older schema version panicked. Nothing was changed.
     #[error(
         "`{}`: the migration of {what} from schema v{from} panicked; nothing was changed",
         path.display()
     )]
     #[non_exhaustive]
     MigrationPanicked {
-        /// The journal directory or the snapshot.
+        /// The journal directory, the snapshot, or the store of the cell.
         path: PathBuf,
-        /// Which event, or the snapshot.
+        /// Which event, the snapshot, or the cell's value.
         what: String,
         /// The schema version it was migrating from.
         from: u32,

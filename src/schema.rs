@@ -238,4 +238,6 @@ pub(crate) enum DecodeFault {
     Newer,
     /// The value is of an older version that no migration reads.
     NoMigration,
+    /// The migration of the value from its older version panicked.
+    Panicked,
 }

@@ -201,6 +201,11 @@ impl Inner {
                 expected_type: cell.type_name().to_owned(),
                 source: CodecError::from(source),
             },
+            DecodeFault::Panicked => Error::MigrationPanicked {
+                path: self.label.clone(),
+                what: format!("the value of cell `{}`", cell.name()),
+                from: record.schema,
+            },
             DecodeFault::Newer | DecodeFault::NoMigration => Error::SchemaVersion {
                 cell: cell.name().to_owned(),
                 found: record.schema,

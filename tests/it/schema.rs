@@ -215,6 +215,35 @@ fn a_migration_whose_old_type_is_not_the_saved_one_is_refused_not_misread() -> T
     Ok(())
 }
 
+/// A migration is the program's code: its panic is an error of the open, naming
+/// the cell and the version, and the store is closed again, nothing changed.
+#[test]
+fn a_migration_that_panics_is_an_error_of_the_open_and_changes_nothing() -> TestResult {
+    fn refuse(old: u64) -> u64 {
+        assert!(old == 0, "cannot migrate {old}");
+        old
+    }
+    static SAVED: StateCell<u64> = StateCell::new("schema::panicky::CELL", || 3);
+    static MIGRATED: StateCell<u64> = StateCell::with_options(
+        "schema::panicky::CELL",
+        || 0,
+        CellOptions::new().version(2).migrations(&[&Migration::new(1, refuse)]),
+    );
+    let dir = tempfile::tempdir()?;
+    Store::builder().cell(&SAVED).open(dir.path())?.save_all()?;
+    match Store::builder().cell(&MIGRATED).open(dir.path()) {
+        Err(err @ Error::MigrationPanicked { from: 1, .. }) => {
+            assert!(err.to_string().contains("schema::panicky::CELL"), "{err}");
+        }
+        other => return Err(format!("expected MigrationPanicked, got {other:?}").into()),
+    }
+    assert_eq!(MIGRATED.get(), 0, "nothing was installed");
+    // Closed again at once: the same process opens it.
+    let store = Store::builder().cell(&SAVED).open(dir.path())?;
+    assert_eq!((SAVED.get(), store.generation()), (3, 1));
+    Ok(())
+}
+
 #[test]
 fn a_renamed_cell_finds_its_value_under_the_old_name_and_moves_it() -> TestResult {
     static OLD_NAME: StateCell<Vec<u8>> = StateCell::new("schema::alias::old::QUEUE", Vec::new);
