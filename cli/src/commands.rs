@@ -381,10 +381,27 @@ fn builder(args: &StoreArgs) -> Result<StoreBuilder, Failure> {
 
 /// The key in the key file `args` names, if it names one.
 pub(crate) fn read_key(args: &StoreArgs) -> Result<Option<EncryptionKey>, Failure> {
+    /// Far more than a key takes, in any of its forms.
+    const MOST: u64 = 4096;
     let Some(path) = &args.key_file else { return Ok(None) };
-    let contents = fs::read(path).map_err(|err| {
-        Failure::Message(format!("cannot read key file {}: {err}", path.display()))
-    })?;
+    let cannot =
+        |err: &dyn std::fmt::Display| format!("cannot read key file {}: {err}", path.display());
+    // Not a device or a pipe, which could hang the tool or never end.
+    let meta = fs::metadata(path).map_err(|err| Failure::Message(cannot(&err)))?;
+    if !meta.is_file() {
+        return Err(Failure::Message(cannot(&"it is not a regular file")));
+    }
+    let mut contents = Vec::new();
+    fs::File::open(path)
+        .and_then(|file| {
+            use std::io::Read;
+            file.take(MOST + 1).read_to_end(&mut contents)
+        })
+        .map_err(|err| Failure::Message(cannot(&err)))?;
+    if MOST < contents.len() as u64 {
+        let reason = format!("it holds more than {MOST} bytes, far more than a key");
+        return Err(Failure::Message(cannot(&reason)));
+    }
     let bytes = key::parse(&contents)
         .map_err(|reason| Failure::Message(format!("key file {}: {reason}", path.display())))?;
     Ok(Some(EncryptionKey::from_bytes(bytes)))

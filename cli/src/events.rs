@@ -98,19 +98,23 @@ pub(crate) fn read(args: &ReadArgs, out: &mut impl Write) -> Result<ExitCode, Fa
     if let Some(from) = args.from {
         read = read.from(from);
     }
-    if let Some(limit) = args.limit {
-        read = read.limit(limit);
-    }
     if let Some(event_type) = &args.event_type {
         read = read.of_type(event_type);
     }
     if let Some(prefix) = &args.prefix {
         read = read.stream_prefix(prefix);
     }
+    // The limit counts the events shown: removed ones are passed over unless asked
+    // for, so the read's own limit would count them too.
+    let mut left = args.limit;
     for event in read {
+        if left == Some(0) {
+            break;
+        }
         let event = event?;
         if args.removed || !event.removed {
             show(&raw, &event, args.json, out)?;
+            left = left.map(|left| left - 1);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -232,6 +232,41 @@ enum Failure {
 /// An error and its chain of causes, one per line.
 struct Chain<'a>(&'a dyn std::error::Error);
 
+/// Standard output for `verify`, whose exit status says whether the store is
+/// sound: a reader that went away (`verify | head -1`) takes the rest of the
+/// report with it, not the status.
+struct Unheard<W> {
+    out: W,
+    /// Whether the reader went away.
+    gone: bool,
+}
+
+impl<W: io::Write> io::Write for Unheard<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.gone {
+            return Ok(buf.len());
+        }
+        match self.out.write(buf) {
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
+                self.gone = true;
+                Ok(buf.len())
+            }
+            other => other,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.out.flush() {
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
+                self.gone = true;
+                Ok(())
+            }
+            other if !self.gone => other,
+            _ => Ok(()),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command) {
@@ -250,7 +285,7 @@ fn run(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::List(args) => commands::list(&args, out),
         Command::History(args) => commands::history(&args, out),
-        Command::Verify(args) => commands::verify(&args, out),
+        Command::Verify(args) => commands::verify(&args, &mut Unheard { out, gone: false }),
         Command::Read(args) => events::read(&args, out),
         Command::Follow(args) => events::follow(&args, out),
         Command::Export { store, file } => commands::export(&store, &file, out),

@@ -199,6 +199,15 @@ fn verify_finds_a_damaged_value_file_and_exits_1() -> TestResult {
     assert!(run.stdout.contains("cli::flipped::BIG"), "the damaged cell is named: {run:?}");
     assert!(!run.stdout.contains("cli::flipped::SMALL"), "{run:?}");
     assert!(run.stdout.contains("is NOT sound: 1 problem"), "{run:?}");
+    // A reader that went away (`verify | head -1`) takes the report, not the status.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_instastate"))
+        .args([OsStr::new("verify"), dir.path().as_os_str()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    let status = child.wait()?;
+    assert_eq!(status.code(), Some(1), "verify into a closed pipe: {status}");
     Ok(())
 }
 
@@ -450,6 +459,16 @@ fn an_encrypted_store_needs_its_key_file() -> TestResult {
     let run = check("list", &store_dir, &[OsStr::new("--key-file"), bad_file.as_os_str()])?;
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("32 raw bytes or 64 hex digits"), "{run:?}");
+    // A device or an endless file is refused at once, never read whole.
+    let huge = dir.path().join("huge.key");
+    fs::write(&huge, vec![b'0'; 1 << 20])?;
+    for (file, reason) in
+        [(huge.as_os_str(), "more than 4096 bytes"), (OsStr::new("/dev/zero"), "regular file")]
+    {
+        let run = check("list", &store_dir, &[OsStr::new("--key-file"), file])?;
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(run.stderr.contains(reason), "{reason}: {run:?}");
+    }
     Ok(())
 }
 

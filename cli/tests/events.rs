@@ -708,6 +708,11 @@ fn removed_events_are_left_out_unless_asked_for_and_commands_verify() -> TestRes
     let json = json_lines(&all.stdout)?;
     let removed: Vec<bool> = json.iter().map(|it| it["removed"] == true).collect();
     assert_eq!(removed, [true, true, false, false], "{}", all.stdout);
+    // A limit counts the events shown, not the removed ones passed over.
+    let limited = check("read", dir.path(), &["--limit", "1"])?;
+    assert_eq!(limited.stdout.lines().collect::<Vec<_>>(), [first], "{limited:?}");
+    let stream = check("read", dir.path(), &["cart-2", "--limit", "1"])?;
+    assert_eq!(stream.stdout.lines().collect::<Vec<_>>(), [first], "{stream:?}");
     let verify = check("verify", dir.path(), &[])?;
     assert_eq!(verify.code, Some(0), "{verify:?}");
     Ok(())
