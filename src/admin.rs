@@ -289,10 +289,23 @@ impl Store {
         io.sync_dir(parent).map_err(Error::io(parent))
     }
 
+    /// The names of the journaled cells the store holds: those it was opened with,
+    /// and those whose journals its directory keeps (a store opened without its
+    /// journaled cells, as the tool opens one, still lists them). Their state is in
+    /// their journals, not in the store's saves.
+    #[must_use]
+    pub fn journaled_cells(&self) -> Vec<String> {
+        self.inner.journaled_names().into_iter().collect()
+    }
+
     /// Writes the store's last save to one portable file at `path`: every stored
     /// value (claimed or not) with its name, type name and schema version, in a
     /// versioned format with a checksum. The file replaces `path` atomically.
     /// An encrypted store's export stays encrypted, and imports only with its key.
+    ///
+    /// The journaled cells ([`journaled_cells`](Self::journaled_cells)) are not
+    /// in it: their journals hold their state, which
+    /// [`backup_to`](Self::backup_to) copies.
     ///
     /// # Errors
     /// [`Error::Io`] when writing fails; [`Error::Corrupt`] when a stored value is

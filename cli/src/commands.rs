@@ -237,6 +237,20 @@ pub(crate) fn export(
         args.shown(),
         file.display()
     )?;
+    let journaled = store.journaled_cells();
+    if !journaled.is_empty() {
+        let names: Vec<String> = journaled.iter().map(|name| format!("`{name}`")).collect();
+        writeln!(
+            out,
+            "note: not in the export: the journaled {} {}, whose state {} in {} journal{} (copy the store's directory to keep {})",
+            if names.len() == 1 { "cell" } else { "cells" },
+            names.join(", "),
+            if names.len() == 1 { "is" } else { "are" },
+            if names.len() == 1 { "its" } else { "their" },
+            if names.len() == 1 { "" } else { "s" },
+            if names.len() == 1 { "it" } else { "them" },
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

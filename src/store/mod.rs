@@ -299,6 +299,18 @@ impl Inner {
         &self.label
     }
 
+    /// The names of the journaled cells the store holds: those it opened with, and
+    /// those whose journals its directory keeps.
+    pub(crate) fn journaled_names(&self) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> =
+            self.journaled.iter().map(|cell| cell.name().to_owned()).collect();
+        if let Ok(entries) = std::fs::read_dir(self.label.join(crate::journaled::JOURNALS_DIR)) {
+            let found = entries.filter_map(|entry| entry.ok()?.file_name().into_string().ok());
+            names.extend(found.filter_map(|escaped| crate::journaled::cell_name_of(&escaped)));
+        }
+        names
+    }
+
     /// The file system the store works through.
     pub(crate) fn io(&self) -> &Io {
         &self.io

@@ -310,3 +310,27 @@ fn a_backup_refuses_a_cell_whose_event_panicked_half_way() -> TestResult {
     assert!(matches!(err, Error::Poisoned { .. }), "{err}");
     Ok(())
 }
+
+/// The journaled cells are named by the store, also when it is opened without
+/// them (as the tool opens one): an export does not hold them.
+#[test]
+fn a_store_names_its_journaled_cells_which_an_export_leaves_to_their_journals() -> TestResult {
+    static LISTED: StateCell<Ledger> = StateCell::with_options(
+        "it::journaled::LISTED",
+        Ledger::default,
+        CellOptions::new().journaled(),
+    );
+    static BESIDE: StateCell<u8> = StateCell::new("it::journaled::LISTED_BESIDE", || 4);
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::builder().cell(&LISTED).cell(&BESIDE).open(dir.path())?;
+        LISTED.handle(7)??;
+        store.save_all()?;
+        assert_eq!(store.journaled_cells(), ["it::journaled::LISTED"]);
+    }
+    let store = Store::builder().cell(&BESIDE).open(dir.path())?;
+    assert_eq!(store.journaled_cells(), ["it::journaled::LISTED"]);
+    let names: Vec<String> = store.stored_cells().into_iter().map(|it| it.name).collect();
+    assert_eq!(names, ["it::journaled::LISTED_BESIDE"]);
+    Ok(())
+}
