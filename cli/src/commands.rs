@@ -91,6 +91,9 @@ pub(crate) fn list(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, F
 /// `history`: a table of the saves the history keeps; for a journal, how far its
 /// events and snapshot reach.
 pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    if !args.is_database() && holds_journal(&args.dir) && crate::events::is_event_store(&args.dir) {
+        return crate::events::history(args, out);
+    }
     if let Some(inspected) = inspect_journal(args)? {
         let report = inspected?;
         let snapshot = report.snapshot.map_or_else(
@@ -439,6 +442,9 @@ fn check_is_store(args: &StoreArgs) -> Result<(), Absent> {
         "the directory does not exist"
     } else if !dir.is_dir() {
         "it is not a directory"
+    } else if holds_journal(dir) && crate::events::is_event_store(dir) {
+        "the directory holds an event store, not a store of cells; \
+         `list`, `read`, `follow` and `verify` look into it"
     } else if holds_journal(dir) {
         "the directory holds a journal of events (a Prevayler directory), not a store; \
          `list`, `history` and `verify` look into it"

@@ -235,6 +235,27 @@ fn builder(args: &StoreArgs) -> Result<RawEventsBuilder, Failure> {
     })
 }
 
+/// Whether the directory `dir`, which holds journal files, is an event store's (not
+/// a Prevayler directory's): looked at without a lock, and without a key.
+pub(crate) fn is_event_store(dir: &Path) -> bool {
+    let opened = RawEvents::builder().locking(Locking::Never).open(dir);
+    !matches!(opened, Err(Error::NotAnEventStore { .. }))
+}
+
+/// `history` of an event store, which keeps no history of saves: what it holds.
+pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
+    let raw = open(args, Locking::Never)?;
+    let (events, streams) = (raw.head().get(), raw.streams().len());
+    writeln!(
+        out,
+        "event store {}: {events} event{} appended, {streams} stream{}; an event store keeps no history of saves: `read` shows its events",
+        args.shown(),
+        if events == 1 { "" } else { "s" },
+        if streams == 1 { "" } else { "s" },
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Opens the event store `args` names, saying so when the directory holds none.
 fn open(args: &StoreArgs, locking: Locking) -> Result<RawEvents, Failure> {
     match builder(args)?.locking(locking).open(&args.dir) {
@@ -257,7 +278,11 @@ fn show(
     let data = raw.decode(event);
     if json {
         let (value, note) = match &data {
-            Ok(value) => (serde_json::to_value(value).ok(), None),
+            Ok(value) => match serde_json::to_value(value) {
+                Ok(value) => (Some(value), None),
+                // A number JSON cannot hold (past 64 bits), say: in hex, with why.
+                Err(err) => (None, Some(format!("the data cannot be written as JSON: {err}"))),
+            },
             Err(err) => (None, Some(err.to_string())),
         };
         let mut line = serde_json::json!({

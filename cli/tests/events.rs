@@ -477,7 +477,14 @@ fn reading_commands_change_no_file_of_an_event_store() -> TestResult {
     for command in ["list", "verify", "history"] {
         let run = check(command, &dir, &[])?;
         assert_eq!(run.code, Some(0), "{command}: {run:?}");
+        if command == "history" {
+            // An event store, not taken for a Prevayler journal.
+            assert!(run.stdout.starts_with("event store"), "{}", run.stdout);
+        }
     }
+    let export = check("export", &dir, &["out.export"])?;
+    assert_eq!(export.code, Some(2), "{export:?}");
+    assert!(export.stderr.contains("holds an event store"), "{}", export.stderr);
     let mut follower = spawn_follow(&dir, &["--from", "0"])?;
     let lines = collect(&mut follower, 7, Duration::from_secs(20))?;
     stop(&mut follower.child)?;
@@ -715,5 +722,24 @@ fn removed_events_are_left_out_unless_asked_for_and_commands_verify() -> TestRes
     assert_eq!(stream.stdout.lines().collect::<Vec<_>>(), [first], "{stream:?}");
     let verify = check("verify", dir.path(), &[])?;
     assert_eq!(verify.code, Some(0), "{verify:?}");
+    Ok(())
+}
+
+/// Data JSON cannot hold (an integer past 64 bits) is not given as `null` without
+/// a word: the line carries its bytes in hex and why.
+#[test]
+fn data_that_json_cannot_hold_is_given_in_hex_with_why() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let events = EventStore::<u128>::open(dir.path())?;
+        events.append("big", Expected::NoStream, [u128::MAX, 7])?;
+    }
+    let read = check("read", dir.path(), &["big", "--json"])?;
+    assert_eq!(read.code, Some(0), "{read:?}");
+    let json = json_lines(&read.stdout)?;
+    let [huge, small] = json.as_slice() else { return Err(read.stdout.into()) };
+    assert!(huge["data_note"].as_str().is_some_and(|it| it.contains("JSON")), "{huge}");
+    assert!(huge["data_hex"].is_string(), "{huge}");
+    assert_eq!(small["data"], 7, "{small}");
     Ok(())
 }
