@@ -216,11 +216,20 @@ impl Locator {
             let Some((first, path)) = files.iter().rev().find(|(first, _)| *first <= seq) else {
                 return Err(self.missing(seq, "no journal file holds it"));
             };
-            self.scan(*first, path, seq)?;
+            let damaged = self.scan(*first, path, seq)?;
             if let Some(found) = self.known(seq) {
                 return Ok(found);
             }
             if wrote {
+                // A whole frame that is not sound stopped the scan, again after
+                // everything was written out: damage, not a write in progress.
+                if let Some((offset, why)) = damaged {
+                    return Err(Error::JournalCorrupt {
+                        path: path.clone(),
+                        offset,
+                        reason: format!("{why}, before event {seq}"),
+                    });
+                }
                 return Err(self.missing(seq, "its journal file ends before it"));
             }
             write_out()?;
@@ -448,11 +457,12 @@ impl Locator {
     /// file's end or at bytes that are not a whole sound frame (a write in
     /// progress). The table may know frames after `seq` and not before: recovery
     /// records only the events after the checkpoint, which can start mid-file.
-    fn scan(&self, file: u64, path: &Path, seq: u64) -> Result<()> {
+    /// Returns where (and why) a whole frame that is not sound stopped it.
+    fn scan(&self, file: u64, path: &Path, seq: u64) -> Result<Option<Damage>> {
         let mut looks = 0;
         loop {
             let replaced = self.replaced.load(Ordering::Acquire);
-            let found = self.scan_once(file, path, seq)?;
+            let (found, damaged) = self.scan_once(file, path, seq)?;
             let mut frames = self.frames.lock();
             // A compaction that replaced a file meanwhile recorded its new offsets:
             // frames found maybe in the old file are not recorded over them, and
@@ -464,12 +474,12 @@ impl Locator {
             for (seq, offset) in found {
                 frames.record(file, seq, offset);
             }
-            return Ok(());
+            return Ok(damaged);
         }
     }
 
-    /// The frames `scan` finds, not recorded yet.
-    fn scan_once(&self, file: u64, path: &Path, seq: u64) -> Result<Vec<(u64, u64)>> {
+    /// The frames `scan` finds, not recorded yet, and the damage that stopped it.
+    fn scan_once(&self, file: u64, path: &Path, seq: u64) -> Result<Scanned> {
         let handle = self.io.open(path, Open::Read).map_err(Error::io(path))?;
         let before = usize::try_from(seq.saturating_sub(file)).unwrap_or(usize::MAX);
         let known = self.frames.lock().files.get(&file).and_then(|offsets| {
@@ -482,13 +492,13 @@ impl Locator {
             Some((file + k as u64, *offset))
         });
         if let Some((known_seq, offset)) = known {
-            let found = scan_frames(&handle, path, offset)?;
+            let scanned = scan_frames(&handle, path, offset)?;
             // A table made before a compaction rewrote the file (a checkpoint of an
             // earlier run, or a scan that raced the rewrite) has offsets of the old
             // file: the frame found there must be the one the table says, or the
             // file is scanned from its start.
-            if found.first() == Some(&(known_seq, offset)) {
-                return Ok(found);
+            if scanned.0.first() == Some(&(known_seq, offset)) {
+                return Ok(scanned);
             }
             self.frames.lock().files.remove(&file);
         }
@@ -506,9 +516,17 @@ fn header_len(handle: &IoFile, path: &Path) -> Result<u64> {
     }
 }
 
+/// Where a whole frame that is not sound is (its offset), and why.
+type Damage = (u64, &'static str);
+
+/// The events (number and offset) of the frames a scan found, and the damage that
+/// stopped it, if any.
+type Scanned = (Vec<(u64, u64)>, Option<Damage>);
+
 /// The events (number and offset) of the frames of journal file `handle` from
-/// `start` on, up to its end or to bytes that are not a whole sound frame.
-fn scan_frames(handle: &IoFile, path: &Path, mut start: u64) -> Result<Vec<(u64, u64)>> {
+/// `start` on, up to its end or to bytes that are not a whole sound frame (then
+/// also where those are, and why).
+fn scan_frames(handle: &IoFile, path: &Path, mut start: u64) -> Result<Scanned> {
     let mut buf = Vec::new();
     let file_len = handle.len().map_err(Error::io(path))?;
     let mut found = Vec::new();
@@ -537,8 +555,12 @@ fn scan_frames(handle: &IoFile, path: &Path, mut start: u64) -> Result<Vec<(u64,
             .map_or(0, |it| u32::from_le_bytes(it) as usize)
             .min(format::MAX_PAYLOAD as usize);
         if format::FRAME_HEAD <= rest.len() && format::FRAME_HEAD + frame_len <= rest.len() {
-            // A whole frame that is not sound: damage, which reading it reports.
-            break;
+            // A whole frame that is not sound: damage.
+            let why = match format::read_frame(&rest) {
+                Read::Bad(why) => why,
+                _ => "a frame is not sound",
+            };
+            return Ok((found, Some((start, why))));
         }
         // Never more than the file holds: a damaged length must not allocate.
         let left = usize::try_from(file_len.saturating_sub(start + rest.len() as u64))
@@ -551,7 +573,7 @@ fn scan_frames(handle: &IoFile, path: &Path, mut start: u64) -> Result<Vec<(u64,
         buf = rest;
         buf.extend_from_slice(&chunk);
     }
-    Ok(found)
+    Ok((found, None))
 }
 
 /// Where journal event `seq` is, if it follows the last frame `ahead` read, in

@@ -1166,6 +1166,23 @@ fn older_events_are_upcast_on_read_and_newer_ones_are_refused() -> TestResult {
     Ok(())
 }
 
+/// Flips a bit in the middle of the first journal file in `dir`; returns the file
+/// and the flipped byte's offset.
+fn flip_in_first_journal(dir: &std::path::Path) -> TestResult<(std::path::PathBuf, usize)> {
+    let journal = fs::read_dir(dir)?
+        .map(|entry| entry.map(|it| it.path()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|path| path.extension().is_some_and(|it| it == "log"))
+        .min()
+        .ok_or("no journal file")?;
+    let mut bytes = fs::read(&journal)?;
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    fs::write(&journal, &bytes)?;
+    Ok((journal, at))
+}
+
 #[test]
 fn damage_found_by_a_read_names_its_journal_file_and_offset() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -1177,17 +1194,7 @@ fn damage_found_by_a_read_names_its_journal_file_and_offset() -> TestResult {
     }
     // Damage that comes while the store is open is found by the read that meets it.
     let events = EventStore::<i64>::open(dir.path())?;
-    let journal = fs::read_dir(dir.path())?
-        .map(|entry| entry.map(|it| it.path()))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .filter(|path| path.extension().is_some_and(|it| it == "log"))
-        .min()
-        .ok_or("no journal file")?;
-    let mut bytes = fs::read(&journal)?;
-    let at = bytes.len() / 2;
-    bytes[at] ^= 0x10;
-    fs::write(&journal, &bytes)?;
+    let (journal, at) = flip_in_first_journal(dir.path())?;
     let res: Result<Vec<_>, _> = events.read_all().into_iter().collect();
     let Err(Error::JournalCorrupt { path, offset, .. }) = &res else {
         return Err(format!("a damaged frame was read: {res:?}").into());
@@ -1197,5 +1204,35 @@ fn damage_found_by_a_read_names_its_journal_file_and_offset() -> TestResult {
     assert!(*offset <= at as u64 && at as u64 - *offset < 200, "{res:?}");
     let res: Result<Vec<_>, _> = events.read_stream("n").into_iter().collect();
     assert!(matches!(&res, Err(Error::JournalCorrupt { path, .. }) if path == &journal), "{res:?}");
+    Ok(())
+}
+
+/// Damage in what a checkpoint covers is not read at open: the read that meets it
+/// names its journal file and the damaged frame's offset too (it named the
+/// directory, at byte 0, and took the damage for the file's end).
+#[test]
+fn damage_a_checkpoint_covers_is_named_by_the_read_that_meets_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let events = EventStore::<i64>::open(dir.path())?;
+        for n in 0..100 {
+            events.append("n", Expected::Any, [n])?;
+        }
+        events.checkpoint()?;
+        // In a new file: the damaged one is not the last, which opening reads.
+        events.append("n", Expected::Any, [100])?;
+    }
+    let (journal, at) = flip_in_first_journal(dir.path())?;
+    let events = EventStore::<i64>::open(dir.path())?;
+    for res in [
+        events.read_all().into_iter().collect::<Result<Vec<_>, _>>(),
+        events.read_stream("n").into_iter().collect::<Result<Vec<_>, _>>(),
+    ] {
+        let Err(Error::JournalCorrupt { path, offset, .. }) = &res else {
+            return Err(format!("a damaged frame was read: {res:?}").into());
+        };
+        assert_eq!(path, &journal, "{res:?}");
+        assert!(*offset <= at as u64 && at as u64 - *offset < 200, "{res:?}");
+    }
     Ok(())
 }
