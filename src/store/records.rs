@@ -317,8 +317,8 @@ impl Inner {
 
     /// Installs decoded values. A cell comes out clean (its stored value is the one
     /// installed) unless the value is stale or was found under an alias, which the
-    /// next save then writes under the cell's own name.
-    /// Each cell's lock is waited for in turn.
+    /// next save then writes under the cell's own name. Each cell's lock is waited
+    /// for in turn.
     pub(super) fn install(&self, state: &mut State, mut decoded: Vec<Decoded<'_>>) {
         // Waiting, it installs all.
         let _ = self.put(state, &mut decoded, true);
@@ -329,20 +329,18 @@ impl Inner {
     /// all; the index of a cell someone holds, when none was installed.
     fn put(&self, state: &mut State, decoded: &mut [Decoded<'_>], wait: bool) -> Result<(), usize> {
         let _exclusive = exclusive();
-        let marks: Vec<(usize, String, bool)> =
-            decoded.iter().map(|it| (it.cell_idx, it.key.clone(), it.stale)).collect();
         let mut puts = Vec::with_capacity(decoded.len());
         for (k, it) in decoded.iter_mut().enumerate() {
+            let (cell_idx, key, again) = (it.cell_idx, it.key.clone(), it.stale);
             let Some(put) = it.install.lock(wait) else { return Err(k) };
             if wait {
                 // Installed at once: no lock held while the next is waited for.
-                let (cell_idx, key, again) = marks.get(k).cloned().unwrap_or_default();
                 self.mark(state, cell_idx, key, again, put());
             } else {
-                puts.push(put);
+                puts.push((put, cell_idx, key, again));
             }
         }
-        for (put, (cell_idx, key, again)) in puts.into_iter().zip(marks) {
+        for (put, cell_idx, key, again) in puts {
             self.mark(state, cell_idx, key, again, put());
         }
         Ok(())
