@@ -333,49 +333,44 @@ fn row_event_one(base: &str) -> Res<(f64, f64)> {
 }
 
 fn row_event_threads(base: &str) -> Res<(f64, f64)> {
-    let store = EventStore::<Event>::open(address("bench-events-many"))?;
-    let prefix = server::unique("hand_events_many");
-    hand_event_tables(&mut Client::connect(base, NoTls)?, &prefix)?;
-    let mut clients =
-        (0..THREADS).map(|_| Client::connect(base, NoTls)).collect::<Result<Vec<_>, _>>()?;
-    // Each round goes on in each thread's stream from where the last one ended: a
-    // round's first event number, per thread.
-    rounds(
-        THREADS * THREAD_EVENTS,
-        |from| {
-            on_each(&mut (0..THREADS).map(|_| ()).collect::<Vec<()>>(), |k, ()| {
-                our_appends(&store, &format!("account-{k}"), from / THREADS, THREAD_EVENTS)
-            })
-        },
-        |from| {
-            on_each(&mut clients, |k, client| {
-                let stream = format!("account-{k}");
-                hand_appends(client, &prefix, &stream, from / THREADS, THREAD_EVENTS)
-            })
-        },
-    )
+    against_hand_threads(base, "many", |store, from| {
+        on_each(&mut (0..THREADS).map(|_| ()).collect::<Vec<()>>(), |k, ()| {
+            our_appends(store, &format!("account-{k}"), from / THREADS, THREAD_EVENTS)
+        })
+    })
 }
 
 /// Row 6b: what row 6's appends come to when no caller is waited for: one thread
 /// appends to the 16 streams at once, each with its expected version, in one
 /// transaction per round of 16 events.
 fn row_event_groups(base: &str) -> Res<(f64, f64)> {
-    let store = EventStore::<Event>::open(address("bench-events-groups"))?;
-    let prefix = server::unique("hand_events_groups");
+    against_hand_threads(base, "groups", |store, from| {
+        for n in from / THREADS..from / THREADS + THREAD_EVENTS {
+            let expected = n.checked_sub(1).map_or(Expected::NoStream, Expected::Exact);
+            store.append_all(
+                (0..THREADS).map(|k| Append::new(format!("account-{k}"), expected, [event(n)])),
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// Rows 6 and 6b: `ours` (a store of its own, and a round's first event number)
+/// against `THREADS` hand-written connections, each appending to a stream of its
+/// own. Each round goes on in each stream from where the last one ended.
+fn against_hand_threads(
+    base: &str,
+    name: &str,
+    mut ours: impl FnMut(&EventStore<Event>, u64) -> Res,
+) -> Res<(f64, f64)> {
+    let store = EventStore::<Event>::open(address(&format!("bench-events-{name}")))?;
+    let prefix = server::unique(&format!("hand_events_{name}"));
     hand_event_tables(&mut Client::connect(base, NoTls)?, &prefix)?;
     let mut clients =
         (0..THREADS).map(|_| Client::connect(base, NoTls)).collect::<Result<Vec<_>, _>>()?;
     rounds(
         THREADS * THREAD_EVENTS,
-        |from| {
-            for n in from / THREADS..from / THREADS + THREAD_EVENTS {
-                let expected = n.checked_sub(1).map_or(Expected::NoStream, Expected::Exact);
-                store.append_all(
-                    (0..THREADS).map(|k| Append::new(format!("account-{k}"), expected, [event(n)])),
-                )?;
-            }
-            Ok(())
-        },
+        |from| ours(&store, from),
         |from| {
             on_each(&mut clients, |k, client| {
                 let stream = format!("account-{k}");

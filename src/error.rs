@@ -92,9 +92,8 @@ pub enum Error {
     /// an older schema version whose structure is not that of the old type its
     /// migration reads (`expected_type` is then that old type).
     #[error(
-        "cell `{cell}` holds a saved `{stored_type}` (schema v{stored_schema}), but {}{}",
-        Expected { type_name: expected_type, schema: *expected_schema, stored_schema: *stored_schema },
-        Migrate { changes, stored_schema: *stored_schema, migrated: stored_schema < expected_schema }
+        "cell `{cell}` holds a saved `{stored_type}` (schema v{stored_schema}), but {}",
+        Migrate { expected_type, expected_schema: *expected_schema, stored_schema: *stored_schema, changes }
     )]
     #[non_exhaustive]
     TypeMismatch {
@@ -878,54 +877,38 @@ impl std::error::Error for StorageError {
     }
 }
 
-/// What changed in a cell type's structure, and how to migrate; nothing when
-/// nothing is listed.
+/// What a saved value of a cell was expected to be (the cell's type, or the old
+/// type of the migration that reads its schema version), what changed in its
+/// structure, and how to migrate.
 struct Migrate<'a> {
-    changes: &'a [String],
+    expected_type: &'a str,
+    expected_schema: u32,
     stored_schema: u32,
-    /// Whether the value is read through a migration.
-    migrated: bool,
+    changes: &'a [String],
 }
 
 impl fmt::Display for Migrate<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.migrated {
+        let Migrate { expected_type, expected_schema, stored_schema, changes } = *self;
+        if stored_schema < expected_schema {
             return write!(
                 f,
-                ", whose structure is not the one saved ({}); reading it so would misread it: that migration must read the type the value was saved as",
-                self.changes.join("; ")
+                "the cell's migration to schema v{expected_schema} reads it as `{expected_type}`, whose structure is not the one saved ({}); reading it so would misread it: that migration must read the type the value was saved as",
+                changes.join("; ")
             );
         }
-        if self.changes.is_empty() {
+        write!(f, "the cell's type is `{expected_type}` (schema v{expected_schema})")?;
+        if changes.is_empty() {
             return f.write_str(
                 "; to change a cell's type, bump its schema version and add a migration from the old type",
             );
         }
-        let (old, new) = (self.stored_schema, self.stored_schema.saturating_add(1));
+        let (old, new) = (stored_schema, stored_schema.saturating_add(1));
         write!(
             f,
             ", whose structure changed ({}); reading it as the new structure would misread it: keep the old type, and bump the cell's schema version with a migration from it (`#[version = {new}]` and `#[migrate({old} => from_v{old})]`, or `CellOptions::version` and `Migration::new`)",
-            self.changes.join("; ")
+            changes.join("; ")
         )
-    }
-}
-
-/// What a saved value of a cell was expected to be: the cell's type, or the old
-/// type of the migration that reads its schema version.
-struct Expected<'a> {
-    type_name: &'a str,
-    schema: u32,
-    stored_schema: u32,
-}
-
-impl fmt::Display for Expected<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Expected { type_name, schema, stored_schema } = self;
-        if stored_schema < schema {
-            write!(f, "the cell's migration to schema v{schema} reads it as `{type_name}`")
-        } else {
-            write!(f, "the cell's type is `{type_name}` (schema v{schema})")
-        }
     }
 }
 

@@ -91,8 +91,11 @@ pub(crate) fn list(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, F
 /// `history`: a table of the saves the history keeps; for a journal, how far its
 /// events and snapshot reach.
 pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
-    if !args.is_database() && holds_journal(&args.dir) && crate::events::is_event_store(&args.dir) {
-        return crate::events::history(args, out);
+    if !args.is_database()
+        && holds_journal(&args.dir)
+        && let Some(code) = crate::events::history(args, out)?
+    {
+        return Ok(code);
     }
     if let Some(inspected) = inspect_journal(args)? {
         let report = inspected?;

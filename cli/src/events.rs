@@ -242,9 +242,14 @@ pub(crate) fn is_event_store(dir: &Path) -> bool {
     !matches!(opened, Err(Error::NotAnEventStore { .. }))
 }
 
-/// `history` of an event store, which keeps no history of saves: what it holds.
-pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, Failure> {
-    let raw = open(args, Locking::Never)?;
+/// `history` of an event store, which keeps no history of saves: what it holds;
+/// `None` when the directory holds no event store.
+pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<Option<ExitCode>, Failure> {
+    let raw = match builder(args)?.locking(Locking::Never).open(&args.dir) {
+        Ok(raw) => raw,
+        Err(Error::NotAnEventStore { .. }) => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
     let (events, streams) = (raw.head().get(), raw.streams().len());
     writeln!(
         out,
@@ -253,7 +258,7 @@ pub(crate) fn history(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode
         if events == 1 { "" } else { "s" },
         if streams == 1 { "" } else { "s" },
     )?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Some(ExitCode::SUCCESS))
 }
 
 /// Opens the event store `args` names, saying so when the directory holds none.

@@ -256,13 +256,15 @@ impl<W: io::Write> io::Write for Unheard<W> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if self.gone {
+            return Ok(());
+        }
         match self.out.flush() {
             Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
                 self.gone = true;
                 Ok(())
             }
-            other if !self.gone => other,
-            _ => Ok(()),
+            other => other,
         }
     }
 }

@@ -134,13 +134,25 @@ impl<C: Pooled> Pool<C> {
         connect: impl Fn() -> Result<C>,
         read: impl Fn(&mut C) -> Result<T>,
     ) -> Result<T> {
+        self.run_again_if(connect, read, || true)
+    }
+
+    /// Runs `work` on a connection of the pool; once more on a new connection
+    /// when the one taken broke, if `again` says the work may run again then.
+    fn run_again_if<T>(
+        &self,
+        connect: impl Fn() -> Result<C>,
+        work: impl Fn(&mut C) -> Result<T>,
+        again: impl Fn() -> bool,
+    ) -> Result<T> {
         let mut it = self.take(&connect)?;
-        let mut res = read(&mut it);
+        let mut res = work(&mut it);
         if let Err(err) = &res
             && super::broke(err, it.client())
+            && again()
         {
             it = connect()?;
-            res = read(&mut it);
+            res = work(&mut it);
         }
         self.put_back(it);
         res
@@ -415,16 +427,6 @@ impl PgEvents {
     /// repeat).
     fn with_reader<T>(&self, read: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
         self.readers.run(|| self.location.connect(), read)
-    }
-
-    /// A reader connection: a free one, or a new one.
-    fn take_reader(&self) -> Result<Client> {
-        self.readers.take(|| self.location.connect())
-    }
-
-    /// Puts `client` back among the free reader connections, unless it broke.
-    fn put_back(&self, client: Client) {
-        self.readers.put_back(client);
     }
 }
 

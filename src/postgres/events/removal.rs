@@ -11,7 +11,7 @@ use super::{DELETED, PgEvents, TOMBSTONED, lock_head};
 use crate::{
     Error, Result,
     events::{Compacted, batch::Rules, index::Life},
-    postgres::{Location, broke, column, count, failed, i64_of},
+    postgres::{Location, column, count, failed, i64_of},
 };
 
 impl PgEvents {
@@ -98,18 +98,12 @@ impl PgEvents {
         stream: &str,
         decide: impl Fn(Life, u64) -> Result<Option<Life>>,
     ) -> Result<()> {
-        let mut client = self.take_reader()?;
-        let mut committing = false;
-        let mut res = change_life_in(&mut client, &self.location, stream, &decide, &mut committing);
-        if let Err(err) = &res
-            && !committing
-            && broke(err, &client)
-        {
-            client = self.location.connect()?;
-            res = change_life_in(&mut client, &self.location, stream, &decide, &mut committing);
-        }
-        self.put_back(client);
-        res
+        let committing = std::cell::Cell::new(false);
+        self.readers.run_again_if(
+            || self.location.connect(),
+            |client| change_life_in(client, &self.location, stream, &decide, &committing),
+            || !committing.get(),
+        )
     }
 }
 
@@ -210,7 +204,7 @@ fn change_life_in(
     location: &Location,
     stream: &str,
     decide: impl Fn(Life, u64) -> Result<Option<Life>>,
-    committing: &mut bool,
+    committing: &std::cell::Cell<bool>,
 ) -> Result<()> {
     let namespace = location.namespace();
     let mut tx = client.transaction().map_err(failed(location, "begin a removal"))?;
@@ -257,6 +251,6 @@ fn change_life_in(
     .map_err(failed(location, "change a stream's life"))?;
     tx.execute(COUNT_REMOVAL, &[&namespace])
         .map_err(failed(location, "count a removal in the head"))?;
-    *committing = true;
+    committing.set(true);
     tx.commit().map_err(failed(location, "commit a removal"))
 }
