@@ -127,8 +127,9 @@ impl<C: Pooled> Pool<C> {
         }
     }
 
-    /// Runs `read` on a connection of the pool; once more on a new connection
-    /// when the one taken broke (every read is safe to repeat).
+    /// Runs `read` on a connection of the pool; again on a new connection when
+    /// the one it ran on broke (every read is safe to repeat), up to `ATTEMPTS`
+    /// times in all.
     fn run<T>(
         &self,
         connect: impl Fn() -> Result<C>,
@@ -137,8 +138,12 @@ impl<C: Pooled> Pool<C> {
         self.run_again_if(connect, read, || true)
     }
 
-    /// Runs `work` on a connection of the pool; once more on a new connection
-    /// when the one taken broke, if `again` says the work may run again then.
+    /// Runs `work` on a connection of the pool; again on a new connection when
+    /// the one it ran on broke, if `again` says the work may run again then, up
+    /// to `ATTEMPTS` times in all. A break also closes the free connections: a
+    /// server that ended one (a restart, an administrator) most likely ended
+    /// them all, and a connection taken from the pool finds that out only when
+    /// it is used.
     fn run_again_if<T>(
         &self,
         connect: impl Fn() -> Result<C>,
@@ -147,17 +152,27 @@ impl<C: Pooled> Pool<C> {
     ) -> Result<T> {
         let mut it = self.take(&connect)?;
         let mut res = work(&mut it);
-        if let Err(err) = &res
+        let mut attempts = 1;
+        while let Err(err) = &res
+            && attempts < ATTEMPTS
             && super::broke(err, it.client())
             && again()
         {
+            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
             it = connect()?;
             res = work(&mut it);
+            attempts += 1;
         }
         self.put_back(it);
         res
     }
 }
+
+/// How many times a pool runs a piece of work at most, each time on a new
+/// connection after the last one broke: enough for a read that took a
+/// connection the server had ended, and whose new one the server ended again
+/// (a restart that ends every connection twice, or two in a row).
+const ATTEMPTS: usize = 3;
 
 /// The appends waiting for a transaction, and who runs it.
 #[derive(Default)]
