@@ -456,6 +456,23 @@ fn other_directories_and_wrong_keys_are_refused_clearly() -> TestResult {
 }
 
 #[test]
+fn a_stream_id_no_stream_can_have_is_refused_not_read_as_empty() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("events");
+    fill(&dir, None)?;
+    for (bad, why) in [("account-1 ", "whitespace"), ("", "empty"), ("$alll", "`$`")] {
+        for (command, extra) in [("read", vec![bad]), ("follow", vec!["--stream", bad])] {
+            let run = check(command, &dir, &extra)?;
+            assert_eq!(run.code, Some(2), "{command} {bad:?}: {run:?}");
+            assert!(run.stdout.is_empty(), "{command} {bad:?}: {run:?}");
+            assert!(run.stderr.contains(&format!("`{bad}`")), "{command} {bad:?}: {run:?}");
+            assert!(run.stderr.contains(why), "{command} {bad:?}: {run:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn reading_commands_change_no_file_of_an_event_store() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("events");

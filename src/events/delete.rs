@@ -178,8 +178,10 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// The retention rules of stream `stream`.
     ///
     /// # Errors
-    /// In a database, [`Error::Database`] when it cannot be read; in files, none.
+    /// [`Error::InvalidStreamId`] for an id no stream can have; in a database,
+    /// [`Error::Database`] when it cannot be read.
     pub fn retention(&self, stream: &str) -> Result<Retention> {
+        stream_id::check(stream)?;
         #[cfg(feature = "postgres")]
         if let Engine::Database(db) = &self.shared.engine {
             return Ok(db.engine.stream_life(stream)?.0.rules.into());

@@ -958,8 +958,10 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
 
     /// Reads stream `stream`, forward from its first event unless the returned
     /// [`ReadStream`] is told otherwise. Iterating it yields each event, or the
-    /// error that stopped the read; a stream that does not exist yields nothing.
-    /// Only the stream's own events are read.
+    /// error that stopped the read; a stream that does not exist yields nothing,
+    /// and an id no stream can have yields [`Error::InvalidStreamId`] (as
+    /// [`append`](Self::append) refuses it). Only the stream's own events are
+    /// read.
     pub fn read_stream(&self, stream: &str) -> ReadStream<'_, E> {
         ReadStream::new(self, stream)
     }
@@ -1008,9 +1010,11 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
     /// none (or was deleted).
     ///
     /// # Errors
-    /// In a database, [`Error::Database`] when it cannot be read; in files, none.
+    /// [`Error::InvalidStreamId`] for an id no stream can have; in a database,
+    /// [`Error::Database`] when it cannot be read.
     #[cfg_attr(not(feature = "postgres"), allow(clippy::infallible_destructuring_match))]
     pub fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
+        stream_id::check(stream)?;
         let core = match &self.shared.engine {
             Engine::Files(core) => core,
             #[cfg(feature = "postgres")]

@@ -14,6 +14,7 @@ use super::{
     codec::EventSchema,
     index::StreamIdx,
     locate::{Keep, ReadAhead, ReadFrame},
+    stream_id,
 };
 use crate::{Error, Result};
 
@@ -265,6 +266,10 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
     type IntoIter = Events<'a, E>;
 
     fn into_iter(self) -> Events<'a, E> {
+        // An id no stream can have is refused rather than read as an empty
+        // stream: a typo (a space at the end, say) is not taken for a stream
+        // that has no event yet.
+        let invalid = stream_id::check(&self.stream).err();
         let core = match &self.store.shared.engine {
             Engine::Files(core) => Arc::clone(core),
             #[cfg(feature = "postgres")]
@@ -272,7 +277,11 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
                 // A tombstoned stream is refused, as in files. Going forward, the
                 // read ends at the stream's end as of now, as in files: later
                 // appends are not read (unless told where it ends).
-                let life = db.engine.stream_life(&self.stream).and_then(|(life, next)| {
+                let life = match invalid {
+                    Some(err) => Err(err),
+                    None => db.engine.stream_life(&self.stream),
+                };
+                let life = life.and_then(|(life, next)| {
                     if life.tombstoned {
                         return Err(Error::StreamTombstoned { stream: self.stream.clone() });
                     }
@@ -314,7 +323,7 @@ impl<'a, E: Serialize + DeserializeOwned> IntoIterator for ReadStream<'a, E> {
         let filter =
             Filter { stream: Some(self.stream), stream_prefix: None, event_type: self.event_type };
         let mut events = Events::new(self.store, core, cursor, self.limit, filter, Keep::Cached);
-        events.pending = tombstoned;
+        events.pending = invalid.or(tombstoned);
         events
     }
 }

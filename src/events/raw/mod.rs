@@ -362,7 +362,8 @@ impl RawEvents {
     }
 
     /// Reads stream `stream`, forward from its first event unless the returned
-    /// [`RawRead`] is told otherwise.
+    /// [`RawRead`] is told otherwise; an id no stream can have yields
+    /// [`Error::InvalidStreamId`](crate::Error::InvalidStreamId).
     pub fn read_stream(&self, stream: &str) -> RawRead<'_> {
         RawRead::new(self, Some(stream.to_owned()))
     }

@@ -3,10 +3,11 @@
 
 use super::{RawEvent, RawEvents};
 use crate::{
-    Result,
+    Error, Result,
     events::{
         EventId, Position, batch,
         locate::{Keep, ReadAhead},
+        stream_id,
     },
 };
 
@@ -38,6 +39,8 @@ pub struct RawEventIter<'a> {
     ahead: ReadAhead,
     /// The last batch read: its journal event and events.
     batch: Option<(u64, Vec<RawEvent>)>,
+    /// An error to yield first (a stream id no stream can have).
+    pending: Option<Error>,
     failed: bool,
 }
 
@@ -97,6 +100,7 @@ impl<'a> IntoIterator for RawRead<'a> {
     type IntoIter = RawEventIter<'a>;
 
     fn into_iter(self) -> RawEventIter<'a> {
+        let pending = self.stream.as_deref().and_then(|it| stream_id::check(it).err());
         let index = &self.raw.index;
         let len = match &self.stream {
             None => index.committed,
@@ -119,6 +123,7 @@ impl<'a> IntoIterator for RawRead<'a> {
             read: self,
             ahead: ReadAhead::new(CHUNK),
             batch: None,
+            pending,
             failed: false,
         }
     }
@@ -128,6 +133,10 @@ impl Iterator for RawEventIter<'_> {
     type Item = Result<RawEvent>;
 
     fn next(&mut self) -> Option<Result<RawEvent>> {
+        if let Some(err) = self.pending.take() {
+            self.failed = true;
+            return Some(Err(err));
+        }
         if self.failed {
             return None;
         }

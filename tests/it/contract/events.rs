@@ -513,11 +513,27 @@ fn read_some(read: &mut instastate::events::Events<'_, u64>, n: usize) -> TestRe
 
 fn bad_stream_ids_are_refused(place: &Place) -> TestResult {
     let events = open(place)?;
-    for bad in ["", "line\nbreak", &"x".repeat(10_000)] {
+    events.append("account", Expected::Any, [opened("x")])?;
+    for bad in ["", "line\nbreak", &"x".repeat(10_000), "account ", "$all"] {
         let refused = events.append(bad, Expected::Any, [opened("x")]);
         assert!(matches!(refused, Err(Error::InvalidStreamId { .. })), "{bad:?}: {refused:?}");
+        // Reading one is refused too, not read as a stream with no event yet:
+        // a typo is not taken for an empty stream.
+        let read: Vec<_> = events.read_stream(bad).into_iter().collect();
+        assert!(
+            matches!(read.as_slice(), [Err(Error::InvalidStreamId { .. })]),
+            "a read of {bad:?}: {read:?}"
+        );
+        let backward: Vec<_> = events.read_stream(bad).backward().into_iter().collect();
+        assert!(matches!(backward.as_slice(), [Err(Error::InvalidStreamId { .. })]), "{bad:?}");
+        let version = events.stream_version(bad);
+        assert!(matches!(version, Err(Error::InvalidStreamId { .. })), "{bad:?}: {version:?}");
+        let event = events.event(bad, 0);
+        assert!(matches!(event, Err(Error::InvalidStreamId { .. })), "{bad:?}: {event:?}");
+        let retention = events.retention(bad);
+        assert!(matches!(retention, Err(Error::InvalidStreamId { .. })), "{bad:?}");
     }
-    assert_eq!(events.head()?, Position::START);
+    assert_eq!(events.head()?, Position::new(1));
     Ok(())
 }
 
