@@ -158,7 +158,12 @@ impl<C: Pooled> Pool<C> {
             && super::broke(err, it.client())
             && again()
         {
-            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+            // Closed once the pool's lock is let go: closing one says goodbye
+            // to the server, which may take a moment.
+            let free = std::mem::take(
+                &mut *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            drop(free);
             it = connect()?;
             res = work(&mut it);
             attempts += 1;
