@@ -289,12 +289,19 @@ pub(crate) fn import(
             absent.message()
         )));
     }
+    // The outermost directory that opening the new store makes (its parents may
+    // not exist either): all of it is ours to remove if the import fails.
+    let made = (is_new && !args.is_database())
+        .then(|| {
+            args.dir.ancestors().take_while(|it| !it.as_os_str().is_empty() && !it.exists()).last()
+        })
+        .flatten()
+        .map(Path::to_path_buf);
     let store = open_unchecked(args)?;
     if let Err(err) = store.import_from(file) {
-        if is_new && !args.is_database() {
+        if let Some(made) = made {
             drop(store);
-            // The directory did not exist before, so all of it is ours to remove.
-            let _ = fs::remove_dir_all(&args.dir);
+            let _ = fs::remove_dir_all(made);
         }
         return Err(err.into());
     }

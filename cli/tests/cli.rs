@@ -304,6 +304,12 @@ fn a_failed_import_with_create_leaves_no_store() -> TestResult {
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.starts_with("error: cannot import"), "{run:?}");
     assert!(!to.exists(), "the failed import left {}", to.display());
+    // Nor the parents it made for it; a parent that was there stays.
+    let deep = dir.path().join("a").join("b").join("new");
+    let run = check("import", &deep, &[garbage.as_os_str(), OsStr::new("--create")])?;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(!dir.path().join("a").exists(), "the failed import left {}", deep.display());
+    assert!(garbage.exists() && dir.path().exists());
     Ok(())
 }
 
