@@ -42,7 +42,9 @@ pub struct StoredCell {
     /// Whether a cell claims it: one of this store's cells, or for a store opened
     /// without cells, one of the cells of the program that saved last.
     pub claimed: bool,
-    /// Why its record cannot be read, if it cannot.
+    /// Why it cannot be read back, if it cannot: its record is damaged (the
+    /// other fields are then empty), or the value file the record points at is
+    /// missing or of another length ([`Store::verify`] also checks its bytes).
     pub damage: Option<String>,
 }
 
@@ -90,15 +92,20 @@ impl Store {
                 let claimed = !orphans.contains(name);
                 let record = saved.open_record(name, bytes).and_then(|plain| {
                     let record = Record::decode(&plain).map_err(|fault| fault.to_string())?;
+                    // A value file is looked for, not read: `verify` checks its bytes.
+                    let file = record.file().map_or(Ok(()), |id| {
+                        self.inner.check_stored_len(name, id, record.value_len())
+                    });
                     Ok((
                         record.type_name.to_owned(),
                         record.schema,
                         record.value_len(),
                         record.saved,
+                        file.err().map(|err| err.to_string()),
                     ))
                 });
                 match record {
-                    Ok((type_name, schema, size, saved)) => StoredCell {
+                    Ok((type_name, schema, size, saved, damage)) => StoredCell {
                         name: name.clone(),
                         type_name,
                         schema,
@@ -106,7 +113,7 @@ impl Store {
                         generation: saved.map(|saved| saved.generation),
                         saved_at: saved.map(|saved| time_of(saved.at_ms)),
                         claimed,
-                        damage: None,
+                        damage,
                     },
                     Err(reason) => StoredCell {
                         name: name.clone(),

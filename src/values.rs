@@ -66,19 +66,31 @@ impl ValueDir {
 
     /// Reads value file `id` and checks it against its record's length and checksum.
     pub(crate) fn read(&self, id: u64, len: u64, crc: u32) -> Result<Vec<u8>, ReadFault> {
-        let mut file = self.io.open(&self.file_path(id), Open::Read).map_err(ReadFault::Io)?;
         // The length is checked before reading, so a damaged record cannot make us
         // read a huge file into memory for nothing.
-        let found = file.len().map_err(ReadFault::Io)?;
-        if found != len {
-            return Err(ReadFault::Length { expected: len, found });
-        }
+        let mut file = self.open_checked(id, len)?;
         let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
         file.read_to_end(&mut bytes).map_err(ReadFault::Io)?;
         if codec::checksum(&bytes) != crc {
             return Err(ReadFault::Checksum);
         }
         Ok(bytes)
+    }
+
+    /// Checks that value file `id` is there and holds its record's length, without
+    /// reading it.
+    pub(crate) fn check_len(&self, id: u64, len: u64) -> Result<(), ReadFault> {
+        self.open_checked(id, len).map(drop)
+    }
+
+    /// Opens value file `id`, checked against its record's length.
+    fn open_checked(&self, id: u64, len: u64) -> Result<IoFile, ReadFault> {
+        let file = self.io.open(&self.file_path(id), Open::Read).map_err(ReadFault::Io)?;
+        let found = file.len().map_err(ReadFault::Io)?;
+        if found != len {
+            return Err(ReadFault::Length { expected: len, found });
+        }
+        Ok(file)
     }
 
     /// Makes the creation and removal of value files durable.

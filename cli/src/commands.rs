@@ -59,10 +59,11 @@ pub(crate) fn list(args: &StoreArgs, out: &mut impl Write) -> Result<ExitCode, F
             if let Some(damage) = &cell.damage {
                 marks.push(format!("damaged: {damage}"));
             }
-            let type_name =
-                if cell.damage.is_some() { "?".to_owned() } else { cell.type_name.clone() };
-            let schema =
-                if cell.damage.is_some() { "?".to_owned() } else { cell.schema.to_string() };
+            // A damaged record tells nothing; a record whose value file is
+            // damaged still tells its type.
+            let unread = cell.damage.is_some() && cell.type_name.is_empty();
+            let type_name = if unread { "?".to_owned() } else { cell.type_name.clone() };
+            let schema = if unread { "?".to_owned() } else { cell.schema.to_string() };
             [
                 cell.name.clone(),
                 type_name,

@@ -226,6 +226,12 @@ fn verify_finds_a_missing_value_file_and_exits_1() -> TestResult {
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stdout.contains("cli::missing::BIG"), "{run:?}");
     assert!(run.stdout.contains("NOT sound"), "{run:?}");
+    // `list` counts it damaged too, and says why, with the type its record gives.
+    let run = check("list", dir.path(), &[])?;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("its value file is missing"), "{run:?}");
+    assert!(run.stdout.contains("alloc::string::String"), "{run:?}");
+    assert!(run.stdout.contains("1 value at save 1; 0 orphans, 1 damaged"), "{run:?}");
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use crate::{
     error::CodecError,
     schema::DecodeFault,
     shape::Shape,
-    values::ReadFault,
+    values::{ReadFault, ValueDir},
 };
 
 /// Stored cell records by name.
@@ -294,13 +294,30 @@ impl Inner {
     /// Reads value file `id` as stored, once its length and checksum match the
     /// record's; `cell` names the claimant in errors.
     pub(super) fn read_stored(&self, cell: &str, id: u64, len: u64, crc: u32) -> Result<Vec<u8>> {
+        self.with_values(cell, id, |values| values.read(id, len, crc))
+    }
+
+    /// Checks that value file `id`, of cell `cell`, is there and holds `len` bytes,
+    /// without reading it.
+    pub(crate) fn check_stored_len(&self, cell: &str, id: u64, len: u64) -> Result<()> {
+        self.with_values(cell, id, |values| values.check_len(id, len))
+    }
+
+    /// Runs `run` on the store's value files, its fault (about value file `id` of
+    /// cell `cell`) turned into the error that names the file.
+    fn with_values<T>(
+        &self,
+        cell: &str,
+        id: u64,
+        run: impl FnOnce(&ValueDir) -> std::result::Result<T, ReadFault>,
+    ) -> Result<T> {
         let corrupt =
             |path: PathBuf, reason: String| Error::Corrupt { cell: cell.to_owned(), path, reason };
         let Some(values) = &self.values else {
             return Err(corrupt(self.label.clone(), "points at a value file".into()));
         };
         let path = values.file_path(id);
-        values.read(id, len, crc).map_err(|fault| match fault {
+        run(values).map_err(|fault| match fault {
             ReadFault::Io(source) if source.kind() == io::ErrorKind::NotFound => {
                 corrupt(path.clone(), "its value file is missing".into())
             }
