@@ -413,14 +413,23 @@ struct Waiting<'a, T: 'static> {
 impl<T: Value> Installing for Waiting<'_, T> {
     fn lock(&mut self, wait: bool) -> Option<Box<dyn FnOnce() -> u64 + '_>> {
         let cell = self.cell;
-        if cell.value.get().is_none() {
-            // Never read: no one holds its lock; the value goes in as its first.
-            let value = self.value.take()?;
-            return Some(Box::new(move || cell.install(value)));
-        }
-        let lock = cell.lock();
-        let guard = if wait { lock.write() } else { lock.try_write()? };
         let value = self.value.take()?;
+        // Never read: the value goes in now, as its first, with no lock to wait
+        // for. Put in later, it could meet a thread that read the cell meanwhile
+        // and holds its guard, and wait for it with the other cells' locks held.
+        let value = match cell.publish_first(value) {
+            Ok(seq) => return Some(Box::new(move || seq)),
+            Err(value) => value,
+        };
+        let lock = cell.lock();
+        let guard = if wait {
+            lock.write()
+        } else if let Some(guard) = lock.try_write() {
+            guard
+        } else {
+            self.value = Some(value);
+            return None;
+        };
         Some(Box::new(move || cell.install_under(guard, value)))
     }
 
@@ -539,15 +548,26 @@ impl<T: Value> ErasedCell for StateCell<T> {
 
 impl<T> StateCell<T> {
     pub(crate) fn install(&self, value: T) -> u64 {
+        match self.publish_first(value) {
+            Ok(seq) => seq,
+            Err(value) => self.install_under(self.lock().write(), value),
+        }
+    }
+
+    /// Puts `value` into the cell as its first value, if it was never read (or
+    /// given one); returns the cell's new change counter, or `value` back.
+    fn publish_first(&self, value: T) -> Result<u64, T> {
+        if self.value.get().is_some() {
+            return Err(value);
+        }
         // Counted before the value is published: a write that lands right after
         // publication must move the counter past the one returned, or it would
         // never be saved.
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let value = match self.value.set(RwLock::new(value)) {
-            Ok(()) => return seq,
-            Err(lock) => lock.into_inner(),
-        };
-        self.install_under(self.lock().write(), value)
+        match self.value.set(RwLock::new(value)) {
+            Ok(()) => Ok(seq),
+            Err(lock) => Err(lock.into_inner()),
+        }
     }
 
     /// Puts `value` into the cell under its write lock `guard`; returns the cell's
