@@ -1,10 +1,13 @@
 //! [`atomically`]: multi-cell updates that no save splits.
 
-use std::cell::{Cell, RefCell};
+use std::{
+    cell::{Cell, RefCell},
+    time::Duration,
+};
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::{Error, Result};
+use crate::{Error, Result, held};
 
 // Held shared by `atomically` and exclusively by a save while it encodes (and by a
 // load while it installs), so a save sees every `atomically` block whole or not at all.
@@ -81,6 +84,33 @@ pub(crate) fn defer(f: impl FnOnce() + 'static) {
 pub(crate) fn exclusive() -> RwLockWriteGuard<'static, ()> {
     GATE.write()
 }
+
+/// Excludes every `atomically` block until dropped, taken at once, or `None`
+/// while one runs.
+pub(crate) fn try_exclusive() -> Option<RwLockWriteGuard<'static, ()>> {
+    GATE.try_write()
+}
+
+/// Waits for every `atomically` block to end, then excludes them until dropped;
+/// [`Error::GuardHeld`] when one waits for a cell whose guard this thread holds,
+/// and so would never end.
+pub(crate) fn exclusive_for(operation: &'static str) -> Result<RwLockWriteGuard<'static, ()>> {
+    if !held::holds_any() {
+        return Ok(GATE.write());
+    }
+    loop {
+        if let Some(gate) = GATE.try_write_for(CHECK_EVERY) {
+            return Ok(gate);
+        }
+        if let Some(cell) = held::held_and_waited_for() {
+            return Err(Error::GuardHeld { cell: cell.to_owned(), operation });
+        }
+    }
+}
+
+/// How long [`exclusive_for`] waits for the gate between two looks for a block
+/// that waits for this thread.
+const CHECK_EVERY: Duration = Duration::from_millis(2);
 
 /// Refuses `operation` on a thread inside `atomically`, where it would deadlock.
 /// Whether this thread is inside an `atomically` block, where saves cannot run.

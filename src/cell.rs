@@ -17,6 +17,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     codec::decode_exact,
+    held::{self, Holding},
     schema::{CellOptions, DecodeFault},
     shape::Shape,
     values::ValueWriter,
@@ -215,14 +216,19 @@ impl<T> StateCell<T> {
     /// assert_eq!(TAGS.read().len(), 1);
     /// ```
     pub fn read(&self) -> Ref<'_, T> {
-        Ref(self.lock().read())
+        let lock = self.lock();
+        let guard = match lock.try_read() {
+            Some(guard) => guard,
+            None => self.wait(|| lock.read()),
+        };
+        Ref(guard, self.holding())
     }
 
     /// Locks the cell for reading even while a writer waits, for a store's own reads:
     /// a thread that saves while holding a read guard must not queue behind a writer
     /// that waits for that guard.
     pub(crate) fn read_recursive(&self) -> Ref<'_, T> {
-        Ref(self.lock().read_recursive())
+        Ref(self.lock().read_recursive(), self.holding())
     }
 
     /// Locks the cell for writing and marks it changed, blocking while anyone else holds it.
@@ -235,14 +241,18 @@ impl<T> StateCell<T> {
     /// assert_eq!(*TAGS.read(), ["new"]);
     /// ```
     pub fn write(&self) -> RefMut<'_, T> {
-        let guard = self.lock().write();
+        let lock = self.lock();
+        let guard = match lock.try_write() {
+            Some(guard) => guard,
+            None => self.wait(|| lock.write()),
+        };
         // Relaxed is enough: the write lock orders this with the save's read of `seq`,
         // which happens under the read lock.
         self.seq.fetch_add(1, Ordering::Relaxed);
         if !self.queued.swap(true, Ordering::Relaxed) {
             CHANGED.lock().insert(std::ptr::from_ref(self).addr());
         }
-        RefMut(guard)
+        RefMut(guard, self.holding())
     }
 
     /// Returns a clone of the value.
@@ -317,6 +327,22 @@ impl<T> StateCell<T> {
     fn lock(&self) -> &RwLock<T> {
         self.value.get_or_init(|| RwLock::new((self.init)()))
     }
+
+    /// Runs `lock`, which waits for the cell: inside `atomically`, counted as
+    /// waited for meanwhile, so that a save or reload on a thread holding this
+    /// cell's guard refuses to wait for this block rather than wait forever.
+    fn wait<G>(&self, lock: impl FnOnce() -> G) -> G {
+        if crate::atomically::inside() {
+            held::waiting(std::ptr::from_ref(self).addr(), self.name, lock)
+        } else {
+            lock()
+        }
+    }
+
+    /// Counts a new guard of the cell as held by this thread.
+    fn holding(&self) -> Holding {
+        Holding::new(std::ptr::from_ref(self).addr(), self.name)
+    }
 }
 
 impl<T: fmt::Debug> fmt::Debug for StateCell<T> {
@@ -342,7 +368,11 @@ impl<T: fmt::Debug> fmt::Debug for StateCell<T> {
 /// assert_eq!(list.len(), 2);
 /// ```
 #[must_use = "the cell stays locked until the guard is dropped"]
-pub struct Ref<'a, T>(RwLockReadGuard<'a, T>);
+pub struct Ref<'a, T>(
+    RwLockReadGuard<'a, T>,
+    // Kept for its drop: the guard is held until then.
+    #[allow(dead_code)] Holding,
+);
 
 impl<T> Deref for Ref<'_, T> {
     type Target = T;
@@ -369,7 +399,11 @@ impl<T: fmt::Debug> fmt::Debug for Ref<'_, T> {
 /// assert_eq!(*list, [3]);
 /// ```
 #[must_use = "the cell stays locked until the guard is dropped"]
-pub struct RefMut<'a, T>(RwLockWriteGuard<'a, T>);
+pub struct RefMut<'a, T>(
+    RwLockWriteGuard<'a, T>,
+    // Kept for its drop: the guard is held until then.
+    #[allow(dead_code)] Holding,
+);
 
 impl<T> Deref for RefMut<'_, T> {
     type Target = T;

@@ -450,6 +450,23 @@ pub enum Error {
         /// The operation that was refused.
         operation: &'static str,
     },
+    /// A save or reload that would wait forever, refused: this thread holds a
+    /// guard of `cell` (from [`read`](crate::StateCell::read),
+    /// [`write`](crate::StateCell::write), or inside
+    /// [`with`](crate::StateCell::with) or [`update`](crate::StateCell::update)),
+    /// and an [`atomically`](crate::atomically) block on another thread waits
+    /// for it, so the block cannot end, and the operation waits for every block
+    /// to end. Nothing was saved or changed; drop the guard and try again.
+    #[error(
+        "`{operation}` would wait forever: this thread holds a guard of cell `{cell}`, which an `atomically` block on another thread waits for; drop the guard first"
+    )]
+    #[non_exhaustive]
+    GuardHeld {
+        /// The cell whose guard this thread holds.
+        cell: String,
+        /// The operation that was refused.
+        operation: &'static str,
+    },
     /// An append found its stream other than it expected: another writer appended
     /// meanwhile, or the stream is new or not. Nothing was written.
     #[error("stream `{stream}`: expected {expected}, but {}", match actual { Some(version) => format!("it is at version {version}"), None => "it does not exist".to_owned() })]

@@ -190,7 +190,9 @@
 //! that cell (they need its write lock), save while holding its *write* guard, or
 //! enter [`atomically`]. Inside `atomically`, do not wait for another thread that
 //! itself enters `atomically` or saves: a save waiting for your block holds that
-//! thread back.
+//! thread back. A save (or reload) on a thread holding a read guard that an
+//! `atomically` block on another thread waits for would wait for that block
+//! forever: it fails with [`Error::GuardHeld`] instead, and saves nothing.
 //!
 //! # Feature flags
 //!
@@ -219,6 +221,7 @@ pub mod events;
 #[cfg(feature = "fuzz")]
 #[doc(hidden)]
 pub mod fuzz;
+mod held;
 mod io;
 mod journal;
 mod journaled;

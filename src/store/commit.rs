@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{Inner, State, history::Kept, now_ms};
 use crate::{
     Error, Result, Store,
-    atomically::{ensure_outside, exclusive},
+    atomically::ensure_outside,
     backend::Batch,
     cell,
     cell::ErasedCell,
@@ -47,7 +47,10 @@ impl Store {
     /// - [`Error::Io`] or [`Error::Storage`] when writing fails (the store is poisoned);
     /// - [`Error::Poisoned`] after an earlier failure;
     /// - [`Error::ReadOnly`] when the store was opened read-only;
-    /// - [`Error::InsideAtomically`] when called inside [`atomically`](crate::atomically).
+    /// - [`Error::InsideAtomically`] when called inside [`atomically`](crate::atomically);
+    /// - [`Error::GuardHeld`] when this thread holds a cell's guard that an
+    ///   `atomically` block on another thread waits for: the save would wait for
+    ///   that block forever (nothing is saved).
     ///
     /// # Example
     /// ```
@@ -88,11 +91,11 @@ impl Inner {
 
     fn save_records(&self) -> Result<()> {
         self.check_writable("save_all")?;
-        let mut state = self.state.lock();
+        let (mut state, gate) = self.lock_with_gate("save_all")?;
         self.check_poisoned(&state)?;
         let mut staged = Vec::new();
         let encoded = {
-            let _exclusive = exclusive();
+            let _exclusive = gate;
             // Taken under the gate: no `atomically` block is half done.
             let taken = cell::take_changed(&self.by_address, &self.cells);
             state.pending.extend(taken);

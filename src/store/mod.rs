@@ -27,7 +27,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard, RwLockWriteGuard};
 
 #[cfg(feature = "postgres")]
 pub use self::follow::StoreFollower;
@@ -43,7 +43,7 @@ pub use self::{
 };
 use self::{claims::Claims, history::Kept, witness::WitnessFile};
 use crate::{
-    Error, Result,
+    Error, Result, atomically,
     autosave::Background,
     backend::{Backend, Sled},
     cell::ErasedCell,
@@ -342,6 +342,30 @@ impl Inner {
     /// Whether the store was opened read-only.
     pub(crate) fn is_read_only(&self) -> bool {
         self.access == Access::ReadOnly
+    }
+
+    /// The store's state and the gate that excludes `atomically` blocks, taken so
+    /// that neither is held while the other is waited for: a thread holding a
+    /// guard that a block waits for may need the store meanwhile (to read its
+    /// history, say) before it lets the guard go. [`Error::GuardHeld`] when this
+    /// thread holds such a guard itself (`operation` names what is refused).
+    fn lock_with_gate(
+        &self,
+        operation: &'static str,
+    ) -> Result<(MutexGuard<'_, State>, RwLockWriteGuard<'static, ()>)> {
+        let mut state = self.state.lock();
+        loop {
+            if let Some(gate) = atomically::try_exclusive() {
+                return Ok((state, gate));
+            }
+            drop(state);
+            let gate = atomically::exclusive_for(operation)?;
+            if let Some(state) = self.state.try_lock() {
+                return Ok((state, gate));
+            }
+            drop(gate);
+            state = self.state.lock();
+        }
     }
 
     fn check_poisoned(&self, state: &State) -> Result<()> {

@@ -13,7 +13,7 @@ use parking_lot::MutexGuard;
 use super::{Inner, State};
 use crate::{
     Error, Result, Store,
-    atomically::{ensure_outside, exclusive},
+    atomically::{ensure_outside, exclusive, exclusive_for, try_exclusive},
     cell::{ErasedCell, Install},
     codec::{self, Body, Record},
     error::CodecError,
@@ -21,6 +21,14 @@ use crate::{
     shape::Shape,
     values::{ReadFault, ValueDir},
 };
+
+/// What an install that does not wait found held.
+enum Blocked {
+    /// The gate: an `atomically` block runs.
+    Gate,
+    /// The cell of this index among those decoded.
+    Cell(usize),
+}
 
 /// Stored cell records by name.
 pub(super) type Named = BTreeMap<String, Vec<u8>>;
@@ -56,7 +64,9 @@ impl Store {
     ///   that cannot be loaded ([`Error::Several`] lists them when there are more);
     /// - [`Error::Io`] or [`Error::Storage`] when reading fails;
     /// - [`Error::Poisoned`] after a failed save;
-    /// - [`Error::InsideAtomically`] when called inside [`atomically`](crate::atomically).
+    /// - [`Error::InsideAtomically`] when called inside [`atomically`](crate::atomically);
+    /// - [`Error::GuardHeld`] when this thread holds a cell's guard that an
+    ///   `atomically` block on another thread waits for (nothing is changed).
     ///
     /// Do not call it while holding a guard of one of the store's cells: it needs
     /// their write locks.
@@ -106,9 +116,17 @@ impl Inner {
                         target.get(&it.key) != name.and_then(|name| state.current.get(name));
                 }
             }
-            let Err(held) = self.put(state, &mut decoded, false) else { return Ok(()) };
-            if let Some(it) = decoded.get(held) {
-                MutexGuard::unlocked(state, || it.install.wait());
+            match self.put(state, &mut decoded, false) {
+                Ok(()) => return Ok(()),
+                Err(Blocked::Cell(held)) => {
+                    if let Some(it) = decoded.get(held) {
+                        MutexGuard::unlocked(state, || it.install.wait());
+                    }
+                }
+                Err(Blocked::Gate) => {
+                    let operation = if target.is_some() { "revert_to" } else { "reload_all" };
+                    MutexGuard::unlocked(state, || exclusive_for(operation).map(drop))?;
+                }
             }
             self.check_poisoned(state)?;
         }
@@ -341,15 +359,21 @@ impl Inner {
         let _ = self.put(state, &mut decoded, true);
     }
 
-    /// Installs `decoded` under the gate: waiting for each cell's lock in turn
-    /// (`wait`), or taking every cell's lock first without waiting, then installing
-    /// all; the index of a cell someone holds, when none was installed.
-    fn put(&self, state: &mut State, decoded: &mut [Decoded<'_>], wait: bool) -> Result<(), usize> {
-        let _exclusive = exclusive();
+    /// Installs `decoded` under the gate: waiting for the gate and each cell's
+    /// lock in turn (`wait`), or taking the gate and every cell's lock first
+    /// without waiting, then installing all; what someone holds, when none was
+    /// installed.
+    fn put(
+        &self,
+        state: &mut State,
+        decoded: &mut [Decoded<'_>],
+        wait: bool,
+    ) -> Result<(), Blocked> {
+        let _exclusive = if wait { exclusive() } else { try_exclusive().ok_or(Blocked::Gate)? };
         let mut puts = Vec::with_capacity(decoded.len());
         for (k, it) in decoded.iter_mut().enumerate() {
             let (cell_idx, key, again) = (it.cell_idx, it.key.clone(), it.stale);
-            let Some(put) = it.install.lock(wait) else { return Err(k) };
+            let Some(put) = it.install.lock(wait) else { return Err(Blocked::Cell(k)) };
             if wait {
                 // Installed at once: no lock held while the next is waited for.
                 self.mark(state, cell_idx, key, again, put());

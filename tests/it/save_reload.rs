@@ -371,3 +371,82 @@ fn a_reload_waits_for_a_read_guard_whose_thread_saves_or_runs_atomically() -> Te
     }
     Ok(())
 }
+
+/// A save on a thread holding a read guard that an `atomically` block on another
+/// thread waits for would wait for that block forever (the block waits for the
+/// guard): it is refused, naming the cell, and saves nothing. Without a save of
+/// its own, the guard's thread can still use the store while another thread's
+/// save waits for the block: that save waits without holding the store.
+#[test]
+fn a_save_that_would_wait_for_a_block_that_waits_for_its_guard_is_refused() -> TestResult {
+    use std::{sync::mpsc, thread, time::Duration};
+    const PATIENCE: Duration = Duration::from_secs(30);
+    static HELD: StateCell<u64> = StateCell::new("save_reload::guard_held::HELD", || 1);
+    static OTHER: StateCell<u64> = StateCell::new("save_reload::guard_held::OTHER", || 1);
+    let store = Store::builder().cell(&HELD).cell(&OTHER).in_memory()?;
+    store.save_all()?;
+    let before = store.generation();
+
+    // Starts a block that changes `OTHER`, then waits for `HELD`.
+    let start_block = || -> Result<thread::JoinHandle<()>, String> {
+        let (entered, inside) = mpsc::channel();
+        let block = thread::spawn(move || {
+            instastate::atomically(|| {
+                OTHER.update(|it| *it += 1);
+                let _ = entered.send(());
+                HELD.update(|it| *it += 1);
+            });
+        });
+        inside.recv_timeout(PATIENCE).map_err(|_| "the block did not start")?;
+        Ok(block)
+    };
+
+    // The guard's own thread saves: refused rather than stuck.
+    let (done, finished) = mpsc::channel();
+    let saving = store.clone();
+    let holder = thread::spawn(move || -> Result<thread::JoinHandle<()>, String> {
+        let guard = HELD.read();
+        let block = start_block()?;
+        let _ = done.send(saving.save_all());
+        drop(guard);
+        Ok(block)
+    });
+    let refused = finished.recv_timeout(PATIENCE).map_err(|_| "the save is stuck")?;
+    match refused {
+        Err(Error::GuardHeld { cell, operation: "save_all", .. }) => {
+            assert_eq!(cell, "save_reload::guard_held::HELD");
+        }
+        other => return Err(format!("the save was not refused: {other:?}").into()),
+    }
+    let block = holder.join().map_err(|_| "the holder panicked")??;
+    block.join().map_err(|_| "the block panicked")?;
+    assert_eq!(store.generation(), before, "the refused save saved something");
+    assert_eq!((HELD.get(), OTHER.get()), (2, 2));
+
+    // Another thread's save waits for the block; the guard's thread reads the
+    // store's history meanwhile, then lets the guard go, and both go on.
+    let (done, finished) = mpsc::channel();
+    let (reading, read) = mpsc::channel();
+    let (saving, looking) = (store.clone(), store.clone());
+    let holder = thread::spawn(move || -> Result<thread::JoinHandle<()>, String> {
+        let guard = HELD.read();
+        let block = start_block()?;
+        let saver = thread::spawn(move || {
+            let _ = done.send(saving.save_all());
+        });
+        // Time for the save to wait for the block (the test passes either way).
+        thread::sleep(Duration::from_millis(100));
+        let _ = reading.send(looking.history().len());
+        drop(guard);
+        saver.join().map_err(|_| "the saver panicked")?;
+        Ok(block)
+    });
+    read.recv_timeout(PATIENCE).map_err(|_| "the history is stuck behind the save")?;
+    finished.recv_timeout(PATIENCE).map_err(|_| "the save is stuck")??;
+    let block = holder.join().map_err(|_| "the holder panicked")??;
+    block.join().map_err(|_| "the block panicked")?;
+    store.save_all()?;
+    store.reload_all()?;
+    assert_eq!((HELD.get(), OTHER.get()), (3, 3), "a save split the block");
+    Ok(())
+}
