@@ -582,6 +582,8 @@ impl<E> EventStoreBuilder<E> {
         let io = self.io.clone();
         let sealer = self.sealer();
         let lock = DirLock::acquire(&io, dir, Kind::Journal)?;
+        #[cfg(feature = "encryption")]
+        let closed_cleanly = lock.clean_end().is_some();
         let config = Config {
             dir: Some(dir.to_path_buf()),
             identity: identity::<E>(),
@@ -618,7 +620,7 @@ impl<E> EventStoreBuilder<E> {
         #[cfg(feature = "encryption")]
         let keys = {
             let path = self.subject_keys.clone().unwrap_or_else(|| dir.join(SUBJECT_KEYS));
-            let keys = seal::KeyRing::open(io.clone(), path, sealer.clone())?;
+            let keys = seal::KeyRing::open(io.clone(), path, sealer.clone(), closed_cleanly)?;
             // A subject forgotten whose keys the file still holds: the program
             // stopped between the effect and the key file.
             let mut stale = false;

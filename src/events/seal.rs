@@ -339,19 +339,39 @@ type Subjects = BTreeMap<String, BTreeMap<u64, Option<[u8; 32]>>>;
 type Entry = (String, u64, Option<[u8; 32]>);
 
 impl KeyRing {
-    /// The keys in the file at `path`, or none if there is no file.
-    pub(crate) fn open(io: Io, path: PathBuf, sealer: Sealer) -> Result<KeyRing> {
+    /// The keys in the file at `path`, or none if there is no file. A file cut
+    /// short at its end (a key written in part when the program died) is torn,
+    /// unless the store was `closed_cleanly`: every key was then written whole,
+    /// and a short end is damage (a length field changed, say), which dropping
+    /// would lose keys that events use.
+    pub(crate) fn open(
+        io: Io,
+        path: PathBuf,
+        sealer: Sealer,
+        closed_cleanly: bool,
+    ) -> Result<KeyRing> {
         let bad = |offset: usize, reason: &str| Error::SubjectKeysCorrupt {
             path: path.clone(),
             reason: format!("at byte {offset}: {reason}"),
         };
-        let bytes = match io.read(&path) {
-            Ok(bytes) => bytes,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        let (bytes, found) = match io.read(&path) {
+            Ok(bytes) => (bytes, true),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => (Vec::new(), false),
             Err(source) => return Err(Error::Io { path, source }),
         };
         let mut subjects = Subjects::new();
-        let mut torn = false;
+        let cut_short = |offset: usize| {
+            if closed_cleanly {
+                let reason = "the file is cut short, though the store was closed cleanly";
+                return Err(bad(offset, reason));
+            }
+            Ok(true)
+        };
+        // An empty file: its first key was being written when the program died.
+        let mut torn = found && bytes.is_empty();
+        if torn {
+            cut_short(0)?;
+        }
         if !bytes.is_empty() {
             let rest =
                 bytes.strip_prefix(MAGIC).ok_or_else(|| bad(0, "it is no subject key file"))?;
@@ -380,7 +400,7 @@ impl KeyRing {
                     if len.is_some_and(|len| MAX_RECORD < len as usize) {
                         return Err(bad(offset, "a record's length is larger than any record"));
                     }
-                    torn = true;
+                    torn = cut_short(offset)?;
                     break;
                 };
                 if MAX_RECORD < len {
@@ -391,7 +411,7 @@ impl KeyRing {
                     // The last record, its checksum never written (a file extended
                     // with zeros by a crash): torn. A wrong checksum is damage.
                     if rest.len() == 4 + len + 8 && sum == [0; 8] {
-                        torn = true;
+                        torn = cut_short(offset)?;
                         break;
                     }
                     return Err(bad(offset, "a record's checksum does not match"));
@@ -521,6 +541,7 @@ impl KeyRing {
         let generation = keys.last_key_value().map_or(0, |(generation, _)| generation + 1);
         let key = crate::crypt::random_key();
         let entry: Entry = (subject.to_owned(), generation, Some(key));
+        // Written whole when new: an empty file was torn, and read as such.
         let fresh = !self.path.exists();
         let res = if fresh || *torn {
             let mut with = subjects.clone();
@@ -626,7 +647,27 @@ mod tests {
     use super::*;
 
     fn ring(path: &std::path::Path) -> Result<KeyRing> {
-        KeyRing::open(Io::default(), path.to_path_buf(), Sealer::default())
+        KeyRing::open(Io::default(), path.to_path_buf(), Sealer::default(), false)
+    }
+
+    /// An empty key file (its first key written when the program died) holds no
+    /// key, and the next key writes it anew, header first, so that it opens.
+    #[test]
+    fn an_empty_key_file_is_written_anew_by_the_next_key() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(Error::io("tempdir"))?;
+        let path = dir.path().join("subject-keys");
+        std::fs::write(&path, []).map_err(Error::io(&path))?;
+        let keys = ring(&path)?;
+        assert!(keys.current("ann").is_none());
+        keys.create("ann")?;
+        let ann = keys.current("ann").map(|(_, key)| key);
+        assert!(ann.is_some());
+        assert_eq!(ring(&path)?.current("ann").map(|(_, key)| key), ann);
+        // After a clean close, the same empty file is damage.
+        std::fs::write(&path, []).map_err(Error::io(&path))?;
+        let clean = KeyRing::open(Io::default(), path.clone(), Sealer::default(), true);
+        assert!(matches!(clean, Err(Error::SubjectKeysCorrupt { .. })));
+        Ok(())
     }
 
     /// Keys are appended one record each; a record cut short at the end is passed

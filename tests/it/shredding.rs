@@ -176,6 +176,57 @@ fn a_damaged_subject_key_file_is_refused_at_open_naming_it() -> TestResult {
     Ok(())
 }
 
+/// After a clean close every key was written whole, so a key file whose end is
+/// cut short (a length field changed, the file truncated or emptied) is damage,
+/// refused at open with nothing changed, not a torn write whose keys (which
+/// events use) opening would drop and the next new key would then overwrite.
+#[test]
+fn a_key_file_cut_short_after_a_clean_close_is_damage_not_a_torn_write() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("events");
+    {
+        let events = EventStore::<Account>::open(&store)?;
+        open_account(&events, 1, "Alice")?;
+        open_account(&events, 2, "Bob")?;
+    }
+    let keys = store.join("subject-keys");
+    let sound = fs::read(&keys)?;
+    // The file's header (magic and version), then records: a length (4 bytes
+    // little-endian), a body, a checksum (8 bytes); the last record's offset.
+    let mut last = 7;
+    let mut at = 7;
+    while at < sound.len() {
+        last = at;
+        let len: [u8; 4] = sound.get(at..at + 4).ok_or("a cut record")?.try_into()?;
+        at += 4 + u32::from_le_bytes(len) as usize + 8;
+    }
+    assert_eq!(at, sound.len(), "the records do not fill the file");
+    let mut longer = sound.clone();
+    longer[last] ^= 0x10;
+    let damages: [(&str, Vec<u8>); 3] = [
+        ("the last record's length grown by a flipped bit", longer),
+        ("the last record cut in the middle", sound[..last + 6].to_vec()),
+        ("the file emptied", Vec::new()),
+    ];
+    for (what, bytes) in damages {
+        fs::write(&keys, &bytes)?;
+        match EventStore::<Account>::open(&store) {
+            Err(Error::SubjectKeysCorrupt { path, reason, .. }) => {
+                assert_eq!(path, keys, "{what}");
+                assert!(reason.contains("closed cleanly"), "{what}: {reason}");
+            }
+            other => return Err(format!("{what}: not refused: {other:?}").into()),
+        }
+        assert_eq!(fs::read(&keys)?, bytes, "{what}: the refused open changed the file");
+    }
+    fs::write(&keys, &sound)?;
+    let events = EventStore::<Account>::open(&store)?;
+    let owners: Vec<Account> =
+        events.read_all().into_iter().map(|it| it.map(|it| it.data)).collect::<Result<_, _>>()?;
+    assert_eq!(owners.len(), 4, "{owners:?}");
+    Ok(())
+}
+
 #[test]
 fn a_sealed_value_outside_an_event_store_is_refused() {
     let sealed = Sealed::new("dave", 7u32);
