@@ -274,13 +274,22 @@ fn open(args: &StoreArgs, locking: Locking) -> Result<RawEvents, Failure> {
 }
 
 /// Writes `event`: one line of text, or one JSON object.
+/// What `read` shows for the data of an event that compaction dropped.
+const DROPPED: &str = "its data was dropped by compaction";
+
 fn show(
     raw: &RawEvents,
     event: &RawEvent,
     json: bool,
     out: &mut impl Write,
 ) -> Result<(), Failure> {
-    let data = raw.decode(event);
+    // A removed event whose data compaction dropped has nothing to decode: said
+    // so, not shown as data that fails to decode.
+    let data = if event.dropped {
+        Err(DROPPED.to_owned())
+    } else {
+        raw.decode(event).map_err(|err| err.to_string())
+    };
     if json {
         let (value, note) = match &data {
             Ok(value) => match serde_json::to_value(value) {
@@ -288,7 +297,7 @@ fn show(
                 // A number JSON cannot hold (past 64 bits), say: in hex, with why.
                 Err(err) => (None, Some(format!("the data cannot be written as JSON: {err}"))),
             },
-            Err(err) => (None, Some(err.to_string())),
+            Err(err) => (None, Some(err.clone())),
         };
         let mut line = serde_json::json!({
             "position": event.position.get(),
@@ -306,7 +315,9 @@ fn show(
             "data": value,
         });
         if let (Some(note), Some(fields)) = (note, line.as_object_mut()) {
-            fields.insert("data_hex".into(), hex(&event.data).into());
+            if !event.dropped {
+                fields.insert("data_hex".into(), hex(&event.data).into());
+            }
             fields.insert("data_note".into(), note.into());
         }
         writeln!(out, "{line}")?;
@@ -314,6 +325,7 @@ fn show(
     }
     let shown = match &data {
         Ok(value) => value.to_string(),
+        Err(_) if event.dropped => format!("({DROPPED})"),
         Err(err) => format!("0x{} (not decoded: {err})", hex(&event.data)),
     };
     let mut line = format!(

@@ -739,6 +739,19 @@ fn removed_events_are_left_out_unless_asked_for_and_commands_verify() -> TestRes
     assert_eq!(stream.stdout.lines().collect::<Vec<_>>(), [first], "{stream:?}");
     let verify = check("verify", dir.path(), &[])?;
     assert_eq!(verify.code, Some(0), "{verify:?}");
+    // Once compaction dropped the removed events' data, that is what is shown,
+    // not data that fails to decode.
+    EventStore::<Bank>::open(dir.path())?.compact()?;
+    let text = check("read", dir.path(), &["--removed"])?;
+    let dropped =
+        text.stdout.lines().filter(|it| it.contains("(its data was dropped by compaction)"));
+    assert_eq!(dropped.count(), 2, "{text:?}");
+    assert!(!text.stdout.contains("not decoded"), "{text:?}");
+    let json = json_lines(&check("read", dir.path(), &["--removed", "--json"])?.stdout)?;
+    let notes: Vec<&serde_json::Value> = json.iter().map(|it| &it["data_note"]).collect();
+    let note = serde_json::Value::from("its data was dropped by compaction");
+    assert_eq!(notes, [&note, &note, &serde_json::Value::Null, &serde_json::Value::Null]);
+    assert!(json.iter().all(|it| it.get("data_hex").is_none()), "{json:?}");
     Ok(())
 }
 
