@@ -28,10 +28,12 @@ pub struct Effect {
     pub trigger: String,
     /// Why: [`FORGOTTEN`] for a subject forgotten, or what the caller said.
     pub reason: String,
-    /// The aggregates (tags) of the events linked to the trigger, in order: a
-    /// reader drops what it built from them, and builds it again from the replayed
-    /// events that follow. Events linked to the trigger without a tag are replayed
-    /// too.
+    /// The aggregates (tags) of the events linked to the trigger, then those of
+    /// every event of those aggregates, and so on until no new one comes, in
+    /// order: a reader drops what it built from them, and builds it again from the
+    /// replayed events that follow, each of whose aggregates is in this list (so
+    /// that an event with several tags is never applied twice to one). Events
+    /// linked to the trigger without a tag are replayed too.
     pub aggregates: Vec<String>,
     /// Where it came: after the events before this position.
     pub position: Position,

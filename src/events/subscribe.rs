@@ -460,22 +460,35 @@ impl<E: Serialize + DeserializeOwned> Subscription<E> {
     }
 
     /// Buffers `effect`, then every event of the aggregates it affects: those the
-    /// events linked to its trigger touch (and those events themselves).
+    /// events linked to its trigger touch (and those events themselves), and those
+    /// that any event replayed touches, until no new one comes.
     fn replay(&mut self, store: &EventStore<E>, effect: &EffectRecord) -> Result<()> {
         let linked = triggered(store, &effect.trigger, effect.head)?;
         // The aggregates of the linked events, removed ones included: what was
-        // built from them is to be built again without them.
+        // built from them is to be built again without them. An event replayed
+        // for one of them is applied again to each of its aggregates, so each of
+        // those is dropped and replayed whole too, or the event would count
+        // twice in it (a transfer tagged with two accounts, say).
         let mut aggregates: Vec<String> = Vec::new();
-        for &position in &linked {
-            for tag in store.tags_at(position)?.unwrap_or_default() {
-                if !aggregates.contains(&tag) {
-                    aggregates.push(tag);
+        let mut known: BTreeSet<String> = BTreeSet::new();
+        let mut positions: BTreeSet<u64> = linked.iter().copied().collect();
+        let mut unread = linked;
+        let mut next = 0;
+        loop {
+            for position in unread.drain(..) {
+                for tag in store.tags_at(position)?.unwrap_or_default() {
+                    if known.insert(tag.clone()) {
+                        aggregates.push(tag);
+                    }
                 }
             }
-        }
-        let mut positions: BTreeSet<u64> = linked.into_iter().collect();
-        for aggregate in &aggregates {
-            positions.extend(tagged(store, aggregate, effect.head)?);
+            let Some(aggregate) = aggregates.get(next) else { break };
+            next += 1;
+            for position in tagged(store, aggregate, effect.head)? {
+                if positions.insert(position) {
+                    unread.push(position);
+                }
+            }
         }
         // Buffered only once every event is read: an error delivers nothing, and
         // the effect is replayed whole when the subscription is asked again.

@@ -4,6 +4,7 @@
 #![allow(clippy::indexing_slicing, clippy::cast_possible_truncation)]
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Barrier},
     thread,
 };
@@ -304,6 +305,57 @@ fn coherence_walkthrough_an_effect_replays_the_aggregates_linked_to_its_trigger(
         .filter(|it| matches!(it, Ok(Delivery::Effect(_))))
         .count();
     assert_eq!(effects, 2);
+    Ok(())
+}
+
+/// An effect's aggregates are closed over the events replayed: an event with
+/// several tags (a transfer between two accounts) replayed for one of them is
+/// applied again to each, so each is dropped and replayed whole, and a reader
+/// that drops the aggregates and applies the replayed events counts every event
+/// once in every aggregate.
+#[test]
+fn an_effect_replays_every_aggregate_of_the_events_it_replays() -> TestResult {
+    use instastate::events::Delivery;
+    let dir = tempfile::tempdir()?;
+    let events = EventStore::<i64>::open(dir.path())?;
+    let append = |amount: i64, tags: &[&str], linked: &[&str]| -> TestResult {
+        let event = NewEvent::new(amount).tagged(tags.to_vec()).linked_to(linked.to_vec());
+        events.append("ledger", Expected::Any, [event])?;
+        Ok(())
+    };
+    append(10, &["acct-1"], &["key"])?;
+    append(5, &["acct-1", "total"], &[])?;
+    append(7, &["total", "acct-2"], &[])?;
+    append(3, &["acct-3"], &[])?;
+    events.append_effect("key", "expired")?;
+
+    // The per-tag sums, as a projection builds them.
+    let mut sums: BTreeMap<String, i64> = BTreeMap::new();
+    let mut reader = events.subscribe_all().from(Position::START)?;
+    let mut aggregates = Vec::new();
+    loop {
+        match reader.next_timeout(std::time::Duration::from_secs(10))? {
+            Some(Delivery::Event(event) | Delivery::Replayed(event)) => {
+                for tag in &event.tags {
+                    *sums.entry(tag.clone()).or_default() += event.data;
+                }
+            }
+            Some(Delivery::Effect(effect)) => {
+                for aggregate in &effect.aggregates {
+                    sums.remove(aggregate);
+                }
+                aggregates = effect.aggregates;
+            }
+            Some(Delivery::CaughtUp) => break,
+            other => return Err(format!("unexpected {other:?}").into()),
+        }
+    }
+    assert_eq!(aggregates, ["acct-1", "total", "acct-2"], "acct-3 is not touched");
+    let want: BTreeMap<String, i64> = [("acct-1", 15), ("total", 12), ("acct-2", 7), ("acct-3", 3)]
+        .into_iter()
+        .map(|(tag, sum)| (tag.to_owned(), sum))
+        .collect();
+    assert_eq!(sums, want, "an event counted twice, or not at all");
     Ok(())
 }
 
