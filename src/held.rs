@@ -27,14 +27,16 @@ pub(crate) struct Holding(usize);
 
 impl Holding {
     pub(crate) fn new(cell: usize, name: &'static str) -> Holding {
-        HELD.with(|held| held.borrow_mut().push((cell, name)));
+        // Not counted by a thread whose locals are gone (a guard taken while
+        // they are dropped, at its exit): it saves nothing after that.
+        let _ = HELD.try_with(|held| held.borrow_mut().push((cell, name)));
         Holding(cell)
     }
 }
 
 impl Drop for Holding {
     fn drop(&mut self) {
-        HELD.with(|held| {
+        let _ = HELD.try_with(|held| {
             let mut held = held.borrow_mut();
             if let Some(at) = held.iter().rposition(|(cell, _)| *cell == self.0) {
                 held.swap_remove(at);
@@ -62,17 +64,19 @@ pub(crate) fn waiting<R>(cell: usize, name: &'static str, lock: impl FnOnce() ->
 
 /// Whether this thread holds the guard of any cell.
 pub(crate) fn holds_any() -> bool {
-    HELD.with(|held| !held.borrow().is_empty())
+    HELD.try_with(|held| !held.borrow().is_empty()).unwrap_or(false)
 }
 
 /// The name of a cell whose guard this thread holds and that a thread inside
 /// `atomically` waits for, if any.
 pub(crate) fn held_and_waited_for() -> Option<&'static str> {
     let waited = WAITED.lock();
-    HELD.with(|held| {
+    HELD.try_with(|held| {
         held.borrow()
             .iter()
             .find(|(cell, _)| waited.iter().any(|(it, _)| it == cell))
             .map(|(_, name)| *name)
     })
+    .ok()
+    .flatten()
 }
