@@ -627,7 +627,9 @@ impl<E> EventStoreBuilder<E> {
             for effect in index.effects.iter().filter(|it| it.forgotten > 0) {
                 stale |= keys.forgotten(&effect.trigger, effect.forgotten);
             }
-            if stale {
+            // A torn end is written away now: once this session closes cleanly,
+            // a short end is taken for damage.
+            if stale || keys.torn() {
                 keys.persist()?;
             }
             Arc::new(keys)

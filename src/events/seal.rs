@@ -619,6 +619,12 @@ impl KeyRing {
         changed
     }
 
+    /// Whether the file's end was torn (a key written in part) and not yet
+    /// written anew.
+    pub(crate) fn torn(&self) -> bool {
+        self.subjects.lock().1
+    }
+
     /// Writes the keys in memory to the file, durably.
     pub(crate) fn persist(&self) -> Result<()> {
         let mut guard = self.subjects.lock();
