@@ -107,7 +107,8 @@ pub(crate) fn channel(location: &Location) -> String {
 /// database restarted or ended it, or the network failed) rather than that the
 /// database refused the statement: the client says it is closed, or the error
 /// has no SQL state (an I/O error), or one of class 08 (connection exception) or
-/// 57 (operator intervention: the server shutting down or ending the session).
+/// 57 (operator intervention: the server shutting down or ending the session),
+/// but for 57014 (a statement cancelled, its connection sound).
 /// A broken connection's last statement may or may not have taken effect.
 pub(crate) fn broke(err: &Error, client: &postgres::Client) -> bool {
     client.is_closed() || lost_connection(err)
@@ -120,7 +121,11 @@ pub(crate) fn lost_connection(err: &Error) -> bool {
     let Some(err) = source.0.downcast_ref::<postgres::Error>() else { return false };
     match err.code() {
         None => true,
-        Some(code) => code.code().starts_with("08") || code.code().starts_with("57"),
+        // 57014: a statement cancelled (a timeout), on a connection still sound.
+        Some(code) => {
+            code.code().starts_with("08")
+                || (code.code().starts_with("57") && code.code() != "57014")
+        }
     }
 }
 
