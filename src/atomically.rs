@@ -85,10 +85,10 @@ pub(crate) fn exclusive() -> RwLockWriteGuard<'static, ()> {
     GATE.write()
 }
 
-/// Excludes every `atomically` block until dropped, taken at once, or `None`
-/// while one runs.
-pub(crate) fn try_exclusive() -> Option<RwLockWriteGuard<'static, ()>> {
-    GATE.try_write()
+/// Excludes every `atomically` block until dropped, once the blocks that run end
+/// within `wait` (new ones wait meanwhile), or `None`.
+pub(crate) fn try_exclusive_for(wait: Duration) -> Option<RwLockWriteGuard<'static, ()>> {
+    GATE.try_write_for(wait)
 }
 
 /// Waits for every `atomically` block to end, then excludes them until dropped;

@@ -6,7 +6,7 @@
 //! `atomically` block to end (as a save does), while a block on another thread
 //! waits for that cell.
 
-use std::cell::RefCell;
+use std::{cell::RefCell, marker::PhantomData};
 
 use parking_lot::Mutex;
 
@@ -21,16 +21,17 @@ thread_local! {
 /// The cells that threads inside `atomically` wait for, once per waiting thread.
 static WAITED: Mutex<Vec<CellId>> = Mutex::new(Vec::new());
 
-/// Counts a guard of a cell as held by this thread until dropped (a guard never
-/// moves to another thread).
-pub(crate) struct Holding(usize);
+/// Counts a guard of a cell as held by this thread until dropped. Never sent to
+/// another thread (whatever features `parking_lot` is built with), so that it
+/// is dropped where it was counted.
+pub(crate) struct Holding(usize, PhantomData<std::sync::MutexGuard<'static, ()>>);
 
 impl Holding {
     pub(crate) fn new(cell: usize, name: &'static str) -> Holding {
         // Not counted by a thread whose locals are gone (a guard taken while
         // they are dropped, at its exit): it saves nothing after that.
         let _ = HELD.try_with(|held| held.borrow_mut().push((cell, name)));
-        Holding(cell)
+        Holding(cell, PhantomData)
     }
 }
 

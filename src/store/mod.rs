@@ -55,6 +55,11 @@ use crate::{
     values::ValueDir,
 };
 
+/// How long a save or reload waits for the `atomically` blocks that run to end
+/// while it holds the store's lock (new blocks wait behind it, so it is not
+/// starved by them); past that it lets the store go while it waits.
+pub(super) const GATE_UNDER_STATE: std::time::Duration = std::time::Duration::from_millis(50);
+
 const ENGINE_DIR: &str = "sled";
 const VALUES_DIR: &str = "values";
 const MEMORY_LABEL: &str = ":memory:";
@@ -345,17 +350,18 @@ impl Inner {
     }
 
     /// The store's state and the gate that excludes `atomically` blocks, taken so
-    /// that neither is held while the other is waited for: a thread holding a
-    /// guard that a block waits for may need the store meanwhile (to read its
-    /// history, say) before it lets the guard go. [`Error::GuardHeld`] when this
-    /// thread holds such a guard itself (`operation` names what is refused).
+    /// that neither is held for long while the other is waited for: a thread
+    /// holding a guard that a block waits for may need the store meanwhile (to
+    /// read its history, say) before it lets the guard go. [`Error::GuardHeld`]
+    /// when this thread holds such a guard itself (`operation` names what is
+    /// refused).
     fn lock_with_gate(
         &self,
         operation: &'static str,
     ) -> Result<(MutexGuard<'_, State>, RwLockWriteGuard<'static, ()>)> {
         let mut state = self.state.lock();
         loop {
-            if let Some(gate) = atomically::try_exclusive() {
+            if let Some(gate) = atomically::try_exclusive_for(GATE_UNDER_STATE) {
                 return Ok((state, gate));
             }
             drop(state);

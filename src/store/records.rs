@@ -13,7 +13,7 @@ use parking_lot::MutexGuard;
 use super::{Inner, State};
 use crate::{
     Error, Result, Store,
-    atomically::{ensure_outside, exclusive, exclusive_for, try_exclusive},
+    atomically::{ensure_outside, exclusive, exclusive_for, try_exclusive_for},
     cell::{ErasedCell, Install},
     codec::{self, Body, Record},
     error::CodecError,
@@ -369,7 +369,11 @@ impl Inner {
         decoded: &mut [Decoded<'_>],
         wait: bool,
     ) -> Result<(), Blocked> {
-        let _exclusive = if wait { exclusive() } else { try_exclusive().ok_or(Blocked::Gate)? };
+        let _exclusive = if wait {
+            exclusive()
+        } else {
+            try_exclusive_for(super::GATE_UNDER_STATE).ok_or(Blocked::Gate)?
+        };
         let mut puts = Vec::with_capacity(decoded.len());
         for (k, it) in decoded.iter_mut().enumerate() {
             let (cell_idx, key, again) = (it.cell_idx, it.key.clone(), it.stale);
