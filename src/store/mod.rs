@@ -58,7 +58,7 @@ use crate::{
 /// How long a save or reload waits for the `atomically` blocks that run to end
 /// while it holds the store's lock (new blocks wait behind it, so it is not
 /// starved by them); past that it lets the store go while it waits.
-pub(super) const GATE_UNDER_STATE: std::time::Duration = std::time::Duration::from_millis(50);
+const GATE_UNDER_STATE: Duration = Duration::from_millis(50);
 
 const ENGINE_DIR: &str = "sled";
 const VALUES_DIR: &str = "values";
