@@ -299,11 +299,26 @@ impl Drop for Clear<'_> {
     }
 }
 
+impl Core {
+    /// Closes the journal (its last sync), the subject key file first: a key
+    /// record written in part (a write that failed) is written away, since after
+    /// a clean close a short end is taken for damage.
+    fn close(&self) -> Result<()> {
+        #[cfg(feature = "encryption")]
+        let keys = if self.keys.torn() { self.keys.persist() } else { Ok(()) };
+        #[cfg(not(feature = "encryption"))]
+        let keys = Ok(());
+        // Closed (and synced) whatever became of the keys.
+        let closed = self.journal.close();
+        keys.and(closed)
+    }
+}
+
 impl Drop for Core {
     fn drop(&mut self) {
         self.signal.close();
         // The last sync of the buffered modes; `close` reports it to its caller.
-        if let Err(err) = self.journal.close() {
+        if let Err(err) = self.close() {
             (self.hook)(&err);
         }
     }
@@ -1221,7 +1236,7 @@ impl<E: Serialize + DeserializeOwned> EventStore<E> {
         drop(shared);
         // Closed here, its error returned; the drop that follows finds it closed.
         match Arc::try_unwrap(core) {
-            Ok(core) => core.journal.close(),
+            Ok(core) => core.close(),
             Err(_) => Ok(()),
         }
     }
