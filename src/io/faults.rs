@@ -702,10 +702,37 @@ fn seal_and_forget(io: &Io, dir: &Path) -> u64 {
     acknowledged(&steps)
 }
 
+/// What is wrong with the store in `dir` after `seal_and_forget` acknowledged
+/// `acked` steps, if anything: it must open and read what was acknowledged (a
+/// forget acknowledged is kept; a step not acknowledged may be there too).
+#[cfg(feature = "encryption")]
+fn check_sealed(dir: &Path, acked: u64) -> Option<String> {
+    use crate::events::Sealed;
+    let events = match EventStore::<Sealed<u64>>::open(dir) {
+        Ok(events) => events,
+        Err(err) => return Some(format!("the store does not open: {err}")),
+    };
+    let read: crate::Result<Vec<Option<u64>>> =
+        events.read_all().into_iter().map(|it| it.map(|it| it.data.value().copied())).collect();
+    let read = match read {
+        Ok(read) => read,
+        Err(err) => return Some(format!("the store cannot be read: {err}")),
+    };
+    let expected: &[Option<u64>] = match acked {
+        0 => &[],
+        1 => &[Some(1)],
+        2 => &[Some(1), Some(2)],
+        3 => &[None, Some(2)],
+        _ => &[None, Some(2), Some(3)],
+    };
+    let kept = read.get(..expected.len()).is_some_and(|it| it == expected)
+        || (acked == 2 && read.first() == Some(&None));
+    (!kept).then(|| format!("read {read:?}"))
+}
+
 #[cfg(feature = "encryption")]
 #[test]
 fn a_power_loss_at_any_call_of_sealing_and_forgetting_loses_nothing_and_forgets() -> TestResult {
-    use crate::events::Sealed;
     let calls = {
         let run = Run::new()?;
         seal_and_forget(&run.io(), &run.root.join("events"));
@@ -717,29 +744,8 @@ fn a_power_loss_at_any_call_of_sealing_and_forgetting_loses_nothing_and_forgets(
         run.sim.crash_at(call, &run.out);
         let acked = seal_and_forget(&run.io(), &run.root.join("events"));
         let dir = run.survivor("events")?;
-        let events = EventStore::<Sealed<u64>>::open(&dir)
-            .map_err(|err| format!("power loss at call {call}: the store does not open: {err}"))?;
-        let read: Vec<Option<u64>> = events
-            .read_all()
-            .into_iter()
-            .map(|it| it.map(|it| it.data.value().copied()))
-            .collect::<crate::Result<_>>()
-            .map_err(|err| format!("power loss at call {call}: the store cannot be read: {err}"))?;
-        let expected: &[Option<u64>] = match acked {
-            0 => &[],
-            1 => &[Some(1)],
-            2 => &[Some(1), Some(2)],
-            3 => &[None, Some(2)],
-            _ => &[None, Some(2), Some(3)],
-        };
-        // What was acknowledged is there; a forget acknowledged is kept. A step not
-        // acknowledged may be there too.
-        let kept = read.get(..expected.len()).is_some_and(|it| it == expected)
-            || (acked == 2 && read.first() == Some(&None));
-        if !kept {
-            return Err(
-                format!("power loss at call {call}, {acked} steps acknowledged: {read:?}").into()
-            );
+        if let Some(harm) = check_sealed(&dir, acked) {
+            return Err(format!("power loss at call {call}, {acked} acknowledged: {harm}").into());
         }
     }
     eprintln!("sealing and forgetting: a power loss at each of {} calls, none lost", calls + 1);
@@ -754,7 +760,6 @@ fn a_power_loss_at_any_call_of_sealing_and_forgetting_loses_nothing_and_forgets(
 #[test]
 fn a_failed_call_while_sealing_leaves_a_store_that_opens_and_reads_what_was_acknowledged()
 -> TestResult {
-    use crate::events::Sealed;
     let calls = {
         let run = Run::new()?;
         seal_and_forget(&run.io(), &run.root.join("events"));
@@ -771,28 +776,9 @@ fn a_failed_call_while_sealing_leaves_a_store_that_opens_and_reads_what_was_ackn
             continue;
         }
         fired += 1;
-        let events = EventStore::<Sealed<u64>>::open(&dir).map_err(|err| {
-            format!("failing call {nth} ({failed:?}), {acked} acknowledged: no open: {err}")
-        })?;
-        let read: Vec<Option<u64>> = events
-            .read_all()
-            .into_iter()
-            .map(|it| it.map(|it| it.data.value().copied()))
-            .collect::<crate::Result<_>>()
-            .map_err(|err| format!("failing call {nth} ({failed:?}): no read: {err}"))?;
-        let expected: &[Option<u64>] = match acked {
-            0 => &[],
-            1 => &[Some(1)],
-            2 => &[Some(1), Some(2)],
-            3 => &[None, Some(2)],
-            _ => &[None, Some(2), Some(3)],
-        };
-        let kept = read.get(..expected.len()).is_some_and(|it| it == expected)
-            || (acked == 2 && read.first() == Some(&None));
-        if !kept {
-            return Err(
-                format!("failing call {nth} ({failed:?}), {acked} acknowledged: {read:?}").into()
-            );
+        if let Some(harm) = check_sealed(&dir, acked) {
+            let failed = format!("failing call {nth} ({failed:?}), {acked} acknowledged");
+            return Err(format!("{failed}: {harm}").into());
         }
     }
     eprintln!("sealing and forgetting: {fired} failed calls, each store opens and reads");
